@@ -1,0 +1,36 @@
+SHELL := /bin/bash
+GO      ?= go
+BIN     := bin
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS := -s -w -X github.com/childflow/childflow/internal/version.Version=$(VERSION)
+# Static, cgo-free: init drops capabilities on every thread with
+# AllThreadsSyscall, which cgo builds do not support.
+export CGO_ENABLED = 0
+
+.PHONY: all build test unit e2e bench lint clean
+
+all: build
+
+build:
+	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/childflow ./cmd/childflow
+
+# The whole suite: unit tests, then the end-to-end tests (root: in CI they
+# run; as a normal user they skip).
+test: unit e2e
+
+unit:
+	$(GO) test -count=1 ./...
+
+e2e: build
+	$(GO) test -count=1 -tags e2e -timeout 20m -v ./test/e2e/ 2>&1 | tee e2e.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic)|_test.go' ; test $${PIPESTATUS[0]} -eq 0
+
+bench: build
+	hack/bench.sh
+
+lint:
+	gofmt -l . | (! grep .)
+	$(GO) vet ./...
+	$(GO) vet -tags e2e ./test/e2e/
+
+clean:
+	rm -rf $(BIN) e2e.log

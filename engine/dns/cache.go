@@ -1,0 +1,70 @@
+// Package dns is the engine's resolver: it answers the sandbox's queries,
+// applies the name policy, forwards to the upstream resolvers and
+// remembers which names resolved to which addresses in this sandbox.
+package dns
+
+import (
+	"net/netip"
+	"sort"
+	"sync"
+	"time"
+)
+
+// MinTTL keeps a TTL-0 answer usable for the connection that asked for it.
+const MinTTL = 5 * time.Second
+
+// Cache maps addresses to the names that resolved to them in one sandbox,
+// each until its answer's TTL runs out.
+type Cache struct {
+	mu  sync.Mutex
+	m   map[netip.Addr]map[string]time.Time
+	Now func() time.Time // nil: time.Now
+}
+
+func (c *Cache) now() time.Time {
+	if c.Now != nil {
+		return c.Now()
+	}
+	return time.Now()
+}
+
+// Record remembers that name resolved to addr for ttl.
+func (c *Cache) Record(addr netip.Addr, name string, ttl time.Duration) {
+	ttl = max(ttl, MinTTL)
+	addr = addr.Unmap()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.m == nil {
+		c.m = make(map[netip.Addr]map[string]time.Time)
+	}
+	names := c.m[addr]
+	if names == nil {
+		names = make(map[string]time.Time)
+		c.m[addr] = names
+	}
+	exp := c.now().Add(ttl)
+	if exp.After(names[name]) {
+		names[name] = exp
+	}
+}
+
+// Names returns the unexpired names for addr, sorted.
+func (c *Cache) Names(addr netip.Addr) []string {
+	addr = addr.Unmap()
+	now := c.now()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var out []string
+	for n, exp := range c.m[addr] {
+		if now.Before(exp) {
+			out = append(out, n)
+		} else {
+			delete(c.m[addr], n)
+		}
+	}
+	if len(c.m[addr]) == 0 {
+		delete(c.m, addr)
+	}
+	sort.Strings(out)
+	return out
+}

@@ -1,0 +1,211 @@
+package dns
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+	"strings"
+	"time"
+
+	mdns "github.com/miekg/dns"
+
+	"github.com/childflow/childflow/policy"
+)
+
+// Query describes one query the resolver handled, for the flow log.
+type Query struct {
+	Name     string
+	Type     string
+	Decision policy.Decision
+	RCode    string
+	Answers  []string // addresses and CNAME targets, in answer order
+	Upstream string
+	Err      error
+}
+
+// Resolver answers the sandbox's DNS queries.
+type Resolver struct {
+	Upstreams []netip.AddrPort
+	Policy    *policy.Policy
+	Cache     *Cache
+	// OnQuery, if non-nil, is told about every query after it is answered.
+	OnQuery func(Query)
+	// Timeout per upstream attempt; zero means 4 s.
+	Timeout time.Duration
+}
+
+// Answer returns the response to one DNS message from the sandbox, or nil
+// when the message cannot even be parsed far enough to refuse it.
+func (r *Resolver) Answer(ctx context.Context, raw []byte, overTCP bool) []byte {
+	req := new(mdns.Msg)
+	if err := req.Unpack(raw); err != nil || req.Response || req.Opcode != mdns.OpcodeQuery || len(req.Question) != 1 {
+		return refuse(raw)
+	}
+	q := req.Question[0]
+	name := policy.NormalizeName(q.Name)
+	info := Query{Name: name, Type: mdns.TypeToString[q.Qtype]}
+	info.Decision = r.Policy.DecideName(name)
+	var resp *mdns.Msg
+	if !info.Decision.Allow {
+		// Denied names get NODATA and are never sent upstream, so the
+		// resolver cannot be used to leak data through query names.
+		resp = new(mdns.Msg)
+		resp.SetReply(req)
+		resp.RecursionAvailable = true
+	} else {
+		var err error
+		resp, info.Upstream, err = r.forward(ctx, req, overTCP)
+		if err != nil {
+			info.Err = err
+			resp = new(mdns.Msg)
+			resp.SetRcode(req, mdns.RcodeServerFailure)
+		} else {
+			info.Answers = r.record(name, resp)
+		}
+	}
+	if !overTCP {
+		// Fit the sandbox's buffer: 512 bytes, or what its EDNS0 offers.
+		// A truncated answer makes it retry over TCP.
+		size := mdns.MinMsgSize
+		if opt := req.IsEdns0(); opt != nil {
+			size = max(size, int(opt.UDPSize()))
+		}
+		resp.Truncate(size)
+	}
+	info.RCode = mdns.RcodeToString[resp.Rcode]
+	if r.OnQuery != nil {
+		r.OnQuery(info)
+	}
+	out, err := resp.Pack()
+	if err != nil {
+		return refuse(raw)
+	}
+	return out
+}
+
+// refuse answers REFUSED to a message whose header at least is readable.
+func refuse(raw []byte) []byte {
+	if len(raw) < 12 || raw[2]&0x80 != 0 {
+		return nil
+	}
+	out := make([]byte, 12)
+	copy(out, raw[:2])
+	out[2] = 0x80 | raw[2]&0x79 // QR, keep opcode and RD
+	out[3] = 0x80 | mdns.RcodeRefused
+	return out
+}
+
+func (r *Resolver) forward(ctx context.Context, req *mdns.Msg, overTCP bool) (*mdns.Msg, string, error) {
+	if len(r.Upstreams) == 0 {
+		return nil, "", errors.New("no upstream resolver")
+	}
+	timeout := r.Timeout
+	if timeout == 0 {
+		timeout = 4 * time.Second
+	}
+	network := "udp"
+	if overTCP {
+		network = "tcp"
+	}
+	var lastErr error
+	for _, up := range r.Upstreams {
+		c := &mdns.Client{Net: network, Timeout: timeout, UDPSize: 4096}
+		resp, _, err := c.ExchangeContext(ctx, req, up.String())
+		if err == nil && resp.Truncated && network == "udp" {
+			// Answer over TCP ourselves so the sandbox gets a complete
+			// answer and every address in it is recorded.
+			c.Net = "tcp"
+			resp, _, err = c.ExchangeContext(ctx, req, up.String())
+		}
+		if err == nil {
+			return resp, up.String(), nil
+		}
+		lastErr = fmt.Errorf("querying %s: %w", up, err)
+	}
+	return nil, "", lastErr
+}
+
+// record remembers every address in resp that answers name, following the
+// CNAME chain from name and ignoring records whose owner is not on it.
+func (r *Resolver) record(name string, resp *mdns.Msg) []string {
+	chain := []string{name}
+	ttl := uint32(1<<31 - 1)
+	var answers []string
+	cur := name
+	for hops := 0; hops < 16; hops++ {
+		next := ""
+		for _, rr := range resp.Answer {
+			if c, ok := rr.(*mdns.CNAME); ok && policy.NormalizeName(c.Hdr.Name) == cur {
+				next = policy.NormalizeName(c.Target)
+				ttl = min(ttl, c.Hdr.Ttl)
+				break
+			}
+		}
+		if next == "" || contains(chain, next) {
+			break
+		}
+		chain = append(chain, next)
+		answers = append(answers, "CNAME "+next)
+		cur = next
+	}
+	for _, rr := range resp.Answer {
+		var ip []byte
+		switch a := rr.(type) {
+		case *mdns.A:
+			ip = a.A
+		case *mdns.AAAA:
+			ip = a.AAAA
+		default:
+			continue
+		}
+		if policy.NormalizeName(rr.Header().Name) != cur {
+			continue
+		}
+		addr, ok := netip.AddrFromSlice(ip)
+		if !ok {
+			continue
+		}
+		addr = addr.Unmap()
+		answers = append(answers, addr.String())
+		t := time.Duration(min(ttl, rr.Header().Ttl)) * time.Second
+		if r.Cache != nil {
+			for _, n := range chain {
+				r.Cache.Record(addr, n, t)
+			}
+		}
+	}
+	return answers
+}
+
+func contains(list []string, s string) bool {
+	for _, x := range list {
+		if strings.EqualFold(x, s) {
+			return true
+		}
+	}
+	return false
+}
+
+// ReadTCPMessage and WriteTCPMessage frame DNS over TCP (RFC 1035 4.2.2).
+func ReadTCPMessage(rd io.Reader) ([]byte, error) {
+	var l [2]byte
+	if _, err := io.ReadFull(rd, l[:]); err != nil {
+		return nil, err
+	}
+	msg := make([]byte, binary.BigEndian.Uint16(l[:]))
+	if _, err := io.ReadFull(rd, msg); err != nil {
+		return nil, err
+	}
+	return msg, nil
+}
+
+func WriteTCPMessage(w io.Writer, msg []byte) error {
+	b := make([]byte, 2+len(msg))
+	binary.BigEndian.PutUint16(b, uint16(len(msg)))
+	copy(b[2:], msg)
+	_, err := w.Write(b)
+	return err
+}

@@ -1,0 +1,253 @@
+// Package engine is one sandbox's relay: it runs the sandbox-side network
+// stack on the sandbox's TUN, decides every flow with the policy, carries
+// allowed flows over host sockets and reports what happened as flow-log
+// events. It holds no process-global state: a daemon runs one Engine per
+// sandbox.
+package engine
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/childflow/childflow/engine/dns"
+	"github.com/childflow/childflow/engine/flowlog"
+	"github.com/childflow/childflow/engine/netstack"
+	"github.com/childflow/childflow/internal/netplan"
+	"github.com/childflow/childflow/policy"
+)
+
+// Config describes one sandbox.
+type Config struct {
+	// ID names the sandbox in events.
+	ID string
+	// Link is the TUN queue (in tests: a datagram socket) carrying the
+	// sandbox's IP packets. The engine owns it and closes it on Close.
+	Link *os.File
+	Plan   netplan.Plan
+	Policy *policy.Policy
+	// DNS are the upstream resolvers the engine's resolver forwards to.
+	DNS []netip.AddrPort
+
+	// Dial opens upstream connections. Nil: a net.Dialer.
+	Dial func(ctx context.Context, network, address string) (net.Conn, error)
+	// OnEvent receives every flow-log event. Nil: events are discarded.
+	// It must not block.
+	OnEvent func(flowlog.Event)
+
+	// Limits; zero means the default.
+	DialTimeout    time.Duration // 10 s
+	UDPIdleTimeout time.Duration // 60 s
+	MaxFlows       int           // 8192 open flows
+	MaxHalfOpen    int           // 512 TCP handshakes waiting for upstream
+}
+
+// Engine relays one sandbox.
+type Engine struct {
+	cfg      Config
+	policy   *policy.Policy
+	cache    dns.Cache
+	resolver *dns.Resolver
+	stack    *netstack.Stack
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	flows  chan struct{} // semaphore of open flows
+
+	nextFlow   atomic.Uint64
+	violations atomic.Uint64
+	closeOnce  sync.Once
+}
+
+// New validates cfg. Nothing runs until Start.
+func New(cfg Config) (*Engine, error) {
+	if cfg.Link == nil {
+		return nil, errors.New("engine: no link")
+	}
+	if cfg.Policy == nil {
+		return nil, errors.New("engine: no policy")
+	}
+	if !cfg.Plan.Gateway4.IsValid() || !cfg.Plan.Gateway6.IsValid() {
+		return nil, errors.New("engine: network plan has no gateway addresses")
+	}
+	setDefault(&cfg.DialTimeout, 10*time.Second)
+	setDefault(&cfg.UDPIdleTimeout, 60*time.Second)
+	setDefault(&cfg.MaxFlows, 8192)
+	if cfg.Dial == nil {
+		d := &net.Dialer{}
+		cfg.Dial = d.DialContext
+	}
+	e := &Engine{cfg: cfg, flows: make(chan struct{}, cfg.MaxFlows)}
+	e.policy = withHostAddrs(cfg.Policy, cfg.Plan)
+	e.resolver = &dns.Resolver{Upstreams: cfg.DNS, Policy: e.policy, Cache: &e.cache, OnQuery: e.logQuery}
+	return e, nil
+}
+
+func setDefault[T comparable](v *T, def T) {
+	var zero T
+	if *v == zero {
+		*v = def
+	}
+}
+
+// withHostAddrs returns a copy of p that also guards the gateway and every
+// address of the host: reaching them is reaching the host itself.
+func withHostAddrs(p *policy.Policy, plan netplan.Plan) *policy.Policy {
+	cp := *p
+	cp.HostAddrs = append([]netip.Prefix(nil), p.HostAddrs...)
+	cp.HostAddrs = append(cp.HostAddrs, netip.PrefixFrom(plan.Gateway4, 32), netip.PrefixFrom(plan.Gateway6, 128))
+	if addrs, err := net.InterfaceAddrs(); err == nil {
+		for _, a := range addrs {
+			if ipn, ok := a.(*net.IPNet); ok {
+				if ip, ok := netip.AddrFromSlice(ipn.IP); ok {
+					ip = ip.Unmap()
+					cp.HostAddrs = append(cp.HostAddrs, netip.PrefixFrom(ip, ip.BitLen()))
+				}
+			}
+		}
+	}
+	return &cp
+}
+
+// Start brings the stack up on the link and serves DNS on the gateway.
+func (e *Engine) Start(ctx context.Context) error {
+	link, err := netstack.NewTUN(int(e.cfg.Link.Fd()), e.cfg.Plan.MTU)
+	if err != nil {
+		return err
+	}
+	e.ctx, e.cancel = context.WithCancel(ctx)
+	e.stack, err = netstack.New(link, netstack.Config{
+		Plan:        e.cfg.Plan,
+		MaxHalfOpen: e.cfg.MaxHalfOpen,
+		Handlers:    netstack.Handlers{TCP: e.handleTCP, UDP: e.handleUDP, Echo: e.handleEcho},
+	})
+	if err != nil {
+		e.cancel()
+		return err
+	}
+	for _, gw := range []netip.Addr{e.cfg.Plan.Gateway4, e.cfg.Plan.Gateway6} {
+		addr := netip.AddrPortFrom(gw, 53)
+		ln, err := e.stack.ListenTCP(addr)
+		if err != nil {
+			e.Close()
+			return fmt.Errorf("serving DNS on %s/tcp: %w", addr, err)
+		}
+		pc, err := e.stack.ListenUDP(addr)
+		if err != nil {
+			ln.Close()
+			e.Close()
+			return fmt.Errorf("serving DNS on %s/udp: %w", addr, err)
+		}
+		e.goServe(func() { e.serveDNSListener(ln) }, ln.Close)
+		e.goServe(func() { e.serveDNSPackets(pc) }, pc.Close)
+	}
+	return nil
+}
+
+// goServe runs serve until the engine closes, then calls stop.
+func (e *Engine) goServe(serve func(), stop func() error) {
+	e.wg.Add(2)
+	go func() { defer e.wg.Done(); serve() }()
+	go func() { defer e.wg.Done(); <-e.ctx.Done(); stop() }()
+}
+
+// Close stops the stack; open flows are cut.
+func (e *Engine) Close() error {
+	e.closeOnce.Do(func() {
+		if e.cancel != nil {
+			e.cancel()
+		}
+		if e.stack != nil {
+			e.stack.Close()
+		}
+		e.wg.Wait()
+		if e.cfg.Link != nil {
+			e.cfg.Link.Close()
+		}
+	})
+	return nil
+}
+
+// Violations is the number of policy violations so far (--fail-on-leak).
+func (e *Engine) Violations() uint64 { return e.violations.Load() }
+
+// Policy is the effective policy, host guard included.
+func (e *Engine) Policy() *policy.Policy { return e.policy }
+
+func (e *Engine) emit(ev flowlog.Event) {
+	if ev.Event == flowlog.PolicyViolation {
+		e.violations.Add(1)
+	}
+	if e.cfg.OnEvent == nil {
+		return
+	}
+	ev.SchemaVersion = flowlog.SchemaVersion
+	ev.TsMs = flowlog.Now()
+	ev.Sandbox = e.cfg.ID
+	e.cfg.OnEvent(ev)
+}
+
+// flowEvent starts an event about one flow.
+func flowEvent(kind string, id uint64, proto policy.Proto, src, dst netip.AddrPort, names []string) flowlog.Event {
+	return flowlog.Event{Event: kind, FlowID: id, Proto: string(proto), Src: src.String(), Dst: dst.String(),
+		DstIP: dst.Addr().String(), DstPort: dst.Port(), Names: names}
+}
+
+func (e *Engine) violation(ev flowlog.Event, d policy.Decision) {
+	ev.Event = flowlog.PolicyViolation
+	ev.Verdict = "deny"
+	ev.ReasonCode, ev.Control = d.Reason, d.Control
+	if d.MatchedCIDR.IsValid() {
+		ev.MatchedCIDR = d.MatchedCIDR.String()
+	}
+	ev.MatchedDomain = d.MatchedDomain
+	e.emit(ev)
+}
+
+func verdict(d policy.Decision) string {
+	if d.Allow {
+		return "allow"
+	}
+	return "deny"
+}
+
+// acquire reserves a flow slot; false when the sandbox has too many flows.
+func (e *Engine) acquire() bool {
+	select {
+	case e.flows <- struct{}{}:
+		return true
+	default:
+		return false
+	}
+}
+
+func (e *Engine) release() { <-e.flows }
+
+// upstreamAddr is where an allowed flow is really sent: the canonical
+// address, with the gateway standing for the host's loopback.
+func (e *Engine) upstreamAddr(dst netip.AddrPort) netip.AddrPort {
+	a := policy.Canonical(dst.Addr())
+	switch a {
+	case e.cfg.Plan.Gateway4:
+		a = netip.AddrFrom4([4]byte{127, 0, 0, 1})
+	case e.cfg.Plan.Gateway6:
+		a = netip.IPv6Loopback()
+	}
+	return netip.AddrPortFrom(a, dst.Port())
+}
+
+// Special ports: DNS anywhere is answered by the engine's resolver, and
+// DNS over TLS or QUIC is refused, so no resolver but ours is reachable.
+const (
+	portDNS = 53
+	portDoT = 853
+)
+
+var dnsBypass = policy.Decision{Reason: "dns_bypass", Control: "dns"}

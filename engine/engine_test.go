@@ -1,0 +1,515 @@
+package engine
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	mdns "github.com/miekg/dns"
+	"golang.org/x/sys/unix"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/link/fdbased"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
+
+	"github.com/childflow/childflow/engine/flowlog"
+	"github.com/childflow/childflow/internal/netplan"
+	"github.com/childflow/childflow/policy"
+)
+
+// sandbox is the far end of the engine's link: a second gVisor stack
+// standing in for the sandbox's kernel.
+type sandbox struct {
+	s      *stack.Stack
+	plan   netplan.Plan
+	events *eventLog
+	eng    *Engine
+}
+
+type eventLog struct {
+	mu sync.Mutex
+	ev []flowlog.Event
+}
+
+func (l *eventLog) add(e flowlog.Event) { l.mu.Lock(); l.ev = append(l.ev, e); l.mu.Unlock() }
+
+func (l *eventLog) find(kind string, match func(flowlog.Event) bool) (flowlog.Event, bool) {
+	deadline := time.Now().Add(2 * time.Second)
+	for time.Now().Before(deadline) {
+		l.mu.Lock()
+		for _, e := range l.ev {
+			if e.Event == kind && match(e) {
+				l.mu.Unlock()
+				return e, true
+			}
+		}
+		l.mu.Unlock()
+		time.Sleep(10 * time.Millisecond)
+	}
+	return flowlog.Event{}, false
+}
+
+func newSandbox(t *testing.T, p *policy.Policy, dnsUpstream ...netip.AddrPort) *sandbox {
+	t.Helper()
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	plan, err := netplan.Choose(nil, 65000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sb := &sandbox{plan: plan, events: &eventLog{}}
+	eng, err := New(Config{ID: "test", Link: os.NewFile(uintptr(fds[0]), "engine"), Plan: plan, Policy: p,
+		DNS: dnsUpstream, OnEvent: sb.events.add, UDPIdleTimeout: 2 * time.Second, DialTimeout: 2 * time.Second,
+		Dial: toLoopback})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := eng.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	sb.eng = eng
+	t.Cleanup(func() { eng.Close() })
+
+	client, err := os.NewFile(uintptr(fds[1]), "sandbox"), error(nil)
+	ep, err := fdbased.New(&fdbased.Options{FDs: []int{int(client.Fd())}, MTU: uint32(plan.MTU)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := stack.New(stack.Options{
+		NetworkProtocols:   []stack.NetworkProtocolFactory{ipv4.NewProtocol, ipv6.NewProtocol},
+		TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocol, udp.NewProtocol},
+	})
+	if err := s.CreateNIC(1, ep); err != nil {
+		t.Fatal(err)
+	}
+	for _, a := range []netip.Prefix{netip.PrefixFrom(plan.Sandbox4, 24), netip.PrefixFrom(plan.Sandbox6, 64)} {
+		proto := ipv4.ProtocolNumber
+		if a.Addr().Is6() {
+			proto = ipv6.ProtocolNumber
+		}
+		s.AddProtocolAddress(1, tcpip.ProtocolAddress{Protocol: proto, AddressWithPrefix: tcpip.AddrFromSlice(a.Addr().AsSlice()).WithPrefix()}, stack.AddressProperties{})
+	}
+	s.SetRouteTable([]tcpip.Route{{Destination: header.IPv4EmptySubnet, NIC: 1}, {Destination: header.IPv6EmptySubnet, NIC: 1}})
+	sb.s = s
+	t.Cleanup(func() { s.Close(); s.Wait(); client.Close() })
+	return sb
+}
+
+// toLoopback stands in for the internet: the sandbox cannot send to
+// 127.0.0.0/8 (a martian), so tests address servers on TEST-NET-1 and the
+// engine's Dial seam lands them on the loopback servers.
+func toLoopback(ctx context.Context, network, address string) (net.Conn, error) {
+	ap := netip.MustParseAddrPort(address)
+	a := netip.MustParseAddr("127.0.0.1")
+	if ap.Addr().Is6() {
+		a = netip.IPv6Loopback()
+	}
+	var d net.Dialer
+	return d.DialContext(ctx, network, netip.AddrPortFrom(a, ap.Port()).String())
+}
+
+// remote is where the sandbox addresses a loopback server.
+func remote(srv netip.AddrPort) netip.AddrPort {
+	if srv.Addr().Is6() {
+		return netip.AddrPortFrom(netip.MustParseAddr("2001:db8:ffff::1"), srv.Port())
+	}
+	return netip.AddrPortFrom(netip.MustParseAddr("192.0.2.1"), srv.Port())
+}
+
+func full(ap netip.AddrPort) tcpip.FullAddress {
+	return tcpip.FullAddress{NIC: 1, Addr: tcpip.AddrFromSlice(ap.Addr().AsSlice()), Port: ap.Port()}
+}
+
+func proto(a netip.Addr) tcpip.NetworkProtocolNumber {
+	if a.Is4() {
+		return ipv4.ProtocolNumber
+	}
+	return ipv6.ProtocolNumber
+}
+
+func (sb *sandbox) dial(t *testing.T, dst netip.AddrPort) (net.Conn, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	return gonet.DialContextTCP(ctx, sb.s, full(dst), proto(dst.Addr()))
+}
+
+func (sb *sandbox) dialUDP(t *testing.T, dst netip.AddrPort) *gonet.UDPConn {
+	c, err := gonet.DialUDP(sb.s, nil, &tcpip.FullAddress{NIC: 1, Addr: tcpip.AddrFromSlice(dst.Addr().AsSlice()), Port: dst.Port()}, proto(dst.Addr()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// echoServer listens on loopback and echoes until EOF, then half-closes.
+func echoServer(t *testing.T, network, addr string) netip.AddrPort {
+	t.Helper()
+	ln, err := net.Listen(network, addr)
+	if err != nil {
+		t.Skipf("loopback %s unavailable: %v", addr, err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				io.Copy(c, c)
+				c.(*net.TCPConn).CloseWrite()
+				time.Sleep(100 * time.Millisecond)
+				c.Close()
+			}()
+		}
+	}()
+	return netip.MustParseAddrPort(ln.Addr().String())
+}
+
+var allowAll = &policy.Policy{}
+
+func TestTCPRelayWithHalfClose(t *testing.T) {
+	for _, addr := range []string{"127.0.0.1:0", "[::1]:0"} {
+		t.Run(addr, func(t *testing.T) {
+			srv := echoServer(t, "tcp", addr)
+			sb := newSandbox(t, allowAll)
+			c, err := sb.dial(t, remote(srv))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			payload := strings.Repeat("childflow ", 200000) // 2 MB: exercises back-pressure
+			go func() {
+				io.WriteString(c, payload)
+				c.(*gonet.TCPConn).CloseWrite()
+			}()
+			got, err := io.ReadAll(c)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if string(got) != payload {
+				t.Fatalf("echo returned %d bytes, want %d", len(got), len(payload))
+			}
+			end, ok := sb.events.find(flowlog.FlowEnd, func(e flowlog.Event) bool { return e.DstPort == srv.Port() })
+			if !ok || end.BytesUp != int64(len(payload)) || end.BytesDown != int64(len(payload)) {
+				t.Fatalf("flow_end %+v (found %v), want %d bytes each way", end, ok, len(payload))
+			}
+		})
+	}
+}
+
+func TestTCPDeniedIsResetBeforeHandshake(t *testing.T) {
+	srv := echoServer(t, "tcp", "127.0.0.1:0")
+	accepted := make(chan net.Conn, 1)
+	sb := newSandbox(t, &policy.Policy{}) // the gateway is the host: not allowed by default
+	start := time.Now()
+	_, err := sb.dial(t, netip.AddrPortFrom(sb.plan.Gateway4, srv.Port()))
+	if err == nil {
+		t.Fatal("connection to the host's loopback through the gateway succeeded")
+	}
+	if !strings.Contains(err.Error(), "refused") {
+		t.Fatalf("dial error %v, want connection refused (RST)", err)
+	}
+	if time.Since(start) > 2*time.Second {
+		t.Fatalf("denial took %v", time.Since(start))
+	}
+	select {
+	case c := <-accepted:
+		t.Fatalf("upstream saw a connection from %s", c.RemoteAddr())
+	default:
+	}
+	v, ok := sb.events.find(flowlog.PolicyViolation, func(e flowlog.Event) bool { return e.DstPort == srv.Port() })
+	if !ok || v.ReasonCode != policy.ReasonHost || v.Control == "" || v.MatchedCIDR != netip.PrefixFrom(sb.plan.Gateway4, 32).String() {
+		t.Fatalf("policy_violation %+v (found %v)", v, ok)
+	}
+	if sb.eng.Violations() == 0 {
+		t.Fatal("violation not counted")
+	}
+}
+
+func TestTCPUpstreamRefusedIsReset(t *testing.T) {
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	dead := netip.MustParseAddrPort(ln.Addr().String())
+	ln.Close()
+	sb := newSandbox(t, allowAll)
+	_, err := sb.dial(t, remote(dead))
+	if err == nil || !strings.Contains(err.Error(), "refused") {
+		t.Fatalf("dial error %v, want connection refused", err)
+	}
+	r, ok := sb.events.find(flowlog.ConnectResult, func(e flowlog.Event) bool { return e.DstPort == dead.Port() })
+	if !ok || r.OK == nil || *r.OK || r.Error == "" {
+		t.Fatalf("connect_result %+v (found %v)", r, ok)
+	}
+}
+
+func TestGatewayStandsForHostLoopbackOnlyWhenAllowed(t *testing.T) {
+	srv := echoServer(t, "tcp", "127.0.0.1:0")
+	sb := newSandbox(t, &policy.Policy{})
+	gw := netip.AddrPortFrom(sb.plan.Gateway4, srv.Port())
+	if _, err := sb.dial(t, gw); err == nil {
+		t.Fatal("gateway reached the host's loopback without a rule")
+	}
+	allow := &policy.Policy{AllowCIDRs: []netip.Prefix{netip.PrefixFrom(sb.plan.Gateway4, 32)}}
+	sb2 := newSandbox(t, allow)
+	c, err := sb2.dial(t, netip.AddrPortFrom(sb2.plan.Gateway4, srv.Port()))
+	if err != nil {
+		t.Fatalf("allow-cidr on the gateway: %v", err)
+	}
+	c.Close()
+}
+
+func TestUDPRelayAndDenial(t *testing.T) {
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	go func() {
+		buf := make([]byte, 2048)
+		for {
+			n, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			// Two replies per request: request/response protocols with
+			// several answers must work.
+			pc.WriteTo(buf[:n], from)
+			pc.WriteTo(append([]byte("again:"), buf[:n]...), from)
+		}
+	}()
+	srv := remote(netip.MustParseAddrPort(pc.LocalAddr().String()))
+	sb := newSandbox(t, allowAll)
+	c := sb.dialUDP(t, srv)
+	c.Write([]byte("ping"))
+	c.SetReadDeadline(time.Now().Add(3 * time.Second))
+	buf := make([]byte, 100)
+	for _, want := range []string{"ping", "again:ping"} {
+		n, err := c.Read(buf)
+		if err != nil || string(buf[:n]) != want {
+			t.Fatalf("read %q, %v; want %q", buf[:n], err, want)
+		}
+	}
+
+	denied := newSandbox(t, &policy.Policy{DenyCIDRs: []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24")}})
+	dc := denied.dialUDP(t, srv)
+	for i := 0; i < 5; i++ {
+		dc.Write([]byte("leak"))
+	}
+	dc.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+	if n, err := dc.Read(buf); err == nil {
+		t.Fatalf("denied UDP flow got a reply %q", buf[:n])
+	}
+	if _, ok := denied.events.find(flowlog.PolicyViolation, func(e flowlog.Event) bool { return e.Proto == "udp" }); !ok {
+		t.Fatal("no policy_violation for denied UDP")
+	}
+	if v := denied.eng.Violations(); v != 1 {
+		t.Fatalf("%d violations for one denied flow of 5 datagrams, want 1", v)
+	}
+}
+
+// dnsUpstream runs a resolver on loopback with a few fixed names.
+func dnsUpstream(t *testing.T) (netip.AddrPort, *sync.Map) {
+	t.Helper()
+	var asked sync.Map
+	h := mdns.HandlerFunc(func(w mdns.ResponseWriter, r *mdns.Msg) {
+		m := new(mdns.Msg)
+		m.SetReply(r)
+		q := r.Question[0]
+		asked.Store(strings.ToLower(q.Name), true)
+		add := func(s string) {
+			rr, err := mdns.NewRR(s)
+			if err != nil {
+				t.Error(err)
+			}
+			m.Answer = append(m.Answer, rr)
+		}
+		switch strings.ToLower(q.Name) {
+		case "allowed.test.":
+			if q.Qtype == mdns.TypeA {
+				add("allowed.test. 60 IN A 192.0.2.1")
+			}
+		case "alias.test.":
+			add("alias.test. 60 IN CNAME allowed.test.")
+			add("allowed.test. 60 IN A 192.0.2.1")
+			// An unrelated record in the answer must not be attributed.
+			add("other.test. 60 IN A 192.0.2.9")
+		case "big.test.":
+			for i := 1; i <= 60; i++ {
+				add(fmt.Sprintf("big.test. 60 IN A 192.0.2.%d", i))
+			}
+		}
+		w.WriteMsg(m)
+	})
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", pc.LocalAddr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	udpSrv := &mdns.Server{PacketConn: pc, Handler: h}
+	tcpSrv := &mdns.Server{Listener: ln, Handler: h}
+	go udpSrv.ActivateAndServe()
+	go tcpSrv.ActivateAndServe()
+	t.Cleanup(func() { udpSrv.Shutdown(); tcpSrv.Shutdown() })
+	return netip.MustParseAddrPort(pc.LocalAddr().String()), &asked
+}
+
+func (sb *sandbox) query(t *testing.T, server netip.AddrPort, name string, qtype uint16, overTCP bool) *mdns.Msg {
+	t.Helper()
+	m := new(mdns.Msg)
+	m.SetQuestion(name, qtype)
+	var conn net.Conn
+	var err error
+	if overTCP {
+		conn, err = sb.dial(t, server)
+		if err != nil {
+			t.Fatal(err)
+		}
+	} else {
+		conn = sb.dialUDP(t, server)
+	}
+	defer conn.Close()
+	co := &mdns.Conn{Conn: conn, UDPSize: 65535}
+	conn.SetDeadline(time.Now().Add(5 * time.Second))
+	if err := co.WriteMsg(m); err != nil {
+		t.Fatal(err)
+	}
+	r, err := co.ReadMsg()
+	if err != nil {
+		t.Fatalf("query %s: %v", name, err)
+	}
+	return r
+}
+
+func TestDNSAndDomainRules(t *testing.T) {
+	up, asked := dnsUpstream(t)
+	srv := echoServer(t, "tcp", "127.0.0.1:0")
+	p := &policy.Policy{DefaultDeny: true, AllowDomains: []string{"allowed.test"}, DenyDomains: []string{"denied.test"}}
+	sb := newSandbox(t, p, up)
+	gw := netip.AddrPortFrom(sb.plan.Gateway4, 53)
+
+	// Before any lookup the address is not attributed to a name.
+	if _, err := sb.dial(t, remote(srv)); err == nil {
+		t.Fatal("connected to an allowed name's address before resolving it")
+	}
+	r := sb.query(t, gw, "allowed.test.", mdns.TypeA, false)
+	if len(r.Answer) != 1 {
+		t.Fatalf("answer %v", r)
+	}
+	c, err := sb.dial(t, remote(srv))
+	if err != nil {
+		t.Fatalf("connect after resolving an allowed name: %v", err)
+	}
+	c.Close()
+
+	// Denied and unlisted names: NODATA, never sent upstream.
+	for _, n := range []string{"x.denied.test.", "exfil-data.attacker.test."} {
+		r := sb.query(t, gw, n, mdns.TypeA, false)
+		if r.Rcode != mdns.RcodeSuccess || len(r.Answer) != 0 {
+			t.Fatalf("%s: %v, want NODATA", n, r)
+		}
+		if _, ok := asked.Load(n); ok {
+			t.Fatalf("%s was sent upstream", n)
+		}
+	}
+	if _, ok := sb.events.find(flowlog.PolicyViolation, func(e flowlog.Event) bool { return e.QName == "x.denied.test" }); !ok {
+		t.Fatal("no policy_violation for the denied name")
+	}
+
+	// DNS over TCP, and to another resolver's address: answered by ours.
+	if r := sb.query(t, netip.AddrPortFrom(sb.plan.Gateway6, 53), "allowed.test.", mdns.TypeA, true); len(r.Answer) != 1 {
+		t.Fatalf("DNS over TCP on the IPv6 gateway: %v", r)
+	}
+	other := netip.MustParseAddrPort("203.0.113.99:53")
+	if r := sb.query(t, other, "allowed.test.", mdns.TypeA, false); len(r.Answer) != 1 {
+		t.Fatalf("DNS to another resolver was not answered by the engine: %v", r)
+	}
+	if r := sb.query(t, other, "x.denied.test.", mdns.TypeA, true); len(r.Answer) != 0 {
+		t.Fatalf("denied name resolved through another resolver over TCP: %v", r)
+	}
+	// DNS over TLS is refused outright.
+	if _, err := sb.dial(t, netip.MustParseAddrPort("203.0.113.99:853")); err == nil {
+		t.Fatal("DoT connection was allowed")
+	}
+}
+
+func TestDNSCNAMEChainAndOwnerNames(t *testing.T) {
+	up, _ := dnsUpstream(t)
+	sb := newSandbox(t, &policy.Policy{}, up)
+	gw := netip.AddrPortFrom(sb.plan.Gateway4, 53)
+	sb.query(t, gw, "alias.test.", mdns.TypeA, false)
+	names := sb.eng.cache.Names(netip.MustParseAddr("192.0.2.1"))
+	if strings.Join(names, ",") != "alias.test,allowed.test" {
+		t.Fatalf("names for 192.0.2.1 = %v, want the CNAME chain", names)
+	}
+	if n := sb.eng.cache.Names(netip.MustParseAddr("192.0.2.9")); len(n) != 0 {
+		t.Fatalf("record with an owner off the chain was attributed: %v", n)
+	}
+	// A truncated UDP answer is completed over TCP by the engine.
+	r := sb.query(t, gw, "big.test.", mdns.TypeA, false)
+	if !r.Truncated || len(sb.eng.cache.Names(netip.MustParseAddr("192.0.2.60"))) == 0 {
+		t.Fatalf("last address of a large answer not recorded (answer had %d records, tc=%v)", len(r.Answer), r.Truncated)
+	}
+}
+
+func TestDNSRefusesGarbage(t *testing.T) {
+	up, _ := dnsUpstream(t)
+	sb := newSandbox(t, &policy.Policy{}, up)
+	c := sb.dialUDP(t, netip.AddrPortFrom(sb.plan.Gateway4, 53))
+	garbage := []byte{0x12, 0x34, 0x01, 0x00, 0x00, 0x01, 0, 0, 0, 0, 0, 0, 0xff, 0xff}
+	c.Write(garbage)
+	c.SetReadDeadline(time.Now().Add(2 * time.Second))
+	buf := make([]byte, 512)
+	n, err := c.Read(buf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n < 12 || buf[0] != 0x12 || buf[1] != 0x34 || buf[3]&0xf != mdns.RcodeRefused {
+		t.Fatalf("reply % x, want REFUSED with the query id", buf[:n])
+	}
+}
+
+func TestFlowLimit(t *testing.T) {
+	srv := echoServer(t, "tcp", "127.0.0.1:0")
+	fds, _ := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET, 0)
+	unix.Close(fds[1])
+	plan, _ := netplan.Choose(nil, 0)
+	if _, err := New(Config{Link: os.NewFile(uintptr(fds[0]), "x"), Plan: plan}); err == nil {
+		t.Fatal("engine without a policy was accepted")
+	}
+	sb := newSandbox(t, allowAll)
+	sb.eng.flows = make(chan struct{}, 2)
+	var conns []net.Conn
+	for i := 0; i < 2; i++ {
+		c, err := sb.dial(t, remote(srv))
+		if err != nil {
+			t.Fatal(err)
+		}
+		conns = append(conns, c)
+	}
+	if _, err := sb.dial(t, remote(srv)); err == nil || !errors.Is(err, syscall.ECONNREFUSED) && !strings.Contains(err.Error(), "refused") {
+		t.Fatalf("third flow over the limit: %v, want refused", err)
+	}
+	for _, c := range conns {
+		c.Close()
+	}
+}

@@ -1,0 +1,152 @@
+// Package flowlog defines the engine's events and writes them as JSON
+// Lines. Field names are upstream childflow's; new fields may be added,
+// none renamed or removed.
+package flowlog
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+// SchemaVersion is written on every line.
+const SchemaVersion = 1
+
+// Event names.
+const (
+	DNSQuery        = "dns_query"
+	DNSAnswer       = "dns_answer"
+	ConnectAttempt  = "connect_attempt"
+	ConnectResult   = "connect_result"
+	PolicyViolation = "policy_violation"
+	FlowEnd         = "flow_end"
+	RuntimeFailure  = "runtime_failure"
+)
+
+// Event is one line of the flow log.
+type Event struct {
+	SchemaVersion int    `json:"schema_version"`
+	TsMs          int64  `json:"ts_ms"`
+	Event         string `json:"event"`
+	Sandbox       string `json:"sandbox,omitempty"`
+
+	FlowID   uint64   `json:"flow_id,omitempty"`
+	Proto    string   `json:"proto,omitempty"`
+	Src      string   `json:"src,omitempty"`
+	Dst      string   `json:"dst,omitempty"`
+	DstIP    string   `json:"dst_ip,omitempty"`
+	DstPort  uint16   `json:"dst_port,omitempty"`
+	Names    []string `json:"names,omitempty"`
+	Upstream string   `json:"upstream,omitempty"`
+
+	Verdict       string `json:"verdict,omitempty"`
+	ReasonCode    string `json:"reason_code,omitempty"`
+	Control       string `json:"control,omitempty"`
+	MatchedCIDR   string `json:"matched_cidr,omitempty"`
+	MatchedDomain string `json:"matched_domain,omitempty"`
+
+	QName   string   `json:"qname,omitempty"`
+	QType   string   `json:"qtype,omitempty"`
+	RCode   string   `json:"rcode,omitempty"`
+	Answers []string `json:"answers,omitempty"`
+
+	OK         *bool  `json:"ok,omitempty"`
+	Error      string `json:"error,omitempty"`
+	BytesUp    int64  `json:"bytes_up,omitempty"`
+	BytesDown  int64  `json:"bytes_down,omitempty"`
+	DurationMs int64  `json:"duration_ms,omitempty"`
+}
+
+// Now is the timestamp for events, in milliseconds.
+func Now() int64 { return time.Now().UnixMilli() }
+
+// Bool returns a pointer for the optional ok field.
+func Bool(b bool) *bool { return &b }
+
+// Writer writes events to a file from one goroutine. Log never blocks:
+// when the queue is full the event is counted as dropped, because the data
+// path must not wait for a disk.
+type Writer struct {
+	f       *os.File
+	ch      chan Event
+	done    chan struct{}
+	dropped atomic.Uint64
+	once    sync.Once
+}
+
+// Create opens path for writing: mode 0600, never through a symlink, never
+// over something that is not a regular file.
+func Create(path string) (*Writer, error) {
+	f, err := CreateFile(path)
+	if err != nil {
+		return nil, err
+	}
+	w := &Writer{f: f, ch: make(chan Event, 4096), done: make(chan struct{})}
+	go w.run()
+	return w, nil
+}
+
+// CreateFile is the safe open shared by every output file.
+func CreateFile(path string) (*os.File, error) {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("creating %s: %w", path, err)
+	}
+	st, err := f.Stat()
+	if err != nil || !st.Mode().IsRegular() {
+		f.Close()
+		return nil, fmt.Errorf("creating %s: not a regular file", path)
+	}
+	if err := f.Truncate(0); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("truncating %s: %w", path, err)
+	}
+	if err := f.Chmod(0o600); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("chmod %s: %w", path, err)
+	}
+	return f, nil
+}
+
+func (w *Writer) run() {
+	defer close(w.done)
+	bw := bufio.NewWriterSize(w.f, 64<<10)
+	enc := json.NewEncoder(bw)
+	for ev := range w.ch {
+		enc.Encode(ev)
+		// Flush whenever the queue is drained: a crash loses at most what
+		// was still queued, and the file ends on a complete line.
+		if len(w.ch) == 0 {
+			bw.Flush()
+		}
+	}
+	bw.Flush()
+}
+
+// Log queues ev, filling in the schema version and timestamp.
+func (w *Writer) Log(ev Event) {
+	ev.SchemaVersion = SchemaVersion
+	if ev.TsMs == 0 {
+		ev.TsMs = Now()
+	}
+	select {
+	case w.ch <- ev:
+	default:
+		w.dropped.Add(1)
+	}
+}
+
+// Dropped is how many events did not fit the queue.
+func (w *Writer) Dropped() uint64 { return w.dropped.Load() }
+
+// Close drains the queue and closes the file.
+func (w *Writer) Close() error {
+	w.once.Do(func() { close(w.ch) })
+	<-w.done
+	return w.f.Close()
+}

@@ -1,0 +1,250 @@
+// Package netstack runs the sandbox side of the engine: a gVisor network
+// stack on the sandbox's TUN device that accepts every TCP connection, UDP
+// flow and ICMP echo the sandbox starts and hands them to the engine's
+// handlers. It is the only package that imports gVisor.
+package netstack
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/link/fdbased"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/icmp"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
+	"gvisor.dev/gvisor/pkg/waiter"
+
+	"github.com/childflow/childflow/internal/netplan"
+)
+
+// TCPRequest is a connection the sandbox is opening. The handler must call
+// exactly one of Accept or Reject; until then the sandbox sees no SYN-ACK,
+// so a refused upstream becomes a RST rather than connect-then-reset.
+type TCPRequest struct {
+	Src, Dst netip.AddrPort
+	req      *tcp.ForwarderRequest
+}
+
+// Accept completes the handshake with the sandbox.
+func (r *TCPRequest) Accept() (*gonet.TCPConn, error) {
+	var wq waiter.Queue
+	ep, err := r.req.CreateEndpoint(&wq)
+	if err != nil {
+		r.req.Complete(true)
+		return nil, fmt.Errorf("completing handshake with sandbox %s: %s", r.Src, err)
+	}
+	r.req.Complete(false)
+	// Keepalives find sandboxes that vanished without a FIN.
+	ep.SocketOptions().SetKeepAlive(true)
+	return gonet.NewTCPConn(&wq, ep), nil
+}
+
+// Reject answers the SYN with a RST.
+func (r *TCPRequest) Reject() { r.req.Complete(true) }
+
+// UDPFlow is the sandbox's side of one UDP 5-tuple: reads return the
+// sandbox's datagrams, writes reach the sandbox from Dst.
+type UDPFlow struct {
+	Src, Dst netip.AddrPort
+	Conn     net.Conn
+}
+
+// Handlers are the engine's decisions. TCP and UDP are called on their
+// own goroutine per flow.
+type Handlers struct {
+	TCP func(*TCPRequest)
+	UDP func(*UDPFlow)
+	// Echo is called for ICMP echo requests to anything but the gateway;
+	// reply (if non-nil) sends the echo reply into the sandbox.
+	Echo func(req EchoRequest, reply func())
+}
+
+// Config describes one sandbox stack.
+type Config struct {
+	Plan     netplan.Plan
+	Handlers Handlers
+	// MaxHalfOpen bounds the connections in the handshake phase (dialing
+	// upstream) so a SYN flood from the sandbox hurts only itself.
+	MaxHalfOpen int
+}
+
+// Stack is a running sandbox stack.
+type Stack struct {
+	s    *stack.Stack
+	link stack.LinkEndpoint
+	plan netplan.Plan
+}
+
+const nicID = 1
+
+// NewTUN wraps a TUN (or, in tests, a datagram socket) fd as a link endpoint.
+func NewTUN(fd int, mtu int) (stack.LinkEndpoint, error) {
+	ep, err := fdbased.New(&fdbased.Options{
+		FDs: []int{fd},
+		MTU: uint32(mtu),
+		// The sandbox's kernel computed correct checksums; checking again
+		// costs throughput and a bad one only hurts the sandbox itself.
+		RXChecksumOffload: true,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("creating link endpoint on fd %d: %w", fd, err)
+	}
+	return ep, nil
+}
+
+// New starts a stack on link.
+func New(link stack.LinkEndpoint, cfg Config) (*Stack, error) {
+	s := stack.New(stack.Options{
+		NetworkProtocols:   []stack.NetworkProtocolFactory{ipv4.NewProtocol, ipv6.NewProtocol},
+		TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocol, udp.NewProtocol, icmp.NewProtocol4, icmp.NewProtocol6},
+		// Packets between the engine's own endpoints never leave it.
+		HandleLocal: false,
+	})
+	ns := &Stack{s: s, plan: cfg.Plan}
+	ns.link = &echoInterceptor{LinkEndpoint: link, stack: ns, handler: cfg.Handlers.Echo}
+	if err := ns.configure(cfg); err != nil {
+		s.Close()
+		return nil, err
+	}
+	return ns, nil
+}
+
+func (ns *Stack) configure(cfg Config) error {
+	s := ns.s
+	// SACK recovers from losses on the TUN queue without a full window.
+	sack := tcpip.TCPSACKEnabled(true)
+	if err := s.SetTransportProtocolOption(tcp.ProtocolNumber, &sack); err != nil {
+		return fmt.Errorf("enabling SACK: %s", err)
+	}
+	// Large buffers let one connection fill a 64 KiB-MTU link; receive
+	// buffer moderation grows them only for connections that need it.
+	rcv := tcpip.TCPReceiveBufferSizeRangeOption{Min: 4 << 10, Default: 1 << 20, Max: 8 << 20}
+	if err := s.SetTransportProtocolOption(tcp.ProtocolNumber, &rcv); err != nil {
+		return fmt.Errorf("setting receive buffer range: %s", err)
+	}
+	snd := tcpip.TCPSendBufferSizeRangeOption{Min: 4 << 10, Default: 1 << 20, Max: 8 << 20}
+	if err := s.SetTransportProtocolOption(tcp.ProtocolNumber, &snd); err != nil {
+		return fmt.Errorf("setting send buffer range: %s", err)
+	}
+	mod := tcpip.TCPModerateReceiveBufferOption(true)
+	if err := s.SetTransportProtocolOption(tcp.ProtocolNumber, &mod); err != nil {
+		return fmt.Errorf("enabling receive buffer moderation: %s", err)
+	}
+	// The relay writes whatever it read; Nagle would only add latency to
+	// request/response traffic.
+	noDelay := tcpip.TCPDelayEnabled(false)
+	if err := s.SetTransportProtocolOption(tcp.ProtocolNumber, &noDelay); err != nil {
+		return fmt.Errorf("disabling Nagle: %s", err)
+	}
+
+	if err := s.CreateNIC(nicID, ns.link); err != nil {
+		return fmt.Errorf("creating NIC: %s", err)
+	}
+	// Promiscuous: accept packets for every destination, since the engine
+	// stands in for the whole internet. Spoofing: reply from those
+	// destinations' addresses.
+	if err := s.SetPromiscuousMode(nicID, true); err != nil {
+		return fmt.Errorf("setting promiscuous mode: %s", err)
+	}
+	if err := s.SetSpoofing(nicID, true); err != nil {
+		return fmt.Errorf("enabling spoofing: %s", err)
+	}
+	for _, gw := range []netip.Prefix{
+		netip.PrefixFrom(cfg.Plan.Gateway4, cfg.Plan.Prefix4.Bits()),
+		netip.PrefixFrom(cfg.Plan.Gateway6, cfg.Plan.Prefix6.Bits()),
+	} {
+		proto := ipv4.ProtocolNumber
+		if gw.Addr().Is6() {
+			proto = ipv6.ProtocolNumber
+		}
+		pa := tcpip.ProtocolAddress{
+			Protocol:          proto,
+			AddressWithPrefix: tcpip.AddrFromSlice(gw.Addr().AsSlice()).WithPrefix(),
+		}
+		pa.AddressWithPrefix.PrefixLen = gw.Bits()
+		if err := s.AddProtocolAddress(nicID, pa, stack.AddressProperties{}); err != nil {
+			return fmt.Errorf("adding gateway address %s: %s", gw, err)
+		}
+	}
+	s.SetRouteTable([]tcpip.Route{
+		{Destination: header.IPv4EmptySubnet, NIC: nicID},
+		{Destination: header.IPv6EmptySubnet, NIC: nicID},
+	})
+
+	maxHalfOpen := cfg.MaxHalfOpen
+	if maxHalfOpen == 0 {
+		maxHalfOpen = 512
+	}
+	if h := cfg.Handlers.TCP; h != nil {
+		// rcvWnd 0: use the stack's default receive window.
+		fwd := tcp.NewForwarder(s, 0, maxHalfOpen, func(r *tcp.ForwarderRequest) {
+			id := r.ID()
+			h(&TCPRequest{Src: addrPort(id.RemoteAddress, id.RemotePort), Dst: addrPort(id.LocalAddress, id.LocalPort), req: r})
+		})
+		s.SetTransportProtocolHandler(tcp.ProtocolNumber, fwd.HandlePacket)
+	}
+	if h := cfg.Handlers.UDP; h != nil {
+		fwd := udp.NewForwarder(s, func(r *udp.ForwarderRequest) bool {
+			id := r.ID()
+			var wq waiter.Queue
+			// The endpoint must exist before we return, or each further
+			// datagram of this flow would start another handler.
+			ep, err := r.CreateEndpoint(&wq)
+			if err != nil {
+				return false
+			}
+			f := &UDPFlow{Src: addrPort(id.RemoteAddress, id.RemotePort), Dst: addrPort(id.LocalAddress, id.LocalPort), Conn: gonet.NewUDPConn(&wq, ep)}
+			go h(f)
+			return true
+		})
+		s.SetTransportProtocolHandler(udp.ProtocolNumber, fwd.HandlePacket)
+	}
+	return nil
+}
+
+// ListenTCP and ListenUDP serve the engine's own services (DNS) on the
+// gateway address.
+func (ns *Stack) ListenTCP(addr netip.AddrPort) (net.Listener, error) {
+	return gonet.ListenTCP(ns.s, fullAddr(addr), protoOf(addr.Addr()))
+}
+
+func (ns *Stack) ListenUDP(addr netip.AddrPort) (net.PacketConn, error) {
+	fa := fullAddr(addr)
+	return gonet.DialUDP(ns.s, &fa, nil, protoOf(addr.Addr()))
+}
+
+// DialTCP opens a connection into the sandbox (used by tests and by
+// inbound forwarding).
+func (ns *Stack) DialTCP(ctx context.Context, addr netip.AddrPort) (net.Conn, error) {
+	return gonet.DialContextTCP(ctx, ns.s, fullAddr(addr), protoOf(addr.Addr()))
+}
+
+// Close tears the stack down and waits for its goroutines.
+func (ns *Stack) Close() {
+	ns.s.Close()
+	ns.s.Wait()
+}
+
+func addrPort(a tcpip.Address, port uint16) netip.AddrPort {
+	ip, _ := netip.AddrFromSlice(a.AsSlice())
+	return netip.AddrPortFrom(ip, port)
+}
+
+func fullAddr(ap netip.AddrPort) tcpip.FullAddress {
+	return tcpip.FullAddress{NIC: nicID, Addr: tcpip.AddrFromSlice(ap.Addr().AsSlice()), Port: ap.Port()}
+}
+
+func protoOf(a netip.Addr) tcpip.NetworkProtocolNumber {
+	if a.Is4() {
+		return ipv4.ProtocolNumber
+	}
+	return ipv6.ProtocolNumber
+}

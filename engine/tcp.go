@@ -1,0 +1,167 @@
+package engine
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/childflow/childflow/engine/dns"
+	"github.com/childflow/childflow/engine/flowlog"
+	"github.com/childflow/childflow/engine/netstack"
+	"github.com/childflow/childflow/policy"
+)
+
+func (e *Engine) handleTCP(r *netstack.TCPRequest) {
+	if !e.acquire() {
+		r.Reject()
+		return
+	}
+	defer e.release()
+	id := e.nextFlow.Add(1)
+	if r.Dst.Port() == portDNS {
+		// DNS over TCP to any address is answered by our resolver.
+		c, err := r.Accept()
+		if err == nil {
+			e.serveDNSConn(c)
+		}
+		return
+	}
+	names := e.cache.Names(r.Dst.Addr())
+	ev := flowEvent(flowlog.ConnectAttempt, id, policy.TCP, r.Src, r.Dst, names)
+	d := e.policy.Decide(policy.Flow{Proto: policy.TCP, Dst: r.Dst, Names: names})
+	if r.Dst.Port() == portDoT {
+		d = dnsBypass
+	}
+	ev.Verdict, ev.ReasonCode = verdict(d), d.Reason
+	e.emit(ev)
+	if !d.Allow {
+		e.violation(ev, d)
+		r.Reject()
+		return
+	}
+
+	up := e.upstreamAddr(r.Dst)
+	ctx, cancel := context.WithTimeout(e.ctx, e.cfg.DialTimeout)
+	start := time.Now()
+	upstream, err := e.cfg.Dial(ctx, "tcp", up.String())
+	cancel()
+	res := ev
+	res.Event, res.Upstream = flowlog.ConnectResult, up.String()
+	if err != nil {
+		res.OK, res.Error = flowlog.Bool(false), err.Error()
+		e.emit(res)
+		r.Reject()
+		return
+	}
+	sandbox, err := r.Accept()
+	if err != nil {
+		upstream.Close()
+		res.OK, res.Error = flowlog.Bool(false), err.Error()
+		e.emit(res)
+		return
+	}
+	res.OK = flowlog.Bool(true)
+	e.emit(res)
+
+	bytesUp, bytesDown := splice(sandbox, upstream)
+	end := ev
+	end.Event, end.Upstream = flowlog.FlowEnd, up.String()
+	end.BytesUp, end.BytesDown, end.DurationMs = bytesUp, bytesDown, time.Since(start).Milliseconds()
+	e.emit(end)
+}
+
+var bufPool = sync.Pool{New: func() any { b := make([]byte, 256<<10); return &b }}
+
+// splice copies both ways until both directions are done, passing on
+// half-closes. Back-pressure comes from the blocking writes.
+func splice(sandbox, upstream net.Conn) (up, down int64) {
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		up = copyHalf(upstream, sandbox)
+	}()
+	down = copyHalf(sandbox, upstream)
+	wg.Wait()
+	sandbox.Close()
+	upstream.Close()
+	return up, down
+}
+
+type closeWriter interface{ CloseWrite() error }
+
+// copyHalf copies src to dst. On EOF it half-closes dst; on an error it
+// closes both, which also ends the other direction.
+func copyHalf(dst, src net.Conn) int64 {
+	bp := bufPool.Get().(*[]byte)
+	defer bufPool.Put(bp)
+	buf := *bp
+	var n int64
+	for {
+		nr, rerr := src.Read(buf)
+		if nr > 0 {
+			nw, werr := dst.Write(buf[:nr])
+			n += int64(nw)
+			if werr != nil {
+				src.Close()
+				dst.Close()
+				return n
+			}
+		}
+		if rerr != nil {
+			if errors.Is(rerr, io.EOF) {
+				if cw, ok := dst.(closeWriter); ok {
+					cw.CloseWrite()
+				}
+			} else {
+				src.Close()
+				dst.Close()
+			}
+			return n
+		}
+	}
+}
+
+// serveDNSConn answers DNS over TCP on one connection.
+func (e *Engine) serveDNSConn(c net.Conn) {
+	defer c.Close()
+	for {
+		c.SetReadDeadline(time.Now().Add(30 * time.Second))
+		msg, err := dns.ReadTCPMessage(c)
+		if err != nil {
+			return
+		}
+		resp := e.resolver.Answer(e.ctx, msg, true)
+		if resp == nil || dns.WriteTCPMessage(c, resp) != nil {
+			return
+		}
+	}
+}
+
+func (e *Engine) serveDNSListener(ln net.Listener) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		go e.serveDNSConn(c)
+	}
+}
+
+func (e *Engine) logQuery(q dns.Query) {
+	ev := flowlog.Event{Event: flowlog.DNSQuery, QName: q.Name, QType: q.Type, Proto: "dns"}
+	e.emit(ev)
+	if !q.Decision.Allow {
+		v := ev
+		v.MatchedDomain = q.Decision.MatchedDomain
+		e.violation(v, q.Decision)
+	}
+	ev.Event, ev.RCode, ev.Answers, ev.Upstream = flowlog.DNSAnswer, q.RCode, q.Answers, q.Upstream
+	if q.Err != nil {
+		ev.Error = q.Err.Error()
+	}
+	e.emit(ev)
+}

@@ -1,0 +1,178 @@
+package engine
+
+import (
+	"context"
+	"errors"
+	"net"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/childflow/childflow/engine/flowlog"
+	"github.com/childflow/childflow/engine/netstack"
+	"github.com/childflow/childflow/policy"
+)
+
+func (e *Engine) handleUDP(f *netstack.UDPFlow) {
+	defer f.Conn.Close()
+	if !e.acquire() {
+		return
+	}
+	defer e.release()
+	id := e.nextFlow.Add(1)
+	if f.Dst.Port() == portDNS {
+		// DNS to any resolver is answered by ours, from the address the
+		// sandbox asked.
+		e.serveDNSFlow(f.Conn)
+		return
+	}
+	names := e.cache.Names(f.Dst.Addr())
+	ev := flowEvent(flowlog.ConnectAttempt, id, policy.UDP, f.Src, f.Dst, names)
+	d := e.policy.Decide(policy.Flow{Proto: policy.UDP, Dst: f.Dst, Names: names})
+	if f.Dst.Port() == portDoT {
+		d = dnsBypass
+	}
+	ev.Verdict, ev.ReasonCode = verdict(d), d.Reason
+	e.emit(ev)
+	if !d.Allow {
+		e.violation(ev, d)
+		// Swallow the flow until it is idle, so a sender in a loop makes
+		// one violation, not one per datagram.
+		e.drain(f.Conn)
+		return
+	}
+	up := e.upstreamAddr(f.Dst)
+	ctx, cancel := context.WithTimeout(e.ctx, e.cfg.DialTimeout)
+	host, err := e.cfg.Dial(ctx, "udp", up.String())
+	cancel()
+	res := ev
+	res.Event, res.Upstream = flowlog.ConnectResult, up.String()
+	if err != nil {
+		res.OK, res.Error = flowlog.Bool(false), err.Error()
+		e.emit(res)
+		return
+	}
+	res.OK = flowlog.Bool(true)
+	e.emit(res)
+	start := time.Now()
+	bytesUp, bytesDown := e.relayUDP(f.Conn, host)
+	end := ev
+	end.Event, end.Upstream = flowlog.FlowEnd, up.String()
+	end.BytesUp, end.BytesDown, end.DurationMs = bytesUp, bytesDown, time.Since(start).Milliseconds()
+	e.emit(end)
+}
+
+// idleCloser closes conns once nothing has moved for the idle timeout,
+// or when the engine closes.
+type idleCloser struct {
+	timer    *time.Timer
+	idle     time.Duration
+	unhookFn func() bool
+}
+
+func (e *Engine) newIdleCloser(conns ...net.Conn) *idleCloser {
+	closeAll := func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}
+	return &idleCloser{
+		idle:     e.cfg.UDPIdleTimeout,
+		timer:    time.AfterFunc(e.cfg.UDPIdleTimeout, closeAll),
+		unhookFn: context.AfterFunc(e.ctx, closeAll),
+	}
+}
+
+func (ic *idleCloser) touch() { ic.timer.Reset(ic.idle) }
+
+func (ic *idleCloser) stop() {
+	ic.timer.Stop()
+	ic.unhookFn()
+}
+
+func (e *Engine) relayUDP(sandbox, host net.Conn) (up, down int64) {
+	ic := e.newIdleCloser(sandbox, host)
+	defer ic.stop()
+	var upBytes atomic.Int64
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		buf := make([]byte, 65535)
+		for {
+			n, err := sandbox.Read(buf)
+			if err != nil {
+				host.Close()
+				return
+			}
+			ic.touch()
+			if _, err := host.Write(buf[:n]); err == nil {
+				upBytes.Add(int64(n))
+			}
+		}
+	}()
+	buf := make([]byte, 65535)
+	for {
+		n, err := host.Read(buf)
+		if err != nil {
+			// An ICMP error from a previous datagram is not the end of
+			// the flow; the sandbox may still send.
+			if errors.Is(err, syscall.ECONNREFUSED) {
+				continue
+			}
+			sandbox.Close()
+			break
+		}
+		ic.touch()
+		if _, err := sandbox.Write(buf[:n]); err == nil {
+			down += int64(n)
+		}
+	}
+	<-done
+	return upBytes.Load(), down
+}
+
+func (e *Engine) drain(c net.Conn) {
+	ic := e.newIdleCloser(c)
+	defer ic.stop()
+	buf := make([]byte, 65535)
+	for {
+		if _, err := c.Read(buf); err != nil {
+			return
+		}
+		ic.touch()
+	}
+}
+
+// serveDNSFlow answers every datagram of one UDP flow to port 53.
+func (e *Engine) serveDNSFlow(c net.Conn) {
+	ic := e.newIdleCloser(c)
+	defer ic.stop()
+	buf := make([]byte, 65535)
+	for {
+		n, err := c.Read(buf)
+		if err != nil {
+			return
+		}
+		ic.touch()
+		if resp := e.resolver.Answer(e.ctx, buf[:n], false); resp != nil {
+			c.Write(resp)
+		}
+	}
+}
+
+// serveDNSPackets answers DNS on the gateway's unconnected UDP socket.
+func (e *Engine) serveDNSPackets(pc net.PacketConn) {
+	buf := make([]byte, 65535)
+	for {
+		n, from, err := pc.ReadFrom(buf)
+		if err != nil {
+			return
+		}
+		msg := append([]byte(nil), buf[:n]...)
+		go func() {
+			if resp := e.resolver.Answer(e.ctx, msg, false); resp != nil {
+				pc.WriteTo(resp, from)
+			}
+		}()
+	}
+}

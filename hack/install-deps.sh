@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs what childflow's build, tests and benchmarks need on Debian/Ubuntu.
+# Idempotent; needs root (or sudo).
+set -euo pipefail
+SUDO=""
+[ "$(id -u)" = 0 ] || SUDO=sudo
+pkgs=(
+	ca-certificates iproute2 procps nftables iptables
+	curl dnsutils iputils-ping socat netcat-openbsd busybox-static dnsmasq-base
+	iperf3 slirp4netns passt hyperfine jq util-linux
+)
+missing=()
+for p in "${pkgs[@]}"; do
+	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+	export DEBIAN_FRONTEND=noninteractive
+	$SUDO apt-get update -qq
+	$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+if ! command -v go >/dev/null && [ -x /usr/local/go/bin/go ]; then
+	echo "note: add /usr/local/go/bin to PATH" >&2
+fi
+command -v go >/dev/null || [ -x /usr/local/go/bin/go ] || { echo "install Go 1.22 or newer (apt-get install golang-go on recent releases)" >&2; exit 1; }

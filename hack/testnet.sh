@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Throwaway test hosts for childflow's end-to-end tests and benchmarks.
+#
+#   hack/testnet.sh up [NAME]    create netns NAME-inet on a veth, start servers
+#   hack/testnet.sh down [NAME]  stop the servers, delete the netns and links
+#
+# The "internet" netns answers on TEST-NET addresses only:
+#   203.0.113.10, 2001:db8::10   HTTP (busybox httpd :80), TCP echo :7, UDP echo :7,
+#                                TCP "banner" server :25 (the server speaks first)
+#   203.0.113.20, 2001:db8::20   same servers (a second, "denied" host)
+#   203.0.113.53, 2001:db8::53   dnsmasq with the names below
+# The host side of the veth is 203.0.113.1 / 2001:db8::1. Nothing here
+# routes anywhere else.
+set -euo pipefail
+
+cmd=${1:-}
+name=${2:-cftest}
+ns="$name-inet"
+host_if="${name:0:8}-h"
+ns_if="${name:0:8}-n"
+state="/run/childflow-testnet/$name"
+
+die() { echo "testnet: $*" >&2; exit 1; }
+[ "$(id -u)" = 0 ] || die "must run as root"
+
+start() { # start NAME CMD...: run CMD in the netns, detached, pid recorded
+	local what=$1; shift
+	ip netns exec "$ns" setsid "$@" </dev/null >"$state/$what.log" 2>&1 &
+	echo $! >"$state/$what.pid"
+}
+
+up() {
+	down_quiet
+	mkdir -p "$state/www"
+	ip netns add "$ns"
+	ip link add "$host_if" type veth peer name "$ns_if"
+	ip link set "$ns_if" netns "$ns"
+	ip addr add 203.0.113.1/24 dev "$host_if"
+	ip -6 addr add 2001:db8::1/64 dev "$host_if" nodad
+	ip link set "$host_if" up
+	ip netns exec "$ns" ip link set lo up
+	for a in 10 20 53; do
+		ip netns exec "$ns" ip addr add "203.0.113.$a/24" dev "$ns_if"
+		ip netns exec "$ns" ip -6 addr add "2001:db8::$a/64" dev "$ns_if" nodad
+	done
+	ip netns exec "$ns" ip link set "$ns_if" up
+	ip netns exec "$ns" ip route add default via 203.0.113.1
+	ip netns exec "$ns" ip -6 route add default via 2001:db8::1
+	# Unprivileged ping sockets inside the test host are not needed: the
+	# kernel answers echo requests itself.
+
+	echo "hello from the test internet" >"$state/www/index.html"
+	head -c 10485760 /dev/zero >"$state/www/10m.bin"
+	start httpd busybox httpd -f -p 80 -h "$state/www"
+	start tcpecho socat TCP6-LISTEN:7,fork,reuseaddr,ipv6only=0 EXEC:cat
+	start udpecho socat UDP6-RECVFROM:7,fork,reuseaddr,ipv6only=0 EXEC:cat
+	start banner socat TCP6-LISTEN:25,fork,reuseaddr,ipv6only=0 SYSTEM:'echo 220 banner.test ESMTP ready; cat'
+	start dnsmasq dnsmasq --no-daemon --conf-file=/dev/null --no-resolv --no-hosts --bind-interfaces \
+		--listen-address=203.0.113.53 --listen-address=2001:db8::53 --log-queries --log-facility=- \
+		--host-record=web.test,203.0.113.10,2001:db8::10 \
+		--host-record=allowed.test,203.0.113.10,2001:db8::10 \
+		--host-record=sub.allowed.test,203.0.113.10 \
+		--host-record=badallowed.test,203.0.113.20 \
+		--host-record=denied.test,203.0.113.20,2001:db8::20 \
+		--host-record=shared.test,203.0.113.10 \
+		--host-record=loopback.test,127.0.0.1 \
+		--cname=alias.test,allowed.test \
+		--cname=tracker.test,denied.test \
+		--txt-record=txt.test,"hello"
+	# Wait until every server listens.
+	for _ in $(seq 100); do
+		if ip netns exec "$ns" ss -Hltn 'sport = :80' | grep -q . &&
+			ip netns exec "$ns" ss -Hltn 'sport = :7' | grep -q . &&
+			ip netns exec "$ns" ss -Hltn 'sport = :25' | grep -q . &&
+			ip netns exec "$ns" ss -Hlun 'sport = :7' | grep -q . &&
+			ip netns exec "$ns" ss -Hlun 'sport = :53' | grep -q .; then
+			echo "testnet $name up: netns $ns, hosts 203.0.113.10 203.0.113.20, dns 203.0.113.53"
+			return 0
+		fi
+		sleep 0.05
+	done
+	cat "$state"/*.log >&2 || true
+	die "servers did not come up"
+}
+
+down_quiet() {
+	if [ -d "$state" ]; then
+		for p in "$state"/*.pid; do
+			[ -f "$p" ] || continue
+			pid=$(cat "$p")
+			pkill -KILL -s "$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+		done
+		rm -rf "$state"
+	fi
+	ip link del "$host_if" 2>/dev/null || true
+	ip netns del "$ns" 2>/dev/null || true
+}
+
+case "$cmd" in
+up) up ;;
+down) down_quiet ;;
+*) die "usage: $0 up|down [NAME]" ;;
+esac

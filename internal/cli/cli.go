@@ -1,0 +1,234 @@
+// Package cli is the childflow command line: exec (the default), doctor
+// and version.
+package cli
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+
+	"github.com/spf13/pflag"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+	"golang.org/x/term"
+
+	"github.com/childflow/childflow/engine"
+	"github.com/childflow/childflow/engine/flowlog"
+	"github.com/childflow/childflow/internal/doctor"
+	"github.com/childflow/childflow/internal/netplan"
+	"github.com/childflow/childflow/internal/sandbox"
+	"github.com/childflow/childflow/internal/version"
+	"github.com/childflow/childflow/policy"
+)
+
+// Exit codes besides the command's own.
+const (
+	exitFailure = 1   // childflow could not set up the sandbox
+	exitUsage   = 2   // bad flags or values
+	exitLeak    = 3   // --fail-on-leak: something was blocked
+	exitNoExec  = 125 // the sandbox failed before the command ran
+)
+
+// Run is the whole CLI; it returns the process exit code.
+func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	if len(args) > 1 {
+		switch args[1] {
+		case "exec":
+			return runExec(ctx, args[2:], stdout, stderr)
+		case "doctor":
+			return runDoctor(args[2:], stdout, stderr)
+		case "version", "--version":
+			fmt.Fprintf(stdout, "childflow %s\n", version.Version)
+			return 0
+		}
+	}
+	return runExec(ctx, args[1:], stdout, stderr)
+}
+
+func usageError(stderr io.Writer, err error) int {
+	fmt.Fprintf(stderr, "childflow: %v\n", err)
+	return exitUsage
+}
+
+func runDoctor(args []string, stdout, stderr io.Writer) int {
+	fs := pflag.NewFlagSet("doctor", pflag.ContinueOnError)
+	format := fs.String("doctor-format", "text", "text|json")
+	fs.StringVar(format, "format", "text", "text|json")
+	if err := fs.Parse(args); err != nil {
+		return usageError(stderr, err)
+	}
+	return doctorReport(*format, stdout, stderr)
+}
+
+func doctorReport(format string, stdout, stderr io.Writer) int {
+	if err := checkChoice("doctor-format", format, "text", "json"); err != nil {
+		return usageError(stderr, err)
+	}
+	r := doctor.Local().Run()
+	if format == "json" {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		enc.Encode(r)
+	} else {
+		fmt.Fprint(stdout, r.Text())
+	}
+	if r.Overall == "blocked" {
+		return exitFailure
+	}
+	return 0
+}
+
+func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	var o execOptions
+	fs := newExecFlags(&o)
+	fs.SetOutput(stderr)
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, pflag.ErrHelp) {
+			return 0
+		}
+		return usageError(stderr, err)
+	}
+	if o.doctor {
+		return doctorReport(o.doctorFormat, stdout, stderr)
+	}
+	command := fs.Args()
+	if len(command) == 0 {
+		return usageError(stderr, errors.New("no command given: childflow [exec] [OPTIONS] [--] COMMAND..."))
+	}
+	pol, err := o.policy()
+	if err != nil {
+		return usageError(stderr, err)
+	}
+	upstreams, err := ParseDNS("--dns", o.dns)
+	if err != nil {
+		return usageError(stderr, err)
+	}
+	if len(upstreams) == 0 {
+		upstreams, _ = ParseDNS("nameserver", doctor.Nameservers("/etc/resolv.conf"))
+	}
+	if o.hostsFile != "" {
+		if st, err := os.Stat(o.hostsFile); err != nil || !st.Mode().IsRegular() {
+			return usageError(stderr, policy.Usagef("invalid --hosts-file %q: not a readable regular file", o.hostsFile))
+		}
+	}
+
+	rootless := os.Geteuid() != 0
+	if err := doctor.Local().Run().Blocking(); err != nil {
+		fmt.Fprintf(stderr, "childflow: %v\n", err)
+		return exitFailure
+	}
+	plan, err := netplan.Choose(hostRoutes(), 0)
+	if err != nil {
+		fmt.Fprintf(stderr, "childflow: %v\n", err)
+		return exitFailure
+	}
+	var events func(flowlog.Event)
+	if o.flowLog != "" {
+		w, err := flowlog.Create(o.flowLog)
+		if err != nil {
+			fmt.Fprintf(stderr, "childflow: --flow-log: %v\n", err)
+			return exitFailure
+		}
+		defer w.Close()
+		events = w.Log
+	}
+
+	sb, err := sandbox.Start(sandbox.Spec{
+		Plan:       plan,
+		Command:    command,
+		ResolvConf: resolvConf(plan),
+		HostsFile:  o.hostsFile,
+		Rootless:   rootless,
+	})
+	if err != nil {
+		fmt.Fprintf(stderr, "childflow: %v\n", err)
+		return exitFailure
+	}
+	eng, err := engine.New(engine.Config{ID: "exec", Link: sb.TUN, Plan: plan, Policy: pol, DNS: upstreams, OnEvent: events})
+	if err == nil {
+		err = eng.Start(ctx)
+	}
+	if err != nil {
+		sb.Kill()
+		sb.Wait()
+		fmt.Fprintf(stderr, "childflow: starting engine: %v\n", err)
+		return exitFailure
+	}
+	defer eng.Close()
+
+	sigs := make(chan os.Signal, 16)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGQUIT, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGWINCH)
+	defer signal.Stop(sigs)
+	go func() {
+		for s := range sigs {
+			sb.Signal(s)
+		}
+	}()
+	if err := sb.Run(); err != nil {
+		sb.Kill()
+		sb.Wait()
+		fmt.Fprintf(stderr, "childflow: %v\n", err)
+		return exitFailure
+	}
+	code := sb.Wait()
+	reclaimTerminal()
+	eng.Close()
+	if o.failOnLeak && code == 0 && eng.Violations() > 0 {
+		fmt.Fprintf(stderr, "childflow: --fail-on-leak: %d flow(s) were blocked by policy\n", eng.Violations())
+		return exitLeak
+	}
+	return code
+}
+
+// resolvConf points the sandbox at the engine, keeping the host's search
+// domains and options.
+func resolvConf(plan netplan.Plan) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "# written by childflow: the engine on the gateway answers DNS\nnameserver %s\nnameserver %s\n", plan.Gateway4, plan.Gateway6)
+	if host, err := os.ReadFile("/etc/resolv.conf"); err == nil {
+		for _, line := range strings.Split(string(host), "\n") {
+			if f := strings.Fields(line); len(f) > 0 && (f[0] == "search" || f[0] == "domain" || f[0] == "options") {
+				b.WriteString(line + "\n")
+			}
+		}
+	}
+	return b.String()
+}
+
+// hostRoutes are the destinations the host routes somewhere, which the
+// sandbox's own subnet must not shadow.
+func hostRoutes() []netip.Prefix {
+	routes, err := netlink.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{Table: unix.RT_TABLE_UNSPEC}, netlink.RT_FILTER_TABLE)
+	if err != nil {
+		return nil
+	}
+	var out []netip.Prefix
+	for _, r := range routes {
+		if r.Dst == nil {
+			continue
+		}
+		ones, _ := r.Dst.Mask.Size()
+		if a, ok := netip.AddrFromSlice(r.Dst.IP); ok {
+			out = append(out, netip.PrefixFrom(a.Unmap(), ones))
+		}
+	}
+	return out
+}
+
+// reclaimTerminal makes childflow's process group the terminal's
+// foreground group again after the command had it.
+func reclaimTerminal() {
+	if !term.IsTerminal(0) {
+		return
+	}
+	signal.Ignore(syscall.SIGTTOU)
+	defer signal.Reset(syscall.SIGTTOU)
+	unix.IoctlSetPointerInt(0, unix.TIOCSPGRP, unix.Getpgrp())
+}

@@ -1,0 +1,131 @@
+package cli
+
+import (
+	"net/netip"
+	"strings"
+
+	"github.com/spf13/pflag"
+
+	"github.com/childflow/childflow/policy"
+)
+
+// execOptions are upstream childflow 0.8.1's flags.
+type execOptions struct {
+	profile, capture, capturePoint, report, reportFormat       string
+	doctorFormat, hostsFile, proxy, proxyUser, proxyPassword   string
+	summaryFormat, flowLog, defaultPolicy, iface               string
+	dumpProfile, root, doctor, proxyInsecure, summary, offline bool
+	blockPrivate, blockMetadata, proxyOnly, failOnLeak         bool
+	dns, allowCIDR, denyCIDR                                   []string
+	allowDomain, allowDomainExact, denyDomain, denyDomainExact []string
+	set                                                        func(name string) bool
+}
+
+func newExecFlags(o *execOptions) *pflag.FlagSet {
+	fs := pflag.NewFlagSet("childflow", pflag.ContinueOnError)
+	// Everything after the command's name belongs to the command.
+	fs.SetInterspersed(false)
+	fs.StringVar(&o.profile, "profile", "", "load settings from a TOML profile")
+	fs.BoolVar(&o.dumpProfile, "dump-profile", false, "print the effective profile and exit")
+	fs.StringVarP(&o.capture, "capture", "c", "", "write a pcapng capture to FILE")
+	fs.StringVarP(&o.capturePoint, "capture-point", "C", "child", "capture view: child|egress|wire-egress|both")
+	fs.BoolVar(&o.root, "root", false, "use the rootful backend (veth + nftables)")
+	fs.BoolVar(&o.doctor, "doctor", false, "check this host's requirements and exit")
+	fs.StringVar(&o.doctorFormat, "doctor-format", "text", "doctor output: text|json")
+	fs.StringVar(&o.report, "report", "", "render a report of a saved flow log FILE and exit")
+	fs.StringVar(&o.reportFormat, "report-format", "text", "report format: text|markdown|json")
+	fs.StringSliceVarP(&o.dns, "dns", "d", nil, "upstream DNS server ADDR[:PORT] (repeatable); default: the host's resolv.conf")
+	fs.StringVar(&o.hostsFile, "hosts-file", "", "use FILE as /etc/hosts inside the sandbox")
+	fs.StringVarP(&o.proxy, "proxy", "p", "", "force TCP through an upstream proxy URI")
+	fs.StringVarP(&o.proxyUser, "proxy-user", "U", "", "proxy user name")
+	fs.StringVarP(&o.proxyPassword, "proxy-password", "P", "", "proxy password")
+	fs.BoolVar(&o.proxyInsecure, "proxy-insecure", false, "do not verify the HTTPS proxy's certificate chain")
+	fs.BoolVar(&o.summary, "summary", false, "print a summary on stderr after the run")
+	fs.StringVar(&o.summaryFormat, "summary-format", "text", "summary format: text|json")
+	fs.StringVar(&o.flowLog, "flow-log", "", "write the JSON Lines flow log to FILE")
+	fs.BoolVar(&o.offline, "offline", false, "no network at all, DNS included")
+	fs.BoolVar(&o.blockPrivate, "block-private", false, "block private, loopback, link-local, CGNAT and ULA destinations")
+	fs.BoolVar(&o.blockMetadata, "block-metadata", false, "block cloud metadata endpoints")
+	fs.StringVar(&o.defaultPolicy, "default-policy", "allow", "what happens when no rule matches: allow|deny")
+	fs.StringSliceVar(&o.allowCIDR, "allow-cidr", nil, "allow destinations in CIDR (repeatable)")
+	fs.StringSliceVar(&o.denyCIDR, "deny-cidr", nil, "deny destinations in CIDR (repeatable)")
+	fs.StringSliceVar(&o.allowDomain, "allow-domain", nil, "allow DOMAIN and its subdomains (repeatable)")
+	fs.StringSliceVar(&o.allowDomainExact, "allow-domain-exact", nil, "allow exactly DOMAIN (repeatable)")
+	fs.StringSliceVar(&o.denyDomain, "deny-domain", nil, "deny DOMAIN and its subdomains (repeatable)")
+	fs.StringSliceVar(&o.denyDomainExact, "deny-domain-exact", nil, "deny exactly DOMAIN (repeatable)")
+	fs.BoolVar(&o.proxyOnly, "proxy-only", false, "allow only traffic that goes through the proxy")
+	fs.BoolVar(&o.failOnLeak, "fail-on-leak", false, "exit 3 when a flow was blocked but the command exited 0")
+	fs.StringVarP(&o.iface, "iface", "i", "", "send the sandbox's traffic out through IFACE (--root)")
+	o.set = func(name string) bool { return fs.Changed(name) }
+	return fs
+}
+
+// notYet lists upstream flags whose feature has not landed; using one is a
+// usage error rather than a silent no-op.
+var notYet = []string{"profile", "dump-profile", "capture", "capture-point", "root", "report", "report-format",
+	"proxy", "proxy-user", "proxy-password", "proxy-insecure", "summary", "summary-format", "iface"}
+
+func (o *execOptions) policy() (*policy.Policy, error) {
+	for _, name := range notYet {
+		if o.set(name) {
+			return nil, policy.Usagef("--%s is not supported by this build yet", name)
+		}
+	}
+	if o.proxyOnly && o.proxy == "" {
+		return nil, policy.Usagef("--proxy-only needs --proxy")
+	}
+	p := &policy.Policy{Offline: o.offline, BlockPrivate: o.blockPrivate, BlockMetadata: o.blockMetadata, ProxyOnly: o.proxyOnly}
+	var err error
+	if p.DefaultDeny, err = policy.ParseDefault("--default-policy", o.defaultPolicy); err != nil {
+		return nil, err
+	}
+	if p.AllowCIDRs, err = policy.ParseCIDRs("--allow-cidr", o.allowCIDR); err != nil {
+		return nil, err
+	}
+	if p.DenyCIDRs, err = policy.ParseCIDRs("--deny-cidr", o.denyCIDR); err != nil {
+		return nil, err
+	}
+	for _, d := range []struct {
+		flag string
+		in   []string
+		out  *[]string
+	}{
+		{"--allow-domain", o.allowDomain, &p.AllowDomains},
+		{"--allow-domain-exact", o.allowDomainExact, &p.AllowDomainsExact},
+		{"--deny-domain", o.denyDomain, &p.DenyDomains},
+		{"--deny-domain-exact", o.denyDomainExact, &p.DenyDomainsExact},
+	} {
+		if *d.out, err = policy.ParseDomains(d.flag, d.in); err != nil {
+			return nil, err
+		}
+	}
+	return p, nil
+}
+
+// ParseDNS parses resolver addresses: IP or IP:port, IPv6 in brackets
+// when a port is given.
+func ParseDNS(field string, values []string) ([]netip.AddrPort, error) {
+	var out []netip.AddrPort
+	for _, v := range values {
+		v = strings.TrimSpace(v)
+		if a, err := netip.ParseAddr(v); err == nil {
+			out = append(out, netip.AddrPortFrom(a.Unmap(), 53))
+			continue
+		}
+		ap, err := netip.ParseAddrPort(v)
+		if err != nil || ap.Port() == 0 {
+			return nil, policy.Usagef("invalid %s %q: not an IP address or IP:port", field, v)
+		}
+		out = append(out, netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()))
+	}
+	return out, nil
+}
+
+func checkChoice(flag, value string, choices ...string) error {
+	for _, c := range choices {
+		if value == c {
+			return nil
+		}
+	}
+	return policy.Usagef("invalid --%s %q: must be one of %s", flag, value, strings.Join(choices, ", "))
+}

@@ -1,0 +1,259 @@
+// Package doctor checks what childflow needs on this host and says how to
+// fix what is missing. `childflow --doctor` prints the report; exec fails
+// with the first blocking finding's one-line reason.
+package doctor
+
+import (
+	"bufio"
+	"fmt"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// Status of one requirement.
+type Status string
+
+const (
+	Available   Status = "available"
+	Limited     Status = "limited"
+	Unavailable Status = "unavailable"
+)
+
+// Check is one requirement.
+type Check struct {
+	Name     string `json:"name"`
+	Status   Status `json:"status"`
+	Detail   string `json:"detail"`
+	Fix      string `json:"fix,omitempty"`
+	Required bool   `json:"required"`
+}
+
+// Report is the whole result.
+type Report struct {
+	Overall  string  `json:"overall"` // ready, ready with warnings, blocked
+	Rootless bool    `json:"rootless"`
+	Checks   []Check `json:"checks"`
+}
+
+// Host is where the checks read from; tests point it elsewhere.
+type Host struct {
+	Proc    string // /proc
+	DevTun  string // /dev/net/tun
+	Resolv  string // /etc/resolv.conf
+	Euid    int
+	Egid    int
+	LookBin func(string) (string, error)
+}
+
+// Local is this machine.
+func Local() Host {
+	return Host{Proc: "/proc", DevTun: "/dev/net/tun", Resolv: "/etc/resolv.conf", Euid: os.Geteuid(), Egid: os.Getegid(), LookBin: exec.LookPath}
+}
+
+// Run performs every check.
+func (h Host) Run() Report {
+	r := Report{Rootless: h.Euid != 0}
+	r.Checks = []Check{h.userns(), h.tun(), h.resolvers(), h.ping(), h.uidmap(), h.nftables(), h.caps(), h.cgroups()}
+	r.Overall = "ready"
+	for _, c := range r.Checks {
+		switch {
+		case c.Status == Unavailable && c.Required:
+			r.Overall = "blocked"
+		case c.Status != Available && r.Overall == "ready":
+			r.Overall = "ready with warnings"
+		}
+	}
+	return r
+}
+
+// Blocking returns the first required check that is unavailable, as the
+// one-line reason exec fails with.
+func (r Report) Blocking() error {
+	for _, c := range r.Checks {
+		if c.Required && c.Status == Unavailable {
+			return fmt.Errorf("%s: %s (fix: %s)", c.Name, c.Detail, c.Fix)
+		}
+	}
+	return nil
+}
+
+func (h Host) readInt(path string) (int, bool) {
+	b, err := os.ReadFile(h.Proc + path)
+	if err != nil {
+		return 0, false
+	}
+	n, err := strconv.Atoi(strings.Fields(string(b) + " x")[0])
+	return n, err == nil
+}
+
+func (h Host) userns() Check {
+	c := Check{Name: "user namespaces", Required: h.Euid != 0, Status: Available}
+	if h.Euid == 0 {
+		c.Detail = "not needed: running as root"
+		return c
+	}
+	if n, ok := h.readInt("/sys/user/max_user_namespaces"); ok && n == 0 {
+		c.Status, c.Detail, c.Fix = Unavailable, "user.max_user_namespaces is 0", "sysctl -w user.max_user_namespaces=15000"
+		return c
+	}
+	if n, ok := h.readInt("/sys/kernel/unprivileged_userns_clone"); ok && n == 0 {
+		c.Status, c.Detail, c.Fix = Unavailable, "kernel.unprivileged_userns_clone is 0", "sysctl -w kernel.unprivileged_userns_clone=1"
+		return c
+	}
+	if n, ok := h.readInt("/sys/kernel/apparmor_restrict_unprivileged_userns"); ok && n == 1 {
+		c.Status, c.Detail = Unavailable, "AppArmor restricts unprivileged user namespaces (kernel.apparmor_restrict_unprivileged_userns=1)"
+		c.Fix = "add an AppArmor profile granting 'userns' to childflow, or sysctl -w kernel.apparmor_restrict_unprivileged_userns=0"
+		return c
+	}
+	n, _ := h.readInt("/sys/user/max_user_namespaces")
+	c.Detail = fmt.Sprintf("unprivileged user namespaces enabled (max_user_namespaces=%d)", n)
+	return c
+}
+
+func (h Host) tun() Check {
+	c := Check{Name: "/dev/net/tun", Required: true, Status: Available}
+	var st unix.Stat_t
+	if err := unix.Stat(h.DevTun, &st); err != nil {
+		c.Status, c.Detail, c.Fix = Unavailable, fmt.Sprintf("%s is missing", h.DevTun), "modprobe tun, or mknod /dev/net/tun c 10 200 && chmod 0666 /dev/net/tun"
+		return c
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFCHR {
+		c.Status, c.Detail, c.Fix = Unavailable, fmt.Sprintf("%s is not a character device", h.DevTun), "mknod /dev/net/tun c 10 200"
+		return c
+	}
+	mode := st.Mode & 0o777
+	if h.Euid != 0 && unix.Access(h.DevTun, unix.R_OK|unix.W_OK) != nil {
+		c.Status = Unavailable
+		c.Detail = fmt.Sprintf("%s is mode %04o owned by uid %d: this user (uid %d) cannot open it", h.DevTun, mode, st.Uid, h.Euid)
+		c.Fix = "sudo chmod 0666 /dev/net/tun (the mode most distributions ship), or run childflow as root"
+		return c
+	}
+	c.Detail = fmt.Sprintf("%s mode %04o, usable", h.DevTun, mode)
+	return c
+}
+
+// Nameservers reads the nameserver lines of a resolv.conf.
+func Nameservers(path string) []string {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil
+	}
+	defer f.Close()
+	var out []string
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fs := strings.Fields(sc.Text())
+		if len(fs) >= 2 && fs[0] == "nameserver" {
+			out = append(out, fs[1])
+		}
+	}
+	return out
+}
+
+func (h Host) resolvers() Check {
+	c := Check{Name: "resolvers", Status: Available}
+	ns := Nameservers(h.Resolv)
+	if len(ns) == 0 {
+		c.Status, c.Detail, c.Fix = Limited, fmt.Sprintf("no nameserver in %s: names resolve only with --dns", h.Resolv), "pass -d/--dns ADDR"
+		return c
+	}
+	c.Detail = "upstream resolvers " + strings.Join(ns, ", ")
+	return c
+}
+
+func (h Host) ping() Check {
+	c := Check{Name: "ICMP echo relay", Status: Available}
+	if h.Euid == 0 {
+		c.Detail = "raw ICMP sockets (root)"
+		return c
+	}
+	b, _ := os.ReadFile(h.Proc + "/sys/net/ipv4/ping_group_range")
+	f := strings.Fields(string(b))
+	if len(f) == 2 {
+		lo, _ := strconv.Atoi(f[0])
+		hi, _ := strconv.Atoi(f[1])
+		if lo <= h.Egid && h.Egid <= hi {
+			c.Detail = "unprivileged ICMP echo sockets allowed for this group"
+			return c
+		}
+	}
+	c.Status = Limited
+	c.Detail = fmt.Sprintf("net.ipv4.ping_group_range is %q: ping inside the sandbox gets no replies", strings.TrimSpace(string(b)))
+	c.Fix = "sysctl -w net.ipv4.ping_group_range='0 2147483647'"
+	return c
+}
+
+func (h Host) uidmap() Check {
+	c := Check{Name: "uidmap helpers", Status: Available, Detail: "not needed: the sandbox maps only the caller's own uid and gid"}
+	if _, err := h.LookBin("newuidmap"); err == nil {
+		c.Detail = "newuidmap present (not needed: only the caller's own uid is mapped)"
+	}
+	return c
+}
+
+func (h Host) nftables() Check {
+	c := Check{Name: "nftables", Status: Available, Detail: "only the --root backend uses nftables"}
+	if h.Euid != 0 {
+		c.Status, c.Detail, c.Fix = Limited, "--root needs root privileges (nftables over netlink)", "run --root through sudo"
+	}
+	return c
+}
+
+func (h Host) caps() Check {
+	c := Check{Name: "capabilities", Status: Available}
+	b, _ := os.ReadFile(h.Proc + "/self/status")
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "CapEff:"); ok {
+			c.Detail = "effective " + strings.TrimSpace(v)
+		}
+	}
+	if h.Euid == 0 && !hasCap(b, unix.CAP_NET_ADMIN) {
+		c.Status, c.Fix = Limited, "root without CAP_NET_ADMIN: run outside a restricted container"
+	}
+	return c
+}
+
+func hasCap(status []byte, cp int) bool {
+	for _, line := range strings.Split(string(status), "\n") {
+		if v, ok := strings.CutPrefix(line, "CapEff:"); ok {
+			n, err := strconv.ParseUint(strings.TrimSpace(v), 16, 64)
+			return err == nil && n&(1<<cp) != 0
+		}
+	}
+	return false
+}
+
+func (h Host) cgroups() Check {
+	c := Check{Name: "cgroups", Status: Available}
+	var st unix.Statfs_t
+	switch {
+	case unix.Statfs("/sys/fs/cgroup", &st) == nil && st.Type == unix.CGROUP2_SUPER_MAGIC:
+		c.Detail = "cgroup v2 unified hierarchy"
+	case unix.Statfs("/sys/fs/cgroup/unified", &st) == nil && st.Type == unix.CGROUP2_SUPER_MAGIC:
+		c.Detail = "hybrid: cgroup v1 with v2 at /sys/fs/cgroup/unified (not used by childflow exec)"
+	default:
+		c.Status, c.Detail = Limited, "no cgroup v2 hierarchy found (not used by childflow exec)"
+	}
+	return c
+}
+
+// Text renders the report for people.
+func (r Report) Text() string {
+	var b strings.Builder
+	for _, c := range r.Checks {
+		fmt.Fprintf(&b, "%-12s %-18s %s\n", c.Status, c.Name, c.Detail)
+		if c.Fix != "" && c.Status != Available {
+			fmt.Fprintf(&b, "%-12s %-18s fix: %s\n", "", "", c.Fix)
+		}
+	}
+	mode := "rootless"
+	if !r.Rootless {
+		mode = "root"
+	}
+	fmt.Fprintf(&b, "overall: %s (%s)\n", r.Overall, mode)
+	return b.String()
+}

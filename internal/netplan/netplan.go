@@ -1,0 +1,89 @@
+// Package netplan chooses the sandbox's addresses: a small IPv4 and IPv6
+// subnet on cf0 whose gateway is the engine. The subnet is picked so that
+// it does not collide with any route of the host, so every real
+// destination stays reachable through the engine.
+package netplan
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/netip"
+)
+
+// Plan is the addressing of one sandbox.
+type Plan struct {
+	Interface string       `json:"interface"`
+	MTU       int          `json:"mtu"`
+	Prefix4   netip.Prefix `json:"prefix4"`
+	Gateway4  netip.Addr   `json:"gateway4"`
+	Sandbox4  netip.Addr   `json:"sandbox4"`
+	Prefix6   netip.Prefix `json:"prefix6"`
+	Gateway6  netip.Addr   `json:"gateway6"`
+	Sandbox6  netip.Addr   `json:"sandbox6"`
+}
+
+// DefaultMTU is large so that one TUN read carries as much as a GSO super
+// packet would: the relay's cost is per packet, not per byte.
+const DefaultMTU = 65520
+
+// candidates are tried in order; the first that overlaps no host route wins.
+var candidates4 = []string{"10.87.0.0/24", "172.29.87.0/24", "192.168.187.0/24", "10.254.87.0/24", "100.87.0.0/24"}
+var candidates6 = []string{"fd00:cf::/64", "fd87:cf::/64", "fdcf:87::/64"}
+
+// Choose returns a plan whose subnets overlap none of hostRoutes (the
+// destinations of the host's routes, default routes excluded).
+func Choose(hostRoutes []netip.Prefix, mtu int) (Plan, error) {
+	if mtu == 0 {
+		mtu = DefaultMTU
+	}
+	p := Plan{Interface: "cf0", MTU: mtu}
+	var ok bool
+	if p.Prefix4, ok = pick(candidates4, hostRoutes); !ok {
+		return p, fmt.Errorf("no free IPv4 subnet for the sandbox: all of %v collide with host routes", candidates4)
+	}
+	if p.Prefix6, ok = pick(candidates6, hostRoutes); !ok {
+		return p, fmt.Errorf("no free IPv6 subnet for the sandbox: all of %v collide with host routes", candidates6)
+	}
+	p.Gateway4 = p.Prefix4.Addr().Next()
+	p.Sandbox4 = p.Gateway4.Next()
+	p.Gateway6 = p.Prefix6.Addr().Next()
+	p.Sandbox6 = p.Gateway6.Next()
+	return p, nil
+}
+
+func pick(cands []string, routes []netip.Prefix) (netip.Prefix, bool) {
+	for _, c := range cands {
+		pfx := netip.MustParsePrefix(c)
+		free := true
+		for _, r := range routes {
+			if r.Bits() > 0 && r.Overlaps(pfx) {
+				free = false
+				break
+			}
+		}
+		if free {
+			return pfx, true
+		}
+	}
+	return netip.Prefix{}, false
+}
+
+// IsGateway reports whether a is one of the engine's own addresses.
+func (p Plan) IsGateway(a netip.Addr) bool {
+	a = a.Unmap()
+	return a == p.Gateway4 || a == p.Gateway6
+}
+
+// Encode and Decode carry the plan to the sandbox init through the environment.
+func (p Plan) Encode() string {
+	b, _ := json.Marshal(p)
+	return string(b)
+}
+
+func Decode(s string) (Plan, error) {
+	var p Plan
+	if err := json.Unmarshal([]byte(s), &p); err != nil {
+		return p, fmt.Errorf("decoding network plan: %w", err)
+	}
+	return p, nil
+}

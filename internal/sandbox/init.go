@@ -1,0 +1,211 @@
+package sandbox
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+	"golang.org/x/term"
+
+	"github.com/childflow/childflow/internal/fdpass"
+	"github.com/childflow/childflow/internal/tun"
+)
+
+// ctrlFD is the control socket init inherits (ExtraFiles[0]).
+const ctrlFD = 3
+
+// Init runs the sandbox's init and never returns.
+func Init() {
+	var spec Spec
+	raw := os.Getenv(initEnv)
+	os.Unsetenv(initEnv)
+	unix.CloseOnExec(ctrlFD)
+	if err := json.Unmarshal([]byte(raw), &spec); err != nil {
+		fail(fmt.Errorf("decoding sandbox spec: %w", err))
+	}
+	tunFile, err := setup(spec)
+	if err != nil {
+		fail(err)
+	}
+	if err := fdpass.Send(ctrlFD, []byte("tun"), int(tunFile.Fd())); err != nil {
+		os.Exit(125)
+	}
+	tunFile.Close()
+	// Wait for the engine. EOF means the parent died: leave.
+	if msg, _, err := fdpass.Recv(ctrlFD, 16, 0); err != nil || string(msg) != "go" {
+		os.Exit(125)
+	}
+	os.Exit(runCommand(spec))
+}
+
+// fail sends err to the parent in place of the TUN and exits.
+func fail(err error) {
+	fdpass.Send(ctrlFD, []byte(err.Error()))
+	os.Exit(125)
+}
+
+func setup(spec Spec) (*os.File, error) {
+	// Nothing we mount may propagate back to the host.
+	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
+		return nil, fmt.Errorf("making mounts private: %w", err)
+	}
+	f, err := tun.Open(spec.Plan.Interface)
+	if err != nil {
+		return nil, err
+	}
+	if err := tun.Configure(spec.Plan); err != nil {
+		f.Close()
+		return nil, err
+	}
+	// The command has no CAP_NET_RAW; unprivileged ICMP sockets let ping
+	// work for the command's group (the only one mapped when rootless).
+	// The sysctl is per network namespace: the host's is untouched.
+	gid := os.Getgid()
+	if err := os.WriteFile("/proc/sys/net/ipv4/ping_group_range", fmt.Appendf(nil, "%d %d", gid, gid), 0); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("enabling ping sockets in the sandbox: %w", err)
+	}
+	if err := overlayEtc(spec); err != nil {
+		f.Close()
+		return nil, err
+	}
+	// A fresh /proc shows only the sandbox's processes. Where /proc is
+	// partly masked (inside a container) the kernel refuses; the host's
+	// view is then kept, which hides nothing the command could misuse.
+	unix.Mount("proc", "/proc", "proc", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, "")
+	return f, nil
+}
+
+// overlayEtc binds the sandbox's resolv.conf (and the --hosts-file) over
+// the host's. The generated file lives on a tmpfs that is mounted for a
+// moment on /tmp of the sandbox and detached again, so nothing is ever
+// written to the host's disk.
+func overlayEtc(spec Spec) error {
+	const scratch = "/tmp"
+	if err := unix.Mount("childflow", scratch, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, "size=64k,mode=0755"); err != nil {
+		return fmt.Errorf("mounting scratch tmpfs on %s: %w", scratch, err)
+	}
+	defer unix.Unmount(scratch, unix.MNT_DETACH)
+	resolv := filepath.Join(scratch, "resolv.conf")
+	if err := os.WriteFile(resolv, []byte(spec.ResolvConf), 0o644); err != nil {
+		return fmt.Errorf("writing sandbox resolv.conf: %w", err)
+	}
+	if err := bindOver(resolv, "/etc/resolv.conf"); err != nil {
+		return err
+	}
+	if spec.HostsFile != "" {
+		if err := bindOver(spec.HostsFile, "/etc/hosts"); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func bindOver(src, dst string) error {
+	// resolv.conf is often a symlink (systemd-resolved): bind over its
+	// target, creating nothing.
+	target, err := filepath.EvalSymlinks(dst)
+	if err != nil {
+		return fmt.Errorf("resolving %s: %w", dst, err)
+	}
+	if err := unix.Mount(src, target, "", unix.MS_BIND, ""); err != nil {
+		return fmt.Errorf("binding %s over %s: %w", src, target, err)
+	}
+	// Read-only, so the command cannot rewrite its resolver.
+	if err := unix.Mount("", target, "", unix.MS_BIND|unix.MS_REMOUNT|unix.MS_RDONLY|unix.MS_NOSUID|unix.MS_NODEV, ""); err != nil {
+		return fmt.Errorf("making %s read-only: %w", target, err)
+	}
+	return nil
+}
+
+// runCommand starts the command without privileges, forwards signals to
+// it and returns its exit code once it exits.
+func runCommand(spec Spec) int {
+	if err := dropPrivileges(); err != nil {
+		fmt.Fprintf(os.Stderr, "childflow: dropping privileges: %v\n", err)
+		return 125
+	}
+	sigs := make(chan os.Signal, 16)
+	signal.Notify(sigs, forwardedSignals...)
+	path, err := exec.LookPath(spec.Command[0])
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "childflow: %v\n", err)
+		if errors.Is(err, exec.ErrNotFound) {
+			return 127
+		}
+		return 126
+	}
+	cmd := exec.Command(path, spec.Command[1:]...)
+	cmd.Args[0] = spec.Command[0]
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{}
+	if term.IsTerminal(0) {
+		// Own foreground process group: ^C and ^Z reach the command only,
+		// and job-control shells work.
+		cmd.SysProcAttr.Foreground = true
+		cmd.SysProcAttr.Ctty = 0
+	}
+	if err := cmd.Start(); err != nil {
+		fmt.Fprintf(os.Stderr, "childflow: %v\n", err)
+		return 126
+	}
+	go func() {
+		for s := range sigs {
+			cmd.Process.Signal(s)
+		}
+	}()
+	// As PID 1, init reaps every orphan; the command's status is ours.
+	for {
+		var ws unix.WaitStatus
+		pid, err := unix.Wait4(-1, &ws, 0, nil)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return 125
+		}
+		if pid == cmd.Process.Pid {
+			if ws.Signaled() {
+				return 128 + int(ws.Signal())
+			}
+			return ws.ExitStatus()
+		}
+	}
+}
+
+var forwardedSignals = []os.Signal{syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGQUIT,
+	syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGWINCH, syscall.SIGCONT}
+
+// dropPrivileges leaves the command no way to undo the sandbox: no
+// capabilities in any set, none regained through execve of a root, setuid
+// or file-capability binary (no_new_privs, locked securebits), on every
+// thread of init (capabilities are per thread). The bounding set is left
+// as it is: nothing can be gained from it any more, and emptying it makes
+// the kernel refuse to exec binaries with file capabilities, such as ping.
+func dropPrivileges() error {
+	// linux/securebits.h: noroot, no_setuid_fixup and no_cap_ambient_raise,
+	// each with its lock bit. keep_caps stays unlocked: ping sets it, and
+	// with no capabilities to keep it grants nothing.
+	const secure = 0b1100_1111
+	if _, _, e := syscall.AllThreadsSyscall(unix.SYS_PRCTL, unix.PR_SET_SECUREBITS, secure, 0); e != 0 {
+		return fmt.Errorf("setting securebits: %w", e)
+	}
+	if _, _, e := syscall.AllThreadsSyscall6(unix.SYS_PRCTL, unix.PR_CAP_AMBIENT, unix.PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0, 0); e != 0 {
+		return fmt.Errorf("clearing ambient capabilities: %w", e)
+	}
+	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+	var data [2]unix.CapUserData
+	if _, _, e := syscall.AllThreadsSyscall(unix.SYS_CAPSET, uintptr(unsafePointer(&hdr)), uintptr(unsafePointer(&data[0])), 0); e != 0 {
+		return fmt.Errorf("clearing capabilities: %w", e)
+	}
+	if _, _, e := syscall.AllThreadsSyscall(unix.SYS_PRCTL, unix.PR_SET_NO_NEW_PRIVS, 1, 0); e != 0 {
+		return fmt.Errorf("setting no_new_privs: %w", e)
+	}
+	return nil
+}

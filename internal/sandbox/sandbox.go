@@ -1,0 +1,151 @@
+// Package sandbox builds the namespaces of `childflow exec`: the parent
+// re-executes itself (/proc/self/exe) as the sandbox's init in new user
+// (when not root), mount, network and PID namespaces. Init creates the
+// TUN, passes its fd back over SCM_RIGHTS, waits for the engine, drops
+// every privilege and runs the command. When the command exits, init
+// exits, and the kernel kills whatever the command left behind.
+package sandbox
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/childflow/childflow/internal/fdpass"
+	"github.com/childflow/childflow/internal/netplan"
+)
+
+// initEnv marks the re-executed process as the sandbox's init; its value
+// is the JSON-encoded spec.
+const initEnv = "_CHILDFLOW_SANDBOX_INIT"
+
+// Spec is what init needs to build the sandbox.
+type Spec struct {
+	Plan       netplan.Plan `json:"plan"`
+	Command    []string     `json:"command"`
+	ResolvConf string       `json:"resolv_conf"`
+	HostsFile  string       `json:"hosts_file,omitempty"`
+	// Rootless: init runs in a new user namespace mapping only the
+	// caller's uid and gid.
+	Rootless bool `json:"rootless"`
+}
+
+// Sandbox is the parent's handle on a started sandbox.
+type Sandbox struct {
+	cmd  *exec.Cmd
+	ctrl *os.File
+	// TUN is the sandbox's cf0 queue, for the engine.
+	TUN *os.File
+}
+
+// Start spawns init and returns once the TUN exists; the command does not
+// run until Run is called.
+func Start(spec Spec) (sb *Sandbox, err error) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("creating control socket: %w", err)
+	}
+	parent, child := os.NewFile(uintptr(fds[0]), "ctrl"), os.NewFile(uintptr(fds[1]), "ctrl-child")
+	defer child.Close()
+	defer func() {
+		if err != nil {
+			parent.Close()
+		}
+	}()
+	specJSON, err := json.Marshal(spec)
+	if err != nil {
+		return nil, err
+	}
+	cmd := &exec.Cmd{
+		Path:       "/proc/self/exe",
+		Args:       []string{"childflow-init"},
+		Env:        append(os.Environ(), initEnv+"="+string(specJSON)),
+		Stdin:      os.Stdin,
+		Stdout:     os.Stdout,
+		Stderr:     os.Stderr,
+		ExtraFiles: []*os.File{child},
+		SysProcAttr: &syscall.SysProcAttr{
+			Cloneflags: syscall.CLONE_NEWNS | syscall.CLONE_NEWNET | syscall.CLONE_NEWPID,
+			// If childflow dies, even by SIGKILL, init dies, and with it
+			// the PID namespace, the TUN and the network namespace.
+			Pdeathsig: syscall.SIGKILL,
+		},
+	}
+	if spec.Rootless {
+		uid, gid := os.Getuid(), os.Getgid()
+		cmd.SysProcAttr.Cloneflags |= syscall.CLONE_NEWUSER
+		cmd.SysProcAttr.UidMappings = []syscall.SysProcIDMap{{ContainerID: uid, HostID: uid, Size: 1}}
+		cmd.SysProcAttr.GidMappings = []syscall.SysProcIDMap{{ContainerID: gid, HostID: gid, Size: 1}}
+		cmd.SysProcAttr.GidMappingsEnableSetgroups = false
+		// Init keeps the caller's uid, so it needs these as ambient
+		// capabilities to survive its execve; it drops them before the
+		// command runs.
+		cmd.SysProcAttr.AmbientCaps = []uintptr{unix.CAP_NET_ADMIN, unix.CAP_SYS_ADMIN, unix.CAP_SETPCAP}
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("starting sandbox init: %w", err)
+	}
+	sb = &Sandbox{cmd: cmd, ctrl: parent}
+	defer func() {
+		if err != nil {
+			cmd.Process.Kill()
+			cmd.Wait()
+		}
+	}()
+	msg, files, err := fdpass.Recv(int(parent.Fd()), 4096, 1)
+	if err != nil {
+		return nil, fmt.Errorf("sandbox init failed before handing over the tun: %w", err)
+	}
+	if len(files) != 1 {
+		for _, f := range files {
+			f.Close()
+		}
+		// Init sends its error message instead of an fd.
+		return nil, fmt.Errorf("%s", msg)
+	}
+	sb.TUN = files[0]
+	return sb, nil
+}
+
+// Pid is init's pid in the caller's namespace.
+func (sb *Sandbox) Pid() int { return sb.cmd.Process.Pid }
+
+// Run lets init start the command.
+func (sb *Sandbox) Run() error {
+	if err := fdpass.Send(int(sb.ctrl.Fd()), []byte("go")); err != nil {
+		return fmt.Errorf("starting the command: %w", err)
+	}
+	return nil
+}
+
+// Signal forwards sig to the command (through init).
+func (sb *Sandbox) Signal(sig os.Signal) error { return sb.cmd.Process.Signal(sig) }
+
+// Kill kills the whole sandbox.
+func (sb *Sandbox) Kill() { sb.cmd.Process.Kill() }
+
+// Wait returns the command's exit code: its status, or 128+N when it was
+// killed by signal N.
+func (sb *Sandbox) Wait() int {
+	err := sb.cmd.Wait()
+	sb.ctrl.Close()
+	return ExitCode(sb.cmd.ProcessState, err)
+}
+
+// ExitCode maps a wait status to a shell-style exit code.
+func ExitCode(ps *os.ProcessState, err error) int {
+	if ps == nil {
+		return 127
+	}
+	if ws, ok := ps.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+		return 128 + int(ws.Signal())
+	}
+	return ps.ExitCode()
+}
+
+// IsInit reports whether this process is a sandbox init.
+func IsInit() bool { return os.Getenv(initEnv) != "" }

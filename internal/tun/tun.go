@@ -1,0 +1,86 @@
+// Package tun creates and configures the sandbox's TUN device through
+// netlink. It must run inside the sandbox's network namespace.
+package tun
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"unsafe"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/childflow/childflow/internal/netplan"
+)
+
+// Open creates a TUN device called name (IFF_TUN, no packet info) and
+// returns its queue fd.
+func Open(name string) (*os.File, error) {
+	fd, err := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("opening /dev/net/tun: %w", err)
+	}
+	var req struct {
+		name  [unix.IFNAMSIZ]byte
+		flags uint16
+		_     [22]byte
+	}
+	copy(req.name[:], name)
+	req.flags = unix.IFF_TUN | unix.IFF_NO_PI
+	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), unix.TUNSETIFF, uintptr(unsafe.Pointer(&req))); errno != 0 {
+		unix.Close(fd)
+		return nil, fmt.Errorf("creating tun %s (TUNSETIFF): %w", name, errno)
+	}
+	return os.NewFile(uintptr(fd), "/dev/net/tun:"+name), nil
+}
+
+// Configure brings lo and the TUN up, adds the sandbox addresses and
+// default routes for both families via the engine's gateway.
+func Configure(p netplan.Plan) error {
+	lo, err := netlink.LinkByName("lo")
+	if err != nil {
+		return fmt.Errorf("finding lo: %w", err)
+	}
+	if err := netlink.LinkSetUp(lo); err != nil {
+		return fmt.Errorf("setting lo up: %w", err)
+	}
+	link, err := netlink.LinkByName(p.Interface)
+	if err != nil {
+		return fmt.Errorf("finding %s: %w", p.Interface, err)
+	}
+	if err := netlink.LinkSetMTU(link, p.MTU); err != nil {
+		return fmt.Errorf("setting mtu %d on %s: %w", p.MTU, p.Interface, err)
+	}
+	// Larger queue: the engine drains in batches; short bursts must not drop.
+	if err := netlink.LinkSetTxQLen(link, 1000); err != nil {
+		return fmt.Errorf("setting txqueuelen on %s: %w", p.Interface, err)
+	}
+	addrs := []struct {
+		a   netip.Addr
+		len int
+	}{{p.Sandbox4, p.Prefix4.Bits()}, {p.Sandbox6, p.Prefix6.Bits()}}
+	for _, a := range addrs {
+		ipn := &net.IPNet{IP: a.a.AsSlice(), Mask: net.CIDRMask(a.len, a.a.BitLen())}
+		// nodad: the engine never answers DAD probes; waiting would only delay.
+		if err := netlink.AddrAdd(link, &netlink.Addr{IPNet: ipn, Flags: unix.IFA_F_NODAD}); err != nil {
+			return fmt.Errorf("adding address %s to %s: %w", ipn, p.Interface, err)
+		}
+	}
+	if err := netlink.LinkSetUp(link); err != nil {
+		return fmt.Errorf("setting %s up: %w", p.Interface, err)
+	}
+	for _, gw := range []netip.Addr{p.Gateway4, p.Gateway6} {
+		bits := gw.BitLen()
+		r := &netlink.Route{
+			LinkIndex: link.Attrs().Index,
+			Dst:       &net.IPNet{IP: make(net.IP, bits/8), Mask: net.CIDRMask(0, bits)},
+			Gw:        gw.AsSlice(),
+		}
+		if err := netlink.RouteAdd(r); err != nil {
+			return fmt.Errorf("adding default route via %s: %w", gw, err)
+		}
+	}
+	return nil
+}

@@ -1,0 +1,99 @@
+package policy
+
+import (
+	"fmt"
+	"net/netip"
+	"strings"
+)
+
+// UsageError is bad input from the user: the CLI exits 2 on it.
+type UsageError struct{ Msg string }
+
+func (e *UsageError) Error() string { return e.Msg }
+
+// Usagef builds a UsageError.
+func Usagef(format string, args ...any) error {
+	return &UsageError{Msg: fmt.Sprintf(format, args...)}
+}
+
+// ParseCIDR accepts a prefix or a bare address (a /32 or /128), IPv4 or
+// IPv6. field names the flag or key in the error.
+func ParseCIDR(field, s string) (netip.Prefix, error) {
+	s = strings.TrimSpace(s)
+	if strings.Contains(s, "/") {
+		p, err := netip.ParsePrefix(s)
+		if err != nil {
+			return p, Usagef("invalid %s %q: not a CIDR prefix", field, s)
+		}
+		if p.Addr().Is4In6() {
+			// Match the canonical IPv4 form the engine decides on.
+			if p.Bits() < 96 {
+				return p, Usagef("invalid %s %q: an IPv4-mapped prefix must be at least /96", field, s)
+			}
+			p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
+		}
+		return p.Masked(), nil
+	}
+	a, err := netip.ParseAddr(s)
+	if err != nil {
+		return netip.Prefix{}, Usagef("invalid %s %q: not an IP address or CIDR prefix", field, s)
+	}
+	a = a.Unmap()
+	return netip.PrefixFrom(a, a.BitLen()), nil
+}
+
+// ParseCIDRs parses each of values with ParseCIDR.
+func ParseCIDRs(field string, values []string) ([]netip.Prefix, error) {
+	out := make([]netip.Prefix, 0, len(values))
+	for _, v := range values {
+		p, err := ParseCIDR(field, v)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, p)
+	}
+	return out, nil
+}
+
+// ParseDomain validates a domain rule and returns it normalised.
+func ParseDomain(field, s string) (string, error) {
+	d := NormalizeName(strings.TrimSpace(s))
+	if d == "" || len(d) > 253 {
+		return "", Usagef("invalid %s %q: not a domain name", field, s)
+	}
+	for _, label := range strings.Split(d, ".") {
+		if label == "" || len(label) > 63 || label[0] == '-' || label[len(label)-1] == '-' {
+			return "", Usagef("invalid %s %q: not a domain name", field, s)
+		}
+		for _, c := range label {
+			if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-' || c == '_') {
+				return "", Usagef("invalid %s %q: not a domain name (character %q)", field, s, c)
+			}
+		}
+	}
+	return d, nil
+}
+
+// ParseDomains parses each of values with ParseDomain.
+func ParseDomains(field string, values []string) ([]string, error) {
+	out := make([]string, 0, len(values))
+	for _, v := range values {
+		d, err := ParseDomain(field, v)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, d)
+	}
+	return out, nil
+}
+
+// ParseDefault parses allow|deny into DefaultDeny.
+func ParseDefault(field, s string) (bool, error) {
+	switch strings.ToLower(strings.TrimSpace(s)) {
+	case "allow", "":
+		return false, nil
+	case "deny":
+		return true, nil
+	}
+	return false, Usagef("invalid %s %q: must be allow or deny", field, s)
+}

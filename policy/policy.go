@@ -1,0 +1,234 @@
+// Package policy is the one model of what a sandbox may reach. CLI flags,
+// profiles and annotations all produce a Policy; the engine only calls
+// Decide and DecideName. Decide does no I/O.
+package policy
+
+import (
+	"net/netip"
+	"strings"
+)
+
+// Policy is validated once (Validate) and must not be changed after it is
+// handed to an engine.
+type Policy struct {
+	Offline       bool
+	BlockPrivate  bool
+	BlockMetadata bool
+	DefaultDeny   bool
+	ProxyOnly     bool
+
+	AllowCIDRs        []netip.Prefix
+	DenyCIDRs         []netip.Prefix
+	AllowDomains      []string
+	AllowDomainsExact []string
+	DenyDomains       []string
+	DenyDomainsExact  []string
+
+	// HostAddrs are the addresses of the host and of the engine's gateway:
+	// like loopback, reachable only when an allow-cidr rule names them.
+	HostAddrs []netip.Prefix
+}
+
+// Proto is the transport of a flow.
+type Proto string
+
+const (
+	TCP  Proto = "tcp"
+	UDP  Proto = "udp"
+	ICMP Proto = "icmp"
+)
+
+// Flow is what Decide looks at.
+type Flow struct {
+	Proto Proto
+	Dst   netip.AddrPort
+	// Names are the names this sandbox resolved to Dst's address and whose
+	// answers have not expired.
+	Names []string
+	// ViaProxy is true when the flow will be carried by the forced proxy.
+	ViaProxy bool
+}
+
+// Decision explains a verdict. Reason and Control are the flow log's
+// reason_code and control.
+type Decision struct {
+	Allow         bool
+	Reason        string
+	Control       string
+	MatchedCIDR   netip.Prefix
+	MatchedDomain string
+}
+
+// Reason codes.
+const (
+	ReasonOffline         = "offline"
+	ReasonMetadata        = "metadata_endpoint"
+	ReasonPrivate         = "private_destination"
+	ReasonHost            = "host_address"
+	ReasonDenyCIDR        = "deny_cidr"
+	ReasonDenyDomainExact = "deny_domain_exact"
+	ReasonDenyDomain      = "deny_domain"
+	ReasonAllowCIDR       = "allow_cidr"
+	ReasonAllowDomExact   = "allow_domain_exact"
+	ReasonAllowDomain     = "allow_domain"
+	ReasonDefaultAllow    = "default_allow"
+	ReasonDefaultDeny     = "default_deny"
+	ReasonProxyOnly       = "proxy_only"
+)
+
+func deny(reason, control string) Decision { return Decision{Reason: reason, Control: control} }
+
+// Decide applies the rules in the documented order: offline > metadata >
+// private > deny-cidr > deny-domain-exact > deny-domain > allow-cidr >
+// (host guard) > allow-domain-exact > allow-domain > default > proxy-only.
+func (p *Policy) Decide(f Flow) Decision {
+	addrs := Embedded(f.Dst.Addr())
+	d := p.decide(addrs, f.Names)
+	if d.Allow && p.ProxyOnly && !f.ViaProxy {
+		return deny(ReasonProxyOnly, "proxy_only")
+	}
+	return d
+}
+
+func (p *Policy) decide(addrs []netip.Addr, names []string) Decision {
+	if p.Offline {
+		return deny(ReasonOffline, "offline")
+	}
+	if p.BlockMetadata {
+		if m, ok := firstMatch(MetadataAddrs, addrs); ok {
+			d := deny(ReasonMetadata, "block_metadata")
+			d.MatchedCIDR = m
+			return d
+		}
+	}
+	if p.BlockPrivate {
+		if m, ok := firstMatch(PrivateRanges, addrs); ok {
+			d := deny(ReasonPrivate, "block_private")
+			d.MatchedCIDR = m
+			return d
+		}
+	}
+	if m, ok := firstMatch(p.DenyCIDRs, addrs); ok {
+		d := deny(ReasonDenyCIDR, "deny_cidrs")
+		d.MatchedCIDR = m
+		return d
+	}
+	for _, n := range names {
+		if matchExact(p.DenyDomainsExact, n) != "" {
+			d := deny(ReasonDenyDomainExact, "deny_domains_exact")
+			d.MatchedDomain = n
+			return d
+		}
+	}
+	for _, n := range names {
+		if m := matchSuffix(p.DenyDomains, n); m != "" {
+			d := deny(ReasonDenyDomain, "deny_domains")
+			d.MatchedDomain = m
+			return d
+		}
+	}
+	// Allow rules must hold for every address the destination stands for,
+	// so a mapped or tunnelled form cannot borrow another's allowance.
+	if m, ok := allMatch(p.AllowCIDRs, addrs); ok {
+		return Decision{Allow: true, Reason: ReasonAllowCIDR, Control: "allow_cidrs", MatchedCIDR: m}
+	}
+	// The host is reachable only through an explicit allow-cidr; a domain
+	// rule must not open it (DNS rebinding to 127.0.0.1 or the host).
+	if m, ok := firstMatch(hostRanges, addrs); ok {
+		d := deny(ReasonHost, "host")
+		d.MatchedCIDR = m
+		return d
+	}
+	if m, ok := firstMatch(p.HostAddrs, addrs); ok {
+		d := deny(ReasonHost, "host")
+		d.MatchedCIDR = m
+		return d
+	}
+	for _, n := range names {
+		if matchExact(p.AllowDomainsExact, n) != "" {
+			return Decision{Allow: true, Reason: ReasonAllowDomExact, Control: "allow_domains_exact", MatchedDomain: n}
+		}
+	}
+	for _, n := range names {
+		if m := matchSuffix(p.AllowDomains, n); m != "" {
+			return Decision{Allow: true, Reason: ReasonAllowDomain, Control: "allow_domains", MatchedDomain: m}
+		}
+	}
+	if p.DefaultDeny {
+		return deny(ReasonDefaultDeny, "default_policy")
+	}
+	return Decision{Allow: true, Reason: ReasonDefaultAllow, Control: "default_policy"}
+}
+
+// DecideName says whether the engine's resolver may resolve name. Denied
+// names get an empty answer and are never sent upstream (no exfiltration
+// through the resolver). Under a default-deny policy only names an allow
+// rule covers are resolved.
+func (p *Policy) DecideName(name string) Decision {
+	name = NormalizeName(name)
+	if p.Offline {
+		return deny(ReasonOffline, "offline")
+	}
+	if matchExact(p.DenyDomainsExact, name) != "" {
+		return Decision{Reason: ReasonDenyDomainExact, Control: "deny_domains_exact", MatchedDomain: name}
+	}
+	if m := matchSuffix(p.DenyDomains, name); m != "" {
+		return Decision{Reason: ReasonDenyDomain, Control: "deny_domains", MatchedDomain: m}
+	}
+	if matchExact(p.AllowDomainsExact, name) != "" {
+		return Decision{Allow: true, Reason: ReasonAllowDomExact, Control: "allow_domains_exact", MatchedDomain: name}
+	}
+	if m := matchSuffix(p.AllowDomains, name); m != "" {
+		return Decision{Allow: true, Reason: ReasonAllowDomain, Control: "allow_domains", MatchedDomain: m}
+	}
+	if p.DefaultDeny && !p.resolvesUnlistedNames() {
+		return deny(ReasonDefaultDeny, "default_policy")
+	}
+	return Decision{Allow: true, Reason: ReasonDefaultAllow, Control: "default_policy"}
+}
+
+// resolvesUnlistedNames: under default deny with only CIDR allowances the
+// user reaches hosts by name through allow-cidr, so names must resolve;
+// with any domain allowance, only those names do.
+func (p *Policy) resolvesUnlistedNames() bool {
+	return len(p.AllowDomains) == 0 && len(p.AllowDomainsExact) == 0 && len(p.AllowCIDRs) > 0
+}
+
+// NormalizeName lower-cases a DNS name and strips the trailing dot.
+func NormalizeName(n string) string {
+	return strings.TrimSuffix(strings.ToLower(n), ".")
+}
+
+func matchExact(list []string, name string) string {
+	for _, d := range list {
+		if d == name {
+			return d
+		}
+	}
+	return ""
+}
+
+// matchSuffix matches name against domain rules: the domain itself and its
+// subdomains, never badexample.com for example.com.
+func matchSuffix(list []string, name string) string {
+	for _, d := range list {
+		if name == d || strings.HasSuffix(name, "."+d) {
+			return d
+		}
+	}
+	return ""
+}
+
+func allMatch(prefixes []netip.Prefix, addrs []netip.Addr) (netip.Prefix, bool) {
+	var first netip.Prefix
+	for _, a := range addrs {
+		m, ok := firstMatch(prefixes, []netip.Addr{a})
+		if !ok {
+			return netip.Prefix{}, false
+		}
+		if !first.IsValid() {
+			first = m
+		}
+	}
+	return first, first.IsValid()
+}
