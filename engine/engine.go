@@ -29,7 +29,7 @@ type Config struct {
 	ID string
 	// Link is the TUN queue (in tests: a datagram socket) carrying the
 	// sandbox's IP packets. The engine owns it and closes it on Close.
-	Link *os.File
+	Link   *os.File
 	Plan   netplan.Plan
 	Policy *policy.Policy
 	// DNS are the upstream resolvers the engine's resolver forwards to.

@@ -53,7 +53,11 @@ up() {
 	head -c 10485760 /dev/zero >"$state/www/10m.bin"
 	start httpd busybox httpd -f -p 80 -h "$state/www"
 	start tcpecho socat TCP6-LISTEN:7,fork,reuseaddr,ipv6only=0 EXEC:cat
-	start udpecho socat UDP6-RECVFROM:7,fork,reuseaddr,ipv6only=0 EXEC:cat
+	# One UDP echo per address: a wildcard UDP server would answer from
+	# whichever address the kernel picks, and a connected client drops that.
+	for a in 4:203.0.113.10 6:[2001:db8::10] 4:203.0.113.20 6:[2001:db8::20]; do
+		start "udpecho-${a//[^0-9a-f]/}" socat "UDP${a%%:*}-RECVFROM:7,fork,reuseaddr,bind=${a#*:}" EXEC:cat
+	done
 	start banner socat TCP6-LISTEN:25,fork,reuseaddr,ipv6only=0 SYSTEM:'echo 220 banner.test ESMTP ready; cat'
 	start dnsmasq dnsmasq --no-daemon --conf-file=/dev/null --no-resolv --no-hosts --bind-interfaces \
 		--listen-address=203.0.113.53 --listen-address=2001:db8::53 --log-queries --log-facility=- \
@@ -72,7 +76,7 @@ up() {
 		if ip netns exec "$ns" ss -Hltn 'sport = :80' | grep -q . &&
 			ip netns exec "$ns" ss -Hltn 'sport = :7' | grep -q . &&
 			ip netns exec "$ns" ss -Hltn 'sport = :25' | grep -q . &&
-			ip netns exec "$ns" ss -Hlun 'sport = :7' | grep -q . &&
+			[ "$(ip netns exec "$ns" ss -Hlun 'sport = :7' | wc -l)" = 4 ] &&
 			ip netns exec "$ns" ss -Hlun 'sport = :53' | grep -q .; then
 			echo "testnet $name up: netns $ns, hosts 203.0.113.10 203.0.113.20, dns 203.0.113.53"
 			return 0

@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"syscall"
 
@@ -114,8 +115,14 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		upstreams, _ = ParseDNS("nameserver", doctor.Nameservers("/etc/resolv.conf"))
 	}
 	if o.hostsFile != "" {
-		if st, err := os.Stat(o.hostsFile); err != nil || !st.Mode().IsRegular() {
+		f, err := os.Open(o.hostsFile)
+		st, serr := os.Stat(o.hostsFile)
+		if err != nil || serr != nil || !st.Mode().IsRegular() {
 			return usageError(stderr, policy.Usagef("invalid --hosts-file %q: not a readable regular file", o.hostsFile))
+		}
+		f.Close()
+		if o.hostsFile, err = filepath.Abs(o.hostsFile); err != nil {
+			return usageError(stderr, policy.Usagef("invalid --hosts-file %q: %v", o.hostsFile, err))
 		}
 	}
 

@@ -87,6 +87,12 @@ func setup(spec Spec) (*os.File, error) {
 // moment on /tmp of the sandbox and detached again, so nothing is ever
 // written to the host's disk.
 func overlayEtc(spec Spec) error {
+	// The hosts file first: it may itself live under /tmp.
+	if spec.HostsFile != "" {
+		if err := bindOver(spec.HostsFile, "/etc/hosts"); err != nil {
+			return err
+		}
+	}
 	const scratch = "/tmp"
 	if err := unix.Mount("childflow", scratch, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, "size=64k,mode=0755"); err != nil {
 		return fmt.Errorf("mounting scratch tmpfs on %s: %w", scratch, err)
@@ -96,15 +102,7 @@ func overlayEtc(spec Spec) error {
 	if err := os.WriteFile(resolv, []byte(spec.ResolvConf), 0o644); err != nil {
 		return fmt.Errorf("writing sandbox resolv.conf: %w", err)
 	}
-	if err := bindOver(resolv, "/etc/resolv.conf"); err != nil {
-		return err
-	}
-	if spec.HostsFile != "" {
-		if err := bindOver(spec.HostsFile, "/etc/hosts"); err != nil {
-			return err
-		}
-	}
-	return nil
+	return bindOver(resolv, "/etc/resolv.conf")
 }
 
 func bindOver(src, dst string) error {
@@ -136,7 +134,7 @@ func runCommand(spec Spec) int {
 	path, err := exec.LookPath(spec.Command[0])
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "childflow: %v\n", err)
-		if errors.Is(err, exec.ErrNotFound) {
+		if errors.Is(err, exec.ErrNotFound) || errors.Is(err, os.ErrNotExist) {
 			return 127
 		}
 		return 126

@@ -1,0 +1,472 @@
+//go:build e2e
+
+// End-to-end tests: the real childflow binary runs real clients (curl,
+// dig, socat, ping) against test hosts in a network namespace made by
+// hack/testnet.sh. They need root (the rootless cases run as nobody) and
+// skip without it.
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+const testnet = "cfe2e"
+
+var bin string // the childflow binary under test
+
+func TestMain(m *testing.M) {
+	if os.Geteuid() != 0 {
+		fmt.Println("e2e: not root: every end-to-end test skips")
+		os.Exit(m.Run())
+	}
+	dir, err := os.MkdirTemp("", "childflow-e2e-")
+	if err != nil {
+		panic(err)
+	}
+	os.Chmod(dir, 0o755) // nobody runs the binary too
+	bin = filepath.Join(dir, "childflow")
+	build := exec.Command("go", "build", "-o", bin, "../../cmd/childflow")
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		fmt.Printf("building childflow: %v\n%s", err, out)
+		os.Exit(1)
+	}
+	if out, err := exec.Command("../../hack/testnet.sh", "up", testnet).CombinedOutput(); err != nil {
+		fmt.Printf("testnet up: %v\n%s", err, out)
+		os.Exit(1)
+	}
+	code := m.Run()
+	exec.Command("../../hack/testnet.sh", "down", testnet).Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+func requireRoot(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root")
+	}
+}
+
+type result struct {
+	stdout, stderr string
+	code           int
+}
+
+func (r result) String() string {
+	return fmt.Sprintf("exit %d\nstdout:\n%s\nstderr:\n%s", r.code, r.stdout, r.stderr)
+}
+
+// as says who runs childflow.
+type as int
+
+const (
+	root     as = 0
+	rootless as = 65534 // nobody
+)
+
+func (u as) String() string {
+	if u == root {
+		return "root"
+	}
+	return "rootless"
+}
+
+// withTunOpen makes /dev/net/tun usable by nobody for the test, as most
+// distributions ship it (this machine has 0600).
+func withTunOpen(t *testing.T) {
+	t.Helper()
+	var st syscall.Stat_t
+	if err := syscall.Stat("/dev/net/tun", &st); err != nil {
+		t.Fatal(err)
+	}
+	old := os.FileMode(st.Mode & 0o777)
+	if err := os.Chmod("/dev/net/tun", 0o666); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.Chmod("/dev/net/tun", old) })
+}
+
+func command(ctx context.Context, u as, args ...string) *exec.Cmd {
+	cmd := exec.CommandContext(ctx, bin, args...)
+	cmd.Dir = "/"
+	cmd.SysProcAttr = &syscall.SysProcAttr{}
+	if u != root {
+		cmd.SysProcAttr.Credential = &syscall.Credential{Uid: uint32(u), Gid: uint32(u)}
+		cmd.Env = []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/"}
+	}
+	return cmd
+}
+
+func run(t *testing.T, u as, args ...string) result {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cmd := command(ctx, u, args...)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatalf("running childflow: %v", err)
+	}
+	return result{out.String(), errb.String(), code}
+}
+
+// sh runs a shell script in the sandbox with the testnet's resolver.
+func sh(t *testing.T, u as, flags []string, script string) result {
+	t.Helper()
+	args := append([]string{"--dns", "203.0.113.53"}, flags...)
+	return run(t, u, append(args, "--", "sh", "-c", script)...)
+}
+
+func users(t *testing.T, f func(t *testing.T, u as)) {
+	requireRoot(t)
+	for _, u := range []as{root, rootless} {
+		t.Run(u.String(), func(t *testing.T) {
+			if u == rootless {
+				withTunOpen(t)
+			}
+			f(t, u)
+		})
+	}
+}
+
+func TestRealClientsReachTheTestnet(t *testing.T) {
+	users(t, func(t *testing.T, u as) {
+		r := sh(t, u, nil, `set -e
+curl -sS -m5 http://203.0.113.10/
+curl -sS -m5 http://web.test/
+curl -6 -sS -m5 'http://[2001:db8::10]/'
+curl -6 -sS -m5 http://web.test/
+dig +short +time=3 web.test A
+dig +short +tcp +time=3 web.test AAAA
+echo udp-echo | socat -t2 - UDP:203.0.113.10:7
+echo udp6-echo | socat -t2 - 'UDP6:[2001:db8::10]:7'
+curl -sS -m10 -o /dev/null -w '%{size_download}\n' http://203.0.113.10/10m.bin
+`)
+		if r.code != 0 {
+			t.Fatal(r)
+		}
+		for _, want := range []string{"hello from the test internet", "203.0.113.10", "2001:db8::10", "udp-echo", "udp6-echo", "10485760"} {
+			if !strings.Contains(r.stdout, want) {
+				t.Errorf("missing %q in output:\n%s", want, r)
+			}
+		}
+		if n := strings.Count(r.stdout, "hello from the test internet"); n != 4 {
+			t.Errorf("%d of 4 HTTP fetches answered:\n%s", n, r)
+		}
+	})
+}
+
+func TestPing(t *testing.T) {
+	// Root relays echo with raw sockets; rootless needs the host's
+	// ping_group_range, which is off here (see --doctor).
+	requireRoot(t)
+	r := sh(t, root, nil, `ping -c2 -W3 203.0.113.10 && ping -6 -c1 -W3 2001:db8::10`)
+	if r.code != 0 || strings.Count(r.stdout, "bytes from") != 3 {
+		t.Fatal(r)
+	}
+	// An address with no host behind it must not answer: the engine does
+	// not fake replies.
+	r = sh(t, root, nil, `ping -c1 -W2 203.0.113.99`)
+	if r.code == 0 || strings.Contains(r.stdout, "bytes from") {
+		t.Fatalf("ping to a host that does not exist answered:\n%s", r)
+	}
+}
+
+func TestRefusedIsResetNotTimeout(t *testing.T) {
+	requireRoot(t)
+	start := time.Now()
+	r := sh(t, root, nil, `curl -sS -m10 http://203.0.113.10:81/`)
+	if r.code != 7 {
+		t.Fatalf("want curl exit 7 (could not connect):\n%s", r)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Fatalf("refusal took %v", d)
+	}
+}
+
+func TestIdentityAndPrivileges(t *testing.T) {
+	users(t, func(t *testing.T, u as) {
+		r := sh(t, u, nil, `id -u; id -g; grep -E '^Cap(Eff|Prm|Amb|Inh)' /proc/self/status; grep NoNewPrivs /proc/self/status; echo pid=$$`)
+		if r.code != 0 {
+			t.Fatal(r)
+		}
+		lines := strings.Split(r.stdout, "\n")
+		if lines[0] != fmt.Sprint(int(u)) || lines[1] != fmt.Sprint(int(u)) {
+			t.Errorf("uid/gid inside = %s/%s, want %d", lines[0], lines[1], u)
+		}
+		for _, l := range lines[2:6] {
+			if !strings.HasSuffix(l, "0000000000000000") {
+				t.Errorf("capabilities left: %s", l)
+			}
+		}
+		if !strings.Contains(r.stdout, "NoNewPrivs:\t1") {
+			t.Errorf("no_new_privs not set:\n%s", r.stdout)
+		}
+		// The command lives in its own PID namespace, whose PID 1 is init.
+		r = sh(t, u, nil, `tr '\0' ' ' </proc/1/cmdline; echo; ls /proc | grep -c '^[0-9]'`)
+		if !strings.HasPrefix(r.stdout, "childflow-init") {
+			t.Errorf("PID 1 in the sandbox is not childflow's init:\n%s", r)
+		}
+	})
+}
+
+func TestCannotUndoTheSandbox(t *testing.T) {
+	users(t, func(t *testing.T, u as) {
+		for _, attempt := range []string{
+			"ip link add x0 type veth peer name x1",
+			"ip route del default",
+			"ip addr add 10.99.0.1/24 dev cf0",
+			"umount /etc/resolv.conf",
+			"echo nameserver 203.0.113.53 > /etc/resolv.conf",
+			"mount -t tmpfs none /mnt",
+			"ip tuntap add dev tun9 mode tun",
+			"nsenter -t 1 -n true",
+		} {
+			r := sh(t, u, nil, attempt+" 2>/dev/null")
+			if r.code == 0 {
+				t.Errorf("%q succeeded inside the sandbox", attempt)
+			}
+		}
+		r := sh(t, u, nil, "cat /etc/resolv.conf")
+		if !strings.Contains(r.stdout, "nameserver 10.") && !strings.Contains(r.stdout, "nameserver 172.") && !strings.Contains(r.stdout, "nameserver 192.168.") && !strings.Contains(r.stdout, "nameserver 100.") {
+			t.Errorf("sandbox resolv.conf does not point at the gateway:\n%s", r)
+		}
+	})
+}
+
+func TestExitCodes(t *testing.T) {
+	users(t, func(t *testing.T, u as) {
+		for script, want := range map[string]int{"exit 0": 0, "exit 7": 7, "kill -TERM $$": 143, "kill -KILL $$": 137} {
+			if r := sh(t, u, nil, script); r.code != want {
+				t.Errorf("%q: exit %d, want %d\n%s", script, r.code, want, r)
+			}
+		}
+		if r := run(t, u, "--", "/nonexistent/command"); r.code != 127 {
+			t.Errorf("missing command: exit %d, want 127\n%s", r.code, r)
+		}
+	})
+}
+
+func TestSignalsAreForwarded(t *testing.T) {
+	users(t, func(t *testing.T, u as) {
+		for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP} {
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			cmd := command(ctx, u, "--", "sh", "-c", fmt.Sprintf(`trap 'echo got-%d; exit 42' %d; echo ready; while :; do sleep 0.05; done`, sig, sig))
+			var out bytes.Buffer
+			pr, pw, _ := os.Pipe()
+			cmd.Stdout = pw
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			pw.Close()
+			buf := make([]byte, 6)
+			pr.Read(buf) // "ready\n"
+			cmd.Process.Signal(sig)
+			go func() { b := make([]byte, 100); n, _ := pr.Read(b); out.Write(b[:n]) }()
+			err := cmd.Wait()
+			cancel()
+			code := cmd.ProcessState.ExitCode()
+			if code != 42 {
+				t.Errorf("%v: exit %d (%v), want 42 from the trap", sig, code, err)
+			}
+		}
+	})
+}
+
+// processes lists the host's processes whose command line contains s.
+func processes(s string) []string {
+	var out []string
+	dirs, _ := os.ReadDir("/proc")
+	for _, d := range dirs {
+		b, err := os.ReadFile(filepath.Join("/proc", d.Name(), "cmdline"))
+		if err == nil && strings.Contains(string(b), s) {
+			out = append(out, d.Name()+": "+strings.ReplaceAll(string(b), "\x00", " "))
+		}
+	}
+	return out
+}
+
+func TestOrphansAreKilled(t *testing.T) {
+	users(t, func(t *testing.T, u as) {
+		marker := fmt.Sprintf("%d.25", 1000+time.Now().Nanosecond()%1000)
+		r := sh(t, u, nil, fmt.Sprintf("sleep %s & (sleep %s &) ; setsid sleep %s & echo started", marker, marker, marker))
+		if r.code != 0 {
+			t.Fatal(r)
+		}
+		time.Sleep(200 * time.Millisecond)
+		if left := processes("sleep\x00" + marker); len(left) > 0 {
+			t.Fatalf("processes left behind: %v", left)
+		}
+	})
+}
+
+func TestHostsFile(t *testing.T) {
+	users(t, func(t *testing.T, u as) {
+		dir, err := os.MkdirTemp("", "cfhosts")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { os.RemoveAll(dir) })
+		os.Chmod(dir, 0o755)
+		f := filepath.Join(dir, "hosts")
+		os.WriteFile(f, []byte("127.0.0.1 localhost\n203.0.113.10 only-in-sandbox.test\n"), 0o644)
+		r := sh(t, u, []string{"--hosts-file", f}, "getent hosts only-in-sandbox.test && curl -sS -m5 http://only-in-sandbox.test/")
+		if r.code != 0 || !strings.Contains(r.stdout, "hello from the test internet") {
+			t.Fatal(r)
+		}
+		if b, _ := os.ReadFile("/etc/hosts"); strings.Contains(string(b), "only-in-sandbox") {
+			t.Fatal("--hosts-file leaked onto the host's /etc/hosts")
+		}
+	})
+}
+
+// hostState is what a run could leave behind on the host.
+func hostState(t *testing.T) string {
+	t.Helper()
+	var b strings.Builder
+	mounts, _ := os.ReadFile("/proc/self/mountinfo")
+	for _, l := range strings.Split(string(mounts), "\n") {
+		if f := strings.Fields(l); len(f) > 4 {
+			fmt.Fprintln(&b, "mount", f[4])
+		}
+	}
+	ifs, _ := net.Interfaces()
+	for _, i := range ifs {
+		fmt.Fprintln(&b, "link", i.Name)
+	}
+	nsd, _ := os.ReadDir("/run/netns")
+	for _, d := range nsd {
+		fmt.Fprintln(&b, "netns", d.Name())
+	}
+	tmp, _ := os.ReadDir(os.TempDir())
+	for _, d := range tmp {
+		if strings.Contains(d.Name(), "childflow") && !strings.HasPrefix(d.Name(), "childflow-e2e-") {
+			fmt.Fprintln(&b, "tmp", d.Name())
+		}
+	}
+	for _, p := range processes("childflow-init") {
+		fmt.Fprintln(&b, "process", p)
+	}
+	return b.String()
+}
+
+func TestNothingLeftBehindAfter100Runs(t *testing.T) {
+	requireRoot(t)
+	withTunOpen(t)
+	before := hostState(t)
+	for i := 0; i < 100; i++ {
+		u := root
+		if i%2 == 1 {
+			u = rootless
+		}
+		switch i % 10 {
+		case 3, 7:
+			// childflow itself killed with SIGKILL while the command runs.
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			cmd := command(ctx, u, "--", "sh", "-c", "echo up; sleep 30")
+			pr, pw, _ := os.Pipe()
+			cmd.Stdout = pw
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			pw.Close()
+			pr.Read(make([]byte, 3))
+			cmd.Process.Kill()
+			cmd.Wait()
+			pr.Close()
+			cancel()
+		case 5:
+			// The command killed by a signal.
+			sh(t, u, nil, "kill -KILL $$")
+		default:
+			if r := sh(t, u, nil, "curl -sS -m5 -o /dev/null http://203.0.113.10/"); r.code != 0 {
+				t.Fatalf("run %d: %s", i, r)
+			}
+		}
+	}
+	// A killed childflow's init dies with it (Pdeathsig); give the kernel a moment.
+	var after string
+	for i := 0; i < 50; i++ {
+		if after = hostState(t); after == before {
+			return
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Fatalf("host state changed:\nbefore:\n%s\nafter:\n%s", before, after)
+}
+
+func TestUsageErrors(t *testing.T) {
+	requireRoot(t)
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--allow-cidr", "300.1.1.1/8", "--", "true"}, `--allow-cidr "300.1.1.1/8"`},
+		{[]string{"--deny-cidr", "nonsense", "--", "true"}, `--deny-cidr "nonsense"`},
+		{[]string{"--allow-domain", "bad domain", "--", "true"}, `--allow-domain "bad domain"`},
+		{[]string{"--default-policy", "maybe", "--", "true"}, `--default-policy "maybe"`},
+		{[]string{"--dns", "not-an-ip", "--", "true"}, `--dns "not-an-ip"`},
+		{[]string{"--hosts-file", "/nonexistent", "--", "true"}, `--hosts-file "/nonexistent"`},
+		{[]string{"--no-such-flag", "--", "true"}, "no-such-flag"},
+		{[]string{"--proxy-only", "--", "true"}, "--proxy-only needs --proxy"},
+		{[]string{"--dns", "203.0.113.53"}, "no command"},
+	} {
+		r := run(t, root, tc.args...)
+		if r.code != 2 || !strings.Contains(r.stderr, tc.want) || strings.Count(strings.TrimSpace(r.stderr), "\n") > 0 && !strings.Contains(r.stderr, "Usage") {
+			t.Errorf("%v: want exit 2 and one line naming %s, got %s", tc.args, tc.want, r)
+		}
+	}
+}
+
+func TestDoctorExplainsTunMode(t *testing.T) {
+	requireRoot(t)
+	var st syscall.Stat_t
+	syscall.Stat("/dev/net/tun", &st)
+	os.Chmod("/dev/net/tun", 0o600)
+	t.Cleanup(func() { os.Chmod("/dev/net/tun", os.FileMode(st.Mode&0o777)) })
+
+	r := run(t, rootless, "--doctor", "--doctor-format", "json")
+	var rep struct {
+		Overall string
+		Checks  []struct{ Name, Status, Detail, Fix string }
+	}
+	if err := json.Unmarshal([]byte(r.stdout), &rep); err != nil {
+		t.Fatalf("doctor json: %v\n%s", err, r)
+	}
+	if rep.Overall != "blocked" || r.code != 1 {
+		t.Fatalf("doctor overall %q exit %d, want blocked and 1", rep.Overall, r.code)
+	}
+	var tun string
+	for _, c := range rep.Checks {
+		if c.Name == "/dev/net/tun" {
+			tun = c.Status + " " + c.Detail + " " + c.Fix
+		}
+	}
+	if !strings.Contains(tun, "unavailable") || !strings.Contains(tun, "0600") || !strings.Contains(tun, "chmod 0666") {
+		t.Fatalf("doctor on a 0600 tun: %q", tun)
+	}
+	r = run(t, rootless, "--", "true")
+	if r.code != 1 || !strings.Contains(r.stderr, "mode 0600") || strings.Count(strings.TrimSpace(r.stderr), "\n") != 0 {
+		t.Fatalf("exec without a usable tun: want one line naming mode 0600, exit 1:\n%s", r)
+	}
+	text := run(t, rootless, "--doctor")
+	if !strings.Contains(text.stdout, "overall: blocked") {
+		t.Fatalf("doctor text:\n%s", text)
+	}
+}
