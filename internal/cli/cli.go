@@ -126,12 +126,15 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		}
 	}
 
+	if o.mtu < 1280 || o.mtu > 65520 {
+		return usageError(stderr, policy.Usagef("invalid --mtu %d: must be between 1280 and 65520", o.mtu))
+	}
 	rootless := os.Geteuid() != 0
 	if err := doctor.Local().Run().Blocking(); err != nil {
 		fmt.Fprintf(stderr, "childflow: %v\n", err)
 		return exitFailure
 	}
-	plan, err := netplan.Choose(hostRoutes(), 0)
+	plan, err := netplan.Choose(hostRoutes(), o.mtu)
 	if err != nil {
 		fmt.Fprintf(stderr, "childflow: %v\n", err)
 		return exitFailure

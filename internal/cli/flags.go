@@ -18,6 +18,7 @@ type execOptions struct {
 	blockPrivate, blockMetadata, proxyOnly, failOnLeak         bool
 	dns, allowCIDR, denyCIDR                                   []string
 	allowDomain, allowDomainExact, denyDomain, denyDomainExact []string
+	mtu                                                        int
 	set                                                        func(name string) bool
 }
 
@@ -56,6 +57,7 @@ func newExecFlags(o *execOptions) *pflag.FlagSet {
 	fs.BoolVar(&o.proxyOnly, "proxy-only", false, "allow only traffic that goes through the proxy")
 	fs.BoolVar(&o.failOnLeak, "fail-on-leak", false, "exit 3 when a flow was blocked but the command exited 0")
 	fs.StringVarP(&o.iface, "iface", "i", "", "send the sandbox's traffic out through IFACE (--root)")
+	fs.IntVar(&o.mtu, "mtu", 65520, "MTU of the sandbox's cf0 (1280-65520)")
 	o.set = func(name string) bool { return fs.Changed(name) }
 	return fs
 }

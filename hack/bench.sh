@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# make bench: childflow's relay against native loopback, slirp4netns and
+# pasta, measured in one run on this machine. Every server listens on the
+# host's loopback; each sandbox reaches it through its gateway mapping
+# (childflow: --allow-cidr on its gateway; slirp4netns: 10.0.2.2; pasta:
+# its gateway, mapped to the host). No traffic leaves the machine.
+#
+# Env: BENCH_SECONDS (iperf3 duration, default 5), BENCH_CONNS (2000),
+#      BENCH_RUNS (startup runs, 30), BENCH_OUT (default docs/benchmarks.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ "$(id -u)" = 0 ] || { echo "bench: run as root (sudo make bench)" >&2; exit 1; }
+T=${BENCH_SECONDS:-5}
+N=${BENCH_CONNS:-2000}
+OUT=${BENCH_OUT:-docs/benchmarks.md}
+work=$(mktemp -d /tmp/cfbench.XXXXXX)
+chmod 755 "$work"
+export CGO_ENABLED=0
+go build -o "$work/childflow" ./cmd/childflow
+go build -o "$work/connbench" ./hack/connbench
+CF="$work/childflow"
+CB="$work/connbench"
+ENVS="native childflow-65520 childflow-1500 slirp4netns-65520 slirp4netns-1500 pasta-65520 pasta-1500"
+
+pids=()
+cleanup() {
+	for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+	[ -f "$work/pasta.pid" ] && kill "$(cat "$work/pasta.pid")" 2>/dev/null || true
+	ip netns del cfbench-slirp 2>/dev/null || true
+	ip netns del cfbench-pasta 2>/dev/null || true
+	rm -rf "$work"
+}
+trap cleanup EXIT
+
+iperf3 -s -B 127.0.0.1 -p 5201 >/dev/null 2>&1 &
+pids+=($!)
+"$CB" serve 127.0.0.1:5300 &
+pids+=($!)
+sleep 0.5
+
+# run_in ENV CMD...: run CMD inside environment ENV with $GW set to the
+# address that reaches the host's loopback there.
+run_in() {
+	local env=$1
+	shift
+	case "$env" in
+	native) GW=127.0.0.1 "$@" ;;
+	childflow-*)
+		# The gateway is the first address of whichever subnet childflow
+		# picked; allowing all three candidates keeps this independent of it.
+		"$CF" --mtu "${env#childflow-}" --allow-cidr 10.87.0.1/32 --allow-cidr 172.29.87.1/32 --allow-cidr 192.168.187.1/32 -- \
+			sh -c 'GW=$(ip -4 route show default | cut -d" " -f3) exec "$@"' sh "$@"
+		;;
+	slirp4netns-* | pasta-*) ip netns exec "cfbench-${env%-*}" env GW=10.0.2.2 "$@" ;;
+	esac
+}
+
+start_slirp() {
+	ip netns del cfbench-slirp4netns 2>/dev/null || true
+	ip netns add cfbench-slirp4netns
+	slirp4netns --configure --mtu="$1" --netns-type=path /run/netns/cfbench-slirp4netns tap0 >/dev/null 2>&1 &
+	pids+=($!)
+	for _ in $(seq 100); do
+		ip netns exec cfbench-slirp4netns ip -4 addr show tap0 2>/dev/null | grep -q inet && return
+		sleep 0.05
+	done
+	echo "slirp4netns did not come up" >&2
+	return 1
+}
+
+start_pasta() {
+	[ -f "$work/pasta.pid" ] && kill "$(cat "$work/pasta.pid")" 2>/dev/null || true
+	ip netns del cfbench-pasta 2>/dev/null || true
+	ip netns add cfbench-pasta
+	ip netns exec cfbench-pasta ip link set lo up
+	pasta -q --config-net --runas 0 -m "$1" -a 10.0.2.15 -n 24 -g 10.0.2.2 -P "$work/pasta.pid" --netns /run/netns/cfbench-pasta
+	for _ in $(seq 100); do
+		ip netns exec cfbench-pasta ip -4 route show default 2>/dev/null | grep -q 10.0.2.2 && return
+		sleep 0.05
+	done
+	echo "pasta did not come up" >&2
+	return 1
+}
+
+gbps() { jq -r '.end.sum_received.bits_per_second / 1e9 | . * 100 | round / 100'; }
+throughput() { run_in "$1" sh -c 'iperf3 -c "$GW" -p 5201 -t '"$T"' -J' | gbps; }
+connrate() { run_in "$1" sh -c '"$0" client "$GW:5300" '"$N" "$CB"; }
+
+declare -A tput rate
+for env in $ENVS; do
+	case "$env" in
+	slirp4netns-*) start_slirp "${env#*-}" ;;
+	pasta-*) start_pasta "${env#*-}" ;;
+	esac
+	tput[$env]=$(throughput "$env" || echo 0)
+	rate[$env]=$(connrate "$env" || echo 0)
+	echo "$env: ${tput[$env]} Gbit/s, ${rate[$env]} conn/s" >&2
+done
+
+# Startup overhead over a plain /bin/true (hyperfine, no shell).
+hf() {
+	hyperfine -N --warmup 3 --runs "${BENCH_RUNS:-30}" --export-json "$work/hf.json" "$@" >/dev/null 2>&1
+	jq -r '.results[].mean * 1000 | . * 10 | round / 10' "$work/hf.json"
+}
+mapfile -t starts < <(hf "/bin/true" "$CF -- /bin/true" "pasta --config-net --runas 0 -q -a 10.0.2.15 -n 24 -g 10.0.2.2 /bin/true")
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "n/a" }'; }
+over() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f ms", a - b }'; }
+{
+	echo "# Benchmarks"
+	echo
+	echo "Measured by \`make bench\` (hack/bench.sh) on $(date -u +%Y-%m-%d), $(nproc) cores, kernel $(uname -r)."
+	echo "iperf3, one TCP stream for ${T}s, sandbox to host; connection rate: $N sequential"
+	echo "connect / 1-byte echo / close. Every server is on the host's loopback. Ratios are to native loopback."
+	echo
+	echo "| path | MTU | TCP throughput | ratio | conn/s | ratio |"
+	echo "|---|---|---|---|---|---|"
+	for env in $ENVS; do
+		name=${env%-*} mtu=${env##*-}
+		[ "$env" = native ] && name="native loopback" mtu=65536
+		echo "| $name | $mtu | ${tput[$env]} Gbit/s | $(ratio "${tput[$env]}" "${tput[native]}") | ${rate[$env]} | $(ratio "${rate[$env]}" "${rate[native]}") |"
+	done
+	echo
+	echo "| startup | mean | overhead over /bin/true |"
+	echo "|---|---|---|"
+	echo "| /bin/true | ${starts[0]} ms | |"
+	echo "| childflow -- /bin/true | ${starts[1]} ms | $(over "${starts[1]}" "${starts[0]}") |"
+	echo "| pasta --config-net /bin/true | ${starts[2]} ms | $(over "${starts[2]}" "${starts[0]}") |"
+} >"$work/table.md"
+mkdir -p "$(dirname "$OUT")"
+cp "$work/table.md" "$OUT"
+cat "$OUT"
