@@ -8,7 +8,9 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"runtime"
 	"syscall"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 	"golang.org/x/term"
@@ -125,6 +127,9 @@ func bindOver(src, dst string) error {
 // runCommand starts the command without privileges, forwards signals to
 // it and returns its exit code once it exits.
 func runCommand(spec Spec) int {
+	// Never unlocked: this thread ends up without privileges, and the
+	// command is forked from it.
+	runtime.LockOSThread()
 	if err := dropPrivileges(); err != nil {
 		fmt.Fprintf(os.Stderr, "childflow: dropping privileges: %v\n", err)
 		return 125
@@ -182,27 +187,33 @@ var forwardedSignals = []os.Signal{syscall.SIGINT, syscall.SIGTERM, syscall.SIGH
 
 // dropPrivileges leaves the command no way to undo the sandbox: no
 // capabilities in any set, none regained through execve of a root, setuid
-// or file-capability binary (no_new_privs, locked securebits), on every
-// thread of init (capabilities are per thread). The bounding set is left
-// as it is: nothing can be gained from it any more, and emptying it makes
-// the kernel refuse to exec binaries with file capabilities, such as ping.
+// or file-capability binary (no_new_privs, locked securebits). It acts on
+// the calling thread only (credentials are per thread): the caller locks
+// its OS thread and forks the command from it, so the command inherits
+// exactly these credentials, with or without cgo. The bounding set is
+// left as it is: nothing can be gained from it any more, and emptying it
+// makes the kernel refuse to exec binaries with file capabilities (ping).
 func dropPrivileges() error {
+	prctl := func(op, arg uintptr) syscall.Errno {
+		_, _, e := unix.RawSyscall6(unix.SYS_PRCTL, op, arg, 0, 0, 0, 0)
+		return e
+	}
 	// linux/securebits.h: noroot, no_setuid_fixup and no_cap_ambient_raise,
 	// each with its lock bit. keep_caps stays unlocked: ping sets it, and
 	// with no capabilities to keep it grants nothing.
 	const secure = 0b1100_1111
-	if _, _, e := syscall.AllThreadsSyscall(unix.SYS_PRCTL, unix.PR_SET_SECUREBITS, secure, 0); e != 0 {
+	if e := prctl(unix.PR_SET_SECUREBITS, secure); e != 0 {
 		return fmt.Errorf("setting securebits: %w", e)
 	}
-	if _, _, e := syscall.AllThreadsSyscall6(unix.SYS_PRCTL, unix.PR_CAP_AMBIENT, unix.PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0, 0); e != 0 {
+	if e := prctl(unix.PR_CAP_AMBIENT, unix.PR_CAP_AMBIENT_CLEAR_ALL); e != 0 {
 		return fmt.Errorf("clearing ambient capabilities: %w", e)
 	}
 	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
 	var data [2]unix.CapUserData
-	if _, _, e := syscall.AllThreadsSyscall(unix.SYS_CAPSET, uintptr(unsafePointer(&hdr)), uintptr(unsafePointer(&data[0])), 0); e != 0 {
+	if _, _, e := unix.RawSyscall(unix.SYS_CAPSET, uintptr(unsafe.Pointer(&hdr)), uintptr(unsafe.Pointer(&data[0])), 0); e != 0 {
 		return fmt.Errorf("clearing capabilities: %w", e)
 	}
-	if _, _, e := syscall.AllThreadsSyscall(unix.SYS_PRCTL, unix.PR_SET_NO_NEW_PRIVS, 1, 0); e != 0 {
+	if e := prctl(unix.PR_SET_NO_NEW_PRIVS, 1); e != 0 {
 		return fmt.Errorf("setting no_new_privs: %w", e)
 	}
 	return nil
