@@ -471,6 +471,22 @@ func TestDNSCNAMEChainAndOwnerNames(t *testing.T) {
 	}
 }
 
+func TestDNSAliasOfADeniedNameIsWithheld(t *testing.T) {
+	up, _ := dnsUpstream(t)
+	sb := newSandbox(t, &policy.Policy{DenyDomains: []string{"allowed.test"}}, up)
+	r := sb.query(t, netip.AddrPortFrom(sb.plan.Gateway4, 53), "alias.test.", mdns.TypeA, false)
+	if len(r.Answer) != 0 {
+		t.Fatalf("alias of a denied name answered: %v", r)
+	}
+	if n := sb.eng.cache.Names(netip.MustParseAddr("192.0.2.1")); len(n) != 0 {
+		t.Fatalf("withheld answer was recorded: %v", n)
+	}
+	v, ok := sb.events.find(flowlog.PolicyViolation, func(e flowlog.Event) bool { return e.QName == "alias.test" })
+	if !ok || v.MatchedDomain != "allowed.test" || v.ReasonCode != policy.ReasonDenyDomain {
+		t.Fatalf("violation %+v (found %v)", v, ok)
+	}
+}
+
 func TestDNSRefusesGarbage(t *testing.T) {
 	up, _ := dnsUpstream(t)
 	sb := newSandbox(t, &policy.Policy{}, up)

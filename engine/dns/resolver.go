@@ -52,9 +52,7 @@ func (r *Resolver) Answer(ctx context.Context, raw []byte, overTCP bool) []byte 
 	if !info.Decision.Allow {
 		// Denied names get NODATA and are never sent upstream, so the
 		// resolver cannot be used to leak data through query names.
-		resp = new(mdns.Msg)
-		resp.SetReply(req)
-		resp.RecursionAvailable = true
+		resp = nodata(req)
 	} else {
 		var err error
 		resp, info.Upstream, err = r.forward(ctx, req, overTCP)
@@ -62,8 +60,12 @@ func (r *Resolver) Answer(ctx context.Context, raw []byte, overTCP bool) []byte 
 			info.Err = err
 			resp = new(mdns.Msg)
 			resp.SetRcode(req, mdns.RcodeServerFailure)
+		} else if chain := cnameChain(name, resp); r.deniedAlias(chain, &info) {
+			// The name is allowed but an alias on its chain is denied:
+			// the address is withheld, as for the denied name itself.
+			resp = nodata(req)
 		} else {
-			info.Answers = r.record(name, resp)
+			info.Answers = r.record(chain, resp)
 		}
 	}
 	if !overTCP {
@@ -128,19 +130,22 @@ func (r *Resolver) forward(ctx context.Context, req *mdns.Msg, overTCP bool) (*m
 	return nil, "", lastErr
 }
 
-// record remembers every address in resp that answers name, following the
-// CNAME chain from name and ignoring records whose owner is not on it.
-func (r *Resolver) record(name string, resp *mdns.Msg) []string {
+func nodata(req *mdns.Msg) *mdns.Msg {
+	m := new(mdns.Msg)
+	m.SetReply(req)
+	m.RecursionAvailable = true
+	return m
+}
+
+// cnameChain follows the CNAME records of resp from name; records whose
+// owner is not on the chain are ignored.
+func cnameChain(name string, resp *mdns.Msg) []string {
 	chain := []string{name}
-	ttl := uint32(1<<31 - 1)
-	var answers []string
-	cur := name
 	for hops := 0; hops < 16; hops++ {
-		next := ""
+		cur, next := chain[len(chain)-1], ""
 		for _, rr := range resp.Answer {
 			if c, ok := rr.(*mdns.CNAME); ok && policy.NormalizeName(c.Hdr.Name) == cur {
 				next = policy.NormalizeName(c.Target)
-				ttl = min(ttl, c.Hdr.Ttl)
 				break
 			}
 		}
@@ -148,9 +153,37 @@ func (r *Resolver) record(name string, resp *mdns.Msg) []string {
 			break
 		}
 		chain = append(chain, next)
-		answers = append(answers, "CNAME "+next)
-		cur = next
 	}
+	return chain
+}
+
+// deniedAlias reports whether an alias on the chain is denied by an
+// explicit deny rule, and records that decision in info. (Under a default
+// deny, aliases such as CDN names are fine: the queried name decides.)
+func (r *Resolver) deniedAlias(chain []string, info *Query) bool {
+	for _, n := range chain[1:] {
+		d := r.Policy.DecideName(n)
+		if !d.Allow && (d.Reason == policy.ReasonDenyDomain || d.Reason == policy.ReasonDenyDomainExact) {
+			d.MatchedDomain = n
+			info.Decision = d
+			return true
+		}
+	}
+	return false
+}
+
+// record remembers every address in resp owned by the chain's last name
+// under every name of the chain, for the shortest TTL along it.
+func (r *Resolver) record(chain []string, resp *mdns.Msg) []string {
+	ttl := uint32(1<<31 - 1)
+	var answers []string
+	for _, rr := range resp.Answer {
+		if c, ok := rr.(*mdns.CNAME); ok && contains(chain, policy.NormalizeName(c.Hdr.Name)) {
+			ttl = min(ttl, c.Hdr.Ttl)
+			answers = append(answers, "CNAME "+policy.NormalizeName(c.Target))
+		}
+	}
+	last := chain[len(chain)-1]
 	for _, rr := range resp.Answer {
 		var ip []byte
 		switch a := rr.(type) {
@@ -161,7 +194,7 @@ func (r *Resolver) record(name string, resp *mdns.Msg) []string {
 		default:
 			continue
 		}
-		if policy.NormalizeName(rr.Header().Name) != cur {
+		if policy.NormalizeName(rr.Header().Name) != last {
 			continue
 		}
 		addr, ok := netip.AddrFromSlice(ip)

@@ -1,0 +1,36 @@
+package netplan
+
+import (
+	"net/netip"
+	"testing"
+)
+
+func TestChooseAvoidsHostRoutes(t *testing.T) {
+	routes := []netip.Prefix{
+		netip.MustParsePrefix("0.0.0.0/0"), // default routes never collide
+		netip.MustParsePrefix("10.0.0.0/8"),
+		netip.MustParsePrefix("172.29.87.128/25"),
+		netip.MustParsePrefix("fd00:cf::/48"),
+	}
+	p, err := Choose(routes, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p.Prefix4.String() != "192.168.187.0/24" || p.Gateway4.String() != "192.168.187.1" || p.Sandbox4.String() != "192.168.187.2" {
+		t.Fatalf("IPv4 plan %v %v %v", p.Prefix4, p.Gateway4, p.Sandbox4)
+	}
+	if p.Prefix6.String() != "fd87:cf::/64" || p.MTU != DefaultMTU {
+		t.Fatalf("IPv6 plan %v mtu %d", p.Prefix6, p.MTU)
+	}
+	if !p.IsGateway(netip.MustParseAddr("::ffff:192.168.187.1")) || p.IsGateway(p.Sandbox4) {
+		t.Fatal("IsGateway")
+	}
+	back, err := Decode(p.Encode())
+	if err != nil || back != p {
+		t.Fatalf("round trip %v %v", back, err)
+	}
+	all := []netip.Prefix{netip.MustParsePrefix("0.0.0.0/1"), netip.MustParsePrefix("128.0.0.0/1")}
+	if _, err := Choose(all, 0); err == nil {
+		t.Fatal("no error when every candidate collides")
+	}
+}

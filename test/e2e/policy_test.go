@@ -1,0 +1,198 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// assertions for sandbox scripts: ok CMD must succeed, no CMD must fail.
+const assertions = `
+ok() { "$@" >/dev/null 2>&1 || { echo "FAIL ok: $*"; exit 1; }; }
+no() { if "$@" >/dev/null 2>&1; then echo "FAIL no: $*"; exit 1; fi; }
+get() { curl -sS -m4 -o /dev/null "$@"; }
+udp() { echo udp-probe | socat -t1 - "$1" | grep -q udp-probe; }
+resolves() { dig +short +time=2 +tries=1 "$@" | grep -q .; }
+GW=$(ip -4 route show default | cut -d' ' -f3)
+GW6=$(ip -6 route show default | cut -d' ' -f3)
+`
+
+func TestPolicy(t *testing.T) {
+	// A server on the host, on every address: the sandbox must not reach
+	// it through the gateway or the host's own addresses.
+	ln, err := net.Listen("tcp", ":0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Write([]byte("HTTP/1.0 200 OK\r\n\r\nhost\n"))
+			c.Close()
+		}
+	}()
+	hostPort := ln.Addr().(*net.TCPAddr).Port
+
+	for _, tc := range []struct {
+		name   string
+		flags  []string
+		script string
+	}{
+		{"deny-cidr v4 v6 tcp udp icmp mapped", []string{"--deny-cidr", "203.0.113.20/32", "--deny-cidr", "2001:db8::20/128"}, `
+ok get http://203.0.113.10/
+no get http://203.0.113.20/
+no get 'http://[::ffff:203.0.113.20]/'
+no get -6 'http://[2001:db8::20]/'
+ok get -6 'http://[2001:db8::10]/'
+ok udp UDP:203.0.113.10:7
+no udp UDP:203.0.113.20:7
+no udp 'UDP6:[2001:db8::20]:7'
+no ping -c1 -W2 203.0.113.20
+no get http://denied.test/`},
+		{"default deny with allow-domain", []string{"--default-policy", "deny", "--allow-domain", "allowed.test"}, `
+no get http://203.0.113.10/
+ok get http://allowed.test/
+ok get http://sub.allowed.test/
+ok get -6 http://allowed.test/
+no get http://badallowed.test/
+no get http://denied.test/
+no get http://web.test/
+no resolves web.test
+no resolves @203.0.113.53 web.test
+no resolves +tcp @203.0.113.99 web.test
+no get http://203.0.113.20/
+no udp UDP:203.0.113.20:7
+ok getent hosts allowed.test
+ok get http://203.0.113.10/
+no resolves shared.test`},
+		{"allow-domain-exact", []string{"--default-policy", "deny", "--allow-domain-exact", "allowed.test"}, `
+ok get http://allowed.test/
+no get http://sub.allowed.test/`},
+		{"deny-domain and resolver bypasses", []string{"--deny-domain", "denied.test"}, `
+ok get http://web.test/
+no get http://denied.test/
+no resolves denied.test
+no resolves @203.0.113.53 denied.test
+no resolves +tcp @203.0.113.53 denied.test
+no resolves @203.0.113.99 denied.test
+no resolves tracker.test
+ok resolves @203.0.113.99 web.test
+no nc -z -w3 203.0.113.10 853`},
+		{"deny-domain-exact", []string{"--deny-domain-exact", "allowed.test"}, `
+no get http://allowed.test/
+ok get http://sub.allowed.test/`},
+		{"offline", []string{"--offline"}, `
+no get http://203.0.113.10/
+no resolves web.test
+no udp UDP:203.0.113.10:7
+no ping -c1 -W2 203.0.113.10`},
+		{"host loopback and addresses", nil, fmt.Sprintf(`
+no get http://$GW:%[1]d/
+no get -6 "http://[$GW6]:%[1]d/"
+no get http://203.0.113.1:%[1]d/
+no get -6 'http://[2001:db8::1]:%[1]d/'
+no get http://loopback.test:%[1]d/`, hostPort)},
+		{"allow-cidr opens the gateway", []string{"--allow-cidr", "10.87.0.1/32", "--allow-cidr", "172.29.87.1/32", "--allow-cidr", "192.168.187.1/32"}, fmt.Sprintf(`
+ok get http://$GW:%[1]d/
+no get http://203.0.113.1:%[1]d/`, hostPort)},
+		{"block-metadata", []string{"--block-metadata"}, `
+no get http://169.254.169.254/
+no get -6 'http://[fd00:ec2::254]/'
+ok get http://203.0.113.10/`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			users(t, func(t *testing.T, u as) {
+				r := sh(t, u, tc.flags, assertions+tc.script)
+				if r.code != 0 {
+					t.Fatal(r)
+				}
+			})
+		})
+	}
+}
+
+func TestFailOnLeak(t *testing.T) {
+	requireRoot(t)
+	deny := []string{"--fail-on-leak", "--deny-cidr", "203.0.113.20/32"}
+	for _, tc := range []struct {
+		script string
+		want   int
+	}{
+		{"curl -sS -m3 http://203.0.113.20/; exit 0", 3},
+		{"curl -sS -m3 http://203.0.113.10/ >/dev/null", 0},
+		{"curl -sS -m3 http://203.0.113.20/; exit 5", 5},
+	} {
+		if r := sh(t, root, deny, tc.script); r.code != tc.want {
+			t.Errorf("%q: exit %d, want %d\n%s", tc.script, r.code, tc.want, r)
+		}
+	}
+}
+
+func TestFlowLogRecordsViolations(t *testing.T) {
+	users(t, func(t *testing.T, u as) {
+		dir, _ := os.MkdirTemp("", "cfflowlog")
+		os.Chmod(dir, 0o777)
+		t.Cleanup(func() { os.RemoveAll(dir) })
+		log := filepath.Join(dir, "flows.jsonl")
+		r := sh(t, u, []string{"--flow-log", log, "--deny-cidr", "203.0.113.20/32", "--deny-domain", "denied.test"},
+			"curl -s -m3 -o /dev/null http://203.0.113.20/; curl -s -m3 -o /dev/null http://denied.test/; curl -s -m3 -o /dev/null http://web.test/")
+		if r.code == 127 {
+			t.Fatal(r)
+		}
+		st, err := os.Stat(log)
+		if err != nil || st.Mode().Perm() != 0o600 {
+			t.Fatalf("flow log %v mode %v, want 0600", err, st.Mode())
+		}
+		f, _ := os.Open(log)
+		defer f.Close()
+		var events []map[string]any
+		sc := bufio.NewScanner(f)
+		for sc.Scan() {
+			var ev map[string]any
+			if err := json.Unmarshal(sc.Bytes(), &ev); err != nil {
+				t.Fatalf("bad line %q: %v", sc.Text(), err)
+			}
+			if ev["schema_version"] != float64(1) || ev["ts_ms"] == nil || ev["event"] == nil {
+				t.Fatalf("line without schema_version/ts_ms/event: %s", sc.Text())
+			}
+			events = append(events, ev)
+		}
+		has := func(want map[string]any) bool {
+		next:
+			for _, ev := range events {
+				for k, v := range want {
+					if ev[k] != v {
+						continue next
+					}
+				}
+				return true
+			}
+			return false
+		}
+		for _, want := range []map[string]any{
+			{"event": "policy_violation", "reason_code": "deny_cidr", "control": "deny_cidrs", "matched_cidr": "203.0.113.20/32", "dst": "203.0.113.20:80"},
+			{"event": "policy_violation", "reason_code": "deny_domain", "matched_domain": "denied.test", "qname": "denied.test"},
+			{"event": "dns_query", "qname": "web.test"},
+			{"event": "dns_answer", "qname": "web.test", "rcode": "NOERROR"},
+			{"event": "connect_attempt", "dst": "203.0.113.10:80", "verdict": "allow"},
+			{"event": "connect_result", "dst": "203.0.113.10:80", "ok": true},
+			{"event": "flow_end", "dst": "203.0.113.10:80"},
+		} {
+			if !has(want) {
+				b, _ := os.ReadFile(log)
+				t.Errorf("no event matching %v in:\n%s", want, strings.TrimSpace(string(b)))
+			}
+		}
+	})
+}
