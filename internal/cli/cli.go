@@ -27,6 +27,7 @@ import (
 	"github.com/childflow/childflow/internal/sandbox"
 	"github.com/childflow/childflow/internal/version"
 	"github.com/childflow/childflow/policy"
+	"github.com/childflow/childflow/policy/profile"
 )
 
 // Exit codes besides the command's own.
@@ -100,6 +101,28 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return doctorReport(o.doctorFormat, stdout, stderr)
 	}
 	command := fs.Args()
+	if o.profile != "" {
+		prof, err := profile.Load(o.profile)
+		if err != nil {
+			return usageError(stderr, err)
+		}
+		profCommand, err := o.applyProfile(prof)
+		if err != nil {
+			return usageError(stderr, err)
+		}
+		if len(command) == 0 {
+			command = profCommand
+		}
+	}
+	if o.dumpProfile {
+		out, err := o.effective(command).TOML()
+		if err != nil {
+			fmt.Fprintf(stderr, "childflow: --dump-profile: %v\n", err)
+			return exitFailure
+		}
+		fmt.Fprint(stdout, out)
+		return 0
+	}
 	if len(command) == 0 {
 		return usageError(stderr, errors.New("no command given: childflow [exec] [OPTIONS] [--] COMMAND..."))
 	}

@@ -19,7 +19,9 @@ type execOptions struct {
 	dns, allowCIDR, denyCIDR                                   []string
 	allowDomain, allowDomainExact, denyDomain, denyDomainExact []string
 	mtu                                                        int
-	set                                                        func(name string) bool
+	// set reports whether the command line or the profile gave a flag.
+	set         func(name string) bool
+	fromProfile map[string]bool
 }
 
 func newExecFlags(o *execOptions) *pflag.FlagSet {
@@ -58,20 +60,24 @@ func newExecFlags(o *execOptions) *pflag.FlagSet {
 	fs.BoolVar(&o.failOnLeak, "fail-on-leak", false, "exit 3 when a flow was blocked but the command exited 0")
 	fs.StringVarP(&o.iface, "iface", "i", "", "send the sandbox's traffic out through IFACE (--root)")
 	fs.IntVar(&o.mtu, "mtu", 65520, "MTU of the sandbox's cf0 (1280-65520)")
-	o.set = func(name string) bool { return fs.Changed(name) }
+	o.fromProfile = map[string]bool{}
+	o.set = func(name string) bool { return fs.Changed(name) || o.fromProfile[name] }
 	return fs
 }
 
 // notYet lists upstream flags whose feature has not landed; using one is a
 // usage error rather than a silent no-op.
-var notYet = []string{"profile", "dump-profile", "capture", "capture-point", "root", "report", "report-format",
+var notYet = []string{"capture", "capture-point", "report", "report-format",
 	"proxy", "proxy-user", "proxy-password", "proxy-insecure", "summary", "summary-format", "iface"}
 
 func (o *execOptions) policy() (*policy.Policy, error) {
 	for _, name := range notYet {
 		if o.set(name) {
-			return nil, policy.Usagef("--%s is not supported by this build yet", name)
+			return nil, policy.Usagef("--%s (profile key %s) is not supported by this build yet", name, strings.ReplaceAll(name, "-", "_"))
 		}
+	}
+	if o.set("root") && o.root {
+		return nil, policy.Usagef("--root (profile key backend = \"root\") is not supported by this build yet")
 	}
 	if o.proxyOnly && o.proxy == "" {
 		return nil, policy.Usagef("--proxy-only needs --proxy")

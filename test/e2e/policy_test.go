@@ -196,3 +196,43 @@ func TestFlowLogRecordsViolations(t *testing.T) {
 		}
 	})
 }
+
+func TestProfile(t *testing.T) {
+	users(t, func(t *testing.T, u as) {
+		dir, _ := os.MkdirTemp("", "cfprofile")
+		t.Cleanup(func() { os.RemoveAll(dir) })
+		os.MkdirAll(filepath.Join(dir, "team"), 0o755)
+		os.Chmod(dir, 0o755)
+		os.WriteFile(filepath.Join(dir, "team", "base.toml"), []byte(`
+default_policy = "deny"
+allow_domains = ["denied.test"]
+dns = "203.0.113.53"
+hosts_file = "hosts"
+`), 0o644)
+		os.WriteFile(filepath.Join(dir, "team", "hosts"), []byte("203.0.113.10 from-profile-hosts.test\n"), 0o644)
+		prof := filepath.Join(dir, "ci.toml")
+		os.WriteFile(prof, []byte(`
+extends = "team/base.toml"
+allow_domains = ["allowed.test"]
+command = ["sh", "-c", "curl -sS -m4 http://allowed.test/ && getent hosts from-profile-hosts.test && ! curl -sS -m4 http://denied.test/ 2>/dev/null"]
+`), 0o644)
+		r := run(t, u, "--profile", prof)
+		if r.code != 0 || !strings.Contains(r.stdout, "hello from the test internet") || !strings.Contains(r.stdout, "from-profile-hosts.test") {
+			t.Fatalf("profile run:\n%s", r)
+		}
+		// The command line beats the profile: allow denied.test again.
+		r = run(t, u, "--profile", prof, "--allow-domain", "denied.test", "--", "curl", "-sS", "-m4", "-o", "/dev/null", "http://denied.test/")
+		if r.code != 0 {
+			t.Fatalf("flag over profile:\n%s", r)
+		}
+		r = run(t, u, "--profile", prof, "--proxy-password", "hunter2", "--dump-profile")
+		if r.code != 0 || strings.Contains(r.stdout, "hunter2") || !strings.Contains(r.stdout, "<redacted>") ||
+			!strings.Contains(r.stdout, "allow_domains = ['allowed.test']") || !strings.Contains(r.stdout, filepath.Join(dir, "team", "hosts")) {
+			t.Fatalf("--dump-profile:\n%s", r)
+		}
+		os.WriteFile(prof, []byte("allow_domain = [\"x.test\"]\n"), 0o644)
+		if r := run(t, u, "--profile", prof, "--", "true"); r.code != 2 || !strings.Contains(r.stderr, `unknown key "allow_domain"`) {
+			t.Fatalf("unknown key:\n%s", r)
+		}
+	})
+}

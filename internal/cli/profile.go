@@ -1,0 +1,116 @@
+package cli
+
+import (
+	"github.com/childflow/childflow/policy"
+	"github.com/childflow/childflow/policy/profile"
+)
+
+// binding ties one profile field to its flag and option; exactly one of
+// the three kinds is set.
+type binding struct {
+	flag       string
+	str        **string
+	strOpt     *string
+	boolean    **bool
+	boolOpt    *bool
+	list       **profile.StringList
+	listOption *[]string
+}
+
+func (o *execOptions) bindings(p *profile.Profile) []binding {
+	s := func(flag string, f **string, opt *string) binding { return binding{flag: flag, str: f, strOpt: opt} }
+	b := func(flag string, f **bool, opt *bool) binding { return binding{flag: flag, boolean: f, boolOpt: opt} }
+	l := func(flag string, f **profile.StringList, opt *[]string) binding {
+		return binding{flag: flag, list: f, listOption: opt}
+	}
+	return []binding{
+		s("capture", &p.Capture, &o.capture),
+		s("capture-point", &p.CapturePoint, &o.capturePoint),
+		s("hosts-file", &p.HostsFile, &o.hostsFile),
+		s("proxy", &p.Proxy, &o.proxy),
+		s("proxy-user", &p.ProxyUser, &o.proxyUser),
+		s("proxy-password", &p.ProxyPassword, &o.proxyPassword),
+		s("summary-format", &p.SummaryFormat, &o.summaryFormat),
+		s("flow-log", &p.FlowLog, &o.flowLog),
+		s("default-policy", &p.DefaultPolicy, &o.defaultPolicy),
+		s("iface", &p.Iface, &o.iface),
+		b("proxy-insecure", &p.ProxyInsecure, &o.proxyInsecure),
+		b("summary", &p.Summary, &o.summary),
+		b("offline", &p.Offline, &o.offline),
+		b("block-private", &p.BlockPrivate, &o.blockPrivate),
+		b("block-metadata", &p.BlockMetadata, &o.blockMetadata),
+		b("proxy-only", &p.ProxyOnly, &o.proxyOnly),
+		b("fail-on-leak", &p.FailOnLeak, &o.failOnLeak),
+		l("dns", &p.DNS, &o.dns),
+		l("allow-cidr", &p.AllowCIDRs, &o.allowCIDR),
+		l("deny-cidr", &p.DenyCIDRs, &o.denyCIDR),
+		l("allow-domain", &p.AllowDomains, &o.allowDomain),
+		l("allow-domain-exact", &p.AllowDomainsExact, &o.allowDomainExact),
+		l("deny-domain", &p.DenyDomains, &o.denyDomain),
+		l("deny-domain-exact", &p.DenyDomainsExact, &o.denyDomainExact),
+	}
+}
+
+// applyProfile fills every option the command line did not set from p
+// (profile < flags) and returns the profile's command.
+func (o *execOptions) applyProfile(p *profile.Profile) ([]string, error) {
+	for _, b := range o.bindings(p) {
+		if o.set(b.flag) {
+			continue
+		}
+		switch {
+		case b.str != nil && *b.str != nil:
+			*b.strOpt = **b.str
+		case b.boolean != nil && *b.boolean != nil:
+			*b.boolOpt = **b.boolean
+		case b.list != nil && *b.list != nil:
+			*b.listOption = append([]string(nil), (**b.list)...)
+		default:
+			continue
+		}
+		o.fromProfile[b.flag] = true
+	}
+	if p.Backend != nil && !o.set("root") {
+		switch *p.Backend {
+		case "root":
+			o.root = true
+			o.fromProfile["root"] = true
+		case "rootless", "":
+		default:
+			return nil, policy.Usagef("invalid profile key backend %q: must be rootless or root", *p.Backend)
+		}
+	}
+	if p.Command != nil {
+		return *p.Command, nil
+	}
+	return nil, nil
+}
+
+// effective is the merged profile --dump-profile prints: every key with
+// the value the run would use.
+func (o *execOptions) effective(command []string) *profile.Profile {
+	p := &profile.Profile{}
+	for _, b := range o.bindings(p) {
+		switch {
+		case b.str != nil:
+			v := *b.strOpt
+			*b.str = &v
+		case b.boolean != nil:
+			v := *b.boolOpt
+			*b.boolean = &v
+		default:
+			v := profile.StringList(append([]string{}, (*b.listOption)...))
+			*b.list = &v
+		}
+	}
+	backend := "rootless"
+	if o.root {
+		backend = "root"
+	}
+	p.Backend = &backend
+	if len(command) > 0 {
+		c := profile.StringList(command)
+		p.Command = &c
+	}
+	return p
+}
