@@ -19,6 +19,7 @@ import (
 	"github.com/childflow/childflow/engine/dns"
 	"github.com/childflow/childflow/engine/flowlog"
 	"github.com/childflow/childflow/engine/netstack"
+	"github.com/childflow/childflow/engine/proxy"
 	"github.com/childflow/childflow/internal/netplan"
 	"github.com/childflow/childflow/policy"
 )
@@ -35,6 +36,9 @@ type Config struct {
 	// DNS are the upstream resolvers the engine's resolver forwards to.
 	DNS []netip.AddrPort
 
+	// Proxy, if set, carries every TCP flow; nothing falls back to a
+	// direct connection when it fails.
+	Proxy *proxy.Proxy
 	// Dial opens upstream connections. Nil: a net.Dialer.
 	Dial func(ctx context.Context, network, address string) (net.Conn, error)
 	// OnEvent receives every flow-log event. Nil: events are discarded.

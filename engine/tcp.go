@@ -31,7 +31,8 @@ func (e *Engine) handleTCP(r *netstack.TCPRequest) {
 	}
 	names := e.cache.Names(r.Dst.Addr())
 	ev := flowEvent(flowlog.ConnectAttempt, id, policy.TCP, r.Src, r.Dst, names)
-	d := e.policy.Decide(policy.Flow{Proto: policy.TCP, Dst: r.Dst, Names: names})
+	viaProxy := e.cfg.Proxy != nil
+	d := e.policy.Decide(policy.Flow{Proto: policy.TCP, Dst: r.Dst, Names: names, ViaProxy: viaProxy})
 	if r.Dst.Port() == portDoT {
 		d = dnsBypass
 	}
@@ -46,10 +47,17 @@ func (e *Engine) handleTCP(r *netstack.TCPRequest) {
 	up := e.upstreamAddr(r.Dst)
 	ctx, cancel := context.WithTimeout(e.ctx, e.cfg.DialTimeout)
 	start := time.Now()
-	upstream, err := e.cfg.Dial(ctx, "tcp", up.String())
-	cancel()
 	res := ev
 	res.Event, res.Upstream = flowlog.ConnectResult, up.String()
+	var upstream net.Conn
+	var err error
+	if viaProxy {
+		res.Proxy, res.ProxyHost = e.cfg.Proxy.String(), e.cache.Hostname(r.Dst.Addr())
+		upstream, err = e.cfg.Proxy.Dial(ctx, up, res.ProxyHost)
+	} else {
+		upstream, err = e.cfg.Dial(ctx, "tcp", up.String())
+	}
+	cancel()
 	if err != nil {
 		res.OK, res.Error = flowlog.Bool(false), err.Error()
 		e.emit(res)
@@ -67,8 +75,8 @@ func (e *Engine) handleTCP(r *netstack.TCPRequest) {
 	e.emit(res)
 
 	bytesUp, bytesDown := splice(sandbox, upstream)
-	end := ev
-	end.Event, end.Upstream = flowlog.FlowEnd, up.String()
+	end := res
+	end.Event, end.OK = flowlog.FlowEnd, nil
 	end.BytesUp, end.BytesDown, end.DurationMs = bytesUp, bytesDown, time.Since(start).Milliseconds()
 	e.emit(end)
 }

@@ -9,6 +9,9 @@
 #                                TCP "banner" server :25 (the server speaks first)
 #   203.0.113.20, 2001:db8::20   same servers (a second, "denied" host)
 #   203.0.113.53, 2001:db8::53   dnsmasq with the names below
+#   203.0.113.30                 proxies: squid :3128 (open) and :3129 (Basic auth
+#                                alice:s3cret), microsocks :1080 (open) and :1081
+#                                (alice:s3cret); they resolve through dnsmasq
 # The host side of the veth is 203.0.113.1 / 2001:db8::1. Nothing here
 # routes anywhere else.
 set -euo pipefail
@@ -39,7 +42,7 @@ up() {
 	ip -6 addr add 2001:db8::1/64 dev "$host_if" nodad
 	ip link set "$host_if" up
 	ip netns exec "$ns" ip link set lo up
-	for a in 10 20 53; do
+	for a in 10 20 30 53; do
 		ip netns exec "$ns" ip addr add "203.0.113.$a/24" dev "$ns_if"
 		ip netns exec "$ns" ip -6 addr add "2001:db8::$a/64" dev "$ns_if" nodad
 	done
@@ -71,13 +74,16 @@ up() {
 		--cname=alias.test,allowed.test \
 		--cname=tracker.test,denied.test \
 		--txt-record=txt.test,"hello"
+	start_proxies
 	# Wait until every server listens.
 	for _ in $(seq 100); do
 		if ip netns exec "$ns" ss -Hltn 'sport = :80' | grep -q . &&
 			ip netns exec "$ns" ss -Hltn 'sport = :7' | grep -q . &&
 			ip netns exec "$ns" ss -Hltn 'sport = :25' | grep -q . &&
 			[ "$(ip netns exec "$ns" ss -Hlun 'sport = :7' | wc -l)" = 4 ] &&
-			ip netns exec "$ns" ss -Hlun 'sport = :53' | grep -q .; then
+			ip netns exec "$ns" ss -Hlun 'sport = :53' | grep -q . &&
+			ip netns exec "$ns" ss -Hltn 'sport = :3129' | grep -q . &&
+			ip netns exec "$ns" ss -Hltn 'sport = :1081' | grep -q .; then
 			echo "testnet $name up: netns $ns, hosts 203.0.113.10 203.0.113.20, dns 203.0.113.53"
 			return 0
 		fi
@@ -85,6 +91,35 @@ up() {
 	done
 	cat "$state"/*.log >&2 || true
 	die "servers did not come up"
+}
+
+start_proxies() {
+	# ip netns exec binds /etc/netns/NS/resolv.conf over /etc/resolv.conf.
+	mkdir -p "/etc/netns/$ns" "$state/squid"
+	echo "nameserver 203.0.113.53" >"/etc/netns/$ns/resolv.conf"
+	chmod 777 "$state/squid"
+	htpasswd -b -c "$state/squid/passwd" alice s3cret 2>/dev/null
+	chmod 644 "$state/squid/passwd"
+	cat >"$state/squid/squid.conf" <<CONF
+http_port 203.0.113.30:3128 name=open
+http_port 203.0.113.30:3129 name=auth
+pid_filename $state/squid/squid.pid
+access_log stdio:$state/squid/access.log
+cache_log $state/squid/cache.log
+cache deny all
+coredump_dir $state/squid
+shutdown_lifetime 0 seconds
+dns_nameservers 203.0.113.53
+auth_param basic program /usr/lib/squid/basic_ncsa_auth $state/squid/passwd
+acl authport myportname auth
+acl authed proxy_auth REQUIRED
+http_access allow authport authed
+http_access deny authport
+http_access allow all
+CONF
+	start squid squid -N -f "$state/squid/squid.conf"
+	start microsocks microsocks -i 203.0.113.30 -p 1080
+	start microsocks-auth microsocks -i 203.0.113.30 -p 1081 -u alice -P s3cret
 }
 
 down_quiet() {
@@ -98,6 +133,7 @@ down_quiet() {
 	fi
 	ip link del "$host_if" 2>/dev/null || true
 	ip netns del "$ns" 2>/dev/null || true
+	rm -rf "/etc/netns/$ns"
 }
 
 case "$cmd" in

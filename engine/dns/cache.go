@@ -16,9 +16,10 @@ const MinTTL = 5 * time.Second
 // Cache maps addresses to the names that resolved to them in one sandbox,
 // each until its answer's TTL runs out.
 type Cache struct {
-	mu  sync.Mutex
-	m   map[netip.Addr]map[string]time.Time
-	Now func() time.Time // nil: time.Now
+	mu     sync.Mutex
+	m      map[netip.Addr]map[string]time.Time
+	latest map[netip.Addr]string // the name last asked for that resolved to the address
+	Now    func() time.Time      // nil: time.Now
 }
 
 func (c *Cache) now() time.Time {
@@ -46,6 +47,31 @@ func (c *Cache) Record(addr netip.Addr, name string, ttl time.Duration) {
 	if exp.After(names[name]) {
 		names[name] = exp
 	}
+}
+
+// RecordQuery notes that the sandbox asked for name and got addr: the name
+// a forced proxy is told.
+func (c *Cache) RecordQuery(addr netip.Addr, name string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.latest == nil {
+		c.latest = make(map[netip.Addr]string)
+	}
+	c.latest[addr.Unmap()] = name
+}
+
+// Hostname is the name the sandbox last asked for that resolved to addr,
+// if that answer has not expired.
+func (c *Cache) Hostname(addr netip.Addr) string {
+	addr = addr.Unmap()
+	c.mu.Lock()
+	name := c.latest[addr]
+	exp, ok := c.m[addr][name]
+	c.mu.Unlock()
+	if !ok || !c.now().Before(exp) {
+		return ""
+	}
+	return name
 }
 
 // Names returns the unexpired names for addr, sorted.

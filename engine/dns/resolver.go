@@ -208,6 +208,7 @@ func (r *Resolver) record(chain []string, resp *mdns.Msg) []string {
 			for _, n := range chain {
 				r.Cache.Record(addr, n, t)
 			}
+			r.Cache.RecordQuery(addr, chain[0])
 		}
 	}
 	return answers

@@ -43,6 +43,9 @@ type Event struct {
 	DstPort  uint16   `json:"dst_port,omitempty"`
 	Names    []string `json:"names,omitempty"`
 	Upstream string   `json:"upstream,omitempty"`
+	Proxy    string   `json:"proxy,omitempty"`
+	// ProxyHost is the name the proxy was asked to connect to.
+	ProxyHost string `json:"proxy_host,omitempty"`
 
 	Verdict       string `json:"verdict,omitempty"`
 	ReasonCode    string `json:"reason_code,omitempty"`

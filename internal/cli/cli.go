@@ -22,6 +22,7 @@ import (
 
 	"github.com/childflow/childflow/engine"
 	"github.com/childflow/childflow/engine/flowlog"
+	"github.com/childflow/childflow/engine/proxy"
 	"github.com/childflow/childflow/internal/doctor"
 	"github.com/childflow/childflow/internal/netplan"
 	"github.com/childflow/childflow/internal/sandbox"
@@ -130,6 +131,14 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if err != nil {
 		return usageError(stderr, err)
 	}
+	var fwd *proxy.Proxy
+	if o.proxy != "" {
+		if fwd, err = proxy.Parse(o.proxy, o.proxyUser, o.proxyPassword, o.proxyInsecure); err != nil {
+			return usageError(stderr, err)
+		}
+	} else if o.proxyUser != "" || o.proxyPassword != "" || o.proxyInsecure {
+		return usageError(stderr, policy.Usagef("--proxy-user, --proxy-password and --proxy-insecure need --proxy"))
+	}
 	upstreams, err := ParseDNS("--dns", o.dns)
 	if err != nil {
 		return usageError(stderr, err)
@@ -184,7 +193,7 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "childflow: %v\n", err)
 		return exitFailure
 	}
-	eng, err := engine.New(engine.Config{ID: "exec", Link: sb.TUN, Plan: plan, Policy: pol, DNS: upstreams, OnEvent: events})
+	eng, err := engine.New(engine.Config{ID: "exec", Link: sb.TUN, Plan: plan, Policy: pol, DNS: upstreams, Proxy: fwd, OnEvent: events})
 	if err == nil {
 		err = eng.Start(ctx)
 	}

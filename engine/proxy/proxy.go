@@ -1,0 +1,279 @@
+// Package proxy carries the sandbox's TCP flows through a forced upstream
+// proxy: HTTP CONNECT over TCP or TLS, or SOCKS5, with credentials. The
+// proxy is told the hostname the sandbox resolved where it is known.
+package proxy
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/base64"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/childflow/childflow/policy"
+)
+
+// Proxy is a parsed, validated upstream proxy.
+type Proxy struct {
+	Scheme   string // http, https, socks5, socks5h
+	Addr     string // host:port
+	host     string
+	user     string
+	password string
+	insecure bool
+	// RootCAs verifies an https proxy; nil means the system roots.
+	RootCAs *x509.CertPool
+	// DialContext reaches the proxy itself. Nil: a net.Dialer.
+	DialContext func(ctx context.Context, network, addr string) (net.Conn, error)
+}
+
+// Parse validates -p/--proxy with -U/--proxy-user and -P/--proxy-password.
+// Credentials in the URI are used when the flags give none.
+func Parse(uri, user, password string, insecure bool) (*Proxy, error) {
+	u, err := url.Parse(uri)
+	if err != nil || u.Host == "" {
+		return nil, policy.Usagef("invalid --proxy %q: want SCHEME://HOST:PORT", redact(uri))
+	}
+	p := &Proxy{Scheme: strings.ToLower(u.Scheme), user: user, password: password, insecure: insecure}
+	switch p.Scheme {
+	case "http", "https", "socks5", "socks5h":
+	default:
+		return nil, policy.Usagef("invalid --proxy %q: scheme must be http, https, socks5 or socks5h", redact(uri))
+	}
+	if u.Port() == "" {
+		return nil, policy.Usagef("invalid --proxy %q: no port", redact(uri))
+	}
+	if port, err := strconv.Atoi(u.Port()); err != nil || port < 1 || port > 65535 {
+		return nil, policy.Usagef("invalid --proxy %q: bad port", redact(uri))
+	}
+	if u.Path != "" && u.Path != "/" {
+		return nil, policy.Usagef("invalid --proxy %q: a proxy URI has no path", redact(uri))
+	}
+	if u.User != nil && p.user == "" {
+		p.user = u.User.Username()
+		p.password, _ = u.User.Password()
+	}
+	if p.password != "" && p.user == "" {
+		return nil, policy.Usagef("--proxy-password needs --proxy-user")
+	}
+	if strings.HasPrefix(p.Scheme, "socks5") && (len(p.user) > 255 || len(p.password) > 255) {
+		return nil, policy.Usagef("--proxy-user and --proxy-password are limited to 255 bytes for SOCKS5")
+	}
+	p.host = u.Hostname()
+	p.Addr = u.Host
+	return p, nil
+}
+
+// redact hides credentials in a proxy URI for messages, even in one that
+// does not parse.
+func redact(uri string) string {
+	if i := strings.Index(uri, "://"); i >= 0 {
+		if at := strings.LastIndex(uri[i+3:], "@"); at >= 0 {
+			return uri[:i+3] + "redacted@" + uri[i+3+at+1:]
+		}
+	}
+	return uri
+}
+
+// String names the proxy without credentials.
+func (p *Proxy) String() string { return p.Scheme + "://" + p.Addr }
+
+// Dial opens a connection to target through the proxy. host, if not
+// empty, is the name the sandbox resolved to target: HTTP and socks5h
+// proxies are given the name, socks5 the address.
+func (p *Proxy) Dial(ctx context.Context, target netip.AddrPort, host string) (net.Conn, error) {
+	dial := p.DialContext
+	if dial == nil {
+		dial = (&net.Dialer{}).DialContext
+	}
+	c, err := dial(ctx, "tcp", p.Addr)
+	if err != nil {
+		return nil, fmt.Errorf("proxy %s: %w", p, err)
+	}
+	if deadline, ok := ctx.Deadline(); ok {
+		c.SetDeadline(deadline)
+	}
+	conn, err := p.handshake(ctx, c, target, host)
+	if err != nil {
+		c.Close()
+		return nil, fmt.Errorf("proxy %s: %w", p, err)
+	}
+	conn.SetDeadline(time.Time{})
+	return conn, nil
+}
+
+func (p *Proxy) handshake(ctx context.Context, c net.Conn, target netip.AddrPort, host string) (net.Conn, error) {
+	switch p.Scheme {
+	case "https":
+		tc := tls.Client(c, p.tlsConfig())
+		if err := tc.HandshakeContext(ctx); err != nil {
+			return nil, fmt.Errorf("TLS: %w", err)
+		}
+		return p.connect(tc, target, host)
+	case "http":
+		return p.connect(c, target, host)
+	case "socks5h":
+		return p.socks5(c, target, host)
+	default:
+		return p.socks5(c, target, "")
+	}
+}
+
+// tlsConfig verifies the proxy's certificate; --proxy-insecure skips the
+// chain but still checks that it was issued for the proxy's host name.
+func (p *Proxy) tlsConfig() *tls.Config {
+	cfg := &tls.Config{ServerName: p.host, RootCAs: p.RootCAs, MinVersion: tls.VersionTLS12}
+	if p.insecure {
+		cfg.InsecureSkipVerify = true
+		cfg.VerifyConnection = func(cs tls.ConnectionState) error {
+			if len(cs.PeerCertificates) == 0 {
+				return errors.New("proxy sent no certificate")
+			}
+			return cs.PeerCertificates[0].VerifyHostname(p.host)
+		}
+	}
+	return cfg
+}
+
+// bufferedConn keeps the bytes read past a CONNECT response: a server
+// that speaks first may already have sent them.
+type bufferedConn struct {
+	net.Conn
+	r *bufio.Reader
+}
+
+func (b *bufferedConn) Read(p []byte) (int, error) { return b.r.Read(p) }
+
+func (b *bufferedConn) CloseWrite() error {
+	if cw, ok := b.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return nil
+}
+
+func (p *Proxy) connect(c net.Conn, target netip.AddrPort, host string) (net.Conn, error) {
+	authority := target.String()
+	if host != "" {
+		authority = net.JoinHostPort(host, strconv.Itoa(int(target.Port())))
+	}
+	req := "CONNECT " + authority + " HTTP/1.1\r\nHost: " + authority + "\r\n"
+	if p.user != "" {
+		req += "Proxy-Authorization: Basic " + base64.StdEncoding.EncodeToString([]byte(p.user+":"+p.password)) + "\r\n"
+	}
+	req += "\r\n"
+	if _, err := io.WriteString(c, req); err != nil {
+		return nil, err
+	}
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, &http.Request{Method: http.MethodConnect})
+	if err != nil {
+		return nil, fmt.Errorf("reading CONNECT response: %w", err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("CONNECT %s: %s", authority, resp.Status)
+	}
+	return &bufferedConn{Conn: c, r: br}, nil
+}
+
+var socksReplies = map[byte]string{
+	1: "general failure", 2: "connection not allowed by ruleset", 3: "network unreachable",
+	4: "host unreachable", 5: "connection refused", 6: "TTL expired", 7: "command not supported",
+	8: "address type not supported",
+}
+
+func (p *Proxy) socks5(c net.Conn, target netip.AddrPort, host string) (net.Conn, error) {
+	methods := []byte{0}
+	if p.user != "" {
+		methods = []byte{2}
+	}
+	if _, err := c.Write(append([]byte{5, byte(len(methods))}, methods...)); err != nil {
+		return nil, err
+	}
+	var sel [2]byte
+	if _, err := io.ReadFull(c, sel[:]); err != nil {
+		return nil, fmt.Errorf("SOCKS5 greeting: %w", err)
+	}
+	switch {
+	case sel[0] != 5:
+		return nil, fmt.Errorf("not a SOCKS5 proxy")
+	case sel[1] == 0xff:
+		return nil, fmt.Errorf("SOCKS5: no acceptable authentication method (credentials needed?)")
+	case sel[1] == 2:
+		if p.user == "" {
+			return nil, fmt.Errorf("SOCKS5 proxy asks for a user name and password")
+		}
+		auth := []byte{1, byte(len(p.user))}
+		auth = append(auth, p.user...)
+		auth = append(auth, byte(len(p.password)))
+		auth = append(auth, p.password...)
+		if _, err := c.Write(auth); err != nil {
+			return nil, err
+		}
+		var st [2]byte
+		if _, err := io.ReadFull(c, st[:]); err != nil {
+			return nil, fmt.Errorf("SOCKS5 authentication: %w", err)
+		}
+		if st[1] != 0 {
+			return nil, fmt.Errorf("SOCKS5 authentication failed")
+		}
+	case sel[1] != 0:
+		return nil, fmt.Errorf("SOCKS5 proxy chose unsupported method %d", sel[1])
+	}
+	req := []byte{5, 1, 0}
+	switch {
+	case host != "":
+		req = append(req, 3, byte(len(host)))
+		req = append(req, host...)
+	case target.Addr().Is4():
+		a := target.Addr().As4()
+		req = append(append(req, 1), a[:]...)
+	default:
+		a := target.Addr().As16()
+		req = append(append(req, 4), a[:]...)
+	}
+	req = binary.BigEndian.AppendUint16(req, target.Port())
+	if _, err := c.Write(req); err != nil {
+		return nil, err
+	}
+	var head [4]byte
+	if _, err := io.ReadFull(c, head[:]); err != nil {
+		return nil, fmt.Errorf("SOCKS5 reply: %w", err)
+	}
+	if head[1] != 0 {
+		msg := socksReplies[head[1]]
+		if msg == "" {
+			msg = fmt.Sprintf("error %d", head[1])
+		}
+		return nil, fmt.Errorf("SOCKS5 CONNECT %s: %s", target, msg)
+	}
+	var skip int
+	switch head[3] {
+	case 1:
+		skip = 4
+	case 4:
+		skip = 16
+	case 3:
+		var l [1]byte
+		if _, err := io.ReadFull(c, l[:]); err != nil {
+			return nil, err
+		}
+		skip = int(l[0])
+	default:
+		return nil, fmt.Errorf("SOCKS5 reply with address type %d", head[3])
+	}
+	if _, err := io.ReadFull(c, make([]byte, skip+2)); err != nil {
+		return nil, err
+	}
+	return c, nil
+}

@@ -1,0 +1,168 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// Proxies run in the testnet at 203.0.113.30 (hack/testnet.sh).
+const (
+	squidOpen   = "http://203.0.113.30:3128"
+	squidAuth   = "http://203.0.113.30:3129"
+	socksOpen   = "203.0.113.30:1080"
+	socksAuth   = "203.0.113.30:1081"
+	proxyLogDir = "/run/childflow-testnet/" + testnet
+)
+
+func squidLog(t *testing.T) string {
+	b, _ := os.ReadFile(filepath.Join(proxyLogDir, "squid", "access.log"))
+	return string(b)
+}
+
+// waitFor polls the log until it contains want (squid writes asynchronously).
+func waitFor(t *testing.T, read func(*testing.T) string, want string) {
+	t.Helper()
+	for i := 0; i < 50; i++ {
+		if strings.Contains(read(t), want) {
+			return
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Fatalf("%q never appeared in:\n%s", want, read(t))
+}
+
+// forced: tools that ignore or are told to ignore proxy variables, and a
+// protocol where the server speaks first.
+const forced = `set -e
+curl -sS -m5 --noproxy '*' http://web.test/
+wget -q -O- --no-proxy http://web.test/
+(echo quit; sleep 1) | nc -w3 web.test 25
+`
+
+func TestProxyHTTPConnect(t *testing.T) {
+	users(t, func(t *testing.T, u as) {
+		dir := logDir(t)
+		log := filepath.Join(dir, "flows.jsonl")
+		r := sh(t, u, []string{"-p", squidAuth, "-U", "alice", "-P", "s3cret", "--flow-log", log}, forced)
+		if r.code != 0 || strings.Count(r.stdout, "hello from the test internet") != 2 || !strings.Contains(r.stdout, "220 banner.test ESMTP ready\nquit") {
+			t.Fatal(r)
+		}
+		waitFor(t, squidLog, "CONNECT web.test:25 alice")
+		if !strings.Contains(squidLog(t), "TCP_TUNNEL/200") {
+			t.Fatalf("squid did not tunnel:\n%s", squidLog(t))
+		}
+		b, _ := os.ReadFile(log)
+		if !strings.Contains(string(b), `"proxy":"http://203.0.113.30:3129"`) || !strings.Contains(string(b), `"proxy_host":"web.test"`) {
+			t.Fatalf("flow log does not name the proxy and host:\n%s", b)
+		}
+		if strings.Contains(string(b)+r.stderr+r.stdout, "s3cret") {
+			t.Fatal("the proxy password leaked into the flow log or output")
+		}
+		// An address nobody resolved reaches the proxy as the address.
+		if r := sh(t, u, []string{"-p", squidOpen}, "curl -sS -m5 -o /dev/null http://203.0.113.20/"); r.code != 0 {
+			t.Fatal(r)
+		}
+		waitFor(t, squidLog, "CONNECT 203.0.113.20:80")
+	})
+}
+
+func TestProxyFailsClosed(t *testing.T) {
+	users(t, func(t *testing.T, u as) {
+		dir := logDir(t)
+		for name, flags := range map[string][]string{
+			"no credentials": {"-p", squidAuth},
+			"wrong password": {"-p", squidAuth, "-U", "alice", "-P", "wrong"},
+			"proxy down":     {"-p", "http://203.0.113.30:3999"},
+			"socks no auth":  {"-p", "socks5://" + socksAuth},
+			"socks wrong pw": {"-p", "socks5h://" + socksAuth, "-U", "alice", "-P", "nope"},
+		} {
+			log := filepath.Join(dir, strings.ReplaceAll(name, " ", "-")+".jsonl")
+			start := time.Now()
+			r := sh(t, u, append(flags, "--flow-log", log), "curl -sS -m8 http://web.test/")
+			if r.code != 7 {
+				t.Errorf("%s: curl exit %d, want 7 (connection reset, no direct fallback)\n%s", name, r.code, r)
+			}
+			if d := time.Since(start); d > 5*time.Second {
+				t.Errorf("%s: took %v, want a quick failure", name, d)
+			}
+			b, _ := os.ReadFile(log)
+			if !strings.Contains(string(b), `"event":"connect_result"`) || !strings.Contains(string(b), `"ok":false`) || !strings.Contains(string(b), `"error":"proxy `) {
+				t.Errorf("%s: flow log does not say why:\n%s", name, b)
+			}
+			if strings.Contains(string(b), "wrong") || strings.Contains(string(b), "nope") {
+				t.Errorf("%s: password in the flow log", name)
+			}
+		}
+	})
+}
+
+func TestProxySOCKS5(t *testing.T) {
+	users(t, func(t *testing.T, u as) {
+		socksLog := func(name string) func(*testing.T) string {
+			return func(*testing.T) string {
+				b, _ := os.ReadFile(filepath.Join(proxyLogDir, name+".log"))
+				return string(b)
+			}
+		}
+		r := sh(t, u, []string{"-p", "socks5h://" + socksAuth, "-U", "alice", "-P", "s3cret"}, forced)
+		if r.code != 0 || !strings.Contains(r.stdout, "220 banner.test") {
+			t.Fatal(r)
+		}
+		waitFor(t, socksLog("microsocks-auth"), "connected to web.test:25")
+		// socks5:// resolves locally: the proxy gets the address.
+		if r := sh(t, u, []string{"-p", "socks5://" + socksOpen}, "curl -sS -m5 -o /dev/null http://web.test/"); r.code != 0 {
+			t.Fatal(r)
+		}
+		waitFor(t, socksLog("microsocks"), "connected to 203.0.113.10:80")
+	})
+}
+
+func TestProxyOnly(t *testing.T) {
+	users(t, func(t *testing.T, u as) {
+		r := sh(t, u, []string{"--proxy-only", "-p", squidOpen}, assertions+`
+ok get http://web.test/
+ok resolves web.test
+no udp UDP:203.0.113.10:7
+no ping -c1 -W2 203.0.113.10`)
+		if r.code != 0 {
+			t.Fatal(r)
+		}
+		// Policy still applies to the original destination first.
+		r = sh(t, u, []string{"-p", squidOpen, "--deny-cidr", "203.0.113.20/32"}, assertions+`
+no get http://203.0.113.20/
+ok get http://203.0.113.10/`)
+		if r.code != 0 {
+			t.Fatal(r)
+		}
+	})
+}
+
+func TestProxyUsageErrors(t *testing.T) {
+	requireRoot(t)
+	for args, want := range map[string]string{
+		"-p ftp://203.0.113.30:21":        `invalid --proxy "ftp://203.0.113.30:21"`,
+		"-p http://203.0.113.30":          "no port",
+		"-p http://bob:pw@203.0.113.30:x": "--proxy",
+		"-U alice":                        "need --proxy",
+	} {
+		r := run(t, root, append(strings.Fields(args), "--", "true")...)
+		if r.code != 2 || !strings.Contains(r.stderr, want) || strings.Contains(r.stderr, "pw@") {
+			t.Errorf("%s: %s", args, r)
+		}
+	}
+}
+
+func logDir(t *testing.T) string {
+	dir, err := os.MkdirTemp("", "cfproxy")
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(dir, 0o777)
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
