@@ -20,13 +20,13 @@ go build -o "$work/childflow" ./cmd/childflow
 go build -o "$work/connbench" ./hack/connbench
 CF="$work/childflow"
 CB="$work/connbench"
-ENVS="native childflow-65520 childflow-1500 slirp4netns-65520 slirp4netns-1500 pasta-65520 pasta-1500"
+ENVS="native childflow-65520 childflow-1500 childflowsquid-65520 slirp4netns-65520 slirp4netns-1500 pasta-65520 pasta-1500"
 
 pids=()
 cleanup() {
 	for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
 	[ -f "$work/pasta.pid" ] && kill "$(cat "$work/pasta.pid")" 2>/dev/null || true
-	ip netns del cfbench-slirp 2>/dev/null || true
+	ip netns del cfbench-slirp4netns 2>/dev/null || true
 	ip netns del cfbench-pasta 2>/dev/null || true
 	rm -rf "$work"
 }
@@ -36,7 +36,21 @@ iperf3 -s -B 127.0.0.1 -p 5201 >/dev/null 2>&1 &
 pids+=($!)
 "$CB" serve 127.0.0.1:5300 &
 pids+=($!)
-sleep 0.5
+# squid for the proxied row: childflow -p forces the flow through CONNECT.
+mkdir -p "$work/squid" && chmod 777 "$work/squid"
+cat >"$work/squid/squid.conf" <<CONF
+http_port 127.0.0.1:3140
+pid_filename $work/squid/squid.pid
+access_log none
+cache_log $work/squid/cache.log
+cache deny all
+coredump_dir $work/squid
+shutdown_lifetime 0 seconds
+http_access allow all
+CONF
+squid -N -f "$work/squid/squid.conf" &
+pids+=($!)
+for _ in $(seq 100); do ss -Hltn 'sport = :3140' | grep -q . && break; sleep 0.05; done
 
 # run_in ENV CMD...: run CMD inside environment ENV with $GW set to the
 # address that reaches the host's loopback there.
@@ -45,6 +59,10 @@ run_in() {
 	shift
 	case "$env" in
 	native) GW=127.0.0.1 "$@" ;;
+	childflowsquid-*)
+		"$CF" -p http://127.0.0.1:3140 --allow-cidr 10.87.0.1/32 --allow-cidr 172.29.87.1/32 --allow-cidr 192.168.187.1/32 -- \
+			sh -c 'GW=$(ip -4 route show default | cut -d" " -f3) exec "$@"' sh "$@"
+		;;
 	childflow-*)
 		# The gateway is the first address of whichever subnet childflow
 		# picked; allowing all three candidates keeps this independent of it.
@@ -118,6 +136,7 @@ over() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f ms", a - b }'; }
 	for env in $ENVS; do
 		name=${env%-*} mtu=${env##*-}
 		[ "$env" = native ] && name="native loopback" mtu=65536
+		[ "${env%-*}" = childflowsquid ] && name="childflow via squid CONNECT"
 		echo "| $name | $mtu | ${tput[$env]} Gbit/s | $(ratio "${tput[$env]}" "${tput[native]}") | ${rate[$env]} | $(ratio "${rate[$env]}" "${rate[native]}") |"
 	done
 	echo
