@@ -147,5 +147,8 @@ over() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f ms", a - b }'; }
 	echo "| pasta --config-net /bin/true | ${starts[2]} ms | $(over "${starts[2]}" "${starts[0]}") |"
 } >"$work/table.md"
 mkdir -p "$(dirname "$OUT")"
-cp "$work/table.md" "$OUT"
-cat "$OUT"
+# Hand-written analysis below the marker survives a new run.
+notes=""
+[ -f "$OUT" ] && notes=$(sed -n '/^<!-- notes -->/,$p' "$OUT")
+{ cat "$work/table.md"; [ -n "$notes" ] && printf '\n%s\n' "$notes"; } >"$OUT"
+cat "$work/table.md"

@@ -11,7 +11,11 @@
 #   203.0.113.53, 2001:db8::53   dnsmasq with the names below
 #   203.0.113.30                 proxies: squid :3128 (open) and :3129 (Basic auth
 #                                alice:s3cret), microsocks :1080 (open) and :1081
-#                                (alice:s3cret); they resolve through dnsmasq
+#                                (alice:s3cret), tinyproxy :8888, and stunnel in front
+#                                of squid :3128 as HTTPS proxies: :3443 with a
+#                                certificate for 203.0.113.30, :3444 with one for
+#                                elsewhere.test, both from the test CA in
+#                                $state/tls/ca.pem. They resolve through dnsmasq.
 # The host side of the veth is 203.0.113.1 / 2001:db8::1. Nothing here
 # routes anywhere else.
 set -euo pipefail
@@ -83,7 +87,9 @@ up() {
 			[ "$(ip netns exec "$ns" ss -Hlun 'sport = :7' | wc -l)" = 4 ] &&
 			ip netns exec "$ns" ss -Hlun 'sport = :53' | grep -q . &&
 			ip netns exec "$ns" ss -Hltn 'sport = :3129' | grep -q . &&
-			ip netns exec "$ns" ss -Hltn 'sport = :1081' | grep -q .; then
+			ip netns exec "$ns" ss -Hltn 'sport = :1081' | grep -q . &&
+			ip netns exec "$ns" ss -Hltn 'sport = :8888' | grep -q . &&
+			ip netns exec "$ns" ss -Hltn 'sport = :3444' | grep -q .; then
 			echo "testnet $name up: netns $ns, hosts 203.0.113.10 203.0.113.20, dns 203.0.113.53"
 			return 0
 		fi
@@ -118,8 +124,52 @@ http_access deny authport
 http_access allow all
 CONF
 	start squid squid -N -f "$state/squid/squid.conf"
+	mkdir -p "$state/tinyproxy" && chmod 777 "$state/tinyproxy"
+	cat >"$state/tinyproxy/tinyproxy.conf" <<CONF
+User nobody
+Group nogroup
+Port 8888
+Listen 203.0.113.30
+Timeout 60
+LogFile "$state/tinyproxy/tinyproxy.log"
+LogLevel Connect
+CONF
+	start tinyproxy tinyproxy -d -c "$state/tinyproxy/tinyproxy.conf"
+	make_certs
+	cat >"$state/tls/stunnel.conf" <<CONF
+foreground = yes
+pid =
+[good]
+accept = 203.0.113.30:3443
+connect = 203.0.113.30:3128
+cert = $state/tls/good.pem
+key = $state/tls/good.key
+[wrong-name]
+accept = 203.0.113.30:3444
+connect = 203.0.113.30:3128
+cert = $state/tls/wrong.pem
+key = $state/tls/wrong.key
+CONF
+	start stunnel stunnel "$state/tls/stunnel.conf"
 	start microsocks microsocks -i 203.0.113.30 -p 1080
 	start microsocks-auth microsocks -i 203.0.113.30 -p 1081 -u alice -P s3cret
+}
+
+# make_certs: a throwaway CA and two server certificates for the HTTPS proxies.
+make_certs() {
+	local d="$state/tls"
+	mkdir -p "$d"
+	openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+		-subj /CN=childflow-test-ca -keyout "$d/ca.key" -out "$d/ca.pem" 2>/dev/null
+	for c in good:IP:203.0.113.30 wrong:DNS:elsewhere.test; do
+		local name=${c%%:*} san=${c#*:}
+		openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/CN=$name" \
+			-keyout "$d/$name.key" -out "$d/$name.csr" 2>/dev/null
+		printf 'subjectAltName=%s\nextendedKeyUsage=serverAuth\n' "$san" >"$d/$name.ext"
+		openssl x509 -req -in "$d/$name.csr" -CA "$d/ca.pem" -CAkey "$d/ca.key" -CAcreateserial -days 2 \
+			-extfile "$d/$name.ext" -out "$d/$name.pem" 2>/dev/null
+	done
+	chmod 644 "$d"/*
 }
 
 down_quiet() {

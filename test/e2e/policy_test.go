@@ -106,6 +106,11 @@ no get http://loopback.test:%[1]d/`, hostPort)},
 		{"allow-cidr opens the gateway", []string{"--allow-cidr", "10.87.0.1/32", "--allow-cidr", "172.29.87.1/32", "--allow-cidr", "192.168.187.1/32"}, fmt.Sprintf(`
 ok get http://$GW:%[1]d/
 no get http://203.0.113.1:%[1]d/`, hostPort)},
+		{"block-private beats allow-cidr", []string{"--block-private", "--allow-cidr", "10.87.0.1/32", "--allow-cidr", "172.29.87.1/32",
+			"--allow-cidr", "192.168.187.1/32", "--allow-cidr", "fd00:cf::1/128", "--allow-cidr", "fd87:cf::1/128"}, fmt.Sprintf(`
+no get http://$GW:%[1]d/
+no get -6 "http://[$GW6]:%[1]d/"
+ok get http://203.0.113.10/`, hostPort)},
 		{"block-metadata", []string{"--block-metadata"}, `
 no get http://169.254.169.254/
 no get -6 'http://[fd00:ec2::254]/'

@@ -3,7 +3,9 @@
 package e2e
 
 import (
+	"context"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -165,4 +167,44 @@ func logDir(t *testing.T) string {
 	os.Chmod(dir, 0o777)
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	return dir
+}
+
+func TestProxyHTTPSAndTinyproxy(t *testing.T) {
+	users(t, func(t *testing.T, u as) {
+		ca := filepath.Join(proxyLogDir, "tls", "ca.pem")
+		withCA := func(flags []string, script string) result {
+			// The test CA stands in for the system roots (Go reads SSL_CERT_FILE).
+			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+			defer cancel()
+			args := append(append([]string{"--dns", "203.0.113.53"}, flags...), "--", "sh", "-c", script)
+			cmd := command(ctx, u, args...)
+			cmd.Env = append(cmd.Environ(), "SSL_CERT_FILE="+ca)
+			out, err := cmd.CombinedOutput()
+			code := 0
+			if ee, ok := err.(*exec.ExitError); ok {
+				code = ee.ExitCode()
+			}
+			return result{stdout: string(out), code: code}
+		}
+		get := "curl -sS -m5 http://web.test/"
+		if r := withCA([]string{"-p", "https://203.0.113.30:3443"}, get); r.code != 0 || !strings.Contains(r.stdout, "hello") {
+			t.Fatalf("trusted HTTPS proxy: %s", r)
+		}
+		if r := sh(t, u, []string{"-p", "https://203.0.113.30:3443"}, get); r.code != 7 {
+			t.Fatalf("untrusted HTTPS proxy without --proxy-insecure: want curl exit 7\n%s", r)
+		}
+		if r := sh(t, u, []string{"-p", "https://203.0.113.30:3443", "--proxy-insecure"}, get); r.code != 0 {
+			t.Fatalf("--proxy-insecure with the right host name: %s", r)
+		}
+		if r := withCA([]string{"-p", "https://203.0.113.30:3444", "--proxy-insecure"}, get); r.code != 7 {
+			t.Fatalf("--proxy-insecure must still check the host name: %s", r)
+		}
+		if r := sh(t, u, []string{"-p", "http://203.0.113.30:8888"}, forced); r.code != 0 || !strings.Contains(r.stdout, "220 banner.test") {
+			t.Fatalf("tinyproxy: %s", r)
+		}
+		waitFor(t, func(*testing.T) string {
+			b, _ := os.ReadFile(filepath.Join(proxyLogDir, "tinyproxy", "tinyproxy.log"))
+			return string(b)
+		}, "CONNECT web.test:25")
+	})
 }
