@@ -204,6 +204,24 @@ func flowEvent(kind string, id uint64, proto policy.Proto, src, dst netip.AddrPo
 		DstIP: dst.Addr().String(), DstPort: dst.Port(), Names: names}
 }
 
+// admit logs a new flow's connect_attempt and decides it. A denied flow
+// is logged as a policy_violation and admit returns false. DNS over TLS
+// or QUIC (port 853) is always denied: no resolver but the engine's.
+func (e *Engine) admit(proto policy.Proto, src, dst netip.AddrPort, viaProxy bool) (flowlog.Event, bool) {
+	names := e.cache.Names(dst.Addr())
+	ev := flowEvent(flowlog.ConnectAttempt, e.nextFlow.Add(1), proto, src, dst, names)
+	d := e.policy.Decide(policy.Flow{Proto: proto, Dst: dst, Names: names, ViaProxy: viaProxy})
+	if dst.Port() == portDoT && proto != policy.ICMP {
+		d = dnsBypass
+	}
+	ev.Verdict, ev.ReasonCode = verdict(d), d.Reason
+	e.emit(ev)
+	if !d.Allow {
+		e.violation(ev, d)
+	}
+	return ev, d.Allow
+}
+
 func (e *Engine) violation(ev flowlog.Event, d policy.Decision) {
 	ev.Event = flowlog.PolicyViolation
 	ev.Verdict = "deny"

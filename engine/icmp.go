@@ -18,15 +18,9 @@ import (
 const echoTimeout = 5 * time.Second
 
 func (e *Engine) handleEcho(req netstack.EchoRequest, reply func()) {
-	id := e.nextFlow.Add(1)
 	src, dst := netip.AddrPortFrom(req.Src, 0), netip.AddrPortFrom(req.Dst, 0)
-	names := e.cache.Names(req.Dst)
-	ev := flowEvent(flowlog.ConnectAttempt, id, policy.ICMP, src, dst, names)
-	d := e.policy.Decide(policy.Flow{Proto: policy.ICMP, Dst: dst, Names: names})
-	ev.Verdict, ev.ReasonCode = verdict(d), d.Reason
-	e.emit(ev)
-	if !d.Allow {
-		e.violation(ev, d)
+	ev, ok := e.admit(policy.ICMP, src, dst, false)
+	if !ok {
 		return
 	}
 	if !e.acquire() {

@@ -20,7 +20,6 @@ func (e *Engine) handleTCP(r *netstack.TCPRequest) {
 		return
 	}
 	defer e.release()
-	id := e.nextFlow.Add(1)
 	if r.Dst.Port() == portDNS {
 		// DNS over TCP to any address is answered by our resolver.
 		c, err := r.Accept()
@@ -29,17 +28,9 @@ func (e *Engine) handleTCP(r *netstack.TCPRequest) {
 		}
 		return
 	}
-	names := e.cache.Names(r.Dst.Addr())
-	ev := flowEvent(flowlog.ConnectAttempt, id, policy.TCP, r.Src, r.Dst, names)
 	viaProxy := e.cfg.Proxy != nil
-	d := e.policy.Decide(policy.Flow{Proto: policy.TCP, Dst: r.Dst, Names: names, ViaProxy: viaProxy})
-	if r.Dst.Port() == portDoT {
-		d = dnsBypass
-	}
-	ev.Verdict, ev.ReasonCode = verdict(d), d.Reason
-	e.emit(ev)
-	if !d.Allow {
-		e.violation(ev, d)
+	ev, ok := e.admit(policy.TCP, r.Src, r.Dst, viaProxy)
+	if !ok {
 		r.Reject()
 		return
 	}

@@ -19,23 +19,14 @@ func (e *Engine) handleUDP(f *netstack.UDPFlow) {
 		return
 	}
 	defer e.release()
-	id := e.nextFlow.Add(1)
 	if f.Dst.Port() == portDNS {
 		// DNS to any resolver is answered by ours, from the address the
 		// sandbox asked.
 		e.serveDNSFlow(f.Conn)
 		return
 	}
-	names := e.cache.Names(f.Dst.Addr())
-	ev := flowEvent(flowlog.ConnectAttempt, id, policy.UDP, f.Src, f.Dst, names)
-	d := e.policy.Decide(policy.Flow{Proto: policy.UDP, Dst: f.Dst, Names: names})
-	if f.Dst.Port() == portDoT {
-		d = dnsBypass
-	}
-	ev.Verdict, ev.ReasonCode = verdict(d), d.Reason
-	e.emit(ev)
-	if !d.Allow {
-		e.violation(ev, d)
+	ev, ok := e.admit(policy.UDP, f.Src, f.Dst, false)
+	if !ok {
 		// Swallow the flow until it is idle, so a sender in a loop makes
 		// one violation, not one per datagram.
 		e.drain(f.Conn)

@@ -33,10 +33,9 @@ import (
 
 // Exit codes besides the command's own.
 const (
-	exitFailure = 1   // childflow could not set up the sandbox
-	exitUsage   = 2   // bad flags or values
-	exitLeak    = 3   // --fail-on-leak: something was blocked
-	exitNoExec  = 125 // the sandbox failed before the command ran
+	exitFailure = 1 // childflow could not set up the sandbox
+	exitUsage   = 2 // bad flags or values
+	exitLeak    = 3 // --fail-on-leak: something was blocked
 )
 
 // Run is the whole CLI; it returns the process exit code.
