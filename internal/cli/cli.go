@@ -25,6 +25,7 @@ import (
 	"github.com/childflow/childflow/engine/proxy"
 	"github.com/childflow/childflow/internal/doctor"
 	"github.com/childflow/childflow/internal/netplan"
+	"github.com/childflow/childflow/internal/report"
 	"github.com/childflow/childflow/internal/sandbox"
 	"github.com/childflow/childflow/internal/version"
 	"github.com/childflow/childflow/policy"
@@ -100,6 +101,9 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if o.doctor {
 		return doctorReport(o.doctorFormat, stdout, stderr)
 	}
+	if o.report != "" {
+		return renderReport(o.report, o.reportFormat, stdout, stderr)
+	}
 	command := fs.Args()
 	if o.profile != "" {
 		prof, err := profile.Load(o.profile)
@@ -170,7 +174,10 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "childflow: %v\n", err)
 		return exitFailure
 	}
-	var events func(flowlog.Event)
+	if err := checkChoice("summary-format", o.summaryFormat, "text", "json"); err != nil {
+		return usageError(stderr, err)
+	}
+	var sinks []func(flowlog.Event)
 	if o.flowLog != "" {
 		w, err := flowlog.Create(o.flowLog)
 		if err != nil {
@@ -178,7 +185,17 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			return exitFailure
 		}
 		defer w.Close()
-		events = w.Log
+		sinks = append(sinks, w.Log)
+	}
+	var summary *report.Report
+	if o.summary {
+		summary = report.New()
+		sinks = append(sinks, summary.Add)
+	}
+	events := func(ev flowlog.Event) {
+		for _, s := range sinks {
+			s(ev)
+		}
 	}
 
 	sb, err := sandbox.Start(sandbox.Spec{
@@ -221,11 +238,35 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	code := sb.Wait()
 	reclaimTerminal()
 	eng.Close()
+	if summary != nil {
+		summary.Finish().Render(stderr, o.summaryFormat)
+	}
 	if o.failOnLeak && code == 0 && eng.Violations() > 0 {
 		fmt.Fprintf(stderr, "childflow: --fail-on-leak: %d flow(s) were blocked by policy\n", eng.Violations())
 		return exitLeak
 	}
 	return code
+}
+
+func renderReport(path, format string, stdout, stderr io.Writer) int {
+	if err := checkChoice("report-format", format, report.Formats...); err != nil {
+		return usageError(stderr, err)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return usageError(stderr, policy.Usagef("invalid --report %q: %v", path, err))
+	}
+	defer f.Close()
+	r, err := report.Read(f)
+	if err != nil {
+		fmt.Fprintf(stderr, "childflow: --report %s: %v\n", path, err)
+		return exitFailure
+	}
+	if err := r.Render(stdout, format); err != nil {
+		fmt.Fprintf(stderr, "childflow: --report: %v\n", err)
+		return exitFailure
+	}
+	return 0
 }
 
 // resolvConf points the sandbox at the engine, keeping the host's search

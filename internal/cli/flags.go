@@ -36,7 +36,7 @@ func newExecFlags(o *execOptions) *pflag.FlagSet {
 	fs.BoolVar(&o.doctor, "doctor", false, "check this host's requirements and exit")
 	fs.StringVar(&o.doctorFormat, "doctor-format", "text", "doctor output: text|json")
 	fs.StringVar(&o.report, "report", "", "render a report of a saved flow log FILE and exit")
-	fs.StringVar(&o.reportFormat, "report-format", "text", "report format: text|markdown|json")
+	fs.StringVar(&o.reportFormat, "report-format", "text", "report format: text|markdown|json|html")
 	fs.StringSliceVarP(&o.dns, "dns", "d", nil, "upstream DNS server ADDR[:PORT] (repeatable); default: the host's resolv.conf")
 	fs.StringVar(&o.hostsFile, "hosts-file", "", "use FILE as /etc/hosts inside the sandbox")
 	fs.StringVarP(&o.proxy, "proxy", "p", "", "force TCP through an upstream proxy URI")
@@ -67,8 +67,7 @@ func newExecFlags(o *execOptions) *pflag.FlagSet {
 
 // notYet lists upstream flags whose feature has not landed; using one is a
 // usage error rather than a silent no-op.
-var notYet = []string{"capture", "capture-point", "report", "report-format",
-	"summary", "summary-format", "iface"}
+var notYet = []string{"capture", "capture-point", "iface"}
 
 func (o *execOptions) policy() (*policy.Policy, error) {
 	for _, name := range notYet {

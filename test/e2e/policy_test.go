@@ -241,3 +241,35 @@ command = ["sh", "-c", "curl -sS -m4 http://allowed.test/ && getent hosts from-p
 		}
 	})
 }
+
+func TestSummaryAndReport(t *testing.T) {
+	users(t, func(t *testing.T, u as) {
+		dir := logDir(t)
+		log := filepath.Join(dir, "flows.jsonl")
+		script := "curl -s -o /dev/null http://web.test/; curl -s -m3 http://203.0.113.20/; dig +short web.test >/dev/null"
+		r := sh(t, u, []string{"--summary", "--summary-format", "json", "--flow-log", log, "--deny-cidr", "203.0.113.20/32"}, script)
+		var sum struct {
+			Flows, Allowed, Denied int
+			Violations             map[string]int `json:"violations_by_control"`
+		}
+		if err := json.Unmarshal([]byte(r.stderr), &sum); err != nil {
+			t.Fatalf("--summary-format json on stderr: %v\n%s", err, r)
+		}
+		if sum.Denied != 1 || sum.Allowed < 1 || sum.Violations["deny_cidrs"] != 1 {
+			t.Fatalf("summary %+v", sum)
+		}
+		r = sh(t, u, []string{"--summary"}, "curl -s -o /dev/null http://web.test/")
+		if !strings.Contains(r.stderr, "childflow report") || !strings.Contains(r.stderr, "203.0.113.10:80") {
+			t.Fatalf("text summary:\n%s", r)
+		}
+		for _, format := range []string{"text", "markdown", "json", "html"} {
+			r := run(t, u, "--report", log, "--report-format", format)
+			if r.code != 0 || !strings.Contains(r.stdout, "203.0.113.20:80") {
+				t.Fatalf("--report-format %s:\n%s", format, r)
+			}
+		}
+		if r := run(t, u, "--report", log, "--report-format", "pdf"); r.code != 2 || !strings.Contains(r.stderr, `--report-format "pdf"`) {
+			t.Fatalf("bad report format: %s", r)
+		}
+	})
+}
