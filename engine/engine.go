@@ -41,6 +41,9 @@ type Config struct {
 	Proxy *proxy.Proxy
 	// Dial opens upstream connections. Nil: a net.Dialer.
 	Dial func(ctx context.Context, network, address string) (net.Conn, error)
+	// Capture, if set, is given every IP packet on the sandbox's link (the
+	// child view); outbound means sent by the sandbox. It must not block.
+	Capture func(outbound bool, packet []byte)
 	// OnEvent receives every flow-log event. Nil: events are discarded.
 	// It must not block.
 	OnEvent func(flowlog.Event)
@@ -130,7 +133,7 @@ func (e *Engine) Start(ctx context.Context) error {
 	e.stack, err = netstack.New(link, netstack.Config{
 		Plan:        e.cfg.Plan,
 		MaxHalfOpen: e.cfg.MaxHalfOpen,
-		Handlers:    netstack.Handlers{TCP: e.handleTCP, UDP: e.handleUDP, Echo: e.handleEcho},
+		Handlers:    netstack.Handlers{TCP: e.handleTCP, UDP: e.handleUDP, Echo: e.handleEcho, Tap: e.cfg.Capture},
 	})
 	if err != nil {
 		e.cancel()

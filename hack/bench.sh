@@ -20,7 +20,7 @@ go build -o "$work/childflow" ./cmd/childflow
 go build -o "$work/connbench" ./hack/connbench
 CF="$work/childflow"
 CB="$work/connbench"
-ENVS="native childflow-65520 childflow-1500 childflowsquid-65520 slirp4netns-65520 slirp4netns-1500 pasta-65520 pasta-1500"
+ENVS="native childflow-65520 childflowobserved-65520 childflow-1500 childflowsquid-65520 slirp4netns-65520 slirp4netns-1500 pasta-65520 pasta-1500"
 
 pids=()
 cleanup() {
@@ -59,6 +59,12 @@ run_in() {
 	shift
 	case "$env" in
 	native) GW=127.0.0.1 "$@" ;;
+	childflowobserved-*)
+		# Flow log and capture on: what observing costs.
+		"$CF" --flow-log "$work/flows.jsonl" -c "$work/capture.pcapng" --allow-cidr 10.87.0.1/32 --allow-cidr 172.29.87.1/32 --allow-cidr 192.168.187.1/32 -- \
+			sh -c 'GW=$(ip -4 route show default | cut -d" " -f3) exec "$@"' sh "$@"
+		rm -f "$work/flows.jsonl" "$work/capture.pcapng"
+		;;
 	childflowsquid-*)
 		"$CF" -p http://127.0.0.1:3140 --allow-cidr 10.87.0.1/32 --allow-cidr 172.29.87.1/32 --allow-cidr 192.168.187.1/32 -- \
 			sh -c 'GW=$(ip -4 route show default | cut -d" " -f3) exec "$@"' sh "$@"
@@ -137,6 +143,7 @@ over() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f ms", a - b }'; }
 		name=${env%-*} mtu=${env##*-}
 		[ "$env" = native ] && name="native loopback" mtu=65536
 		[ "${env%-*}" = childflowsquid ] && name="childflow via squid CONNECT"
+		[ "${env%-*}" = childflowobserved ] && name="childflow + flow log + capture"
 		echo "| $name | $mtu | ${tput[$env]} Gbit/s | $(ratio "${tput[$env]}" "${tput[native]}") | ${rate[$env]} | $(ratio "${rate[$env]}" "${rate[native]}") |"
 	done
 	echo

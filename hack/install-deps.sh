@@ -8,7 +8,7 @@ pkgs=(
 	ca-certificates iproute2 procps nftables iptables
 	curl dnsutils iputils-ping socat netcat-openbsd busybox-static dnsmasq-base
 	iperf3 slirp4netns passt hyperfine jq util-linux
-	squid microsocks tinyproxy stunnel4 openssl apache2-utils
+	squid microsocks tinyproxy stunnel4 openssl apache2-utils tshark
 )
 missing=()
 for p in "${pkgs[@]}"; do

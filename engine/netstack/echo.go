@@ -18,17 +18,19 @@ type EchoRequest struct {
 	Payload  []byte
 }
 
-// echoInterceptor sits between the TUN and the stack. gVisor in
-// promiscuous mode would answer an echo to any address itself, telling the
-// sandbox that every host is up; echo requests to anything but the gateway
-// are taken out here and given to the engine instead.
-type echoInterceptor struct {
+// sandboxLink sits between the TUN and the stack. gVisor in promiscuous
+// mode would answer an echo to any address itself, telling the sandbox
+// that every host is up; echo requests to anything but the gateway are
+// taken out here and given to the engine instead. It is also where the
+// sandbox's packets are tapped for capture.
+type sandboxLink struct {
 	stack.LinkEndpoint
 	stack   *Stack
 	handler func(EchoRequest, func())
+	tap     func(outbound bool, packet []byte)
 }
 
-func (e *echoInterceptor) Attach(d stack.NetworkDispatcher) {
+func (e *sandboxLink) Attach(d stack.NetworkDispatcher) {
 	if d == nil {
 		e.LinkEndpoint.Attach(nil)
 		return
@@ -38,10 +40,13 @@ func (e *echoInterceptor) Attach(d stack.NetworkDispatcher) {
 
 type echoDispatcher struct {
 	stack.NetworkDispatcher
-	ep *echoInterceptor
+	ep *sandboxLink
 }
 
 func (d *echoDispatcher) DeliverNetworkPacket(proto tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer) {
+	if d.ep.tap != nil {
+		d.ep.tap(true, pkt.Data().AsRange().ToSlice())
+	}
 	if d.ep.maybeEcho(pkt) {
 		return
 	}
@@ -50,7 +55,7 @@ func (d *echoDispatcher) DeliverNetworkPacket(proto tcpip.NetworkProtocolNumber,
 
 // maybeEcho reports whether pkt was an echo request it consumed. Only the
 // first bytes are looked at, so TCP and UDP pay almost nothing.
-func (e *echoInterceptor) maybeEcho(pkt *stack.PacketBuffer) bool {
+func (e *sandboxLink) maybeEcho(pkt *stack.PacketBuffer) bool {
 	hdr, ok := pkt.Data().PullUp(1)
 	if !ok {
 		return false
@@ -119,13 +124,27 @@ func parseEcho(b []byte) (EchoRequest, bool) {
 	return r, true
 }
 
-func (e *echoInterceptor) writeEchoReply(req EchoRequest) {
+// WritePackets sends packets into the sandbox, tapping them first.
+func (e *sandboxLink) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) {
+	if e.tap != nil {
+		for _, pkt := range pkts.AsSlice() {
+			var b []byte
+			for _, s := range pkt.AsSlices() {
+				b = append(b, s...)
+			}
+			e.tap(false, b)
+		}
+	}
+	return e.LinkEndpoint.WritePackets(pkts)
+}
+
+func (e *sandboxLink) writeEchoReply(req EchoRequest) {
 	b := EchoReplyPacket(req)
 	pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithData(b)})
 	defer pkt.DecRef()
 	var l stack.PacketBufferList
 	l.PushBack(pkt)
-	e.LinkEndpoint.WritePackets(l)
+	e.WritePackets(l)
 }
 
 // EchoReplyPacket builds the IP packet answering req, from req.Dst.

@@ -65,6 +65,9 @@ type Handlers struct {
 	// Echo is called for ICMP echo requests to anything but the gateway;
 	// reply (if non-nil) sends the echo reply into the sandbox.
 	Echo func(req EchoRequest, reply func())
+	// Tap, if set, is given a copy of every IP packet on the sandbox's
+	// link; outbound means sent by the sandbox.
+	Tap func(outbound bool, packet []byte)
 }
 
 // Config describes one sandbox stack.
@@ -109,7 +112,7 @@ func New(link stack.LinkEndpoint, cfg Config) (*Stack, error) {
 		HandleLocal: false,
 	})
 	ns := &Stack{s: s, plan: cfg.Plan}
-	ns.link = &echoInterceptor{LinkEndpoint: link, stack: ns, handler: cfg.Handlers.Echo}
+	ns.link = &sandboxLink{LinkEndpoint: link, stack: ns, handler: cfg.Handlers.Echo, tap: cfg.Handlers.Tap}
 	if err := ns.configure(cfg); err != nil {
 		s.Close()
 		return nil, err

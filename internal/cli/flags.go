@@ -67,7 +67,7 @@ func newExecFlags(o *execOptions) *pflag.FlagSet {
 
 // notYet lists upstream flags whose feature has not landed; using one is a
 // usage error rather than a silent no-op.
-var notYet = []string{"capture", "capture-point", "iface"}
+var notYet = []string{"iface"}
 
 func (o *execOptions) policy() (*policy.Policy, error) {
 	for _, name := range notYet {
