@@ -9,9 +9,9 @@
 #                                TCP "banner" server :25 (the server speaks first)
 #   203.0.113.20, 2001:db8::20   same servers (a second, "denied" host)
 #   203.0.113.53, 2001:db8::53   dnsmasq with the names below
-#   203.0.113.30                 proxies: squid :3128 (open) and :3129 (Basic auth
+#   203.0.113.30, 2001:db8::30   proxies: squid :3128 (open) and :3129 (Basic auth
 #                                alice:s3cret), microsocks :1080 (open) and :1081
-#                                (alice:s3cret), tinyproxy :8888, and stunnel in front
+#                                (alice:s3cret) (and open on [2001:db8::30]:1080), tinyproxy :8888, and stunnel in front
 #                                of squid :3128 as HTTPS proxies: :3443 with a
 #                                certificate for 203.0.113.30, :3444 with one for
 #                                elsewhere.test, both from the test CA in
@@ -153,6 +153,7 @@ CONF
 	start stunnel stunnel "$state/tls/stunnel.conf"
 	start microsocks microsocks -i 203.0.113.30 -p 1080
 	start microsocks-auth microsocks -i 203.0.113.30 -p 1081 -u alice -P s3cret
+	start microsocks6 microsocks -i 2001:db8::30 -p 1080
 }
 
 # make_certs: a throwaway CA and two server certificates for the HTTPS proxies.
