@@ -179,8 +179,10 @@ var htmlPage = template.Must(template.New("report").Funcs(template.FuncMap{
 body{font:14px system-ui,sans-serif;margin:2em;color:#222}
 table{border-collapse:collapse;margin:0 0 1.5em}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
 th{background:#f3f3f3}.deny{color:#b00020}.allow{color:#1b5e20}
-.tl{position:relative;height:18px;border-bottom:1px solid #eee}.tl span.bar{position:absolute;height:12px;top:3px}
-.tl .allow{background:#4caf50}.tl .deny{background:#e53935}.tl label{position:absolute;left:0;font-size:11px;white-space:nowrap}
+.tl{display:flex;height:18px;border-bottom:1px solid #eee;align-items:center}
+.tl label{flex:0 0 22em;font-size:11px;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
+.tl .track{position:relative;flex:1;height:100%}.tl span.bar{position:absolute;height:12px;top:3px;min-width:2px}
+.tl .allow{background:#4caf50}.tl .deny{background:#e53935}
 .cards div{display:inline-block;margin:0 1.5em 1em 0}.cards b{font-size:1.6em;display:block}
 </style></head><body>
 <h1>childflow report</h1>
@@ -190,7 +192,7 @@ th{background:#f3f3f3}.deny{color:#b00020}.allow{color:#1b5e20}
 </div>
 <h2>Timeline</h2>
 <div id="timeline">{{$r := .}}{{range .Timeline}}
-<div class="tl" title="flow {{.ID}} {{.Proto}} {{.Dst}} {{.Name}} {{.Verdict}} {{.Reason}} {{.DurationMs}} ms {{.Error}}"><span class="bar {{.Verdict}}" style="left:{{pct $r (sub .StartMs $r.FirstMs)}}%;width:{{width $r .}}%"></span><label>{{.Proto}} {{.Dst}} {{.Name}}</label></div>{{end}}
+<div class="tl" title="flow {{.ID}} {{.Proto}} {{.Dst}} {{.Name}} {{.Verdict}} {{.Reason}} {{.DurationMs}} ms {{.Error}}"><label>{{.Proto}} {{.Dst}} {{.Name}}</label><div class="track"><span class="bar {{.Verdict}}" style="left:{{pct $r (sub .StartMs $r.FirstMs)}}%;width:{{width $r .}}%"></span></div></div>{{end}}
 </div>
 <h2>Destinations</h2>
 <table id="destinations"><tr><th>proto</th><th>destination</th><th>names</th><th>flows</th><th>denied</th><th>bytes up</th><th>bytes down</th></tr>
