@@ -53,6 +53,7 @@ type Config struct {
 	UDPIdleTimeout time.Duration // 60 s
 	MaxFlows       int           // 8192 open flows
 	MaxHalfOpen    int           // 512 TCP handshakes waiting for upstream
+	MaxDNSInFlight int           // 128 queries waiting for upstream
 }
 
 // Engine relays one sandbox.
@@ -67,6 +68,7 @@ type Engine struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 	flows  chan struct{} // semaphore of open flows
+	dnsSem chan struct{} // semaphore of queries waiting for upstream
 
 	nextFlow   atomic.Uint64
 	violations atomic.Uint64
@@ -87,11 +89,12 @@ func New(cfg Config) (*Engine, error) {
 	setDefault(&cfg.DialTimeout, 10*time.Second)
 	setDefault(&cfg.UDPIdleTimeout, 60*time.Second)
 	setDefault(&cfg.MaxFlows, 8192)
+	setDefault(&cfg.MaxDNSInFlight, 128)
 	if cfg.Dial == nil {
 		d := &net.Dialer{}
 		cfg.Dial = d.DialContext
 	}
-	e := &Engine{cfg: cfg, flows: make(chan struct{}, cfg.MaxFlows)}
+	e := &Engine{cfg: cfg, flows: make(chan struct{}, cfg.MaxFlows), dnsSem: make(chan struct{}, cfg.MaxDNSInFlight)}
 	e.policy = withHostAddrs(cfg.Policy, cfg.Plan)
 	e.resolver = &dns.Resolver{Upstreams: cfg.DNS, Policy: e.policy, Cache: &e.cache, OnQuery: e.logQuery}
 	return e, nil

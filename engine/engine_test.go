@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -533,5 +534,36 @@ func TestFlowLimit(t *testing.T) {
 	}
 	for _, c := range conns {
 		c.Close()
+	}
+}
+
+func TestDNSFloodIsBounded(t *testing.T) {
+	// An upstream that never answers: every query waits for its timeout.
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	sb := newSandbox(t, &policy.Policy{}, netip.MustParseAddrPort(pc.LocalAddr().String()))
+	c := sb.dialUDP(t, netip.AddrPortFrom(sb.plan.Gateway4, 53))
+	m := new(mdns.Msg)
+	before := runtime.NumGoroutine()
+	// The client stack may push back on its own full send buffer.
+	c.SetWriteDeadline(time.Now().Add(5 * time.Second))
+	sent := 0
+	for i := 0; i < 2000; i++ {
+		m.SetQuestion(fmt.Sprintf("flood%d.test.", i), mdns.TypeA)
+		b, _ := m.Pack()
+		if _, err := c.Write(b); err != nil {
+			break
+		}
+		sent++
+	}
+	if sent < 2*cap(sb.eng.dnsSem) {
+		t.Fatalf("only %d queries sent: the flood did not exceed the bound", sent)
+	}
+	time.Sleep(300 * time.Millisecond)
+	if grown := runtime.NumGoroutine() - before; grown > 2*cap(sb.eng.dnsSem)+50 {
+		t.Fatalf("%d goroutines for a flood of 2000 queries, want about %d at most", grown, cap(sb.eng.dnsSem))
 	}
 }

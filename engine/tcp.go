@@ -146,7 +146,15 @@ func (e *Engine) serveDNSListener(ln net.Listener) {
 		if err != nil {
 			return
 		}
-		go e.serveDNSConn(c)
+		// DNS-over-TCP connections count as flows, like any other.
+		if !e.acquire() {
+			c.Close()
+			continue
+		}
+		go func() {
+			defer e.release()
+			e.serveDNSConn(c)
+		}()
 	}
 }
 

@@ -159,8 +159,16 @@ func (e *Engine) serveDNSPackets(pc net.PacketConn) {
 		if err != nil {
 			return
 		}
+		// A sandbox flooding its resolver loses queries (clients retry);
+		// it does not make the engine hold unbounded goroutines.
+		select {
+		case e.dnsSem <- struct{}{}:
+		default:
+			continue
+		}
 		msg := append([]byte(nil), buf[:n]...)
 		go func() {
+			defer func() { <-e.dnsSem }()
 			if resp := e.resolver.Answer(e.ctx, msg, false); resp != nil {
 				pc.WriteTo(resp, from)
 			}
