@@ -21,6 +21,7 @@ import (
 	"github.com/childflow/childflow/engine/netstack"
 	"github.com/childflow/childflow/engine/proxy"
 	"github.com/childflow/childflow/internal/netplan"
+	"github.com/childflow/childflow/internal/procnet"
 	"github.com/childflow/childflow/policy"
 )
 
@@ -44,6 +45,9 @@ type Config struct {
 	// Capture, if set, is given every IP packet on the sandbox's link (the
 	// child view); outbound means sent by the sandbox. It must not block.
 	Capture func(outbound bool, packet []byte)
+	// SandboxPID is the sandbox init's pid on the host, used to attribute
+	// flows to processes in the flow log. Zero: not attributed.
+	SandboxPID int
 	// OnEvent receives every flow-log event. Nil: events are discarded.
 	// It must not block.
 	OnEvent func(flowlog.Event)
@@ -216,6 +220,12 @@ func flowEvent(kind string, id uint64, proto policy.Proto, src, dst netip.AddrPo
 func (e *Engine) admit(proto policy.Proto, src, dst netip.AddrPort, viaProxy bool) (flowlog.Event, bool) {
 	names := e.cache.Names(dst.Addr())
 	ev := flowEvent(flowlog.ConnectAttempt, e.nextFlow.Add(1), proto, src, dst, names)
+	if e.cfg.SandboxPID != 0 && e.cfg.OnEvent != nil && proto != policy.ICMP {
+		// Only when someone records events: this reads the sandbox's /proc.
+		if o, ok := procnet.Find(e.cfg.SandboxPID, string(proto), src); ok {
+			ev.PID, ev.Comm = o.PID, o.Comm
+		}
+	}
 	d := e.policy.Decide(policy.Flow{Proto: proto, Dst: dst, Names: names, ViaProxy: viaProxy})
 	if dst.Port() == portDoT && proto != policy.ICMP {
 		d = dnsBypass

@@ -35,15 +35,19 @@ type Event struct {
 	Event         string `json:"event"`
 	Sandbox       string `json:"sandbox,omitempty"`
 
-	FlowID   uint64   `json:"flow_id,omitempty"`
-	Proto    string   `json:"proto,omitempty"`
-	Src      string   `json:"src,omitempty"`
-	Dst      string   `json:"dst,omitempty"`
-	DstIP    string   `json:"dst_ip,omitempty"`
-	DstPort  uint16   `json:"dst_port,omitempty"`
-	Names    []string `json:"names,omitempty"`
-	Upstream string   `json:"upstream,omitempty"`
-	Proxy    string   `json:"proxy,omitempty"`
+	FlowID  uint64   `json:"flow_id,omitempty"`
+	Proto   string   `json:"proto,omitempty"`
+	Src     string   `json:"src,omitempty"`
+	Dst     string   `json:"dst,omitempty"`
+	DstIP   string   `json:"dst_ip,omitempty"`
+	DstPort uint16   `json:"dst_port,omitempty"`
+	Names   []string `json:"names,omitempty"`
+	// PID and Comm name the process in the sandbox that owns the socket
+	// (pid as seen inside the sandbox), where the engine can tell.
+	PID      int    `json:"pid,omitempty"`
+	Comm     string `json:"comm,omitempty"`
+	Upstream string `json:"upstream,omitempty"`
+	Proxy    string `json:"proxy,omitempty"`
 	// ProxyHost is the name the proxy was asked to connect to.
 	ProxyHost string `json:"proxy_host,omitempty"`
 

@@ -226,7 +226,7 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "childflow: %v\n", err)
 		return exitFailure
 	}
-	eng, err := engine.New(engine.Config{ID: "exec", Link: sb.TUN, Plan: plan, Policy: pol, DNS: upstreams, Proxy: fwd, OnEvent: events, Capture: capturePackets})
+	eng, err := engine.New(engine.Config{ID: "exec", Link: sb.TUN, Plan: plan, Policy: pol, DNS: upstreams, Proxy: fwd, OnEvent: events, Capture: capturePackets, SandboxPID: sb.Pid()})
 	if err == nil {
 		err = eng.Start(ctx)
 	}

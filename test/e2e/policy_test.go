@@ -190,7 +190,8 @@ func TestFlowLogRecordsViolations(t *testing.T) {
 			{"event": "policy_violation", "reason_code": "deny_domain", "matched_domain": "denied.test", "qname": "denied.test"},
 			{"event": "dns_query", "qname": "web.test"},
 			{"event": "dns_answer", "qname": "web.test", "rcode": "NOERROR"},
-			{"event": "connect_attempt", "dst": "203.0.113.10:80", "verdict": "allow"},
+			{"event": "connect_attempt", "dst": "203.0.113.10:80", "verdict": "allow", "comm": "curl"},
+			{"event": "policy_violation", "dst": "203.0.113.20:80", "comm": "curl"},
 			{"event": "connect_result", "dst": "203.0.113.10:80", "ok": true},
 			{"event": "flow_end", "dst": "203.0.113.10:80"},
 		} {
