@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 
@@ -221,6 +222,7 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		ResolvConf: resolvConf(plan),
 		HostsFile:  o.hostsFile,
 		Rootless:   rootless,
+		RunAs:      sudoUser(),
 	})
 	if err != nil {
 		fmt.Fprintf(stderr, "childflow: %v\n", err)
@@ -284,6 +286,20 @@ func renderReport(path, format string, stdout, stderr io.Writer) int {
 		return exitFailure
 	}
 	return 0
+}
+
+// sudoUser is the user who ran childflow through sudo: root builds the
+// sandbox, but the command runs as them, never as root.
+func sudoUser() []int {
+	if os.Geteuid() != 0 {
+		return nil
+	}
+	uid, err1 := strconv.Atoi(os.Getenv("SUDO_UID"))
+	gid, err2 := strconv.Atoi(os.Getenv("SUDO_GID"))
+	if err1 != nil || err2 != nil || uid == 0 {
+		return nil
+	}
+	return []int{uid, gid}
 }
 
 // resolvConf points the sandbox at the engine, keeping the host's search

@@ -130,7 +130,7 @@ func runCommand(spec Spec) int {
 	// Never unlocked: this thread ends up without privileges, and the
 	// command is forked from it.
 	runtime.LockOSThread()
-	if err := dropPrivileges(); err != nil {
+	if err := dropPrivileges(spec.RunAs); err != nil {
 		fmt.Fprintf(os.Stderr, "childflow: dropping privileges: %v\n", err)
 		return 125
 	}
@@ -185,6 +185,22 @@ func runCommand(spec Spec) int {
 var forwardedSignals = []os.Signal{syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGQUIT,
 	syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGWINCH, syscall.SIGCONT}
 
+// becomeUser switches this thread (only: the raw syscalls, unlike
+// syscall.Setuid, do not touch init's other threads) to uid and gid with no
+// supplementary groups.
+func becomeUser(uid, gid int) error {
+	if _, _, e := unix.RawSyscall(unix.SYS_SETGROUPS, 0, 0, 0); e != 0 {
+		return fmt.Errorf("setgroups: %w", e)
+	}
+	if _, _, e := unix.RawSyscall(unix.SYS_SETRESGID, uintptr(gid), uintptr(gid), uintptr(gid)); e != 0 {
+		return fmt.Errorf("setresgid: %w", e)
+	}
+	if _, _, e := unix.RawSyscall(unix.SYS_SETRESUID, uintptr(uid), uintptr(uid), uintptr(uid)); e != 0 {
+		return fmt.Errorf("setresuid: %w", e)
+	}
+	return nil
+}
+
 // dropPrivileges leaves the command no way to undo the sandbox: no
 // capabilities in any set, none regained through execve of a root, setuid
 // or file-capability binary (no_new_privs, locked securebits). It acts on
@@ -193,7 +209,9 @@ var forwardedSignals = []os.Signal{syscall.SIGINT, syscall.SIGTERM, syscall.SIGH
 // exactly these credentials, with or without cgo. The bounding set is
 // left as it is: nothing can be gained from it any more, and emptying it
 // makes the kernel refuse to exec binaries with file capabilities (ping).
-func dropPrivileges() error {
+//
+// runAs, if set ([uid, gid]), is the user to become first.
+func dropPrivileges(runAs []int) error {
 	prctl := func(op, arg uintptr) syscall.Errno {
 		_, _, e := unix.RawSyscall6(unix.SYS_PRCTL, op, arg, 0, 0, 0, 0)
 		return e
@@ -204,6 +222,13 @@ func dropPrivileges() error {
 	const secure = 0b1100_1111
 	if e := prctl(unix.PR_SET_SECUREBITS, secure); e != 0 {
 		return fmt.Errorf("setting securebits: %w", e)
+	}
+	// With no_setuid_fixup the switch keeps the capabilities the rest of
+	// this function needs; they are all cleared below.
+	if len(runAs) == 2 {
+		if err := becomeUser(runAs[0], runAs[1]); err != nil {
+			return fmt.Errorf("running as uid %d gid %d: %w", runAs[0], runAs[1], err)
+		}
 	}
 	if e := prctl(unix.PR_CAP_AMBIENT, unix.PR_CAP_AMBIENT_CLEAR_ALL); e != 0 {
 		return fmt.Errorf("clearing ambient capabilities: %w", e)

@@ -32,6 +32,9 @@ type Spec struct {
 	// Rootless: init runs in a new user namespace mapping only the
 	// caller's uid and gid.
 	Rootless bool `json:"rootless"`
+	// RunAs, when set (root started through sudo), is the user the
+	// command runs as: [uid, gid].
+	RunAs []int `json:"run_as,omitempty"`
 }
 
 // Sandbox is the parent's handle on a started sandbox.

@@ -226,6 +226,21 @@ func TestIdentityAndPrivileges(t *testing.T) {
 	})
 }
 
+func TestSudoRunsTheCommandAsTheInvokingUser(t *testing.T) {
+	requireRoot(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cmd := command(ctx, root, "--dns", "203.0.113.53", "--", "sh", "-c", "id -u; id -g; id -G; grep CapEff /proc/self/status; curl -sS -m5 http://web.test/")
+	cmd.Env = append(os.Environ(), "SUDO_UID=65534", "SUDO_GID=65534")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	if !strings.HasPrefix(string(out), "65534\n65534\n65534\nCapEff:\t0000000000000000\nhello from the test internet") {
+		t.Fatalf("under sudo the command must run as SUDO_UID/SUDO_GID with no groups or capabilities:\n%s", out)
+	}
+}
+
 func TestCannotUndoTheSandbox(t *testing.T) {
 	users(t, func(t *testing.T, u as) {
 		for _, attempt := range []string{
