@@ -185,6 +185,8 @@ down_quiet() {
 	ip link del "$host_if" 2>/dev/null || true
 	ip netns del "$ns" 2>/dev/null || true
 	rm -rf "/etc/netns/$ns"
+	# The parents too, when this script made them and nothing else uses them.
+	rmdir /etc/netns /run/childflow-testnet 2>/dev/null || true
 }
 
 case "$cmd" in
