@@ -210,9 +210,18 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		summary = report.New()
 		sinks = append(sinks, summary.Add)
 	}
-	events := func(ev flowlog.Event) {
-		for _, s := range sinks {
-			s(ev)
+	// No hook at all when nothing records events: the engine then skips
+	// the work that only feeds them (such as finding a flow's process).
+	var events func(flowlog.Event)
+	switch len(sinks) {
+	case 0:
+	case 1:
+		events = sinks[0]
+	default:
+		events = func(ev flowlog.Event) {
+			for _, s := range sinks {
+				s(ev)
+			}
 		}
 	}
 

@@ -48,6 +48,7 @@ func socketInode(initPID int, proto string, local netip.AddrPort) (uint64, bool)
 	if local.Addr().Is4() {
 		files = []string{proto, proto + "6"} // a v6 socket may carry v4
 	}
+	port := fmt.Sprintf(":%04X ", local.Port())
 	for _, f := range files {
 		fh, err := os.Open(fmt.Sprintf("/proc/%d/net/%s", initPID, f))
 		if err != nil {
@@ -56,7 +57,13 @@ func socketInode(initPID int, proto string, local netip.AddrPort) (uint64, bool)
 		sc := bufio.NewScanner(fh)
 		sc.Scan() // header
 		for sc.Scan() {
-			fields := strings.Fields(sc.Text())
+			// Match the port's hex text before parsing: the table holds
+			// every TIME_WAIT socket of the sandbox too.
+			line := sc.Text()
+			if !strings.Contains(line, port) {
+				continue
+			}
+			fields := strings.Fields(line)
 			if len(fields) < 10 {
 				continue
 			}
