@@ -192,7 +192,7 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			fmt.Fprintf(stderr, "childflow: --capture: %v\n", err)
 			return exitFailure
 		}
-		defer w.Close()
+		defer closeReporting(w, "--capture", "packets", stderr)
 		capturePackets = w.Packet
 	}
 	var sinks []func(flowlog.Event)
@@ -202,7 +202,7 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			fmt.Fprintf(stderr, "childflow: --flow-log: %v\n", err)
 			return exitFailure
 		}
-		defer w.Close()
+		defer closeReporting(w, "--flow-log", "events", stderr)
 		sinks = append(sinks, w.Log)
 	}
 	var summary *report.Report
@@ -295,6 +295,20 @@ func renderReport(path, format string, stdout, stderr io.Writer) int {
 		return exitFailure
 	}
 	return 0
+}
+
+// closeReporting closes an output writer and says if it had to drop
+// anything to keep the data path from waiting on the disk.
+func closeReporting(w interface {
+	Close() error
+	Dropped() uint64
+}, flag, what string, stderr io.Writer) {
+	if err := w.Close(); err != nil {
+		fmt.Fprintf(stderr, "childflow: %s: %v\n", flag, err)
+	}
+	if n := w.Dropped(); n > 0 {
+		fmt.Fprintf(stderr, "childflow: %s: %d %s dropped (the writer could not keep up)\n", flag, n, what)
+	}
 }
 
 // sudoUser is the user who ran childflow through sudo: root builds the
