@@ -192,9 +192,6 @@ func (e *Engine) Close() error {
 // Violations is the number of policy violations so far (--fail-on-leak).
 func (e *Engine) Violations() uint64 { return e.violations.Load() }
 
-// Policy is the effective policy, host guard included.
-func (e *Engine) Policy() *policy.Policy { return e.policy }
-
 func (e *Engine) emit(ev flowlog.Event) {
 	if ev.Event == flowlog.PolicyViolation {
 		e.violations.Add(1)
@@ -236,6 +233,22 @@ func (e *Engine) admit(proto policy.Proto, src, dst netip.AddrPort, viaProxy boo
 		e.violation(ev, d)
 	}
 	return ev, d.Allow
+}
+
+// logResult emits res as the flow's connect_result: ok, or the error.
+func (e *Engine) logResult(res flowlog.Event, err error) {
+	res.Event, res.OK = flowlog.ConnectResult, flowlog.Bool(err == nil)
+	if err != nil {
+		res.Error = err.Error()
+	}
+	e.emit(res)
+}
+
+// logEnd emits the flow_end of a flow whose connect_result was res.
+func (e *Engine) logEnd(res flowlog.Event, up, down int64, start time.Time) {
+	res.Event, res.OK = flowlog.FlowEnd, nil
+	res.BytesUp, res.BytesDown, res.DurationMs = up, down, time.Since(start).Milliseconds()
+	e.emit(res)
 }
 
 func (e *Engine) violation(ev flowlog.Event, d policy.Decision) {

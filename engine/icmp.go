@@ -10,7 +10,6 @@ import (
 	"golang.org/x/net/ipv4"
 	"golang.org/x/net/ipv6"
 
-	"github.com/childflow/childflow/engine/flowlog"
 	"github.com/childflow/childflow/engine/netstack"
 	"github.com/childflow/childflow/policy"
 )
@@ -31,16 +30,13 @@ func (e *Engine) handleEcho(req netstack.EchoRequest, reply func()) {
 		defer e.wg.Done()
 		defer e.release()
 		res := ev
-		res.Event = flowlog.ConnectResult
 		target := e.upstreamAddr(dst).Addr()
 		res.Upstream = target.String()
-		if err := ping(target, req); err != nil {
-			res.OK, res.Error = flowlog.Bool(false), err.Error()
-		} else {
-			res.OK = flowlog.Bool(true)
+		err := ping(target, req)
+		if err == nil {
 			reply()
 		}
-		e.emit(res)
+		e.logResult(res, err)
 	}()
 }
 

@@ -39,7 +39,7 @@ func (e *Engine) handleTCP(r *netstack.TCPRequest) {
 	ctx, cancel := context.WithTimeout(e.ctx, e.cfg.DialTimeout)
 	start := time.Now()
 	res := ev
-	res.Event, res.Upstream = flowlog.ConnectResult, up.String()
+	res.Upstream = up.String()
 	var upstream net.Conn
 	var err error
 	if viaProxy {
@@ -50,26 +50,18 @@ func (e *Engine) handleTCP(r *netstack.TCPRequest) {
 	}
 	cancel()
 	if err != nil {
-		res.OK, res.Error = flowlog.Bool(false), err.Error()
-		e.emit(res)
+		e.logResult(res, err)
 		r.Reject()
 		return
 	}
 	sandbox, err := r.Accept()
+	e.logResult(res, err)
 	if err != nil {
 		upstream.Close()
-		res.OK, res.Error = flowlog.Bool(false), err.Error()
-		e.emit(res)
 		return
 	}
-	res.OK = flowlog.Bool(true)
-	e.emit(res)
-
 	bytesUp, bytesDown := splice(sandbox, upstream)
-	end := res
-	end.Event, end.OK = flowlog.FlowEnd, nil
-	end.BytesUp, end.BytesDown, end.DurationMs = bytesUp, bytesDown, time.Since(start).Milliseconds()
-	e.emit(end)
+	e.logEnd(res, bytesUp, bytesDown, start)
 }
 
 var bufPool = sync.Pool{New: func() any { b := make([]byte, 256<<10); return &b }}

@@ -8,7 +8,6 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/childflow/childflow/engine/flowlog"
 	"github.com/childflow/childflow/engine/netstack"
 	"github.com/childflow/childflow/policy"
 )
@@ -37,20 +36,14 @@ func (e *Engine) handleUDP(f *netstack.UDPFlow) {
 	host, err := e.cfg.Dial(ctx, "udp", up.String())
 	cancel()
 	res := ev
-	res.Event, res.Upstream = flowlog.ConnectResult, up.String()
+	res.Upstream = up.String()
+	e.logResult(res, err)
 	if err != nil {
-		res.OK, res.Error = flowlog.Bool(false), err.Error()
-		e.emit(res)
 		return
 	}
-	res.OK = flowlog.Bool(true)
-	e.emit(res)
 	start := time.Now()
 	bytesUp, bytesDown := e.relayUDP(f.Conn, host)
-	end := ev
-	end.Event, end.Upstream = flowlog.FlowEnd, up.String()
-	end.BytesUp, end.BytesDown, end.DurationMs = bytesUp, bytesDown, time.Since(start).Milliseconds()
-	e.emit(end)
+	e.logEnd(res, bytesUp, bytesDown, start)
 }
 
 // idleCloser closes conns once nothing has moved for the idle timeout,

@@ -78,6 +78,10 @@ const (
 
 func deny(reason, control string) Decision { return Decision{Reason: reason, Control: control} }
 
+func denyCIDR(reason, control string, m netip.Prefix) Decision {
+	return Decision{Reason: reason, Control: control, MatchedCIDR: m}
+}
+
 // Decide applies the rules in the documented order: offline > metadata >
 // private > deny-cidr > deny-domain-exact > deny-domain > allow-cidr >
 // (host guard) > allow-domain-exact > allow-domain > default > proxy-only.
@@ -96,22 +100,16 @@ func (p *Policy) decide(addrs []netip.Addr, names []string) Decision {
 	}
 	if p.BlockMetadata {
 		if m, ok := firstMatch(MetadataAddrs, addrs); ok {
-			d := deny(ReasonMetadata, "block_metadata")
-			d.MatchedCIDR = m
-			return d
+			return denyCIDR(ReasonMetadata, "block_metadata", m)
 		}
 	}
 	if p.BlockPrivate {
 		if m, ok := firstMatch(PrivateRanges, addrs); ok {
-			d := deny(ReasonPrivate, "block_private")
-			d.MatchedCIDR = m
-			return d
+			return denyCIDR(ReasonPrivate, "block_private", m)
 		}
 	}
 	if m, ok := firstMatch(p.DenyCIDRs, addrs); ok {
-		d := deny(ReasonDenyCIDR, "deny_cidrs")
-		d.MatchedCIDR = m
-		return d
+		return denyCIDR(ReasonDenyCIDR, "deny_cidrs", m)
 	}
 	for _, n := range names {
 		if matchExact(p.DenyDomainsExact, n) != "" {
@@ -134,15 +132,10 @@ func (p *Policy) decide(addrs []netip.Addr, names []string) Decision {
 	}
 	// The host is reachable only through an explicit allow-cidr; a domain
 	// rule must not open it (DNS rebinding to 127.0.0.1 or the host).
-	if m, ok := firstMatch(hostRanges, addrs); ok {
-		d := deny(ReasonHost, "host")
-		d.MatchedCIDR = m
-		return d
-	}
-	if m, ok := firstMatch(p.HostAddrs, addrs); ok {
-		d := deny(ReasonHost, "host")
-		d.MatchedCIDR = m
-		return d
+	for _, host := range [][]netip.Prefix{hostRanges, p.HostAddrs} {
+		if m, ok := firstMatch(host, addrs); ok {
+			return denyCIDR(ReasonHost, "host", m)
+		}
 	}
 	for _, n := range names {
 		if matchExact(p.AllowDomainsExact, n) != "" {

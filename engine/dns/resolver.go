@@ -7,7 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
-	"strings"
+	"slices"
 	"time"
 
 	mdns "github.com/miekg/dns"
@@ -149,7 +149,7 @@ func cnameChain(name string, resp *mdns.Msg) []string {
 				break
 			}
 		}
-		if next == "" || contains(chain, next) {
+		if next == "" || slices.Contains(chain, next) {
 			break
 		}
 		chain = append(chain, next)
@@ -178,7 +178,7 @@ func (r *Resolver) record(chain []string, resp *mdns.Msg) []string {
 	ttl := uint32(1<<31 - 1)
 	var answers []string
 	for _, rr := range resp.Answer {
-		if c, ok := rr.(*mdns.CNAME); ok && contains(chain, policy.NormalizeName(c.Hdr.Name)) {
+		if c, ok := rr.(*mdns.CNAME); ok && slices.Contains(chain, policy.NormalizeName(c.Hdr.Name)) {
 			ttl = min(ttl, c.Hdr.Ttl)
 			answers = append(answers, "CNAME "+policy.NormalizeName(c.Target))
 		}
@@ -212,15 +212,6 @@ func (r *Resolver) record(chain []string, resp *mdns.Msg) []string {
 		}
 	}
 	return answers
-}
-
-func contains(list []string, s string) bool {
-	for _, x := range list {
-		if strings.EqualFold(x, s) {
-			return true
-		}
-	}
-	return false
 }
 
 // ReadTCPMessage and WriteTCPMessage frame DNS over TCP (RFC 1035 4.2.2).

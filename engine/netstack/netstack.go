@@ -5,7 +5,6 @@
 package netstack
 
 import (
-	"context"
 	"fmt"
 	"net"
 	"net/netip"
@@ -222,12 +221,6 @@ func (ns *Stack) ListenTCP(addr netip.AddrPort) (net.Listener, error) {
 func (ns *Stack) ListenUDP(addr netip.AddrPort) (net.PacketConn, error) {
 	fa := fullAddr(addr)
 	return gonet.DialUDP(ns.s, &fa, nil, protoOf(addr.Addr()))
-}
-
-// DialTCP opens a connection into the sandbox (used by tests and by
-// inbound forwarding).
-func (ns *Stack) DialTCP(ctx context.Context, addr netip.AddrPort) (net.Conn, error) {
-	return gonet.DialContextTCP(ctx, ns.s, fullAddr(addr), protoOf(addr.Addr()))
 }
 
 // Close tears the stack down and waits for its goroutines.

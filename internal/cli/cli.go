@@ -148,16 +148,14 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if err != nil {
 		return usageError(stderr, err)
 	}
+	hostResolv, _ := os.ReadFile("/etc/resolv.conf")
 	if len(upstreams) == 0 {
-		upstreams, _ = ParseDNS("nameserver", doctor.Nameservers("/etc/resolv.conf"))
+		upstreams, _ = ParseDNS("nameserver", doctor.ParseNameservers(string(hostResolv)))
 	}
 	if o.hostsFile != "" {
-		f, err := os.Open(o.hostsFile)
-		st, serr := os.Stat(o.hostsFile)
-		if err != nil || serr != nil || !st.Mode().IsRegular() {
+		if !readableRegular(o.hostsFile) {
 			return usageError(stderr, policy.Usagef("invalid --hosts-file %q: not a readable regular file", o.hostsFile))
 		}
-		f.Close()
 		if o.hostsFile, err = filepath.Abs(o.hostsFile); err != nil {
 			return usageError(stderr, policy.Usagef("invalid --hosts-file %q: %v", o.hostsFile, err))
 		}
@@ -167,7 +165,7 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return usageError(stderr, policy.Usagef("invalid --mtu %d: must be between 1280 and 65520", o.mtu))
 	}
 	rootless := os.Geteuid() != 0
-	if err := doctor.Local().Run().Blocking(); err != nil {
+	if err := doctor.Local().Preflight(); err != nil {
 		fmt.Fprintf(stderr, "childflow: %v\n", err)
 		return exitFailure
 	}
@@ -228,7 +226,7 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	sb, err := sandbox.Start(sandbox.Spec{
 		Plan:       plan,
 		Command:    command,
-		ResolvConf: resolvConf(plan),
+		ResolvConf: resolvConf(plan, hostResolv),
 		HostsFile:  o.hostsFile,
 		Rootless:   rootless,
 		RunAs:      sudoUser(),
@@ -327,17 +325,26 @@ func sudoUser() []int {
 
 // resolvConf points the sandbox at the engine, keeping the host's search
 // domains and options.
-func resolvConf(plan netplan.Plan) string {
+func resolvConf(plan netplan.Plan, host []byte) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "# written by childflow: the engine on the gateway answers DNS\nnameserver %s\nnameserver %s\n", plan.Gateway4, plan.Gateway6)
-	if host, err := os.ReadFile("/etc/resolv.conf"); err == nil {
-		for _, line := range strings.Split(string(host), "\n") {
-			if f := strings.Fields(line); len(f) > 0 && (f[0] == "search" || f[0] == "domain" || f[0] == "options") {
-				b.WriteString(line + "\n")
-			}
+	for _, line := range strings.Split(string(host), "\n") {
+		if f := strings.Fields(line); len(f) > 0 && (f[0] == "search" || f[0] == "domain" || f[0] == "options") {
+			b.WriteString(line + "\n")
 		}
 	}
 	return b.String()
+}
+
+// readableRegular reports whether path is a regular file this user can open.
+func readableRegular(path string) bool {
+	f, err := os.Open(path)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	return err == nil && st.Mode().IsRegular()
 }
 
 // hostRoutes are the destinations the host routes somewhere, which the

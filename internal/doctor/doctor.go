@@ -4,7 +4,6 @@
 package doctor
 
 import (
-	"bufio"
 	"fmt"
 	"os"
 	"os/exec"
@@ -68,6 +67,12 @@ func (h Host) Run() Report {
 		}
 	}
 	return r
+}
+
+// Preflight runs only the checks that can block a sandbox (user
+// namespaces when rootless, /dev/net/tun): what exec needs at start-up.
+func (h Host) Preflight() error {
+	return Report{Checks: []Check{h.userns(), h.tun()}}.Blocking()
 }
 
 // Blocking returns the first required check that is unavailable, as the
@@ -138,16 +143,15 @@ func (h Host) tun() Check {
 
 // Nameservers reads the nameserver lines of a resolv.conf.
 func Nameservers(path string) []string {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil
-	}
-	defer f.Close()
+	b, _ := os.ReadFile(path)
+	return ParseNameservers(string(b))
+}
+
+// ParseNameservers returns the nameserver lines' addresses.
+func ParseNameservers(resolvConf string) []string {
 	var out []string
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		fs := strings.Fields(sc.Text())
-		if len(fs) >= 2 && fs[0] == "nameserver" {
+	for _, line := range strings.Split(resolvConf, "\n") {
+		if fs := strings.Fields(line); len(fs) >= 2 && fs[0] == "nameserver" {
 			out = append(out, fs[1])
 		}
 	}

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"slices"
 	"sort"
 	"sync"
 
@@ -98,7 +99,7 @@ func (r *Report) Add(ev flowlog.Event) {
 	case flowlog.DNSAnswer:
 		n := r.name(ev.QName)
 		for _, a := range ev.Answers {
-			if !contains(n.Addresses, a) {
+			if !slices.Contains(n.Addresses, a) {
 				n.Addresses = append(n.Addresses, a)
 			}
 			if r.addrNames[a] == nil {
@@ -179,20 +180,11 @@ func (r *Report) dest(ev flowlog.Event) *Destination {
 		r.dests[key] = d
 	}
 	for _, n := range ev.Names {
-		if !contains(d.Names, n) {
+		if !slices.Contains(d.Names, n) {
 			d.Names = append(d.Names, n)
 		}
 	}
 	return d
-}
-
-func contains(l []string, s string) bool {
-	for _, x := range l {
-		if x == s {
-			return true
-		}
-	}
-	return false
 }
 
 // Finish sorts the tables; call it before rendering.
