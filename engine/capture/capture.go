@@ -6,7 +6,6 @@ package capture
 import (
 	"bufio"
 	"fmt"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -15,6 +14,7 @@ import (
 	"github.com/gopacket/gopacket/pcapgo"
 
 	"github.com/childflow/childflow/engine/flowlog"
+	"github.com/childflow/childflow/internal/queue"
 	"github.com/childflow/childflow/internal/version"
 )
 
@@ -26,12 +26,10 @@ type packet struct {
 
 // Writer is one pcapng file with one interface.
 type Writer struct {
-	ch      chan packet
-	queued  atomic.Int64 // bytes waiting in ch
-	done    chan struct{}
-	dropped atomic.Uint64
-	once    sync.Once
-	err     error
+	q         *queue.Queue[packet]
+	queued    atomic.Int64 // bytes waiting in q
+	err       error        // the first write error, read after Close
+	closeFile func() error
 }
 
 // View describes the capture point, written as the interface description
@@ -62,33 +60,24 @@ func Create(path string, v View) (*Writer, error) {
 		f.Close()
 		return nil, fmt.Errorf("writing pcapng header to %s: %w", path, err)
 	}
-	w := &Writer{ch: make(chan packet, 8192), done: make(chan struct{})}
-	go func() {
-		defer close(w.done)
-		in, out := pcapgo.NgEpbFlagDirectionInbound, pcapgo.NgEpbFlagDirectionOutbound
-		for p := range w.ch {
-			w.queued.Add(-int64(len(p.data)))
-			flags := pcapgo.NgEpbFlags{Direction: in}
-			if p.outbound {
-				flags.Direction = out
-			}
-			ci := gopacket.CaptureInfo{Timestamp: p.ts, CaptureLength: len(p.data), Length: len(p.data)}
-			if err := ng.WritePacketWithOptions(ci, p.data, pcapgo.NgPacketOptions{Flags: &flags}); err != nil && w.err == nil {
-				w.err = err
-			}
-			// Flush when the queue is drained: after a crash the file
-			// ends on a complete block.
-			if len(w.ch) == 0 {
-				ng.Flush()
-				bw.Flush()
-			}
+	w := &Writer{closeFile: f.Close}
+	in, out := pcapgo.NgEpbFlagDirectionInbound, pcapgo.NgEpbFlagDirectionOutbound
+	write := func(p packet) {
+		w.queued.Add(-int64(len(p.data)))
+		flags := pcapgo.NgEpbFlags{Direction: in}
+		if p.outbound {
+			flags.Direction = out
 		}
-		ng.Flush()
-		bw.Flush()
-		if err := f.Close(); err != nil && w.err == nil {
+		ci := gopacket.CaptureInfo{Timestamp: p.ts, CaptureLength: len(p.data), Length: len(p.data)}
+		if err := ng.WritePacketWithOptions(ci, p.data, pcapgo.NgPacketOptions{Flags: &flags}); err != nil && w.err == nil {
 			w.err = err
 		}
-	}()
+	}
+	flush := func() {
+		ng.Flush()
+		bw.Flush()
+	}
+	w.q = queue.Start(8192, write, flush)
 	return w, nil
 }
 
@@ -100,23 +89,22 @@ const maxQueued = 32 << 20
 func (w *Writer) Packet(outbound bool, data []byte) {
 	if w.queued.Add(int64(len(data))) > maxQueued {
 		w.queued.Add(-int64(len(data)))
-		w.dropped.Add(1)
+		w.q.Drop()
 		return
 	}
-	select {
-	case w.ch <- packet{ts: time.Now(), outbound: outbound, data: data}:
-	default:
+	if !w.q.Put(packet{ts: time.Now(), outbound: outbound, data: data}) {
 		w.queued.Add(-int64(len(data)))
-		w.dropped.Add(1)
 	}
 }
 
 // Dropped is how many packets did not fit the queue.
-func (w *Writer) Dropped() uint64 { return w.dropped.Load() }
+func (w *Writer) Dropped() uint64 { return w.q.Dropped() }
 
 // Close writes what is queued and closes the file.
 func (w *Writer) Close() error {
-	w.once.Do(func() { close(w.ch) })
-	<-w.done
+	w.q.Close()
+	if err := w.closeFile(); err != nil && w.err == nil {
+		w.err = err
+	}
 	return w.err
 }

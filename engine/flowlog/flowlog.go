@@ -8,10 +8,10 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
-	"sync"
-	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/childflow/childflow/internal/queue"
 )
 
 // SchemaVersion is written on every line.
@@ -75,15 +75,10 @@ func Now() int64 { return time.Now().UnixMilli() }
 // Bool returns a pointer for the optional ok field.
 func Bool(b bool) *bool { return &b }
 
-// Writer writes events to a file from one goroutine. Log never blocks:
-// when the queue is full the event is counted as dropped, because the data
-// path must not wait for a disk.
+// Writer writes events to a file from one goroutine; Log never blocks.
 type Writer struct {
-	f       *os.File
-	ch      chan Event
-	done    chan struct{}
-	dropped atomic.Uint64
-	once    sync.Once
+	f *os.File
+	q *queue.Queue[Event]
 }
 
 // Create opens path for writing: mode 0600, never through a symlink, never
@@ -93,8 +88,10 @@ func Create(path string) (*Writer, error) {
 	if err != nil {
 		return nil, err
 	}
-	w := &Writer{f: f, ch: make(chan Event, 4096), done: make(chan struct{})}
-	go w.run()
+	bw := bufio.NewWriterSize(f, 64<<10)
+	enc := json.NewEncoder(bw)
+	w := &Writer{f: f}
+	w.q = queue.Start(4096, func(ev Event) { enc.Encode(ev) }, func() { bw.Flush() })
 	return w, nil
 }
 
@@ -120,40 +117,20 @@ func CreateFile(path string) (*os.File, error) {
 	return f, nil
 }
 
-func (w *Writer) run() {
-	defer close(w.done)
-	bw := bufio.NewWriterSize(w.f, 64<<10)
-	enc := json.NewEncoder(bw)
-	for ev := range w.ch {
-		enc.Encode(ev)
-		// Flush whenever the queue is drained: a crash loses at most what
-		// was still queued, and the file ends on a complete line.
-		if len(w.ch) == 0 {
-			bw.Flush()
-		}
-	}
-	bw.Flush()
-}
-
 // Log queues ev, filling in the schema version and timestamp.
 func (w *Writer) Log(ev Event) {
 	ev.SchemaVersion = SchemaVersion
 	if ev.TsMs == 0 {
 		ev.TsMs = Now()
 	}
-	select {
-	case w.ch <- ev:
-	default:
-		w.dropped.Add(1)
-	}
+	w.q.Put(ev)
 }
 
 // Dropped is how many events did not fit the queue.
-func (w *Writer) Dropped() uint64 { return w.dropped.Load() }
+func (w *Writer) Dropped() uint64 { return w.q.Dropped() }
 
-// Close drains the queue and closes the file.
+// Close writes what is queued and closes the file.
 func (w *Writer) Close() error {
-	w.once.Do(func() { close(w.ch) })
-	<-w.done
+	w.q.Close()
 	return w.f.Close()
 }
