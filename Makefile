@@ -11,8 +11,10 @@ export CGO_ENABLED = 0
 
 all: build
 
+CMDS    := childflow childflow-hook childflow-runtime
+
 build:
-	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/childflow ./cmd/childflow
+	for c in $(CMDS); do $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/$$c ./cmd/$$c || exit 1; done
 
 # The whole suite: unit tests, then the end-to-end tests (root: in CI they
 # run; as a normal user they skip).

@@ -9,6 +9,7 @@ pkgs=(
 	curl dnsutils iputils-ping socat netcat-openbsd busybox-static dnsmasq-base
 	iperf3 slirp4netns passt hyperfine jq util-linux
 	squid microsocks tinyproxy stunnel4 openssl apache2-utils tshark
+	runc crun containerd docker.io podman
 	chromium fonts-dejavu-core
 )
 missing=()

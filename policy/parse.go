@@ -97,3 +97,22 @@ func ParseDefault(field, s string) (bool, error) {
 	}
 	return false, Usagef("invalid %s %q: must be allow or deny", field, s)
 }
+
+// ParseResolvers parses DNS server addresses: IP or IP:port, IPv6 in
+// brackets when a port is given.
+func ParseResolvers(field string, values []string) ([]netip.AddrPort, error) {
+	var out []netip.AddrPort
+	for _, v := range values {
+		v = strings.TrimSpace(v)
+		if a, err := netip.ParseAddr(v); err == nil {
+			out = append(out, netip.AddrPortFrom(a.Unmap(), 53))
+			continue
+		}
+		ap, err := netip.ParseAddrPort(v)
+		if err != nil || ap.Port() == 0 {
+			return nil, Usagef("invalid %s %q: not an IP address or IP:port", field, v)
+		}
+		out = append(out, netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()))
+	}
+	return out, nil
+}

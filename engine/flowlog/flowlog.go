@@ -83,8 +83,14 @@ type Writer struct {
 
 // Create opens path for writing: mode 0600, never through a symlink, never
 // over something that is not a regular file.
-func Create(path string) (*Writer, error) {
-	f, err := CreateFile(path)
+func Create(path string) (*Writer, error) { return open(path, true) }
+
+// Append is Create for a log that goes on where an earlier run stopped
+// (a restarted daemon re-adopting a sandbox).
+func Append(path string) (*Writer, error) { return open(path, false) }
+
+func open(path string, truncate bool) (*Writer, error) {
+	f, err := openFile(path, truncate)
 	if err != nil {
 		return nil, err
 	}
@@ -96,8 +102,14 @@ func Create(path string) (*Writer, error) {
 }
 
 // CreateFile is the safe open shared by every output file.
-func CreateFile(path string) (*os.File, error) {
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0o600)
+func CreateFile(path string) (*os.File, error) { return openFile(path, true) }
+
+func openFile(path string, truncate bool) (*os.File, error) {
+	flags := os.O_WRONLY | os.O_CREATE | syscall.O_NOFOLLOW | syscall.O_NONBLOCK
+	if !truncate {
+		flags |= os.O_APPEND
+	}
+	f, err := os.OpenFile(path, flags, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("creating %s: %w", path, err)
 	}
@@ -106,9 +118,11 @@ func CreateFile(path string) (*os.File, error) {
 		f.Close()
 		return nil, fmt.Errorf("creating %s: not a regular file", path)
 	}
-	if err := f.Truncate(0); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("truncating %s: %w", path, err)
+	if truncate {
+		if err := f.Truncate(0); err != nil {
+			f.Close()
+			return nil, fmt.Errorf("truncating %s: %w", path, err)
+		}
 	}
 	if err := f.Chmod(0o600); err != nil {
 		f.Close()

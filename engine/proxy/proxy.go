@@ -38,37 +38,40 @@ type Proxy struct {
 	DialContext func(ctx context.Context, network, addr string) (net.Conn, error)
 }
 
-// Parse validates -p/--proxy with -U/--proxy-user and -P/--proxy-password.
-// Credentials in the URI are used when the flags give none.
-func Parse(uri, user, password string, insecure bool) (*Proxy, error) {
+// Parse validates the proxy URI with its user and password (-p/--proxy,
+// -U/--proxy-user, -P/--proxy-password). Credentials in the URI are used
+// when none are given apart. name maps the profile keys proxy,
+// proxy_user and proxy_password to the flag or annotation that set them,
+// for errors.
+func Parse(name func(key string) string, uri, user, password string, insecure bool) (*Proxy, error) {
 	u, err := url.Parse(uri)
 	if err != nil || u.Host == "" {
-		return nil, policy.Usagef("invalid --proxy %q: want SCHEME://HOST:PORT", redact(uri))
+		return nil, policy.Usagef("invalid %s %q: want SCHEME://HOST:PORT", name("proxy"), redact(uri))
 	}
 	p := &Proxy{Scheme: strings.ToLower(u.Scheme), user: user, password: password, insecure: insecure}
 	switch p.Scheme {
 	case "http", "https", "socks5", "socks5h":
 	default:
-		return nil, policy.Usagef("invalid --proxy %q: scheme must be http, https, socks5 or socks5h", redact(uri))
+		return nil, policy.Usagef("invalid %s %q: scheme must be http, https, socks5 or socks5h", name("proxy"), redact(uri))
 	}
 	if u.Port() == "" {
-		return nil, policy.Usagef("invalid --proxy %q: no port", redact(uri))
+		return nil, policy.Usagef("invalid %s %q: no port", name("proxy"), redact(uri))
 	}
 	if port, err := strconv.Atoi(u.Port()); err != nil || port < 1 || port > 65535 {
-		return nil, policy.Usagef("invalid --proxy %q: bad port", redact(uri))
+		return nil, policy.Usagef("invalid %s %q: bad port", name("proxy"), redact(uri))
 	}
 	if u.Path != "" && u.Path != "/" {
-		return nil, policy.Usagef("invalid --proxy %q: a proxy URI has no path", redact(uri))
+		return nil, policy.Usagef("invalid %s %q: a proxy URI has no path", name("proxy"), redact(uri))
 	}
 	if u.User != nil && p.user == "" {
 		p.user = u.User.Username()
 		p.password, _ = u.User.Password()
 	}
 	if p.password != "" && p.user == "" {
-		return nil, policy.Usagef("--proxy-password needs --proxy-user")
+		return nil, policy.Usagef("%s needs %s", name("proxy_password"), name("proxy_user"))
 	}
 	if strings.HasPrefix(p.Scheme, "socks5") && (len(p.user) > 255 || len(p.password) > 255) {
-		return nil, policy.Usagef("--proxy-user and --proxy-password are limited to 255 bytes for SOCKS5")
+		return nil, policy.Usagef("%s and %s are limited to 255 bytes for SOCKS5", name("proxy_user"), name("proxy_password"))
 	}
 	p.host = u.Hostname()
 	p.Addr = u.Host

@@ -36,7 +36,7 @@ func TestParse(t *testing.T) {
 		{"http://127.0.0.1:3128", "", "pw", "needs --proxy-user"},
 		{"http://bob:hunter2@127.0.0.1:x", "", "", "redacted@"},
 	} {
-		p, err := Parse(tc.uri, tc.user, tc.pw, false)
+		p, err := Parse(flagName, tc.uri, tc.user, tc.pw, false)
 		switch {
 		case tc.want == "" && err != nil:
 			t.Errorf("%s: %v", tc.uri, err)
@@ -119,12 +119,12 @@ func TestHTTPSProxyTrust(t *testing.T) {
 	defer cancel()
 
 	dial := func(addr string, insecure bool, pool *x509.CertPool, user string) (net.Conn, error) {
-		p, err := Parse("https://"+addr, user, "pw", insecure)
+		p, err := Parse(flagName, "https://"+addr, user, "pw", insecure)
 		if err != nil && user != "" {
 			t.Fatal(err)
 		}
 		if p == nil {
-			p, _ = Parse("https://"+addr, "", "", insecure)
+			p, _ = Parse(flagName, "https://"+addr, "", "", insecure)
 		}
 		p.RootCAs = pool
 		return p.Dial(ctx, target, "mail.test")
@@ -158,3 +158,5 @@ func TestHTTPSProxyTrust(t *testing.T) {
 		t.Fatalf("missing credentials: %v, want the 407 named", err)
 	}
 }
+
+func flagName(key string) string { return "--" + strings.ReplaceAll(key, "_", "-") }

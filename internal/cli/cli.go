@@ -1,5 +1,5 @@
-// Package cli is the childflow command line: exec (the default), doctor
-// and version.
+// Package cli is the childflow command line: exec (the default),
+// daemon, sandboxes, doctor and version.
 package cli
 
 import (
@@ -8,7 +8,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net/netip"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -17,14 +16,13 @@ import (
 	"syscall"
 
 	"github.com/spf13/pflag"
-	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 	"golang.org/x/term"
 
 	"github.com/childflow/childflow/engine"
+	"github.com/childflow/childflow/engine/api"
 	"github.com/childflow/childflow/engine/capture"
 	"github.com/childflow/childflow/engine/flowlog"
-	"github.com/childflow/childflow/engine/proxy"
 	"github.com/childflow/childflow/internal/doctor"
 	"github.com/childflow/childflow/internal/netplan"
 	"github.com/childflow/childflow/internal/report"
@@ -49,6 +47,10 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			return runExec(ctx, args[2:], stdout, stderr)
 		case "doctor":
 			return runDoctor(args[2:], stdout, stderr)
+		case "daemon":
+			return runDaemon(ctx, args[2:], stderr)
+		case "sandboxes":
+			return runSandboxes(args[2:], stdout, stderr)
 		case "version", "--version":
 			fmt.Fprintf(stdout, "childflow %s\n", version.Version)
 			return 0
@@ -132,25 +134,17 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if len(command) == 0 {
 		return usageError(stderr, errors.New("no command given: childflow [exec] [OPTIONS] [--] COMMAND..."))
 	}
-	pol, err := o.policy()
+	if err := o.checkSupported(); err != nil {
+		return usageError(stderr, err)
+	}
+	settings, err := api.Resolve(o.effective(nil), profile.FlagName)
 	if err != nil {
 		return usageError(stderr, err)
 	}
-	var fwd *proxy.Proxy
-	if o.proxy != "" {
-		if fwd, err = proxy.Parse(o.proxy, o.proxyUser, o.proxyPassword, o.proxyInsecure); err != nil {
-			return usageError(stderr, err)
-		}
-	} else if o.proxyUser != "" || o.proxyPassword != "" || o.proxyInsecure {
-		return usageError(stderr, policy.Usagef("--proxy-user, --proxy-password and --proxy-insecure need --proxy"))
-	}
-	upstreams, err := ParseDNS("--dns", o.dns)
-	if err != nil {
-		return usageError(stderr, err)
-	}
+	pol, fwd, upstreams := settings.Policy, settings.Proxy, settings.DNS
 	hostResolv, _ := os.ReadFile("/etc/resolv.conf")
 	if len(upstreams) == 0 {
-		upstreams, _ = ParseDNS("nameserver", doctor.ParseNameservers(string(hostResolv)))
+		upstreams, _ = policy.ParseResolvers("nameserver", doctor.ParseNameservers(string(hostResolv)))
 	}
 	if o.hostsFile != "" {
 		if !readableRegular(o.hostsFile) {
@@ -169,7 +163,7 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "childflow: %v\n", err)
 		return exitFailure
 	}
-	plan, err := netplan.Choose(hostRoutes(), o.mtu)
+	plan, err := netplan.Choose(netplan.Routes(), o.mtu)
 	if err != nil {
 		fmt.Fprintf(stderr, "childflow: %v\n", err)
 		return exitFailure
@@ -345,26 +339,6 @@ func readableRegular(path string) bool {
 	defer f.Close()
 	st, err := f.Stat()
 	return err == nil && st.Mode().IsRegular()
-}
-
-// hostRoutes are the destinations the host routes somewhere, which the
-// sandbox's own subnet must not shadow.
-func hostRoutes() []netip.Prefix {
-	routes, err := netlink.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{Table: unix.RT_TABLE_UNSPEC}, netlink.RT_FILTER_TABLE)
-	if err != nil {
-		return nil
-	}
-	var out []netip.Prefix
-	for _, r := range routes {
-		if r.Dst == nil {
-			continue
-		}
-		ones, _ := r.Dst.Mask.Size()
-		if a, ok := netip.AddrFromSlice(r.Dst.IP); ok {
-			out = append(out, netip.PrefixFrom(a.Unmap(), ones))
-		}
-	}
-	return out
 }
 
 // reclaimTerminal makes childflow's process group the terminal's

@@ -1,7 +1,6 @@
 package cli
 
 import (
-	"net/netip"
 	"strings"
 
 	"github.com/spf13/pflag"
@@ -69,63 +68,17 @@ func newExecFlags(o *execOptions) *pflag.FlagSet {
 // usage error rather than a silent no-op.
 var notYet = []string{"iface"}
 
-func (o *execOptions) policy() (*policy.Policy, error) {
+// checkSupported rejects upstream flags whose feature has not landed.
+func (o *execOptions) checkSupported() error {
 	for _, name := range notYet {
 		if o.set(name) {
-			return nil, policy.Usagef("--%s (profile key %s) is not supported by this build yet", name, strings.ReplaceAll(name, "-", "_"))
+			return policy.Usagef("--%s (profile key %s) is not supported by this build yet", name, strings.ReplaceAll(name, "-", "_"))
 		}
 	}
 	if o.set("root") && o.root {
-		return nil, policy.Usagef("--root (profile key backend = \"root\") is not supported by this build yet")
+		return policy.Usagef("--root (profile key backend = \"root\") is not supported by this build yet")
 	}
-	if o.proxyOnly && o.proxy == "" {
-		return nil, policy.Usagef("--proxy-only needs --proxy")
-	}
-	p := &policy.Policy{Offline: o.offline, BlockPrivate: o.blockPrivate, BlockMetadata: o.blockMetadata, ProxyOnly: o.proxyOnly}
-	var err error
-	if p.DefaultDeny, err = policy.ParseDefault("--default-policy", o.defaultPolicy); err != nil {
-		return nil, err
-	}
-	if p.AllowCIDRs, err = policy.ParseCIDRs("--allow-cidr", o.allowCIDR); err != nil {
-		return nil, err
-	}
-	if p.DenyCIDRs, err = policy.ParseCIDRs("--deny-cidr", o.denyCIDR); err != nil {
-		return nil, err
-	}
-	for _, d := range []struct {
-		flag string
-		in   []string
-		out  *[]string
-	}{
-		{"--allow-domain", o.allowDomain, &p.AllowDomains},
-		{"--allow-domain-exact", o.allowDomainExact, &p.AllowDomainsExact},
-		{"--deny-domain", o.denyDomain, &p.DenyDomains},
-		{"--deny-domain-exact", o.denyDomainExact, &p.DenyDomainsExact},
-	} {
-		if *d.out, err = policy.ParseDomains(d.flag, d.in); err != nil {
-			return nil, err
-		}
-	}
-	return p, nil
-}
-
-// ParseDNS parses resolver addresses: IP or IP:port, IPv6 in brackets
-// when a port is given.
-func ParseDNS(field string, values []string) ([]netip.AddrPort, error) {
-	var out []netip.AddrPort
-	for _, v := range values {
-		v = strings.TrimSpace(v)
-		if a, err := netip.ParseAddr(v); err == nil {
-			out = append(out, netip.AddrPortFrom(a.Unmap(), 53))
-			continue
-		}
-		ap, err := netip.ParseAddrPort(v)
-		if err != nil || ap.Port() == 0 {
-			return nil, policy.Usagef("invalid %s %q: not an IP address or IP:port", field, v)
-		}
-		out = append(out, netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()))
-	}
-	return out, nil
+	return nil
 }
 
 func checkChoice(flag, value string, choices ...string) error {

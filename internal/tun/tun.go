@@ -84,3 +84,26 @@ func Configure(p netplan.Plan) error {
 	}
 	return nil
 }
+
+// SetPersist makes the device outlive its fds (a restarted daemon
+// reopens it) or not (closing the last fd removes it).
+func SetPersist(f *os.File, on bool) error {
+	v := 0
+	if on {
+		v = 1
+	}
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var errno error
+	rc.Control(func(fd uintptr) {
+		if _, _, e := unix.Syscall(unix.SYS_IOCTL, fd, unix.TUNSETPERSIST, uintptr(v)); e != 0 {
+			errno = e
+		}
+	})
+	if errno != nil {
+		return fmt.Errorf("TUNSETPERSIST %d: %w", v, errno)
+	}
+	return nil
+}

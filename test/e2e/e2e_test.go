@@ -36,11 +36,13 @@ func TestMain(m *testing.M) {
 	}
 	os.Chmod(dir, 0o755) // nobody runs the binary too
 	bin = filepath.Join(dir, "childflow")
-	build := exec.Command("go", "build", "-o", bin, "../../cmd/childflow")
-	build.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := build.CombinedOutput(); err != nil {
-		fmt.Printf("building childflow: %v\n%s", err, out)
-		os.Exit(1)
+	for _, cmd := range []string{"childflow", "childflow-hook", "childflow-runtime"} {
+		build := exec.Command("go", "build", "-o", filepath.Join(dir, cmd), "../../cmd/"+cmd)
+		build.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := build.CombinedOutput(); err != nil {
+			fmt.Printf("building %s: %v\n%s", cmd, err, out)
+			os.Exit(1)
+		}
 	}
 	if out, err := exec.Command("../../hack/testnet.sh", "up", testnet).CombinedOutput(); err != nil {
 		fmt.Printf("testnet up: %v\n%s", err, out)

@@ -1,0 +1,397 @@
+// Package daemon is the node engine: one process that relays many
+// sandboxes (one Engine each, with its own limits) for the OCI hook and
+// the CNI plugin, behind the unix-socket API of engine/api. Every
+// attachment is recorded under the state directory before its engine
+// starts, so a restarted daemon re-adopts every live sandbox: their TUN
+// devices are persistent and their policies are in the records.
+package daemon
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/childflow/childflow/engine"
+	"github.com/childflow/childflow/engine/api"
+	"github.com/childflow/childflow/engine/flowlog"
+	"github.com/childflow/childflow/internal/tun"
+	"github.com/childflow/childflow/policy"
+)
+
+// Config of a daemon.
+type Config struct {
+	Socket   string // api.DefaultSocket
+	StateDir string // api.DefaultStateDir
+	// FlowLogDir, if set, gets one JSON Lines flow log per sandbox,
+	// named after its id.
+	FlowLogDir string
+	// MetricsAddr, if set, serves Prometheus metrics on /metrics.
+	MetricsAddr string
+	// DNS are the resolvers for sandboxes whose policy names none.
+	DNS []netip.AddrPort
+	// ExitWhenIdle stops the daemon once its last sandbox is detached
+	// (or when none attaches soon after start): the per-container engine
+	// a hook starts where no node daemon runs.
+	ExitWhenIdle bool
+	// Logf reports what happens; nil discards.
+	Logf func(format string, args ...any)
+}
+
+// Daemon serves sandboxes.
+type Daemon struct {
+	cfg    Config
+	ctx    context.Context
+	cancel context.CancelFunc
+
+	mu        sync.Mutex
+	sandboxes map[string]*sandbox
+}
+
+type sandbox struct {
+	att     api.Attachment
+	eng     *engine.Engine
+	log     *flowlog.Writer
+	logPath string
+	since   time.Time
+	adopted bool
+
+	flows, allowed, denied, up, down atomic.Uint64
+}
+
+// idleGrace is how long an ExitWhenIdle daemon waits for its first
+// sandbox.
+const idleGrace = 30 * time.Second
+
+// Run serves until ctx ends, calling ready once the socket accepts
+// calls. Stopping keeps every sandbox's record and TUN: the next daemon
+// re-adopts them.
+func Run(ctx context.Context, cfg Config, ready func()) error {
+	if cfg.Socket == "" {
+		cfg.Socket = api.DefaultSocket
+	}
+	if cfg.StateDir == "" {
+		cfg.StateDir = api.DefaultStateDir
+	}
+	if cfg.Logf == nil {
+		cfg.Logf = func(string, ...any) {}
+	}
+	d := &Daemon{cfg: cfg, sandboxes: map[string]*sandbox{}}
+	d.ctx, d.cancel = context.WithCancel(ctx)
+	defer d.cancel()
+
+	if err := os.MkdirAll(d.recordDir(), 0o700); err != nil {
+		return fmt.Errorf("creating state directory: %w", err)
+	}
+	os.Chmod(cfg.StateDir, 0o700)
+	lock, err := lockFile(filepath.Join(cfg.StateDir, "daemon.lock"))
+	if err != nil {
+		return err
+	}
+	defer lock.Close()
+	if cfg.FlowLogDir != "" {
+		if err := os.MkdirAll(cfg.FlowLogDir, 0o700); err != nil {
+			return fmt.Errorf("creating flow log directory: %w", err)
+		}
+	}
+	d.adoptAll()
+
+	os.Remove(cfg.Socket)
+	if err := os.MkdirAll(filepath.Dir(cfg.Socket), 0o700); err != nil {
+		return fmt.Errorf("creating socket directory: %w", err)
+	}
+	ln, err := net.Listen("unix", cfg.Socket)
+	if err != nil {
+		return fmt.Errorf("listening on %s: %w", cfg.Socket, err)
+	}
+	defer os.Remove(cfg.Socket)
+	// Root only: attaching a TUN is a root operation, and the list shows
+	// every sandbox's policy.
+	if err := os.Chmod(cfg.Socket, 0o600); err != nil {
+		ln.Close()
+		return fmt.Errorf("chmod %s: %w", cfg.Socket, err)
+	}
+	if cfg.MetricsAddr != "" {
+		stop, err := d.serveMetrics(cfg.MetricsAddr)
+		if err != nil {
+			ln.Close()
+			return err
+		}
+		defer stop()
+	}
+	go func() { <-d.ctx.Done(); ln.Close() }()
+	if cfg.ExitWhenIdle {
+		time.AfterFunc(idleGrace, d.exitIfIdle)
+	}
+	if ready != nil {
+		ready()
+	}
+	cfg.Logf("serving on %s with %d sandbox(es)", cfg.Socket, d.count())
+	var wg sync.WaitGroup
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			break
+		}
+		wg.Add(1)
+		go func() { defer wg.Done(); d.serve(c.(*net.UnixConn)) }()
+	}
+	wg.Wait()
+	d.stopAll()
+	return nil
+}
+
+// lockFile keeps two daemons off one state directory.
+func lockFile(path string) (*os.File, error) {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|unix.O_NOFOLLOW, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("opening %s: %w", path, err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("another childflow daemon is running on this state directory (%s is locked)", path)
+	}
+	return f, nil
+}
+
+func (d *Daemon) serve(c *net.UnixConn) {
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(60 * time.Second))
+	line, files, err := api.ReadMessage(c)
+	defer func() {
+		for _, f := range files {
+			if f != nil {
+				f.Close()
+			}
+		}
+	}()
+	if err != nil {
+		return
+	}
+	var req api.Request
+	resp := api.Response{OK: true}
+	if err := json.Unmarshal(line, &req); err != nil {
+		resp = failure(policy.Usagef("bad request: %v", err))
+	} else {
+		switch req.Op {
+		case api.OpAttach:
+			if req.Attach == nil || len(files) != 1 {
+				resp = failure(policy.Usagef("attach needs one attachment and exactly one TUN fd, got %d fd(s)", len(files)))
+				break
+			}
+			tunFile := files[0]
+			files[0] = nil // the engine owns it now, or attach closed it
+			if err := d.attach(*req.Attach, tunFile, false); err != nil {
+				resp = failure(err)
+			}
+		case api.OpDetach:
+			if err := d.detach(req.ID); err != nil {
+				resp = failure(err)
+			}
+		case api.OpList, api.OpStatus:
+			resp.Sandboxes = d.list(req.ID)
+			if req.Op == api.OpStatus && len(resp.Sandboxes) == 0 {
+				resp = failure(fmt.Errorf("no sandbox %q", req.ID))
+			}
+		default:
+			resp = failure(policy.Usagef("unknown op %q", req.Op))
+		}
+	}
+	out, _ := json.Marshal(resp)
+	c.Write(append(out, '\n'))
+}
+
+func failure(err error) api.Response {
+	var u *policy.UsageError
+	return api.Response{Error: err.Error(), Usage: errors.As(err, &u)}
+}
+
+// attach starts an engine for a; it owns link from here on. adopted
+// means a comes from a record of an earlier daemon.
+func (d *Daemon) attach(a api.Attachment, link *os.File, adopted bool) (err error) {
+	defer func() {
+		if err != nil {
+			link.Close()
+		}
+	}()
+	if err := api.CheckID(a.ID); err != nil {
+		return err
+	}
+	if a.Settings == nil {
+		return policy.Usagef("sandbox %s: no settings", a.ID)
+	}
+	set, err := api.Resolve(a.Settings, func(key string) string { return "setting " + key })
+	if err != nil {
+		return err
+	}
+	if len(set.DNS) == 0 {
+		set.DNS = d.cfg.DNS
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if old, ok := d.sandboxes[a.ID]; ok {
+		if old.att.NetnsInode == a.NetnsInode {
+			link.Close() // a repeated attach of the same sandbox: already served
+			return nil
+		}
+		return fmt.Errorf("sandbox %s is already attached to another network namespace (%s)", a.ID, old.att.Netns)
+	}
+	if !adopted {
+		if err := d.writeRecord(a); err != nil {
+			return err
+		}
+		defer func() {
+			if err != nil {
+				os.Remove(d.recordPath(a.ID))
+			}
+		}()
+	}
+	sb := &sandbox{att: a, since: time.Now(), adopted: adopted}
+	if d.cfg.FlowLogDir != "" {
+		sb.logPath = filepath.Join(d.cfg.FlowLogDir, a.ID+".jsonl")
+		open := flowlog.Create
+		if adopted {
+			open = flowlog.Append
+		}
+		if sb.log, err = open(sb.logPath); err != nil {
+			return err
+		}
+		defer func() {
+			if err != nil {
+				sb.log.Close()
+			}
+		}()
+	}
+	eng, err := engine.New(engine.Config{
+		ID: a.ID, Link: link, Plan: a.Plan, Policy: set.Policy, DNS: set.DNS, Proxy: set.Proxy,
+		SandboxPID: a.PID, OnEvent: sb.record,
+	})
+	if err != nil {
+		return err
+	}
+	if err := eng.Start(d.ctx); err != nil {
+		return fmt.Errorf("starting engine for %s: %w", a.ID, err)
+	}
+	sb.eng = eng
+	d.sandboxes[a.ID] = sb
+	d.cfg.Logf("attached %s (netns %s, adopted %v)", a.ID, a.Netns, adopted)
+	return nil
+}
+
+// record counts ev for metrics and writes it to the flow log.
+func (sb *sandbox) record(ev flowlog.Event) {
+	switch ev.Event {
+	case flowlog.ConnectAttempt:
+		sb.flows.Add(1)
+		if ev.Verdict == "allow" {
+			sb.allowed.Add(1)
+		} else {
+			sb.denied.Add(1)
+		}
+	case flowlog.FlowEnd:
+		sb.up.Add(uint64(ev.BytesUp))
+		sb.down.Add(uint64(ev.BytesDown))
+	}
+	if sb.log != nil {
+		sb.log.Log(ev)
+	}
+}
+
+// detach stops a sandbox and removes its TUN and record. Unknown ids
+// succeed: poststop and CNI DEL may come more than once.
+func (d *Daemon) detach(id string) error {
+	if err := api.CheckID(id); err != nil {
+		return err
+	}
+	d.mu.Lock()
+	sb := d.sandboxes[id]
+	delete(d.sandboxes, id)
+	left := len(d.sandboxes)
+	d.mu.Unlock()
+	var a api.Attachment
+	if sb != nil {
+		sb.stop()
+		a = sb.att
+	} else if rec, err := d.readRecord(id); err == nil {
+		a = rec
+	} else {
+		return nil
+	}
+	if err := removeLink(a); err != nil {
+		return fmt.Errorf("removing %s of sandbox %s: %w", a.Plan.Interface, id, err)
+	}
+	os.Remove(d.recordPath(id))
+	d.cfg.Logf("detached %s", id)
+	if left == 0 && d.cfg.ExitWhenIdle {
+		d.cancel()
+	}
+	return nil
+}
+
+// removeLink deletes the sandbox's TUN if its namespace is still the
+// recorded one.
+func removeLink(a api.Attachment) error {
+	if ino, err := tun.NetnsInode(a.Netns); err != nil || ino != a.NetnsInode {
+		return nil // the namespace is gone, and the TUN with it
+	}
+	return tun.DeleteIn(a.Netns, a.Plan.Interface)
+}
+
+func (sb *sandbox) stop() {
+	sb.eng.Close()
+	if sb.log != nil {
+		sb.log.Close()
+	}
+}
+
+func (d *Daemon) stopAll() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for id, sb := range d.sandboxes {
+		sb.stop()
+		delete(d.sandboxes, id)
+	}
+}
+
+func (d *Daemon) count() int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return len(d.sandboxes)
+}
+
+func (d *Daemon) exitIfIdle() {
+	if d.count() == 0 {
+		d.cfg.Logf("no sandbox attached within %s: exiting", idleGrace)
+		d.cancel()
+	}
+}
+
+// list returns the status of one sandbox (id) or all (id empty).
+func (d *Daemon) list(id string) []api.Status {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	out := []api.Status{}
+	for _, sb := range d.sandboxes {
+		if id != "" && sb.att.ID != id {
+			continue
+		}
+		out = append(out, api.Status{
+			ID: sb.att.ID, Netns: sb.att.Netns, PID: sb.att.PID, Plan: sb.att.Plan, Source: sb.att.Source,
+			Since: sb.since, Adopted: sb.adopted, FlowLog: sb.logPath,
+			Flows: sb.flows.Load(), Allowed: sb.allowed.Load(), Denied: sb.denied.Load(),
+			BytesUp: sb.up.Load(), BytesDown: sb.down.Load(),
+		})
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out
+}

@@ -1,0 +1,89 @@
+package daemon
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/childflow/childflow/engine/api"
+	"github.com/childflow/childflow/internal/tun"
+)
+
+func (d *Daemon) recordDir() string { return filepath.Join(d.cfg.StateDir, "sandboxes") }
+
+func (d *Daemon) recordPath(id string) string { return filepath.Join(d.recordDir(), id+".json") }
+
+// writeRecord stores a atomically (it holds proxy credentials: 0600).
+func (d *Daemon) writeRecord(a api.Attachment) error {
+	b, err := json.Marshal(a)
+	if err != nil {
+		return err
+	}
+	tmp, err := os.CreateTemp(d.recordDir(), ".tmp-"+a.ID+"-")
+	if err != nil {
+		return fmt.Errorf("recording sandbox %s: %w", a.ID, err)
+	}
+	defer os.Remove(tmp.Name())
+	if _, err := tmp.Write(b); err != nil {
+		tmp.Close()
+		return fmt.Errorf("recording sandbox %s: %w", a.ID, err)
+	}
+	if err := tmp.Close(); err != nil {
+		return fmt.Errorf("recording sandbox %s: %w", a.ID, err)
+	}
+	if err := os.Rename(tmp.Name(), d.recordPath(a.ID)); err != nil {
+		return fmt.Errorf("recording sandbox %s: %w", a.ID, err)
+	}
+	return nil
+}
+
+func (d *Daemon) readRecord(id string) (api.Attachment, error) {
+	var a api.Attachment
+	b, err := os.ReadFile(d.recordPath(id))
+	if err != nil {
+		return a, err
+	}
+	if err := json.Unmarshal(b, &a); err != nil {
+		return a, fmt.Errorf("reading record of sandbox %s: %w", id, err)
+	}
+	return a, nil
+}
+
+// adoptAll starts an engine for every recorded sandbox whose namespace
+// still lives, and forgets the others.
+func (d *Daemon) adoptAll() {
+	entries, _ := os.ReadDir(d.recordDir())
+	for _, e := range entries {
+		name := e.Name()
+		if strings.HasPrefix(name, ".tmp-") {
+			os.Remove(filepath.Join(d.recordDir(), name))
+			continue
+		}
+		id, ok := strings.CutSuffix(name, ".json")
+		if !ok {
+			continue
+		}
+		a, err := d.readRecord(id)
+		if err == nil {
+			err = d.adopt(a)
+		}
+		if err != nil {
+			d.cfg.Logf("dropping sandbox %s: %v", id, err)
+			os.Remove(d.recordPath(id))
+		}
+	}
+}
+
+func (d *Daemon) adopt(a api.Attachment) error {
+	ino, err := tun.NetnsInode(a.Netns)
+	if err != nil || ino != a.NetnsInode {
+		return fmt.Errorf("its network namespace %s is gone", a.Netns)
+	}
+	link, err := tun.ReopenIn(a.Netns, a.Plan.Interface)
+	if err != nil {
+		return err
+	}
+	return d.attach(a, link, true)
+}

@@ -1,0 +1,146 @@
+// Package hook is childflow-hook, the OCI hook that puts an annotated
+// container's network namespace behind the node daemon. createRuntime
+// (or prestart, for older runtimes) attaches; poststop detaches.
+// Containers without childflow.dev/ annotations are left alone. With
+// one, any failure fails the container start: never an open network.
+package hook
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"github.com/spf13/pflag"
+
+	"github.com/childflow/childflow/engine/api"
+	"github.com/childflow/childflow/internal/attach"
+	"github.com/childflow/childflow/policy"
+	"github.com/childflow/childflow/policy/annotations"
+)
+
+// Run is the whole hook; it returns the exit code (non-zero stops the
+// container).
+func Run(_ context.Context, args []string, stdin io.Reader, stderr io.Writer) int {
+	fs := pflag.NewFlagSet("childflow-hook", pflag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var node attach.Node
+	fs.StringVar(&node.Socket, "socket", envOr("CHILDFLOW_SOCKET", api.DefaultSocket), "the node daemon's socket")
+	fs.StringVar(&node.StateDir, "state-dir", envOr("CHILDFLOW_STATE_DIR", api.DefaultStateDir), "state directory of a daemon the hook starts")
+	fs.StringVar(&node.Childflow, "childflow", os.Getenv("CHILDFLOW_BIN"), "childflow binary for a per-container daemon when none runs (default: next to the hook, then $PATH)")
+	if err := fs.Parse(args[1:]); err != nil {
+		if errors.Is(err, pflag.ErrHelp) {
+			return 0
+		}
+		return fail(stderr, "", err)
+	}
+	if fs.NArg() != 1 {
+		return fail(stderr, "", policy.Usagef("usage: childflow-hook [--socket PATH] createRuntime|prestart|poststop (container state on stdin)"))
+	}
+	stage := fs.Arg(0)
+	var state specs.State
+	if err := json.NewDecoder(io.LimitReader(stdin, 16<<20)).Decode(&state); err != nil {
+		return fail(stderr, "", fmt.Errorf("reading the container state on stdin: %w", err))
+	}
+	ann := state.Annotations
+	if len(ann) == 0 && state.Bundle != "" {
+		ann = bundleAnnotations(state.Bundle)
+	}
+	if !annotations.Present(ann) {
+		return 0
+	}
+	if node.Childflow == "" {
+		node.Childflow = findChildflow()
+	}
+	switch stage {
+	case "createRuntime", "prestart":
+		return createRuntime(node, state, ann, stderr)
+	case "poststop":
+		if err := node.Detach(state.ID); err != nil {
+			return fail(stderr, state.ID, err)
+		}
+		return 0
+	case "createContainer", "startContainer", "poststart":
+		return 0
+	}
+	return fail(stderr, state.ID, policy.Usagef("unknown hook stage %q: want createRuntime, prestart or poststop", stage))
+}
+
+func createRuntime(node attach.Node, state specs.State, ann map[string]string, stderr io.Writer) int {
+	settings, name, err := annotations.Parse(ann)
+	if err == nil {
+		// Validate here, so the error names the annotation.
+		_, err = api.Resolve(settings, name)
+	}
+	if err == nil {
+		err = api.CheckID(state.ID)
+	}
+	if err != nil {
+		return fail(stderr, state.ID, err)
+	}
+	if state.Pid <= 0 {
+		return fail(stderr, state.ID, fmt.Errorf("the runtime gave no container pid (stage must be createRuntime or prestart)"))
+	}
+	_, err = node.Attach(attach.Sandbox{
+		ID:       state.ID,
+		Netns:    "/proc/" + strconv.Itoa(state.Pid) + "/ns/net",
+		PID:      state.Pid,
+		Settings: settings,
+		Source:   "oci-hook",
+	})
+	if err != nil {
+		return fail(stderr, state.ID, err)
+	}
+	return 0
+}
+
+func fail(stderr io.Writer, id string, err error) int {
+	if id != "" {
+		fmt.Fprintf(stderr, "childflow-hook: container %s: %v\n", id, err)
+	} else {
+		fmt.Fprintf(stderr, "childflow-hook: %v\n", err)
+	}
+	var u *policy.UsageError
+	if errors.As(err, &u) {
+		return 2
+	}
+	return 1
+}
+
+// bundleAnnotations reads them from config.json for runtimes whose state
+// does not carry them.
+func bundleAnnotations(bundle string) map[string]string {
+	b, err := os.ReadFile(filepath.Join(bundle, "config.json"))
+	if err != nil {
+		return nil
+	}
+	var spec struct {
+		Annotations map[string]string `json:"annotations"`
+	}
+	json.Unmarshal(b, &spec)
+	return spec.Annotations
+}
+
+func findChildflow() string {
+	if self, err := os.Executable(); err == nil {
+		p := filepath.Join(filepath.Dir(self), "childflow")
+		if _, err := os.Stat(p); err == nil {
+			return p
+		}
+	}
+	p, _ := exec.LookPath("childflow")
+	return p
+}
+
+func envOr(key, def string) string {
+	if v := os.Getenv(key); v != "" {
+		return v
+	}
+	return def
+}

@@ -1,0 +1,162 @@
+// Package attach is what the OCI hook and the CNI plugin share: put a
+// TUN into a sandbox's network namespace and hand it to the node daemon,
+// starting a per-sandbox daemon where none runs. It must not import
+// gVisor: the hook and the plugin are short-lived and start fast.
+package attach
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+	"golang.org/x/sys/unix"
+
+	"github.com/childflow/childflow/engine/api"
+	"github.com/childflow/childflow/internal/netplan"
+	"github.com/childflow/childflow/internal/tun"
+	"github.com/childflow/childflow/policy/profile"
+)
+
+// Node says how to reach the daemon.
+type Node struct {
+	Socket   string // api.DefaultSocket
+	StateDir string // api.DefaultStateDir
+	// Childflow is the childflow binary to start a per-sandbox daemon
+	// with when no daemon answers. Empty: none is started.
+	Childflow string
+}
+
+func (n Node) socket() string {
+	if n.Socket == "" {
+		return api.DefaultSocket
+	}
+	return n.Socket
+}
+
+func (n Node) stateDir() string {
+	if n.StateDir == "" {
+		return api.DefaultStateDir
+	}
+	return n.StateDir
+}
+
+// Sandbox is one network namespace to attach.
+type Sandbox struct {
+	ID       string
+	Netns    string // host path of the namespace
+	PID      int    // a process in it, 0 if none yet
+	Settings *profile.Profile
+	Source   string
+}
+
+// Attach creates the TUN in sb's namespace and returns once the daemon
+// relays it. On error nothing of it is left in the namespace.
+func (n Node) Attach(sb Sandbox) (plan netplan.Plan, err error) {
+	ino, err := tun.NetnsInode(sb.Netns)
+	if err != nil {
+		return plan, err
+	}
+	if self, err := tun.NetnsInode("/proc/self/ns/net"); err == nil && self == ino {
+		return plan, fmt.Errorf("the sandbox shares the host's network namespace; childflow needs one of its own")
+	}
+	routes, err := routesIn(sb.Netns)
+	if err != nil {
+		return plan, err
+	}
+	if plan, err = netplan.Choose(append(netplan.Routes(), routes...), 0); err != nil {
+		return plan, err
+	}
+	link, err := tun.CreateIn(sb.Netns, plan)
+	if err != nil {
+		return plan, fmt.Errorf("creating %s in %s: %w", plan.Interface, sb.Netns, err)
+	}
+	defer link.Close() // the daemon has its own copy
+	defer func() {
+		if err != nil {
+			tun.DeleteIn(sb.Netns, plan.Interface)
+		}
+	}()
+	a := &api.Attachment{ID: sb.ID, Netns: sb.Netns, NetnsInode: ino, PID: sb.PID, Plan: plan, Settings: sb.Settings, Source: sb.Source}
+	client := api.Client{Socket: n.socket()}
+	err = client.Attach(a, link)
+	if errors.Is(err, api.ErrUnavailable) && n.Childflow != "" {
+		if err = n.startDaemon(); err == nil {
+			err = client.Attach(a, link)
+		}
+	}
+	if err != nil {
+		return plan, fmt.Errorf("attaching to the childflow daemon: %w", err)
+	}
+	return plan, nil
+}
+
+// Detach asks the daemon to stop relaying id and remove its TUN. A
+// daemon that is not running has nothing to stop: its next start drops
+// records of namespaces that are gone.
+func (n Node) Detach(id string) error {
+	err := api.Client{Socket: n.socket()}.Detach(id)
+	if errors.Is(err, api.ErrUnavailable) {
+		return nil
+	}
+	return err
+}
+
+// startDaemon runs `childflow daemon --exit-when-idle` detached from the
+// caller: a new session, no inherited stdio (runc waits for a hook's
+// stdout and stderr to close), and returns once its socket is up.
+func (n Node) startDaemon() error {
+	if err := os.MkdirAll(n.stateDir(), 0o700); err != nil {
+		return err
+	}
+	logFile, err := os.OpenFile(filepath.Join(n.stateDir(), "daemon.log"), os.O_WRONLY|os.O_CREATE|os.O_APPEND|unix.O_NOFOLLOW, 0o600)
+	if err != nil {
+		return fmt.Errorf("opening daemon log: %w", err)
+	}
+	defer logFile.Close()
+	r, w, err := os.Pipe()
+	if err != nil {
+		return err
+	}
+	defer r.Close()
+	cmd := exec.Command(n.Childflow, "daemon", "--exit-when-idle", "--socket", n.socket(), "--state-dir", n.stateDir(), "--ready-fd", "3")
+	cmd.Stdout, cmd.Stderr = logFile, logFile
+	cmd.ExtraFiles = []*os.File{w}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	cmd.Dir = "/"
+	err = cmd.Start()
+	w.Close()
+	if err != nil {
+		return fmt.Errorf("starting %s daemon: %w", n.Childflow, err)
+	}
+	go cmd.Wait()
+	cmd.Process.Release()
+	r.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := r.Read(make([]byte, 1)); err == nil {
+		return nil
+	}
+	// Lost a race with another hook's daemon? Then its socket answers.
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		if c, err := net.Dial("unix", n.socket()); err == nil {
+			c.Close()
+			return nil
+		}
+	}
+	return fmt.Errorf("the daemon started from %s did not come up (see %s)", n.Childflow, logFile.Name())
+}
+
+// routesIn are the destinations routed in the namespace: the sandbox
+// subnet must not shadow them.
+func routesIn(netnsPath string) (out []netip.Prefix, err error) {
+	err = ns.WithNetNSPath(netnsPath, func(ns.NetNS) error {
+		out = netplan.Routes()
+		return nil
+	})
+	return out, err
+}

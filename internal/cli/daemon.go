@@ -1,0 +1,110 @@
+package cli
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"os"
+	"os/signal"
+	"syscall"
+	"text/tabwriter"
+
+	"github.com/spf13/pflag"
+
+	"github.com/childflow/childflow/engine/api"
+	"github.com/childflow/childflow/engine/daemon"
+	"github.com/childflow/childflow/internal/doctor"
+	"github.com/childflow/childflow/policy"
+)
+
+// runDaemon is `childflow daemon`: the node engine for containers and pods.
+func runDaemon(ctx context.Context, args []string, stderr io.Writer) int {
+	var cfg daemon.Config
+	var dns []string
+	var readyFD int
+	fs := pflag.NewFlagSet("daemon", pflag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.StringVar(&cfg.Socket, "socket", api.DefaultSocket, "unix socket of the API (root only)")
+	fs.StringVar(&cfg.StateDir, "state-dir", api.DefaultStateDir, "where attachments are recorded for re-adoption")
+	fs.StringVar(&cfg.FlowLogDir, "flow-log-dir", "/var/log/childflow", "one flow log per sandbox here; empty: none")
+	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", "", "serve Prometheus metrics on ADDR (e.g. 127.0.0.1:9187); empty: off")
+	fs.StringSliceVarP(&dns, "dns", "d", nil, "resolvers for sandboxes whose policy names none; default: the host's")
+	fs.BoolVar(&cfg.ExitWhenIdle, "exit-when-idle", false, "exit once no sandbox is attached (per-container engine)")
+	fs.IntVar(&readyFD, "ready-fd", -1, "write a byte to this fd and close it once the socket is up")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, pflag.ErrHelp) {
+			return 0
+		}
+		return usageError(stderr, err)
+	}
+	if fs.NArg() > 0 {
+		return usageError(stderr, policy.Usagef("childflow daemon takes no arguments, got %q", fs.Args()))
+	}
+	var err error
+	if cfg.DNS, err = policy.ParseResolvers("--dns", dns); err != nil {
+		return usageError(stderr, err)
+	}
+	if len(cfg.DNS) == 0 {
+		hostResolv, _ := os.ReadFile("/etc/resolv.conf")
+		cfg.DNS, _ = policy.ParseResolvers("nameserver", doctor.ParseNameservers(string(hostResolv)))
+	}
+	if os.Geteuid() != 0 {
+		fmt.Fprintln(stderr, "childflow: daemon: needs root (it enters other network namespaces)")
+		return exitFailure
+	}
+	logger := log.New(stderr, "childflow daemon: ", log.LstdFlags)
+	cfg.Logf = logger.Printf
+	ctx, stop := signal.NotifyContext(ctx, syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	signal.Ignore(syscall.SIGHUP, syscall.SIGPIPE)
+	ready := func() {
+		if readyFD >= 0 {
+			f := os.NewFile(uintptr(readyFD), "ready")
+			f.Write([]byte{1})
+			f.Close()
+		}
+	}
+	if err := daemon.Run(ctx, cfg, ready); err != nil {
+		fmt.Fprintf(stderr, "childflow: daemon: %v\n", err)
+		return exitFailure
+	}
+	return 0
+}
+
+// runSandboxes is `childflow sandboxes`: what the node daemon relays.
+func runSandboxes(args []string, stdout, stderr io.Writer) int {
+	fs := pflag.NewFlagSet("sandboxes", pflag.ContinueOnError)
+	fs.SetOutput(stderr)
+	socket := fs.String("socket", api.DefaultSocket, "the daemon's socket")
+	format := fs.String("format", "text", "text|json")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, pflag.ErrHelp) {
+			return 0
+		}
+		return usageError(stderr, err)
+	}
+	if err := checkChoice("format", *format, "text", "json"); err != nil {
+		return usageError(stderr, err)
+	}
+	list, err := api.Client{Socket: *socket}.List()
+	if err != nil {
+		fmt.Fprintf(stderr, "childflow: sandboxes: %v\n", err)
+		return exitFailure
+	}
+	if *format == "json" {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		enc.Encode(list)
+		return 0
+	}
+	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tSOURCE\tPID\tFLOWS\tDENIED\tUP\tDOWN\tSINCE")
+	for _, s := range list {
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%d\t%d\t%d\t%s\n", s.ID, s.Source, s.PID, s.Flows, s.Denied, s.BytesUp, s.BytesDown, s.Since.Format("2006-01-02T15:04:05"))
+	}
+	tw.Flush()
+	return 0
+}

@@ -1,0 +1,226 @@
+// Package shim is childflow-runtime: an OCI runtime that is runc (or
+// crun) with childflow's hook added to every container it creates, for
+// `docker --runtime`, `nerdctl --runtime` and containerd runtime
+// handlers. It edits the bundle's config.json on create and run, then
+// execs the real runtime with the arguments it was given; every other
+// command passes through untouched.
+package shim
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+
+	"github.com/childflow/childflow/policy/annotations"
+	"github.com/childflow/childflow/policy/profile"
+)
+
+// Options are childflow-runtime's own flags. They come first
+// (daemon.json "runtimeArgs") and are removed before the real runtime
+// sees the arguments.
+type Options struct {
+	Runtime  string // the real runtime: runc by default
+	Hook     string // childflow-hook: next to this binary by default
+	Socket   string // passed to the hook
+	StateDir string // passed to the hook
+	// Policy, if set, is a YAML/JSON policy document given to containers
+	// that carry no childflow.dev/ annotation: with it, every container
+	// of this runtime is sandboxed.
+	Policy string
+}
+
+const prefix = "--childflow-"
+
+// Run parses args, prepares the bundle when a container is created and
+// execs the real runtime. It returns only on error.
+func Run(args []string, stderr io.Writer) int {
+	opts, rest, err := parseOptions(args[1:])
+	if err != nil {
+		fmt.Fprintf(stderr, "childflow-runtime: %v\n", err)
+		return 2
+	}
+	runtime, err := exec.LookPath(opts.Runtime)
+	if err != nil {
+		fmt.Fprintf(stderr, "childflow-runtime: --childflow-runtime %q: %v\n", opts.Runtime, err)
+		return 2
+	}
+	if cmd, bundle := command(rest); cmd == "create" || cmd == "run" {
+		if err := Prepare(filepath.Join(bundle, "config.json"), opts); err != nil {
+			fmt.Fprintf(stderr, "childflow-runtime: %v\n", err)
+			return 1
+		}
+	}
+	err = syscall.Exec(runtime, append([]string{runtime}, rest...), os.Environ())
+	fmt.Fprintf(stderr, "childflow-runtime: exec %s: %v\n", runtime, err)
+	return 1
+}
+
+func parseOptions(args []string) (Options, []string, error) {
+	opts := Options{Runtime: envOr("CHILDFLOW_RUNTIME", "runc")}
+	if self, err := os.Executable(); err == nil {
+		opts.Hook = filepath.Join(filepath.Dir(self), "childflow-hook")
+	}
+	fields := map[string]*string{"runtime": &opts.Runtime, "hook": &opts.Hook, "socket": &opts.Socket, "state-dir": &opts.StateDir, "policy": &opts.Policy}
+	var rest []string
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		if !strings.HasPrefix(a, prefix) {
+			rest = append(rest, a)
+			continue
+		}
+		name, value, hasValue := strings.Cut(strings.TrimPrefix(a, prefix), "=")
+		f, ok := fields[name]
+		if !ok {
+			return opts, nil, fmt.Errorf("unknown flag %s%s", prefix, name)
+		}
+		if !hasValue {
+			if i+1 >= len(args) {
+				return opts, nil, fmt.Errorf("flag %s%s needs a value", prefix, name)
+			}
+			i++
+			value = args[i]
+		}
+		*f = value
+	}
+	if opts.Policy != "" {
+		b, err := os.ReadFile(opts.Policy)
+		if err != nil {
+			return opts, nil, fmt.Errorf("invalid --childflow-policy %q: %v", opts.Policy, err)
+		}
+		if _, err := profile.Parse(opts.Policy, b, ""); err != nil {
+			return opts, nil, fmt.Errorf("invalid --childflow-policy: %v", err)
+		}
+		opts.Policy = string(b)
+	}
+	return opts, rest, nil
+}
+
+// globalWithValue are runc's and crun's global flags that take a value
+// as the next argument.
+var globalWithValue = map[string]bool{"--root": true, "--log": true, "--log-format": true, "--criu": true, "--rootless": true, "--cgroup-manager": true}
+
+// command finds the runtime subcommand and, for create and run, the
+// bundle directory (--bundle/-b, default the working directory).
+func command(args []string) (cmd, bundle string) {
+	i := 0
+	for ; i < len(args); i++ {
+		a := args[i]
+		if !strings.HasPrefix(a, "-") {
+			break
+		}
+		if globalWithValue[a] {
+			i++
+		}
+	}
+	if i >= len(args) {
+		return "", ""
+	}
+	cmd = args[i]
+	bundle = "."
+	for j := i + 1; j < len(args); j++ {
+		a := args[j]
+		switch {
+		case a == "--bundle" || a == "-b":
+			if j+1 < len(args) {
+				bundle = args[j+1]
+			}
+			j++
+		case strings.HasPrefix(a, "--bundle="):
+			bundle = strings.TrimPrefix(a, "--bundle=")
+		case strings.HasPrefix(a, "-b="):
+			bundle = strings.TrimPrefix(a, "-b=")
+		case a == "--":
+			j = len(args)
+		}
+	}
+	return cmd, bundle
+}
+
+// Prepare adds the hook to config.json's createRuntime and poststop
+// stages (once, however often it runs) and the default policy to a
+// container without childflow annotations. Unknown fields are kept.
+func Prepare(configPath string, opts Options) error {
+	st, err := os.Stat(configPath)
+	if err != nil {
+		return fmt.Errorf("reading bundle config: %w", err)
+	}
+	b, err := os.ReadFile(configPath)
+	if err != nil {
+		return fmt.Errorf("reading bundle config: %w", err)
+	}
+	var spec map[string]any
+	if err := json.Unmarshal(b, &spec); err != nil {
+		return fmt.Errorf("parsing %s: %w", configPath, err)
+	}
+	ann, _ := spec["annotations"].(map[string]any)
+	if ann == nil {
+		ann = map[string]any{}
+	}
+	if opts.Policy != "" && !annotations.Present(stringMap(ann)) {
+		ann[annotations.Policy] = opts.Policy
+	}
+	if len(ann) > 0 {
+		spec["annotations"] = ann
+	}
+	hooks, _ := spec["hooks"].(map[string]any)
+	if hooks == nil {
+		hooks = map[string]any{}
+	}
+	for _, stage := range []string{"createRuntime", "poststop"} {
+		hooks[stage] = addHook(hooks[stage], opts, stage)
+	}
+	spec["hooks"] = hooks
+	out, err := json.Marshal(spec)
+	if err != nil {
+		return err
+	}
+	tmp := configPath + ".childflow.tmp"
+	if err := os.WriteFile(tmp, out, st.Mode().Perm()); err != nil {
+		return fmt.Errorf("writing bundle config: %w", err)
+	}
+	if err := os.Rename(tmp, configPath); err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("writing bundle config: %w", err)
+	}
+	return nil
+}
+
+func addHook(list any, opts Options, stage string) []any {
+	hooks, _ := list.([]any)
+	for _, h := range hooks {
+		if m, ok := h.(map[string]any); ok && m["path"] == opts.Hook {
+			return hooks
+		}
+	}
+	args := []any{"childflow-hook"}
+	if opts.Socket != "" {
+		args = append(args, "--socket", opts.Socket)
+	}
+	if opts.StateDir != "" {
+		args = append(args, "--state-dir", opts.StateDir)
+	}
+	args = append(args, stage)
+	return append(hooks, map[string]any{"path": opts.Hook, "args": args, "timeout": 30})
+}
+
+func stringMap(m map[string]any) map[string]string {
+	out := map[string]string{}
+	for k, v := range m {
+		if s, ok := v.(string); ok {
+			out[k] = s
+		}
+	}
+	return out
+}
+
+func envOr(key, def string) string {
+	if v := os.Getenv(key); v != "" {
+		return v
+	}
+	return def
+}

@@ -1,0 +1,327 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// node is a childflow daemon for one test, with its own socket, state
+// and flow log directories.
+type node struct {
+	dir, socket, state, flows string
+	daemon                    *exec.Cmd
+	log                       *bytes.Buffer
+}
+
+func startNode(t *testing.T) *node {
+	t.Helper()
+	requireRoot(t)
+	dir := t.TempDir()
+	n := &node{dir: dir, socket: filepath.Join(dir, "engine.sock"), state: filepath.Join(dir, "state"), flows: filepath.Join(dir, "flows")}
+	n.start(t)
+	t.Cleanup(func() { n.stop() })
+	return n
+}
+
+func (n *node) start(t *testing.T) {
+	t.Helper()
+	n.log = &bytes.Buffer{}
+	n.daemon = exec.Command(bin, "daemon", "--socket", n.socket, "--state-dir", n.state, "--flow-log-dir", n.flows, "--dns", "203.0.113.53")
+	n.daemon.Stdout, n.daemon.Stderr = n.log, n.log
+	if err := n.daemon.Start(); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 100; i++ {
+		if c, err := net.Dial("unix", n.socket); err == nil {
+			c.Close()
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Fatalf("daemon did not come up:\n%s", n.log)
+}
+
+func (n *node) stop() {
+	if n.daemon != nil && n.daemon.Process != nil {
+		n.daemon.Process.Signal(syscall.SIGTERM)
+		n.daemon.Wait()
+	}
+}
+
+func (n *node) kill(t *testing.T) {
+	t.Helper()
+	n.daemon.Process.Kill()
+	n.daemon.Wait()
+}
+
+// sandboxes is `childflow sandboxes --format json` against this node.
+func (n *node) sandboxes(t *testing.T) []map[string]any {
+	t.Helper()
+	r := run(t, root, "sandboxes", "--socket", n.socket, "--format", "json")
+	if r.code != 0 {
+		t.Fatalf("childflow sandboxes: %v", r)
+	}
+	var list []map[string]any
+	if err := json.Unmarshal([]byte(r.stdout), &list); err != nil {
+		t.Fatalf("sandboxes output %q: %v", r.stdout, err)
+	}
+	return list
+}
+
+func (n *node) records(t *testing.T) []string {
+	entries, _ := os.ReadDir(filepath.Join(n.state, "sandboxes"))
+	var out []string
+	for _, e := range entries {
+		out = append(out, e.Name())
+	}
+	return out
+}
+
+func (n *node) hookArgs(stage string) []any {
+	return []any{"childflow-hook", "--socket", n.socket, "--state-dir", n.state, stage}
+}
+
+// rootfs is a busybox-static root filesystem; busybox's wget crashes
+// here, so HTTP is spoken with nc.
+func rootfs(t *testing.T, dir string) {
+	t.Helper()
+	for _, d := range []string{"bin", "etc", "proc", "dev", "sys", "tmp"} {
+		os.MkdirAll(filepath.Join(dir, d), 0o755)
+	}
+	b, err := os.ReadFile("/bin/busybox")
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(filepath.Join(dir, "bin/busybox"), b, 0o755)
+	for _, a := range []string{"sh", "nc", "nslookup", "ping", "ip", "cat", "sleep", "echo", "printf", "tail", "grep"} {
+		os.Symlink("busybox", filepath.Join(dir, "bin", a))
+	}
+	os.WriteFile(filepath.Join(dir, "etc/resolv.conf"), []byte("nameserver 203.0.113.53\n"), 0o644)
+	os.WriteFile(filepath.Join(dir, "etc/passwd"), []byte("root:x:0:0:root:/:/bin/sh\n"), 0o644)
+}
+
+// bundle writes an OCI bundle running script with ann as annotations and
+// hooks as config.json's hooks (nil: none).
+func bundle(t *testing.T, ann map[string]string, hooks map[string]any, script string) string {
+	t.Helper()
+	dir := t.TempDir()
+	rootfs(t, filepath.Join(dir, "rootfs"))
+	if out, err := exec.Command("runc", "spec", "--bundle", dir).CombinedOutput(); err != nil {
+		t.Fatalf("runc spec: %v\n%s", err, out)
+	}
+	path := filepath.Join(dir, "config.json")
+	var spec map[string]any
+	b, _ := os.ReadFile(path)
+	json.Unmarshal(b, &spec)
+	proc := spec["process"].(map[string]any)
+	proc["terminal"] = false
+	proc["args"] = []string{"sh", "-c", script}
+	spec["root"].(map[string]any)["readonly"] = false
+	if len(ann) > 0 {
+		spec["annotations"] = ann
+	}
+	if hooks != nil {
+		spec["hooks"] = hooks
+	}
+	b, _ = json.Marshal(spec)
+	os.WriteFile(path, b, 0o644)
+	return dir
+}
+
+func (n *node) hooks() map[string]any {
+	hook := filepath.Join(filepath.Dir(bin), "childflow-hook")
+	return map[string]any{
+		"createRuntime": []any{map[string]any{"path": hook, "args": n.hookArgs("createRuntime")}},
+		"poststop":      []any{map[string]any{"path": hook, "args": n.hookArgs("poststop")}},
+	}
+}
+
+// oci runs an OCI runtime (runc, crun) with its own state root.
+func oci(t *testing.T, runtime, stateRoot string, args ...string) result {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	argv := append([]string{runtime, "--root", stateRoot}, args...)
+	if runtime == "crun" {
+		// crun 1.8 refuses this machine's hybrid cgroups (v1 plus a v2
+		// hierarchy with hugetlb): give it a mount namespace without v2.
+		argv = append([]string{"unshare", "-m", "--propagation", "private", "sh", "-c", `umount /sys/fs/cgroup/unified 2>/dev/null; exec "$@"`, "crun"}, argv...)
+	}
+	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatalf("%s %v: %v", runtime, args, err)
+	}
+	return result{out.String(), errb.String(), code}
+}
+
+// probe is a script that reports what the container reaches.
+const probe = `
+for h in 203.0.113.10 203.0.113.20 2001:db8::20; do
+  if printf 'GET / HTTP/1.0\r\n\r\n' | nc -w 3 $h 80 | grep -q 'hello from the test internet'; then echo "reach $h"; else echo "blocked $h"; fi
+done
+ip -o link | grep -q cf0 && echo has-cf0 || echo no-cf0
+`
+
+var sandboxedAnn = map[string]string{
+	"childflow.dev/default-policy": "deny",
+	"childflow.dev/allow-cidrs":    "203.0.113.10/32",
+}
+
+func wantLines(t *testing.T, out string, want ...string) {
+	t.Helper()
+	for _, w := range want {
+		if !strings.Contains(out, w+"\n") {
+			t.Errorf("output lacks %q:\n%s", w, out)
+		}
+	}
+}
+
+func TestContainerPolicyUnderRuncAndCrun(t *testing.T) {
+	n := startNode(t)
+	for _, runtime := range []string{"runc", "crun"} {
+		t.Run(runtime, func(t *testing.T) {
+			state := t.TempDir()
+			id := "cf-policy-" + runtime
+			r := oci(t, runtime, state, "run", "--bundle", bundle(t, sandboxedAnn, n.hooks(), probe), id)
+			if r.code != 0 {
+				t.Fatalf("annotated container: %v", r)
+			}
+			wantLines(t, r.stdout, "reach 203.0.113.10", "blocked 203.0.113.20", "blocked 2001:db8::20", "has-cf0")
+			log, _ := os.ReadFile(filepath.Join(n.flows, id+".jsonl"))
+			if !strings.Contains(string(log), `"event":"policy_violation"`) || !strings.Contains(string(log), `"dst":"203.0.113.20:80"`) {
+				t.Errorf("flow log lacks the violation:\n%s", log)
+			}
+
+			r = oci(t, runtime, state, "run", "--bundle", bundle(t, nil, n.hooks(), probe), id+"-plain")
+			if r.code != 0 {
+				t.Fatalf("unannotated container: %v", r)
+			}
+			wantLines(t, r.stdout, "blocked 203.0.113.10", "no-cf0")
+			if l := n.sandboxes(t); len(l) != 0 || len(n.records(t)) != 0 {
+				t.Errorf("after the containers exited: sandboxes %v, records %v", l, n.records(t))
+			}
+		})
+	}
+}
+
+func TestBadAnnotationStopsTheContainer(t *testing.T) {
+	n := startNode(t)
+	for _, tc := range []struct{ key, value, want string }{
+		{"childflow.dev/allow-cidrs", "203.0.113.0/99", `invalid annotation childflow.dev/allow-cidrs "203.0.113.0/99"`},
+		{"childflow.dev/default-polcy", "deny", "unknown annotation childflow.dev/default-polcy"},
+		{"childflow.dev/policy", "flow_log: /etc/shadow", `key "flow_log" cannot be set by an annotation`},
+	} {
+		state := t.TempDir()
+		r := oci(t, "runc", state, "run", "--bundle", bundle(t, map[string]string{tc.key: tc.value}, n.hooks(), "echo RAN"), "cf-bad")
+		// runc quotes the hook's stderr in its own message.
+		stderr := strings.ReplaceAll(r.stderr, `\"`, `"`)
+		if r.code == 0 || strings.Contains(r.stdout, "RAN") || !strings.Contains(stderr, tc.want) {
+			t.Errorf("%s=%s: want a failed start naming it (%q): %v", tc.key, tc.value, tc.want, r)
+		}
+		oci(t, "runc", state, "delete", "--force", "cf-bad")
+	}
+	if l := n.sandboxes(t); len(l) != 0 || len(n.records(t)) != 0 {
+		t.Errorf("a failed start left sandboxes %v, records %v", l, n.records(t))
+	}
+}
+
+func TestDaemonRestartKeepsTheSandboxPolicy(t *testing.T) {
+	n := startNode(t)
+	state := t.TempDir()
+	id := "cf-restart"
+	dir := bundle(t, sandboxedAnn, n.hooks(), "sleep 600")
+	out, _ := os.Create(filepath.Join(t.TempDir(), "out"))
+	defer out.Close()
+	cmd := exec.Command("runc", "--root", state, "run", "--detach", "--bundle", dir, id)
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Run(); err != nil {
+		b, _ := os.ReadFile(out.Name())
+		t.Fatalf("runc run -d: %v\n%s", err, b)
+	}
+	t.Cleanup(func() { oci(t, "runc", state, "delete", "--force", id) })
+	check := func(when string) {
+		r := oci(t, "runc", state, "exec", id, "sh", "-c", probe)
+		wantLines(t, r.stdout, "reach 203.0.113.10", "blocked 203.0.113.20", "blocked 2001:db8::20")
+		if t.Failed() {
+			t.Fatalf("%s: %v\ndaemon log:\n%s", when, r, n.log)
+		}
+	}
+	check("before the restart")
+	n.kill(t)
+	r := oci(t, "runc", state, "exec", id, "sh", "-c", "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 203.0.113.20 80 | grep -c hello")
+	if strings.TrimSpace(r.stdout) != "0" {
+		t.Fatalf("with the daemon down the denied host answered: %v", r)
+	}
+	n.start(t)
+	list := n.sandboxes(t)
+	if len(list) != 1 || list[0]["id"] != id || list[0]["adopted"] != true {
+		t.Fatalf("after the restart: %v\n%s", list, n.log)
+	}
+	check("after the restart")
+
+	oci(t, "runc", state, "kill", id, "KILL")
+	eventually(t, "the container to stop", func() bool {
+		return strings.Contains(oci(t, "runc", state, "state", id).stdout, `"stopped"`)
+	})
+	if r := oci(t, "runc", state, "delete", id); r.code != 0 {
+		t.Fatalf("runc delete: %v", r)
+	}
+	if l := n.sandboxes(t); len(l) != 0 || len(n.records(t)) != 0 {
+		t.Errorf("after runc delete (poststop): sandboxes %v, records %v", l, n.records(t))
+	}
+}
+
+func TestHookStartsAnEngineWhereNoDaemonRuns(t *testing.T) {
+	requireRoot(t)
+	n := &node{dir: t.TempDir()}
+	n.socket, n.state = filepath.Join(n.dir, "engine.sock"), filepath.Join(n.dir, "state")
+	ann := map[string]string{
+		"childflow.dev/default-policy": "deny",
+		"childflow.dev/allow-domains":  "allowed.test",
+		"childflow.dev/dns":            "203.0.113.53",
+	}
+	script := `printf 'GET / HTTP/1.0\r\n\r\n' | nc -w 3 allowed.test 80 | grep -q hello && echo reach-allowed
+printf 'GET / HTTP/1.0\r\n\r\n' | nc -w 3 denied.test 80 | grep -q hello && echo reach-denied || echo blocked-denied`
+	r := oci(t, "runc", t.TempDir(), "run", "--bundle", bundle(t, ann, n.hooks(), script), "cf-nodaemon")
+	if r.code != 0 {
+		b, _ := os.ReadFile(filepath.Join(n.state, "daemon.log"))
+		t.Fatalf("%v\ndaemon log:\n%s", r, b)
+	}
+	wantLines(t, r.stdout, "reach-allowed", "blocked-denied")
+	eventually(t, "the per-container engine to exit", func() bool { return len(processes(n.socket)) == 0 })
+	if len(n.records(t)) != 0 {
+		t.Errorf("records left: %v", n.records(t))
+	}
+	if _, err := os.Stat(n.socket); err == nil {
+		t.Errorf("socket %s left behind", n.socket)
+	}
+}
+
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for i := 0; i < 100; i++ {
+		if cond() {
+			return
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Fatalf("timed out waiting for %s", what)
+}
+
