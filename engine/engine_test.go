@@ -446,7 +446,7 @@ func TestDNSAndDomainRules(t *testing.T) {
 	if r := sb.query(t, netip.AddrPortFrom(sb.plan.Gateway6, 53), "allowed.test.", mdns.TypeA, true); len(r.Answer) != 1 {
 		t.Fatalf("DNS over TCP on the IPv6 gateway: %v", r)
 	}
-	other := netip.MustParseAddrPort("203.0.113.99:53")
+	other := netip.MustParseAddrPort("203.0.113.44:53")
 	if r := sb.query(t, other, "allowed.test.", mdns.TypeA, false); len(r.Answer) != 1 {
 		t.Fatalf("DNS to another resolver was not answered by the engine: %v", r)
 	}
@@ -454,7 +454,7 @@ func TestDNSAndDomainRules(t *testing.T) {
 		t.Fatalf("denied name resolved through another resolver over TCP: %v", r)
 	}
 	// DNS over TLS is refused outright.
-	if _, err := sb.dial(t, netip.MustParseAddrPort("203.0.113.99:853")); err == nil {
+	if _, err := sb.dial(t, netip.MustParseAddrPort("203.0.113.44:853")); err == nil {
 		t.Fatal("DoT connection was allowed")
 	}
 }

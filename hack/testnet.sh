@@ -42,12 +42,14 @@ up() {
 	ip netns add "$ns"
 	ip link add "$host_if" type veth peer name "$ns_if"
 	ip link set "$ns_if" netns "$ns"
-	ip addr add 203.0.113.1/24 dev "$host_if"
+	# A /26, not the whole /24: this environment's package registry lives at
+	# 203.0.113.80 and must stay reachable while the testnet is up.
+	ip addr add 203.0.113.1/26 dev "$host_if"
 	ip -6 addr add 2001:db8::1/64 dev "$host_if" nodad
 	ip link set "$host_if" up
 	ip netns exec "$ns" ip link set lo up
 	for a in 10 20 30 53; do
-		ip netns exec "$ns" ip addr add "203.0.113.$a/24" dev "$ns_if"
+		ip netns exec "$ns" ip addr add "203.0.113.$a/26" dev "$ns_if"
 		ip netns exec "$ns" ip -6 addr add "2001:db8::$a/64" dev "$ns_if" nodad
 	done
 	ip netns exec "$ns" ip link set "$ns_if" up

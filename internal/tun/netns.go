@@ -10,23 +10,34 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/childflow/childflow/internal/netplan"
+	"github.com/childflow/childflow/internal/steer"
 )
 
 // CreateIn creates the sandbox's TUN inside the network namespace at
 // netnsPath, configured by plan and persistent, so that a restarted
 // daemon can open it again. On error nothing is left in the namespace.
 func CreateIn(netnsPath string, plan netplan.Plan) (f *os.File, err error) {
-	err = ns.WithNetNSPath(netnsPath, func(ns.NetNS) error {
+	err = inNetns(netnsPath, func(netns ns.NetNS) error {
 		if _, err := netlink.LinkByName(plan.Interface); err == nil {
 			return fmt.Errorf("%s already exists in %s", plan.Interface, netnsPath)
+		}
+		shared, err := steer.Needed(plan.Interface)
+		if err != nil {
+			return err
 		}
 		if f, err = Open(plan.Interface); err != nil {
 			return err
 		}
-		if err = SetPersist(f, true); err == nil {
+		if err = SetPersist(f, true); err == nil && shared {
+			err = steer.Install(int(netns.Fd()), plan.Interface)
+		}
+		if err == nil {
 			err = Configure(plan)
 		}
 		if err != nil {
+			if shared {
+				steer.Remove(int(netns.Fd()))
+			}
 			SetPersist(f, false)
 			f.Close()
 			f = nil
@@ -48,19 +59,20 @@ func ReopenIn(netnsPath, name string) (f *os.File, err error) {
 	return f, err
 }
 
-// DeleteIn removes the TUN name from the namespace. A namespace or link
-// that is already gone is not an error.
+// DeleteIn removes the TUN name from the namespace, and the steering of
+// a shared namespace. A namespace or link that is already gone is not an
+// error.
 func DeleteIn(netnsPath, name string) error {
-	err := ns.WithNetNSPath(netnsPath, func(ns.NetNS) error {
+	err := inNetns(netnsPath, func(netns ns.NetNS) error {
 		link, err := netlink.LinkByName(name)
-		if err != nil {
-			var nf netlink.LinkNotFoundError
-			if errors.As(err, &nf) {
-				return nil
-			}
+		if err == nil {
+			err = netlink.LinkDel(link)
+		}
+		var nf netlink.LinkNotFoundError
+		if err != nil && !errors.As(err, &nf) {
 			return err
 		}
-		return netlink.LinkDel(link)
+		return steer.Remove(int(netns.Fd()))
 	})
 	var notNS ns.NSPathNotExistErr
 	if errors.As(err, &notNS) || errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ESRCH) {
@@ -77,4 +89,15 @@ func NetnsInode(path string) (uint64, error) {
 		return 0, fmt.Errorf("opening netns %s: %w", path, err)
 	}
 	return st.Ino, nil
+}
+
+// inNetns runs fn on a thread in the namespace at path and hands it that
+// namespace (ns.WithNetNSPath hands over the caller's instead).
+func inNetns(path string, fn func(target ns.NetNS) error) error {
+	target, err := ns.GetNS(path)
+	if err != nil {
+		return err
+	}
+	defer target.Close()
+	return target.Do(func(ns.NetNS) error { return fn(target) })
 }

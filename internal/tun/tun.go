@@ -57,6 +57,12 @@ func Configure(p netplan.Plan) error {
 	if err := netlink.LinkSetTxQLen(link, 1000); err != nil {
 		return fmt.Errorf("setting txqueuelen on %s: %w", p.Interface, err)
 	}
+	// A runtime may have turned IPv6 off in the namespace (docker does
+	// for networks without it); the sandbox gets it through the engine,
+	// under the same policy as IPv4.
+	if err := enableIPv6(p.Interface); err != nil {
+		return err
+	}
 	addrs := []struct {
 		a   netip.Addr
 		len int
@@ -104,6 +110,19 @@ func SetPersist(f *os.File, on bool) error {
 	})
 	if errno != nil {
 		return fmt.Errorf("TUNSETPERSIST %d: %w", v, errno)
+	}
+	return nil
+}
+
+// enableIPv6 turns IPv6 on for the interface, where it is off.
+func enableIPv6(name string) error {
+	path := "/proc/sys/net/ipv6/conf/" + name + "/disable_ipv6"
+	b, err := os.ReadFile(path)
+	if err != nil || len(b) == 0 || b[0] == '0' {
+		return nil
+	}
+	if err := os.WriteFile(path, []byte("0"), 0o644); err != nil {
+		return fmt.Errorf("enabling IPv6 on %s: %w", name, err)
 	}
 	return nil
 }

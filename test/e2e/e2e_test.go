@@ -184,7 +184,7 @@ func TestPing(t *testing.T) {
 	}
 	// An address with no host behind it must not answer: the engine does
 	// not fake replies.
-	r = sh(t, root, nil, `ping -c1 -W2 203.0.113.99`)
+	r = sh(t, root, nil, `ping -c1 -W2 203.0.113.44`)
 	if r.code == 0 || strings.Contains(r.stdout, "bytes from") {
 		t.Fatalf("ping to a host that does not exist answered:\n%s", r)
 	}

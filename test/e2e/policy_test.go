@@ -70,7 +70,7 @@ no get http://denied.test/
 no get http://web.test/
 no resolves web.test
 no resolves @203.0.113.53 web.test
-no resolves +tcp @203.0.113.99 web.test
+no resolves +tcp @203.0.113.44 web.test
 no get http://203.0.113.20/
 no udp UDP:203.0.113.20:7
 ok getent hosts allowed.test
@@ -85,9 +85,9 @@ no get http://denied.test/
 no resolves denied.test
 no resolves @203.0.113.53 denied.test
 no resolves +tcp @203.0.113.53 denied.test
-no resolves @203.0.113.99 denied.test
+no resolves @203.0.113.44 denied.test
 no resolves tracker.test
-ok resolves @203.0.113.99 web.test
+ok resolves @203.0.113.44 web.test
 no nc -z -w3 203.0.113.10 853`},
 		{"deny-domain-exact", []string{"--deny-domain-exact", "allowed.test"}, `
 no get http://allowed.test/

@@ -1,0 +1,215 @@
+// Package steer shares a network namespace that already has an interface
+// (docker's bridge, a CNI veth) with childflow's TUN: every new outbound
+// connection leaves through the TUN and the policy, while replies to
+// connections that came in on the other interfaces leave the way they
+// came. It must run on a thread inside that namespace.
+//
+// The other interfaces' routes move from the main table to a table of
+// their own, used only by packets of inbound connections (conntrack mark
+// -> packet mark -> ip rule). An nftables table drops anything else that
+// would leave on them, so a process that binds to them gets nothing.
+package steer
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
+	"github.com/google/nftables/expr"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+const (
+	// RouteTable holds the moved routes; Mark selects it.
+	RouteTable = 87
+	Mark       = 0x87
+	rulePrio   = 100
+	nftTable   = "childflow"
+)
+
+// Needed reports whether the namespace routes anything through an
+// interface other than lo and tunName.
+func Needed(tunName string) (bool, error) {
+	routes, err := movable(tunName)
+	return len(routes) > 0, err
+}
+
+// movable lists the main table's routes on other interfaces, except
+// IPv6 link-local and multicast ones, which never leave the link.
+func movable(tunName string) ([]netlink.Route, error) {
+	links, err := netlink.LinkList()
+	if err != nil {
+		return nil, fmt.Errorf("listing links: %w", err)
+	}
+	keep := map[int]bool{}
+	for _, l := range links {
+		if n := l.Attrs().Name; n == "lo" || n == tunName {
+			keep[l.Attrs().Index] = true
+		}
+	}
+	routes, err := netlink.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
+	if err != nil {
+		return nil, fmt.Errorf("listing routes: %w", err)
+	}
+	var out []netlink.Route
+	for _, r := range routes {
+		if keep[r.LinkIndex] || r.Type != unix.RTN_UNICAST {
+			continue
+		}
+		if r.Dst != nil && (r.Dst.IP.IsLinkLocalUnicast() || r.Dst.IP.IsMulticast()) && r.Dst.IP.To4() == nil {
+			continue
+		}
+		out = append(out, r)
+	}
+	return out, nil
+}
+
+// Install moves the routes, adds the rules and the nftables table.
+// netns is an fd of the namespace the thread is in. On error it undoes
+// what it did.
+func Install(netns int, tunName string) (err error) {
+	routes, err := movable(tunName)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err != nil {
+			Remove(netns)
+		}
+	}()
+	if err := addRules(); err != nil {
+		return err
+	}
+	if err := installTable(netns, tunName); err != nil {
+		return fmt.Errorf("nftables: %w", err)
+	}
+	for _, r := range routes {
+		moved := r
+		moved.Table = RouteTable
+		if err := netlink.RouteReplace(&moved); err != nil {
+			return fmt.Errorf("moving route %s to table %d: %w", r, RouteTable, err)
+		}
+		if err := netlink.RouteDel(&r); err != nil && !errors.Is(err, unix.ESRCH) {
+			return fmt.Errorf("removing route %s from the main table: %w", r, err)
+		}
+	}
+	return nil
+}
+
+// Remove puts the routes back and deletes the rules and the table.
+// Missing pieces are fine: it also cleans up after a failed Install.
+func Remove(netns int) error {
+	var errs []error
+	routes, err := netlink.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{Table: RouteTable}, netlink.RT_FILTER_TABLE)
+	if err == nil {
+		for _, r := range routes {
+			back := r
+			back.Table = unix.RT_TABLE_MAIN
+			if err := netlink.RouteReplace(&back); err != nil {
+				errs = append(errs, fmt.Errorf("restoring route %s: %w", r, err))
+			}
+			netlink.RouteDel(&r)
+		}
+	}
+	for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+		for netlink.RuleDel(rule(family)) == nil {
+		}
+	}
+	if c, err := nftables.New(nftables.WithNetNSFd(netns)); err == nil {
+		c.DelTable(&nftables.Table{Family: nftables.TableFamilyINet, Name: nftTable})
+		c.Flush() // ENOENT when there was none
+	}
+	return errors.Join(errs...)
+}
+
+func rule(family int) *netlink.Rule {
+	r := netlink.NewRule()
+	r.Family = family
+	r.Mark = Mark
+	mask := uint32(0xffffffff)
+	r.Mask = &mask
+	r.Table = RouteTable
+	r.Priority = rulePrio
+	return r
+}
+
+func addRules() error {
+	for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+		if err := netlink.RuleAdd(rule(family)); err != nil && !errors.Is(err, unix.EEXIST) {
+			return fmt.Errorf("adding ip rule fwmark %#x lookup %d: %w", Mark, RouteTable, err)
+		}
+	}
+	return nil
+}
+
+func ifname(n string) []byte {
+	b := make([]byte, unix.IFNAMSIZ)
+	copy(b, n)
+	return b
+}
+
+// installTable creates, in one transaction:
+//
+//	table inet childflow {
+//	  chain inbound { type filter hook prerouting priority mangle
+//	    iifname != "lo" iifname != TUN ct state new ct mark set 0x87 }
+//	  chain reroute { type route hook output priority mangle
+//	    ct mark 0x87 meta mark set 0x87 }
+//	  chain egress { type filter hook output priority filter
+//	    oifname "lo" accept; oifname TUN accept; ct mark 0x87 accept
+//	    icmpv6 type 133-136 accept (neighbour discovery); drop }
+//	}
+func installTable(netns int, tunName string) error {
+	c, err := nftables.New(nftables.WithNetNSFd(netns))
+	if err != nil {
+		return err
+	}
+	t := c.AddTable(&nftables.Table{Family: nftables.TableFamilyINet, Name: nftTable})
+	inbound := c.AddChain(&nftables.Chain{Name: "inbound", Table: t, Type: nftables.ChainTypeFilter, Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityMangle})
+	reroute := c.AddChain(&nftables.Chain{Name: "reroute", Table: t, Type: nftables.ChainTypeRoute, Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityMangle})
+	egress := c.AddChain(&nftables.Chain{Name: "egress", Table: t, Type: nftables.ChainTypeFilter, Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityFilter})
+	mark := binaryutil.NativeEndian.PutUint32(Mark)
+	zero := binaryutil.NativeEndian.PutUint32(0)
+	accept := &expr.Verdict{Kind: expr.VerdictAccept}
+
+	c.AddRule(&nftables.Rule{Table: t, Chain: inbound, Exprs: []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: ifname("lo")},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: ifname(tunName)},
+		&expr.Ct{Key: expr.CtKeySTATE, Register: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: binaryutil.NativeEndian.PutUint32(expr.CtStateBitNEW), Xor: zero},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: zero},
+		&expr.Immediate{Register: 1, Data: mark},
+		&expr.Ct{Key: expr.CtKeyMARK, Register: 1, SourceRegister: true},
+	}})
+	c.AddRule(&nftables.Rule{Table: t, Chain: reroute, Exprs: []expr.Any{
+		&expr.Ct{Key: expr.CtKeyMARK, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: mark},
+		&expr.Immediate{Register: 1, Data: mark},
+		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1, SourceRegister: true},
+	}})
+	for _, name := range []string{"lo", tunName} {
+		c.AddRule(&nftables.Rule{Table: t, Chain: egress, Exprs: []expr.Any{
+			&expr.Meta{Key: expr.MetaKeyOIFNAME, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ifname(name)},
+			accept,
+		}})
+	}
+	c.AddRule(&nftables.Rule{Table: t, Chain: egress, Exprs: []expr.Any{
+		&expr.Ct{Key: expr.CtKeyMARK, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: mark},
+		accept,
+	}})
+	c.AddRule(&nftables.Rule{Table: t, Chain: egress, Exprs: []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_ICMPV6}},
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 1},
+		&expr.Range{Op: expr.CmpOpEq, Register: 1, FromData: []byte{133}, ToData: []byte{136}},
+		accept,
+	}})
+	c.AddRule(&nftables.Rule{Table: t, Chain: egress, Exprs: []expr.Any{&expr.Verdict{Kind: expr.VerdictDrop}}})
+	return c.Flush()
+}
+

@@ -1,0 +1,138 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"bytes"
+	"encoding/json"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// dockerd is a docker daemon of the test's own (data root, socket, no
+// iptables) with childflow-runtime registered twice: "childflow" gives
+// every container a default policy, "childflow-plain" only adds the hook.
+type dockerd struct {
+	sock string
+	cmd  *exec.Cmd
+	log  *bytes.Buffer
+}
+
+func startDockerd(t *testing.T, n *node) *dockerd {
+	t.Helper()
+	dir := t.TempDir()
+	policyFile := filepath.Join(dir, "policy.yaml")
+	os.WriteFile(policyFile, []byte("default_policy: deny\nallow_cidrs: [203.0.113.10/32]\n"), 0o644)
+	runtime := filepath.Join(filepath.Dir(bin), "childflow-runtime")
+	args := []string{"--childflow-socket=" + n.socket, "--childflow-state-dir=" + n.state}
+	cfg := map[string]any{
+		"runtimes": map[string]any{
+			"childflow":       map[string]any{"path": runtime, "runtimeArgs": append(args, "--childflow-policy="+policyFile)},
+			"childflow-plain": map[string]any{"path": runtime, "runtimeArgs": args},
+		},
+		"iptables":       false,
+		"storage-driver": "vfs",
+	}
+	b, _ := json.Marshal(cfg)
+	os.WriteFile(filepath.Join(dir, "daemon.json"), b, 0o644)
+	d := &dockerd{sock: filepath.Join(dir, "docker.sock"), log: &bytes.Buffer{}}
+	d.cmd = exec.Command("dockerd", "--config-file", filepath.Join(dir, "daemon.json"), "--data-root", filepath.Join(dir, "data"),
+		"--exec-root", filepath.Join(dir, "exec"), "-H", "unix://"+d.sock, "--pidfile", filepath.Join(dir, "docker.pid"))
+	d.cmd.Stdout, d.cmd.Stderr = d.log, d.log
+	if err := d.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		d.cmd.Process.Signal(os.Interrupt)
+		d.cmd.Wait()
+		exec.Command("ip", "link", "del", "docker0").Run()
+	})
+	eventually(t, "dockerd to answer", func() bool { return d.run(t, "version").code == 0 })
+	root := t.TempDir()
+	rootfs(t, root)
+	imp := exec.Command("sh", "-c", `tar -C "$1" -c . | docker -H "unix://$2" import - bb:latest`, "sh", root, d.sock)
+	if out, err := imp.CombinedOutput(); err != nil {
+		t.Fatalf("docker import: %v\n%s", err, out)
+	}
+	return d
+}
+
+func (d *dockerd) run(t *testing.T, args ...string) result {
+	t.Helper()
+	cmd := exec.Command("docker", append([]string{"-H", "unix://" + d.sock}, args...)...)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatal(err)
+	}
+	return result{out.String(), errb.String(), code}
+}
+
+// hostNetfilter is what a sandbox must never change on the host.
+func hostNetfilter(t *testing.T) string {
+	t.Helper()
+	nft, _ := exec.Command("nft", "list", "ruleset").CombinedOutput()
+	rules, _ := exec.Command("ip", "rule").CombinedOutput()
+	rules6, _ := exec.Command("ip", "-6", "rule").CombinedOutput()
+	return string(nft) + string(rules) + string(rules6)
+}
+
+func TestDockerThroughTheRuntimeWrapper(t *testing.T) {
+	n := startNode(t)
+	before := hostNetfilter(t)
+	d := startDockerd(t, n)
+
+	// Docker's bridge gives the container eth0: new connections must go
+	// through cf0 and the policy, the host behind the bridge included.
+	r := d.run(t, "run", "--rm", "--runtime", "childflow", "bb:latest", "sh", "-c", probe+`
+nc -w 2 172.17.0.1 22 </dev/null && echo reach-bridge-host || echo blocked-bridge-host`)
+	if r.code != 0 {
+		t.Fatalf("%v\ndockerd:\n%s", r, d.log)
+	}
+	wantLines(t, r.stdout, "reach 203.0.113.10", "blocked 203.0.113.20", "blocked 2001:db8::20", "has-cf0", "blocked-bridge-host")
+
+	// Inbound through the bridge still works: replies leave by eth0.
+	r = d.run(t, "run", "-d", "--runtime", "childflow", "bb:latest", "sh", "-c", `while true; do echo "hi from inside" | nc -l -p 8080; done`)
+	if r.code != 0 {
+		t.Fatal(r)
+	}
+	id := strings.TrimSpace(r.stdout)
+	ip := strings.TrimSpace(d.run(t, "inspect", "-f", "{{.NetworkSettings.IPAddress}}", id).stdout)
+	var got string
+	for i := 0; i < 20 && !strings.Contains(got, "hi from inside"); i++ {
+		if c, err := net.DialTimeout("tcp", ip+":8080", 2*time.Second); err == nil {
+			c.SetDeadline(time.Now().Add(3 * time.Second))
+			b := make([]byte, 64)
+			k, _ := c.Read(b)
+			got = string(b[:k])
+			c.Close()
+		} else {
+			time.Sleep(200 * time.Millisecond)
+		}
+	}
+	if !strings.Contains(got, "hi from inside") {
+		t.Errorf("inbound connection to %s:8080 through docker's bridge got %q", ip, got)
+	}
+	if l := n.sandboxes(t); len(l) != 1 {
+		t.Errorf("sandboxes while one container runs: %v", l)
+	}
+	d.run(t, "rm", "-f", id)
+
+	// Only the hook, no policy, no annotation: the container is untouched.
+	r = d.run(t, "run", "--rm", "--runtime", "childflow-plain", "bb:latest", "sh", "-c", "ip -o link | grep -q cf0 && echo has-cf0 || echo no-cf0")
+	wantLines(t, r.stdout, "no-cf0")
+
+	eventually(t, "every sandbox to be detached", func() bool { return len(n.sandboxes(t)) == 0 && len(n.records(t)) == 0 })
+	if after := hostNetfilter(t); after != before {
+		t.Errorf("the host's nftables or ip rules changed:\nbefore:\n%s\nafter:\n%s", before, after)
+	}
+}
