@@ -212,4 +212,3 @@ func installTable(netns int, tunName string) error {
 	c.AddRule(&nftables.Rule{Table: t, Chain: egress, Exprs: []expr.Any{&expr.Verdict{Kind: expr.VerdictDrop}}})
 	return c.Flush()
 }
-
