@@ -20,9 +20,11 @@ import (
 	"github.com/childflow/childflow/policy/profile"
 )
 
-// Options are childflow-runtime's own flags. They come first
-// (daemon.json "runtimeArgs") and are removed before the real runtime
-// sees the arguments.
+// Options are childflow-runtime's own flags (--childflow-runtime,
+// --childflow-hook, --childflow-socket, --childflow-state-dir,
+// --childflow-policy) or environment (CHILDFLOW_RUNTIME, CHILDFLOW_SOCKET,
+// CHILDFLOW_STATE_DIR, CHILDFLOW_POLICY). The flags come first (docker's
+// "runtimeArgs") and are removed before the real runtime sees them.
 type Options struct {
 	Runtime  string // the real runtime: runc by default
 	Hook     string // childflow-hook: next to this binary by default
@@ -61,7 +63,10 @@ func Run(args []string, stderr io.Writer) int {
 }
 
 func parseOptions(args []string) (Options, []string, error) {
-	opts := Options{Runtime: envOr("CHILDFLOW_RUNTIME", "runc")}
+	// Environment first, flags override: containerd hands its environment
+	// to the shim and the runtime, but has no place for runtime flags.
+	opts := Options{Runtime: envOr("CHILDFLOW_RUNTIME", "runc"), Socket: os.Getenv("CHILDFLOW_SOCKET"),
+		StateDir: os.Getenv("CHILDFLOW_STATE_DIR"), Policy: os.Getenv("CHILDFLOW_POLICY")}
 	if self, err := os.Executable(); err == nil {
 		opts.Hook = filepath.Join(filepath.Dir(self), "childflow-hook")
 	}
@@ -90,7 +95,7 @@ func parseOptions(args []string) (Options, []string, error) {
 	if opts.Policy != "" {
 		b, err := os.ReadFile(opts.Policy)
 		if err != nil {
-			return opts, nil, fmt.Errorf("invalid --childflow-policy %q: %v", opts.Policy, err)
+			return opts, nil, fmt.Errorf("invalid --childflow-policy (CHILDFLOW_POLICY) %q: %v", opts.Policy, err)
 		}
 		if _, err := profile.Parse(opts.Policy, b, ""); err != nil {
 			return opts, nil, fmt.Errorf("invalid --childflow-policy: %v", err)

@@ -133,6 +133,7 @@ func Run(ctx context.Context, cfg Config, ready func()) error {
 	if cfg.ExitWhenIdle {
 		time.AfterFunc(idleGrace, d.exitIfIdle)
 	}
+	go d.reapLoop()
 	if ready != nil {
 		ready()
 	}
@@ -367,6 +368,35 @@ func (d *Daemon) count() int {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	return len(d.sandboxes)
+}
+
+// reapInterval is how often sandboxes are checked for a namespace that
+// went away without a detach (a runtime that failed after the hook ran,
+// a killed pod without CNI DEL).
+const reapInterval = 2 * time.Second
+
+func (d *Daemon) reapLoop() {
+	t := time.NewTicker(reapInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-d.ctx.Done():
+			return
+		case <-t.C:
+		}
+		d.mu.Lock()
+		var gone []string
+		for id, sb := range d.sandboxes {
+			if ino, err := tun.NetnsInode(sb.att.Netns); err != nil || ino != sb.att.NetnsInode {
+				gone = append(gone, id)
+			}
+		}
+		d.mu.Unlock()
+		for _, id := range gone {
+			d.cfg.Logf("sandbox %s: its network namespace is gone", id)
+			d.detach(id)
+		}
+	}
 }
 
 func (d *Daemon) exitIfIdle() {

@@ -5,6 +5,7 @@ package e2e
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"net"
 	"os"
 	"os/exec"
@@ -135,4 +136,98 @@ nc -w 2 172.17.0.1 22 </dev/null && echo reach-bridge-host || echo blocked-bridg
 	if after := hostNetfilter(t); after != before {
 		t.Errorf("the host's nftables or ip rules changed:\nbefore:\n%s\nafter:\n%s", before, after)
 	}
+}
+
+func TestContainerdThroughTheRuntimeWrapper(t *testing.T) {
+	n := startNode(t)
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "containerd.sock")
+	cfg := fmt.Sprintf("version = 2\nroot = %q\nstate = %q\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = %q\n",
+		filepath.Join(dir, "root"), filepath.Join(dir, "state"), sock)
+	os.WriteFile(filepath.Join(dir, "config.toml"), []byte(cfg), 0o644)
+	var log bytes.Buffer
+	containerd := exec.Command("containerd", "--config", filepath.Join(dir, "config.toml"))
+	// containerd hands its environment to the shim and the runtime.
+	containerd.Env = append(os.Environ(), "CHILDFLOW_SOCKET="+n.socket, "CHILDFLOW_STATE_DIR="+n.state)
+	containerd.Stdout, containerd.Stderr = &log, &log
+	if err := containerd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { containerd.Process.Signal(os.Interrupt); containerd.Wait() })
+	eventually(t, "containerd to answer", func() bool { _, err := os.Stat(sock); return err == nil })
+	root := t.TempDir()
+	rootfs(t, root)
+	ctr := func(id string, ann map[string]string, script string) result {
+		args := []string{"-a", sock, "run", "--rm", "--rootfs", "--runc-binary", filepath.Join(filepath.Dir(bin), "childflow-runtime"), "--env", "PATH=/bin"}
+		for k, v := range ann {
+			args = append(args, "--annotation", k+"="+v)
+		}
+		cmd := exec.Command("ctr", append(args, root, id, "/bin/sh", "-c", script)...)
+		var out, errb bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &out, &errb
+		err := cmd.Run()
+		code := 0
+		if ee, ok := err.(*exec.ExitError); ok {
+			code = ee.ExitCode()
+		}
+		return result{out.String(), errb.String(), code}
+	}
+	r := ctr("cf-ctr", sandboxedAnn, probe)
+	if r.code != 0 {
+		t.Fatalf("%v\ncontainerd:\n%s", r, log.String())
+	}
+	wantLines(t, r.stdout, "reach 203.0.113.10", "blocked 203.0.113.20", "blocked 2001:db8::20", "has-cf0")
+	r = ctr("cf-ctr-plain", nil, "ip -o link | grep -q cf0 && echo has-cf0 || echo no-cf0")
+	wantLines(t, r.stdout, "no-cf0")
+	r = ctr("cf-ctr-bad", map[string]string{"childflow.dev/block-private": "sometimes"}, "echo RAN")
+	if r.code == 0 || strings.Contains(r.stdout, "RAN") || !strings.Contains(r.stderr, "childflow.dev/block-private") {
+		t.Errorf("bad annotation under containerd: %v", r)
+	}
+	eventually(t, "every sandbox to be detached", func() bool { return len(n.sandboxes(t)) == 0 && len(n.records(t)) == 0 })
+}
+
+func TestPodmanWithHooksDir(t *testing.T) {
+	n := startNode(t)
+	dir := t.TempDir()
+	hooksDir := filepath.Join(dir, "hooks.d")
+	os.MkdirAll(hooksDir, 0o755)
+	hook := filepath.Join(filepath.Dir(bin), "childflow-hook")
+	for _, stage := range []string{"createRuntime", "poststop"} {
+		b, _ := json.Marshal(map[string]any{
+			"version": "1.0.0",
+			"hook":    map[string]any{"path": hook, "args": n.hookArgs(stage)},
+			"when":    map[string]any{"annotations": map[string]string{`^childflow\.dev/`: ".*"}},
+			"stages":  []string{stage},
+		})
+		os.WriteFile(filepath.Join(hooksDir, "childflow-"+stage+".json"), b, 0o644)
+	}
+	root := t.TempDir()
+	rootfs(t, root)
+	podman := func(ann map[string]string, script string) result {
+		// runc: crun trips over this machine's hybrid cgroups. Explicit
+		// ulimits: root here cannot raise them to podman's defaults.
+		args := []string{"--root", filepath.Join(dir, "root"), "--runroot", filepath.Join(dir, "runroot"), "--storage-driver", "vfs",
+			"--hooks-dir", hooksDir, "--cgroup-manager", "cgroupfs", "--events-backend", "file", "--runtime", "runc",
+			"run", "--rm", "--network", "none", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"}
+		for k, v := range ann {
+			args = append(args, "--annotation", k+"="+v)
+		}
+		cmd := exec.Command("podman", append(args, "--rootfs", root, "/bin/sh", "-c", script)...)
+		var out, errb bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &out, &errb
+		err := cmd.Run()
+		code := 0
+		if ee, ok := err.(*exec.ExitError); ok {
+			code = ee.ExitCode()
+		}
+		return result{out.String(), errb.String(), code}
+	}
+	r := podman(sandboxedAnn, probe)
+	if r.code != 0 {
+		t.Fatal(r)
+	}
+	wantLines(t, r.stdout, "reach 203.0.113.10", "blocked 203.0.113.20", "blocked 2001:db8::20", "has-cf0")
+	r = podman(nil, "ip -o link | grep -q cf0 && echo has-cf0 || echo no-cf0")
+	wantLines(t, r.stdout, "no-cf0")
+	eventually(t, "every sandbox to be detached", func() bool { return len(n.sandboxes(t)) == 0 && len(n.records(t)) == 0 })
 }
