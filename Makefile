@@ -7,7 +7,7 @@ LDFLAGS := -s -w -X github.com/childflow/childflow/internal/version.Version=$(VE
 # AllThreadsSyscall, which cgo builds do not support.
 export CGO_ENABLED = 0
 
-.PHONY: all build test unit e2e bench lint clean
+.PHONY: all build install test unit e2e bench lint clean
 
 all: build
 
@@ -15,6 +15,14 @@ CMDS    := childflow childflow-hook childflow-runtime
 
 build:
 	for c in $(CMDS); do $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/$$c ./cmd/$$c || exit 1; done
+
+PREFIX ?= /usr/local
+
+# Binaries, the systemd unit and the podman/CRI-O hooks.d entries.
+install: build
+	install -D -m 0755 -t $(DESTDIR)$(PREFIX)/bin $(addprefix $(BIN)/,$(CMDS))
+	install -D -m 0644 deploy/systemd/childflow.service $(DESTDIR)/etc/systemd/system/childflow.service
+	install -D -m 0644 -t $(DESTDIR)/usr/share/containers/oci/hooks.d deploy/hooks.d/*.json
 
 # The whole suite: unit tests, then the end-to-end tests (root: in CI they
 # run; as a normal user they skip).

@@ -231,6 +231,9 @@ func (d *Daemon) attach(a api.Attachment, link *os.File, adopted bool) (err erro
 	if a.Settings == nil {
 		return policy.Usagef("sandbox %s: no settings", a.ID)
 	}
+	if isOwnNetns(a.NetnsInode) {
+		return policy.Usagef("sandbox %s: %s is the daemon's own network namespace", a.ID, a.Netns)
+	}
 	set, err := api.Resolve(a.Settings, func(key string) string { return "setting " + key })
 	if err != nil {
 		return err
@@ -342,10 +345,17 @@ func (d *Daemon) detach(id string) error {
 // removeLink deletes the sandbox's TUN if its namespace is still the
 // recorded one.
 func removeLink(a api.Attachment) error {
-	if ino, err := tun.NetnsInode(a.Netns); err != nil || ino != a.NetnsInode {
+	if ino, err := tun.NetnsInode(a.Netns); err != nil || ino != a.NetnsInode || isOwnNetns(ino) {
 		return nil // the namespace is gone, and the TUN with it
 	}
 	return tun.DeleteIn(a.Netns, a.Plan.Interface)
+}
+
+// isOwnNetns guards the host: the daemon never configures or cleans up
+// its own namespace as if it were a sandbox's.
+func isOwnNetns(ino uint64) bool {
+	self, err := tun.NetnsInode("/proc/self/ns/net")
+	return err != nil || self == ino
 }
 
 func (sb *sandbox) stop() {

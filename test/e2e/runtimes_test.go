@@ -191,14 +191,21 @@ func TestPodmanWithHooksDir(t *testing.T) {
 	dir := t.TempDir()
 	hooksDir := filepath.Join(dir, "hooks.d")
 	os.MkdirAll(hooksDir, 0o755)
+	// The hooks.d entries shipped in deploy/, pointed at this test's
+	// binaries and daemon.
 	hook := filepath.Join(filepath.Dir(bin), "childflow-hook")
 	for _, stage := range []string{"createRuntime", "poststop"} {
-		b, _ := json.Marshal(map[string]any{
-			"version": "1.0.0",
-			"hook":    map[string]any{"path": hook, "args": n.hookArgs(stage)},
-			"when":    map[string]any{"annotations": map[string]string{`^childflow\.dev/`: ".*"}},
-			"stages":  []string{stage},
-		})
+		b, err := os.ReadFile("../../deploy/hooks.d/childflow-" + stage + ".json")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var entry map[string]any
+		if err := json.Unmarshal(b, &entry); err != nil {
+			t.Fatalf("deploy/hooks.d/childflow-%s.json: %v", stage, err)
+		}
+		h := entry["hook"].(map[string]any)
+		h["path"], h["args"] = hook, n.hookArgs(stage)
+		b, _ = json.Marshal(entry)
 		os.WriteFile(filepath.Join(hooksDir, "childflow-"+stage+".json"), b, 0o644)
 	}
 	root := t.TempDir()

@@ -1,0 +1,165 @@
+package daemon
+
+import (
+	"context"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/containernetworking/plugins/pkg/testutils"
+	"github.com/vishvananda/netlink"
+
+	"github.com/childflow/childflow/engine/api"
+	"github.com/childflow/childflow/internal/netplan"
+	"github.com/childflow/childflow/internal/tun"
+	"github.com/childflow/childflow/policy/profile"
+)
+
+// start runs a daemon until the returned stop is called.
+func start(t *testing.T, cfg Config) (stop func()) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	ready := make(chan struct{})
+	done := make(chan error, 1)
+	go func() { done <- Run(ctx, cfg, func() { close(ready) }) }()
+	select {
+	case <-ready:
+	case err := <-done:
+		t.Fatalf("daemon: %v", err)
+	}
+	return func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("daemon: %v", err)
+		}
+	}
+}
+
+func linkIn(t *testing.T, netns ns.NetNS, name string) bool {
+	found := false
+	netns.Do(func(ns.NetNS) error {
+		_, err := netlink.LinkByName(name)
+		found = err == nil
+		return nil
+	})
+	return found
+}
+
+func TestAttachRestartReadoptDetach(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: creates a netns and a TUN")
+	}
+	netns, err := testutils.NewNS()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer testutils.UnmountNS(netns)
+	defer netns.Close()
+
+	dir := t.TempDir()
+	cfg := Config{Socket: filepath.Join(dir, "engine.sock"), StateDir: filepath.Join(dir, "state"),
+		FlowLogDir: filepath.Join(dir, "flows"), MetricsAddr: "127.0.0.1:0"}
+	stop := start(t, cfg)
+	client := api.Client{Socket: cfg.Socket}
+
+	plan, _ := netplan.Choose(nil, 0)
+	link, err := tun.CreateIn(netns.Path(), plan)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ino, _ := tun.NetnsInode(netns.Path())
+	deny := "deny"
+	a := &api.Attachment{ID: "t1", Netns: netns.Path(), NetnsInode: ino, Plan: plan, Settings: &profile.Profile{DefaultPolicy: &deny}}
+	if err := client.Attach(a, link); err != nil {
+		t.Fatal(err)
+	}
+	link.Close()
+
+	bad := *a
+	bad.ID = "t2"
+	bad.Settings = &profile.Profile{AllowCIDRs: &profile.StringList{"10.0.0.0/99"}}
+	if err := client.Attach(&bad, mustOpen(t)); err == nil || !strings.Contains(err.Error(), "setting allow_cidrs") {
+		t.Fatalf("bad settings: %v", err)
+	}
+	self, _ := tun.NetnsInode("/proc/self/ns/net")
+	host := *a
+	host.ID, host.Netns, host.NetnsInode = "t3", "/proc/self/ns/net", self
+	if err := client.Attach(&host, mustOpen(t)); err == nil {
+		t.Fatal("the daemon accepted its own netns as a sandbox")
+	}
+
+	list, err := client.List()
+	if err != nil || len(list) != 1 || list[0].ID != "t1" || list[0].Adopted {
+		t.Fatalf("list %+v, %v", list, err)
+	}
+	stop()
+	if !linkIn(t, netns, plan.Interface) {
+		t.Fatal("the TUN did not survive the daemon")
+	}
+	if _, err := os.Stat(filepath.Join(cfg.StateDir, "sandboxes", "t1.json")); err != nil {
+		t.Fatalf("record: %v", err)
+	}
+
+	cfg.MetricsAddr = "127.0.0.1:19187"
+	stop = start(t, cfg)
+	defer stop()
+	list, _ = client.List()
+	if len(list) != 1 || !list[0].Adopted {
+		t.Fatalf("after restart: %+v", list)
+	}
+	resp, err := http.Get("http://127.0.0.1:19187/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, want := range []string{"childflow_sandboxes 1", `childflow_flows_total{sandbox="t1",verdict="deny"} 0`} {
+		if !strings.Contains(string(body), want) {
+			t.Errorf("metrics lack %q:\n%s", want, body)
+		}
+	}
+	if err := client.Detach("t1"); err != nil {
+		t.Fatal(err)
+	}
+	if err := client.Detach("t1"); err != nil {
+		t.Fatalf("second detach: %v", err)
+	}
+	if linkIn(t, netns, plan.Interface) {
+		t.Error("detach left the TUN")
+	}
+	if entries, _ := os.ReadDir(filepath.Join(cfg.StateDir, "sandboxes")); len(entries) != 0 {
+		t.Errorf("detach left records: %v", entries)
+	}
+}
+
+func TestRecordOfAGoneNetnsIsDropped(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root")
+	}
+	dir := t.TempDir()
+	cfg := Config{Socket: filepath.Join(dir, "engine.sock"), StateDir: filepath.Join(dir, "state")}
+	os.MkdirAll(filepath.Join(cfg.StateDir, "sandboxes"), 0o700)
+	d := &Daemon{cfg: cfg}
+	if err := d.writeRecord(api.Attachment{ID: "gone", Netns: "/proc/999999999/ns/net", NetnsInode: 1}); err != nil {
+		t.Fatal(err)
+	}
+	stop := start(t, cfg)
+	defer stop()
+	time.Sleep(10 * time.Millisecond)
+	if entries, _ := os.ReadDir(filepath.Join(cfg.StateDir, "sandboxes")); len(entries) != 0 {
+		t.Errorf("records left: %v", entries)
+	}
+}
+
+func mustOpen(t *testing.T) *os.File {
+	f, err := os.Open("/dev/null")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return f
+}

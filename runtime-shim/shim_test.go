@@ -1,0 +1,94 @@
+package shim
+
+import (
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+)
+
+func TestCommand(t *testing.T) {
+	for _, tc := range []struct {
+		args        []string
+		cmd, bundle string
+	}{
+		{[]string{"--root", "/run/docker/runtime-runc/moby", "--log", "x.log", "--log-format", "json", "create", "--bundle", "/b", "--pid-file", "p", "id"}, "create", "/b"},
+		{[]string{"--systemd-cgroup", "run", "-b", "/c", "id"}, "run", "/c"},
+		{[]string{"create", "--bundle=/d", "id"}, "create", "/d"},
+		{[]string{"create", "id"}, "create", "."},
+		{[]string{"--root", "/r", "start", "id"}, "start", "."},
+		{[]string{"--version"}, "", ""},
+	} {
+		cmd, bundle := command(tc.args)
+		if cmd != tc.cmd || bundle != tc.bundle {
+			t.Errorf("command(%q) = %q, %q; want %q, %q", tc.args, cmd, bundle, tc.cmd, tc.bundle)
+		}
+	}
+}
+
+func TestParseOptionsStripsOurFlags(t *testing.T) {
+	opts, rest, err := parseOptions([]string{"--childflow-runtime=crun", "--childflow-socket", "/s", "--root", "/r", "create", "--bundle", "/b", "x"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if opts.Runtime != "crun" || opts.Socket != "/s" || !reflect.DeepEqual(rest, []string{"--root", "/r", "create", "--bundle", "/b", "x"}) {
+		t.Fatalf("opts %+v rest %q", opts, rest)
+	}
+	if _, _, err := parseOptions([]string{"--childflow-polcy=x"}); err == nil || !strings.Contains(err.Error(), "--childflow-polcy") {
+		t.Fatalf("unknown flag: %v", err)
+	}
+	bad := filepath.Join(t.TempDir(), "p.yaml")
+	os.WriteFile(bad, []byte("flow_lgo: x\n"), 0o644)
+	if _, _, err := parseOptions([]string{"--childflow-policy", bad}); err == nil || !strings.Contains(err.Error(), "flow_lgo") {
+		t.Fatalf("bad policy file: %v", err)
+	}
+}
+
+func TestPrepareIsIdempotentAndKeepsUnknownFields(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "config.json")
+	orig := `{"ociVersion":"1.0.2","process":{"args":["sh"]},"x-vendor":{"keep":true},
+"hooks":{"poststop":[{"path":"/other"}]},"annotations":{"io.example/a":"b"}}`
+	os.WriteFile(path, []byte(orig), 0o600)
+	opts := Options{Hook: "/usr/local/bin/childflow-hook", Socket: "/s", Policy: "default_policy: deny\n"}
+	for i := 0; i < 2; i++ {
+		if err := Prepare(path, opts); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var spec map[string]any
+	b, _ := os.ReadFile(path)
+	json.Unmarshal(b, &spec)
+	if spec["x-vendor"] == nil {
+		t.Error("unknown field dropped")
+	}
+	hooks := spec["hooks"].(map[string]any)
+	if n := len(hooks["createRuntime"].([]any)); n != 1 {
+		t.Errorf("%d createRuntime hooks after two runs", n)
+	}
+	post := hooks["poststop"].([]any)
+	if len(post) != 2 || post[0].(map[string]any)["path"] != "/other" {
+		t.Errorf("poststop hooks %v", post)
+	}
+	args := hooks["createRuntime"].([]any)[0].(map[string]any)["args"]
+	if !reflect.DeepEqual(args, []any{"childflow-hook", "--socket", "/s", "createRuntime"}) {
+		t.Errorf("hook args %v", args)
+	}
+	ann := spec["annotations"].(map[string]any)
+	if ann["childflow.dev/policy"] != "default_policy: deny\n" || ann["io.example/a"] != "b" {
+		t.Errorf("annotations %v", ann)
+	}
+	if st, _ := os.Stat(path); st.Mode().Perm() != 0o600 {
+		t.Errorf("mode %v", st.Mode())
+	}
+
+	// A container with its own childflow annotation keeps it.
+	os.WriteFile(path, []byte(`{"annotations":{"childflow.dev/offline":"true"}}`), 0o600)
+	Prepare(path, opts)
+	b, _ = os.ReadFile(path)
+	if strings.Contains(string(b), "childflow.dev/policy") {
+		t.Errorf("default policy overrode the container's own: %s", b)
+	}
+}
