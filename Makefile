@@ -36,6 +36,7 @@ e2e: build
 
 bench: build
 	hack/bench.sh
+	hack/bench-containers.sh
 
 lint:
 	gofmt -l . | (! grep .)

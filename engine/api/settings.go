@@ -3,7 +3,7 @@ package api
 import (
 	"net/netip"
 
-	"github.com/childflow/childflow/engine/proxy"
+	"github.com/childflow/childflow/engine/proxy/uri"
 	"github.com/childflow/childflow/policy"
 	"github.com/childflow/childflow/policy/profile"
 )
@@ -12,7 +12,9 @@ import (
 type Resolved struct {
 	Policy *policy.Policy
 	DNS    []netip.AddrPort // empty: the host's resolvers
-	Proxy  *proxy.Proxy     // nil: direct
+	Proxy  *uri.URI         // nil: direct
+	// ProxyInsecure skips verifying an https proxy's certificate chain.
+	ProxyInsecure bool
 }
 
 // Resolve validates p. name says which flag or annotation set each key,
@@ -31,12 +33,13 @@ func Resolve(p *profile.Profile, name profile.Namer) (r Resolved, err error) {
 		}
 		return *s
 	}
-	insecure := p.ProxyInsecure != nil && *p.ProxyInsecure
+	r.ProxyInsecure = p.ProxyInsecure != nil && *p.ProxyInsecure
 	if str(p.Proxy) != "" {
-		r.Proxy, err = proxy.Parse(name, str(p.Proxy), str(p.ProxyUser), str(p.ProxyPassword), insecure)
+		u, err := uri.Parse(name, str(p.Proxy), str(p.ProxyUser), str(p.ProxyPassword))
+		r.Proxy = &u
 		return r, err
 	}
-	if str(p.ProxyUser) != "" || str(p.ProxyPassword) != "" || insecure {
+	if str(p.ProxyUser) != "" || str(p.ProxyPassword) != "" || r.ProxyInsecure {
 		return r, policy.Usagef("%s, %s and %s need %s", name("proxy_user"), name("proxy_password"), name("proxy_insecure"), name("proxy"))
 	}
 	return r, nil

@@ -25,6 +25,7 @@ import (
 	"github.com/childflow/childflow/engine"
 	"github.com/childflow/childflow/engine/api"
 	"github.com/childflow/childflow/engine/flowlog"
+	"github.com/childflow/childflow/engine/proxy"
 	"github.com/childflow/childflow/internal/tun"
 	"github.com/childflow/childflow/policy"
 )
@@ -177,6 +178,7 @@ func (d *Daemon) serve(c *net.UnixConn) {
 		}
 	}()
 	if err != nil {
+		d.cfg.Logf("reading a request: %v", err)
 		return
 	}
 	var req api.Request
@@ -277,7 +279,7 @@ func (d *Daemon) attach(a api.Attachment, link *os.File, adopted bool) (err erro
 		}()
 	}
 	eng, err := engine.New(engine.Config{
-		ID: a.ID, Link: link, Plan: a.Plan, Policy: set.Policy, DNS: set.DNS, Proxy: set.Proxy,
+		ID: a.ID, Link: link, Plan: a.Plan, Policy: set.Policy, DNS: set.DNS, Proxy: proxy.FromURI(set.Proxy, set.ProxyInsecure),
 		SandboxPID: a.PID, OnEvent: sb.record,
 	})
 	if err != nil {
@@ -313,12 +315,19 @@ func (sb *sandbox) record(ev flowlog.Event) {
 
 // detach stops a sandbox and removes its TUN and record. Unknown ids
 // succeed: poststop and CNI DEL may come more than once.
-func (d *Daemon) detach(id string) error {
+func (d *Daemon) detach(id string) error { return d.detachIf(id, nil) }
+
+// detachIf detaches id if it is still only (nil: whatever it is now).
+func (d *Daemon) detachIf(id string, only *sandbox) error {
 	if err := api.CheckID(id); err != nil {
 		return err
 	}
 	d.mu.Lock()
 	sb := d.sandboxes[id]
+	if only != nil && sb != only {
+		d.mu.Unlock()
+		return nil // detached, and maybe attached again, meanwhile
+	}
 	delete(d.sandboxes, id)
 	left := len(d.sandboxes)
 	d.mu.Unlock()
@@ -395,16 +404,16 @@ func (d *Daemon) reapLoop() {
 		case <-t.C:
 		}
 		d.mu.Lock()
-		var gone []string
-		for id, sb := range d.sandboxes {
+		var gone []*sandbox
+		for _, sb := range d.sandboxes {
 			if ino, err := tun.NetnsInode(sb.att.Netns); err != nil || ino != sb.att.NetnsInode {
-				gone = append(gone, id)
+				gone = append(gone, sb)
 			}
 		}
 		d.mu.Unlock()
-		for _, id := range gone {
-			d.cfg.Logf("sandbox %s: its network namespace is gone", id)
-			d.detach(id)
+		for _, sb := range gone {
+			d.cfg.Logf("sandbox %s: its network namespace is gone", sb.att.ID)
+			d.detachIf(sb.att.ID, sb)
 		}
 	}
 }

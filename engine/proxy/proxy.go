@@ -16,12 +16,10 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
-	"net/url"
 	"strconv"
-	"strings"
 	"time"
 
-	"github.com/childflow/childflow/policy"
+	"github.com/childflow/childflow/engine/proxy/uri"
 )
 
 // Proxy is a parsed, validated upstream proxy.
@@ -38,55 +36,22 @@ type Proxy struct {
 	DialContext func(ctx context.Context, network, addr string) (net.Conn, error)
 }
 
-// Parse validates the proxy URI with its user and password (-p/--proxy,
-// -U/--proxy-user, -P/--proxy-password). Credentials in the URI are used
-// when none are given apart. name maps the profile keys proxy,
-// proxy_user and proxy_password to the flag or annotation that set them,
-// for errors.
-func Parse(name func(key string) string, uri, user, password string, insecure bool) (*Proxy, error) {
-	u, err := url.Parse(uri)
-	if err != nil || u.Host == "" {
-		return nil, policy.Usagef("invalid %s %q: want SCHEME://HOST:PORT", name("proxy"), redact(uri))
+// Parse validates the proxy settings (see uri.Parse) and returns the
+// proxy they describe.
+func Parse(name func(key string) string, raw, user, password string, insecure bool) (*Proxy, error) {
+	u, err := uri.Parse(name, raw, user, password)
+	if err != nil {
+		return nil, err
 	}
-	p := &Proxy{Scheme: strings.ToLower(u.Scheme), user: user, password: password, insecure: insecure}
-	switch p.Scheme {
-	case "http", "https", "socks5", "socks5h":
-	default:
-		return nil, policy.Usagef("invalid %s %q: scheme must be http, https, socks5 or socks5h", name("proxy"), redact(uri))
-	}
-	if u.Port() == "" {
-		return nil, policy.Usagef("invalid %s %q: no port", name("proxy"), redact(uri))
-	}
-	if port, err := strconv.Atoi(u.Port()); err != nil || port < 1 || port > 65535 {
-		return nil, policy.Usagef("invalid %s %q: bad port", name("proxy"), redact(uri))
-	}
-	if u.Path != "" && u.Path != "/" {
-		return nil, policy.Usagef("invalid %s %q: a proxy URI has no path", name("proxy"), redact(uri))
-	}
-	if u.User != nil && p.user == "" {
-		p.user = u.User.Username()
-		p.password, _ = u.User.Password()
-	}
-	if p.password != "" && p.user == "" {
-		return nil, policy.Usagef("%s needs %s", name("proxy_password"), name("proxy_user"))
-	}
-	if strings.HasPrefix(p.Scheme, "socks5") && (len(p.user) > 255 || len(p.password) > 255) {
-		return nil, policy.Usagef("%s and %s are limited to 255 bytes for SOCKS5", name("proxy_user"), name("proxy_password"))
-	}
-	p.host = u.Hostname()
-	p.Addr = u.Host
-	return p, nil
+	return FromURI(&u, insecure), nil
 }
 
-// redact hides credentials in a proxy URI for messages, even in one that
-// does not parse.
-func redact(uri string) string {
-	if i := strings.Index(uri, "://"); i >= 0 {
-		if at := strings.LastIndex(uri[i+3:], "@"); at >= 0 {
-			return uri[:i+3] + "redacted@" + uri[i+3+at+1:]
-		}
+// FromURI is the proxy at a validated URI; nil for none.
+func FromURI(u *uri.URI, insecure bool) *Proxy {
+	if u == nil {
+		return nil
 	}
-	return uri
+	return &Proxy{Scheme: u.Scheme, Addr: u.Addr, host: u.Host, user: u.User, password: u.Password, insecure: insecure}
 }
 
 // String names the proxy without credentials.

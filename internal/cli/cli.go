@@ -23,6 +23,7 @@ import (
 	"github.com/childflow/childflow/engine/api"
 	"github.com/childflow/childflow/engine/capture"
 	"github.com/childflow/childflow/engine/flowlog"
+	"github.com/childflow/childflow/engine/proxy"
 	"github.com/childflow/childflow/internal/doctor"
 	"github.com/childflow/childflow/internal/netplan"
 	"github.com/childflow/childflow/internal/report"
@@ -141,7 +142,8 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if err != nil {
 		return usageError(stderr, err)
 	}
-	pol, fwd, upstreams := settings.Policy, settings.Proxy, settings.DNS
+	pol, upstreams := settings.Policy, settings.DNS
+	fwd := proxy.FromURI(settings.Proxy, settings.ProxyInsecure)
 	hostResolv, _ := os.ReadFile("/etc/resolv.conf")
 	if len(upstreams) == 0 {
 		upstreams, _ = policy.ParseResolvers("nameserver", doctor.ParseNameservers(string(hostResolv)))
