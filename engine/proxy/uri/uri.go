@@ -59,7 +59,6 @@ func Parse(name func(key string) string, uri, user, password string) (URI, error
 	return p, nil
 }
 
-
 // Redact hides credentials in a proxy URI for messages, even in one that
 // does not parse.
 func Redact(uri string) string {
