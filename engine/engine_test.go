@@ -205,6 +205,9 @@ func TestTCPRelayWithHalfClose(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer c.Close()
+			// A stall fails in a minute instead of hanging the suite (a rare
+			// one is under investigation: see issue #2's notes).
+			c.SetDeadline(time.Now().Add(time.Minute))
 			payload := strings.Repeat("childflow ", 200000) // 2 MB: exercises back-pressure
 			go func() {
 				io.WriteString(c, payload)
