@@ -25,6 +25,9 @@ import (
 const (
 	DefaultSocket   = "/run/childflow/engine.sock"
 	DefaultStateDir = "/run/childflow"
+	// TombstoneDir (under the state directory) holds the ids of sandboxes
+	// detached while the daemon was down; it detaches them at start.
+	TombstoneDir = "detached"
 )
 
 // Operations.
@@ -59,6 +62,9 @@ type Attachment struct {
 	// form; Source says who produced it ("oci-hook", "cni").
 	Settings *profile.Profile `json:"settings"`
 	Source   string           `json:"source,omitempty"`
+	// Labels name the sandbox in its flow log and metrics
+	// (pod_namespace, pod_name, pod_uid).
+	Labels map[string]string `json:"labels,omitempty"`
 }
 
 // CheckID rejects ids that cannot name files under the state directory.
@@ -78,19 +84,21 @@ func CheckID(id string) error {
 
 // Status describes one attached sandbox.
 type Status struct {
-	ID        string       `json:"id"`
-	Netns     string       `json:"netns"`
-	PID       int          `json:"pid,omitempty"`
-	Plan      netplan.Plan `json:"plan"`
-	Source    string       `json:"source,omitempty"`
-	Since     time.Time    `json:"since"`
-	Adopted   bool         `json:"adopted,omitempty"` // re-adopted after a daemon restart
-	FlowLog   string       `json:"flow_log,omitempty"`
-	Flows     uint64       `json:"flows"`
-	Allowed   uint64       `json:"allowed"`
-	Denied    uint64       `json:"denied"`
-	BytesUp   uint64       `json:"bytes_up"`
-	BytesDown uint64       `json:"bytes_down"`
+	ID         string            `json:"id"`
+	Netns      string            `json:"netns"`
+	NetnsInode uint64            `json:"netns_inode"`
+	PID        int               `json:"pid,omitempty"`
+	Plan       netplan.Plan      `json:"plan"`
+	Source     string            `json:"source,omitempty"`
+	Labels     map[string]string `json:"labels,omitempty"`
+	Since      time.Time         `json:"since"`
+	Adopted    bool              `json:"adopted,omitempty"` // re-adopted after a daemon restart
+	FlowLog    string            `json:"flow_log,omitempty"`
+	Flows      uint64            `json:"flows"`
+	Allowed    uint64            `json:"allowed"`
+	Denied     uint64            `json:"denied"`
+	BytesUp    uint64            `json:"bytes_up"`
+	BytesDown  uint64            `json:"bytes_down"`
 }
 
 // Response answers a Request. Usage is set when the request itself was
@@ -129,6 +137,18 @@ func (c Client) Detach(id string) error {
 func (c Client) List() ([]Status, error) {
 	r, err := c.call(Request{Op: OpList}, nil)
 	return r.Sandboxes, err
+}
+
+// Status returns one sandbox's status.
+func (c Client) Status(id string) (Status, error) {
+	r, err := c.call(Request{Op: OpStatus, ID: id}, nil)
+	if err != nil {
+		return Status{}, err
+	}
+	if len(r.Sandboxes) != 1 {
+		return Status{}, fmt.Errorf("no sandbox %q", id)
+	}
+	return r.Sandboxes[0], nil
 }
 
 // ErrUnavailable wraps failures to reach the daemon at all.

@@ -11,6 +11,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -37,6 +38,10 @@ type Config struct {
 	// FlowLogDir, if set, gets one JSON Lines flow log per sandbox,
 	// named after its id.
 	FlowLogDir string
+	// FlowLogStdout also writes every sandbox's events to Stdout, for a
+	// cluster's log pipeline.
+	FlowLogStdout bool
+	Stdout        io.Writer
 	// MetricsAddr, if set, serves Prometheus metrics on /metrics.
 	MetricsAddr string
 	// DNS are the resolvers for sandboxes whose policy names none.
@@ -55,6 +60,8 @@ type Daemon struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 
+	stdout *flowlog.Writer
+
 	mu        sync.Mutex
 	sandboxes map[string]*sandbox
 }
@@ -64,6 +71,7 @@ type sandbox struct {
 	eng     *engine.Engine
 	log     *flowlog.Writer
 	logPath string
+	stdout  *flowlog.Writer // shared by all sandboxes; nil: off
 	since   time.Time
 	adopted bool
 
@@ -105,7 +113,12 @@ func Run(ctx context.Context, cfg Config, ready func()) error {
 			return fmt.Errorf("creating flow log directory: %w", err)
 		}
 	}
+	if cfg.FlowLogStdout {
+		d.stdout = flowlog.NewWriter(cfg.Stdout)
+		defer d.stdout.Close()
+	}
 	d.adoptAll()
+	d.buryTombstones()
 
 	os.Remove(cfg.Socket)
 	if err := os.MkdirAll(filepath.Dir(cfg.Socket), 0o700); err != nil {
@@ -262,7 +275,7 @@ func (d *Daemon) attach(a api.Attachment, link *os.File, adopted bool) (err erro
 			}
 		}()
 	}
-	sb := &sandbox{att: a, since: time.Now(), adopted: adopted}
+	sb := &sandbox{att: a, since: time.Now(), adopted: adopted, stdout: d.stdout}
 	if d.cfg.FlowLogDir != "" {
 		sb.logPath = filepath.Join(d.cfg.FlowLogDir, a.ID+".jsonl")
 		open := flowlog.Create
@@ -296,6 +309,7 @@ func (d *Daemon) attach(a api.Attachment, link *os.File, adopted bool) (err erro
 
 // record counts ev for metrics and writes it to the flow log.
 func (sb *sandbox) record(ev flowlog.Event) {
+	ev.PodNamespace, ev.PodName, ev.PodUID = sb.att.Labels["pod_namespace"], sb.att.Labels["pod_name"], sb.att.Labels["pod_uid"]
 	switch ev.Event {
 	case flowlog.ConnectAttempt:
 		sb.flows.Add(1)
@@ -310,6 +324,9 @@ func (sb *sandbox) record(ev flowlog.Event) {
 	}
 	if sb.log != nil {
 		sb.log.Log(ev)
+	}
+	if sb.stdout != nil {
+		sb.stdout.Log(ev)
 	}
 }
 
@@ -435,7 +452,7 @@ func (d *Daemon) list(id string) []api.Status {
 			continue
 		}
 		out = append(out, api.Status{
-			ID: sb.att.ID, Netns: sb.att.Netns, PID: sb.att.PID, Plan: sb.att.Plan, Source: sb.att.Source,
+			ID: sb.att.ID, Netns: sb.att.Netns, NetnsInode: sb.att.NetnsInode, Labels: sb.att.Labels, PID: sb.att.PID, Plan: sb.att.Plan, Source: sb.att.Source,
 			Since: sb.since, Adopted: sb.adopted, FlowLog: sb.logPath,
 			Flows: sb.flows.Load(), Allowed: sb.allowed.Load(), Denied: sb.denied.Load(),
 			BytesUp: sb.up.Load(), BytesDown: sb.down.Load(),

@@ -68,7 +68,7 @@ func TestAttachRestartReadoptDetach(t *testing.T) {
 	client := api.Client{Socket: cfg.Socket}
 
 	plan, _ := netplan.Choose(nil, 0)
-	link, err := tun.CreateIn(netns.Path(), plan)
+	link, err := tun.CreateIn(netns.Path(), plan, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -118,7 +118,7 @@ func TestAttachRestartReadoptDetach(t *testing.T) {
 	}
 	body, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
-	for _, want := range []string{"childflow_sandboxes 1", `childflow_flows_total{sandbox="t1",verdict="deny"} 0`} {
+	for _, want := range []string{"childflow_sandboxes 1", `childflow_flows_total{namespace="",pod="",sandbox="t1",verdict="deny"} 0`} {
 		if !strings.Contains(string(body), want) {
 			t.Errorf("metrics lack %q:\n%s", want, body)
 		}

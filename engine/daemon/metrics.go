@@ -14,8 +14,9 @@ import (
 
 var (
 	descSandboxes = prometheus.NewDesc("childflow_sandboxes", "Sandboxes attached to this daemon.", nil, nil)
-	descFlows     = prometheus.NewDesc("childflow_flows_total", "Flows the sandbox opened, by verdict.", []string{"sandbox", "verdict"}, nil)
-	descBytes     = prometheus.NewDesc("childflow_bytes_total", "Bytes of ended flows, by direction (up: sent by the sandbox).", []string{"sandbox", "direction"}, nil)
+	// namespace and pod are set for pods (CNI), empty for containers.
+	descFlows = prometheus.NewDesc("childflow_flows_total", "Flows the sandbox opened, by verdict.", []string{"sandbox", "namespace", "pod", "verdict"}, nil)
+	descBytes = prometheus.NewDesc("childflow_bytes_total", "Bytes of ended flows, by direction (up: sent by the sandbox).", []string{"sandbox", "namespace", "pod", "direction"}, nil)
 )
 
 // collector reads the sandboxes' counters at scrape time, so a detached
@@ -32,10 +33,11 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	list := c.d.list("")
 	ch <- prometheus.MustNewConstMetric(descSandboxes, prometheus.GaugeValue, float64(len(list)))
 	for _, s := range list {
-		ch <- prometheus.MustNewConstMetric(descFlows, prometheus.CounterValue, float64(s.Allowed), s.ID, "allow")
-		ch <- prometheus.MustNewConstMetric(descFlows, prometheus.CounterValue, float64(s.Denied), s.ID, "deny")
-		ch <- prometheus.MustNewConstMetric(descBytes, prometheus.CounterValue, float64(s.BytesUp), s.ID, "up")
-		ch <- prometheus.MustNewConstMetric(descBytes, prometheus.CounterValue, float64(s.BytesDown), s.ID, "down")
+		ns, pod := s.Labels["pod_namespace"], s.Labels["pod_name"]
+		ch <- prometheus.MustNewConstMetric(descFlows, prometheus.CounterValue, float64(s.Allowed), s.ID, ns, pod, "allow")
+		ch <- prometheus.MustNewConstMetric(descFlows, prometheus.CounterValue, float64(s.Denied), s.ID, ns, pod, "deny")
+		ch <- prometheus.MustNewConstMetric(descBytes, prometheus.CounterValue, float64(s.BytesUp), s.ID, ns, pod, "up")
+		ch <- prometheus.MustNewConstMetric(descBytes, prometheus.CounterValue, float64(s.BytesDown), s.ID, ns, pod, "down")
 	}
 }
 

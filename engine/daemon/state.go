@@ -87,3 +87,16 @@ func (d *Daemon) adopt(a api.Attachment) error {
 	}
 	return d.attach(a, link, true)
 }
+
+// buryTombstones detaches the sandboxes a CNI DEL asked to detach while
+// the daemon was down.
+func (d *Daemon) buryTombstones() {
+	dir := filepath.Join(d.cfg.StateDir, api.TombstoneDir)
+	entries, _ := os.ReadDir(dir)
+	for _, e := range entries {
+		if api.CheckID(e.Name()) == nil {
+			d.detach(e.Name())
+		}
+		os.Remove(filepath.Join(dir, e.Name()))
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"bufio"
 	"encoding/json"
 	"fmt"
+	"io"
 	"os"
 	"syscall"
 	"time"
@@ -34,6 +35,9 @@ type Event struct {
 	TsMs          int64  `json:"ts_ms"`
 	Event         string `json:"event"`
 	Sandbox       string `json:"sandbox,omitempty"`
+	PodNamespace  string `json:"pod_namespace,omitempty"`
+	PodName       string `json:"pod_name,omitempty"`
+	PodUID        string `json:"pod_uid,omitempty"`
 
 	FlowID  uint64   `json:"flow_id,omitempty"`
 	Proto   string   `json:"proto,omitempty"`
@@ -77,7 +81,7 @@ func Bool(b bool) *bool { return &b }
 
 // Writer writes events to a file from one goroutine; Log never blocks.
 type Writer struct {
-	f *os.File
+	f io.Closer // nil for NewWriter
 	q *queue.Queue[Event]
 }
 
@@ -94,11 +98,18 @@ func open(path string, truncate bool) (*Writer, error) {
 	if err != nil {
 		return nil, err
 	}
-	bw := bufio.NewWriterSize(f, 64<<10)
-	enc := json.NewEncoder(bw)
-	w := &Writer{f: f}
-	w.q = queue.Start(4096, func(ev Event) { enc.Encode(ev) }, func() { bw.Flush() })
+	w := NewWriter(f)
+	w.f = f
 	return w, nil
+}
+
+// NewWriter writes events to out (a pipe, stdout); Close does not close it.
+func NewWriter(out io.Writer) *Writer {
+	bw := bufio.NewWriterSize(out, 64<<10)
+	enc := json.NewEncoder(bw)
+	w := &Writer{}
+	w.q = queue.Start(4096, func(ev Event) { enc.Encode(ev) }, func() { bw.Flush() })
+	return w
 }
 
 // CreateFile is the safe open shared by every output file.
@@ -146,5 +157,8 @@ func (w *Writer) Dropped() uint64 { return w.q.Dropped() }
 // Close writes what is queued and closes the file.
 func (w *Writer) Close() error {
 	w.q.Close()
+	if w.f == nil {
+		return nil
+	}
 	return w.f.Close()
 }

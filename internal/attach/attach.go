@@ -54,6 +54,12 @@ type Sandbox struct {
 	PID      int    // a process in it, 0 if none yet
 	Settings *profile.Profile
 	Source   string
+	// Keep are destinations that stay on the namespace's other interface
+	// (a cluster's own ranges); empty: everything goes through cf0.
+	Keep []netip.Prefix
+	// Labels name the sandbox in flow logs and metrics (pod namespace,
+	// name and uid).
+	Labels map[string]string
 }
 
 // Attach creates the TUN in sb's namespace and returns once the daemon
@@ -73,7 +79,7 @@ func (n Node) Attach(sb Sandbox) (plan netplan.Plan, err error) {
 	if plan, err = netplan.Choose(append(netplan.Routes(), routes...), 0); err != nil {
 		return plan, err
 	}
-	link, err := tun.CreateIn(sb.Netns, plan)
+	link, err := tun.CreateIn(sb.Netns, plan, sb.Keep)
 	if err != nil {
 		return plan, fmt.Errorf("creating %s in %s: %w", plan.Interface, sb.Netns, err)
 	}
@@ -83,7 +89,7 @@ func (n Node) Attach(sb Sandbox) (plan netplan.Plan, err error) {
 			tun.DeleteIn(sb.Netns, plan.Interface)
 		}
 	}()
-	a := &api.Attachment{ID: sb.ID, Netns: sb.Netns, NetnsInode: ino, PID: sb.PID, Plan: plan, Settings: sb.Settings, Source: sb.Source}
+	a := &api.Attachment{ID: sb.ID, Netns: sb.Netns, NetnsInode: ino, PID: sb.PID, Plan: plan, Settings: sb.Settings, Source: sb.Source, Labels: sb.Labels}
 	client := api.Client{Socket: n.socket()}
 	err = client.Attach(a, link)
 	if errors.Is(err, api.ErrUnavailable) && n.Childflow != "" {

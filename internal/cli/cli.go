@@ -49,7 +49,7 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		case "doctor":
 			return runDoctor(args[2:], stdout, stderr)
 		case "daemon":
-			return runDaemon(ctx, args[2:], stderr)
+			return runDaemon(ctx, args[2:], stdout, stderr)
 		case "sandboxes":
 			return runSandboxes(args[2:], stdout, stderr)
 		case "version", "--version":

@@ -21,7 +21,7 @@ import (
 )
 
 // runDaemon is `childflow daemon`: the node engine for containers and pods.
-func runDaemon(ctx context.Context, args []string, stderr io.Writer) int {
+func runDaemon(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	var cfg daemon.Config
 	var dns []string
 	var readyFD int
@@ -30,6 +30,7 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) int {
 	fs.StringVar(&cfg.Socket, "socket", api.DefaultSocket, "unix socket of the API (root only)")
 	fs.StringVar(&cfg.StateDir, "state-dir", api.DefaultStateDir, "where attachments are recorded for re-adoption")
 	fs.StringVar(&cfg.FlowLogDir, "flow-log-dir", "/var/log/childflow", "one flow log per sandbox here; empty: none")
+	fs.BoolVar(&cfg.FlowLogStdout, "flow-log-stdout", false, "also write every sandbox's flow log events to stdout (with pod namespace/name/uid)")
 	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", "", "serve Prometheus metrics on ADDR (e.g. 127.0.0.1:9187); empty: off")
 	fs.StringSliceVarP(&dns, "dns", "d", nil, "resolvers for sandboxes whose policy names none; default: the host's")
 	fs.BoolVar(&cfg.ExitWhenIdle, "exit-when-idle", false, "exit once no sandbox is attached (per-container engine)")
@@ -55,6 +56,7 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "childflow: daemon: needs root (it enters other network namespaces)")
 		return exitFailure
 	}
+	cfg.Stdout = stdout
 	logger := log.New(stderr, "childflow daemon: ", log.LstdFlags)
 	cfg.Logf = logger.Printf
 	ctx, stop := signal.NotifyContext(ctx, syscall.SIGINT, syscall.SIGTERM)

@@ -13,6 +13,9 @@ package steer
 import (
 	"errors"
 	"fmt"
+	"net"
+	"net/netip"
+	"sort"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
@@ -67,9 +70,10 @@ func movable(tunName string) ([]netlink.Route, error) {
 }
 
 // Install moves the routes, adds the rules and the nftables table.
-// netns is an fd of the namespace the thread is in. On error it undoes
-// what it did.
-func Install(netns int, tunName string) (err error) {
+// netns is an fd of the namespace the thread is in. Destinations in keep
+// (a cluster's pod and service ranges) stay on the other interfaces,
+// through the default gateway they had. On error it undoes what it did.
+func Install(netns int, tunName string, keep []netip.Prefix) (err error) {
 	routes, err := movable(tunName)
 	if err != nil {
 		return err
@@ -82,20 +86,62 @@ func Install(netns int, tunName string) (err error) {
 	if err := addRules(); err != nil {
 		return err
 	}
-	if err := installTable(netns, tunName); err != nil {
+	if err := installTable(netns, tunName, keep); err != nil {
 		return fmt.Errorf("nftables: %w", err)
 	}
+	// Link routes first: a gateway must be reachable in the table it is
+	// added to.
+	sort.SliceStable(routes, func(i, j int) bool { return routes[i].Gw == nil && routes[j].Gw != nil })
+	var defaults []netlink.Route
 	for _, r := range routes {
 		moved := r
 		moved.Table = RouteTable
+		moved.Flags = 0 // state flags such as linkdown are not accepted back
 		if err := netlink.RouteReplace(&moved); err != nil {
 			return fmt.Errorf("moving route %s to table %d: %w", r, RouteTable, err)
+		}
+		if r.Dst == nil || isDefault(r.Dst) {
+			defaults = append(defaults, r)
+		} else if inAny(r.Dst, keep) {
+			continue // a kept range's own link route stays in main too
 		}
 		if err := netlink.RouteDel(&r); err != nil && !errors.Is(err, unix.ESRCH) {
 			return fmt.Errorf("removing route %s from the main table: %w", r, err)
 		}
 	}
+	for _, k := range keep {
+		for _, d := range defaults {
+			if (d.Family == netlink.FAMILY_V4) != k.Addr().Is4() {
+				continue
+			}
+			r := d
+			r.Flags = 0
+			r.Dst = &net.IPNet{IP: k.Addr().AsSlice(), Mask: net.CIDRMask(k.Bits(), k.Addr().BitLen())}
+			r.Table = unix.RT_TABLE_MAIN
+			if err := netlink.RouteReplace(&r); err != nil {
+				return fmt.Errorf("routing kept range %s via %s: %w", k, d.Gw, err)
+			}
+			break
+		}
+	}
 	return nil
+}
+
+func isDefault(n *net.IPNet) bool { ones, _ := n.Mask.Size(); return ones == 0 }
+
+// inAny reports whether n lies inside one of keep.
+func inAny(n *net.IPNet, keep []netip.Prefix) bool {
+	a, ok := netip.AddrFromSlice(n.IP)
+	if !ok {
+		return false
+	}
+	ones, _ := n.Mask.Size()
+	for _, k := range keep {
+		if k.Bits() <= ones && k.Contains(a.Unmap()) {
+			return true
+		}
+	}
+	return false
 }
 
 // Remove puts the routes back and deletes the rules and the table.
@@ -104,9 +150,11 @@ func Remove(netns int) error {
 	var errs []error
 	routes, err := netlink.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{Table: RouteTable}, netlink.RT_FILTER_TABLE)
 	if err == nil {
+		sort.SliceStable(routes, func(i, j int) bool { return routes[i].Gw == nil && routes[j].Gw != nil })
 		for _, r := range routes {
 			back := r
 			back.Table = unix.RT_TABLE_MAIN
+			back.Flags = 0
 			if err := netlink.RouteReplace(&back); err != nil {
 				errs = append(errs, fmt.Errorf("restoring route %s: %w", r, err))
 			}
@@ -159,9 +207,10 @@ func ifname(n string) []byte {
 //	    ct mark 0x87 meta mark set 0x87 }
 //	  chain egress { type filter hook output priority filter
 //	    oifname "lo" accept; oifname TUN accept; ct mark 0x87 accept
-//	    icmpv6 type 133-136 accept (neighbour discovery); drop }
+//	    icmpv6 type 133-136 accept (neighbour discovery)
+//	    ip[6] daddr KEEP accept (one rule per kept range); drop }
 //	}
-func installTable(netns int, tunName string) error {
+func installTable(netns int, tunName string, keep []netip.Prefix) error {
 	c, err := nftables.New(nftables.WithNetNSFd(netns))
 	if err != nil {
 		return err
@@ -209,6 +258,26 @@ func installTable(netns int, tunName string) error {
 		&expr.Range{Op: expr.CmpOpEq, Register: 1, FromData: []byte{133}, ToData: []byte{136}},
 		accept,
 	}})
+	for _, k := range keep {
+		c.AddRule(&nftables.Rule{Table: t, Chain: egress, Exprs: append(daddrIn(k), accept)})
+	}
 	c.AddRule(&nftables.Rule{Table: t, Chain: egress, Exprs: []expr.Any{&expr.Verdict{Kind: expr.VerdictDrop}}})
 	return c.Flush()
+}
+
+// daddrIn matches packets to the prefix p.
+func daddrIn(p netip.Prefix) []expr.Any {
+	proto, offset := byte(unix.NFPROTO_IPV4), uint32(16)
+	if p.Addr().Is6() {
+		proto, offset = unix.NFPROTO_IPV6, 24
+	}
+	n := uint32(p.Addr().BitLen() / 8)
+	mask := net.CIDRMask(p.Bits(), p.Addr().BitLen())
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{proto}},
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: offset, Len: n},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: n, Mask: mask, Xor: make([]byte, n)},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: p.Masked().Addr().AsSlice()},
+	}
 }

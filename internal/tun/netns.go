@@ -3,6 +3,8 @@ package tun
 import (
 	"errors"
 	"fmt"
+	"net"
+	"net/netip"
 	"os"
 
 	"github.com/containernetworking/plugins/pkg/ns"
@@ -15,8 +17,10 @@ import (
 
 // CreateIn creates the sandbox's TUN inside the network namespace at
 // netnsPath, configured by plan and persistent, so that a restarted
-// daemon can open it again. On error nothing is left in the namespace.
-func CreateIn(netnsPath string, plan netplan.Plan) (f *os.File, err error) {
+// daemon can open it again. In a namespace that has another interface,
+// destinations in keep stay on it (see package steer). On error nothing
+// is left in the namespace.
+func CreateIn(netnsPath string, plan netplan.Plan, keep []netip.Prefix) (f *os.File, err error) {
 	err = inNetns(netnsPath, func(netns ns.NetNS) error {
 		if _, err := netlink.LinkByName(plan.Interface); err == nil {
 			return fmt.Errorf("%s already exists in %s", plan.Interface, netnsPath)
@@ -29,7 +33,7 @@ func CreateIn(netnsPath string, plan netplan.Plan) (f *os.File, err error) {
 			return err
 		}
 		if err = SetPersist(f, true); err == nil && shared {
-			err = steer.Install(int(netns.Fd()), plan.Interface)
+			err = steer.Install(int(netns.Fd()), plan.Interface, keep)
 		}
 		if err == nil {
 			err = Configure(plan)
@@ -101,3 +105,35 @@ func inNetns(path string, fn func(target ns.NetNS) error) error {
 	defer target.Close()
 	return target.Do(func(ns.NetNS) error { return fn(target) })
 }
+
+// CheckIn reports whether the TUN name is up in the namespace with the
+// default routes through it.
+func CheckIn(netnsPath, name string) error {
+	return inNetns(netnsPath, func(ns.NetNS) error {
+		link, err := netlink.LinkByName(name)
+		if err != nil {
+			return fmt.Errorf("no %s in %s: %w", name, netnsPath, err)
+		}
+		if link.Attrs().Flags&net.FlagUp == 0 {
+			return fmt.Errorf("%s is down in %s", name, netnsPath)
+		}
+		for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+			routes, err := netlink.RouteList(link, family)
+			if err != nil {
+				return err
+			}
+			found := false
+			for _, r := range routes {
+				if r.Dst == nil || r.Dst.IP.IsUnspecified() && isZeroMask(r.Dst.Mask) {
+					found = true
+				}
+			}
+			if !found {
+				return fmt.Errorf("no default route through %s in %s", name, netnsPath)
+			}
+		}
+		return nil
+	})
+}
+
+func isZeroMask(m net.IPMask) bool { ones, _ := m.Size(); return ones == 0 }

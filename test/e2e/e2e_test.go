@@ -36,7 +36,7 @@ func TestMain(m *testing.M) {
 	}
 	os.Chmod(dir, 0o755) // nobody runs the binary too
 	bin = filepath.Join(dir, "childflow")
-	for _, cmd := range []string{"childflow", "childflow-hook", "childflow-runtime"} {
+	for _, cmd := range []string{"childflow", "childflow-hook", "childflow-runtime", "childflow-cni"} {
 		build := exec.Command("go", "build", "-o", filepath.Join(dir, cmd), "../../cmd/"+cmd)
 		build.Env = append(os.Environ(), "CGO_ENABLED=0")
 		if out, err := build.CombinedOutput(); err != nil {
