@@ -27,7 +27,9 @@ func node(t *testing.T) (socket, state string) {
 	socket, state = filepath.Join(dir, "engine.sock"), filepath.Join(dir, "state")
 	ctx, cancel := context.WithCancel(context.Background())
 	ready, done := make(chan struct{}), make(chan error, 1)
-	go func() { done <- daemon.Run(ctx, daemon.Config{Socket: socket, StateDir: state}, func() { close(ready) }) }()
+	go func() {
+		done <- daemon.Run(ctx, daemon.Config{Socket: socket, StateDir: state}, func() { close(ready) })
+	}()
 	select {
 	case <-ready:
 	case err := <-done:
