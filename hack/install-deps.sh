@@ -9,7 +9,7 @@ pkgs=(
 	curl dnsutils iputils-ping socat netcat-openbsd busybox-static dnsmasq-base
 	iperf3 slirp4netns passt hyperfine jq util-linux
 	squid microsocks tinyproxy stunnel4 openssl apache2-utils tshark
-	runc crun containerd docker.io podman
+	runc crun containerd docker.io podman containernetworking-plugins
 	chromium fonts-dejavu-core
 )
 missing=()
@@ -25,3 +25,9 @@ if ! command -v go >/dev/null && [ -x /usr/local/go/bin/go ]; then
 	echo "note: add /usr/local/go/bin to PATH" >&2
 fi
 command -v go >/dev/null || [ -x /usr/local/go/bin/go ] || { echo "install Go 1.22 or newer (apt-get install golang-go on recent releases)" >&2; exit 1; }
+# crictl (drives containerd's CRI in the Kubernetes tests) is no Debian
+# package: build it from the Go module proxy.
+if ! command -v crictl >/dev/null; then
+	$SUDO env "PATH=$PATH:/usr/local/go/bin" GOBIN=/usr/local/bin CGO_ENABLED=0 \
+		go install sigs.k8s.io/cri-tools/cmd/crictl@v1.37.0
+fi

@@ -1,0 +1,239 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// cri is containerd with its CRI plugin, as kubelet drives it, with a CNI
+// conflist chaining bridge + host-local + portmap + childflow-cni.
+type cri struct {
+	dir, sock string
+	n         *node
+}
+
+const (
+	criImage  = "docker.io/cftest/busybox:latest"
+	podSubnet = "10.244.87.0/24"
+	podBridge = "cfcri0"
+)
+
+func startCRI(t *testing.T, n *node) *cri {
+	t.Helper()
+	c := &cri{dir: t.TempDir(), n: n}
+	c.sock = filepath.Join(c.dir, "containerd.sock")
+	bin, netd := filepath.Join(c.dir, "cni-bin"), filepath.Join(c.dir, "net.d")
+	os.MkdirAll(bin, 0o755)
+	os.MkdirAll(netd, 0o755)
+	for _, p := range []string{"bridge", "host-local", "portmap", "loopback"} {
+		os.Symlink("/usr/lib/cni/"+p, filepath.Join(bin, p))
+	}
+	os.Symlink(filepath.Join(filepath.Dir(binPath()), "childflow-cni"), filepath.Join(bin, "childflow-cni"))
+	conflist, _ := json.Marshal(map[string]any{
+		"cniVersion": "1.0.0", "name": "cftest",
+		"plugins": []any{
+			map[string]any{"type": "bridge", "bridge": podBridge, "isGateway": true, "ipMasq": false,
+				"ipam": map[string]any{"type": "host-local", "ranges": [][]map[string]string{{{"subnet": podSubnet}}},
+					"routes": []map[string]string{{"dst": "0.0.0.0/0"}}, "dataDir": filepath.Join(c.dir, "ipam")}},
+			map[string]any{"type": "portmap", "capabilities": map[string]bool{"portMappings": true}},
+			map[string]any{"type": "childflow-cni", "capabilities": map[string]bool{"io.kubernetes.cri.pod-annotations": true},
+				"socket": n.socket, "stateDir": n.state, "clusterCIDRs": []string{"10.244.0.0/16", "10.96.0.0/12"}},
+		},
+	})
+	os.WriteFile(filepath.Join(netd, "10-cftest.conflist"), conflist, 0o644)
+	cfg := fmt.Sprintf(`version = 2
+root = %q
+state = %q
+[grpc]
+  address = %q
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = %q
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "native"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = %q
+    conf_dir = %q
+`, filepath.Join(c.dir, "root"), filepath.Join(c.dir, "state"), c.sock, criImage, bin, netd)
+	os.WriteFile(filepath.Join(c.dir, "config.toml"), []byte(cfg), 0o644)
+	_, cniCache := os.Stat("/var/lib/cni") // libcni caches results there
+	var log bytes.Buffer
+	cmd := exec.Command("containerd", "--config", filepath.Join(c.dir, "config.toml"))
+	cmd.Stdout, cmd.Stderr = &log, &log
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		for _, id := range strings.Fields(c.crictl(t, "pods", "-q").stdout) {
+			c.crictl(t, "stopp", id)
+			c.crictl(t, "rmp", "-f", id)
+		}
+		cmd.Process.Signal(os.Interrupt)
+		cmd.Wait()
+		exec.Command("ip", "link", "del", podBridge).Run()
+		if os.IsNotExist(cniCache) {
+			os.RemoveAll("/var/lib/cni")
+		}
+		if t.Failed() {
+			t.Logf("containerd log:\n%s", log.String())
+		}
+	})
+	eventually(t, "containerd's CRI to answer", func() bool { return c.crictl(t, "info").code == 0 })
+	root := t.TempDir()
+	rootfs(t, root)
+	image := ociImage(t, root, criImage, []string{"/bin/sleep", "1000000"})
+	if out, err := exec.Command("ctr", "-a", c.sock, "-n", "k8s.io", "images", "import", "--snapshotter", "native", image).CombinedOutput(); err != nil {
+		t.Fatalf("ctr images import: %v\n%s", err, out)
+	}
+	return c
+}
+
+func binPath() string { return bin }
+
+func (c *cri) crictl(t *testing.T, args ...string) result {
+	t.Helper()
+	cmd := exec.Command("crictl", append([]string{"--runtime-endpoint", "unix://" + c.sock, "--image-endpoint", "unix://" + c.sock, "--timeout", "30s"}, args...)...)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatal(err)
+	}
+	return result{out.String(), errb.String(), code}
+}
+
+// pod runs a pod sandbox with ann and one container running script;
+// it returns the pod and container ids and the pod's IP.
+func (c *cri) pod(t *testing.T, name string, ann map[string]string, script string) (pod, ctr, ip string) {
+	t.Helper()
+	podCfg, _ := json.Marshal(map[string]any{
+		"metadata":      map[string]any{"name": name, "namespace": "team", "uid": name + "-uid", "attempt": 0},
+		"annotations":   ann,
+		"log_directory": filepath.Join(c.dir, "logs", name),
+		"linux":         map[string]any{},
+	})
+	ctrCfg, _ := json.Marshal(map[string]any{
+		"metadata": map[string]any{"name": "main"},
+		"image":    map[string]any{"image": criImage},
+		"command":  []string{"/bin/sh", "-c", script},
+		"log_path": "main.log",
+		"linux":    map[string]any{},
+	})
+	podFile, ctrFile := filepath.Join(c.dir, name+"-pod.json"), filepath.Join(c.dir, name+"-ctr.json")
+	os.WriteFile(podFile, podCfg, 0o644)
+	os.WriteFile(ctrFile, ctrCfg, 0o644)
+	r := c.crictl(t, "runp", podFile)
+	if r.code != 0 {
+		t.Fatalf("crictl runp %s: %v", name, r)
+	}
+	pod = strings.TrimSpace(r.stdout)
+	r = c.crictl(t, "create", pod, ctrFile, podFile)
+	if r.code != 0 {
+		t.Fatalf("crictl create: %v", r)
+	}
+	ctr = strings.TrimSpace(r.stdout)
+	if r := c.crictl(t, "start", ctr); r.code != 0 {
+		t.Fatalf("crictl start: %v", r)
+	}
+	var st struct {
+		Status struct {
+			Network struct{ IP string } `json:"network"`
+		} `json:"status"`
+	}
+	json.Unmarshal([]byte(c.crictl(t, "inspectp", pod).stdout), &st)
+	return pod, ctr, st.Status.Network.IP
+}
+
+func (c *cri) exec(t *testing.T, ctr, script string) string {
+	t.Helper()
+	return c.crictl(t, "exec", "-s", ctr, "/bin/sh", "-c", script).stdout
+}
+
+// dialPod connects to the pod's port from the host, as a kubelet probe
+// or a service would, and returns what the pod said.
+func dialPod(ip string, port int) string {
+	var got string
+	for i := 0; i < 30 && !strings.Contains(got, "hi from the pod"); i++ {
+		c, err := net.DialTimeout("tcp", net.JoinHostPort(ip, fmt.Sprint(port)), 2*time.Second)
+		if err != nil {
+			time.Sleep(200 * time.Millisecond)
+			continue
+		}
+		c.SetDeadline(time.Now().Add(3 * time.Second))
+		b := make([]byte, 64)
+		k, _ := c.Read(b)
+		got = string(b[:k])
+		c.Close()
+	}
+	return got
+}
+
+const podServer = `while true; do echo "hi from the pod" | nc -l -p 8080; done`
+
+func TestKubernetesPodsThroughContainerdCRI(t *testing.T) {
+	n := startNode(t)
+	before := hostNetfilter(t)
+	c := startCRI(t, n)
+
+	pod, ctr, ip := c.pod(t, "sandboxed", map[string]string{
+		"childflow.dev/default-policy": "deny",
+		"childflow.dev/allow-cidrs":    "203.0.113.10/32",
+	}, podServer)
+	out := c.exec(t, ctr, probe)
+	wantLines(t, out, "reach 203.0.113.10", "blocked 203.0.113.20", "blocked 2001:db8::20", "has-cf0")
+	if got := dialPod(ip, 8080); !strings.Contains(got, "hi from the pod") {
+		t.Errorf("inbound connection to the pod %s:8080 got %q", ip, got)
+	}
+	list := n.sandboxes(t)
+	if len(list) != 1 || list[0]["source"] != "cni" || list[0]["labels"].(map[string]any)["pod_name"] != "sandboxed" {
+		t.Fatalf("daemon sandboxes: %v", list)
+	}
+	flows, _ := os.ReadFile(filepath.Join(n.flows, pod+".jsonl"))
+	if !strings.Contains(string(flows), `"pod_namespace":"team","pod_name":"sandboxed","pod_uid":"sandboxed-uid"`) {
+		t.Errorf("flow log lacks the pod's names:\n%.600s", flows)
+	}
+
+	_, plainCtr, plainIP := c.pod(t, "plain", nil, podServer)
+	wantLines(t, c.exec(t, plainCtr, "ip -o link | grep -q cf0 && echo has-cf0 || echo no-cf0"), "no-cf0")
+	if got := dialPod(plainIP, 8080); !strings.Contains(got, "hi from the pod") {
+		t.Errorf("inbound to the unannotated pod got %q", got)
+	}
+
+	// The daemon restarted while the pod runs keeps its policy.
+	n.kill(t)
+	n.start(t)
+	wantLines(t, c.exec(t, ctr, probe), "reach 203.0.113.10", "blocked 203.0.113.20", "blocked 2001:db8::20")
+
+	// A bad annotation fails the pod; it never runs unsandboxed.
+	bad, _ := json.Marshal(map[string]any{
+		"metadata":      map[string]any{"name": "bad", "namespace": "team", "uid": "bad-uid"},
+		"annotations":   map[string]string{"childflow.dev/deny-cidrs": "everything"},
+		"log_directory": filepath.Join(c.dir, "logs", "bad"), "linux": map[string]any{},
+	})
+	os.WriteFile(filepath.Join(c.dir, "bad.json"), bad, 0o644)
+	if r := c.crictl(t, "runp", filepath.Join(c.dir, "bad.json")); r.code == 0 || !strings.Contains(r.stderr, "childflow.dev/deny-cidrs") {
+		t.Errorf("runp with a bad annotation: %v", r)
+	}
+
+	for _, id := range strings.Fields(c.crictl(t, "pods", "-q").stdout) {
+		c.crictl(t, "stopp", id)
+		c.crictl(t, "rmp", id)
+	}
+	eventually(t, "every pod to be detached", func() bool { return len(n.sandboxes(t)) == 0 && len(n.records(t)) == 0 })
+	if after := hostNetfilter(t); after != before {
+		t.Errorf("the host's nftables or ip rules changed:\nbefore:\n%s\nafter:\n%s", before, after)
+	}
+}
