@@ -50,6 +50,8 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			return runDoctor(args[2:], stdout, stderr)
 		case "daemon":
 			return runDaemon(ctx, args[2:], stdout, stderr)
+		case "cni-install":
+			return runCNIInstall(args[2:], stdout, stderr)
 		case "sandboxes":
 			return runSandboxes(args[2:], stdout, stderr)
 		case "version", "--version":
