@@ -7,7 +7,7 @@ LDFLAGS := -s -w -X github.com/childflow/childflow/internal/version.Version=$(VE
 # AllThreadsSyscall, which cgo builds do not support.
 export CGO_ENABLED = 0
 
-.PHONY: all build install test unit e2e bench lint clean
+.PHONY: all build install manifests test unit e2e bench lint clean
 
 all: build
 
@@ -23,6 +23,10 @@ install: build
 	install -D -m 0755 -t $(DESTDIR)$(PREFIX)/bin $(addprefix $(BIN)/,$(CMDS))
 	install -D -m 0644 deploy/systemd/childflow.service $(DESTDIR)/etc/systemd/system/childflow.service
 	install -D -m 0644 -t $(DESTDIR)/usr/share/containers/oci/hooks.d deploy/hooks.d/*.json
+
+# Plain manifests for clusters without helm, rendered from the chart.
+manifests:
+	helm template childflow charts/childflow --namespace kube-system > deploy/kubernetes/childflow.yaml
 
 # The whole suite: unit tests, then the end-to-end tests (root: in CI they
 # run; as a normal user they skip).

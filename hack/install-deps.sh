@@ -31,3 +31,8 @@ if ! command -v crictl >/dev/null; then
 	$SUDO env "PATH=$PATH:/usr/local/go/bin" GOBIN=/usr/local/bin CGO_ENABLED=0 \
 		go install sigs.k8s.io/cri-tools/cmd/crictl@v1.37.0
 fi
+# helm (lints and renders the chart in the tests): same.
+if ! command -v helm >/dev/null; then
+	$SUDO env "PATH=$PATH:/usr/local/go/bin" GOBIN=/usr/local/bin CGO_ENABLED=0 \
+		go install helm.sh/helm/v3/cmd/helm@v3.22.0
+fi
