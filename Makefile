@@ -41,6 +41,7 @@ e2e: build
 bench: build
 	hack/bench.sh
 	hack/bench-containers.sh
+	hack/bench-scale.sh
 
 lint:
 	gofmt -l . | (! grep .)

@@ -7,7 +7,7 @@ SUDO=""
 pkgs=(
 	ca-certificates iproute2 procps nftables iptables
 	curl dnsutils iputils-ping socat netcat-openbsd busybox-static dnsmasq-base
-	iperf3 slirp4netns passt hyperfine jq util-linux
+	iperf3 slirp4netns passt hyperfine jq bc util-linux
 	squid microsocks tinyproxy stunnel4 openssl apache2-utils tshark
 	runc crun containerd docker.io podman containernetworking-plugins
 	chromium fonts-dejavu-core
