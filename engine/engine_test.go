@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -71,7 +72,18 @@ func newSandbox(t *testing.T, p *policy.Policy, dnsUpstream ...netip.AddrPort) *
 	if err != nil {
 		t.Fatal(err)
 	}
-	plan, err := netplan.Choose(nil, 65000)
+	// A TUN queues what it is given (and drops, rarely); a socketpair
+	// with default buffers refuses writes early under load, and the drops
+	// back both stacks' retransmission timers off into a stall. Give it
+	// room like a TUN's queue.
+	for _, fd := range fds {
+		for _, opt := range [][2]int{{unix.SO_SNDBUFFORCE, unix.SO_SNDBUF}, {unix.SO_RCVBUFFORCE, unix.SO_RCVBUF}} {
+			if unix.SetsockoptInt(fd, unix.SOL_SOCKET, opt[0], 4<<20) != nil {
+				unix.SetsockoptInt(fd, unix.SOL_SOCKET, opt[1], 4<<20)
+			}
+		}
+	}
+	plan, err := netplan.Choose(nil, testMTU())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -215,7 +227,7 @@ func TestTCPRelayWithHalfClose(t *testing.T) {
 			}()
 			got, err := io.ReadAll(c)
 			if err != nil {
-				t.Fatal(err)
+				t.Fatalf("%v (read %d)\nsandbox stack: %s\nengine stack: %s", err, len(got), tcpStats(sb.s.Stats()), tcpStats(sb.eng.stack.Stats()))
 			}
 			if string(got) != payload {
 				t.Fatalf("echo returned %d bytes, want %d", len(got), len(payload))
@@ -569,4 +581,18 @@ func TestDNSFloodIsBounded(t *testing.T) {
 	if grown := runtime.NumGoroutine() - before; grown > 2*cap(sb.eng.dnsSem)+50 {
 		t.Fatalf("%d goroutines for a flood of 2000 queries, want about %d at most", grown, cap(sb.eng.dnsSem))
 	}
+}
+
+func testMTU() int {
+	if v, err := strconv.Atoi(os.Getenv("CF_TEST_MTU")); err == nil {
+		return v
+	}
+	return 65000
+}
+
+func tcpStats(st tcpip.Stats) string {
+	t := st.TCP
+	return fmt.Sprintf("sent %d retrans %d timeouts %d sendErr %d fastRetrans %d sackRecov %d tlp %d invalidRx %d rxDropped(nic) %d ipOutErr %d",
+		t.SegmentsSent.Value(), t.Retransmits.Value(), t.Timeouts.Value(), t.SegmentSendErrors.Value(), t.FastRetransmit.Value(),
+		t.SACKRecovery.Value(), t.TLPRecovery.Value(), t.InvalidSegmentsReceived.Value(), st.NICs.Rx.Packets.Value(), st.IP.OutgoingPacketErrors.Value())
 }

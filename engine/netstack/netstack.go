@@ -244,3 +244,6 @@ func protoOf(a netip.Addr) tcpip.NetworkProtocolNumber {
 	}
 	return ipv6.ProtocolNumber
 }
+
+// Stats are the stack's counters (for tests and diagnostics).
+func (ns *Stack) Stats() tcpip.Stats { return ns.s.Stats() }
