@@ -379,13 +379,21 @@ func dnsUpstream(t *testing.T) (netip.AddrPort, *sync.Map) {
 		}
 		w.WriteMsg(m)
 	})
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", pc.LocalAddr().String())
-	if err != nil {
-		t.Fatal(err)
+	// One port for UDP and TCP: the UDP port the kernel picks may be taken
+	// for TCP by another test's connection, so try a few.
+	var pc net.PacketConn
+	var ln net.Listener
+	for i := 0; ln == nil; i++ {
+		var err error
+		if pc, err = net.ListenPacket("udp", "127.0.0.1:0"); err != nil {
+			t.Fatal(err)
+		}
+		if ln, err = net.Listen("tcp", pc.LocalAddr().String()); err != nil {
+			pc.Close()
+			if i == 20 {
+				t.Fatal(err)
+			}
+		}
 	}
 	udpSrv := &mdns.Server{PacketConn: pc, Handler: h}
 	tcpSrv := &mdns.Server{Listener: ln, Handler: h}
