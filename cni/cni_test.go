@@ -294,6 +294,15 @@ func TestClusterRangesStayOnTheMainInterface(t *testing.T) {
 			if got := routeDev(t, pod, "203.0.113.10"); got != "eth0" {
 				t.Errorf("after DEL the default route is through %q, want eth0 again", got)
 			}
+			pod.Do(func(ns.NetNS) error {
+				routes, _ := netlink.RouteList(nil, netlink.FAMILY_ALL)
+				for _, r := range routes {
+					if r.Protocol == 87 {
+						t.Errorf("route left by childflow after DEL: %s", r)
+					}
+				}
+				return nil
+			})
 		})
 	}
 }

@@ -28,6 +28,8 @@ const (
 	// RouteTable holds the moved routes; Mark selects it.
 	RouteTable = 87
 	Mark       = 0x87
+	// routeProto marks the routes Install adds, so Remove finds them.
+	routeProto = 87
 	rulePrio   = 100
 	nftTable   = "childflow"
 )
@@ -69,11 +71,23 @@ func movable(tunName string) ([]netlink.Route, error) {
 	return out, nil
 }
 
+// Config says how to share a namespace.
+type Config struct {
+	TUN string
+	// Keep are destinations (a cluster's pod and service ranges) that stay
+	// on the other interfaces, through the default gateway they had.
+	Keep []netip.Prefix
+	// DNS are the engine's resolver addresses: DNS to any address (a
+	// cluster resolver in Keep included) is sent there, so domain rules
+	// see every answer and no resolver but the engine's is reachable.
+	DNS []netip.Addr
+}
+
 // Install moves the routes, adds the rules and the nftables table.
-// netns is an fd of the namespace the thread is in. Destinations in keep
-// (a cluster's pod and service ranges) stay on the other interfaces,
-// through the default gateway they had. On error it undoes what it did.
-func Install(netns int, tunName string, keep []netip.Prefix) (err error) {
+// netns is an fd of the namespace the thread is in. On error it undoes
+// what it did.
+func Install(netns int, cfg Config) (err error) {
+	tunName, keep := cfg.TUN, cfg.Keep
 	routes, err := movable(tunName)
 	if err != nil {
 		return err
@@ -86,7 +100,7 @@ func Install(netns int, tunName string, keep []netip.Prefix) (err error) {
 	if err := addRules(); err != nil {
 		return err
 	}
-	if err := installTable(netns, tunName, keep); err != nil {
+	if err := installTable(netns, cfg); err != nil {
 		return fmt.Errorf("nftables: %w", err)
 	}
 	// Link routes first: a gateway must be reachable in the table it is
@@ -116,6 +130,7 @@ func Install(netns int, tunName string, keep []netip.Prefix) (err error) {
 			}
 			r := d
 			r.Flags = 0
+			r.Protocol = routeProto
 			r.Dst = &net.IPNet{IP: k.Addr().AsSlice(), Mask: net.CIDRMask(k.Bits(), k.Addr().BitLen())}
 			r.Table = unix.RT_TABLE_MAIN
 			if err := netlink.RouteReplace(&r); err != nil {
@@ -158,6 +173,12 @@ func Remove(netns int) error {
 			if err := netlink.RouteReplace(&back); err != nil {
 				errs = append(errs, fmt.Errorf("restoring route %s: %w", r, err))
 			}
+			netlink.RouteDel(&r)
+		}
+	}
+	if added, err := netlink.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{Table: unix.RT_TABLE_MAIN, Protocol: routeProto},
+		netlink.RT_FILTER_TABLE|netlink.RT_FILTER_PROTOCOL); err == nil {
+		for _, r := range added {
 			netlink.RouteDel(&r)
 		}
 	}
@@ -205,12 +226,15 @@ func ifname(n string) []byte {
 //	    iifname != "lo" iifname != TUN ct state new ct mark set 0x87 }
 //	  chain reroute { type route hook output priority mangle
 //	    ct mark 0x87 meta mark set 0x87 }
-//	  chain egress { type filter hook output priority filter
+//	  chain egress { type filter hook postrouting priority filter
 //	    oifname "lo" accept; oifname TUN accept; ct mark 0x87 accept
 //	    icmpv6 type 133-136 accept (neighbour discovery)
 //	    ip[6] daddr KEEP accept (one rule per kept range); drop }
+//	  chain dns { type nat hook output priority dstnat
+//	    oifname != "lo" udp/tcp dport 53 dnat to the engine's resolver }
 //	}
-func installTable(netns int, tunName string, keep []netip.Prefix) error {
+func installTable(netns int, cfg Config) error {
+	tunName, keep := cfg.TUN, cfg.Keep
 	c, err := nftables.New(nftables.WithNetNSFd(netns))
 	if err != nil {
 		return err
@@ -218,7 +242,9 @@ func installTable(netns int, tunName string, keep []netip.Prefix) error {
 	t := c.AddTable(&nftables.Table{Family: nftables.TableFamilyINet, Name: nftTable})
 	inbound := c.AddChain(&nftables.Chain{Name: "inbound", Table: t, Type: nftables.ChainTypeFilter, Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityMangle})
 	reroute := c.AddChain(&nftables.Chain{Name: "reroute", Table: t, Type: nftables.ChainTypeRoute, Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityMangle})
-	egress := c.AddChain(&nftables.Chain{Name: "egress", Table: t, Type: nftables.ChainTypeFilter, Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityFilter})
+	// Postrouting, not output: there the interface is the one a packet
+	// really leaves by, after the DNS redirect below rerouted it.
+	egress := c.AddChain(&nftables.Chain{Name: "egress", Table: t, Type: nftables.ChainTypeFilter, Hooknum: nftables.ChainHookPostrouting, Priority: nftables.ChainPriorityFilter})
 	mark := binaryutil.NativeEndian.PutUint32(Mark)
 	zero := binaryutil.NativeEndian.PutUint32(0)
 	accept := &expr.Verdict{Kind: expr.VerdictAccept}
@@ -262,6 +288,14 @@ func installTable(netns int, tunName string, keep []netip.Prefix) error {
 		c.AddRule(&nftables.Rule{Table: t, Chain: egress, Exprs: append(daddrIn(k), accept)})
 	}
 	c.AddRule(&nftables.Rule{Table: t, Chain: egress, Exprs: []expr.Any{&expr.Verdict{Kind: expr.VerdictDrop}}})
+	if len(cfg.DNS) > 0 {
+		dns := c.AddChain(&nftables.Chain{Name: "dns", Table: t, Type: nftables.ChainTypeNAT, Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityNATDest})
+		for _, to := range cfg.DNS {
+			for _, proto := range []byte{unix.IPPROTO_UDP, unix.IPPROTO_TCP} {
+				c.AddRule(&nftables.Rule{Table: t, Chain: dns, Exprs: dnatDNS(to, proto)})
+			}
+		}
+	}
 	return c.Flush()
 }
 
@@ -279,5 +313,26 @@ func daddrIn(p netip.Prefix) []expr.Any {
 		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: offset, Len: n},
 		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: n, Mask: mask, Xor: make([]byte, n)},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: p.Masked().Addr().AsSlice()},
+	}
+}
+
+// dnatDNS sends DNS of one family and protocol, except on lo, to the
+// engine's resolver at to.
+func dnatDNS(to netip.Addr, proto byte) []expr.Any {
+	family := byte(unix.NFPROTO_IPV4)
+	if to.Is6() {
+		family = unix.NFPROTO_IPV6
+	}
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{family}},
+		&expr.Meta{Key: expr.MetaKeyOIFNAME, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: ifname("lo")},
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{proto}},
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.BigEndian.PutUint16(53)},
+		&expr.Immediate{Register: 1, Data: to.AsSlice()},
+		&expr.NAT{Type: expr.NATTypeDestNAT, Family: uint32(family), RegAddrMin: 1},
 	}
 }

@@ -33,7 +33,7 @@ func CreateIn(netnsPath string, plan netplan.Plan, keep []netip.Prefix) (f *os.F
 			return err
 		}
 		if err = SetPersist(f, true); err == nil && shared {
-			err = steer.Install(int(netns.Fd()), plan.Interface, keep)
+			err = steer.Install(int(netns.Fd()), steer.Config{TUN: plan.Interface, Keep: keep, DNS: []netip.Addr{plan.Gateway4, plan.Gateway6}})
 		}
 		if err == nil {
 			err = Configure(plan)
