@@ -163,3 +163,38 @@ func mustOpen(t *testing.T) *os.File {
 	}
 	return f
 }
+
+func TestCleanup(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root")
+	}
+	netns, err := testutils.NewNS()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer testutils.UnmountNS(netns)
+	defer netns.Close()
+	dir := t.TempDir()
+	cfg := Config{Socket: filepath.Join(dir, "engine.sock"), StateDir: filepath.Join(dir, "state")}
+	os.MkdirAll(filepath.Join(cfg.StateDir, "sandboxes"), 0o700)
+	os.MkdirAll(filepath.Join(cfg.StateDir, api.TombstoneDir), 0o700)
+	os.WriteFile(filepath.Join(cfg.StateDir, api.TombstoneDir, "x"), nil, 0o600)
+	d := &Daemon{cfg: cfg}
+	ino, _ := tun.NetnsInode(netns.Path())
+	d.writeRecord(api.Attachment{ID: "live", Netns: netns.Path(), NetnsInode: ino})
+	d.writeRecord(api.Attachment{ID: "dead", Netns: "/proc/999999999/ns/net", NetnsInode: 1})
+
+	r, err := Cleanup(cfg.StateDir)
+	if err != nil || len(r.Removed) != 1 || r.Removed[0] != "dead" || len(r.Live) != 1 || r.Tombstones != 1 {
+		t.Fatalf("cleanup %+v, %v", r, err)
+	}
+	if _, err := os.Stat(filepath.Join(cfg.StateDir, "sandboxes", "live.json")); err != nil {
+		t.Error("the live sandbox's record was removed")
+	}
+	// Not while a daemon runs on the directory.
+	lock, _ := lockFile(filepath.Join(cfg.StateDir, "daemon.lock"))
+	defer lock.Close()
+	if _, err := Cleanup(cfg.StateDir); err == nil {
+		t.Error("cleanup ran under a live daemon")
+	}
+}

@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -99,4 +100,48 @@ func (d *Daemon) buryTombstones() {
 		}
 		os.Remove(filepath.Join(dir, e.Name()))
 	}
+}
+
+// CleanupReport says what Cleanup did.
+type CleanupReport struct {
+	Removed, Live []string
+	Tombstones    int
+}
+
+// Cleanup removes the records of sandboxes whose namespace is gone, the
+// pending detaches of those, and a stale socket, when no daemon runs on
+// stateDir. Live sandboxes are left for the next daemon.
+func Cleanup(stateDir string) (CleanupReport, error) {
+	var r CleanupReport
+	d := &Daemon{cfg: Config{StateDir: stateDir, Logf: func(string, ...any) {}}}
+	lock, err := lockFile(filepath.Join(stateDir, "daemon.lock"))
+	if os.IsNotExist(errors.Unwrap(err)) {
+		return r, nil // nothing was ever here
+	}
+	if err != nil {
+		return r, err
+	}
+	defer lock.Close()
+	entries, _ := os.ReadDir(d.recordDir())
+	for _, e := range entries {
+		id, ok := strings.CutSuffix(e.Name(), ".json")
+		if !ok || strings.HasPrefix(e.Name(), ".tmp-") {
+			os.Remove(filepath.Join(d.recordDir(), e.Name()))
+			continue
+		}
+		a, err := d.readRecord(id)
+		if ino, ierr := tun.NetnsInode(a.Netns); err == nil && ierr == nil && ino == a.NetnsInode {
+			r.Live = append(r.Live, id)
+			continue
+		}
+		os.Remove(d.recordPath(id))
+		r.Removed = append(r.Removed, id)
+	}
+	tombs := filepath.Join(stateDir, api.TombstoneDir)
+	if t, _ := os.ReadDir(tombs); len(t) > 0 {
+		r.Tombstones = len(t)
+		os.RemoveAll(tombs)
+	}
+	os.Remove(filepath.Join(stateDir, "engine.sock"))
+	return r, nil
 }

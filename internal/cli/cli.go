@@ -1,5 +1,5 @@
 // Package cli is the childflow command line: exec (the default),
-// daemon, sandboxes, doctor and version.
+// daemon, sandboxes, cleanup, cni-install, doctor and version.
 package cli
 
 import (
@@ -50,6 +50,8 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			return runDoctor(args[2:], stdout, stderr)
 		case "daemon":
 			return runDaemon(ctx, args[2:], stdout, stderr)
+		case "cleanup":
+			return runCleanup(args[2:], stdout, stderr)
 		case "cni-install":
 			return runCNIInstall(args[2:], stdout, stderr)
 		case "sandboxes":
