@@ -51,6 +51,11 @@ type Config struct {
 	// OnEvent receives every flow-log event. Nil: events are discarded.
 	// It must not block.
 	OnEvent func(flowlog.Event)
+	// OnUpstream is told the remote end of each host-side connection the
+	// engine opens for the sandbox (before it is dialed, where it is known
+	// then) and when that connection is done: the egress capture views
+	// follow these. Nil: nobody is told. It must not block.
+	OnUpstream func(proto policy.Proto, remote netip.AddrPort, open bool)
 
 	// Limits; zero means the default.
 	DialTimeout    time.Duration // 10 s
@@ -302,3 +307,13 @@ const (
 )
 
 var dnsBypass = policy.Decision{Reason: "dns_bypass", Control: "dns"}
+
+// upstreamOpen tells OnUpstream about remote and returns the matching
+// done call.
+func (e *Engine) upstreamOpen(proto policy.Proto, remote netip.AddrPort) (done func()) {
+	if e.cfg.OnUpstream == nil || !remote.IsValid() {
+		return func() {}
+	}
+	e.cfg.OnUpstream(proto, remote, true)
+	return func() { e.cfg.OnUpstream(proto, remote, false) }
+}

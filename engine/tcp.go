@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"net/netip"
 	"sync"
 	"time"
 
@@ -45,7 +46,13 @@ func (e *Engine) handleTCP(r *netstack.TCPRequest) {
 	if viaProxy {
 		res.Proxy, res.ProxyHost = e.cfg.Proxy.String(), e.cache.Hostname(r.Dst.Addr())
 		upstream, err = e.cfg.Proxy.Dial(ctx, up, res.ProxyHost)
+		if err == nil {
+			// The proxy may be named by host name: known once connected.
+			remote, _ := netip.ParseAddrPort(upstream.RemoteAddr().String())
+			defer e.upstreamOpen(policy.TCP, remote)()
+		}
 	} else {
+		defer e.upstreamOpen(policy.TCP, up)()
 		upstream, err = e.cfg.Dial(ctx, "tcp", up.String())
 	}
 	cancel()

@@ -32,6 +32,7 @@ func (e *Engine) handleUDP(f *netstack.UDPFlow) {
 		return
 	}
 	up := e.upstreamAddr(f.Dst)
+	defer e.upstreamOpen(policy.UDP, up)()
 	ctx, cancel := context.WithTimeout(e.ctx, e.cfg.DialTimeout)
 	host, err := e.cfg.Dial(ctx, "udp", up.String())
 	cancel()

@@ -21,7 +21,6 @@ import (
 
 	"github.com/childflow/childflow/engine"
 	"github.com/childflow/childflow/engine/api"
-	"github.com/childflow/childflow/engine/capture"
 	"github.com/childflow/childflow/engine/flowlog"
 	"github.com/childflow/childflow/engine/proxy"
 	"github.com/childflow/childflow/internal/doctor"
@@ -177,22 +176,16 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if err := checkChoice("summary-format", o.summaryFormat, "text", "json"); err != nil {
 		return usageError(stderr, err)
 	}
-	if err := checkChoice("capture-point", o.capturePoint, "child", "egress", "wire-egress", "both"); err != nil {
-		return usageError(stderr, err)
-	}
-	if o.capturePoint != "child" {
-		return usageError(stderr, policy.Usagef("--capture-point %s is not supported by this build yet (only child)", o.capturePoint))
-	}
-	var capturePackets func(bool, []byte)
-	if o.capture != "" {
-		w, err := capture.Create(o.capture, capture.View{Name: "child", Backend: "rootless", Interface: "cf0"})
-		if err != nil {
-			fmt.Fprintf(stderr, "childflow: --capture: %v\n", err)
-			return exitFailure
+	captures, err := openCaptures(o.capture, o.capturePoint)
+	if err != nil {
+		var u *policy.UsageError
+		if errors.As(err, &u) {
+			return usageError(stderr, err)
 		}
-		defer closeReporting(w, "--capture", "packets", stderr)
-		capturePackets = w.Packet
+		fmt.Fprintf(stderr, "childflow: --capture: %v\n", err)
+		return exitFailure
 	}
+	defer captures.close(stderr)
 	var sinks []func(flowlog.Event)
 	if o.flowLog != "" {
 		w, err := flowlog.Create(o.flowLog)
@@ -235,7 +228,7 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "childflow: %v\n", err)
 		return exitFailure
 	}
-	eng, err := engine.New(engine.Config{ID: "exec", Link: sb.TUN, Plan: plan, Policy: pol, DNS: upstreams, Proxy: fwd, OnEvent: events, Capture: capturePackets, SandboxPID: sb.Pid()})
+	eng, err := engine.New(engine.Config{ID: "exec", Link: sb.TUN, Plan: plan, Policy: pol, DNS: upstreams, Proxy: fwd, OnEvent: events, Capture: captures.child, OnUpstream: captures.upstream, SandboxPID: sb.Pid()})
 	if err == nil {
 		err = eng.Start(ctx)
 	}
@@ -264,6 +257,7 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	code := sb.Wait()
 	reclaimTerminal()
 	eng.Close()
+	captures.close(stderr)
 	if summary != nil {
 		summary.Finish().Render(stderr, o.summaryFormat)
 	}

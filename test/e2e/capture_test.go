@@ -95,3 +95,68 @@ func TestOutputFilesRefuseSymlinks(t *testing.T) {
 		}
 	}
 }
+
+func TestCaptureEgressViews(t *testing.T) {
+	requireRoot(t)
+	dir := logDir(t)
+	// While the sandbox runs, the host itself talks to the second test
+	// host: that must not show up in the sandbox's capture.
+	stop := make(chan struct{})
+	defer close(stop)
+	go func() {
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			exec.Command("curl", "-s", "-m1", "-o", "/dev/null", "http://203.0.113.20/").Run()
+		}
+	}()
+	script := `curl -sS -m5 -o /dev/null http://web.test/; echo probe | socat -t1 - UDP:203.0.113.10:7 >/dev/null; sleep 0.5`
+	for _, tc := range []struct{ point, file, desc string }{
+		{"egress", "e.pcapng", "childflow egress view, rootless backend, interface any"},
+		{"wire-egress", "w.pcapng", "childflow wire-egress view, rootless backend, interface any but loopback"},
+		{"both", "b.pcapng", ""},
+	} {
+		pcap := filepath.Join(dir, tc.file)
+		if r := sh(t, root, []string{"-c", pcap, "-C", tc.point}, script); r.code != 0 {
+			t.Fatalf("%s: %v", tc.point, r)
+		}
+		host := pcap
+		if tc.point == "both" {
+			host = filepath.Join(dir, "b.egress.pcapng")
+			child := filepath.Join(dir, "b.child.pcapng")
+			if d := tshark(t, child, "frame.number == 1", "frame.interface_description"); len(d) != 1 || !strings.Contains(d[0], "child view") {
+				t.Fatalf("both: child file %q", d)
+			}
+			tc.desc = "childflow egress view, rootless backend, interface any"
+		}
+		if d := tshark(t, host, "frame.number == 1", "frame.interface_description"); len(d) != 1 || d[0] != tc.desc {
+			t.Fatalf("%s: interface description %q", tc.point, d)
+		}
+		// The host side of the sandbox's flows: from the host's own
+		// address, handshake included.
+		if syn := tshark(t, host, "tcp.flags.syn == 1 && tcp.flags.ack == 0 && ip.dst == 203.0.113.10 && tcp.dstport == 80", "ip.src"); len(syn) != 1 || syn[0] != "203.0.113.1" {
+			t.Fatalf("%s: SYNs to 203.0.113.10:80 %v", tc.point, syn)
+		}
+		if ok := tshark(t, host, "http.response.code == 200", "ip.src"); len(ok) != 1 {
+			t.Fatalf("%s: HTTP responses %v", tc.point, ok)
+		}
+		if udp := tshark(t, host, "udp.port == 7", "udp.length"); len(udp) != 2 {
+			t.Fatalf("%s: UDP echo packets %v", tc.point, udp)
+		}
+		if other := tshark(t, host, "ip.addr == 203.0.113.20", "frame.number"); len(other) != 0 {
+			t.Fatalf("%s: the host's own traffic to 203.0.113.20 was captured (%d packets)", tc.point, len(other))
+		}
+		if tc.point == "egress" {
+			if tshark(t, host, "ip.addr == 10.87.0.0/16 || ipv6.addr == fd00::/8", "frame.number") != nil {
+				t.Fatalf("egress: sandbox-side addresses in the host view")
+			}
+		}
+	}
+	withTunOpen(t)
+	if r := sh(t, rootless, []string{"-c", filepath.Join(t.TempDir(), "x.pcapng"), "-C", "egress"}, "true"); r.code != 2 || !strings.Contains(r.stderr, "--capture-point egress") {
+		t.Errorf("egress view as a normal user: %v", r)
+	}
+}

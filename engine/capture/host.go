@@ -1,0 +1,166 @@
+package capture
+
+import (
+	"encoding/binary"
+	"fmt"
+	"net"
+	"net/netip"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/childflow/childflow/policy"
+)
+
+// HostTap captures, on the host's own interfaces, the packets of one
+// sandbox's host-side connections: the egress and wire-egress views. It
+// follows the remote ends the engine reports (Upstream), so it records
+// the connection handshakes too; another host process talking to the same
+// remote address and port at the same time would be recorded as well.
+// It needs CAP_NET_RAW.
+type HostTap struct {
+	fd       int
+	w        *Writer
+	wireOnly bool // skip loopback interfaces: the wire-egress view
+	done     chan struct{}
+	exited   chan struct{}
+
+	mu      sync.Mutex
+	open    map[endpoint]int       // remote ends in use, counted
+	linger  map[endpoint]time.Time // closed recently: FIN and ACK still flow
+	loIndex map[int]bool
+}
+
+type endpoint struct {
+	proto uint8
+	addr  netip.AddrPort
+}
+
+// lingerFor keeps a closed connection's remote end watched for its last
+// packets.
+const lingerFor = 3 * time.Second
+
+// StartHostTap opens a packet socket on every interface and writes the
+// matching packets to w. wireOnly leaves out loopback interfaces.
+func StartHostTap(w *Writer, wireOnly bool) (*HostTap, error) {
+	fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, int(htons(unix.ETH_P_ALL)))
+	if err != nil {
+		return nil, fmt.Errorf("opening a packet socket for the egress capture: %w", err)
+	}
+	// Wake up now and then to notice Close.
+	tv := unix.Timeval{Usec: 200_000}
+	unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv)
+	unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, 4<<20)
+	h := &HostTap{fd: fd, w: w, wireOnly: wireOnly, done: make(chan struct{}), exited: make(chan struct{}),
+		open: map[endpoint]int{}, linger: map[endpoint]time.Time{}, loIndex: map[int]bool{}}
+	if ifs, err := net.Interfaces(); err == nil {
+		for _, i := range ifs {
+			h.loIndex[i.Index] = i.Flags&net.FlagLoopback != 0
+		}
+	}
+	go h.run()
+	return h, nil
+}
+
+func htons(v uint16) uint16 { return v<<8 | v>>8 }
+
+// Upstream is the engine's OnUpstream.
+func (h *HostTap) Upstream(proto policy.Proto, remote netip.AddrPort, open bool) {
+	e := endpoint{protoNumber(proto), netip.AddrPortFrom(remote.Addr().Unmap(), remote.Port())}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if open {
+		h.open[e]++
+		delete(h.linger, e)
+		return
+	}
+	if h.open[e]--; h.open[e] <= 0 {
+		delete(h.open, e)
+		h.linger[e] = time.Now().Add(lingerFor)
+	}
+}
+
+func protoNumber(p policy.Proto) uint8 {
+	if p == policy.UDP {
+		return unix.IPPROTO_UDP
+	}
+	return unix.IPPROTO_TCP
+}
+
+func (h *HostTap) watched(e endpoint) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.open[e] > 0 {
+		return true
+	}
+	if until, ok := h.linger[e]; ok {
+		if time.Now().Before(until) {
+			return true
+		}
+		delete(h.linger, e)
+	}
+	return false
+}
+
+func (h *HostTap) run() {
+	defer close(h.exited)
+	buf := make([]byte, 65536)
+	for {
+		select {
+		case <-h.done:
+			return
+		default:
+		}
+		n, from, err := unix.Recvfrom(h.fd, buf, 0)
+		if err != nil || n == 0 {
+			continue
+		}
+		ll, ok := from.(*unix.SockaddrLinklayer)
+		if !ok || h.wireOnly && h.loIndex[ll.Ifindex] {
+			continue
+		}
+		// Loopback shows each packet twice (sent, then received): keep one.
+		if h.loIndex[ll.Ifindex] && ll.Pkttype == unix.PACKET_OUTGOING {
+			continue
+		}
+		src, dst, ok := ends(buf[:n])
+		if !ok {
+			continue
+		}
+		if toRemote := h.watched(dst); toRemote || h.watched(src) {
+			h.w.Packet(toRemote, append([]byte(nil), buf[:n]...))
+		}
+	}
+}
+
+// ends parses the transport endpoints of an IPv4 or IPv6 TCP/UDP packet.
+func ends(p []byte) (src, dst endpoint, ok bool) {
+	var proto uint8
+	var sa, da netip.Addr
+	var l4 []byte
+	switch {
+	case len(p) >= 20 && p[0]>>4 == 4:
+		ihl := int(p[0]&0xf) * 4
+		if len(p) < ihl+4 || binary.BigEndian.Uint16(p[6:8])&0x1fff != 0 {
+			return src, dst, false // not a first fragment
+		}
+		proto, sa, da, l4 = p[9], netip.AddrFrom4([4]byte(p[12:16])), netip.AddrFrom4([4]byte(p[16:20])), p[ihl:]
+	case len(p) >= 44 && p[0]>>4 == 6:
+		proto, sa, da, l4 = p[6], netip.AddrFrom16([16]byte(p[8:24])), netip.AddrFrom16([16]byte(p[24:40])), p[40:]
+	default:
+		return src, dst, false
+	}
+	if proto != unix.IPPROTO_TCP && proto != unix.IPPROTO_UDP {
+		return src, dst, false
+	}
+	sp, dp := binary.BigEndian.Uint16(l4[0:2]), binary.BigEndian.Uint16(l4[2:4])
+	return endpoint{proto, netip.AddrPortFrom(sa, sp)}, endpoint{proto, netip.AddrPortFrom(da, dp)}, true
+}
+
+// Close stops capturing; the Writer is the caller's to close after.
+func (h *HostTap) Close() {
+	close(h.done)
+	<-h.exited // within the socket's receive timeout
+	unix.Close(h.fd)
+}

@@ -1,0 +1,84 @@
+package cli
+
+import (
+	"io"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/childflow/childflow/engine/capture"
+	"github.com/childflow/childflow/policy"
+)
+
+// captures are the pcapng files of -c/--capture for one -C/--capture-point:
+// child (the sandbox's cf0), egress (the host side of the same flows, on
+// every host interface), wire-egress (the same, leaving out loopback:
+// what crosses a wire), or both (<stem>.child.pcapng and
+// <stem>.egress.pcapng).
+type captures struct {
+	child    func(outbound bool, packet []byte)
+	upstream func(proto policy.Proto, remote netip.AddrPort, open bool)
+	closers  []func(io.Writer)
+}
+
+func openCaptures(path, point string) (c *captures, err error) {
+	c = &captures{}
+	if err := checkChoice("capture-point", point, "child", "egress", "wire-egress", "both"); err != nil {
+		return c, err
+	}
+	if path == "" {
+		return c, nil
+	}
+	defer func() {
+		if err != nil {
+			c.close(io.Discard)
+		}
+	}()
+	if point != "child" && os.Geteuid() != 0 {
+		return c, policy.Usagef("--capture-point %s captures on the host's interfaces and needs root (run with sudo, or use child)", point)
+	}
+	childPath, hostPath, hostView := path, path, point
+	if point == "both" {
+		stem := strings.TrimSuffix(strings.TrimSuffix(path, filepath.Ext(path)), ".pcap")
+		childPath, hostPath, hostView = stem+".child.pcapng", stem+".egress.pcapng", "egress"
+	}
+	if point == "child" || point == "both" {
+		w, err := capture.Create(childPath, capture.View{Name: "child", Backend: "rootless", Interface: "cf0"})
+		if err != nil {
+			return c, err
+		}
+		c.child = w.Packet
+		c.closers = append(c.closers, func(stderr io.Writer) { closeReporting(w, "--capture", "packets", stderr) })
+	}
+	if point != "child" {
+		iface := "any"
+		if hostView == "wire-egress" {
+			iface = "any but loopback"
+		}
+		w, err := capture.Create(hostPath, capture.View{Name: hostView, Backend: "rootless", Interface: iface})
+		if err != nil {
+			return c, err
+		}
+		tap, err := capture.StartHostTap(w, hostView == "wire-egress")
+		if err != nil {
+			w.Close()
+			return c, err
+		}
+		c.upstream = tap.Upstream
+		c.closers = append(c.closers, func(stderr io.Writer) {
+			tap.Close()
+			closeReporting(w, "--capture", "packets", stderr)
+		})
+	}
+	return c, nil
+}
+
+// close finishes every file once; later calls do nothing.
+func (c *captures) close(stderr io.Writer) {
+	for _, f := range c.closers {
+		f(stderr)
+	}
+	c.closers = nil
+}
+
