@@ -81,4 +81,3 @@ func (c *captures) close(stderr io.Writer) {
 	}
 	c.closers = nil
 }
-
