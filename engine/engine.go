@@ -105,7 +105,7 @@ func New(cfg Config) (*Engine, error) {
 	}
 	e := &Engine{cfg: cfg, flows: make(chan struct{}, cfg.MaxFlows), dnsSem: make(chan struct{}, cfg.MaxDNSInFlight)}
 	e.policy = withHostAddrs(cfg.Policy, cfg.Plan)
-	e.resolver = &dns.Resolver{Upstreams: cfg.DNS, Policy: e.policy, Cache: &e.cache, OnQuery: e.logQuery}
+	e.resolver = &dns.Resolver{Upstreams: cfg.DNS, Policy: e.policy, Cache: &e.cache, OnQuery: e.logQuery, OnUpstream: cfg.OnUpstream}
 	return e, nil
 }
 

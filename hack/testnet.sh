@@ -38,6 +38,11 @@ start() { # start NAME CMD...: run CMD in the netns, detached, pid recorded
 
 up() {
 	down_quiet
+	# Two testnets answer on the same addresses: the first would get the
+	# second's traffic.
+	if other=$(ip -o route show 203.0.113.0/26 | awk '{print $3}') && [ -n "$other" ]; then
+		die "another testnet is up on $other (hack/testnet.sh down ${other%-h})"
+	fi
 	mkdir -p "$state/www"
 	ip netns add "$ns"
 	ip link add "$host_if" type veth peer name "$ns_if"

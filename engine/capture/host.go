@@ -18,6 +18,7 @@ import (
 // follows the remote ends the engine reports (Upstream), so it records
 // the connection handshakes too; another host process talking to the same
 // remote address and port at the same time would be recorded as well.
+// The engine's questions to upstream resolvers are followed the same way.
 // It needs CAP_NET_RAW.
 type HostTap struct {
 	fd       int

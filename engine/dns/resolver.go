@@ -35,6 +35,23 @@ type Resolver struct {
 	OnQuery func(Query)
 	// Timeout per upstream attempt; zero means 4 s.
 	Timeout time.Duration
+	// OnUpstream, if non-nil, is told before and after each exchange with
+	// an upstream resolver (open true, then false), for the egress capture.
+	OnUpstream func(proto policy.Proto, server netip.AddrPort, open bool)
+}
+
+// exchange is one query to one upstream resolver.
+func (r *Resolver) exchange(ctx context.Context, c *mdns.Client, req *mdns.Msg, up netip.AddrPort) (*mdns.Msg, error) {
+	if r.OnUpstream != nil {
+		proto := policy.UDP
+		if c.Net == "tcp" {
+			proto = policy.TCP
+		}
+		r.OnUpstream(proto, up, true)
+		defer r.OnUpstream(proto, up, false)
+	}
+	resp, _, err := c.ExchangeContext(ctx, req, up.String())
+	return resp, err
 }
 
 // Answer returns the response to one DNS message from the sandbox, or nil
@@ -115,12 +132,12 @@ func (r *Resolver) forward(ctx context.Context, req *mdns.Msg, overTCP bool) (*m
 	var lastErr error
 	for _, up := range r.Upstreams {
 		c := &mdns.Client{Net: network, Timeout: timeout, UDPSize: 4096}
-		resp, _, err := c.ExchangeContext(ctx, req, up.String())
+		resp, err := r.exchange(ctx, c, req, up)
 		if err == nil && resp.Truncated && network == "udp" {
 			// Answer over TCP ourselves so the sandbox gets a complete
 			// answer and every address in it is recorded.
 			c.Net = "tcp"
-			resp, _, err = c.ExchangeContext(ctx, req, up.String())
+			resp, err = r.exchange(ctx, c, req, up)
 		}
 		if err == nil {
 			return resp, up.String(), nil

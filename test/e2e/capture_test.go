@@ -146,6 +146,10 @@ func TestCaptureEgressViews(t *testing.T) {
 		if udp := tshark(t, host, "udp.port == 7", "udp.length"); len(udp) != 2 {
 			t.Fatalf("%s: UDP echo packets %v", tc.point, udp)
 		}
+		// The engine's own question to the upstream resolver for the sandbox.
+		if q := tshark(t, host, `dns.qry.name == "web.test" && ip.dst == 203.0.113.53`, "ip.src"); len(q) == 0 {
+			t.Fatalf("%s: no upstream DNS query for web.test", tc.point)
+		}
 		if other := tshark(t, host, "ip.addr == 203.0.113.20", "frame.number"); len(other) != 0 {
 			t.Fatalf("%s: the host's own traffic to 203.0.113.20 was captured (%d packets)", tc.point, len(other))
 		}
