@@ -24,6 +24,7 @@ import (
 
 	"github.com/childflow/childflow/engine/api"
 	"github.com/childflow/childflow/internal/attach"
+	"github.com/childflow/childflow/internal/steer"
 	"github.com/childflow/childflow/internal/tun"
 	"github.com/childflow/childflow/policy"
 	"github.com/childflow/childflow/policy/annotations"
@@ -122,14 +123,35 @@ func cmdAdd(args *skel.CmdArgs) error {
 	if err := api.CheckID(args.ContainerID); err != nil {
 		return types.NewError(types.ErrInvalidEnvironmentVariables, err.Error(), "")
 	}
-	_, err = conf.node().Attach(attach.Sandbox{
+	shared, err := tun.SharedIn(args.Netns, "cf0")
+	if err != nil {
+		return types.NewError(types.ErrInternal, "childflow: pod "+args.ContainerID+": "+err.Error(), "")
+	}
+	node := conf.node()
+	_, err = node.Attach(attach.Sandbox{
 		ID: args.ContainerID, Netns: args.Netns, Settings: settings, Source: Source,
 		Keep: keep, Labels: podLabels(args.Args),
 	})
+	if err == nil && shared {
+		err = guardHostSide(args, keep)
+		if err != nil {
+			node.Detach(args.ContainerID)
+		}
+	}
 	if err != nil {
 		return types.NewError(types.ErrInternal, "childflow: pod "+args.ContainerID+": "+err.Error(), "")
 	}
 	return types.PrintResult(result, conf.CNIVersion)
+}
+
+// guardHostSide filters the pod's veth on the host: the pod's own rules
+// cannot stop a process with CAP_NET_RAW from writing frames to it.
+func guardHostSide(args *skel.CmdArgs, keep []netip.Prefix) error {
+	hostIf, err := tun.HostPeerOf(args.Netns, args.IfName)
+	if err != nil {
+		return err
+	}
+	return steer.InstallHostGuard(steer.HostGuardTable(args.ContainerID), hostIf, keep)
 }
 
 // cmdDel detaches. It succeeds when the netns, the link or the daemon is
@@ -142,6 +164,7 @@ func cmdDel(args *skel.CmdArgs) error {
 	if api.CheckID(args.ContainerID) != nil {
 		return nil
 	}
+	steer.RemoveHostGuard(steer.HostGuardTable(args.ContainerID))
 	err = api.Client{Socket: socket(conf)}.Detach(args.ContainerID)
 	if errors.Is(err, api.ErrUnavailable) {
 		if args.Netns != "" {
@@ -219,6 +242,17 @@ func cmdGC(args *skel.CmdArgs) error {
 	for _, s := range list {
 		if s.Source == Source && !valid[s.ID] {
 			errs = append(errs, client.Detach(s.ID))
+		}
+	}
+	validTables := map[string]bool{}
+	for id := range valid {
+		validTables[steer.HostGuardTable(id)] = true
+	}
+	if tables, err := steer.HostGuards(); err == nil {
+		for _, t := range tables {
+			if !validTables[t] {
+				steer.RemoveHostGuard(t)
+			}
 		}
 	}
 	if err := errors.Join(errs...); err != nil {

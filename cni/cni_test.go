@@ -6,9 +6,11 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/plugins/pkg/ns"
@@ -203,8 +205,8 @@ func TestGCAndStatus(t *testing.T) {
 	}
 }
 
-// podNetns is a netns with eth0 (a veth whose peer sits in a second
-// netns) at 10.99.0.5/24 and a default route via 10.99.0.1, as a bridge
+// podNetns is a netns with eth0 (a veth whose peer is on the host) at
+// 10.99.0.5/24 and a default route via 10.99.0.1, as a bridge
 // plugin leaves it.
 func podNetns(t *testing.T) ns.NetNS {
 	t.Helper()
@@ -212,29 +214,33 @@ func podNetns(t *testing.T) ns.NetNS {
 	if err != nil {
 		t.Fatal(err)
 	}
-	peer, err := testutils.NewNS()
-	if err != nil {
+	t.Cleanup(func() {
+		pod.Close()
+		// Lazily: a veth into the namespace can keep the mount busy for a
+		// moment.
+		unix.Unmount(pod.Path(), unix.MNT_DETACH)
+		os.Remove(pod.Path())
+	})
+	// The host end stays in the test's (host) namespace, as a bridge
+	// plugin leaves it; the host guard is installed on it.
+	hostName := fmt.Sprintf("cfp%d", time.Now().UnixNano()%1e9)
+	veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: hostName}, PeerName: "cfpeer0"}
+	if err := netlink.LinkAdd(veth); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		for _, n := range []ns.NetNS{pod, peer} {
-			n.Close()
-			// Lazily: the veth between the two namespaces can keep the
-			// mount busy for a moment.
-			unix.Unmount(n.Path(), unix.MNT_DETACH)
-			os.Remove(n.Path())
+		if l, err := netlink.LinkByName(hostName); err == nil {
+			netlink.LinkDel(l)
 		}
 	})
+	p, _ := netlink.LinkByName("cfpeer0")
+	if err := netlink.LinkSetNsFd(p, int(pod.Fd())); err != nil {
+		t.Fatal(err)
+	}
 	err = pod.Do(func(ns.NetNS) error {
-		veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "eth0"}, PeerName: "peer0"}
-		if err := netlink.LinkAdd(veth); err != nil {
-			return err
-		}
-		p, _ := netlink.LinkByName("peer0")
-		if err := netlink.LinkSetNsFd(p, int(peer.Fd())); err != nil {
-			return err
-		}
-		eth, _ := netlink.LinkByName("eth0")
+		eth, _ := netlink.LinkByName("cfpeer0")
+		netlink.LinkSetName(eth, "eth0")
+		eth, _ = netlink.LinkByName("eth0")
 		addr, _ := netlink.ParseAddr("10.99.0.5/24")
 		netlink.AddrAdd(eth, addr)
 		netlink.LinkSetUp(eth)
@@ -283,6 +289,10 @@ func TestClusterRangesStayOnTheMainInterface(t *testing.T) {
 			if _, _, err := testutils.CmdAddWithArgs(args, func() error { return cmdAdd(args) }); err != nil {
 				t.Fatal(err)
 			}
+			guard, _ := exec.Command("nft", "list", "table", "inet", "childflow-kept").CombinedOutput()
+			if !strings.Contains(string(guard), "drop") || (tc.svc == "eth0") != strings.Contains(string(guard), "10.96.0.0/12 accept") {
+				t.Errorf("host guard on the pod's veth:\n%s", guard)
+			}
 			for dst, want := range map[string]string{"10.96.0.10": tc.svc, "10.99.0.7": tc.neighbour, "203.0.113.10": tc.outside} {
 				if got := routeDev(t, pod, dst); got != want {
 					t.Errorf("%s is routed through %q, want %q", dst, got, want)
@@ -290,6 +300,9 @@ func TestClusterRangesStayOnTheMainInterface(t *testing.T) {
 			}
 			if err := testutils.CmdDelWithArgs(args, func() error { return cmdDel(args) }); err != nil {
 				t.Fatal(err)
+			}
+			if out, err := exec.Command("nft", "list", "table", "inet", "childflow-kept").CombinedOutput(); err == nil {
+				t.Errorf("host guard left after DEL:\n%s", out)
 			}
 			if got := routeDev(t, pod, "203.0.113.10"); got != "eth0" {
 				t.Errorf("after DEL the default route is through %q, want eth0 again", got)

@@ -15,12 +15,14 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"github.com/spf13/pflag"
 
 	"github.com/childflow/childflow/engine/api"
 	"github.com/childflow/childflow/internal/attach"
+	"github.com/childflow/childflow/internal/tun"
 	"github.com/childflow/childflow/policy"
 	"github.com/childflow/childflow/policy/annotations"
 )
@@ -87,9 +89,13 @@ func createRuntime(node attach.Node, state specs.State, ann map[string]string, s
 	if state.Pid <= 0 {
 		return fail(stderr, state.ID, fmt.Errorf("the runtime gave no container pid (stage must be createRuntime or prestart)"))
 	}
+	netns := "/proc/" + strconv.Itoa(state.Pid) + "/ns/net"
+	if err := checkBypassCaps(netns, state.Bundle); err != nil {
+		return fail(stderr, state.ID, err)
+	}
 	_, err = node.Attach(attach.Sandbox{
 		ID:       state.ID,
-		Netns:    "/proc/" + strconv.Itoa(state.Pid) + "/ns/net",
+		Netns:    netns,
 		PID:      state.Pid,
 		Settings: settings,
 		Source:   "oci-hook",
@@ -143,4 +149,42 @@ func envOr(key, def string) string {
 		return v
 	}
 	return def
+}
+
+// bypassCaps let a process get around the routes and nftables rules that
+// steer a shared namespace: raw packet sockets write frames straight to
+// the other interface, and NET_ADMIN can change the rules.
+var bypassCaps = []string{"CAP_NET_RAW", "CAP_NET_ADMIN"}
+
+// checkBypassCaps fails a container that shares its namespace with
+// another interface (docker's bridge) and keeps a capability that gets
+// around the sharing. Alone on cf0 there is nothing to get around.
+func checkBypassCaps(netns, bundle string) error {
+	shared, err := tun.SharedIn(netns, "cf0")
+	if err != nil || !shared {
+		return err
+	}
+	b, err := os.ReadFile(filepath.Join(bundle, "config.json"))
+	if err != nil {
+		return fmt.Errorf("reading the bundle's config.json: %w", err)
+	}
+	var spec struct {
+		Process struct {
+			Capabilities map[string][]string `json:"capabilities"`
+		} `json:"process"`
+	}
+	if err := json.Unmarshal(b, &spec); err != nil {
+		return fmt.Errorf("parsing the bundle's config.json: %w", err)
+	}
+	for _, set := range []string{"bounding", "effective", "permitted", "ambient"} {
+		for _, c := range spec.Process.Capabilities[set] {
+			for _, bad := range bypassCaps {
+				if c == bad {
+					return fmt.Errorf("the container has %s and another network interface besides cf0: %s could send around the sandbox; drop it (docker run --cap-drop %s) or give the container no other network (--network none)",
+						bad, bad, strings.TrimPrefix(bad, "CAP_"))
+				}
+			}
+		}
+	}
+	return nil
 }

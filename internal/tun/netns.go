@@ -137,3 +137,57 @@ func CheckIn(netnsPath, name string) error {
 }
 
 func isZeroMask(m net.IPMask) bool { ones, _ := m.Size(); return ones == 0 }
+
+// SharedIn reports whether the namespace routes through an interface
+// other than lo and name: the sandbox would share it (see package steer).
+func SharedIn(netnsPath, name string) (shared bool, err error) {
+	err = inNetns(netnsPath, func(ns.NetNS) error {
+		shared, err = steer.Needed(name)
+		return err
+	})
+	return shared, err
+}
+
+// HostPeerOf names the host end of the veth ifName in the namespace. It
+// checks both ends point at each other across exactly these two
+// namespaces: an index alone could name an unrelated host interface.
+func HostPeerOf(netnsPath, ifName string) (string, error) {
+	var peer, index int
+	err := inNetns(netnsPath, func(ns.NetNS) error {
+		link, err := netlink.LinkByName(ifName)
+		if err != nil {
+			return err
+		}
+		veth, ok := link.(*netlink.Veth)
+		if !ok {
+			return fmt.Errorf("%s is a %s, not a veth: childflow cannot guard it from the host", ifName, link.Type())
+		}
+		index = link.Attrs().Index
+		peer, err = netlink.VethPeerIndex(veth)
+		return err
+	})
+	if err != nil {
+		return "", err
+	}
+	target, err := ns.GetNS(netnsPath)
+	if err != nil {
+		return "", err
+	}
+	defer target.Close()
+	nsid, err := netlink.GetNetNsIdByFd(int(target.Fd()))
+	if err != nil {
+		return "", fmt.Errorf("finding the host's id of %s: %w", netnsPath, err)
+	}
+	link, err := netlink.LinkByIndex(peer)
+	if err != nil {
+		return "", fmt.Errorf("the host end of %s is not in the host's namespace: %w", ifName, err)
+	}
+	hostVeth, ok := link.(*netlink.Veth)
+	if !ok || link.Attrs().NetNsID != nsid {
+		return "", fmt.Errorf("the host end of %s is not in the host's namespace", ifName)
+	}
+	if back, err := netlink.VethPeerIndex(hostVeth); err != nil || back != index {
+		return "", fmt.Errorf("the host end of %s is not in the host's namespace", ifName)
+	}
+	return link.Attrs().Name, nil
+}

@@ -201,6 +201,11 @@ nslookup web.test 10.96.0.10 | grep -q 203.0.113.10 && echo dns-via-engine || ec
 	if got := dialPod(ip, 8080); !strings.Contains(got, "hi from the pod") {
 		t.Errorf("inbound connection to the pod %s:8080 got %q", ip, got)
 	}
+	// The pod's veth is filtered on the host too: NET_RAW in the pod (a
+	// default capability) can write frames around the pod's own rules.
+	if out, err := exec.Command("nft", "list", "table", "inet", "childflow-"+pod[:12]).CombinedOutput(); err != nil || !strings.Contains(string(out), "drop") {
+		t.Errorf("no host guard for the pod's veth: %v\n%s", err, out)
+	}
 	list := n.sandboxes(t)
 	if len(list) != 1 || list[0]["source"] != "cni" || list[0]["labels"].(map[string]any)["pod_name"] != "sandboxed" {
 		t.Fatalf("daemon sandboxes: %v", list)

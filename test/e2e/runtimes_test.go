@@ -92,9 +92,16 @@ func TestDockerThroughTheRuntimeWrapper(t *testing.T) {
 	before := hostNetfilter(t)
 	d := startDockerd(t, n)
 
+	// Docker's default capabilities include NET_RAW: with eth0 next to
+	// cf0, raw packet sockets could send around the sandbox. Refused.
+	r := d.run(t, "run", "--rm", "--runtime", "childflow", "bb:latest", "echo", "RAN")
+	if r.code == 0 || strings.Contains(r.stdout, "RAN") || !strings.Contains(r.stderr, "CAP_NET_RAW") {
+		t.Fatalf("a bridged container with NET_RAW: %v", r)
+	}
+
 	// Docker's bridge gives the container eth0: new connections must go
 	// through cf0 and the policy, the host behind the bridge included.
-	r := d.run(t, "run", "--rm", "--runtime", "childflow", "bb:latest", "sh", "-c", probe+`
+	r = d.run(t, "run", "--rm", "--runtime", "childflow", "--cap-drop", "NET_RAW", "bb:latest", "sh", "-c", probe+`
 nc -w 2 172.17.0.1 22 </dev/null && echo reach-bridge-host || echo blocked-bridge-host`)
 	if r.code != 0 {
 		t.Fatalf("%v\ndockerd:\n%s", r, d.log)
@@ -102,7 +109,7 @@ nc -w 2 172.17.0.1 22 </dev/null && echo reach-bridge-host || echo blocked-bridg
 	wantLines(t, r.stdout, "reach 203.0.113.10", "blocked 203.0.113.20", "blocked 2001:db8::20", "has-cf0", "blocked-bridge-host")
 
 	// Inbound through the bridge still works: replies leave by eth0.
-	r = d.run(t, "run", "-d", "--runtime", "childflow", "bb:latest", "sh", "-c", `while true; do echo "hi from inside" | nc -l -p 8080; done`)
+	r = d.run(t, "run", "-d", "--runtime", "childflow", "--cap-drop", "NET_RAW", "bb:latest", "sh", "-c", `while true; do echo "hi from inside" | nc -l -p 8080; done`)
 	if r.code != 0 {
 		t.Fatal(r)
 	}
