@@ -43,8 +43,9 @@ type Config struct {
 	// Dial opens upstream connections. Nil: a net.Dialer.
 	Dial func(ctx context.Context, network, address string) (net.Conn, error)
 	// Capture, if set, is given every IP packet on the sandbox's link (the
-	// child view); outbound means sent by the sandbox. It must not block.
-	Capture func(outbound bool, packet []byte)
+	// child view), in parts valid only during the call; outbound means
+	// sent by the sandbox. It must not block.
+	Capture func(outbound bool, packet [][]byte)
 	// SandboxPID is the sandbox init's pid on the host, used to attribute
 	// flows to processes in the flow log. Zero: not attributed.
 	SandboxPID int

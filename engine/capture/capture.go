@@ -6,6 +6,7 @@ package capture
 import (
 	"bufio"
 	"fmt"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -22,7 +23,12 @@ type packet struct {
 	ts       time.Time
 	outbound bool
 	data     []byte
+	buf      *[]byte // returned to bufs once written
 }
+
+// bufs recycles packet copies: at several Gbit/s, a fresh allocation per
+// packet would keep the garbage collector busy on the relay's cores.
+var bufs = sync.Pool{New: func() any { b := make([]byte, 0, 64<<10); return &b }}
 
 // Writer is one pcapng file with one interface.
 type Writer struct {
@@ -72,6 +78,9 @@ func Create(path string, v View) (*Writer, error) {
 		if err := ng.WritePacketWithOptions(ci, p.data, pcapgo.NgPacketOptions{Flags: &flags}); err != nil && w.err == nil {
 			w.err = err
 		}
+		if p.buf != nil {
+			bufs.Put(p.buf)
+		}
 	}
 	flush := func() {
 		ng.Flush()
@@ -84,16 +93,27 @@ func Create(path string, v View) (*Writer, error) {
 // maxQueued bounds the memory a slow disk can make the capture hold.
 const maxQueued = 32 << 20
 
-// Packet queues one IP packet; outbound means sent by the sandbox. data
-// must not be reused by the caller.
-func (w *Writer) Packet(outbound bool, data []byte) {
-	if w.queued.Add(int64(len(data))) > maxQueued {
-		w.queued.Add(-int64(len(data)))
+// Packet queues a copy of one IP packet given in parts; outbound means
+// sent by the sandbox (child view) or to the remote end (egress views).
+func (w *Writer) Packet(outbound bool, parts [][]byte) {
+	n := 0
+	for _, p := range parts {
+		n += len(p)
+	}
+	if w.queued.Add(int64(n)) > maxQueued {
+		w.queued.Add(-int64(n))
 		w.q.Drop()
 		return
 	}
-	if !w.q.Put(packet{ts: time.Now(), outbound: outbound, data: data}) {
-		w.queued.Add(-int64(len(data)))
+	bp := bufs.Get().(*[]byte)
+	data := (*bp)[:0]
+	for _, p := range parts {
+		data = append(data, p...)
+	}
+	*bp = data
+	if !w.q.Put(packet{ts: time.Now(), outbound: outbound, data: data, buf: bp}) {
+		w.queued.Add(-int64(n))
+		bufs.Put(bp)
 	}
 }
 

@@ -130,7 +130,7 @@ func (h *HostTap) run() {
 			continue
 		}
 		if toRemote := h.watched(dst); toRemote || h.watched(src) {
-			h.w.Packet(toRemote, append([]byte(nil), buf[:n]...))
+			h.w.Packet(toRemote, [][]byte{buf[:n]})
 		}
 	}
 }

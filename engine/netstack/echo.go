@@ -27,7 +27,7 @@ type sandboxLink struct {
 	stack.LinkEndpoint
 	stack   *Stack
 	handler func(EchoRequest, func())
-	tap     func(outbound bool, packet []byte)
+	tap     func(outbound bool, packet [][]byte)
 }
 
 func (e *sandboxLink) Attach(d stack.NetworkDispatcher) {
@@ -45,7 +45,7 @@ type echoDispatcher struct {
 
 func (d *echoDispatcher) DeliverNetworkPacket(proto tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer) {
 	if d.ep.tap != nil {
-		d.ep.tap(true, pkt.Data().AsRange().ToSlice())
+		d.ep.tap(true, pkt.AsSlices())
 	}
 	if d.ep.maybeEcho(pkt) {
 		return
@@ -128,11 +128,7 @@ func parseEcho(b []byte) (EchoRequest, bool) {
 func (e *sandboxLink) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) {
 	if e.tap != nil {
 		for _, pkt := range pkts.AsSlice() {
-			var b []byte
-			for _, s := range pkt.AsSlices() {
-				b = append(b, s...)
-			}
-			e.tap(false, b)
+			e.tap(false, pkt.AsSlices())
 		}
 	}
 	return e.LinkEndpoint.WritePackets(pkts)

@@ -66,7 +66,7 @@ type Handlers struct {
 	Echo func(req EchoRequest, reply func())
 	// Tap, if set, is given a copy of every IP packet on the sandbox's
 	// link; outbound means sent by the sandbox.
-	Tap func(outbound bool, packet []byte)
+	Tap func(outbound bool, packet [][]byte)
 }
 
 // Config describes one sandbox stack.

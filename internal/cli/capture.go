@@ -17,7 +17,7 @@ import (
 // what crosses a wire), or both (<stem>.child.pcapng and
 // <stem>.egress.pcapng).
 type captures struct {
-	child    func(outbound bool, packet []byte)
+	child    func(outbound bool, packet [][]byte)
 	upstream func(proto policy.Proto, remote netip.AddrPort, open bool)
 	closers  []func(io.Writer)
 }
