@@ -604,3 +604,39 @@ func tcpStats(st tcpip.Stats) string {
 		t.SegmentsSent.Value(), t.Retransmits.Value(), t.Timeouts.Value(), t.SegmentSendErrors.Value(), t.FastRetransmit.Value(),
 		t.SACKRecovery.Value(), t.TLPRecovery.Value(), t.InvalidSegmentsReceived.Value(), st.NICs.Rx.Packets.Value(), st.IP.OutgoingPacketErrors.Value())
 }
+
+// A server that closes first leaves the engine's side in TIME_WAIT while
+// the sandbox may reuse its port at once (Linux does). The new SYN must
+// be answered, not dropped until TIME_WAIT ends.
+func TestSourcePortReusedAfterServerClose(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Write([]byte("x"))
+			c.Close() // the server closes first
+		}
+	}()
+	sb := newSandbox(t, allowAll)
+	srv := netip.MustParseAddrPort(ln.Addr().String())
+	local := tcpip.FullAddress{NIC: 1, Addr: tcpip.AddrFromSlice(sb.plan.Sandbox4.AsSlice()), Port: 40123}
+	for i := 0; i < 3; i++ {
+		ctx, cancel := context.WithTimeout(context.Background(), 900*time.Millisecond)
+		start := time.Now()
+		c, err := gonet.DialTCPWithBind(ctx, sb.s, local, full(remote(srv)), ipv4.ProtocolNumber)
+		cancel()
+		if err != nil {
+			t.Fatalf("connection %d from the same port: %v after %v", i+1, err, time.Since(start))
+		}
+		io.ReadAll(c)
+		c.Close()
+		time.Sleep(10 * time.Millisecond) // our side's last ACK
+	}
+}

@@ -147,6 +147,20 @@ func (ns *Stack) configure(cfg Config) error {
 		return fmt.Errorf("disabling Nagle: %s", err)
 	}
 
+	// The engine closes first whenever the upstream does, so its side of
+	// a connection sits in TIME_WAIT while the sandbox's kernel (which
+	// closed second, without TIME_WAIT) is free to reuse the port at once.
+	// gVisor hands a new SYN on a TIME_WAIT connection only to listening
+	// endpoints, never to the forwarder: the SYN is dropped until TIME_WAIT
+	// ends, and a sandbox opening connections fast stalls for seconds
+	// (SYN retransmissions). A TUN neither delays nor duplicates segments,
+	// so no TIME_WAIT: were our last ACK lost, the sandbox's retransmitted
+	// FIN would get a RST, which closes what it was closing anyway.
+	tw := tcpip.TCPTimeWaitTimeoutOption(0)
+	if err := s.SetTransportProtocolOption(tcp.ProtocolNumber, &tw); err != nil {
+		return fmt.Errorf("setting the TIME_WAIT timeout: %s", err)
+	}
+
 	if err := s.CreateNIC(nicID, ns.link); err != nil {
 		return fmt.Errorf("creating NIC: %s", err)
 	}

@@ -43,10 +43,12 @@ func main() {
 		n, _ := strconv.Atoi(os.Args[3])
 		start := time.Now()
 		b := []byte{'x'}
+		var slowest time.Duration
 		for i := 0; i < n; i++ {
+			t0 := time.Now()
 			c, err := net.DialTimeout("tcp", os.Args[2], 5*time.Second)
 			if err != nil {
-				fmt.Fprintln(os.Stderr, err)
+				fmt.Fprintf(os.Stderr, "connection %d: %v\n", i, err)
 				os.Exit(1)
 			}
 			if _, err := c.Write(b); err != nil {
@@ -58,7 +60,10 @@ func main() {
 				os.Exit(1)
 			}
 			c.Close()
+			slowest = max(slowest, time.Since(t0))
 		}
 		fmt.Printf("%.0f\n", float64(n)/time.Since(start).Seconds())
+		// A stall shows as one connection taking a SYN retransmission (1 s+).
+		fmt.Fprintf(os.Stderr, "slowest connection: %v\n", slowest.Round(time.Millisecond))
 	}
 }
