@@ -80,7 +80,7 @@ pids+=($!)
 sleep 0.5
 gbps() { tee -a "$work/iperf.json" | jq -r '.end.sum_received.bits_per_second / 1e9 | . * 100 | round / 100'; }
 iperf_in() { # iperf_in RUNTIME [ANNOTATION...]: iperf3 client in a container
-	$D run --rm --runtime "$1" -v /usr:/usr:ro -v /lib:/lib:ro -v /lib64:/lib64:ro "${@:2}" cfbench:latest \
+	$D run --rm --runtime "$1" --cap-drop NET_RAW -v /usr:/usr:ro -v /lib:/lib:ro -v /lib64:/lib64:ro "${@:2}" cfbench:latest \
 		/usr/bin/iperf3 -c "$HOST" -p 5202 -t "$T" -J | gbps
 }
 bridge=$(iperf_in runc)
