@@ -69,6 +69,12 @@ func parseConf(data []byte) (*NetConf, []netip.Prefix, error) {
 	if err := version.ParsePrevResult(&conf.NetConf); err != nil {
 		return nil, nil, types.NewError(types.ErrDecodingFailure, "parsing prevResult", err.Error())
 	}
+	if conf.Socket == "" {
+		conf.Socket = api.DefaultSocket
+	}
+	if conf.StateDir == "" {
+		conf.StateDir = api.DefaultStateDir
+	}
 	var keep []netip.Prefix
 	if !conf.AllThroughEngine {
 		var err error
@@ -123,16 +129,12 @@ func cmdAdd(args *skel.CmdArgs) error {
 	if err := api.CheckID(args.ContainerID); err != nil {
 		return types.NewError(types.ErrInvalidEnvironmentVariables, err.Error(), "")
 	}
-	shared, err := tun.SharedIn(args.Netns, "cf0")
-	if err != nil {
-		return types.NewError(types.ErrInternal, "childflow: pod "+args.ContainerID+": "+err.Error(), "")
-	}
 	node := conf.node()
-	_, err = node.Attach(attach.Sandbox{
+	att, err := node.Attach(attach.Sandbox{
 		ID: args.ContainerID, Netns: args.Netns, Settings: settings, Source: Source,
 		Keep: keep, Labels: podLabels(args.Args),
 	})
-	if err == nil && shared {
+	if err == nil && att.Shared {
 		err = guardHostSide(args, keep)
 		if err != nil {
 			node.Detach(args.ContainerID)
@@ -165,7 +167,7 @@ func cmdDel(args *skel.CmdArgs) error {
 		return nil
 	}
 	steer.RemoveHostGuard(steer.HostGuardTable(args.ContainerID))
-	err = api.Client{Socket: socket(conf)}.Detach(args.ContainerID)
+	err = api.Client{Socket: conf.Socket}.Detach(args.ContainerID)
 	if errors.Is(err, api.ErrUnavailable) {
 		if args.Netns != "" {
 			tun.DeleteIn(args.Netns, "cf0")
@@ -177,25 +179,11 @@ func cmdDel(args *skel.CmdArgs) error {
 
 // tombstone records a detach for a daemon that is down.
 func tombstone(conf *NetConf, id string) error {
-	dir := filepath.Join(stateDir(conf), api.TombstoneDir)
+	dir := filepath.Join(conf.StateDir, api.TombstoneDir)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return err
 	}
 	return os.WriteFile(filepath.Join(dir, id), nil, 0o600)
-}
-
-func stateDir(conf *NetConf) string {
-	if conf.StateDir != "" {
-		return conf.StateDir
-	}
-	return api.DefaultStateDir
-}
-
-func socket(conf *NetConf) string {
-	if conf.Socket != "" {
-		return conf.Socket
-	}
-	return api.DefaultSocket
 }
 
 // cmdCheck reports a missing link, route or attachment of an annotated pod.
@@ -210,7 +198,7 @@ func cmdCheck(args *skel.CmdArgs) error {
 	if err := tun.CheckIn(args.Netns, "cf0"); err != nil {
 		return types.NewError(types.ErrInternal, "childflow: pod "+args.ContainerID+": "+err.Error(), "")
 	}
-	st, err := api.Client{Socket: socket(conf)}.Status(args.ContainerID)
+	st, err := api.Client{Socket: conf.Socket}.Status(args.ContainerID)
 	if err != nil {
 		return types.NewError(types.ErrInternal, "childflow: pod "+args.ContainerID+": daemon: "+err.Error(), "")
 	}
@@ -226,7 +214,7 @@ func cmdGC(args *skel.CmdArgs) error {
 	if err != nil {
 		return err
 	}
-	client := api.Client{Socket: socket(conf)}
+	client := api.Client{Socket: conf.Socket}
 	list, err := client.List()
 	if errors.Is(err, api.ErrUnavailable) {
 		return nil // it reaps dead namespaces itself when it is back
@@ -267,8 +255,8 @@ func cmdStatus(args *skel.CmdArgs) error {
 	if err != nil {
 		return err
 	}
-	if _, err := (api.Client{Socket: socket(conf)}).List(); err != nil {
-		return types.NewError(errPluginNotAvailable, "childflow daemon not reachable at "+socket(conf), err.Error())
+	if _, err := (api.Client{Socket: conf.Socket}).List(); err != nil {
+		return types.NewError(errPluginNotAvailable, "childflow daemon not reachable at "+conf.Socket, err.Error())
 	}
 	return nil
 }

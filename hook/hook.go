@@ -14,6 +14,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -50,9 +51,12 @@ func Run(_ context.Context, args []string, stdin io.Reader, stderr io.Writer) in
 	if err := json.NewDecoder(io.LimitReader(stdin, 16<<20)).Decode(&state); err != nil {
 		return fail(stderr, "", fmt.Errorf("reading the container state on stdin: %w", err))
 	}
+	bundle := &bundleConfig{path: state.Bundle}
 	ann := state.Annotations
 	if len(ann) == 0 && state.Bundle != "" {
-		ann = bundleAnnotations(state.Bundle)
+		if cfg, err := bundle.load(); err == nil {
+			ann = cfg.Annotations
+		}
 	}
 	if !annotations.Present(ann) {
 		return 0
@@ -62,7 +66,7 @@ func Run(_ context.Context, args []string, stdin io.Reader, stderr io.Writer) in
 	}
 	switch stage {
 	case "createRuntime", "prestart":
-		return createRuntime(node, state, ann, stderr)
+		return createRuntime(node, state, ann, bundle, stderr)
 	case "poststop":
 		if err := node.Detach(state.ID); err != nil {
 			return fail(stderr, state.ID, err)
@@ -74,7 +78,7 @@ func Run(_ context.Context, args []string, stdin io.Reader, stderr io.Writer) in
 	return fail(stderr, state.ID, policy.Usagef("unknown hook stage %q: want createRuntime, prestart or poststop", stage))
 }
 
-func createRuntime(node attach.Node, state specs.State, ann map[string]string, stderr io.Writer) int {
+func createRuntime(node attach.Node, state specs.State, ann map[string]string, bundle *bundleConfig, stderr io.Writer) int {
 	settings, name, err := annotations.Parse(ann)
 	if err == nil {
 		// Validate here, so the error names the annotation.
@@ -90,7 +94,11 @@ func createRuntime(node attach.Node, state specs.State, ann map[string]string, s
 		return fail(stderr, state.ID, fmt.Errorf("the runtime gave no container pid (stage must be createRuntime or prestart)"))
 	}
 	netns := "/proc/" + strconv.Itoa(state.Pid) + "/ns/net"
-	if err := checkBypassCaps(netns, state.Bundle); err != nil {
+	cfg, err := bundle.load()
+	if err == nil {
+		err = checkBypassCaps(netns, cfg.Process.Capabilities)
+	}
+	if err != nil {
 		return fail(stderr, state.ID, err)
 	}
 	_, err = node.Attach(attach.Sandbox{
@@ -119,18 +127,31 @@ func fail(stderr io.Writer, id string, err error) int {
 	return 1
 }
 
-// bundleAnnotations reads them from config.json for runtimes whose state
-// does not carry them.
-func bundleAnnotations(bundle string) map[string]string {
-	b, err := os.ReadFile(filepath.Join(bundle, "config.json"))
-	if err != nil {
-		return nil
+// bundleConfig is the part of the bundle's config.json the hook reads,
+// loaded once: annotations for runtimes whose state does not carry them,
+// capabilities for checkBypassCaps.
+type bundleConfig struct {
+	path        string
+	loaded      bool
+	err         error
+	Annotations map[string]string `json:"annotations"`
+	Process     struct {
+		Capabilities map[string][]string `json:"capabilities"`
+	} `json:"process"`
+}
+
+func (c *bundleConfig) load() (*bundleConfig, error) {
+	if !c.loaded {
+		c.loaded = true
+		b, err := os.ReadFile(filepath.Join(c.path, "config.json"))
+		if err == nil {
+			err = json.Unmarshal(b, c)
+		}
+		if err != nil {
+			c.err = fmt.Errorf("reading the bundle's config.json: %w", err)
+		}
 	}
-	var spec struct {
-		Annotations map[string]string `json:"annotations"`
-	}
-	json.Unmarshal(b, &spec)
-	return spec.Annotations
+	return c, c.err
 }
 
 func findChildflow() string {
@@ -159,31 +180,18 @@ var bypassCaps = []string{"CAP_NET_RAW", "CAP_NET_ADMIN"}
 // checkBypassCaps fails a container that shares its namespace with
 // another interface (docker's bridge) and keeps a capability that gets
 // around the sharing. Alone on cf0 there is nothing to get around.
-func checkBypassCaps(netns, bundle string) error {
-	shared, err := tun.SharedIn(netns, "cf0")
-	if err != nil || !shared {
-		return err
-	}
-	b, err := os.ReadFile(filepath.Join(bundle, "config.json"))
-	if err != nil {
-		return fmt.Errorf("reading the bundle's config.json: %w", err)
-	}
-	var spec struct {
-		Process struct {
-			Capabilities map[string][]string `json:"capabilities"`
-		} `json:"process"`
-	}
-	if err := json.Unmarshal(b, &spec); err != nil {
-		return fmt.Errorf("parsing the bundle's config.json: %w", err)
-	}
+func checkBypassCaps(netns string, caps map[string][]string) error {
 	for _, set := range []string{"bounding", "effective", "permitted", "ambient"} {
-		for _, c := range spec.Process.Capabilities[set] {
-			for _, bad := range bypassCaps {
-				if c == bad {
-					return fmt.Errorf("the container has %s and another network interface besides cf0: %s could send around the sandbox; drop it (docker run --cap-drop %s) or give the container no other network (--network none)",
-						bad, bad, strings.TrimPrefix(bad, "CAP_"))
-				}
+		for _, c := range caps[set] {
+			if !slices.Contains(bypassCaps, c) {
+				continue
 			}
+			// Only now look into the namespace: most containers keep none.
+			if shared, err := tun.SharedIn(netns, "cf0"); err != nil || !shared {
+				return err
+			}
+			return fmt.Errorf("the container has %s and another network interface besides cf0: %s could send around the sandbox; drop it (docker run --cap-drop %s) or give the container no other network (--network none)",
+				c, c, strings.TrimPrefix(c, "CAP_"))
 		}
 	}
 	return nil

@@ -16,6 +16,9 @@ import (
 	"os"
 	"time"
 
+	"golang.org/x/sys/unix"
+
+	"github.com/childflow/childflow/internal/fdpass"
 	"github.com/childflow/childflow/internal/netplan"
 	"github.com/childflow/childflow/policy"
 	"github.com/childflow/childflow/policy/profile"
@@ -202,7 +205,7 @@ func WriteMessage(c *net.UnixConn, msg []byte, fd *os.File) error {
 	if err != nil {
 		return err
 	}
-	rc.Control(func(f uintptr) { oob = unixRights(int(f)) })
+	rc.Control(func(f uintptr) { oob = unix.UnixRights(int(f)) })
 	n, _, err := c.WriteMsgUnix(msg, oob, nil)
 	if err != nil || n == len(msg) {
 		// Nothing left: a zero-length write would fail with EPIPE once
@@ -216,10 +219,12 @@ func WriteMessage(c *net.UnixConn, msg []byte, fd *os.File) error {
 // ReadMessage reads one line and the fds that came with it.
 func ReadMessage(c *net.UnixConn) (line []byte, files []*os.File, err error) {
 	buf := make([]byte, 64<<10)
-	oob := make([]byte, oobSpace)
+	// Room for a few fds: more than one is a protocol error the daemon
+	// answers, not a leak.
+	oob := make([]byte, fdpass.Space(4))
 	n, oobn, _, _, err := c.ReadMsgUnix(buf, oob)
 	if oobn > 0 {
-		files = parseRights(oob[:oobn])
+		files, _ = fdpass.Files(oob[:oobn])
 	}
 	data := append([]byte(nil), buf[:n]...)
 	for err == nil && !bytes.Contains(data, []byte("\n")) {

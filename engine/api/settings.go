@@ -27,13 +27,8 @@ func Resolve(p *profile.Profile, name profile.Namer) (r Resolved, err error) {
 	if r.DNS, err = p.Resolvers(name); err != nil {
 		return r, err
 	}
-	str := func(s *string) string {
-		if s == nil {
-			return ""
-		}
-		return *s
-	}
-	r.ProxyInsecure = p.ProxyInsecure != nil && *p.ProxyInsecure
+	str := profile.Get[string]
+	r.ProxyInsecure = profile.Get(p.ProxyInsecure)
 	if str(p.Proxy) != "" {
 		u, err := uri.Parse(name, str(p.Proxy), str(p.ProxyUser), str(p.ProxyPassword))
 		r.Proxy = &u

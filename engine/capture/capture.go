@@ -22,8 +22,7 @@ import (
 type packet struct {
 	ts       time.Time
 	outbound bool
-	data     []byte
-	buf      *[]byte // returned to bufs once written
+	data     *[]byte // from bufs, returned once written
 }
 
 // bufs recycles packet copies: at several Gbit/s, a fresh allocation per
@@ -69,17 +68,16 @@ func Create(path string, v View) (*Writer, error) {
 	w := &Writer{closeFile: f.Close}
 	in, out := pcapgo.NgEpbFlagDirectionInbound, pcapgo.NgEpbFlagDirectionOutbound
 	write := func(p packet) {
-		w.queued.Add(-int64(len(p.data)))
+		data := *p.data
+		defer bufs.Put(p.data)
+		w.queued.Add(-int64(len(data)))
 		flags := pcapgo.NgEpbFlags{Direction: in}
 		if p.outbound {
 			flags.Direction = out
 		}
-		ci := gopacket.CaptureInfo{Timestamp: p.ts, CaptureLength: len(p.data), Length: len(p.data)}
-		if err := ng.WritePacketWithOptions(ci, p.data, pcapgo.NgPacketOptions{Flags: &flags}); err != nil && w.err == nil {
+		ci := gopacket.CaptureInfo{Timestamp: p.ts, CaptureLength: len(data), Length: len(data)}
+		if err := ng.WritePacketWithOptions(ci, data, pcapgo.NgPacketOptions{Flags: &flags}); err != nil && w.err == nil {
 			w.err = err
-		}
-		if p.buf != nil {
-			bufs.Put(p.buf)
 		}
 	}
 	flush := func() {
@@ -111,7 +109,7 @@ func (w *Writer) Packet(outbound bool, parts [][]byte) {
 		data = append(data, p...)
 	}
 	*bp = data
-	if !w.q.Put(packet{ts: time.Now(), outbound: outbound, data: data, buf: bp}) {
+	if !w.q.Put(packet{ts: time.Now(), outbound: outbound, data: bp}) {
 		w.queued.Add(-int64(n))
 		bufs.Put(bp)
 	}

@@ -89,9 +89,18 @@ func protoNumber(p policy.Proto) uint8 {
 	return unix.IPPROTO_TCP
 }
 
-func (h *HostTap) watched(e endpoint) bool {
+// match reports whether a packet between src and dst belongs to a watched
+// connection, and whether it goes to the remote end: one lock per packet.
+func (h *HostTap) match(src, dst endpoint) (ok, toRemote bool) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	if h.watchedLocked(dst) {
+		return true, true
+	}
+	return h.watchedLocked(src), false
+}
+
+func (h *HostTap) watchedLocked(e endpoint) bool {
 	if h.open[e] > 0 {
 		return true
 	}
@@ -129,7 +138,7 @@ func (h *HostTap) run() {
 		if !ok {
 			continue
 		}
-		if toRemote := h.watched(dst); toRemote || h.watched(src) {
+		if ok, toRemote := h.match(src, dst); ok {
 			h.w.Packet(toRemote, [][]byte{buf[:n]})
 		}
 	}

@@ -68,7 +68,7 @@ func TestAttachRestartReadoptDetach(t *testing.T) {
 	client := api.Client{Socket: cfg.Socket}
 
 	plan, _ := netplan.Choose(nil, 0)
-	link, err := tun.CreateIn(netns.Path(), plan, nil)
+	link, _, err := tun.CreateIn(netns.Path(), plan, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

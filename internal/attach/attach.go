@@ -26,25 +26,11 @@ import (
 
 // Node says how to reach the daemon.
 type Node struct {
-	Socket   string // api.DefaultSocket
-	StateDir string // api.DefaultStateDir
+	Socket   string // the daemon's socket, e.g. api.DefaultSocket
+	StateDir string // where a daemon started here keeps its state
 	// Childflow is the childflow binary to start a per-sandbox daemon
 	// with when no daemon answers. Empty: none is started.
 	Childflow string
-}
-
-func (n Node) socket() string {
-	if n.Socket == "" {
-		return api.DefaultSocket
-	}
-	return n.Socket
-}
-
-func (n Node) stateDir() string {
-	if n.StateDir == "" {
-		return api.DefaultStateDir
-	}
-	return n.StateDir
 }
 
 // Sandbox is one network namespace to attach.
@@ -62,26 +48,34 @@ type Sandbox struct {
 	Labels map[string]string
 }
 
+// Attached describes a sandbox the daemon relays.
+type Attached struct {
+	Plan netplan.Plan
+	// Shared: the namespace has another interface besides the TUN.
+	Shared bool
+}
+
 // Attach creates the TUN in sb's namespace and returns once the daemon
 // relays it. On error nothing of it is left in the namespace.
-func (n Node) Attach(sb Sandbox) (plan netplan.Plan, err error) {
+func (n Node) Attach(sb Sandbox) (_ Attached, err error) {
 	ino, err := tun.NetnsInode(sb.Netns)
 	if err != nil {
-		return plan, err
+		return Attached{}, err
 	}
 	if self, err := tun.NetnsInode("/proc/self/ns/net"); err == nil && self == ino {
-		return plan, fmt.Errorf("the sandbox shares the host's network namespace; childflow needs one of its own")
+		return Attached{}, fmt.Errorf("the sandbox shares the host's network namespace; childflow needs one of its own")
 	}
 	routes, err := routesIn(sb.Netns)
 	if err != nil {
-		return plan, err
+		return Attached{}, err
 	}
-	if plan, err = netplan.Choose(append(netplan.Routes(), routes...), 0); err != nil {
-		return plan, err
-	}
-	link, err := tun.CreateIn(sb.Netns, plan, sb.Keep)
+	plan, err := netplan.Choose(append(netplan.Routes(), routes...), 0)
 	if err != nil {
-		return plan, fmt.Errorf("creating %s in %s: %w", plan.Interface, sb.Netns, err)
+		return Attached{}, err
+	}
+	link, shared, err := tun.CreateIn(sb.Netns, plan, sb.Keep)
+	if err != nil {
+		return Attached{}, fmt.Errorf("creating %s in %s: %w", plan.Interface, sb.Netns, err)
 	}
 	defer link.Close() // the daemon has its own copy
 	defer func() {
@@ -90,7 +84,7 @@ func (n Node) Attach(sb Sandbox) (plan netplan.Plan, err error) {
 		}
 	}()
 	a := &api.Attachment{ID: sb.ID, Netns: sb.Netns, NetnsInode: ino, PID: sb.PID, Plan: plan, Settings: sb.Settings, Source: sb.Source, Labels: sb.Labels}
-	client := api.Client{Socket: n.socket()}
+	client := api.Client{Socket: n.Socket}
 	err = client.Attach(a, link)
 	if errors.Is(err, api.ErrUnavailable) && n.Childflow != "" {
 		if err = n.startDaemon(); err == nil {
@@ -98,16 +92,16 @@ func (n Node) Attach(sb Sandbox) (plan netplan.Plan, err error) {
 		}
 	}
 	if err != nil {
-		return plan, fmt.Errorf("attaching to the childflow daemon: %w", err)
+		return Attached{}, fmt.Errorf("attaching to the childflow daemon: %w", err)
 	}
-	return plan, nil
+	return Attached{Plan: plan, Shared: shared}, nil
 }
 
 // Detach asks the daemon to stop relaying id and remove its TUN. A
 // daemon that is not running has nothing to stop: its next start drops
 // records of namespaces that are gone.
 func (n Node) Detach(id string) error {
-	err := api.Client{Socket: n.socket()}.Detach(id)
+	err := api.Client{Socket: n.Socket}.Detach(id)
 	if errors.Is(err, api.ErrUnavailable) {
 		return nil
 	}
@@ -118,10 +112,10 @@ func (n Node) Detach(id string) error {
 // caller: a new session, no inherited stdio (runc waits for a hook's
 // stdout and stderr to close), and returns once its socket is up.
 func (n Node) startDaemon() error {
-	if err := os.MkdirAll(n.stateDir(), 0o700); err != nil {
+	if err := os.MkdirAll(n.StateDir, 0o700); err != nil {
 		return err
 	}
-	logFile, err := os.OpenFile(filepath.Join(n.stateDir(), "daemon.log"), os.O_WRONLY|os.O_CREATE|os.O_APPEND|unix.O_NOFOLLOW, 0o600)
+	logFile, err := os.OpenFile(filepath.Join(n.StateDir, "daemon.log"), os.O_WRONLY|os.O_CREATE|os.O_APPEND|unix.O_NOFOLLOW, 0o600)
 	if err != nil {
 		return fmt.Errorf("opening daemon log: %w", err)
 	}
@@ -131,7 +125,7 @@ func (n Node) startDaemon() error {
 		return err
 	}
 	defer r.Close()
-	cmd := exec.Command(n.Childflow, "daemon", "--exit-when-idle", "--socket", n.socket(), "--state-dir", n.stateDir(), "--ready-fd", "3")
+	cmd := exec.Command(n.Childflow, "daemon", "--exit-when-idle", "--socket", n.Socket, "--state-dir", n.StateDir, "--ready-fd", "3")
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	cmd.ExtraFiles = []*os.File{w}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
@@ -149,7 +143,7 @@ func (n Node) startDaemon() error {
 	}
 	// Lost a race with another hook's daemon? Then its socket answers.
 	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
-		if c, err := net.Dial("unix", n.socket()); err == nil {
+		if c, err := net.Dial("unix", n.Socket); err == nil {
 			c.Close()
 			return nil
 		}

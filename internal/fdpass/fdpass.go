@@ -28,7 +28,7 @@ func Send(sock int, msg []byte, fds ...int) error {
 // close-on-exec.
 func Recv(sock int, maxMsg, maxFDs int) (msg []byte, files []*os.File, err error) {
 	buf := make([]byte, maxMsg)
-	oob := make([]byte, unix.CmsgSpace(maxFDs*4))
+	oob := make([]byte, Space(maxFDs))
 	n, oobn, _, _, err := unix.Recvmsg(sock, buf, oob, unix.MSG_CMSG_CLOEXEC)
 	if err != nil {
 		return nil, nil, fmt.Errorf("recvmsg: %w", err)
@@ -36,18 +36,30 @@ func Recv(sock int, maxMsg, maxFDs int) (msg []byte, files []*os.File, err error
 	if n == 0 && oobn == 0 {
 		return nil, nil, fmt.Errorf("recvmsg: peer closed the socket")
 	}
-	cmsgs, err := unix.ParseSocketControlMessage(oob[:oobn])
+	files, err = Files(oob[:oobn])
+	return buf[:n], files, err
+}
+
+// Space is the control-message room for up to n fds.
+func Space(n int) int { return unix.CmsgSpace(n * 4) }
+
+// Files turns the SCM_RIGHTS control messages in oob into close-on-exec
+// files.
+func Files(oob []byte) ([]*os.File, error) {
+	cmsgs, err := unix.ParseSocketControlMessage(oob)
 	if err != nil {
-		return nil, nil, fmt.Errorf("parsing control message: %w", err)
+		return nil, fmt.Errorf("parsing control message: %w", err)
 	}
+	var files []*os.File
 	for _, c := range cmsgs {
 		fds, err := unix.ParseUnixRights(&c)
 		if err != nil {
 			continue
 		}
 		for _, fd := range fds {
+			unix.CloseOnExec(fd)
 			files = append(files, os.NewFile(uintptr(fd), fmt.Sprintf("fd%d", fd)))
 		}
 	}
-	return buf[:n], files, nil
+	return files, nil
 }

@@ -103,9 +103,7 @@ func Install(netns int, cfg Config) (err error) {
 	if err := installTable(netns, cfg); err != nil {
 		return fmt.Errorf("nftables: %w", err)
 	}
-	// Link routes first: a gateway must be reachable in the table it is
-	// added to.
-	sort.SliceStable(routes, func(i, j int) bool { return routes[i].Gw == nil && routes[j].Gw != nil })
+	linkRoutesFirst(routes)
 	var defaults []netlink.Route
 	for _, r := range routes {
 		moved := r
@@ -142,6 +140,12 @@ func Install(netns int, cfg Config) (err error) {
 	return nil
 }
 
+// linkRoutesFirst orders routes so that a gateway is reachable in the
+// table by the time a route through it is added.
+func linkRoutesFirst(routes []netlink.Route) {
+	sort.SliceStable(routes, func(i, j int) bool { return routes[i].Gw == nil && routes[j].Gw != nil })
+}
+
 func isDefault(n *net.IPNet) bool { ones, _ := n.Mask.Size(); return ones == 0 }
 
 // inAny reports whether n lies inside one of keep.
@@ -165,7 +169,7 @@ func Remove(netns int) error {
 	var errs []error
 	routes, err := netlink.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{Table: RouteTable}, netlink.RT_FILTER_TABLE)
 	if err == nil {
-		sort.SliceStable(routes, func(i, j int) bool { return routes[i].Gw == nil && routes[j].Gw != nil })
+		linkRoutesFirst(routes)
 		for _, r := range routes {
 			back := r
 			back.Table = unix.RT_TABLE_MAIN

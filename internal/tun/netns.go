@@ -19,13 +19,15 @@ import (
 // netnsPath, configured by plan and persistent, so that a restarted
 // daemon can open it again. In a namespace that has another interface,
 // destinations in keep stay on it (see package steer). On error nothing
-// is left in the namespace.
-func CreateIn(netnsPath string, plan netplan.Plan, keep []netip.Prefix) (f *os.File, err error) {
+// is left in the namespace. shared says the namespace had another
+// interface.
+func CreateIn(netnsPath string, plan netplan.Plan, keep []netip.Prefix) (f *os.File, shared bool, err error) {
 	err = inNetns(netnsPath, func(netns ns.NetNS) error {
 		if _, err := netlink.LinkByName(plan.Interface); err == nil {
 			return fmt.Errorf("%s already exists in %s", plan.Interface, netnsPath)
 		}
-		shared, err := steer.Needed(plan.Interface)
+		var err error
+		shared, err = steer.Needed(plan.Interface)
 		if err != nil {
 			return err
 		}
@@ -48,7 +50,7 @@ func CreateIn(netnsPath string, plan netplan.Plan, keep []netip.Prefix) (f *os.F
 		}
 		return err
 	})
-	return f, err
+	return f, shared, err
 }
 
 // ReopenIn attaches to the persistent TUN name in the namespace.

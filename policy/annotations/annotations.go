@@ -11,6 +11,7 @@ package annotations
 
 import (
 	"reflect"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -115,32 +116,25 @@ func Parse(ann map[string]string) (*profile.Profile, profile.Namer, error) {
 
 // fieldsByKey maps each key annotations may set to its field in p.
 func fieldsByKey(p *profile.Profile) map[string]reflect.Value {
-	allowed := map[string]bool{}
-	for _, k := range Keys {
-		allowed[k] = true
-	}
+	all := profile.Fields(p)
 	out := map[string]reflect.Value{}
-	v := reflect.ValueOf(p).Elem()
-	for i := 0; i < v.NumField(); i++ {
-		key := strings.Split(v.Type().Field(i).Tag.Get("json"), ",")[0]
-		if allowed[key] {
-			out[key] = v.Field(i)
-		}
+	for _, k := range Keys {
+		out[k] = all[k]
 	}
 	return out
 }
 
 // disallowed names a key set in p that annotations may not set.
 func disallowed(p *profile.Profile) string {
-	allowed := map[string]bool{}
-	for _, k := range Keys {
-		allowed[k] = true
+	fields := profile.Fields(p)
+	names := make([]string, 0, len(fields))
+	for k := range fields {
+		names = append(names, k)
 	}
-	v := reflect.ValueOf(p).Elem()
-	for i := 0; i < v.NumField(); i++ {
-		key := strings.Split(v.Type().Field(i).Tag.Get("json"), ",")[0]
-		if !v.Field(i).IsNil() && !allowed[key] {
-			return key
+	sort.Strings(names)
+	for _, k := range names {
+		if !fields[k].IsNil() && !slices.Contains(Keys, k) {
+			return k
 		}
 	}
 	return ""

@@ -125,9 +125,19 @@ func jsonValue(v any) string {
 
 func keys() map[string]bool {
 	out := map[string]bool{}
-	t := reflect.TypeOf(Profile{})
-	for i := 0; i < t.NumField(); i++ {
-		out[strings.Split(t.Field(i).Tag.Get("json"), ",")[0]] = true
+	for k := range Fields(&Profile{}) {
+		out[k] = true
+	}
+	return out
+}
+
+// Fields maps each key (allow_cidrs) to its field in p, a pointer that is
+// nil when the key is unset.
+func Fields(p *Profile) map[string]reflect.Value {
+	out := map[string]reflect.Value{}
+	v := reflect.ValueOf(p).Elem()
+	for i := 0; i < v.NumField(); i++ {
+		out[strings.Split(v.Type().Field(i).Tag.Get("json"), ",")[0]] = v.Field(i)
 	}
 	return out
 }

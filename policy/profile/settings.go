@@ -7,6 +7,15 @@ import (
 	"github.com/childflow/childflow/policy"
 )
 
+// Get is the value of an optional key, the zero value when unset.
+func Get[T any](v *T) T {
+	var zero T
+	if v == nil {
+		return zero
+	}
+	return *v
+}
+
 // Namer maps a profile key (allow_cidrs) to what the user wrote to set it
 // (--allow-cidr, childflow.dev/allow-cidrs), so errors name it.
 type Namer func(key string) string
@@ -21,31 +30,18 @@ func FlagName(key string) string {
 
 // Policy builds and validates the policy the profile describes.
 func (p *Profile) Policy(name Namer) (*policy.Policy, error) {
-	str := func(s *string) string {
-		if s == nil {
-			return ""
-		}
-		return *s
-	}
-	flag := func(b *bool) bool { return b != nil && *b }
-	list := func(l *StringList) []string {
-		if l == nil {
-			return nil
-		}
-		return *l
-	}
-	if flag(p.ProxyOnly) && str(p.Proxy) == "" {
+	if Get(p.ProxyOnly) && Get(p.Proxy) == "" {
 		return nil, policy.Usagef("%s needs %s", name("proxy_only"), name("proxy"))
 	}
-	out := &policy.Policy{Offline: flag(p.Offline), BlockPrivate: flag(p.BlockPrivate), BlockMetadata: flag(p.BlockMetadata), ProxyOnly: flag(p.ProxyOnly)}
+	out := &policy.Policy{Offline: Get(p.Offline), BlockPrivate: Get(p.BlockPrivate), BlockMetadata: Get(p.BlockMetadata), ProxyOnly: Get(p.ProxyOnly)}
 	var err error
-	if out.DefaultDeny, err = policy.ParseDefault(name("default_policy"), str(p.DefaultPolicy)); err != nil {
+	if out.DefaultDeny, err = policy.ParseDefault(name("default_policy"), Get(p.DefaultPolicy)); err != nil {
 		return nil, err
 	}
-	if out.AllowCIDRs, err = policy.ParseCIDRs(name("allow_cidrs"), list(p.AllowCIDRs)); err != nil {
+	if out.AllowCIDRs, err = policy.ParseCIDRs(name("allow_cidrs"), Get(p.AllowCIDRs)); err != nil {
 		return nil, err
 	}
-	if out.DenyCIDRs, err = policy.ParseCIDRs(name("deny_cidrs"), list(p.DenyCIDRs)); err != nil {
+	if out.DenyCIDRs, err = policy.ParseCIDRs(name("deny_cidrs"), Get(p.DenyCIDRs)); err != nil {
 		return nil, err
 	}
 	for _, d := range []struct {
@@ -58,7 +54,7 @@ func (p *Profile) Policy(name Namer) (*policy.Policy, error) {
 		{"deny_domains", p.DenyDomains, &out.DenyDomains},
 		{"deny_domains_exact", p.DenyDomainsExact, &out.DenyDomainsExact},
 	} {
-		if *d.out, err = policy.ParseDomains(name(d.key), list(d.in)); err != nil {
+		if *d.out, err = policy.ParseDomains(name(d.key), Get(d.in)); err != nil {
 			return nil, err
 		}
 	}

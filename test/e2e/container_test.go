@@ -4,7 +4,6 @@ package e2e
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
 	"net"
 	"os"
@@ -150,25 +149,13 @@ func (n *node) hooks() map[string]any {
 // oci runs an OCI runtime (runc, crun) with its own state root.
 func oci(t *testing.T, runtime, stateRoot string, args ...string) result {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
 	argv := append([]string{runtime, "--root", stateRoot}, args...)
 	if runtime == "crun" {
 		// crun 1.8 refuses this machine's hybrid cgroups (v1 plus a v2
 		// hierarchy with hugetlb): give it a mount namespace without v2.
 		argv = append([]string{"unshare", "-m", "--propagation", "private", "sh", "-c", `umount /sys/fs/cgroup/unified 2>/dev/null; exec "$@"`, "crun"}, argv...)
 	}
-	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
-	var out, errb bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &errb
-	err := cmd.Run()
-	code := 0
-	if ee, ok := err.(*exec.ExitError); ok {
-		code = ee.ExitCode()
-	} else if err != nil {
-		t.Fatalf("%s %v: %v", runtime, args, err)
-	}
-	return result{out.String(), errb.String(), code}
+	return execute(t, argv...)
 }
 
 // probe is a script that reports what the container reaches.

@@ -128,6 +128,24 @@ func run(t *testing.T, u as, args ...string) result {
 	return result{out.String(), errb.String(), code}
 }
 
+// execute runs argv, for a minute at most, and collects its result.
+func execute(t *testing.T, argv ...string) result {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatalf("%v: %v", argv, err)
+	}
+	return result{out.String(), errb.String(), code}
+}
+
 // sh runs a shell script in the sandbox with the testnet's resolver.
 func sh(t *testing.T, u as, flags []string, script string) result {
 	t.Helper()

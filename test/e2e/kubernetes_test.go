@@ -102,17 +102,7 @@ func binPath() string { return bin }
 
 func (c *cri) crictl(t *testing.T, args ...string) result {
 	t.Helper()
-	cmd := exec.Command("crictl", append([]string{"--runtime-endpoint", "unix://" + c.sock, "--image-endpoint", "unix://" + c.sock, "--timeout", "30s"}, args...)...)
-	var out, errb bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &errb
-	err := cmd.Run()
-	code := 0
-	if ee, ok := err.(*exec.ExitError); ok {
-		code = ee.ExitCode()
-	} else if err != nil {
-		t.Fatal(err)
-	}
-	return result{out.String(), errb.String(), code}
+	return execute(t, append([]string{"crictl", "--runtime-endpoint", "unix://" + c.sock, "--image-endpoint", "unix://" + c.sock, "--timeout", "30s"}, args...)...)
 }
 
 // pod runs a pod sandbox with ann and one container running script;

@@ -65,17 +65,7 @@ func startDockerd(t *testing.T, n *node) *dockerd {
 
 func (d *dockerd) run(t *testing.T, args ...string) result {
 	t.Helper()
-	cmd := exec.Command("docker", append([]string{"-H", "unix://" + d.sock}, args...)...)
-	var out, errb bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &errb
-	err := cmd.Run()
-	code := 0
-	if ee, ok := err.(*exec.ExitError); ok {
-		code = ee.ExitCode()
-	} else if err != nil {
-		t.Fatal(err)
-	}
-	return result{out.String(), errb.String(), code}
+	return execute(t, append([]string{"docker", "-H", "unix://" + d.sock}, args...)...)
 }
 
 // hostNetfilter is what a sandbox must never change on the host.
@@ -169,15 +159,7 @@ func TestContainerdThroughTheRuntimeWrapper(t *testing.T) {
 		for k, v := range ann {
 			args = append(args, "--annotation", k+"="+v)
 		}
-		cmd := exec.Command("ctr", append(args, root, id, "/bin/sh", "-c", script)...)
-		var out, errb bytes.Buffer
-		cmd.Stdout, cmd.Stderr = &out, &errb
-		err := cmd.Run()
-		code := 0
-		if ee, ok := err.(*exec.ExitError); ok {
-			code = ee.ExitCode()
-		}
-		return result{out.String(), errb.String(), code}
+		return execute(t, append(append([]string{"ctr"}, args...), root, id, "/bin/sh", "-c", script)...)
 	}
 	r := ctr("cf-ctr", sandboxedAnn, probe)
 	if r.code != 0 {
@@ -226,15 +208,7 @@ func TestPodmanWithHooksDir(t *testing.T) {
 		for k, v := range ann {
 			args = append(args, "--annotation", k+"="+v)
 		}
-		cmd := exec.Command("podman", append(args, "--rootfs", root, "/bin/sh", "-c", script)...)
-		var out, errb bytes.Buffer
-		cmd.Stdout, cmd.Stderr = &out, &errb
-		err := cmd.Run()
-		code := 0
-		if ee, ok := err.(*exec.ExitError); ok {
-			code = ee.ExitCode()
-		}
-		return result{out.String(), errb.String(), code}
+		return execute(t, append(append([]string{"podman"}, args...), "--rootfs", root, "/bin/sh", "-c", script)...)
 	}
 	r := podman(sandboxedAnn, probe)
 	if r.code != 0 {
