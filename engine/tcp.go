@@ -67,15 +67,15 @@ func (e *Engine) handleTCP(r *netstack.TCPRequest) {
 		upstream.Close()
 		return
 	}
-	bytesUp, bytesDown := splice(sandbox, upstream)
+	bytesUp, bytesDown := Splice(sandbox, upstream)
 	e.logEnd(res, bytesUp, bytesDown, start)
 }
 
 var bufPool = sync.Pool{New: func() any { b := make([]byte, 256<<10); return &b }}
 
-// splice copies both ways until both directions are done, passing on
+// Splice copies both ways until both directions are done, passing on
 // half-closes. Back-pressure comes from the blocking writes.
-func splice(sandbox, upstream net.Conn) (up, down int64) {
+func Splice(sandbox, upstream net.Conn) (up, down int64) {
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {

@@ -24,6 +24,7 @@ type HostTap struct {
 	fd       int
 	w        *Writer
 	wireOnly bool // skip loopback interfaces: the wire-egress view
+	link     bool // bound to one link, every packet on it is the sandbox's
 	done     chan struct{}
 	exited   chan struct{}
 
@@ -45,6 +46,14 @@ const lingerFor = 3 * time.Second
 // StartHostTap opens a packet socket on every interface and writes the
 // matching packets to w. wireOnly leaves out loopback interfaces.
 func StartHostTap(w *Writer, wireOnly bool) (*HostTap, error) {
+	h, err := newTap(w, wireOnly)
+	if err == nil {
+		go h.run()
+	}
+	return h, err
+}
+
+func newTap(w *Writer, wireOnly bool) (*HostTap, error) {
 	fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, int(htons(unix.ETH_P_ALL)))
 	if err != nil {
 		return nil, fmt.Errorf("opening a packet socket for the egress capture: %w", err)
@@ -59,6 +68,22 @@ func StartHostTap(w *Writer, wireOnly bool) (*HostTap, error) {
 		for _, i := range ifs {
 			h.loIndex[i.Index] = i.Flags&net.FlagLoopback != 0
 		}
+	}
+	return h, nil
+}
+
+// StartLinkTap writes every packet on one link to w: the host end of a
+// rootful sandbox's veth, which carries nothing but the sandbox's
+// traffic. Packets the host receives on it are the sandbox's outbound.
+func StartLinkTap(w *Writer, ifindex int) (*HostTap, error) {
+	h, err := newTap(w, false)
+	if err != nil {
+		return nil, err
+	}
+	h.link = true
+	if err := unix.Bind(h.fd, &unix.SockaddrLinklayer{Protocol: htons(unix.ETH_P_ALL), Ifindex: ifindex}); err != nil {
+		unix.Close(h.fd)
+		return nil, fmt.Errorf("binding the capture to interface %d: %w", ifindex, err)
 	}
 	go h.run()
 	return h, nil
@@ -127,6 +152,10 @@ func (h *HostTap) run() {
 			continue
 		}
 		ll, ok := from.(*unix.SockaddrLinklayer)
+		if ok && h.link {
+			h.w.Packet(ll.Pkttype != unix.PACKET_OUTGOING, [][]byte{buf[:n]})
+			continue
+		}
 		if !ok || h.wireOnly && h.loIndex[ll.Ifindex] {
 			continue
 		}

@@ -94,3 +94,15 @@ func (c *Cache) Names(addr netip.Addr) []string {
 	sort.Strings(out)
 	return out
 }
+
+// TTL is how long the longest-lived name of addr stays known.
+func (c *Cache) TTL(addr netip.Addr) time.Duration {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var ttl time.Duration
+	now := c.now()
+	for _, exp := range c.m[addr.Unmap()] {
+		ttl = max(ttl, exp.Sub(now))
+	}
+	return ttl
+}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/netip"
 	"slices"
 	"time"
@@ -38,6 +39,8 @@ type Resolver struct {
 	// OnUpstream, if non-nil, is told before and after each exchange with
 	// an upstream resolver (open true, then false), for the egress capture.
 	OnUpstream func(proto policy.Proto, server netip.AddrPort, open bool)
+	// Dialer, if set, opens the upstream connections (--iface binds it).
+	Dialer *net.Dialer
 }
 
 // exchange is one query to one upstream resolver.
@@ -131,7 +134,7 @@ func (r *Resolver) forward(ctx context.Context, req *mdns.Msg, overTCP bool) (*m
 	}
 	var lastErr error
 	for _, up := range r.Upstreams {
-		c := &mdns.Client{Net: network, Timeout: timeout, UDPSize: 4096}
+		c := &mdns.Client{Net: network, Timeout: timeout, UDPSize: 4096, Dialer: r.Dialer}
 		resp, err := r.exchange(ctx, c, req, up)
 		if err == nil && resp.Truncated && network == "udp" {
 			// Answer over TCP ourselves so the sandbox gets a complete

@@ -2,6 +2,7 @@ package cli
 
 import (
 	"io"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -17,12 +18,15 @@ import (
 // what crosses a wire), or both (<stem>.child.pcapng and
 // <stem>.egress.pcapng).
 type captures struct {
+	// link, with --root, is the child view's file: it is captured on the
+	// host end of the sandbox's veth once that exists (startLink).
+	link     *capture.Writer
 	child    func(outbound bool, packet [][]byte)
 	upstream func(proto policy.Proto, remote netip.AddrPort, open bool)
 	closers  []func(io.Writer)
 }
 
-func openCaptures(path, point string) (c *captures, err error) {
+func openCaptures(path, point string, root bool) (c *captures, err error) {
 	c = &captures{}
 	if err := checkChoice("capture-point", point, "child", "egress", "wire-egress", "both"); err != nil {
 		return c, err
@@ -44,11 +48,18 @@ func openCaptures(path, point string) (c *captures, err error) {
 		childPath, hostPath, hostView = stem+".child.pcapng", stem+".egress.pcapng", "egress"
 	}
 	if point == "child" || point == "both" {
-		w, err := capture.Create(childPath, capture.View{Name: "child", Backend: "rootless", Interface: "cf0"})
+		view := capture.View{Name: "child", Backend: "rootless", Interface: "cf0"}
+		if root {
+			view = capture.View{Name: "child", Backend: "root", Interface: "the host end of the sandbox's veth"}
+		}
+		w, err := capture.Create(childPath, view)
 		if err != nil {
 			return c, err
 		}
 		c.child = w.Packet
+		if root {
+			c.link = w
+		}
 		c.closers = append(c.closers, func(stderr io.Writer) { closeReporting(w, "--capture", "packets", stderr) })
 	}
 	if point != "child" {
@@ -72,6 +83,24 @@ func openCaptures(path, point string) (c *captures, err error) {
 		})
 	}
 	return c, nil
+}
+
+// startLink starts the --root child view on the host end of the veth.
+func (c *captures) startLink(ifname string) error {
+	if c.link == nil {
+		return nil
+	}
+	ifc, err := net.InterfaceByName(ifname)
+	if err != nil {
+		return err
+	}
+	tap, err := capture.StartLinkTap(c.link, ifc.Index)
+	if err != nil {
+		return err
+	}
+	// First to close: the tap stops writing before the file closes.
+	c.closers = append([]func(io.Writer){func(io.Writer) { tap.Close() }}, c.closers...)
+	return nil
 }
 
 // close finishes every file once; later calls do nothing.

@@ -26,6 +26,7 @@ import (
 	"github.com/childflow/childflow/internal/doctor"
 	"github.com/childflow/childflow/internal/netplan"
 	"github.com/childflow/childflow/internal/report"
+	"github.com/childflow/childflow/internal/rootful"
 	"github.com/childflow/childflow/internal/sandbox"
 	"github.com/childflow/childflow/internal/version"
 	"github.com/childflow/childflow/policy"
@@ -138,9 +139,6 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if len(command) == 0 {
 		return usageError(stderr, errors.New("no command given: childflow [exec] [OPTIONS] [--] COMMAND..."))
 	}
-	if err := o.checkSupported(); err != nil {
-		return usageError(stderr, err)
-	}
 	settings, err := api.Resolve(o.effective(nil), profile.FlagName)
 	if err != nil {
 		return usageError(stderr, err)
@@ -163,20 +161,49 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if o.mtu < 1280 || o.mtu > 65520 {
 		return usageError(stderr, policy.Usagef("invalid --mtu %d: must be between 1280 and 65520", o.mtu))
 	}
-	rootless := os.Geteuid() != 0
-	if err := doctor.Local().Preflight(); err != nil {
-		fmt.Fprintf(stderr, "childflow: %v\n", err)
-		return exitFailure
-	}
-	plan, err := netplan.Choose(netplan.Routes(), o.mtu)
-	if err != nil {
-		fmt.Fprintf(stderr, "childflow: %v\n", err)
-		return exitFailure
-	}
 	if err := checkChoice("summary-format", o.summaryFormat, "text", "json"); err != nil {
 		return usageError(stderr, err)
 	}
-	captures, err := openCaptures(o.capture, o.capturePoint)
+	if o.root {
+		if os.Geteuid() != 0 {
+			return usageError(stderr, policy.Usagef("--root needs root: run childflow --root through sudo (the command still runs as you)"))
+		}
+		if o.capture != "" && o.capturePoint != "child" {
+			return usageError(stderr, policy.Usagef("invalid --capture-point %q with --root: only child is supported (the host end of the sandbox's veth)", o.capturePoint))
+		}
+	} else if o.iface != "" {
+		return usageError(stderr, policy.Usagef("invalid --iface %q: needs --root", o.iface))
+	}
+	rootless := os.Geteuid() != 0
+	var plan netplan.Plan
+	var rootNet *rootful.Sandbox
+	if o.root {
+		mtu := 1500 // the uplink's: the kernel forwards, nothing reassembles
+		if o.set("mtu") {
+			mtu = o.mtu
+		}
+		rootNet, err = rootful.Reserve(rootful.Config{MTU: mtu, Policy: pol, DNS: upstreams, Proxy: fwd, Iface: o.iface})
+		if err != nil {
+			var u *policy.UsageError
+			if errors.As(err, &u) {
+				return usageError(stderr, err)
+			}
+			fmt.Fprintf(stderr, "childflow: --root: %v\n", err)
+			return exitFailure
+		}
+		defer rootNet.Close()
+		plan = rootNet.Plan
+	} else {
+		if err := doctor.Local().Preflight(); err != nil {
+			fmt.Fprintf(stderr, "childflow: %v\n", err)
+			return exitFailure
+		}
+		if plan, err = netplan.Choose(netplan.Routes(), o.mtu); err != nil {
+			fmt.Fprintf(stderr, "childflow: %v\n", err)
+			return exitFailure
+		}
+	}
+	captures, err := openCaptures(o.capture, o.capturePoint, o.root)
 	if err != nil {
 		var u *policy.UsageError
 		if errors.As(err, &u) {
@@ -223,22 +250,42 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		HostsFile:  o.hostsFile,
 		Rootless:   rootless,
 		RunAs:      sudoUser(),
+		Veth:       o.root,
 	})
 	if err != nil {
 		fmt.Fprintf(stderr, "childflow: %v\n", err)
 		return exitFailure
 	}
-	eng, err := engine.New(engine.Config{ID: "exec", Link: sb.TUN, Plan: plan, Policy: pol, DNS: upstreams, Proxy: fwd, OnEvent: events, Capture: captures.child, OnUpstream: captures.upstream, SandboxPID: sb.Pid()})
-	if err == nil {
-		err = eng.Start(ctx)
+	var violations func() uint64
+	var stop func()
+	if o.root {
+		rootNet.SetOnEvent(events)
+		err = rootNet.Attach(sb.Pid())
+		if err == nil {
+			err = captures.startLink(rootNet.HostIf)
+		}
+		if err != nil {
+			err = fmt.Errorf("--root: %w", err)
+		}
+		violations, stop = rootNet.Violations, func() { rootNet.Close() }
+	} else {
+		var eng *engine.Engine
+		eng, err = engine.New(engine.Config{ID: "exec", Link: sb.TUN, Plan: plan, Policy: pol, DNS: upstreams, Proxy: fwd, OnEvent: events, Capture: captures.child, OnUpstream: captures.upstream, SandboxPID: sb.Pid()})
+		if err == nil {
+			err = eng.Start(ctx)
+			defer eng.Close()
+		}
+		if err != nil {
+			err = fmt.Errorf("starting engine: %w", err)
+		}
+		violations, stop = eng.Violations, func() { eng.Close() }
 	}
 	if err != nil {
 		sb.Kill()
 		sb.Wait()
-		fmt.Fprintf(stderr, "childflow: starting engine: %v\n", err)
+		fmt.Fprintf(stderr, "childflow: %v\n", err)
 		return exitFailure
 	}
-	defer eng.Close()
 
 	sigs := make(chan os.Signal, 16)
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGQUIT, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGWINCH)
@@ -256,13 +303,13 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	}
 	code := sb.Wait()
 	reclaimTerminal()
-	eng.Close()
+	stop()
 	captures.close(stderr)
 	if summary != nil {
 		summary.Finish().Render(stderr, o.summaryFormat)
 	}
-	if o.failOnLeak && code == 0 && eng.Violations() > 0 {
-		fmt.Fprintf(stderr, "childflow: --fail-on-leak: %d flow(s) were blocked by policy\n", eng.Violations())
+	if o.failOnLeak && code == 0 && violations() > 0 {
+		fmt.Fprintf(stderr, "childflow: --fail-on-leak: %d flow(s) were blocked by policy\n", violations())
 		return exitLeak
 	}
 	return code

@@ -64,23 +64,6 @@ func newExecFlags(o *execOptions) *pflag.FlagSet {
 	return fs
 }
 
-// notYet lists upstream flags whose feature has not landed; using one is a
-// usage error rather than a silent no-op.
-var notYet = []string{"iface"}
-
-// checkSupported rejects upstream flags whose feature has not landed.
-func (o *execOptions) checkSupported() error {
-	for _, name := range notYet {
-		if o.set(name) {
-			return policy.Usagef("--%s (profile key %s) is not supported by this build yet", name, strings.ReplaceAll(name, "-", "_"))
-		}
-	}
-	if o.set("root") && o.root {
-		return policy.Usagef("--root (profile key backend = \"root\") is not supported by this build yet")
-	}
-	return nil
-}
-
 func checkChoice(flag, value string, choices ...string) error {
 	for _, c := range choices {
 		if value == c {

@@ -87,3 +87,58 @@ func Decode(s string) (Plan, error) {
 	}
 	return p, nil
 }
+
+// Rootful sandboxes route through a veth of their own, so each needs a
+// subnet of its own: a /30 and a /64 from these pools, the first that
+// overlaps no host route (a live rootful sandbox's veth route included).
+var rootPools4 = []string{"10.88.0.0/16", "172.30.0.0/16", "100.88.0.0/16"}
+var rootPools6 = []string{"fd87:cf88::/48", "fd87:cf89::/48"}
+
+// ChooseRoot returns the addressing of a rootful sandbox: the host end of
+// its veth is the gateway.
+func ChooseRoot(hostRoutes []netip.Prefix, mtu int) (Plan, error) {
+	p := Plan{Interface: "cf0", MTU: mtu}
+	var ok bool
+	if p.Prefix4, ok = pickIn(rootPools4, 30, hostRoutes); !ok {
+		return p, fmt.Errorf("no free IPv4 /30 for the sandbox in %v", rootPools4)
+	}
+	if p.Prefix6, ok = pickIn(rootPools6, 64, hostRoutes); !ok {
+		return p, fmt.Errorf("no free IPv6 /64 for the sandbox in %v", rootPools6)
+	}
+	p.Gateway4 = p.Prefix4.Addr().Next()
+	p.Sandbox4 = p.Gateway4.Next()
+	p.Gateway6 = p.Prefix6.Addr().Next()
+	p.Sandbox6 = p.Gateway6.Next()
+	return p, nil
+}
+
+// pickIn walks each pool in subnets of bits and returns the first free one.
+func pickIn(pools []string, bits int, routes []netip.Prefix) (netip.Prefix, bool) {
+	for _, pool := range pools {
+		pp := netip.MustParsePrefix(pool)
+		n := 1 << min(bits-pp.Bits(), 20)
+		cur := pp.Addr()
+		for i := 0; i < n; i++ {
+			sub := netip.PrefixFrom(cur, bits)
+			if _, ok := pick([]string{sub.String()}, routes); ok {
+				return sub, true
+			}
+			cur = nextSubnet(cur, bits)
+		}
+	}
+	return netip.Prefix{}, false
+}
+
+// nextSubnet returns the first address of the subnet of size bits after a's.
+func nextSubnet(a netip.Addr, bits int) netip.Addr {
+	b := a.AsSlice()
+	// Add 1 at bit position bits-1 (big endian), carrying.
+	i, bit := (bits-1)/8, 7-(bits-1)%8
+	carry := 1 << bit
+	for ; i >= 0 && carry != 0; i-- {
+		v := int(b[i]) + carry
+		b[i], carry = byte(v), v>>8
+	}
+	out, _ := netip.AddrFromSlice(b)
+	return out
+}

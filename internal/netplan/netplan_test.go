@@ -34,3 +34,26 @@ func TestChooseAvoidsHostRoutes(t *testing.T) {
 		t.Fatal("no error when every candidate collides")
 	}
 }
+
+func TestChooseRootSkipsTakenSubnets(t *testing.T) {
+	routes := []netip.Prefix{
+		netip.MustParsePrefix("10.88.0.0/30"), // a live rootful sandbox
+		netip.MustParsePrefix("10.88.0.4/30"),
+		netip.MustParsePrefix("fd87:cf88::/64"),
+	}
+	p, err := ChooseRoot(routes, 1500)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p.Prefix4.String() != "10.88.0.8/30" || p.Gateway4.String() != "10.88.0.9" || p.Sandbox4.String() != "10.88.0.10" {
+		t.Fatalf("IPv4 plan %v %v %v", p.Prefix4, p.Gateway4, p.Sandbox4)
+	}
+	if p.Prefix6.String() != "fd87:cf88:0:1::/64" || p.Sandbox6.String() != "fd87:cf88:0:1::2" {
+		t.Fatalf("IPv6 plan %v %v", p.Prefix6, p.Sandbox6)
+	}
+	// A host route over a whole pool moves to the next pool.
+	p, err = ChooseRoot([]netip.Prefix{netip.MustParsePrefix("10.0.0.0/8")}, 1500)
+	if err != nil || p.Prefix4.String() != "172.30.0.0/30" {
+		t.Fatalf("next pool: %v %v", p.Prefix4, err)
+	}
+}

@@ -35,10 +35,15 @@ func Init() {
 	if err != nil {
 		fail(err)
 	}
-	if err := fdpass.Send(ctrlFD, []byte("tun"), int(tunFile.Fd())); err != nil {
+	if tunFile == nil {
+		err = fdpass.Send(ctrlFD, []byte(readyMsg))
+	} else {
+		err = fdpass.Send(ctrlFD, []byte("tun"), int(tunFile.Fd()))
+		tunFile.Close()
+	}
+	if err != nil {
 		os.Exit(125)
 	}
-	tunFile.Close()
 	// Wait for the engine. EOF means the parent died: leave.
 	if msg, _, err := fdpass.Recv(ctrlFD, 16, 0); err != nil || string(msg) != "go" {
 		os.Exit(125)
@@ -57,13 +62,16 @@ func setup(spec Spec) (*os.File, error) {
 	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
 		return nil, fmt.Errorf("making mounts private: %w", err)
 	}
-	f, err := tun.Open(spec.Plan.Interface)
-	if err != nil {
-		return nil, err
-	}
-	if err := tun.Configure(spec.Plan); err != nil {
-		f.Close()
-		return nil, err
+	var f *os.File
+	if !spec.Veth {
+		var err error
+		if f, err = tun.Open(spec.Plan.Interface); err != nil {
+			return nil, err
+		}
+		if err := tun.Configure(spec.Plan); err != nil {
+			f.Close()
+			return nil, err
+		}
 	}
 	// The command has no CAP_NET_RAW; unprivileged ICMP sockets let ping
 	// work for the command's group (the only one mapped when rootless).

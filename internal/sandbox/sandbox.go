@@ -35,15 +35,21 @@ type Spec struct {
 	// RunAs, when set (root started through sudo), is the user the
 	// command runs as: [uid, gid].
 	RunAs []int `json:"run_as,omitempty"`
+	// Veth: no TUN; the rootful backend moves a veth end into the
+	// namespace and configures it from outside.
+	Veth bool `json:"veth,omitempty"`
 }
 
 // Sandbox is the parent's handle on a started sandbox.
 type Sandbox struct {
 	cmd  *exec.Cmd
 	ctrl *os.File
-	// TUN is the sandbox's cf0 queue, for the engine.
+	// TUN is the sandbox's cf0 queue, for the engine (nil with Spec.Veth).
 	TUN *os.File
 }
+
+// readyMsg is init's word that its namespaces are set up (Spec.Veth).
+const readyMsg = "ready"
 
 // Start spawns init and returns once the TUN exists; the command does not
 // run until Run is called.
@@ -102,6 +108,9 @@ func Start(spec Spec) (sb *Sandbox, err error) {
 	msg, files, err := fdpass.Recv(int(parent.Fd()), 4096, 1)
 	if err != nil {
 		return nil, fmt.Errorf("sandbox init failed before handing over the tun: %w", err)
+	}
+	if spec.Veth && string(msg) == readyMsg && len(files) == 0 {
+		return sb, nil
 	}
 	if len(files) != 1 {
 		for _, f := range files {

@@ -3,6 +3,7 @@ package steer
 import (
 	"fmt"
 	"net/netip"
+	"strings"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
@@ -85,7 +86,9 @@ func HostGuards() ([]string, error) {
 	}
 	var out []string
 	for _, t := range tables {
-		if len(t.Name) > len("childflow-") && t.Name[:len("childflow-")] == "childflow-" {
+		// Exactly "childflow-" and a 12-character id: rootful tables
+		// (childflow-root-*, childflow-rootguard) are not guards.
+		if len(t.Name) == len("childflow-")+12 && strings.HasPrefix(t.Name, "childflow-") && !strings.HasPrefix(t.Name, "childflow-root") {
 			out = append(out, t.Name)
 		}
 	}

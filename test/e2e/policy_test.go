@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 // assertions for sandbox scripts: ok CMD must succeed, no CMD must fail.
@@ -24,31 +25,43 @@ GW=$(ip -4 route show default | cut -d' ' -f3)
 GW6=$(ip -6 route show default | cut -d' ' -f3)
 `
 
-func TestPolicy(t *testing.T) {
-	// A server on the host, on every address: the sandbox must not reach
-	// it through the gateway or the host's own addresses.
+// policyCase is one policy and a script of what it lets through; the
+// rootless and the rootful (--root) backends run the same table.
+type policyCase struct {
+	name   string
+	flags  []string
+	script string
+}
+
+// hostServer answers HTTP on every address of the host: the sandbox must
+// not reach it through the gateway or the host's own addresses.
+func hostServer(t *testing.T) int {
 	ln, err := net.Listen("tcp", ":0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ln.Close()
+	t.Cleanup(func() { ln.Close() })
 	go func() {
 		for {
 			c, err := ln.Accept()
 			if err != nil {
 				return
 			}
+			// Read the request first: closing with it unread would reset
+			// the connection under the response.
+			c.SetReadDeadline(time.Now().Add(2 * time.Second))
+			c.Read(make([]byte, 4096))
 			c.Write([]byte("HTTP/1.0 200 OK\r\n\r\nhost\n"))
 			c.Close()
 		}
 	}()
-	hostPort := ln.Addr().(*net.TCPAddr).Port
+	return ln.Addr().(*net.TCPAddr).Port
+}
 
-	for _, tc := range []struct {
-		name   string
-		flags  []string
-		script string
-	}{
+// The gateways: rootless 10.87.0.1, 172.29.87.1, 192.168.187.1 (and
+// fd00:cf::1, fd87:cf::1); rootful in 10.88.0.0/16 and fd87:cf88::/48.
+func policyCases(hostPort int) []policyCase {
+	return []policyCase{
 		{"deny-cidr v4 v6 tcp udp icmp mapped", []string{"--deny-cidr", "203.0.113.20/32", "--deny-cidr", "2001:db8::20/128"}, `
 ok get http://203.0.113.10/
 no get http://203.0.113.20/
@@ -103,11 +116,12 @@ no get -6 "http://[$GW6]:%[1]d/"
 no get http://203.0.113.1:%[1]d/
 no get -6 'http://[2001:db8::1]:%[1]d/'
 no get http://loopback.test:%[1]d/`, hostPort)},
-		{"allow-cidr opens the gateway", []string{"--allow-cidr", "10.87.0.1/32", "--allow-cidr", "172.29.87.1/32", "--allow-cidr", "192.168.187.1/32"}, fmt.Sprintf(`
+		{"allow-cidr opens the gateway", []string{"--allow-cidr", "10.87.0.1/32", "--allow-cidr", "172.29.87.1/32", "--allow-cidr", "192.168.187.1/32", "--allow-cidr", "10.88.0.0/16"}, fmt.Sprintf(`
 ok get http://$GW:%[1]d/
 no get http://203.0.113.1:%[1]d/`, hostPort)},
 		{"block-private beats allow-cidr", []string{"--block-private", "--allow-cidr", "10.87.0.1/32", "--allow-cidr", "172.29.87.1/32",
-			"--allow-cidr", "192.168.187.1/32", "--allow-cidr", "fd00:cf::1/128", "--allow-cidr", "fd87:cf::1/128"}, fmt.Sprintf(`
+			"--allow-cidr", "192.168.187.1/32", "--allow-cidr", "fd00:cf::1/128", "--allow-cidr", "fd87:cf::1/128",
+			"--allow-cidr", "10.88.0.0/16", "--allow-cidr", "fd87:cf88::/48"}, fmt.Sprintf(`
 no get http://$GW:%[1]d/
 no get -6 "http://[$GW6]:%[1]d/"
 ok get http://203.0.113.10/`, hostPort)},
@@ -115,7 +129,12 @@ ok get http://203.0.113.10/`, hostPort)},
 no get http://169.254.169.254/
 no get -6 'http://[fd00:ec2::254]/'
 ok get http://203.0.113.10/`},
-	} {
+	}
+}
+
+func TestPolicy(t *testing.T) {
+	requireRoot(t)
+	for _, tc := range policyCases(hostServer(t)) {
 		t.Run(tc.name, func(t *testing.T) {
 			users(t, func(t *testing.T, u as) {
 				r := sh(t, u, tc.flags, assertions+tc.script)

@@ -1,0 +1,144 @@
+package rootful
+
+import (
+	"net"
+	"net/netip"
+	"strings"
+	"time"
+
+	"github.com/google/nftables"
+
+	"github.com/childflow/childflow/engine/dns"
+	"github.com/childflow/childflow/engine/flowlog"
+	"github.com/childflow/childflow/policy"
+)
+
+// serveDNS answers DNS over UDP and TCP on both gateway addresses; the
+// table redirects the sandbox's DNS to any address here.
+func (sb *Sandbox) serveDNS() error {
+	for _, gw := range []netip.Addr{sb.Plan.Gateway4, sb.Plan.Gateway6} {
+		addr := netip.AddrPortFrom(gw, 53).String()
+		pc, err := net.ListenPacket("udp", addr)
+		if err != nil {
+			return err
+		}
+		sb.closers = append(sb.closers, pc)
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			return err
+		}
+		sb.closers = append(sb.closers, ln)
+		sb.spawn(func() { sb.serveUDP(pc) })
+		sb.spawn(func() { sb.serveTCP(ln) })
+	}
+	return nil
+}
+
+func (sb *Sandbox) serveUDP(pc net.PacketConn) {
+	buf := make([]byte, 65535)
+	for {
+		n, from, err := pc.ReadFrom(buf)
+		if err != nil {
+			return
+		}
+		msg := append([]byte(nil), buf[:n]...)
+		go func() {
+			if resp := sb.resolver.Answer(sb.ctx, msg, false); resp != nil {
+				pc.WriteTo(resp, from)
+			}
+		}()
+	}
+}
+
+func (sb *Sandbox) serveTCP(ln net.Listener) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		go func() {
+			defer c.Close()
+			for {
+				c.SetReadDeadline(time.Now().Add(30 * time.Second))
+				msg, err := dns.ReadTCPMessage(c)
+				if err != nil {
+					return
+				}
+				resp := sb.resolver.Answer(sb.ctx, msg, true)
+				if resp == nil || dns.WriteTCPMessage(c, resp) != nil {
+					return
+				}
+			}
+		}()
+	}
+}
+
+// onQuery logs the query and, before the answer reaches the sandbox,
+// puts the addresses that domain rules decide into the table's sets.
+func (sb *Sandbox) onQuery(q dns.Query) {
+	for _, a := range q.Answers {
+		if strings.HasPrefix(a, "CNAME ") {
+			continue
+		}
+		addr, err := netip.ParseAddr(a)
+		if err != nil {
+			continue
+		}
+		d := sb.cfg.Policy.Decide(policy.Flow{Dst: netip.AddrPortFrom(addr, 0), Names: sb.cache.Names(addr)})
+		var set string
+		switch d.Reason {
+		case policy.ReasonDenyDomain, policy.ReasonDenyDomainExact:
+			set = setDomDeny
+		case policy.ReasonAllowDomain, policy.ReasonAllowDomExact:
+			set = setDomAllow
+		default:
+			continue // decided by the static rules
+		}
+		if err := sb.sets.add(set, addr, sb.cache.TTL(addr)); err != nil {
+			q.Err = err
+		}
+	}
+	ev := flowlog.Event{Event: flowlog.DNSQuery, QName: q.Name, QType: q.Type, Proto: "dns"}
+	sb.emit(ev)
+	if !q.Decision.Allow {
+		v := ev
+		v.MatchedDomain = q.Decision.MatchedDomain
+		sb.violation(v, q.Decision)
+	}
+	ev.Event, ev.RCode, ev.Answers, ev.Upstream = flowlog.DNSAnswer, q.RCode, q.Answers, q.Upstream
+	if q.Err != nil {
+		ev.Error = q.Err.Error()
+	}
+	sb.emit(ev)
+}
+
+// domainSets updates the timeout sets of one table.
+type domainSets struct{ table string }
+
+// add puts addr in the set for ttl, replacing an element already there
+// so that its timeout restarts.
+func (d *domainSets) add(name string, addr netip.Addr, ttl time.Duration) error {
+	addr = addr.Unmap()
+	typ, suffix := nftables.TypeIPAddr, "4"
+	if addr.Is6() {
+		typ, suffix = nftables.TypeIP6Addr, "6"
+	}
+	ttl = max(ttl, dns.MinTTL).Truncate(time.Millisecond)
+	c, err := nftables.New()
+	if err != nil {
+		return err
+	}
+	set := &nftables.Set{Table: &nftables.Table{Family: nftables.TableFamilyINet, Name: d.table}, Name: name + suffix, KeyType: typ, HasTimeout: true}
+	el := []nftables.SetElement{{Key: addr.AsSlice(), Timeout: ttl}}
+	// Add (a no-op if present), delete, add: one transaction, fresh timeout.
+	if err := c.SetAddElements(set, el); err != nil {
+		return err
+	}
+	if err := c.SetDeleteElements(set, el); err != nil {
+		return err
+	}
+	if err := c.SetAddElements(set, el); err != nil {
+		return err
+	}
+	return c.Flush()
+}

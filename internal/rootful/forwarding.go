@@ -1,0 +1,187 @@
+package rootful
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/expr"
+)
+
+// Forwarding. The kernel forwards a packet only if forwarding is on for
+// the interface it arrived on: the sandbox's veth for what it sends, and
+// the host's uplinks for the replies. Where the host does not forward
+// already, childflow turns it on (IPv4: ip_forward; IPv6: the per-link
+// force_forwarding, which, unlike conf.all.forwarding, leaves the
+// host's router advertisements handling alone), records the values it
+// changed, and adds a guard table so that the host still forwards nothing
+// but sandbox traffic. The last rootful sandbox to leave restores them.
+
+const (
+	forwardingFile = ".forwarding.json" // hidden: not a sandbox record
+	guardTable     = "childflow-rootguard"
+	vethPrefix     = "cfr"
+)
+
+// forwardingState holds the original values of what childflow changed.
+type forwardingState struct {
+	// Sysctls maps a /proc/sys path to its value before childflow.
+	Sysctls map[string]string `json:"sysctls"`
+	Guard4  bool              `json:"guard4,omitempty"`
+	Guard6  bool              `json:"guard6,omitempty"`
+}
+
+func readSysctl(path string) string {
+	b, _ := os.ReadFile(path)
+	return strings.TrimSpace(string(b))
+}
+
+func writeSysctl(path, v string) error {
+	if err := os.WriteFile(path, []byte(v), 0o644); err != nil {
+		return fmt.Errorf("setting %s to %s: %w", strings.TrimPrefix(path, "/proc/sys/"), v, err)
+	}
+	return nil
+}
+
+func hostInterfaces() []string {
+	entries, _ := os.ReadDir("/proc/sys/net/ipv6/conf")
+	var out []string
+	for _, e := range entries {
+		n := e.Name()
+		if n != "all" && n != "default" && n != "lo" && !strings.HasPrefix(n, vethPrefix) {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
+// enableForwarding makes the host forward sandbox traffic; the caller
+// holds the directory lock. The state file is written before any value
+// changes.
+func enableForwarding(dir string) error {
+	path := filepath.Join(dir, forwardingFile)
+	var st forwardingState
+	if b, err := os.ReadFile(path); err == nil {
+		json.Unmarshal(b, &st)
+	}
+	if st.Sysctls == nil {
+		st.Sysctls = map[string]string{}
+	}
+	change := map[string]string{}
+	const ipForward = "/proc/sys/net/ipv4/ip_forward"
+	if readSysctl(ipForward) == "0" {
+		change[ipForward] = "1"
+		st.Guard4 = true
+		// Turning ip_forward on sets every link's forwarding: remember
+		// each, so turning it off again restores exactly.
+		for _, ifc := range hostInterfaces() {
+			p := "/proc/sys/net/ipv4/conf/" + ifc + "/forwarding"
+			if _, ok := st.Sysctls[p]; !ok {
+				st.Sysctls[p] = readSysctl(p)
+			}
+		}
+	}
+	if readSysctl("/proc/sys/net/ipv6/conf/all/forwarding") == "0" {
+		for _, ifc := range hostInterfaces() {
+			p := "/proc/sys/net/ipv6/conf/" + ifc + "/force_forwarding"
+			if v := readSysctl(p); v == "0" {
+				change[p] = "1"
+				st.Guard6 = true
+			}
+		}
+	}
+	if len(change) == 0 {
+		return nil
+	}
+	for p := range change {
+		if _, ok := st.Sysctls[p]; !ok {
+			st.Sysctls[p] = readSysctl(p)
+		}
+	}
+	b, _ := json.Marshal(st)
+	if err := os.WriteFile(path, b, 0o600); err != nil {
+		return fmt.Errorf("recording forwarding state: %w", err)
+	}
+	if err := installGuard(st.Guard4, st.Guard6); err != nil {
+		return err
+	}
+	for p, v := range change {
+		if err := writeSysctl(p, v); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// restoreForwarding puts back what enableForwarding changed; the caller
+// holds the lock and knows no rootful sandbox runs.
+func restoreForwarding(dir string) error {
+	path := filepath.Join(dir, forwardingFile)
+	b, err := os.ReadFile(path)
+	if os.IsNotExist(err) {
+		return nil
+	}
+	var st forwardingState
+	json.Unmarshal(b, &st)
+	var errs []error
+	// ip_forward first: writing it resets every link's value, which the
+	// per-link originals then correct.
+	const ipForward = "/proc/sys/net/ipv4/ip_forward"
+	if v, ok := st.Sysctls[ipForward]; ok {
+		if err := writeSysctl(ipForward, v); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	for p, v := range st.Sysctls {
+		if p == ipForward {
+			continue
+		}
+		if _, err := os.Stat(p); err != nil {
+			continue // the link is gone
+		}
+		if readSysctl(p) != v {
+			if err := writeSysctl(p, v); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	if err := deleteTable(guardTable); err != nil {
+		errs = append(errs, err)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	return os.Remove(path)
+}
+
+// installGuard (re)creates the table that keeps the host from
+// forwarding anything but sandbox traffic, per family changed.
+func installGuard(v4, v6 bool) error {
+	c, err := nftables.New()
+	if err != nil {
+		return err
+	}
+	t := &nftables.Table{Family: nftables.TableFamilyINet, Name: guardTable}
+	c.AddTable(t)
+	c.DelTable(t) // start empty whatever a crashed run left
+	n := nft{c: c, t: c.AddTable(t)}
+	ch := c.AddChain(&nftables.Chain{Name: "forward", Table: n.t, Type: nftables.ChainTypeFilter,
+		Hooknum: nftables.ChainHookForward, Priority: nftables.ChainPriorityRef(-10)})
+	for _, fam := range []struct {
+		on  bool
+		is6 bool
+	}{{v4, false}, {v6, true}} {
+		if fam.on {
+			n.rule(ch, cat(family(fam.is6), cmpIf(expr.MetaKeyIIFNAME, vethPrefix+"*", false),
+				cmpIf(expr.MetaKeyOIFNAME, vethPrefix+"*", false), []expr.Any{&expr.Verdict{Kind: expr.VerdictDrop}})...)
+		}
+	}
+	if err := c.Flush(); err != nil {
+		return fmt.Errorf("creating nftables table %s: %w", guardTable, err)
+	}
+	return nil
+}

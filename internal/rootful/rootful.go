@@ -1,0 +1,359 @@
+// Package rootful is the `--root` backend: the sandbox's network
+// namespace gets a veth pair whose host end is routed and masqueraded by
+// the kernel, and one nftables table per sandbox holds NAT and the whole
+// policy. childflow's resolver answers the sandbox's DNS on the gateway
+// and adds the addresses of names that domain rules decide to the
+// table's sets, with their TTL as timeout. Every object is recorded
+// under /run/childflow/root before it exists, so a crashed run's objects
+// are removed by the next run or `childflow cleanup`.
+package rootful
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
+	"github.com/childflow/childflow/engine/dns"
+	"github.com/childflow/childflow/engine/flowlog"
+	"github.com/childflow/childflow/engine/proxy"
+	"github.com/childflow/childflow/internal/netplan"
+	"github.com/childflow/childflow/policy"
+)
+
+// maxSlots bounds concurrent rootful sandboxes on one host (marks,
+// routing tables and NFLOG groups are numbered by slot).
+const maxSlots = 4000
+
+// Config is one rootful sandbox.
+type Config struct {
+	StateDir string // DefaultStateDir when empty
+	MTU      int
+	Policy   *policy.Policy
+	DNS      []netip.AddrPort
+	// Proxy, if set, carries every TCP connection (TPROXY).
+	Proxy *proxy.Proxy
+	// Iface, if set, is the host interface direct traffic and the proxy
+	// connection leave by.
+	Iface string
+	// OnEvent receives the flow events; nil when nobody records them.
+	OnEvent func(flowlog.Event)
+}
+
+// Sandbox is the host side of a running rootful sandbox.
+type Sandbox struct {
+	cfg     Config
+	rec     Record
+	recFile *os.File
+	// Plan is the sandbox's addressing; HostIf the host end of its veth.
+	Plan   netplan.Plan
+	HostIf string
+
+	cache      dns.Cache
+	resolver   *dns.Resolver
+	sets       *domainSets
+	ctx        context.Context
+	cancel     context.CancelFunc
+	closers    []interface{ Close() error }
+	drain      *nflog // the flow-event reader, drained before it closes
+	wg         sync.WaitGroup
+	violations atomic.Uint64
+	nextFlow   atomic.Uint64
+	closeOnce  sync.Once
+	closeErr   error
+}
+
+// Reserve takes a slot and a subnet for a new sandbox and records them;
+// Attach then builds its network. Close undoes either.
+func Reserve(cfg Config) (sb *Sandbox, err error) {
+	if cfg.StateDir == "" {
+		cfg.StateDir = DefaultStateDir
+	}
+	if cfg.MTU == 0 {
+		cfg.MTU = 1500
+	}
+	if cfg.Iface != "" {
+		if _, err = netlink.LinkByName(cfg.Iface); err != nil {
+			return nil, policy.Usagef("invalid --iface %q: no such interface", cfg.Iface)
+		}
+	}
+	unlock, err := lockDir(cfg.StateDir)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	// A killed run's objects go first: they may hold the subnet or slot.
+	cleanupLocked(cfg.StateDir)
+
+	live, _ := records(cfg.StateDir)
+	slot := freeSlot(live)
+	if slot == 0 {
+		return nil, fmt.Errorf("too many rootful sandboxes (%d)", maxSlots)
+	}
+	taken := netplan.Routes()
+	for _, r := range live { // reserved, maybe not routed yet
+		taken = append(taken, r.Plan.Prefix4, r.Plan.Prefix6)
+	}
+	plan, err := netplan.ChooseRoot(taken, cfg.MTU)
+	if err != nil {
+		return nil, err
+	}
+	id := newID()
+	sb = &Sandbox{cfg: cfg, Plan: plan, HostIf: hostIfName(id)}
+	sb.ctx, sb.cancel = context.WithCancel(context.Background())
+	sb.rec = Record{ID: id, Slot: slot, HostIf: sb.HostIf, Table: tableName(id), Plan: plan, Owner: os.Getpid()}
+	if sb.recFile, err = writeRecord(cfg.StateDir, sb.rec); err != nil {
+		return nil, err
+	}
+	return sb, nil
+}
+
+// Attach builds the network of the sandbox whose init is pid (already in
+// its own network namespace). On error the caller Closes.
+func (sb *Sandbox) Attach(pid int) (err error) {
+	cfg, slot := sb.cfg, sb.rec.Slot
+	unlock, err := lockDir(cfg.StateDir)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	if err = enableForwarding(cfg.StateDir); err != nil {
+		return err
+	}
+	if err = sb.createVeth(pid); err != nil {
+		return err
+	}
+	spec := tableSpec{name: sb.rec.Table, hostIf: sb.HostIf, plan: sb.Plan, policy: cfg.Policy,
+		group: slotLogGroup(slot), ctMark: slotMark(slot), dnsPort: 53}
+	if cfg.Iface != "" {
+		iface, err := netlink.LinkByName(cfg.Iface)
+		if err != nil {
+			return policy.Usagef("invalid --iface %q: no such interface", cfg.Iface)
+		}
+		spec.ifMark = ifaceMark(slot)
+		if err = addIfaceRouting(slot, iface); err != nil {
+			return err
+		}
+	}
+	if cfg.Proxy != nil {
+		if cfg.Iface != "" {
+			p := *cfg.Proxy
+			p.DialContext = sb.dialer().DialContext
+			sb.cfg.Proxy = &p
+		}
+		spec.tpMark = tproxyMark(slot)
+		if spec.tproxy, err = sb.startTProxy(); err != nil {
+			return err
+		}
+		if err = addTProxyRouting(slot); err != nil {
+			return err
+		}
+	}
+	if err = installTable(spec); err != nil {
+		return err
+	}
+	sb.sets = &domainSets{table: sb.rec.Table}
+	sb.resolver = &dns.Resolver{Upstreams: cfg.DNS, Policy: cfg.Policy, Cache: &sb.cache, OnQuery: sb.onQuery, Dialer: sb.dialer()}
+	if err = sb.serveDNS(); err != nil {
+		return err
+	}
+	return sb.watchFlows(slotLogGroup(slot))
+}
+
+func newID() string {
+	b := make([]byte, 4)
+	rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+func freeSlot(live []Record) int {
+	used := map[int]bool{}
+	for _, r := range live {
+		used[r.Slot] = true
+	}
+	for s := 1; s <= maxSlots; s++ {
+		if !used[s] {
+			return s
+		}
+	}
+	return 0
+}
+
+// createVeth makes the pair, the host end here and cf0 in the sandbox,
+// and configures both ends.
+func (sb *Sandbox) createVeth(pid int) error {
+	p := sb.Plan
+	la := netlink.NewLinkAttrs()
+	la.Name, la.MTU = sb.HostIf, p.MTU
+	veth := &netlink.Veth{LinkAttrs: la, PeerName: p.Interface, PeerNamespace: netlink.NsPid(pid)}
+	if err := netlink.LinkAdd(veth); err != nil {
+		return fmt.Errorf("creating veth %s: %w", sb.HostIf, err)
+	}
+	host, err := netlink.LinkByName(sb.HostIf)
+	if err != nil {
+		return err
+	}
+	// Forwarding for what arrives from the sandbox: per link, gone with it.
+	writeSysctl("/proc/sys/net/ipv4/conf/"+sb.HostIf+"/forwarding", "1")
+	writeSysctl("/proc/sys/net/ipv6/conf/"+sb.HostIf+"/force_forwarding", "1")
+	writeSysctl("/proc/sys/net/ipv6/conf/"+sb.HostIf+"/accept_ra", "0")
+	h0, err := netlink.NewHandle()
+	if err != nil {
+		return err
+	}
+	defer h0.Close()
+	if err := addrs(h0, host, []netip.Prefix{
+		netip.PrefixFrom(p.Gateway4, p.Prefix4.Bits()), netip.PrefixFrom(p.Gateway6, p.Prefix6.Bits())}); err != nil {
+		return err
+	}
+	if err := netlink.LinkSetUp(host); err != nil {
+		return fmt.Errorf("setting %s up: %w", sb.HostIf, err)
+	}
+
+	ns, err := netns.GetFromPid(pid)
+	if err != nil {
+		return fmt.Errorf("opening the sandbox's network namespace: %w", err)
+	}
+	defer ns.Close()
+	h, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	for _, name := range []string{"lo", p.Interface} {
+		l, err := h.LinkByName(name)
+		if err != nil {
+			return fmt.Errorf("finding %s in the sandbox: %w", name, err)
+		}
+		if name == p.Interface {
+			if err := addrs(h, l, []netip.Prefix{
+				netip.PrefixFrom(p.Sandbox4, p.Prefix4.Bits()), netip.PrefixFrom(p.Sandbox6, p.Prefix6.Bits())}); err != nil {
+				return err
+			}
+		}
+		if err := h.LinkSetUp(l); err != nil {
+			return fmt.Errorf("setting %s up in the sandbox: %w", name, err)
+		}
+	}
+	cf0, _ := h.LinkByName(p.Interface)
+	for _, gw := range []netip.Addr{p.Gateway4, p.Gateway6} {
+		bits := gw.BitLen()
+		r := &netlink.Route{LinkIndex: cf0.Attrs().Index, Gw: gw.AsSlice(),
+			Dst: &net.IPNet{IP: make(net.IP, bits/8), Mask: net.CIDRMask(0, bits)}}
+		if err := h.RouteAdd(r); err != nil {
+			return fmt.Errorf("adding default route via %s in the sandbox: %w", gw, err)
+		}
+	}
+	return nil
+}
+
+// addrs adds addresses without duplicate address detection: the other
+// end is ours, and a tentative address could not be bound yet.
+func addrs(h *netlink.Handle, l netlink.Link, list []netip.Prefix) error {
+	for _, a := range list {
+		ipn := &net.IPNet{IP: a.Addr().AsSlice(), Mask: net.CIDRMask(a.Bits(), a.Addr().BitLen())}
+		if err := h.AddrAdd(l, &netlink.Addr{IPNet: ipn, Flags: unix.IFA_F_NODAD}); err != nil {
+			return fmt.Errorf("adding %s to %s: %w", ipn, l.Attrs().Name, err)
+		}
+	}
+	return nil
+}
+
+// dialer is how childflow's own connections for the sandbox (upstream
+// DNS, the proxy) leave: by --iface when set.
+func (sb *Sandbox) dialer() *net.Dialer {
+	d := &net.Dialer{}
+	if sb.cfg.Iface != "" {
+		iface := sb.cfg.Iface
+		d.Control = func(_, _ string, c syscall.RawConn) error {
+			var serr error
+			c.Control(func(fd uintptr) { serr = unix.BindToDevice(int(fd), iface) })
+			return serr
+		}
+	}
+	return d
+}
+
+// Violations counts the flows the policy denied (--fail-on-leak).
+func (sb *Sandbox) Violations() uint64 { return sb.violations.Load() }
+
+// Close stops the sandbox's services and removes every object it
+// created; the shared forwarding state goes with the last sandbox.
+func (sb *Sandbox) Close() error {
+	sb.closeOnce.Do(func() {
+		if sb.cancel != nil {
+			sb.cancel()
+		}
+		for _, c := range sb.closers {
+			c.Close()
+		}
+		if sb.drain != nil {
+			sb.drain.drain()
+		}
+		sb.wg.Wait()
+		unlock, err := lockDir(sb.cfg.StateDir)
+		if err != nil {
+			sb.closeErr = err
+			return
+		}
+		defer unlock()
+		sb.closeErr = sb.teardownLocked()
+	})
+	return sb.closeErr
+}
+
+func (sb *Sandbox) teardownLocked() error {
+	err := removeObjects(sb.cfg.StateDir, sb.rec)
+	sb.recFile.Close()
+	if live, _ := records(sb.cfg.StateDir); len(live) == 0 {
+		err = errors.Join(err, restoreForwarding(sb.cfg.StateDir))
+	}
+	return err
+}
+
+// emit stamps and delivers one event.
+func (sb *Sandbox) emit(ev flowlog.Event) {
+	if ev.Event == flowlog.PolicyViolation {
+		sb.violations.Add(1)
+	}
+	if sb.cfg.OnEvent == nil {
+		return
+	}
+	ev.SchemaVersion = flowlog.SchemaVersion
+	ev.TsMs = flowlog.Now()
+	ev.Sandbox = sb.rec.ID
+	sb.cfg.OnEvent(ev)
+}
+
+func (sb *Sandbox) violation(ev flowlog.Event, d policy.Decision) {
+	ev.Event, ev.Verdict = flowlog.PolicyViolation, "deny"
+	ev.ReasonCode, ev.Control = d.Reason, d.Control
+	if d.MatchedCIDR.IsValid() {
+		ev.MatchedCIDR = d.MatchedCIDR.String()
+	}
+	ev.MatchedDomain = d.MatchedDomain
+	sb.emit(ev)
+}
+
+// go runs f until Close.
+func (sb *Sandbox) spawn(f func()) {
+	sb.wg.Add(1)
+	go func() {
+		defer sb.wg.Done()
+		f()
+	}()
+}
+
+// SetOnEvent sets the event hook before Attach.
+func (sb *Sandbox) SetOnEvent(f func(flowlog.Event)) { sb.cfg.OnEvent = f }

@@ -1,0 +1,146 @@
+package rootful
+
+import (
+	"errors"
+	"fmt"
+	"net"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// Policy routing of one slot: TPROXY'd packets are delivered locally
+// (mark slotMark|1, table 2*slot), --iface traffic leaves by its
+// interface (mark slotMark|2, table 2*slot+1).
+const rulePriority = 0xcf0
+
+func tproxyMark(slot int) uint32 { return slotMark(slot) | 1 }
+func ifaceMark(slot int) uint32  { return slotMark(slot) | 2 }
+func tproxyTable(slot int) int   { return 0xcf0000 + 2*slot }
+func ifaceTable(slot int) int    { return 0xcf0000 + 2*slot + 1 }
+
+func slotOfTable(table int) (int, bool) {
+	if table < 0xcf0000 || table > 0xcf0000+2*maxSlots+1 {
+		return 0, false
+	}
+	return (table - 0xcf0000) / 2, true
+}
+
+func ipRule(family int, mark uint32, table int) *netlink.Rule {
+	r := netlink.NewRule()
+	r.Family = family
+	r.Mark = mark
+	mask := uint32(0xffffffff)
+	r.Mask = &mask
+	r.Table = table
+	r.Priority = rulePriority
+	return r
+}
+
+var families = []int{netlink.FAMILY_V4, netlink.FAMILY_V6}
+
+// addTProxyRouting routes packets marked by TPROXY to the local stack.
+func addTProxyRouting(slot int) error {
+	lo, err := netlink.LinkByName("lo")
+	if err != nil {
+		return err
+	}
+	for _, fam := range families {
+		bits := 32
+		if fam == netlink.FAMILY_V6 {
+			bits = 128
+		}
+		dst := &net.IPNet{IP: make(net.IP, bits/8), Mask: net.CIDRMask(0, bits)}
+		r := &netlink.Route{LinkIndex: lo.Attrs().Index, Dst: dst, Table: tproxyTable(slot), Type: unix.RTN_LOCAL, Scope: netlink.SCOPE_HOST}
+		if err := netlink.RouteReplace(r); err != nil {
+			return fmt.Errorf("adding local route for TPROXY: %w", err)
+		}
+		if err := netlink.RuleAdd(ipRule(fam, tproxyMark(slot), tproxyTable(slot))); err != nil && !errors.Is(err, unix.EEXIST) {
+			return fmt.Errorf("adding ip rule for TPROXY: %w", err)
+		}
+	}
+	return nil
+}
+
+// addIfaceRouting copies the routes of iface into the slot's table, so
+// that marked packets leave by it whatever the main table prefers.
+func addIfaceRouting(slot int, iface netlink.Link) error {
+	for _, fam := range families {
+		routes, err := netlink.RouteListFiltered(fam, &netlink.Route{LinkIndex: iface.Attrs().Index, Table: unix.RT_TABLE_MAIN},
+			netlink.RT_FILTER_OIF|netlink.RT_FILTER_TABLE)
+		if err != nil {
+			return err
+		}
+		hasDefault := false
+		for _, r := range routes {
+			r.Table = ifaceTable(slot)
+			if r.Dst == nil || isDefault(r.Dst) {
+				hasDefault = true
+			}
+			if err := netlink.RouteReplace(&r); err != nil {
+				return fmt.Errorf("copying route %v of %s: %w", r.Dst, iface.Attrs().Name, err)
+			}
+		}
+		if !hasDefault {
+			// No default route on iface: everything not on one of its
+			// subnets is unreachable through it, not leaked elsewhere.
+			bits := 32
+			if fam == netlink.FAMILY_V6 {
+				bits = 128
+			}
+			r := &netlink.Route{Dst: &net.IPNet{IP: make(net.IP, bits/8), Mask: net.CIDRMask(0, bits)}, Table: ifaceTable(slot), Type: unix.RTN_UNREACHABLE}
+			if err := netlink.RouteReplace(r); err != nil {
+				return fmt.Errorf("adding unreachable default for --iface: %w", err)
+			}
+		}
+		if err := netlink.RuleAdd(ipRule(fam, ifaceMark(slot), ifaceTable(slot))); err != nil && !errors.Is(err, unix.EEXIST) {
+			return fmt.Errorf("adding ip rule for --iface: %w", err)
+		}
+	}
+	return nil
+}
+
+func isDefault(n *net.IPNet) bool { ones, _ := n.Mask.Size(); return ones == 0 }
+
+// removeRouting deletes the slot's rules and flushes its tables.
+func removeRouting(slot int) error {
+	var errs []error
+	for _, fam := range families {
+		for _, rt := range []struct {
+			mark  uint32
+			table int
+		}{{tproxyMark(slot), tproxyTable(slot)}, {ifaceMark(slot), ifaceTable(slot)}} {
+			if err := netlink.RuleDel(ipRule(fam, rt.mark, rt.table)); err != nil && !errors.Is(err, unix.ENOENT) {
+				errs = append(errs, fmt.Errorf("deleting ip rule fwmark %#x: %w", rt.mark, err))
+			}
+			routes, _ := netlink.RouteListFiltered(fam, &netlink.Route{Table: rt.table}, netlink.RT_FILTER_TABLE)
+			for _, r := range routes {
+				if err := netlink.RouteDel(&r); err != nil && !errors.Is(err, unix.ESRCH) {
+					errs = append(errs, fmt.Errorf("deleting route in table %d: %w", rt.table, err))
+				}
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// removeStrayRules removes ip rules of slots no live sandbox holds.
+func removeStrayRules(live map[int]bool) (int, error) {
+	n := 0
+	for _, fam := range families {
+		rules, err := netlink.RuleList(fam)
+		if err != nil {
+			return n, err
+		}
+		for _, r := range rules {
+			slot, ok := slotOfTable(r.Table)
+			if r.Priority != rulePriority || !ok || live[slot] {
+				continue
+			}
+			if removeRouting(slot) == nil {
+				n++
+			}
+		}
+	}
+	return n, nil
+}

@@ -1,0 +1,220 @@
+package rootful
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/childflow/childflow/internal/netplan"
+)
+
+// DefaultStateDir holds a record per live rootful sandbox.
+const DefaultStateDir = "/run/childflow/root"
+
+// Record lists every object a rootful sandbox creates on the host. It is
+// written before the first of them exists; while the sandbox lives its
+// owner holds an flock on it, so a record nobody holds belongs to a
+// crashed run and its objects can go.
+type Record struct {
+	ID     string       `json:"id"`
+	Slot   int          `json:"slot"`
+	HostIf string       `json:"host_if"`
+	Table  string       `json:"table"`
+	Plan   netplan.Plan `json:"plan"`
+	// RouteTable and Mark, when set, are the policy routing of --iface
+	// and TPROXY: ip rules "fwmark Mark lookup RouteTable" (Mark+1 too).
+	RouteTable int    `json:"route_table,omitempty"`
+	Mark       uint32 `json:"mark,omitempty"`
+	Owner      int    `json:"owner_pid"`
+}
+
+// Names derived from the id and the slot, so that a record cut short
+// by a crash still names everything.
+func hostIfName(id string) string      { return "cfr" + id }
+func tableName(id string) string       { return TablePrefix + id }
+func slotMark(slot int) uint32         { return 0xcf000000 | uint32(slot)<<4 }
+func slotRouteTable(slot int) int      { return 0xcf00 + slot }
+func slotLogGroup(slot int) uint16     { return uint16(0xcf00 + slot) }
+func recordPath(dir, id string) string { return filepath.Join(dir, id+".json") }
+
+// lockDir takes the state directory's lock: sandboxes choose subnets and
+// slots, and touch the shared forwarding state, one at a time.
+func lockDir(dir string) (unlock func(), err error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	f, err := os.OpenFile(filepath.Join(dir, ".lock"), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("locking %s: %w", dir, err)
+	}
+	return func() { f.Close() }, nil
+}
+
+// writeRecord creates the record and keeps it locked for the owner.
+func writeRecord(dir string, r Record) (*os.File, error) {
+	f, err := os.OpenFile(recordPath(dir, r.ID), os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("recording sandbox %s: %w", r.ID, err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		return nil, err
+	}
+	if err := rewriteRecord(f, r); err != nil {
+		f.Close()
+		os.Remove(f.Name())
+		return nil, err
+	}
+	return f, nil
+}
+
+func rewriteRecord(f *os.File, r Record) error {
+	b, _ := json.Marshal(r)
+	if err := f.Truncate(0); err != nil {
+		return err
+	}
+	if _, err := f.WriteAt(b, 0); err != nil {
+		return err
+	}
+	return f.Sync()
+}
+
+// records reads every record; held says whether its owner still runs.
+func records(dir string) (live, dead []Record) {
+	entries, _ := os.ReadDir(dir)
+	for _, e := range entries {
+		id, ok := strings.CutSuffix(e.Name(), ".json")
+		if !ok || strings.HasPrefix(id, ".") {
+			continue
+		}
+		f, err := os.OpenFile(filepath.Join(dir, e.Name()), os.O_RDONLY, 0)
+		if err != nil {
+			continue
+		}
+		r := Record{ID: id}
+		var buf [4096]byte
+		if n, _ := f.Read(buf[:]); n > 0 {
+			json.Unmarshal(buf[:n], &r) // a torn record still has its id
+		}
+		r.ID = id
+		if unix.Flock(int(f.Fd()), unix.LOCK_SH|unix.LOCK_NB) == nil {
+			dead = append(dead, r)
+		} else {
+			live = append(live, r)
+		}
+		f.Close()
+	}
+	return live, dead
+}
+
+// removeObjects deletes everything r names. Objects already gone are
+// fine; the record goes last, so a failure leaves it for a later try.
+func removeObjects(dir string, r Record) error {
+	var errs []error
+	if err := deleteTable(tableName(r.ID)); err != nil {
+		errs = append(errs, err)
+	}
+	if link, err := netlink.LinkByName(hostIfName(r.ID)); err == nil {
+		// Deleting one end of the veth deletes both, with their
+		// addresses and routes.
+		if err := netlink.LinkDel(link); err != nil {
+			errs = append(errs, fmt.Errorf("deleting %s: %w", hostIfName(r.ID), err))
+		}
+	}
+	if r.Slot > 0 {
+		if err := removeRouting(r.Slot); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	if err := os.Remove(recordPath(dir, r.ID)); err != nil && !os.IsNotExist(err) {
+		return err
+	}
+	return nil
+}
+
+// CleanupResult says what Cleanup did.
+type CleanupResult struct {
+	Removed []string // sandboxes whose objects were removed
+	Live    []string // sandboxes still running, left alone
+	Orphans []string // objects no record named, removed
+}
+
+// Cleanup removes what crashed rootful runs left behind: the objects of
+// every record no live process holds, tables and links named like ours
+// that no record names, and the shared forwarding state when no rootful
+// sandbox runs any more.
+func Cleanup(dir string) (CleanupResult, error) {
+	var res CleanupResult
+	unlock, err := lockDir(dir)
+	if err != nil {
+		return res, err
+	}
+	defer unlock()
+	return cleanupLocked(dir)
+}
+
+func cleanupLocked(dir string) (CleanupResult, error) {
+	var res CleanupResult
+	var errs []error
+	live, dead := records(dir)
+	known := map[string]bool{}
+	for _, r := range live {
+		known[r.ID] = true
+		res.Live = append(res.Live, r.ID)
+	}
+	for _, r := range dead {
+		if err := removeObjects(dir, r); err != nil {
+			errs = append(errs, fmt.Errorf("sandbox %s: %w", r.ID, err))
+			continue
+		}
+		res.Removed = append(res.Removed, r.ID)
+	}
+	// Objects a run created before its record reached the disk cannot
+	// exist (the record comes first), but a record removed by hand can
+	// leave them: names tell ours.
+	if ts, err := tables(TablePrefix); err == nil {
+		for _, t := range ts {
+			if id := strings.TrimPrefix(t, TablePrefix); !known[id] {
+				if err := deleteTable(t); err == nil {
+					res.Orphans = append(res.Orphans, "nftables table "+t)
+				}
+			}
+		}
+	}
+	if links, err := netlink.LinkList(); err == nil {
+		for _, l := range links {
+			name := l.Attrs().Name
+			if id, ok := strings.CutPrefix(name, "cfr"); ok && l.Type() == "veth" && !known[id] {
+				if netlink.LinkDel(l) == nil {
+					res.Orphans = append(res.Orphans, "link "+name)
+				}
+			}
+		}
+	}
+	liveSlots := map[int]bool{}
+	for _, r := range live {
+		liveSlots[r.Slot] = true
+	}
+	if n, err := removeStrayRules(liveSlots); err == nil && n > 0 {
+		res.Orphans = append(res.Orphans, fmt.Sprintf("%d ip rule(s)", n))
+	}
+	if len(live) == 0 {
+		if err := restoreForwarding(dir); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return res, errors.Join(errs...)
+}

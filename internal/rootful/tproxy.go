@@ -1,0 +1,104 @@
+package rootful
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/childflow/childflow/engine"
+	"github.com/childflow/childflow/engine/flowlog"
+	"github.com/childflow/childflow/policy"
+)
+
+// startTProxy listens, on both gateway addresses and one port, for the
+// TCP connections the table intercepts; each is carried by the proxy.
+func (sb *Sandbox) startTProxy() (uint16, error) {
+	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		c.Control(func(fd uintptr) {
+			serr = unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_TRANSPARENT, 1)
+			if serr == nil {
+				unix.SetsockoptInt(int(fd), unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1)
+			}
+		})
+		return serr
+	}}
+	var port uint16
+	for _, gw := range []netip.Addr{sb.Plan.Gateway4, sb.Plan.Gateway6} {
+		ln, err := lc.Listen(context.Background(), "tcp", netip.AddrPortFrom(gw, port).String())
+		if err != nil {
+			return 0, fmt.Errorf("listening for intercepted connections: %w", err)
+		}
+		sb.closers = append(sb.closers, ln)
+		port = uint16(ln.Addr().(*net.TCPAddr).Port)
+		sb.spawn(func() { sb.acceptIntercepted(ln) })
+	}
+	return port, nil
+}
+
+func (sb *Sandbox) acceptIntercepted(ln net.Listener) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		go sb.proxied(c)
+	}
+}
+
+// proxied decides one intercepted connection as the rootless engine
+// does for a proxied flow, and carries it through the proxy.
+func (sb *Sandbox) proxied(c net.Conn) {
+	defer c.Close()
+	src, _ := netip.ParseAddrPort(c.RemoteAddr().String())
+	dst, _ := netip.ParseAddrPort(c.LocalAddr().String()) // the original destination
+	src, dst = netip.AddrPortFrom(src.Addr().Unmap(), src.Port()), netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
+	names := sb.cache.Names(dst.Addr())
+	ev := flowlog.Event{Event: flowlog.ConnectAttempt, FlowID: sb.nextFlow.Add(1), Proto: "tcp",
+		Src: src.String(), Dst: dst.String(), DstIP: dst.Addr().String(), DstPort: dst.Port(), Names: names}
+	d := sb.cfg.Policy.Decide(policy.Flow{Proto: policy.TCP, Dst: dst, Names: names, ViaProxy: true})
+	if dst.Port() == 853 {
+		d = policy.Decision{Reason: "dns_bypass", Control: "dns"}
+	}
+	ev.Verdict, ev.ReasonCode = "deny", d.Reason
+	if d.Allow {
+		ev.Verdict = "allow"
+	}
+	sb.emit(ev)
+	if !d.Allow {
+		sb.violation(ev, d)
+		resetOnClose(c)
+		return
+	}
+	res := ev
+	res.Proxy, res.ProxyHost = sb.cfg.Proxy.String(), sb.cache.Hostname(dst.Addr())
+	ctx, cancel := context.WithTimeout(sb.ctx, 30*time.Second)
+	up, err := sb.cfg.Proxy.Dial(ctx, dst, res.ProxyHost)
+	cancel()
+	res.Event, res.OK = flowlog.ConnectResult, flowlog.Bool(err == nil)
+	if err != nil {
+		res.Error = err.Error()
+		sb.emit(res)
+		resetOnClose(c)
+		return
+	}
+	sb.emit(res)
+	start := time.Now()
+	bytesUp, bytesDown := engine.Splice(c, up)
+	res.Event, res.OK = flowlog.FlowEnd, nil
+	res.BytesUp, res.BytesDown, res.DurationMs = bytesUp, bytesDown, time.Since(start).Milliseconds()
+	sb.emit(res)
+}
+
+// resetOnClose makes Close send a RST: the client sees the refusal at
+// once, as from the rootless engine.
+func resetOnClose(c net.Conn) {
+	if tc, ok := c.(*net.TCPConn); ok {
+		tc.SetLinger(0)
+	}
+}

@@ -1,0 +1,305 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"math/rand"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// rootArgs runs childflow's rootful backend.
+var rootArgs = []string{"--root"}
+
+func TestRootPolicy(t *testing.T) {
+	requireRoot(t)
+	before := rootHostState(t)
+	for _, tc := range policyCases(hostServer(t)) {
+		t.Run(tc.name, func(t *testing.T) {
+			r := sh(t, root, append(rootArgs, tc.flags...), assertions+tc.script)
+			if r.code != 0 {
+				t.Fatal(r)
+			}
+		})
+	}
+	if after := rootHostState(t); after != before {
+		t.Fatalf("host state changed:\nbefore:\n%s\nafter:\n%s", before, after)
+	}
+}
+
+func TestRootProcessSemantics(t *testing.T) {
+	requireRoot(t)
+	if r := sh(t, root, rootArgs, "exit 7"); r.code != 7 {
+		t.Fatal(r)
+	}
+	if r := sh(t, root, rootArgs, "kill -TERM $$"); r.code != 128+15 {
+		t.Fatal(r)
+	}
+	// Through sudo the command runs as the invoking user, without
+	// capabilities: it cannot change its network.
+	r := execute(t, "env", "SUDO_UID=65534", "SUDO_GID=65534", bin, "--root", "--", "sh", "-c",
+		"id -u; ip route add 10.9.9.0/24 dev cf0 2>/dev/null && echo routed; ip link set cf0 down 2>/dev/null && echo downed; exit 0")
+	if r.code != 0 || strings.TrimSpace(r.stdout) != "65534" {
+		t.Fatal(r)
+	}
+}
+
+func TestRootFlowLogCaptureAndLeak(t *testing.T) {
+	requireRoot(t)
+	dir := t.TempDir()
+	log, pcap := filepath.Join(dir, "flows.jsonl"), filepath.Join(dir, "child.pcapng")
+	r := sh(t, root, append(rootArgs, "--deny-cidr", "203.0.113.20/32", "--flow-log", log, "-c", pcap, "--fail-on-leak", "--summary-format", "json", "--summary"), `
+curl -sS -m4 -o /dev/null http://web.test/
+curl -sS -m4 -o /dev/null http://203.0.113.20/ && exit 9
+echo udp-probe | socat -t1 - UDP:203.0.113.10:7
+exit 0`)
+	if r.code != 3 || !strings.Contains(r.stderr, "--fail-on-leak: 1 flow(s) were blocked") {
+		t.Fatal(r)
+	}
+	var events []map[string]any
+	b, _ := os.ReadFile(log)
+	for _, l := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		var ev map[string]any
+		if err := json.Unmarshal([]byte(l), &ev); err != nil {
+			t.Fatalf("line %q: %v", l, err)
+		}
+		if ev["schema_version"] != 1.0 || ev["ts_ms"] == nil {
+			t.Fatalf("line %q lacks schema_version or ts_ms", l)
+		}
+		events = append(events, ev)
+	}
+	find := func(event, dst string) map[string]any {
+		for _, ev := range events {
+			if ev["event"] == event && (dst == "" || ev["dst"] == dst) {
+				return ev
+			}
+		}
+		t.Fatalf("no %s to %q in:\n%s", event, dst, b)
+		return nil
+	}
+	if ev := find("dns_answer", ""); ev["qname"] != "web.test" {
+		t.Fatalf("dns_answer %v", ev)
+	}
+	if ev := find("connect_attempt", "203.0.113.10:80"); ev["verdict"] != "allow" || ev["proto"] != "tcp" || ev["flow_id"] == nil {
+		t.Fatalf("allowed attempt %v", ev)
+	}
+	if ev := find("connect_attempt", "203.0.113.10:7"); ev["proto"] != "udp" {
+		t.Fatalf("udp attempt %v", ev)
+	}
+	if ev := find("policy_violation", "203.0.113.20:80"); ev["reason_code"] != "deny_cidr" || ev["control"] != "deny_cidrs" || ev["matched_cidr"] != "203.0.113.20/32" {
+		t.Fatalf("violation %v", ev)
+	}
+	if !strings.Contains(r.stderr, `"policy_violation"`) {
+		t.Fatalf("summary: %s", r.stderr)
+	}
+	if d := tshark(t, pcap, "frame.number == 1", "frame.interface_description"); len(d) != 1 || !strings.Contains(d[0], "root backend") {
+		t.Fatalf("interface description %q", d)
+	}
+	if get := tshark(t, pcap, `http.request.method == "GET" && ip.dst == 203.0.113.10`, "http.host"); len(get) != 1 || get[0] != "web.test" {
+		t.Fatalf("GET requests in the capture: %v", get)
+	}
+	if rst := tshark(t, pcap, "tcp.flags.reset == 1 && ip.src == 203.0.113.20", "tcp.srcport"); len(rst) == 0 {
+		t.Fatal("the denied connection was not refused with a reset")
+	}
+}
+
+// TestRootProxy: TCP is intercepted with TPROXY and carried by squid,
+// whatever the client does; with --proxy-only nothing else leaves.
+func TestRootProxy(t *testing.T) {
+	requireRoot(t)
+	log := filepath.Join(t.TempDir(), "flows.jsonl")
+	r := sh(t, root, append(rootArgs, "-p", squidAuth, "-U", "alice", "-P", "s3cret", "--proxy-only", "--flow-log", log), `set -e
+curl -sS -m5 --noproxy '*' http://web.test/
+(echo quit; sleep 1) | nc -w3 web.test 25
+if echo udp-probe | socat -t1 - UDP:203.0.113.10:7 | grep -q udp-probe; then echo UDP-LEAK; fi`)
+	if r.code != 0 || !strings.Contains(r.stdout, "hello from the test internet") || !strings.Contains(r.stdout, "220 banner.test ESMTP ready") || strings.Contains(r.stdout, "UDP-LEAK") {
+		t.Fatal(r)
+	}
+	waitFor(t, squidLog, "CONNECT web.test:25 alice")
+	b, _ := os.ReadFile(log)
+	if !strings.Contains(string(b), `"proxy_host":"web.test"`) || !strings.Contains(string(b), `"reason_code":"proxy_only"`) {
+		t.Fatalf("flow log:\n%s", b)
+	}
+	// A proxy that is down: the connection fails, nothing goes direct.
+	r = sh(t, root, append(rootArgs, "-p", "http://203.0.113.30:3999"), "curl -sS -m5 -o /dev/null http://203.0.113.10/")
+	if r.code == 0 {
+		t.Fatal("reached the web server without the proxy")
+	}
+}
+
+// TestRootIface: a second path to 203.0.113.0/26 through another veth,
+// less preferred by the host's routes; --iface makes the sandbox take it,
+// and its far end counts the packets.
+func TestRootIface(t *testing.T) {
+	requireRoot(t)
+	const ns = "cfe2e-alt"
+	sh := func(script string) {
+		t.Helper()
+		if out, err := exec.Command("sh", "-ec", script).CombinedOutput(); err != nil {
+			t.Fatalf("%s: %v\n%s", script, err, out)
+		}
+	}
+	sh(fmt.Sprintf(`ip netns add %[1]s
+ip link add cfe2e-alt type veth peer name alt0 netns %[1]s
+ip addr add 192.0.2.2/24 dev cfe2e-alt; ip link set cfe2e-alt up
+ip -n %[1]s addr add 192.0.2.1/24 dev alt0; ip -n %[1]s link set alt0 up; ip -n %[1]s link set lo up
+ip -n %[1]s addr add 203.0.113.10/32 dev lo
+ip route add 203.0.113.0/26 via 192.0.2.1 dev cfe2e-alt metric 900
+ip netns exec %[1]s nft add table inet count
+ip netns exec %[1]s nft add chain inet count in '{ type filter hook input priority 0; }'
+ip netns exec %[1]s nft add rule inet count in iifname alt0 tcp dport 80 counter`, ns))
+	t.Cleanup(func() {
+		exec.Command("ip", "route", "del", "203.0.113.0/26", "via", "192.0.2.1").Run()
+		exec.Command("ip", "link", "del", "cfe2e-alt").Run()
+		exec.Command("ip", "netns", "del", ns).Run()
+	})
+	srv := exec.Command("ip", "netns", "exec", ns, "socat", "TCP-LISTEN:80,bind=203.0.113.10,fork,reuseaddr", "SYSTEM:'echo HTTP/1.0 200 OK; echo; echo alternate path'")
+	if err := srv.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Process.Kill(); srv.Wait() })
+	time.Sleep(300 * time.Millisecond)
+	counted := func() int {
+		out, _ := exec.Command("ip", "netns", "exec", ns, "nft", "list", "table", "inet", "count").Output()
+		m := regexp.MustCompile(`packets (\d+)`).FindStringSubmatch(string(out))
+		if m == nil {
+			t.Fatalf("counter: %s", out)
+		}
+		var n int
+		fmt.Sscan(m[1], &n)
+		return n
+	}
+	if r := sh2(t, rootArgs, "curl -sS -m4 http://203.0.113.10/"); r.code != 0 || !strings.Contains(r.stdout, "hello from the test internet") || counted() != 0 {
+		t.Fatalf("without --iface: %s (counted %d)", r, counted())
+	}
+	r := sh2(t, append(rootArgs, "--iface", "cfe2e-alt"), "curl -sS -m4 http://203.0.113.10/")
+	if r.code != 0 || !strings.Contains(r.stdout, "alternate path") || counted() == 0 {
+		t.Fatalf("with --iface: %s (counted %d)", r, counted())
+	}
+	if r := sh2(t, append(rootArgs, "--iface", "nosuchif0"), "true"); r.code != 2 || !strings.Contains(r.stderr, `--iface "nosuchif0"`) {
+		t.Fatal(r)
+	}
+}
+
+func sh2(t *testing.T, flags []string, script string) result {
+	t.Helper()
+	return sh(t, root, flags, script)
+}
+
+// rootHostState is what a rootful run could leave behind: nftables,
+// links, ip rules, routes, forwarding sysctls and its state directory
+// (but its lock file).
+func rootHostState(t *testing.T) string {
+	t.Helper()
+	var b strings.Builder
+	for _, argv := range [][]string{{"nft", "list", "ruleset"}, {"ip", "-o", "link", "show"}, {"ip", "rule"}, {"ip", "-6", "rule"},
+		{"ip", "route", "show", "table", "all"}, {"ip", "-6", "route", "show", "table", "all"}} {
+		out, err := exec.Command(argv[0], argv[1:]...).Output()
+		if err != nil {
+			t.Fatalf("%v: %v", argv, err)
+		}
+		// Link counters and ids change by themselves; names do not.
+		for _, l := range strings.Split(string(out), "\n") {
+			if strings.Contains(l, "fe80::") {
+				continue // link-local addresses come when DAD ends, childflow or not
+			}
+			if argv[1] == "-o" {
+				if f := strings.Fields(l); len(f) > 1 {
+					l = f[1]
+				}
+			}
+			fmt.Fprintln(&b, l)
+		}
+	}
+	var sysctls []string
+	for _, pat := range []string{"/proc/sys/net/ipv4/ip_forward", "/proc/sys/net/ipv4/conf/*/forwarding", "/proc/sys/net/ipv6/conf/*/forwarding", "/proc/sys/net/ipv6/conf/*/force_forwarding"} {
+		files, _ := filepath.Glob(pat)
+		for _, f := range files {
+			v, _ := os.ReadFile(f)
+			sysctls = append(sysctls, f+"="+strings.TrimSpace(string(v)))
+		}
+	}
+	sort.Strings(sysctls)
+	b.WriteString(strings.Join(sysctls, "\n"))
+	entries, _ := os.ReadDir("/run/childflow/root")
+	for _, e := range entries {
+		if e.Name() != ".lock" {
+			fmt.Fprintln(&b, "\nstate", e.Name())
+		}
+	}
+	return b.String()
+}
+
+// TestRootStress starts 50 rootful sandboxes, ten at a time, kills half
+// of them with SIGKILL at random points of their life (setup included),
+// runs `childflow cleanup`, and expects the host exactly as before.
+func TestRootStress(t *testing.T) {
+	requireRoot(t)
+	before := rootHostState(t)
+	rng := rand.New(rand.NewSource(time.Now().UnixNano()))
+	delays := make([]time.Duration, 50)
+	for i := range delays {
+		if i%2 == 0 {
+			delays[i] = time.Duration(rng.Intn(1500)) * time.Millisecond
+		}
+	}
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, 10)
+	var mu sync.Mutex
+	var failures []string
+	for i, delay := range delays {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+			defer cancel()
+			cmd := command(ctx, root, "--root", "--dns", "203.0.113.53", "--deny-cidr", "203.0.113.20/32", "--", "sh", "-c",
+				"curl -sS -m5 -o /dev/null http://web.test/ && sleep 1")
+			out := &strings.Builder{}
+			cmd.Stdout, cmd.Stderr = out, out
+			if err := cmd.Start(); err != nil {
+				t.Error(err)
+				return
+			}
+			if delay > 0 {
+				time.Sleep(delay)
+				cmd.Process.Kill()
+				cmd.Wait()
+				return
+			}
+			if err := cmd.Wait(); err != nil {
+				mu.Lock()
+				failures = append(failures, fmt.Sprintf("sandbox %d: %v: %s", i, err, out))
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	if len(failures) > 0 {
+		t.Errorf("%d of the 25 sandboxes left to run failed:\n%s", len(failures), strings.Join(failures, "\n"))
+	}
+	r := run(t, root, "cleanup")
+	if r.code != 0 {
+		t.Fatal(r)
+	}
+	var after string
+	for i := 0; i < 30; i++ {
+		if after = rootHostState(t); after == before {
+			return
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Fatalf("host state changed:\nbefore:\n%s\nafter:\n%s\ncleanup said:\n%s", before, after, r)
+}
