@@ -20,7 +20,7 @@ go build -o "$work/childflow" ./cmd/childflow
 go build -o "$work/connbench" ./hack/connbench
 CF="$work/childflow"
 CB="$work/connbench"
-ENVS="native childflow-65520 childflowobserved-65520 childflow-1500 childflowsquid-65520 slirp4netns-65520 slirp4netns-1500 pasta-65520 pasta-1500"
+ENVS="native childflow-65520 childflowobserved-65520 childflow-1500 childflowsquid-65520 childflowroot-1500 childflowroot-65520 slirp4netns-65520 slirp4netns-1500 pasta-65520 pasta-1500"
 
 pids=()
 cleanup() {
@@ -35,6 +35,12 @@ trap cleanup EXIT
 iperf3 -s -B 127.0.0.1 -p 5201 >/dev/null 2>&1 &
 pids+=($!)
 "$CB" serve 127.0.0.1:5300 &
+pids+=($!)
+# The rootful sandbox reaches the host on its veth's gateway address, not
+# loopback: a second pair of servers on every address.
+iperf3 -s -p 5202 >/dev/null 2>&1 &
+pids+=($!)
+"$CB" serve 0.0.0.0:5301 &
 pids+=($!)
 # squid for the proxied row: childflow -p forces the flow through CONNECT.
 mkdir -p "$work/squid" && chmod 777 "$work/squid"
@@ -64,6 +70,11 @@ run_in() {
 		"$CF" --flow-log "$work/flows.jsonl" -c "$work/capture.pcapng" --allow-cidr 10.87.0.1/32 --allow-cidr 172.29.87.1/32 --allow-cidr 192.168.187.1/32 -- \
 			sh -c 'GW=$(ip -4 route show default | cut -d" " -f3) exec "$@"' sh "$@"
 		rm -f "$work/flows.jsonl" "$work/capture.pcapng"
+		;;
+	childflowroot-*)
+		# Kernel forwarding: the veth's MTU is the path's.
+		"$CF" --root --mtu "${env#childflowroot-}" --allow-cidr 10.88.0.0/16 -- \
+			sh -c 'GW=$(ip -4 route show default | cut -d" " -f3) exec "$@"' sh "$@"
 		;;
 	childflowsquid-*)
 		"$CF" -p http://127.0.0.1:3140 --allow-cidr 10.87.0.1/32 --allow-cidr 172.29.87.1/32 --allow-cidr 192.168.187.1/32 -- \
@@ -107,8 +118,9 @@ start_pasta() {
 }
 
 gbps() { jq -r '.end.sum_received.bits_per_second / 1e9 | . * 100 | round / 100'; }
-throughput() { run_in "$1" sh -c 'iperf3 -c "$GW" -p 5201 -t '"$T"' -J' | gbps; }
-connrate() { run_in "$1" sh -c '"$0" client "$GW:5300" '"$N" "$CB"; }
+port() { case "$1" in childflowroot-*) echo "$3" ;; *) echo "$2" ;; esac; }
+throughput() { run_in "$1" sh -c 'iperf3 -c "$GW" -p '"$(port "$1" 5201 5202)"' -t '"$T"' -J' | gbps; }
+connrate() { run_in "$1" sh -c '"$0" client "$GW:'"$(port "$1" 5300 5301)"'" '"$N" "$CB"; }
 
 declare -A tput rate
 for env in $ENVS; do
@@ -126,7 +138,7 @@ hf() {
 	hyperfine -N --warmup 3 --runs "${BENCH_RUNS:-30}" --export-json "$work/hf.json" "$@" >/dev/null 2>&1
 	jq -r '.results[].mean * 1000 | . * 10 | round / 10' "$work/hf.json"
 }
-mapfile -t starts < <(hf "/bin/true" "$CF -- /bin/true" "pasta --config-net --runas 0 -q -a 10.0.2.15 -n 24 -g 10.0.2.2 /bin/true")
+mapfile -t starts < <(hf "/bin/true" "$CF -- /bin/true" "$CF --root -- /bin/true" "pasta --config-net --runas 0 -q -a 10.0.2.15 -n 24 -g 10.0.2.2 /bin/true")
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "n/a" }'; }
 over() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f ms", a - b }'; }
@@ -144,6 +156,7 @@ over() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f ms", a - b }'; }
 		[ "$env" = native ] && name="native loopback" mtu=65536
 		[ "${env%-*}" = childflowsquid ] && name="childflow via squid CONNECT"
 		[ "${env%-*}" = childflowobserved ] && name="childflow + flow log + capture"
+		[ "${env%-*}" = childflowroot ] && name="childflow --root (veth, nftables)"
 		echo "| $name | $mtu | ${tput[$env]} Gbit/s | $(ratio "${tput[$env]}" "${tput[native]}") | ${rate[$env]} | $(ratio "${rate[$env]}" "${rate[native]}") |"
 	done
 	echo
@@ -151,7 +164,8 @@ over() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f ms", a - b }'; }
 	echo "|---|---|---|"
 	echo "| /bin/true | ${starts[0]} ms | |"
 	echo "| childflow -- /bin/true | ${starts[1]} ms | $(over "${starts[1]}" "${starts[0]}") |"
-	echo "| pasta --config-net /bin/true | ${starts[2]} ms | $(over "${starts[2]}" "${starts[0]}") |"
+	echo "| childflow --root -- /bin/true | ${starts[2]} ms | $(over "${starts[2]}" "${starts[0]}") |"
+	echo "| pasta --config-net /bin/true | ${starts[3]} ms | $(over "${starts[3]}" "${starts[0]}") |"
 } >"$work/table.md"
 mkdir -p "$(dirname "$OUT")"
 # Hand-written analysis below the marker survives a new run.

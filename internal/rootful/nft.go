@@ -30,6 +30,10 @@ type tableSpec struct {
 	tpMark  uint32 // packet mark that routes TPROXY'd packets locally
 	ifMark  uint32 // packet mark that routes through --iface, 0 for none
 	dnsPort uint16 // the resolver's port on the gateway addresses
+	// logAllowed logs allowed flows too; without a flow log or summary
+	// only denials are (--fail-on-leak counts them), sparing each new
+	// connection a trip to userspace.
+	logAllowed bool
 }
 
 // Set names; the 4 and 6 variants hold each family.
@@ -215,10 +219,14 @@ func installTable(s tableSpec) error {
 			// Only the proxy may carry traffic; it never passes here.
 			return logged(s.group, logDeny+policy.ReasonProxyOnly, refused)
 		}
-		return append([]expr.Any{
+		mark := []expr.Any{
 			&expr.Immediate{Register: 1, Data: binaryutil.NativeEndian.PutUint32(s.ctMark)},
 			&expr.Ct{Key: expr.CtKeyMARK, Register: 1, SourceRegister: true},
-		}, logged(s.group, logAllow+reason, accept)...)
+		}
+		if !s.logAllowed {
+			return append(mark, accept)
+		}
+		return append(mark, logged(s.group, logAllow+reason, accept)...)
 	}
 	deny := func(reason string) []expr.Any { return logged(s.group, logDeny+reason, refused) }
 	inSet := func(name string, is6 bool) []expr.Any {

@@ -135,7 +135,7 @@ func (sb *Sandbox) Attach(pid int) (err error) {
 		return err
 	}
 	spec := tableSpec{name: sb.rec.Table, hostIf: sb.HostIf, plan: sb.Plan, policy: cfg.Policy,
-		group: slotLogGroup(slot), ctMark: slotMark(slot), dnsPort: 53}
+		group: slotLogGroup(slot), ctMark: slotMark(slot), dnsPort: 53, logAllowed: cfg.OnEvent != nil}
 	if cfg.Iface != "" {
 		iface, err := netlink.LinkByName(cfg.Iface)
 		if err != nil {
