@@ -13,7 +13,6 @@ import (
 	"net/netip"
 	"os"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/childflow/childflow/engine/dns"
@@ -80,9 +79,8 @@ type Engine struct {
 	flows  chan struct{} // semaphore of open flows
 	dnsSem chan struct{} // semaphore of queries waiting for upstream
 
-	nextFlow   atomic.Uint64
-	violations atomic.Uint64
-	closeOnce  sync.Once
+	events    flowlog.Emitter
+	closeOnce sync.Once
 }
 
 // New validates cfg. Nothing runs until Start.
@@ -106,7 +104,8 @@ func New(cfg Config) (*Engine, error) {
 	}
 	e := &Engine{cfg: cfg, flows: make(chan struct{}, cfg.MaxFlows), dnsSem: make(chan struct{}, cfg.MaxDNSInFlight)}
 	e.policy = withHostAddrs(cfg.Policy, cfg.Plan)
-	e.resolver = &dns.Resolver{Upstreams: cfg.DNS, Policy: e.policy, Cache: &e.cache, OnQuery: e.logQuery, OnUpstream: cfg.OnUpstream}
+	e.events.Sandbox, e.events.OnEvent = cfg.ID, cfg.OnEvent
+	e.resolver = &dns.Resolver{Upstreams: cfg.DNS, Policy: e.policy, Cache: &e.cache, OnQuery: func(q dns.Query) { q.Log(&e.events) }, OnUpstream: cfg.OnUpstream}
 	return e, nil
 }
 
@@ -196,33 +195,14 @@ func (e *Engine) Close() error {
 }
 
 // Violations is the number of policy violations so far (--fail-on-leak).
-func (e *Engine) Violations() uint64 { return e.violations.Load() }
-
-func (e *Engine) emit(ev flowlog.Event) {
-	if ev.Event == flowlog.PolicyViolation {
-		e.violations.Add(1)
-	}
-	if e.cfg.OnEvent == nil {
-		return
-	}
-	ev.SchemaVersion = flowlog.SchemaVersion
-	ev.TsMs = flowlog.Now()
-	ev.Sandbox = e.cfg.ID
-	e.cfg.OnEvent(ev)
-}
-
-// flowEvent starts an event about one flow.
-func flowEvent(kind string, id uint64, proto policy.Proto, src, dst netip.AddrPort, names []string) flowlog.Event {
-	return flowlog.Event{Event: kind, FlowID: id, Proto: string(proto), Src: src.String(), Dst: dst.String(),
-		DstIP: dst.Addr().String(), DstPort: dst.Port(), Names: names}
-}
+func (e *Engine) Violations() uint64 { return e.events.Violations() }
 
 // admit logs a new flow's connect_attempt and decides it. A denied flow
 // is logged as a policy_violation and admit returns false. DNS over TLS
 // or QUIC (port 853) is always denied: no resolver but the engine's.
 func (e *Engine) admit(proto policy.Proto, src, dst netip.AddrPort, viaProxy bool) (flowlog.Event, bool) {
 	names := e.cache.Names(dst.Addr())
-	ev := flowEvent(flowlog.ConnectAttempt, e.nextFlow.Add(1), proto, src, dst, names)
+	ev := e.events.Flow(proto, src, dst, names)
 	if e.cfg.SandboxPID != 0 && e.cfg.OnEvent != nil && proto != policy.ICMP {
 		// Only when someone records events: this reads the sandbox's /proc.
 		if o, ok := procnet.Find(e.cfg.SandboxPID, string(proto), src); ok {
@@ -230,49 +210,10 @@ func (e *Engine) admit(proto policy.Proto, src, dst netip.AddrPort, viaProxy boo
 		}
 	}
 	d := e.policy.Decide(policy.Flow{Proto: proto, Dst: dst, Names: names, ViaProxy: viaProxy})
-	if dst.Port() == portDoT && proto != policy.ICMP {
-		d = dnsBypass
+	if dst.Port() == policy.PortDoT && proto != policy.ICMP {
+		d = policy.DNSBypass
 	}
-	ev.Verdict, ev.ReasonCode = verdict(d), d.Reason
-	e.emit(ev)
-	if !d.Allow {
-		e.violation(ev, d)
-	}
-	return ev, d.Allow
-}
-
-// logResult emits res as the flow's connect_result: ok, or the error.
-func (e *Engine) logResult(res flowlog.Event, err error) {
-	res.Event, res.OK = flowlog.ConnectResult, flowlog.Bool(err == nil)
-	if err != nil {
-		res.Error = err.Error()
-	}
-	e.emit(res)
-}
-
-// logEnd emits the flow_end of a flow whose connect_result was res.
-func (e *Engine) logEnd(res flowlog.Event, up, down int64, start time.Time) {
-	res.Event, res.OK = flowlog.FlowEnd, nil
-	res.BytesUp, res.BytesDown, res.DurationMs = up, down, time.Since(start).Milliseconds()
-	e.emit(res)
-}
-
-func (e *Engine) violation(ev flowlog.Event, d policy.Decision) {
-	ev.Event = flowlog.PolicyViolation
-	ev.Verdict = "deny"
-	ev.ReasonCode, ev.Control = d.Reason, d.Control
-	if d.MatchedCIDR.IsValid() {
-		ev.MatchedCIDR = d.MatchedCIDR.String()
-	}
-	ev.MatchedDomain = d.MatchedDomain
-	e.emit(ev)
-}
-
-func verdict(d policy.Decision) string {
-	if d.Allow {
-		return "allow"
-	}
-	return "deny"
+	return e.events.Attempt(ev, d), d.Allow
 }
 
 // acquire reserves a flow slot; false when the sandbox has too many flows.
@@ -300,14 +241,9 @@ func (e *Engine) upstreamAddr(dst netip.AddrPort) netip.AddrPort {
 	return netip.AddrPortFrom(a, dst.Port())
 }
 
-// Special ports: DNS anywhere is answered by the engine's resolver, and
-// DNS over TLS or QUIC is refused, so no resolver but ours is reachable.
-const (
-	portDNS = 53
-	portDoT = 853
-)
-
-var dnsBypass = policy.Decision{Reason: "dns_bypass", Control: "dns"}
+// DNS anywhere is answered by the engine's resolver (DNS over TLS or
+// QUIC is refused: policy.DNSBypass), so no resolver but ours is reachable.
+const portDNS = 53
 
 // upstreamOpen tells OnUpstream about remote and returns the matching
 // done call.

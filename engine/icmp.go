@@ -36,7 +36,7 @@ func (e *Engine) handleEcho(req netstack.EchoRequest, reply func()) {
 		if err == nil {
 			reply()
 		}
-		e.logResult(res, err)
+		e.events.Result(res, err)
 	}()
 }
 

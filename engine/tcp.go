@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/childflow/childflow/engine/dns"
-	"github.com/childflow/childflow/engine/flowlog"
 	"github.com/childflow/childflow/engine/netstack"
 	"github.com/childflow/childflow/policy"
 )
@@ -25,7 +24,7 @@ func (e *Engine) handleTCP(r *netstack.TCPRequest) {
 		// DNS over TCP to any address is answered by our resolver.
 		c, err := r.Accept()
 		if err == nil {
-			e.serveDNSConn(c)
+			dns.ServeTCP(e.ctx, e.resolver, c)
 		}
 		return
 	}
@@ -57,18 +56,18 @@ func (e *Engine) handleTCP(r *netstack.TCPRequest) {
 	}
 	cancel()
 	if err != nil {
-		e.logResult(res, err)
+		e.events.Result(res, err)
 		r.Reject()
 		return
 	}
 	sandbox, err := r.Accept()
-	e.logResult(res, err)
+	e.events.Result(res, err)
 	if err != nil {
 		upstream.Close()
 		return
 	}
 	bytesUp, bytesDown := Splice(sandbox, upstream)
-	e.logEnd(res, bytesUp, bytesDown, start)
+	e.events.End(res, bytesUp, bytesDown, time.Since(start).Milliseconds())
 }
 
 var bufPool = sync.Pool{New: func() any { b := make([]byte, 256<<10); return &b }}
@@ -123,22 +122,6 @@ func copyHalf(dst, src net.Conn) int64 {
 	}
 }
 
-// serveDNSConn answers DNS over TCP on one connection.
-func (e *Engine) serveDNSConn(c net.Conn) {
-	defer c.Close()
-	for {
-		c.SetReadDeadline(time.Now().Add(30 * time.Second))
-		msg, err := dns.ReadTCPMessage(c)
-		if err != nil {
-			return
-		}
-		resp := e.resolver.Answer(e.ctx, msg, true)
-		if resp == nil || dns.WriteTCPMessage(c, resp) != nil {
-			return
-		}
-	}
-}
-
 func (e *Engine) serveDNSListener(ln net.Listener) {
 	for {
 		c, err := ln.Accept()
@@ -152,22 +135,7 @@ func (e *Engine) serveDNSListener(ln net.Listener) {
 		}
 		go func() {
 			defer e.release()
-			e.serveDNSConn(c)
+			dns.ServeTCP(e.ctx, e.resolver, c)
 		}()
 	}
-}
-
-func (e *Engine) logQuery(q dns.Query) {
-	ev := flowlog.Event{Event: flowlog.DNSQuery, QName: q.Name, QType: q.Type, Proto: "dns"}
-	e.emit(ev)
-	if !q.Decision.Allow {
-		v := ev
-		v.MatchedDomain = q.Decision.MatchedDomain
-		e.violation(v, q.Decision)
-	}
-	ev.Event, ev.RCode, ev.Answers, ev.Upstream = flowlog.DNSAnswer, q.RCode, q.Answers, q.Upstream
-	if q.Err != nil {
-		ev.Error = q.Err.Error()
-	}
-	e.emit(ev)
 }

@@ -38,13 +38,13 @@ func (e *Engine) handleUDP(f *netstack.UDPFlow) {
 	cancel()
 	res := ev
 	res.Upstream = up.String()
-	e.logResult(res, err)
+	e.events.Result(res, err)
 	if err != nil {
 		return
 	}
 	start := time.Now()
 	bytesUp, bytesDown := e.relayUDP(f.Conn, host)
-	e.logEnd(res, bytesUp, bytesDown, start)
+	e.events.End(res, bytesUp, bytesDown, time.Since(start).Milliseconds())
 }
 
 // idleCloser closes conns once nothing has moved for the idle timeout,

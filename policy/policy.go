@@ -74,12 +74,26 @@ const (
 	ReasonDefaultAllow    = "default_allow"
 	ReasonDefaultDeny     = "default_deny"
 	ReasonProxyOnly       = "proxy_only"
+	ReasonDNSBypass       = "dns_bypass"
 )
 
-func deny(reason, control string) Decision { return Decision{Reason: reason, Control: control} }
+// controls names the setting behind each reason code: the flow log's
+// control.
+var controls = map[string]string{
+	ReasonOffline: "offline", ReasonMetadata: "block_metadata", ReasonPrivate: "block_private",
+	ReasonHost: "host", ReasonDenyCIDR: "deny_cidrs", ReasonDenyDomainExact: "deny_domains_exact",
+	ReasonDenyDomain: "deny_domains", ReasonAllowCIDR: "allow_cidrs", ReasonAllowDomExact: "allow_domains_exact",
+	ReasonAllowDomain: "allow_domains", ReasonDefaultAllow: "default_policy", ReasonDefaultDeny: "default_policy",
+	ReasonProxyOnly: "proxy_only", ReasonDNSBypass: "dns",
+}
 
-func denyCIDR(reason, control string, m netip.Prefix) Decision {
-	return Decision{Reason: reason, Control: control, MatchedCIDR: m}
+// ControlOf returns the control of a reason code.
+func ControlOf(reason string) string { return controls[reason] }
+
+func deny(reason string) Decision { return Decision{Reason: reason, Control: controls[reason]} }
+
+func denyCIDR(reason string, m netip.Prefix) Decision {
+	return Decision{Reason: reason, Control: controls[reason], MatchedCIDR: m}
 }
 
 // Decide applies the rules in the documented order: offline > metadata >
@@ -89,38 +103,38 @@ func (p *Policy) Decide(f Flow) Decision {
 	addrs := Embedded(f.Dst.Addr())
 	d := p.decide(addrs, f.Names)
 	if d.Allow && p.ProxyOnly && !f.ViaProxy {
-		return deny(ReasonProxyOnly, "proxy_only")
+		return deny(ReasonProxyOnly)
 	}
 	return d
 }
 
 func (p *Policy) decide(addrs []netip.Addr, names []string) Decision {
 	if p.Offline {
-		return deny(ReasonOffline, "offline")
+		return deny(ReasonOffline)
 	}
 	if p.BlockMetadata {
 		if m, ok := firstMatch(MetadataAddrs, addrs); ok {
-			return denyCIDR(ReasonMetadata, "block_metadata", m)
+			return denyCIDR(ReasonMetadata, m)
 		}
 	}
 	if p.BlockPrivate {
 		if m, ok := firstMatch(PrivateRanges, addrs); ok {
-			return denyCIDR(ReasonPrivate, "block_private", m)
+			return denyCIDR(ReasonPrivate, m)
 		}
 	}
 	if m, ok := firstMatch(p.DenyCIDRs, addrs); ok {
-		return denyCIDR(ReasonDenyCIDR, "deny_cidrs", m)
+		return denyCIDR(ReasonDenyCIDR, m)
 	}
 	for _, n := range names {
 		if matchExact(p.DenyDomainsExact, n) != "" {
-			d := deny(ReasonDenyDomainExact, "deny_domains_exact")
+			d := deny(ReasonDenyDomainExact)
 			d.MatchedDomain = n
 			return d
 		}
 	}
 	for _, n := range names {
 		if m := matchSuffix(p.DenyDomains, n); m != "" {
-			d := deny(ReasonDenyDomain, "deny_domains")
+			d := deny(ReasonDenyDomain)
 			d.MatchedDomain = m
 			return d
 		}
@@ -128,29 +142,29 @@ func (p *Policy) decide(addrs []netip.Addr, names []string) Decision {
 	// Allow rules must hold for every address the destination stands for,
 	// so a mapped or tunnelled form cannot borrow another's allowance.
 	if m, ok := allMatch(p.AllowCIDRs, addrs); ok {
-		return Decision{Allow: true, Reason: ReasonAllowCIDR, Control: "allow_cidrs", MatchedCIDR: m}
+		return Decision{Allow: true, Reason: ReasonAllowCIDR, Control: controls[ReasonAllowCIDR], MatchedCIDR: m}
 	}
 	// The host is reachable only through an explicit allow-cidr; a domain
 	// rule must not open it (DNS rebinding to 127.0.0.1 or the host).
 	for _, host := range [][]netip.Prefix{hostRanges, p.HostAddrs} {
 		if m, ok := firstMatch(host, addrs); ok {
-			return denyCIDR(ReasonHost, "host", m)
+			return denyCIDR(ReasonHost, m)
 		}
 	}
 	for _, n := range names {
 		if matchExact(p.AllowDomainsExact, n) != "" {
-			return Decision{Allow: true, Reason: ReasonAllowDomExact, Control: "allow_domains_exact", MatchedDomain: n}
+			return Decision{Allow: true, Reason: ReasonAllowDomExact, Control: controls[ReasonAllowDomExact], MatchedDomain: n}
 		}
 	}
 	for _, n := range names {
 		if m := matchSuffix(p.AllowDomains, n); m != "" {
-			return Decision{Allow: true, Reason: ReasonAllowDomain, Control: "allow_domains", MatchedDomain: m}
+			return Decision{Allow: true, Reason: ReasonAllowDomain, Control: controls[ReasonAllowDomain], MatchedDomain: m}
 		}
 	}
 	if p.DefaultDeny {
-		return deny(ReasonDefaultDeny, "default_policy")
+		return deny(ReasonDefaultDeny)
 	}
-	return Decision{Allow: true, Reason: ReasonDefaultAllow, Control: "default_policy"}
+	return Decision{Allow: true, Reason: ReasonDefaultAllow, Control: controls[ReasonDefaultAllow]}
 }
 
 // DecideName says whether the engine's resolver may resolve name. Denied
@@ -160,24 +174,24 @@ func (p *Policy) decide(addrs []netip.Addr, names []string) Decision {
 func (p *Policy) DecideName(name string) Decision {
 	name = NormalizeName(name)
 	if p.Offline {
-		return deny(ReasonOffline, "offline")
+		return deny(ReasonOffline)
 	}
 	if matchExact(p.DenyDomainsExact, name) != "" {
-		return Decision{Reason: ReasonDenyDomainExact, Control: "deny_domains_exact", MatchedDomain: name}
+		return Decision{Reason: ReasonDenyDomainExact, Control: controls[ReasonDenyDomainExact], MatchedDomain: name}
 	}
 	if m := matchSuffix(p.DenyDomains, name); m != "" {
-		return Decision{Reason: ReasonDenyDomain, Control: "deny_domains", MatchedDomain: m}
+		return Decision{Reason: ReasonDenyDomain, Control: controls[ReasonDenyDomain], MatchedDomain: m}
 	}
 	if matchExact(p.AllowDomainsExact, name) != "" {
-		return Decision{Allow: true, Reason: ReasonAllowDomExact, Control: "allow_domains_exact", MatchedDomain: name}
+		return Decision{Allow: true, Reason: ReasonAllowDomExact, Control: controls[ReasonAllowDomExact], MatchedDomain: name}
 	}
 	if m := matchSuffix(p.AllowDomains, name); m != "" {
-		return Decision{Allow: true, Reason: ReasonAllowDomain, Control: "allow_domains", MatchedDomain: m}
+		return Decision{Allow: true, Reason: ReasonAllowDomain, Control: controls[ReasonAllowDomain], MatchedDomain: m}
 	}
 	if p.DefaultDeny && !p.resolvesUnlistedNames() {
-		return deny(ReasonDefaultDeny, "default_policy")
+		return deny(ReasonDefaultDeny)
 	}
-	return Decision{Allow: true, Reason: ReasonDefaultAllow, Control: "default_policy"}
+	return Decision{Allow: true, Reason: ReasonDefaultAllow, Control: controls[ReasonDefaultAllow]}
 }
 
 // resolvesUnlistedNames: under default deny with only CIDR allowances the
@@ -225,3 +239,11 @@ func allMatch(prefixes []netip.Prefix, addrs []netip.Addr) (netip.Prefix, bool) 
 	}
 	return first, first.IsValid()
 }
+
+// PortDoT is DNS over TLS and over QUIC: always refused, so that no
+// resolver but childflow's answers the sandbox and domain rules see
+// every answer.
+const PortDoT = 853
+
+// DNSBypass is the decision for a flow to PortDoT.
+var DNSBypass = Decision{Reason: ReasonDNSBypass, Control: controls[ReasonDNSBypass]}

@@ -13,6 +13,8 @@ import (
 
 	mdns "github.com/miekg/dns"
 
+	"github.com/childflow/childflow/engine/flowlog"
+
 	"github.com/childflow/childflow/policy"
 )
 
@@ -253,4 +255,38 @@ func WriteTCPMessage(w io.Writer, msg []byte) error {
 	copy(b[2:], msg)
 	_, err := w.Write(b)
 	return err
+}
+
+// ServeTCP answers DNS over TCP on one connection until it is idle for
+// 30 s or closed, and closes it.
+func ServeTCP(ctx context.Context, r *Resolver, c net.Conn) {
+	defer c.Close()
+	for {
+		c.SetReadDeadline(time.Now().Add(30 * time.Second))
+		msg, err := ReadTCPMessage(c)
+		if err != nil {
+			return
+		}
+		resp := r.Answer(ctx, msg, true)
+		if resp == nil || WriteTCPMessage(c, resp) != nil {
+			return
+		}
+	}
+}
+
+// Log emits the query's dns_query and dns_answer, and its
+// policy_violation when the name was denied.
+func (q Query) Log(em *flowlog.Emitter) {
+	ev := flowlog.Event{Event: flowlog.DNSQuery, QName: q.Name, QType: q.Type, Proto: "dns"}
+	em.Emit(ev)
+	if !q.Decision.Allow {
+		v := ev
+		v.MatchedDomain = q.Decision.MatchedDomain
+		em.Violation(v, q.Decision)
+	}
+	ev.Event, ev.RCode, ev.Answers, ev.Upstream = flowlog.DNSAnswer, q.RCode, q.Answers, q.Upstream
+	if q.Err != nil {
+		ev.Error = q.Err.Error()
+	}
+	em.Emit(ev)
 }

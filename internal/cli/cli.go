@@ -259,8 +259,7 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	var violations func() uint64
 	var stop func()
 	if o.root {
-		rootNet.SetOnEvent(events)
-		err = rootNet.Attach(sb.Pid())
+		err = rootNet.Attach(sb.Pid(), events)
 		if err == nil {
 			err = captures.startLink(rootNet.HostIf)
 		}

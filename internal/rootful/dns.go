@@ -9,7 +9,6 @@ import (
 	"github.com/google/nftables"
 
 	"github.com/childflow/childflow/engine/dns"
-	"github.com/childflow/childflow/engine/flowlog"
 	"github.com/childflow/childflow/policy"
 )
 
@@ -56,20 +55,7 @@ func (sb *Sandbox) serveTCP(ln net.Listener) {
 		if err != nil {
 			return
 		}
-		go func() {
-			defer c.Close()
-			for {
-				c.SetReadDeadline(time.Now().Add(30 * time.Second))
-				msg, err := dns.ReadTCPMessage(c)
-				if err != nil {
-					return
-				}
-				resp := sb.resolver.Answer(sb.ctx, msg, true)
-				if resp == nil || dns.WriteTCPMessage(c, resp) != nil {
-					return
-				}
-			}
-		}()
+		go dns.ServeTCP(sb.ctx, sb.resolver, c)
 	}
 }
 
@@ -98,18 +84,7 @@ func (sb *Sandbox) onQuery(q dns.Query) {
 			q.Err = err
 		}
 	}
-	ev := flowlog.Event{Event: flowlog.DNSQuery, QName: q.Name, QType: q.Type, Proto: "dns"}
-	sb.emit(ev)
-	if !q.Decision.Allow {
-		v := ev
-		v.MatchedDomain = q.Decision.MatchedDomain
-		sb.violation(v, q.Decision)
-	}
-	ev.Event, ev.RCode, ev.Answers, ev.Upstream = flowlog.DNSAnswer, q.RCode, q.Answers, q.Upstream
-	if q.Err != nil {
-		ev.Error = q.Err.Error()
-	}
-	sb.emit(ev)
+	q.Log(&sb.events)
 }
 
 // domainSets updates the timeout sets of one table.

@@ -2,24 +2,12 @@ package rootful
 
 import (
 	"strings"
-	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
 
-	"github.com/childflow/childflow/engine/flowlog"
 	"github.com/childflow/childflow/policy"
 )
-
-// controls names the policy control behind each reason code, as the
-// rootless engine reports it.
-var controls = map[string]string{
-	policy.ReasonOffline: "offline", policy.ReasonMetadata: "block_metadata", policy.ReasonPrivate: "block_private",
-	policy.ReasonDenyCIDR: "deny_cidrs", policy.ReasonDenyDomain: "deny_domains", policy.ReasonDenyDomainExact: "deny_domains_exact",
-	policy.ReasonAllowCIDR: "allow_cidrs", policy.ReasonAllowDomain: "allow_domains", policy.ReasonAllowDomExact: "allow_domains_exact",
-	policy.ReasonHost: "host", policy.ReasonDefaultAllow: "default_policy", policy.ReasonDefaultDeny: "default_policy",
-	policy.ReasonProxyOnly: "proxy_only", "dns_bypass": "dns",
-}
 
 // watchFlows turns the table's logged verdicts into connect_attempt and
 // policy_violation events. A flow whose first packets are retried before
@@ -31,8 +19,7 @@ func (sb *Sandbox) watchFlows(group uint16) error {
 	}
 	// Closed after the reader is done: Close drains it first.
 	sb.drain = l
-	seen := map[flowKey]time.Time{}
-	var mu sync.Mutex
+	seen := map[flowKey]time.Time{} // the reader's alone
 	sb.spawn(func() {
 		for {
 			pkts, err := l.read()
@@ -44,7 +31,6 @@ func (sb *Sandbox) watchFlows(group uint16) error {
 				continue // ENOBUFS: events were lost, go on
 			}
 			now := time.Now()
-			mu.Lock()
 			for k, t := range seen {
 				if now.Sub(t) > 5*time.Second {
 					delete(seen, k)
@@ -61,7 +47,6 @@ func (sb *Sandbox) watchFlows(group uint16) error {
 				seen[k] = now
 				sb.flowDecided(k, p.prefix)
 			}
-			mu.Unlock()
 		}
 	})
 	return nil
@@ -83,21 +68,16 @@ func (sb *Sandbox) flowDecided(k flowKey, prefix string) {
 	allow := strings.HasPrefix(prefix, logAllow)
 	reason := strings.TrimSpace(prefix[min(len(prefix), len(logAllow)):])
 	proto := protoOf(k.proto)
-	dst := k.dst
-	names := sb.cache.Names(dst.Addr())
-	ev := flowlog.Event{Event: flowlog.ConnectAttempt, FlowID: sb.nextFlow.Add(1), Proto: string(proto),
-		Src: k.src.String(), Dst: dst.String(), DstIP: dst.Addr().String(), DstPort: dst.Port(), Names: names}
-	ev.Verdict, ev.ReasonCode = "deny", reason
-	if allow {
-		ev.Verdict = "allow"
+	names := sb.cache.Names(k.dst.Addr())
+	ev := sb.events.Flow(proto, k.src, k.dst, names)
+	d := policy.Decision{Allow: allow, Reason: reason, Control: policy.ControlOf(reason)}
+	if !allow {
+		// The kernel's verdict stands; asking the policy again finds the
+		// rule that matched.
+		again := sb.cfg.Policy.Decide(policy.Flow{Proto: proto, Dst: k.dst, Names: names})
+		if again.Reason == reason || reason == policy.ReasonDenyDomain && again.Reason == policy.ReasonDenyDomainExact {
+			d = again
+		}
 	}
-	sb.emit(ev)
-	if allow {
-		return
-	}
-	d := sb.cfg.Policy.Decide(policy.Flow{Proto: proto, Dst: dst, Names: names})
-	if d.Reason != reason && !(reason == policy.ReasonDenyDomain && d.Reason == policy.ReasonDenyDomainExact) {
-		d = policy.Decision{Reason: reason, Control: controls[reason]}
-	}
-	sb.violation(ev, d)
+	sb.events.Attempt(ev, d)
 }

@@ -10,6 +10,8 @@ import (
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
+
+	"github.com/childflow/childflow/internal/nftexpr"
 )
 
 // Forwarding. The kernel forwards a packet only if forwarding is on for
@@ -176,8 +178,8 @@ func installGuard(v4, v6 bool) error {
 		is6 bool
 	}{{v4, false}, {v6, true}} {
 		if fam.on {
-			n.rule(ch, cat(family(fam.is6), cmpIf(expr.MetaKeyIIFNAME, vethPrefix+"*", false),
-				cmpIf(expr.MetaKeyOIFNAME, vethPrefix+"*", false), []expr.Any{&expr.Verdict{Kind: expr.VerdictDrop}})...)
+			n.rule(ch, nftexpr.Cat(nftexpr.Family(fam.is6), nftexpr.IfName(expr.MetaKeyIIFNAME, vethPrefix+"*", false),
+				nftexpr.IfName(expr.MetaKeyOIFNAME, vethPrefix+"*", false), []expr.Any{&expr.Verdict{Kind: expr.VerdictDrop}})...)
 		}
 	}
 	if err := c.Flush(); err != nil {

@@ -18,7 +18,6 @@ import (
 	"net/netip"
 	"os"
 	"sync"
-	"sync/atomic"
 	"syscall"
 
 	"github.com/vishvananda/netlink"
@@ -47,8 +46,6 @@ type Config struct {
 	// Iface, if set, is the host interface direct traffic and the proxy
 	// connection leave by.
 	Iface string
-	// OnEvent receives the flow events; nil when nobody records them.
-	OnEvent func(flowlog.Event)
 }
 
 // Sandbox is the host side of a running rootful sandbox.
@@ -60,18 +57,18 @@ type Sandbox struct {
 	Plan   netplan.Plan
 	HostIf string
 
-	cache      dns.Cache
-	resolver   *dns.Resolver
-	sets       *domainSets
-	ctx        context.Context
-	cancel     context.CancelFunc
-	closers    []interface{ Close() error }
-	drain      *nflog // the flow-event reader, drained before it closes
-	wg         sync.WaitGroup
-	violations atomic.Uint64
-	nextFlow   atomic.Uint64
-	closeOnce  sync.Once
-	closeErr   error
+	iface     netlink.Link // --iface, nil for none
+	events    flowlog.Emitter
+	cache     dns.Cache
+	resolver  *dns.Resolver
+	sets      *domainSets
+	ctx       context.Context
+	cancel    context.CancelFunc
+	closers   []interface{ Close() error }
+	drain     *nflog // the flow-event reader, drained before it closes
+	wg        sync.WaitGroup
+	closeOnce sync.Once
+	closeErr  error
 }
 
 // Reserve takes a slot and a subnet for a new sandbox and records them;
@@ -83,8 +80,9 @@ func Reserve(cfg Config) (sb *Sandbox, err error) {
 	if cfg.MTU == 0 {
 		cfg.MTU = 1500
 	}
+	var iface netlink.Link
 	if cfg.Iface != "" {
-		if _, err = netlink.LinkByName(cfg.Iface); err != nil {
+		if iface, err = netlink.LinkByName(cfg.Iface); err != nil {
 			return nil, policy.Usagef("invalid --iface %q: no such interface", cfg.Iface)
 		}
 	}
@@ -94,9 +92,7 @@ func Reserve(cfg Config) (sb *Sandbox, err error) {
 	}
 	defer unlock()
 	// A killed run's objects go first: they may hold the subnet or slot.
-	cleanupLocked(cfg.StateDir)
-
-	live, _ := records(cfg.StateDir)
+	live, _, _ := removeDead(cfg.StateDir)
 	slot := freeSlot(live)
 	if slot == 0 {
 		return nil, fmt.Errorf("too many rootful sandboxes (%d)", maxSlots)
@@ -110,7 +106,8 @@ func Reserve(cfg Config) (sb *Sandbox, err error) {
 		return nil, err
 	}
 	id := newID()
-	sb = &Sandbox{cfg: cfg, Plan: plan, HostIf: hostIfName(id)}
+	sb = &Sandbox{cfg: cfg, Plan: plan, HostIf: hostIfName(id), iface: iface}
+	sb.events.Sandbox = id
 	sb.ctx, sb.cancel = context.WithCancel(context.Background())
 	sb.rec = Record{ID: id, Slot: slot, HostIf: sb.HostIf, Table: tableName(id), Plan: plan, Owner: os.Getpid()}
 	if sb.recFile, err = writeRecord(cfg.StateDir, sb.rec); err != nil {
@@ -120,8 +117,10 @@ func Reserve(cfg Config) (sb *Sandbox, err error) {
 }
 
 // Attach builds the network of the sandbox whose init is pid (already in
-// its own network namespace). On error the caller Closes.
-func (sb *Sandbox) Attach(pid int) (err error) {
+// its own network namespace); onEvent, nil when nobody records them,
+// receives its flow events. On error the caller Closes.
+func (sb *Sandbox) Attach(pid int, onEvent func(flowlog.Event)) (err error) {
+	sb.events.OnEvent = onEvent
 	cfg, slot := sb.cfg, sb.rec.Slot
 	unlock, err := lockDir(cfg.StateDir)
 	if err != nil {
@@ -135,14 +134,10 @@ func (sb *Sandbox) Attach(pid int) (err error) {
 		return err
 	}
 	spec := tableSpec{name: sb.rec.Table, hostIf: sb.HostIf, plan: sb.Plan, policy: cfg.Policy,
-		group: slotLogGroup(slot), ctMark: slotMark(slot), dnsPort: 53, logAllowed: cfg.OnEvent != nil}
-	if cfg.Iface != "" {
-		iface, err := netlink.LinkByName(cfg.Iface)
-		if err != nil {
-			return policy.Usagef("invalid --iface %q: no such interface", cfg.Iface)
-		}
+		group: slotLogGroup(slot), logAllowed: onEvent != nil}
+	if sb.iface != nil {
 		spec.ifMark = ifaceMark(slot)
-		if err = addIfaceRouting(slot, iface); err != nil {
+		if err = addIfaceRouting(slot, sb.iface); err != nil {
 			return err
 		}
 	}
@@ -286,7 +281,7 @@ func (sb *Sandbox) dialer() *net.Dialer {
 }
 
 // Violations counts the flows the policy denied (--fail-on-leak).
-func (sb *Sandbox) Violations() uint64 { return sb.violations.Load() }
+func (sb *Sandbox) Violations() uint64 { return sb.events.Violations() }
 
 // Close stops the sandbox's services and removes every object it
 // created; the shared forwarding state goes with the last sandbox.
@@ -322,31 +317,7 @@ func (sb *Sandbox) teardownLocked() error {
 	return err
 }
 
-// emit stamps and delivers one event.
-func (sb *Sandbox) emit(ev flowlog.Event) {
-	if ev.Event == flowlog.PolicyViolation {
-		sb.violations.Add(1)
-	}
-	if sb.cfg.OnEvent == nil {
-		return
-	}
-	ev.SchemaVersion = flowlog.SchemaVersion
-	ev.TsMs = flowlog.Now()
-	ev.Sandbox = sb.rec.ID
-	sb.cfg.OnEvent(ev)
-}
-
-func (sb *Sandbox) violation(ev flowlog.Event, d policy.Decision) {
-	ev.Event, ev.Verdict = flowlog.PolicyViolation, "deny"
-	ev.ReasonCode, ev.Control = d.Reason, d.Control
-	if d.MatchedCIDR.IsValid() {
-		ev.MatchedCIDR = d.MatchedCIDR.String()
-	}
-	ev.MatchedDomain = d.MatchedDomain
-	sb.emit(ev)
-}
-
-// go runs f until Close.
+// spawn runs f until Close.
 func (sb *Sandbox) spawn(f func()) {
 	sb.wg.Add(1)
 	go func() {
@@ -354,6 +325,3 @@ func (sb *Sandbox) spawn(f func()) {
 		f()
 	}()
 }
-
-// SetOnEvent sets the event hook before Attach.
-func (sb *Sandbox) SetOnEvent(f func(flowlog.Event)) { sb.cfg.OnEvent = f }

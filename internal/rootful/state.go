@@ -27,15 +27,12 @@ type Record struct {
 	HostIf string       `json:"host_if"`
 	Table  string       `json:"table"`
 	Plan   netplan.Plan `json:"plan"`
-	// RouteTable and Mark, when set, are the policy routing of --iface
-	// and TPROXY: ip rules "fwmark Mark lookup RouteTable" (Mark+1 too).
-	RouteTable int    `json:"route_table,omitempty"`
-	Mark       uint32 `json:"mark,omitempty"`
-	Owner      int    `json:"owner_pid"`
+	Owner  int          `json:"owner_pid"`
 }
 
-// Names derived from the id and the slot, so that a record cut short
-// by a crash still names everything.
+// Names derived from the id and the slot (the slot's marks and routing
+// tables are in routing.go), so that a record cut short by a crash still
+// names everything.
 func hostIfName(id string) string      { return "cfr" + id }
 func tableName(id string) string       { return TablePrefix + id }
 func slotMark(slot int) uint32         { return 0xcf000000 | uint32(slot)<<4 }
@@ -166,25 +163,34 @@ func Cleanup(dir string) (CleanupResult, error) {
 	return cleanupLocked(dir)
 }
 
-func cleanupLocked(dir string) (CleanupResult, error) {
-	var res CleanupResult
+// removeDead removes the objects of every record no live process holds;
+// it returns the live records and the ids it removed.
+func removeDead(dir string) (live []Record, removed []string, err error) {
 	var errs []error
 	live, dead := records(dir)
-	known := map[string]bool{}
-	for _, r := range live {
-		known[r.ID] = true
-		res.Live = append(res.Live, r.ID)
-	}
 	for _, r := range dead {
 		if err := removeObjects(dir, r); err != nil {
 			errs = append(errs, fmt.Errorf("sandbox %s: %w", r.ID, err))
 			continue
 		}
-		res.Removed = append(res.Removed, r.ID)
+		removed = append(removed, r.ID)
+	}
+	return live, removed, errors.Join(errs...)
+}
+
+func cleanupLocked(dir string) (CleanupResult, error) {
+	var res CleanupResult
+	live, removed, err := removeDead(dir)
+	res.Removed = removed
+	errs := []error{err}
+	known := map[string]bool{}
+	for _, r := range live {
+		known[r.ID] = true
+		res.Live = append(res.Live, r.ID)
 	}
 	// Objects a run created before its record reached the disk cannot
 	// exist (the record comes first), but a record removed by hand can
-	// leave them: names tell ours.
+	// leave them: names tell ours. Only here, not at every run's start.
 	if ts, err := tables(TablePrefix); err == nil {
 		for _, t := range ts {
 			if id := strings.TrimPrefix(t, TablePrefix); !known[id] {

@@ -11,7 +11,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/childflow/childflow/engine"
-	"github.com/childflow/childflow/engine/flowlog"
 	"github.com/childflow/childflow/policy"
 )
 
@@ -59,40 +58,27 @@ func (sb *Sandbox) proxied(c net.Conn) {
 	dst, _ := netip.ParseAddrPort(c.LocalAddr().String()) // the original destination
 	src, dst = netip.AddrPortFrom(src.Addr().Unmap(), src.Port()), netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
 	names := sb.cache.Names(dst.Addr())
-	ev := flowlog.Event{Event: flowlog.ConnectAttempt, FlowID: sb.nextFlow.Add(1), Proto: "tcp",
-		Src: src.String(), Dst: dst.String(), DstIP: dst.Addr().String(), DstPort: dst.Port(), Names: names}
 	d := sb.cfg.Policy.Decide(policy.Flow{Proto: policy.TCP, Dst: dst, Names: names, ViaProxy: true})
-	if dst.Port() == 853 {
-		d = policy.Decision{Reason: "dns_bypass", Control: "dns"}
+	if dst.Port() == policy.PortDoT {
+		d = policy.DNSBypass
 	}
-	ev.Verdict, ev.ReasonCode = "deny", d.Reason
-	if d.Allow {
-		ev.Verdict = "allow"
-	}
-	sb.emit(ev)
+	res := sb.events.Attempt(sb.events.Flow(policy.TCP, src, dst, names), d)
 	if !d.Allow {
-		sb.violation(ev, d)
 		resetOnClose(c)
 		return
 	}
-	res := ev
 	res.Proxy, res.ProxyHost = sb.cfg.Proxy.String(), sb.cache.Hostname(dst.Addr())
 	ctx, cancel := context.WithTimeout(sb.ctx, 30*time.Second)
 	up, err := sb.cfg.Proxy.Dial(ctx, dst, res.ProxyHost)
 	cancel()
-	res.Event, res.OK = flowlog.ConnectResult, flowlog.Bool(err == nil)
+	sb.events.Result(res, err)
 	if err != nil {
-		res.Error = err.Error()
-		sb.emit(res)
 		resetOnClose(c)
 		return
 	}
-	sb.emit(res)
 	start := time.Now()
 	bytesUp, bytesDown := engine.Splice(c, up)
-	res.Event, res.OK = flowlog.FlowEnd, nil
-	res.BytesUp, res.BytesDown, res.DurationMs = bytesUp, bytesDown, time.Since(start).Milliseconds()
-	sb.emit(res)
+	sb.events.End(res, bytesUp, bytesDown, time.Since(start).Milliseconds())
 }
 
 // resetOnClose makes Close send a RST: the client sees the refusal at

@@ -6,9 +6,9 @@ import (
 	"strings"
 
 	"github.com/google/nftables"
-	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
-	"golang.org/x/sys/unix"
+
+	"github.com/childflow/childflow/internal/nftexpr"
 )
 
 // HostGuardTable names the host-side table that guards one pod's veth.
@@ -33,7 +33,7 @@ func InstallHostGuard(table, hostIf string, keep []netip.Prefix) error {
 	accept := &expr.Verdict{Kind: expr.VerdictAccept}
 	fromPod := []expr.Any{
 		&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ifname(hostIf)},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: nftexpr.IfNameBytes(hostIf)},
 	}
 	with := func(more ...expr.Any) []expr.Any { return append(append([]expr.Any{}, fromPod...), more...) }
 	// Before the host's own filters (priority filter - 10): a drop here is final.
@@ -41,22 +41,10 @@ func InstallHostGuard(table, hostIf string, keep []netip.Prefix) error {
 	for _, hook := range []*nftables.ChainHook{nftables.ChainHookForward, nftables.ChainHookInput} {
 		ch := c.AddChain(&nftables.Chain{Name: map[bool]string{true: "forward", false: "input"}[hook == nftables.ChainHookForward],
 			Table: t, Type: nftables.ChainTypeFilter, Hooknum: hook, Priority: prio})
-		established := binaryutil.NativeEndian.PutUint32(expr.CtStateBitESTABLISHED | expr.CtStateBitRELATED)
-		c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: with(
-			&expr.Ct{Key: expr.CtKeySTATE, Register: 1},
-			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: established, Xor: make([]byte, 4)},
-			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: make([]byte, 4)},
-			accept,
-		)})
-		c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: with(
-			&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
-			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_ICMPV6}},
-			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 1},
-			&expr.Range{Op: expr.CmpOpEq, Register: 1, FromData: []byte{133}, ToData: []byte{136}},
-			accept,
-		)})
+		c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: with(append(nftexpr.Established(), accept)...)})
+		c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: with(append(nftexpr.NeighbourDiscovery(), accept)...)})
 		for _, k := range keep {
-			c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: with(append(daddrIn(k), accept)...)})
+			c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: with(append(nftexpr.DaddrIn(k), accept)...)})
 		}
 		c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: with(&expr.Verdict{Kind: expr.VerdictDrop})})
 	}

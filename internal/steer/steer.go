@@ -22,6 +22,8 @@ import (
 	"github.com/google/nftables/expr"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/childflow/childflow/internal/nftexpr"
 )
 
 const (
@@ -217,12 +219,6 @@ func addRules() error {
 	return nil
 }
 
-func ifname(n string) []byte {
-	b := make([]byte, unix.IFNAMSIZ)
-	copy(b, n)
-	return b
-}
-
 // installTable creates, in one transaction:
 //
 //	table inet childflow {
@@ -255,8 +251,8 @@ func installTable(netns int, cfg Config) error {
 
 	c.AddRule(&nftables.Rule{Table: t, Chain: inbound, Exprs: []expr.Any{
 		&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
-		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: ifname("lo")},
-		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: ifname(tunName)},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: nftexpr.IfNameBytes("lo")},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: nftexpr.IfNameBytes(tunName)},
 		&expr.Ct{Key: expr.CtKeySTATE, Register: 1},
 		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: binaryutil.NativeEndian.PutUint32(expr.CtStateBitNEW), Xor: zero},
 		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: zero},
@@ -272,7 +268,7 @@ func installTable(netns int, cfg Config) error {
 	for _, name := range []string{"lo", tunName} {
 		c.AddRule(&nftables.Rule{Table: t, Chain: egress, Exprs: []expr.Any{
 			&expr.Meta{Key: expr.MetaKeyOIFNAME, Register: 1},
-			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ifname(name)},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: nftexpr.IfNameBytes(name)},
 			accept,
 		}})
 	}
@@ -281,62 +277,18 @@ func installTable(netns int, cfg Config) error {
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: mark},
 		accept,
 	}})
-	c.AddRule(&nftables.Rule{Table: t, Chain: egress, Exprs: []expr.Any{
-		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_ICMPV6}},
-		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 1},
-		&expr.Range{Op: expr.CmpOpEq, Register: 1, FromData: []byte{133}, ToData: []byte{136}},
-		accept,
-	}})
+	c.AddRule(&nftables.Rule{Table: t, Chain: egress, Exprs: nftexpr.Cat(nftexpr.NeighbourDiscovery(), []expr.Any{accept})})
 	for _, k := range keep {
-		c.AddRule(&nftables.Rule{Table: t, Chain: egress, Exprs: append(daddrIn(k), accept)})
+		c.AddRule(&nftables.Rule{Table: t, Chain: egress, Exprs: append(nftexpr.DaddrIn(k), accept)})
 	}
 	c.AddRule(&nftables.Rule{Table: t, Chain: egress, Exprs: []expr.Any{&expr.Verdict{Kind: expr.VerdictDrop}}})
 	if len(cfg.DNS) > 0 {
 		dns := c.AddChain(&nftables.Chain{Name: "dns", Table: t, Type: nftables.ChainTypeNAT, Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityNATDest})
 		for _, to := range cfg.DNS {
 			for _, proto := range []byte{unix.IPPROTO_UDP, unix.IPPROTO_TCP} {
-				c.AddRule(&nftables.Rule{Table: t, Chain: dns, Exprs: dnatDNS(to, proto)})
+				c.AddRule(&nftables.Rule{Table: t, Chain: dns, Exprs: nftexpr.Cat(nftexpr.IfName(expr.MetaKeyOIFNAME, "lo", false), nftexpr.DNSTo(to, proto))})
 			}
 		}
 	}
 	return c.Flush()
-}
-
-// daddrIn matches packets to the prefix p.
-func daddrIn(p netip.Prefix) []expr.Any {
-	proto, offset := byte(unix.NFPROTO_IPV4), uint32(16)
-	if p.Addr().Is6() {
-		proto, offset = unix.NFPROTO_IPV6, 24
-	}
-	n := uint32(p.Addr().BitLen() / 8)
-	mask := net.CIDRMask(p.Bits(), p.Addr().BitLen())
-	return []expr.Any{
-		&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{proto}},
-		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: offset, Len: n},
-		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: n, Mask: mask, Xor: make([]byte, n)},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: p.Masked().Addr().AsSlice()},
-	}
-}
-
-// dnatDNS sends DNS of one family and protocol, except on lo, to the
-// engine's resolver at to.
-func dnatDNS(to netip.Addr, proto byte) []expr.Any {
-	family := byte(unix.NFPROTO_IPV4)
-	if to.Is6() {
-		family = unix.NFPROTO_IPV6
-	}
-	return []expr.Any{
-		&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{family}},
-		&expr.Meta{Key: expr.MetaKeyOIFNAME, Register: 1},
-		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: ifname("lo")},
-		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{proto}},
-		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.BigEndian.PutUint16(53)},
-		&expr.Immediate{Register: 1, Data: to.AsSlice()},
-		&expr.NAT{Type: expr.NATTypeDestNAT, Family: uint32(family), RegAddrMin: 1},
-	}
 }

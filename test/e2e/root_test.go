@@ -143,13 +143,13 @@ if echo udp-probe | socat -t1 - UDP:203.0.113.10:7 | grep -q udp-probe; then ech
 func TestRootIface(t *testing.T) {
 	requireRoot(t)
 	const ns = "cfe2e-alt"
-	sh := func(script string) {
+	setup := func(script string) {
 		t.Helper()
 		if out, err := exec.Command("sh", "-ec", script).CombinedOutput(); err != nil {
 			t.Fatalf("%s: %v\n%s", script, err, out)
 		}
 	}
-	sh(fmt.Sprintf(`ip netns add %[1]s
+	setup(fmt.Sprintf(`ip netns add %[1]s
 ip link add cfe2e-alt type veth peer name alt0 netns %[1]s
 ip addr add 192.0.2.2/24 dev cfe2e-alt; ip link set cfe2e-alt up
 ip -n %[1]s addr add 192.0.2.1/24 dev alt0; ip -n %[1]s link set alt0 up; ip -n %[1]s link set lo up
@@ -179,21 +179,16 @@ ip netns exec %[1]s nft add rule inet count in iifname alt0 tcp dport 80 counter
 		fmt.Sscan(m[1], &n)
 		return n
 	}
-	if r := sh2(t, rootArgs, "curl -sS -m4 http://203.0.113.10/"); r.code != 0 || !strings.Contains(r.stdout, "hello from the test internet") || counted() != 0 {
+	if r := sh(t, root, rootArgs, "curl -sS -m4 http://203.0.113.10/"); r.code != 0 || !strings.Contains(r.stdout, "hello from the test internet") || counted() != 0 {
 		t.Fatalf("without --iface: %s (counted %d)", r, counted())
 	}
-	r := sh2(t, append(rootArgs, "--iface", "cfe2e-alt"), "curl -sS -m4 http://203.0.113.10/")
+	r := sh(t, root, append(rootArgs, "--iface", "cfe2e-alt"), "curl -sS -m4 http://203.0.113.10/")
 	if r.code != 0 || !strings.Contains(r.stdout, "alternate path") || counted() == 0 {
 		t.Fatalf("with --iface: %s (counted %d)", r, counted())
 	}
-	if r := sh2(t, append(rootArgs, "--iface", "nosuchif0"), "true"); r.code != 2 || !strings.Contains(r.stderr, `--iface "nosuchif0"`) {
+	if r := sh(t, root, append(rootArgs, "--iface", "nosuchif0"), "true"); r.code != 2 || !strings.Contains(r.stderr, `--iface "nosuchif0"`) {
 		t.Fatal(r)
 	}
-}
-
-func sh2(t *testing.T, flags []string, script string) result {
-	t.Helper()
-	return sh(t, root, flags, script)
 }
 
 // rootHostState is what a rootful run could leave behind: nftables,

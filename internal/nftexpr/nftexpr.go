@@ -1,0 +1,163 @@
+// Package nftexpr builds the nftables expressions childflow's tables are
+// made of (github.com/google/nftables/expr), shared by the rootful
+// backend and the steering of shared namespaces.
+package nftexpr
+
+import (
+	"net"
+	"net/netip"
+	"strings"
+
+	"github.com/google/nftables/binaryutil"
+	"github.com/google/nftables/expr"
+	"golang.org/x/sys/unix"
+)
+
+// Cat joins expression lists into one rule.
+func Cat(parts ...[]expr.Any) []expr.Any {
+	var out []expr.Any
+	for _, p := range parts {
+		out = append(out, p...)
+	}
+	return out
+}
+
+// Logged logs to NFLOG group with prefix, then applies v.
+func Logged(group uint16, prefix string, v *expr.Verdict) []expr.Any {
+	return []expr.Any{
+		&expr.Log{Key: 1<<unix.NFTA_LOG_GROUP | 1<<unix.NFTA_LOG_PREFIX, Group: group, Data: []byte(prefix)},
+		v,
+	}
+}
+
+// IfName matches (eq) or excludes (!eq) one interface by name; a name
+// ending in '*' matches as a prefix.
+func IfName(key expr.MetaKey, name string, eq bool) []expr.Any {
+	op := expr.CmpOpEq
+	if !eq {
+		op = expr.CmpOpNeq
+	}
+	data := []byte(name)
+	if strings.HasSuffix(name, "*") {
+		data = data[:len(data)-1]
+	} else {
+		data = IfNameBytes(name)
+	}
+	return []expr.Any{&expr.Meta{Key: key, Register: 1}, &expr.Cmp{Op: op, Register: 1, Data: data}}
+}
+
+// IfNameBytes pads an interface name as the kernel compares it.
+func IfNameBytes(n string) []byte {
+	b := make([]byte, unix.IFNAMSIZ)
+	copy(b, n)
+	return b
+}
+
+// NFProto is the netfilter family number of IPv4 or IPv6.
+func NFProto(is6 bool) uint32 {
+	if is6 {
+		return unix.NFPROTO_IPV6
+	}
+	return unix.NFPROTO_IPV4
+}
+
+// Family matches packets of one IP family (in inet tables).
+func Family(is6 bool) []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{byte(NFProto(is6))}},
+	}
+}
+
+// DaddrOffset is where the destination address sits in the IP header.
+func DaddrOffset(is6 bool) uint32 {
+	if is6 {
+		return 24
+	}
+	return 16
+}
+
+// AddrLen is the length of an address of the family.
+func AddrLen(is6 bool) uint32 {
+	if is6 {
+		return 16
+	}
+	return 4
+}
+
+// L4 matches one transport protocol.
+func L4(proto byte) []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{proto}},
+	}
+}
+
+// Dport matches a TCP or UDP destination port (after L4).
+func Dport(port uint16) []expr.Any {
+	return []expr.Any{
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.BigEndian.PutUint16(port)},
+	}
+}
+
+// Daddr matches packets to a.
+func Daddr(a netip.Addr) []expr.Any {
+	return DaddrIn(netip.PrefixFrom(a, a.BitLen()))
+}
+
+// NotDaddr matches packets of a's family to any other address.
+func NotDaddr(a netip.Addr) []expr.Any {
+	is6 := a.Is6()
+	return Cat(Family(is6), []expr.Any{
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: DaddrOffset(is6), Len: AddrLen(is6)},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: a.AsSlice()},
+	})
+}
+
+// DaddrIn matches packets to the prefix p.
+func DaddrIn(p netip.Prefix) []expr.Any {
+	is6 := p.Addr().Is6()
+	n := AddrLen(is6)
+	return Cat(Family(is6), []expr.Any{
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: DaddrOffset(is6), Len: n},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: n, Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen()), Xor: make([]byte, n)},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: p.Masked().Addr().AsSlice()},
+	})
+}
+
+// MarkIs matches the packet mark m.
+func MarkIs(m uint32) []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(m)},
+	}
+}
+
+// Established matches connections conntrack knows: established or related.
+func Established() []expr.Any {
+	bits := binaryutil.NativeEndian.PutUint32(expr.CtStateBitESTABLISHED | expr.CtStateBitRELATED)
+	return []expr.Any{
+		&expr.Ct{Key: expr.CtKeySTATE, Register: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: bits, Xor: make([]byte, 4)},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: make([]byte, 4)},
+	}
+}
+
+// NeighbourDiscovery matches ICMPv6 types 133-136.
+func NeighbourDiscovery() []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_ICMPV6}},
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 1},
+		&expr.Range{Op: expr.CmpOpEq, Register: 1, FromData: []byte{133}, ToData: []byte{136}},
+	}
+}
+
+// DNSTo redirects DNS of to's family over proto (UDP or TCP) to to, port 53.
+func DNSTo(to netip.Addr, proto byte) []expr.Any {
+	return Cat(Family(to.Is6()), L4(proto), Dport(53), []expr.Any{
+		&expr.Immediate{Register: 1, Data: to.AsSlice()},
+		&expr.NAT{Type: expr.NATTypeDestNAT, Family: NFProto(to.Is6()), RegAddrMin: 1},
+	})
+}
