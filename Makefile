@@ -11,7 +11,7 @@ export CGO_ENABLED = 0
 
 all: build
 
-CMDS    := childflow childflow-hook childflow-runtime childflow-cni
+CMDS    := childflow childflow-init childflow-hook childflow-runtime childflow-cni
 
 build:
 	for c in $(CMDS); do $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/$$c ./cmd/$$c || exit 1; done

@@ -25,7 +25,7 @@ import (
 	"github.com/childflow/childflow/engine/api"
 	"github.com/childflow/childflow/internal/attach"
 	"github.com/childflow/childflow/internal/steer"
-	"github.com/childflow/childflow/internal/tun"
+	"github.com/childflow/childflow/internal/tunns"
 	"github.com/childflow/childflow/policy"
 	"github.com/childflow/childflow/policy/annotations"
 )
@@ -149,7 +149,7 @@ func cmdAdd(args *skel.CmdArgs) error {
 // guardHostSide filters the pod's veth on the host: the pod's own rules
 // cannot stop a process with CAP_NET_RAW from writing frames to it.
 func guardHostSide(args *skel.CmdArgs, keep []netip.Prefix) error {
-	hostIf, err := tun.HostPeerOf(args.Netns, args.IfName)
+	hostIf, err := tunns.HostPeerOf(args.Netns, args.IfName)
 	if err != nil {
 		return err
 	}
@@ -170,7 +170,7 @@ func cmdDel(args *skel.CmdArgs) error {
 	err = api.Client{Socket: conf.Socket}.Detach(args.ContainerID)
 	if errors.Is(err, api.ErrUnavailable) {
 		if args.Netns != "" {
-			tun.DeleteIn(args.Netns, "cf0")
+			tunns.DeleteIn(args.Netns, "cf0")
 		}
 		return tombstone(conf, args.ContainerID)
 	}
@@ -195,14 +195,14 @@ func cmdCheck(args *skel.CmdArgs) error {
 	if !annotations.Present(conf.RuntimeConfig.PodAnnotations) {
 		return nil
 	}
-	if err := tun.CheckIn(args.Netns, "cf0"); err != nil {
+	if err := tunns.CheckIn(args.Netns, "cf0"); err != nil {
 		return types.NewError(types.ErrInternal, "childflow: pod "+args.ContainerID+": "+err.Error(), "")
 	}
 	st, err := api.Client{Socket: conf.Socket}.Status(args.ContainerID)
 	if err != nil {
 		return types.NewError(types.ErrInternal, "childflow: pod "+args.ContainerID+": daemon: "+err.Error(), "")
 	}
-	if ino, err := tun.NetnsInode(args.Netns); err != nil || ino != st.NetnsInode {
+	if ino, err := tunns.NetnsInode(args.Netns); err != nil || ino != st.NetnsInode {
 		return types.NewError(types.ErrInternal, fmt.Sprintf("childflow: pod %s: the daemon relays another network namespace", args.ContainerID), "")
 	}
 	return nil

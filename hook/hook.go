@@ -23,7 +23,7 @@ import (
 
 	"github.com/childflow/childflow/engine/api"
 	"github.com/childflow/childflow/internal/attach"
-	"github.com/childflow/childflow/internal/tun"
+	"github.com/childflow/childflow/internal/tunns"
 	"github.com/childflow/childflow/policy"
 	"github.com/childflow/childflow/policy/annotations"
 )
@@ -187,7 +187,7 @@ func checkBypassCaps(netns string, caps map[string][]string) error {
 				continue
 			}
 			// Only now look into the namespace: most containers keep none.
-			if shared, err := tun.SharedIn(netns, "cf0"); err != nil || !shared {
+			if shared, err := tunns.SharedIn(netns, "cf0"); err != nil || !shared {
 				return err
 			}
 			return fmt.Errorf("the container has %s and another network interface besides cf0: %s could send around the sandbox; drop it (docker run --cap-drop %s) or give the container no other network (--network none)",

@@ -27,7 +27,7 @@ import (
 	"github.com/childflow/childflow/engine/api"
 	"github.com/childflow/childflow/engine/flowlog"
 	"github.com/childflow/childflow/engine/proxy"
-	"github.com/childflow/childflow/internal/tun"
+	"github.com/childflow/childflow/internal/tunns"
 	"github.com/childflow/childflow/policy"
 )
 
@@ -371,16 +371,16 @@ func (d *Daemon) detachIf(id string, only *sandbox) error {
 // removeLink deletes the sandbox's TUN if its namespace is still the
 // recorded one.
 func removeLink(a api.Attachment) error {
-	if ino, err := tun.NetnsInode(a.Netns); err != nil || ino != a.NetnsInode || isOwnNetns(ino) {
+	if ino, err := tunns.NetnsInode(a.Netns); err != nil || ino != a.NetnsInode || isOwnNetns(ino) {
 		return nil // the namespace is gone, and the TUN with it
 	}
-	return tun.DeleteIn(a.Netns, a.Plan.Interface)
+	return tunns.DeleteIn(a.Netns, a.Plan.Interface)
 }
 
 // isOwnNetns guards the host: the daemon never configures or cleans up
 // its own namespace as if it were a sandbox's.
 func isOwnNetns(ino uint64) bool {
-	self, err := tun.NetnsInode("/proc/self/ns/net")
+	self, err := tunns.NetnsInode("/proc/self/ns/net")
 	return err != nil || self == ino
 }
 
@@ -423,7 +423,7 @@ func (d *Daemon) reapLoop() {
 		d.mu.Lock()
 		var gone []*sandbox
 		for _, sb := range d.sandboxes {
-			if ino, err := tun.NetnsInode(sb.att.Netns); err != nil || ino != sb.att.NetnsInode {
+			if ino, err := tunns.NetnsInode(sb.att.Netns); err != nil || ino != sb.att.NetnsInode {
 				gone = append(gone, sb)
 			}
 		}

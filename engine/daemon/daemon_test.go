@@ -16,7 +16,7 @@ import (
 
 	"github.com/childflow/childflow/engine/api"
 	"github.com/childflow/childflow/internal/netplan"
-	"github.com/childflow/childflow/internal/tun"
+	"github.com/childflow/childflow/internal/tunns"
 	"github.com/childflow/childflow/policy/profile"
 )
 
@@ -68,11 +68,11 @@ func TestAttachRestartReadoptDetach(t *testing.T) {
 	client := api.Client{Socket: cfg.Socket}
 
 	plan, _ := netplan.Choose(nil, 0)
-	link, _, err := tun.CreateIn(netns.Path(), plan, nil)
+	link, _, err := tunns.CreateIn(netns.Path(), plan, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	ino, _ := tun.NetnsInode(netns.Path())
+	ino, _ := tunns.NetnsInode(netns.Path())
 	deny := "deny"
 	a := &api.Attachment{ID: "t1", Netns: netns.Path(), NetnsInode: ino, Plan: plan, Settings: &profile.Profile{DefaultPolicy: &deny}}
 	if err := client.Attach(a, link); err != nil {
@@ -86,7 +86,7 @@ func TestAttachRestartReadoptDetach(t *testing.T) {
 	if err := client.Attach(&bad, mustOpen(t)); err == nil || !strings.Contains(err.Error(), "setting allow_cidrs") {
 		t.Fatalf("bad settings: %v", err)
 	}
-	self, _ := tun.NetnsInode("/proc/self/ns/net")
+	self, _ := tunns.NetnsInode("/proc/self/ns/net")
 	host := *a
 	host.ID, host.Netns, host.NetnsInode = "t3", "/proc/self/ns/net", self
 	if err := client.Attach(&host, mustOpen(t)); err == nil {
@@ -180,7 +180,7 @@ func TestCleanup(t *testing.T) {
 	os.MkdirAll(filepath.Join(cfg.StateDir, api.TombstoneDir), 0o700)
 	os.WriteFile(filepath.Join(cfg.StateDir, api.TombstoneDir, "x"), nil, 0o600)
 	d := &Daemon{cfg: cfg}
-	ino, _ := tun.NetnsInode(netns.Path())
+	ino, _ := tunns.NetnsInode(netns.Path())
 	d.writeRecord(api.Attachment{ID: "live", Netns: netns.Path(), NetnsInode: ino})
 	d.writeRecord(api.Attachment{ID: "dead", Netns: "/proc/999999999/ns/net", NetnsInode: 1})
 

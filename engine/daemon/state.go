@@ -9,7 +9,7 @@ import (
 	"strings"
 
 	"github.com/childflow/childflow/engine/api"
-	"github.com/childflow/childflow/internal/tun"
+	"github.com/childflow/childflow/internal/tunns"
 )
 
 func (d *Daemon) recordDir() string { return filepath.Join(d.cfg.StateDir, "sandboxes") }
@@ -78,11 +78,11 @@ func (d *Daemon) adoptAll() {
 }
 
 func (d *Daemon) adopt(a api.Attachment) error {
-	ino, err := tun.NetnsInode(a.Netns)
+	ino, err := tunns.NetnsInode(a.Netns)
 	if err != nil || ino != a.NetnsInode {
 		return fmt.Errorf("its network namespace %s is gone", a.Netns)
 	}
-	link, err := tun.ReopenIn(a.Netns, a.Plan.Interface)
+	link, err := tunns.ReopenIn(a.Netns, a.Plan.Interface)
 	if err != nil {
 		return err
 	}
@@ -130,7 +130,7 @@ func Cleanup(stateDir string) (CleanupReport, error) {
 			continue
 		}
 		a, err := d.readRecord(id)
-		if ino, ierr := tun.NetnsInode(a.Netns); err == nil && ierr == nil && ino == a.NetnsInode {
+		if ino, ierr := tunns.NetnsInode(a.Netns); err == nil && ierr == nil && ino == a.NetnsInode {
 			r.Live = append(r.Live, id)
 			continue
 		}

@@ -20,7 +20,7 @@ import (
 
 	"github.com/childflow/childflow/engine/api"
 	"github.com/childflow/childflow/internal/netplan"
-	"github.com/childflow/childflow/internal/tun"
+	"github.com/childflow/childflow/internal/tunns"
 	"github.com/childflow/childflow/policy/profile"
 )
 
@@ -58,11 +58,11 @@ type Attached struct {
 // Attach creates the TUN in sb's namespace and returns once the daemon
 // relays it. On error nothing of it is left in the namespace.
 func (n Node) Attach(sb Sandbox) (_ Attached, err error) {
-	ino, err := tun.NetnsInode(sb.Netns)
+	ino, err := tunns.NetnsInode(sb.Netns)
 	if err != nil {
 		return Attached{}, err
 	}
-	if self, err := tun.NetnsInode("/proc/self/ns/net"); err == nil && self == ino {
+	if self, err := tunns.NetnsInode("/proc/self/ns/net"); err == nil && self == ino {
 		return Attached{}, fmt.Errorf("the sandbox shares the host's network namespace; childflow needs one of its own")
 	}
 	routes, err := routesIn(sb.Netns)
@@ -73,14 +73,14 @@ func (n Node) Attach(sb Sandbox) (_ Attached, err error) {
 	if err != nil {
 		return Attached{}, err
 	}
-	link, shared, err := tun.CreateIn(sb.Netns, plan, sb.Keep)
+	link, shared, err := tunns.CreateIn(sb.Netns, plan, sb.Keep)
 	if err != nil {
 		return Attached{}, fmt.Errorf("creating %s in %s: %w", plan.Interface, sb.Netns, err)
 	}
 	defer link.Close() // the daemon has its own copy
 	defer func() {
 		if err != nil {
-			tun.DeleteIn(sb.Netns, plan.Interface)
+			tunns.DeleteIn(sb.Netns, plan.Interface)
 		}
 	}()
 	a := &api.Attachment{ID: sb.ID, Netns: sb.Netns, NetnsInode: ino, PID: sb.PID, Plan: plan, Settings: sb.Settings, Source: sb.Source, Labels: sb.Labels}

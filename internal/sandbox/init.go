@@ -17,6 +17,7 @@ import (
 
 	"github.com/childflow/childflow/internal/fdpass"
 	"github.com/childflow/childflow/internal/tun"
+	"github.com/childflow/childflow/internal/version"
 )
 
 // ctrlFD is the control socket init inherits (ExtraFiles[0]).
@@ -30,6 +31,10 @@ func Init() {
 	unix.CloseOnExec(ctrlFD)
 	if err := json.Unmarshal([]byte(raw), &spec); err != nil {
 		fail(fmt.Errorf("decoding sandbox spec: %w", err))
+	}
+	if spec.Version != version.Version {
+		exe, _ := os.Executable()
+		fail(fmt.Errorf("%s is version %s but childflow is %s: install both from one build", exe, version.Version, spec.Version))
 	}
 	tunFile, err := setup(spec)
 	if err != nil {
@@ -69,6 +74,14 @@ func setup(spec Spec) (*os.File, error) {
 			return nil, err
 		}
 		if err := tun.Configure(spec.Plan); err != nil {
+			f.Close()
+			return nil, err
+		}
+		// Persistent, so that the engine's close of its fd returns at once:
+		// the device then goes with the namespace, which the kernel tears
+		// down in the background once init is gone. A last close would
+		// unregister it synchronously, 10-20 ms on every run.
+		if err := tun.SetPersist(f, true); err != nil {
 			f.Close()
 			return nil, err
 		}
@@ -152,36 +165,36 @@ func runCommand(spec Spec) int {
 		}
 		return 126
 	}
-	cmd := exec.Command(path, spec.Command[1:]...)
-	cmd.Args[0] = spec.Command[0]
-	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
-	cmd.SysProcAttr = &syscall.SysProcAttr{}
+	attr := &syscall.SysProcAttr{}
 	if term.IsTerminal(0) {
 		// Own foreground process group: ^C and ^Z reach the command only,
 		// and job-control shells work.
-		cmd.SysProcAttr.Foreground = true
-		cmd.SysProcAttr.Ctty = 0
+		attr.Foreground = true
+		attr.Ctty = 0
 	}
-	if err := cmd.Start(); err != nil {
-		fmt.Fprintf(os.Stderr, "childflow: %v\n", err)
+	// syscall.ForkExec rather than os/exec: the command's start is on
+	// every run's path, and os/exec first forks a probe process.
+	pid, err := syscall.ForkExec(path, spec.Command, &syscall.ProcAttr{Env: os.Environ(), Files: []uintptr{0, 1, 2}, Sys: attr})
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "childflow: %s: %v\n", spec.Command[0], err)
 		return 126
 	}
 	go func() {
 		for s := range sigs {
-			cmd.Process.Signal(s)
+			unix.Kill(pid, s.(syscall.Signal))
 		}
 	}()
 	// As PID 1, init reaps every orphan; the command's status is ours.
 	for {
 		var ws unix.WaitStatus
-		pid, err := unix.Wait4(-1, &ws, 0, nil)
+		reaped, err := unix.Wait4(-1, &ws, 0, nil)
 		if err == unix.EINTR {
 			continue
 		}
 		if err != nil {
 			return 125
 		}
-		if pid == cmd.Process.Pid {
+		if reaped == pid {
 			if ws.Signaled() {
 				return 128 + int(ws.Signal())
 			}

@@ -11,12 +11,14 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"syscall"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/childflow/childflow/internal/fdpass"
 	"github.com/childflow/childflow/internal/netplan"
+	"github.com/childflow/childflow/internal/version"
 )
 
 // initEnv marks the re-executed process as the sandbox's init; its value
@@ -38,6 +40,9 @@ type Spec struct {
 	// Veth: no TUN; the rootful backend moves a veth end into the
 	// namespace and configures it from outside.
 	Veth bool `json:"veth,omitempty"`
+	// Version is the parent's: a childflow-init from another build may
+	// not read this spec the same way, so it refuses.
+	Version string `json:"version"`
 }
 
 // Sandbox is the parent's handle on a started sandbox.
@@ -65,12 +70,13 @@ func Start(spec Spec) (sb *Sandbox, err error) {
 			parent.Close()
 		}
 	}()
+	spec.Version = version.Version
 	specJSON, err := json.Marshal(spec)
 	if err != nil {
 		return nil, err
 	}
 	cmd := &exec.Cmd{
-		Path:       "/proc/self/exe",
+		Path:       initPath(),
 		Args:       []string{"childflow-init"},
 		Env:        append(os.Environ(), initEnv+"="+string(specJSON)),
 		Stdin:      os.Stdin,
@@ -121,6 +127,19 @@ func Start(spec Spec) (sb *Sandbox, err error) {
 	}
 	sb.TUN = files[0]
 	return sb, nil
+}
+
+// initPath is the small childflow-init installed beside this executable,
+// or, where there is none (a lone `go install`), this executable itself,
+// which runs the same init when it finds the spec in its environment.
+func initPath() string {
+	if exe, err := os.Executable(); err == nil {
+		p := filepath.Join(filepath.Dir(exe), "childflow-init")
+		if st, err := os.Stat(p); err == nil && st.Mode().IsRegular() {
+			return p
+		}
+	}
+	return "/proc/self/exe"
 }
 
 // Pid is init's pid in the caller's namespace.

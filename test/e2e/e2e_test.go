@@ -36,7 +36,7 @@ func TestMain(m *testing.M) {
 	}
 	os.Chmod(dir, 0o755) // nobody runs the binary too
 	bin = filepath.Join(dir, "childflow")
-	for _, cmd := range []string{"childflow", "childflow-hook", "childflow-runtime", "childflow-cni"} {
+	for _, cmd := range []string{"childflow", "childflow-init", "childflow-hook", "childflow-runtime", "childflow-cni"} {
 		build := exec.Command("go", "build", "-o", filepath.Join(dir, cmd), "../../cmd/"+cmd)
 		build.Env = append(os.Environ(), "CGO_ENABLED=0")
 		if out, err := build.CombinedOutput(); err != nil {
@@ -298,6 +298,28 @@ func TestExitCodes(t *testing.T) {
 	})
 }
 
+// A childflow installed without childflow-init (go install) runs its own
+// copy of init; one from another build is refused, not misread.
+func TestInitBinary(t *testing.T) {
+	alone := filepath.Join(t.TempDir(), "childflow")
+	copyFile(t, bin, alone, 0o755)
+	r := execute(t, alone, "--", "sh", "-c", "echo in; exit 5")
+	if r.code != 5 || r.stdout != "in\n" {
+		t.Errorf("childflow without childflow-init: %s", r)
+	}
+	other := t.TempDir()
+	copyFile(t, bin, filepath.Join(other, "childflow"), 0o755)
+	build := exec.Command("go", "build", "-ldflags", "-X github.com/childflow/childflow/internal/version.Version=other", "-o", filepath.Join(other, "childflow-init"), "../../cmd/childflow-init")
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("building: %v\n%s", err, out)
+	}
+	r = execute(t, filepath.Join(other, "childflow"), "--", "true")
+	if r.code != 1 || !strings.Contains(r.stderr, "is version other but childflow is") {
+		t.Errorf("childflow-init from another build: %s", r)
+	}
+}
+
 func TestSignalsAreForwarded(t *testing.T) {
 	users(t, func(t *testing.T, u as) {
 		for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP} {
@@ -503,5 +525,16 @@ func TestDoctorExplainsTunMode(t *testing.T) {
 	text := run(t, rootless, "--doctor")
 	if !strings.Contains(text.stdout, "overall: blocked") {
 		t.Fatalf("doctor text:\n%s", text)
+	}
+}
+
+func copyFile(t *testing.T, src, dst string, mode os.FileMode) {
+	t.Helper()
+	b, err := os.ReadFile(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(dst, b, mode); err != nil {
+		t.Fatal(err)
 	}
 }

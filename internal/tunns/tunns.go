@@ -1,4 +1,8 @@
-package tun
+// Package tunns puts the sandbox's TUN into (and takes it out of) a
+// network namespace the sandbox's runtime made: a container's or a pod's.
+// It is kept apart from package tun so the sandbox init, which needs only
+// the device, stays small and starts fast.
+package tunns
 
 import (
 	"errors"
@@ -13,6 +17,7 @@ import (
 
 	"github.com/childflow/childflow/internal/netplan"
 	"github.com/childflow/childflow/internal/steer"
+	"github.com/childflow/childflow/internal/tun"
 )
 
 // CreateIn creates the sandbox's TUN inside the network namespace at
@@ -31,20 +36,20 @@ func CreateIn(netnsPath string, plan netplan.Plan, keep []netip.Prefix) (f *os.F
 		if err != nil {
 			return err
 		}
-		if f, err = Open(plan.Interface); err != nil {
+		if f, err = tun.Open(plan.Interface); err != nil {
 			return err
 		}
-		if err = SetPersist(f, true); err == nil && shared {
+		if err = tun.SetPersist(f, true); err == nil && shared {
 			err = steer.Install(int(netns.Fd()), steer.Config{TUN: plan.Interface, Keep: keep, DNS: []netip.Addr{plan.Gateway4, plan.Gateway6}})
 		}
 		if err == nil {
-			err = Configure(plan)
+			err = tun.Configure(plan)
 		}
 		if err != nil {
 			if shared {
 				steer.Remove(int(netns.Fd()))
 			}
-			SetPersist(f, false)
+			tun.SetPersist(f, false)
 			f.Close()
 			f = nil
 		}
@@ -59,7 +64,7 @@ func ReopenIn(netnsPath, name string) (f *os.File, err error) {
 		if _, err := netlink.LinkByName(name); err != nil {
 			return fmt.Errorf("finding %s in %s: %w", name, netnsPath, err)
 		}
-		f, err = Open(name)
+		f, err = tun.Open(name)
 		return err
 	})
 	return f, err
