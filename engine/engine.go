@@ -99,7 +99,10 @@ func New(cfg Config) (*Engine, error) {
 	setDefault(&cfg.MaxFlows, 8192)
 	setDefault(&cfg.MaxDNSInFlight, 128)
 	if cfg.Dial == nil {
-		d := &net.Dialer{}
+		// No keepalive probes upstream (four setsockopts per connection):
+		// like a socket the sandbox opened itself, which has none unless
+		// it asks, and that setting stays with the engine's stack.
+		d := &net.Dialer{KeepAlive: -1}
 		cfg.Dial = d.DialContext
 	}
 	e := &Engine{cfg: cfg, flows: make(chan struct{}, cfg.MaxFlows), dnsSem: make(chan struct{}, cfg.MaxDNSInFlight)}

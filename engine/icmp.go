@@ -2,6 +2,8 @@ package engine
 
 import (
 	"bytes"
+	"encoding/binary"
+	"fmt"
 	"net"
 	"net/netip"
 	"time"
@@ -17,9 +19,16 @@ import (
 const echoTimeout = 5 * time.Second
 
 func (e *Engine) handleEcho(req netstack.EchoRequest, reply func()) {
+	gateway := e.cfg.Plan.GatewayFor(req.Dst)
+	if req.TTL <= 1 {
+		// The gateway is the first hop (traceroute -I, mtr).
+		e.stack.SendICMPError(gateway, netstack.TimeExceeded, netstack.QuoteEcho(req))
+		return
+	}
 	src, dst := netip.AddrPortFrom(req.Src, 0), netip.AddrPortFrom(req.Dst, 0)
 	ev, ok := e.admit(policy.ICMP, src, dst, false)
 	if !ok {
+		e.stack.SendICMPError(gateway, netstack.AdminProhibited, netstack.QuoteEcho(req))
 		return
 	}
 	if !e.acquire() {
@@ -32,18 +41,26 @@ func (e *Engine) handleEcho(req netstack.EchoRequest, reply func()) {
 		res := ev
 		target := e.upstreamAddr(dst).Addr()
 		res.Upstream = target.String()
-		err := ping(target, req)
-		if err == nil {
+		herr, err := ping(target, req, req.TTL-1)
+		switch {
+		case herr != nil:
+			from := sandboxView(herr.from, target, req.Dst)
+			e.stack.SendICMPError(from, herr.err, netstack.QuoteEcho(req))
+			err = fmt.Errorf("%s from %s", herr.err, from)
+		case err == nil:
 			reply()
 		}
 		e.events.Result(res, err)
 	}()
 }
 
-// ping sends one echo request from the host and waits for its reply. It
-// uses an unprivileged ICMP socket (net.ipv4.ping_group_range) where the
-// host allows one, else a raw socket (CAP_NET_RAW).
-func ping(target netip.Addr, req netstack.EchoRequest) error {
+// ping sends one echo request from the host with hops as its TTL (hop
+// limit) and waits for its reply, or for an ICMP error about it. It uses
+// an unprivileged ICMP socket (net.ipv4.ping_group_range) where the host
+// allows one, else a raw socket (CAP_NET_RAW). Only a raw socket sees
+// the errors (a ping socket keeps them on its error queue, unread here):
+// their echo is then unanswered.
+func ping(target netip.Addr, req netstack.EchoRequest, hops uint8) (*hostError, error) {
 	v4 := target.Is4()
 	nets := []string{"udp6", "ip6:ipv6-icmp"}
 	var typ, replyType icmp.Type = ipv6.ICMPTypeEchoRequest, ipv6.ICMPTypeEchoReply
@@ -62,43 +79,84 @@ func ping(target netip.Addr, req netstack.EchoRequest) error {
 		}
 	}
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer conn.Close()
+	if v4 {
+		err = conn.IPv4PacketConn().SetTTL(int(hops))
+	} else {
+		err = conn.IPv6PacketConn().SetHopLimit(int(hops))
+	}
+	if err != nil {
+		return nil, err
+	}
 	msg := icmp.Message{Type: typ, Body: &icmp.Echo{ID: int(req.ID), Seq: int(req.Seq), Data: req.Payload}}
 	b, err := msg.Marshal(nil)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	var to net.Addr = &net.UDPAddr{IP: target.AsSlice()}
 	if raw {
 		to = &net.IPAddr{IP: target.AsSlice()}
 	}
 	if _, err := conn.WriteTo(b, to); err != nil {
-		return err
+		return nil, err
 	}
 	conn.SetReadDeadline(time.Now().Add(echoTimeout))
 	buf := make([]byte, 65535)
 	for {
 		n, from, err := conn.ReadFrom(buf)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		m, err := icmp.ParseMessage(proto, buf[:n])
-		if err != nil || m.Type != replyType {
+		if err != nil {
 			continue
 		}
-		echo, ok := m.Body.(*icmp.Echo)
-		// Ping sockets rewrite the id; raw sockets see every reply, so
-		// match the sender and id there.
-		if !ok || echo.Seq != int(req.Seq) || !bytes.Equal(echo.Data, req.Payload) {
+		var quoted []byte
+		switch body := m.Body.(type) {
+		case *icmp.Echo:
+			// Ping sockets rewrite the id; raw sockets see every reply,
+			// so match the sender and id there.
+			if m.Type != replyType || body.Seq != int(req.Seq) || !bytes.Equal(body.Data, req.Payload) {
+				continue
+			}
+			if raw && (body.ID != int(req.ID) || addrOf(from) != target) {
+				continue
+			}
+			return nil, nil
+		case *icmp.TimeExceeded:
+			quoted = body.Data
+		case *icmp.DstUnreach:
+			quoted = body.Data
+		default:
 			continue
 		}
-		if raw && (echo.ID != int(req.ID) || addrOf(from) != target) {
-			continue
+		kind, ok := netstack.ICMPErrorOf(!v4, buf[0], buf[1])
+		if ok && raw && quotesEcho(quoted, target, req) {
+			return &hostError{err: kind, from: addrOf(from)}, nil
 		}
-		return nil
 	}
+}
+
+// quotesEcho reports whether an ICMP error's quoted packet is our echo
+// request to target.
+func quotesEcho(q []byte, target netip.Addr, req netstack.EchoRequest) bool {
+	var dst netip.Addr
+	var echo []byte
+	switch {
+	case target.Is4() && len(q) >= 20 && q[0]>>4 == 4:
+		ihl := int(q[0]&0xf) * 4
+		if len(q) < ihl+8 {
+			return false
+		}
+		dst, echo = netip.AddrFrom4([4]byte(q[16:20])), q[ihl:]
+	case target.Is6() && len(q) >= 48 && q[0]>>4 == 6:
+		dst, echo = netip.AddrFrom16([16]byte(q[24:40])), q[40:]
+	default:
+		return false
+	}
+	return dst == target && binary.BigEndian.Uint16(echo[4:]) == req.ID && binary.BigEndian.Uint16(echo[6:]) == req.Seq
 }
 
 func addrOf(a net.Addr) netip.Addr {

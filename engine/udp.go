@@ -24,11 +24,15 @@ func (e *Engine) handleUDP(f *netstack.UDPFlow) {
 		e.serveDNSFlow(f.Conn)
 		return
 	}
+	if f.TTL <= 1 {
+		// The gateway is the first hop: a probe that ends there is
+		// answered from it, and goes nowhere.
+		e.refuseUDP(f, netstack.TimeExceeded)
+		return
+	}
 	ev, ok := e.admit(policy.UDP, f.Src, f.Dst, false)
 	if !ok {
-		// Swallow the flow until it is idle, so a sender in a loop makes
-		// one violation, not one per datagram.
-		e.drain(f.Conn)
+		e.refuseUDP(f, netstack.AdminProhibited)
 		return
 	}
 	up := e.upstreamAddr(f.Dst)
@@ -43,8 +47,29 @@ func (e *Engine) handleUDP(f *netstack.UDPFlow) {
 		return
 	}
 	start := time.Now()
-	bytesUp, bytesDown := e.relayUDP(f.Conn, host)
+	onError := func(error) {}
+	if sc, ok := host.(syscall.Conn); ok {
+		if rc, err := sc.SyscallConn(); err == nil && setHops(rc, up.Addr().Is6(), f.TTL-1) == nil {
+			onError = func(error) {
+				for _, he := range hostICMPErrors(rc) {
+					e.stack.SendICMPError(sandboxView(he.from, up.Addr(), f.Dst.Addr()), he.err, netstack.QuoteUDP(f.Src, f.Dst, f.TTL, he.payloadLen))
+				}
+			}
+		}
+	}
+	bytesUp, bytesDown := e.relayUDP(f.Conn, host, onError)
 	e.events.End(res, bytesUp, bytesDown, time.Since(start).Milliseconds())
+}
+
+// refuseUDP answers a flow's first datagram with an ICMP error from the
+// gateway, as a router would, and swallows the rest until the flow is
+// idle, so a sender in a loop makes one violation, not one per datagram.
+func (e *Engine) refuseUDP(f *netstack.UDPFlow, why netstack.ICMPError) {
+	buf := make([]byte, 65535)
+	if n, err := f.Conn.Read(buf); err == nil {
+		e.stack.SendICMPError(e.cfg.Plan.GatewayFor(f.Dst.Addr()), why, netstack.QuoteUDP(f.Src, f.Dst, f.TTL, n))
+	}
+	e.drain(f.Conn)
 }
 
 // idleCloser closes conns once nothing has moved for the idle timeout,
@@ -75,7 +100,11 @@ func (ic *idleCloser) stop() {
 	ic.unhookFn()
 }
 
-func (e *Engine) relayUDP(sandbox, host net.Conn) (up, down int64) {
+// relayUDP carries datagrams both ways until the flow is idle. ICMP
+// errors about what was sent (host read errors such as ECONNREFUSED) are
+// not the end of the flow: onError passes them on, and the sandbox may
+// still send.
+func (e *Engine) relayUDP(sandbox, host net.Conn, onError func(error)) (up, down int64) {
 	ic := e.newIdleCloser(sandbox, host)
 	defer ic.stop()
 	var upBytes atomic.Int64
@@ -99,9 +128,9 @@ func (e *Engine) relayUDP(sandbox, host net.Conn) (up, down int64) {
 	for {
 		n, err := host.Read(buf)
 		if err != nil {
-			// An ICMP error from a previous datagram is not the end of
-			// the flow; the sandbox may still send.
-			if errors.Is(err, syscall.ECONNREFUSED) {
+			var errno syscall.Errno
+			if errors.As(err, &errno) && icmpErrnos[errno] {
+				onError(err)
 				continue
 			}
 			sandbox.Close()
@@ -115,6 +144,10 @@ func (e *Engine) relayUDP(sandbox, host net.Conn) (up, down int64) {
 	<-done
 	return upBytes.Load(), down
 }
+
+// icmpErrnos are what a connected UDP socket's read returns for an ICMP
+// error about an earlier datagram.
+var icmpErrnos = map[syscall.Errno]bool{syscall.ECONNREFUSED: true, syscall.EHOSTUNREACH: true, syscall.ENETUNREACH: true, syscall.EACCES: true, syscall.EPROTO: true}
 
 func (e *Engine) drain(c net.Conn) {
 	ic := e.newIdleCloser(c)

@@ -17,6 +17,7 @@ work=$(mktemp -d /tmp/cfbench.XXXXXX)
 chmod 755 "$work"
 export CGO_ENABLED=0
 go build -o "$work/childflow" ./cmd/childflow
+go build -o "$work/childflow-init" ./cmd/childflow-init
 go build -o "$work/connbench" ./hack/connbench
 CF="$work/childflow"
 CB="$work/connbench"

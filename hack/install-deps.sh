@@ -6,7 +6,7 @@ SUDO=""
 [ "$(id -u)" = 0 ] || SUDO=sudo
 pkgs=(
 	ca-certificates iproute2 procps nftables iptables
-	curl dnsutils iputils-ping socat netcat-openbsd busybox-static dnsmasq-base
+	curl dnsutils iputils-ping traceroute socat netcat-openbsd busybox-static dnsmasq-base
 	iperf3 slirp4netns passt hyperfine jq bc util-linux
 	squid microsocks tinyproxy stunnel4 openssl apache2-utils tshark
 	runc crun containerd docker.io podman containernetworking-plugins

@@ -28,6 +28,26 @@ type sandboxLink struct {
 	stack   *Stack
 	handler func(EchoRequest, func())
 	tap     func(outbound bool, packet [][]byte)
+	// lastTTL is the TTL (hop limit) of the packet being delivered. One
+	// goroutine delivers packets, and the UDP forwarder creates a flow
+	// while delivering its first datagram: the flow reads it from here.
+	lastTTL uint8
+}
+
+// GSOMaxSize and SupportedGSO pass on the TUN's segmentation offload,
+// which the stack looks for on the link it was given.
+func (e *sandboxLink) GSOMaxSize() uint32 {
+	if g, ok := e.LinkEndpoint.(stack.GSOEndpoint); ok {
+		return g.GSOMaxSize()
+	}
+	return 0
+}
+
+func (e *sandboxLink) SupportedGSO() stack.SupportedGSO {
+	if g, ok := e.LinkEndpoint.(stack.GSOEndpoint); ok {
+		return g.SupportedGSO()
+	}
+	return stack.GSONotSupported
 }
 
 func (e *sandboxLink) Attach(d stack.NetworkDispatcher) {
@@ -44,6 +64,12 @@ type echoDispatcher struct {
 }
 
 func (d *echoDispatcher) DeliverNetworkPacket(proto tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer) {
+	if h, ok := pkt.Data().PullUp(9); ok {
+		d.ep.lastTTL = h[8] // IPv4 TTL
+		if h[0]>>4 == 6 {
+			d.ep.lastTTL = h[7] // IPv6 hop limit
+		}
+	}
 	if d.ep.tap != nil {
 		d.ep.tap(true, pkt.AsSlices())
 	}
@@ -85,7 +111,7 @@ func (e *sandboxLink) maybeEcho(pkt *stack.PacketBuffer) bool {
 		return false // the gateway answers its own pings
 	}
 	if e.handler != nil {
-		e.handler(req, func() { e.writeEchoReply(req) })
+		e.handler(req, func() { e.writeRaw(EchoReplyPacket(req)) })
 	}
 	return true
 }
@@ -134,8 +160,8 @@ func (e *sandboxLink) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Erro
 	return e.LinkEndpoint.WritePackets(pkts)
 }
 
-func (e *sandboxLink) writeEchoReply(req EchoRequest) {
-	b := EchoReplyPacket(req)
+// writeRaw sends one IP packet the engine made into the sandbox.
+func (e *sandboxLink) writeRaw(b []byte) {
 	pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithData(b)})
 	defer pkt.DecRef()
 	var l stack.PacketBufferList
@@ -145,52 +171,10 @@ func (e *sandboxLink) writeEchoReply(req EchoRequest) {
 
 // EchoReplyPacket builds the IP packet answering req, from req.Dst.
 func EchoReplyPacket(req EchoRequest) []byte {
-	icmp := make([]byte, 8+len(req.Payload))
-	binary.BigEndian.PutUint16(icmp[4:], req.ID)
-	binary.BigEndian.PutUint16(icmp[6:], req.Seq)
-	copy(icmp[8:], req.Payload)
-	if req.Src.Is4() {
-		icmp[0] = 0
-		binary.BigEndian.PutUint16(icmp[2:], ^checksum(icmp, 0))
-		ip := make([]byte, 20, 20+len(icmp))
-		ip[0] = 0x45
-		binary.BigEndian.PutUint16(ip[2:], uint16(20+len(icmp)))
-		ip[8], ip[9] = 64, 1
-		src, dst := req.Dst.As4(), req.Src.As4()
-		copy(ip[12:], src[:])
-		copy(ip[16:], dst[:])
-		binary.BigEndian.PutUint16(ip[10:], ^checksum(ip, 0))
-		return append(ip, icmp...)
+	m := EchoRequestMessage(req)
+	m[0] = 0
+	if req.Src.Is6() {
+		m[0] = 129
 	}
-	icmp[0] = 129
-	src, dst := req.Dst.As16(), req.Src.As16()
-	pseudo := make([]byte, 0, 40)
-	pseudo = append(pseudo, src[:]...)
-	pseudo = append(pseudo, dst[:]...)
-	pseudo = binary.BigEndian.AppendUint32(pseudo, uint32(len(icmp)))
-	pseudo = append(pseudo, 0, 0, 0, 58)
-	binary.BigEndian.PutUint16(icmp[2:], ^checksum(icmp, checksum(pseudo, 0)))
-	ip := make([]byte, 40, 40+len(icmp))
-	ip[0] = 0x60
-	binary.BigEndian.PutUint16(ip[4:], uint16(len(icmp)))
-	ip[6], ip[7] = 58, 64
-	copy(ip[8:], src[:])
-	copy(ip[24:], dst[:])
-	return append(ip, icmp...)
-}
-
-// checksum is the ones' complement sum of RFC 1071, not yet inverted.
-func checksum(b []byte, initial uint16) uint16 {
-	sum := uint32(initial)
-	for len(b) >= 2 {
-		sum += uint32(b[0])<<8 | uint32(b[1])
-		b = b[2:]
-	}
-	if len(b) == 1 {
-		sum += uint32(b[0]) << 8
-	}
-	for sum > 0xffff {
-		sum = sum>>16 + sum&0xffff
-	}
-	return uint16(sum)
+	return ipPacket(req.Dst, req.Src, withICMPChecksum(req.Dst, req.Src, m))
 }

@@ -12,7 +12,6 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
-	"gvisor.dev/gvisor/pkg/tcpip/link/fdbased"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
@@ -54,6 +53,9 @@ func (r *TCPRequest) Reject() { r.req.Complete(true) }
 type UDPFlow struct {
 	Src, Dst netip.AddrPort
 	Conn     net.Conn
+	// TTL (hop limit) of the flow's first datagram: the engine forwards
+	// with one less, or answers time-exceeded itself at 1 (traceroute).
+	TTL uint8
 }
 
 // Handlers are the engine's decisions. TCP and UDP are called on their
@@ -81,7 +83,7 @@ type Config struct {
 // Stack is a running sandbox stack.
 type Stack struct {
 	s    *stack.Stack
-	link stack.LinkEndpoint
+	link *sandboxLink
 	plan netplan.Plan
 }
 
@@ -89,17 +91,11 @@ const nicID = 1
 
 // NewTUN wraps a TUN (or, in tests, a datagram socket) fd as a link endpoint.
 func NewTUN(fd int, mtu int) (stack.LinkEndpoint, error) {
-	ep, err := fdbased.New(&fdbased.Options{
-		FDs: []int{fd},
-		MTU: uint32(mtu),
-		// The sandbox's kernel computed correct checksums; checking again
-		// costs throughput and a bad one only hurts the sandbox itself.
-		RXChecksumOffload: true,
-	})
+	l, err := newTUNLink(fd, uint32(mtu))
 	if err != nil {
 		return nil, fmt.Errorf("creating link endpoint on fd %d: %w", fd, err)
 	}
-	return ep, nil
+	return l, nil
 }
 
 // New starts a stack on link.
@@ -217,7 +213,7 @@ func (ns *Stack) configure(cfg Config) error {
 			if err != nil {
 				return false
 			}
-			f := &UDPFlow{Src: addrPort(id.RemoteAddress, id.RemotePort), Dst: addrPort(id.LocalAddress, id.LocalPort), Conn: gonet.NewUDPConn(&wq, ep)}
+			f := &UDPFlow{Src: addrPort(id.RemoteAddress, id.RemotePort), Dst: addrPort(id.LocalAddress, id.LocalPort), Conn: gonet.NewUDPConn(&wq, ep), TTL: ns.link.lastTTL}
 			go h(f)
 			return true
 		})

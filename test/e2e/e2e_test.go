@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 	"testing"
@@ -192,6 +193,29 @@ curl -sS -m10 -o /dev/null -w '%{size_download}\n' http://203.0.113.10/10m.bin
 	})
 }
 
+// 16 MB through the testnet's TCP echo and back, IPv4 and IPv6, at a
+// small MTU and the default one: the TUN's segmentation offload carries
+// 64 KiB segments each way, and not a byte may be lost or reordered.
+func TestBulkEchoIsExact(t *testing.T) {
+	users(t, func(t *testing.T, u as) {
+		for _, mtu := range []string{"1500", "65520"} {
+			r := sh(t, u, []string{"--mtu", mtu}, `set -e
+f=$(mktemp)
+trap 'rm -f $f' EXIT
+head -c 16000000 /dev/urandom > $f
+sum=$(sha256sum < $f)
+for addr in 203.0.113.10 '[2001:db8::10]'; do
+	got=$(socat -t 20 -T 20 - TCP:$addr:7 < $f | sha256sum)
+	[ "$got" = "$sum" ] && echo "$addr exact" || echo "$addr differs: $got"
+done
+`)
+			if r.code != 0 || strings.Count(r.stdout, " exact") != 2 {
+				t.Errorf("--mtu %s:\n%s", mtu, r)
+			}
+		}
+	})
+}
+
 func TestPing(t *testing.T) {
 	// Root relays echo with raw sockets; rootless needs the host's
 	// ping_group_range, which is off here (see --doctor).
@@ -206,6 +230,71 @@ func TestPing(t *testing.T) {
 	if r.code == 0 || strings.Contains(r.stdout, "bytes from") {
 		t.Fatalf("ping to a host that does not exist answered:\n%s", r)
 	}
+}
+
+// The engine forwards like a router: it is the first hop, passes on one
+// hop less, and relays the ICMP errors that come back, so traceroute
+// shows the path and a UDP client hears "connection refused". The testnet
+// host forwards to an address nobody has (.44) for the middle hop.
+func TestTraceroute(t *testing.T) {
+	requireRoot(t)
+	ns := testnet + "-inet"
+	for _, c := range [][]string{
+		{"ip", "route", "add", "203.0.113.44/32", "via", "203.0.113.10"},
+		{"ip", "-6", "route", "add", "2001:db8::44/128", "via", "2001:db8::10"},
+		// The testnet host's ICMP rate limit would answer only the first
+		// few probes of the run.
+		{"ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1", "net.ipv4.icmp_ratelimit=0", "net.ipv6.icmp.ratelimit=0"},
+	} {
+		if r := execute(t, c...); r.code != 0 {
+			t.Fatal(r)
+		}
+	}
+	t.Cleanup(func() {
+		execute(t, "ip", "route", "del", "203.0.113.44/32")
+		execute(t, "ip", "-6", "route", "del", "2001:db8::44/128")
+		execute(t, "ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=0", "net.ipv6.conf.all.forwarding=0", "net.ipv4.icmp_ratelimit=1000", "net.ipv6.icmp.ratelimit=1000")
+	})
+	users(t, func(t *testing.T, u as) {
+		script := `
+traceroute -n -q1 -w2 -m2 203.0.113.44
+traceroute -6 -n -q1 -w2 -m2 2001:db8::44
+traceroute -n -q1 -w2 -m4 203.0.113.10
+echo x | socat -t3 - UDP:203.0.113.10:9 || echo refused`
+		if u == root {
+			// Echo goes through a raw socket only with root (rootless:
+			// ping sockets, which this host does not allow). Now and then
+			// (2 in 8 runs by hand) the second probe is lost before the
+			// engine sees it, cause not found yet: three tries.
+			script += `
+for try in 1 2 3; do
+	out=$(traceroute -I -n -q1 -w2 -m2 203.0.113.44)
+	case "$out" in *" 2  203.0.113.10 "*) break ;; esac
+done
+echo "$out"`
+		}
+		r := sh(t, u, nil, script)
+		hops := regexp.MustCompile(`(?m)^ ?([0-9]+)  (\S+) `).FindAllStringSubmatch(r.stdout, -1)
+		var got []string
+		for _, h := range hops {
+			got = append(got, h[1]+" "+h[2])
+		}
+		want := []string{"1 10.87.0.1", "2 203.0.113.10", "1 fd00:cf::1", "2 2001:db8::", "1 10.87.0.1", "2 203.0.113.10"}
+		if u == root {
+			want = append(want, "1 10.87.0.1", "2 203.0.113.10")
+		}
+		if len(got) != len(want) {
+			t.Fatalf("hops %q, want %q\n%s", got, want, r)
+		}
+		for i := range want {
+			if !strings.HasPrefix(got[i], want[i]) {
+				t.Errorf("hop %q, want %q", got[i], want[i])
+			}
+		}
+		if !strings.Contains(r.stdout, "refused") || !strings.Contains(r.stderr, "Connection refused") {
+			t.Errorf("UDP to a closed port: no connection refused\n%s", r)
+		}
+	})
 }
 
 func TestRefusedIsResetNotTimeout(t *testing.T) {
