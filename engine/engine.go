@@ -140,12 +140,9 @@ func withHostAddrs(p *policy.Policy, plan netplan.Plan) *policy.Policy {
 
 // Start brings the stack up on the link and serves DNS on the gateway.
 func (e *Engine) Start(ctx context.Context) error {
-	link, err := netstack.NewTUN(int(e.cfg.Link.Fd()), e.cfg.Plan.MTU)
-	if err != nil {
-		return err
-	}
 	e.ctx, e.cancel = context.WithCancel(ctx)
-	e.stack, err = netstack.New(link, netstack.Config{
+	var err error
+	e.stack, err = netstack.New(int(e.cfg.Link.Fd()), netstack.Config{
 		Plan:        e.cfg.Plan,
 		MaxHalfOpen: e.cfg.MaxHalfOpen,
 		Handlers:    netstack.Handlers{TCP: e.handleTCP, UDP: e.handleUDP, Echo: e.handleEcho, Tap: e.cfg.Capture},

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"net/netip"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -47,17 +48,7 @@ func (e *Engine) handleUDP(f *netstack.UDPFlow) {
 		return
 	}
 	start := time.Now()
-	onError := func(error) {}
-	if sc, ok := host.(syscall.Conn); ok {
-		if rc, err := sc.SyscallConn(); err == nil && setHops(rc, up.Addr().Is6(), f.TTL-1) == nil {
-			onError = func(error) {
-				for _, he := range hostICMPErrors(rc) {
-					e.stack.SendICMPError(sandboxView(he.from, up.Addr(), f.Dst.Addr()), he.err, netstack.QuoteUDP(f.Src, f.Dst, f.TTL, he.payloadLen))
-				}
-			}
-		}
-	}
-	bytesUp, bytesDown := e.relayUDP(f.Conn, host, onError)
+	bytesUp, bytesDown := e.relayUDP(f.Conn, host, e.passICMPErrors(f, host, up))
 	e.events.End(res, bytesUp, bytesDown, time.Since(start).Milliseconds())
 }
 
@@ -65,11 +56,39 @@ func (e *Engine) handleUDP(f *netstack.UDPFlow) {
 // gateway, as a router would, and swallows the rest until the flow is
 // idle, so a sender in a loop makes one violation, not one per datagram.
 func (e *Engine) refuseUDP(f *netstack.UDPFlow, why netstack.ICMPError) {
+	ic := e.newIdleCloser(f.Conn)
+	defer ic.stop()
 	buf := make([]byte, 65535)
-	if n, err := f.Conn.Read(buf); err == nil {
-		e.stack.SendICMPError(e.cfg.Plan.GatewayFor(f.Dst.Addr()), why, netstack.QuoteUDP(f.Src, f.Dst, f.TTL, n))
+	for first := true; ; first = false {
+		n, err := f.Conn.Read(buf)
+		if err != nil {
+			return
+		}
+		if first {
+			e.stack.SendICMPError(e.cfg.Plan.GatewayFor(f.Dst.Addr()), why, netstack.QuoteUDP(f.Src, f.Dst, f.TTL, n))
+		}
+		ic.touch()
 	}
-	e.drain(f.Conn)
+}
+
+// passICMPErrors forwards the flow's datagrams with one hop less than the
+// sandbox gave them, and returns what to call when the host socket
+// reports ICMP errors: it passes them on to the sandbox.
+func (e *Engine) passICMPErrors(f *netstack.UDPFlow, host net.Conn, up netip.AddrPort) func() {
+	sc, ok := host.(syscall.Conn)
+	if !ok {
+		return func() {}
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil || setHops(rc, up.Addr().Is6(), f.TTL-1) != nil {
+		return func() {}
+	}
+	return func() {
+		for _, he := range hostICMPErrors(rc) {
+			from := sandboxView(he.from, up.Addr(), f.Dst.Addr())
+			e.stack.SendICMPError(from, he.err, netstack.QuoteUDP(f.Src, f.Dst, f.TTL, he.payloadLen))
+		}
+	}
 }
 
 // idleCloser closes conns once nothing has moved for the idle timeout,
@@ -104,7 +123,7 @@ func (ic *idleCloser) stop() {
 // errors about what was sent (host read errors such as ECONNREFUSED) are
 // not the end of the flow: onError passes them on, and the sandbox may
 // still send.
-func (e *Engine) relayUDP(sandbox, host net.Conn, onError func(error)) (up, down int64) {
+func (e *Engine) relayUDP(sandbox, host net.Conn, onError func()) (up, down int64) {
 	ic := e.newIdleCloser(sandbox, host)
 	defer ic.stop()
 	var upBytes atomic.Int64
@@ -130,7 +149,7 @@ func (e *Engine) relayUDP(sandbox, host net.Conn, onError func(error)) (up, down
 		if err != nil {
 			var errno syscall.Errno
 			if errors.As(err, &errno) && icmpErrnos[errno] {
-				onError(err)
+				onError()
 				continue
 			}
 			sandbox.Close()
@@ -148,18 +167,6 @@ func (e *Engine) relayUDP(sandbox, host net.Conn, onError func(error)) (up, down
 // icmpErrnos are what a connected UDP socket's read returns for an ICMP
 // error about an earlier datagram.
 var icmpErrnos = map[syscall.Errno]bool{syscall.ECONNREFUSED: true, syscall.EHOSTUNREACH: true, syscall.ENETUNREACH: true, syscall.EACCES: true, syscall.EPROTO: true}
-
-func (e *Engine) drain(c net.Conn) {
-	ic := e.newIdleCloser(c)
-	defer ic.stop()
-	buf := make([]byte, 65535)
-	for {
-		if _, err := c.Read(buf); err != nil {
-			return
-		}
-		ic.touch()
-	}
-}
 
 // serveDNSFlow answers every datagram of one UDP flow to port 53.
 func (e *Engine) serveDNSFlow(c net.Conn) {

@@ -24,7 +24,7 @@ type EchoRequest struct {
 // taken out here and given to the engine instead. It is also where the
 // sandbox's packets are tapped for capture.
 type sandboxLink struct {
-	stack.LinkEndpoint
+	*tunLink
 	stack   *Stack
 	handler func(EchoRequest, func())
 	tap     func(outbound bool, packet [][]byte)
@@ -34,28 +34,12 @@ type sandboxLink struct {
 	lastTTL uint8
 }
 
-// GSOMaxSize and SupportedGSO pass on the TUN's segmentation offload,
-// which the stack looks for on the link it was given.
-func (e *sandboxLink) GSOMaxSize() uint32 {
-	if g, ok := e.LinkEndpoint.(stack.GSOEndpoint); ok {
-		return g.GSOMaxSize()
-	}
-	return 0
-}
-
-func (e *sandboxLink) SupportedGSO() stack.SupportedGSO {
-	if g, ok := e.LinkEndpoint.(stack.GSOEndpoint); ok {
-		return g.SupportedGSO()
-	}
-	return stack.GSONotSupported
-}
-
 func (e *sandboxLink) Attach(d stack.NetworkDispatcher) {
 	if d == nil {
-		e.LinkEndpoint.Attach(nil)
+		e.tunLink.Attach(nil)
 		return
 	}
-	e.LinkEndpoint.Attach(&echoDispatcher{NetworkDispatcher: d, ep: e})
+	e.tunLink.Attach(&echoDispatcher{NetworkDispatcher: d, ep: e})
 }
 
 type echoDispatcher struct {
@@ -63,48 +47,45 @@ type echoDispatcher struct {
 	ep *sandboxLink
 }
 
+// DeliverNetworkPacket looks once at the IP header of each packet from
+// the sandbox: for its TTL, which a UDP flow this packet starts takes
+// (see lastTTL), and for echo requests, which go to the engine.
 func (d *echoDispatcher) DeliverNetworkPacket(proto tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer) {
-	if h, ok := pkt.Data().PullUp(9); ok {
-		d.ep.lastTTL = h[8] // IPv4 TTL
-		if h[0]>>4 == 6 {
-			d.ep.lastTTL = h[7] // IPv6 hop limit
-		}
-	}
 	if d.ep.tap != nil {
 		d.ep.tap(true, pkt.AsSlices())
 	}
-	if d.ep.maybeEcho(pkt) {
+	if d.ep.maybeEcho(proto, pkt) {
 		return
 	}
 	d.NetworkDispatcher.DeliverNetworkPacket(proto, pkt)
 }
 
-// maybeEcho reports whether pkt was an echo request it consumed. Only the
-// first bytes are looked at, so TCP and UDP pay almost nothing.
-func (e *sandboxLink) maybeEcho(pkt *stack.PacketBuffer) bool {
-	hdr, ok := pkt.Data().PullUp(1)
-	if !ok {
-		return false
-	}
-	switch hdr[0] >> 4 {
-	case 4:
+// maybeEcho notes pkt's TTL and reports whether pkt was an echo request
+// it consumed. Only the first bytes are looked at, so TCP and UDP pay
+// almost nothing.
+func (e *sandboxLink) maybeEcho(proto tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer) bool {
+	var next, icmp uint8
+	if proto == header.IPv4ProtocolNumber {
 		h, ok := pkt.Data().PullUp(header.IPv4MinimumSize)
-		if !ok || h[9] != uint8(header.ICMPv4ProtocolNumber) {
+		if !ok {
 			return false
 		}
-	case 6:
+		e.lastTTL, next, icmp = h[8], h[9], uint8(header.ICMPv4ProtocolNumber)
+	} else {
 		h, ok := pkt.Data().PullUp(header.IPv6MinimumSize)
-		if !ok || h[6] == uint8(header.TCPProtocolNumber) || h[6] == uint8(header.UDPProtocolNumber) {
+		if !ok {
 			return false
 		}
-	default:
-		return false
+		e.lastTTL, next, icmp = h[7], h[6], uint8(header.ICMPv6ProtocolNumber)
+	}
+	if next != icmp {
+		return false // not ICMP, or ICMPv6 behind extension headers
 	}
 	b := pkt.Data().AsRange().ToSlice()
 	req, ok := parseEcho(b)
 	if !ok {
-		// ICMPv6 behind extension headers, or not an echo request:
-		// neighbour discovery and errors go to the stack.
+		// Not an echo request: neighbour discovery and errors go to
+		// the stack.
 		return false
 	}
 	if e.stack.plan.IsGateway(req.Dst) {
@@ -157,7 +138,7 @@ func (e *sandboxLink) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Erro
 			e.tap(false, pkt.AsSlices())
 		}
 	}
-	return e.LinkEndpoint.WritePackets(pkts)
+	return e.tunLink.WritePackets(pkts)
 }
 
 // writeRaw sends one IP packet the engine made into the sandbox.
@@ -171,10 +152,6 @@ func (e *sandboxLink) writeRaw(b []byte) {
 
 // EchoReplyPacket builds the IP packet answering req, from req.Dst.
 func EchoReplyPacket(req EchoRequest) []byte {
-	m := EchoRequestMessage(req)
-	m[0] = 0
-	if req.Src.Is6() {
-		m[0] = 129
-	}
+	m := echoMessage(req, 0, 129)
 	return ipPacket(req.Dst, req.Src, withICMPChecksum(req.Dst, req.Src, m))
 }

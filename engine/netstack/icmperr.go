@@ -116,25 +116,22 @@ func QuoteUDP(src, dst netip.AddrPort, ttl uint8, payloadLen int) []byte {
 	binary.BigEndian.PutUint16(udp[0:], src.Port())
 	binary.BigEndian.PutUint16(udp[2:], dst.Port())
 	binary.BigEndian.PutUint16(udp[4:], uint16(8+payloadLen))
-	return quoteIP(src.Addr(), dst.Addr(), 17, ttl, 8+payloadLen, udp)
+	return withIPHeader(src.Addr(), dst.Addr(), 17, ttl, 8+payloadLen, udp)
 }
 
 // QuoteEcho rebuilds the first bytes of an echo request the sandbox sent.
 func QuoteEcho(req EchoRequest) []byte {
-	b := EchoRequestMessage(req)
-	proto := uint8(1)
-	if req.Src.Is6() {
-		proto = 58
-	}
-	return quoteIP(req.Src, req.Dst, proto, req.TTL, len(b), b[:8])
+	hdr := echoMessage(EchoRequest{Src: req.Src, ID: req.ID, Seq: req.Seq}, 8, 128)
+	return withIPHeader(req.Src, req.Dst, icmpProto(req.Src), req.TTL, 8+len(req.Payload), hdr)
 }
 
-// EchoRequestMessage is req's ICMP (v6: ICMPv6) echo request message.
-func EchoRequestMessage(req EchoRequest) []byte {
+// echoMessage is req's echo message with the given ICMP (v6: ICMPv6)
+// type, its checksum not filled in.
+func echoMessage(req EchoRequest, typ4, typ6 uint8) []byte {
 	m := make([]byte, 8+len(req.Payload))
-	m[0] = 8
+	m[0] = typ4
 	if req.Src.Is6() {
-		m[0] = 128
+		m[0] = typ6
 	}
 	binary.BigEndian.PutUint16(m[4:], req.ID)
 	binary.BigEndian.PutUint16(m[6:], req.Seq)
@@ -142,7 +139,9 @@ func EchoRequestMessage(req EchoRequest) []byte {
 	return m
 }
 
-func quoteIP(src, dst netip.Addr, proto, ttl uint8, l4Len int, l4 []byte) []byte {
+// withIPHeader puts an IP header before l4, the first bytes of a
+// transport payload l4Len long (all of it, or as much as a quote holds).
+func withIPHeader(src, dst netip.Addr, proto, ttl uint8, l4Len int, l4 []byte) []byte {
 	if src.Is4() {
 		ip := make([]byte, 20, 20+len(l4))
 		ip[0] = 0x45
@@ -166,9 +165,12 @@ func quoteIP(src, dst netip.Addr, proto, ttl uint8, l4Len int, l4 []byte) []byte
 
 // ipPacket wraps an ICMP (v6: ICMPv6) message in an IP header.
 func ipPacket(from, to netip.Addr, msg []byte) []byte {
-	proto := uint8(1)
-	if from.Is6() {
-		proto = 58
+	return withIPHeader(from, to, icmpProto(from), 64, len(msg), msg)
+}
+
+func icmpProto(a netip.Addr) uint8 {
+	if a.Is4() {
+		return 1
 	}
-	return quoteIP(from, to, proto, 64, len(msg), msg)
+	return 58
 }

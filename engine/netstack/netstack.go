@@ -89,17 +89,13 @@ type Stack struct {
 
 const nicID = 1
 
-// NewTUN wraps a TUN (or, in tests, a datagram socket) fd as a link endpoint.
-func NewTUN(fd int, mtu int) (stack.LinkEndpoint, error) {
-	l, err := newTUNLink(fd, uint32(mtu))
+// New starts a stack on the sandbox's TUN queue fd (in tests, a datagram
+// socket), which stays the caller's to close.
+func New(fd int, cfg Config) (*Stack, error) {
+	l, err := newTUNLink(fd, uint32(cfg.Plan.MTU))
 	if err != nil {
 		return nil, fmt.Errorf("creating link endpoint on fd %d: %w", fd, err)
 	}
-	return l, nil
-}
-
-// New starts a stack on link.
-func New(link stack.LinkEndpoint, cfg Config) (*Stack, error) {
 	s := stack.New(stack.Options{
 		NetworkProtocols:   []stack.NetworkProtocolFactory{ipv4.NewProtocol, ipv6.NewProtocol},
 		TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocol, udp.NewProtocol, icmp.NewProtocol4, icmp.NewProtocol6},
@@ -107,9 +103,10 @@ func New(link stack.LinkEndpoint, cfg Config) (*Stack, error) {
 		HandleLocal: false,
 	})
 	ns := &Stack{s: s, plan: cfg.Plan}
-	ns.link = &sandboxLink{LinkEndpoint: link, stack: ns, handler: cfg.Handlers.Echo, tap: cfg.Handlers.Tap}
+	ns.link = &sandboxLink{tunLink: l, stack: ns, handler: cfg.Handlers.Echo, tap: cfg.Handlers.Tap}
 	if err := ns.configure(cfg); err != nil {
 		s.Close()
+		l.Close()
 		return nil, err
 	}
 	return ns, nil

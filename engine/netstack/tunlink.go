@@ -195,6 +195,15 @@ func (l *tunLink) readLoop(d stack.NetworkDispatcher) {
 		if n <= 0 {
 			continue
 		}
+		var proto tcpip.NetworkProtocolNumber
+		switch views[0].AsSlice()[0] >> 4 {
+		case 4:
+			proto = header.IPv4ProtocolNumber
+		case 6:
+			proto = header.IPv6ProtocolNumber
+		default:
+			continue // not IP: the buffers are reused
+		}
 		var payload buffer.Buffer
 		for i := 0; n > 0; i++ {
 			v := views[i]
@@ -206,12 +215,7 @@ func (l *tunLink) readLoop(d stack.NetworkDispatcher) {
 			payload.Append(v)
 		}
 		pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: payload})
-		switch first, _ := pkt.Data().PullUp(1); {
-		case len(first) == 1 && first[0]>>4 == 4:
-			d.DeliverNetworkPacket(header.IPv4ProtocolNumber, pkt)
-		case len(first) == 1 && first[0]>>4 == 6:
-			d.DeliverNetworkPacket(header.IPv6ProtocolNumber, pkt)
-		}
+		d.DeliverNetworkPacket(proto, pkt)
 		pkt.DecRef()
 	}
 }

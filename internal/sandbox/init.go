@@ -16,6 +16,7 @@ import (
 	"golang.org/x/term"
 
 	"github.com/childflow/childflow/internal/fdpass"
+	"github.com/childflow/childflow/internal/netplan"
 	"github.com/childflow/childflow/internal/tun"
 	"github.com/childflow/childflow/internal/version"
 )
@@ -70,19 +71,7 @@ func setup(spec Spec) (*os.File, error) {
 	var f *os.File
 	if !spec.Veth {
 		var err error
-		if f, err = tun.Open(spec.Plan.Interface); err != nil {
-			return nil, err
-		}
-		if err := tun.Configure(spec.Plan); err != nil {
-			f.Close()
-			return nil, err
-		}
-		// Persistent, so that the engine's close of its fd returns at once:
-		// the device then goes with the namespace, which the kernel tears
-		// down in the background once init is gone. A last close would
-		// unregister it synchronously, 10-20 ms on every run.
-		if err := tun.SetPersist(f, true); err != nil {
-			f.Close()
+		if f, err = openTUN(spec.Plan); err != nil {
 			return nil, err
 		}
 	}
@@ -102,6 +91,26 @@ func setup(spec Spec) (*os.File, error) {
 	// partly masked (inside a container) the kernel refuses; the host's
 	// view is then kept, which hides nothing the command could misuse.
 	unix.Mount("proc", "/proc", "proc", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, "")
+	return f, nil
+}
+
+// openTUN creates and configures the sandbox's TUN. It is persistent, so
+// that the engine's close of its fd returns at once: the device then goes
+// with the namespace, which the kernel tears down in the background once
+// init is gone. A last close would unregister it synchronously, 10-20 ms
+// on every run.
+func openTUN(plan netplan.Plan) (*os.File, error) {
+	f, err := tun.Open(plan.Interface)
+	if err != nil {
+		return nil, err
+	}
+	if err = tun.Configure(plan); err == nil {
+		err = tun.SetPersist(f, true)
+	}
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
 	return f, nil
 }
 
