@@ -5,36 +5,46 @@ package capture
 
 import (
 	"bufio"
+	"encoding/binary"
+	"errors"
 	"fmt"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
 
-	"github.com/gopacket/gopacket"
 	"github.com/gopacket/gopacket/layers"
 	"github.com/gopacket/gopacket/pcapgo"
+	"golang.org/x/sys/unix"
+	"gvisor.dev/gvisor/pkg/buffer"
 
 	"github.com/childflow/childflow/engine/flowlog"
-	"github.com/childflow/childflow/internal/queue"
 	"github.com/childflow/childflow/internal/version"
 )
 
 type packet struct {
-	ts       time.Time
+	ts       int64 // Unix nanoseconds
 	outbound bool
-	data     *[]byte // from bufs, returned once written
+	data     buffer.Buffer // the Writer's reference, released once written
 }
 
-// bufs recycles packet copies: at several Gbit/s, a fresh allocation per
-// packet would keep the garbage collector busy on the relay's cores.
-var bufs = sync.Pool{New: func() any { b := make([]byte, 0, 64<<10); return &b }}
-
 // Writer is one pcapng file with one interface.
+//
+// Packets wait in a list that the writing goroutine takes whole when a
+// write's worth has gathered or a tick has passed: woken for each packet,
+// it would cost the relay a thread switch per packet.
 type Writer struct {
-	q         *queue.Queue[packet]
-	queued    atomic.Int64 // bytes waiting in q
-	err       error        // the first write error, read after Close
-	closeFile func() error
+	mu      sync.Mutex
+	waiting []packet
+	bytes   int64 // in waiting
+	closed  bool
+	wake    chan struct{}
+	done    chan struct{}
+	dropped atomic.Uint64
+
+	file *os.File
+	out  blocks
+	err  error // the first write error, read after Close
 }
 
 // View describes the capture point, written as the interface description
@@ -56,73 +66,244 @@ func Create(path string, v View) (*Writer, error) {
 	if err != nil {
 		return nil, err
 	}
-	bw := bufio.NewWriterSize(f, 256<<10)
+	bw := bufio.NewWriter(f)
 	ng, err := pcapgo.NewNgWriterInterface(bw, pcapgo.NgInterface{
 		Name: v.Interface, Description: v.description(), LinkType: layers.LinkTypeRaw,
 		TimestampResolution: 9, // nanoseconds
 	}, pcapgo.NgWriterOptions{SectionInfo: pcapgo.NgSectionInfo{Application: "childflow " + version.Version}})
+	if err == nil {
+		err = ng.Flush()
+	}
 	if err != nil {
 		f.Close()
 		return nil, fmt.Errorf("writing pcapng header to %s: %w", path, err)
 	}
-	w := &Writer{closeFile: f.Close}
-	in, out := pcapgo.NgEpbFlagDirectionInbound, pcapgo.NgEpbFlagDirectionOutbound
-	write := func(p packet) {
-		data := *p.data
-		defer bufs.Put(p.data)
-		w.queued.Add(-int64(len(data)))
-		flags := pcapgo.NgEpbFlags{Direction: in}
-		if p.outbound {
-			flags.Direction = out
-		}
-		ci := gopacket.CaptureInfo{Timestamp: p.ts, CaptureLength: len(data), Length: len(data)}
-		if err := ng.WritePacketWithOptions(ci, data, pcapgo.NgPacketOptions{Flags: &flags}); err != nil && w.err == nil {
-			w.err = err
-		}
-	}
-	flush := func() {
-		ng.Flush()
-		bw.Flush()
-	}
-	w.q = queue.Start(8192, write, flush)
+	w := &Writer{file: f, out: blocks{fd: int(f.Fd())}, wake: make(chan struct{}, 1), done: make(chan struct{})}
+	go w.run()
 	return w, nil
 }
 
-// maxQueued bounds the memory a slow disk can make the capture hold.
-const maxQueued = 32 << 20
+const (
+	// maxQueued bounds the memory a slow disk can make the capture hold.
+	maxQueued = 32 << 20
+	// tick is how long a packet may wait to be written: after a crash
+	// the file holds what came before.
+	tick = 50 * time.Millisecond
+)
 
-// Packet queues a copy of one IP packet given in parts; outbound means
-// sent by the sandbox (child view) or to the remote end (egress views).
-func (w *Writer) Packet(outbound bool, parts [][]byte) {
-	n := 0
-	for _, p := range parts {
-		n += len(p)
-	}
-	if w.queued.Add(int64(n)) > maxQueued {
-		w.queued.Add(-int64(n))
-		w.q.Drop()
+// Packet queues one IP packet, sent by the sandbox (outbound, child view)
+// or to the remote end (egress views). The Writer takes over data and
+// releases it: the bytes go from the relay's buffers to the file without
+// a copy of their own.
+func (w *Writer) Packet(outbound bool, data buffer.Buffer) {
+	n := data.Size()
+	w.mu.Lock()
+	if w.closed || w.bytes+n > maxQueued {
+		w.mu.Unlock()
+		w.dropped.Add(1)
+		data.Release()
 		return
 	}
-	bp := bufs.Get().(*[]byte)
-	data := (*bp)[:0]
-	for _, p := range parts {
-		data = append(data, p...)
+	w.waiting = append(w.waiting, packet{ts: time.Now().UnixNano(), outbound: outbound, data: data})
+	w.bytes += n
+	ready := w.bytes >= maxBatch && w.bytes-n < maxBatch
+	w.mu.Unlock()
+	if ready {
+		select {
+		case w.wake <- struct{}{}:
+		default:
+		}
 	}
-	*bp = data
-	if !w.q.Put(packet{ts: time.Now(), outbound: outbound, data: bp}) {
-		w.queued.Add(-int64(n))
-		bufs.Put(bp)
+}
+
+// PacketCopy queues a copy of b, for callers that reuse their buffer.
+func (w *Writer) PacketCopy(outbound bool, b []byte) {
+	w.Packet(outbound, buffer.MakeWithData(b))
+}
+
+func (w *Writer) run() {
+	defer close(w.done)
+	t := time.NewTicker(tick)
+	defer t.Stop()
+	var batch []packet
+	for {
+		select {
+		case <-w.wake:
+		case <-t.C:
+		}
+		w.mu.Lock()
+		batch, w.waiting = w.waiting, batch[:0]
+		w.bytes = 0
+		closed := w.closed
+		w.mu.Unlock()
+		for _, p := range batch {
+			w.write(p)
+		}
+		clear(batch)
+		w.flush()
+		if closed {
+			return
+		}
+	}
+}
+
+func (w *Writer) write(p packet) {
+	if w.err != nil {
+		p.data.Release()
+		return
+	}
+	if w.out.full(p.data) {
+		w.flush()
+	}
+	w.out.add(p)
+}
+
+func (w *Writer) flush() {
+	if err := w.out.flush(); err != nil && w.err == nil {
+		w.err = err
 	}
 }
 
 // Dropped is how many packets did not fit the queue.
-func (w *Writer) Dropped() uint64 { return w.q.Dropped() }
+func (w *Writer) Dropped() uint64 { return w.dropped.Load() }
 
-// Close writes what is queued and closes the file.
+// Close writes what is queued and closes the file. Packets given after
+// Close are dropped.
 func (w *Writer) Close() error {
-	w.q.Close()
-	if err := w.closeFile(); err != nil && w.err == nil {
+	w.mu.Lock()
+	already := w.closed
+	w.closed = true
+	w.mu.Unlock()
+	if already {
+		return w.err
+	}
+	select {
+	case w.wake <- struct{}{}:
+	default:
+	}
+	<-w.done
+	if err := w.file.Close(); err != nil && w.err == nil {
 		w.err = err
 	}
 	return w.err
+}
+
+// blocks gathers enhanced packet blocks (pcapng's packet records, as
+// pcapgo writes them: little-endian, interface 0, a direction flag) and
+// writes a batch of them with one writev. Headers, trailers and small
+// pieces of packets are copied into one scratch buffer; the large pieces
+// are written from the packets' own buffers.
+type blocks struct {
+	fd      int
+	iov     [][]byte
+	scratch []byte
+	inTail  bool // the last iov is the scratch buffer's tail
+	held    []buffer.Buffer
+	size    int64 // bytes in the batch
+}
+
+const (
+	maxIov       = 1000      // below the kernel's IOV_MAX of 1024
+	maxBatch     = 256 << 10 // larger writes cost the kernel more per byte
+	scratchSize  = 64 << 10
+	copyBelow    = 512 // smaller pieces are copied, not given an iov
+	epbHeaderLen = 28
+	epbTrailMax  = 3 + 12 + 4 // padding, flags option, end of options, block length
+)
+
+// full reports whether the batch should be written before data joins it.
+func (b *blocks) full(data buffer.Buffer) bool {
+	views := data.AsViewList()
+	return b.size > 0 && b.size+data.Size() > maxBatch ||
+		len(b.iov)+views.Len()+2 > maxIov || len(b.scratch) > scratchSize-1024
+}
+
+func (b *blocks) add(p packet) {
+	n := int(p.data.Size())
+	pad := (4 - n&3) & 3
+	length := uint32(epbHeaderLen + n + pad + 12 + 4)
+	le := binary.LittleEndian
+	var h [epbHeaderLen]byte
+	le.PutUint32(h[0:], 6) // enhanced packet block
+	le.PutUint32(h[4:], length)
+	le.PutUint32(h[8:], 0) // interface
+	le.PutUint32(h[12:], uint32(p.ts>>32))
+	le.PutUint32(h[16:], uint32(p.ts))
+	le.PutUint32(h[20:], uint32(n)) // captured
+	le.PutUint32(h[24:], uint32(n)) // on the wire
+	b.copyIn(h[:])
+	views := p.data.AsViewList()
+	for v := views.Front(); v != nil; v = v.Next() {
+		if s := v.AsSlice(); len(s) < copyBelow {
+			b.copyIn(s)
+		} else {
+			b.iov = append(b.iov, s)
+			b.inTail = false
+		}
+	}
+	direction := uint32(1) // inbound
+	if p.outbound {
+		direction = 2
+	}
+	var t [epbTrailMax]byte
+	le.PutUint16(t[pad:], 2) // epb_flags
+	le.PutUint16(t[pad+2:], 4)
+	le.PutUint32(t[pad+4:], direction)
+	// end of options: four zero bytes
+	le.PutUint32(t[pad+12:], length)
+	b.copyIn(t[:pad+16])
+	b.held = append(b.held, p.data)
+	b.size += int64(length)
+}
+
+func (b *blocks) copyIn(s []byte) {
+	if len(b.scratch)+len(s) > cap(b.scratch) {
+		// A new scratch buffer; the iovs already taken keep the old one.
+		b.scratch = make([]byte, 0, max(scratchSize, len(s)))
+		b.inTail = false
+	}
+	start := len(b.scratch)
+	b.scratch = append(b.scratch, s...)
+	if b.inTail {
+		last := &b.iov[len(b.iov)-1]
+		*last = (*last)[:len(*last)+len(s)]
+		return
+	}
+	b.iov = append(b.iov, b.scratch[start:])
+	b.inTail = true
+}
+
+// flush writes the batch, whole blocks only unless the disk fails, and
+// releases its packets.
+func (b *blocks) flush() error {
+	var err error
+	iov := b.iov
+	for len(iov) > 0 {
+		n, werr := unix.Writev(b.fd, iov)
+		if werr == unix.EINTR {
+			continue
+		}
+		if werr != nil {
+			err = werr
+			break
+		}
+		if n == 0 {
+			err = errors.New("short write")
+			break
+		}
+		for n > 0 && len(iov) > 0 {
+			if n < len(iov[0]) {
+				iov[0] = iov[0][n:]
+				break
+			}
+			n -= len(iov[0])
+			iov = iov[1:]
+		}
+	}
+	for i := range b.held {
+		b.held[i].Release()
+	}
+	clear(b.iov)
+	b.iov, b.held, b.scratch, b.inTail, b.size = b.iov[:0], b.held[:0], b.scratch[:0], false, 0
+	return err
 }

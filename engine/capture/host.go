@@ -14,12 +14,12 @@ import (
 )
 
 // HostTap captures, on the host's own interfaces, the packets of one
-// sandbox's host-side connections: the egress and wire-egress views. It
-// follows the remote ends the engine reports (Upstream), so it records
-// the connection handshakes too; another host process talking to the same
-// remote address and port at the same time would be recorded as well.
-// The engine's questions to upstream resolvers are followed the same way.
-// It needs CAP_NET_RAW.
+// sandbox's host-side sockets: the egress and wire-egress views. It
+// follows the sockets the engine reports (Upstream) by protocol, local
+// port and remote end, known before each socket's first packet, so it
+// records handshakes and nothing else the host sends: another process
+// talking to the same remote end has another local port. It needs
+// CAP_NET_RAW.
 type HostTap struct {
 	fd       int
 	w        *Writer
@@ -29,9 +29,16 @@ type HostTap struct {
 	exited   chan struct{}
 
 	mu      sync.Mutex
-	open    map[endpoint]int       // remote ends in use, counted
-	linger  map[endpoint]time.Time // closed recently: FIN and ACK still flow
+	open    map[flow]int       // sockets in use, counted
+	linger  map[flow]time.Time // closed recently: FIN and ACK still flow
 	loIndex map[int]bool
+}
+
+// flow is one host socket as its packets show it.
+type flow struct {
+	proto     uint8
+	localPort uint16
+	remote    netip.AddrPort
 }
 
 type endpoint struct {
@@ -39,8 +46,7 @@ type endpoint struct {
 	addr  netip.AddrPort
 }
 
-// lingerFor keeps a closed connection's remote end watched for its last
-// packets.
+// lingerFor keeps a closed socket watched for its last packets.
 const lingerFor = 3 * time.Second
 
 // StartHostTap opens a packet socket on every interface and writes the
@@ -63,7 +69,7 @@ func newTap(w *Writer, wireOnly bool) (*HostTap, error) {
 	unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv)
 	unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, 4<<20)
 	h := &HostTap{fd: fd, w: w, wireOnly: wireOnly, done: make(chan struct{}), exited: make(chan struct{}),
-		open: map[endpoint]int{}, linger: map[endpoint]time.Time{}, loIndex: map[int]bool{}}
+		open: map[flow]int{}, linger: map[flow]time.Time{}, loIndex: map[int]bool{}}
 	if ifs, err := net.Interfaces(); err == nil {
 		for _, i := range ifs {
 			h.loIndex[i.Index] = i.Flags&net.FlagLoopback != 0
@@ -92,8 +98,8 @@ func StartLinkTap(w *Writer, ifindex int) (*HostTap, error) {
 func htons(v uint16) uint16 { return v<<8 | v>>8 }
 
 // Upstream is the engine's OnUpstream.
-func (h *HostTap) Upstream(proto policy.Proto, remote netip.AddrPort, open bool) {
-	e := endpoint{protoNumber(proto), netip.AddrPortFrom(remote.Addr().Unmap(), remote.Port())}
+func (h *HostTap) Upstream(proto policy.Proto, local, remote netip.AddrPort, open bool) {
+	e := flow{protoNumber(proto), local.Port(), netip.AddrPortFrom(remote.Addr().Unmap(), remote.Port())}
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if open {
@@ -115,17 +121,17 @@ func protoNumber(p policy.Proto) uint8 {
 }
 
 // match reports whether a packet between src and dst belongs to a watched
-// connection, and whether it goes to the remote end: one lock per packet.
+// socket, and whether it goes to the remote end: one lock per packet.
 func (h *HostTap) match(src, dst endpoint) (ok, toRemote bool) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if h.watchedLocked(dst) {
+	if h.watchedLocked(flow{src.proto, src.addr.Port(), dst.addr}) {
 		return true, true
 	}
-	return h.watchedLocked(src), false
+	return h.watchedLocked(flow{src.proto, dst.addr.Port(), src.addr}), false
 }
 
-func (h *HostTap) watchedLocked(e endpoint) bool {
+func (h *HostTap) watchedLocked(e flow) bool {
 	if h.open[e] > 0 {
 		return true
 	}
@@ -153,7 +159,7 @@ func (h *HostTap) run() {
 		}
 		ll, ok := from.(*unix.SockaddrLinklayer)
 		if ok && h.link {
-			h.w.Packet(ll.Pkttype != unix.PACKET_OUTGOING, [][]byte{buf[:n]})
+			h.w.PacketCopy(ll.Pkttype != unix.PACKET_OUTGOING, buf[:n])
 			continue
 		}
 		if !ok || h.wireOnly && h.loIndex[ll.Ifindex] {
@@ -168,7 +174,7 @@ func (h *HostTap) run() {
 			continue
 		}
 		if ok, toRemote := h.match(src, dst); ok {
-			h.w.Packet(toRemote, [][]byte{buf[:n]})
+			h.w.PacketCopy(toRemote, buf[:n])
 		}
 	}
 }

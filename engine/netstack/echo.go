@@ -27,7 +27,7 @@ type sandboxLink struct {
 	*tunLink
 	stack   *Stack
 	handler func(EchoRequest, func())
-	tap     func(outbound bool, packet [][]byte)
+	tap     func(outbound bool, packet buffer.Buffer)
 	// lastTTL is the TTL (hop limit) of the packet being delivered. One
 	// goroutine delivers packets, and the UDP forwarder creates a flow
 	// while delivering its first datagram: the flow reads it from here.
@@ -52,7 +52,7 @@ type echoDispatcher struct {
 // (see lastTTL), and for echo requests, which go to the engine.
 func (d *echoDispatcher) DeliverNetworkPacket(proto tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer) {
 	if d.ep.tap != nil {
-		d.ep.tap(true, pkt.AsSlices())
+		d.ep.tap(true, pkt.ToBuffer())
 	}
 	if d.ep.maybeEcho(proto, pkt) {
 		return
@@ -135,7 +135,7 @@ func parseEcho(b []byte) (EchoRequest, bool) {
 func (e *sandboxLink) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) {
 	if e.tap != nil {
 		for _, pkt := range pkts.AsSlice() {
-			e.tap(false, pkt.AsSlices())
+			e.tap(false, pkt.ToBuffer())
 		}
 	}
 	return e.tunLink.WritePackets(pkts)

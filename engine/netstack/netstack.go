@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/netip"
 
+	"gvisor.dev/gvisor/pkg/buffer"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
@@ -66,9 +67,10 @@ type Handlers struct {
 	// Echo is called for ICMP echo requests to anything but the gateway;
 	// reply (if non-nil) sends the echo reply into the sandbox.
 	Echo func(req EchoRequest, reply func())
-	// Tap, if set, is given a copy of every IP packet on the sandbox's
-	// link; outbound means sent by the sandbox.
-	Tap func(outbound bool, packet [][]byte)
+	// Tap, if set, is given every IP packet on the sandbox's link, as a
+	// buffer sharing the packet's bytes that it must Release; outbound
+	// means sent by the sandbox.
+	Tap func(outbound bool, packet buffer.Buffer)
 }
 
 // Config describes one sandbox stack.

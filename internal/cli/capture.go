@@ -3,12 +3,14 @@ package cli
 import (
 	"io"
 	"net"
-	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
 
+	"gvisor.dev/gvisor/pkg/buffer"
+
 	"github.com/childflow/childflow/engine/capture"
+	"github.com/childflow/childflow/engine/upstream"
 	"github.com/childflow/childflow/policy"
 )
 
@@ -21,8 +23,8 @@ type captures struct {
 	// link, with --root, is the child view's file: it is captured on the
 	// host end of the sandbox's veth once that exists (startLink).
 	link     *capture.Writer
-	child    func(outbound bool, packet [][]byte)
-	upstream func(proto policy.Proto, remote netip.AddrPort, open bool)
+	child    func(outbound bool, packet buffer.Buffer)
+	upstream upstream.Func
 	closers  []func(io.Writer)
 }
 
