@@ -15,10 +15,13 @@ import (
 	"sync"
 	"time"
 
+	"gvisor.dev/gvisor/pkg/buffer"
+
 	"github.com/childflow/childflow/engine/dns"
 	"github.com/childflow/childflow/engine/flowlog"
 	"github.com/childflow/childflow/engine/netstack"
 	"github.com/childflow/childflow/engine/proxy"
+	"github.com/childflow/childflow/engine/upstream"
 	"github.com/childflow/childflow/internal/netplan"
 	"github.com/childflow/childflow/internal/procnet"
 	"github.com/childflow/childflow/policy"
@@ -42,20 +45,21 @@ type Config struct {
 	// Dial opens upstream connections. Nil: a net.Dialer.
 	Dial func(ctx context.Context, network, address string) (net.Conn, error)
 	// Capture, if set, is given every IP packet on the sandbox's link (the
-	// child view), in parts valid only during the call; outbound means
-	// sent by the sandbox. It must not block.
-	Capture func(outbound bool, packet [][]byte)
+	// child view), sharing the relay's buffers; it owns packet and must
+	// Release it. outbound means sent by the sandbox. It must not block.
+	Capture func(outbound bool, packet buffer.Buffer)
 	// SandboxPID is the sandbox init's pid on the host, used to attribute
 	// flows to processes in the flow log. Zero: not attributed.
 	SandboxPID int
 	// OnEvent receives every flow-log event. Nil: events are discarded.
 	// It must not block.
 	OnEvent func(flowlog.Event)
-	// OnUpstream is told the remote end of each host-side connection the
-	// engine opens for the sandbox (before it is dialed, where it is known
-	// then) and when that connection is done: the egress capture views
-	// follow these. Nil: nobody is told. It must not block.
-	OnUpstream func(proto policy.Proto, remote netip.AddrPort, open bool)
+	// OnUpstream is told each host socket the engine opens for the
+	// sandbox (connections, UDP flows, the proxy, questions to upstream
+	// resolvers), bound before its first packet leaves, and when it is
+	// done: the egress capture views follow these. It is only told of
+	// sockets from the default Dial. Nil: nobody is told. It must not block.
+	OnUpstream upstream.Func
 
 	// Limits; zero means the default.
 	DialTimeout    time.Duration // 10 s
@@ -102,8 +106,7 @@ func New(cfg Config) (*Engine, error) {
 		// No keepalive probes upstream (four setsockopts per connection):
 		// like a socket the sandbox opened itself, which has none unless
 		// it asks, and that setting stays with the engine's stack.
-		d := &net.Dialer{KeepAlive: -1}
-		cfg.Dial = d.DialContext
+		cfg.Dial = upstream.Dialer(&net.Dialer{KeepAlive: -1}).DialContext
 	}
 	e := &Engine{cfg: cfg, flows: make(chan struct{}, cfg.MaxFlows), dnsSem: make(chan struct{}, cfg.MaxDNSInFlight)}
 	e.policy = withHostAddrs(cfg.Policy, cfg.Plan)
@@ -244,13 +247,3 @@ func (e *Engine) upstreamAddr(dst netip.AddrPort) netip.AddrPort {
 // DNS anywhere is answered by the engine's resolver (DNS over TLS or
 // QUIC is refused: policy.DNSBypass), so no resolver but ours is reachable.
 const portDNS = 53
-
-// upstreamOpen tells OnUpstream about remote and returns the matching
-// done call.
-func (e *Engine) upstreamOpen(proto policy.Proto, remote netip.AddrPort) (done func()) {
-	if e.cfg.OnUpstream == nil || !remote.IsValid() {
-		return func() {}
-	}
-	e.cfg.OnUpstream(proto, remote, true)
-	return func() { e.cfg.OnUpstream(proto, remote, false) }
-}

@@ -5,12 +5,12 @@ import (
 	"errors"
 	"io"
 	"net"
-	"net/netip"
 	"sync"
 	"time"
 
 	"github.com/childflow/childflow/engine/dns"
 	"github.com/childflow/childflow/engine/netstack"
+	"github.com/childflow/childflow/engine/upstream"
 	"github.com/childflow/childflow/policy"
 )
 
@@ -37,22 +37,18 @@ func (e *Engine) handleTCP(r *netstack.TCPRequest) {
 
 	up := e.upstreamAddr(r.Dst)
 	ctx, cancel := context.WithTimeout(e.ctx, e.cfg.DialTimeout)
+	ctx, closed := upstream.Watch(ctx, e.cfg.OnUpstream)
+	defer closed()
 	start := time.Now()
 	res := ev
 	res.Upstream = up.String()
-	var upstream net.Conn
+	var host net.Conn
 	var err error
 	if viaProxy {
 		res.Proxy, res.ProxyHost = e.cfg.Proxy.String(), e.cache.Hostname(r.Dst.Addr())
-		upstream, err = e.cfg.Proxy.Dial(ctx, up, res.ProxyHost)
-		if err == nil {
-			// The proxy may be named by host name: known once connected.
-			remote, _ := netip.ParseAddrPort(upstream.RemoteAddr().String())
-			defer e.upstreamOpen(policy.TCP, remote)()
-		}
+		host, err = e.cfg.Proxy.Dial(ctx, up, res.ProxyHost)
 	} else {
-		defer e.upstreamOpen(policy.TCP, up)()
-		upstream, err = e.cfg.Dial(ctx, "tcp", up.String())
+		host, err = e.cfg.Dial(ctx, "tcp", up.String())
 	}
 	cancel()
 	if err != nil {
@@ -63,10 +59,10 @@ func (e *Engine) handleTCP(r *netstack.TCPRequest) {
 	sandbox, err := r.Accept()
 	e.events.Result(res, err)
 	if err != nil {
-		upstream.Close()
+		host.Close()
 		return
 	}
-	bytesUp, bytesDown := Splice(sandbox, upstream)
+	bytesUp, bytesDown := Splice(sandbox, host)
 	e.events.End(res, bytesUp, bytesDown, time.Since(start).Milliseconds())
 }
 

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/childflow/childflow/engine/netstack"
+	"github.com/childflow/childflow/engine/upstream"
 	"github.com/childflow/childflow/policy"
 )
 
@@ -37,8 +38,9 @@ func (e *Engine) handleUDP(f *netstack.UDPFlow) {
 		return
 	}
 	up := e.upstreamAddr(f.Dst)
-	defer e.upstreamOpen(policy.UDP, up)()
 	ctx, cancel := context.WithTimeout(e.ctx, e.cfg.DialTimeout)
+	ctx, closed := upstream.Watch(ctx, e.cfg.OnUpstream)
+	defer closed()
 	host, err := e.cfg.Dial(ctx, "udp", up.String())
 	cancel()
 	res := ev

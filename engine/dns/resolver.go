@@ -14,7 +14,7 @@ import (
 	mdns "github.com/miekg/dns"
 
 	"github.com/childflow/childflow/engine/flowlog"
-
+	"github.com/childflow/childflow/engine/upstream"
 	"github.com/childflow/childflow/policy"
 )
 
@@ -38,23 +38,17 @@ type Resolver struct {
 	OnQuery func(Query)
 	// Timeout per upstream attempt; zero means 4 s.
 	Timeout time.Duration
-	// OnUpstream, if non-nil, is told before and after each exchange with
-	// an upstream resolver (open true, then false), for the egress capture.
-	OnUpstream func(proto policy.Proto, server netip.AddrPort, open bool)
+	// OnUpstream, if non-nil, is told of the socket of each exchange
+	// with an upstream resolver, for the egress capture.
+	OnUpstream upstream.Func
 	// Dialer, if set, opens the upstream connections (--iface binds it).
 	Dialer *net.Dialer
 }
 
 // exchange is one query to one upstream resolver.
 func (r *Resolver) exchange(ctx context.Context, c *mdns.Client, req *mdns.Msg, up netip.AddrPort) (*mdns.Msg, error) {
-	if r.OnUpstream != nil {
-		proto := policy.UDP
-		if c.Net == "tcp" {
-			proto = policy.TCP
-		}
-		r.OnUpstream(proto, up, true)
-		defer r.OnUpstream(proto, up, false)
-	}
+	ctx, closed := upstream.Watch(ctx, r.OnUpstream)
+	defer closed()
 	resp, _, err := c.ExchangeContext(ctx, req, up.String())
 	return resp, err
 }
@@ -134,9 +128,13 @@ func (r *Resolver) forward(ctx context.Context, req *mdns.Msg, overTCP bool) (*m
 	if overTCP {
 		network = "tcp"
 	}
+	dialer := upstream.Dialer(r.Dialer)
+	if dialer.Timeout == 0 {
+		dialer.Timeout = timeout
+	}
 	var lastErr error
 	for _, up := range r.Upstreams {
-		c := &mdns.Client{Net: network, Timeout: timeout, UDPSize: 4096, Dialer: r.Dialer}
+		c := &mdns.Client{Net: network, Timeout: timeout, UDPSize: 4096, Dialer: dialer}
 		resp, err := r.exchange(ctx, c, req, up)
 		if err == nil && resp.Truncated && network == "udp" {
 			// Answer over TCP ourselves so the sandbox gets a complete

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/childflow/childflow/engine/proxy/uri"
+	"github.com/childflow/childflow/engine/upstream"
 )
 
 // Proxy is a parsed, validated upstream proxy.
@@ -32,7 +33,8 @@ type Proxy struct {
 	insecure bool
 	// RootCAs verifies an https proxy; nil means the system roots.
 	RootCAs *x509.CertPool
-	// DialContext reaches the proxy itself. Nil: a net.Dialer.
+	// DialContext reaches the proxy itself. Nil: a net.Dialer that
+	// reports to an upstream.Watch in the context.
 	DialContext func(ctx context.Context, network, addr string) (net.Conn, error)
 }
 
@@ -63,7 +65,7 @@ func (p *Proxy) String() string { return p.Scheme + "://" + p.Addr }
 func (p *Proxy) Dial(ctx context.Context, target netip.AddrPort, host string) (net.Conn, error) {
 	dial := p.DialContext
 	if dial == nil {
-		dial = (&net.Dialer{}).DialContext
+		dial = upstream.Dialer(nil).DialContext // the egress capture follows it
 	}
 	c, err := dial(ctx, "tcp", p.Addr)
 	if err != nil {

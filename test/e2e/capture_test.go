@@ -99,8 +99,9 @@ func TestOutputFilesRefuseSymlinks(t *testing.T) {
 func TestCaptureEgressViews(t *testing.T) {
 	requireRoot(t)
 	dir := logDir(t)
-	// While the sandbox runs, the host itself talks to the second test
-	// host: that must not show up in the sandbox's capture.
+	// While the sandbox runs, the host itself talks to the same test
+	// host and ports as the sandbox, and to another: none of that may
+	// show up in the sandbox's capture.
 	stop := make(chan struct{})
 	defer close(stop)
 	go func() {
@@ -110,7 +111,8 @@ func TestCaptureEgressViews(t *testing.T) {
 				return
 			default:
 			}
-			exec.Command("curl", "-s", "-m1", "-o", "/dev/null", "http://203.0.113.20/").Run()
+			exec.Command("curl", "-s", "-m1", "-o", "/dev/null", "http://203.0.113.10/", "http://203.0.113.20/").Run()
+			exec.Command("sh", "-c", "echo host | socat -t0.1 - UDP:203.0.113.10:7").Run()
 		}
 	}()
 	script := `curl -sS -m5 -o /dev/null http://web.test/; echo probe | socat -t1 - UDP:203.0.113.10:7 >/dev/null; sleep 0.5`
