@@ -43,9 +43,12 @@ type hostError struct {
 	payloadLen int
 }
 
-// hostICMPErrors drains the socket's error queue.
+// hostICMPErrors drains the socket's error queue; rc nil has none.
 func hostICMPErrors(rc syscall.RawConn) []hostError {
 	var out []hostError
+	if rc == nil {
+		return nil
+	}
 	rc.Control(func(fd uintptr) {
 		var data [64]byte
 		var oob [128]byte

@@ -6,11 +6,14 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
+	"syscall"
 	"time"
 
 	"golang.org/x/net/icmp"
 	"golang.org/x/net/ipv4"
 	"golang.org/x/net/ipv6"
+	"golang.org/x/sys/unix"
 
 	"github.com/childflow/childflow/engine/netstack"
 	"github.com/childflow/childflow/policy"
@@ -57,39 +60,25 @@ func (e *Engine) handleEcho(req netstack.EchoRequest, reply func()) {
 // ping sends one echo request from the host with hops as its TTL (hop
 // limit) and waits for its reply, or for an ICMP error about it. It uses
 // an unprivileged ICMP socket (net.ipv4.ping_group_range) where the host
-// allows one, else a raw socket (CAP_NET_RAW). Only a raw socket sees
-// the errors (a ping socket keeps them on its error queue, unread here):
-// their echo is then unanswered.
+// allows one, else a raw socket (CAP_NET_RAW). A ping socket gets the
+// errors about its own requests on its error queue; a raw socket sees
+// every ICMP message, so an error counts when it quotes our request.
 func ping(target netip.Addr, req netstack.EchoRequest, hops uint8) (*hostError, error) {
 	v4 := target.Is4()
-	nets := []string{"udp6", "ip6:ipv6-icmp"}
 	var typ, replyType icmp.Type = ipv6.ICMPTypeEchoRequest, ipv6.ICMPTypeEchoReply
 	proto := 58
 	if v4 {
-		nets = []string{"udp4", "ip4:icmp"}
 		typ, replyType, proto = ipv4.ICMPTypeEcho, ipv4.ICMPTypeEchoReply, 1
 	}
-	var conn *icmp.PacketConn
-	var err error
-	var raw bool
-	for i, n := range nets {
-		if conn, err = icmp.ListenPacket(n, ""); err == nil {
-			raw = i == 1
-			break
-		}
-	}
+	conn, rc, err := listenPing(!v4, hops)
+	raw := false
 	if err != nil {
-		return nil, err
+		if conn, err = listenRaw(!v4, hops); err != nil {
+			return nil, err
+		}
+		raw = true
 	}
 	defer conn.Close()
-	if v4 {
-		err = conn.IPv4PacketConn().SetTTL(int(hops))
-	} else {
-		err = conn.IPv6PacketConn().SetHopLimit(int(hops))
-	}
-	if err != nil {
-		return nil, err
-	}
 	msg := icmp.Message{Type: typ, Body: &icmp.Echo{ID: int(req.ID), Seq: int(req.Seq), Data: req.Payload}}
 	b, err := msg.Marshal(nil)
 	if err != nil {
@@ -107,6 +96,10 @@ func ping(target netip.Addr, req netstack.EchoRequest, hops uint8) (*hostError, 
 	for {
 		n, from, err := conn.ReadFrom(buf)
 		if err != nil {
+			// On a ping socket, a queued ICMP error fails the read.
+			if errs := hostICMPErrors(rc); len(errs) > 0 {
+				return &errs[0], nil
+			}
 			return nil, err
 		}
 		m, err := icmp.ParseMessage(proto, buf[:n])
@@ -137,6 +130,54 @@ func ping(target netip.Addr, req netstack.EchoRequest, hops uint8) (*hostError, 
 			return &hostError{err: kind, from: addrOf(from)}, nil
 		}
 	}
+}
+
+// listenPing opens an unprivileged ICMP socket sending with hops and
+// queueing the ICMP errors about what it sent.
+func listenPing(v6 bool, hops uint8) (net.PacketConn, syscall.RawConn, error) {
+	family, proto := unix.AF_INET, unix.IPPROTO_ICMP
+	if v6 {
+		family, proto = unix.AF_INET6, unix.IPPROTO_ICMPV6
+	}
+	fd, err := unix.Socket(family, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, proto)
+	if err != nil {
+		return nil, nil, err // not allowed by net.ipv4.ping_group_range
+	}
+	f := os.NewFile(uintptr(fd), "ping")
+	defer f.Close()
+	conn, err := net.FilePacketConn(f)
+	if err != nil {
+		return nil, nil, err
+	}
+	rc, err := conn.(syscall.Conn).SyscallConn()
+	if err == nil {
+		err = setHops(rc, v6, hops)
+	}
+	if err != nil {
+		conn.Close()
+		return nil, nil, err
+	}
+	return conn, rc, nil
+}
+
+// listenRaw opens a raw ICMP socket (CAP_NET_RAW) sending with hops.
+func listenRaw(v6 bool, hops uint8) (net.PacketConn, error) {
+	if v6 {
+		conn, err := icmp.ListenPacket("ip6:ipv6-icmp", "")
+		if err == nil {
+			if err = conn.IPv6PacketConn().SetHopLimit(int(hops)); err != nil {
+				conn.Close()
+			}
+		}
+		return conn, err
+	}
+	conn, err := icmp.ListenPacket("ip4:icmp", "")
+	if err == nil {
+		if err = conn.IPv4PacketConn().SetTTL(int(hops)); err != nil {
+			conn.Close()
+		}
+	}
+	return conn, err
 }
 
 // quotesEcho reports whether an ICMP error's quoted packet is our echo

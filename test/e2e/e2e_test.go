@@ -217,19 +217,38 @@ done
 }
 
 func TestPing(t *testing.T) {
-	// Root relays echo with raw sockets; rootless needs the host's
-	// ping_group_range, which is off here (see --doctor).
-	requireRoot(t)
-	r := sh(t, root, nil, `ping -c2 -W3 203.0.113.10 && ping -6 -c1 -W3 2001:db8::10`)
-	if r.code != 0 || strings.Count(r.stdout, "bytes from") != 3 {
-		t.Fatal(r)
+	// Root relays echo with raw sockets, rootless with the host's ping
+	// sockets (withPingSockets).
+	users(t, func(t *testing.T, u as) {
+		if u == rootless {
+			withPingSockets(t)
+		}
+		r := sh(t, u, nil, `ping -c2 -W3 203.0.113.10 && ping -6 -c1 -W3 2001:db8::10`)
+		if r.code != 0 || strings.Count(r.stdout, "bytes from") != 3 {
+			t.Fatal(r)
+		}
+		// An address with no host behind it must not answer: the engine
+		// does not fake replies.
+		r = sh(t, u, nil, `ping -c1 -W2 203.0.113.44`)
+		if r.code == 0 || strings.Contains(r.stdout, "bytes from") {
+			t.Fatalf("ping to a host that does not exist answered:\n%s", r)
+		}
+	})
+}
+
+// withPingSockets lets nobody open ICMP ping sockets for the test, which
+// this machine does not allow (net.ipv4.ping_group_range "1 0").
+func withPingSockets(t *testing.T) {
+	t.Helper()
+	const path = "/proc/sys/net/ipv4/ping_group_range"
+	old, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
 	}
-	// An address with no host behind it must not answer: the engine does
-	// not fake replies.
-	r = sh(t, root, nil, `ping -c1 -W2 203.0.113.44`)
-	if r.code == 0 || strings.Contains(r.stdout, "bytes from") {
-		t.Fatalf("ping to a host that does not exist answered:\n%s", r)
+	if err := os.WriteFile(path, []byte(fmt.Sprintf("%d %d", rootless, rootless)), 0); err != nil {
+		t.Fatal(err)
 	}
+	t.Cleanup(func() { os.WriteFile(path, old, 0) })
 }
 
 // The engine forwards like a router: it is the first hop, passes on one
@@ -261,28 +280,26 @@ traceroute -n -q1 -w2 -m2 203.0.113.44
 traceroute -6 -n -q1 -w2 -m2 2001:db8::44
 traceroute -n -q1 -w2 -m4 203.0.113.10
 echo x | socat -t3 - UDP:203.0.113.10:9 || echo refused`
-		if u == root {
-			// Echo goes through a raw socket only with root (rootless:
-			// ping sockets, which this host does not allow). Now and then
-			// (2 in 8 runs by hand) the second probe is lost before the
-			// engine sees it, cause not found yet: three tries.
-			script += `
+		// Echo goes through a raw socket with root, a ping socket
+		// rootless. Now and then (2 in 8 runs by hand) the second probe
+		// is lost before the engine sees it, cause not found yet: three
+		// tries.
+		if u == rootless {
+			withPingSockets(t)
+		}
+		script += `
 for try in 1 2 3; do
 	out=$(traceroute -I -n -q1 -w2 -m2 203.0.113.44)
 	case "$out" in *" 2  203.0.113.10 "*) break ;; esac
 done
 echo "$out"`
-		}
 		r := sh(t, u, nil, script)
 		hops := regexp.MustCompile(`(?m)^ ?([0-9]+)  (\S+) `).FindAllStringSubmatch(r.stdout, -1)
 		var got []string
 		for _, h := range hops {
 			got = append(got, h[1]+" "+h[2])
 		}
-		want := []string{"1 10.87.0.1", "2 203.0.113.10", "1 fd00:cf::1", "2 2001:db8::", "1 10.87.0.1", "2 203.0.113.10"}
-		if u == root {
-			want = append(want, "1 10.87.0.1", "2 203.0.113.10")
-		}
+		want := []string{"1 10.87.0.1", "2 203.0.113.10", "1 fd00:cf::1", "2 2001:db8::", "1 10.87.0.1", "2 203.0.113.10", "1 10.87.0.1", "2 203.0.113.10"}
 		if len(got) != len(want) {
 			t.Fatalf("hops %q, want %q\n%s", got, want, r)
 		}
