@@ -51,6 +51,10 @@ type Config struct {
 	// SandboxPID is the sandbox init's pid on the host, used to attribute
 	// flows to processes in the flow log. Zero: not attributed.
 	SandboxPID int
+	// SocketDiag, if set, is a NETLINK_SOCK_DIAG socket inside the
+	// sandbox: the attribution then looks each socket up by its 4-tuple
+	// instead of reading the sandbox's whole socket table.
+	SocketDiag *os.File
 	// OnEvent receives every flow-log event. Nil: events are discarded.
 	// It must not block.
 	OnEvent func(flowlog.Event)
@@ -76,6 +80,7 @@ type Engine struct {
 	cache    dns.Cache
 	resolver *dns.Resolver
 	stack    *netstack.Stack
+	owners   *procnet.Finder
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -111,6 +116,7 @@ func New(cfg Config) (*Engine, error) {
 	e := &Engine{cfg: cfg, flows: make(chan struct{}, cfg.MaxFlows), dnsSem: make(chan struct{}, cfg.MaxDNSInFlight)}
 	e.policy = withHostAddrs(cfg.Policy, cfg.Plan)
 	e.events.Sandbox, e.events.OnEvent = cfg.ID, cfg.OnEvent
+	e.owners = &procnet.Finder{InitPID: cfg.SandboxPID, Diag: cfg.SocketDiag}
 	e.resolver = &dns.Resolver{Upstreams: cfg.DNS, Policy: e.policy, Cache: &e.cache, OnQuery: func(q dns.Query) { q.Log(&e.events) }, OnUpstream: cfg.OnUpstream}
 	return e, nil
 }
@@ -193,6 +199,9 @@ func (e *Engine) Close() error {
 		if e.cfg.Link != nil {
 			e.cfg.Link.Close()
 		}
+		if e.cfg.SocketDiag != nil {
+			e.cfg.SocketDiag.Close()
+		}
 	})
 	return nil
 }
@@ -208,7 +217,7 @@ func (e *Engine) admit(proto policy.Proto, src, dst netip.AddrPort, viaProxy boo
 	ev := e.events.Flow(proto, src, dst, names)
 	if e.cfg.SandboxPID != 0 && e.cfg.OnEvent != nil && proto != policy.ICMP {
 		// Only when someone records events: this reads the sandbox's /proc.
-		if o, ok := procnet.Find(e.cfg.SandboxPID, string(proto), src); ok {
+		if o, ok := e.owners.Find(string(proto), src, dst); ok {
 			ev.PID, ev.Comm = o.PID, o.Comm
 		}
 	}

@@ -269,7 +269,7 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		violations, stop = rootNet.Violations, func() { rootNet.Close() }
 	} else {
 		var eng *engine.Engine
-		eng, err = engine.New(engine.Config{ID: "exec", Link: sb.TUN, Plan: plan, Policy: pol, DNS: upstreams, Proxy: fwd, OnEvent: events, Capture: captures.child, OnUpstream: captures.upstream, SandboxPID: sb.Pid()})
+		eng, err = engine.New(engine.Config{ID: "exec", Link: sb.TUN, Plan: plan, Policy: pol, DNS: upstreams, Proxy: fwd, OnEvent: events, Capture: captures.child, OnUpstream: captures.upstream, SandboxPID: sb.Pid(), SocketDiag: sb.SocketDiag})
 		if err == nil {
 			err = eng.Start(ctx)
 			defer eng.Close()

@@ -28,19 +28,34 @@ func Find(initPID int, proto string, local netip.AddrPort) (Owner, bool) {
 	if !ok {
 		return Owner{}, false
 	}
+	return ownerOf(initPID, inode)
+}
+
+// ownerOf finds the process among initPID's descendants holding the
+// socket with inode.
+func ownerOf(initPID int, inode uint64) (Owner, bool) {
 	want := fmt.Sprintf("socket:[%d]", inode)
 	for _, pid := range descendants(initPID) {
-		fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
-		if err != nil {
-			continue
-		}
-		for _, fd := range fds {
-			if l, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, fd.Name())); err == nil && l == want {
-				return owner(pid), true
-			}
+		if holds(pid, want) {
+			return owner(pid), true
 		}
 	}
 	return Owner{}, false
+}
+
+// holds reports whether process pid has the file link (socket:[inode])
+// open.
+func holds(pid int, link string) bool {
+	fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	if err != nil {
+		return false
+	}
+	for _, fd := range fds {
+		if l, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, fd.Name())); err == nil && l == link {
+			return true
+		}
+	}
+	return false
 }
 
 func socketInode(initPID int, proto string, local netip.AddrPort) (uint64, bool) {

@@ -41,3 +41,48 @@ func TestFindsThisProcess(t *testing.T) {
 		t.Fatal("found an owner for a port nobody holds")
 	}
 }
+
+// TestFinderThroughSockDiag looks up this test's own TCP and UDP sockets
+// (IPv4 and IPv6) by their 4-tuples through a sock_diag socket.
+func TestFinderThroughSockDiag(t *testing.T) {
+	diag, err := OpenDiag()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer diag.Close()
+	f := &Finder{InitPID: os.Getppid(), Diag: diag}
+	for _, tc := range []struct{ network, addr string }{
+		{"tcp", "127.0.0.1:0"}, {"tcp", "[::1]:0"}, {"udp", "127.0.0.1:0"}, {"udp", "[::1]:0"},
+	} {
+		var c net.Conn
+		if tc.network == "tcp" {
+			ln, err := net.Listen(tc.network, tc.addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ln.Close()
+			if c, err = net.Dial(tc.network, ln.Addr().String()); err != nil {
+				t.Fatal(err)
+			}
+		} else {
+			pc, err := net.ListenPacket(tc.network, tc.addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer pc.Close()
+			if c, err = net.Dial(tc.network, pc.LocalAddr().String()); err != nil {
+				t.Fatal(err)
+			}
+		}
+		defer c.Close()
+		local := netip.MustParseAddrPort(c.LocalAddr().String())
+		remote := netip.MustParseAddrPort(c.RemoteAddr().String())
+		o, ok := f.Find(tc.network, local, remote)
+		if !ok || o.PID != os.Getpid() || o.Comm == "" {
+			t.Errorf("%s %s -> %s: %+v %v, want pid %d", tc.network, local, remote, o, ok, os.Getpid())
+		}
+		if _, ok := f.Find(tc.network, netip.AddrPortFrom(local.Addr(), 1), remote); ok {
+			t.Errorf("%s: found an owner for a port nobody holds", tc.network)
+		}
+	}
+}

@@ -17,6 +17,7 @@ import (
 
 	"github.com/childflow/childflow/internal/fdpass"
 	"github.com/childflow/childflow/internal/netplan"
+	"github.com/childflow/childflow/internal/procnet"
 	"github.com/childflow/childflow/internal/tun"
 	"github.com/childflow/childflow/internal/version"
 )
@@ -44,8 +45,15 @@ func Init() {
 	if tunFile == nil {
 		err = fdpass.Send(ctrlFD, []byte(readyMsg))
 	} else {
-		err = fdpass.Send(ctrlFD, []byte("tun"), int(tunFile.Fd()))
+		fds := []int{int(tunFile.Fd())}
+		// For the flow log's process attribution (procnet.Finder).
+		diag, derr := procnet.OpenDiag()
+		if derr == nil {
+			fds = append(fds, int(diag.Fd()))
+		}
+		err = fdpass.Send(ctrlFD, []byte("tun"), fds...)
 		tunFile.Close()
+		diag.Close()
 	}
 	if err != nil {
 		os.Exit(125)

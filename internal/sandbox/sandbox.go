@@ -51,6 +51,9 @@ type Sandbox struct {
 	ctrl *os.File
 	// TUN is the sandbox's cf0 queue, for the engine (nil with Spec.Veth).
 	TUN *os.File
+	// SocketDiag is a sock_diag socket inside the sandbox (nil if init
+	// could not open one), for procnet.Finder.
+	SocketDiag *os.File
 }
 
 // readyMsg is init's word that its namespaces are set up (Spec.Veth).
@@ -111,14 +114,14 @@ func Start(spec Spec) (sb *Sandbox, err error) {
 			cmd.Wait()
 		}
 	}()
-	msg, files, err := fdpass.Recv(int(parent.Fd()), 4096, 1)
+	msg, files, err := fdpass.Recv(int(parent.Fd()), 4096, 2)
 	if err != nil {
 		return nil, fmt.Errorf("sandbox init failed before handing over the tun: %w", err)
 	}
 	if spec.Veth && string(msg) == readyMsg && len(files) == 0 {
 		return sb, nil
 	}
-	if len(files) != 1 {
+	if len(files) == 0 || string(msg) != "tun" {
 		for _, f := range files {
 			f.Close()
 		}
@@ -126,6 +129,9 @@ func Start(spec Spec) (sb *Sandbox, err error) {
 		return nil, fmt.Errorf("%s", msg)
 	}
 	sb.TUN = files[0]
+	if len(files) > 1 {
+		sb.SocketDiag = files[1]
+	}
 	return sb, nil
 }
 

@@ -170,7 +170,8 @@ func TestFlowLogRecordsViolations(t *testing.T) {
 		t.Cleanup(func() { os.RemoveAll(dir) })
 		log := filepath.Join(dir, "flows.jsonl")
 		r := sh(t, u, []string{"--flow-log", log, "--deny-cidr", "203.0.113.20/32", "--deny-domain", "denied.test"},
-			"curl -s -m3 -o /dev/null http://203.0.113.20/; curl -s -m3 -o /dev/null http://denied.test/; curl -s -m3 -o /dev/null http://web.test/")
+			"curl -s -m3 -o /dev/null http://203.0.113.20/; curl -s -m3 -o /dev/null http://denied.test/; curl -s -m3 -o /dev/null http://web.test/; "+
+				"echo probe | socat -t1 - UDP:203.0.113.10:7 >/dev/null; curl -s -m3 -o /dev/null 'http://[2001:db8::10]/'")
 		if r.code == 127 {
 			t.Fatal(r)
 		}
@@ -213,6 +214,9 @@ func TestFlowLogRecordsViolations(t *testing.T) {
 			{"event": "policy_violation", "dst": "203.0.113.20:80", "comm": "curl"},
 			{"event": "connect_result", "dst": "203.0.113.10:80", "ok": true},
 			{"event": "flow_end", "dst": "203.0.113.10:80"},
+			// The owner is found for UDP and IPv6 sockets too.
+			{"event": "connect_attempt", "proto": "udp", "dst": "203.0.113.10:7", "comm": "socat"},
+			{"event": "connect_attempt", "dst": "[2001:db8::10]:80", "comm": "curl"},
 		} {
 			if !has(want) {
 				b, _ := os.ReadFile(log)

@@ -1,0 +1,191 @@
+package procnet
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"slices"
+	"sync"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// Finder finds the owners of one sandbox's sockets.
+type Finder struct {
+	// InitPID is the sandbox's init, a host pid: the owners are its
+	// descendants.
+	InitPID int
+	// Diag, if set, is a NETLINK_SOCK_DIAG socket made inside the
+	// sandbox's network namespace. It looks a socket up by its 4-tuple
+	// in the kernel's hash tables, where /proc/<pid>/net/tcp lists every
+	// socket of the sandbox, TIME_WAIT included, on each read: after a
+	// few thousand connections, that read cost more than the connection.
+	Diag *os.File
+
+	mu     sync.Mutex // one question at a time on Diag; recent
+	seq    uint32
+	recent []int // the last owners found, most recent first
+}
+
+// Find returns the owner of the sandbox's proto ("tcp" or "udp") socket
+// from local to remote.
+func (f *Finder) Find(proto string, local, remote netip.AddrPort) (Owner, bool) {
+	var inode uint64
+	var ok bool
+	if f.Diag != nil {
+		inode, ok = f.diagInode(proto, local, remote)
+	} else {
+		inode, ok = socketInode(f.InitPID, proto, local)
+	}
+	if !ok {
+		return Owner{}, false
+	}
+	// Walking the process tree costs more than the lookup: the processes
+	// that owned the last sockets are asked first.
+	want := fmt.Sprintf("socket:[%d]", inode)
+	f.mu.Lock()
+	recent := slices.Clone(f.recent)
+	f.mu.Unlock()
+	for _, pid := range recent {
+		if holds(pid, want) {
+			f.remember(pid)
+			return owner(pid), true
+		}
+	}
+	for _, pid := range descendants(f.InitPID) {
+		if holds(pid, want) {
+			f.remember(pid)
+			return owner(pid), true
+		}
+	}
+	return Owner{}, false
+}
+
+// remember puts pid first among the recent owners.
+func (f *Finder) remember(pid int) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.recent = slices.DeleteFunc(f.recent, func(p int) bool { return p == pid })
+	f.recent = slices.Insert(f.recent, 0, pid)
+	if len(f.recent) > 4 {
+		f.recent = f.recent[:4]
+	}
+}
+
+// Sizes and offsets of struct inet_diag_req_v2 and struct inet_diag_msg
+// (linux/inet_diag.h).
+const (
+	sizeofDiagReq   = 56
+	diagMsgInodeOff = 68
+	sizeofDiagMsg   = 72
+)
+
+// diagInode asks the kernel for the inode of the socket. A socket from
+// an IPv4 address may be an IPv6 socket with a mapped address.
+func (f *Finder) diagInode(proto string, local, remote netip.AddrPort) (uint64, bool) {
+	ipproto := uint8(unix.IPPROTO_TCP)
+	if proto == "udp" {
+		ipproto = unix.IPPROTO_UDP
+	}
+	local = netip.AddrPortFrom(local.Addr().Unmap(), local.Port())
+	remote = netip.AddrPortFrom(remote.Addr().Unmap(), remote.Port())
+	families := []uint8{unix.AF_INET6}
+	if local.Addr().Is4() {
+		families = []uint8{unix.AF_INET, unix.AF_INET6}
+	}
+	src, dst := local, remote
+	if ipproto == unix.IPPROTO_UDP {
+		// The UDP lookup reads the tuple the other way round ("src and
+		// dst are swapped for historical reasons", net/ipv4/udp_diag.c).
+		src, dst = remote, local
+	}
+	for _, family := range families {
+		if inode, err := f.query(family, ipproto, src, dst, local.Port()); err == nil {
+			return inode, true
+		}
+	}
+	return 0, false
+}
+
+// query sends one exact lookup and returns the inode of the socket found,
+// if its own port is localPort.
+func (f *Finder) query(family, proto uint8, src, dst netip.AddrPort, localPort uint16) (uint64, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.seq++
+	req := make([]byte, unix.SizeofNlMsghdr+sizeofDiagReq)
+	ne := binary.NativeEndian
+	ne.PutUint32(req[0:], uint32(len(req)))
+	ne.PutUint16(req[4:], unix.SOCK_DIAG_BY_FAMILY)
+	ne.PutUint16(req[6:], unix.NLM_F_REQUEST)
+	ne.PutUint32(req[8:], f.seq)
+	r := req[unix.SizeofNlMsghdr:]
+	r[0], r[1] = family, proto
+	ne.PutUint32(r[4:], 0xffffffff) // every state
+	id := r[8:]
+	binary.BigEndian.PutUint16(id[0:], src.Port())
+	binary.BigEndian.PutUint16(id[2:], dst.Port())
+	putDiagAddr(id[4:20], family, src.Addr())
+	putDiagAddr(id[20:36], family, dst.Addr())
+	ne.PutUint32(id[40:], 0xffffffff) // INET_DIAG_NOCOOKIE
+	ne.PutUint32(id[44:], 0xffffffff)
+	fd := int(f.Diag.Fd())
+	if err := unix.Sendto(fd, req, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
+		return 0, err
+	}
+	buf := make([]byte, 4096)
+	for {
+		n, _, err := unix.Recvfrom(fd, buf, 0)
+		if err != nil {
+			return 0, err
+		}
+		msgs, err := syscall.ParseNetlinkMessage(buf[:n])
+		if err != nil {
+			return 0, err
+		}
+		for _, m := range msgs {
+			if m.Header.Seq != f.seq {
+				continue // the answer to an earlier, abandoned question
+			}
+			switch {
+			case m.Header.Type == unix.NLMSG_ERROR:
+				if len(m.Data) >= 4 {
+					if errno := int32(ne.Uint32(m.Data)); errno != 0 {
+						return 0, syscall.Errno(-errno)
+					}
+				}
+				return 0, errors.New("sock_diag: empty answer")
+			case m.Header.Type == unix.SOCK_DIAG_BY_FAMILY && len(m.Data) >= sizeofDiagMsg:
+				if binary.BigEndian.Uint16(m.Data[4:]) != localPort {
+					return 0, errors.New("sock_diag: another socket")
+				}
+				return uint64(ne.Uint32(m.Data[diagMsgInodeOff:])), nil
+			}
+		}
+	}
+}
+
+// putDiagAddr writes a in the family's form: IPv4 in the first word,
+// IPv6 whole, an IPv4 address for an IPv6 socket as a mapped address.
+func putDiagAddr(b []byte, family uint8, a netip.Addr) {
+	if family == unix.AF_INET {
+		v4 := a.As4()
+		copy(b, v4[:])
+		return
+	}
+	v6 := a.As16()
+	copy(b, v6[:])
+}
+
+// OpenDiag opens a NETLINK_SOCK_DIAG socket in the caller's network
+// namespace, for Finder.Diag.
+func OpenDiag() (*os.File, error) {
+	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, unix.NETLINK_SOCK_DIAG)
+	if err != nil {
+		return nil, os.NewSyscallError("socket(NETLINK_SOCK_DIAG)", err)
+	}
+	return os.NewFile(uintptr(fd), "sock_diag"), nil
+}
