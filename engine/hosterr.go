@@ -43,12 +43,9 @@ type hostError struct {
 	payloadLen int
 }
 
-// hostICMPErrors drains the socket's error queue; rc nil has none.
+// hostICMPErrors drains the socket's error queue.
 func hostICMPErrors(rc syscall.RawConn) []hostError {
 	var out []hostError
-	if rc == nil {
-		return nil
-	}
 	rc.Control(func(fd uintptr) {
 		var data [64]byte
 		var oob [128]byte

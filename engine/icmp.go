@@ -71,14 +71,13 @@ func ping(target netip.Addr, req netstack.EchoRequest, hops uint8) (*hostError, 
 		typ, replyType, proto = ipv4.ICMPTypeEcho, ipv4.ICMPTypeEchoReply, 1
 	}
 	conn, rc, err := listenPing(!v4, hops)
-	raw := false
 	if err != nil {
 		if conn, err = listenRaw(!v4, hops); err != nil {
 			return nil, err
 		}
-		raw = true
 	}
 	defer conn.Close()
+	raw := rc == nil
 	msg := icmp.Message{Type: typ, Body: &icmp.Echo{ID: int(req.ID), Seq: int(req.Seq), Data: req.Payload}}
 	b, err := msg.Marshal(nil)
 	if err != nil {
@@ -97,8 +96,10 @@ func ping(target netip.Addr, req netstack.EchoRequest, hops uint8) (*hostError, 
 		n, from, err := conn.ReadFrom(buf)
 		if err != nil {
 			// On a ping socket, a queued ICMP error fails the read.
-			if errs := hostICMPErrors(rc); len(errs) > 0 {
-				return &errs[0], nil
+			if !raw {
+				if errs := hostICMPErrors(rc); len(errs) > 0 {
+					return &errs[0], nil
+				}
 			}
 			return nil, err
 		}
@@ -162,22 +163,24 @@ func listenPing(v6 bool, hops uint8) (net.PacketConn, syscall.RawConn, error) {
 
 // listenRaw opens a raw ICMP socket (CAP_NET_RAW) sending with hops.
 func listenRaw(v6 bool, hops uint8) (net.PacketConn, error) {
+	network := "ip4:icmp"
 	if v6 {
-		conn, err := icmp.ListenPacket("ip6:ipv6-icmp", "")
-		if err == nil {
-			if err = conn.IPv6PacketConn().SetHopLimit(int(hops)); err != nil {
-				conn.Close()
-			}
-		}
-		return conn, err
+		network = "ip6:ipv6-icmp"
 	}
-	conn, err := icmp.ListenPacket("ip4:icmp", "")
-	if err == nil {
-		if err = conn.IPv4PacketConn().SetTTL(int(hops)); err != nil {
-			conn.Close()
-		}
+	conn, err := icmp.ListenPacket(network, "")
+	if err != nil {
+		return nil, err
 	}
-	return conn, err
+	if v6 {
+		err = conn.IPv6PacketConn().SetHopLimit(int(hops))
+	} else {
+		err = conn.IPv4PacketConn().SetTTL(int(hops))
+	}
+	if err != nil {
+		conn.Close()
+		return nil, err
+	}
+	return conn, nil
 }
 
 // quotesEcho reports whether an ICMP error's quoted packet is our echo

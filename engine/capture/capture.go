@@ -4,7 +4,6 @@
 package capture
 
 import (
-	"bufio"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -66,8 +65,7 @@ func Create(path string, v View) (*Writer, error) {
 	if err != nil {
 		return nil, err
 	}
-	bw := bufio.NewWriter(f)
-	ng, err := pcapgo.NewNgWriterInterface(bw, pcapgo.NgInterface{
+	ng, err := pcapgo.NewNgWriterInterface(f, pcapgo.NgInterface{
 		Name: v.Interface, Description: v.description(), LinkType: layers.LinkTypeRaw,
 		TimestampResolution: 9, // nanoseconds
 	}, pcapgo.NgWriterOptions{SectionInfo: pcapgo.NgSectionInfo{Application: "childflow " + version.Version}})

@@ -41,11 +41,6 @@ type flow struct {
 	remote    netip.AddrPort
 }
 
-type endpoint struct {
-	proto uint8
-	addr  netip.AddrPort
-}
-
 // lingerFor keeps a closed socket watched for its last packets.
 const lingerFor = 3 * time.Second
 
@@ -122,13 +117,13 @@ func protoNumber(p policy.Proto) uint8 {
 
 // match reports whether a packet between src and dst belongs to a watched
 // socket, and whether it goes to the remote end: one lock per packet.
-func (h *HostTap) match(src, dst endpoint) (ok, toRemote bool) {
+func (h *HostTap) match(proto uint8, src, dst netip.AddrPort) (ok, toRemote bool) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if h.watchedLocked(flow{src.proto, src.addr.Port(), dst.addr}) {
+	if h.watchedLocked(flow{proto, src.Port(), dst}) {
 		return true, true
 	}
-	return h.watchedLocked(flow{src.proto, dst.addr.Port(), src.addr}), false
+	return h.watchedLocked(flow{proto, dst.Port(), src}), false
 }
 
 func (h *HostTap) watchedLocked(e flow) bool {
@@ -169,38 +164,38 @@ func (h *HostTap) run() {
 		if h.loIndex[ll.Ifindex] && ll.Pkttype == unix.PACKET_OUTGOING {
 			continue
 		}
-		src, dst, ok := ends(buf[:n])
+		proto, src, dst, ok := ends(buf[:n])
 		if !ok {
 			continue
 		}
-		if ok, toRemote := h.match(src, dst); ok {
+		if ok, toRemote := h.match(proto, src, dst); ok {
 			h.w.PacketCopy(toRemote, buf[:n])
 		}
 	}
 }
 
-// ends parses the transport endpoints of an IPv4 or IPv6 TCP/UDP packet.
-func ends(p []byte) (src, dst endpoint, ok bool) {
-	var proto uint8
+// ends parses the protocol and transport endpoints of an IPv4 or IPv6
+// TCP/UDP packet.
+func ends(p []byte) (proto uint8, src, dst netip.AddrPort, ok bool) {
 	var sa, da netip.Addr
 	var l4 []byte
 	switch {
 	case len(p) >= 20 && p[0]>>4 == 4:
 		ihl := int(p[0]&0xf) * 4
 		if len(p) < ihl+4 || binary.BigEndian.Uint16(p[6:8])&0x1fff != 0 {
-			return src, dst, false // not a first fragment
+			return 0, src, dst, false // not a first fragment
 		}
 		proto, sa, da, l4 = p[9], netip.AddrFrom4([4]byte(p[12:16])), netip.AddrFrom4([4]byte(p[16:20])), p[ihl:]
 	case len(p) >= 44 && p[0]>>4 == 6:
 		proto, sa, da, l4 = p[6], netip.AddrFrom16([16]byte(p[8:24])), netip.AddrFrom16([16]byte(p[24:40])), p[40:]
 	default:
-		return src, dst, false
+		return 0, src, dst, false
 	}
 	if proto != unix.IPPROTO_TCP && proto != unix.IPPROTO_UDP {
-		return src, dst, false
+		return 0, src, dst, false
 	}
 	sp, dp := binary.BigEndian.Uint16(l4[0:2]), binary.BigEndian.Uint16(l4[2:4])
-	return endpoint{proto, netip.AddrPortFrom(sa, sp)}, endpoint{proto, netip.AddrPortFrom(da, dp)}, true
+	return proto, netip.AddrPortFrom(sa, sp), netip.AddrPortFrom(da, dp), true
 }
 
 // Close stops capturing; the Writer is the caller's to close after.

@@ -31,7 +31,7 @@ type Finder struct {
 }
 
 // Find returns the owner of the sandbox's proto ("tcp" or "udp") socket
-// from local to remote.
+// from local to remote (without Diag, local alone identifies it).
 func (f *Finder) Find(proto string, local, remote netip.AddrPort) (Owner, bool) {
 	var inode uint64
 	var ok bool

@@ -1,6 +1,7 @@
-// Package procnet finds which process inside a sandbox owns a socket: the
-// sandbox's socket table (/proc/<init>/net/*) gives the socket's inode,
-// and the file descriptors of init's descendants give its owner.
+// Package procnet finds which process inside a sandbox owns a socket: a
+// sock_diag lookup, or else the sandbox's socket table (/proc/<init>/net/*),
+// gives the socket's inode, and the file descriptors of init's descendants
+// give its owner.
 package procnet
 
 import (
@@ -19,28 +20,6 @@ import (
 type Owner struct {
 	PID  int    // as seen inside the sandbox's PID namespace
 	Comm string // the command name
-}
-
-// Find returns the owner of the sandbox socket bound to local (proto "tcp"
-// or "udp"), looking from the sandbox's init (a host pid).
-func Find(initPID int, proto string, local netip.AddrPort) (Owner, bool) {
-	inode, ok := socketInode(initPID, proto, local)
-	if !ok {
-		return Owner{}, false
-	}
-	return ownerOf(initPID, inode)
-}
-
-// ownerOf finds the process among initPID's descendants holding the
-// socket with inode.
-func ownerOf(initPID int, inode uint64) (Owner, bool) {
-	want := fmt.Sprintf("socket:[%d]", inode)
-	for _, pid := range descendants(initPID) {
-		if holds(pid, want) {
-			return owner(pid), true
-		}
-	}
-	return Owner{}, false
 }
 
 // holds reports whether process pid has the file link (socket:[inode])

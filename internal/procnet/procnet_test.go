@@ -33,11 +33,12 @@ func TestFindsThisProcess(t *testing.T) {
 	}
 	defer ln.Close()
 	local := netip.MustParseAddrPort(ln.Addr().String())
-	o, ok := Find(os.Getppid(), "tcp", local)
+	f := &Finder{InitPID: os.Getppid()}
+	o, ok := f.Find("tcp", local, netip.AddrPort{})
 	if !ok || o.PID == 0 || o.Comm == "" {
 		t.Fatalf("owner of %s: %+v %v", local, o, ok)
 	}
-	if _, ok := Find(os.Getppid(), "tcp", netip.MustParseAddrPort("127.0.0.1:1")); ok {
+	if _, ok := f.Find("tcp", netip.MustParseAddrPort("127.0.0.1:1"), netip.AddrPort{}); ok {
 		t.Fatal("found an owner for a port nobody holds")
 	}
 }
