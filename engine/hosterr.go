@@ -106,3 +106,15 @@ func sandboxView(from, upstream, sandboxDst netip.Addr) netip.Addr {
 	}
 	return from
 }
+
+// unreachable is the ICMP error a router sends where the host's dial
+// failed with err: no route, or no answer to ARP or neighbour discovery.
+func unreachable(err error) (netstack.ICMPError, bool) {
+	switch {
+	case errors.Is(err, syscall.EHOSTUNREACH):
+		return netstack.HostUnreachable, true
+	case errors.Is(err, syscall.ENETUNREACH):
+		return netstack.NetUnreachable, true
+	}
+	return 0, false
+}

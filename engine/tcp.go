@@ -53,7 +53,11 @@ func (e *Engine) handleTCP(r *netstack.TCPRequest) {
 	cancel()
 	if err != nil {
 		e.events.Result(res, err)
-		r.Reject()
+		if why, ok := unreachable(err); ok && !viaProxy {
+			r.Unreachable(why)
+		} else {
+			r.Reject()
+		}
 		return
 	}
 	sandbox, err := r.Accept()

@@ -47,6 +47,9 @@ func (e *Engine) handleUDP(f *netstack.UDPFlow) {
 	res.Upstream = up.String()
 	e.events.Result(res, err)
 	if err != nil {
+		if why, ok := unreachable(err); ok {
+			e.refuseUDP(f, why)
+		}
 		return
 	}
 	start := time.Now()

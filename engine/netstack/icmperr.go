@@ -119,6 +119,16 @@ func QuoteUDP(src, dst netip.AddrPort, ttl uint8, payloadLen int) []byte {
 	return withIPHeader(src.Addr(), dst.Addr(), 17, ttl, 8+payloadLen, udp)
 }
 
+// QuoteTCP rebuilds the first bytes of a SYN the sandbox sent: its IP
+// header, ports and sequence number.
+func QuoteTCP(src, dst netip.AddrPort, ttl uint8, seq uint32, hdrLen int) []byte {
+	tcp := make([]byte, 8)
+	binary.BigEndian.PutUint16(tcp[0:], src.Port())
+	binary.BigEndian.PutUint16(tcp[2:], dst.Port())
+	binary.BigEndian.PutUint32(tcp[4:], seq)
+	return withIPHeader(src.Addr(), dst.Addr(), 6, ttl, hdrLen, tcp)
+}
+
 // QuoteEcho rebuilds the first bytes of an echo request the sandbox sent.
 func QuoteEcho(req EchoRequest) []byte {
 	hdr := echoMessage(EchoRequest{Src: req.Src, ID: req.ID, Seq: req.Seq}, 8, 128)

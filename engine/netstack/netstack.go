@@ -25,11 +25,14 @@ import (
 )
 
 // TCPRequest is a connection the sandbox is opening. The handler must call
-// exactly one of Accept or Reject; until then the sandbox sees no SYN-ACK,
-// so a refused upstream becomes a RST rather than connect-then-reset.
+// exactly one of Accept, Reject or Unreachable; until then the sandbox
+// sees no SYN-ACK, so a refused upstream becomes a RST rather than
+// connect-then-reset.
 type TCPRequest struct {
 	Src, Dst netip.AddrPort
 	req      *tcp.ForwarderRequest
+	syn      syn
+	stack    *Stack
 }
 
 // Accept completes the handshake with the sandbox.
@@ -48,6 +51,19 @@ func (r *TCPRequest) Accept() (*gonet.TCPConn, error) {
 
 // Reject answers the SYN with a RST.
 func (r *TCPRequest) Reject() { r.req.Complete(true) }
+
+// Unreachable answers the SYN, instead of a RST, with the ICMP error a
+// router that finds no way to Dst sends, from the gateway: the sandbox's
+// connect fails with EHOSTUNREACH or ENETUNREACH, not ECONNREFUSED.
+func (r *TCPRequest) Unreachable(why ICMPError) {
+	if !r.syn.seen {
+		r.Reject()
+		return
+	}
+	r.req.Complete(false)
+	quote := QuoteTCP(r.Src, r.Dst, r.syn.ttl, r.syn.seq, r.syn.hdrLen)
+	r.stack.SendICMPError(r.stack.plan.GatewayFor(r.Dst.Addr()), why, quote)
+}
 
 // UDPFlow is the sandbox's side of one UDP 5-tuple: reads return the
 // sandbox's datagrams, writes reach the sandbox from Dst.
@@ -196,11 +212,15 @@ func (ns *Stack) configure(cfg Config) error {
 	}
 	if h := cfg.Handlers.TCP; h != nil {
 		// rcvWnd 0: use the stack's default receive window.
+		syns := &synTable{max: 2 * maxHalfOpen}
 		fwd := tcp.NewForwarder(s, 0, maxHalfOpen, func(r *tcp.ForwarderRequest) {
 			id := r.ID()
-			h(&TCPRequest{Src: addrPort(id.RemoteAddress, id.RemotePort), Dst: addrPort(id.LocalAddress, id.LocalPort), req: r})
+			h(&TCPRequest{Src: addrPort(id.RemoteAddress, id.RemotePort), Dst: addrPort(id.LocalAddress, id.LocalPort), req: r, syn: syns.take(id), stack: ns})
 		})
-		s.SetTransportProtocolHandler(tcp.ProtocolNumber, fwd.HandlePacket)
+		s.SetTransportProtocolHandler(tcp.ProtocolNumber, func(id stack.TransportEndpointID, pkt *stack.PacketBuffer) bool {
+			syns.note(id, pkt, ns.link.lastTTL)
+			return fwd.HandlePacket(id, pkt)
+		})
 	}
 	if h := cfg.Handlers.UDP; h != nil {
 		fwd := udp.NewForwarder(s, func(r *udp.ForwarderRequest) bool {
