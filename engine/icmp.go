@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/childflow/childflow/engine/netstack"
+	"github.com/childflow/childflow/engine/upstream"
 	"github.com/childflow/childflow/policy"
 )
 
@@ -44,7 +45,7 @@ func (e *Engine) handleEcho(req netstack.EchoRequest, reply func()) {
 		res := ev
 		target := e.upstreamAddr(dst).Addr()
 		res.Upstream = target.String()
-		herr, err := ping(target, req, req.TTL-1)
+		herr, err := ping(target, req, req.TTL-1, e.cfg.OnUpstream)
 		switch {
 		case herr != nil:
 			from := sandboxView(herr.from, target, req.Dst)
@@ -63,7 +64,8 @@ func (e *Engine) handleEcho(req netstack.EchoRequest, reply func()) {
 // allows one, else a raw socket (CAP_NET_RAW). A ping socket gets the
 // errors about its own requests on its error queue; a raw socket sees
 // every ICMP message, so an error counts when it quotes our request.
-func ping(target netip.Addr, req netstack.EchoRequest, hops uint8) (*hostError, error) {
+// onUpstream (if set) is told the echo identifier, the port of ICMP.
+func ping(target netip.Addr, req netstack.EchoRequest, hops uint8, onUpstream upstream.Func) (*hostError, error) {
 	v4 := target.Is4()
 	var typ, replyType icmp.Type = ipv6.ICMPTypeEchoRequest, ipv6.ICMPTypeEchoReply
 	proto := 58
@@ -78,6 +80,16 @@ func ping(target netip.Addr, req netstack.EchoRequest, hops uint8) (*hostError, 
 	}
 	defer conn.Close()
 	raw := rc == nil
+	if onUpstream != nil {
+		// A ping socket's identifier is its port; a raw socket sends ours.
+		id := req.ID
+		if a, ok := conn.LocalAddr().(*net.UDPAddr); ok && !raw {
+			id = uint16(a.Port)
+		}
+		local, remote := netip.AddrPortFrom(netip.IPv4Unspecified(), id), netip.AddrPortFrom(target, 0)
+		onUpstream(policy.ICMP, local, remote, true)
+		defer onUpstream(policy.ICMP, local, remote, false)
+	}
 	msg := icmp.Message{Type: typ, Body: &icmp.Echo{ID: int(req.ID), Seq: int(req.Seq), Data: req.Payload}}
 	b, err := msg.Marshal(nil)
 	if err != nil {
@@ -143,6 +155,16 @@ func listenPing(v6 bool, hops uint8) (net.PacketConn, syscall.RawConn, error) {
 	fd, err := unix.Socket(family, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, proto)
 	if err != nil {
 		return nil, nil, err // not allowed by net.ipv4.ping_group_range
+	}
+	// Bound now rather than on the first send, so that its identifier
+	// (the port) is known before the request leaves.
+	var unspecified unix.Sockaddr = &unix.SockaddrInet4{}
+	if v6 {
+		unspecified = &unix.SockaddrInet6{}
+	}
+	if err := unix.Bind(fd, unspecified); err != nil {
+		unix.Close(fd)
+		return nil, nil, err
 	}
 	f := os.NewFile(uintptr(fd), "ping")
 	defer f.Close()

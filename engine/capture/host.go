@@ -92,9 +92,11 @@ func StartLinkTap(w *Writer, ifindex int) (*HostTap, error) {
 
 func htons(v uint16) uint16 { return v<<8 | v>>8 }
 
-// Upstream is the engine's OnUpstream.
+// Upstream is the engine's OnUpstream. For ICMP echo the port is the
+// echo identifier.
 func (h *HostTap) Upstream(proto policy.Proto, local, remote netip.AddrPort, open bool) {
-	e := flow{protoNumber(proto), local.Port(), netip.AddrPortFrom(remote.Addr().Unmap(), remote.Port())}
+	remote = netip.AddrPortFrom(remote.Addr().Unmap(), remote.Port())
+	e := flow{protoNumber(proto, remote.Addr()), local.Port(), remote}
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if open {
@@ -108,9 +110,14 @@ func (h *HostTap) Upstream(proto policy.Proto, local, remote netip.AddrPort, ope
 	}
 }
 
-func protoNumber(p policy.Proto) uint8 {
-	if p == policy.UDP {
+func protoNumber(p policy.Proto, remote netip.Addr) uint8 {
+	switch {
+	case p == policy.UDP:
 		return unix.IPPROTO_UDP
+	case p == policy.ICMP && remote.Is4():
+		return unix.IPPROTO_ICMP
+	case p == policy.ICMP:
+		return unix.IPPROTO_ICMPV6
 	}
 	return unix.IPPROTO_TCP
 }
@@ -175,27 +182,81 @@ func (h *HostTap) run() {
 }
 
 // ends parses the protocol and transport endpoints of an IPv4 or IPv6
-// TCP/UDP packet.
+// packet: TCP and UDP; ICMP echo, its identifier standing for the port
+// of the side that sends requests; and an ICMP error, as the endpoints of
+// the packet it quotes seen from the other side, since the error goes
+// back to that packet's sender.
 func ends(p []byte) (proto uint8, src, dst netip.AddrPort, ok bool) {
+	return endsOf(p, false)
+}
+
+// endsOf is ends of p, which an ICMP error quoted if quoted: errors are
+// never sent about errors, so one quoting another is not followed.
+func endsOf(p []byte, quoted bool) (proto uint8, src, dst netip.AddrPort, ok bool) {
 	var sa, da netip.Addr
 	var l4 []byte
 	switch {
 	case len(p) >= 20 && p[0]>>4 == 4:
 		ihl := int(p[0]&0xf) * 4
-		if len(p) < ihl+4 || binary.BigEndian.Uint16(p[6:8])&0x1fff != 0 {
+		if len(p) < ihl+8 || binary.BigEndian.Uint16(p[6:8])&0x1fff != 0 {
 			return 0, src, dst, false // not a first fragment
 		}
 		proto, sa, da, l4 = p[9], netip.AddrFrom4([4]byte(p[12:16])), netip.AddrFrom4([4]byte(p[16:20])), p[ihl:]
-	case len(p) >= 44 && p[0]>>4 == 6:
+	case len(p) >= 48 && p[0]>>4 == 6:
 		proto, sa, da, l4 = p[6], netip.AddrFrom16([16]byte(p[8:24])), netip.AddrFrom16([16]byte(p[24:40])), p[40:]
 	default:
 		return 0, src, dst, false
 	}
-	if proto != unix.IPPROTO_TCP && proto != unix.IPPROTO_UDP {
-		return 0, src, dst, false
+	switch proto {
+	case unix.IPPROTO_TCP, unix.IPPROTO_UDP:
+		sp, dp := binary.BigEndian.Uint16(l4[0:2]), binary.BigEndian.Uint16(l4[2:4])
+		return proto, netip.AddrPortFrom(sa, sp), netip.AddrPortFrom(da, dp), true
+	case unix.IPPROTO_ICMP, unix.IPPROTO_ICMPV6:
+		id := binary.BigEndian.Uint16(l4[4:6])
+		switch icmpKind(proto, l4[0]) {
+		case echoRequest:
+			return proto, netip.AddrPortFrom(sa, id), netip.AddrPortFrom(da, 0), true
+		case echoReply:
+			return proto, netip.AddrPortFrom(sa, 0), netip.AddrPortFrom(da, id), true
+		case icmpError:
+			if quoted {
+				break
+			}
+			proto, src, dst, ok = endsOf(l4[8:], true)
+			return proto, dst, src, ok
+		}
 	}
-	sp, dp := binary.BigEndian.Uint16(l4[0:2]), binary.BigEndian.Uint16(l4[2:4])
-	return proto, netip.AddrPortFrom(sa, sp), netip.AddrPortFrom(da, dp), true
+	return 0, src, dst, false
+}
+
+const (
+	echoRequest = iota + 1
+	echoReply
+	icmpError
+)
+
+// icmpKind sorts an ICMP (proto 1) or ICMPv6 (58) message type.
+func icmpKind(proto, typ uint8) int {
+	if proto == unix.IPPROTO_ICMP {
+		switch typ {
+		case 8:
+			return echoRequest
+		case 0:
+			return echoReply
+		case 3, 11, 12:
+			return icmpError
+		}
+		return 0
+	}
+	switch typ {
+	case 128:
+		return echoRequest
+	case 129:
+		return echoReply
+	case 1, 2, 3, 4:
+		return icmpError
+	}
+	return 0
 }
 
 // Close stops capturing; the Writer is the caller's to close after.

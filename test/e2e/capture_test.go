@@ -112,10 +112,20 @@ func TestCaptureEgressViews(t *testing.T) {
 			default:
 			}
 			exec.Command("curl", "-s", "-m1", "-o", "/dev/null", "http://203.0.113.10/", "http://203.0.113.20/").Run()
-			exec.Command("sh", "-c", "echo host | socat -t0.1 - UDP:203.0.113.10:7").Run()
+			exec.Command("sh", "-c", "echo host | socat -t0.1 - UDP:203.0.113.10:7; echo host | socat -t0.1 - UDP:203.0.113.10:9; ping -c1 -W1 203.0.113.10").Run()
 		}
 	}()
-	script := `curl -sS -m5 -o /dev/null http://web.test/; echo probe | socat -t1 - UDP:203.0.113.10:7 >/dev/null; sleep 0.5`
+	// ping's echo identifier stands for a port; port 9 is closed, the
+	// ICMP port unreachable about the sandbox's datagram is followed.
+	// The testnet host answers the host's datagrams to port 9 too: no
+	// rate limit, or it might have no answer left for the sandbox's.
+	ns := testnet + "-inet"
+	if r := execute(t, "ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.icmp_ratelimit=0"); r.code != 0 {
+		t.Fatal(r)
+	}
+	defer execute(t, "ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.icmp_ratelimit=1000")
+	script := `curl -sS -m5 -o /dev/null http://web.test/; echo probe | socat -t1 - UDP:203.0.113.10:7 >/dev/null
+ping -c2 -i0.2 -W2 203.0.113.10 >/dev/null; echo x | socat -t1 - UDP:203.0.113.10:9 2>/dev/null; sleep 0.5`
 	for _, tc := range []struct{ point, file, desc string }{
 		{"egress", "e.pcapng", "childflow egress view, rootless backend, interface any"},
 		{"wire-egress", "w.pcapng", "childflow wire-egress view, rootless backend, interface any but loopback"},
@@ -147,6 +157,15 @@ func TestCaptureEgressViews(t *testing.T) {
 		}
 		if udp := tshark(t, host, "udp.port == 7", "udp.length"); len(udp) != 2 {
 			t.Fatalf("%s: UDP echo packets %v", tc.point, udp)
+		}
+		if echo := tshark(t, host, "icmp.type == 8 || icmp.type == 0", "icmp.type"); strings.Join(echo, " ") != "8 0 8 0" {
+			t.Fatalf("%s: ICMP echo request and reply types %v, want 8 0 8 0", tc.point, echo)
+		}
+		if unreach := tshark(t, host, "icmp.type == 3 && icmp.code == 3", "udp.dstport"); len(unreach) != 1 || unreach[0] != "9" {
+			t.Fatalf("%s: port unreachable about the datagram to port 9: %v", tc.point, unreach)
+		}
+		if sent := tshark(t, host, "udp.dstport == 9 && !icmp", "frame.number"); len(sent) != 1 {
+			t.Fatalf("%s: datagrams to port 9: %v", tc.point, sent)
 		}
 		// The engine's own question to the upstream resolver for the sandbox.
 		if q := tshark(t, host, `dns.qry.name == "web.test" && ip.dst == 203.0.113.53`, "ip.src"); len(q) == 0 {
