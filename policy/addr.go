@@ -106,8 +106,9 @@ var MetadataAddrs = mustPrefixes(
 )
 
 // hostRanges are never reachable from a sandbox unless an allow-cidr rule
-// names them: the host's loopback, and link-local (where the host's own
-// services and metadata live).
+// names them: the host's loopback and the unspecified addresses, which
+// the host's kernel delivers to loopback. (Link-local metadata services
+// are --block-metadata's.)
 var hostRanges = mustPrefixes("127.0.0.0/8", "::1/128", "0.0.0.0/32", "::/128")
 
 func firstMatch(prefixes []netip.Prefix, addrs []netip.Addr) (netip.Prefix, bool) {
