@@ -31,12 +31,12 @@ import (
 type TCPRequest struct {
 	Src, Dst netip.AddrPort
 	req      *tcp.ForwarderRequest
-	syn      syn
 	stack    *Stack
 }
 
 // Accept completes the handshake with the sandbox.
 func (r *TCPRequest) Accept() (*gonet.TCPConn, error) {
+	r.stack.syns.take(r.req.ID())
 	var wq waiter.Queue
 	ep, err := r.req.CreateEndpoint(&wq)
 	if err != nil {
@@ -50,18 +50,21 @@ func (r *TCPRequest) Accept() (*gonet.TCPConn, error) {
 }
 
 // Reject answers the SYN with a RST.
-func (r *TCPRequest) Reject() { r.req.Complete(true) }
+func (r *TCPRequest) Reject() {
+	r.stack.syns.take(r.req.ID())
+	r.req.Complete(true)
+}
 
 // Unreachable answers the SYN, instead of a RST, with the ICMP error a
 // router that finds no way to Dst sends, from the gateway: the sandbox's
 // connect fails with EHOSTUNREACH or ENETUNREACH, not ECONNREFUSED.
 func (r *TCPRequest) Unreachable(why ICMPError) {
-	if !r.syn.seen {
-		r.Reject()
+	syn, ok := r.stack.syns.take(r.req.ID())
+	r.req.Complete(!ok)
+	if !ok {
 		return
 	}
-	r.req.Complete(false)
-	quote := QuoteTCP(r.Src, r.Dst, r.syn.ttl, r.syn.seq, r.syn.hdrLen)
+	quote := QuoteTCP(r.Src, r.Dst, syn.ttl, syn.seq, syn.hdrLen)
 	r.stack.SendICMPError(r.stack.plan.GatewayFor(r.Dst.Addr()), why, quote)
 }
 
@@ -103,6 +106,7 @@ type Stack struct {
 	s    *stack.Stack
 	link *sandboxLink
 	plan netplan.Plan
+	syns synTable
 }
 
 const nicID = 1
@@ -212,13 +216,13 @@ func (ns *Stack) configure(cfg Config) error {
 	}
 	if h := cfg.Handlers.TCP; h != nil {
 		// rcvWnd 0: use the stack's default receive window.
-		syns := &synTable{max: 2 * maxHalfOpen}
+		ns.syns.max = 2 * maxHalfOpen
 		fwd := tcp.NewForwarder(s, 0, maxHalfOpen, func(r *tcp.ForwarderRequest) {
 			id := r.ID()
-			h(&TCPRequest{Src: addrPort(id.RemoteAddress, id.RemotePort), Dst: addrPort(id.LocalAddress, id.LocalPort), req: r, syn: syns.take(id), stack: ns})
+			h(&TCPRequest{Src: addrPort(id.RemoteAddress, id.RemotePort), Dst: addrPort(id.LocalAddress, id.LocalPort), req: r, stack: ns})
 		})
 		s.SetTransportProtocolHandler(tcp.ProtocolNumber, func(id stack.TransportEndpointID, pkt *stack.PacketBuffer) bool {
-			syns.note(id, pkt, ns.link.lastTTL)
+			ns.syns.note(id, pkt, ns.link.lastTTL)
 			return fwd.HandlePacket(id, pkt)
 		})
 	}

@@ -12,19 +12,20 @@ import (
 // the one its connecting socket sent. gVisor's forwarder keeps the SYN to
 // itself, so synTable notes it on the way in.
 type syn struct {
-	seen   bool
 	seq    uint32
 	ttl    uint8
 	hdrLen int
 }
 
 // synTable holds the last SYN of each connection being opened, from the
-// packet's delivery until the forwarder's handler takes it.
+// packet's delivery until its request is completed. Taken before the
+// request completes, an entry cannot belong to the next request of the
+// same 4-tuple; a SYN retransmitted meanwhile may leave one behind.
 type synTable struct {
 	mu   sync.Mutex
 	syns map[stack.TransportEndpointID]syn
-	// max bounds the SYNs the forwarder dropped (over its limit of
-	// half-open connections), which no handler ever takes.
+	// max bounds what is never taken: SYNs the forwarder dropped (over
+	// its limit of half-open connections) or retransmitted late.
 	max int
 }
 
@@ -42,13 +43,13 @@ func (t *synTable) note(id stack.TransportEndpointID, pkt *stack.PacketBuffer, t
 	if len(t.syns) >= t.max {
 		clear(t.syns)
 	}
-	t.syns[id] = syn{seen: true, seq: h.SequenceNumber(), ttl: ttl, hdrLen: len(h)}
+	t.syns[id] = syn{seq: h.SequenceNumber(), ttl: ttl, hdrLen: len(h)}
 }
 
-func (t *synTable) take(id stack.TransportEndpointID) syn {
+func (t *synTable) take(id stack.TransportEndpointID) (syn, bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	s := t.syns[id]
+	s, ok := t.syns[id]
 	delete(t.syns, id)
-	return s
+	return s, ok
 }
