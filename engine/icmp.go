@@ -2,11 +2,14 @@ package engine
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"os"
+	"sync"
 	"syscall"
 	"time"
 
@@ -15,6 +18,7 @@ import (
 	"golang.org/x/net/ipv6"
 	"golang.org/x/sys/unix"
 
+	"github.com/childflow/childflow/engine/flowlog"
 	"github.com/childflow/childflow/engine/netstack"
 	"github.com/childflow/childflow/engine/upstream"
 	"github.com/childflow/childflow/policy"
@@ -29,12 +33,8 @@ func (e *Engine) handleEcho(req netstack.EchoRequest, reply func()) {
 		e.stack.SendICMPError(gateway, netstack.TimeExceeded, netstack.QuoteEcho(req))
 		return
 	}
-	src, dst := netip.AddrPortFrom(req.Src, 0), netip.AddrPortFrom(req.Dst, 0)
-	ev, ok := e.admit(policy.ICMP, src, dst, false)
-	if !ok {
-		e.stack.SendICMPError(gateway, netstack.AdminProhibited, netstack.QuoteEcho(req))
-		return
-	}
+	// Off the goroutine that delivers the sandbox's packets: a new flow
+	// looks for its process, and the echo waits for its answer.
 	if !e.acquire() {
 		return
 	}
@@ -42,10 +42,18 @@ func (e *Engine) handleEcho(req netstack.EchoRequest, reply func()) {
 	go func() {
 		defer e.wg.Done()
 		defer e.release()
-		res := ev
-		target := e.upstreamAddr(dst).Addr()
-		res.Upstream = target.String()
-		herr, err := ping(target, req, req.TTL-1, e.cfg.OnUpstream)
+		f := e.echoFlow(req)
+		if f == nil {
+			return
+		}
+		if !f.allowed {
+			e.stack.SendICMPError(gateway, netstack.AdminProhibited, netstack.QuoteEcho(req))
+			e.echoDone(f, netip.Addr{}, 0, 0, nil)
+			return
+		}
+		target := e.upstreamAddr(netip.AddrPortFrom(req.Dst, 0)).Addr()
+		herr, err := ping(e.ctx, target, req, req.TTL-1, e.cfg.OnUpstream)
+		answered := 0
 		switch {
 		case herr != nil:
 			from := sandboxView(herr.from, target, req.Dst)
@@ -53,9 +61,105 @@ func (e *Engine) handleEcho(req netstack.EchoRequest, reply func()) {
 			err = fmt.Errorf("%s from %s", herr.err, from)
 		case err == nil:
 			reply()
+			answered = len(req.Payload)
 		}
-		e.events.Result(res, err)
+		e.echoDone(f, target, len(req.Payload), answered, err)
 	}()
+}
+
+// echoFlow is one ping session, logged as one flow as a UDP flow is: the
+// echo requests of one sandbox socket (source and identifier) to one
+// destination. It ends after the UDP idle timeout without a request, or
+// with the engine.
+type echoFlow struct {
+	allowed bool
+	start   time.Time
+	idle    *idleCloser
+
+	mu       sync.Mutex
+	ev       flowlog.Event // the connect_attempt's, and the result's
+	resulted bool          // connect_result logged
+	up, down int64         // echo data relayed each way
+	pending  int           // echoes waiting for their answer
+	ending   bool          // idle, or the engine closing
+	ended    bool
+}
+
+type echoKey struct {
+	src, dst netip.Addr
+	id       uint16
+}
+
+// echoFlow returns the flow of req, starting it (decided and logged) if
+// there is none; nil when the engine holds its most flows.
+func (e *Engine) echoFlow(req netstack.EchoRequest) *echoFlow {
+	key := echoKey{req.Src, req.Dst, req.ID}
+	e.echoMu.Lock()
+	defer e.echoMu.Unlock()
+	if f := e.echoes[key]; f != nil {
+		f.idle.touch()
+		f.mu.Lock()
+		f.pending++
+		f.mu.Unlock()
+		return f
+	}
+	if !e.acquire() {
+		return nil
+	}
+	// The identifier as source port finds the sandbox's ping socket.
+	ev, ok := e.admit(policy.ICMP, netip.AddrPortFrom(req.Src, req.ID), netip.AddrPortFrom(req.Dst, 0), false)
+	f := &echoFlow{ev: ev, allowed: ok, start: time.Now(), pending: 1}
+	if e.echoes == nil {
+		e.echoes = make(map[echoKey]*echoFlow)
+	}
+	e.echoes[key] = f
+	e.wg.Add(1)
+	f.idle = e.afterIdle(func() { e.endEcho(key, f) })
+	return f
+}
+
+// echoDone adds one answered (or failed) echo to the flow; the flow's
+// connect_result is its first echo's. A denied echo counts nothing.
+func (e *Engine) echoDone(f *echoFlow, upstream netip.Addr, sent, answered int, err error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.pending--
+	if f.allowed {
+		f.up += int64(sent)
+		f.down += int64(answered)
+		if !f.resulted {
+			f.resulted = true
+			f.ev.Upstream = upstream.String()
+			e.events.Result(f.ev, err)
+		}
+	}
+	e.maybeEndLocked(f)
+}
+
+// endEcho ends the flow once its last echo is answered.
+func (e *Engine) endEcho(key echoKey, f *echoFlow) {
+	e.echoMu.Lock()
+	if e.echoes[key] == f {
+		delete(e.echoes, key)
+	}
+	e.echoMu.Unlock()
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.ending = true
+	e.maybeEndLocked(f)
+}
+
+func (e *Engine) maybeEndLocked(f *echoFlow) {
+	if !f.ending || f.pending > 0 || f.ended {
+		return
+	}
+	f.ended = true
+	f.idle.stop()
+	if f.allowed {
+		e.events.End(f.ev, f.up, f.down, time.Since(f.start).Milliseconds())
+	}
+	e.release()
+	e.wg.Done()
 }
 
 // ping sends one echo request from the host with hops as its TTL (hop
@@ -64,8 +168,9 @@ func (e *Engine) handleEcho(req netstack.EchoRequest, reply func()) {
 // allows one, else a raw socket (CAP_NET_RAW). A ping socket gets the
 // errors about its own requests on its error queue; a raw socket sees
 // every ICMP message, so an error counts when it quotes our request.
-// onUpstream (if set) is told the echo identifier, the port of ICMP.
-func ping(target netip.Addr, req netstack.EchoRequest, hops uint8, onUpstream upstream.Func) (*hostError, error) {
+// onUpstream (if set) is told the echo identifier, the port of ICMP. It
+// gives up when ctx ends.
+func ping(ctx context.Context, target netip.Addr, req netstack.EchoRequest, hops uint8, onUpstream upstream.Func) (*hostError, error) {
 	v4 := target.Is4()
 	var typ, replyType icmp.Type = ipv6.ICMPTypeEchoRequest, ipv6.ICMPTypeEchoReply
 	proto := 58
@@ -79,6 +184,7 @@ func ping(target netip.Addr, req netstack.EchoRequest, hops uint8, onUpstream up
 		}
 	}
 	defer conn.Close()
+	defer context.AfterFunc(ctx, func() { conn.SetReadDeadline(time.Now()) })()
 	raw := rc == nil
 	if onUpstream != nil {
 		// A ping socket's identifier is its port; a raw socket sends ours.
@@ -106,6 +212,9 @@ func ping(target netip.Addr, req netstack.EchoRequest, hops uint8, onUpstream up
 	buf := make([]byte, 65535)
 	for {
 		n, from, err := conn.ReadFrom(buf)
+		if ctx.Err() != nil {
+			return nil, errors.New("no answer before the sandbox ended")
+		}
 		if err != nil {
 			// On a ping socket, a queued ICMP error fails the read.
 			if !raw {

@@ -105,15 +105,20 @@ type idleCloser struct {
 }
 
 func (e *Engine) newIdleCloser(conns ...net.Conn) *idleCloser {
-	closeAll := func() {
+	return e.afterIdle(func() {
 		for _, c := range conns {
 			c.Close()
 		}
-	}
+	})
+}
+
+// afterIdle calls fn once nothing has been touched for the idle timeout,
+// or when the engine closes (fn may be called twice).
+func (e *Engine) afterIdle(fn func()) *idleCloser {
 	return &idleCloser{
 		idle:     e.cfg.UDPIdleTimeout,
-		timer:    time.AfterFunc(e.cfg.UDPIdleTimeout, closeAll),
-		unhookFn: context.AfterFunc(e.ctx, closeAll),
+		timer:    time.AfterFunc(e.cfg.UDPIdleTimeout, fn),
+		unhookFn: context.AfterFunc(e.ctx, fn),
 	}
 }
 

@@ -30,12 +30,13 @@ type Finder struct {
 	recent []int // the last owners found, most recent first
 }
 
-// Find returns the owner of the sandbox's proto ("tcp" or "udp") socket
-// from local to remote (without Diag, local alone identifies it).
+// Find returns the owner of the sandbox's proto ("tcp", "udp" or "icmp")
+// socket from local to remote (without Diag, local alone identifies it;
+// for a ping socket, whose port is its echo identifier, it always does).
 func (f *Finder) Find(proto string, local, remote netip.AddrPort) (Owner, bool) {
 	var inode uint64
 	var ok bool
-	if f.Diag != nil {
+	if f.Diag != nil && proto != "icmp" {
 		inode, ok = f.diagInode(proto, local, remote)
 	} else {
 		inode, ok = socketInode(f.InitPID, proto, local)

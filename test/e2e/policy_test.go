@@ -169,9 +169,13 @@ func TestFlowLogRecordsViolations(t *testing.T) {
 		os.Chmod(dir, 0o777)
 		t.Cleanup(func() { os.RemoveAll(dir) })
 		log := filepath.Join(dir, "flows.jsonl")
+		if u == rootless {
+			withPingSockets(t)
+		}
 		r := sh(t, u, []string{"--flow-log", log, "--deny-cidr", "203.0.113.20/32", "--deny-domain", "denied.test"},
 			"curl -s -m3 -o /dev/null http://203.0.113.20/; curl -s -m3 -o /dev/null http://denied.test/; curl -s -m3 -o /dev/null http://web.test/; "+
-				"echo probe | socat -t1 - UDP:203.0.113.10:7 >/dev/null; curl -s -m3 -o /dev/null 'http://[2001:db8::10]/'")
+				"echo probe | socat -t1 - UDP:203.0.113.10:7 >/dev/null; curl -s -m3 -o /dev/null 'http://[2001:db8::10]/'; "+
+				"ping -c2 -i0.2 -W2 203.0.113.10 >/dev/null; ping -c3 -i0.2 -W1 203.0.113.20 >/dev/null")
 		if r.code == 127 {
 			t.Fatal(r)
 		}
@@ -217,10 +221,29 @@ func TestFlowLogRecordsViolations(t *testing.T) {
 			// The owner is found for UDP and IPv6 sockets too.
 			{"event": "connect_attempt", "proto": "udp", "dst": "203.0.113.10:7", "comm": "socat"},
 			{"event": "connect_attempt", "dst": "[2001:db8::10]:80", "comm": "curl"},
+			// A ping is one flow, its owner found, with the echo data
+			// relayed each way (2 x 56 bytes) at its end.
+			{"event": "connect_attempt", "proto": "icmp", "src": "10.87.0.2:0", "dst": "203.0.113.10:0", "comm": "ping"},
+			{"event": "connect_result", "proto": "icmp", "dst": "203.0.113.10:0", "ok": true, "upstream": "203.0.113.10"},
+			{"event": "flow_end", "proto": "icmp", "dst": "203.0.113.10:0", "bytes_up": float64(112), "bytes_down": float64(112)},
+			{"event": "policy_violation", "proto": "icmp", "dst": "203.0.113.20:0", "comm": "ping"},
 		} {
 			if !has(want) {
 				b, _ := os.ReadFile(log)
 				t.Errorf("no event matching %v in:\n%s", want, strings.TrimSpace(string(b)))
+			}
+		}
+		// One flow per ping, not one per echo: one attempt each, and the
+		// three denied echoes are one violation.
+		for _, dst := range []string{"203.0.113.10:0", "203.0.113.20:0"} {
+			n := 0
+			for _, ev := range events {
+				if ev["event"] == "connect_attempt" && ev["dst"] == dst {
+					n++
+				}
+			}
+			if n != 1 {
+				t.Errorf("%d connect_attempt events to %s, want 1", n, dst)
 			}
 		}
 	})
