@@ -66,6 +66,18 @@ func (l *eventLog) find(kind string, match func(flowlog.Event) bool) (flowlog.Ev
 	return flowlog.Event{}, false
 }
 
+func (l *eventLog) count(kind string) int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	n := 0
+	for _, e := range l.ev {
+		if e.Event == kind {
+			n++
+		}
+	}
+	return n
+}
+
 func newSandbox(t *testing.T, p *policy.Policy, dnsUpstream ...netip.AddrPort) *sandbox {
 	t.Helper()
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
@@ -552,8 +564,17 @@ func TestFlowLimit(t *testing.T) {
 		}
 		conns = append(conns, c)
 	}
-	if _, err := sb.dial(t, remote(srv)); err == nil || !errors.Is(err, syscall.ECONNREFUSED) && !strings.Contains(err.Error(), "refused") {
-		t.Fatalf("third flow over the limit: %v, want refused", err)
+	for i := 0; i < 2; i++ {
+		if _, err := sb.dial(t, remote(srv)); err == nil || !errors.Is(err, syscall.ECONNREFUSED) && !strings.Contains(err.Error(), "refused") {
+			t.Fatalf("flow over the limit: %v, want refused", err)
+		}
+	}
+	// The limit is a runtime_failure in the flow log, once.
+	if _, ok := sb.events.find(flowlog.RuntimeFailure, func(e flowlog.Event) bool { return strings.Contains(e.Error, "2 flows") }); !ok {
+		t.Fatal("no runtime_failure for the flow limit")
+	}
+	if n := sb.events.count(flowlog.RuntimeFailure); n != 1 {
+		t.Fatalf("%d runtime_failure events, want 1", n)
 	}
 	for _, c := range conns {
 		c.Close()
@@ -588,6 +609,9 @@ func TestDNSFloodIsBounded(t *testing.T) {
 	time.Sleep(300 * time.Millisecond)
 	if grown := runtime.NumGoroutine() - before; grown > 2*cap(sb.eng.dnsSem)+50 {
 		t.Fatalf("%d goroutines for a flood of 2000 queries, want about %d at most", grown, cap(sb.eng.dnsSem))
+	}
+	if n := sb.events.count(flowlog.RuntimeFailure); n != 1 {
+		t.Fatalf("%d runtime_failure events for the dropped queries, want 1", n)
 	}
 }
 

@@ -26,6 +26,8 @@ import (
 
 const echoTimeout = 5 * time.Second
 
+var errNoEchoSocket = errors.New("cannot relay ICMP echo: the host allows this user no ping socket (sysctl net.ipv4.ping_group_range) and no raw socket (CAP_NET_RAW)")
+
 func (e *Engine) handleEcho(req netstack.EchoRequest, reply func()) {
 	gateway := e.cfg.Plan.GatewayFor(req.Dst)
 	if req.TTL <= 1 {
@@ -53,7 +55,7 @@ func (e *Engine) handleEcho(req netstack.EchoRequest, reply func()) {
 		}
 		target := e.upstreamAddr(netip.AddrPortFrom(req.Dst, 0)).Addr()
 		herr, err := ping(e.ctx, target, req, req.TTL-1, e.cfg.OnUpstream)
-		answered := 0
+		sent, answered := len(req.Payload), 0
 		switch {
 		case herr != nil:
 			from := sandboxView(herr.from, target, req.Dst)
@@ -61,9 +63,12 @@ func (e *Engine) handleEcho(req netstack.EchoRequest, reply func()) {
 			err = fmt.Errorf("%s from %s", herr.err, from)
 		case err == nil:
 			reply()
-			answered = len(req.Payload)
+			answered = sent
+		case errors.Is(err, errNoEchoSocket):
+			e.fail("icmp", err.Error())
+			sent = 0
 		}
-		e.echoDone(f, target, len(req.Payload), answered, err)
+		e.echoDone(f, target, sent, answered, err)
 	}()
 }
 
@@ -180,7 +185,7 @@ func ping(ctx context.Context, target netip.Addr, req netstack.EchoRequest, hops
 	conn, rc, err := listenPing(!v4, hops)
 	if err != nil {
 		if conn, err = listenRaw(!v4, hops); err != nil {
-			return nil, err
+			return nil, fmt.Errorf("%w: %v", errNoEchoSocket, err)
 		}
 	}
 	defer conn.Close()

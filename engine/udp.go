@@ -3,6 +3,7 @@ package engine
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"sync/atomic"
@@ -208,6 +209,7 @@ func (e *Engine) serveDNSPackets(pc net.PacketConn) {
 		select {
 		case e.dnsSem <- struct{}{}:
 		default:
+			e.fail("dns", fmt.Sprintf("%d DNS queries wait for the upstream resolvers, the engine's limit: more are dropped", cap(e.dnsSem)))
 			continue
 		}
 		msg := append([]byte(nil), buf[:n]...)

@@ -82,6 +82,12 @@ func (e *Emitter) End(res Event, up, down, durationMs int64) {
 	e.Emit(res)
 }
 
+// Failure emits a runtime_failure: the engine could not do what it
+// needed to.
+func (e *Emitter) Failure(msg string) {
+	e.Emit(Event{Event: RuntimeFailure, Error: msg})
+}
+
 // Flow starts an event about one flow with a new id.
 func (e *Emitter) Flow(proto policy.Proto, src, dst netip.AddrPort, names []string) Event {
 	return Event{FlowID: e.NextFlow(), Proto: string(proto), Src: src.String(), Dst: dst.String(),

@@ -26,6 +26,8 @@ type captures struct {
 	child    func(outbound bool, packet buffer.Buffer)
 	upstream upstream.Func
 	closers  []func(io.Writer)
+	// dropped counts the packets the closed files could not keep up with.
+	dropped uint64
 }
 
 func openCaptures(path, point string, root bool) (c *captures, err error) {
@@ -62,7 +64,7 @@ func openCaptures(path, point string, root bool) (c *captures, err error) {
 		if root {
 			c.link = w
 		}
-		c.closers = append(c.closers, func(stderr io.Writer) { closeReporting(w, "--capture", "packets", stderr) })
+		c.closers = append(c.closers, func(stderr io.Writer) { c.closeFile(w, stderr) })
 	}
 	if point != "child" {
 		iface := "any"
@@ -81,7 +83,7 @@ func openCaptures(path, point string, root bool) (c *captures, err error) {
 		c.upstream = tap.Upstream
 		c.closers = append(c.closers, func(stderr io.Writer) {
 			tap.Close()
-			closeReporting(w, "--capture", "packets", stderr)
+			c.closeFile(w, stderr)
 		})
 	}
 	return c, nil
@@ -103,6 +105,11 @@ func (c *captures) startLink(ifname string) error {
 	// First to close: the tap stops writing before the file closes.
 	c.closers = append([]func(io.Writer){func(io.Writer) { tap.Close() }}, c.closers...)
 	return nil
+}
+
+func (c *captures) closeFile(w *capture.Writer, stderr io.Writer) {
+	closeReporting(w, "--capture", "packets", stderr)
+	c.dropped += w.Dropped()
 }
 
 // close finishes every file once; later calls do nothing.

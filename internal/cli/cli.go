@@ -304,6 +304,11 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	reclaimTerminal()
 	stop()
 	captures.close(stderr)
+	if captures.dropped > 0 {
+		// In the flow log and the summary too, beside the capture.
+		failures := flowlog.Emitter{Sandbox: "exec", OnEvent: events}
+		failures.Failure(fmt.Sprintf("--capture: %d packets dropped: the writer could not keep up", captures.dropped))
+	}
 	if summary != nil {
 		summary.Finish().Render(stderr, o.summaryFormat)
 	}

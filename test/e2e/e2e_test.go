@@ -238,17 +238,41 @@ func TestPing(t *testing.T) {
 
 // withPingSockets lets nobody open ICMP ping sockets for the test, which
 // this machine does not allow (net.ipv4.ping_group_range "1 0").
-func withPingSockets(t *testing.T) {
+func withPingSockets(t *testing.T) { pingGroupRange(t, fmt.Sprintf("%d %d", rootless, rootless)) }
+
+// pingGroupRange sets the host's net.ipv4.ping_group_range for the test.
+func pingGroupRange(t *testing.T, groups string) {
 	t.Helper()
 	const path = "/proc/sys/net/ipv4/ping_group_range"
 	old, err := os.ReadFile(path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(path, []byte(fmt.Sprintf("%d %d", rootless, rootless)), 0); err != nil {
+	if err := os.WriteFile(path, []byte(groups), 0); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.WriteFile(path, old, 0) })
+}
+
+// Where the host lets the engine's user open neither a ping socket nor a
+// raw one, the sandbox's pings go unanswered, and the flow log says why,
+// once.
+func TestNoICMPRelayIsARuntimeFailure(t *testing.T) {
+	requireRoot(t)
+	withTunOpen(t)
+	pingGroupRange(t, "1 0")
+	log := filepath.Join(logDir(t), "flows.jsonl")
+	r := sh(t, rootless, []string{"--flow-log", log, "--summary"}, `ping -c2 -i0.2 -W1 203.0.113.10; ping -c1 -W1 203.0.113.20`)
+	if r.code == 0 {
+		t.Fatalf("ping answered without a way to relay it:\n%s", r)
+	}
+	b, _ := os.ReadFile(log)
+	if n := strings.Count(string(b), `"event":"runtime_failure"`); n != 1 || !strings.Contains(string(b), "net.ipv4.ping_group_range") {
+		t.Fatalf("%d runtime_failure events, want 1 naming ping_group_range:\n%s\n%s", n, b, r)
+	}
+	if !strings.Contains(r.stderr, "ping_group_range") {
+		t.Fatalf("the summary does not show the failure:\n%s", r.stderr)
+	}
 }
 
 // The engine forwards like a router: it is the first hop, passes on one
