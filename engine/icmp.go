@@ -79,7 +79,7 @@ func (e *Engine) handleEcho(req netstack.EchoRequest, reply func()) {
 type echoFlow struct {
 	allowed bool
 	start   time.Time
-	idle    *idleCloser
+	idle    *idleTimer
 
 	mu       sync.Mutex
 	ev       flowlog.Event // the connect_attempt's, and the result's

@@ -97,15 +97,16 @@ func (e *Engine) passICMPErrors(f *netstack.UDPFlow, host net.Conn, up netip.Add
 	}
 }
 
-// idleCloser closes conns once nothing has moved for the idle timeout,
-// or when the engine closes.
-type idleCloser struct {
+// idleTimer calls its function once nothing has moved (touch) for the
+// idle timeout, or when the engine closes.
+type idleTimer struct {
 	timer    *time.Timer
 	idle     time.Duration
 	unhookFn func() bool
 }
 
-func (e *Engine) newIdleCloser(conns ...net.Conn) *idleCloser {
+// newIdleCloser closes conns when idle.
+func (e *Engine) newIdleCloser(conns ...net.Conn) *idleTimer {
 	return e.afterIdle(func() {
 		for _, c := range conns {
 			c.Close()
@@ -113,19 +114,19 @@ func (e *Engine) newIdleCloser(conns ...net.Conn) *idleCloser {
 	})
 }
 
-// afterIdle calls fn once nothing has been touched for the idle timeout,
-// or when the engine closes (fn may be called twice).
-func (e *Engine) afterIdle(fn func()) *idleCloser {
-	return &idleCloser{
+// afterIdle calls fn when idle (fn may be called twice: idle, then the
+// engine closing).
+func (e *Engine) afterIdle(fn func()) *idleTimer {
+	return &idleTimer{
 		idle:     e.cfg.UDPIdleTimeout,
 		timer:    time.AfterFunc(e.cfg.UDPIdleTimeout, fn),
 		unhookFn: context.AfterFunc(e.ctx, fn),
 	}
 }
 
-func (ic *idleCloser) touch() { ic.timer.Reset(ic.idle) }
+func (ic *idleTimer) touch() { ic.timer.Reset(ic.idle) }
 
-func (ic *idleCloser) stop() {
+func (ic *idleTimer) stop() {
 	ic.timer.Stop()
 	ic.unhookFn()
 }
