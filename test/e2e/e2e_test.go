@@ -353,15 +353,30 @@ func TestRefusedIsResetNotTimeout(t *testing.T) {
 // behind a router: ICMP host unreachable (from the gateway), not a RST,
 // so the client says "No route to host" rather than "Connection
 // refused". Nobody has .40 on the testnet: the host's ARP and neighbour
-// discovery give up after about 3 s.
+// discovery give up after about 3 s. The host has no route to .48/30 and
+// 2001:db8:1::/64 for the test: its dial fails at once, for a UDP flow
+// too (which a socket hears with IP_RECVERR: host unreachable is a soft
+// error).
 func TestUnreachableIsICMPNotReset(t *testing.T) {
+	requireRoot(t)
+	for _, route := range [][]string{{"-4", "203.0.113.48/30"}, {"-6", "2001:db8:1::/64"}} {
+		if r := execute(t, "ip", route[0], "route", "add", "unreachable", route[1]); r.code != 0 {
+			t.Fatal(r)
+		}
+		t.Cleanup(func() { execute(t, "ip", route[0], "route", "del", "unreachable", route[1]) })
+	}
 	users(t, func(t *testing.T, u as) {
 		r := sh(t, u, nil, `
 socat -T1 - TCP:203.0.113.40:80,connect-timeout=10 </dev/null 2>&1 | sed 's/^/v4: /' &
 socat -T1 - 'TCP6:[2001:db8::40]:80,connect-timeout=10' </dev/null 2>&1 | sed 's/^/v6: /' &
+socat -T1 - TCP:203.0.113.49:80 </dev/null 2>&1 | sed 's/^/route4: /'
+socat -T1 - 'TCP6:[2001:db8:1::1]:80' </dev/null 2>&1 | sed 's/^/route6: /'
+echo x | socat -T2 - UDP:203.0.113.49:7,ip-recverr 2>&1 | sed 's/^/udp: /'
 wait
 socat -T1 - TCP:203.0.113.10:81 </dev/null 2>&1 | sed 's/^/refused: /'`)
-		for _, want := range []string{`v4: .*203.0.113.40:80.*: No route to host`, `v6: .*:0040\]:80.*: No route to host`, `refused: .*: Connection refused`} {
+		for _, want := range []string{`v4: .*203.0.113.40:80.*: No route to host`, `v6: .*:0040\]:80.*: No route to host`,
+			`route4: .*203.0.113.49:80.*: No route to host`, `route6: .*:0001\]:80.*: No route to host`, `udp: .*read.*: No route to host`,
+			`refused: .*: Connection refused`} {
 			if !regexp.MustCompile(want).MatchString(r.stdout) {
 				t.Errorf("no line matching %q\n%s", want, r)
 			}
