@@ -57,7 +57,8 @@ func (r *TCPRequest) Reject() {
 
 // Unreachable answers the SYN, instead of a RST, with the ICMP error a
 // router that finds no way to Dst sends, from the gateway: the sandbox's
-// connect fails with EHOSTUNREACH or ENETUNREACH, not ECONNREFUSED.
+// connect fails with EHOSTUNREACH or ENETUNREACH, not ECONNREFUSED. (A
+// SYN the stack saw no record of gets the RST.)
 func (r *TCPRequest) Unreachable(why ICMPError) {
 	syn, ok := r.stack.syns.take(r.req.ID())
 	r.req.Complete(!ok)
