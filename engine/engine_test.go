@@ -80,6 +80,12 @@ func (l *eventLog) count(kind string) int {
 
 func newSandbox(t *testing.T, p *policy.Policy, dnsUpstream ...netip.AddrPort) *sandbox {
 	t.Helper()
+	return newSandboxWith(t, p, nil, dnsUpstream...)
+}
+
+// newSandboxWith is newSandbox with the engine's Config changed by mod.
+func newSandboxWith(t *testing.T, p *policy.Policy, mod func(*Config), dnsUpstream ...netip.AddrPort) *sandbox {
+	t.Helper()
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		t.Fatal(err)
@@ -100,9 +106,13 @@ func newSandbox(t *testing.T, p *policy.Policy, dnsUpstream ...netip.AddrPort) *
 		t.Fatal(err)
 	}
 	sb := &sandbox{plan: plan, events: &eventLog{}}
-	eng, err := New(Config{ID: "test", Link: os.NewFile(uintptr(fds[0]), "engine"), Plan: plan, Policy: p,
+	cfg := Config{ID: "test", Link: os.NewFile(uintptr(fds[0]), "engine"), Plan: plan, Policy: p,
 		DNS: dnsUpstream, OnEvent: sb.events.add, UDPIdleTimeout: 2 * time.Second, DialTimeout: 2 * time.Second,
-		Dial: toLoopback})
+		Dial: toLoopback}
+	if mod != nil {
+		mod(&cfg)
+	}
+	eng, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -554,8 +564,7 @@ func TestFlowLimit(t *testing.T) {
 	if _, err := New(Config{Link: os.NewFile(uintptr(fds[0]), "x"), Plan: plan}); err == nil {
 		t.Fatal("engine without a policy was accepted")
 	}
-	sb := newSandbox(t, allowAll)
-	sb.eng.flows = make(chan struct{}, 2)
+	sb := newSandboxWith(t, allowAll, func(c *Config) { c.MaxFlows = 2 })
 	var conns []net.Conn
 	for i := 0; i < 2; i++ {
 		c, err := sb.dial(t, remote(srv))
