@@ -7,7 +7,7 @@ LDFLAGS := -s -w -X github.com/childflow/childflow/internal/version.Version=$(VE
 # AllThreadsSyscall, which cgo builds do not support.
 export CGO_ENABLED = 0
 
-.PHONY: all build install manifests test unit e2e bench lint clean
+.PHONY: all build install manifests test unit race e2e bench lint clean
 
 all: build
 
@@ -30,10 +30,14 @@ manifests:
 
 # The whole suite: unit tests, then the end-to-end tests (root: in CI they
 # run; as a normal user they skip).
-test: unit e2e
+test: unit race e2e
 
 unit:
 	$(GO) test -count=1 ./...
+
+# The unit tests again under the race detector, which needs cgo (gcc).
+race:
+	CGO_ENABLED=1 $(GO) test -race -count=1 ./...
 
 e2e: build
 	$(GO) test -count=1 -tags e2e -timeout 20m -v ./test/e2e/ 2>&1 | tee e2e.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic)|_test.go' ; test $${PIPESTATUS[0]} -eq 0

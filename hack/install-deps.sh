@@ -5,7 +5,7 @@ set -euo pipefail
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO=sudo
 pkgs=(
-	ca-certificates iproute2 procps nftables iptables
+	ca-certificates gcc libc6-dev iproute2 procps nftables iptables
 	curl dnsutils iputils-ping traceroute socat netcat-openbsd busybox-static dnsmasq-base
 	iperf3 slirp4netns passt hyperfine jq bc util-linux
 	squid microsocks tinyproxy stunnel4 openssl apache2-utils tshark
