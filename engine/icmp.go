@@ -3,7 +3,6 @@ package engine
 import (
 	"bytes"
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -29,10 +28,9 @@ const echoTimeout = 5 * time.Second
 var errNoEchoSocket = errors.New("cannot relay ICMP echo: the host allows this user no ping socket (sysctl net.ipv4.ping_group_range) and no raw socket (CAP_NET_RAW)")
 
 func (e *Engine) handleEcho(req netstack.EchoRequest, reply func()) {
-	gateway := e.cfg.Plan.GatewayFor(req.Dst)
 	if req.TTL <= 1 {
 		// The gateway is the first hop (traceroute -I, mtr).
-		e.stack.SendICMPError(gateway, netstack.TimeExceeded, netstack.QuoteEcho(req))
+		e.stack.SendGatewayError(netstack.TimeExceeded, netstack.QuoteEcho(req))
 		return
 	}
 	// Off the goroutine that delivers the sandbox's packets: a new flow
@@ -49,7 +47,7 @@ func (e *Engine) handleEcho(req netstack.EchoRequest, reply func()) {
 			return
 		}
 		if !f.allowed {
-			e.stack.SendICMPError(gateway, netstack.AdminProhibited, netstack.QuoteEcho(req))
+			e.stack.SendGatewayError(netstack.AdminProhibited, netstack.QuoteEcho(req))
 			e.echoDone(f, netip.Addr{}, 0, 0, nil)
 			return
 		}
@@ -252,8 +250,12 @@ func ping(ctx context.Context, target netip.Addr, req netstack.EchoRequest, hops
 		default:
 			continue
 		}
+		// A raw socket sees every error: ours quotes our request.
 		kind, ok := netstack.ICMPErrorOf(!v4, buf[0], buf[1])
-		if ok && raw && quotesEcho(quoted, target, req) {
+		if !ok || !raw {
+			continue
+		}
+		if q, isEcho := netstack.ParseEcho(quoted); isEcho && q.Dst == target && q.ID == req.ID && q.Seq == req.Seq {
 			return &hostError{err: kind, from: addrOf(from)}, nil
 		}
 	}
@@ -317,26 +319,6 @@ func listenRaw(v6 bool, hops uint8) (net.PacketConn, error) {
 		return nil, err
 	}
 	return conn, nil
-}
-
-// quotesEcho reports whether an ICMP error's quoted packet is our echo
-// request to target.
-func quotesEcho(q []byte, target netip.Addr, req netstack.EchoRequest) bool {
-	var dst netip.Addr
-	var echo []byte
-	switch {
-	case target.Is4() && len(q) >= 20 && q[0]>>4 == 4:
-		ihl := int(q[0]&0xf) * 4
-		if len(q) < ihl+8 {
-			return false
-		}
-		dst, echo = netip.AddrFrom4([4]byte(q[16:20])), q[ihl:]
-	case target.Is6() && len(q) >= 48 && q[0]>>4 == 6:
-		dst, echo = netip.AddrFrom16([16]byte(q[24:40])), q[40:]
-	default:
-		return false
-	}
-	return dst == target && binary.BigEndian.Uint16(echo[4:]) == req.ID && binary.BigEndian.Uint16(echo[6:]) == req.Seq
 }
 
 func addrOf(a net.Addr) netip.Addr {

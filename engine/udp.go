@@ -71,7 +71,7 @@ func (e *Engine) refuseUDP(f *netstack.UDPFlow, why netstack.ICMPError) {
 			return
 		}
 		if first {
-			e.stack.SendICMPError(e.cfg.Plan.GatewayFor(f.Dst.Addr()), why, netstack.QuoteUDP(f.Src, f.Dst, f.TTL, n))
+			e.stack.SendGatewayError(why, netstack.QuoteUDP(f.Src, f.Dst, f.TTL, n))
 		}
 		ic.touch()
 	}

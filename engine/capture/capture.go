@@ -107,10 +107,15 @@ func (w *Writer) Packet(outbound bool, data buffer.Buffer) {
 	ready := w.bytes >= maxBatch && w.bytes-n < maxBatch
 	w.mu.Unlock()
 	if ready {
-		select {
-		case w.wake <- struct{}{}:
-		default:
-		}
+		w.poke()
+	}
+}
+
+// poke wakes the writing goroutine, unless a wake-up is already pending.
+func (w *Writer) poke() {
+	select {
+	case w.wake <- struct{}{}:
+	default:
 	}
 }
 
@@ -175,10 +180,7 @@ func (w *Writer) Close() error {
 	if already {
 		return w.err
 	}
-	select {
-	case w.wake <- struct{}{}:
-	default:
-	}
+	w.poke()
 	<-w.done
 	if err := w.file.Close(); err != nil && w.err == nil {
 		w.err = err

@@ -82,7 +82,7 @@ func (e *sandboxLink) maybeEcho(proto tcpip.NetworkProtocolNumber, pkt *stack.Pa
 		return false // not ICMP, or ICMPv6 behind extension headers
 	}
 	b := pkt.Data().AsRange().ToSlice()
-	req, ok := parseEcho(b)
+	req, ok := ParseEcho(b)
 	if !ok {
 		// Not an echo request: neighbour discovery and errors go to
 		// the stack.
@@ -97,8 +97,13 @@ func (e *sandboxLink) maybeEcho(proto tcpip.NetworkProtocolNumber, pkt *stack.Pa
 	return true
 }
 
-func parseEcho(b []byte) (EchoRequest, bool) {
+// ParseEcho reads an echo request from the IP packet b (whole, or as an
+// ICMP error quotes it: its ID and sequence number at least).
+func ParseEcho(b []byte) (EchoRequest, bool) {
 	var r EchoRequest
+	if len(b) == 0 {
+		return r, false
+	}
 	switch b[0] >> 4 {
 	case 4:
 		ihl := int(b[0]&0xf) * 4

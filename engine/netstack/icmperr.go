@@ -85,6 +85,16 @@ func (ns *Stack) SendICMPError(from netip.Addr, err ICMPError, quoted []byte) {
 	ns.link.writeRaw(ipPacket(from, to, icmpMessage(from, to, typ, code, quoted)))
 }
 
+// SendGatewayError is SendICMPError from the gateway: the first hop
+// answering for itself (time exceeded, refused, no way on).
+func (ns *Stack) SendGatewayError(err ICMPError, quoted []byte) {
+	from := ns.plan.Gateway4
+	if quoted[0]>>4 == 6 {
+		from = ns.plan.Gateway6
+	}
+	ns.SendICMPError(from, err, quoted)
+}
+
 // icmpMessage is an ICMP error message quoting quoted.
 func icmpMessage(from, to netip.Addr, typ, code uint8, quoted []byte) []byte {
 	m := make([]byte, 8, 8+len(quoted))

@@ -65,8 +65,7 @@ func (r *TCPRequest) Unreachable(why ICMPError) {
 	if !ok {
 		return
 	}
-	quote := QuoteTCP(r.Src, r.Dst, syn.ttl, syn.seq, syn.hdrLen)
-	r.stack.SendICMPError(r.stack.plan.GatewayFor(r.Dst.Addr()), why, quote)
+	r.stack.SendGatewayError(why, QuoteTCP(r.Src, r.Dst, syn.ttl, syn.seq, syn.hdrLen))
 }
 
 // UDPFlow is the sandbox's side of one UDP 5-tuple: reads return the

@@ -74,15 +74,6 @@ func (p Plan) IsGateway(a netip.Addr) bool {
 	return a == p.Gateway4 || a == p.Gateway6
 }
 
-// GatewayFor is the gateway address of dst's family: where the sandbox's
-// packets to dst turn up first.
-func (p Plan) GatewayFor(dst netip.Addr) netip.Addr {
-	if dst.Is4() {
-		return p.Gateway4
-	}
-	return p.Gateway6
-}
-
 // Encode and Decode carry the plan to the sandbox init through the environment.
 func (p Plan) Encode() string {
 	b, _ := json.Marshal(p)
