@@ -230,9 +230,17 @@ func countingEchoServer(t *testing.T, network, addr string) (netip.AddrPort, *at
 var allowAll = &policy.Policy{}
 
 func TestTCPRelayWithHalfClose(t *testing.T) {
-	for _, addr := range []string{"127.0.0.1:0", "[::1]:0"} {
-		t.Run(addr, func(t *testing.T) {
-			srv := echoServer(t, "tcp", addr)
+	// childflow exec runs the engine on one processor, where the TUN
+	// reader waits in the netpoller rather than in ppoll.
+	for _, run := range []struct {
+		addr  string
+		procs int
+	}{{"127.0.0.1:0", 0}, {"[::1]:0", 0}, {"127.0.0.1:0", 1}} {
+		t.Run(fmt.Sprintf("%s/procs=%d", run.addr, run.procs), func(t *testing.T) {
+			if run.procs > 0 {
+				defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(run.procs))
+			}
+			srv := echoServer(t, "tcp", run.addr)
 			sb := newSandbox(t, allowAll)
 			c, err := sb.dial(t, remote(srv))
 			if err != nil {

@@ -3,7 +3,10 @@ package netstack
 import (
 	"encoding/binary"
 	"fmt"
+	"os"
+	"runtime"
 	"sync"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/buffer"
@@ -30,6 +33,9 @@ type tunLink struct {
 	mtu  uint32
 	vnet bool
 	stop stopfd.StopFD
+	// poller, when set, waits for packets in Go's netpoller on a dup of
+	// fd (closed to stop), instead of in ppoll on fd and stop.
+	poller *os.File
 
 	mu         sync.Mutex
 	dispatcher stack.NetworkDispatcher
@@ -65,7 +71,23 @@ func newTUNLink(fd int, mtu uint32) (*tunLink, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &tunLink{fd: fd, mtu: mtu, vnet: hasVnetHdr(fd), stop: stop}, nil
+	l := &tunLink{fd: fd, mtu: mtu, vnet: hasVnetHdr(fd), stop: stop}
+	// A thread blocked in ppoll keeps its processor, and the goroutines
+	// the last packet woke (the TCP processor, the forwarder's handler)
+	// wait in its run queue until another thread wakes up and steals
+	// them. With other processors to steal them that costs a wake-up;
+	// with one processor (childflow exec) it stalls the engine until
+	// the runtime takes the processor back, so there the reader parks in
+	// the netpoller instead, which gives the processor up.
+	if runtime.GOMAXPROCS(0) == 1 {
+		dup, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
+		if err != nil {
+			unix.Close(stop.EFD)
+			return nil, fmt.Errorf("duplicating fd %d: %w", fd, err)
+		}
+		l.poller = os.NewFile(uintptr(dup), "tun")
+	}
+	return l, nil
 }
 
 // hasVnetHdr reports whether fd is a TUN queue with virtio-net headers.
@@ -138,6 +160,9 @@ func (l *tunLink) stopLocked() {
 	if !l.stopped {
 		l.stopped = true
 		l.stop.Stop()
+		if l.poller != nil {
+			l.poller.Close()
+		}
 	}
 }
 
@@ -161,6 +186,24 @@ func (l *tunLink) Close() {
 func (l *tunLink) readLoop(d stack.NetworkDispatcher) {
 	defer l.wg.Done()
 	var vnetHdr [vnetHdrLen]byte
+	read := func(iovecs []unix.Iovec) (int, unix.Errno) {
+		return rawfile.BlockingReadvUntilStopped(l.stop.EFD, l.fd, iovecs)
+	}
+	if l.poller != nil {
+		rc, err := l.poller.SyscallConn()
+		if err != nil {
+			return
+		}
+		read = func(iovecs []unix.Iovec) (n int, errno unix.Errno) {
+			if err := rc.Read(func(fd uintptr) bool {
+				n, errno = readv(int(fd), iovecs)
+				return errno != unix.EAGAIN
+			}); err != nil {
+				return -1, 0 // stopped: the dup was closed
+			}
+			return n, errno
+		}
+	}
 	views := make([]*buffer.View, len(readSizes))
 	iovecs := make([]unix.Iovec, 0, len(readSizes)+1)
 	for {
@@ -176,7 +219,7 @@ func (l *tunLink) readLoop(d stack.NetworkDispatcher) {
 			}
 			iovecs = append(iovecs, rawfile.IovecFromBytes(views[i].AsSlice()))
 		}
-		n, errno := rawfile.BlockingReadvUntilStopped(l.stop.EFD, l.fd, iovecs)
+		n, errno := read(iovecs)
 		if n == -1 {
 			return // stopped
 		}
@@ -218,6 +261,11 @@ func (l *tunLink) readLoop(d stack.NetworkDispatcher) {
 		d.DeliverNetworkPacket(proto, pkt)
 		pkt.DecRef()
 	}
+}
+
+func readv(fd int, iovecs []unix.Iovec) (int, unix.Errno) {
+	n, _, errno := unix.RawSyscall(unix.SYS_READV, uintptr(fd), uintptr(unsafe.Pointer(&iovecs[0])), uintptr(len(iovecs)))
+	return int(n), errno
 }
 
 // WritePackets writes each packet with one writev. A TUN write does not

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
@@ -268,6 +269,16 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		}
 		violations, stop = rootNet.Violations, func() { rootNet.Close() }
 	} else {
+		// One sandbox's relay is a chain of hand-offs (TUN reader, TCP
+		// processor, handler, host socket) in which each goroutine wakes
+		// the next: on one processor the next runs on the same thread at
+		// once, on several it often waits for an idle thread to wake and
+		// steal it. Measured (docs/benchmarks.md): faster both in
+		// connections per second and in throughput. GOMAXPROCS, when
+		// set, still decides.
+		if os.Getenv("GOMAXPROCS") == "" {
+			runtime.GOMAXPROCS(1)
+		}
 		var eng *engine.Engine
 		eng, err = engine.New(engine.Config{ID: "exec", Link: sb.TUN, Plan: plan, Policy: pol, DNS: upstreams, Proxy: fwd, OnEvent: events, Capture: captures.child, OnUpstream: captures.upstream, SandboxPID: sb.Pid(), SocketDiag: sb.SocketDiag})
 		if err == nil {
