@@ -32,7 +32,8 @@ type Finder struct {
 
 // Find returns the owner of the sandbox's proto ("tcp", "udp" or "icmp")
 // socket from local to remote (without Diag, local alone identifies it;
-// for a ping socket, whose port is its echo identifier, it always does).
+// for ICMP echo, local's port is the echo identifier: a ping socket's
+// port, or else see rawEchoOwner).
 func (f *Finder) Find(proto string, local, remote netip.AddrPort) (Owner, bool) {
 	var inode uint64
 	var ok bool
@@ -42,6 +43,9 @@ func (f *Finder) Find(proto string, local, remote netip.AddrPort) (Owner, bool) 
 		inode, ok = socketInode(f.InitPID, proto, local)
 	}
 	if !ok {
+		if proto == "icmp" {
+			return rawEchoOwner(f.InitPID, local)
+		}
 		return Owner{}, false
 	}
 	// Walking the process tree costs more than the lookup: the processes

@@ -12,6 +12,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -22,19 +23,62 @@ type Owner struct {
 	Comm string // the command name
 }
 
-// holds reports whether process pid has the file link (socket:[inode])
-// open.
-func holds(pid int, link string) bool {
+// holds reports whether process pid has one of the file links
+// (socket:[inode]) open.
+func holds(pid int, links ...string) bool {
 	fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
 	if err != nil {
 		return false
 	}
 	for _, fd := range fds {
-		if l, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, fd.Name())); err == nil && l == link {
+		if l, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, fd.Name())); err == nil && slices.Contains(links, l) {
 			return true
 		}
 	}
 	return false
+}
+
+// rawEchoOwner finds who sent an echo request with identifier id from
+// local through a raw socket (ping with CAP_NET_RAW, as in a container).
+// The sandbox's raw table lists such a socket by protocol, not by the
+// identifier, which ping chooses itself from its pid (iputils sends the
+// pid, busybox the pid in host byte order): the one process holding a
+// raw ICMP socket is the owner, or among several the one whose pid
+// matches the identifier.
+func rawEchoOwner(initPID int, local netip.AddrPort) (Owner, bool) {
+	table, proto := "raw", 1 // ICMP
+	if !local.Addr().Unmap().Is4() {
+		table, proto = "raw6", 58 // ICMPv6
+	}
+	var links []string
+	port := fmt.Sprintf(":%04X ", proto)
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/net/%s", initPID, table))
+	for _, line := range strings.Split(string(b), "\n")[1:] {
+		if fields := strings.Fields(line); len(fields) >= 10 && strings.Contains(line, port) {
+			if ap, ok := ParseAddr(fields[1]); ok && ap.Port() == uint16(proto) {
+				links = append(links, "socket:["+fields[9]+"]")
+			}
+		}
+	}
+	if len(links) == 0 {
+		return Owner{}, false
+	}
+	var holders []Owner
+	for _, pid := range descendants(initPID) {
+		if holds(pid, links...) {
+			holders = append(holders, owner(pid))
+		}
+	}
+	if len(holders) == 1 {
+		return holders[0], true
+	}
+	id := local.Port()
+	for _, o := range holders {
+		if p := uint16(o.PID); p == id || p == id>>8|id<<8 {
+			return o, true
+		}
+	}
+	return Owner{}, false
 }
 
 func socketInode(initPID int, proto string, local netip.AddrPort) (uint64, bool) {

@@ -4,7 +4,10 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 func TestParseAddr(t *testing.T) {
@@ -86,4 +89,61 @@ func TestFinderThroughSockDiag(t *testing.T) {
 			t.Errorf("%s: found an owner for a port nobody holds", tc.network)
 		}
 	}
+}
+
+// TestFindsRawSocketPing looks up the owner of an echo sent through a raw
+// ICMP socket, as ping with CAP_NET_RAW sends it: the one holder, or among
+// several the one whose pid is the echo identifier. The test stands for
+// the sandbox's init; children holding its raw sockets, for the sandbox.
+func TestFindsRawSocketPing(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("raw sockets need root")
+	}
+	f := &Finder{InitPID: os.Getpid()}
+	for _, tc := range []struct {
+		family, proto int
+		local         string
+	}{{unix.AF_INET, unix.IPPROTO_ICMP, "127.0.0.1"}, {unix.AF_INET6, unix.IPPROTO_ICMPV6, "::1"}} {
+		fd, err := unix.Socket(tc.family, unix.SOCK_RAW|unix.SOCK_CLOEXEC, tc.proto)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sock := os.NewFile(uintptr(fd), "raw")
+		defer sock.Close()
+		echo := func(id uint16) netip.AddrPort { return netip.AddrPortFrom(netip.MustParseAddr(tc.local), id) }
+		var pids []int
+		for range 2 {
+			pids = append(pids, holder(t, sock))
+			if len(pids) == 1 {
+				if o, ok := f.Find("icmp", echo(4242), netip.AddrPort{}); !ok || o.PID != pids[0] {
+					t.Errorf("%s, one holder: %+v %v, want pid %d", tc.local, o, ok, pids[0])
+				}
+			}
+		}
+		for _, want := range pids {
+			id := uint16(want)
+			if o, ok := f.Find("icmp", echo(id), netip.AddrPort{}); !ok || o.PID != want {
+				t.Errorf("%s, identifier %d: %+v %v, want pid %d", tc.local, id, o, ok, want)
+			}
+			// busybox sends its pid in host byte order.
+			if o, ok := f.Find("icmp", echo(id>>8|id<<8), netip.AddrPort{}); !ok || o.PID != want {
+				t.Errorf("%s, identifier %d swapped: %+v %v, want pid %d", tc.local, id, o, ok, want)
+			}
+		}
+		if o, ok := f.Find("icmp", echo(0), netip.AddrPort{}); ok {
+			t.Errorf("%s: two holders, neither the identifier's, yet found %+v", tc.local, o)
+		}
+	}
+}
+
+// holder starts a child process that holds sock open and returns its pid.
+func holder(t *testing.T, sock *os.File) int {
+	t.Helper()
+	child := exec.Command("sleep", "30")
+	child.ExtraFiles = []*os.File{sock}
+	if err := child.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { child.Process.Kill(); child.Wait() })
+	return child.Process.Pid
 }

@@ -208,6 +208,42 @@ func TestContainerPolicyUnderRuncAndCrun(t *testing.T) {
 	}
 }
 
+// A container with CAP_NET_RAW pings through a raw socket, which the
+// sandbox's tables list by protocol, not by echo identifier: the flow is
+// still the ping's.
+func TestContainerRawSocketPingIsAttributed(t *testing.T) {
+	n := startNode(t)
+	dir := bundle(t, sandboxedAnn, n.hooks(), "ping -c2 -W2 203.0.113.10 && ping -c1 -W1 203.0.113.20; true")
+	path := filepath.Join(dir, "config.json")
+	var spec map[string]any
+	b, _ := os.ReadFile(path)
+	json.Unmarshal(b, &spec)
+	caps := spec["process"].(map[string]any)["capabilities"].(map[string]any)
+	for _, set := range []string{"bounding", "effective", "permitted"} {
+		caps[set] = append(caps[set].([]any), "CAP_NET_RAW")
+	}
+	b, _ = json.Marshal(spec)
+	os.WriteFile(path, b, 0o644)
+
+	id := "cf-raw-ping"
+	r := oci(t, "runc", t.TempDir(), "run", "--bundle", dir, id)
+	if r.code != 0 || !strings.Contains(r.stdout, "2 packets received") {
+		t.Fatalf("ping in the container: %v", r)
+	}
+	log, _ := os.ReadFile(filepath.Join(n.flows, id+".jsonl"))
+	for _, dst := range []string{"203.0.113.10", "203.0.113.20"} {
+		var found bool
+		for _, line := range strings.Split(string(log), "\n") {
+			if strings.Contains(line, `"event":"connect_attempt"`) && strings.Contains(line, `"dst":"`+dst+`:0"`) {
+				found = strings.Contains(line, `"comm":"ping"`) && strings.Contains(line, `"pid":`)
+			}
+		}
+		if !found {
+			t.Errorf("no connect_attempt to %s owned by ping:\n%s", dst, log)
+		}
+	}
+}
+
 func TestBadAnnotationStopsTheContainer(t *testing.T) {
 	n := startNode(t)
 	for _, tc := range []struct{ key, value, want string }{
