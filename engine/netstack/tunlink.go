@@ -186,24 +186,7 @@ func (l *tunLink) Close() {
 func (l *tunLink) readLoop(d stack.NetworkDispatcher) {
 	defer l.wg.Done()
 	var vnetHdr [vnetHdrLen]byte
-	read := func(iovecs []unix.Iovec) (int, unix.Errno) {
-		return rawfile.BlockingReadvUntilStopped(l.stop.EFD, l.fd, iovecs)
-	}
-	if l.poller != nil {
-		rc, err := l.poller.SyscallConn()
-		if err != nil {
-			return
-		}
-		read = func(iovecs []unix.Iovec) (n int, errno unix.Errno) {
-			if err := rc.Read(func(fd uintptr) bool {
-				n, errno = readv(int(fd), iovecs)
-				return errno != unix.EAGAIN
-			}); err != nil {
-				return -1, 0 // stopped: the dup was closed
-			}
-			return n, errno
-		}
-	}
+	read := l.reader()
 	views := make([]*buffer.View, len(readSizes))
 	iovecs := make([]unix.Iovec, 0, len(readSizes)+1)
 	for {
@@ -263,9 +246,25 @@ func (l *tunLink) readLoop(d stack.NetworkDispatcher) {
 	}
 }
 
-func readv(fd int, iovecs []unix.Iovec) (int, unix.Errno) {
-	n, _, errno := unix.RawSyscall(unix.SYS_READV, uintptr(fd), uintptr(unsafe.Pointer(&iovecs[0])), uintptr(len(iovecs)))
-	return int(n), errno
+// reader returns the blocking read of one packet: n is -1 once the link
+// is stopped.
+func (l *tunLink) reader() func(iovecs []unix.Iovec) (n int, errno unix.Errno) {
+	if l.poller == nil {
+		return func(iovecs []unix.Iovec) (int, unix.Errno) {
+			return rawfile.BlockingReadvUntilStopped(l.stop.EFD, l.fd, iovecs)
+		}
+	}
+	rc, _ := l.poller.SyscallConn() // an *os.File's never fails
+	return func(iovecs []unix.Iovec) (n int, errno unix.Errno) {
+		if err := rc.Read(func(fd uintptr) bool {
+			r, _, e := unix.RawSyscall(unix.SYS_READV, fd, uintptr(unsafe.Pointer(&iovecs[0])), uintptr(len(iovecs)))
+			n, errno = int(r), e
+			return errno != unix.EAGAIN
+		}); err != nil {
+			return -1, 0 // stopped: the dup was closed
+		}
+		return n, errno
+	}
 }
 
 // WritePackets writes each packet with one writev. A TUN write does not
