@@ -118,6 +118,9 @@ func TestAttachRestartReadoptDetach(t *testing.T) {
 	}
 	body, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
+	if ct := resp.Header.Get("Content-Type"); resp.StatusCode != 200 || ct != metricsContentType {
+		t.Errorf("metrics: status %d, content type %q", resp.StatusCode, ct)
+	}
 	for _, want := range []string{"childflow_sandboxes 1", `childflow_flows_total{namespace="",pod="",sandbox="t1",verdict="deny"} 0`} {
 		if !strings.Contains(string(body), want) {
 			t.Errorf("metrics lack %q:\n%s", want, body)
