@@ -5,12 +5,14 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"strings"
 	"testing"
 	"time"
 
+	"github.com/gopacket/gopacket/layers"
 	"github.com/gopacket/gopacket/pcapgo"
 	"gvisor.dev/gvisor/pkg/buffer"
+
+	"github.com/childflow/childflow/internal/version"
 )
 
 // packetOf builds a buffer of views of the given sizes, as the relay's
@@ -37,6 +39,7 @@ func TestWriterRecordsEveryPacket(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	began := time.Now()
 	shapes := [][]int{{20}, {41}, {40, 1}, {52, 1448}, {60, 32768, 32000}, {128, 256, 256, 512, 1024, 2048, 4096, 8192, 16384, 30000}, {3}}
 	var want [][]byte
 	var outbound []bool
@@ -60,6 +63,7 @@ func TestWriterRecordsEveryPacket(t *testing.T) {
 	if err := w.Close(); err != nil {
 		t.Fatal(err)
 	}
+	ended := time.Now()
 	st, err := os.Stat(path)
 	if err != nil || st.Mode().Perm() != 0o600 {
 		t.Fatalf("mode %v, %v", st.Mode(), err)
@@ -71,8 +75,12 @@ func TestWriterRecordsEveryPacket(t *testing.T) {
 		t.Fatal(err)
 	}
 	ifc, err := r.Interface(0)
-	if err != nil || !strings.Contains(ifc.Description, "child view, rootless backend, interface cf0") {
+	if err != nil || ifc.Description != "childflow child view, rootless backend, interface cf0" ||
+		ifc.Name != "cf0" || ifc.LinkType != layers.LinkTypeRaw || ifc.TimestampResolution != 9 {
 		t.Fatalf("interface %+v, %v", ifc, err)
+	}
+	if app := r.SectionInfo().Application; app != "childflow "+version.Version {
+		t.Fatalf("section application %q", app)
 	}
 	for i := 0; ; i++ {
 		data, ci, opts, err := r.ReadPacketDataWithOptions()
@@ -95,8 +103,8 @@ func TestWriterRecordsEveryPacket(t *testing.T) {
 		if opts.Flags == nil || opts.Flags.Direction != dir {
 			t.Fatalf("packet %d: flags %+v, want direction %v", i, opts.Flags, dir)
 		}
-		if ci.Timestamp.IsZero() {
-			t.Fatalf("packet %d: no timestamp", i)
+		if ci.Timestamp.Before(began) || ci.Timestamp.After(ended) {
+			t.Fatalf("packet %d: timestamp %v outside the run, %v to %v", i, ci.Timestamp, began, ended)
 		}
 	}
 }
