@@ -7,6 +7,7 @@ import (
 	"io"
 	"sort"
 	"strings"
+	"sync"
 	"text/tabwriter"
 )
 
@@ -25,7 +26,7 @@ func (r *Report) Render(w io.Writer, format string) error {
 	case "text":
 		return r.table(w, false)
 	case "html":
-		return htmlPage.Execute(w, r)
+		return htmlPage().Execute(w, r)
 	}
 	return fmt.Errorf("unknown format %q", format)
 }
@@ -156,23 +157,25 @@ func yes(b bool) string {
 }
 
 // The page is self-contained: no scripts, fonts or images from anywhere.
-var htmlPage = template.Must(template.New("report").Funcs(template.FuncMap{
-	"pct": func(r *Report, ms int64) float64 {
-		span := r.LastMs - r.FirstMs
-		if span <= 0 {
-			return 0
-		}
-		return float64(ms) * 100 / float64(span)
-	},
-	"width": func(r *Report, f Flow) float64 {
-		span := r.LastMs - r.FirstMs
-		if span <= 0 {
-			return 100
-		}
-		return max(0.3, float64(f.DurationMs)*100/float64(span))
-	},
-	"sub": func(a, b int64) int64 { return a - b },
-}).Parse(`<!doctype html>
+// Parsed on first use, not at every childflow start.
+var htmlPage = sync.OnceValue(func() *template.Template {
+	return template.Must(template.New("report").Funcs(template.FuncMap{
+		"pct": func(r *Report, ms int64) float64 {
+			span := r.LastMs - r.FirstMs
+			if span <= 0 {
+				return 0
+			}
+			return float64(ms) * 100 / float64(span)
+		},
+		"width": func(r *Report, f Flow) float64 {
+			span := r.LastMs - r.FirstMs
+			if span <= 0 {
+				return 100
+			}
+			return max(0.3, float64(f.DurationMs)*100/float64(span))
+		},
+		"sub": func(a, b int64) int64 { return a - b },
+	}).Parse(`<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>childflow report</title>
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'">
 <style>
@@ -210,3 +213,4 @@ th{background:#f3f3f3}.deny{color:#b00020}.allow{color:#1b5e20}
 {{if .Errors}}<h2>Errors</h2><table><tr><th>error</th><th>count</th></tr>{{range $k, $v := .Errors}}<tr><td>{{$k}}</td><td>{{$v}}</td></tr>{{end}}</table>{{end}}
 </body></html>
 `))
+})
