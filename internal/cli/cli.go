@@ -244,6 +244,15 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		}
 	}
 
+	// Each signal registered is a round trip to the runtime's signal
+	// thread, and there are seven: done while init starts. Never
+	// unregistered: childflow exits when the command does.
+	sigs := make(chan os.Signal, 16)
+	signalsRegistered := make(chan struct{})
+	go func() {
+		signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGQUIT, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGWINCH)
+		close(signalsRegistered)
+	}()
 	sb, err := sandbox.Start(sandbox.Spec{
 		Plan:       plan,
 		Command:    command,
@@ -297,9 +306,7 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return exitFailure
 	}
 
-	sigs := make(chan os.Signal, 16)
-	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGQUIT, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGWINCH)
-	defer signal.Stop(sigs)
+	<-signalsRegistered
 	go func() {
 		for s := range sigs {
 			sb.Signal(s)

@@ -58,11 +58,13 @@ func Init() {
 	if err != nil {
 		os.Exit(125)
 	}
+	// While the engine starts, get everything but the fork done.
+	start := prepareCommand(spec)
 	// Wait for the engine. EOF means the parent died: leave.
 	if msg, _, err := fdpass.Recv(ctrlFD, 16, 0); err != nil || string(msg) != "go" {
 		os.Exit(125)
 	}
-	os.Exit(runCommand(spec))
+	os.Exit(start())
 }
 
 // fail sends err to the parent in place of the TUN and exits.
@@ -162,26 +164,38 @@ func bindOver(src, dst string) error {
 	return nil
 }
 
-// runCommand starts the command without privileges, forwards signals to
-// it and returns its exit code once it exits.
-func runCommand(spec Spec) int {
+// prepareCommand drops this thread's privileges, registers the signals
+// to forward and finds the command; the start it returns forks the
+// command, forwards signals to it and returns its exit code once it
+// exits. Signals that arrive before the fork are forwarded right after.
+func prepareCommand(spec Spec) (start func() int) {
 	// Never unlocked: this thread ends up without privileges, and the
 	// command is forked from it.
 	runtime.LockOSThread()
 	if err := dropPrivileges(spec.RunAs); err != nil {
-		fmt.Fprintf(os.Stderr, "childflow: dropping privileges: %v\n", err)
-		return 125
+		return func() int {
+			fmt.Fprintf(os.Stderr, "childflow: dropping privileges: %v\n", err)
+			return 125
+		}
 	}
 	sigs := make(chan os.Signal, 16)
 	signal.Notify(sigs, forwardedSignals...)
 	path, err := exec.LookPath(spec.Command[0])
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "childflow: %v\n", err)
-		if errors.Is(err, exec.ErrNotFound) || errors.Is(err, os.ErrNotExist) {
-			return 127
+		return func() int {
+			fmt.Fprintf(os.Stderr, "childflow: %v\n", err)
+			if errors.Is(err, exec.ErrNotFound) || errors.Is(err, os.ErrNotExist) {
+				return 127
+			}
+			return 126
 		}
-		return 126
 	}
+	return func() int { return runCommand(spec, path, sigs) }
+}
+
+// runCommand forks the command at path from this (locked, unprivileged)
+// thread, forwards sigs to it and returns its exit code once it exits.
+func runCommand(spec Spec, path string, sigs chan os.Signal) int {
 	attr := &syscall.SysProcAttr{}
 	if term.IsTerminal(0) {
 		// Own foreground process group: ^C and ^Z reach the command only,
