@@ -235,6 +235,7 @@ type blocks struct {
 	inTail  bool // the last iov is the scratch buffer's tail
 	held    []buffer.Buffer
 	size    int64 // bytes in the batch
+	cached  bool  // uncached writes were refused
 }
 
 const (
@@ -308,13 +309,26 @@ func (b *blocks) copyIn(s []byte) {
 	b.inTail = true
 }
 
+// write writes iov at the file's offset, uncached where the kernel and
+// the file system can (Linux 6.14).
+func (b *blocks) write(iov [][]byte) (int, error) {
+	if !b.cached {
+		n, err := unix.Pwritev2(b.fd, iov, -1, unix.RWF_DONTCACHE)
+		if err != unix.EOPNOTSUPP && err != unix.EINVAL {
+			return n, err
+		}
+		b.cached = true
+	}
+	return unix.Writev(b.fd, iov)
+}
+
 // flush writes the batch, whole blocks only unless the disk fails, and
 // releases its packets.
 func (b *blocks) flush() error {
 	var err error
 	iov := b.iov
 	for len(iov) > 0 {
-		n, werr := unix.Writev(b.fd, iov)
+		n, werr := b.write(iov)
 		if werr == unix.EINTR {
 			continue
 		}

@@ -32,9 +32,23 @@ func packetOf(seed byte, sizes ...int) (buffer.Buffer, []byte) {
 }
 
 // TestWriterRecordsEveryPacket writes packets of many shapes, in more
-// batches than one writev takes, and reads them back with pcapgo.
+// batches than one writev takes, and reads them back with pcapgo: on a
+// disk's file system, written uncached, and on tmpfs, which refuses
+// uncached writes.
 func TestWriterRecordsEveryPacket(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "c.pcapng")
+	t.Run("disk", func(t *testing.T) { testWriterRecordsEveryPacket(t, t.TempDir()) })
+	t.Run("tmpfs", func(t *testing.T) {
+		dir, err := os.MkdirTemp("/dev/shm", "capture-test")
+		if err != nil {
+			t.Skipf("no tmpfs at /dev/shm: %v", err)
+		}
+		defer os.RemoveAll(dir)
+		testWriterRecordsEveryPacket(t, dir)
+	})
+}
+
+func testWriterRecordsEveryPacket(t *testing.T, dir string) {
+	path := filepath.Join(dir, "c.pcapng")
 	w, err := Create(path, View{Name: "child", Backend: "rootless", Interface: "cf0"})
 	if err != nil {
 		t.Fatal(err)
