@@ -6,7 +6,7 @@
 # its gateway, mapped to the host). No traffic leaves the machine.
 #
 # Env: BENCH_SECONDS (iperf3 duration, default 5), BENCH_CONNS (2000),
-#      BENCH_RUNS (startup runs, 30), BENCH_OUT (default docs/benchmarks.md).
+#      BENCH_RUNS (startup runs, 100), BENCH_OUT (default docs/benchmarks.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "bench: run as root (sudo make bench)" >&2; exit 1; }
@@ -129,19 +129,21 @@ for env in $ENVS; do
 	slirp4netns-*) start_slirp "${env#*-}" ;;
 	pasta-*) start_pasta "${env#*-}" ;;
 	esac
-	tput[$env]=$(throughput "$env" || echo 0)
-	rate[$env]=$(connrate "$env" || echo 0)
+	# A run that fails (a comparator refusing a connection, say) shows
+	# as failed, not as a rate of 0.
+	tput[$env]=$(throughput "$env") || tput[$env]=failed
+	rate[$env]=$(connrate "$env") || rate[$env]=failed
 	echo "$env: ${tput[$env]} Gbit/s, ${rate[$env]} conn/s" >&2
 done
 
 # Startup overhead over a plain /bin/true (hyperfine, no shell).
 hf() {
-	hyperfine -N --warmup 3 --runs "${BENCH_RUNS:-30}" --export-json "$work/hf.json" "$@" >/dev/null 2>&1
-	jq -r '.results[].mean * 1000 | . * 10 | round / 10' "$work/hf.json"
+	hyperfine -N --warmup 3 --runs "${BENCH_RUNS:-100}" --export-json "$work/hf.json" "$@" >/dev/null 2>&1
+	jq -r '.results[].median * 1000 | . * 10 | round / 10' "$work/hf.json"
 }
 mapfile -t starts < <(hf "/bin/true" "$CF -- /bin/true" "$CF --root -- /bin/true" "pasta --config-net --runas 0 -q -a 10.0.2.15 -n 24 -g 10.0.2.2 /bin/true")
 
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "n/a" }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a ~ /^[0-9.]+$/ && b ~ /^[0-9.]+$/ && b > 0) printf "%.2fx", a / b; else print "n/a" }'; }
 over() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f ms", a - b }'; }
 {
 	echo "# Benchmarks"
@@ -161,7 +163,7 @@ over() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f ms", a - b }'; }
 		echo "| $name | $mtu | ${tput[$env]} Gbit/s | $(ratio "${tput[$env]}" "${tput[native]}") | ${rate[$env]} | $(ratio "${rate[$env]}" "${rate[native]}") |"
 	done
 	echo
-	echo "| startup | mean | overhead over /bin/true |"
+	echo "| startup | median | overhead over /bin/true |"
 	echo "|---|---|---|"
 	echo "| /bin/true | ${starts[0]} ms | |"
 	echo "| childflow -- /bin/true | ${starts[1]} ms | $(over "${starts[1]}" "${starts[0]}") |"
