@@ -310,11 +310,12 @@ func (b *blocks) copyIn(s []byte) {
 }
 
 // write writes iov at the file's offset, uncached where the kernel and
-// the file system can (Linux 6.14).
+// the file system can (Linux 6.14; older kernels refuse the flag, tmpfs
+// the uncached write).
 func (b *blocks) write(iov [][]byte) (int, error) {
 	if !b.cached {
 		n, err := unix.Pwritev2(b.fd, iov, -1, unix.RWF_DONTCACHE)
-		if err != unix.EOPNOTSUPP && err != unix.EINVAL {
+		if err != unix.EOPNOTSUPP && err != unix.EINVAL && err != unix.ENOSYS {
 			return n, err
 		}
 		b.cached = true
