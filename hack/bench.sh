@@ -29,6 +29,7 @@ cleanup() {
 	[ -f "$work/pasta.pid" ] && kill "$(cat "$work/pasta.pid")" 2>/dev/null || true
 	ip netns del cfbench-slirp4netns 2>/dev/null || true
 	ip netns del cfbench-pasta 2>/dev/null || true
+	rm -f /dev/shm/cfbench-* # squid's shared memory, named after its service
 	rm -rf "$work"
 }
 trap cleanup EXIT
@@ -55,7 +56,7 @@ coredump_dir $work/squid
 shutdown_lifetime 0 seconds
 http_access allow all
 CONF
-squid -N -f "$work/squid/squid.conf" &
+squid -n cfbench -N -f "$work/squid/squid.conf" &
 pids+=($!)
 for _ in $(seq 100); do ss -Hltn 'sport = :3140' | grep -q . && break; sleep 0.05; done
 

@@ -26,6 +26,9 @@ ns="$name-inet"
 host_if="${name:0:8}-h"
 ns_if="${name:0:8}-n"
 state="/run/childflow-testnet/$name"
+# squid names its shared memory (/dev/shm) after its service: ours, so
+# that down removes exactly what this squid left there when killed.
+squid_service="cftestnet${name//[^a-zA-Z0-9]/}"
 
 die() { echo "testnet: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "must run as root"
@@ -130,7 +133,7 @@ http_access allow authport authed
 http_access deny authport
 http_access allow all
 CONF
-	start squid squid -N -f "$state/squid/squid.conf"
+	start squid squid -n "$squid_service" -N -f "$state/squid/squid.conf"
 	mkdir -p "$state/tinyproxy" && chmod 777 "$state/tinyproxy"
 	cat >"$state/tinyproxy/tinyproxy.conf" <<CONF
 User nobody
@@ -189,6 +192,7 @@ down_quiet() {
 		done
 		rm -rf "$state"
 	fi
+	rm -f "/dev/shm/$squid_service-"*
 	ip link del "$host_if" 2>/dev/null || true
 	ip netns del "$ns" 2>/dev/null || true
 	rm -rf "/etc/netns/$ns"
