@@ -199,16 +199,24 @@ func TestPodmanWithHooksDir(t *testing.T) {
 	}
 	root := t.TempDir()
 	rootfs(t, root)
+	// Everything podman keeps in this test's directory: its locks as
+	// files in its tmpdir, not the host's /dev/shm/libpod_lock, and that
+	// tmpdir rather than /run/libpod.
+	conf := filepath.Join(dir, "containers.conf")
+	if err := os.WriteFile(conf, []byte("[engine]\nlock_type = \"file\"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	podman := func(ann map[string]string, script string) result {
 		// runc: crun trips over this machine's hybrid cgroups. Explicit
 		// ulimits: root here cannot raise them to podman's defaults.
-		args := []string{"--root", filepath.Join(dir, "root"), "--runroot", filepath.Join(dir, "runroot"), "--storage-driver", "vfs",
+		args := []string{"CONTAINERS_CONF=" + conf, "podman",
+			"--root", filepath.Join(dir, "root"), "--runroot", filepath.Join(dir, "runroot"), "--tmpdir", filepath.Join(dir, "tmp"), "--storage-driver", "vfs",
 			"--hooks-dir", hooksDir, "--cgroup-manager", "cgroupfs", "--events-backend", "file", "--runtime", "runc",
 			"run", "--rm", "--network", "none", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"}
 		for k, v := range ann {
 			args = append(args, "--annotation", k+"="+v)
 		}
-		return execute(t, append(append([]string{"podman"}, args...), "--rootfs", root, "/bin/sh", "-c", script)...)
+		return execute(t, append(append([]string{"env"}, args...), "--rootfs", root, "/bin/sh", "-c", script)...)
 	}
 	r := podman(sandboxedAnn, probe)
 	if r.code != 0 {
