@@ -130,6 +130,36 @@ func run(t *testing.T, u as, args ...string) result {
 }
 
 // execute runs argv, for a minute at most, and collects its result.
+// leaveRunAsFound removes, after the test, the directories under /run
+// that a daemon it starts creates at paths of its own choosing even with
+// the test's root and state (containerd's shim directories, dockerd's
+// plugins): only those that did not exist before, and only what is empty
+// again. Call it before starting the daemon, so that this runs after the
+// daemon's own cleanup; a daemon already running on the host keeps its own.
+func leaveRunAsFound(t *testing.T, dirs ...string) {
+	var created []string
+	for _, d := range dirs {
+		if _, err := os.Stat(d); os.IsNotExist(err) {
+			created = append(created, d)
+		}
+	}
+	t.Cleanup(func() {
+		for _, d := range created {
+			removeEmptyTree(d)
+		}
+	})
+}
+
+func removeEmptyTree(dir string) {
+	entries, _ := os.ReadDir(dir)
+	for _, e := range entries {
+		if e.IsDir() {
+			removeEmptyTree(filepath.Join(dir, e.Name()))
+		}
+	}
+	os.Remove(dir) // refused, and kept, unless empty
+}
+
 func execute(t *testing.T, argv ...string) result {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)

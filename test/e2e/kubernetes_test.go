@@ -68,6 +68,7 @@ state = %q
 	os.WriteFile(filepath.Join(c.dir, "config.toml"), []byte(cfg), 0o644)
 	_, cniCache := os.Stat("/var/lib/cni") // libcni caches results there
 	var log bytes.Buffer
+	leaveRunAsFound(t, "/run/containerd")
 	cmd := exec.Command("containerd", "--config", filepath.Join(c.dir, "config.toml"))
 	cmd.Stdout, cmd.Stderr = &log, &log
 	if err := cmd.Start(); err != nil {

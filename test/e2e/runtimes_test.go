@@ -45,6 +45,7 @@ func startDockerd(t *testing.T, n *node) *dockerd {
 	d.cmd = exec.Command("dockerd", "--config-file", filepath.Join(dir, "daemon.json"), "--data-root", filepath.Join(dir, "data"),
 		"--exec-root", filepath.Join(dir, "exec"), "-H", "unix://"+d.sock, "--pidfile", filepath.Join(dir, "docker.pid"))
 	d.cmd.Stdout, d.cmd.Stderr = d.log, d.log
+	leaveRunAsFound(t, "/run/docker", "/run/containerd")
 	if err := d.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -143,6 +144,7 @@ func TestContainerdThroughTheRuntimeWrapper(t *testing.T) {
 		filepath.Join(dir, "root"), filepath.Join(dir, "state"), sock)
 	os.WriteFile(filepath.Join(dir, "config.toml"), []byte(cfg), 0o644)
 	var log bytes.Buffer
+	leaveRunAsFound(t, "/run/containerd")
 	containerd := exec.Command("containerd", "--config", filepath.Join(dir, "config.toml"))
 	// containerd hands its environment to the shim and the runtime.
 	containerd.Env = append(os.Environ(), "CHILDFLOW_SOCKET="+n.socket, "CHILDFLOW_STATE_DIR="+n.state)
@@ -200,8 +202,11 @@ func TestPodmanWithHooksDir(t *testing.T) {
 	root := t.TempDir()
 	rootfs(t, root)
 	// Everything podman keeps in this test's directory: its locks as
-	// files in its tmpdir, not the host's /dev/shm/libpod_lock, and that
-	// tmpdir rather than /run/libpod.
+	// files in its tmpdir, not the host's /dev/shm/libpod_lock, that
+	// tmpdir rather than /run/libpod, and runc's state rather than
+	// /run/runc. (Its cleanup process, started by conmon, still runs
+	// runc delete without the flag, which makes /run/runc.)
+	leaveRunAsFound(t, "/run/runc")
 	conf := filepath.Join(dir, "containers.conf")
 	if err := os.WriteFile(conf, []byte("[engine]\nlock_type = \"file\"\n"), 0o644); err != nil {
 		t.Fatal(err)
@@ -210,7 +215,8 @@ func TestPodmanWithHooksDir(t *testing.T) {
 		// runc: crun trips over this machine's hybrid cgroups. Explicit
 		// ulimits: root here cannot raise them to podman's defaults.
 		args := []string{"CONTAINERS_CONF=" + conf, "podman",
-			"--root", filepath.Join(dir, "root"), "--runroot", filepath.Join(dir, "runroot"), "--tmpdir", filepath.Join(dir, "tmp"), "--storage-driver", "vfs",
+			"--root", filepath.Join(dir, "root"), "--runroot", filepath.Join(dir, "runroot"), "--tmpdir", filepath.Join(dir, "tmp"),
+			"--runtime-flag", "root=" + filepath.Join(dir, "runc"), "--storage-driver", "vfs",
 			"--hooks-dir", hooksDir, "--cgroup-manager", "cgroupfs", "--events-backend", "file", "--runtime", "runc",
 			"run", "--rm", "--network", "none", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"}
 		for k, v := range ann {
