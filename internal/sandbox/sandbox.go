@@ -209,23 +209,24 @@ func (p *process) signal(sig syscall.Signal) error {
 func (p *process) wait() (syscall.WaitStatus, error) {
 	p.once.Do(func() {
 		var info unix.Siginfo
-		for {
-			err := unix.Waitid(unix.P_PID, p.pid, &info, unix.WEXITED|unix.WNOWAIT, nil)
-			if err != unix.EINTR {
-				break
-			}
-		}
+		ignoringEINTR(func() error { return unix.Waitid(unix.P_PID, p.pid, &info, unix.WEXITED|unix.WNOWAIT, nil) })
 		p.mu.Lock()
 		p.exited = true
 		p.mu.Unlock()
-		for {
-			_, p.err = syscall.Wait4(p.pid, &p.status, 0, nil)
-			if p.err != syscall.EINTR {
-				break
-			}
-		}
+		p.err = ignoringEINTR(func() error {
+			_, err := syscall.Wait4(p.pid, &p.status, 0, nil)
+			return err
+		})
 	})
 	return p.status, p.err
+}
+
+func ignoringEINTR(call func() error) error {
+	for {
+		if err := call(); err != unix.EINTR {
+			return err
+		}
+	}
 }
 
 // IsInit reports whether this process is a sandbox init.

@@ -129,7 +129,6 @@ func run(t *testing.T, u as, args ...string) result {
 	return result{out.String(), errb.String(), code}
 }
 
-// execute runs argv, for a minute at most, and collects its result.
 // leaveRunAsFound removes, after the test, the directories under /run
 // that a daemon it starts creates at paths of its own choosing even with
 // the test's root and state (containerd's shim directories, dockerd's
@@ -160,6 +159,7 @@ func removeEmptyTree(dir string) {
 	os.Remove(dir) // refused, and kept, unless empty
 }
 
+// execute runs argv, for a minute at most, and collects its result.
 func execute(t *testing.T, argv ...string) result {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
