@@ -63,11 +63,12 @@ func Create(path string, v View) (*Writer, error) {
 	if err != nil {
 		return nil, err
 	}
-	if _, err := f.Write(header(v)); err != nil {
+	h := header(v) // shorter than a page: the first write rewrites it
+	if _, err := f.Write(h); err != nil {
 		f.Close()
 		return nil, fmt.Errorf("writing pcapng header to %s: %w", path, err)
 	}
-	w := &Writer{file: f, out: blocks{fd: int(f.Fd())}, wake: make(chan struct{}, 1), done: make(chan struct{})}
+	w := &Writer{file: f, out: blocks{fd: int(f.Fd()), end: int64(len(h)), lastPage: h}, wake: make(chan struct{}, 1), done: make(chan struct{})}
 	go w.run()
 	return w, nil
 }
@@ -225,24 +226,38 @@ func header(v View) []byte {
 
 // blocks gathers enhanced packet blocks (pcapng's packet records:
 // little-endian, interface 0, a direction flag) and
-// writes a batch of them with one writev. Headers, trailers and small
+// writes a batch of them with one pwritev. Headers, trailers and small
 // pieces of packets are copied into one scratch buffer; the large pieces
 // are written from the packets' own buffers.
+//
+// Every write starts on a page boundary: the file's incomplete last page
+// is kept and written again ahead of the batch. An uncached write drops
+// its pages once they are on disk, and a later write into the middle of
+// one has the file system read it back first: a synchronous disk read
+// per batch.
 type blocks struct {
-	fd      int
-	iov     [][]byte
-	scratch []byte
-	inTail  bool // the last iov is the scratch buffer's tail
-	held    []buffer.Buffer
-	size    int64 // bytes in the batch
-	cached  bool  // uncached writes were refused
+	fd       int
+	iov      [][]byte
+	scratch  []byte
+	inTail   bool // the last iov is the scratch buffer's tail
+	held     []buffer.Buffer
+	size     int64 // bytes in the batch
+	cached   bool  // uncached writes were refused
+	end      int64 // the file's size
+	lastPage []byte
+	spare    []byte // the next lastPage, gathered while this one is written
 }
 
 const (
-	maxIov       = 1000      // below the kernel's IOV_MAX of 1024
-	maxBatch     = 256 << 10 // larger writes cost the kernel more per byte
-	scratchSize  = 64 << 10
-	copyBelow    = 512 // smaller pieces are copied, not given an iov
+	maxIov      = 1000      // below the kernel's IOV_MAX of 1024
+	maxBatch    = 256 << 10 // larger writes cost the kernel more per byte
+	scratchSize = 64 << 10
+	copyBelow   = 512 // smaller pieces are copied, not given an iov
+	pageSize    = 4096
+	// uncachedFrom is the smallest batch written uncached. Smaller ones,
+	// a tick's trickle, stay cached: the next write may end inside the
+	// same page, which would then have to be read back.
+	uncachedFrom = 64 << 10
 	epbHeaderLen = 28
 	epbTrailMax  = 3 + 12 + 4 // padding, flags option, end of options, block length
 )
@@ -309,27 +324,33 @@ func (b *blocks) copyIn(s []byte) {
 	b.inTail = true
 }
 
-// write writes iov at the file's offset, uncached where the kernel and
-// the file system can (Linux 6.14; older kernels refuse the flag, tmpfs
-// the uncached write).
-func (b *blocks) write(iov [][]byte) (int, error) {
-	if !b.cached {
-		n, err := unix.Pwritev2(b.fd, iov, -1, unix.RWF_DONTCACHE)
+// write writes iov at pos, uncached where the kernel and the file system
+// can (Linux 6.14; older kernels refuse the flag, tmpfs the uncached
+// write).
+func (b *blocks) write(iov [][]byte, pos int64) (int, error) {
+	if !b.cached && b.size >= uncachedFrom {
+		n, err := unix.Pwritev2(b.fd, iov, pos, unix.RWF_DONTCACHE)
 		if err != unix.EOPNOTSUPP && err != unix.EINVAL && err != unix.ENOSYS {
 			return n, err
 		}
 		b.cached = true
 	}
-	return unix.Writev(b.fd, iov)
+	return unix.Pwritev(b.fd, iov, pos)
 }
 
-// flush writes the batch, whole blocks only unless the disk fails, and
-// releases its packets.
+// flush writes the batch after the file's last page, whole blocks only
+// unless the disk fails, and releases its packets.
 func (b *blocks) flush() error {
+	if len(b.iov) == 0 {
+		return nil
+	}
+	iov := append([][]byte{b.lastPage}, b.iov...)
+	pos := b.end - int64(len(b.lastPage))
+	b.end += b.size
+	next := gatherTail(b.spare[:0], iov, int(b.end%pageSize))
 	var err error
-	iov := b.iov
 	for len(iov) > 0 {
-		n, werr := b.write(iov)
+		n, werr := b.write(iov, pos)
 		if werr == unix.EINTR {
 			continue
 		}
@@ -341,6 +362,7 @@ func (b *blocks) flush() error {
 			err = errors.New("short write")
 			break
 		}
+		pos += int64(n)
 		for n > 0 && len(iov) > 0 {
 			if n < len(iov[0]) {
 				iov[0] = iov[0][n:]
@@ -350,10 +372,29 @@ func (b *blocks) flush() error {
 			iov = iov[1:]
 		}
 	}
+	b.lastPage, b.spare = next, b.lastPage
 	for i := range b.held {
 		b.held[i].Release()
 	}
 	clear(b.iov)
 	b.iov, b.held, b.scratch, b.inTail, b.size = b.iov[:0], b.held[:0], b.scratch[:0], false, 0
 	return err
+}
+
+// gatherTail appends the last n bytes of iov to dst.
+func gatherTail(dst []byte, iov [][]byte, n int) []byte {
+	i, skip := len(iov), 0
+	for have := 0; have < n && i > 0; {
+		i--
+		have += len(iov[i])
+		skip = have - n // iov[i]'s bytes before the tail
+	}
+	if i == len(iov) {
+		return dst
+	}
+	dst = append(dst, iov[i][max(skip, 0):]...)
+	for _, v := range iov[i+1:] {
+		dst = append(dst, v...)
+	}
+	return dst
 }

@@ -5,11 +5,15 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/gopacket/gopacket/layers"
 	"github.com/gopacket/gopacket/pcapgo"
+	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/buffer"
 
 	"github.com/childflow/childflow/internal/version"
@@ -127,4 +131,85 @@ func (w *Writer) queuedBytes() int64 {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	return w.bytes
+}
+
+// TestWritesDoNotReadBack writes batches that end inside a page and puts
+// each on disk before the next: an uncached write's pages are gone by
+// then, and a write that began inside one would have the file system
+// read it back first.
+func TestWritesDoNotReadBack(t *testing.T) {
+	runtime.LockOSThread() // the read is counted to the thread
+	defer runtime.UnlockOSThread()
+	path := filepath.Join(t.TempDir(), "c.pcapng")
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	h := header(View{Name: "child", Backend: "rootless", Interface: "cf0"})
+	if _, err := f.Write(h); err != nil {
+		t.Fatal(err)
+	}
+	b := blocks{fd: int(f.Fd()), end: int64(len(h)), lastPage: h}
+	var want [][]byte
+	var read int64 // by the writes; putting them on disk may read metadata
+	for i := range 20 {
+		for b.size < maxBatch-100<<10 {
+			pkt, data := packetOf(byte(i), 60, 32768, 1000+i)
+			b.add(packet{ts: time.Now().UnixNano(), data: pkt})
+			want = append(want, data)
+		}
+		if (b.end+b.size)%pageSize == 0 {
+			t.Fatalf("batch %d ends on a page boundary", i)
+		}
+		before := threadReadBytes(t)
+		if err := b.flush(); err != nil {
+			t.Fatal(err)
+		}
+		read += threadReadBytes(t) - before
+		if err := unix.Fdatasync(b.fd); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if read != 0 {
+		t.Fatalf("the file system read %d bytes back while writing", read)
+	}
+
+	r, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	ng, err := pcapgo.NewNgReader(r, pcapgo.DefaultNgReaderOptions)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; ; i++ {
+		data, _, err := ng.ReadPacketData()
+		if err == io.EOF && i == len(want) {
+			break
+		}
+		if err != nil || !bytes.Equal(data, want[i]) {
+			t.Fatalf("packet %d of %d: %d bytes, %v", i, len(want), len(data), err)
+		}
+	}
+}
+
+// threadReadBytes is what this thread has had read from storage.
+func threadReadBytes(t *testing.T) int64 {
+	io, err := os.ReadFile("/proc/thread-self/io")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for line := range strings.Lines(string(io)) {
+		if v, ok := strings.CutPrefix(line, "read_bytes: "); ok {
+			n, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return n
+		}
+	}
+	t.Fatalf("no read_bytes in /proc/thread-self/io")
+	return 0
 }
