@@ -50,24 +50,29 @@ func Open(name string) (*os.File, error) {
 }
 
 // Configure brings lo and the TUN up, adds the sandbox addresses and
-// default routes for both families via the engine's gateway.
+// default routes for both families via the engine's gateway. All of it
+// goes over one netlink socket: the package's functions open one per
+// request, ten sockets on every sandbox's start.
 func Configure(p netplan.Plan) error {
-	lo, err := netlink.LinkByName("lo")
+	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
 	if err != nil {
-		return fmt.Errorf("finding lo: %w", err)
+		return fmt.Errorf("opening netlink: %w", err)
 	}
-	if err := netlink.LinkSetUp(lo); err != nil {
+	defer h.Close()
+	// A new network namespace registers its loopback first, as index 1.
+	lo := &netlink.Device{LinkAttrs: netlink.LinkAttrs{Name: "lo", Index: 1}}
+	if err := h.LinkSetUp(lo); err != nil {
 		return fmt.Errorf("setting lo up: %w", err)
 	}
-	link, err := netlink.LinkByName(p.Interface)
+	link, err := h.LinkByName(p.Interface)
 	if err != nil {
 		return fmt.Errorf("finding %s: %w", p.Interface, err)
 	}
-	if err := netlink.LinkSetMTU(link, p.MTU); err != nil {
+	if err := h.LinkSetMTU(link, p.MTU); err != nil {
 		return fmt.Errorf("setting mtu %d on %s: %w", p.MTU, p.Interface, err)
 	}
 	// Larger queue: the engine drains in batches; short bursts must not drop.
-	if err := netlink.LinkSetTxQLen(link, 1000); err != nil {
+	if err := h.LinkSetTxQLen(link, 1000); err != nil {
 		return fmt.Errorf("setting txqueuelen on %s: %w", p.Interface, err)
 	}
 	// A runtime may have turned IPv6 off in the namespace (docker does
@@ -83,11 +88,11 @@ func Configure(p netplan.Plan) error {
 	for _, a := range addrs {
 		ipn := &net.IPNet{IP: a.a.AsSlice(), Mask: net.CIDRMask(a.len, a.a.BitLen())}
 		// nodad: the engine never answers DAD probes; waiting would only delay.
-		if err := netlink.AddrAdd(link, &netlink.Addr{IPNet: ipn, Flags: unix.IFA_F_NODAD}); err != nil {
+		if err := h.AddrAdd(link, &netlink.Addr{IPNet: ipn, Flags: unix.IFA_F_NODAD}); err != nil {
 			return fmt.Errorf("adding address %s to %s: %w", ipn, p.Interface, err)
 		}
 	}
-	if err := netlink.LinkSetUp(link); err != nil {
+	if err := h.LinkSetUp(link); err != nil {
 		return fmt.Errorf("setting %s up: %w", p.Interface, err)
 	}
 	for _, gw := range []netip.Addr{p.Gateway4, p.Gateway6} {
@@ -97,7 +102,7 @@ func Configure(p netplan.Plan) error {
 			Dst:       &net.IPNet{IP: make(net.IP, bits/8), Mask: net.CIDRMask(0, bits)},
 			Gw:        gw.AsSlice(),
 		}
-		if err := netlink.RouteAdd(r); err != nil {
+		if err := h.RouteAdd(r); err != nil {
 			return fmt.Errorf("adding default route via %s: %w", gw, err)
 		}
 	}
