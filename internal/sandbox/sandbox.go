@@ -83,6 +83,11 @@ func Start(spec Spec) (sb *Sandbox, err error) {
 		// If childflow dies, even by SIGKILL, init dies, and with it
 		// the PID namespace, the TUN and the network namespace.
 		Pdeathsig: syscall.SIGKILL,
+		// A process group of its own, and so the command's: a signal
+		// to childflow's group (a shell's `kill %1`, a CI runner's
+		// cancel) reaches the command once, forwarded by childflow,
+		// rather than from the kernel and from each forwarder too.
+		Setpgid: true,
 	}
 	if spec.Rootless {
 		uid, gid := os.Getuid(), os.Getgid()

@@ -11,6 +11,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -536,6 +537,42 @@ func TestSignalsAreForwarded(t *testing.T) {
 			if code != 42 {
 				t.Errorf("%v: exit %d (%v), want 42 from the trap", sig, code, err)
 			}
+		}
+	})
+}
+
+// TestProcessGroupSignalArrivesOnce signals childflow's whole process
+// group, as a shell's `kill %1` or a CI runner's cancel does: the command
+// must get the signal once, as it would without childflow, not once
+// from the kernel and again from each forwarder.
+func TestProcessGroupSignalArrivesOnce(t *testing.T) {
+	users(t, func(t *testing.T, u as) {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		// Perl counts each delivery (a shell's traps merge those that
+		// arrive while it waits for a command).
+		cmd := command(ctx, u, "--", "perl", "-e", `$| = 1; $n = 0; $SIG{USR1} = sub { $n++ }; $SIG{TERM} = sub { print "got $n\n"; exit 42 }; print "ready\n"; sleep 1 while 1`)
+		cmd.SysProcAttr.Setpgid = true
+		var out bytes.Buffer
+		pr, pw, _ := os.Pipe()
+		cmd.Stdout = pw
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		pw.Close()
+		buf := make([]byte, 6)
+		pr.Read(buf) // "ready\n"
+		if err := syscall.Kill(-cmd.Process.Pid, syscall.SIGUSR1); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(500 * time.Millisecond) // every copy of it has arrived
+		cmd.Process.Signal(syscall.SIGTERM)
+		done := make(chan struct{})
+		go func() { io.Copy(&out, pr); close(done) }()
+		err := cmd.Wait()
+		<-done
+		if code := cmd.ProcessState.ExitCode(); code != 42 || strings.TrimSpace(out.String()) != "got 1" {
+			t.Fatalf("exit %d (%v), output %q: want 42 and USR1 received once", code, err, out.String())
 		}
 	})
 }
