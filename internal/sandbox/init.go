@@ -34,6 +34,7 @@ func Init() {
 	if err := json.Unmarshal([]byte(raw), &spec); err != nil {
 		fail(fmt.Errorf("decoding sandbox spec: %w", err))
 	}
+	spec.Command = os.Args[1:]
 	if spec.Version != version.Version {
 		exe, _ := os.Executable()
 		fail(fmt.Errorf("%s is version %s but childflow is %s: install both from one build", exe, version.Version, spec.Version))

@@ -27,10 +27,13 @@ const initEnv = "_CHILDFLOW_SANDBOX_INIT"
 
 // Spec is what init needs to build the sandbox.
 type Spec struct {
-	Plan       netplan.Plan `json:"plan"`
-	Command    []string     `json:"command"`
-	ResolvConf string       `json:"resolv_conf"`
-	HostsFile  string       `json:"hosts_file,omitempty"`
+	Plan netplan.Plan `json:"plan"`
+	// Command is init's argv after its name, not part of the JSON: one
+	// environment string holds at most 128 KiB, a command line up to
+	// the whole of ARG_MAX.
+	Command    []string `json:"-"`
+	ResolvConf string   `json:"resolv_conf"`
+	HostsFile  string   `json:"hosts_file,omitempty"`
 	// Rootless: init runs in a new user namespace mapping only the
 	// caller's uid and gid.
 	Rootless bool `json:"rootless"`
@@ -102,7 +105,7 @@ func Start(spec Spec) (sb *Sandbox, err error) {
 	}
 	// syscall.ForkExec rather than os/exec, whose first start in a
 	// process forks a probe process too (~0.25 ms of every run).
-	pid, err := syscall.ForkExec(initPath(), []string{"childflow-init"}, &syscall.ProcAttr{
+	pid, err := syscall.ForkExec(initPath(), append([]string{"childflow-init"}, spec.Command...), &syscall.ProcAttr{
 		Env:   append(os.Environ(), initEnv+"="+string(specJSON)),
 		Files: []uintptr{0, 1, 2, child.Fd()}, // the control socket is ctrlFD
 		Sys:   attr,

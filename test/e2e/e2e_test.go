@@ -541,6 +541,24 @@ func TestSignalsAreForwarded(t *testing.T) {
 	})
 }
 
+// TestLongCommandLine runs a command line of 300 KB, which runs without
+// childflow but is more than one environment string may hold.
+func TestLongCommandLine(t *testing.T) {
+	users(t, func(t *testing.T, u as) {
+		args := []string{"--", "/bin/echo"}
+		want := 0
+		for i := 0; want < 300<<10; i++ {
+			a := fmt.Sprintf("arg-%d", i)
+			args = append(args, a)
+			want += len(a) + 1
+		}
+		r := run(t, u, args...)
+		if r.code != 0 || len(r.stdout) != want || !strings.HasSuffix(r.stdout, args[len(args)-1]+"\n") {
+			t.Fatalf("exit %d, %d bytes of output (want %d), stderr %q", r.code, len(r.stdout), want, r.stderr)
+		}
+	})
+}
+
 // TestProcessGroupSignalArrivesOnce signals childflow's whole process
 // group, as a shell's `kill %1` or a CI runner's cancel does: the command
 // must get the signal once, as it would without childflow, not once
