@@ -35,6 +35,9 @@ func Init() {
 		fail(fmt.Errorf("decoding sandbox spec: %w", err))
 	}
 	spec.Command = os.Args[1:]
+	if spec.CallerFD3 > 0 {
+		unix.CloseOnExec(spec.CallerFD3) // the command gets it as fd 3 only
+	}
 	if spec.Version != version.Version {
 		exe, _ := os.Executable()
 		fail(fmt.Errorf("%s is version %s but childflow is %s: install both from one build", exe, version.Version, spec.Version))
@@ -206,7 +209,11 @@ func runCommand(spec Spec, path string, sigs chan os.Signal) int {
 	}
 	// syscall.ForkExec rather than os/exec: the command's start is on
 	// every run's path, and os/exec first forks a probe process.
-	pid, err := syscall.ForkExec(path, spec.Command, &syscall.ProcAttr{Env: os.Environ(), Files: []uintptr{0, 1, 2}, Sys: attr})
+	files := []uintptr{0, 1, 2}
+	if spec.CallerFD3 > 0 {
+		files = append(files, uintptr(spec.CallerFD3))
+	}
+	pid, err := syscall.ForkExec(path, spec.Command, &syscall.ProcAttr{Env: os.Environ(), Files: files, Sys: attr})
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "childflow: %s: %v\n", spec.Command[0], err)
 		return 126

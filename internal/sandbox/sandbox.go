@@ -46,6 +46,10 @@ type Spec struct {
 	// Version is the parent's: a childflow-init from another build may
 	// not read this spec the same way, so it refuses.
 	Version string `json:"version"`
+	// CallerFD3 is where init finds the fd 3 childflow was given, if
+	// any, to hand to the command as its fd 3 (init's own fd 3 is the
+	// control socket).
+	CallerFD3 int `json:"caller_fd3,omitempty"`
 }
 
 // Sandbox is the parent's handle on a started sandbox.
@@ -77,6 +81,18 @@ func Start(spec Spec) (sb *Sandbox, err error) {
 		}
 	}()
 	spec.Version = version.Version
+	// The command sees the fds childflow was given, as under env or
+	// timeout (a shell's 3>file, make's jobserver): those from 4 up are
+	// not close-on-exec, unlike childflow's own, and pass through init
+	// as they are; fd 3 goes aside, to a number init inherits.
+	if flags, err := unix.FcntlInt(3, unix.F_GETFD, 0); err == nil && flags&unix.FD_CLOEXEC == 0 {
+		aside, err := unix.FcntlInt(3, unix.F_DUPFD, 4)
+		if err != nil {
+			return nil, fmt.Errorf("passing on fd 3: %w", err)
+		}
+		defer unix.Close(aside)
+		spec.CallerFD3 = aside
+	}
 	specJSON, err := json.Marshal(spec)
 	if err != nil {
 		return nil, err

@@ -17,10 +17,13 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 const testnet = "cfe2e"
@@ -555,6 +558,51 @@ func TestLongCommandLine(t *testing.T) {
 		r := run(t, u, args...)
 		if r.code != 0 || len(r.stdout) != want || !strings.HasSuffix(r.stdout, args[len(args)-1]+"\n") {
 			t.Fatalf("exit %d, %d bytes of output (want %d), stderr %q", r.code, len(r.stdout), want, r.stderr)
+		}
+	})
+}
+
+// TestCallerFDsReachTheCommand gives childflow fds 3 and 4, as a shell's
+// 3>file or make's jobserver does: the command has them, as under env.
+func TestCallerFDsReachTheCommand(t *testing.T) {
+	users(t, func(t *testing.T, u as) {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		cmd := command(ctx, u, "--", "sh", "-c", "echo three >&3; echo four >&4; ls /proc/self/fd")
+		var readers []*os.File
+		for range 2 {
+			r, w, err := os.Pipe()
+			if err != nil {
+				t.Fatal(err)
+			}
+			readers = append(readers, r)
+			cmd.ExtraFiles = append(cmd.ExtraFiles, w)
+		}
+		out, err := cmd.Output()
+		for _, w := range cmd.ExtraFiles {
+			w.Close()
+		}
+		if err != nil {
+			t.Fatalf("%v: %s", err, out)
+		}
+		for i, want := range []string{"three\n", "four\n"} {
+			got, _ := io.ReadAll(readers[i])
+			readers[i].Close()
+			if string(got) != want {
+				t.Errorf("fd %d: got %q, want %q", 3+i, got, want)
+			}
+		}
+		// Besides 3, 4 and what this test was itself given, only ls's
+		// own directory: nothing of childflow's or init's.
+		var extra []string
+		for _, fd := range strings.Fields(string(out)) {
+			n, _ := strconv.Atoi(fd)
+			if flags, err := unix.FcntlInt(uintptr(n), unix.F_GETFD, 0); n > 4 && (err != nil || flags&unix.FD_CLOEXEC != 0) {
+				extra = append(extra, fd)
+			}
+		}
+		if len(extra) > 1 {
+			t.Errorf("the command has fds %v besides those it was given", extra)
 		}
 	})
 }
