@@ -3,7 +3,6 @@ package cli
 import (
 	"io"
 	"net"
-	"os"
 	"path/filepath"
 	"strings"
 
@@ -30,7 +29,7 @@ type captures struct {
 	dropped uint64
 }
 
-func openCaptures(path, point string, root bool) (c *captures, err error) {
+func openCaptures(path, point string, root, privileged bool) (c *captures, err error) {
 	c = &captures{}
 	if err := checkChoice("capture-point", point, "child", "egress", "wire-egress", "both"); err != nil {
 		return c, err
@@ -43,7 +42,7 @@ func openCaptures(path, point string, root bool) (c *captures, err error) {
 			c.close(io.Discard)
 		}
 	}()
-	if point != "child" && os.Geteuid() != 0 {
+	if point != "child" && !privileged {
 		return c, policy.Usagef("--capture-point %s captures on the host's interfaces and needs root (run with sudo, or use child)", point)
 	}
 	childPath, hostPath, hostView := path, path, point

@@ -165,9 +165,13 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if err := checkChoice("summary-format", o.summaryFormat, "text", "json"); err != nil {
 		return usageError(stderr, err)
 	}
+	// Root without CAP_SYS_ADMIN and CAP_NET_ADMIN (the command of
+	// another childflow, a restricted container) builds its sandbox as
+	// any user does, in a user namespace.
+	privileged := doctor.Privileged()
 	if o.root {
-		if os.Geteuid() != 0 {
-			return usageError(stderr, policy.Usagef("--root needs root: run childflow --root through sudo (the command still runs as you)"))
+		if !privileged {
+			return usageError(stderr, policy.Usagef("--root needs root with CAP_SYS_ADMIN and CAP_NET_ADMIN: run childflow --root through sudo (the command still runs as you)"))
 		}
 		if o.capture != "" && o.capturePoint != "child" {
 			return usageError(stderr, policy.Usagef("invalid --capture-point %q with --root: only child is supported (the host end of the sandbox's veth)", o.capturePoint))
@@ -175,7 +179,7 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	} else if o.iface != "" {
 		return usageError(stderr, policy.Usagef("invalid --iface %q: needs --root", o.iface))
 	}
-	rootless := os.Geteuid() != 0
+	rootless := !privileged
 	var plan netplan.Plan
 	var rootNet *rootful.Sandbox
 	if o.root {
@@ -204,7 +208,7 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			return exitFailure
 		}
 	}
-	captures, err := openCaptures(o.capture, o.capturePoint, o.root)
+	captures, err := openCaptures(o.capture, o.capturePoint, o.root, privileged)
 	if err != nil {
 		var u *policy.UsageError
 		if errors.As(err, &u) {

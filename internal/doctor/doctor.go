@@ -45,17 +45,39 @@ type Host struct {
 	Resolv  string // /etc/resolv.conf
 	Euid    int
 	Egid    int
+	CapEff  uint64 // the effective capabilities
 	LookBin func(string) (string, error)
 }
 
 // Local is this machine.
 func Local() Host {
-	return Host{Proc: "/proc", DevTun: "/dev/net/tun", Resolv: "/etc/resolv.conf", Euid: os.Geteuid(), Egid: os.Getegid(), LookBin: exec.LookPath}
+	return Host{Proc: "/proc", DevTun: "/dev/net/tun", Resolv: "/etc/resolv.conf", Euid: os.Geteuid(), Egid: os.Getegid(), CapEff: effectiveCaps(), LookBin: exec.LookPath}
+}
+
+// Privileged reports whether this process builds a sandbox's namespaces
+// without a user namespace of its own: root holding CAP_SYS_ADMIN and
+// CAP_NET_ADMIN. Root without them (the command of another childflow, a
+// restricted container) is treated as any other user.
+func Privileged() bool { return Local().privileged() }
+
+func (h Host) privileged() bool {
+	return h.Euid == 0 && h.has(unix.CAP_SYS_ADMIN) && h.has(unix.CAP_NET_ADMIN)
+}
+
+func (h Host) has(capability int) bool { return h.CapEff&(1<<capability) != 0 }
+
+func effectiveCaps() uint64 {
+	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+	var data [2]unix.CapUserData
+	if unix.Capget(&hdr, &data[0]) != nil {
+		return 0
+	}
+	return uint64(data[1].Effective)<<32 | uint64(data[0].Effective)
 }
 
 // Run performs every check.
 func (h Host) Run() Report {
-	r := Report{Rootless: h.Euid != 0}
+	r := Report{Rootless: !h.privileged()}
 	r.Checks = []Check{h.userns(), h.tun(), h.resolvers(), h.ping(), h.uidmap(), h.nftables(), h.caps(), h.cgroups()}
 	r.Overall = "ready"
 	for _, c := range r.Checks {
@@ -96,9 +118,17 @@ func (h Host) readInt(path string) (int, bool) {
 }
 
 func (h Host) userns() Check {
-	c := Check{Name: "user namespaces", Required: h.Euid != 0, Status: Available}
-	if h.Euid == 0 {
+	c := Check{Name: "user namespaces", Required: !h.privileged(), Status: Available}
+	if h.privileged() {
 		c.Detail = "not needed: running as root"
+		return c
+	}
+	// Since Linux 5.12 a user namespace that maps root needs CAP_SETFCAP
+	// in its parent: without it root has no way to build a sandbox.
+	if h.Euid == 0 && !h.has(unix.CAP_SETFCAP) {
+		c.Status = Unavailable
+		c.Detail = "root without CAP_SYS_ADMIN and CAP_NET_ADMIN needs a user namespace, and mapping root into one needs CAP_SETFCAP (inside another childflow sandbox, or a container that dropped them)"
+		c.Fix = "run childflow as an ordinary user, or as root with its capabilities"
 		return c
 	}
 	if n, ok := h.readInt("/sys/user/max_user_namespaces"); ok && n == 0 {
@@ -131,7 +161,7 @@ func (h Host) tun() Check {
 		return c
 	}
 	mode := st.Mode & 0o777
-	if h.Euid != 0 && unix.Access(h.DevTun, unix.R_OK|unix.W_OK) != nil {
+	if !h.privileged() && unix.Access(h.DevTun, unix.R_OK|unix.W_OK) != nil {
 		c.Status = Unavailable
 		c.Detail = fmt.Sprintf("%s is mode %04o owned by uid %d: this user (uid %d) cannot open it", h.DevTun, mode, st.Uid, h.Euid)
 		c.Fix = "sudo chmod 0666 /dev/net/tun (the mode most distributions ship), or run childflow as root"
@@ -171,7 +201,7 @@ func (h Host) resolvers() Check {
 
 func (h Host) ping() Check {
 	c := Check{Name: "ICMP echo relay", Status: Available}
-	if h.Euid == 0 {
+	if h.privileged() {
 		c.Detail = "raw ICMP sockets (root)"
 		return c
 	}
@@ -201,34 +231,18 @@ func (h Host) uidmap() Check {
 
 func (h Host) nftables() Check {
 	c := Check{Name: "nftables", Status: Available, Detail: "only the --root backend uses nftables"}
-	if h.Euid != 0 {
+	if !h.privileged() {
 		c.Status, c.Detail, c.Fix = Limited, "--root needs root privileges (nftables over netlink)", "run --root through sudo"
 	}
 	return c
 }
 
 func (h Host) caps() Check {
-	c := Check{Name: "capabilities", Status: Available}
-	b, _ := os.ReadFile(h.Proc + "/self/status")
-	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, "CapEff:"); ok {
-			c.Detail = "effective " + strings.TrimSpace(v)
-		}
-	}
-	if h.Euid == 0 && !hasCap(b, unix.CAP_NET_ADMIN) {
-		c.Status, c.Fix = Limited, "root without CAP_NET_ADMIN: run outside a restricted container"
+	c := Check{Name: "capabilities", Status: Available, Detail: fmt.Sprintf("effective %016x", h.CapEff)}
+	if h.Euid == 0 && !h.privileged() {
+		c.Status, c.Fix = Limited, "root without CAP_SYS_ADMIN and CAP_NET_ADMIN gets the rootless backend and no --root: run outside a restricted container for them"
 	}
 	return c
-}
-
-func hasCap(status []byte, cp int) bool {
-	for _, line := range strings.Split(string(status), "\n") {
-		if v, ok := strings.CutPrefix(line, "CapEff:"); ok {
-			n, err := strconv.ParseUint(strings.TrimSpace(v), 16, 64)
-			return err == nil && n&(1<<cp) != 0
-		}
-	}
-	return false
 }
 
 func (h Host) cgroups() Check {

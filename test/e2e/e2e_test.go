@@ -607,6 +607,26 @@ func TestCallerFDsReachTheCommand(t *testing.T) {
 	})
 }
 
+// TestNestedSandbox runs childflow inside childflow, as a CI job wrapped
+// in childflow whose build uses it again. As an ordinary user the inner
+// sandbox works through the outer one; root inside a sandbox has no
+// capabilities, and mapping root into a user namespace needs
+// CAP_SETFCAP, so it is refused with that reason in one line.
+func TestNestedSandbox(t *testing.T) {
+	users(t, func(t *testing.T, u as) {
+		r := sh(t, u, nil, bin+` -- curl -sS -m5 -o /dev/null -w '%{http_code}' http://web.test/`)
+		if u == rootless {
+			if r.code != 0 || r.stdout != "200" {
+				t.Fatalf("nested: %v", r)
+			}
+			return
+		}
+		if r.code != 1 || !strings.Contains(r.stderr, "CAP_SETFCAP") || strings.Count(strings.TrimSpace(r.stderr), "\n") != 0 {
+			t.Fatalf("nested as root: want exit 1 and one line naming CAP_SETFCAP: %v", r)
+		}
+	})
+}
+
 // TestProcessGroupSignalArrivesOnce signals childflow's whole process
 // group, as a shell's `kill %1` or a CI runner's cancel does: the command
 // must get the signal once, as it would without childflow, not once
