@@ -18,7 +18,6 @@ import (
 
 	"github.com/spf13/pflag"
 	"golang.org/x/sys/unix"
-	"golang.org/x/term"
 
 	"github.com/childflow/childflow/engine"
 	"github.com/childflow/childflow/engine/api"
@@ -257,6 +256,7 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGQUIT, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGWINCH)
 		close(signalsRegistered)
 	}()
+	foreground := inForeground()
 	sb, err := sandbox.Start(sandbox.Spec{
 		Plan:       plan,
 		Command:    command,
@@ -264,6 +264,7 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		HostsFile:  o.hostsFile,
 		Rootless:   rootless,
 		RunAs:      sudoUser(),
+		Foreground: foreground,
 		Veth:       o.root,
 	})
 	if err != nil {
@@ -323,7 +324,9 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return exitFailure
 	}
 	code := sb.Wait()
-	reclaimTerminal()
+	if foreground {
+		reclaimTerminal()
+	}
 	stop()
 	captures.close(stderr)
 	if captures.dropped > 0 {
@@ -414,12 +417,17 @@ func readableRegular(path string) bool {
 	return err == nil && st.Mode().IsRegular()
 }
 
+// inForeground reports whether stdin is a terminal whose foreground
+// process group is childflow's: a job started with & is not, and must
+// not take the terminal from the shell.
+func inForeground() bool {
+	pgrp, err := unix.IoctlGetInt(0, unix.TIOCGPGRP)
+	return err == nil && pgrp == unix.Getpgrp()
+}
+
 // reclaimTerminal makes childflow's process group the terminal's
 // foreground group again after the command had it.
 func reclaimTerminal() {
-	if !term.IsTerminal(0) {
-		return
-	}
 	signal.Ignore(syscall.SIGTTOU)
 	defer signal.Reset(syscall.SIGTTOU)
 	unix.IoctlSetPointerInt(0, unix.TIOCSPGRP, unix.Getpgrp())

@@ -13,7 +13,6 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
-	"golang.org/x/term"
 
 	"github.com/childflow/childflow/internal/fdpass"
 	"github.com/childflow/childflow/internal/netplan"
@@ -201,7 +200,7 @@ func prepareCommand(spec Spec) (start func() int) {
 // thread, forwards sigs to it and returns its exit code once it exits.
 func runCommand(spec Spec, path string, sigs chan os.Signal) int {
 	attr := &syscall.SysProcAttr{}
-	if term.IsTerminal(0) {
+	if spec.Foreground {
 		// Own foreground process group: ^C and ^Z reach the command only,
 		// and job-control shells work.
 		attr.Foreground = true

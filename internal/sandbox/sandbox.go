@@ -40,6 +40,10 @@ type Spec struct {
 	// RunAs, when set (root started through sudo), is the user the
 	// command runs as: [uid, gid].
 	RunAs []int `json:"run_as,omitempty"`
+	// Foreground: childflow's process group has the terminal on stdin
+	// in the foreground, so the command takes it (its own group, ^C
+	// and ^Z reach it alone). A background childflow leaves it be.
+	Foreground bool `json:"foreground,omitempty"`
 	// Veth: no TUN; the rootful backend moves a veth end into the
 	// namespace and configures it from outside.
 	Veth bool `json:"veth,omitempty"`

@@ -627,6 +627,49 @@ func TestNestedSandbox(t *testing.T) {
 	})
 }
 
+// TestTerminalForegroundOnlyInTheForeground runs childflow on a pty
+// (script): in the foreground the command takes the terminal, so ^C
+// reaches it; started with & from an interactive shell it leaves the
+// terminal to the shell, as a background job does without childflow.
+func TestTerminalForegroundOnlyInTheForeground(t *testing.T) {
+	users(t, func(t *testing.T, u as) {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		// Builtins only while the job runs: an external command would
+		// be given the terminal by the shell itself.
+		cmd := command(ctx, u, "")
+		cmd.Path, cmd.Args = "/usr/bin/script", []string{"script", "-qfec", `bash -i -c '` + bin + ` -- sleep 2 & read -t 1 < /dev/zero; read -r l < /proc/$$/stat; set -- $l; echo "shell $5 terminal $8"; wait'`, "/dev/null"}
+		out, err := cmd.Output()
+		m := regexp.MustCompile(`shell (\d+) terminal (\d+)`).FindStringSubmatch(string(out))
+		if err != nil || m == nil || m[1] != m[2] {
+			t.Fatalf("a background childflow took the terminal from the shell (%v): %q", err, out)
+		}
+
+		cmd = command(ctx, u, "")
+		cmd.Path, cmd.Args = "/usr/bin/script", []string{"script", "-qfec", bin + ` -- sh -c 'trap "echo got-INT; exit 7" INT; echo ready; sleep 10'`, "/dev/null"}
+		in, _ := cmd.StdinPipe()
+		stdout, _ := cmd.StdoutPipe()
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		var seen []byte
+		buf := make([]byte, 256)
+		for !bytes.Contains(seen, []byte("ready")) {
+			n, err := stdout.Read(buf)
+			if err != nil {
+				t.Fatalf("before ready: %v: %q", err, seen)
+			}
+			seen = append(seen, buf[:n]...)
+		}
+		in.Write([]byte{3}) // ^C, typed at the terminal
+		rest, _ := io.ReadAll(stdout)
+		cmd.Wait()
+		if code := cmd.ProcessState.ExitCode(); code != 7 || !bytes.Contains(rest, []byte("got-INT")) {
+			t.Fatalf("^C in the foreground: exit %d, output %q", code, append(seen, rest...))
+		}
+	})
+}
+
 // TestProcessGroupSignalArrivesOnce signals childflow's whole process
 // group, as a shell's `kill %1` or a CI runner's cancel does: the command
 // must get the signal once, as it would without childflow, not once
