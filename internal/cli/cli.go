@@ -248,15 +248,15 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	}
 
 	// Each signal registered is a round trip to the runtime's signal
-	// thread, and there are seven: done while init starts. Never
+	// thread, and there are eight: done while init starts. Never
 	// unregistered: childflow exits when the command does.
 	sigs := make(chan os.Signal, 16)
 	signalsRegistered := make(chan struct{})
 	go func() {
-		signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGQUIT, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGWINCH)
+		signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGQUIT, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGWINCH, syscall.SIGCONT)
 		close(signalsRegistered)
 	}()
-	foreground := inForeground()
+	foreground := sandbox.InForeground()
 	sb, err := sandbox.Start(sandbox.Spec{
 		Plan:       plan,
 		Command:    command,
@@ -324,7 +324,7 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return exitFailure
 	}
 	code := sb.Wait()
-	if foreground {
+	if sb.CommandHasTerminal() {
 		reclaimTerminal()
 	}
 	stop()
@@ -415,14 +415,6 @@ func readableRegular(path string) bool {
 	defer f.Close()
 	st, err := f.Stat()
 	return err == nil && st.Mode().IsRegular()
-}
-
-// inForeground reports whether stdin is a terminal whose foreground
-// process group is childflow's: a job started with & is not, and must
-// not take the terminal from the shell.
-func inForeground() bool {
-	pgrp, err := unix.IoctlGetInt(0, unix.TIOCGPGRP)
-	return err == nil && pgrp == unix.Getpgrp()
 }
 
 // reclaimTerminal makes childflow's process group the terminal's

@@ -222,21 +222,58 @@ func runCommand(spec Spec, path string, sigs chan os.Signal) int {
 			unix.Kill(pid, s.(syscall.Signal))
 		}
 	}()
+	go followResumes(pid, spec.Foreground)
 	// As PID 1, init reaps every orphan; the command's status is ours.
+	// A stop of the command is childflow's to follow (Sandbox.followStops).
 	for {
 		var ws unix.WaitStatus
-		reaped, err := unix.Wait4(-1, &ws, 0, nil)
+		reaped, err := unix.Wait4(-1, &ws, unix.WUNTRACED, nil)
 		if err == unix.EINTR {
 			continue
 		}
 		if err != nil {
 			return 125
 		}
-		if reaped == pid {
-			if ws.Signaled() {
-				return 128 + int(ws.Signal())
-			}
+		switch {
+		case reaped != pid:
+		case ws.Stopped():
+			fdpass.Send(ctrlFD, fmt.Appendf(nil, stoppedMsg, int(ws.StopSignal())))
+		case ws.Signaled():
+			return 128 + int(ws.Signal())
+		default:
 			return ws.ExitStatus()
+		}
+	}
+}
+
+// followResumes continues the stopped command when childflow is
+// continued: with the terminal handed to it first, in the foreground;
+// otherwise left to the shell, so a read of it stops the command again,
+// as it stops a background job.
+func followResumes(pid int, foreground bool) {
+	// The command leads its own group when it started in the terminal's
+	// foreground; otherwise it shares init's (every process here).
+	group, everyone := pid, -pid
+	if !foreground {
+		group, everyone = unix.Getpgrp(), -1
+	}
+	// Init's own group is in the background: setting the terminal's
+	// foreground group would stop it.
+	signal.Ignore(syscall.SIGTTOU)
+	for {
+		msg, _, err := fdpass.Recv(ctrlFD, 16, 0)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			return
+		}
+		switch string(msg) {
+		case contFgMsg:
+			unix.IoctlSetPointerInt(0, unix.TIOCSPGRP, group)
+			unix.Kill(everyone, syscall.SIGCONT)
+		case contBgMsg:
+			unix.Kill(everyone, syscall.SIGCONT)
 		}
 	}
 }

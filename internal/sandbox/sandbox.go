@@ -8,10 +8,12 @@ package sandbox
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -60,6 +62,13 @@ type Spec struct {
 type Sandbox struct {
 	initProc *process
 	ctrl     *os.File
+	// resume: the command was stopped and childflow stopped itself in
+	// turn (followStops); the next SIGCONT continues the command.
+	resume    atomic.Bool
+	stopsDone chan struct{}
+	// terminal: the command has the terminal's foreground, given by init
+	// at the start (Spec.Foreground) or on fg, lost when it stops or on bg.
+	terminal atomic.Bool
 	// TUN is the sandbox's cf0 queue, for the engine (nil with Spec.Veth).
 	TUN *os.File
 	// SocketDiag is a sock_diag socket inside the sandbox (nil if init
@@ -135,6 +144,7 @@ func Start(spec Spec) (sb *Sandbox, err error) {
 	}
 	proc := &process{pid: pid}
 	sb = &Sandbox{initProc: proc, ctrl: parent}
+	sb.terminal.Store(spec.Foreground)
 	defer func() {
 		if err != nil {
 			proc.signal(syscall.SIGKILL)
@@ -183,16 +193,73 @@ func (sb *Sandbox) Run() error {
 	if err := fdpass.Send(int(sb.ctrl.Fd()), []byte("go")); err != nil {
 		return fmt.Errorf("starting the command: %w", err)
 	}
+	sb.stopsDone = make(chan struct{})
+	go sb.followStops()
 	return nil
 }
 
-// Signal forwards sig to the command (through init).
+// Messages between init and childflow once the command runs: init says
+// the command stopped (and with which signal), childflow says continue
+// it, in the terminal's foreground or not.
+const (
+	stoppedMsg = "stopped %d"
+	contFgMsg  = "cont fg"
+	contBgMsg  = "cont bg"
+)
+
+// followStops stops childflow with the signal that stopped the command
+// (^Z, SIGSTOP, a background read of the terminal), so that a
+// job-control shell sees its job stop and takes the terminal back, as it
+// would with the command run directly. It returns when init exits.
+func (sb *Sandbox) followStops() {
+	defer close(sb.stopsDone)
+	for {
+		msg, _, err := fdpass.Recv(int(sb.ctrl.Fd()), 32, 0)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			return
+		}
+		var sig int
+		if _, err := fmt.Sscanf(string(msg), stoppedMsg, &sig); err == nil {
+			sb.terminal.Store(false) // the shell takes it back
+			sb.resume.Store(true)
+			unix.Kill(unix.Getpid(), syscall.Signal(sig))
+		}
+	}
+}
+
+// Signal forwards sig to the command (through init). The SIGCONT that
+// continues childflow after the command stopped continues the command,
+// handing it the terminal again when childflow has it (fg, not bg).
 func (sb *Sandbox) Signal(sig os.Signal) error {
 	s, ok := sig.(syscall.Signal)
 	if !ok {
 		return fmt.Errorf("cannot forward %v", sig)
 	}
+	if s == syscall.SIGCONT && sb.resume.Swap(false) {
+		fg := InForeground()
+		sb.terminal.Store(fg)
+		msg := contBgMsg
+		if fg {
+			msg = contFgMsg
+		}
+		return fdpass.Send(int(sb.ctrl.Fd()), []byte(msg))
+	}
 	return sb.initProc.signal(s)
+}
+
+// CommandHasTerminal reports whether the command was last given the
+// terminal's foreground, which childflow then takes back when it ends.
+func (sb *Sandbox) CommandHasTerminal() bool { return sb.terminal.Load() }
+
+// InForeground reports whether stdin is a terminal whose foreground
+// process group is childflow's: a job started with & is not, and must
+// not take the terminal from the shell.
+func InForeground() bool {
+	pgrp, err := unix.IoctlGetInt(0, unix.TIOCGPGRP)
+	return err == nil && pgrp == unix.Getpgrp()
 }
 
 // Kill kills the whole sandbox.
@@ -202,6 +269,9 @@ func (sb *Sandbox) Kill() { sb.initProc.signal(syscall.SIGKILL) }
 // killed by signal N.
 func (sb *Sandbox) Wait() int {
 	ws, err := sb.initProc.wait()
+	if sb.stopsDone != nil {
+		<-sb.stopsDone // init's end of ctrl closed with it
+	}
 	sb.ctrl.Close()
 	if err != nil {
 		return 127

@@ -670,6 +670,69 @@ func TestTerminalForegroundOnlyInTheForeground(t *testing.T) {
 	})
 }
 
+// TestJobControl drives an interactive bash on a pty (script) as a user
+// would: ^Z stops a sandboxed command and gives the prompt back, fg
+// resumes it with the terminal, bg lets it run behind the prompt, and a
+// background job that reads the terminal stops until fg, all as with
+// the command run directly.
+func TestJobControl(t *testing.T) {
+	users(t, func(t *testing.T, u as) {
+		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+		defer cancel()
+		cmd := command(ctx, u, "")
+		cmd.Path, cmd.Args = "/usr/bin/script", []string{"script", "-qfec", "bash --norc -i", "/dev/null"}
+		in, _ := cmd.StdinPipe()
+		out, _ := cmd.StdoutPipe()
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		defer cmd.Wait()
+		defer in.Close()
+		var seen []byte
+		expect := func(marker string) {
+			t.Helper()
+			buf := make([]byte, 512)
+			for !bytes.Contains(seen, []byte(marker)) {
+				n, err := out.Read(buf)
+				if err != nil {
+					t.Fatalf("waiting for %q: %v; the terminal showed:\n%s", marker, err, seen)
+				}
+				seen = append(seen, buf[:n]...)
+			}
+			seen = seen[bytes.Index(seen, []byte(marker))+len(marker):]
+		}
+		send := func(s string) { in.Write([]byte(s)) }
+
+		// Markers are computed, so the echo of the typed line never matches.
+		send(bin + " -- sh -c 'echo start$((1+1)); read x; echo got-$x'\n")
+		expect("start2")
+		send("\x1a") // ^Z
+		expect("Stopped")
+		send("echo back$((2+2))\n")
+		expect("back4")
+		send("fg\n")
+		send("abc\n")
+		expect("got-abc")
+
+		send(bin + " -- sh -c 'echo start$((2+1)); sleep 1; echo slept$((3+3))'\n")
+		expect("start3")
+		send("\x1a")
+		expect("Stopped")
+		send("bg\n")
+		send("echo free$((4+4))\n") // the prompt is the shell's while the job runs
+		expect("free8")
+		expect("slept6")
+
+		send(bin + " -- sh -c 'read y; echo bgread-$y' &\n")
+		send("sleep 1; jobs\n")
+		expect("Stopped")
+		send("fg\n")
+		send("xyz\n")
+		expect("bgread-xyz")
+		send("exit\n")
+	})
+}
+
 // TestProcessGroupSignalArrivesOnce signals childflow's whole process
 // group, as a shell's `kill %1` or a CI runner's cancel does: the command
 // must get the signal once, as it would without childflow, not once
