@@ -629,8 +629,8 @@ func TestNestedSandbox(t *testing.T) {
 
 // TestTerminalForegroundOnlyInTheForeground runs childflow on a pty
 // (script): in the foreground the command takes the terminal, so ^C
-// reaches it; started with & from an interactive shell it leaves the
-// terminal to the shell, as a background job does without childflow.
+// reaches it; started with & from an interactive shell, or in a session
+// of its own, it leaves the terminal alone, as a command run directly.
 func TestTerminalForegroundOnlyInTheForeground(t *testing.T) {
 	users(t, func(t *testing.T, u as) {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -643,6 +643,14 @@ func TestTerminalForegroundOnlyInTheForeground(t *testing.T) {
 		m := regexp.MustCompile(`shell (\d+) terminal (\d+)`).FindStringSubmatch(string(out))
 		if err != nil || m == nil || m[1] != m[2] {
 			t.Fatalf("a background childflow took the terminal from the shell (%v): %q", err, out)
+		}
+
+		// In a session of its own the terminal on stdin is not
+		// childflow's to hand over (it failed with "inappropriate ioctl").
+		cmd = command(ctx, u, "")
+		cmd.Path, cmd.Args = "/usr/bin/script", []string{"script", "-qfec", "setsid -w " + bin + ` -- sh -c 'exit 3'`, "/dev/null"}
+		if out, _ := cmd.Output(); cmd.ProcessState.ExitCode() != 3 {
+			t.Fatalf("setsid childflow on a terminal: exit %d, %q", cmd.ProcessState.ExitCode(), out)
 		}
 
 		cmd = command(ctx, u, "")
