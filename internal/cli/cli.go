@@ -167,7 +167,8 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	// Root without CAP_SYS_ADMIN and CAP_NET_ADMIN (the command of
 	// another childflow, a restricted container) builds its sandbox as
 	// any user does, in a user namespace.
-	privileged := doctor.Privileged()
+	host := doctor.Local()
+	privileged := host.Privileged()
 	if o.root {
 		if !privileged {
 			return usageError(stderr, policy.Usagef("--root needs root with CAP_SYS_ADMIN and CAP_NET_ADMIN: run childflow --root through sudo (the command still runs as you)"))
@@ -198,7 +199,7 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		defer rootNet.Close()
 		plan = rootNet.Plan
 	} else {
-		if err := doctor.Local().Preflight(); err != nil {
+		if err := host.Preflight(); err != nil {
 			fmt.Fprintf(stderr, "childflow: %v\n", err)
 			return exitFailure
 		}
@@ -256,7 +257,6 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGQUIT, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGWINCH, syscall.SIGCONT)
 		close(signalsRegistered)
 	}()
-	foreground := sandbox.InForeground()
 	sb, err := sandbox.Start(sandbox.Spec{
 		Plan:       plan,
 		Command:    command,
@@ -264,7 +264,7 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		HostsFile:  o.hostsFile,
 		Rootless:   rootless,
 		RunAs:      sudoUser(),
-		Foreground: foreground,
+		Foreground: sandbox.InForeground(),
 		Veth:       o.root,
 	})
 	if err != nil {

@@ -58,9 +58,7 @@ func Local() Host {
 // without a user namespace of its own: root holding CAP_SYS_ADMIN and
 // CAP_NET_ADMIN. Root without them (the command of another childflow, a
 // restricted container) is treated as any other user.
-func Privileged() bool { return Local().privileged() }
-
-func (h Host) privileged() bool {
+func (h Host) Privileged() bool {
 	return h.Euid == 0 && h.has(unix.CAP_SYS_ADMIN) && h.has(unix.CAP_NET_ADMIN)
 }
 
@@ -77,7 +75,7 @@ func effectiveCaps() uint64 {
 
 // Run performs every check.
 func (h Host) Run() Report {
-	r := Report{Rootless: !h.privileged()}
+	r := Report{Rootless: !h.Privileged()}
 	r.Checks = []Check{h.userns(), h.tun(), h.resolvers(), h.ping(), h.uidmap(), h.nftables(), h.caps(), h.cgroups()}
 	r.Overall = "ready"
 	for _, c := range r.Checks {
@@ -118,8 +116,8 @@ func (h Host) readInt(path string) (int, bool) {
 }
 
 func (h Host) userns() Check {
-	c := Check{Name: "user namespaces", Required: !h.privileged(), Status: Available}
-	if h.privileged() {
+	c := Check{Name: "user namespaces", Required: !h.Privileged(), Status: Available}
+	if h.Privileged() {
 		c.Detail = "not needed: running as root"
 		return c
 	}
@@ -161,7 +159,7 @@ func (h Host) tun() Check {
 		return c
 	}
 	mode := st.Mode & 0o777
-	if !h.privileged() && unix.Access(h.DevTun, unix.R_OK|unix.W_OK) != nil {
+	if !h.Privileged() && unix.Access(h.DevTun, unix.R_OK|unix.W_OK) != nil {
 		c.Status = Unavailable
 		c.Detail = fmt.Sprintf("%s is mode %04o owned by uid %d: this user (uid %d) cannot open it", h.DevTun, mode, st.Uid, h.Euid)
 		c.Fix = "sudo chmod 0666 /dev/net/tun (the mode most distributions ship), or run childflow as root"
@@ -201,7 +199,7 @@ func (h Host) resolvers() Check {
 
 func (h Host) ping() Check {
 	c := Check{Name: "ICMP echo relay", Status: Available}
-	if h.privileged() {
+	if h.Privileged() {
 		c.Detail = "raw ICMP sockets (root)"
 		return c
 	}
@@ -231,7 +229,7 @@ func (h Host) uidmap() Check {
 
 func (h Host) nftables() Check {
 	c := Check{Name: "nftables", Status: Available, Detail: "only the --root backend uses nftables"}
-	if !h.privileged() {
+	if !h.Privileged() {
 		c.Status, c.Detail, c.Fix = Limited, "--root needs root privileges (nftables over netlink)", "run --root through sudo"
 	}
 	return c
@@ -239,7 +237,7 @@ func (h Host) nftables() Check {
 
 func (h Host) caps() Check {
 	c := Check{Name: "capabilities", Status: Available, Detail: fmt.Sprintf("effective %016x", h.CapEff)}
-	if h.Euid == 0 && !h.privileged() {
+	if h.Euid == 0 && !h.Privileged() {
 		c.Status, c.Fix = Limited, "root without CAP_SYS_ADMIN and CAP_NET_ADMIN gets the rootless backend and no --root: run outside a restricted container for them"
 	}
 	return c

@@ -24,12 +24,15 @@ func Send(sock int, msg []byte, fds ...int) error {
 	return nil
 }
 
-// Recv reads one message and the fds attached to it. Received fds are
-// close-on-exec.
+// Recv reads one message and the fds attached to it, again when a
+// signal interrupts the wait. Received fds are close-on-exec.
 func Recv(sock int, maxMsg, maxFDs int) (msg []byte, files []*os.File, err error) {
 	buf := make([]byte, maxMsg)
 	oob := make([]byte, Space(maxFDs))
 	n, oobn, _, _, err := unix.Recvmsg(sock, buf, oob, unix.MSG_CMSG_CLOEXEC)
+	for err == unix.EINTR {
+		n, oobn, _, _, err = unix.Recvmsg(sock, buf, oob, unix.MSG_CMSG_CLOEXEC)
+	}
 	if err != nil {
 		return nil, nil, fmt.Errorf("recvmsg: %w", err)
 	}

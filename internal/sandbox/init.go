@@ -262,9 +262,6 @@ func followResumes(pid int, foreground bool) {
 	signal.Ignore(syscall.SIGTTOU)
 	for {
 		msg, _, err := fdpass.Recv(ctrlFD, 16, 0)
-		if errors.Is(err, unix.EINTR) {
-			continue
-		}
 		if err != nil {
 			return
 		}

@@ -8,7 +8,6 @@ package sandbox
 
 import (
 	"encoding/json"
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -215,9 +214,6 @@ func (sb *Sandbox) followStops() {
 	defer close(sb.stopsDone)
 	for {
 		msg, _, err := fdpass.Recv(int(sb.ctrl.Fd()), 32, 0)
-		if errors.Is(err, unix.EINTR) {
-			continue
-		}
 		if err != nil {
 			return
 		}

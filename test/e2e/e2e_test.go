@@ -200,6 +200,14 @@ func users(t *testing.T, f func(t *testing.T, u as)) {
 	}
 }
 
+// onPty runs the shell command line on a pseudo-terminal of its own
+// (util-linux script), as u.
+func onPty(ctx context.Context, u as, line string) *exec.Cmd {
+	cmd := command(ctx, u)
+	cmd.Path, cmd.Args = "/usr/bin/script", []string{"script", "-qfec", line, "/dev/null"}
+	return cmd
+}
+
 func TestRealClientsReachTheTestnet(t *testing.T) {
 	users(t, func(t *testing.T, u as) {
 		r := sh(t, u, nil, `set -e
@@ -637,8 +645,7 @@ func TestTerminalForegroundOnlyInTheForeground(t *testing.T) {
 		defer cancel()
 		// Builtins only while the job runs: an external command would
 		// be given the terminal by the shell itself.
-		cmd := command(ctx, u, "")
-		cmd.Path, cmd.Args = "/usr/bin/script", []string{"script", "-qfec", `bash -i -c '` + bin + ` -- sleep 2 & read -t 1 < /dev/zero; read -r l < /proc/$$/stat; set -- $l; echo "shell $5 terminal $8"; wait'`, "/dev/null"}
+		cmd := onPty(ctx, u, `bash -i -c '`+bin+` -- sleep 2 & read -t 1 < /dev/zero; read -r l < /proc/$$/stat; set -- $l; echo "shell $5 terminal $8"; wait'`)
 		out, err := cmd.Output()
 		m := regexp.MustCompile(`shell (\d+) terminal (\d+)`).FindStringSubmatch(string(out))
 		if err != nil || m == nil || m[1] != m[2] {
@@ -647,14 +654,12 @@ func TestTerminalForegroundOnlyInTheForeground(t *testing.T) {
 
 		// In a session of its own the terminal on stdin is not
 		// childflow's to hand over (it failed with "inappropriate ioctl").
-		cmd = command(ctx, u, "")
-		cmd.Path, cmd.Args = "/usr/bin/script", []string{"script", "-qfec", "setsid -w " + bin + ` -- sh -c 'exit 3'`, "/dev/null"}
+		cmd = onPty(ctx, u, "setsid -w "+bin+` -- sh -c 'exit 3'`)
 		if out, _ := cmd.Output(); cmd.ProcessState.ExitCode() != 3 {
 			t.Fatalf("setsid childflow on a terminal: exit %d, %q", cmd.ProcessState.ExitCode(), out)
 		}
 
-		cmd = command(ctx, u, "")
-		cmd.Path, cmd.Args = "/usr/bin/script", []string{"script", "-qfec", bin + ` -- sh -c 'trap "echo got-INT; exit 7" INT; echo ready; sleep 10'`, "/dev/null"}
+		cmd = onPty(ctx, u, bin+` -- sh -c 'trap "echo got-INT; exit 7" INT; echo ready; sleep 10'`)
 		in, _ := cmd.StdinPipe()
 		stdout, _ := cmd.StdoutPipe()
 		if err := cmd.Start(); err != nil {
@@ -687,8 +692,7 @@ func TestJobControl(t *testing.T) {
 	users(t, func(t *testing.T, u as) {
 		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 		defer cancel()
-		cmd := command(ctx, u, "")
-		cmd.Path, cmd.Args = "/usr/bin/script", []string{"script", "-qfec", "bash --norc -i", "/dev/null"}
+		cmd := onPty(ctx, u, "bash --norc -i")
 		in, _ := cmd.StdinPipe()
 		out, _ := cmd.StdoutPipe()
 		if err := cmd.Start(); err != nil {
