@@ -84,12 +84,14 @@ type Engine struct {
 
 	ctx    context.Context
 	cancel context.CancelFunc
-	wg     sync.WaitGroup
-	flows  chan struct{} // semaphore of open flows
-	dnsSem chan struct{} // semaphore of queries waiting for upstream
+	wg     sync.WaitGroup // the engine's goroutines and its flows
+	flows  chan struct{}  // semaphore of open flows
+	dnsSem chan struct{}  // semaphore of queries waiting for upstream
 
 	events    flowlog.Emitter
 	closeOnce sync.Once
+	closeMu   sync.RWMutex
+	closing   bool // no new flows: Close waits for those there are
 
 	echoMu sync.Mutex
 	echoes map[echoKey]*echoFlow // ping sessions
@@ -193,6 +195,9 @@ func (e *Engine) goServe(serve func(), stop func() error) {
 // Close stops the stack; open flows are cut.
 func (e *Engine) Close() error {
 	e.closeOnce.Do(func() {
+		e.closeMu.Lock()
+		e.closing = true
+		e.closeMu.Unlock()
 		if e.cancel != nil {
 			e.cancel()
 		}
@@ -238,10 +243,19 @@ func (e *Engine) admit(proto policy.Proto, src, dst netip.AddrPort, viaProxy boo
 	return e.events.Attempt(ev, d), d.Allow
 }
 
-// acquire reserves a flow slot; false when the sandbox has too many flows.
+// acquire reserves a flow slot; false when the sandbox has too many
+// flows or the engine is closing. Close waits for every slot's release,
+// so no flow logs an event after Close returns (the flow log and the
+// summary are closed then).
 func (e *Engine) acquire() bool {
+	e.closeMu.RLock()
+	defer e.closeMu.RUnlock()
+	if e.closing {
+		return false
+	}
 	select {
 	case e.flows <- struct{}{}:
+		e.wg.Add(1)
 		return true
 	default:
 		e.fail("flows", fmt.Sprintf("the sandbox holds %d flows, the engine's limit: new ones are refused until some end", cap(e.flows)))
@@ -258,7 +272,10 @@ func (e *Engine) fail(kind, msg string) {
 	}
 }
 
-func (e *Engine) release() { <-e.flows }
+func (e *Engine) release() {
+	<-e.flows
+	e.wg.Done()
+}
 
 // upstreamAddr is where an allowed flow is really sent: the canonical
 // address, with the gateway standing for the host's loopback.

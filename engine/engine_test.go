@@ -143,7 +143,9 @@ func newSandboxWith(t *testing.T, p *policy.Policy, mod func(*Config), dnsUpstre
 	}
 	s.SetRouteTable([]tcpip.Route{{Destination: header.IPv4EmptySubnet, NIC: 1}, {Destination: header.IPv6EmptySubnet, NIC: 1}})
 	sb.s = s
-	t.Cleanup(func() { s.Close(); s.Wait(); client.Close() })
+	// The link stops first: gVisor's Wait waits for its reader while
+	// holding the stack's lock, which a packet being delivered needs.
+	t.Cleanup(func() { ep.Attach(nil); s.Close(); s.Wait(); client.Close() })
 	return sb
 }
 
@@ -373,6 +375,71 @@ func TestUDPRelayAndDenial(t *testing.T) {
 	}
 	if v := denied.eng.Violations(); v != 1 {
 		t.Fatalf("%d violations for one denied flow of 5 datagrams, want 1", v)
+	}
+}
+
+// TestCloseEndsOpenFlows: flows still open when the engine closes end
+// (flow_end) before Close returns, and nothing is logged after: the
+// flow log and the summary are closed then.
+func TestCloseEndsOpenFlows(t *testing.T) {
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	go func() {
+		buf := make([]byte, 2048)
+		for {
+			n, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			pc.WriteTo(buf[:n], from)
+		}
+	}()
+	udpSrv := remote(netip.MustParseAddrPort(pc.LocalAddr().String()))
+	tcpSrv := remote(echoServer(t, "tcp", "127.0.0.1:0"))
+	var closed atomic.Bool
+	var late atomic.Int32
+	events := &eventLog{}
+	sb := newSandboxWith(t, allowAll, func(c *Config) {
+		c.UDPIdleTimeout = time.Minute
+		c.OnEvent = func(ev flowlog.Event) {
+			if closed.Load() {
+				late.Add(1)
+			}
+			events.add(ev)
+		}
+	})
+	// Many flows: a race between their ends and Close's return is lost
+	// by some of them.
+	const flows = 20
+	var conns []net.Conn
+	for range flows {
+		conns = append(conns, sb.dialUDP(t, udpSrv))
+		tc, err := sb.dial(t, tcpSrv)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer tc.Close()
+		conns = append(conns, tc)
+	}
+	buf := make([]byte, 16)
+	for _, c := range conns {
+		c.Write([]byte("open"))
+		c.SetReadDeadline(time.Now().Add(3 * time.Second))
+		if _, err := io.ReadFull(c, buf[:4]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sb.eng.Close()
+	closed.Store(true)
+	if n := events.count(flowlog.FlowEnd); n != 2*flows {
+		t.Errorf("%d flow_end events when Close returned, want %d", n, 2*flows)
+	}
+	time.Sleep(200 * time.Millisecond)
+	if n := late.Load(); n > 0 {
+		t.Fatalf("%d events logged after Close returned", n)
 	}
 }
 

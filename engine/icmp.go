@@ -38,9 +38,7 @@ func (e *Engine) handleEcho(req netstack.EchoRequest, reply func()) {
 	if !e.acquire() {
 		return
 	}
-	e.wg.Add(1)
 	go func() {
-		defer e.wg.Done()
 		defer e.release()
 		f := e.echoFlow(req)
 		if f == nil {
@@ -116,7 +114,6 @@ func (e *Engine) echoFlow(req netstack.EchoRequest) *echoFlow {
 		e.echoes = make(map[echoKey]*echoFlow)
 	}
 	e.echoes[key] = f
-	e.wg.Add(1)
 	f.idle = e.afterIdle(func() { e.endEcho(key, f) })
 	return f
 }
@@ -162,7 +159,6 @@ func (e *Engine) maybeEndLocked(f *echoFlow) {
 		e.events.End(f.ev, f.up, f.down, time.Since(f.start).Milliseconds())
 	}
 	e.release()
-	e.wg.Done()
 }
 
 // ping sends one echo request from the host with hops as its TTL (hop

@@ -256,8 +256,12 @@ func (ns *Stack) ListenUDP(addr netip.AddrPort) (net.PacketConn, error) {
 	return gonet.DialUDP(ns.s, &fa, nil, protoOf(addr.Addr()))
 }
 
-// Close tears the stack down and waits for its goroutines.
+// Close tears the stack down and waits for its goroutines. The link
+// stops reading first: gVisor's Wait waits for the link's reader while
+// holding the stack's lock, which a packet being delivered then needs.
 func (ns *Stack) Close() {
+	ns.link.Attach(nil)
+	ns.link.Wait()
 	ns.s.Close()
 	ns.s.Wait()
 }
