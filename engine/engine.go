@@ -12,9 +12,12 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"strings"
 	"sync"
+	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/buffer"
 
 	"github.com/childflow/childflow/engine/dns"
@@ -42,7 +45,8 @@ type Config struct {
 	// Proxy, if set, carries every TCP flow; nothing falls back to a
 	// direct connection when it fails.
 	Proxy *proxy.Proxy
-	// Dial opens upstream connections. Nil: a net.Dialer.
+	// Dial opens upstream connections. Nil: a net.Dialer whose UDP
+	// sockets refuse broadcast addresses.
 	Dial func(ctx context.Context, network, address string) (net.Conn, error)
 	// Capture, if set, is given every IP packet on the sandbox's link (the
 	// child view), sharing the relay's buffers; it owns packet and must
@@ -117,7 +121,7 @@ func New(cfg Config) (*Engine, error) {
 		// No keepalive probes upstream (four setsockopts per connection):
 		// like a socket the sandbox opened itself, which has none unless
 		// it asks, and that setting stays with the engine's stack.
-		cfg.Dial = upstream.Dialer(&net.Dialer{KeepAlive: -1}).DialContext
+		cfg.Dial = upstream.Dialer(&net.Dialer{KeepAlive: -1, Control: refuseBroadcast}).DialContext
 	}
 	e := &Engine{cfg: cfg, flows: make(chan struct{}, cfg.MaxFlows), dnsSem: make(chan struct{}, cfg.MaxDNSInFlight)}
 	e.policy = withHostAddrs(cfg.Policy, cfg.Plan)
@@ -134,8 +138,9 @@ func setDefault[T comparable](v *T, def T) {
 	}
 }
 
-// withHostAddrs returns a copy of p that also guards the gateway and every
-// address of the host: reaching them is reaching the host itself.
+// withHostAddrs returns a copy of p that also guards the gateway, every
+// address of the host and the broadcast address of each of its IPv4
+// networks: reaching them is reaching the host itself.
 func withHostAddrs(p *policy.Policy, plan netplan.Plan) *policy.Policy {
 	cp := *p
 	cp.HostAddrs = append([]netip.Prefix(nil), p.HostAddrs...)
@@ -146,11 +151,49 @@ func withHostAddrs(p *policy.Policy, plan netplan.Plan) *policy.Policy {
 				if ip, ok := netip.AddrFromSlice(ipn.IP); ok {
 					ip = ip.Unmap()
 					cp.HostAddrs = append(cp.HostAddrs, netip.PrefixFrom(ip, ip.BitLen()))
+					if b, ok := broadcastOf(ip, ipn.Mask); ok {
+						cp.HostAddrs = append(cp.HostAddrs, netip.PrefixFrom(b, 32))
+					}
 				}
 			}
 		}
 	}
 	return &cp
+}
+
+// broadcastOf is the broadcast address of ip's IPv4 network, which has
+// one unless it is a /31 or /32.
+func broadcastOf(ip netip.Addr, mask net.IPMask) (netip.Addr, bool) {
+	ones, bits := mask.Size()
+	if !ip.Is4() || bits != 32 || ones > 30 {
+		return netip.Addr{}, false
+	}
+	b := ip.As4()
+	for i := range b {
+		b[i] |= ^mask[i]
+	}
+	return netip.AddrFrom4(b), true
+}
+
+// refuseBroadcast takes back the SO_BROADCAST Go's net package gives
+// every UDP socket: a broadcast reaches the host's own sockets as well as
+// its network's, and the kernel then refuses every broadcast address,
+// those the policy was not told of included.
+func refuseBroadcast(network, _ string, c syscall.RawConn) error {
+	if !strings.HasPrefix(network, "udp") {
+		return nil
+	}
+	return noBroadcast(c)
+}
+
+func noBroadcast(c syscall.RawConn) error {
+	var err error
+	if cerr := c.Control(func(fd uintptr) {
+		err = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_BROADCAST, 0)
+	}); cerr != nil {
+		return cerr
+	}
+	return err
 }
 
 // Start brings the stack up on the link and serves DNS on the gateway.

@@ -301,14 +301,15 @@ func listenRaw(v6 bool, hops uint8) (net.PacketConn, error) {
 	if v6 {
 		network = "ip6:ipv6-icmp"
 	}
-	conn, err := icmp.ListenPacket(network, "")
+	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error { return noBroadcast(c) }}
+	conn, err := lc.ListenPacket(context.Background(), network, "")
 	if err != nil {
 		return nil, err
 	}
 	if v6 {
-		err = conn.IPv6PacketConn().SetHopLimit(int(hops))
+		err = ipv6.NewPacketConn(conn).SetHopLimit(int(hops))
 	} else {
-		err = conn.IPv4PacketConn().SetTTL(int(hops))
+		err = ipv4.NewPacketConn(conn).SetTTL(int(hops))
 	}
 	if err != nil {
 		conn.Close()

@@ -105,11 +105,14 @@ var MetadataAddrs = mustPrefixes(
 	"fd20:ce::254/128",   // GCP IPv6
 )
 
-// hostRanges are never reachable from a sandbox unless an allow-cidr rule
+// HostRanges are never reachable from a sandbox unless an allow-cidr rule
 // names them: the host's loopback and the unspecified addresses, which
-// the host's kernel delivers to loopback. (Link-local metadata services
-// are --block-metadata's.)
-var hostRanges = mustPrefixes("127.0.0.0/8", "::1/128", "0.0.0.0/32", "::/128")
+// the host's kernel delivers to loopback, and broadcast and multicast,
+// which it delivers to its own listeners too. (Link-local metadata
+// services are --block-metadata's; the broadcast address of each of the
+// host's networks is among its HostAddrs.)
+var HostRanges = mustPrefixes("127.0.0.0/8", "::1/128", "0.0.0.0/32", "::/128",
+	"255.255.255.255/32", "224.0.0.0/4", "ff00::/8")
 
 func firstMatch(prefixes []netip.Prefix, addrs []netip.Addr) (netip.Prefix, bool) {
 	for _, p := range prefixes {

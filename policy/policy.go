@@ -146,7 +146,7 @@ func (p *Policy) decide(addrs []netip.Addr, names []string) Decision {
 	}
 	// The host is reachable only through an explicit allow-cidr; a domain
 	// rule must not open it (DNS rebinding to 127.0.0.1 or the host).
-	for _, host := range [][]netip.Prefix{hostRanges, p.HostAddrs} {
+	for _, host := range [][]netip.Prefix{HostRanges, p.HostAddrs} {
 		if m, ok := firstMatch(host, addrs); ok {
 			return denyCIDR(ReasonHost, m)
 		}

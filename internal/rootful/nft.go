@@ -195,6 +195,11 @@ func installTable(s tableSpec) error {
 
 	n.rule(input, nftexpr.Cat(fromSandbox, nftexpr.Established(), []expr.Any{accept})...)
 	n.rule(input, nftexpr.Cat(fromSandbox, nftexpr.NeighbourDiscovery(), []expr.Any{accept})...)
+	// The sandbox's kernel reports its multicast groups (MLD): the host
+	// routes no multicast to it, and these are no flows of the command's.
+	for _, mld := range []byte{131, 132, 143} { // v1 report, done, v2 report
+		n.rule(input, nftexpr.Cat(fromSandbox, nftexpr.ICMPv6Type(mld), []expr.Any{drop})...)
+	}
 	for _, gw := range []netip.Addr{s.plan.Gateway4, s.plan.Gateway6} {
 		for _, proto := range []byte{unix.IPPROTO_UDP, unix.IPPROTO_TCP} {
 			n.rule(input, nftexpr.Cat(fromSandbox, nftexpr.Daddr(gw), nftexpr.L4(proto), nftexpr.Dport(53), []expr.Any{accept})...)
@@ -251,12 +256,15 @@ func installTable(s tableSpec) error {
 	}
 	n.rule(pol, &expr.Verdict{Kind: expr.VerdictGoto, Chain: after.Name})
 
-	// The host is reachable only through an allow-cidr rule.
-	n.rule(after, nftexpr.Cat([]expr.Any{
-		&expr.Fib{Register: 1, FlagDADDR: true, ResultADDRTYPE: true},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(unix.RTN_LOCAL)},
-	}, deny(policy.ReasonHost))...)
-	for _, h := range hostRanges {
+	// The host is reachable only through an allow-cidr rule: its own
+	// addresses, and its networks' broadcast addresses, which it hears too.
+	for _, typ := range []uint32{unix.RTN_LOCAL, unix.RTN_BROADCAST} {
+		n.rule(after, nftexpr.Cat([]expr.Any{
+			&expr.Fib{Register: 1, FlagDADDR: true, ResultADDRTYPE: true},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(typ)},
+		}, deny(policy.ReasonHost))...)
+	}
+	for _, h := range policy.HostRanges {
 		n.rule(after, nftexpr.Cat(nftexpr.DaddrIn(h), deny(policy.ReasonHost))...)
 	}
 	for _, is6 := range []bool{false, true} {

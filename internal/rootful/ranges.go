@@ -115,9 +115,3 @@ func narrower(a, b netip.Prefix) netip.Prefix {
 	}
 	return b
 }
-
-// hostRanges mirror policy's: loopback and the unspecified addresses.
-var hostRanges = []netip.Prefix{
-	netip.MustParsePrefix("127.0.0.0/8"), netip.MustParsePrefix("0.0.0.0/32"),
-	netip.MustParsePrefix("::1/128"), netip.MustParsePrefix("::/128"),
-}

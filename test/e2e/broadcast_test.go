@@ -1,0 +1,157 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"bytes"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// A host and its network, in namespaces of their own: broadcasts from a
+// sandbox must not leave the test's own hosts whatever goes wrong. The
+// host listens on every address, as a host's UDP services do.
+const (
+	bcastHost = "cfbc-host"
+	bcastLAN  = "cfbc-lan"
+)
+
+func bcastNet(t *testing.T) {
+	t.Helper()
+	down := func() {
+		exec.Command("ip", "netns", "del", bcastHost).Run()
+		exec.Command("ip", "netns", "del", bcastLAN).Run()
+	}
+	down()
+	t.Cleanup(down)
+	for _, args := range [][]string{
+		{"netns", "add", bcastHost}, {"netns", "add", bcastLAN},
+		{"link", "add", "cfbc-h", "netns", bcastHost, "type", "veth", "peer", "name", "cfbc-l", "netns", bcastLAN},
+		{"-n", bcastHost, "addr", "add", "10.99.0.1/24", "brd", "10.99.0.255", "dev", "cfbc-h"},
+		{"-n", bcastLAN, "addr", "add", "10.99.0.2/24", "brd", "10.99.0.255", "dev", "cfbc-l"},
+		{"-n", bcastHost, "addr", "add", "fd99::1/64", "dev", "cfbc-h", "nodad"},
+		{"-n", bcastLAN, "addr", "add", "fd99::2/64", "dev", "cfbc-l", "nodad"},
+		{"-n", bcastHost, "link", "set", "lo", "up"}, {"-n", bcastHost, "link", "set", "cfbc-h", "up"},
+		{"-n", bcastLAN, "link", "set", "lo", "up"}, {"-n", bcastLAN, "link", "set", "cfbc-l", "up"},
+		{"-n", bcastHost, "route", "add", "default", "via", "10.99.0.2"},
+		{"-n", bcastHost, "-6", "route", "add", "default", "via", "fd99::2"},
+	} {
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+	}
+}
+
+// listener is a UDP socket in a namespace, printing what it receives.
+type listener struct {
+	cmd *exec.Cmd
+	mu  sync.Mutex
+	out bytes.Buffer
+}
+
+func (l *listener) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.out.Write(p)
+}
+
+func (l *listener) got() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.out.String()
+}
+
+func listen(t *testing.T, ns, port, address string) *listener {
+	t.Helper()
+	l := &listener{cmd: exec.Command("ip", "netns", "exec", ns, "socat", "-u", address, "-")}
+	l.cmd.Stdout = l
+	if err := l.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.cmd.Process.Kill(); l.cmd.Wait() })
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		out, _ := exec.Command("ip", "netns", "exec", ns, "ss", "-Hluan", "sport = :"+port).Output()
+		if len(bytes.TrimSpace(out)) > 0 {
+			return l
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no listener on %s port %s", ns, port)
+		}
+	}
+}
+
+// TestBroadcastReachesNeitherHostNorNetwork: a UDP broadcast, limited or
+// to the host's network, and a multicast are delivered by the host's
+// kernel to its own sockets as well as the network's; from a sandbox
+// they reach neither, while unicast to the network still does.
+func TestBroadcastReachesNeitherHostNorNetwork(t *testing.T) {
+	requireRoot(t)
+	bcastNet(t)
+	for _, backend := range []struct {
+		name  string
+		u     as
+		flags []string
+	}{{"root", root, nil}, {"rootless", rootless, nil}, {"--root", root, rootArgs}} {
+		t.Run(backend.name, func(t *testing.T) {
+			if backend.u == rootless {
+				withTunOpen(t)
+			}
+			var host, lan []*listener
+			for _, ns := range []string{bcastHost, bcastLAN} {
+				ls := []*listener{
+					listen(t, ns, "9999", "UDP4-RECV:9999"),
+					listen(t, ns, "9998", "UDP4-RECV:9998,ip-add-membership=239.1.2.3:"+map[string]string{bcastHost: "cfbc-h", bcastLAN: "cfbc-l"}[ns]),
+					listen(t, ns, "9997", "UDP6-RECV:9997,ipv6-join-group=[ff05::1:3]:"+map[string]string{bcastHost: "cfbc-h", bcastLAN: "cfbc-l"}[ns]),
+				}
+				if ns == bcastHost {
+					host = ls
+				} else {
+					lan = ls
+				}
+			}
+			log := filepath.Join(logDir(t), "flows.jsonl")
+			args := append([]string{"ip", "netns", "exec", bcastHost, "setpriv", "--reuid", strconv.Itoa(int(backend.u)), "--regid", strconv.Itoa(int(backend.u)), "--clear-groups",
+				bin, "--flow-log", log}, backend.flags...)
+			send := func(what, to string) string {
+				return "echo " + what + " | socat -u - " + to + ",broadcast; "
+			}
+			r := execute(t, append(args, "--", "sh", "-c",
+				send("limited", "UDP4-DATAGRAM:255.255.255.255:9999")+
+					send("directed", "UDP4-DATAGRAM:10.99.0.255:9999")+
+					send("host", "UDP4-DATAGRAM:10.99.0.1:9999")+
+					send("multicast4", "UDP4-DATAGRAM:239.1.2.3:9998")+
+					send("multicast6", "UDP6-DATAGRAM:[ff05::1:3]:9997")+
+					send("unicast4", "UDP4-DATAGRAM:10.99.0.2:9999")+
+					send("unicast6", "UDP6-DATAGRAM:[fd99::2]:9997")+"exit 5")...)
+			if r.code != 5 {
+				t.Fatalf("childflow in %s: %s", bcastHost, r)
+			}
+			// The unicast datagrams went last: once they arrive, anything
+			// else sent would have too.
+			for deadline := time.Now().Add(5 * time.Second); lan[0].got() == "" || lan[2].got() == ""; time.Sleep(20 * time.Millisecond) {
+				if time.Now().After(deadline) {
+					t.Fatalf("unicast did not reach the network: %q, %q", lan[0].got(), lan[2].got())
+				}
+			}
+			time.Sleep(200 * time.Millisecond)
+			for i, want := range []string{"unicast4\n", "", "unicast6\n"} {
+				if got := lan[i].got(); got != want {
+					t.Errorf("the network's listener %d got %q, want %q", i, got, want)
+				}
+				if got := host[i].got(); got != "" {
+					t.Errorf("the host's listener %d got %q", i, got)
+				}
+			}
+			for _, dst := range []string{"255.255.255.255:9999", "10.99.0.255:9999", "10.99.0.1:9999"} {
+				if !hasEvent(readFlowLog(t, log), map[string]any{"event": "policy_violation", "dst": dst, "reason_code": "host_address", "control": "host"}) {
+					t.Errorf("no host_address violation for %s in the flow log", dst)
+				}
+			}
+		})
+	}
+}
