@@ -12,12 +12,10 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"strings"
 	"sync"
-	"syscall"
+	"sync/atomic"
 	"time"
 
-	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/buffer"
 
 	"github.com/childflow/childflow/engine/dns"
@@ -80,7 +78,7 @@ type Config struct {
 // Engine relays one sandbox.
 type Engine struct {
 	cfg      Config
-	policy   *policy.Policy
+	policy   atomic.Pointer[policy.Policy] // with the host's addresses of the moment
 	cache    dns.Cache
 	resolver *dns.Resolver
 	stack    *netstack.Stack
@@ -124,10 +122,10 @@ func New(cfg Config) (*Engine, error) {
 		cfg.Dial = upstream.Dialer(&net.Dialer{KeepAlive: -1, Control: refuseBroadcast}).DialContext
 	}
 	e := &Engine{cfg: cfg, flows: make(chan struct{}, cfg.MaxFlows), dnsSem: make(chan struct{}, cfg.MaxDNSInFlight)}
-	e.policy = withHostAddrs(cfg.Policy, cfg.Plan)
+	e.policy.Store(cfg.Policy) // and the host's addresses, from Start on
 	e.events.Sandbox, e.events.OnEvent = cfg.ID, cfg.OnEvent
 	e.owners = &procnet.Finder{InitPID: cfg.SandboxPID, Diag: cfg.SocketDiag}
-	e.resolver = &dns.Resolver{Upstreams: cfg.DNS, Policy: e.policy, Cache: &e.cache, OnQuery: func(q dns.Query) { q.Log(&e.events) }, OnUpstream: cfg.OnUpstream}
+	e.resolver = &dns.Resolver{Upstreams: cfg.DNS, Policy: cfg.Policy, Cache: &e.cache, OnQuery: func(q dns.Query) { q.Log(&e.events) }, OnUpstream: cfg.OnUpstream}
 	return e, nil
 }
 
@@ -138,67 +136,13 @@ func setDefault[T comparable](v *T, def T) {
 	}
 }
 
-// withHostAddrs returns a copy of p that also guards the gateway, every
-// address of the host and the broadcast address of each of its IPv4
-// networks: reaching them is reaching the host itself.
-func withHostAddrs(p *policy.Policy, plan netplan.Plan) *policy.Policy {
-	cp := *p
-	cp.HostAddrs = append([]netip.Prefix(nil), p.HostAddrs...)
-	cp.HostAddrs = append(cp.HostAddrs, netip.PrefixFrom(plan.Gateway4, 32), netip.PrefixFrom(plan.Gateway6, 128))
-	if addrs, err := net.InterfaceAddrs(); err == nil {
-		for _, a := range addrs {
-			if ipn, ok := a.(*net.IPNet); ok {
-				if ip, ok := netip.AddrFromSlice(ipn.IP); ok {
-					ip = ip.Unmap()
-					cp.HostAddrs = append(cp.HostAddrs, netip.PrefixFrom(ip, ip.BitLen()))
-					if b, ok := broadcastOf(ip, ipn.Mask); ok {
-						cp.HostAddrs = append(cp.HostAddrs, netip.PrefixFrom(b, 32))
-					}
-				}
-			}
-		}
-	}
-	return &cp
-}
-
-// broadcastOf is the broadcast address of ip's IPv4 network, which has
-// one unless it is a /31 or /32.
-func broadcastOf(ip netip.Addr, mask net.IPMask) (netip.Addr, bool) {
-	ones, bits := mask.Size()
-	if !ip.Is4() || bits != 32 || ones > 30 {
-		return netip.Addr{}, false
-	}
-	b := ip.As4()
-	for i := range b {
-		b[i] |= ^mask[i]
-	}
-	return netip.AddrFrom4(b), true
-}
-
-// refuseBroadcast takes back the SO_BROADCAST Go's net package gives
-// every UDP socket: a broadcast reaches the host's own sockets as well as
-// its network's, and the kernel then refuses every broadcast address,
-// those the policy was not told of included.
-func refuseBroadcast(network, _ string, c syscall.RawConn) error {
-	if !strings.HasPrefix(network, "udp") {
-		return nil
-	}
-	return noBroadcast(c)
-}
-
-func noBroadcast(c syscall.RawConn) error {
-	var err error
-	if cerr := c.Control(func(fd uintptr) {
-		err = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_BROADCAST, 0)
-	}); cerr != nil {
-		return cerr
-	}
-	return err
-}
-
 // Start brings the stack up on the link and serves DNS on the gateway.
 func (e *Engine) Start(ctx context.Context) error {
 	e.ctx, e.cancel = context.WithCancel(ctx)
+	if err := e.followHostAddrs(); err != nil {
+		e.cancel()
+		return err
+	}
 	var err error
 	e.stack, err = netstack.New(int(e.cfg.Link.Fd()), netstack.Config{
 		Plan:        e.cfg.Plan,
@@ -279,7 +223,7 @@ func (e *Engine) admit(proto policy.Proto, src, dst netip.AddrPort, viaProxy boo
 			ev.PID, ev.Comm = o.PID, o.Comm
 		}
 	}
-	d := e.policy.Decide(policy.Flow{Proto: proto, Dst: dst, Names: names, ViaProxy: viaProxy})
+	d := e.policy.Load().Decide(policy.Flow{Proto: proto, Dst: dst, Names: names, ViaProxy: viaProxy})
 	if dst.Port() == policy.PortDoT && proto != policy.ICMP {
 		d = policy.DNSBypass
 	}

@@ -4,6 +4,8 @@ package e2e
 
 import (
 	"bytes"
+	"fmt"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
@@ -13,9 +15,10 @@ import (
 	"time"
 )
 
-// A host and its network, in namespaces of their own: broadcasts from a
-// sandbox must not leave the test's own hosts whatever goes wrong. The
-// host listens on every address, as a host's UDP services do.
+// A host and its network, in namespaces of their own: what the sandbox
+// sends to reach the host must not leave the test's own hosts whatever
+// goes wrong. The host listens on every address, as a host's UDP services
+// do.
 const (
 	bcastHost = "cfbc-host"
 	bcastLAN  = "cfbc-lan"
@@ -85,6 +88,21 @@ func listen(t *testing.T, ns, port, address string) *listener {
 	}
 }
 
+// backends are the ways childflow runs in the host's namespace: as root
+// and rootless on the engine, and rootful.
+var backends = []struct {
+	name  string
+	u     as
+	flags []string
+}{{"root", root, nil}, {"rootless", rootless, nil}, {"--root", root, rootArgs}}
+
+// inHost is the command line running childflow in the host's namespace
+// as u, with flags.
+func inHost(u as, flags ...string) []string {
+	id := strconv.Itoa(int(u))
+	return append([]string{"ip", "netns", "exec", bcastHost, "setpriv", "--reuid", id, "--regid", id, "--clear-groups", bin}, flags...)
+}
+
 // TestBroadcastReachesNeitherHostNorNetwork: a UDP broadcast, limited or
 // to the host's network, and a multicast are delivered by the host's
 // kernel to its own sockets as well as the network's; from a sandbox
@@ -92,11 +110,7 @@ func listen(t *testing.T, ns, port, address string) *listener {
 func TestBroadcastReachesNeitherHostNorNetwork(t *testing.T) {
 	requireRoot(t)
 	bcastNet(t)
-	for _, backend := range []struct {
-		name  string
-		u     as
-		flags []string
-	}{{"root", root, nil}, {"rootless", rootless, nil}, {"--root", root, rootArgs}} {
+	for _, backend := range backends {
 		t.Run(backend.name, func(t *testing.T) {
 			if backend.u == rootless {
 				withTunOpen(t)
@@ -115,8 +129,7 @@ func TestBroadcastReachesNeitherHostNorNetwork(t *testing.T) {
 				}
 			}
 			log := filepath.Join(logDir(t), "flows.jsonl")
-			args := append([]string{"ip", "netns", "exec", bcastHost, "setpriv", "--reuid", strconv.Itoa(int(backend.u)), "--regid", strconv.Itoa(int(backend.u)), "--clear-groups",
-				bin, "--flow-log", log}, backend.flags...)
+			args := inHost(backend.u, append([]string{"--flow-log", log}, backend.flags...)...)
 			send := func(what, to string) string {
 				return "echo " + what + " | socat -u - " + to + ",broadcast; "
 			}
@@ -151,6 +164,67 @@ func TestBroadcastReachesNeitherHostNorNetwork(t *testing.T) {
 				if !hasEvent(readFlowLog(t, log), map[string]any{"event": "policy_violation", "dst": dst, "reason_code": "host_address", "control": "host"}) {
 					t.Errorf("no host_address violation for %s in the flow log", dst)
 				}
+			}
+		})
+	}
+}
+
+// TestAddressTheHostGainsIsGuarded: an address the host gains while a
+// sandbox runs (a VPN coming up, a runtime's bridge) is the host's too.
+func TestAddressTheHostGainsIsGuarded(t *testing.T) {
+	requireRoot(t)
+	bcastNet(t)
+	for i, backend := range backends {
+		t.Run(backend.name, func(t *testing.T) {
+			if backend.u == rootless {
+				withTunOpen(t)
+			}
+			host := listen(t, bcastHost, "9999", "UDP4-RECV:9999")
+			lan := listen(t, bcastLAN, "9999", "UDP4-RECV:9999")
+			dir := logDir(t)
+			log, added := filepath.Join(dir, "flows.jsonl"), filepath.Join(dir, "added")
+			gained := fmt.Sprintf("10.99.0.%d", 7+i)
+			script := "while [ ! -e " + added + " ]; do sleep 0.05; done; " +
+				"echo gained | socat -u - UDP4-DATAGRAM:" + gained + ":9999; echo network | socat -u - UDP4-DATAGRAM:10.99.0.2:9999; exit 4"
+			argv := inHost(backend.u, append(append([]string{"--flow-log", log}, backend.flags...), "--", "sh", "-c", script)...)
+			cmd := exec.Command(argv[0], argv[1:]...)
+			var stderr bytes.Buffer
+			cmd.Stderr = &stderr
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			// The sandbox is up once its flow log is: then the host gains
+			// the address, and a moment later the command sends to it.
+			for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+				if _, err := os.Stat(log); err == nil {
+					break
+				}
+				if time.Now().After(deadline) {
+					cmd.Process.Kill()
+					t.Fatalf("no flow log: %s", stderr.String())
+				}
+			}
+			time.Sleep(300 * time.Millisecond)
+			if out, err := exec.Command("ip", "-n", bcastHost, "addr", "add", gained+"/24", "dev", "cfbc-h").CombinedOutput(); err != nil {
+				t.Fatalf("%v: %s", err, out)
+			}
+			time.Sleep(300 * time.Millisecond)
+			os.WriteFile(added, nil, 0o644)
+			err := cmd.Wait()
+			if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 4 {
+				t.Fatalf("childflow: %v\n%s", err, stderr.String())
+			}
+			for deadline := time.Now().Add(5 * time.Second); lan.got() == ""; time.Sleep(20 * time.Millisecond) {
+				if time.Now().After(deadline) {
+					t.Fatal("the network got nothing")
+				}
+			}
+			time.Sleep(200 * time.Millisecond)
+			if got := host.got(); got != "" {
+				t.Errorf("the host got %q through the address it gained", got)
+			}
+			if !hasEvent(readFlowLog(t, log), map[string]any{"event": "policy_violation", "dst": gained + ":9999", "reason_code": "host_address"}) {
+				t.Errorf("no host_address violation for %s in the flow log", gained)
 			}
 		})
 	}
