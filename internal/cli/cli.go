@@ -254,7 +254,7 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	sigs := make(chan os.Signal, 16)
 	signalsRegistered := make(chan struct{})
 	go func() {
-		signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGQUIT, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGWINCH, syscall.SIGCONT)
+		signal.Notify(sigs, sandbox.ForwardedSignals()...)
 		close(signalsRegistered)
 	}()
 	sb, err := sandbox.Start(sandbox.Spec{

@@ -182,7 +182,7 @@ func prepareCommand(spec Spec) (start func() int) {
 		}
 	}
 	sigs := make(chan os.Signal, 16)
-	signal.Notify(sigs, forwardedSignals...)
+	signal.Notify(sigs, ForwardedSignals()...)
 	path, err := exec.LookPath(spec.Command[0])
 	if err != nil {
 		return func() int {
@@ -275,8 +275,22 @@ func followResumes(pid int, foreground bool) {
 	}
 }
 
-var forwardedSignals = []os.Signal{syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGQUIT,
-	syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGWINCH, syscall.SIGCONT}
+// ForwardedSignals are the signals childflow passes on to the command,
+// through init: those a wrapper like env or timeout would let reach it,
+// less any the caller started childflow with ignored. Those stay ignored,
+// in childflow, init and the command, as across env: `nohup childflow --
+// cmd` survives a hangup, and a background job of a non-interactive
+// shell ^C. (Go keeps an ignored SIGHUP or SIGINT ignored until Notify.)
+func ForwardedSignals() []os.Signal {
+	var out []os.Signal
+	for _, s := range []os.Signal{syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGQUIT,
+		syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGWINCH, syscall.SIGCONT} {
+		if !signal.Ignored(s) {
+			out = append(out, s)
+		}
+	}
+	return out
+}
 
 // becomeUser switches this thread (only: the raw syscalls, unlike
 // syscall.Setuid, do not touch init's other threads) to uid and gid with no

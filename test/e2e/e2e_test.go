@@ -7,6 +7,7 @@
 package e2e
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -547,6 +548,46 @@ func TestSignalsAreForwarded(t *testing.T) {
 			code := cmd.ProcessState.ExitCode()
 			if code != 42 {
 				t.Errorf("%v: exit %d (%v), want 42 from the trap", sig, code, err)
+			}
+		}
+	})
+}
+
+// TestIgnoredSignalsStayIgnored: a signal the caller started childflow
+// with ignored (nohup's SIGHUP, the SIGINT of a non-interactive shell's
+// background job) stays ignored in the command, as across env, and
+// childflow does not pass it on either.
+func TestIgnoredSignalsStayIgnored(t *testing.T) {
+	users(t, func(t *testing.T, u as) {
+		for _, sig := range []syscall.Signal{syscall.SIGHUP, syscall.SIGINT} {
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			cmd := command(ctx, u)
+			script := fmt.Sprintf("kill -%d $$; echo survived-own; echo ready; sleep 1; echo survived-forwarded", sig)
+			cmd.Path, cmd.Args = "/bin/sh", []string{"sh", "-c", fmt.Sprintf(`trap "" %d; exec "$0" -- sh -c "$1"`, sig), bin, script}
+			pr, pw, _ := os.Pipe()
+			cmd.Stdout = pw
+			var stderr bytes.Buffer
+			cmd.Stderr = &stderr
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			pw.Close()
+			out := bufio.NewReader(pr)
+			var lines []string
+			for len(lines) < 2 {
+				l, err := out.ReadString('\n')
+				if err != nil {
+					break
+				}
+				lines = append(lines, strings.TrimSpace(l))
+			}
+			cmd.Process.Signal(sig) // childflow, which sh became
+			rest, _ := io.ReadAll(out)
+			err := cmd.Wait()
+			cancel()
+			got := strings.Join(append(lines, strings.Fields(string(rest))...), " ")
+			if cmd.ProcessState.ExitCode() != 0 || got != "survived-own ready survived-forwarded" {
+				t.Errorf("%v ignored: exit %d (%v), output %q, want the three lines\n%s", sig, cmd.ProcessState.ExitCode(), err, got, stderr.String())
 			}
 		}
 	})
