@@ -16,6 +16,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -35,6 +36,15 @@ func TestMain(m *testing.M) {
 	if os.Geteuid() != 0 {
 		fmt.Println("e2e: not root: every end-to-end test skips")
 		os.Exit(m.Run())
+	}
+	// childflow keeps a signal its caller ignores ignored (nohup): the
+	// tests start it as a terminal would, with SIGHUP and SIGINT at their
+	// default actions, also when they run under nohup or as a background
+	// job. The test process itself goes on ignoring them.
+	for _, s := range []os.Signal{syscall.SIGHUP, syscall.SIGINT} {
+		if signal.Ignored(s) {
+			signal.Notify(make(chan os.Signal, 1), s)
+		}
 	}
 	dir, err := os.MkdirTemp("", "childflow-e2e-")
 	if err != nil {
