@@ -154,16 +154,6 @@ func NeighbourDiscovery() []expr.Any {
 	}
 }
 
-// ICMPv6Type matches ICMPv6 messages of type t.
-func ICMPv6Type(t byte) []expr.Any {
-	return []expr.Any{
-		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_ICMPV6}},
-		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 1},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{t}},
-	}
-}
-
 // DNSTo redirects DNS of to's family over proto (UDP or TCP) to to, port 53.
 func DNSTo(to netip.Addr, proto byte) []expr.Any {
 	return Cat(Family(to.Is6()), L4(proto), Dport(53), []expr.Any{

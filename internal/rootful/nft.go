@@ -195,11 +195,6 @@ func installTable(s tableSpec) error {
 
 	n.rule(input, nftexpr.Cat(fromSandbox, nftexpr.Established(), []expr.Any{accept})...)
 	n.rule(input, nftexpr.Cat(fromSandbox, nftexpr.NeighbourDiscovery(), []expr.Any{accept})...)
-	// The sandbox's kernel reports its multicast groups (MLD): the host
-	// routes no multicast to it, and these are no flows of the command's.
-	for _, mld := range []byte{131, 132, 143} { // v1 report, done, v2 report
-		n.rule(input, nftexpr.Cat(fromSandbox, nftexpr.ICMPv6Type(mld), []expr.Any{drop})...)
-	}
 	for _, gw := range []netip.Addr{s.plan.Gateway4, s.plan.Gateway6} {
 		for _, proto := range []byte{unix.IPPROTO_UDP, unix.IPPROTO_TCP} {
 			n.rule(input, nftexpr.Cat(fromSandbox, nftexpr.Daddr(gw), nftexpr.L4(proto), nftexpr.Dport(53), []expr.Any{accept})...)

@@ -229,3 +229,26 @@ func TestAddressTheHostGainsIsGuarded(t *testing.T) {
 		})
 	}
 }
+
+// TestJoiningAGroupIsNoViolation: multicast is the host's, but a program
+// that only joins a group and listens sends nothing there: --fail-on-leak
+// must not fail the run for it.
+func TestJoiningAGroupIsNoViolation(t *testing.T) {
+	requireRoot(t)
+	for _, backend := range backends {
+		t.Run(backend.name, func(t *testing.T) {
+			if backend.u == rootless {
+				withTunOpen(t)
+			}
+			log := filepath.Join(logDir(t), "flows.jsonl")
+			r := sh(t, backend.u, append([]string{"--fail-on-leak", "--flow-log", log}, backend.flags...),
+				"timeout 1 socat -u UDP4-RECV:9996,ip-add-membership=239.9.9.9:0.0.0.0 -; [ $? = 124 ]")
+			if r.code != 0 {
+				t.Fatalf("a group joined, then left: %s", r)
+			}
+			if hasEvent(readFlowLog(t, log), map[string]any{"event": "policy_violation"}) {
+				t.Fatalf("a policy violation for joining a group")
+			}
+		})
+	}
+}
