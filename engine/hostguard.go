@@ -42,7 +42,8 @@ func (e *Engine) followHostAddrs() error {
 	}
 	e.policy.Store(p)
 	e.goServe(func() {
-		buf := make([]byte, 32<<10)
+		// A notice is read only to be counted: a short buffer truncates it.
+		buf := make([]byte, 256)
 		for {
 			// What changed does not matter: the addresses are read again.
 			// ENOBUFS: notices were lost, which is a change too.
