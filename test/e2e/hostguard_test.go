@@ -20,29 +20,29 @@ import (
 // goes wrong. The host listens on every address, as a host's UDP services
 // do.
 const (
-	bcastHost = "cfbc-host"
-	bcastLAN  = "cfbc-lan"
+	hostNS = "cfbc-host"
+	lanNS  = "cfbc-lan"
 )
 
-func bcastNet(t *testing.T) {
+func hostAndNetwork(t *testing.T) {
 	t.Helper()
 	down := func() {
-		exec.Command("ip", "netns", "del", bcastHost).Run()
-		exec.Command("ip", "netns", "del", bcastLAN).Run()
+		exec.Command("ip", "netns", "del", hostNS).Run()
+		exec.Command("ip", "netns", "del", lanNS).Run()
 	}
 	down()
 	t.Cleanup(down)
 	for _, args := range [][]string{
-		{"netns", "add", bcastHost}, {"netns", "add", bcastLAN},
-		{"link", "add", "cfbc-h", "netns", bcastHost, "type", "veth", "peer", "name", "cfbc-l", "netns", bcastLAN},
-		{"-n", bcastHost, "addr", "add", "10.99.0.1/24", "brd", "10.99.0.255", "dev", "cfbc-h"},
-		{"-n", bcastLAN, "addr", "add", "10.99.0.2/24", "brd", "10.99.0.255", "dev", "cfbc-l"},
-		{"-n", bcastHost, "addr", "add", "fd99::1/64", "dev", "cfbc-h", "nodad"},
-		{"-n", bcastLAN, "addr", "add", "fd99::2/64", "dev", "cfbc-l", "nodad"},
-		{"-n", bcastHost, "link", "set", "lo", "up"}, {"-n", bcastHost, "link", "set", "cfbc-h", "up"},
-		{"-n", bcastLAN, "link", "set", "lo", "up"}, {"-n", bcastLAN, "link", "set", "cfbc-l", "up"},
-		{"-n", bcastHost, "route", "add", "default", "via", "10.99.0.2"},
-		{"-n", bcastHost, "-6", "route", "add", "default", "via", "fd99::2"},
+		{"netns", "add", hostNS}, {"netns", "add", lanNS},
+		{"link", "add", "cfbc-h", "netns", hostNS, "type", "veth", "peer", "name", "cfbc-l", "netns", lanNS},
+		{"-n", hostNS, "addr", "add", "10.99.0.1/24", "brd", "10.99.0.255", "dev", "cfbc-h"},
+		{"-n", lanNS, "addr", "add", "10.99.0.2/24", "brd", "10.99.0.255", "dev", "cfbc-l"},
+		{"-n", hostNS, "addr", "add", "fd99::1/64", "dev", "cfbc-h", "nodad"},
+		{"-n", lanNS, "addr", "add", "fd99::2/64", "dev", "cfbc-l", "nodad"},
+		{"-n", hostNS, "link", "set", "lo", "up"}, {"-n", hostNS, "link", "set", "cfbc-h", "up"},
+		{"-n", lanNS, "link", "set", "lo", "up"}, {"-n", lanNS, "link", "set", "cfbc-l", "up"},
+		{"-n", hostNS, "route", "add", "default", "via", "10.99.0.2"},
+		{"-n", hostNS, "-6", "route", "add", "default", "via", "fd99::2"},
 	} {
 		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
 			t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
@@ -100,7 +100,7 @@ var backends = []struct {
 // as u, with flags.
 func inHost(u as, flags ...string) []string {
 	id := strconv.Itoa(int(u))
-	return append([]string{"ip", "netns", "exec", bcastHost, "setpriv", "--reuid", id, "--regid", id, "--clear-groups", bin}, flags...)
+	return append([]string{"ip", "netns", "exec", hostNS, "setpriv", "--reuid", id, "--regid", id, "--clear-groups", bin}, flags...)
 }
 
 // TestBroadcastReachesNeitherHostNorNetwork: a UDP broadcast, limited or
@@ -109,20 +109,20 @@ func inHost(u as, flags ...string) []string {
 // they reach neither, while unicast to the network still does.
 func TestBroadcastReachesNeitherHostNorNetwork(t *testing.T) {
 	requireRoot(t)
-	bcastNet(t)
+	hostAndNetwork(t)
 	for _, backend := range backends {
 		t.Run(backend.name, func(t *testing.T) {
 			if backend.u == rootless {
 				withTunOpen(t)
 			}
 			var host, lan []*listener
-			for _, ns := range []string{bcastHost, bcastLAN} {
+			for ns, link := range map[string]string{hostNS: "cfbc-h", lanNS: "cfbc-l"} {
 				ls := []*listener{
 					listen(t, ns, "9999", "UDP4-RECV:9999"),
-					listen(t, ns, "9998", "UDP4-RECV:9998,ip-add-membership=239.1.2.3:"+map[string]string{bcastHost: "cfbc-h", bcastLAN: "cfbc-l"}[ns]),
-					listen(t, ns, "9997", "UDP6-RECV:9997,ipv6-join-group=[ff05::1:3]:"+map[string]string{bcastHost: "cfbc-h", bcastLAN: "cfbc-l"}[ns]),
+					listen(t, ns, "9998", "UDP4-RECV:9998,ip-add-membership=239.1.2.3:"+link),
+					listen(t, ns, "9997", "UDP6-RECV:9997,ipv6-join-group=[ff05::1:3]:"+link),
 				}
-				if ns == bcastHost {
+				if ns == hostNS {
 					host = ls
 				} else {
 					lan = ls
@@ -142,7 +142,7 @@ func TestBroadcastReachesNeitherHostNorNetwork(t *testing.T) {
 					send("unicast4", "UDP4-DATAGRAM:10.99.0.2:9999")+
 					send("unicast6", "UDP6-DATAGRAM:[fd99::2]:9997")+"exit 5")...)
 			if r.code != 5 {
-				t.Fatalf("childflow in %s: %s", bcastHost, r)
+				t.Fatalf("childflow in %s: %s", hostNS, r)
 			}
 			// The unicast datagrams went last: once they arrive, anything
 			// else sent would have too.
@@ -173,14 +173,14 @@ func TestBroadcastReachesNeitherHostNorNetwork(t *testing.T) {
 // sandbox runs (a VPN coming up, a runtime's bridge) is the host's too.
 func TestAddressTheHostGainsIsGuarded(t *testing.T) {
 	requireRoot(t)
-	bcastNet(t)
+	hostAndNetwork(t)
 	for i, backend := range backends {
 		t.Run(backend.name, func(t *testing.T) {
 			if backend.u == rootless {
 				withTunOpen(t)
 			}
-			host := listen(t, bcastHost, "9999", "UDP4-RECV:9999")
-			lan := listen(t, bcastLAN, "9999", "UDP4-RECV:9999")
+			host := listen(t, hostNS, "9999", "UDP4-RECV:9999")
+			lan := listen(t, lanNS, "9999", "UDP4-RECV:9999")
 			dir := logDir(t)
 			log, added := filepath.Join(dir, "flows.jsonl"), filepath.Join(dir, "added")
 			gained := fmt.Sprintf("10.99.0.%d", 7+i)
@@ -205,7 +205,7 @@ func TestAddressTheHostGainsIsGuarded(t *testing.T) {
 				}
 			}
 			time.Sleep(300 * time.Millisecond)
-			if out, err := exec.Command("ip", "-n", bcastHost, "addr", "add", gained+"/24", "dev", "cfbc-h").CombinedOutput(); err != nil {
+			if out, err := exec.Command("ip", "-n", hostNS, "addr", "add", gained+"/24", "dev", "cfbc-h").CombinedOutput(); err != nil {
 				t.Fatalf("%v: %s", err, out)
 			}
 			time.Sleep(300 * time.Millisecond)
