@@ -230,6 +230,30 @@ func countingEchoServer(t *testing.T, network, addr string) (netip.AddrPort, *at
 	return netip.MustParseAddrPort(ln.Addr().String()), &accepted
 }
 
+// udpEchoServer answers each datagram on loopback twice, with it and
+// with "again:" and it: request/response protocols with several answers
+// must work.
+func udpEchoServer(t *testing.T) netip.AddrPort {
+	t.Helper()
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pc.Close() })
+	go func() {
+		buf := make([]byte, 2048)
+		for {
+			n, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			pc.WriteTo(buf[:n], from)
+			pc.WriteTo(append([]byte("again:"), buf[:n]...), from)
+		}
+	}()
+	return netip.MustParseAddrPort(pc.LocalAddr().String())
+}
+
 var allowAll = &policy.Policy{}
 
 func TestTCPRelayWithHalfClose(t *testing.T) {
@@ -331,25 +355,7 @@ func TestGatewayStandsForHostLoopbackOnlyWhenAllowed(t *testing.T) {
 }
 
 func TestUDPRelayAndDenial(t *testing.T) {
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pc.Close()
-	go func() {
-		buf := make([]byte, 2048)
-		for {
-			n, from, err := pc.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			// Two replies per request: request/response protocols with
-			// several answers must work.
-			pc.WriteTo(buf[:n], from)
-			pc.WriteTo(append([]byte("again:"), buf[:n]...), from)
-		}
-	}()
-	srv := remote(netip.MustParseAddrPort(pc.LocalAddr().String()))
+	srv := remote(udpEchoServer(t))
 	sb := newSandbox(t, allowAll)
 	c := sb.dialUDP(t, srv)
 	c.Write([]byte("ping"))
@@ -383,22 +389,7 @@ func TestUDPRelayAndDenial(t *testing.T) {
 // (flow_end) before Close returns, and nothing is logged after: the
 // flow log and the summary are closed then.
 func TestCloseEndsOpenFlows(t *testing.T) {
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pc.Close()
-	go func() {
-		buf := make([]byte, 2048)
-		for {
-			n, from, err := pc.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			pc.WriteTo(buf[:n], from)
-		}
-	}()
-	udpSrv := remote(netip.MustParseAddrPort(pc.LocalAddr().String()))
+	udpSrv := remote(udpEchoServer(t))
 	tcpSrv := remote(echoServer(t, "tcp", "127.0.0.1:0"))
 	var closed atomic.Bool
 	var late atomic.Int32

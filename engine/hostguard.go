@@ -99,18 +99,15 @@ func broadcastOf(ip netip.Addr, mask net.IPMask) (netip.Addr, bool) {
 	return netip.AddrFrom4(b), true
 }
 
-// refuseBroadcast takes back the SO_BROADCAST Go's net package gives
-// every UDP socket: a broadcast reaches the host's own sockets as well as
-// its network's, and the kernel then refuses every broadcast address,
-// those the policy was not told of included.
+// refuseBroadcast, a dialer's or listener's Control, takes back the
+// SO_BROADCAST Go's net package gives every UDP and raw socket: a
+// broadcast reaches the host's own sockets as well as its network's, and
+// the kernel then refuses every broadcast address, those the policy was
+// not told of included. TCP sockets cannot broadcast.
 func refuseBroadcast(network, _ string, c syscall.RawConn) error {
-	if !strings.HasPrefix(network, "udp") {
+	if strings.HasPrefix(network, "tcp") {
 		return nil
 	}
-	return noBroadcast(c)
-}
-
-func noBroadcast(c syscall.RawConn) error {
 	var err error
 	if cerr := c.Control(func(fd uintptr) {
 		err = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_BROADCAST, 0)

@@ -301,7 +301,7 @@ func listenRaw(v6 bool, hops uint8) (net.PacketConn, error) {
 	if v6 {
 		network = "ip6:ipv6-icmp"
 	}
-	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error { return noBroadcast(c) }}
+	lc := net.ListenConfig{Control: refuseBroadcast}
 	conn, err := lc.ListenPacket(context.Background(), network, "")
 	if err != nil {
 		return nil, err

@@ -160,8 +160,9 @@ func TestBroadcastReachesNeitherHostNorNetwork(t *testing.T) {
 					t.Errorf("the host's listener %d got %q", i, got)
 				}
 			}
+			events := readFlowLog(t, log)
 			for _, dst := range []string{"255.255.255.255:9999", "10.99.0.255:9999", "10.99.0.1:9999"} {
-				if !hasEvent(readFlowLog(t, log), map[string]any{"event": "policy_violation", "dst": dst, "reason_code": "host_address", "control": "host"}) {
+				if !hasEvent(events, map[string]any{"event": "policy_violation", "dst": dst, "reason_code": "host_address", "control": "host"}) {
 					t.Errorf("no host_address violation for %s in the flow log", dst)
 				}
 			}

@@ -4,7 +4,6 @@ package e2e
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"math/rand"
 	"os"
@@ -66,24 +65,14 @@ exit 0`)
 	if r.code != 3 || !strings.Contains(r.stderr, "--fail-on-leak: 1 flow(s) were blocked") {
 		t.Fatal(r)
 	}
-	var events []map[string]any
-	b, _ := os.ReadFile(log)
-	for _, l := range strings.Split(strings.TrimSpace(string(b)), "\n") {
-		var ev map[string]any
-		if err := json.Unmarshal([]byte(l), &ev); err != nil {
-			t.Fatalf("line %q: %v", l, err)
-		}
-		if ev["schema_version"] != 1.0 || ev["ts_ms"] == nil {
-			t.Fatalf("line %q lacks schema_version or ts_ms", l)
-		}
-		events = append(events, ev)
-	}
+	events := readFlowLog(t, log)
 	find := func(event, dst string) map[string]any {
 		for _, ev := range events {
 			if ev["event"] == event && (dst == "" || ev["dst"] == dst) {
 				return ev
 			}
 		}
+		b, _ := os.ReadFile(log)
 		t.Fatalf("no %s to %q in:\n%s", event, dst, b)
 		return nil
 	}
