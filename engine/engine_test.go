@@ -435,6 +435,57 @@ func TestCloseEndsOpenFlows(t *testing.T) {
 	}
 }
 
+// A flow whose upstream stopped reading blocks one copy in a write to
+// the host's socket and the other in a read from it, where closing the
+// stack does not reach; Close must still end it (a sandbox's exit, a
+// pod's CNI DEL) rather than wait for it forever.
+func TestCloseEndsStuckFlows(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	var held sync.Map // the server's ends, kept open, never read
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			held.Store(c, true)
+		}
+	}()
+	t.Cleanup(func() { held.Range(func(c, _ any) bool { c.(net.Conn).Close(); return true }) })
+	events := &eventLog{}
+	sb := newSandboxWith(t, allowAll, func(c *Config) { c.OnEvent = events.add })
+	srv := remote(netip.MustParseAddrPort(ln.Addr().String()))
+	for range 2 {
+		c, err := sb.dial(t, srv)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		// Write until neither the engine nor the host's socket takes more.
+		chunk := make([]byte, 64<<10)
+		for {
+			c.SetWriteDeadline(time.Now().Add(300 * time.Millisecond))
+			if _, err := c.Write(chunk); err != nil {
+				break
+			}
+		}
+	}
+	closed := make(chan struct{})
+	go func() { sb.eng.Close(); close(closed) }()
+	select {
+	case <-closed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close still waits for the stuck flows after 10s")
+	}
+	if n := events.count(flowlog.FlowEnd); n != 2 {
+		t.Errorf("%d flow_end events, want 2", n)
+	}
+}
+
 // dnsUpstream runs a resolver on loopback with a few fixed names.
 func dnsUpstream(t *testing.T) (netip.AddrPort, *sync.Map) {
 	t.Helper()

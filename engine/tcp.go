@@ -66,15 +66,22 @@ func (e *Engine) handleTCP(r *netstack.TCPRequest) {
 		host.Close()
 		return
 	}
-	bytesUp, bytesDown := Splice(sandbox, host)
+	bytesUp, bytesDown := Splice(e.ctx, sandbox, host)
 	e.events.End(res, bytesUp, bytesDown, time.Since(start).Milliseconds())
 }
 
 var bufPool = sync.Pool{New: func() any { b := make([]byte, 256<<10); return &b }}
 
 // Splice copies both ways until both directions are done, passing on
-// half-closes. Back-pressure comes from the blocking writes.
-func Splice(sandbox, upstream net.Conn) (up, down int64) {
+// half-closes, or until ctx ends. Back-pressure comes from the blocking
+// writes, so a peer that stops reading holds a copy in a write that only
+// closing the connections ends.
+func Splice(ctx context.Context, sandbox, upstream net.Conn) (up, down int64) {
+	stop := context.AfterFunc(ctx, func() {
+		sandbox.Close()
+		upstream.Close()
+	})
+	defer stop()
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {

@@ -46,7 +46,7 @@ func (sb *Sandbox) acceptIntercepted(ln net.Listener) {
 		if err != nil {
 			return
 		}
-		go sb.proxied(c)
+		sb.spawn(func() { sb.proxied(c) })
 	}
 }
 
@@ -77,7 +77,7 @@ func (sb *Sandbox) proxied(c net.Conn) {
 		return
 	}
 	start := time.Now()
-	bytesUp, bytesDown := engine.Splice(c, up)
+	bytesUp, bytesDown := engine.Splice(sb.ctx, c, up)
 	sb.events.End(res, bytesUp, bytesDown, time.Since(start).Milliseconds())
 }
 

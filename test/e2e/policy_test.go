@@ -252,6 +252,67 @@ func TestFlowsOpenAtExitEnd(t *testing.T) {
 	})
 }
 
+// A connection whose server stopped reading holds the relay's copies in
+// the host's socket when the command exits; childflow still ends it and
+// exits with the command's code instead of waiting for it. The engine
+// relays it in root and rootless mode; --root relays only proxied flows.
+func TestStuckFlowsEndAtExit(t *testing.T) {
+	requireRoot(t)
+	// On every address: the engine reaches it on the host's loopback,
+	// squid in the testnet on the host's testnet address.
+	ln, err := net.Listen("tcp4", ":0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() { // accepts, and never reads
+		var held []net.Conn
+		defer func() {
+			for _, c := range held {
+				c.Close()
+			}
+		}()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			held = append(held, c)
+		}
+	}()
+	port := ln.Addr().(*net.TCPAddr).Port
+	for _, tc := range []struct {
+		name  string
+		u     as
+		flags []string
+		dst   string
+	}{
+		{"root", root, []string{"--allow-cidr", "10.87.0.1/32"}, "10.87.0.1"},
+		{"rootless", rootless, []string{"--allow-cidr", "10.87.0.1/32"}, "10.87.0.1"},
+		{"--root via proxy", root, []string{"--root", "--proxy", "http://203.0.113.30:3128"}, "203.0.113.1"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.u == rootless {
+				withTunOpen(t)
+			}
+			log := filepath.Join(logDir(t), "flows.jsonl")
+			start := time.Now()
+			r := sh(t, tc.u, append(tc.flags, "--flow-log", log),
+				fmt.Sprintf("timeout 2 socat -u /dev/zero TCP:%s:%d; exit 3", tc.dst, port))
+			if took := time.Since(start); r.code != 3 || took > 15*time.Second {
+				t.Fatalf("took %v: %s", took.Round(time.Millisecond), r)
+			}
+			for _, ev := range readFlowLog(t, log) {
+				if ev["event"] == "flow_end" && ev["proto"] == "tcp" && ev["bytes_up"].(float64) > 0 {
+					return
+				}
+			}
+			b, _ := os.ReadFile(log)
+			t.Fatalf("no flow_end with the bytes sent in:\n%s", b)
+		})
+	}
+}
+
 // readFlowLog reads a flow log's events, each line checked for the
 // fields every event has.
 func readFlowLog(t *testing.T, path string) []map[string]any {
