@@ -22,7 +22,7 @@ func (e *Engine) handleTCP(r *netstack.TCPRequest) {
 	defer e.release()
 	if r.Dst.Port() == portDNS {
 		// DNS over TCP to any address is answered by our resolver.
-		c, err := r.Accept()
+		c, err := r.Accept(floor.window)
 		if err == nil {
 			dns.ServeTCP(e.ctx, e.resolver, c)
 		}
@@ -60,23 +60,27 @@ func (e *Engine) handleTCP(r *netstack.TCPRequest) {
 		}
 		return
 	}
-	sandbox, err := r.Accept()
+	bufs := e.buffers.take()
+	defer e.buffers.give(bufs)
+	sandbox, err := r.Accept(bufs.window)
 	e.events.Result(res, err)
 	if err != nil {
 		host.Close()
 		return
 	}
-	bytesUp, bytesDown := Splice(e.ctx, sandbox, host)
+	bytesUp, bytesDown := splice(e.ctx, sandbox, host, bufs.copy)
 	e.events.End(res, bytesUp, bytesDown, time.Since(start).Milliseconds())
 }
-
-var bufPool = sync.Pool{New: func() any { b := make([]byte, 256<<10); return &b }}
 
 // Splice copies both ways until both directions are done, passing on
 // half-closes, or until ctx ends. Back-pressure comes from the blocking
 // writes, so a peer that stops reading holds a copy in a write that only
 // closing the connections ends.
 func Splice(ctx context.Context, sandbox, upstream net.Conn) (up, down int64) {
+	return splice(ctx, sandbox, upstream, bufferTiers[0].copy)
+}
+
+func splice(ctx context.Context, sandbox, upstream net.Conn, copySize int) (up, down int64) {
 	stop := context.AfterFunc(ctx, func() {
 		sandbox.Close()
 		upstream.Close()
@@ -86,9 +90,9 @@ func Splice(ctx context.Context, sandbox, upstream net.Conn) (up, down int64) {
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		up = copyHalf(upstream, sandbox)
+		up = copyHalf(upstream, sandbox, copySize)
 	}()
-	down = copyHalf(sandbox, upstream)
+	down = copyHalf(sandbox, upstream, copySize)
 	wg.Wait()
 	sandbox.Close()
 	upstream.Close()
@@ -99,9 +103,9 @@ type closeWriter interface{ CloseWrite() error }
 
 // copyHalf copies src to dst. On EOF it half-closes dst; on an error it
 // closes both, which also ends the other direction.
-func copyHalf(dst, src net.Conn) int64 {
-	bp := bufPool.Get().(*[]byte)
-	defer bufPool.Put(bp)
+func copyHalf(dst, src net.Conn, size int) int64 {
+	bp := copyPools[size].Get().(*[]byte)
+	defer copyPools[size].Put(bp)
 	buf := *bp
 	var n int64
 	for {

@@ -24,6 +24,9 @@ import (
 	"github.com/childflow/childflow/internal/netplan"
 )
 
+// MaxBuffer is the most a connection's receive or send buffer grows to.
+const MaxBuffer = 8 << 20
+
 // TCPRequest is a connection the sandbox is opening. The handler must call
 // exactly one of Accept, Reject or Unreachable; until then the sandbox
 // sees no SYN-ACK, so a refused upstream becomes a RST rather than
@@ -34,8 +37,10 @@ type TCPRequest struct {
 	stack    *Stack
 }
 
-// Accept completes the handshake with the sandbox.
-func (r *TCPRequest) Accept() (*gonet.TCPConn, error) {
+// Accept completes the handshake with the sandbox. window, if not 0,
+// fixes the connection's receive and send buffers at that size instead
+// of letting them grow with its traffic (up to MaxBuffer).
+func (r *TCPRequest) Accept(window int) (*gonet.TCPConn, error) {
 	r.stack.syns.take(r.req.ID())
 	var wq waiter.Queue
 	ep, err := r.req.CreateEndpoint(&wq)
@@ -46,6 +51,10 @@ func (r *TCPRequest) Accept() (*gonet.TCPConn, error) {
 	r.req.Complete(false)
 	// Keepalives find sandboxes that vanished without a FIN.
 	ep.SocketOptions().SetKeepAlive(true)
+	if window != 0 {
+		ep.SocketOptions().SetReceiveBufferSize(int64(window), true)
+		ep.SocketOptions().SetSendBufferSize(int64(window), true)
+	}
 	return gonet.NewTCPConn(&wq, ep), nil
 }
 
@@ -143,11 +152,11 @@ func (ns *Stack) configure(cfg Config) error {
 	}
 	// Large buffers let one connection fill a 64 KiB-MTU link; receive
 	// buffer moderation grows them only for connections that need it.
-	rcv := tcpip.TCPReceiveBufferSizeRangeOption{Min: 4 << 10, Default: 1 << 20, Max: 8 << 20}
+	rcv := tcpip.TCPReceiveBufferSizeRangeOption{Min: 4 << 10, Default: 1 << 20, Max: MaxBuffer}
 	if err := s.SetTransportProtocolOption(tcp.ProtocolNumber, &rcv); err != nil {
 		return fmt.Errorf("setting receive buffer range: %s", err)
 	}
-	snd := tcpip.TCPSendBufferSizeRangeOption{Min: 4 << 10, Default: 1 << 20, Max: 8 << 20}
+	snd := tcpip.TCPSendBufferSizeRangeOption{Min: 4 << 10, Default: 1 << 20, Max: MaxBuffer}
 	if err := s.SetTransportProtocolOption(tcp.ProtocolNumber, &snd); err != nil {
 		return fmt.Errorf("setting send buffer range: %s", err)
 	}

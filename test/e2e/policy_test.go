@@ -4,6 +4,8 @@ package e2e
 
 import (
 	"bufio"
+	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -311,6 +313,85 @@ func TestStuckFlowsEndAtExit(t *testing.T) {
 			t.Fatalf("no flow_end with the bytes sent in:\n%s", b)
 		})
 	}
+}
+
+// A sandbox that opens many downloads and never reads them makes every
+// buffer on their way fill; the engine keeps what it holds for them
+// within its buffer budget (128 MiB) plus a small floor per flow, where
+// it held up to megabytes per flow (599 MiB for 400 such flows).
+func TestStuckFlowsStayWithinTheBufferBudget(t *testing.T) {
+	requireRoot(t)
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() { // floods every connection until it is closed
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				chunk := make([]byte, 64<<10)
+				for {
+					if _, err := c.Write(chunk); err != nil {
+						return
+					}
+				}
+			}()
+		}
+	}()
+	const flows = 300
+	users(t, func(t *testing.T, u as) {
+		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+		defer cancel()
+		cmd := command(ctx, u, "--allow-cidr", "10.87.0.1/32", "--", "perl", "-MIO::Socket::INET", "-e",
+			fmt.Sprintf(`$| = 1; for (1..%d) { push @c, IO::Socket::INET->new("10.87.0.1:%d") or die "connect: $!" } print "open\n"; <STDIN>`,
+				flows, ln.Addr().(*net.TCPAddr).Port))
+		stdin, _ := cmd.StdinPipe()
+		stdout, _ := cmd.StdoutPipe()
+		var stderr bytes.Buffer
+		cmd.Stderr = &stderr
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		defer cmd.Wait()
+		defer stdin.Close()
+		if line, err := bufio.NewReader(stdout).ReadString('\n'); line != "open\n" {
+			t.Fatalf("%q, %v: %s", line, err, stderr.String())
+		}
+		// Until the buffers stop filling.
+		var rss, last int
+		for rss == 0 || rss != last {
+			time.Sleep(time.Second)
+			last = rss
+			rss = statusKiB(t, cmd.Process.Pid, "VmRSS")
+		}
+		const budget, floor, base = 128 << 10, 160, 64 << 10 // KiB
+		if limit := budget + flows*floor + base; rss > limit {
+			t.Errorf("childflow holds %d MiB with %d stuck downloads, want at most %d", rss>>10, flows, limit>>10)
+		}
+		t.Logf("%d MiB with %d stuck downloads", rss>>10, flows)
+	})
+}
+
+// statusKiB reads a field in kB of /proc/PID/status.
+func statusKiB(t *testing.T, pid int, field string) int {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, field+":"); ok {
+			n, _ := strconv.Atoi(strings.TrimSuffix(strings.TrimSpace(v), " kB"))
+			return n
+		}
+	}
+	t.Fatalf("no %s in /proc/%d/status", field, pid)
+	return 0
 }
 
 // readFlowLog reads a flow log's events, each line checked for the

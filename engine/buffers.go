@@ -1,0 +1,77 @@
+package engine
+
+import (
+	"sync"
+
+	"github.com/childflow/childflow/engine/netstack"
+)
+
+// A TCP flow whose peer stops reading keeps every buffer on its way full:
+// the stack's receive or send buffer (autotuned up to
+// netstack.MaxBuffer) and the relay's copy buffer. A sandbox opening
+// thousands of such flows would make the engine hold gigabytes, so the
+// flows share a budget: each takes the largest buffers the budget still
+// has room for, down to a floor that stays outside it, and gives them
+// back when it ends. The engine then buffers at most the budget plus
+// the floor's cost per flow (MaxFlows).
+
+// flowBuffers are one flow's buffer sizes.
+type flowBuffers struct {
+	window int // the stack's receive and send buffers; 0: autotuned
+	copy   int // each direction's copy buffer
+	cost   int64
+}
+
+var bufferTiers = []flowBuffers{
+	{window: 0, copy: 256 << 10},
+	{window: 256 << 10, copy: 64 << 10},
+	// The floor: a window of one 64 KiB-MTU segment; 16 KiB stalled such
+	// a link to 0.5 Mbit/s, 64 KiB still carries 2-3 Gbit/s.
+	{window: 64 << 10, copy: 16 << 10},
+}
+
+func init() {
+	for i := range bufferTiers {
+		t := &bufferTiers[i]
+		w := t.window
+		if w == 0 {
+			w = netstack.MaxBuffer
+		}
+		t.cost = 2*int64(w) + 2*int64(t.copy)
+		size := t.copy
+		copyPools[size] = &sync.Pool{New: func() any { b := make([]byte, size); return &b }}
+	}
+}
+
+// floor is the tier outside the budget: what each flow may buffer beyond it.
+var floor = bufferTiers[len(bufferTiers)-1]
+
+type bufferBudget struct {
+	mu   sync.Mutex
+	free int64
+}
+
+// take reserves the largest tier that fits; the floor always does.
+func (b *bufferBudget) take() flowBuffers {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for _, t := range bufferTiers[:len(bufferTiers)-1] {
+		if t.cost <= b.free {
+			b.free -= t.cost
+			return t
+		}
+	}
+	return floor
+}
+
+func (b *bufferBudget) give(t flowBuffers) {
+	if t == floor {
+		return
+	}
+	b.mu.Lock()
+	b.free += t.cost
+	b.mu.Unlock()
+}
+
+// copyPools hold each tier's copy buffers.
+var copyPools = map[int]*sync.Pool{}
