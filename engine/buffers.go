@@ -12,8 +12,8 @@ import (
 // thousands of such flows would make the engine hold gigabytes, so the
 // flows share a budget: each takes the largest buffers the budget still
 // has room for, down to a floor that stays outside it, and gives them
-// back when it ends. The engine then buffers at most the budget plus
-// the floor's cost per flow (MaxFlows).
+// back when it ends. The engines sharing a budget then buffer at most
+// the budget plus the floor's cost per flow (MaxFlows per engine).
 
 // flowBuffers are one flow's buffer sizes.
 type flowBuffers struct {
@@ -46,13 +46,20 @@ func init() {
 // floor is the tier outside the budget: what each flow may buffer beyond it.
 var floor = bufferTiers[len(bufferTiers)-1]
 
-type bufferBudget struct {
+// DefaultBufferBudget is an engine's own budget when none is shared.
+const DefaultBufferBudget = 128 << 20
+
+// BufferBudget is what the TCP flows of the engines given it may buffer
+// together, beyond the floor.
+type BufferBudget struct {
 	mu   sync.Mutex
 	free int64
 }
 
+func NewBufferBudget(bytes int64) *BufferBudget { return &BufferBudget{free: bytes} }
+
 // take reserves the largest tier that fits; the floor always does.
-func (b *bufferBudget) take() flowBuffers {
+func (b *BufferBudget) take() flowBuffers {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	for _, t := range bufferTiers[:len(bufferTiers)-1] {
@@ -64,7 +71,7 @@ func (b *bufferBudget) take() flowBuffers {
 	return floor
 }
 
-func (b *bufferBudget) give(t flowBuffers) {
+func (b *BufferBudget) give(t flowBuffers) {
 	if t == floor {
 		return
 	}

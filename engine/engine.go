@@ -73,9 +73,10 @@ type Config struct {
 	MaxFlows       int           // 8192 open flows
 	MaxHalfOpen    int           // 512 TCP handshakes waiting for upstream
 	MaxDNSInFlight int           // 128 queries waiting for upstream
-	// What the TCP flows may buffer together before new ones get small
-	// buffers (see bufferBudget): 128 MiB.
-	BufferBudget int64
+	// Buffers bound what the TCP flows may buffer before new ones get
+	// small buffers; engines given the same budget share it. Nil: one of
+	// the engine's own, DefaultBufferBudget.
+	Buffers *BufferBudget
 }
 
 // Engine relays one sandbox.
@@ -87,12 +88,11 @@ type Engine struct {
 	stack    *netstack.Stack
 	owners   *procnet.Finder
 
-	ctx     context.Context
-	cancel  context.CancelFunc
-	wg      sync.WaitGroup // the engine's goroutines and its flows
-	flows   chan struct{}  // semaphore of open flows
-	dnsSem  chan struct{}  // semaphore of queries waiting for upstream
-	buffers bufferBudget   // of the TCP flows' buffers
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup // the engine's goroutines and its flows
+	flows  chan struct{}  // semaphore of open flows
+	dnsSem chan struct{}  // semaphore of queries waiting for upstream
 
 	events    flowlog.Emitter
 	closeOnce sync.Once
@@ -119,7 +119,9 @@ func New(cfg Config) (*Engine, error) {
 	setDefault(&cfg.UDPIdleTimeout, 60*time.Second)
 	setDefault(&cfg.MaxFlows, 8192)
 	setDefault(&cfg.MaxDNSInFlight, 128)
-	setDefault(&cfg.BufferBudget, 128<<20)
+	if cfg.Buffers == nil {
+		cfg.Buffers = NewBufferBudget(DefaultBufferBudget)
+	}
 	if cfg.Dial == nil {
 		// No keepalive probes upstream (four setsockopts per connection):
 		// like a socket the sandbox opened itself, which has none unless
@@ -127,7 +129,6 @@ func New(cfg Config) (*Engine, error) {
 		cfg.Dial = upstream.Dialer(&net.Dialer{KeepAlive: -1, Control: refuseBroadcast}).DialContext
 	}
 	e := &Engine{cfg: cfg, flows: make(chan struct{}, cfg.MaxFlows), dnsSem: make(chan struct{}, cfg.MaxDNSInFlight)}
-	e.buffers.free = cfg.BufferBudget
 	e.policy.Store(cfg.Policy) // and the host's addresses, from Start on
 	e.events.Sandbox, e.events.OnEvent = cfg.ID, cfg.OnEvent
 	e.owners = &procnet.Finder{InitPID: cfg.SandboxPID, Diag: cfg.SocketDiag}

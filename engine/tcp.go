@@ -60,8 +60,8 @@ func (e *Engine) handleTCP(r *netstack.TCPRequest) {
 		}
 		return
 	}
-	bufs := e.buffers.take()
-	defer e.buffers.give(bufs)
+	bufs := e.cfg.Buffers.take()
+	defer e.cfg.Buffers.give(bufs)
 	sandbox, err := r.Accept(bufs.window)
 	e.events.Result(res, err)
 	if err != nil {

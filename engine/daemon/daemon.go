@@ -61,10 +61,16 @@ type Daemon struct {
 	cancel context.CancelFunc
 
 	stdout *flowlog.Writer
+	// One budget for every sandbox's buffers: what the node's engines
+	// hold for stuck flows is bounded by it, not by it times the pods.
+	buffers *engine.BufferBudget
 
 	mu        sync.Mutex
 	sandboxes map[string]*sandbox
 }
+
+// nodeBufferBudget is the budget the daemon's sandboxes share.
+const nodeBufferBudget = 256 << 20
 
 type sandbox struct {
 	att     api.Attachment
@@ -95,7 +101,7 @@ func Run(ctx context.Context, cfg Config, ready func()) error {
 	if cfg.Logf == nil {
 		cfg.Logf = func(string, ...any) {}
 	}
-	d := &Daemon{cfg: cfg, sandboxes: map[string]*sandbox{}}
+	d := &Daemon{cfg: cfg, sandboxes: map[string]*sandbox{}, buffers: engine.NewBufferBudget(nodeBufferBudget)}
 	d.ctx, d.cancel = context.WithCancel(ctx)
 	defer d.cancel()
 
@@ -293,7 +299,7 @@ func (d *Daemon) attach(a api.Attachment, link *os.File, adopted bool) (err erro
 	}
 	eng, err := engine.New(engine.Config{
 		ID: a.ID, Link: link, Plan: a.Plan, Policy: set.Policy, DNS: set.DNS, Proxy: proxy.FromURI(set.Proxy, set.ProxyInsecure),
-		SandboxPID: a.PID, OnEvent: sb.record,
+		SandboxPID: a.PID, OnEvent: sb.record, Buffers: d.buffers,
 	})
 	if err != nil {
 		return err
