@@ -70,7 +70,7 @@ type Config struct {
 	// Limits; zero means the default.
 	DialTimeout    time.Duration // 10 s
 	UDPIdleTimeout time.Duration // 60 s
-	MaxFlows       int           // 8192 open flows
+	MaxFlows       int           // DefaultMaxFlows open flows
 	MaxHalfOpen    int           // 512 TCP handshakes waiting for upstream
 	MaxDNSInFlight int           // 128 queries waiting for upstream
 	// Buffers bound what the TCP flows may buffer before new ones get
@@ -78,6 +78,9 @@ type Config struct {
 	// the engine's own, DefaultBufferBudget.
 	Buffers *BufferBudget
 }
+
+// DefaultMaxFlows is how many flows a sandbox may hold open at once.
+const DefaultMaxFlows = 8192
 
 // Engine relays one sandbox.
 type Engine struct {
@@ -117,7 +120,7 @@ func New(cfg Config) (*Engine, error) {
 	}
 	setDefault(&cfg.DialTimeout, 10*time.Second)
 	setDefault(&cfg.UDPIdleTimeout, 60*time.Second)
-	setDefault(&cfg.MaxFlows, 8192)
+	setDefault(&cfg.MaxFlows, DefaultMaxFlows)
 	setDefault(&cfg.MaxDNSInFlight, 128)
 	if cfg.Buffers == nil {
 		cfg.Buffers = NewBufferBudget(DefaultBufferBudget)

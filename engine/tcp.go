@@ -72,14 +72,18 @@ func (e *Engine) handleTCP(r *netstack.TCPRequest) {
 	e.events.End(res, bytesUp, bytesDown, time.Since(start).Milliseconds())
 }
 
-// Splice copies both ways until both directions are done, passing on
+// Splice relays two host sockets (the rootful backend's proxied flows)
+// as the engine does its flows, with copy buffers from b.
+func (b *BufferBudget) Splice(ctx context.Context, sandbox, upstream net.Conn) (up, down int64) {
+	bufs := b.take()
+	defer b.give(bufs)
+	return splice(ctx, sandbox, upstream, bufs.copy)
+}
+
+// splice copies both ways until both directions are done, passing on
 // half-closes, or until ctx ends. Back-pressure comes from the blocking
 // writes, so a peer that stops reading holds a copy in a write that only
 // closing the connections ends.
-func Splice(ctx context.Context, sandbox, upstream net.Conn) (up, down int64) {
-	return splice(ctx, sandbox, upstream, bufferTiers[0].copy)
-}
-
 func splice(ctx context.Context, sandbox, upstream net.Conn, copySize int) (up, down int64) {
 	stop := context.AfterFunc(ctx, func() {
 		sandbox.Close()

@@ -28,7 +28,7 @@ func (sb *Sandbox) serveDNS() error {
 		}
 		sb.closers = append(sb.closers, ln)
 		sb.spawn(func() { sb.serveUDP(pc) })
-		sb.spawn(func() { sb.serveTCP(ln) })
+		sb.spawn(func() { sb.serveConns(ln, func(c net.Conn) { dns.ServeTCP(sb.ctx, sb.resolver, c) }) })
 	}
 	return nil
 }
@@ -46,16 +46,6 @@ func (sb *Sandbox) serveUDP(pc net.PacketConn) {
 				pc.WriteTo(resp, from)
 			}
 		}()
-	}
-}
-
-func (sb *Sandbox) serveTCP(ln net.Listener) {
-	for {
-		c, err := ln.Accept()
-		if err != nil {
-			return
-		}
-		go dns.ServeTCP(sb.ctx, sb.resolver, c)
 	}
 }
 

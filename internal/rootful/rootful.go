@@ -19,11 +19,13 @@ import (
 	"os"
 	"sync"
 	"syscall"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
+	"github.com/childflow/childflow/engine"
 	"github.com/childflow/childflow/engine/dns"
 	"github.com/childflow/childflow/engine/flowlog"
 	"github.com/childflow/childflow/engine/proxy"
@@ -57,15 +59,20 @@ type Sandbox struct {
 	Plan   netplan.Plan
 	HostIf string
 
-	iface     netlink.Link // --iface, nil for none
-	events    flowlog.Emitter
-	cache     dns.Cache
-	resolver  *dns.Resolver
-	sets      *domainSets
-	ctx       context.Context
-	cancel    context.CancelFunc
-	closers   []interface{ Close() error }
-	drain     *nflog // the flow-event reader, drained before it closes
+	iface    netlink.Link // --iface, nil for none
+	events   flowlog.Emitter
+	cache    dns.Cache
+	resolver *dns.Resolver
+	sets     *domainSets
+	ctx      context.Context
+	cancel   context.CancelFunc
+	closers  []interface{ Close() error }
+	drain    *nflog // the flow-event reader, drained before it closes
+	// The connections the sandbox has open to the host (proxied flows,
+	// DNS over TCP), held within the engine's limits.
+	conns     chan struct{}
+	buffers   *engine.BufferBudget
+	tooMany   sync.Once
 	wg        sync.WaitGroup
 	closeOnce sync.Once
 	closeErr  error
@@ -106,7 +113,8 @@ func Reserve(cfg Config) (sb *Sandbox, err error) {
 		return nil, err
 	}
 	id := newID()
-	sb = &Sandbox{cfg: cfg, Plan: plan, HostIf: hostIfName(id), iface: iface}
+	sb = &Sandbox{cfg: cfg, Plan: plan, HostIf: hostIfName(id), iface: iface,
+		conns: make(chan struct{}, engine.DefaultMaxFlows), buffers: engine.NewBufferBudget(engine.DefaultBufferBudget)}
 	sb.events.Sandbox = id
 	sb.ctx, sb.cancel = context.WithCancel(context.Background())
 	sb.rec = Record{ID: id, Slot: slot, HostIf: sb.HostIf, Table: tableName(id), Plan: plan, Owner: os.Getpid()}
@@ -318,6 +326,37 @@ func (sb *Sandbox) teardownLocked() error {
 }
 
 // spawn runs f until Close.
+// serveConns accepts on ln until the sandbox closes and handles each
+// connection on a goroutine of its own. One over the limit is reset;
+// running out of descriptors does not end the listener.
+func (sb *Sandbox) serveConns(ln net.Listener, handle func(net.Conn)) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if sb.ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
+				return
+			}
+			time.Sleep(10 * time.Millisecond) // EMFILE: until some close
+			continue
+		}
+		select {
+		case sb.conns <- struct{}{}:
+		default:
+			sb.tooMany.Do(func() {
+				sb.events.Failure(fmt.Sprintf("the sandbox holds %d connections to the host, the limit: new ones are refused until some end", cap(sb.conns)))
+			})
+			resetOnClose(c)
+			c.Close()
+			continue
+		}
+		sb.spawn(func() {
+			defer func() { <-sb.conns }()
+			defer context.AfterFunc(sb.ctx, func() { c.Close() })()
+			handle(c)
+		})
+	}
+}
+
 func (sb *Sandbox) spawn(f func()) {
 	sb.wg.Add(1)
 	go func() {

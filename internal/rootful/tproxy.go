@@ -10,7 +10,6 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/childflow/childflow/engine"
 	"github.com/childflow/childflow/policy"
 )
 
@@ -35,19 +34,9 @@ func (sb *Sandbox) startTProxy() (uint16, error) {
 		}
 		sb.closers = append(sb.closers, ln)
 		port = uint16(ln.Addr().(*net.TCPAddr).Port)
-		sb.spawn(func() { sb.acceptIntercepted(ln) })
+		sb.spawn(func() { sb.serveConns(ln, sb.proxied) })
 	}
 	return port, nil
-}
-
-func (sb *Sandbox) acceptIntercepted(ln net.Listener) {
-	for {
-		c, err := ln.Accept()
-		if err != nil {
-			return
-		}
-		sb.spawn(func() { sb.proxied(c) })
-	}
 }
 
 // proxied decides one intercepted connection as the rootless engine
@@ -77,7 +66,7 @@ func (sb *Sandbox) proxied(c net.Conn) {
 		return
 	}
 	start := time.Now()
-	bytesUp, bytesDown := engine.Splice(sb.ctx, c, up)
+	bytesUp, bytesDown := sb.buffers.Splice(sb.ctx, c, up)
 	sb.events.End(res, bytesUp, bytesDown, time.Since(start).Milliseconds())
 }
 

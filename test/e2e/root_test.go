@@ -126,6 +126,23 @@ if echo udp-probe | socat -t1 - UDP:203.0.113.10:7 | grep -q udp-probe; then ech
 	}
 }
 
+// The rootful backend's listeners (DNS over TCP, the proxy's intercepted
+// connections) accept in childflow itself: a sandbox that holds more
+// connections than childflow may open files made the accept loop fail
+// with EMFILE and end, and DNS over TCP answered nothing for the rest of
+// the run. Here childflow (and the sandbox) may open 256 files, and the
+// sandbox holds 240 connections to its resolver, then lets them go.
+func TestRootListenersOutliveRunningOutOfFiles(t *testing.T) {
+	requireRoot(t)
+	r := execute(t, append(append([]string{"prlimit", "--nofile=256:256", bin}, rootArgs...), "--dns", "203.0.113.53", "--", "sh", "-c", `
+gw=$(awk '/^nameserver/ { print $2; exit }' /etc/resolv.conf)
+perl -MIO::Socket::INET -e 'for (1..240) { push @c, (IO::Socket::INET->new("$ARGV[0]:53") or die "connect $_: $!") } sleep 1' "$gw" || exit 99
+dig +short +tcp +time=3 +tries=2 @"$gw" web.test A`)...)
+	if r.code != 0 || strings.TrimSpace(r.stdout) != "203.0.113.10" {
+		t.Fatal(r)
+	}
+}
+
 // TestRootIface: a second path to 203.0.113.0/26 through another veth,
 // less preferred by the host's routes; --iface makes the sandbox take it,
 // and its far end counts the packets.
