@@ -27,6 +27,7 @@ import (
 	"github.com/childflow/childflow/engine/api"
 	"github.com/childflow/childflow/engine/flowlog"
 	"github.com/childflow/childflow/engine/proxy"
+	"github.com/childflow/childflow/internal/accept"
 	"github.com/childflow/childflow/internal/tunns"
 	"github.com/childflow/childflow/policy"
 )
@@ -160,7 +161,9 @@ func Run(ctx context.Context, cfg Config, ready func()) error {
 	cfg.Logf("serving on %s with %d sandbox(es)", cfg.Socket, d.count())
 	var wg sync.WaitGroup
 	for {
-		c, err := ln.Accept()
+		// Out of descriptors (a sandbox's many flows) is no reason to
+		// stop serving, and so every sandbox.
+		c, err := accept.Next(d.ctx, ln)
 		if err != nil {
 			break
 		}

@@ -19,7 +19,6 @@ import (
 	"os"
 	"sync"
 	"syscall"
-	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -29,6 +28,7 @@ import (
 	"github.com/childflow/childflow/engine/dns"
 	"github.com/childflow/childflow/engine/flowlog"
 	"github.com/childflow/childflow/engine/proxy"
+	"github.com/childflow/childflow/internal/accept"
 	"github.com/childflow/childflow/internal/netplan"
 	"github.com/childflow/childflow/policy"
 )
@@ -327,17 +327,12 @@ func (sb *Sandbox) teardownLocked() error {
 
 // spawn runs f until Close.
 // serveConns accepts on ln until the sandbox closes and handles each
-// connection on a goroutine of its own. One over the limit is reset;
-// running out of descriptors does not end the listener.
+// connection on a goroutine of its own. One over the limit is reset.
 func (sb *Sandbox) serveConns(ln net.Listener, handle func(net.Conn)) {
 	for {
-		c, err := ln.Accept()
+		c, err := accept.Next(sb.ctx, ln)
 		if err != nil {
-			if sb.ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
-				return
-			}
-			time.Sleep(10 * time.Millisecond) // EMFILE: until some close
-			continue
+			return
 		}
 		select {
 		case sb.conns <- struct{}{}:
