@@ -22,26 +22,31 @@ type flowBuffers struct {
 	cost   int64
 }
 
-var bufferTiers = []flowBuffers{
-	{window: 0, copy: 256 << 10},
-	{window: 256 << 10, copy: 64 << 10},
-	// The floor: a window of one 64 KiB-MTU segment; 16 KiB stalled such
-	// a link to 0.5 Mbit/s, 64 KiB still carries 2-3 Gbit/s.
-	{window: 64 << 10, copy: 16 << 10},
+func tier(window, copy int) flowBuffers {
+	w := window
+	if w == 0 {
+		w = netstack.MaxBuffer
+	}
+	return flowBuffers{window: window, copy: copy, cost: 2*int64(w) + 2*int64(copy)}
 }
 
-func init() {
-	for i := range bufferTiers {
-		t := &bufferTiers[i]
-		w := t.window
-		if w == 0 {
-			w = netstack.MaxBuffer
-		}
-		t.cost = 2*int64(w) + 2*int64(t.copy)
-		size := t.copy
-		copyPools[size] = &sync.Pool{New: func() any { b := make([]byte, size); return &b }}
-	}
+var bufferTiers = []flowBuffers{
+	tier(0, 256<<10),
+	tier(256<<10, 64<<10),
+	// The floor: a window of one 64 KiB-MTU segment; 16 KiB stalled such
+	// a link to 0.5 Mbit/s, 64 KiB still carries 2-3 Gbit/s.
+	tier(64<<10, 16<<10),
 }
+
+// copyPools hold each tier's copy buffers.
+var copyPools = func() map[int]*sync.Pool {
+	pools := map[int]*sync.Pool{}
+	for _, t := range bufferTiers {
+		size := t.copy
+		pools[size] = &sync.Pool{New: func() any { b := make([]byte, size); return &b }}
+	}
+	return pools
+}()
 
 // floor is the tier outside the budget: what each flow may buffer beyond it.
 var floor = bufferTiers[len(bufferTiers)-1]
@@ -56,6 +61,7 @@ type BufferBudget struct {
 	free int64
 }
 
+// NewBufferBudget returns a budget of bytes.
 func NewBufferBudget(bytes int64) *BufferBudget { return &BufferBudget{free: bytes} }
 
 // take reserves the largest tier that fits; the floor always does.
@@ -79,6 +85,3 @@ func (b *BufferBudget) give(t flowBuffers) {
 	b.free += t.cost
 	b.mu.Unlock()
 }
-
-// copyPools hold each tier's copy buffers.
-var copyPools = map[int]*sync.Pool{}

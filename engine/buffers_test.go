@@ -9,6 +9,9 @@ import (
 
 func TestBufferBudgetGivesTheLargestTierThatFits(t *testing.T) {
 	full, small := bufferTiers[0], bufferTiers[1]
+	if floor.cost != 2*(64<<10)+2*(16<<10) {
+		t.Fatalf("the floor costs %d", floor.cost)
+	}
 	b := NewBufferBudget(full.cost + small.cost)
 	for i, want := range []flowBuffers{full, small, floor, floor} {
 		if got := b.take(); got != want {

@@ -73,7 +73,9 @@ func (e *Engine) handleTCP(r *netstack.TCPRequest) {
 }
 
 // Splice relays two host sockets (the rootful backend's proxied flows)
-// as the engine does its flows, with copy buffers from b.
+// as the engine does its flows, with copy buffers from b. The kernel
+// holds their windows, but the tiers cost as much as the engine's: the
+// copy buffers' bound errs on the safe side.
 func (b *BufferBudget) Splice(ctx context.Context, sandbox, upstream net.Conn) (up, down int64) {
 	bufs := b.take()
 	defer b.give(bufs)

@@ -325,7 +325,6 @@ func (sb *Sandbox) teardownLocked() error {
 	return err
 }
 
-// spawn runs f until Close.
 // serveConns accepts on ln until the sandbox closes and handles each
 // connection on a goroutine of its own. One over the limit is reset.
 func (sb *Sandbox) serveConns(ln net.Listener, handle func(net.Conn)) {
@@ -352,6 +351,7 @@ func (sb *Sandbox) serveConns(ln net.Listener, handle func(net.Conn)) {
 	}
 }
 
+// spawn runs f until Close.
 func (sb *Sandbox) spawn(f func()) {
 	sb.wg.Add(1)
 	go func() {

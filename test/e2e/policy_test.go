@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -262,27 +263,7 @@ func TestStuckFlowsEndAtExit(t *testing.T) {
 	requireRoot(t)
 	// On every address: the engine reaches it on the host's loopback,
 	// squid in the testnet on the host's testnet address.
-	ln, err := net.Listen("tcp4", ":0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() { // accepts, and never reads
-		var held []net.Conn
-		defer func() {
-			for _, c := range held {
-				c.Close()
-			}
-		}()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			held = append(held, c)
-		}
-	}()
-	port := ln.Addr().(*net.TCPAddr).Port
+	port := tcpServer(t, "tcp4", ":0", func(net.Conn) {}) // never reads
 	for _, tc := range []struct {
 		name  string
 		u     as
@@ -321,35 +302,21 @@ func TestStuckFlowsEndAtExit(t *testing.T) {
 // it held up to megabytes per flow (599 MiB for 400 such flows).
 func TestStuckFlowsStayWithinTheBufferBudget(t *testing.T) {
 	requireRoot(t)
-	ln, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() { // floods every connection until it is closed
+	port := tcpServer(t, "tcp4", "127.0.0.1:0", func(c net.Conn) { // floods
+		chunk := make([]byte, 64<<10)
 		for {
-			c, err := ln.Accept()
-			if err != nil {
+			if _, err := c.Write(chunk); err != nil {
 				return
 			}
-			go func() {
-				defer c.Close()
-				chunk := make([]byte, 64<<10)
-				for {
-					if _, err := c.Write(chunk); err != nil {
-						return
-					}
-				}
-			}()
 		}
-	}()
+	})
 	const flows = 300
 	users(t, func(t *testing.T, u as) {
 		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 		defer cancel()
 		cmd := command(ctx, u, "--allow-cidr", "10.87.0.1/32", "--", "perl", "-MIO::Socket::INET", "-e",
 			fmt.Sprintf(`$| = 1; for (1..%d) { push @c, IO::Socket::INET->new("10.87.0.1:%d") or die "connect: $!" } print "open\n"; <STDIN>`,
-				flows, ln.Addr().(*net.TCPAddr).Port))
+				flows, port))
 		stdin, _ := cmd.StdinPipe()
 		stdout, _ := cmd.StdoutPipe()
 		var stderr bytes.Buffer
@@ -375,6 +342,39 @@ func TestStuckFlowsStayWithinTheBufferBudget(t *testing.T) {
 		}
 		t.Logf("%d MiB with %d stuck downloads", rss>>10, flows)
 	})
+}
+
+// tcpServer serves network's addr until the test ends, each connection
+// handled on its own goroutine and closed at the end; it returns the port.
+func tcpServer(t *testing.T, network, addr string, handle func(net.Conn)) int {
+	t.Helper()
+	ln, err := net.Listen(network, addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var conns []net.Conn
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range conns {
+			c.Close()
+		}
+	})
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns = append(conns, c)
+			mu.Unlock()
+			go handle(c)
+		}
+	}()
+	return ln.Addr().(*net.TCPAddr).Port
 }
 
 // statusKiB reads a field in kB of /proc/PID/status.
