@@ -19,8 +19,20 @@ type Cache struct {
 	mu     sync.Mutex
 	m      map[netip.Addr]map[string]time.Time
 	latest map[netip.Addr]string // the name last asked for that resolved to the address
+	swept  time.Time             // when expired addresses last went
 	Now    func() time.Time      // nil: time.Now
 }
+
+// A sandbox asking for endless names (random labels under a wildcard
+// domain) would grow the cache without end, and make every flow to their
+// address carry all of them in the flow log. The names of an address
+// and the addresses are bounded; what goes is what expires first, so a
+// flow finds the names asked for last. Dropping a name only takes an
+// allowance away (a denied name is never answered, so never here).
+const (
+	MaxNamesPerAddr = 32
+	MaxAddrs        = 1 << 16
+)
 
 func (c *Cache) now() time.Time {
 	if c.Now != nil {
@@ -33,6 +45,7 @@ func (c *Cache) now() time.Time {
 func (c *Cache) Record(addr netip.Addr, name string, ttl time.Duration) {
 	ttl = max(ttl, MinTTL)
 	addr = addr.Unmap()
+	now := c.now()
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.m == nil {
@@ -40,13 +53,70 @@ func (c *Cache) Record(addr netip.Addr, name string, ttl time.Duration) {
 	}
 	names := c.m[addr]
 	if names == nil {
+		if len(c.m) >= MaxAddrs {
+			c.evictAddrLocked(now)
+		}
 		names = make(map[string]time.Time)
 		c.m[addr] = names
 	}
-	exp := c.now().Add(ttl)
+	if _, known := names[name]; !known && len(names) >= MaxNamesPerAddr {
+		evictName(names, now)
+	}
+	exp := now.Add(ttl)
 	if exp.After(names[name]) {
 		names[name] = exp
 	}
+}
+
+// evictName makes room for one name: the expired go, or else the one
+// that expires first.
+func evictName(names map[string]time.Time, now time.Time) {
+	var first string
+	var firstExp time.Time
+	for n, exp := range names {
+		if !now.Before(exp) {
+			delete(names, n)
+		} else if first == "" || exp.Before(firstExp) {
+			first, firstExp = n, exp
+		}
+	}
+	if len(names) >= MaxNamesPerAddr {
+		delete(names, first)
+	}
+}
+
+// evictAddrLocked makes room for one address: those whose names all
+// expired go (looked for at most once per MinTTL, the scan being long),
+// or else any one.
+func (c *Cache) evictAddrLocked(now time.Time) {
+	if now.Sub(c.swept) >= MinTTL {
+		c.swept = now
+		for a, names := range c.m {
+			if expired(names, now) {
+				c.dropLocked(a)
+			}
+		}
+	}
+	for a := range c.m {
+		if len(c.m) < MaxAddrs {
+			return
+		}
+		c.dropLocked(a)
+	}
+}
+
+func expired(names map[string]time.Time, now time.Time) bool {
+	for _, exp := range names {
+		if now.Before(exp) {
+			return false
+		}
+	}
+	return true
+}
+
+func (c *Cache) dropLocked(a netip.Addr) {
+	delete(c.m, a)
+	delete(c.latest, a)
 }
 
 // RecordQuery notes that the sandbox asked for name and got addr: the name
@@ -89,7 +159,7 @@ func (c *Cache) Names(addr netip.Addr) []string {
 		}
 	}
 	if len(c.m[addr]) == 0 {
-		delete(c.m, addr)
+		c.dropLocked(addr)
 	}
 	sort.Strings(out)
 	return out
