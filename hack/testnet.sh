@@ -8,7 +8,8 @@
 #   203.0.113.10, 2001:db8::10   HTTP (busybox httpd :80), TCP echo :7, UDP echo :7,
 #                                TCP "banner" server :25 (the server speaks first)
 #   203.0.113.20, 2001:db8::20   same servers (a second, "denied" host)
-#   203.0.113.53, 2001:db8::53   dnsmasq with the names below
+#   203.0.113.53, 2001:db8::53   dnsmasq with the names below (and every
+#                                name under wild.test: 203.0.113.10)
 #   203.0.113.30, 2001:db8::30   proxies: squid :3128 (open) and :3129 (Basic auth
 #                                alice:s3cret), microsocks :1080 (open) and :1081
 #                                (alice:s3cret) (and open on [2001:db8::30]:1080), tinyproxy :8888, and stunnel in front
@@ -85,6 +86,7 @@ up() {
 		--host-record=denied.test,203.0.113.20,2001:db8::20 \
 		--host-record=shared.test,203.0.113.10 \
 		--host-record=loopback.test,127.0.0.1 \
+		--address=/wild.test/203.0.113.10 \
 		--cname=alias.test,allowed.test \
 		--cname=tracker.test,denied.test \
 		--txt-record=txt.test,"hello"

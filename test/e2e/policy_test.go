@@ -11,6 +11,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -341,6 +342,31 @@ func TestStuckFlowsStayWithinTheBufferBudget(t *testing.T) {
 			t.Errorf("childflow holds %d MiB with %d stuck downloads, want at most %d", rss>>10, flows, limit>>10)
 		}
 		t.Logf("%d MiB with %d stuck downloads", rss>>10, flows)
+	})
+}
+
+// A sandbox asking for endless names under a wildcard (dnsmasq answers
+// every name under wild.test) makes their address carry at most 32 of
+// them, those asked for last, in each flow event, not all of them.
+func TestEndlessNamesStayBounded(t *testing.T) {
+	users(t, func(t *testing.T, u as) {
+		log := filepath.Join(logDir(t), "flows.jsonl")
+		r := sh(t, u, []string{"--flow-log", log}, `for i in $(seq 100); do dig +short +time=2 +tries=1 r$i.wild.test >/dev/null; done
+curl -sS -m5 -o /dev/null http://203.0.113.10/`)
+		if r.code != 0 {
+			t.Fatal(r)
+		}
+		for _, ev := range readFlowLog(t, log) {
+			if ev["event"] != "connect_attempt" || ev["dst"] != "203.0.113.10:80" {
+				continue
+			}
+			names, _ := ev["names"].([]any)
+			if len(names) != 32 || !slices.Contains(names, any("r100.wild.test")) || slices.Contains(names, any("r1.wild.test")) {
+				t.Fatalf("%d names, want the 32 asked for last: %v", len(names), names)
+			}
+			return
+		}
+		t.Fatal("no connect_attempt to 203.0.113.10:80")
 	})
 }
 
