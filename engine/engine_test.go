@@ -2,7 +2,6 @@ package engine
 
 import (
 	"context"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -789,25 +788,5 @@ func TestSourcePortReusedAfterServerClose(t *testing.T) {
 		io.ReadAll(c)
 		c.Close()
 		time.Sleep(10 * time.Millisecond) // our side's last ACK
-	}
-}
-
-func TestBroadcastOf(t *testing.T) {
-	for _, tc := range []struct {
-		ip, mask string
-		want     string
-	}{
-		{"10.99.0.1", "ffffff00", "10.99.0.255"},
-		{"192.0.2.130", "ffffffc0", "192.0.2.191"},
-		{"203.0.113.1", "fffffffc", "203.0.113.3"},
-		{"203.0.113.1", "fffffffe", ""}, // a /31 has none
-		{"127.0.0.1", "ffffffff", ""},
-		{"2001:db8::1", "ffffffffffffffff0000000000000000", ""},
-	} {
-		m, _ := hex.DecodeString(tc.mask)
-		got, ok := broadcastOf(netip.MustParseAddr(tc.ip), net.IPMask(m))
-		if s := map[bool]string{true: got.String()}[ok]; s != tc.want {
-			t.Errorf("broadcastOf(%s/%s) = %q, want %q", tc.ip, tc.mask, s, tc.want)
-		}
 	}
 }

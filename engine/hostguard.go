@@ -4,9 +4,9 @@ package engine
 // they are, and host sockets that cannot broadcast.
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
-	"net"
 	"net/netip"
 	"os"
 	"strings"
@@ -20,13 +20,15 @@ import (
 
 // followHostAddrs keeps the policy's host addresses those the host has,
 // until the engine closes: a host gains addresses while a sandbox runs (a
-// VPN comes up, a container runtime creates its bridge), and reaching one
-// is reaching the host. The subscription comes first, so no change made
-// while the addresses are read goes unseen.
+// VPN comes up, a container runtime creates its bridge, a route makes a
+// range local), and reaching one is reaching the host. The subscription
+// comes first, so no change made while the addresses are read goes
+// unseen.
 func (e *Engine) followHostAddrs() error {
 	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, unix.NETLINK_ROUTE)
 	if err == nil {
-		err = unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK, Groups: unix.RTMGRP_IPV4_IFADDR | unix.RTMGRP_IPV6_IFADDR})
+		groups := uint32(unix.RTMGRP_IPV4_IFADDR | unix.RTMGRP_IPV6_IFADDR | unix.RTMGRP_IPV4_ROUTE | unix.RTMGRP_IPV6_ROUTE)
+		err = unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK, Groups: groups})
 		if err != nil {
 			unix.Close(fd)
 		}
@@ -42,13 +44,16 @@ func (e *Engine) followHostAddrs() error {
 	}
 	e.policy.Store(p)
 	e.goServe(func() {
-		// A notice is read only to be counted: a short buffer truncates it.
+		// A notice is read for its headers only: a short buffer truncates it.
 		buf := make([]byte, 256)
 		for {
-			// What changed does not matter: the addresses are read again.
-			// ENOBUFS: notices were lost, which is a change too.
-			if _, err := f.Read(buf); err != nil && !errors.Is(err, syscall.ENOBUFS) {
+			n, err := f.Read(buf)
+			// ENOBUFS: notices were lost, which may hide a change.
+			if err != nil && !errors.Is(err, syscall.ENOBUFS) {
 				return // closed
+			}
+			if err == nil && !hostChange(buf[:n]) {
+				continue
 			}
 			if p, err := withHostAddrs(e.cfg.Policy, e.cfg.Plan); err == nil {
 				e.policy.Store(p)
@@ -58,45 +63,37 @@ func (e *Engine) followHostAddrs() error {
 	return nil
 }
 
-// withHostAddrs returns a copy of p that also guards the gateway, every
-// address of the host and the broadcast address of each of its IPv4
-// networks.
+// hostChange reports whether a notice changes what is the host's: any
+// address notice, and those of routes that deliver to the host. A node's
+// other routes (a pod's, every few seconds) are not worth a new reading.
+func hostChange(notice []byte) bool {
+	if len(notice) < unix.SizeofNlMsghdr+unix.SizeofRtMsg {
+		return true
+	}
+	typ := binary.NativeEndian.Uint16(notice[4:6])
+	if typ != unix.RTM_NEWROUTE && typ != unix.RTM_DELROUTE {
+		return true
+	}
+	var rtm syscall.RtMsg
+	rtm.Table = notice[unix.SizeofNlMsghdr+4]
+	rtm.Type = notice[unix.SizeofNlMsghdr+7]
+	return netplan.IsLocalRoute(&rtm)
+}
+
+// withHostAddrs returns a copy of p that also guards the gateway and
+// whatever the host's kernel delivers to the host itself, as its local
+// routes say: its addresses, the broadcast address of each of its IPv4
+// networks, and whole ranges a route makes its own.
 func withHostAddrs(p *policy.Policy, plan netplan.Plan) (*policy.Policy, error) {
-	addrs, err := net.InterfaceAddrs()
+	local, err := netplan.LocalRoutes()
 	if err != nil {
 		return nil, fmt.Errorf("listing the host's addresses: %w", err)
 	}
 	cp := *p
 	cp.HostAddrs = append([]netip.Prefix(nil), p.HostAddrs...)
 	cp.HostAddrs = append(cp.HostAddrs, netip.PrefixFrom(plan.Gateway4, 32), netip.PrefixFrom(plan.Gateway6, 128))
-	for _, a := range addrs {
-		ipn, ok := a.(*net.IPNet)
-		if !ok {
-			continue
-		}
-		if ip, ok := netip.AddrFromSlice(ipn.IP); ok {
-			ip = ip.Unmap()
-			cp.HostAddrs = append(cp.HostAddrs, netip.PrefixFrom(ip, ip.BitLen()))
-			if b, ok := broadcastOf(ip, ipn.Mask); ok {
-				cp.HostAddrs = append(cp.HostAddrs, netip.PrefixFrom(b, 32))
-			}
-		}
-	}
+	cp.HostAddrs = append(cp.HostAddrs, local...)
 	return &cp, nil
-}
-
-// broadcastOf is the broadcast address of ip's IPv4 network, which has
-// one unless it is a /31 or /32.
-func broadcastOf(ip netip.Addr, mask net.IPMask) (netip.Addr, bool) {
-	ones, bits := mask.Size()
-	if !ip.Is4() || bits != 32 || ones > 30 {
-		return netip.Addr{}, false
-	}
-	b := ip.As4()
-	for i := range b {
-		b[i] |= ^mask[i]
-	}
-	return netip.AddrFrom4(b), true
 }
 
 // refuseBroadcast, a dialer's or listener's Control, takes back the

@@ -171,63 +171,73 @@ func TestBroadcastReachesNeitherHostNorNetwork(t *testing.T) {
 }
 
 // TestAddressTheHostGainsIsGuarded: an address the host gains while a
-// sandbox runs (a VPN coming up, a runtime's bridge) is the host's too.
+// sandbox runs (a VPN coming up, a runtime's bridge) is the host's too,
+// and so is a range a local route gives it (AnyIP).
 func TestAddressTheHostGainsIsGuarded(t *testing.T) {
 	requireRoot(t)
 	hostAndNetwork(t)
-	for i, backend := range backends {
-		t.Run(backend.name, func(t *testing.T) {
-			if backend.u == rootless {
-				withTunOpen(t)
+	n := 0
+	for _, backend := range backends {
+		// What the host gains: an address, or a route that makes a range
+		// its own (AnyIP) with no address in it.
+		for _, kind := range []string{"address", "local route"} {
+			n++
+			gained, ipArgs := fmt.Sprintf("10.99.0.%d", 6+n), []string{"addr", "add", fmt.Sprintf("10.99.0.%d/24", 6+n), "dev", "cfbc-h"}
+			if kind == "local route" {
+				gained, ipArgs = fmt.Sprintf("10.50.%d.7", n), []string{"route", "add", "local", fmt.Sprintf("10.50.%d.0/24", n), "dev", "lo"}
 			}
-			host := listen(t, hostNS, "9999", "UDP4-RECV:9999")
-			lan := listen(t, lanNS, "9999", "UDP4-RECV:9999")
-			dir := logDir(t)
-			log, added := filepath.Join(dir, "flows.jsonl"), filepath.Join(dir, "added")
-			gained := fmt.Sprintf("10.99.0.%d", 7+i)
-			script := "while [ ! -e " + added + " ]; do sleep 0.05; done; " +
-				"echo gained | socat -u - UDP4-DATAGRAM:" + gained + ":9999; echo network | socat -u - UDP4-DATAGRAM:10.99.0.2:9999; exit 4"
-			argv := inHost(backend.u, append(append([]string{"--flow-log", log}, backend.flags...), "--", "sh", "-c", script)...)
-			cmd := exec.Command(argv[0], argv[1:]...)
-			var stderr bytes.Buffer
-			cmd.Stderr = &stderr
-			if err := cmd.Start(); err != nil {
-				t.Fatal(err)
-			}
-			// The sandbox is up once its flow log is: then the host gains
-			// the address, and a moment later the command sends to it.
-			for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
-				if _, err := os.Stat(log); err == nil {
-					break
+			t.Run(backend.name+"/"+kind, func(t *testing.T) {
+				if backend.u == rootless {
+					withTunOpen(t)
 				}
-				if time.Now().After(deadline) {
-					cmd.Process.Kill()
-					t.Fatalf("no flow log: %s", stderr.String())
+				host := listen(t, hostNS, "9999", "UDP4-RECV:9999")
+				lan := listen(t, lanNS, "9999", "UDP4-RECV:9999")
+				dir := logDir(t)
+				log, added := filepath.Join(dir, "flows.jsonl"), filepath.Join(dir, "added")
+				script := "while [ ! -e " + added + " ]; do sleep 0.05; done; " +
+					"echo gained | socat -u - UDP4-DATAGRAM:" + gained + ":9999; echo network | socat -u - UDP4-DATAGRAM:10.99.0.2:9999; exit 4"
+				argv := inHost(backend.u, append(append([]string{"--flow-log", log}, backend.flags...), "--", "sh", "-c", script)...)
+				cmd := exec.Command(argv[0], argv[1:]...)
+				var stderr bytes.Buffer
+				cmd.Stderr = &stderr
+				if err := cmd.Start(); err != nil {
+					t.Fatal(err)
 				}
-			}
-			time.Sleep(300 * time.Millisecond)
-			if out, err := exec.Command("ip", "-n", hostNS, "addr", "add", gained+"/24", "dev", "cfbc-h").CombinedOutput(); err != nil {
-				t.Fatalf("%v: %s", err, out)
-			}
-			time.Sleep(300 * time.Millisecond)
-			os.WriteFile(added, nil, 0o644)
-			err := cmd.Wait()
-			if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 4 {
-				t.Fatalf("childflow: %v\n%s", err, stderr.String())
-			}
-			for deadline := time.Now().Add(5 * time.Second); lan.got() == ""; time.Sleep(20 * time.Millisecond) {
-				if time.Now().After(deadline) {
-					t.Fatal("the network got nothing")
+				// The sandbox is up once its flow log is: then the host gains
+				// the address, and a moment later the command sends to it.
+				for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+					if _, err := os.Stat(log); err == nil {
+						break
+					}
+					if time.Now().After(deadline) {
+						cmd.Process.Kill()
+						t.Fatalf("no flow log: %s", stderr.String())
+					}
 				}
-			}
-			time.Sleep(200 * time.Millisecond)
-			if got := host.got(); got != "" {
-				t.Errorf("the host got %q through the address it gained", got)
-			}
-			if !hasEvent(readFlowLog(t, log), map[string]any{"event": "policy_violation", "dst": gained + ":9999", "reason_code": "host_address"}) {
-				t.Errorf("no host_address violation for %s in the flow log", gained)
-			}
-		})
+				time.Sleep(300 * time.Millisecond)
+				if out, err := exec.Command("ip", append([]string{"-n", hostNS}, ipArgs...)...).CombinedOutput(); err != nil {
+					t.Fatalf("%v: %s", err, out)
+				}
+				time.Sleep(300 * time.Millisecond)
+				os.WriteFile(added, nil, 0o644)
+				err := cmd.Wait()
+				if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 4 {
+					t.Fatalf("childflow: %v\n%s", err, stderr.String())
+				}
+				for deadline := time.Now().Add(5 * time.Second); lan.got() == ""; time.Sleep(20 * time.Millisecond) {
+					if time.Now().After(deadline) {
+						t.Fatal("the network got nothing")
+					}
+				}
+				time.Sleep(200 * time.Millisecond)
+				if got := host.got(); got != "" {
+					t.Errorf("the host got %q through the %s it gained", got, kind)
+				}
+				if !hasEvent(readFlowLog(t, log), map[string]any{"event": "policy_violation", "dst": gained + ":9999", "reason_code": "host_address"}) {
+					t.Errorf("no host_address violation for %s in the flow log", gained)
+				}
+			})
+		}
 	}
 }
 
