@@ -10,9 +10,12 @@
 #   203.0.113.20, 2001:db8::20   same servers (a second, "denied" host)
 #   203.0.113.53, 2001:db8::53   dnsmasq with the names below (and every
 #                                name under wild.test: 203.0.113.10)
+#   203.0.113.54, 2001:db8::54   unbound, forwarding to dnsmasq; it answers
+#                                unbound.test (203.0.113.10) itself
 #   203.0.113.30, 2001:db8::30   proxies: squid :3128 (open) and :3129 (Basic auth
 #                                alice:s3cret), microsocks :1080 (open) and :1081
-#                                (alice:s3cret) (and open on [2001:db8::30]:1080), tinyproxy :8888, and stunnel in front
+#                                (alice:s3cret) (and open on [2001:db8::30]:1080), dante :1082 (open),
+#                                tinyproxy :8888, and stunnel in front
 #                                of squid :3128 as HTTPS proxies: :3443 with a
 #                                certificate for 203.0.113.30, :3444 with one for
 #                                elsewhere.test, both from the test CA in
@@ -57,7 +60,7 @@ up() {
 	ip -6 addr add 2001:db8::1/64 dev "$host_if" nodad
 	ip link set "$host_if" up
 	ip netns exec "$ns" ip link set lo up
-	for a in 10 20 30 53; do
+	for a in 10 20 30 53 54; do
 		ip netns exec "$ns" ip addr add "203.0.113.$a/26" dev "$ns_if"
 		ip netns exec "$ns" ip -6 addr add "2001:db8::$a/64" dev "$ns_if" nodad
 	done
@@ -91,18 +94,21 @@ up() {
 		--cname=tracker.test,denied.test \
 		--txt-record=txt.test,"hello"
 	start_proxies
+	start_unbound
 	# Wait until every server listens.
 	for _ in $(seq 100); do
 		if ip netns exec "$ns" ss -Hltn 'sport = :80' | grep -q . &&
 			ip netns exec "$ns" ss -Hltn 'sport = :7' | grep -q . &&
 			ip netns exec "$ns" ss -Hltn 'sport = :25' | grep -q . &&
 			[ "$(ip netns exec "$ns" ss -Hlun 'sport = :7' | wc -l)" = 4 ] &&
-			ip netns exec "$ns" ss -Hlun 'sport = :53' | grep -q . &&
+			ip netns exec "$ns" ss -Hlun 'src 203.0.113.53 and sport = :53' | grep -q . &&
+			ip netns exec "$ns" ss -Hlun 'src 203.0.113.54 and sport = :53' | grep -q . &&
+			ip netns exec "$ns" ss -Hltn 'sport = :1082' | grep -q . &&
 			ip netns exec "$ns" ss -Hltn 'sport = :3129' | grep -q . &&
 			ip netns exec "$ns" ss -Hltn 'sport = :1081' | grep -q . &&
 			ip netns exec "$ns" ss -Hltn 'sport = :8888' | grep -q . &&
 			ip netns exec "$ns" ss -Hltn 'sport = :3444' | grep -q .; then
-			echo "testnet $name up: netns $ns, hosts 203.0.113.10 203.0.113.20, dns 203.0.113.53"
+			echo "testnet $name up: netns $ns, hosts 203.0.113.10 203.0.113.20, dns 203.0.113.53 (dnsmasq) and .54 (unbound)"
 			return 0
 		fi
 		sleep 0.05
@@ -166,6 +172,49 @@ CONF
 	start microsocks microsocks -i 203.0.113.30 -p 1080
 	start microsocks-auth microsocks -i 203.0.113.30 -p 1081 -u alice -P s3cret
 	start microsocks6 microsocks -i 2001:db8::30 -p 1080
+	mkdir -p "$state/dante"
+	cat >"$state/dante/danted.conf" <<CONF
+logoutput: stderr
+internal: 203.0.113.30 port = 1082
+external: 203.0.113.30
+socksmethod: none
+clientmethod: none
+user.privileged: root
+user.unprivileged: nobody
+client pass { from: 0.0.0.0/0 to: 0.0.0.0/0 }
+socks pass { from: 0.0.0.0/0 to: 0.0.0.0/0 log: connect }
+CONF
+	start dante danted -f "$state/dante/danted.conf" -p "$state/dante/danted.pid"
+}
+
+# start_unbound: a second resolver, unbound, forwarding to dnsmasq and
+# answering unbound.test itself (so a test can tell who answered).
+start_unbound() {
+	mkdir -p "$state/unbound"
+	cat >"$state/unbound/unbound.conf" <<CONF
+server:
+	interface: 203.0.113.54
+	interface: 2001:db8::54
+	access-control: 0.0.0.0/0 allow
+	access-control: ::/0 allow
+	do-daemonize: no
+	username: ""
+	chroot: ""
+	directory: "$state/unbound"
+	pidfile: ""
+	use-syslog: no
+	logfile: ""
+	module-config: "iterator"
+	do-not-query-localhost: no
+	# test. is one of unbound's default blocked zones (RFC 6761).
+	local-zone: "test." nodefault
+	local-zone: "unbound.test." static
+	local-data: "unbound.test. 60 IN A 203.0.113.10"
+forward-zone:
+	name: "."
+	forward-addr: 203.0.113.53
+CONF
+	start unbound unbound -d -c "$state/unbound/unbound.conf"
 }
 
 # make_certs: a throwaway CA and two server certificates for the HTTPS proxies.

@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -242,6 +243,33 @@ curl -sS -m10 -o /dev/null -w '%{size_download}\n' http://203.0.113.10/10m.bin
 		}
 		if n := strings.Count(r.stdout, "hello from the test internet"); n != 4 {
 			t.Errorf("%d of 4 HTTP fetches answered:\n%s", n, r)
+		}
+	})
+}
+
+// -d/--dns with another resolver, unbound (which answers unbound.test
+// itself and forwards the rest to dnsmasq), over IPv4 and IPv6: the
+// sandbox's queries go to it alone.
+func TestAnotherResolver(t *testing.T) {
+	users(t, func(t *testing.T, u as) {
+		for _, resolver := range []string{"203.0.113.54", "2001:db8::54"} {
+			log := filepath.Join(logDir(t), "flows.jsonl")
+			r := run(t, u, "--dns", resolver, "--flow-log", log, "--", "sh", "-c", `set -e
+dig +short +time=3 unbound.test A
+dig +short +tcp +time=3 web.test AAAA
+curl -sS -m5 http://web.test/`)
+			if r.code != 0 || !strings.Contains(r.stdout, "203.0.113.10\n2001:db8::10\nhello from the test internet") {
+				t.Fatalf("--dns %s: %s", resolver, r)
+			}
+			upstream := netip.AddrPortFrom(netip.MustParseAddr(resolver), 53).String()
+			for _, ev := range readFlowLog(t, log) {
+				if ev["event"] == "dns_answer" && ev["upstream"] != upstream {
+					t.Fatalf("--dns %s: an answer from %v", resolver, ev["upstream"])
+				}
+			}
+			if !hasEvent(readFlowLog(t, log), map[string]any{"event": "dns_answer", "qname": "unbound.test", "upstream": upstream}) {
+				t.Fatalf("--dns %s: no answer for unbound.test from %s", resolver, upstream)
+			}
 		}
 	})
 }

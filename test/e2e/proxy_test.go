@@ -18,6 +18,7 @@ const (
 	squidAuth   = "http://203.0.113.30:3129"
 	socksOpen   = "203.0.113.30:1080"
 	socksAuth   = "203.0.113.30:1081"
+	danteOpen   = "203.0.113.30:1082"
 	proxyLogDir = "/run/childflow-testnet/" + testnet
 )
 
@@ -126,6 +127,14 @@ func TestProxySOCKS5(t *testing.T) {
 			t.Fatal(r)
 		}
 		waitFor(t, socksLog("microsocks6"), "connected to web.test:80")
+		// Dante, whose replies carry the address it bound, resolves the
+		// name itself and logs where it went.
+		r = sh(t, u, []string{"-p", "socks5h://" + danteOpen}, forced)
+		if r.code != 0 || !strings.Contains(r.stdout, "220 banner.test") || !strings.Contains(r.stdout, "hello from the test internet") {
+			t.Fatal(r)
+		}
+		waitFor(t, socksLog("dante"), "-> 203.0.113.30.")
+		waitFor(t, socksLog("dante"), " 203.0.113.10.25")
 	})
 }
 
