@@ -143,6 +143,31 @@ dig +short +tcp +time=3 +tries=2 @"$gw" web.test A`)...)
 	}
 }
 
+// The rootful backend holds at most 8192 of the sandbox's connections to
+// the host (as the engine holds 8192 flows): the sandbox opens 8300 to
+// its resolver, the ones over are refused and logged once, and once it
+// lets them go DNS over TCP answers again.
+func TestRootLimitsTheConnectionsToTheHost(t *testing.T) {
+	requireRoot(t)
+	log := filepath.Join(t.TempDir(), "flows.jsonl")
+	r := sh(t, root, append(rootArgs, "--flow-log", log), `ulimit -n 9000
+gw=$(awk '/^nameserver/ { print $2; exit }' /etc/resolv.conf)
+perl -MIO::Socket::INET -e 'for (1..8300) { push @c, (IO::Socket::INET->new("$ARGV[0]:53") or die "connect $_: $!") }' "$gw" || exit 99
+dig +short +tcp +time=3 +tries=2 @"$gw" web.test A`)
+	if r.code != 0 || strings.TrimSpace(r.stdout) != "203.0.113.10" {
+		t.Fatal(r)
+	}
+	var failures []string
+	for _, ev := range readFlowLog(t, log) {
+		if ev["event"] == "runtime_failure" {
+			failures = append(failures, fmt.Sprint(ev["error"]))
+		}
+	}
+	if len(failures) != 1 || !strings.Contains(failures[0], "holds 8192 connections to the host") {
+		t.Fatalf("runtime failures %q, want one about the limit", failures)
+	}
+}
+
 // TestRootIface: a second path to 203.0.113.0/26 through another veth,
 // less preferred by the host's routes; --iface makes the sandbox take it,
 // and its far end counts the packets.
