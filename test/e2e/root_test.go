@@ -145,14 +145,15 @@ dig +short +tcp +time=3 +tries=2 @"$gw" web.test A`)...)
 
 // The rootful backend holds at most 8192 of the sandbox's connections to
 // the host (as the engine holds 8192 flows): the sandbox opens 8300 to
-// its resolver, the ones over are refused and logged once, and once it
-// lets them go DNS over TCP answers again.
+// its resolver and holds them until the last is reset, the ones over are
+// logged once, and once it lets them go DNS over TCP answers again.
 func TestRootLimitsTheConnectionsToTheHost(t *testing.T) {
 	requireRoot(t)
 	log := filepath.Join(t.TempDir(), "flows.jsonl")
 	r := sh(t, root, append(rootArgs, "--flow-log", log), `ulimit -n 9000
 gw=$(awk '/^nameserver/ { print $2; exit }' /etc/resolv.conf)
-perl -MIO::Socket::INET -e 'for (1..8300) { push @c, (IO::Socket::INET->new("$ARGV[0]:53") or die "connect $_: $!") }' "$gw" || exit 99
+perl -MIO::Socket::INET -e 'for (1..8300) { push @c, (IO::Socket::INET->new("$ARGV[0]:53") or die "connect $_: $!") }
+alarm 10; defined(sysread($c[-1], my $b, 1)) and die "the last connection was not reset\n"; print STDERR "reset: $!\n"' "$gw" || exit 99
 dig +short +tcp +time=3 +tries=2 @"$gw" web.test A`)
 	if r.code != 0 || strings.TrimSpace(r.stdout) != "203.0.113.10" {
 		t.Fatal(r)
