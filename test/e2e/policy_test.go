@@ -316,7 +316,7 @@ func TestStuckFlowsStayWithinTheBufferBudget(t *testing.T) {
 		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 		defer cancel()
 		cmd := command(ctx, u, "--allow-cidr", "10.87.0.1/32", "--", "perl", "-MIO::Socket::INET", "-e",
-			fmt.Sprintf(`$| = 1; for (1..%d) { push @c, IO::Socket::INET->new("10.87.0.1:%d") or die "connect: $!" } print "open\n"; <STDIN>`,
+			fmt.Sprintf(`$| = 1; for (1..%d) { push @c, (IO::Socket::INET->new("10.87.0.1:%d") or die "connect: $!") } print "open\n"; <STDIN>`,
 				flows, port))
 		stdin, _ := cmd.StdinPipe()
 		stdout, _ := cmd.StdoutPipe()
