@@ -52,18 +52,21 @@ func TestMain(m *testing.M) {
 		panic(err)
 	}
 	os.Chmod(dir, 0o755) // nobody runs the binary too
+	fail := func(format string, args ...any) {
+		fmt.Printf(format, args...)
+		os.RemoveAll(dir)
+		os.Exit(1)
+	}
 	bin = filepath.Join(dir, "childflow")
 	for _, cmd := range []string{"childflow", "childflow-init", "childflow-hook", "childflow-runtime", "childflow-cni"} {
 		build := exec.Command("go", "build", "-o", filepath.Join(dir, cmd), "../../cmd/"+cmd)
 		build.Env = append(os.Environ(), "CGO_ENABLED=0")
 		if out, err := build.CombinedOutput(); err != nil {
-			fmt.Printf("building %s: %v\n%s", cmd, err, out)
-			os.Exit(1)
+			fail("building %s: %v\n%s", cmd, err, out)
 		}
 	}
 	if out, err := exec.Command("../../hack/testnet.sh", "up", testnet).CombinedOutput(); err != nil {
-		fmt.Printf("testnet up: %v\n%s", err, out)
-		os.Exit(1)
+		fail("testnet up: %v\n%s", err, out)
 	}
 	code := m.Run()
 	exec.Command("../../hack/testnet.sh", "down", testnet).Run()
