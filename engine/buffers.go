@@ -17,8 +17,9 @@ import (
 
 // flowBuffers are one flow's buffer sizes.
 type flowBuffers struct {
-	window int // the stack's receive and send buffers; 0: autotuned
-	copy   int // each direction's copy buffer
+	window int        // the stack's receive and send buffers; 0: autotuned
+	copy   int        // each direction's copy buffer
+	pool   *sync.Pool // of copy buffers of that size
 	cost   int64
 }
 
@@ -27,7 +28,8 @@ func tier(window, copy int) flowBuffers {
 	if w == 0 {
 		w = netstack.MaxBuffer
 	}
-	return flowBuffers{window: window, copy: copy, cost: 2*int64(w) + 2*int64(copy)}
+	pool := &sync.Pool{New: func() any { b := make([]byte, copy); return &b }}
+	return flowBuffers{window: window, copy: copy, pool: pool, cost: 2*int64(w) + 2*int64(copy)}
 }
 
 var bufferTiers = []flowBuffers{
@@ -37,16 +39,6 @@ var bufferTiers = []flowBuffers{
 	// a link to 0.5 Mbit/s, 64 KiB still carries 2-3 Gbit/s.
 	tier(64<<10, 16<<10),
 }
-
-// copyPools hold each tier's copy buffers.
-var copyPools = func() map[int]*sync.Pool {
-	pools := map[int]*sync.Pool{}
-	for _, t := range bufferTiers {
-		size := t.copy
-		pools[size] = &sync.Pool{New: func() any { b := make([]byte, size); return &b }}
-	}
-	return pools
-}()
 
 // floor is the tier outside the budget: what each flow may buffer beyond it.
 var floor = bufferTiers[len(bufferTiers)-1]

@@ -68,7 +68,7 @@ func (e *Engine) handleTCP(r *netstack.TCPRequest) {
 		host.Close()
 		return
 	}
-	bytesUp, bytesDown := splice(e.ctx, sandbox, host, bufs.copy)
+	bytesUp, bytesDown := splice(e.ctx, sandbox, host, bufs.pool)
 	e.events.End(res, bytesUp, bytesDown, time.Since(start).Milliseconds())
 }
 
@@ -79,14 +79,14 @@ func (e *Engine) handleTCP(r *netstack.TCPRequest) {
 func (b *BufferBudget) Splice(ctx context.Context, sandbox, upstream net.Conn) (up, down int64) {
 	bufs := b.take()
 	defer b.give(bufs)
-	return splice(ctx, sandbox, upstream, bufs.copy)
+	return splice(ctx, sandbox, upstream, bufs.pool)
 }
 
 // splice copies both ways until both directions are done, passing on
 // half-closes, or until ctx ends. Back-pressure comes from the blocking
 // writes, so a peer that stops reading holds a copy in a write that only
 // closing the connections ends.
-func splice(ctx context.Context, sandbox, upstream net.Conn, copySize int) (up, down int64) {
+func splice(ctx context.Context, sandbox, upstream net.Conn, buffers *sync.Pool) (up, down int64) {
 	stop := context.AfterFunc(ctx, func() {
 		sandbox.Close()
 		upstream.Close()
@@ -96,9 +96,9 @@ func splice(ctx context.Context, sandbox, upstream net.Conn, copySize int) (up, 
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		up = copyHalf(upstream, sandbox, copySize)
+		up = copyHalf(upstream, sandbox, buffers)
 	}()
-	down = copyHalf(sandbox, upstream, copySize)
+	down = copyHalf(sandbox, upstream, buffers)
 	wg.Wait()
 	sandbox.Close()
 	upstream.Close()
@@ -109,9 +109,9 @@ type closeWriter interface{ CloseWrite() error }
 
 // copyHalf copies src to dst. On EOF it half-closes dst; on an error it
 // closes both, which also ends the other direction.
-func copyHalf(dst, src net.Conn, size int) int64 {
-	bp := copyPools[size].Get().(*[]byte)
-	defer copyPools[size].Put(bp)
+func copyHalf(dst, src net.Conn, buffers *sync.Pool) int64 {
+	bp := buffers.Get().(*[]byte)
+	defer buffers.Put(bp)
 	buf := *bp
 	var n int64
 	for {

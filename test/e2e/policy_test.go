@@ -41,26 +41,14 @@ type policyCase struct {
 // hostServer answers HTTP on every address of the host: the sandbox must
 // not reach it through the gateway or the host's own addresses.
 func hostServer(t *testing.T) int {
-	ln, err := net.Listen("tcp", ":0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			// Read the request first: closing with it unread would reset
-			// the connection under the response.
-			c.SetReadDeadline(time.Now().Add(2 * time.Second))
-			c.Read(make([]byte, 4096))
-			c.Write([]byte("HTTP/1.0 200 OK\r\n\r\nhost\n"))
-			c.Close()
-		}
-	}()
-	return ln.Addr().(*net.TCPAddr).Port
+	return tcpServer(t, "tcp", ":0", func(c net.Conn) {
+		// Read the request first: closing with it unread would reset
+		// the connection under the response.
+		c.SetReadDeadline(time.Now().Add(2 * time.Second))
+		c.Read(make([]byte, 4096))
+		c.Write([]byte("HTTP/1.0 200 OK\r\n\r\nhost\n"))
+		c.Close()
+	})
 }
 
 // The gateways: rootless 10.87.0.1, 172.29.87.1, 192.168.187.1 (and
