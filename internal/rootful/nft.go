@@ -252,8 +252,10 @@ func installTable(s tableSpec) error {
 	n.rule(pol, &expr.Verdict{Kind: expr.VerdictGoto, Chain: after.Name})
 
 	// The host is reachable only through an allow-cidr rule: its own
-	// addresses, and its networks' broadcast addresses, which it hears too.
-	for _, typ := range []uint32{unix.RTN_LOCAL, unix.RTN_BROADCAST} {
+	// addresses, its networks' broadcast addresses, which it hears too,
+	// and the anycast addresses a forwarding host answers on (IPv6's
+	// subnet-router anycast, prefix::, on each of its links).
+	for _, typ := range []uint32{unix.RTN_LOCAL, unix.RTN_BROADCAST, unix.RTN_ANYCAST} {
 		n.rule(after, nftexpr.Cat([]expr.Any{
 			&expr.Fib{Register: 1, FlagDADDR: true, ResultADDRTYPE: true},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(typ)},

@@ -170,6 +170,50 @@ func TestBroadcastReachesNeitherHostNorNetwork(t *testing.T) {
 	}
 }
 
+// TestAnycastIsTheHosts: a host that forwards IPv6 (a Docker or
+// Kubernetes node) answers on each of its links' subnet-router anycast
+// address, prefix::, as on its own; a sandbox must not reach the host's
+// services there either.
+func TestAnycastIsTheHosts(t *testing.T) {
+	requireRoot(t)
+	hostAndNetwork(t)
+	if out, err := exec.Command("ip", "netns", "exec", hostNS, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1").CombinedOutput(); err != nil {
+		t.Fatalf("forwarding in %s: %v\n%s", hostNS, err, out)
+	}
+	for _, backend := range backends {
+		t.Run(backend.name, func(t *testing.T) {
+			if backend.u == rootless {
+				withTunOpen(t)
+			}
+			host := listen(t, hostNS, "9996", "UDP6-RECV:9996")
+			lan := listen(t, lanNS, "9996", "UDP6-RECV:9996")
+			log := filepath.Join(logDir(t), "flows.jsonl")
+			r := execute(t, append(inHost(backend.u, append([]string{"--flow-log", log}, backend.flags...)...), "--", "sh", "-c",
+				"echo anycast | socat -u - UDP6-DATAGRAM:[fd99::]:9996; echo unicast | socat -u - UDP6-DATAGRAM:[fd99::2]:9996; exit 5")...)
+			if r.code != 5 {
+				t.Fatalf("childflow in %s: %s", hostNS, r)
+			}
+			// The unicast datagram went last: once it arrives, the
+			// anycast one would have too.
+			for deadline := time.Now().Add(5 * time.Second); lan.got() == ""; time.Sleep(20 * time.Millisecond) {
+				if time.Now().After(deadline) {
+					t.Fatal("unicast did not reach the network")
+				}
+			}
+			time.Sleep(200 * time.Millisecond)
+			if got := host.got(); got != "" {
+				t.Errorf("the host's listener got %q", got)
+			}
+			if got := lan.got(); got != "unicast\n" {
+				t.Errorf("the network's listener got %q, want %q", got, "unicast\n")
+			}
+			if !hasEvent(readFlowLog(t, log), map[string]any{"event": "policy_violation", "dst": "[fd99::]:9996", "reason_code": "host_address", "control": "host"}) {
+				t.Error("no host_address violation for [fd99::]:9996 in the flow log")
+			}
+		})
+	}
+}
+
 // TestAddressTheHostGainsIsGuarded: an address the host gains while a
 // sandbox runs (a VPN coming up, a runtime's bridge) is the host's too,
 // and so is a range a local route gives it (AnyIP).
