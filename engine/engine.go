@@ -121,7 +121,7 @@ func New(cfg Config) (*Engine, error) {
 	setDefault(&cfg.DialTimeout, 10*time.Second)
 	setDefault(&cfg.UDPIdleTimeout, 60*time.Second)
 	setDefault(&cfg.MaxFlows, DefaultMaxFlows)
-	setDefault(&cfg.MaxDNSInFlight, 128)
+	setDefault(&cfg.MaxDNSInFlight, dns.DefaultMaxInFlight)
 	if cfg.Buffers == nil {
 		cfg.Buffers = NewBufferBudget(DefaultBufferBudget)
 	}
@@ -135,7 +135,7 @@ func New(cfg Config) (*Engine, error) {
 	e.policy.Store(cfg.Policy) // and the host's addresses, from Start on
 	e.events.Sandbox, e.events.OnEvent = cfg.ID, cfg.OnEvent
 	e.owners = &procnet.Finder{InitPID: cfg.SandboxPID, Diag: cfg.SocketDiag}
-	e.resolver = &dns.Resolver{Upstreams: cfg.DNS, Policy: cfg.Policy, Cache: &e.cache, OnQuery: func(q dns.Query) { q.Log(&e.events) }, OnUpstream: cfg.OnUpstream}
+	e.resolver = &dns.Resolver{Upstreams: cfg.DNS, Policy: cfg.Policy, Cache: &e.cache, Events: &e.events, OnUpstream: cfg.OnUpstream}
 	return e, nil
 }
 

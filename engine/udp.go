@@ -10,6 +10,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/childflow/childflow/engine/dns"
 	"github.com/childflow/childflow/engine/netstack"
 	"github.com/childflow/childflow/engine/upstream"
 	"github.com/childflow/childflow/policy"
@@ -198,27 +199,14 @@ func (e *Engine) serveDNSFlow(c net.Conn) {
 }
 
 // serveDNSPackets answers DNS on the gateway's unconnected UDP socket.
+// It runs inside the WaitGroup, so each answer may join it: Close waits
+// for the queries in flight and their dns_answer.
 func (e *Engine) serveDNSPackets(pc net.PacketConn) {
-	buf := make([]byte, 65535)
-	for {
-		n, from, err := pc.ReadFrom(buf)
-		if err != nil {
-			return
-		}
-		// A sandbox flooding its resolver loses queries (clients retry);
-		// it does not make the engine hold unbounded goroutines.
-		select {
-		case e.dnsSem <- struct{}{}:
-		default:
-			e.fail("dns", fmt.Sprintf("%d DNS queries wait for the upstream resolvers, the engine's limit: more are dropped", cap(e.dnsSem)))
-			continue
-		}
-		msg := append([]byte(nil), buf[:n]...)
-		go func() {
-			defer func() { <-e.dnsSem }()
-			if resp := e.resolver.Answer(e.ctx, msg, false); resp != nil {
-				pc.WriteTo(resp, from)
-			}
-		}()
+	spawn := func(f func()) {
+		e.wg.Add(1)
+		go func() { defer e.wg.Done(); f() }()
 	}
+	dns.ServeUDP(e.ctx, e.resolver, pc, e.dnsSem, spawn, func() {
+		e.fail("dns", fmt.Sprintf("%d DNS queries wait for the upstream resolvers, the engine's limit: more are dropped", cap(e.dnsSem)))
+	})
 }

@@ -34,8 +34,13 @@ type Resolver struct {
 	Upstreams []netip.AddrPort
 	Policy    *policy.Policy
 	Cache     *Cache
-	// OnQuery, if non-nil, is told about every query after it is answered.
-	OnQuery func(Query)
+	// Events, if non-nil, gets each query's dns_query when it is asked
+	// (so one still waiting for the upstream resolvers is on record) and
+	// its dns_answer when it is answered.
+	Events *flowlog.Emitter
+	// OnAnswer, if non-nil, sees each answered query before the sandbox
+	// gets the answer; an error it sets is logged with the answer.
+	OnAnswer func(*Query)
 	// Timeout per upstream attempt; zero means 4 s.
 	Timeout time.Duration
 	// OnUpstream, if non-nil, is told of the socket of each exchange
@@ -49,7 +54,18 @@ type Resolver struct {
 func (r *Resolver) exchange(ctx context.Context, c *mdns.Client, req *mdns.Msg, up netip.AddrPort) (*mdns.Msg, error) {
 	ctx, closed := upstream.Watch(ctx, r.OnUpstream)
 	defer closed()
-	resp, _, err := c.ExchangeContext(ctx, req, up.String())
+	conn, err := c.DialContext(ctx, up.String())
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close()
+	// The client only reads ctx's deadline: a query waiting when the
+	// sandbox ends is cut here, not at its timeout.
+	defer context.AfterFunc(ctx, func() { conn.Close() })()
+	resp, _, err := c.ExchangeWithConnContext(ctx, req, conn)
+	if ctx.Err() != nil {
+		return nil, ctx.Err()
+	}
 	return resp, err
 }
 
@@ -64,6 +80,7 @@ func (r *Resolver) Answer(ctx context.Context, raw []byte, overTCP bool) []byte 
 	name := policy.NormalizeName(q.Name)
 	info := Query{Name: name, Type: mdns.TypeToString[q.Qtype]}
 	info.Decision = r.Policy.DecideName(name)
+	r.logQuestion(info)
 	var resp *mdns.Msg
 	if !info.Decision.Allow {
 		// Denied names get NODATA and are never sent upstream, so the
@@ -79,6 +96,7 @@ func (r *Resolver) Answer(ctx context.Context, raw []byte, overTCP bool) []byte 
 		} else if chain := cnameChain(name, resp); r.deniedAlias(chain, &info) {
 			// The name is allowed but an alias on its chain is denied:
 			// the address is withheld, as for the denied name itself.
+			r.logViolation(info)
 			resp = nodata(req)
 		} else {
 			info.Answers = r.record(chain, resp)
@@ -94,9 +112,10 @@ func (r *Resolver) Answer(ctx context.Context, raw []byte, overTCP bool) []byte 
 		resp.Truncate(size)
 	}
 	info.RCode = mdns.RcodeToString[resp.Rcode]
-	if r.OnQuery != nil {
-		r.OnQuery(info)
+	if r.OnAnswer != nil {
+		r.OnAnswer(&info)
 	}
+	r.logAnswer(info)
 	out, err := resp.Pack()
 	if err != nil {
 		return refuse(raw)
@@ -255,6 +274,39 @@ func WriteTCPMessage(w io.Writer, msg []byte) error {
 	return err
 }
 
+// DefaultMaxInFlight is how many queries on a gateway's UDP socket may
+// wait for the upstream resolvers at once.
+const DefaultMaxInFlight = 128
+
+// ServeUDP answers DNS on an unconnected UDP socket until it is closed.
+// A query waiting for the upstream resolvers holds a goroutine and a
+// socket: at most cap(slots) wait at once, and a sandbox flooding its
+// resolver loses queries (clients retry; full is told of each) rather
+// than the server running out of descriptors. spawn runs each answer,
+// so that the caller can wait for them.
+func ServeUDP(ctx context.Context, r *Resolver, pc net.PacketConn, slots chan struct{}, spawn func(func()), full func()) {
+	buf := make([]byte, 65535)
+	for {
+		n, from, err := pc.ReadFrom(buf)
+		if err != nil {
+			return
+		}
+		select {
+		case slots <- struct{}{}:
+		default:
+			full()
+			continue
+		}
+		msg := append([]byte(nil), buf[:n]...)
+		spawn(func() {
+			defer func() { <-slots }()
+			if resp := r.Answer(ctx, msg, false); resp != nil {
+				pc.WriteTo(resp, from)
+			}
+		})
+	}
+}
+
 // ServeTCP answers DNS over TCP on one connection until it is idle for
 // 30 s or closed, and closes it.
 func ServeTCP(ctx context.Context, r *Resolver, c net.Conn) {
@@ -272,19 +324,40 @@ func ServeTCP(ctx context.Context, r *Resolver, c net.Conn) {
 	}
 }
 
-// Log emits the query's dns_query and dns_answer, and its
-// policy_violation when the name was denied.
-func (q Query) Log(em *flowlog.Emitter) {
-	ev := flowlog.Event{Event: flowlog.DNSQuery, QName: q.Name, QType: q.Type, Proto: "dns"}
-	em.Emit(ev)
-	if !q.Decision.Allow {
-		v := ev
-		v.MatchedDomain = q.Decision.MatchedDomain
-		em.Violation(v, q.Decision)
+func (q Query) event(kind string) flowlog.Event {
+	return flowlog.Event{Event: kind, QName: q.Name, QType: q.Type, Proto: "dns"}
+}
+
+// logQuestion emits the query's dns_query, and its policy_violation when
+// the name is denied.
+func (r *Resolver) logQuestion(q Query) {
+	if r.Events == nil {
+		return
 	}
-	ev.Event, ev.RCode, ev.Answers, ev.Upstream = flowlog.DNSAnswer, q.RCode, q.Answers, q.Upstream
+	r.Events.Emit(q.event(flowlog.DNSQuery))
+	if !q.Decision.Allow {
+		r.logViolation(q)
+	}
+}
+
+// logViolation emits the policy_violation of a denied name or alias.
+func (r *Resolver) logViolation(q Query) {
+	if r.Events == nil {
+		return
+	}
+	ev := q.event(flowlog.DNSQuery)
+	ev.MatchedDomain = q.Decision.MatchedDomain
+	r.Events.Violation(ev, q.Decision)
+}
+
+func (r *Resolver) logAnswer(q Query) {
+	if r.Events == nil {
+		return
+	}
+	ev := q.event(flowlog.DNSAnswer)
+	ev.RCode, ev.Answers, ev.Upstream = q.RCode, q.Answers, q.Upstream
 	if q.Err != nil {
 		ev.Error = q.Err.Error()
 	}
-	em.Emit(ev)
+	r.Events.Emit(ev)
 }

@@ -1,6 +1,7 @@
 package rootful
 
 import (
+	"fmt"
 	"net"
 	"net/netip"
 	"strings"
@@ -33,25 +34,19 @@ func (sb *Sandbox) serveDNS() error {
 	return nil
 }
 
+// serveUDP runs inside the WaitGroup, so each answer may join it: the
+// sandbox's end waits for the queries in flight and their dns_answer.
 func (sb *Sandbox) serveUDP(pc net.PacketConn) {
-	buf := make([]byte, 65535)
-	for {
-		n, from, err := pc.ReadFrom(buf)
-		if err != nil {
-			return
-		}
-		msg := append([]byte(nil), buf[:n]...)
-		go func() {
-			if resp := sb.resolver.Answer(sb.ctx, msg, false); resp != nil {
-				pc.WriteTo(resp, from)
-			}
-		}()
-	}
+	dns.ServeUDP(sb.ctx, sb.resolver, pc, sb.dnsSlots, sb.spawn, func() {
+		sb.dnsFull.Do(func() {
+			sb.events.Failure(fmt.Sprintf("%d DNS queries wait for the upstream resolvers, the limit: more are dropped", cap(sb.dnsSlots)))
+		})
+	})
 }
 
-// onQuery logs the query and, before the answer reaches the sandbox,
-// puts the addresses that domain rules decide into the table's sets.
-func (sb *Sandbox) onQuery(q dns.Query) {
+// onAnswer puts the addresses that domain rules decide into the table's
+// sets before the answer reaches the sandbox.
+func (sb *Sandbox) onAnswer(q *dns.Query) {
 	for _, a := range q.Answers {
 		if strings.HasPrefix(a, "CNAME ") {
 			continue
@@ -74,7 +69,6 @@ func (sb *Sandbox) onQuery(q dns.Query) {
 			q.Err = err
 		}
 	}
-	q.Log(&sb.events)
 }
 
 // domainSets updates the timeout sets of one table.

@@ -70,9 +70,12 @@ type Sandbox struct {
 	drain    *nflog // the flow-event reader, drained before it closes
 	// The connections the sandbox has open to the host (proxied flows,
 	// DNS over TCP), held within the engine's limits.
-	conns     chan struct{}
-	buffers   *engine.BufferBudget
-	tooMany   sync.Once
+	conns   chan struct{}
+	buffers *engine.BufferBudget
+	tooMany sync.Once
+	// The DNS queries on the gateway's UDP sockets waiting for upstream.
+	dnsSlots  chan struct{}
+	dnsFull   sync.Once
 	wg        sync.WaitGroup
 	closeOnce sync.Once
 	closeErr  error
@@ -114,7 +117,7 @@ func Reserve(cfg Config) (sb *Sandbox, err error) {
 	}
 	id := newID()
 	sb = &Sandbox{cfg: cfg, Plan: plan, HostIf: hostIfName(id), iface: iface,
-		conns: make(chan struct{}, engine.DefaultMaxFlows), buffers: engine.NewBufferBudget(engine.DefaultBufferBudget)}
+		conns: make(chan struct{}, engine.DefaultMaxFlows), dnsSlots: make(chan struct{}, dns.DefaultMaxInFlight), buffers: engine.NewBufferBudget(engine.DefaultBufferBudget)}
 	sb.events.Sandbox = id
 	sb.ctx, sb.cancel = context.WithCancel(context.Background())
 	sb.rec = Record{ID: id, Slot: slot, HostIf: sb.HostIf, Table: tableName(id), Plan: plan, Owner: os.Getpid()}
@@ -167,7 +170,7 @@ func (sb *Sandbox) Attach(pid int, onEvent func(flowlog.Event)) (err error) {
 		return err
 	}
 	sb.sets = &domainSets{table: sb.rec.Table}
-	sb.resolver = &dns.Resolver{Upstreams: cfg.DNS, Policy: cfg.Policy, Cache: &sb.cache, OnQuery: sb.onQuery, Dialer: sb.dialer()}
+	sb.resolver = &dns.Resolver{Upstreams: cfg.DNS, Policy: cfg.Policy, Cache: &sb.cache, Events: &sb.events, OnAnswer: sb.onAnswer, Dialer: sb.dialer()}
 	if err = sb.serveDNS(); err != nil {
 		return err
 	}

@@ -358,6 +358,52 @@ curl -sS -m5 -o /dev/null http://203.0.113.10/`)
 	})
 }
 
+// silentResolver is a UDP socket on the host's loopback that never
+// answers; it returns its address.
+func silentResolver(t *testing.T) string {
+	t.Helper()
+	pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pc.Close() })
+	return pc.LocalAddr().String()
+}
+
+// A query is on record once asked, and one still waiting for the
+// upstream resolvers when the command exits ends with the sandbox, not
+// at its timeout (4 s): dns_query and a SERVFAIL dns_answer, both logged.
+func TestQueriesInFlightAtExitAreLogged(t *testing.T) {
+	requireRoot(t)
+	upstream := silentResolver(t)
+	for _, backend := range backends {
+		t.Run(backend.name, func(t *testing.T) {
+			if backend.u == rootless {
+				withTunOpen(t)
+			}
+			log := filepath.Join(logDir(t), "flows.jsonl")
+			start := time.Now()
+			r := run(t, backend.u, append(append([]string{"--dns", upstream, "--flow-log", log}, backend.flags...),
+				"--", "sh", "-c", "dig +tries=1 +time=9 waiting.test >/dev/null & sleep 1; exit 3")...)
+			if took := time.Since(start); r.code != 3 || took > 3500*time.Millisecond {
+				t.Fatalf("took %v: %s", took.Round(time.Millisecond), r)
+			}
+			events := readFlowLog(t, log)
+			if !hasEvent(events, map[string]any{"event": "dns_query", "qname": "waiting.test"}) {
+				t.Errorf("no dns_query for waiting.test")
+			}
+			for _, ev := range events {
+				if ev["event"] == "dns_answer" && ev["qname"] == "waiting.test" && ev["rcode"] == "SERVFAIL" &&
+					strings.HasSuffix(fmt.Sprint(ev["error"]), "context canceled") {
+					return
+				}
+			}
+			b, _ := os.ReadFile(log)
+			t.Fatalf("no dns_answer ending the query in:\n%s", b)
+		})
+	}
+}
+
 // tcpServer serves network's addr until the test ends, each connection
 // handled on its own goroutine and closed at the end; it returns the port.
 func tcpServer(t *testing.T, network, addr string, handle func(net.Conn)) int {

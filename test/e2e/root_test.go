@@ -169,6 +169,40 @@ dig +short +tcp +time=3 +tries=2 @"$gw" web.test A`)
 	}
 }
 
+// A sandbox flooding the rootful gateway's resolver with queries that
+// wait for the upstream resolver (which never answers) makes at most 128
+// wait at once; the rest are dropped, with one runtime_failure, where
+// each used to hold a goroutine and a socket (20,000 descriptors, 364 MB
+// in 4 s of such a flood).
+func TestRootQueriesWaitWithinALimit(t *testing.T) {
+	requireRoot(t)
+	log := filepath.Join(t.TempDir(), "flows.jsonl")
+	r := run(t, root, append(append([]string{"--dns", silentResolver(t), "--flow-log", log}, rootArgs...), "--", "sh", "-c",
+		`gw=$(awk '/^nameserver/ { print $2; exit }' /etc/resolv.conf)
+perl -MIO::Socket::INET -e '$s = IO::Socket::INET->new(PeerAddr => "$ARGV[0]:53", Proto => "udp") or die "socket: $!";
+for my $i (1..2000) { send($s, pack("n6", $i, 0x100, 1, 0, 0, 0) . pack("C/a* C/a* x n2", "q$i", "test", 1, 1), 0) or die "send: $!" }
+sleep 1' "$gw" || exit 99
+exit 3`)...)
+	if r.code != 3 {
+		t.Fatal(r)
+	}
+	queries, failures := 0, []string{}
+	for _, ev := range readFlowLog(t, log) {
+		switch ev["event"] {
+		case "dns_query":
+			queries++
+		case "runtime_failure":
+			failures = append(failures, fmt.Sprint(ev["error"]))
+		}
+	}
+	if queries != 128 {
+		t.Errorf("%d queries logged, want the 128 that may wait", queries)
+	}
+	if len(failures) != 1 || !strings.Contains(failures[0], "128 DNS queries wait") {
+		t.Errorf("runtime failures %q, want one about the limit", failures)
+	}
+}
+
 // TestRootIface: a second path to 203.0.113.0/26 through another veth,
 // less preferred by the host's routes; --iface makes the sandbox take it,
 // and its far end counts the packets.

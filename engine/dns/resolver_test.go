@@ -1,0 +1,116 @@
+package dns
+
+import (
+	"context"
+	"net"
+	"net/netip"
+	"sync"
+	"testing"
+	"time"
+
+	mdns "github.com/miekg/dns"
+
+	"github.com/childflow/childflow/engine/flowlog"
+	"github.com/childflow/childflow/policy"
+)
+
+// events records what an Emitter emits.
+type events struct {
+	mu  sync.Mutex
+	all []flowlog.Event
+}
+
+func (e *events) add(ev flowlog.Event) { e.mu.Lock(); e.all = append(e.all, ev); e.mu.Unlock() }
+
+func (e *events) count(kind string) (n int) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for _, ev := range e.all {
+		if ev.Event == kind {
+			n++
+		}
+	}
+	return n
+}
+
+// A resolver that never answers: 4 of 20 queries wait for it, each on
+// record as soon as asked; the rest are dropped and said to be. Ending
+// the context ends the waiting ones at once, long before their timeout.
+func TestServeUDPBoundsTheQueriesWaiting(t *testing.T) {
+	silent, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer silent.Close()
+	var got events
+	r := &Resolver{
+		Upstreams: []netip.AddrPort{netip.MustParseAddrPort(silent.LocalAddr().String())},
+		Policy:    &policy.Policy{},
+		Events:    &flowlog.Emitter{OnEvent: got.add},
+		Timeout:   time.Minute,
+	}
+	pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	spawn := func(f func()) { wg.Add(1); go func() { defer wg.Done(); f() }() }
+	var dropped sync.WaitGroup
+	dropped.Add(16)
+	served := make(chan struct{})
+	go func() {
+		ServeUDP(ctx, r, pc, make(chan struct{}, 4), spawn, dropped.Done)
+		close(served)
+	}()
+
+	client, err := net.Dial("udp4", pc.LocalAddr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	for i := range 20 {
+		m := new(mdns.Msg)
+		m.SetQuestion("q.test.", mdns.TypeA)
+		m.Id = uint16(i)
+		b, _ := m.Pack()
+		if _, err := client.Write(b); err != nil {
+			t.Fatal(err)
+		}
+		if i == 3 {
+			// The first four hold the slots before the rest arrive.
+			for deadline := time.Now().Add(5 * time.Second); got.count(flowlog.DNSQuery) < 4; time.Sleep(time.Millisecond) {
+				if time.Now().After(deadline) {
+					t.Fatalf("%d queries asked, want 4", got.count(flowlog.DNSQuery))
+				}
+			}
+		}
+	}
+	dropped.Wait()
+	if n, a := got.count(flowlog.DNSQuery), got.count(flowlog.DNSAnswer); n != 4 || a != 0 {
+		t.Fatalf("%d queries and %d answers logged, want 4 waiting queries", n, a)
+	}
+
+	start := time.Now()
+	cancel()
+	pc.Close()
+	<-served
+	wg.Wait()
+	if took := time.Since(start); took > 10*time.Second {
+		t.Errorf("the waiting queries took %v to end", took)
+	}
+	got.mu.Lock()
+	defer got.mu.Unlock()
+	answers := 0
+	for _, ev := range got.all {
+		if ev.Event == flowlog.DNSAnswer {
+			answers++
+			if ev.RCode != "SERVFAIL" || ev.Error == "" {
+				t.Errorf("answer %+v, want a SERVFAIL with the error", ev)
+			}
+		}
+	}
+	if answers != 4 {
+		t.Errorf("%d answers logged, want 4", answers)
+	}
+}
