@@ -8,6 +8,7 @@ import (
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
+	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/childflow/childflow/internal/netplan"
@@ -62,6 +63,13 @@ func (n nft) rule(ch *nftables.Chain, e ...expr.Any) {
 	n.c.AddRule(&nftables.Rule{Table: n.t, Chain: ch, Exprs: e})
 }
 
+// setElementsPerMessage keeps each message's list of set elements within
+// the 64 KiB a netlink attribute's length can say: the nftables library
+// lets a longer one's length wrap, and the kernel then reads part of the
+// list without an error (an IPv6 --deny-cidr list of 1500 ranges put
+// 952 of its 3000 elements in the set).
+const setElementsPerMessage = 512
+
 // installTable creates the sandbox's whole table in one transaction:
 //
 //	table inet childflow-root-ID {
@@ -75,7 +83,7 @@ func (n nft) rule(ch *nftables.Chain, e ...expr.Any) {
 //	  chain policy, after_cidr:      policy.Decide's order, each verdict logged
 //	}
 func installTable(s tableSpec) error {
-	c, err := nftables.New()
+	c, err := nftables.New(nftables.WithSockOptions(largeBuffers))
 	if err != nil {
 		return err
 	}
@@ -83,6 +91,7 @@ func installTable(s tableSpec) error {
 	p := s.policy
 
 	sets := map[string]*nftables.Set{}
+	filled := map[*nftables.Set]int{} // elements put in each set
 	addSet := func(name string, is6 bool, elems []netip.Prefix, timeout bool) error {
 		typ, suffix := nftables.TypeIPAddr, "4"
 		if is6 {
@@ -96,10 +105,18 @@ func installTable(s tableSpec) error {
 				el = append(el, nftables.SetElement{Key: end.AsSlice(), IntervalEnd: true})
 			}
 		}
-		if err := c.AddSet(set, el); err != nil {
+		if err := c.AddSet(set, nil); err != nil {
 			return fmt.Errorf("set %s: %w", set.Name, err)
 		}
+		for rest := el; len(rest) > 0; {
+			n := min(len(rest), setElementsPerMessage)
+			if err := c.SetAddElements(set, rest[:n]); err != nil {
+				return fmt.Errorf("set %s: %w", set.Name, err)
+			}
+			rest = rest[n:]
+		}
 		sets[name+suffix] = set
+		filled[set] = len(el)
 		return nil
 	}
 	var metadata, private []netip.Prefix
@@ -275,7 +292,43 @@ func installTable(s tableSpec) error {
 	if err := c.Flush(); err != nil {
 		return fmt.Errorf("creating nftables table %s: %w", s.name, err)
 	}
+	// A set missing elements would leave part of a deny rule out
+	// without an error: read each back.
+	for set, want := range filled {
+		if want == 0 {
+			continue
+		}
+		got, err := c.GetSetElements(set)
+		if err != nil {
+			return fmt.Errorf("reading nftables set %s: %w", set.Name, err)
+		}
+		if len(got) != want {
+			return fmt.Errorf("nftables set %s holds %d of its %d elements", set.Name, len(got), want)
+		}
+	}
 	return nil
+}
+
+// largeBuffers let the table's one transaction, which grows with the
+// policy's CIDR lists (each IPv4 range also in its tunnelled IPv6
+// forms), be sent whole and its acknowledgements read: the default
+// buffers refused 700 ranges.
+func largeBuffers(c *netlink.Conn) error {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	if err := raw.Control(func(fd uintptr) {
+		for _, opt := range []int{unix.SO_SNDBUFFORCE, unix.SO_RCVBUFFORCE} {
+			if serr == nil {
+				serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, opt, 64<<20)
+			}
+		}
+	}); err != nil {
+		return err
+	}
+	return serr
 }
 
 // deleteTable removes a table; one already gone is not an error.

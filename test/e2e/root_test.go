@@ -203,6 +203,37 @@ exit 3`)...)
 	}
 }
 
+// A long deny list is enforced whole: with 1500 IPv6 ranges before the
+// testnet's, the table used to hold part of the list without an error
+// and the testnet's range was not in it; 3000 IPv4 ranges used to stop
+// --root from starting.
+func TestRootLongDenyLists(t *testing.T) {
+	requireRoot(t)
+	for _, tc := range []struct {
+		name, dst string
+		deny      func(i int) string
+	}{
+		{"ipv6", "[2001:db8::10]", func(i int) string { return fmt.Sprintf("2000:%x::/32", 2*i) }},
+		{"ipv4", "203.0.113.10", func(i int) string { return fmt.Sprintf("100.%d.%d.0/24", i/128, i%128*2) }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			args := append([]string{}, rootArgs...)
+			for i := range map[string]int{"ipv6": 1500, "ipv4": 3000}[tc.name] {
+				args = append(args, "--deny-cidr", tc.deny(i))
+			}
+			log := filepath.Join(t.TempDir(), "flows.jsonl")
+			args = append(args, "--deny-cidr", "203.0.113.10/32", "--deny-cidr", "2001:db8::10/128", "--flow-log", log)
+			r := sh(t, root, args, "curl -sS -m5 -o /dev/null http://"+tc.dst+"/ && exit 8; socat -u /dev/null TCP:203.0.113.53:53 || exit 9")
+			if r.code != 0 {
+				t.Fatal(r)
+			}
+			if !hasEvent(readFlowLog(t, log), map[string]any{"event": "policy_violation", "dst": tc.dst + ":80", "reason_code": "deny_cidr"}) {
+				t.Errorf("no deny_cidr violation for %s:80", tc.dst)
+			}
+		})
+	}
+}
+
 // TestRootIface: a second path to 203.0.113.0/26 through another veth,
 // less preferred by the host's routes; --iface makes the sandbox take it,
 // and its far end counts the packets.
