@@ -1,10 +1,12 @@
 package rootful
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/google/nftables"
@@ -38,9 +40,7 @@ func (sb *Sandbox) serveDNS() error {
 // sandbox's end waits for the queries in flight and their dns_answer.
 func (sb *Sandbox) serveUDP(pc net.PacketConn) {
 	dns.ServeUDP(sb.ctx, sb.resolver, pc, sb.dnsSlots, sb.spawn, func() {
-		sb.dnsFull.Do(func() {
-			sb.events.Failure(fmt.Sprintf("%d DNS queries wait for the upstream resolvers, the limit: more are dropped", cap(sb.dnsSlots)))
-		})
+		sb.fail("dns", fmt.Sprintf("%d DNS queries wait for the upstream resolvers, the limit: more are dropped", cap(sb.dnsSlots)))
 	})
 }
 
@@ -67,9 +67,19 @@ func (sb *Sandbox) onAnswer(q *dns.Query) {
 		}
 		if err := sb.sets.add(set, addr, sb.cache.TTL(addr)); err != nil {
 			q.Err = err
+			if errors.Is(err, errSetFull) {
+				sb.fail("sets", err.Error()+"; addresses of names the domain rules decide are not added until some expire")
+			}
 		}
 	}
 }
+
+// domainSetSize bounds each domain set, as dns.MaxAddrs bounds the names
+// cache. A full set takes no more addresses: an allowed name's is then
+// refused by the default, and a denied one's is never resolved anyway.
+const domainSetSize = dns.MaxAddrs
+
+var errSetFull = errors.New("full")
 
 // domainSets updates the timeout sets of one table.
 type domainSets struct{ table string }
@@ -99,5 +109,10 @@ func (d *domainSets) add(name string, addr netip.Addr, ttl time.Duration) error 
 	if err := c.SetAddElements(set, el); err != nil {
 		return err
 	}
-	return c.Flush()
+	if err := c.Flush(); errors.Is(err, syscall.ENFILE) {
+		return fmt.Errorf("nftables set %s is %w: it holds %d addresses, its limit", set.Name, errSetFull, domainSetSize)
+	} else if err != nil {
+		return err
+	}
+	return nil
 }

@@ -98,6 +98,11 @@ func installTable(s tableSpec) error {
 			typ, suffix = nftables.TypeIP6Addr, "6"
 		}
 		set := &nftables.Set{Table: n.t, Name: name + suffix, KeyType: typ, Interval: !timeout, HasTimeout: timeout}
+		if timeout {
+			// Fed by what the sandbox resolves, for TTLs its resolver
+			// chooses: bounded as the engine's names cache is.
+			set.Size = domainSetSize
+		}
 		var el []nftables.SetElement
 		for _, sp := range spans(elems, is6) {
 			el = append(el, nftables.SetElement{Key: sp.from.AsSlice()})
