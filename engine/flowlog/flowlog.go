@@ -119,6 +119,14 @@ func openFile(path string, truncate bool) (*os.File, error) {
 	flags := os.O_WRONLY | os.O_CREATE | syscall.O_NOFOLLOW | syscall.O_NONBLOCK
 	if !truncate {
 		flags |= os.O_APPEND
+	} else if st, err := os.Lstat(path); err == nil && st.Mode().IsRegular() {
+		// A new file rather than the old one emptied: a hard link to the
+		// old one (made by a command sandboxed in an earlier run, say)
+		// does not reach what this run writes. Where the directory is
+		// not ours to change, the old file is emptied instead.
+		if err := os.Remove(path); err == nil {
+			flags |= os.O_EXCL
+		}
 	}
 	f, err := os.OpenFile(path, flags, 0o600)
 	if err != nil {

@@ -25,6 +25,7 @@ type captures struct {
 	child    func(outbound bool, packet buffer.Buffer)
 	upstream upstream.Func
 	closers  []func(io.Writer)
+	paths    []string // the files, hidden from the sandbox
 	// dropped counts the packets the closed files could not keep up with.
 	dropped uint64
 }
@@ -59,6 +60,7 @@ func openCaptures(path, point string, root, privileged bool) (c *captures, err e
 		if err != nil {
 			return c, err
 		}
+		c.paths = append(c.paths, childPath)
 		c.child = w.Packet
 		if root {
 			c.link = w
@@ -74,6 +76,7 @@ func openCaptures(path, point string, root, privileged bool) (c *captures, err e
 		if err != nil {
 			return c, err
 		}
+		c.paths = append(c.paths, hostPath)
 		tap, err := capture.StartHostTap(w, hostView == "wire-egress")
 		if err != nil {
 			w.Close()

@@ -262,6 +262,7 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		Command:    command,
 		ResolvConf: resolvConf(plan, hostResolv),
 		HostsFile:  o.hostsFile,
+		Hidden:     hidden(append([]string{o.flowLog}, captures.paths...)),
 		Rootless:   rootless,
 		RunAs:      sudoUser(),
 		Foreground: sandbox.InForeground(),
@@ -395,6 +396,23 @@ func sudoUser() []int {
 
 // resolvConf points the sandbox at the engine, keeping the host's search
 // domains and options.
+// hidden are the output files' paths, absolute, for the sandbox to cover
+// (init's working directory is childflow's, so a relative one that
+// cannot be made absolute still names the file).
+func hidden(paths []string) []string {
+	var out []string
+	for _, p := range paths {
+		if p == "" {
+			continue
+		}
+		if abs, err := filepath.Abs(p); err == nil {
+			p = abs
+		}
+		out = append(out, p)
+	}
+	return out
+}
+
 func resolvConf(plan netplan.Plan, host []byte) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "# written by childflow: the engine on the gateway answers DNS\nnameserver %s\nnameserver %s\n", plan.Gateway4, plan.Gateway6)

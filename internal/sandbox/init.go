@@ -9,6 +9,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"syscall"
 	"unsafe"
 
@@ -100,6 +101,11 @@ func setup(spec Spec) (*os.File, error) {
 		f.Close()
 		return nil, err
 	}
+	// After overlayEtc, whose scratch tmpfs on /tmp would cover them.
+	if err := hide(spec.Hidden); err != nil {
+		f.Close()
+		return nil, err
+	}
 	// A fresh /proc shows only the sandbox's processes. Where /proc is
 	// partly masked (inside a container) the kernel refuses; the host's
 	// view is then kept, which hides nothing the command could misuse.
@@ -148,6 +154,45 @@ func overlayEtc(spec Spec) error {
 		return fmt.Errorf("writing sandbox resolv.conf: %w", err)
 	}
 	return bindOver(resolv, "/etc/resolv.conf")
+}
+
+// hide covers each of paths with /dev/null, read-only and nodev, so that
+// opening it fails for reading and writing; a mount point cannot be
+// removed, renamed or replaced either. Each directory above it is bound
+// onto itself for the same reason: moving one away, and a forged file
+// into its place, would move the record out of the user's sight.
+func hide(paths []string) error {
+	if len(paths) == 0 {
+		return nil
+	}
+	// The working directory is re-entered at the end: below a pinned
+	// directory it would still be the bind's underside, where the
+	// covers are not.
+	cwd, err := os.Getwd()
+	if err != nil {
+		return err
+	}
+	pinned := map[string]bool{}
+	for _, path := range paths {
+		real, err := filepath.EvalSymlinks(path)
+		if err != nil {
+			return fmt.Errorf("resolving %s: %w", path, err)
+		}
+		var dirs []string
+		for d := filepath.Dir(real); d != "/" && !pinned[d]; d = filepath.Dir(d) {
+			dirs = append(dirs, d)
+			pinned[d] = true
+		}
+		for _, d := range slices.Backward(dirs) { // from the top down
+			if err := unix.Mount(d, d, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
+				return fmt.Errorf("pinning %s: %w", d, err)
+			}
+		}
+		if err := bindOver("/dev/null", real); err != nil {
+			return err
+		}
+	}
+	return os.Chdir(cwd)
 }
 
 func bindOver(src, dst string) error {

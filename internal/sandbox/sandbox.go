@@ -35,6 +35,10 @@ type Spec struct {
 	Command    []string `json:"-"`
 	ResolvConf string   `json:"resolv_conf"`
 	HostsFile  string   `json:"hosts_file,omitempty"`
+	// Hidden are the files childflow writes about the sandbox (flow log,
+	// captures), absolute: covered in the sandbox, so that the command
+	// can neither read nor rewrite the record of what it does.
+	Hidden []string `json:"hidden,omitempty"`
 	// Rootless: init runs in a new user namespace mapping only the
 	// caller's uid and gid.
 	Rootless bool `json:"rootless"`

@@ -96,6 +96,61 @@ func TestOutputFilesRefuseSymlinks(t *testing.T) {
 	}
 }
 
+// The command runs as the user who owns the flow log and the capture,
+// yet can neither read nor change them, nor move them or a directory
+// above them away, nor reach them through a hard link: the record of
+// what it did is out of its reach. The flow log is a new file, not the
+// old one emptied: a hard link made to it before the run keeps the old
+// content.
+func TestTheRecordIsOutOfTheSandboxsReach(t *testing.T) {
+	requireRoot(t)
+	for _, backend := range backends {
+		t.Run(backend.name, func(t *testing.T) {
+			if backend.u == rootless {
+				withTunOpen(t)
+			}
+			base, err := os.MkdirTemp("", "cfrecord")
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { os.RemoveAll(base); os.RemoveAll(base + ".moved") })
+			dir := filepath.Join(base, "out")
+			os.Mkdir(dir, 0o700)
+			log, capture := filepath.Join(dir, "flows.jsonl"), filepath.Join(dir, "run.pcapng")
+			os.WriteFile(log, []byte("old\n"), 0o600)
+			os.Link(log, filepath.Join(dir, "earlier"))
+			for _, p := range []string{base, dir, log, filepath.Join(dir, "earlier")} {
+				os.Chown(p, int(backend.u), int(backend.u))
+			}
+			script := "curl -sS -o /dev/null http://203.0.113.10/ || exit 9\n"
+			for _, try := range []string{
+				"echo forged >> " + log, ": > " + log, "cat " + log, "cat " + capture, "rm " + log, "rm " + capture,
+				"mv " + log + " " + dir + "/moved", "ln " + log + " " + dir + "/link", "mv " + dir + " " + base + "/moved",
+				"mv " + base + " " + base + ".moved", "cd " + dir + " && mv flows.jsonl moved",
+			} {
+				script += "if (" + try + ") 2>/dev/null; then echo 'done: " + try + "'; fi\n"
+			}
+			r := sh(t, backend.u, append([]string{"--flow-log", log, "-c", capture}, backend.flags...), script+"touch "+dir+"/made || exit 8; exit 3")
+			if r.code != 3 || r.stdout != "" {
+				t.Fatal(r)
+			}
+			b, err := os.ReadFile(log)
+			if err != nil || strings.Contains(string(b), "forged") || strings.HasPrefix(string(b), "old") {
+				t.Fatalf("the flow log: %v\n%s", err, b)
+			}
+			if !hasEvent(readFlowLog(t, log), map[string]any{"event": "connect_attempt", "dst": "203.0.113.10:80"}) {
+				t.Errorf("no connect_attempt for 203.0.113.10:80 in:\n%s", b)
+			}
+			if got := tshark(t, capture, "tcp.dstport == 80 && tcp.flags.syn == 1 && tcp.flags.ack == 0", "ip.dst"); len(got) == 0 {
+				t.Error("the capture has no SYN to port 80")
+			}
+			if b, _ := os.ReadFile(filepath.Join(dir, "earlier")); string(b) != "old\n" {
+				t.Errorf("the hard link made before the run reads %q, want the old content", b)
+			}
+		})
+	}
+}
+
 func TestCaptureEgressViews(t *testing.T) {
 	requireRoot(t)
 	dir := logDir(t)
