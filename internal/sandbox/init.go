@@ -102,6 +102,10 @@ func setup(spec Spec) (*os.File, error) {
 		return nil, err
 	}
 	// After overlayEtc, whose scratch tmpfs on /tmp would cover them.
+	if err := coverHostSockets(spec.HostSockets); err != nil {
+		f.Close()
+		return nil, err
+	}
 	if err := hide(spec.Hidden); err != nil {
 		f.Close()
 		return nil, err

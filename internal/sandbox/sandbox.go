@@ -35,6 +35,9 @@ type Spec struct {
 	Command    []string `json:"-"`
 	ResolvConf string   `json:"resolv_conf"`
 	HostsFile  string   `json:"hosts_file,omitempty"`
+	// HostSockets are the paths of the host's unix sockets, for init
+	// to cover (hostsockets.go); Start fills it in.
+	HostSockets []string `json:"host_sockets,omitempty"`
 	// Hidden are the files childflow writes about the sandbox (flow log,
 	// captures), absolute: covered in the sandbox, so that the command
 	// can neither read nor rewrite the record of what it does.
@@ -97,6 +100,9 @@ func Start(spec Spec) (sb *Sandbox, err error) {
 		}
 	}()
 	spec.Version = version.Version
+	if spec.HostSockets, err = hostSocketPaths(); err != nil {
+		return nil, err
+	}
 	// The command sees the fds childflow was given, as under env or
 	// timeout (a shell's 3>file, make's jobserver): those from 4 up are
 	// not close-on-exec, unlike childflow's own, and pass through init

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -356,6 +357,67 @@ curl -sS -m5 -o /dev/null http://203.0.113.10/`)
 		}
 		t.Fatal("no connect_attempt to 203.0.113.10:80")
 	})
+}
+
+// A host service on a unix socket that reaches the network for its
+// callers (as docker, systemd-run, tmux or nscd do; here socat relaying
+// to the testnet's web server) and one that receives datagrams: the
+// sandbox shares the host's filesystem, not its network, so each is
+// covered in the sandbox and an --offline command reaches neither. A
+// socket the command binds itself still works.
+func TestHostUnixSocketsAreCovered(t *testing.T) {
+	requireRoot(t)
+	dir, err := os.MkdirTemp("", "cfsockets")
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(dir, 0o755)
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	relay, dgram := filepath.Join(dir, "relay.sock"), filepath.Join(dir, "dgram.sock")
+	got := &listener{}
+	for _, c := range []*exec.Cmd{
+		exec.Command("socat", "UNIX-LISTEN:"+relay+",fork,mode=777", "TCP:203.0.113.10:80"),
+		exec.Command("socat", "-u", "UNIX-RECV:"+dgram+",mode=777", "-"),
+	} {
+		c.Stdout = got
+		if err := c.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Process.Kill(); c.Wait() })
+	}
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if _, err := os.Stat(relay); err == nil {
+			if _, err := os.Stat(dgram); err == nil {
+				break
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the host's sockets did not appear")
+		}
+	}
+	if out, err := exec.Command("curl", "-sS", "-m5", "--unix-socket", relay, "http://web.test/").CombinedOutput(); err != nil || !strings.Contains(string(out), "hello from the test internet") {
+		t.Fatalf("the relay does not work on the host: %v\n%s", err, out)
+	}
+	for _, backend := range backends {
+		t.Run(backend.name, func(t *testing.T) {
+			if backend.u == rootless {
+				withTunOpen(t)
+			}
+			r := sh(t, backend.u, append([]string{"--offline"}, backend.flags...), fmt.Sprintf(`curl -sS -m5 --unix-socket %s http://web.test/ && exit 8
+echo sent | socat -u - UNIX-SENDTO:%s && exit 9
+own=$(mktemp -u /tmp/cfown.XXXXXX)
+socat UNIX-LISTEN:$own,mode=700 SYSTEM:'echo own' & sleep 0.3
+socat -u UNIX-CONNECT:$own - || exit 10
+exit 3`, relay, dgram))
+			if r.code != 3 || !strings.Contains(r.stdout, "own") {
+				t.Fatal(r)
+			}
+		})
+	}
+	time.Sleep(200 * time.Millisecond)
+	if s := got.got(); s != "" {
+		t.Errorf("the host's datagram socket got %q", s)
+	}
 }
 
 // silentResolver is a UDP socket on the host's loopback that never
