@@ -25,7 +25,7 @@ func (e *Engine) handleUDP(f *netstack.UDPFlow) {
 	if f.Dst.Port() == portDNS {
 		// DNS to any resolver is answered by ours, from the address the
 		// sandbox asked.
-		e.serveDNSFlow(f.Conn)
+		e.serveDNSFlow(f)
 		return
 	}
 	if f.TTL <= 1 {
@@ -55,7 +55,7 @@ func (e *Engine) handleUDP(f *netstack.UDPFlow) {
 		return
 	}
 	start := time.Now()
-	bytesUp, bytesDown := e.relayUDP(f.Conn, host, e.passICMPErrors(f, host, up))
+	bytesUp, bytesDown := e.relayUDP(f, host, e.passICMPErrors(f, host, up))
 	e.events.End(res, bytesUp, bytesDown, time.Since(start).Milliseconds())
 }
 
@@ -65,14 +65,13 @@ func (e *Engine) handleUDP(f *netstack.UDPFlow) {
 func (e *Engine) refuseUDP(f *netstack.UDPFlow, why netstack.ICMPError) {
 	ic := e.newIdleCloser(f.Conn)
 	defer ic.stop()
-	buf := make([]byte, 65535)
 	for first := true; ; first = false {
-		n, err := f.Conn.Read(buf)
-		if err != nil {
+		if f.Next(func(b []byte) {
+			if first {
+				e.stack.SendGatewayError(why, netstack.QuoteUDP(f.Src, f.Dst, f.TTL, len(b)))
+			}
+		}) != nil {
 			return
-		}
-		if first {
-			e.stack.SendGatewayError(why, netstack.QuoteUDP(f.Src, f.Dst, f.TTL, n))
 		}
 		ic.touch()
 	}
@@ -136,64 +135,79 @@ func (ic *idleTimer) stop() {
 // errors about what was sent (host read errors such as ECONNREFUSED) are
 // not the end of the flow: onError passes them on, and the sandbox may
 // still send.
-func (e *Engine) relayUDP(sandbox, host net.Conn, onError func()) (up, down int64) {
-	ic := e.newIdleCloser(sandbox, host)
+func (e *Engine) relayUDP(f *netstack.UDPFlow, host net.Conn, onError func()) (up, down int64) {
+	ic := e.newIdleCloser(f.Conn, host)
 	defer ic.stop()
 	var upBytes atomic.Int64
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		buf := make([]byte, 65535)
-		for {
-			n, err := sandbox.Read(buf)
-			if err != nil {
-				host.Close()
-				return
+		for f.Next(func(b []byte) {
+			if _, err := host.Write(b); err == nil {
+				upBytes.Add(int64(len(b)))
 			}
+		}) == nil {
 			ic.touch()
-			if _, err := host.Write(buf[:n]); err == nil {
-				upBytes.Add(int64(n))
-			}
 		}
+		host.Close()
 	}()
-	buf := make([]byte, 65535)
+	next := hostDatagrams(host)
 	for {
-		n, err := host.Read(buf)
+		err := next(func(b []byte) {
+			if _, err := f.Conn.Write(b); err == nil {
+				down += int64(len(b))
+			}
+		})
 		if err != nil {
 			var errno syscall.Errno
 			if errors.As(err, &errno) && icmpErrnos[errno] {
 				onError()
 				continue
 			}
-			sandbox.Close()
+			f.Conn.Close()
 			break
 		}
 		ic.touch()
-		if _, err := sandbox.Write(buf[:n]); err == nil {
-			down += int64(n)
-		}
 	}
 	<-done
 	return upBytes.Load(), down
+}
+
+// hostDatagrams reads the host socket's datagrams one at a time, each in
+// a buffer lent while it is handled (netstack.NextFromHost); a socket
+// from a Dial of the caller's that is not a system one gets a buffer of
+// its own.
+func hostDatagrams(host net.Conn) func(use func([]byte)) error {
+	if sc, ok := host.(syscall.Conn); ok {
+		if rc, err := sc.SyscallConn(); err == nil {
+			return func(use func([]byte)) error { return netstack.NextFromHost(rc, use) }
+		}
+	}
+	buf := make([]byte, 1<<16)
+	return func(use func([]byte)) error {
+		n, err := host.Read(buf)
+		if err == nil {
+			use(buf[:n])
+		}
+		return err
+	}
 }
 
 // icmpErrnos are what a connected UDP socket's read returns for an ICMP
 // error about an earlier datagram.
 var icmpErrnos = map[syscall.Errno]bool{syscall.ECONNREFUSED: true, syscall.EHOSTUNREACH: true, syscall.ENETUNREACH: true, syscall.EACCES: true, syscall.EPROTO: true}
 
-// serveDNSFlow answers every datagram of one UDP flow to port 53.
-func (e *Engine) serveDNSFlow(c net.Conn) {
-	ic := e.newIdleCloser(c)
+// serveDNSFlow answers every datagram of one UDP flow to port 53. The
+// query is copied out of the lent buffer: its answer may wait seconds
+// for the upstream resolvers.
+func (e *Engine) serveDNSFlow(f *netstack.UDPFlow) {
+	ic := e.newIdleCloser(f.Conn)
 	defer ic.stop()
-	buf := make([]byte, 65535)
-	for {
-		n, err := c.Read(buf)
-		if err != nil {
-			return
-		}
+	var query []byte
+	for f.Next(func(b []byte) { query = append(query[:0], b...) }) == nil {
 		ic.touch()
-		if resp := e.resolver.Answer(e.ctx, buf[:n], false); resp != nil {
-			c.Write(resp)
+		if resp := e.resolver.Answer(e.ctx, query, false); resp != nil {
+			f.Conn.Write(resp)
 		}
 	}
 }

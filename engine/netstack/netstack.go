@@ -81,10 +81,14 @@ func (r *TCPRequest) Unreachable(why ICMPError) {
 // sandbox's datagrams, writes reach the sandbox from Dst.
 type UDPFlow struct {
 	Src, Dst netip.AddrPort
-	Conn     net.Conn
+	// Conn writes to the sandbox and closes the flow; Next reads.
+	Conn net.Conn
 	// TTL (hop limit) of the flow's first datagram: the engine forwards
 	// with one less, or answers time-exceeded itself at 1 (traceroute).
 	TTL uint8
+
+	ep    tcpip.Endpoint
+	ready chan struct{}
 }
 
 // Handlers are the engine's decisions. TCP and UDP are called on their
@@ -245,7 +249,8 @@ func (ns *Stack) configure(cfg Config) error {
 			if err != nil {
 				return false
 			}
-			f := &UDPFlow{Src: addrPort(id.RemoteAddress, id.RemotePort), Dst: addrPort(id.LocalAddress, id.LocalPort), Conn: gonet.NewUDPConn(&wq, ep), TTL: ns.link.lastTTL}
+			f := &UDPFlow{Src: addrPort(id.RemoteAddress, id.RemotePort), Dst: addrPort(id.LocalAddress, id.LocalPort),
+				Conn: gonet.NewUDPConn(&wq, ep), TTL: ns.link.lastTTL, ep: ep, ready: readyEntry(&wq)}
 			go h(f)
 			return true
 		})
