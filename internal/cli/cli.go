@@ -394,8 +394,6 @@ func sudoUser() []int {
 	return []int{uid, gid}
 }
 
-// resolvConf points the sandbox at the engine, keeping the host's search
-// domains and options.
 // hidden are the output files' paths, absolute, for the sandbox to cover
 // (init's working directory is childflow's, so a relative one that
 // cannot be made absolute still names the file).
@@ -413,6 +411,8 @@ func hidden(paths []string) []string {
 	return out
 }
 
+// resolvConf points the sandbox at the engine, keeping the host's search
+// domains and options.
 func resolvConf(plan netplan.Plan, host []byte) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "# written by childflow: the engine on the gateway answers DNS\nnameserver %s\nnameserver %s\n", plan.Gateway4, plan.Gateway6)

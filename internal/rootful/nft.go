@@ -114,11 +114,11 @@ func installTable(s tableSpec) error {
 			return fmt.Errorf("set %s: %w", set.Name, err)
 		}
 		for rest := el; len(rest) > 0; {
-			n := min(len(rest), setElementsPerMessage)
-			if err := c.SetAddElements(set, rest[:n]); err != nil {
+			batch := rest[:min(len(rest), setElementsPerMessage)]
+			if err := c.SetAddElements(set, batch); err != nil {
 				return fmt.Errorf("set %s: %w", set.Name, err)
 			}
-			rest = rest[n:]
+			rest = rest[len(batch):]
 		}
 		sets[name+suffix] = set
 		filled[set] = len(el)
