@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -81,8 +82,9 @@ func Bool(b bool) *bool { return &b }
 
 // Writer writes events to a file from one goroutine; Log never blocks.
 type Writer struct {
-	f io.Closer // nil for NewWriter
-	q *queue.Queue[Event]
+	f   io.Closer // nil for NewWriter
+	q   *queue.Queue[Event]
+	gap atomic.Uint64 // events dropped since the last mark was queued
 }
 
 // Create opens path for writing: mode 0600, never through a symlink, never
@@ -108,8 +110,21 @@ func NewWriter(out io.Writer) *Writer {
 	bw := bufio.NewWriterSize(out, 64<<10)
 	enc := json.NewEncoder(bw)
 	w := &Writer{}
-	w.q = queue.Start(4096, func(ev Event) { enc.Encode(ev) }, func() { bw.Flush() })
+	w.q = queue.Start(4096, func(ev Event) { enc.Encode(ev) }, func() {
+		if n := w.gap.Swap(0); n > 0 { // all queued before the gap is written
+			enc.Encode(gapMark(n))
+		}
+		bw.Flush()
+	})
 	return w
+}
+
+// gapMark stands in the log for n events dropped at its place: whoever
+// reads the log sees that it is not whole there, not only the count on
+// stderr at the end.
+func gapMark(n uint64) Event {
+	return Event{SchemaVersion: SchemaVersion, TsMs: Now(), Event: RuntimeFailure,
+		Error: fmt.Sprintf("%d events were dropped here: the flow log could not keep up", n)}
 }
 
 // CreateFile is the safe open shared by every output file.
@@ -156,7 +171,15 @@ func (w *Writer) Log(ev Event) {
 	if ev.TsMs == 0 {
 		ev.TsMs = Now()
 	}
-	w.q.Put(ev)
+	// No event is queued after a gap before the gap's mark is.
+	if n := w.gap.Swap(0); n > 0 && !w.q.Offer(gapMark(n)) {
+		w.q.Drop()
+		w.gap.Add(n + 1)
+		return
+	}
+	if !w.q.Put(ev) {
+		w.gap.Add(1)
+	}
 }
 
 // Dropped is how many events did not fit the queue.

@@ -36,11 +36,20 @@ func Start[T any](size int, handle func(T), drained func()) *Queue[T] {
 
 // Put queues v, or drops it when the queue is full and reports false.
 func (q *Queue[T]) Put(v T) bool {
+	if !q.Offer(v) {
+		q.dropped.Add(1)
+		return false
+	}
+	return true
+}
+
+// Offer queues v if there is room, and reports whether there was; a v
+// that did not fit is not counted as dropped.
+func (q *Queue[T]) Offer(v T) bool {
 	select {
 	case q.ch <- v:
 		return true
 	default:
-		q.dropped.Add(1)
 		return false
 	}
 }
