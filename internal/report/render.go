@@ -58,7 +58,7 @@ func (r *Report) table(w io.Writer, md bool) error {
 	row := func(cells ...any) {
 		s := make([]string, len(cells))
 		for i, c := range cells {
-			s[i] = fmt.Sprint(c)
+			s[i] = cell(fmt.Sprint(c), md)
 		}
 		if md {
 			fmt.Fprintf(&b, "| %s |\n", strings.Join(s, " | "))
@@ -140,6 +140,28 @@ func (r *Report) table(w io.Writer, md bool) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	io.WriteString(tw, b.String())
 	return tw.Flush()
+}
+
+// cell makes a value safe in a table: the sandbox chooses what it asks
+// the resolver, and a name such as "evil.test|1|203.0.113.99|0|no" made
+// its markdown row show other columns' values (that row's name not
+// denied, say). Markdown's table, code and HTML characters are escaped,
+// and control characters, which no field should hold, are shown as \xNN
+// in text and markdown alike rather than sent to a terminal.
+func cell(s string, md bool) string {
+	var b strings.Builder
+	for _, r := range s {
+		switch {
+		case r < 0x20 || r == 0x7f:
+			fmt.Fprintf(&b, "\\x%02x", r)
+		case md && strings.ContainsRune("\\|<>`", r):
+			b.WriteByte('\\')
+			b.WriteRune(r)
+		default:
+			b.WriteRune(r)
+		}
+	}
+	return b.String()
 }
 
 func orDash(s string) string {

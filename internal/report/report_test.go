@@ -75,3 +75,37 @@ func TestCountsAndCorrelation(t *testing.T) {
 		}
 	}
 }
+
+// A name the sandbox asked for cannot add columns to a markdown row nor
+// put control characters on a terminal: "evil.test|1|203.0.113.99|0|no"
+// made its row read as not denied, with an answer it never had.
+func TestNamesCannotForgeCells(t *testing.T) {
+	const name = `evil.test|1|203.0.113.99|0|no\u001b[2J`
+	log := `{"schema_version":1,"ts_ms":1,"event":"dns_query","proto":"dns","qname":"` + name + `","qtype":"A"}
+{"schema_version":1,"ts_ms":2,"event":"policy_violation","proto":"dns","qname":"` + name + `","qtype":"A","verdict":"deny","reason_code":"deny_domain","control":"domain"}
+`
+	r, err := Read(strings.NewReader(log))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, format := range []string{"markdown", "text"} {
+		var b bytes.Buffer
+		if err := r.Render(&b, format); err != nil {
+			t.Fatal(err)
+		}
+		if strings.ContainsRune(b.String(), 0x1b) {
+			t.Errorf("%s: a control character reached the output", format)
+		}
+		for _, line := range strings.Split(b.String(), "\n") {
+			if !strings.Contains(line, "evil.test") {
+				continue
+			}
+			if format == "markdown" {
+				cells := strings.Split(strings.ReplaceAll(line, `\|`, ""), "|")
+				if len(cells) != 7 || strings.TrimSpace(cells[5]) != "yes" {
+					t.Errorf("markdown row %q: %d cells, want the 5 columns with denied yes", line, len(cells)-2)
+				}
+			}
+		}
+	}
+}
