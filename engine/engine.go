@@ -73,6 +73,7 @@ type Config struct {
 	MaxFlows       int           // DefaultMaxFlows open flows
 	MaxHalfOpen    int           // 512 TCP handshakes waiting for upstream
 	MaxDNSInFlight int           // 128 queries waiting for upstream
+	MaxEchoes      int           // 256 echo requests waiting for their answer
 	// Buffers bound what the TCP flows may buffer before new ones get
 	// small buffers; engines given the same budget share it. Nil: one of
 	// the engine's own, DefaultBufferBudget.
@@ -91,11 +92,12 @@ type Engine struct {
 	stack    *netstack.Stack
 	owners   *procnet.Finder
 
-	ctx    context.Context
-	cancel context.CancelFunc
-	wg     sync.WaitGroup // the engine's goroutines and its flows
-	flows  chan struct{}  // semaphore of open flows
-	dnsSem chan struct{}  // semaphore of queries waiting for upstream
+	ctx     context.Context
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup // the engine's goroutines and its flows
+	flows   chan struct{}  // semaphore of open flows
+	dnsSem  chan struct{}  // semaphore of queries waiting for upstream
+	echoSem chan struct{}  // semaphore of echo requests waiting for answers
 
 	events    flowlog.Emitter
 	closeOnce sync.Once
@@ -122,6 +124,7 @@ func New(cfg Config) (*Engine, error) {
 	setDefault(&cfg.UDPIdleTimeout, 60*time.Second)
 	setDefault(&cfg.MaxFlows, DefaultMaxFlows)
 	setDefault(&cfg.MaxDNSInFlight, dns.DefaultMaxInFlight)
+	setDefault(&cfg.MaxEchoes, 256)
 	if cfg.Buffers == nil {
 		cfg.Buffers = NewBufferBudget(DefaultBufferBudget)
 	}
@@ -131,7 +134,7 @@ func New(cfg Config) (*Engine, error) {
 		// it asks, and that setting stays with the engine's stack.
 		cfg.Dial = upstream.Dialer(&net.Dialer{KeepAlive: -1, Control: refuseBroadcast}).DialContext
 	}
-	e := &Engine{cfg: cfg, flows: make(chan struct{}, cfg.MaxFlows), dnsSem: make(chan struct{}, cfg.MaxDNSInFlight)}
+	e := &Engine{cfg: cfg, flows: make(chan struct{}, cfg.MaxFlows), dnsSem: make(chan struct{}, cfg.MaxDNSInFlight), echoSem: make(chan struct{}, cfg.MaxEchoes)}
 	e.policy.Store(cfg.Policy) // and the host's addresses, from Start on
 	e.events.Sandbox, e.events.OnEvent = cfg.ID, cfg.OnEvent
 	e.owners = &procnet.Finder{InitPID: cfg.SandboxPID, Diag: cfg.SocketDiag}

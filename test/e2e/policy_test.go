@@ -334,6 +334,53 @@ func TestStuckFlowsStayWithinTheBufferBudget(t *testing.T) {
 	})
 }
 
+// A ping flood of 60,000-byte echoes to a testnet address that never
+// answers: each echo waiting for its answer held a host socket and its
+// payload (eight pings every 2 ms: 718 MB after 5 s); now at most 256
+// wait, the rest are dropped with one runtime_failure.
+func TestPingFloodStaysBounded(t *testing.T) {
+	users(t, func(t *testing.T, u as) {
+		log := filepath.Join(logDir(t), "flows.jsonl")
+		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+		defer cancel()
+		// From a ping socket, as ping uses, without ping's pacing.
+		cmd := command(ctx, u, "--dns", "203.0.113.53", "--flow-log", log, "--", "perl", "-MSocket", "-e",
+			`socket(my $s, PF_INET, SOCK_DGRAM, 1) or die "ping socket: $!"; my $to = sockaddr_in(0, inet_aton("203.0.113.60"));
+for (my ($n, $end) = (0, time + 3); time < $end; $n++) { send($s, pack("CCnnn", 8, 0, 0, 0, $n & 0xffff) . ("x" x 60000), 0, $to) or select(undef, undef, undef, 0.001) }`)
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		exited := make(chan error, 1)
+		go func() { exited <- cmd.Wait() }()
+		peak := 0
+		for done := false; !done; {
+			select {
+			case err := <-exited:
+				if err != nil {
+					t.Fatal(err)
+				}
+				done = true
+			case <-time.After(200 * time.Millisecond):
+				if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", cmd.Process.Pid)); err == nil {
+					for _, line := range strings.Split(string(b), "\n") {
+						var kib int
+						if _, err := fmt.Sscanf(line, "VmRSS: %d kB", &kib); err == nil {
+							peak = max(peak, kib)
+						}
+					}
+				}
+			}
+		}
+		t.Logf("childflow peaked at %d MiB", peak>>10)
+		if peak > 200<<10 {
+			t.Errorf("childflow peaked at %d MiB under a ping flood, want at most 200", peak>>10)
+		}
+		if !hasEvent(readFlowLog(t, log), map[string]any{"event": "runtime_failure", "error": "256 echo requests wait for their answers, the engine's limit: more are dropped"}) {
+			t.Error("no runtime_failure about the echo limit")
+		}
+	})
+}
+
 // A sandbox asking for endless names under a wildcard (dnsmasq answers
 // every name under wild.test) makes their address carry at most 32 of
 // them, those asked for last, in each flow event, not all of them.
