@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strconv"
@@ -212,4 +213,51 @@ func threadReadBytes(t *testing.T) int64 {
 	}
 	t.Fatalf("no read_bytes in /proc/thread-self/io")
 	return 0
+}
+
+// A capture that dropped packets (more than maxQueued waiting for the
+// disk) says so in the file: an interface statistics block whose
+// isb_ifdrop is the number dropped, after every packet kept.
+func TestDroppedPacketsAreInTheFile(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "c.pcapng")
+	w, err := Create(path, View{Name: "child", Backend: "rootless", Interface: "cf0"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pkt, _ := packetOf(1, 60000)
+	for i := 0; i < 4*maxQueued/60000; i++ { // clones cost nothing: the queue fills
+		w.Packet(false, pkt.Clone())
+	}
+	pkt.Release()
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	dropped := w.Dropped()
+	if dropped == 0 {
+		t.Fatal("nothing dropped")
+	}
+	f, _ := os.Open(path)
+	defer f.Close()
+	var stats []pcapgo.NgInterfaceStatistics
+	opts := pcapgo.DefaultNgReaderOptions
+	opts.StatisticsCallback = func(_ int, s pcapgo.NgInterfaceStatistics) { stats = append(stats, s) }
+	r, err := pcapgo.NewNgReader(f, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kept := 0
+	for {
+		if _, _, err := r.ReadPacketData(); err == io.EOF {
+			break
+		} else if err != nil {
+			t.Fatalf("packet %d: %v", kept, err)
+		}
+		kept++
+	}
+	if len(stats) != 1 || stats[0].PacketsDropped != dropped || kept == 0 {
+		t.Fatalf("statistics %+v after %d packets, want one block with %d dropped", stats, kept, dropped)
+	}
+	if out, err := exec.Command("tshark", "-r", path, "-q").CombinedOutput(); err != nil {
+		t.Errorf("tshark: %v\n%s", err, out)
+	}
 }
