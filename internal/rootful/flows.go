@@ -1,6 +1,8 @@
 package rootful
 
 import (
+	"errors"
+	"fmt"
 	"strings"
 	"time"
 
@@ -20,21 +22,35 @@ func (sb *Sandbox) watchFlows(group uint16) error {
 	// Closed after the reader is done: Close drains it first.
 	sb.drain = l
 	seen := map[flowKey]time.Time{} // the reader's alone
+	var pruned time.Time
+	var gaps gapMarks
 	sb.spawn(func() {
 		for {
 			pkts, err := l.read()
+			if errors.Is(err, unix.ENOBUFS) {
+				if msg, ok := gaps.overflow(time.Now()); ok {
+					sb.events.Failure(msg)
+				}
+				continue
+			}
 			if err != nil {
-				if sb.ctx.Err() != nil {
+				if sb.ctx.Err() != nil { // drained
+					if msg, ok := gaps.rest(); ok {
+						sb.events.Failure(msg)
+					}
 					l.Close()
 					return
 				}
-				continue // ENOBUFS: events were lost, go on
+				continue
 			}
 			now := time.Now()
-			for k, t := range seen {
-				if now.Sub(t) > 5*time.Second {
-					delete(seen, k)
+			if now.Sub(pruned) > time.Second { // not on every read: a flood makes seen large
+				for k, t := range seen {
+					if now.Sub(t) > 5*time.Second {
+						delete(seen, k)
+					}
 				}
+				pruned = now
 			}
 			for _, p := range pkts {
 				k, ok := parsePacket(p.payload)
@@ -50,6 +66,29 @@ func (sb *Sandbox) watchFlows(group uint16) error {
 		}
 	})
 	return nil
+}
+
+// gapMarks marks where the kernel dropped verdicts the reader was too
+// slow for (ENOBUFS): at once, then at most once a second so that a
+// flood does not flood the log too, and what is left at the end.
+type gapMarks struct {
+	lost   int // overflows not yet marked
+	marked time.Time
+}
+
+func (g *gapMarks) overflow(now time.Time) (string, bool) {
+	g.lost++
+	if now.Sub(g.marked) < time.Second {
+		return "", false
+	}
+	g.marked = now
+	return g.rest()
+}
+
+func (g *gapMarks) rest() (string, bool) {
+	n := g.lost
+	g.lost = 0
+	return fmt.Sprintf("the kernel dropped the verdicts of some flows here (log socket overflows: %d): the flow log does not list them", n), n > 0
 }
 
 func protoOf(n byte) policy.Proto {

@@ -42,6 +42,12 @@ func openNFLOG(group uint16) (*nflog, error) {
 	if err != nil {
 		return nil, fmt.Errorf("opening nflog: %w", err)
 	}
+	// Room for a burst of new flows: verdicts that do not fit are lost
+	// (ENOBUFS, marked in the flow log by watchFlows).
+	if err := forceReadBuffer(c, 8<<20); err != nil {
+		c.Close()
+		return nil, fmt.Errorf("opening nflog: %w", err)
+	}
 	l := &nflog{c: c, group: group}
 	mode := make([]byte, 6)
 	binary.BigEndian.PutUint32(mode, 128) // headers are enough
