@@ -106,7 +106,6 @@ type Engine struct {
 
 	echoMu sync.Mutex
 	echoes map[echoKey]*echoFlow // ping sessions
-	failed sync.Map              // kinds of runtime failure logged
 }
 
 // New validates cfg. Nothing runs until Start.
@@ -258,17 +257,8 @@ func (e *Engine) acquire() bool {
 		e.wg.Add(1)
 		return true
 	default:
-		e.fail("flows", fmt.Sprintf("the sandbox holds %d flows, the engine's limit: new ones are refused until some end", cap(e.flows)))
+		e.events.FailureOnce("flows", fmt.Sprintf("the sandbox holds %d flows, the engine's limit: new ones are refused until some end", cap(e.flows)))
 		return false
-	}
-}
-
-// fail logs a runtime_failure the first time the engine meets one of a
-// kind: a sandbox that keeps hitting a limit makes one line, not one per
-// flow.
-func (e *Engine) fail(kind, msg string) {
-	if _, seen := e.failed.LoadOrStore(kind, true); !seen {
-		e.events.Failure(msg)
 	}
 }
 

@@ -74,10 +74,8 @@ func hostChange(notice []byte) bool {
 	if typ != unix.RTM_NEWROUTE && typ != unix.RTM_DELROUTE {
 		return true
 	}
-	var rtm syscall.RtMsg
-	rtm.Table = notice[unix.SizeofNlMsghdr+4]
-	rtm.Type = notice[unix.SizeofNlMsghdr+7]
-	return netplan.IsLocalRoute(&rtm)
+	rtm := notice[unix.SizeofNlMsghdr:] // family, dst_len, src_len, tos, table, protocol, scope, type
+	return netplan.IsLocalRoute(rtm[4], rtm[7])
 }
 
 // withHostAddrs returns a copy of p that also guards the gateway and

@@ -40,7 +40,7 @@ func (e *Engine) handleEcho(req netstack.EchoRequest, reply func()) {
 	select {
 	case e.echoSem <- struct{}{}:
 	default:
-		e.fail("echoes", fmt.Sprintf("%d echo requests wait for their answers, the engine's limit: more are dropped", cap(e.echoSem)))
+		e.events.FailureOnce("echoes", fmt.Sprintf("%d echo requests wait for their answers, the engine's limit: more are dropped", cap(e.echoSem)))
 		return
 	}
 	// Off the goroutine that delivers the sandbox's packets: a new flow
@@ -73,7 +73,7 @@ func (e *Engine) handleEcho(req netstack.EchoRequest, reply func()) {
 			reply()
 			answered = sent
 		case errors.Is(err, errNoEchoSocket):
-			e.fail("icmp", err.Error())
+			e.events.FailureOnce("icmp", err.Error())
 			sent = 0
 		}
 		e.echoDone(f, target, sent, answered, err)

@@ -221,6 +221,6 @@ func (e *Engine) serveDNSPackets(pc net.PacketConn) {
 		go func() { defer e.wg.Done(); f() }()
 	}
 	dns.ServeUDP(e.ctx, e.resolver, pc, e.dnsSem, spawn, func() {
-		e.fail("dns", fmt.Sprintf("%d DNS queries wait for the upstream resolvers, the engine's limit: more are dropped", cap(e.dnsSem)))
+		e.events.FailureOnce("dns", fmt.Sprintf("%d DNS queries wait for the upstream resolvers, the engine's limit: more are dropped", cap(e.dnsSem)))
 	})
 }

@@ -2,6 +2,7 @@ package flowlog
 
 import (
 	"net/netip"
+	"sync"
 	"sync/atomic"
 
 	"github.com/childflow/childflow/policy"
@@ -17,6 +18,7 @@ type Emitter struct {
 	OnEvent    func(Event)
 	nextFlow   atomic.Uint64
 	violations atomic.Uint64
+	failed     sync.Map // the kinds of FailureOnce logged
 }
 
 // NextFlow returns a new flow id.
@@ -86,6 +88,15 @@ func (e *Emitter) End(res Event, up, down, durationMs int64) {
 // needed to.
 func (e *Emitter) Failure(msg string) {
 	e.Emit(Event{Event: RuntimeFailure, Error: msg})
+}
+
+// FailureOnce emits msg as a runtime_failure the first time one of its
+// kind comes: a sandbox that keeps hitting a limit makes one line, not
+// one per flow.
+func (e *Emitter) FailureOnce(kind, msg string) {
+	if _, seen := e.failed.LoadOrStore(kind, true); !seen {
+		e.Failure(msg)
+	}
 }
 
 // Flow starts an event about one flow with a new id.

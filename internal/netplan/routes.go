@@ -22,15 +22,16 @@ func Routes() []netip.Prefix {
 // and whole ranges where a route makes them local (AnyIP, `ip route add
 // local 10.50.0.0/16 dev lo`).
 func LocalRoutes() ([]netip.Prefix, error) {
-	return dumpRoutes(IsLocalRoute)
+	return dumpRoutes(func(rtm *syscall.RtMsg) bool { return IsLocalRoute(rtm.Table, rtm.Type) })
 }
 
-// IsLocalRoute reports whether a route delivers to the host itself.
-func IsLocalRoute(rtm *syscall.RtMsg) bool {
-	if rtm.Table != syscall.RT_TABLE_LOCAL {
+// IsLocalRoute reports whether a route of table and type (an rtmsg's)
+// delivers to the host itself.
+func IsLocalRoute(table, typ uint8) bool {
+	if table != syscall.RT_TABLE_LOCAL {
 		return false
 	}
-	switch rtm.Type {
+	switch typ {
 	case syscall.RTN_LOCAL, syscall.RTN_BROADCAST, syscall.RTN_ANYCAST:
 		return true
 	}

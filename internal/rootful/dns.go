@@ -40,7 +40,7 @@ func (sb *Sandbox) serveDNS() error {
 // sandbox's end waits for the queries in flight and their dns_answer.
 func (sb *Sandbox) serveUDP(pc net.PacketConn) {
 	dns.ServeUDP(sb.ctx, sb.resolver, pc, sb.dnsSlots, sb.spawn, func() {
-		sb.fail("dns", fmt.Sprintf("%d DNS queries wait for the upstream resolvers, the limit: more are dropped", cap(sb.dnsSlots)))
+		sb.events.FailureOnce("dns", fmt.Sprintf("%d DNS queries wait for the upstream resolvers, the limit: more are dropped", cap(sb.dnsSlots)))
 	})
 }
 
@@ -68,7 +68,7 @@ func (sb *Sandbox) onAnswer(q *dns.Query) {
 		if err := sb.sets.add(set, addr, sb.cache.TTL(addr)); err != nil {
 			q.Err = err
 			if errors.Is(err, errSetFull) {
-				sb.fail("sets", err.Error()+"; addresses of names the domain rules decide are not added until some expire")
+				sb.events.FailureOnce("sets", err.Error()+"; addresses of names the domain rules decide are not added until some expire")
 			}
 		}
 	}

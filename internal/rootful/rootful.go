@@ -74,7 +74,6 @@ type Sandbox struct {
 	buffers *engine.BufferBudget
 	// The DNS queries on the gateway's UDP sockets waiting for upstream.
 	dnsSlots  chan struct{}
-	failed    sync.Map // the kinds of runtime_failure logged
 	wg        sync.WaitGroup
 	closeOnce sync.Once
 	closeErr  error
@@ -338,7 +337,7 @@ func (sb *Sandbox) serveConns(ln net.Listener, handle func(net.Conn)) {
 		select {
 		case sb.conns <- struct{}{}:
 		default:
-			sb.fail("conns", fmt.Sprintf("the sandbox holds %d connections to the host, the limit: new ones are refused until some end", cap(sb.conns)))
+			sb.events.FailureOnce("conns", fmt.Sprintf("the sandbox holds %d connections to the host, the limit: new ones are refused until some end", cap(sb.conns)))
 			resetOnClose(c)
 			c.Close()
 			continue
@@ -352,14 +351,6 @@ func (sb *Sandbox) serveConns(ln net.Listener, handle func(net.Conn)) {
 }
 
 // spawn runs f until Close.
-// fail logs a runtime_failure the first time the sandbox meets one of a
-// kind: one that keeps hitting a limit makes one line, not one per try.
-func (sb *Sandbox) fail(kind, msg string) {
-	if _, seen := sb.failed.LoadOrStore(kind, true); !seen {
-		sb.events.Failure(msg)
-	}
-}
-
 func (sb *Sandbox) spawn(f func()) {
 	sb.wg.Add(1)
 	go func() {
