@@ -164,6 +164,13 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if err := checkChoice("summary-format", o.summaryFormat, "text", "json"); err != nil {
 		return usageError(stderr, err)
 	}
+	withheld, err := sandbox.WithholdInheritedFDs()
+	if err != nil {
+		return usageError(stderr, err)
+	}
+	for _, note := range withheld {
+		fmt.Fprintf(stderr, "childflow: %s\n", note)
+	}
 	// Root without CAP_SYS_ADMIN and CAP_NET_ADMIN (the command of
 	// another childflow, a restricted container) builds its sandbox as
 	// any user does, in a user namespace.

@@ -230,6 +230,12 @@ func prepareCommand(spec Spec) (start func() int) {
 			return 125
 		}
 	}
+	if err := denyTerminalInjection(); err != nil {
+		return func() int {
+			fmt.Fprintf(os.Stderr, "childflow: %v\n", err)
+			return 125
+		}
+	}
 	sigs := make(chan os.Signal, 16)
 	signal.Notify(sigs, ForwardedSignals()...)
 	path, err := exec.LookPath(spec.Command[0])

@@ -831,6 +831,69 @@ func TestJobControl(t *testing.T) {
 	})
 }
 
+// TestCommandCannotTypeIntoTheShell: the command shares the caller's
+// terminal, and TIOCSTI would push a line into its input for the shell
+// to run once childflow exits, outside the sandbox. The request is
+// refused, also with bits above its 32 set (the kernel ignores them).
+func TestCommandCannotTypeIntoTheShell(t *testing.T) {
+	requireRoot(t)
+	for _, backend := range backends {
+		t.Run(backend.name, func(t *testing.T) {
+			if backend.u == rootless {
+				withTunOpen(t)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+			defer cancel()
+			cmd := onPty(ctx, backend.u, "bash --norc -i")
+			in, _ := cmd.StdinPipe()
+			out, _ := cmd.StdoutPipe()
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			defer cmd.Wait()
+			defer in.Close()
+			var seen []byte
+			expect := func(marker string) {
+				t.Helper()
+				buf := make([]byte, 512)
+				for !bytes.Contains(seen, []byte(marker)) {
+					n, err := out.Read(buf)
+					if err != nil {
+						t.Fatalf("waiting for %q: %v; the terminal showed:\n%s", marker, err, seen)
+					}
+					seen = append(seen, buf[:n]...)
+				}
+			}
+			inject := `import fcntl
+for req in (0x5412, 0x100005412):
+    try:
+        for c in "echo inj$((5+5))\n":
+            fcntl.ioctl(0, req, c.encode())
+        print("typed-%x" % req)
+    except OSError as e:
+        print("refused-%x %s" % (req, e.strerror))`
+			line := strings.Join(append(append([]string{bin, "--offline"}, backend.flags...), "--", "python3", "-c", shellQuote(inject)), " ")
+			in.Write([]byte(line + "\n"))
+			in.Write([]byte("echo after$((6+6))\n"))
+			expect("after12")
+			for _, want := range []string{"refused-5412 Operation not permitted", "refused-100005412 Operation not permitted"} {
+				if !bytes.Contains(seen, []byte(want)) {
+					t.Errorf("missing %q", want)
+				}
+			}
+			if bytes.Contains(seen, []byte("inj10")) || bytes.Contains(seen, []byte("typed-5412")) {
+				t.Errorf("the sandboxed command typed a line for the shell")
+			}
+			if t.Failed() {
+				t.Logf("the terminal showed:\n%s", seen)
+			}
+			in.Write([]byte("exit\n"))
+		})
+	}
+}
+
+func shellQuote(s string) string { return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'" }
+
 // TestProcessGroupSignalArrivesOnce signals childflow's whole process
 // group, as a shell's `kill %1` or a CI runner's cancel does: the command
 // must get the signal once, as it would without childflow, not once

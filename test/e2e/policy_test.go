@@ -8,6 +8,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -18,6 +19,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // assertions for sandbox scripts: ok CMD must succeed, no CMD must fail.
@@ -464,6 +467,121 @@ exit 3`, relay, dgram))
 	time.Sleep(200 * time.Millisecond)
 	if s := got.got(); s != "" {
 		t.Errorf("the host's datagram socket got %q", s)
+	}
+}
+
+// TestInheritedHandlesStayOutside passes childflow, as a shell or a CI
+// runner may, handles opened outside the sandbox: a TCP and a UDP
+// socket, a directory holding a host socket (reached again through
+// /proc/self/fd/N/), a pidfd, a network namespace and /proc/self/mem of
+// the test. None reaches the command, each is named on stderr; a pipe
+// and a regular file still pass. Stdin as a socket is refused with exit
+// 2, stdout as a connected unix socket (journald's) works.
+func TestInheritedHandlesStayOutside(t *testing.T) {
+	requireRoot(t)
+	dir, err := os.MkdirTemp("", "cfinherit")
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(dir, 0o755)
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	relay := exec.Command("socat", "UNIX-LISTEN:"+filepath.Join(dir, "relay.sock")+",fork,mode=777", "TCP:203.0.113.10:80")
+	if err := relay.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { relay.Process.Kill(); relay.Wait() })
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if _, err := os.Stat(filepath.Join(dir, "relay.sock")); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the relay's socket did not appear")
+		}
+	}
+	open := func(f *os.File, err error) *os.File {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { f.Close() })
+		return f
+	}
+	tcpFile := func() *os.File {
+		c, err := net.Dial("tcp", "203.0.113.10:80")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		return open(c.(*net.TCPConn).File())
+	}
+	for _, backend := range backends {
+		t.Run(backend.name, func(t *testing.T) {
+			if backend.u == rootless {
+				withTunOpen(t)
+			}
+			udp, err := net.ListenPacket("udp4", "0.0.0.0:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer udp.Close()
+			pidfd, err := unix.PidfdOpen(os.Getpid(), 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			pr, pw, err := os.Pipe()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer pr.Close()
+			pw.Write([]byte("piped\n"))
+			pw.Close()
+			extra := []*os.File{ // fds 3 to 10
+				tcpFile(), open(udp.(*net.UDPConn).File()), open(os.Open(dir)), open(os.NewFile(uintptr(pidfd), "pidfd"), nil),
+				open(os.Open("/proc/self/ns/net")), open(os.OpenFile("/proc/self/mem", os.O_RDWR, 0)), pr, open(os.Open("/etc/hostname")),
+			}
+			script := `printf 'GET / HTTP/1.0\r\n\r\n' >&3 && timeout 2 cat <&3
+curl -sS -m3 --unix-socket /proc/self/fd/5/relay.sock http://web.test/
+for fd in 3 4 5 6 7 8 9 10; do [ -e /proc/self/fd/$fd ] && echo "has $fd"; done
+read line <&9; echo "$line"; exit 3`
+			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+			defer cancel()
+			cmd := command(ctx, backend.u, append(append([]string{"--offline"}, backend.flags...), "--", "sh", "-c", script)...)
+			cmd.ExtraFiles = extra
+			var out, errb bytes.Buffer
+			cmd.Stdout, cmd.Stderr = &out, &errb
+			cmd.Run()
+			if code := cmd.ProcessState.ExitCode(); code != 3 || out.String() != "has 9\nhas 10\npiped\n" {
+				t.Fatalf("exit %d, stdout:\n%s\nstderr:\n%s", code, out.String(), errb.String())
+			}
+			for fd := 3; fd <= 8; fd++ {
+				if !strings.Contains(errb.String(), fmt.Sprintf("childflow: fd %d (", fd)) {
+					t.Errorf("fd %d not named on stderr:\n%s", fd, errb.String())
+				}
+			}
+
+			cmd = command(ctx, backend.u, append(backend.flags, "--", "true")...)
+			cmd.Stdin = tcpFile()
+			var stderr bytes.Buffer
+			cmd.Stderr = &stderr
+			cmd.Run()
+			if code := cmd.ProcessState.ExitCode(); code != 2 || !strings.HasPrefix(stderr.String(), "childflow: stdin is a socket") || strings.Count(stderr.String(), "\n") != 1 {
+				t.Errorf("stdin a TCP socket: exit %d, stderr %q", code, stderr.String())
+			}
+
+			fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			ours, theirs := open(os.NewFile(uintptr(fds[0]), "ours"), nil), os.NewFile(uintptr(fds[1]), "theirs")
+			cmd = command(ctx, backend.u, append(backend.flags, "--", "echo", "journal")...)
+			cmd.Stdout = theirs
+			err = cmd.Run()
+			theirs.Close()
+			got, _ := io.ReadAll(ours)
+			if err != nil || string(got) != "journal\n" {
+				t.Errorf("stdout a unix socket: %v, %q", err, got)
+			}
+		})
 	}
 }
 
