@@ -27,6 +27,15 @@ const ctrlFD = 3
 
 // Init runs the sandbox's init and never returns.
 func Init() {
+	// Init's threads other than the command's keep their capabilities
+	// (full root ones under root), and the command runs as init's user:
+	// a dumpable init could be traced by it (PTRACE_ATTACH to pid 1) and
+	// made to undo the sandbox. Not dumpable, tracing it takes
+	// CAP_SYS_PTRACE, which the command has not. The command's execve
+	// makes it dumpable again.
+	if err := unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0); err != nil {
+		fail(fmt.Errorf("making init undumpable: %w", err))
+	}
 	var spec Spec
 	raw := os.Getenv(initEnv)
 	os.Unsetenv(initEnv)
@@ -111,8 +120,10 @@ func setup(spec Spec) (*os.File, error) {
 		return nil, err
 	}
 	// A fresh /proc shows only the sandbox's processes. Where /proc is
-	// partly masked (inside a container) the kernel refuses; the host's
-	// view is then kept, which hides nothing the command could misuse.
+	// partly masked (inside a container) the kernel refuses a user one;
+	// the host's view is then kept: the command sees the processes
+	// there, but cannot trace them or open their memory, as they are in
+	// a user namespace above its own (TestHostProcGrantsNothing).
 	unix.Mount("proc", "/proc", "proc", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, "")
 	return f, nil
 }

@@ -17,6 +17,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -582,6 +583,65 @@ read line <&9; echo "$line"; exit 3`
 				t.Errorf("stdout a unix socket: %v, %q", err, got)
 			}
 		})
+	}
+}
+
+// seizeScript tries PTRACE_SEIZE on every thread of the processes whose
+// pid is given, printing "seized" or "refused-<error>" for each.
+const seizeScript = `import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+for pid in sys.argv[1:]:
+    for tid in sorted(os.listdir("/proc/%s/task" % pid), key=int):
+        r = libc.ptrace(0x4206, int(tid), 0, 0)
+        print("task", tid, "seized" if r == 0 else "refused-" + os.strerror(ctypes.get_errno()))`
+
+// TestInitCannotBeTraced: init's threads other than the command's keep
+// their capabilities (under root, all of root's) and the command runs as
+// init's user, so tracing init would let the command undo the sandbox.
+func TestInitCannotBeTraced(t *testing.T) {
+	requireRoot(t)
+	for _, backend := range backends {
+		t.Run(backend.name, func(t *testing.T) {
+			if backend.u == rootless {
+				withTunOpen(t)
+			}
+			r := run(t, backend.u, append(append([]string{"--offline"}, backend.flags...), "--", "sh", "-c",
+				`cat /proc/1/environ >/dev/null && echo read-environ; python3 -c '`+seizeScript+`' 1`)...)
+			if r.code != 0 || strings.Contains(r.stdout, "seized") || strings.Contains(r.stdout, "read-environ") ||
+				strings.Count(r.stdout, "refused-Operation not permitted") < 2 {
+				t.Fatal(r)
+			}
+		})
+	}
+}
+
+// TestHostProcGrantsNothing runs childflow as a user where /proc is
+// partly masked, as in a container, and the kernel refuses the user a
+// /proc of the sandbox's own, so the command sees the host's. It sees
+// the user's other processes there (here a sleep in the host's network)
+// but cannot open their memory: they are in a user namespace above its
+// own.
+func TestHostProcGrantsNothing(t *testing.T) {
+	requireRoot(t)
+	withTunOpen(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	sleeper := exec.CommandContext(ctx, "sleep", "987654")
+	sleeper.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(rootless), Gid: uint32(rootless)}}
+	if err := sleeper.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { sleeper.Process.Kill(); sleeper.Wait() }()
+	script := `for p in /proc/[0-9]*; do [ "$(tr '\0' ' ' < $p/cmdline 2>/dev/null)" = "sleep 987654 " ] && echo saw && (exec 3<>$p/mem) 2>/dev/null && echo opened; done; exit 3`
+	cmd := exec.CommandContext(ctx, "unshare", "-m", "--propagation", "private", "sh", "-c",
+		`mount --bind /dev/null /proc/keys && exec setpriv --reuid 65534 --regid 65534 --clear-groups "$@"`, "sh",
+		bin, "--offline", "--", "sh", "-c", script)
+	cmd.Dir = "/"
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	cmd.Run()
+	if code := cmd.ProcessState.ExitCode(); code != 3 || out.String() != "saw\n" {
+		t.Fatalf("exit %d, stdout:\n%s\nstderr:\n%s", code, out.String(), errb.String())
 	}
 }
 
