@@ -125,7 +125,37 @@ func setup(spec Spec) (*os.File, error) {
 	// there, but cannot trace them or open their memory, as they are in
 	// a user namespace above its own (TestHostProcGrantsNothing).
 	unix.Mount("proc", "/proc", "proc", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, "")
+	if !spec.Rootless && len(spec.RunAs) == 0 {
+		if err := kernelFilesReadOnly(); err != nil {
+			f.Close()
+			return nil, err
+		}
+	}
 	return f, nil
+}
+
+// kernelFilesReadOnly makes the kernel's settings read-only for a command
+// that runs as uid 0 (childflow run by root itself, not through sudo). It
+// has no capabilities, but most files under /proc/sys and /sys check only
+// that their owner writes them: core_pattern would have the kernel run a
+// program of the command's choosing as root, outside the sandbox, at the
+// next crash; sysrq-trigger reboots the host. As in a container.
+func kernelFilesReadOnly() error {
+	for _, path := range []string{"/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus", "/sys"} {
+		if _, err := os.Lstat(path); err != nil {
+			continue // /proc/bus and /proc/irq are not on every kernel
+		}
+		// Bound onto itself, so that only this mount is changed, not the
+		// /proc or /sys it is part of; recursively for /sys's cgroups,
+		// debugfs and the rest.
+		if err := unix.Mount(path, path, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
+			return fmt.Errorf("binding %s: %w", path, err)
+		}
+		if err := unix.MountSetattr(unix.AT_FDCWD, path, unix.AT_RECURSIVE, &unix.MountAttr{Attr_set: unix.MOUNT_ATTR_RDONLY}); err != nil {
+			return fmt.Errorf("making %s read-only: %w", path, err)
+		}
+	}
+	return nil
 }
 
 // openTUN creates and configures the sandbox's TUN. It is persistent, so

@@ -615,6 +615,31 @@ func TestInitCannotBeTraced(t *testing.T) {
 	}
 }
 
+// TestKernelSettingsAreReadOnly: run by root itself, the command is uid 0
+// without capabilities, yet most of /proc/sys and /sys check only the
+// file's owner. core_pattern (written back unchanged here) would have the
+// kernel run a program of the command's choosing as root outside the
+// sandbox. They are read-only; the command's own /proc files are not.
+func TestKernelSettingsAreReadOnly(t *testing.T) {
+	requireRoot(t)
+	for _, backend := range backends {
+		t.Run(backend.name, func(t *testing.T) {
+			if backend.u == rootless {
+				withTunOpen(t)
+			}
+			r := run(t, backend.u, append(append([]string{"--offline"}, backend.flags...), "--", "sh", "-c", `
+v=$(cat /proc/sys/kernel/core_pattern); (printf '%s\n' "$v" > /proc/sys/kernel/core_pattern) 2>/dev/null && echo wrote core_pattern
+for f in /proc/sysrq-trigger /proc/sys/kernel/hostname /proc/sys/net/ipv4/ping_group_range /sys/kernel/uevent_helper $(find /sys/fs/cgroup -maxdepth 2 -name cgroup.procs | head -1); do
+	[ -w $f ] && echo writable $f
+done
+echo 0 > /proc/self/oom_score_adj && echo own-ok`)...)
+			if r.code != 0 || r.stdout != "own-ok\n" {
+				t.Fatal(r)
+			}
+		})
+	}
+}
+
 // TestHostProcGrantsNothing runs childflow as a user where /proc is
 // partly masked, as in a container, and the kernel refuses the user a
 // /proc of the sandbox's own, so the command sees the host's. It sees
