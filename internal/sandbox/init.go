@@ -271,10 +271,12 @@ func prepareCommand(spec Spec) (start func() int) {
 			return 125
 		}
 	}
-	if err := denyTerminalInjection(); err != nil {
-		return func() int {
-			fmt.Fprintf(os.Stderr, "childflow: %v\n", err)
-			return 125
+	if hasControllingTerminal() {
+		if err := denyTerminalInjection(); err != nil {
+			return func() int {
+				fmt.Fprintf(os.Stderr, "childflow: %v\n", err)
+				return 125
+			}
 		}
 	}
 	sigs := make(chan os.Signal, 16)
