@@ -188,17 +188,14 @@ func (p *Policy) DecideName(name string) Decision {
 	if m := matchSuffix(p.AllowDomains, name); m != "" {
 		return Decision{Allow: true, Reason: ReasonAllowDomain, Control: controls[ReasonAllowDomain], MatchedDomain: m}
 	}
-	if p.DefaultDeny && !p.resolvesUnlistedNames() {
+	// Under default deny a name no rule allows is not asked upstream, even
+	// where allow-cidr opens addresses: the query itself would carry data
+	// out (secret.attacker.example). Names for those addresses come from
+	// --hosts-file or an allow-domain rule.
+	if p.DefaultDeny {
 		return deny(ReasonDefaultDeny)
 	}
 	return Decision{Allow: true, Reason: ReasonDefaultAllow, Control: controls[ReasonDefaultAllow]}
-}
-
-// resolvesUnlistedNames: under default deny with only CIDR allowances the
-// user reaches hosts by name through allow-cidr, so names must resolve;
-// with any domain allowance, only those names do.
-func (p *Policy) resolvesUnlistedNames() bool {
-	return len(p.AllowDomains) == 0 && len(p.AllowDomainsExact) == 0 && len(p.AllowCIDRs) > 0
 }
 
 // NormalizeName lower-cases a DNS name and strips the trailing dot.

@@ -151,7 +151,7 @@ func TestDecideName(t *testing.T) {
 		{"deny beats allow", Policy{DenyDomains: []string{"test"}, AllowDomains: []string{"web.test"}}, "web.test", false},
 		{"default deny hides unlisted", Policy{DefaultDeny: true, AllowDomains: []string{"allowed.test"}}, "exfil.attacker.test", false},
 		{"default deny resolves listed", Policy{DefaultDeny: true, AllowDomains: []string{"allowed.test"}}, "sub.allowed.test", true},
-		{"default deny with only cidrs resolves", Policy{DefaultDeny: true, AllowCIDRs: pfx("203.0.113.0/24")}, "web.test", true},
+		{"default deny with only cidrs hides names too", Policy{DefaultDeny: true, AllowCIDRs: pfx("203.0.113.0/24")}, "web.test", false},
 		{"default deny with nothing", Policy{DefaultDeny: true}, "web.test", false},
 	} {
 		if d := tc.p.DecideName(tc.q); d.Allow != tc.allow {

