@@ -213,14 +213,26 @@ func matchExact(list []string, name string) string {
 }
 
 // matchSuffix matches name against domain rules: the domain itself and its
-// subdomains, never badexample.com for example.com.
+// subdomains, never badexample.com for example.com, nor x\.example.com: a
+// label may hold a dot, written escaped, and that name is a sibling of
+// example.com under com, whose servers would be asked for it.
 func matchSuffix(list []string, name string) string {
 	for _, d := range list {
-		if name == d || strings.HasSuffix(name, "."+d) {
+		if name == d || strings.HasSuffix(name, "."+d) && !escaped(name, len(name)-len(d)-1) {
 			return d
 		}
 	}
 	return ""
+}
+
+// escaped says whether the character at i in a name in presentation form
+// is escaped: preceded by an odd number of backslashes.
+func escaped(name string, i int) bool {
+	n := 0
+	for i--; i >= 0 && name[i] == '\\'; i-- {
+		n++
+	}
+	return n%2 == 1
 }
 
 func allMatch(prefixes []netip.Prefix, addrs []netip.Addr) (netip.Prefix, bool) {

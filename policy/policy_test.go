@@ -153,6 +153,9 @@ func TestDecideName(t *testing.T) {
 		{"default deny resolves listed", Policy{DefaultDeny: true, AllowDomains: []string{"allowed.test"}}, "sub.allowed.test", true},
 		{"default deny with only cidrs hides names too", Policy{DefaultDeny: true, AllowCIDRs: pfx("203.0.113.0/24")}, "web.test", false},
 		{"default deny with nothing", Policy{DefaultDeny: true}, "web.test", false},
+		{"an escaped dot is no label boundary", Policy{DefaultDeny: true, AllowDomains: []string{"allowed.test"}}, `secret.x\.allowed.test`, false},
+		{"an escaped backslash before a dot is", Policy{DefaultDeny: true, AllowDomains: []string{"allowed.test"}}, `x\\.allowed.test`, true},
+		{"three backslashes escape the dot", Policy{DefaultDeny: true, AllowDomains: []string{"allowed.test"}}, `x\\\.allowed.test`, false},
 	} {
 		if d := tc.p.DecideName(tc.q); d.Allow != tc.allow {
 			t.Errorf("%s: DecideName(%s) = %+v, want allow=%v", tc.name, tc.q, d, tc.allow)

