@@ -15,7 +15,8 @@ import (
 // reaches a host service), a directory reopens what the sandbox covers
 // (/proc/self/fd/N/docker.sock), a pidfd takes another process's
 // sockets, a /proc file writes another process's memory, a TUN device
-// sends into the host. Only kinds that carry data and nothing else pass.
+// sends into the host, a pseudo-terminal's master types into the shell
+// on its other side. Only kinds that carry data and nothing else pass.
 
 // WithholdInheritedFDs marks close-on-exec every inherited fd above 2 the
 // command must not get, returning a one-line note for each; stdin, stdout
@@ -87,7 +88,9 @@ func passable(fd int, stdio bool) (kind string, ok bool) {
 		switch {
 		case major == 1 && minor != 1 && minor != 2 && minor != 4: // null, zero, random...; not mem, kmem, port
 			return "", true
-		case major == 4 || major == 5 || major >= 136 && major <= 143: // terminals, ptmx, /dev/tty
+		case major == 5 && minor == 2: // a pseudo-terminal's master: what it writes, the shell on the other side reads as typed
+			return "a pseudo-terminal master", false
+		case major == 4 || major == 5 || major >= 136 && major <= 143: // terminals, /dev/tty
 			return "", true
 		}
 		return fmt.Sprintf("device %d:%d", major, minor), false

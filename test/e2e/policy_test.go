@@ -474,8 +474,10 @@ exit 3`, relay, dgram))
 // TestInheritedHandlesStayOutside passes childflow, as a shell or a CI
 // runner may, handles opened outside the sandbox: a TCP and a UDP
 // socket, a directory holding a host socket (reached again through
-// /proc/self/fd/N/), a pidfd, a network namespace and /proc/self/mem of
-// the test. None reaches the command, each is named on stderr; a pipe
+// /proc/self/fd/N/), a pidfd, a network namespace, /proc/self/mem of
+// the test and a pseudo-terminal's master (the shell on its other side
+// reads what is written to it as typed). None reaches the command, each
+// is named on stderr; a pipe
 // and a regular file still pass. Stdin as a socket is refused with exit
 // 2, stdout as a connected unix socket (journald's) works.
 func TestInheritedHandlesStayOutside(t *testing.T) {
@@ -536,13 +538,14 @@ func TestInheritedHandlesStayOutside(t *testing.T) {
 			defer pr.Close()
 			pw.Write([]byte("piped\n"))
 			pw.Close()
-			extra := []*os.File{ // fds 3 to 10
+			extra := []*os.File{ // fds 3 to 11
 				tcpFile(), open(udp.(*net.UDPConn).File()), open(os.Open(dir)), open(os.NewFile(uintptr(pidfd), "pidfd"), nil),
 				open(os.Open("/proc/self/ns/net")), open(os.OpenFile("/proc/self/mem", os.O_RDWR, 0)), pr, open(os.Open("/etc/hostname")),
+				open(os.OpenFile("/dev/ptmx", os.O_RDWR, 0)),
 			}
 			script := `printf 'GET / HTTP/1.0\r\n\r\n' >&3 && timeout 2 cat <&3
 curl -sS -m3 --unix-socket /proc/self/fd/5/relay.sock http://web.test/
-for fd in 3 4 5 6 7 8 9 10; do [ -e /proc/self/fd/$fd ] && echo "has $fd"; done
+for fd in 3 4 5 6 7 8 9 10 11; do [ -e /proc/self/fd/$fd ] && echo "has $fd"; done
 read line <&9; echo "$line"; exit 3`
 			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 			defer cancel()
@@ -554,7 +557,7 @@ read line <&9; echo "$line"; exit 3`
 			if code := cmd.ProcessState.ExitCode(); code != 3 || out.String() != "has 9\nhas 10\npiped\n" {
 				t.Fatalf("exit %d, stdout:\n%s\nstderr:\n%s", code, out.String(), errb.String())
 			}
-			for fd := 3; fd <= 8; fd++ {
+			for _, fd := range []int{3, 4, 5, 6, 7, 8, 11} {
 				if !strings.Contains(errb.String(), fmt.Sprintf("childflow: fd %d (", fd)) {
 					t.Errorf("fd %d not named on stderr:\n%s", fd, errb.String())
 				}
