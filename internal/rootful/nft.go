@@ -215,6 +215,14 @@ func installTable(s tableSpec) error {
 	n.rule(forward, nftexpr.Cat(fromSandbox, nftexpr.Established(), []expr.Any{accept})...)
 	n.rule(forward, nftexpr.Cat(fromSandbox, []expr.Any{jumpPolicy})...)
 
+	// Nor from the host: the sandbox's answers to a flow the host opened
+	// would pass as established, and its policy never see them (an
+	// --offline sandbox served a host process's connection).
+	output := c.AddChain(&nftables.Chain{Name: "output", Table: n.t, Type: nftables.ChainTypeFilter, Hooknum: nftables.ChainHookOutput, Priority: prio})
+	n.rule(output, nftexpr.Cat(toSandbox, nftexpr.Established(), []expr.Any{accept})...)
+	n.rule(output, nftexpr.Cat(toSandbox, nftexpr.NeighbourDiscovery(), []expr.Any{accept})...)
+	n.rule(output, nftexpr.Cat(toSandbox, []expr.Any{drop})...)
+
 	n.rule(input, nftexpr.Cat(fromSandbox, nftexpr.Established(), []expr.Any{accept})...)
 	n.rule(input, nftexpr.Cat(fromSandbox, nftexpr.NeighbourDiscovery(), []expr.Any{accept})...)
 	for _, gw := range []netip.Addr{s.plan.Gateway4, s.plan.Gateway6} {

@@ -203,6 +203,44 @@ exit 3`)...)
 	}
 }
 
+// TestRootSandboxTakesNoCallsFromTheHost: the host cannot open a flow
+// into a --root sandbox any more than into a rootless one. An --offline
+// sandbox listening on TCP and UDP hears nothing from a host process, and
+// sends nothing back: its answers would have left as established traffic,
+// around its policy.
+func TestRootSandboxTakesNoCallsFromTheHost(t *testing.T) {
+	requireRoot(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	addrFile := filepath.Join(t.TempDir(), "addr")
+	cmd := command(ctx, root, append(append([]string{"--offline"}, rootArgs...), "--", "sh", "-c",
+		`ip -4 -o addr show scope global | awk '{print $4}' | cut -d/ -f1 > `+addrFile+`
+socat -u UDP-RECV:8001 OPEN:/dev/stdout & socat TCP-LISTEN:8000,reuseaddr SYSTEM:'echo called; echo answered >&2' & sleep 4; kill %1 %2; exit 3`)...)
+	var out, errb strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	var addr string
+	for deadline := time.Now().Add(10 * time.Second); addr == ""; time.Sleep(50 * time.Millisecond) {
+		b, _ := os.ReadFile(addrFile)
+		addr = strings.TrimSpace(string(b))
+		if time.Now().After(deadline) {
+			t.Fatal("the sandbox did not say its address")
+		}
+	}
+	time.Sleep(300 * time.Millisecond) // the listeners are up
+	got, err := exec.Command("curl", "-sS", "-m2", "--http0.9", "http://"+addr+":8000/").CombinedOutput()
+	if err == nil || strings.Contains(string(got), "called") {
+		t.Errorf("the host's connection into the sandbox: %v, %q", err, got)
+	}
+	exec.Command("sh", "-c", "echo from-the-host | socat -u - UDP:"+addr+":8001").Run()
+	cmd.Wait()
+	if code := cmd.ProcessState.ExitCode(); code != 3 || strings.Contains(out.String(), "from-the-host") || strings.Contains(errb.String(), "answered") {
+		t.Errorf("exit %d, the sandbox heard:\n%s\n%s", code, out.String(), errb.String())
+	}
+}
+
 // A long deny list is enforced whole: with 1500 IPv6 ranges before the
 // testnet's, the table used to hold part of the list without an error
 // and the testnet's range was not in it; 3000 IPv4 ranges used to stop
