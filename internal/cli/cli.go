@@ -166,7 +166,12 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	}
 	withheld, err := sandbox.WithholdInheritedFDs()
 	if err != nil {
-		return usageError(stderr, err)
+		var u *policy.UsageError
+		if errors.As(err, &u) {
+			return usageError(stderr, err)
+		}
+		fmt.Fprintf(stderr, "childflow: %v\n", err)
+		return exitFailure
 	}
 	for _, note := range withheld {
 		fmt.Fprintf(stderr, "childflow: %s\n", note)

@@ -6,6 +6,8 @@ import (
 	"strconv"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/childflow/childflow/policy"
 )
 
 // The command gets the fds childflow was given, as under env or timeout
@@ -20,12 +22,12 @@ import (
 
 // WithholdInheritedFDs marks close-on-exec every inherited fd above 2 the
 // command must not get, returning a one-line note for each; stdin, stdout
-// or stderr of such a kind is an error, as the command could not run
-// without it.
+// or stderr of such a kind is a usage error (*policy.UsageError), as the
+// command could not run without it.
 func WithholdInheritedFDs() (notes []string, err error) {
 	for fd, name := range []string{"stdin", "stdout", "stderr"} {
 		if kind, ok := passable(fd, true); !ok {
-			return nil, fmt.Errorf("%s is %s from outside the sandbox, which the command could use to get around it: give it a pipe, a file or a terminal", name, kind)
+			return nil, policy.Usagef("%s is %s from outside the sandbox, which the command could use to get around it: give it a pipe, a file or a terminal", name, kind)
 		}
 	}
 	entries, err := os.ReadDir("/proc/self/fd")
@@ -69,7 +71,7 @@ var handleFS = map[int64]string{
 func passable(fd int, stdio bool) (kind string, ok bool) {
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil {
-		return "", err == unix.EBADF // a closed stdio fd is the caller's business
+		return "an fd that cannot be inspected", err == unix.EBADF // a closed stdio fd is the caller's business
 	}
 	switch st.Mode & unix.S_IFMT {
 	case unix.S_IFIFO:
