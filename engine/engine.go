@@ -239,6 +239,9 @@ func (e *Engine) admit(proto policy.Proto, src, dst netip.AddrPort, viaProxy boo
 	if dst.Port() == policy.PortDoT && proto != policy.ICMP {
 		d = policy.DNSBypass
 	}
+	if d.Allow && viaProxy && e.cfg.Proxy.IsSelf(dst) {
+		d = policy.ProxyLoop
+	}
 	return e.events.Attempt(ev, d), d.Allow
 }
 

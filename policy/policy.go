@@ -75,6 +75,7 @@ const (
 	ReasonDefaultDeny     = "default_deny"
 	ReasonProxyOnly       = "proxy_only"
 	ReasonDNSBypass       = "dns_bypass"
+	ReasonProxyLoop       = "proxy_loop"
 )
 
 // controls names the setting behind each reason code: the flow log's
@@ -84,7 +85,7 @@ var controls = map[string]string{
 	ReasonHost: "host", ReasonDenyCIDR: "deny_cidrs", ReasonDenyDomainExact: "deny_domains_exact",
 	ReasonDenyDomain: "deny_domains", ReasonAllowCIDR: "allow_cidrs", ReasonAllowDomExact: "allow_domains_exact",
 	ReasonAllowDomain: "allow_domains", ReasonDefaultAllow: "default_policy", ReasonDefaultDeny: "default_policy",
-	ReasonProxyOnly: "proxy_only", ReasonDNSBypass: "dns",
+	ReasonProxyOnly: "proxy_only", ReasonDNSBypass: "dns", ReasonProxyLoop: "proxy",
 }
 
 // ControlOf returns the control of a reason code.
@@ -256,3 +257,7 @@ const PortDoT = 853
 
 // DNSBypass is the decision for a flow to PortDoT.
 var DNSBypass = Decision{Reason: ReasonDNSBypass, Control: controls[ReasonDNSBypass]}
+
+// ProxyLoop is the decision for a flow to the forced proxy itself, which
+// would carry a tunnel of the sandbox's own to anywhere.
+var ProxyLoop = Decision{Reason: ReasonProxyLoop, Control: controls[ReasonProxyLoop]}

@@ -16,11 +16,14 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"slices"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/childflow/childflow/engine/proxy/uri"
 	"github.com/childflow/childflow/engine/upstream"
+	"github.com/childflow/childflow/policy"
 )
 
 // Proxy is a parsed, validated upstream proxy.
@@ -36,6 +39,9 @@ type Proxy struct {
 	// DialContext reaches the proxy itself. Nil: a net.Dialer that
 	// reports to an upstream.Watch in the context.
 	DialContext func(ctx context.Context, network, addr string) (net.Conn, error)
+
+	selfOnce sync.Once
+	self     []netip.AddrPort // the proxy's own addresses, for IsSelf
 }
 
 // Parse validates the proxy settings (see uri.Parse) and returns the
@@ -54,6 +60,44 @@ func FromURI(u *uri.URI, insecure bool) *Proxy {
 		return nil
 	}
 	return &Proxy{Scheme: u.Scheme, Addr: u.Addr, host: u.Host, user: u.User, password: u.Password, insecure: insecure}
+}
+
+// Via is p reached through dial.
+func (p *Proxy) Via(dial func(ctx context.Context, network, addr string) (net.Conn, error)) *Proxy {
+	return &Proxy{Scheme: p.Scheme, Addr: p.Addr, host: p.host, user: p.user, password: p.password,
+		insecure: p.insecure, RootCAs: p.RootCAs, DialContext: dial}
+}
+
+// IsSelf reports whether dst is the proxy itself. A sandbox's flow to it,
+// carried through it, makes the proxy its own client, which then goes
+// wherever the sandbox asks inside the tunnel (a SOCKS or CONNECT request
+// of its own), past a policy that saw only the proxy's address. A proxy
+// named by host name is resolved once, on the first call.
+func (p *Proxy) IsSelf(dst netip.AddrPort) bool {
+	p.selfOnce.Do(func() {
+		ap, err := netip.ParseAddrPort(p.Addr)
+		if err == nil {
+			p.self = []netip.AddrPort{netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())}
+			return
+		}
+		host, port, err := net.SplitHostPort(p.Addr)
+		n, perr := strconv.ParseUint(port, 10, 16)
+		if err != nil || perr != nil {
+			return
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		addrs, _ := net.DefaultResolver.LookupNetIP(ctx, "ip", host)
+		for _, a := range addrs {
+			p.self = append(p.self, netip.AddrPortFrom(a.Unmap(), uint16(n)))
+		}
+	})
+	for _, a := range policy.Embedded(dst.Addr()) {
+		if slices.Contains(p.self, netip.AddrPortFrom(a.Unmap(), dst.Port())) {
+			return true
+		}
+	}
+	return false
 }
 
 // String names the proxy without credentials.

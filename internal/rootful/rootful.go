@@ -152,9 +152,7 @@ func (sb *Sandbox) Attach(pid int, onEvent func(flowlog.Event)) (err error) {
 	}
 	if cfg.Proxy != nil {
 		if cfg.Iface != "" {
-			p := *cfg.Proxy
-			p.DialContext = sb.dialer().DialContext
-			sb.cfg.Proxy = &p
+			sb.cfg.Proxy = cfg.Proxy.Via(sb.dialer().DialContext)
 		}
 		spec.tpMark = tproxyMark(slot)
 		if spec.tproxy, err = sb.startTProxy(); err != nil {

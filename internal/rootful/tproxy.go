@@ -51,6 +51,9 @@ func (sb *Sandbox) proxied(c net.Conn) {
 	if dst.Port() == policy.PortDoT {
 		d = policy.DNSBypass
 	}
+	if d.Allow && sb.cfg.Proxy.IsSelf(dst) {
+		d = policy.ProxyLoop
+	}
 	res := sb.events.Attempt(sb.events.Flow(policy.TCP, src, dst, names), d)
 	if !d.Allow {
 		resetOnClose(c)

@@ -138,6 +138,34 @@ func TestProxySOCKS5(t *testing.T) {
 	})
 }
 
+// TestTheProxyIsNoDestination: a flow to the forced proxy itself, carried
+// through it, makes the proxy its own client, which then goes wherever
+// the sandbox asks inside the tunnel (its own SOCKS request for a denied
+// name), past a policy that saw only the proxy's address. It is refused
+// (proxy_loop); other flows still go through the proxy. (Another address
+// of the proxy's host, or another proxy the policy allows, is a relay the
+// policy cannot see into, as any allowed host that relays.)
+func TestTheProxyIsNoDestination(t *testing.T) {
+	requireRoot(t)
+	for _, backend := range backends {
+		t.Run(backend.name, func(t *testing.T) {
+			if backend.u == rootless {
+				withTunOpen(t)
+			}
+			log := filepath.Join(logDir(t), "flows.jsonl")
+			r := sh(t, backend.u, append([]string{"-p", "socks5h://" + socksOpen, "--deny-domain", "denied.test", "--deny-cidr", "203.0.113.20/32", "--flow-log", log}, backend.flags...), `
+curl -sS -m5 --socks5-hostname `+socksOpen+` http://denied.test/ && echo through-v4
+curl -sS -m5 -o /dev/null http://web.test/ && echo proxied-ok`)
+			if r.code != 0 || r.stdout != "proxied-ok\n" {
+				t.Fatal(r)
+			}
+			if !hasEvent(readFlowLog(t, log), map[string]any{"event": "policy_violation", "reason_code": "proxy_loop", "control": "proxy"}) {
+				t.Errorf("no proxy_loop policy_violation in the flow log")
+			}
+		})
+	}
+}
+
 func TestProxyOnly(t *testing.T) {
 	users(t, func(t *testing.T, u as) {
 		r := sh(t, u, []string{"--proxy-only", "-p", squidOpen}, assertions+`
