@@ -5,7 +5,10 @@ package policy
 
 import (
 	"net/netip"
+	"slices"
 	"strings"
+
+	"github.com/childflow/childflow/internal/netplan"
 )
 
 // Policy is validated once (Validate) and must not be changed after it is
@@ -140,17 +143,22 @@ func (p *Policy) decide(addrs []netip.Addr, names []string) Decision {
 			return d
 		}
 	}
+	// The host is reachable only through an allow-cidr that names it; a
+	// domain rule must not open it (DNS rebinding to 127.0.0.1 or the
+	// host), nor a wide range that merely contains it (10.0.0.0/8 holds
+	// the rootless gateway, and through it the host's loopback).
+	for _, host := range [][]netip.Prefix{HostRanges, p.HostAddrs} {
+		if m, ok := firstMatch(host, addrs); ok {
+			if a, ok := allMatch(p.HostAllowCIDRs(), addrs); ok {
+				return Decision{Allow: true, Reason: ReasonAllowCIDR, Control: controls[ReasonAllowCIDR], MatchedCIDR: a}
+			}
+			return denyCIDR(ReasonHost, m)
+		}
+	}
 	// Allow rules must hold for every address the destination stands for,
 	// so a mapped or tunnelled form cannot borrow another's allowance.
 	if m, ok := allMatch(p.AllowCIDRs, addrs); ok {
 		return Decision{Allow: true, Reason: ReasonAllowCIDR, Control: controls[ReasonAllowCIDR], MatchedCIDR: m}
-	}
-	// The host is reachable only through an explicit allow-cidr; a domain
-	// rule must not open it (DNS rebinding to 127.0.0.1 or the host).
-	for _, host := range [][]netip.Prefix{HostRanges, p.HostAddrs} {
-		if m, ok := firstMatch(host, addrs); ok {
-			return denyCIDR(ReasonHost, m)
-		}
 	}
 	for _, n := range names {
 		if matchExact(p.AllowDomainsExact, n) != "" {
@@ -166,6 +174,29 @@ func (p *Policy) decide(addrs []netip.Addr, names []string) Decision {
 		return deny(ReasonDefaultDeny)
 	}
 	return Decision{Allow: true, Reason: ReasonDefaultAllow, Control: controls[ReasonDefaultAllow]}
+}
+
+// NamesHost says whether an allow-cidr names the host rather than merely
+// containing its addresses: a single address, a range within one of
+// HostRanges (127.0.0.0/8, multicast) or within the ranges sandboxes'
+// gateways are taken from (10.88.0.0/16 for any rootful gateway).
+func NamesHost(p netip.Prefix) bool {
+	if p.IsSingleIP() {
+		return true
+	}
+	for _, r := range [][]netip.Prefix{HostRanges, netplan.Pools()} {
+		for _, h := range r {
+			if h.Bits() <= p.Bits() && h.Contains(p.Addr()) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// HostAllowCIDRs are the allow-cidrs that name the host (NamesHost).
+func (p *Policy) HostAllowCIDRs() []netip.Prefix {
+	return slices.DeleteFunc(slices.Clone(p.AllowCIDRs), func(c netip.Prefix) bool { return !NamesHost(c) })
 }
 
 // DecideName says whether the engine's resolver may resolve name. Denied

@@ -94,6 +94,18 @@ func Decode(s string) (Plan, error) {
 var rootPools4 = []string{"10.88.0.0/16", "172.30.0.0/16", "100.88.0.0/16"}
 var rootPools6 = []string{"fd87:cf88::/48", "fd87:cf89::/48"}
 
+// Pools are every range a sandbox's subnet, and so its gateway, is taken
+// from, rootless and rootful.
+func Pools() []netip.Prefix {
+	var out []netip.Prefix
+	for _, list := range [][]string{candidates4, candidates6, rootPools4, rootPools6} {
+		for _, s := range list {
+			out = append(out, netip.MustParsePrefix(s))
+		}
+	}
+	return out
+}
+
 // ChooseRoot returns the addressing of a rootful sandbox: the host end of
 // its veth is the gateway.
 func ChooseRoot(hostRoutes []netip.Prefix, mtu int) (Plan, error) {

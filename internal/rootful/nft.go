@@ -41,6 +41,7 @@ const (
 	setPrivate    = "private"
 	setDenyCIDR   = "deny_cidr"
 	setAllowCIDR  = "allow_cidr"
+	setAllowHost  = "allow_host" // the allow-cidrs that name the host (policy.NamesHost)
 	setTunAllowed = "tunnelled_allowed"
 	setTunnelled  = "tunnelled"
 	setDomDeny    = "domain_deny"
@@ -80,7 +81,7 @@ const setElementsPerMessage = 512
 //	  chain mangle  filter prerouting mangle: TPROXY, --iface marks
 //	  chain forward filter forward:  replies in; new flows out -> policy; nothing new in
 //	  chain input   filter input:    replies, ND, DNS to the resolver, TPROXY; else policy
-//	  chain policy, after_cidr:      policy.Decide's order, each verdict logged
+//	  chain policy, host, after_cidr: policy.Decide's order, each verdict logged
 //	}
 func installTable(s tableSpec) error {
 	c, err := nftables.New(nftables.WithSockOptions(largeBuffers))
@@ -135,6 +136,7 @@ func installTable(s tableSpec) error {
 		for name, elems := range map[string][]netip.Prefix{
 			setMetadata: metadata, setPrivate: private, setDenyCIDR: withTunnelled(p.DenyCIDRs),
 			setAllowCIDR: p.AllowCIDRs, setTunAllowed: tunnelledAllowed(p.AllowCIDRs), setTunnelled: tunnelledForms,
+			setAllowHost: p.HostAllowCIDRs(),
 		} {
 			if err := addSet(name, is6, elems, false); err != nil {
 				return err
@@ -201,6 +203,7 @@ func installTable(s tableSpec) error {
 	forward := c.AddChain(&nftables.Chain{Name: "forward", Table: n.t, Type: nftables.ChainTypeFilter, Hooknum: nftables.ChainHookForward, Priority: prio})
 	input := c.AddChain(&nftables.Chain{Name: "input", Table: n.t, Type: nftables.ChainTypeFilter, Hooknum: nftables.ChainHookInput, Priority: prio})
 	pol := c.AddChain(&nftables.Chain{Name: "policy", Table: n.t})
+	host := c.AddChain(&nftables.Chain{Name: "host", Table: n.t})
 	after := c.AddChain(&nftables.Chain{Name: "after_cidr", Table: n.t})
 	refuse := c.AddChain(&nftables.Chain{Name: "refuse", Table: n.t})
 	jumpPolicy := &expr.Verdict{Kind: expr.VerdictJump, Chain: pol.Name}
@@ -274,6 +277,7 @@ func installTable(s tableSpec) error {
 			n.rule(pol, nftexpr.Cat(inSet(step.set, is6), deny(step.reason))...)
 		}
 	}
+	n.rule(pol, &expr.Verdict{Kind: expr.VerdictJump, Chain: host.Name})
 	n.rule(pol, nftexpr.Cat(inSet(setTunAllowed, true), allow(policy.ReasonAllowCIDR))...)
 	n.rule(pol, nftexpr.Cat(inSet(setTunnelled, true), []expr.Any{&expr.Verdict{Kind: expr.VerdictGoto, Chain: after.Name}})...)
 	for _, is6 := range []bool{false, true} {
@@ -281,18 +285,22 @@ func installTable(s tableSpec) error {
 	}
 	n.rule(pol, &expr.Verdict{Kind: expr.VerdictGoto, Chain: after.Name})
 
-	// The host is reachable only through an allow-cidr rule: its own
-	// addresses, its networks' broadcast addresses, which it hears too,
-	// and the anycast addresses a forwarding host answers on (IPv6's
-	// subnet-router anycast, prefix::, on each of its links).
+	// The host, before the allow-cidrs: reachable only through one that
+	// names it (policy.NamesHost), not a wide range that merely contains
+	// it. Its own addresses, its networks' broadcast addresses, which it
+	// hears too, and the anycast addresses a forwarding host answers on
+	// (IPv6's subnet-router anycast, prefix::, on each of its links).
+	for _, is6 := range []bool{false, true} {
+		n.rule(host, nftexpr.Cat(inSet(setAllowHost, is6), allow(policy.ReasonAllowCIDR))...)
+	}
 	for _, typ := range []uint32{unix.RTN_LOCAL, unix.RTN_BROADCAST, unix.RTN_ANYCAST} {
-		n.rule(after, nftexpr.Cat([]expr.Any{
+		n.rule(host, nftexpr.Cat([]expr.Any{
 			&expr.Fib{Register: 1, FlagDADDR: true, ResultADDRTYPE: true},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(typ)},
 		}, deny(policy.ReasonHost))...)
 	}
 	for _, h := range policy.HostRanges {
-		n.rule(after, nftexpr.Cat(nftexpr.DaddrIn(h), deny(policy.ReasonHost))...)
+		n.rule(host, nftexpr.Cat(nftexpr.DaddrIn(h), deny(policy.ReasonHost))...)
 	}
 	for _, is6 := range []bool{false, true} {
 		n.rule(after, nftexpr.Cat(inSet(setDomAllow, is6), allow(policy.ReasonAllowDomain))...)
