@@ -143,22 +143,32 @@ func (p *Policy) decide(addrs []netip.Addr, names []string) Decision {
 			return d
 		}
 	}
-	// The host is reachable only through an allow-cidr that names it; a
-	// domain rule must not open it (DNS rebinding to 127.0.0.1 or the
-	// host), nor a wide range that merely contains it (10.0.0.0/8 holds
-	// the rootless gateway, and through it the host's loopback).
-	for _, host := range [][]netip.Prefix{HostRanges, p.HostAddrs} {
-		if m, ok := firstMatch(host, addrs); ok {
-			if a, ok := allMatch(p.HostAllowCIDRs(), addrs); ok {
-				return Decision{Allow: true, Reason: ReasonAllowCIDR, Control: controls[ReasonAllowCIDR], MatchedCIDR: a}
-			}
-			return denyCIDR(ReasonHost, m)
+	// Loopback, broadcast, multicast and a sandbox's gateway (which leads
+	// to the host's loopback, or to every service the host has) only
+	// through an allow-cidr that names them, not a wide range that merely
+	// contains them: 10.0.0.0/8 holds the rootless gateway 10.87.0.1.
+	m, ok := firstMatch(HostRanges, addrs)
+	if !ok {
+		if m, ok = firstMatch(p.HostAddrs, addrs); ok {
+			_, ok = firstMatch(netplan.Pools(), addrs)
 		}
+	}
+	if ok {
+		if a, ok := allMatch(p.HostAllowCIDRs(), addrs); ok {
+			return Decision{Allow: true, Reason: ReasonAllowCIDR, Control: controls[ReasonAllowCIDR], MatchedCIDR: a}
+		}
+		return denyCIDR(ReasonHost, m)
 	}
 	// Allow rules must hold for every address the destination stands for,
 	// so a mapped or tunnelled form cannot borrow another's allowance.
 	if m, ok := allMatch(p.AllowCIDRs, addrs); ok {
 		return Decision{Allow: true, Reason: ReasonAllowCIDR, Control: controls[ReasonAllowCIDR], MatchedCIDR: m}
+	}
+	// The host's other addresses, on networks an allow-cidr can admit,
+	// as the host's services there face those networks anyway; a domain
+	// rule must not open them (DNS rebinding).
+	if m, ok := firstMatch(p.HostAddrs, addrs); ok {
+		return denyCIDR(ReasonHost, m)
 	}
 	for _, n := range names {
 		if matchExact(p.AllowDomainsExact, n) != "" {

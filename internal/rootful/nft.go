@@ -41,7 +41,8 @@ const (
 	setPrivate    = "private"
 	setDenyCIDR   = "deny_cidr"
 	setAllowCIDR  = "allow_cidr"
-	setAllowHost  = "allow_host" // the allow-cidrs that name the host (policy.NamesHost)
+	setAllowHost  = "allow_host"    // the allow-cidrs that name the host (policy.NamesHost)
+	setPools      = "gateway_pools" // the ranges sandboxes' gateways come from (netplan.Pools)
 	setTunAllowed = "tunnelled_allowed"
 	setTunnelled  = "tunnelled"
 	setDomDeny    = "domain_deny"
@@ -136,7 +137,7 @@ func installTable(s tableSpec) error {
 		for name, elems := range map[string][]netip.Prefix{
 			setMetadata: metadata, setPrivate: private, setDenyCIDR: withTunnelled(p.DenyCIDRs),
 			setAllowCIDR: p.AllowCIDRs, setTunAllowed: tunnelledAllowed(p.AllowCIDRs), setTunnelled: tunnelledForms,
-			setAllowHost: p.HostAllowCIDRs(),
+			setAllowHost: p.HostAllowCIDRs(), setPools: netplan.Pools(),
 		} {
 			if err := addSet(name, is6, elems, false); err != nil {
 				return err
@@ -285,22 +286,33 @@ func installTable(s tableSpec) error {
 	}
 	n.rule(pol, &expr.Verdict{Kind: expr.VerdictGoto, Chain: after.Name})
 
-	// The host, before the allow-cidrs: reachable only through one that
-	// names it (policy.NamesHost), not a wide range that merely contains
-	// it. Its own addresses, its networks' broadcast addresses, which it
-	// hears too, and the anycast addresses a forwarding host answers on
-	// (IPv6's subnet-router anycast, prefix::, on each of its links).
+	// The host's own addresses, its networks' broadcast addresses, which
+	// it hears too, and the anycast addresses a forwarding host answers
+	// on (IPv6's subnet-router anycast, prefix::, on each of its links).
+	hostAddr := func(typ uint32) []expr.Any {
+		return []expr.Any{
+			&expr.Fib{Register: 1, FlagDADDR: true, ResultADDRTYPE: true},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(typ)},
+		}
+	}
+	hostTypes := []uint32{unix.RTN_LOCAL, unix.RTN_BROADCAST, unix.RTN_ANYCAST}
+	// Before the allow-cidrs, as in policy.Decide: loopback, broadcast,
+	// multicast and the gateways only through an allow-cidr that names
+	// them, not a wide range that merely contains them.
 	for _, is6 := range []bool{false, true} {
 		n.rule(host, nftexpr.Cat(inSet(setAllowHost, is6), allow(policy.ReasonAllowCIDR))...)
 	}
-	for _, typ := range []uint32{unix.RTN_LOCAL, unix.RTN_BROADCAST, unix.RTN_ANYCAST} {
-		n.rule(host, nftexpr.Cat([]expr.Any{
-			&expr.Fib{Register: 1, FlagDADDR: true, ResultADDRTYPE: true},
-			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(typ)},
-		}, deny(policy.ReasonHost))...)
-	}
 	for _, h := range policy.HostRanges {
 		n.rule(host, nftexpr.Cat(nftexpr.DaddrIn(h), deny(policy.ReasonHost))...)
+	}
+	for _, is6 := range []bool{false, true} {
+		for _, typ := range hostTypes {
+			n.rule(host, nftexpr.Cat(inSet(setPools, is6), hostAddr(typ), deny(policy.ReasonHost))...)
+		}
+	}
+	// After them, the host's other addresses.
+	for _, typ := range hostTypes {
+		n.rule(after, nftexpr.Cat(hostAddr(typ), deny(policy.ReasonHost))...)
 	}
 	for _, is6 := range []bool{false, true} {
 		n.rule(after, nftexpr.Cat(inSet(setDomAllow, is6), allow(policy.ReasonAllowDomain))...)

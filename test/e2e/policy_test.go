@@ -117,11 +117,11 @@ no get http://loopback.test:%[1]d/`, hostPort)},
 		{"allow-cidr opens the gateway", []string{"--allow-cidr", "10.87.0.1/32", "--allow-cidr", "172.29.87.1/32", "--allow-cidr", "192.168.187.1/32", "--allow-cidr", "10.88.0.0/16"}, fmt.Sprintf(`
 ok get http://$GW:%[1]d/
 no get http://203.0.113.1:%[1]d/`, hostPort)},
-		{"a wide allow-cidr does not open the host", []string{"--default-policy", "deny", "--allow-cidr", "10.0.0.0/8", "--allow-cidr", "172.16.0.0/12",
+		{"a wide allow-cidr does not open the gateway", []string{"--default-policy", "deny", "--allow-cidr", "10.0.0.0/8", "--allow-cidr", "172.16.0.0/12",
 			"--allow-cidr", "192.168.0.0/16", "--allow-cidr", "100.64.0.0/10", "--allow-cidr", "fc00::/7", "--allow-cidr", "203.0.113.0/24"}, fmt.Sprintf(`
 no get http://$GW:%[1]d/
 no get -6 "http://[$GW6]:%[1]d/"
-no get http://203.0.113.1:%[1]d/
+ok get http://203.0.113.1:%[1]d/
 ok get http://203.0.113.10/`, hostPort)},
 		{"block-private beats allow-cidr", []string{"--block-private", "--allow-cidr", "10.87.0.1/32", "--allow-cidr", "172.29.87.1/32",
 			"--allow-cidr", "192.168.187.1/32", "--allow-cidr", "fd00:cf::1/128", "--allow-cidr", "fd87:cf::1/128",
