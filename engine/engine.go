@@ -236,9 +236,6 @@ func (e *Engine) admit(proto policy.Proto, src, dst netip.AddrPort, viaProxy boo
 		}
 	}
 	d := e.policy.Load().Decide(policy.Flow{Proto: proto, Dst: dst, Names: names, ViaProxy: viaProxy})
-	if dst.Port() == policy.PortDoT && proto != policy.ICMP {
-		d = policy.DNSBypass
-	}
 	if d.Allow && viaProxy && e.cfg.Proxy.IsSelf(dst) {
 		d = policy.ProxyLoop
 	}

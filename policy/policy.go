@@ -101,9 +101,15 @@ func denyCIDR(reason string, m netip.Prefix) Decision {
 }
 
 // Decide applies the rules in the documented order: offline > metadata >
-// private > deny-cidr > deny-domain-exact > deny-domain > allow-cidr >
-// (host guard) > allow-domain-exact > allow-domain > default > proxy-only.
+// private > deny-cidr > deny-domain-exact > deny-domain > (loopback,
+// broadcast, multicast and gateways, unless an allow-cidr names them) >
+// allow-cidr > (the host's other addresses) > allow-domain-exact >
+// allow-domain > default > proxy-only;
+// DNS over TLS or QUIC (PortDoT, any protocol but ICMP) before them all.
 func (p *Policy) Decide(f Flow) Decision {
+	if f.Proto != ICMP && f.Dst.Port() == PortDoT {
+		return DNSBypass
+	}
 	addrs := Embedded(f.Dst.Addr())
 	d := p.decide(addrs, f.Names)
 	if d.Allow && p.ProxyOnly && !f.ViaProxy {
@@ -150,7 +156,7 @@ func (p *Policy) decide(addrs []netip.Addr, names []string) Decision {
 	m, ok := firstMatch(HostRanges, addrs)
 	if !ok {
 		if m, ok = firstMatch(p.HostAddrs, addrs); ok {
-			_, ok = firstMatch(netplan.Pools(), addrs)
+			_, ok = firstMatch(netplan.Pools, addrs)
 		}
 	}
 	if ok {
@@ -194,7 +200,7 @@ func NamesHost(p netip.Prefix) bool {
 	if p.IsSingleIP() {
 		return true
 	}
-	for _, r := range [][]netip.Prefix{HostRanges, netplan.Pools()} {
+	for _, r := range [][]netip.Prefix{HostRanges, netplan.Pools} {
 		for _, h := range r {
 			if h.Bits() <= p.Bits() && h.Contains(p.Addr()) {
 				return true

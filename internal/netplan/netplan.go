@@ -96,7 +96,7 @@ var rootPools6 = []string{"fd87:cf88::/48", "fd87:cf89::/48"}
 
 // Pools are every range a sandbox's subnet, and so its gateway, is taken
 // from, rootless and rootful.
-func Pools() []netip.Prefix {
+var Pools = func() []netip.Prefix {
 	var out []netip.Prefix
 	for _, list := range [][]string{candidates4, candidates6, rootPools4, rootPools6} {
 		for _, s := range list {
@@ -104,7 +104,7 @@ func Pools() []netip.Prefix {
 		}
 	}
 	return out
-}
+}()
 
 // ChooseRoot returns the addressing of a rootful sandbox: the host end of
 // its veth is the gateway.

@@ -137,7 +137,7 @@ func installTable(s tableSpec) error {
 		for name, elems := range map[string][]netip.Prefix{
 			setMetadata: metadata, setPrivate: private, setDenyCIDR: withTunnelled(p.DenyCIDRs),
 			setAllowCIDR: p.AllowCIDRs, setTunAllowed: tunnelledAllowed(p.AllowCIDRs), setTunnelled: tunnelledForms,
-			setAllowHost: p.HostAllowCIDRs(), setPools: netplan.Pools(),
+			setAllowHost: p.HostAllowCIDRs(), setPools: netplan.Pools,
 		} {
 			if err := addSet(name, is6, elems, false); err != nil {
 				return err

@@ -48,9 +48,6 @@ func (sb *Sandbox) proxied(c net.Conn) {
 	src, dst = netip.AddrPortFrom(src.Addr().Unmap(), src.Port()), netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
 	names := sb.cache.Names(dst.Addr())
 	d := sb.cfg.Policy.Decide(policy.Flow{Proto: policy.TCP, Dst: dst, Names: names, ViaProxy: true})
-	if dst.Port() == policy.PortDoT {
-		d = policy.DNSBypass
-	}
 	if d.Allow && sb.cfg.Proxy.IsSelf(dst) {
 		d = policy.ProxyLoop
 	}

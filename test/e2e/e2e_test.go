@@ -717,6 +717,44 @@ func TestNestedSandbox(t *testing.T) {
 	})
 }
 
+// shell is an interactive bash on a pty of its own (onPty), typed into
+// with send; expect reads its screen up to a marker.
+type shell struct {
+	t    *testing.T
+	in   io.WriteCloser
+	out  io.Reader
+	seen []byte // the screen after the last marker expected
+	all  []byte // the whole screen
+}
+
+// interactiveShell starts one as u; it exits when the test ends.
+func interactiveShell(t *testing.T, ctx context.Context, u as) *shell {
+	cmd := onPty(ctx, u, "bash --norc -i")
+	in, _ := cmd.StdinPipe()
+	out, _ := cmd.StdoutPipe()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { in.Close(); cmd.Wait() })
+	return &shell{t: t, in: in, out: out}
+}
+
+func (sh *shell) send(s string) { sh.in.Write([]byte(s)) }
+
+func (sh *shell) expect(marker string) {
+	sh.t.Helper()
+	buf := make([]byte, 512)
+	for !bytes.Contains(sh.seen, []byte(marker)) {
+		n, err := sh.out.Read(buf)
+		if err != nil {
+			sh.t.Fatalf("waiting for %q: %v; the terminal showed:\n%s", marker, err, sh.seen)
+		}
+		sh.seen = append(sh.seen, buf[:n]...)
+		sh.all = append(sh.all, buf[:n]...)
+	}
+	sh.seen = sh.seen[bytes.Index(sh.seen, []byte(marker))+len(marker):]
+}
+
 // TestTerminalForegroundOnlyInTheForeground runs childflow on a pty
 // (script): in the foreground the command takes the terminal, so ^C
 // reaches it; started with & from an interactive shell, or in a session
@@ -774,28 +812,8 @@ func TestJobControl(t *testing.T) {
 	users(t, func(t *testing.T, u as) {
 		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 		defer cancel()
-		cmd := onPty(ctx, u, "bash --norc -i")
-		in, _ := cmd.StdinPipe()
-		out, _ := cmd.StdoutPipe()
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		defer cmd.Wait()
-		defer in.Close()
-		var seen []byte
-		expect := func(marker string) {
-			t.Helper()
-			buf := make([]byte, 512)
-			for !bytes.Contains(seen, []byte(marker)) {
-				n, err := out.Read(buf)
-				if err != nil {
-					t.Fatalf("waiting for %q: %v; the terminal showed:\n%s", marker, err, seen)
-				}
-				seen = append(seen, buf[:n]...)
-			}
-			seen = seen[bytes.Index(seen, []byte(marker))+len(marker):]
-		}
-		send := func(s string) { in.Write([]byte(s)) }
+		term := interactiveShell(t, ctx, u)
+		expect, send := term.expect, term.send
 
 		// Markers are computed, so the echo of the typed line never matches.
 		send(bin + " -- sh -c 'echo start$((1+1)); read x; echo got-$x'\n")
@@ -844,26 +862,7 @@ func TestCommandCannotTypeIntoTheShell(t *testing.T) {
 			}
 			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 			defer cancel()
-			cmd := onPty(ctx, backend.u, "bash --norc -i")
-			in, _ := cmd.StdinPipe()
-			out, _ := cmd.StdoutPipe()
-			if err := cmd.Start(); err != nil {
-				t.Fatal(err)
-			}
-			defer cmd.Wait()
-			defer in.Close()
-			var seen []byte
-			expect := func(marker string) {
-				t.Helper()
-				buf := make([]byte, 512)
-				for !bytes.Contains(seen, []byte(marker)) {
-					n, err := out.Read(buf)
-					if err != nil {
-						t.Fatalf("waiting for %q: %v; the terminal showed:\n%s", marker, err, seen)
-					}
-					seen = append(seen, buf[:n]...)
-				}
-			}
+			term := interactiveShell(t, ctx, backend.u)
 			inject := `import fcntl
 for req in (0x5412, 0x100005412):
     try:
@@ -873,21 +872,21 @@ for req in (0x5412, 0x100005412):
     except OSError as e:
         print("refused-%x %s" % (req, e.strerror))`
 			line := strings.Join(append(append([]string{bin, "--offline"}, backend.flags...), "--", "python3", "-c", shellQuote(inject)), " ")
-			in.Write([]byte(line + "\n"))
-			in.Write([]byte("echo after$((6+6))\n"))
-			expect("after12")
+			term.send(line + "\n")
+			term.send("echo after$((6+6))\n")
+			term.expect("after12")
 			for _, want := range []string{"refused-5412 Operation not permitted", "refused-100005412 Operation not permitted"} {
-				if !bytes.Contains(seen, []byte(want)) {
+				if !bytes.Contains(term.all, []byte(want)) {
 					t.Errorf("missing %q", want)
 				}
 			}
-			if bytes.Contains(seen, []byte("inj10")) || bytes.Contains(seen, []byte("typed-5412")) {
+			if bytes.Contains(term.all, []byte("inj10")) || bytes.Contains(term.all, []byte("typed-5412")) {
 				t.Errorf("the sandboxed command typed a line for the shell")
 			}
 			if t.Failed() {
-				t.Logf("the terminal showed:\n%s", seen)
+				t.Logf("the terminal showed:\n%s", term.all)
 			}
-			in.Write([]byte("exit\n"))
+			term.send("exit\n")
 		})
 	}
 }
