@@ -121,7 +121,7 @@ func cmdAdd(args *skel.CmdArgs) error {
 	}
 	settings, name, err := annotations.Parse(ann)
 	if err == nil {
-		_, err = api.Resolve(settings, name)
+		_, err = api.ResolveContainer(settings, name)
 	}
 	if err != nil {
 		return types.NewError(types.ErrInvalidNetworkConfig, "childflow: pod "+args.ContainerID+": "+err.Error(), "")

@@ -43,8 +43,18 @@ type Config struct {
 	// Proxy, if set, carries every TCP flow; nothing falls back to a
 	// direct connection when it fails.
 	Proxy *proxy.Proxy
+	// HostLoopback lets the sandbox reach the host's loopback: its gateway
+	// stands for it, and an allow-cidr naming loopback opens it (childflow
+	// exec, whose caller owns the host, like slirp4netns's and pasta's
+	// gateways). Without it nothing the engine opens for the sandbox, a
+	// flow or the proxy's connection, goes to the host's loopback: the
+	// node daemon's sandboxes are containers, whose settings whoever
+	// created them wrote, and a node's loopback services trust local
+	// callers.
+	HostLoopback bool
 	// Dial opens upstream connections. Nil: a net.Dialer whose UDP
-	// sockets refuse broadcast addresses.
+	// sockets refuse broadcast addresses (and, without HostLoopback,
+	// which refuses the host's loopback).
 	Dial func(ctx context.Context, network, address string) (net.Conn, error)
 	// Capture, if set, is given every IP packet on the sandbox's link (the
 	// child view), sharing the relay's buffers; it owns packet and must
@@ -131,7 +141,15 @@ func New(cfg Config) (*Engine, error) {
 		// No keepalive probes upstream (four setsockopts per connection):
 		// like a socket the sandbox opened itself, which has none unless
 		// it asks, and that setting stays with the engine's stack.
-		cfg.Dial = upstream.Dialer(&net.Dialer{KeepAlive: -1, Control: refuseBroadcast}).DialContext
+		control := refuseBroadcast
+		if !cfg.HostLoopback {
+			control = refuseHostLoopback
+		}
+		cfg.Dial = upstream.Dialer(&net.Dialer{KeepAlive: -1, Control: control}).DialContext
+	}
+	if cfg.Proxy != nil && cfg.Proxy.DialContext == nil && !cfg.HostLoopback {
+		// A proxy named by host name may resolve to the loopback.
+		cfg.Proxy.DialContext = upstream.Dialer(&net.Dialer{Control: refuseHostLoopback}).DialContext
 	}
 	e := &Engine{cfg: cfg, flows: make(chan struct{}, cfg.MaxFlows), dnsSem: make(chan struct{}, cfg.MaxDNSInFlight), echoSem: make(chan struct{}, cfg.MaxEchoes)}
 	e.policy.Store(cfg.Policy) // and the host's addresses, from Start on
@@ -236,8 +254,14 @@ func (e *Engine) admit(proto policy.Proto, src, dst netip.AddrPort, viaProxy boo
 		}
 	}
 	d := e.policy.Load().Decide(policy.Flow{Proto: proto, Dst: dst, Names: names, ViaProxy: viaProxy})
-	if d.Allow && viaProxy && e.cfg.Proxy.IsSelf(dst) {
+	switch {
+	case !d.Allow:
+	case viaProxy && e.cfg.Proxy.IsSelf(dst):
 		d = policy.ProxyLoop
+	case !e.cfg.HostLoopback:
+		if m, ok := e.hostLoopback(dst.Addr()); ok {
+			d = policy.Decision{Reason: policy.ReasonHost, Control: policy.ControlOf(policy.ReasonHost), MatchedCIDR: m}
+		}
 	}
 	return e.events.Attempt(ev, d), d.Allow
 }
@@ -268,16 +292,29 @@ func (e *Engine) release() {
 }
 
 // upstreamAddr is where an allowed flow is really sent: the canonical
-// address, with the gateway standing for the host's loopback.
+// address, with the gateway standing for the host's loopback (where
+// HostLoopback lets it).
 func (e *Engine) upstreamAddr(dst netip.AddrPort) netip.AddrPort {
 	a := policy.Canonical(dst.Addr())
-	switch a {
-	case e.cfg.Plan.Gateway4:
+	switch {
+	case !e.cfg.HostLoopback:
+	case a == e.cfg.Plan.Gateway4:
 		a = netip.AddrFrom4([4]byte{127, 0, 0, 1})
-	case e.cfg.Plan.Gateway6:
+	case a == e.cfg.Plan.Gateway6:
 		a = netip.IPv6Loopback()
 	}
 	return netip.AddrPortFrom(a, dst.Port())
+}
+
+// hostLoopback says whether a stands for the host's loopback: is, maps or
+// tunnels a loopback address, or is the gateway.
+func (e *Engine) hostLoopback(a netip.Addr) (netip.Prefix, bool) {
+	for _, x := range policy.Embedded(a) {
+		if x.IsLoopback() || x == e.cfg.Plan.Gateway4 || x == e.cfg.Plan.Gateway6 {
+			return netip.PrefixFrom(x, x.BitLen()), true
+		}
+	}
+	return netip.Prefix{}, false
 }
 
 // DNS anywhere is answered by the engine's resolver (DNS over TLS or

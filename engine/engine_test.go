@@ -30,8 +30,10 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
 
 	"github.com/childflow/childflow/engine/flowlog"
+	"github.com/childflow/childflow/engine/proxy"
 	"github.com/childflow/childflow/internal/netplan"
 	"github.com/childflow/childflow/policy"
+	"github.com/childflow/childflow/policy/profile"
 )
 
 // sandbox is the far end of the engine's link: a second gVisor stack
@@ -338,19 +340,47 @@ func TestTCPUpstreamRefusedIsReset(t *testing.T) {
 }
 
 func TestGatewayStandsForHostLoopbackOnlyWhenAllowed(t *testing.T) {
-	srv := echoServer(t, "tcp", "127.0.0.1:0")
-	sb := newSandbox(t, &policy.Policy{})
+	srv, accepted := countingEchoServer(t, "tcp", "127.0.0.1:0")
+	hostLoopback := func(c *Config) { c.HostLoopback = true }
+	sb := newSandboxWith(t, &policy.Policy{}, hostLoopback)
 	gw := netip.AddrPortFrom(sb.plan.Gateway4, srv.Port())
 	if _, err := sb.dial(t, gw); err == nil {
 		t.Fatal("gateway reached the host's loopback without a rule")
 	}
 	allow := &policy.Policy{AllowCIDRs: []netip.Prefix{netip.PrefixFrom(sb.plan.Gateway4, 32)}}
-	sb2 := newSandbox(t, allow)
+	sb2 := newSandboxWith(t, allow, hostLoopback)
 	c, err := sb2.dial(t, netip.AddrPortFrom(sb2.plan.Gateway4, srv.Port()))
 	if err != nil {
 		t.Fatalf("allow-cidr on the gateway: %v", err)
 	}
 	c.Close()
+
+	// Without HostLoopback (the node daemon's containers) no rule opens it,
+	// and the proxy's own connection does not go there either.
+	before := accepted.Load()
+	sb3 := newSandbox(t, allow)
+	if _, err := sb3.dial(t, netip.AddrPortFrom(sb3.plan.Gateway4, srv.Port())); err == nil {
+		t.Fatal("gateway reached the host's loopback without HostLoopback")
+	}
+	v, ok := sb3.events.find(flowlog.PolicyViolation, func(e flowlog.Event) bool { return e.DstPort == srv.Port() })
+	if !ok || v.ReasonCode != policy.ReasonHost {
+		t.Fatalf("policy_violation %+v (found %v)", v, ok)
+	}
+	fwd, err := proxy.Parse(profile.FlagName, fmt.Sprintf("socks5://localhost:%d", srv.Port()), "", "", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sb4 := newSandboxWith(t, allowAll, func(c *Config) { c.Proxy = fwd })
+	if _, err := sb4.dial(t, remote(srv)); err == nil {
+		t.Fatal("a connection through a proxy on the host's loopback succeeded")
+	}
+	r, ok := sb4.events.find(flowlog.ConnectResult, func(e flowlog.Event) bool { return e.Proxy != "" })
+	if !ok || !strings.Contains(r.Error, "loopback") {
+		t.Errorf("connect_result %+v (found %v), want the loopback refused", r, ok)
+	}
+	if n := accepted.Load(); n != before {
+		t.Fatalf("the host's loopback server saw %d connection(s)", n-before)
+	}
 }
 
 func TestUDPRelayAndDenial(t *testing.T) {

@@ -94,6 +94,19 @@ func withHostAddrs(p *policy.Policy, plan netplan.Plan) (*policy.Policy, error) 
 	return &cp, nil
 }
 
+// errHostLoopback refuses a connection to the host's loopback.
+var errHostLoopback = errors.New("the host's loopback is not reachable from this sandbox")
+
+// refuseHostLoopback, a dialer's Control, refuses the host's loopback
+// (the unspecified address is loopback too), after the address is
+// resolved, and broadcast.
+func refuseHostLoopback(network, address string, c syscall.RawConn) error {
+	if a, err := netip.ParseAddrPort(address); err != nil || policy.Canonical(a.Addr()).IsLoopback() {
+		return errHostLoopback
+	}
+	return refuseBroadcast(network, address, c)
+}
+
 // refuseBroadcast, a dialer's or listener's Control, takes back the
 // SO_BROADCAST Go's net package gives every UDP and raw socket: a
 // broadcast reaches the host's own sockets as well as its network's, and

@@ -82,7 +82,7 @@ func createRuntime(node attach.Node, state specs.State, ann map[string]string, b
 	settings, name, err := annotations.Parse(ann)
 	if err == nil {
 		// Validate here, so the error names the annotation.
-		_, err = api.Resolve(settings, name)
+		_, err = api.ResolveContainer(settings, name)
 	}
 	if err == nil {
 		err = api.CheckID(state.ID)

@@ -258,7 +258,7 @@ func (d *Daemon) attach(a api.Attachment, link *os.File, adopted bool) (err erro
 	if isOwnNetns(a.NetnsInode) {
 		return policy.Usagef("sandbox %s: %s is the daemon's own network namespace", a.ID, a.Netns)
 	}
-	set, err := api.Resolve(a.Settings, func(key string) string { return "setting " + key })
+	set, err := api.ResolveContainer(a.Settings, func(key string) string { return "setting " + key })
 	if err != nil {
 		return err
 	}

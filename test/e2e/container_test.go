@@ -5,10 +5,12 @@ package e2e
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -346,4 +348,113 @@ func eventually(t *testing.T, what string, cond func() bool) {
 		time.Sleep(100 * time.Millisecond)
 	}
 	t.Fatalf("timed out waiting for %s", what)
+}
+
+// nodeLoopback is a TCP and a UDP listener on the node's 127.0.0.1 that
+// count what reaches them.
+type nodeLoopback struct {
+	tcp     net.Listener
+	udp     net.PacketConn
+	port    string
+	touched chan string
+}
+
+func listenNodeLoopback(t *testing.T) *nodeLoopback {
+	t.Helper()
+	l := &nodeLoopback{touched: make(chan string, 64)}
+	var err error
+	if l.tcp, err = net.Listen("tcp4", "127.0.0.1:0"); err != nil {
+		t.Fatal(err)
+	}
+	l.port = strconv.Itoa(l.tcp.Addr().(*net.TCPAddr).Port)
+	if l.udp, err = net.ListenPacket("udp4", "127.0.0.1:"+l.port); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.tcp.Close(); l.udp.Close() })
+	go func() {
+		for {
+			c, err := l.tcp.Accept()
+			if err != nil {
+				return
+			}
+			l.touched <- "tcp from " + c.RemoteAddr().String()
+			c.Write([]byte("node-local secret\n"))
+			c.Close()
+		}
+	}()
+	go func() {
+		b := make([]byte, 2048)
+		for {
+			n, from, err := l.udp.ReadFrom(b)
+			if err != nil {
+				return
+			}
+			l.touched <- fmt.Sprintf("udp from %s: %q", from, b[:n])
+		}
+	}()
+	return l
+}
+
+func (l *nodeLoopback) drain() []string {
+	var out []string
+	for {
+		select {
+		case s := <-l.touched:
+			out = append(out, s)
+		default:
+			return out
+		}
+	}
+}
+
+// Whoever writes a container's annotations gets no way into the node's
+// loopback, where services trust local callers: not through an
+// allow-cidr naming the gateway (which stands for the host's loopback
+// under `childflow exec`) or the loopback itself, nor through a dns or
+// proxy annotation pointing there. What names the loopback outright
+// stops the container; the gateway just leads nowhere.
+func TestAnnotationsDoNotReachTheNodesLoopback(t *testing.T) {
+	n := startNode(t)
+	lo := listenNodeLoopback(t)
+	gateways := "10.87.0.0/24, 172.29.87.0/24, 192.168.187.0/24, 10.254.87.0/24, 100.87.0.0/24"
+	dial := func(host string) string {
+		return `echo hi | nc -w 3 ` + host + ` ` + lo.port + ` | grep -q secret && echo reached || echo blocked`
+	}
+	for _, tc := range []struct {
+		name   string
+		ann    map[string]string
+		script string
+	}{
+		{"allow-cidrs naming the gateway", map[string]string{"childflow.dev/allow-cidrs": gateways},
+			`gw=$(ip -4 route | grep default | { read a b c d; echo $c; }); ` + dial("$gw")},
+		{"allow-cidrs naming the loopback", map[string]string{"childflow.dev/allow-cidrs": "127.0.0.0/8"}, dial("::127.0.0.1")},
+		{"dns at the loopback", map[string]string{"childflow.dev/dns": "127.0.0.1:" + lo.port}, `nslookup leak.test; echo ran`},
+		{"proxy at the loopback", map[string]string{"childflow.dev/proxy": "http://127.0.0.1:" + lo.port}, dial("203.0.113.10")},
+		{"proxy named localhost", map[string]string{"childflow.dev/proxy": "socks5://localhost:" + lo.port}, dial("203.0.113.10")},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			state := t.TempDir()
+			r := oci(t, "runc", state, "run", "--bundle", bundle(t, tc.ann, n.hooks(), tc.script), "cf-loopback")
+			oci(t, "runc", state, "delete", "--force", "cf-loopback")
+			if got := lo.drain(); len(got) > 0 || strings.Contains(r.stdout, "reached") {
+				t.Fatalf("the node's loopback was reached: %v\n%v", got, r)
+			}
+			var key string
+			for key = range tc.ann {
+			}
+			stderr := strings.ReplaceAll(r.stderr, `\"`, `"`)
+			if tc.name == "allow-cidrs naming the gateway" {
+				wantLines(t, r.stdout, "blocked")
+				log, _ := os.ReadFile(filepath.Join(n.flows, "cf-loopback.jsonl"))
+				if !strings.Contains(string(log), `"reason_code":"host_address"`) {
+					t.Errorf("flow log lacks the gateway's host_address violation:\n%s", log)
+				}
+			} else if r.code == 0 || !strings.Contains(stderr, "invalid annotation "+key) || !strings.Contains(stderr, "loopback") {
+				t.Errorf("want a failed start naming %s and the loopback: %v", key, r)
+			}
+		})
+	}
+	if l := n.sandboxes(t); len(l) != 0 || len(n.records(t)) != 0 {
+		t.Errorf("sandboxes %v, records %v left", l, n.records(t))
+	}
 }
