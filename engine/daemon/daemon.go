@@ -39,6 +39,10 @@ type Config struct {
 	// FlowLogDir, if set, gets one JSON Lines flow log per sandbox,
 	// named after its id.
 	FlowLogDir string
+	// FlowLogMaxSize and FlowLogKeep bound each flow log
+	// (flowlog.Options); zero: unbounded.
+	FlowLogMaxSize int64
+	FlowLogKeep    int
 	// FlowLogStdout also writes every sandbox's events to Stdout, for a
 	// cluster's log pipeline.
 	FlowLogStdout bool
@@ -287,11 +291,8 @@ func (d *Daemon) attach(a api.Attachment, link *os.File, adopted bool) (err erro
 	sb := &sandbox{att: a, since: time.Now(), adopted: adopted, stdout: d.stdout}
 	if d.cfg.FlowLogDir != "" {
 		sb.logPath = filepath.Join(d.cfg.FlowLogDir, a.ID+".jsonl")
-		open := flowlog.Create
-		if adopted {
-			open = flowlog.Append
-		}
-		if sb.log, err = open(sb.logPath); err != nil {
+		o := flowlog.Options{Append: adopted, MaxSize: d.cfg.FlowLogMaxSize, Keep: d.cfg.FlowLogKeep}
+		if sb.log, err = flowlog.Open(sb.logPath, o); err != nil {
 			return err
 		}
 		defer func() {

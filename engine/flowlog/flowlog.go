@@ -89,35 +89,121 @@ type Writer struct {
 
 // Create opens path for writing: mode 0600, never through a symlink, never
 // over something that is not a regular file.
-func Create(path string) (*Writer, error) { return open(path, true) }
+func Create(path string) (*Writer, error) { return Open(path, Options{}) }
 
 // Append is Create for a log that goes on where an earlier run stopped
 // (a restarted daemon re-adopting a sandbox).
-func Append(path string) (*Writer, error) { return open(path, false) }
+func Append(path string) (*Writer, error) { return Open(path, Options{Append: true}) }
 
-func open(path string, truncate bool) (*Writer, error) {
-	f, err := openFile(path, truncate)
+// Options say how Open treats the file.
+type Options struct {
+	// Append goes on where the file ends rather than starting it anew.
+	Append bool
+	// MaxSize, if set, bounds the file: once it holds MaxSize bytes it
+	// becomes PATH.1 (PATH.1 becomes PATH.2, and so on) and a new one is
+	// begun, between two lines. Keep files are kept, the one being
+	// written included (at least one). A sandbox that loops on denied
+	// connections must not fill the node's disk.
+	MaxSize int64
+	Keep    int
+}
+
+// Open opens path as Create does, with o.
+func Open(path string, o Options) (*Writer, error) {
+	f, err := openFile(path, !o.Append)
 	if err != nil {
 		return nil, err
 	}
-	w := NewWriter(f)
-	w.f = f
+	if o.MaxSize <= 0 {
+		w := NewWriter(f)
+		w.f = f
+		return w, nil
+	}
+	st, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	r := &rotating{path: path, f: f, size: st.Size(), max: o.MaxSize, keep: max(o.Keep, 1)}
+	w := newWriter(f, r)
+	w.f = r
 	return w, nil
 }
 
 // NewWriter writes events to out (a pipe, stdout); Close does not close it.
-func NewWriter(out io.Writer) *Writer {
+func NewWriter(out io.Writer) *Writer { return newWriter(out, nil) }
+
+func newWriter(out io.Writer, r *rotating) *Writer {
 	bw := bufio.NewWriterSize(out, 64<<10)
-	enc := json.NewEncoder(bw)
+	counted := &counter{w: bw}
+	enc := json.NewEncoder(counted)
 	w := &Writer{}
-	w.q = queue.Start(4096, func(ev Event) { enc.Encode(ev) }, func() {
+	encode := func(ev Event) {
+		enc.Encode(ev)
+		if r != nil && r.size+counted.n >= r.max {
+			bw.Flush()
+			r.size += counted.n
+			counted.n = 0
+			if r.rotate() == nil { // or on, to try again after the next line
+				bw.Reset(r.f)
+			}
+		}
+	}
+	w.q = queue.Start(4096, encode, func() {
 		if n := w.gap.Swap(0); n > 0 { // all queued before the gap is written
-			enc.Encode(gapMark(n))
+			encode(gapMark(n))
 		}
 		bw.Flush()
 	})
 	return w
 }
+
+type counter struct {
+	w io.Writer
+	n int64
+}
+
+func (c *counter) Write(p []byte) (int, error) {
+	n, err := c.w.Write(p)
+	c.n += int64(n)
+	return n, err
+}
+
+// rotating is the file of a log with a size bound (Options.MaxSize).
+type rotating struct {
+	path      string
+	f         *os.File
+	size, max int64
+	keep      int
+}
+
+// rotate begins a new file; on an error the old one goes on.
+func (r *rotating) rotate() error {
+	next := r.path + ".next"
+	f, err := openFile(next, true)
+	if err != nil {
+		return err
+	}
+	for i := r.keep - 1; i > 1; i-- {
+		os.Rename(fmt.Sprintf("%s.%d", r.path, i-1), fmt.Sprintf("%s.%d", r.path, i))
+	}
+	if r.keep > 1 {
+		err = os.Rename(r.path, r.path+".1")
+	}
+	if err == nil {
+		err = os.Rename(next, r.path)
+	}
+	if err != nil {
+		f.Close()
+		os.Remove(next)
+		return err
+	}
+	r.f.Close()
+	r.f, r.size = f, 0
+	return nil
+}
+
+func (r *rotating) Close() error { return r.f.Close() }
 
 // gapMark stands in the log for n events dropped at its place: whoever
 // reads the log sees that it is not whole there, not only the count on

@@ -5,7 +5,11 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"os"
+	"path/filepath"
+	"strings"
 	"testing"
+	"time"
 )
 
 // A writer that falls behind drops events rather than block, and marks
@@ -47,5 +51,81 @@ func TestDroppedEventsAreMarkedWhereTheyWereLost(t *testing.T) {
 	}
 	if marks == 0 || lost != w.Dropped() {
 		t.Errorf("%d marks for %d lost, %d dropped", marks, lost, w.Dropped())
+	}
+}
+
+// A bounded log keeps its newest events in Keep files of about MaxSize
+// bytes each, whole lines only, the oldest dropped; a log appended to
+// counts what it already holds.
+func TestBoundedLogKeepsTheNewestWholeLines(t *testing.T) {
+	for _, appended := range []bool{false, true} {
+		dir := t.TempDir()
+		path := filepath.Join(dir, "sb.jsonl")
+		const maxSize, keep, events = 4096, 3, 2000
+		if appended {
+			os.WriteFile(path, []byte(strings.Repeat(`{"event":"earlier"}`+"\n", 150)), 0o600)
+		}
+		w, err := Open(path, Options{Append: appended, MaxSize: maxSize, Keep: keep})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := range events {
+			w.Log(Event{Event: ConnectAttempt, FlowID: uint64(i + 1)})
+			if i%100 == 0 {
+				time.Sleep(time.Millisecond) // let the writer keep up: nothing is dropped
+			}
+		}
+		w.Close()
+		if w.Dropped() != 0 {
+			t.Fatalf("%d dropped", w.Dropped())
+		}
+		var ids []uint64
+		for _, name := range []string{path + ".2", path + ".1", path} {
+			b, err := os.ReadFile(name)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(b) > maxSize+200 {
+				t.Errorf("%s holds %d bytes, bound %d", name, len(b), maxSize)
+			}
+			for _, line := range strings.Split(strings.TrimSuffix(string(b), "\n"), "\n") {
+				var ev Event
+				if err := json.Unmarshal([]byte(line), &ev); err != nil {
+					t.Fatalf("%s: line %q: %v", name, line, err)
+				}
+				if ev.Event == ConnectAttempt {
+					ids = append(ids, ev.FlowID)
+				}
+			}
+		}
+		if _, err := os.Stat(path + ".3"); err == nil {
+			t.Errorf("%s.3 kept: more than %d files", path, keep)
+		}
+		if left, _ := os.ReadDir(dir); len(left) != keep {
+			t.Errorf("%d files in the directory, want %d", len(left), keep)
+		}
+		if len(ids) == 0 || ids[len(ids)-1] != events || len(ids) > events/2 {
+			t.Fatalf("kept %d events ending at %v, want the newest of %d", len(ids), ids[len(ids)-1:], events)
+		}
+		for i := 1; i < len(ids); i++ {
+			if ids[i] != ids[i-1]+1 {
+				t.Fatalf("event %d follows %d: the kept events are not the newest, in order", ids[i], ids[i-1])
+			}
+		}
+	}
+
+	// What an appended file already holds counts towards its bound.
+	path := filepath.Join(t.TempDir(), "sb.jsonl")
+	os.WriteFile(path, []byte(strings.Repeat(`{"event":"earlier"}`+"\n", 200)), 0o600) // 4000 bytes
+	w, err := Open(path, Options{Append: true, MaxSize: 4096, Keep: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 5 {
+		w.Log(Event{Event: ConnectAttempt, FlowID: uint64(i + 1)})
+	}
+	w.Close()
+	if b, err := os.ReadFile(path + ".1"); err != nil || !strings.HasPrefix(string(b), `{"event":"earlier"}`) {
+		t.Errorf("the appended file was not rotated at its bound: %v", err)
 	}
 }

@@ -9,6 +9,8 @@ import (
 	"log"
 	"os"
 	"os/signal"
+	"strconv"
+	"strings"
 	"syscall"
 	"text/tabwriter"
 
@@ -25,11 +27,14 @@ func runDaemon(ctx context.Context, args []string, stdout, stderr io.Writer) int
 	var cfg daemon.Config
 	var dns []string
 	var readyFD int
+	var maxSize string
 	fs := pflag.NewFlagSet("daemon", pflag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.StringVar(&cfg.Socket, "socket", api.DefaultSocket, "unix socket of the API (root only)")
 	fs.StringVar(&cfg.StateDir, "state-dir", api.DefaultStateDir, "where attachments are recorded for re-adoption")
 	fs.StringVar(&cfg.FlowLogDir, "flow-log-dir", "/var/log/childflow", "one flow log per sandbox here; empty: none")
+	fs.StringVar(&maxSize, "flow-log-max-size", "32MiB", "once a sandbox's flow log holds SIZE (KiB, MiB, GiB), it is rotated; 0: unbounded")
+	fs.IntVar(&cfg.FlowLogKeep, "flow-log-max-files", 4, "flow log files kept per sandbox, rotated ones (ID.jsonl.1, ...) and the current")
 	fs.BoolVar(&cfg.FlowLogStdout, "flow-log-stdout", false, "also write every sandbox's flow log events to stdout (with pod namespace/name/uid)")
 	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", "", "serve Prometheus metrics on ADDR (e.g. 127.0.0.1:9187); empty: off")
 	fs.StringSliceVarP(&dns, "dns", "d", nil, "resolvers for sandboxes whose policy names none; default: the host's")
@@ -45,6 +50,12 @@ func runDaemon(ctx context.Context, args []string, stdout, stderr io.Writer) int
 		return usageError(stderr, policy.Usagef("childflow daemon takes no arguments, got %q", fs.Args()))
 	}
 	var err error
+	if cfg.FlowLogMaxSize, err = parseSize("--flow-log-max-size", maxSize); err != nil {
+		return usageError(stderr, err)
+	}
+	if cfg.FlowLogKeep < 1 {
+		return usageError(stderr, policy.Usagef("invalid --flow-log-max-files %d: at least 1", cfg.FlowLogKeep))
+	}
 	if cfg.DNS, err = policy.ParseResolvers("--dns", dns); err != nil {
 		return usageError(stderr, err)
 	}
@@ -74,6 +85,29 @@ func runDaemon(ctx context.Context, args []string, stdout, stderr io.Writer) int
 		return exitFailure
 	}
 	return 0
+}
+
+// parseSize reads a size in bytes with an optional binary unit: 4096,
+// 64KiB, 32MiB, 1GiB (K, M, G, Ki, Mi and Gi too).
+func parseSize(flag, v string) (int64, error) {
+	num := strings.TrimRight(v, "KMGiB")
+	unit := int64(1)
+	switch strings.TrimSuffix(strings.TrimSuffix(v[len(num):], "B"), "i") {
+	case "":
+	case "K":
+		unit = 1 << 10
+	case "M":
+		unit = 1 << 20
+	case "G":
+		unit = 1 << 30
+	default:
+		num = ""
+	}
+	n, err := strconv.ParseInt(num, 10, 64)
+	if err != nil || n < 0 || n > (1<<62)/unit {
+		return 0, policy.Usagef("invalid %s %q: want a size such as 32MiB", flag, v)
+	}
+	return n * unit, nil
 }
 
 // runSandboxes is `childflow sandboxes`: what the node daemon relays.

@@ -21,15 +21,16 @@ import (
 // and flow log directories.
 type node struct {
 	dir, socket, state, flows string
+	args                      []string // the daemon's further flags
 	daemon                    *exec.Cmd
 	log                       *bytes.Buffer
 }
 
-func startNode(t *testing.T) *node {
+func startNode(t *testing.T, args ...string) *node {
 	t.Helper()
 	requireRoot(t)
 	dir := t.TempDir()
-	n := &node{dir: dir, socket: filepath.Join(dir, "engine.sock"), state: filepath.Join(dir, "state"), flows: filepath.Join(dir, "flows")}
+	n := &node{dir: dir, socket: filepath.Join(dir, "engine.sock"), state: filepath.Join(dir, "state"), flows: filepath.Join(dir, "flows"), args: args}
 	n.start(t)
 	t.Cleanup(func() { n.stop() })
 	return n
@@ -38,7 +39,7 @@ func startNode(t *testing.T) *node {
 func (n *node) start(t *testing.T) {
 	t.Helper()
 	n.log = &bytes.Buffer{}
-	n.daemon = exec.Command(bin, "daemon", "--socket", n.socket, "--state-dir", n.state, "--flow-log-dir", n.flows, "--dns", "203.0.113.53")
+	n.daemon = exec.Command(bin, append([]string{"daemon", "--socket", n.socket, "--state-dir", n.state, "--flow-log-dir", n.flows, "--dns", "203.0.113.53"}, n.args...)...)
 	n.daemon.Stdout, n.daemon.Stderr = n.log, n.log
 	if err := n.daemon.Start(); err != nil {
 		t.Fatal(err)
@@ -243,6 +244,48 @@ func TestContainerRawSocketPingIsAttributed(t *testing.T) {
 		if !found {
 			t.Errorf("no connect_attempt to %s owned by ping:\n%s", dst, log)
 		}
+	}
+}
+
+// A container that loops on denied connections does not fill the node's
+// disk: its flow log is rotated at --flow-log-max-size, and
+// --flow-log-max-files are kept, whole lines each, the newest events.
+func TestContainerFlowLogIsBounded(t *testing.T) {
+	n := startNode(t, "--flow-log-max-size", "16KiB", "--flow-log-max-files", "2")
+	script := `i=0; while [ $i -lt 300 ]; do nc -w 1 203.0.113.20 80 </dev/null 2>/dev/null; i=$((i+1)); done
+printf 'GET / HTTP/1.0\r\n\r\n' | nc -w 3 203.0.113.10 80 | grep -q hello && echo last-reached`
+	r := oci(t, "runc", t.TempDir(), "run", "--bundle", bundle(t, sandboxedAnn, n.hooks(), script), "cf-bounded")
+	if r.code != 0 || !strings.Contains(r.stdout, "last-reached") {
+		t.Fatalf("container: %v", r)
+	}
+	entries, _ := os.ReadDir(n.flows)
+	var names []string
+	for _, e := range entries {
+		names = append(names, e.Name())
+	}
+	if strings.Join(names, " ") != "cf-bounded.jsonl cf-bounded.jsonl.1" {
+		t.Fatalf("flow log files %v, want the current one and one rotated", names)
+	}
+	var violations int
+	var last map[string]any
+	for _, name := range []string{"cf-bounded.jsonl.1", "cf-bounded.jsonl"} {
+		b, _ := os.ReadFile(filepath.Join(n.flows, name))
+		if len(b) > 17<<10 {
+			t.Errorf("%s holds %d bytes, bound 16 KiB", name, len(b))
+		}
+		for _, line := range strings.Split(strings.TrimSuffix(string(b), "\n"), "\n") {
+			var ev map[string]any
+			if err := json.Unmarshal([]byte(line), &ev); err != nil || ev["schema_version"] != 1.0 {
+				t.Fatalf("%s: line %q: %v", name, line, err)
+			}
+			if ev["event"] == "policy_violation" {
+				violations++
+			}
+			last = ev
+		}
+	}
+	if violations == 0 || violations >= 300 || last["event"] != "flow_end" || last["dst"] != "203.0.113.10:80" {
+		t.Errorf("kept %d of 300 violations, last event %v: want some, and the newest", violations, last)
 	}
 }
 
