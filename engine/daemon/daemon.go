@@ -43,6 +43,9 @@ type Config struct {
 	// (flowlog.Options); zero: unbounded.
 	FlowLogMaxSize int64
 	FlowLogKeep    int
+	// FlowLogRetain bounds what the flow logs of sandboxes no longer
+	// attached hold together (pruneFlowLogs); zero: they are all kept.
+	FlowLogRetain int64
 	// FlowLogStdout also writes every sandbox's events to Stdout, for a
 	// cluster's log pipeline.
 	FlowLogStdout bool
@@ -130,6 +133,7 @@ func Run(ctx context.Context, cfg Config, ready func()) error {
 	}
 	d.adoptAll()
 	d.buryTombstones()
+	d.pruneFlowLogs()
 
 	os.Remove(cfg.Socket)
 	if err := os.MkdirAll(filepath.Dir(cfg.Socket), 0o700); err != nil {
@@ -372,6 +376,7 @@ func (d *Daemon) detachIf(id string, only *sandbox) error {
 	}
 	os.Remove(d.recordPath(id))
 	d.cfg.Logf("detached %s", id)
+	d.pruneFlowLogs()
 	if left == 0 && d.cfg.ExitWhenIdle {
 		d.cancel()
 	}

@@ -27,7 +27,7 @@ func runDaemon(ctx context.Context, args []string, stdout, stderr io.Writer) int
 	var cfg daemon.Config
 	var dns []string
 	var readyFD int
-	var maxSize string
+	var maxSize, retain string
 	fs := pflag.NewFlagSet("daemon", pflag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.StringVar(&cfg.Socket, "socket", api.DefaultSocket, "unix socket of the API (root only)")
@@ -35,6 +35,7 @@ func runDaemon(ctx context.Context, args []string, stdout, stderr io.Writer) int
 	fs.StringVar(&cfg.FlowLogDir, "flow-log-dir", "/var/log/childflow", "one flow log per sandbox here; empty: none")
 	fs.StringVar(&maxSize, "flow-log-max-size", "32MiB", "once a sandbox's flow log holds SIZE (KiB, MiB, GiB), it is rotated; 0: unbounded")
 	fs.IntVar(&cfg.FlowLogKeep, "flow-log-max-files", 4, "flow log files kept per sandbox, rotated ones (ID.jsonl.1, ...) and the current")
+	fs.StringVar(&retain, "flow-log-retain", "1GiB", "the flow logs of sandboxes no longer attached are removed, oldest first, beyond SIZE together; 0: all kept")
 	fs.BoolVar(&cfg.FlowLogStdout, "flow-log-stdout", false, "also write every sandbox's flow log events to stdout (with pod namespace/name/uid)")
 	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", "", "serve Prometheus metrics on ADDR (e.g. 127.0.0.1:9187); empty: off")
 	fs.StringSliceVarP(&dns, "dns", "d", nil, "resolvers for sandboxes whose policy names none; default: the host's")
@@ -51,6 +52,9 @@ func runDaemon(ctx context.Context, args []string, stdout, stderr io.Writer) int
 	}
 	var err error
 	if cfg.FlowLogMaxSize, err = parseSize("--flow-log-max-size", maxSize); err != nil {
+		return usageError(stderr, err)
+	}
+	if cfg.FlowLogRetain, err = parseSize("--flow-log-retain", retain); err != nil {
 		return usageError(stderr, err)
 	}
 	if cfg.FlowLogKeep < 1 {

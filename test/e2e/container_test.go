@@ -289,6 +289,29 @@ printf 'GET / HTTP/1.0\r\n\r\n' | nc -w 3 203.0.113.10 80 | grep -q hello && ech
 	}
 }
 
+// The logs of sandboxes that are gone are removed beyond
+// --flow-log-retain, oldest first; a running sandbox's never are.
+func TestGoneSandboxesLogsAreRetainedWithinTheBudget(t *testing.T) {
+	n := startNode(t, "--flow-log-retain", "1")
+	state := t.TempDir()
+	startDetached(t, state, bundle(t, sandboxedAnn, n.hooks(), "sleep 600"), "cf-running")
+	if r := oci(t, "runc", state, "exec", "cf-running", "sh", "-c", probe); !strings.Contains(r.stdout, "reach 203.0.113.10") {
+		t.Fatalf("running container: %v", r)
+	}
+	if r := oci(t, "runc", state, "run", "--bundle", bundle(t, sandboxedAnn, n.hooks(), probe), "cf-gone"); !strings.Contains(r.stdout, "reach 203.0.113.10") {
+		t.Fatalf("short container: %v", r)
+	}
+	if _, err := os.Stat(filepath.Join(n.flows, "cf-gone.jsonl")); err == nil {
+		t.Errorf("the log of a sandbox that is gone was kept beyond --flow-log-retain 1")
+	}
+	if b, err := os.ReadFile(filepath.Join(n.flows, "cf-running.jsonl")); err != nil || !strings.Contains(string(b), "policy_violation") {
+		t.Errorf("the running sandbox's log was pruned: %v", err)
+	}
+	if !strings.Contains(n.log.String(), "removed 1 flow log file(s)") {
+		t.Errorf("daemon log:\n%s", n.log)
+	}
+}
+
 func TestBadAnnotationStopsTheContainer(t *testing.T) {
 	n := startNode(t)
 	for _, tc := range []struct{ key, value, want string }{
@@ -314,16 +337,7 @@ func TestDaemonRestartKeepsTheSandboxPolicy(t *testing.T) {
 	n := startNode(t)
 	state := t.TempDir()
 	id := "cf-restart"
-	dir := bundle(t, sandboxedAnn, n.hooks(), "sleep 600")
-	out, _ := os.Create(filepath.Join(t.TempDir(), "out"))
-	defer out.Close()
-	cmd := exec.Command("runc", "--root", state, "run", "--detach", "--bundle", dir, id)
-	cmd.Stdout, cmd.Stderr = out, out
-	if err := cmd.Run(); err != nil {
-		b, _ := os.ReadFile(out.Name())
-		t.Fatalf("runc run -d: %v\n%s", err, b)
-	}
-	t.Cleanup(func() { oci(t, "runc", state, "delete", "--force", id) })
+	startDetached(t, state, bundle(t, sandboxedAnn, n.hooks(), "sleep 600"), id)
 	check := func(when string) {
 		r := oci(t, "runc", state, "exec", id, "sh", "-c", probe)
 		wantLines(t, r.stdout, "reach 203.0.113.10", "blocked 203.0.113.20", "blocked 2001:db8::20")
@@ -380,6 +394,22 @@ printf 'GET / HTTP/1.0\r\n\r\n' | nc -w 3 denied.test 80 | grep -q hello && echo
 	if _, err := os.Stat(n.socket); err == nil {
 		t.Errorf("socket %s left behind", n.socket)
 	}
+}
+
+// startDetached runs a container in the background (runc run --detach),
+// deleted when the test ends. Its output goes to a file: the container
+// keeps runc's stdio, and a pipe would not close while it runs.
+func startDetached(t *testing.T, state, bundle, id string) {
+	t.Helper()
+	out, _ := os.Create(filepath.Join(t.TempDir(), "out"))
+	defer out.Close()
+	cmd := exec.Command("runc", "--root", state, "run", "--detach", "--bundle", bundle, id)
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Run(); err != nil {
+		b, _ := os.ReadFile(out.Name())
+		t.Fatalf("runc run -d: %v\n%s", err, b)
+	}
+	t.Cleanup(func() { oci(t, "runc", state, "delete", "--force", id) })
 }
 
 func eventually(t *testing.T, what string, cond func() bool) {

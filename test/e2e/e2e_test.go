@@ -1068,6 +1068,7 @@ func TestUsageErrors(t *testing.T) {
 		{[]string{"--dns", "203.0.113.53"}, "no command"},
 		{[]string{"daemon", "--flow-log-max-size", "12XB"}, `--flow-log-max-size "12XB"`},
 		{[]string{"daemon", "--flow-log-max-files", "0"}, `--flow-log-max-files 0`},
+		{[]string{"daemon", "--flow-log-retain", "-1"}, `--flow-log-retain "-1"`},
 	} {
 		r := run(t, root, tc.args...)
 		if r.code != 2 || !strings.Contains(r.stderr, tc.want) || strings.Count(strings.TrimSpace(r.stderr), "\n") > 0 && !strings.Contains(r.stderr, "Usage") {
