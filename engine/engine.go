@@ -53,8 +53,8 @@ type Config struct {
 	// callers.
 	HostLoopback bool
 	// Dial opens upstream connections. Nil: a net.Dialer whose UDP
-	// sockets refuse broadcast addresses (and, without HostLoopback,
-	// which refuses the host's loopback).
+	// sockets refuse broadcast addresses and which, without HostLoopback,
+	// refuses the host's loopback.
 	Dial func(ctx context.Context, network, address string) (net.Conn, error)
 	// Capture, if set, is given every IP packet on the sandbox's link (the
 	// child view), sharing the relay's buffers; it owns packet and must
