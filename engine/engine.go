@@ -43,18 +43,20 @@ type Config struct {
 	// Proxy, if set, carries every TCP flow; nothing falls back to a
 	// direct connection when it fails.
 	Proxy *proxy.Proxy
-	// HostLoopback lets the sandbox reach the host's loopback: its gateway
-	// stands for it, and an allow-cidr naming loopback opens it (childflow
-	// exec, whose caller owns the host, like slirp4netns's and pasta's
-	// gateways). Without it nothing the engine opens for the sandbox, a
-	// flow or the proxy's connection, goes to the host's loopback: the
-	// node daemon's sandboxes are containers, whose settings whoever
-	// created them wrote, and a node's loopback services trust local
-	// callers.
-	HostLoopback bool
+	// CallerOwnsHost says the sandbox runs for whoever owns the host
+	// (childflow exec): its gateway stands for the host's loopback, and
+	// the metadata services that answer with the host's identity are
+	// the caller's own, reachable unless the policy blocks them. Without
+	// it (the node daemon, whose containers' settings whoever created
+	// them wrote, and whose connections leave from the node) nothing the
+	// engine opens for the sandbox, a flow or the proxy's connection,
+	// goes to the host's loopback, where services trust local callers,
+	// and no flow reaches those metadata services, which would answer
+	// with the node's identity, not the container's.
+	CallerOwnsHost bool
 	// Dial opens upstream connections. Nil: a net.Dialer whose UDP
-	// sockets refuse broadcast addresses and which, without HostLoopback,
-	// refuses the host's loopback.
+	// sockets refuse broadcast addresses and which, without
+	// CallerOwnsHost, refuses the host's loopback.
 	Dial func(ctx context.Context, network, address string) (net.Conn, error)
 	// Capture, if set, is given every IP packet on the sandbox's link (the
 	// child view), sharing the relay's buffers; it owns packet and must
@@ -142,12 +144,12 @@ func New(cfg Config) (*Engine, error) {
 		// like a socket the sandbox opened itself, which has none unless
 		// it asks, and that setting stays with the engine's stack.
 		control := refuseBroadcast
-		if !cfg.HostLoopback {
+		if !cfg.CallerOwnsHost {
 			control = refuseHostLoopback
 		}
 		cfg.Dial = upstream.Dialer(&net.Dialer{KeepAlive: -1, Control: control}).DialContext
 	}
-	if cfg.Proxy != nil && cfg.Proxy.DialContext == nil && !cfg.HostLoopback {
+	if cfg.Proxy != nil && cfg.Proxy.DialContext == nil && !cfg.CallerOwnsHost {
 		// A proxy named by host name may resolve to the loopback.
 		cfg.Proxy.DialContext = upstream.Dialer(&net.Dialer{Control: refuseHostLoopback}).DialContext
 	}
@@ -258,9 +260,12 @@ func (e *Engine) admit(proto policy.Proto, src, dst netip.AddrPort, viaProxy boo
 	case !d.Allow:
 	case viaProxy && e.cfg.Proxy.IsSelf(dst):
 		d = policy.ProxyLoop
-	case !e.cfg.HostLoopback:
+	case e.cfg.CallerOwnsHost:
+	default:
 		if m, ok := e.hostLoopback(dst.Addr()); ok {
 			d = policy.Decision{Reason: policy.ReasonHost, Control: policy.ControlOf(policy.ReasonHost), MatchedCIDR: m}
+		} else if m, ok := policy.IdentityEndpoint(dst.Addr()); ok {
+			d = policy.Decision{Reason: policy.ReasonMetadata, Control: policy.ControlOf(policy.ReasonMetadata), MatchedCIDR: m}
 		}
 	}
 	return e.events.Attempt(ev, d), d.Allow
@@ -293,11 +298,11 @@ func (e *Engine) release() {
 
 // upstreamAddr is where an allowed flow is really sent: the canonical
 // address, with the gateway standing for the host's loopback (where
-// HostLoopback lets it).
+// CallerOwnsHost lets it).
 func (e *Engine) upstreamAddr(dst netip.AddrPort) netip.AddrPort {
 	a := policy.Canonical(dst.Addr())
 	switch {
-	case !e.cfg.HostLoopback:
+	case !e.cfg.CallerOwnsHost:
 	case a == e.cfg.Plan.Gateway4:
 		a = netip.AddrFrom4([4]byte{127, 0, 0, 1})
 	case a == e.cfg.Plan.Gateway6:

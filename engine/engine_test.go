@@ -341,7 +341,7 @@ func TestTCPUpstreamRefusedIsReset(t *testing.T) {
 
 func TestGatewayStandsForHostLoopbackOnlyWhenAllowed(t *testing.T) {
 	srv, accepted := countingEchoServer(t, "tcp", "127.0.0.1:0")
-	hostLoopback := func(c *Config) { c.HostLoopback = true }
+	hostLoopback := func(c *Config) { c.CallerOwnsHost = true }
 	sb := newSandboxWith(t, &policy.Policy{}, hostLoopback)
 	gw := netip.AddrPortFrom(sb.plan.Gateway4, srv.Port())
 	if _, err := sb.dial(t, gw); err == nil {
@@ -355,12 +355,12 @@ func TestGatewayStandsForHostLoopbackOnlyWhenAllowed(t *testing.T) {
 	}
 	c.Close()
 
-	// Without HostLoopback (the node daemon's containers) no rule opens it,
+	// Without CallerOwnsHost (the node daemon's containers) no rule opens it,
 	// and the proxy's own connection does not go there either.
 	before := accepted.Load()
 	sb3 := newSandbox(t, allow)
 	if _, err := sb3.dial(t, netip.AddrPortFrom(sb3.plan.Gateway4, srv.Port())); err == nil {
-		t.Fatal("gateway reached the host's loopback without HostLoopback")
+		t.Fatal("gateway reached the host's loopback without CallerOwnsHost")
 	}
 	v, ok := sb3.events.find(flowlog.PolicyViolation, func(e flowlog.Event) bool { return e.DstPort == srv.Port() })
 	if !ok || v.ReasonCode != policy.ReasonHost {
@@ -380,6 +380,39 @@ func TestGatewayStandsForHostLoopbackOnlyWhenAllowed(t *testing.T) {
 	}
 	if n := accepted.Load(); n != before {
 		t.Fatalf("the host's loopback server saw %d connection(s)", n-before)
+	}
+}
+
+// Without CallerOwnsHost a flow never reaches the metadata services that
+// answer with the host's identity, whatever the policy allows; the
+// token-guarded agents stay the policy's to decide.
+func TestIdentityEndpointsOnlyForTheHostsOwner(t *testing.T) {
+	srv, accepted := countingEchoServer(t, "tcp", "127.0.0.1:0")
+	imds := netip.AddrPortFrom(netip.MustParseAddr("169.254.169.254"), srv.Port())
+	owner := newSandboxWith(t, allowAll, func(c *Config) { c.CallerOwnsHost = true })
+	c, err := owner.dial(t, imds)
+	if err != nil {
+		t.Fatalf("the host's owner: %v", err)
+	}
+	c.Close()
+	before := accepted.Load()
+	sb := newSandbox(t, &policy.Policy{AllowCIDRs: []netip.Prefix{netip.MustParsePrefix("169.254.0.0/16")}})
+	for _, dst := range []string{"169.254.169.254", "64:ff9b::a9fe:a9fe", "fd00:ec2::254"} {
+		if _, err := sb.dial(t, netip.AddrPortFrom(netip.MustParseAddr(dst), srv.Port())); err == nil {
+			t.Errorf("%s reached without CallerOwnsHost", dst)
+		}
+	}
+	v, ok := sb.events.find(flowlog.PolicyViolation, func(e flowlog.Event) bool { return e.DstPort == srv.Port() })
+	if !ok || v.ReasonCode != policy.ReasonMetadata || v.MatchedCIDR != "169.254.169.254/32" {
+		t.Errorf("policy_violation %+v (found %v)", v, ok)
+	}
+	if c, err := sb.dial(t, netip.AddrPortFrom(netip.MustParseAddr("169.254.170.23"), srv.Port())); err != nil {
+		t.Errorf("EKS Pod Identity's agent, which wants a token: %v", err)
+	} else {
+		c.Close()
+	}
+	if n := accepted.Load() - before; n != 1 {
+		t.Errorf("%d connections reached the server, want only the agent's", n)
 	}
 }
 

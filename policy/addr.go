@@ -105,6 +105,22 @@ var MetadataAddrs = mustPrefixes(
 	"fd20:ce::254/128",   // GCP IPv6
 )
 
+// IdentityAddrs are the metadata services among MetadataAddrs that
+// answer with the identity of the machine asking (its instance role, its
+// service account), knowing it by nothing but where the request comes
+// from; the others (ECS and EKS Pod Identity agents, VPC DNS) want a
+// token or give no credentials.
+var IdentityAddrs = mustPrefixes(
+	"169.254.169.254/32", "168.63.129.16/32", "100.100.100.200/32", "192.0.0.192/32",
+	"fd00:ec2::254/128", "fd20:ce::254/128",
+)
+
+// IdentityEndpoint says whether a flow to a reaches one of
+// IdentityAddrs, in any form.
+func IdentityEndpoint(a netip.Addr) (netip.Prefix, bool) {
+	return firstMatch(IdentityAddrs, Embedded(a))
+}
+
 // HostRanges are never reachable from a sandbox unless an allow-cidr rule
 // names them: the host's loopback and the unspecified addresses, which
 // the host's kernel delivers to loopback, and broadcast and multicast,

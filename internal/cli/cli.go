@@ -307,7 +307,7 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			runtime.GOMAXPROCS(1)
 		}
 		var eng *engine.Engine
-		eng, err = engine.New(engine.Config{ID: "exec", Link: sb.TUN, Plan: plan, Policy: pol, HostLoopback: true, DNS: upstreams, Proxy: fwd, OnEvent: events, Capture: captures.child, OnUpstream: captures.upstream, SandboxPID: sb.Pid(), SocketDiag: sb.SocketDiag})
+		eng, err = engine.New(engine.Config{ID: "exec", Link: sb.TUN, Plan: plan, Policy: pol, CallerOwnsHost: true, DNS: upstreams, Proxy: fwd, OnEvent: events, Capture: captures.child, OnUpstream: captures.upstream, SandboxPID: sb.Pid(), SocketDiag: sb.SocketDiag})
 		if err == nil {
 			err = eng.Start(ctx)
 			defer eng.Close()

@@ -531,3 +531,44 @@ func TestAnnotationsDoNotReachTheNodesLoopback(t *testing.T) {
 		t.Errorf("sandboxes %v, records %v left", l, n.records(t))
 	}
 }
+
+// The node daemon opens every connection from the node, where the
+// instance metadata service answers with the node's own identity (its
+// cloud role, its service account), which a pod's own traffic may not get
+// (IMDSv2's hop limit, GKE's metadata server): a container never reaches
+// it, whatever its annotations say. childflow exec, on the caller's own
+// machine, still does unless --block-metadata. Here the testnet's web
+// server stands in for it, at 169.254.169.254 routed from the node only.
+func TestContainersDoNotGetTheNodesIdentity(t *testing.T) {
+	n := startNode(t)
+	ns := testnet + "-inet"
+	for _, c := range [][]string{
+		{"ip", "netns", "exec", ns, "ip", "addr", "add", "169.254.169.254/32", "dev", "lo"},
+		{"ip", "route", "add", "169.254.169.254/32", "via", "203.0.113.10"},
+	} {
+		if r := execute(t, c...); r.code != 0 {
+			t.Fatal(r)
+		}
+	}
+	t.Cleanup(func() {
+		execute(t, "ip", "route", "del", "169.254.169.254/32")
+		execute(t, "ip", "netns", "exec", ns, "ip", "addr", "del", "169.254.169.254/32", "dev", "lo")
+	})
+	get := `printf 'GET / HTTP/1.0\r\n\r\n' | nc -w 3 169.254.169.254 80 | grep -q hello && echo reached || echo blocked`
+	if r := run(t, root, "--", "sh", "-c", get); !strings.Contains(r.stdout, "reached") {
+		t.Fatalf("childflow exec does not reach the stand-in metadata service: %v", r)
+	}
+	for _, ann := range []map[string]string{
+		{"childflow.dev/enabled": "true"},
+		{"childflow.dev/allow-cidrs": "169.254.169.254/32", "childflow.dev/block-metadata": "false"},
+	} {
+		r := oci(t, "runc", t.TempDir(), "run", "--bundle", bundle(t, ann, n.hooks(), get), "cf-identity")
+		if !strings.Contains(r.stdout, "blocked") {
+			t.Errorf("%v: the container reached the node's metadata service: %v", ann, r)
+		}
+		log, _ := os.ReadFile(filepath.Join(n.flows, "cf-identity.jsonl"))
+		if !strings.Contains(string(log), `"reason_code":"metadata_endpoint"`) {
+			t.Errorf("%v: flow log lacks the metadata_endpoint violation:\n%s", ann, log)
+		}
+	}
+}
