@@ -16,6 +16,7 @@ import (
 	"strings"
 	"syscall"
 
+	"github.com/childflow/childflow/engine/api"
 	"github.com/childflow/childflow/policy/annotations"
 	"github.com/childflow/childflow/policy/profile"
 )
@@ -99,6 +100,15 @@ func parseOptions(args []string) (Options, []string, error) {
 		}
 		if _, err := profile.Parse(opts.Policy, b, ""); err != nil {
 			return opts, nil, fmt.Errorf("invalid --childflow-policy: %v", err)
+		}
+		// It becomes the containers' childflow.dev/policy annotation: the
+		// rules of annotations hold (no host files, not the node's loopback).
+		settings, name, err := annotations.Parse(map[string]string{annotations.Policy: string(b)})
+		if err == nil {
+			_, err = api.ResolveContainer(settings, name)
+		}
+		if err != nil {
+			return opts, nil, fmt.Errorf("invalid --childflow-policy %s: %v", opts.Policy, err)
 		}
 		opts.Policy = string(b)
 	}

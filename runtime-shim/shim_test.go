@@ -44,6 +44,12 @@ func TestParseOptionsStripsOurFlags(t *testing.T) {
 	if _, _, err := parseOptions([]string{"--childflow-policy", bad}); err == nil || !strings.Contains(err.Error(), "flow_lgo") {
 		t.Fatalf("bad policy file: %v", err)
 	}
+	for doc, want := range map[string]string{"flow_log: /etc/x\n": `key "flow_log" cannot be set`, "proxy: http://127.0.0.1:3128\n": "node's loopback"} {
+		os.WriteFile(bad, []byte(doc), 0o644)
+		if _, _, err := parseOptions([]string{"--childflow-policy", bad}); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("policy file %q: %v, want an error saying %s", doc, err, want)
+		}
+	}
 }
 
 func TestPrepareIsIdempotentAndKeepsUnknownFields(t *testing.T) {
