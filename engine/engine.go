@@ -86,6 +86,9 @@ type Config struct {
 	MaxHalfOpen    int           // 512 TCP handshakes waiting for upstream
 	MaxDNSInFlight int           // 128 queries waiting for upstream
 	MaxEchoes      int           // 256 echo requests waiting for their answer
+	// Flows, if set, bounds the flows of every engine given it together
+	// (the node daemon's sandboxes), besides each engine's MaxFlows.
+	Flows *FlowBudget
 	// Buffers bound what the TCP flows may buffer before new ones get
 	// small buffers; engines given the same budget share it. Nil: one of
 	// the engine's own, DefaultBufferBudget.
@@ -94,6 +97,16 @@ type Config struct {
 
 // DefaultMaxFlows is how many flows a sandbox may hold open at once.
 const DefaultMaxFlows = 8192
+
+// FlowBudget bounds the open flows of several engines together. The
+// node daemon's sandboxes share the node's ephemeral ports: each UDP
+// flow holds one of its own, and a few sandboxes at their MaxFlows would
+// hold them all, and the node could no longer open a socket (its
+// resolver, its kubelet).
+type FlowBudget struct{ slots chan struct{} }
+
+// NewFlowBudget is a budget of n flows.
+func NewFlowBudget(n int) *FlowBudget { return &FlowBudget{slots: make(chan struct{}, n)} }
 
 // Engine relays one sandbox.
 type Engine struct {
@@ -283,16 +296,28 @@ func (e *Engine) acquire() bool {
 	}
 	select {
 	case e.flows <- struct{}{}:
-		e.wg.Add(1)
-		return true
 	default:
 		e.events.FailureOnce("flows", fmt.Sprintf("the sandbox holds %d flows, the engine's limit: new ones are refused until some end", cap(e.flows)))
 		return false
 	}
+	if b := e.cfg.Flows; b != nil {
+		select {
+		case b.slots <- struct{}{}:
+		default:
+			<-e.flows
+			e.events.FailureOnce("node flows", fmt.Sprintf("the node's sandboxes hold %d flows together, the daemon's limit (--max-flows): new ones are refused until some end", cap(b.slots)))
+			return false
+		}
+	}
+	e.wg.Add(1)
+	return true
 }
 
 func (e *Engine) release() {
 	<-e.flows
+	if e.cfg.Flows != nil {
+		<-e.cfg.Flows.slots
+	}
 	e.wg.Done()
 }
 

@@ -811,6 +811,42 @@ func TestFlowLimit(t *testing.T) {
 	}
 }
 
+// Engines given one FlowBudget hold at most that many flows together;
+// a flow refused for it leaves the engine's own slot free.
+func TestSharedFlowBudget(t *testing.T) {
+	srv := echoServer(t, "tcp", "127.0.0.1:0")
+	budget := NewFlowBudget(2)
+	shared := func(c *Config) { c.Flows, c.MaxFlows = budget, 2 }
+	a, b := newSandboxWith(t, allowAll, shared), newSandboxWith(t, allowAll, shared)
+	held, err := a.dial(t, remote(srv))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := b.dial(t, remote(srv))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.dial(t, remote(srv)); err == nil {
+		t.Fatal("a third flow of two engines sharing a budget of 2 was relayed")
+	}
+	if _, ok := b.events.find(flowlog.RuntimeFailure, func(e flowlog.Event) bool { return strings.Contains(e.Error, "--max-flows") }); !ok {
+		t.Error("no runtime_failure naming the node's limit")
+	}
+	held.Close()
+	for i := 0; ; i++ { // the engine ends the flow when it sees the close
+		c2, err := b.dial(t, remote(srv))
+		if err == nil {
+			c2.Close()
+			break
+		}
+		if i == 50 {
+			t.Fatalf("no slot came free after a flow ended: %v", err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	c.Close()
+}
+
 func TestDNSFloodIsBounded(t *testing.T) {
 	// An upstream that never answers: every query waits for its timeout.
 	pc, err := net.ListenPacket("udp", "127.0.0.1:0")

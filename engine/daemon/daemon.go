@@ -54,6 +54,9 @@ type Config struct {
 	MetricsAddr string
 	// DNS are the resolvers for sandboxes whose policy names none.
 	DNS []netip.AddrPort
+	// MaxFlows bounds the flows of all sandboxes together (engine.FlowBudget);
+	// zero: half the node's ephemeral port range.
+	MaxFlows int
 	// ExitWhenIdle stops the daemon once its last sandbox is detached
 	// (or when none attaches soon after start): the per-container engine
 	// a hook starts where no node daemon runs.
@@ -72,6 +75,8 @@ type Daemon struct {
 	// One budget for every sandbox's buffers: what the node's engines
 	// hold for stuck flows is bounded by it, not by it times the pods.
 	buffers *engine.BufferBudget
+	// And one for their flows, which share the node's ephemeral ports.
+	flows *engine.FlowBudget
 
 	mu        sync.Mutex
 	sandboxes map[string]*sandbox
@@ -109,7 +114,10 @@ func Run(ctx context.Context, cfg Config, ready func()) error {
 	if cfg.Logf == nil {
 		cfg.Logf = func(string, ...any) {}
 	}
-	d := &Daemon{cfg: cfg, sandboxes: map[string]*sandbox{}, buffers: engine.NewBufferBudget(nodeBufferBudget)}
+	if cfg.MaxFlows == 0 {
+		cfg.MaxFlows = halfEphemeralPorts()
+	}
+	d := &Daemon{cfg: cfg, sandboxes: map[string]*sandbox{}, buffers: engine.NewBufferBudget(nodeBufferBudget), flows: engine.NewFlowBudget(cfg.MaxFlows)}
 	d.ctx, d.cancel = context.WithCancel(ctx)
 	defer d.cancel()
 
@@ -307,7 +315,7 @@ func (d *Daemon) attach(a api.Attachment, link *os.File, adopted bool) (err erro
 	}
 	eng, err := engine.New(engine.Config{
 		ID: a.ID, Link: link, Plan: a.Plan, Policy: set.Policy, DNS: set.DNS, Proxy: proxy.FromURI(set.Proxy, set.ProxyInsecure),
-		SandboxPID: a.PID, OnEvent: sb.record, Buffers: d.buffers,
+		SandboxPID: a.PID, OnEvent: sb.record, Buffers: d.buffers, Flows: d.flows,
 	})
 	if err != nil {
 		return err

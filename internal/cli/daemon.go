@@ -39,6 +39,7 @@ func runDaemon(ctx context.Context, args []string, stdout, stderr io.Writer) int
 	fs.BoolVar(&cfg.FlowLogStdout, "flow-log-stdout", false, "also write every sandbox's flow log events to stdout (with pod namespace/name/uid)")
 	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", "", "serve Prometheus metrics on ADDR (e.g. 127.0.0.1:9187); empty: off")
 	fs.StringSliceVarP(&dns, "dns", "d", nil, "resolvers for sandboxes whose policy names none; default: the host's")
+	fs.IntVar(&cfg.MaxFlows, "max-flows", 0, "open flows of all sandboxes together, which share the node's ephemeral ports; 0: half of net.ipv4.ip_local_port_range")
 	fs.BoolVar(&cfg.ExitWhenIdle, "exit-when-idle", false, "exit once no sandbox is attached (per-container engine)")
 	fs.IntVar(&readyFD, "ready-fd", -1, "write a byte to this fd and close it once the socket is up")
 	if err := fs.Parse(args); err != nil {
@@ -56,6 +57,9 @@ func runDaemon(ctx context.Context, args []string, stdout, stderr io.Writer) int
 	}
 	if cfg.FlowLogRetain, err = parseSize("--flow-log-retain", retain); err != nil {
 		return usageError(stderr, err)
+	}
+	if cfg.MaxFlows < 0 {
+		return usageError(stderr, policy.Usagef("invalid --max-flows %d: at least 1, or 0 for the default", cfg.MaxFlows))
 	}
 	if cfg.FlowLogKeep < 1 {
 		return usageError(stderr, policy.Usagef("invalid --flow-log-max-files %d: at least 1", cfg.FlowLogKeep))

@@ -312,6 +312,25 @@ func TestGoneSandboxesLogsAreRetainedWithinTheBudget(t *testing.T) {
 	}
 }
 
+// The node's sandboxes hold at most --max-flows flows together: they
+// share the node's ephemeral ports, and a few of them at their own limit
+// would take every one, leaving the node none for its own sockets.
+func TestSandboxesShareTheNodesFlowLimit(t *testing.T) {
+	n := startNode(t, "--max-flows", "20")
+	script := `i=0; while [ $i -lt 30 ]; do { sleep 3 | nc -w 5 203.0.113.10 80 >/dev/null 2>&1; echo "exit $?" >>/tmp/r; } & i=$((i+1)); done; wait
+echo "relayed $(grep -c 'exit 0' /tmp/r) refused $(grep -vc 'exit 0' /tmp/r)"`
+	r := oci(t, "runc", t.TempDir(), "run", "--bundle", bundle(t, sandboxedAnn, n.hooks(), script), "cf-flows")
+	var relayed, refused int
+	if _, err := fmt.Sscanf(r.stdout[strings.Index(r.stdout, "relayed"):], "relayed %d refused %d", &relayed, &refused); err != nil || relayed == 0 || relayed > 20 || relayed+refused != 30 {
+		t.Fatalf("want at most 20 of 30 held connections relayed, the rest refused: %v (%v)", r, err)
+	}
+	t.Logf("relayed %d, refused %d", relayed, refused)
+	log, _ := os.ReadFile(filepath.Join(n.flows, "cf-flows.jsonl"))
+	if !strings.Contains(string(log), "the daemon's limit (--max-flows)") {
+		t.Errorf("flow log lacks the limit's runtime_failure:\n%s", log)
+	}
+}
+
 func TestBadAnnotationStopsTheContainer(t *testing.T) {
 	n := startNode(t)
 	for _, tc := range []struct{ key, value, want string }{

@@ -1069,6 +1069,7 @@ func TestUsageErrors(t *testing.T) {
 		{[]string{"daemon", "--flow-log-max-size", "12XB"}, `--flow-log-max-size "12XB"`},
 		{[]string{"daemon", "--flow-log-max-files", "0"}, `--flow-log-max-files 0`},
 		{[]string{"daemon", "--flow-log-retain", "-1"}, `--flow-log-retain "-1"`},
+		{[]string{"daemon", "--max-flows", "-5"}, `--max-flows -5`},
 	} {
 		r := run(t, root, tc.args...)
 		if r.code != 2 || !strings.Contains(r.stderr, tc.want) || strings.Count(strings.TrimSpace(r.stderr), "\n") > 0 && !strings.Contains(r.stderr, "Usage") {
