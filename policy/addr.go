@@ -100,6 +100,8 @@ var MetadataAddrs = mustPrefixes(
 	"168.63.129.16/32",   // Azure wire server
 	"100.100.100.200/32", // Alibaba Cloud
 	"192.0.0.192/32",     // Oracle Cloud
+	"169.254.0.23/32",    // Tencent Cloud (metadata.tencentyun.com)
+	"169.254.42.42/32",   // Scaleway
 	"fd00:ec2::254/128",  // AWS IPv6
 	"fd00:ec2::23/128",   // AWS EKS pod identity IPv6
 	"fd20:ce::254/128",   // GCP IPv6
@@ -112,7 +114,7 @@ var MetadataAddrs = mustPrefixes(
 // token or give no credentials.
 var IdentityAddrs = mustPrefixes(
 	"169.254.169.254/32", "168.63.129.16/32", "100.100.100.200/32", "192.0.0.192/32",
-	"fd00:ec2::254/128", "fd20:ce::254/128",
+	"169.254.0.23/32", "fd00:ec2::254/128", "fd20:ce::254/128",
 )
 
 // IdentityEndpoint says whether a flow to a reaches one of

@@ -2,6 +2,7 @@ package policy
 
 import (
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -63,6 +64,8 @@ func TestDecide(t *testing.T) {
 		{name: "metadata beats allow-cidr", p: Policy{BlockMetadata: true, AllowCIDRs: pfx("169.254.0.0/16")}, dst: "169.254.169.254:80", reason: ReasonMetadata, matched: "169.254.169.254/32"},
 		{name: "metadata ipv6", p: Policy{BlockMetadata: true}, dst: "[fd00:ec2::254]:80", reason: ReasonMetadata},
 		{name: "metadata mapped", p: Policy{BlockMetadata: true}, dst: "[::ffff:169.254.169.254]:80", reason: ReasonMetadata},
+		{name: "metadata Tencent", p: Policy{BlockMetadata: true}, dst: "169.254.0.23:80", reason: ReasonMetadata},
+		{name: "metadata Scaleway", p: Policy{BlockMetadata: true}, dst: "169.254.42.42:80", reason: ReasonMetadata},
 		{name: "metadata nat64", p: Policy{BlockMetadata: true}, dst: "[64:ff9b::a9fe:a9fe]:80", reason: ReasonMetadata},
 		{name: "metadata 6to4", p: Policy{BlockMetadata: true}, dst: "[2002:a9fe:a9fe::1]:80", reason: ReasonMetadata},
 		{name: "private rfc1918", p: Policy{BlockPrivate: true}, dst: "192.168.1.1:80", reason: ReasonPrivate, matched: "192.168.0.0/16"},
@@ -193,5 +196,22 @@ func TestParseErrorsNameTheFieldAndValue(t *testing.T) {
 	}
 	if p, err := ParseCIDR("x", "2001:db8::1"); err != nil || p.String() != "2001:db8::1/128" {
 		t.Errorf("bare v6 = %v %v", p, err)
+	}
+}
+
+func TestIdentityEndpoint(t *testing.T) {
+	for dst, want := range map[string]bool{
+		"169.254.169.254": true, "::ffff:169.254.169.254": true, "64:ff9b::a9fe:a9fe": true, "2002:a9fe:a9fe::1": true,
+		"fd00:ec2::254": true, "169.254.0.23": true, "168.63.129.16": true,
+		"169.254.170.23": false, "169.254.170.2": false, "169.254.169.253": false, "169.254.42.42": false, "203.0.113.10": false,
+	} {
+		if _, got := IdentityEndpoint(netip.MustParseAddr(dst)); got != want {
+			t.Errorf("IdentityEndpoint(%s) = %v, want %v", dst, got, want)
+		}
+	}
+	for _, p := range IdentityAddrs {
+		if !slices.Contains(MetadataAddrs, p) {
+			t.Errorf("%s is an identity endpoint but not among MetadataAddrs", p)
+		}
 	}
 }
