@@ -341,14 +341,14 @@ func TestTCPUpstreamRefusedIsReset(t *testing.T) {
 
 func TestGatewayStandsForHostLoopbackOnlyWhenAllowed(t *testing.T) {
 	srv, accepted := countingEchoServer(t, "tcp", "127.0.0.1:0")
-	hostLoopback := func(c *Config) { c.CallerOwnsHost = true }
-	sb := newSandboxWith(t, &policy.Policy{}, hostLoopback)
+	ownsHost := func(c *Config) { c.CallerOwnsHost = true }
+	sb := newSandboxWith(t, &policy.Policy{}, ownsHost)
 	gw := netip.AddrPortFrom(sb.plan.Gateway4, srv.Port())
 	if _, err := sb.dial(t, gw); err == nil {
 		t.Fatal("gateway reached the host's loopback without a rule")
 	}
 	allow := &policy.Policy{AllowCIDRs: []netip.Prefix{netip.PrefixFrom(sb.plan.Gateway4, 32)}}
-	sb2 := newSandboxWith(t, allow, hostLoopback)
+	sb2 := newSandboxWith(t, allow, ownsHost)
 	c, err := sb2.dial(t, netip.AddrPortFrom(sb2.plan.Gateway4, srv.Port()))
 	if err != nil {
 		t.Fatalf("allow-cidr on the gateway: %v", err)
