@@ -171,6 +171,9 @@ func New(cfg Config) (*Engine, error) {
 	e.events.Sandbox, e.events.OnEvent = cfg.ID, cfg.OnEvent
 	e.owners = &procnet.Finder{InitPID: cfg.SandboxPID, Diag: cfg.SocketDiag}
 	e.resolver = &dns.Resolver{Upstreams: cfg.DNS, Policy: cfg.Policy, Cache: &e.cache, Events: &e.events, OnUpstream: cfg.OnUpstream}
+	if cfg.Flows != nil {
+		e.resolver.Take = func() (func(), bool) { return e.giveNodeFlow, e.takeNodeFlow() }
+	}
 	return e, nil
 }
 
@@ -300,14 +303,9 @@ func (e *Engine) acquire() bool {
 		e.events.FailureOnce("flows", fmt.Sprintf("the sandbox holds %d flows, the engine's limit: new ones are refused until some end", cap(e.flows)))
 		return false
 	}
-	if b := e.cfg.Flows; b != nil {
-		select {
-		case b.slots <- struct{}{}:
-		default:
-			<-e.flows
-			e.events.FailureOnce("node flows", fmt.Sprintf("the node's sandboxes hold %d flows together, the daemon's limit (--max-flows): new ones are refused until some end", cap(b.slots)))
-			return false
-		}
+	if !e.takeNodeFlow() {
+		<-e.flows
+		return false
 	}
 	e.wg.Add(1)
 	return true
@@ -315,10 +313,31 @@ func (e *Engine) acquire() bool {
 
 func (e *Engine) release() {
 	<-e.flows
+	e.giveNodeFlow()
+	e.wg.Done()
+}
+
+// takeNodeFlow reserves a slot of the node's flow budget, if the engine
+// has one: for a flow, or for a question to the upstream resolvers,
+// whose socket holds a port of the node's too.
+func (e *Engine) takeNodeFlow() bool {
+	b := e.cfg.Flows
+	if b == nil {
+		return true
+	}
+	select {
+	case b.slots <- struct{}{}:
+		return true
+	default:
+		e.events.FailureOnce("node flows", fmt.Sprintf("the node's sandboxes hold %d flows together, the daemon's limit (--max-flows): new ones are refused until some end", cap(b.slots)))
+		return false
+	}
+}
+
+func (e *Engine) giveNodeFlow() {
 	if e.cfg.Flows != nil {
 		<-e.cfg.Flows.slots
 	}
-	e.wg.Done()
 }
 
 // upstreamAddr is where an allowed flow is really sent: the canonical

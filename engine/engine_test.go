@@ -811,13 +811,15 @@ func TestFlowLimit(t *testing.T) {
 	}
 }
 
-// Engines given one FlowBudget hold at most that many flows together;
-// a flow refused for it leaves the engine's own slot free.
+// Engines given one FlowBudget hold at most that many flows together,
+// questions to the upstream resolvers counted; a flow refused for it
+// leaves the engine's own slot free.
 func TestSharedFlowBudget(t *testing.T) {
 	srv := echoServer(t, "tcp", "127.0.0.1:0")
+	up, asked := dnsUpstream(t)
 	budget := NewFlowBudget(2)
 	shared := func(c *Config) { c.Flows, c.MaxFlows = budget, 2 }
-	a, b := newSandboxWith(t, allowAll, shared), newSandboxWith(t, allowAll, shared)
+	a, b := newSandboxWith(t, allowAll, shared), newSandboxWith(t, allowAll, shared, up)
 	held, err := a.dial(t, remote(srv))
 	if err != nil {
 		t.Fatal(err)
@@ -832,6 +834,13 @@ func TestSharedFlowBudget(t *testing.T) {
 	if _, ok := b.events.find(flowlog.RuntimeFailure, func(e flowlog.Event) bool { return strings.Contains(e.Error, "--max-flows") }); !ok {
 		t.Error("no runtime_failure naming the node's limit")
 	}
+	gw := netip.AddrPortFrom(b.plan.Gateway4, 53)
+	if r := b.query(t, gw, "allowed.test.", mdns.TypeA, false); r.Rcode != mdns.RcodeServerFailure {
+		t.Errorf("a question with the budget spent got %s, want SERVFAIL", mdns.RcodeToString[r.Rcode])
+	}
+	if _, ok := asked.Load("allowed.test."); ok {
+		t.Error("a question with the budget spent reached the upstream resolver")
+	}
 	held.Close()
 	for i := 0; ; i++ { // the engine ends the flow when it sees the close
 		c2, err := b.dial(t, remote(srv))
@@ -845,6 +854,16 @@ func TestSharedFlowBudget(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	c.Close()
+	for i := 0; ; i++ { // once the engine has seen the closes
+		r := b.query(t, gw, "allowed.test.", mdns.TypeA, false)
+		if r.Rcode == mdns.RcodeSuccess && len(r.Answer) == 1 {
+			break
+		}
+		if i == 50 {
+			t.Fatalf("with slots free: %v", r)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 func TestDNSFloodIsBounded(t *testing.T) {

@@ -48,6 +48,11 @@ type Resolver struct {
 	OnUpstream upstream.Func
 	// Dialer, if set, opens the upstream connections (--iface binds it).
 	Dialer *net.Dialer
+	// Take, if set, reserves what one query's exchanges with the
+	// upstream resolvers hold (a port of the node's, for the node
+	// daemon's flow budget) and returns its release; a query it refuses
+	// gets SERVFAIL.
+	Take func() (give func(), ok bool)
 }
 
 // exchange is one query to one upstream resolver.
@@ -138,6 +143,13 @@ func refuse(raw []byte) []byte {
 func (r *Resolver) forward(ctx context.Context, req *mdns.Msg, overTCP bool) (*mdns.Msg, string, error) {
 	if len(r.Upstreams) == 0 {
 		return nil, "", errors.New("no upstream resolver")
+	}
+	if r.Take != nil {
+		give, ok := r.Take()
+		if !ok {
+			return nil, "", errors.New("the node's flow limit is reached")
+		}
+		defer give()
 	}
 	timeout := r.Timeout
 	if timeout == 0 {
