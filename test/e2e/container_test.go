@@ -510,36 +510,35 @@ func TestAnnotationsDoNotReachTheNodesLoopback(t *testing.T) {
 		return `echo hi | nc -w 3 ` + host + ` ` + lo.port + ` | grep -q secret && echo reached || echo blocked`
 	}
 	for _, tc := range []struct {
-		name   string
-		ann    map[string]string
-		script string
+		name, key, value, script string
+		starts                   bool // else refused, naming the annotation
 	}{
-		{"allow-cidrs naming the gateway", map[string]string{"childflow.dev/allow-cidrs": gateways},
-			`gw=$(ip -4 route | grep default | { read a b c d; echo $c; }); ` + dial("$gw")},
-		{"allow-cidrs naming the loopback", map[string]string{"childflow.dev/allow-cidrs": "127.0.0.0/8"}, dial("::127.0.0.1")},
-		{"dns at the loopback", map[string]string{"childflow.dev/dns": "127.0.0.1:" + lo.port}, `nslookup leak.test; echo ran`},
-		{"proxy at the loopback", map[string]string{"childflow.dev/proxy": "http://127.0.0.1:" + lo.port}, dial("203.0.113.10")},
-		{"proxy named localhost", map[string]string{"childflow.dev/proxy": "socks5://localhost:" + lo.port}, dial("203.0.113.10")},
+		{"allow-cidrs naming the gateway", "childflow.dev/allow-cidrs", gateways,
+			`gw=$(ip -4 route | grep default | { read a b c d; echo $c; }); ` + dial("$gw"), true},
+		{"allow-cidrs naming the loopback", "childflow.dev/allow-cidrs", "127.0.0.0/8", dial("::127.0.0.1"), false},
+		{"dns at the loopback", "childflow.dev/dns", "127.0.0.1:" + lo.port, `nslookup leak.test; echo ran`, false},
+		{"proxy at the loopback", "childflow.dev/proxy", "http://127.0.0.1:" + lo.port, dial("203.0.113.10"), false},
+		{"proxy named localhost", "childflow.dev/proxy", "socks5://localhost:" + lo.port, dial("203.0.113.10"), false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			state := t.TempDir()
-			r := oci(t, "runc", state, "run", "--bundle", bundle(t, tc.ann, n.hooks(), tc.script), "cf-loopback")
+			ann := map[string]string{tc.key: tc.value}
+			r := oci(t, "runc", state, "run", "--bundle", bundle(t, ann, n.hooks(), tc.script), "cf-loopback")
 			oci(t, "runc", state, "delete", "--force", "cf-loopback")
 			if got := lo.drain(); len(got) > 0 || strings.Contains(r.stdout, "reached") {
 				t.Fatalf("the node's loopback was reached: %v\n%v", got, r)
 			}
-			var key string
-			for key = range tc.ann {
-			}
-			stderr := strings.ReplaceAll(r.stderr, `\"`, `"`)
-			if tc.name == "allow-cidrs naming the gateway" {
+			if tc.starts {
 				wantLines(t, r.stdout, "blocked")
 				log, _ := os.ReadFile(filepath.Join(n.flows, "cf-loopback.jsonl"))
 				if !strings.Contains(string(log), `"reason_code":"host_address"`) {
 					t.Errorf("flow log lacks the gateway's host_address violation:\n%s", log)
 				}
-			} else if r.code == 0 || !strings.Contains(stderr, "invalid annotation "+key) || !strings.Contains(stderr, "loopback") {
-				t.Errorf("want a failed start naming %s and the loopback: %v", key, r)
+				return
+			}
+			stderr := strings.ReplaceAll(r.stderr, `\"`, `"`)
+			if r.code == 0 || !strings.Contains(stderr, "invalid annotation "+tc.key) || !strings.Contains(stderr, "loopback") {
+				t.Errorf("want a failed start naming %s and the loopback: %v", tc.key, r)
 			}
 		})
 	}
