@@ -164,7 +164,7 @@ func New(cfg Config) (*Engine, error) {
 	}
 	if cfg.Proxy != nil && cfg.Proxy.DialContext == nil && !cfg.CallerOwnsHost {
 		// A proxy named by host name may resolve to the loopback.
-		cfg.Proxy.DialContext = upstream.Dialer(&net.Dialer{Control: refuseHostLoopback}).DialContext
+		cfg.Proxy = cfg.Proxy.Via(upstream.Dialer(&net.Dialer{Control: refuseHostLoopback}).DialContext)
 	}
 	e := &Engine{cfg: cfg, flows: make(chan struct{}, cfg.MaxFlows), dnsSem: make(chan struct{}, cfg.MaxDNSInFlight), echoSem: make(chan struct{}, cfg.MaxEchoes)}
 	e.policy.Store(cfg.Policy) // and the host's addresses, from Start on
@@ -279,9 +279,9 @@ func (e *Engine) admit(proto policy.Proto, src, dst netip.AddrPort, viaProxy boo
 	case e.cfg.CallerOwnsHost:
 	default:
 		if m, ok := e.hostLoopback(dst.Addr()); ok {
-			d = policy.Decision{Reason: policy.ReasonHost, Control: policy.ControlOf(policy.ReasonHost), MatchedCIDR: m}
+			d = policy.DenyCIDR(policy.ReasonHost, m)
 		} else if m, ok := policy.IdentityEndpoint(dst.Addr()); ok {
-			d = policy.Decision{Reason: policy.ReasonMetadata, Control: policy.ControlOf(policy.ReasonMetadata), MatchedCIDR: m}
+			d = policy.DenyCIDR(policy.ReasonMetadata, m)
 		}
 	}
 	return e.events.Attempt(ev, d), d.Allow

@@ -96,7 +96,8 @@ func ControlOf(reason string) string { return controls[reason] }
 
 func deny(reason string) Decision { return Decision{Reason: reason, Control: controls[reason]} }
 
-func denyCIDR(reason string, m netip.Prefix) Decision {
+// DenyCIDR is the decision that denies for reason, at m.
+func DenyCIDR(reason string, m netip.Prefix) Decision {
 	return Decision{Reason: reason, Control: controls[reason], MatchedCIDR: m}
 }
 
@@ -124,16 +125,16 @@ func (p *Policy) decide(addrs []netip.Addr, names []string) Decision {
 	}
 	if p.BlockMetadata {
 		if m, ok := firstMatch(MetadataAddrs, addrs); ok {
-			return denyCIDR(ReasonMetadata, m)
+			return DenyCIDR(ReasonMetadata, m)
 		}
 	}
 	if p.BlockPrivate {
 		if m, ok := firstMatch(PrivateRanges, addrs); ok {
-			return denyCIDR(ReasonPrivate, m)
+			return DenyCIDR(ReasonPrivate, m)
 		}
 	}
 	if m, ok := firstMatch(p.DenyCIDRs, addrs); ok {
-		return denyCIDR(ReasonDenyCIDR, m)
+		return DenyCIDR(ReasonDenyCIDR, m)
 	}
 	for _, n := range names {
 		if matchExact(p.DenyDomainsExact, n) != "" {
@@ -163,7 +164,7 @@ func (p *Policy) decide(addrs []netip.Addr, names []string) Decision {
 		if a, ok := allMatch(p.HostAllowCIDRs(), addrs); ok {
 			return Decision{Allow: true, Reason: ReasonAllowCIDR, Control: controls[ReasonAllowCIDR], MatchedCIDR: a}
 		}
-		return denyCIDR(ReasonHost, m)
+		return DenyCIDR(ReasonHost, m)
 	}
 	// Allow rules must hold for every address the destination stands for,
 	// so a mapped or tunnelled form cannot borrow another's allowance.
@@ -174,7 +175,7 @@ func (p *Policy) decide(addrs []netip.Addr, names []string) Decision {
 	// as the host's services there face those networks anyway; a domain
 	// rule must not open them (DNS rebinding).
 	if m, ok := firstMatch(p.HostAddrs, addrs); ok {
-		return denyCIDR(ReasonHost, m)
+		return DenyCIDR(ReasonHost, m)
 	}
 	for _, n := range names {
 		if matchExact(p.AllowDomainsExact, n) != "" {

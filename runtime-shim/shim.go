@@ -18,7 +18,6 @@ import (
 
 	"github.com/childflow/childflow/engine/api"
 	"github.com/childflow/childflow/policy/annotations"
-	"github.com/childflow/childflow/policy/profile"
 )
 
 // Options are childflow-runtime's own flags (--childflow-runtime,
@@ -97,9 +96,6 @@ func parseOptions(args []string) (Options, []string, error) {
 		b, err := os.ReadFile(opts.Policy)
 		if err != nil {
 			return opts, nil, fmt.Errorf("invalid --childflow-policy (CHILDFLOW_POLICY) %q: %v", opts.Policy, err)
-		}
-		if _, err := profile.Parse(opts.Policy, b, ""); err != nil {
-			return opts, nil, fmt.Errorf("invalid --childflow-policy: %v", err)
 		}
 		// It becomes the containers' childflow.dev/policy annotation: the
 		// rules of annotations hold (no host files, not the node's loopback).

@@ -124,28 +124,29 @@ func Open(path string, o Options) (*Writer, error) {
 		f.Close()
 		return nil, err
 	}
-	r := &rotating{path: path, f: f, size: st.Size(), max: o.MaxSize, keep: max(o.Keep, 1)}
-	w := newWriter(f, r)
+	r := &rotating{path: path, f: f, max: o.MaxSize, keep: max(o.Keep, 1)}
+	w := newWriter(f, r, st.Size())
 	w.f = r
 	return w, nil
 }
 
 // NewWriter writes events to out (a pipe, stdout); Close does not close it.
-func NewWriter(out io.Writer) *Writer { return newWriter(out, nil) }
+func NewWriter(out io.Writer) *Writer { return newWriter(out, nil, 0) }
 
-func newWriter(out io.Writer, r *rotating) *Writer {
+// newWriter writes to out, which already holds size bytes; r, if set, is
+// out's rotation.
+func newWriter(out io.Writer, r *rotating, size int64) *Writer {
 	bw := bufio.NewWriterSize(out, 64<<10)
-	counted := &counter{w: bw}
-	enc := json.NewEncoder(counted)
+	file := &counter{w: bw, n: size} // what the current file holds
+	enc := json.NewEncoder(file)
 	w := &Writer{}
 	encode := func(ev Event) {
 		enc.Encode(ev)
-		if r != nil && r.size+counted.n >= r.max {
+		if r != nil && file.n >= r.max {
 			bw.Flush()
-			r.size += counted.n
-			counted.n = 0
 			if r.rotate() == nil { // or on, to try again after the next line
 				bw.Reset(r.f)
+				file.n = 0
 			}
 		}
 	}
@@ -171,10 +172,10 @@ func (c *counter) Write(p []byte) (int, error) {
 
 // rotating is the file of a log with a size bound (Options.MaxSize).
 type rotating struct {
-	path      string
-	f         *os.File
-	size, max int64
-	keep      int
+	path string
+	f    *os.File
+	max  int64
+	keep int
 }
 
 // rotate begins a new file; on an error the old one goes on.
@@ -199,7 +200,7 @@ func (r *rotating) rotate() error {
 		return err
 	}
 	r.f.Close()
-	r.f, r.size = f, 0
+	r.f = f
 	return nil
 }
 
