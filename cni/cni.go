@@ -149,11 +149,11 @@ func cmdAdd(args *skel.CmdArgs) error {
 // guardHostSide filters the pod's veth on the host: the pod's own rules
 // cannot stop a process with CAP_NET_RAW from writing frames to it.
 func guardHostSide(args *skel.CmdArgs, keep []netip.Prefix) error {
-	hostIf, err := tunns.HostPeerOf(args.Netns, args.IfName)
+	hostIf, pod, err := tunns.HostPeerOf(args.Netns, args.IfName)
 	if err != nil {
 		return err
 	}
-	return steer.InstallHostGuard(steer.HostGuardTable(args.ContainerID), hostIf, keep)
+	return steer.InstallHostGuard(steer.HostGuard{Table: steer.HostGuardTable(args.ContainerID), HostIf: hostIf, Pod: pod, Keep: keep})
 }
 
 // cmdDel detaches. It succeeds when the netns, the link or the daemon is

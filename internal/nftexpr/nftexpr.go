@@ -69,12 +69,37 @@ func Family(is6 bool) []expr.Any {
 	}
 }
 
-// DaddrOffset is where the destination address sits in the IP header.
-func DaddrOffset(is6 bool) uint32 {
+// EtherType matches frames of one IP family in bridge tables, whose
+// nfproto (Family) is the bridge's.
+func EtherType(is6 bool) []expr.Any {
 	if is6 {
-		return 24
+		return EtherTypeIs(unix.ETH_P_IPV6)
 	}
-	return 16
+	return EtherTypeIs(unix.ETH_P_IP)
+}
+
+// EtherTypeIs matches frames of a link-layer protocol (unix.ETH_P_*) in
+// bridge tables.
+func EtherTypeIs(p uint16) []expr.Any {
+	return []expr.Any{
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseLLHeader, Offset: 12, Len: 2},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.BigEndian.PutUint16(p)},
+	}
+}
+
+// LoadAddr loads the packet's source or destination address of the
+// family (already matched) into register 1.
+func LoadAddr(is6, src bool) *expr.Payload {
+	off := uint32(16) // in the IPv4 header
+	switch {
+	case is6 && src:
+		off = 8
+	case is6:
+		off = 24
+	case src:
+		off = 12
+	}
+	return &expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: off, Len: AddrLen(is6)}
 }
 
 // AddrLen is the length of an address of the family.
@@ -110,20 +135,26 @@ func Daddr(a netip.Addr) []expr.Any {
 func NotDaddr(a netip.Addr) []expr.Any {
 	is6 := a.Is6()
 	return Cat(Family(is6), []expr.Any{
-		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: DaddrOffset(is6), Len: AddrLen(is6)},
+		LoadAddr(is6, false),
 		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: a.AsSlice()},
 	})
 }
 
 // DaddrIn matches packets to the prefix p.
 func DaddrIn(p netip.Prefix) []expr.Any {
+	return Cat(Family(p.Addr().Is6()), AddrIn(p, false))
+}
+
+// AddrIn matches packets of p's family (already matched) whose source
+// or destination address is in p.
+func AddrIn(p netip.Prefix, src bool) []expr.Any {
 	is6 := p.Addr().Is6()
 	n := AddrLen(is6)
-	return Cat(Family(is6), []expr.Any{
-		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: DaddrOffset(is6), Len: n},
+	return []expr.Any{
+		LoadAddr(is6, src),
 		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: n, Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen()), Xor: make([]byte, n)},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: p.Masked().Addr().AsSlice()},
-	})
+	}
 }
 
 // MarkIs matches the packet mark m.

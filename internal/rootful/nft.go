@@ -259,7 +259,7 @@ func installTable(s tableSpec) error {
 		}
 		set := sets[name+suffix]
 		return nftexpr.Cat(nftexpr.Family(is6), []expr.Any{
-			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: nftexpr.DaddrOffset(is6), Len: nftexpr.AddrLen(is6)},
+			nftexpr.LoadAddr(is6, false),
 			&expr.Lookup{SourceRegister: 1, SetName: set.Name, SetID: set.ID},
 		})
 	}

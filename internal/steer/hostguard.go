@@ -4,9 +4,12 @@ import (
 	"fmt"
 	"net/netip"
 	"strings"
+	"time"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/childflow/childflow/internal/nftexpr"
 )
@@ -19,46 +22,150 @@ func HostGuardTable(id string) string {
 	return "childflow-" + id
 }
 
-// InstallHostGuard, run in the host's namespace, filters what arrives from
-// a sandboxed pod's veth (hostIf): replies to connections the pod
-// accepted, new connections to keep, and neighbour discovery pass;
-// anything else is dropped. Rules inside the pod cannot stop a process
-// with CAP_NET_RAW writing frames to its end of the veth; these can.
-func InstallHostGuard(table, hostIf string, keep []netip.Prefix) error {
+// HostGuard filters, in the host's namespace, what a sandboxed pod sends
+// on its veth. Rules inside the pod cannot stop a process with CAP_NET_RAW
+// (a default capability) from writing frames to its end of the veth:
+// frames to anywhere, from any address. From the pod pass neighbour
+// discovery and ARP, and packets from the pod's own addresses, not to
+// port 53 (the pod's DNS goes to the engine, whatever resolver it names),
+// that answer someone who reached the pod or go to a kept range. Checking
+// the source also keeps the pod from making the host's conntrack believe
+// a remote host reached it first, with a packet "from" that host.
+type HostGuard struct {
+	Table  string         // HostGuardTable(id)
+	HostIf string         // the host's end of the pod's veth
+	Pod    []netip.Addr   // the pod's addresses: the only sources it may send from
+	Keep   []netip.Prefix // destinations it may reach around the engine
+}
+
+// inboundTimeout is how long a remote host that sent a packet to a pod on
+// a bridge may hear from it.
+const inboundTimeout = time.Hour
+
+// InstallHostGuard adds g's table. A routed veth is filtered where the
+// host forwards or receives (inet, with conntrack's view of who reached
+// whom). A bridge's port is not: there the host sees the packets come
+// from the bridge, so the frames are filtered by port in a bridge table,
+// which sees conntrack only with a module not every kernel has
+// (nf_conntrack_bridge), and remembers instead for an hour every address
+// that sent the pod a packet. A veth on any other master (Open vSwitch, a
+// VRF) cannot be guarded: an error.
+func InstallHostGuard(g HostGuard) error {
+	link, err := netlink.LinkByName(g.HostIf)
+	if err != nil {
+		return fmt.Errorf("guarding %s on the host: %w", g.HostIf, err)
+	}
+	bridged := false
+	if m := link.Attrs().MasterIndex; m != 0 {
+		master, err := netlink.LinkByIndex(m)
+		if err != nil {
+			return fmt.Errorf("guarding %s on the host: its master: %w", g.HostIf, err)
+		}
+		if master.Type() != "bridge" {
+			return fmt.Errorf("cannot guard the pod's veth %s on the host: it is a port of %s, a %s (childflow guards routed veths and Linux bridges' ports)", g.HostIf, master.Attrs().Name, master.Type())
+		}
+		bridged = true
+	}
 	c, err := nftables.New()
 	if err != nil {
 		return err
 	}
-	t := c.AddTable(&nftables.Table{Family: nftables.TableFamilyINet, Name: table})
+	family, ipFamily := nftables.TableFamilyINet, nftexpr.Family
+	if bridged {
+		family, ipFamily = nftables.TableFamilyBridge, nftexpr.EtherType
+	}
+	t := c.AddTable(&nftables.Table{Family: family, Name: g.Table})
 	accept := &expr.Verdict{Kind: expr.VerdictAccept}
-	fromPod := []expr.Any{
-		&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: nftexpr.IfNameBytes(hostIf)},
+	drop := &expr.Verdict{Kind: expr.VerdictDrop}
+	on := func(key expr.MetaKey) []expr.Any {
+		return []expr.Any{&expr.Meta{Key: key, Register: 1}, &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: nftexpr.IfNameBytes(g.HostIf)}}
 	}
-	with := func(more ...expr.Any) []expr.Any { return append(append([]expr.Any{}, fromPod...), more...) }
-	// Before the host's own filters (priority filter - 10): a drop here is final.
+	rule := func(ch *nftables.Chain, e ...[]expr.Any) {
+		c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: nftexpr.Cat(e...)})
+	}
+
+	fromPod := c.AddChain(&nftables.Chain{Name: "from-pod", Table: t})
+	fromPodAddr := c.AddChain(&nftables.Chain{Name: "from-pod-address", Table: t})
+	// Before the host's own filters (inet's at 0, bridge's at -200): a
+	// drop here is final.
 	prio := nftables.ChainPriorityRef(-10)
-	for _, hook := range []*nftables.ChainHook{nftables.ChainHookForward, nftables.ChainHookInput} {
-		ch := c.AddChain(&nftables.Chain{Name: map[bool]string{true: "forward", false: "input"}[hook == nftables.ChainHookForward],
-			Table: t, Type: nftables.ChainTypeFilter, Hooknum: hook, Priority: prio})
-		c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: with(append(nftexpr.Established(), accept)...)})
-		c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: with(append(nftexpr.NeighbourDiscovery(), accept)...)})
-		for _, k := range keep {
-			c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: with(append(nftexpr.DaddrIn(k), accept)...)})
-		}
-		c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: with(&expr.Verdict{Kind: expr.VerdictDrop})})
+	if bridged {
+		prio = nftables.ChainPriorityRef(-210)
 	}
+	base := func(hook *nftables.ChainHook) *nftables.Chain {
+		return c.AddChain(&nftables.Chain{Name: hookName(hook), Table: t, Type: nftables.ChainTypeFilter, Hooknum: hook, Priority: prio})
+	}
+	forward, input := base(nftables.ChainHookForward), base(nftables.ChainHookInput)
+	for _, ch := range []*nftables.Chain{forward, input} {
+		rule(ch, on(expr.MetaKeyIIFNAME), []expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: fromPod.Name}})
+	}
+
+	rule(fromPod, nftexpr.NeighbourDiscovery(), []expr.Any{accept})
+	if bridged {
+		rule(fromPod, nftexpr.EtherTypeIs(unix.ETH_P_ARP), []expr.Any{accept})
+	}
+	for _, a := range g.Pod {
+		rule(fromPod, ipFamily(a.Is6()), nftexpr.AddrIn(netip.PrefixFrom(a, a.BitLen()), true),
+			[]expr.Any{&expr.Verdict{Kind: expr.VerdictGoto, Chain: fromPodAddr.Name}})
+	}
+	rule(fromPod, []expr.Any{drop})
+
+	// First, as the set below remembers addresses, not connections: the
+	// node itself may have probed the pod.
+	for _, proto := range []byte{unix.IPPROTO_UDP, unix.IPPROTO_TCP} {
+		rule(fromPodAddr, nftexpr.L4(proto), nftexpr.Dport(53), []expr.Any{drop})
+	}
+	if bridged {
+		output := base(nftables.ChainHookOutput)
+		for _, is6 := range []bool{false, true} {
+			set := &nftables.Set{Table: t, Name: "inbound4", KeyType: nftables.TypeIPAddr, HasTimeout: true, Dynamic: true, Timeout: inboundTimeout, Size: 65536}
+			if is6 {
+				set.Name, set.KeyType = "inbound6", nftables.TypeIP6Addr
+			}
+			if err := c.AddSet(set, nil); err != nil {
+				return err
+			}
+			remember := &expr.Dynset{SrcRegKey: 1, SetName: set.Name, SetID: set.ID, Operation: unix.NFT_DYNSET_OP_UPDATE, Timeout: inboundTimeout}
+			for _, ch := range []*nftables.Chain{forward, output} {
+				rule(ch, on(expr.MetaKeyOIFNAME), ipFamily(is6), []expr.Any{nftexpr.LoadAddr(is6, true), remember})
+			}
+			rule(fromPodAddr, ipFamily(is6), []expr.Any{nftexpr.LoadAddr(is6, false), &expr.Lookup{SourceRegister: 1, SetName: set.Name, SetID: set.ID}, accept})
+		}
+	} else {
+		rule(fromPodAddr, nftexpr.Established(), []expr.Any{accept})
+	}
+	for _, k := range g.Keep {
+		rule(fromPodAddr, ipFamily(k.Addr().Is6()), nftexpr.AddrIn(k, false), []expr.Any{accept})
+	}
+	rule(fromPodAddr, []expr.Any{drop})
 	if err := c.Flush(); err != nil {
-		return fmt.Errorf("guarding %s on the host: %w", hostIf, err)
+		return fmt.Errorf("guarding %s on the host: %w", g.HostIf, err)
 	}
 	return nil
 }
 
+func hookName(h *nftables.ChainHook) string {
+	switch h {
+	case nftables.ChainHookForward:
+		return "forward"
+	case nftables.ChainHookInput:
+		return "input"
+	}
+	return "output"
+}
+
+// guardFamilies are the families a guard's table may be of.
+var guardFamilies = []nftables.TableFamily{nftables.TableFamilyINet, nftables.TableFamilyBridge}
+
 // RemoveHostGuard deletes the table; a missing one is fine.
 func RemoveHostGuard(table string) {
-	if c, err := nftables.New(); err == nil {
-		c.DelTable(&nftables.Table{Family: nftables.TableFamilyINet, Name: table})
-		c.Flush()
+	c, err := nftables.New()
+	if err != nil {
+		return
+	}
+	for _, f := range guardFamilies {
+		c.DelTable(&nftables.Table{Family: f, Name: table})
+		c.Flush() // one at a time: deleting a missing table fails its batch
 	}
 }
 
@@ -68,9 +175,13 @@ func HostGuards() ([]string, error) {
 	if err != nil {
 		return nil, err
 	}
-	tables, err := c.ListTablesOfFamily(nftables.TableFamilyINet)
-	if err != nil {
-		return nil, err
+	var tables []*nftables.Table
+	for _, f := range guardFamilies {
+		ts, err := c.ListTablesOfFamily(f)
+		if err != nil {
+			return nil, err
+		}
+		tables = append(tables, ts...)
 	}
 	var out []string
 	for _, t := range tables {

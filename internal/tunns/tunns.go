@@ -155,11 +155,14 @@ func SharedIn(netnsPath, name string) (shared bool, err error) {
 	return shared, err
 }
 
-// HostPeerOf names the host end of the veth ifName in the namespace. It
-// checks both ends point at each other across exactly these two
-// namespaces: an index alone could name an unrelated host interface.
-func HostPeerOf(netnsPath, ifName string) (string, error) {
+// HostPeerOf names the host end of the veth ifName in the namespace and
+// lists the addresses of ifName (global ones: link-local addresses serve
+// neighbour discovery only). It checks both ends point at each other
+// across exactly these two namespaces: an index alone could name an
+// unrelated host interface.
+func HostPeerOf(netnsPath, ifName string) (string, []netip.Addr, error) {
 	var peer, index int
+	var addrs []netip.Addr
 	err := inNetns(netnsPath, func(ns.NetNS) error {
 		link, err := netlink.LinkByName(ifName)
 		if err != nil {
@@ -170,31 +173,39 @@ func HostPeerOf(netnsPath, ifName string) (string, error) {
 			return fmt.Errorf("%s is a %s, not a veth: childflow cannot guard it from the host", ifName, link.Type())
 		}
 		index = link.Attrs().Index
-		peer, err = netlink.VethPeerIndex(veth)
+		if peer, err = netlink.VethPeerIndex(veth); err != nil {
+			return err
+		}
+		list, err := netlink.AddrList(link, netlink.FAMILY_ALL)
+		for _, a := range list {
+			if ip, ok := netip.AddrFromSlice(a.IP); ok && a.Scope == unix.RT_SCOPE_UNIVERSE {
+				addrs = append(addrs, ip.Unmap())
+			}
+		}
 		return err
 	})
 	if err != nil {
-		return "", err
+		return "", nil, err
 	}
 	target, err := ns.GetNS(netnsPath)
 	if err != nil {
-		return "", err
+		return "", nil, err
 	}
 	defer target.Close()
 	nsid, err := netlink.GetNetNsIdByFd(int(target.Fd()))
 	if err != nil {
-		return "", fmt.Errorf("finding the host's id of %s: %w", netnsPath, err)
+		return "", nil, fmt.Errorf("finding the host's id of %s: %w", netnsPath, err)
 	}
 	link, err := netlink.LinkByIndex(peer)
 	if err != nil {
-		return "", fmt.Errorf("the host end of %s is not in the host's namespace: %w", ifName, err)
+		return "", nil, fmt.Errorf("the host end of %s is not in the host's namespace: %w", ifName, err)
 	}
 	hostVeth, ok := link.(*netlink.Veth)
 	if !ok || link.Attrs().NetNsID != nsid {
-		return "", fmt.Errorf("the host end of %s is not in the host's namespace", ifName)
+		return "", nil, fmt.Errorf("the host end of %s is not in the host's namespace", ifName)
 	}
 	if back, err := netlink.VethPeerIndex(hostVeth); err != nil || back != index {
-		return "", fmt.Errorf("the host end of %s is not in the host's namespace", ifName)
+		return "", nil, fmt.Errorf("the host end of %s is not in the host's namespace", ifName)
 	}
-	return link.Attrs().Name, nil
+	return link.Attrs().Name, addrs, nil
 }

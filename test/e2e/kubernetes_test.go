@@ -101,6 +101,60 @@ state = %q
 
 func binPath() string { return bin }
 
+func (c *cri) podPID(t *testing.T, pod string) int {
+	t.Helper()
+	var st struct {
+		Info struct{ PID int } `json:"info"`
+	}
+	json.Unmarshal([]byte(c.crictl(t, "inspectp", pod).stdout), &st)
+	if st.Info.PID == 0 {
+		t.Fatalf("no pid for pod %s", pod)
+	}
+	return st.Info.PID
+}
+
+// rawFrame, run in a pod's namespace, writes a UDP datagram from the pod's
+// address to 203.0.113.20's echo port straight onto eth0, addressed to
+// the bridge, and listens there for the echo.
+const rawFrame = `
+import socket, struct, sys, time
+pod, gwmac = sys.argv[1], bytes.fromhex(sys.argv[2].replace(':', ''))
+def csum(b):
+    s = sum(struct.unpack('!10H', b)); s = (s >> 16) + (s & 0xffff); s += s >> 16
+    return ~s & 0xffff
+udp = struct.pack('!HHHH', 40007, 7, 8 + 9, 0) + b'raw-frame'
+ip = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0, socket.inet_aton(pod), socket.inet_aton('203.0.113.20'))
+ip = ip[:10] + struct.pack('!H', csum(ip)) + ip[12:]
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+s.bind(('eth0', 0))
+mine = s.getsockname()[4]
+s.send(gwmac + mine + b'\x08\x00' + ip + udp)
+s.settimeout(0.2)
+end = time.time() + 3
+while time.time() < end:
+    try:
+        f = s.recv(2048)
+    except socket.timeout:
+        continue
+    if f[26:30] == socket.inet_aton('203.0.113.20') and b'raw-frame' in f:
+        print('escaped'); sys.exit()
+print('contained')
+`
+
+// rawFrameFromPod runs rawFrame in the namespace of the pod's process pid.
+func rawFrameFromPod(t *testing.T, pid int, podIP string) string {
+	t.Helper()
+	mac, err := os.ReadFile("/sys/class/net/" + podBridge + "/address")
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command("nsenter", "--net=/proc/"+fmt.Sprint(pid)+"/ns/net", "python3", "-c", rawFrame, podIP, strings.TrimSpace(string(mac))).CombinedOutput()
+	if err != nil {
+		t.Fatalf("raw frame: %v\n%s", err, out)
+	}
+	return strings.TrimSpace(string(out))
+}
+
 func (c *cri) crictl(t *testing.T, args ...string) result {
 	t.Helper()
 	return execute(t, append([]string{"crictl", "--runtime-endpoint", "unix://" + c.sock, "--image-endpoint", "unix://" + c.sock, "--timeout", "30s"}, args...)...)
@@ -192,10 +246,11 @@ nslookup web.test 10.96.0.10 | grep -q 203.0.113.10 && echo dns-via-engine || ec
 	if got := dialPod(ip, 8080); !strings.Contains(got, "hi from the pod") {
 		t.Errorf("inbound connection to the pod %s:8080 got %q", ip, got)
 	}
-	// The pod's veth is filtered on the host too: NET_RAW in the pod (a
-	// default capability) can write frames around the pod's own rules.
-	if out, err := exec.Command("nft", "list", "table", "inet", "childflow-"+pod[:12]).CombinedOutput(); err != nil || !strings.Contains(string(out), "drop") {
-		t.Errorf("no host guard for the pod's veth: %v\n%s", err, out)
+	// NET_RAW in the pod (a default capability) writes frames around the
+	// pod's own rules, to the bridge for the node to route: the node's
+	// guard on the pod's port stops them.
+	if out := rawFrameFromPod(t, c.podPID(t, pod), ip); out != "contained" {
+		t.Errorf("a raw frame from the pod to 203.0.113.20: %s", out)
 	}
 	list := n.sandboxes(t)
 	if len(list) != 1 || list[0]["source"] != "cni" || list[0]["labels"].(map[string]any)["pod_name"] != "sandboxed" {
@@ -206,8 +261,12 @@ nslookup web.test 10.96.0.10 | grep -q 203.0.113.10 && echo dns-via-engine || ec
 		t.Errorf("flow log lacks the pod's names:\n%.600s", flows)
 	}
 
-	_, plainCtr, plainIP := c.pod(t, "plain", nil, podServer)
+	plainPod, plainCtr, plainIP := c.pod(t, "plain", nil, podServer)
 	wantLines(t, c.exec(t, plainCtr, "ip -o link | grep -q cf0 && echo has-cf0 || echo no-cf0"), "no-cf0")
+	// Unguarded, the same frame gets its echo: the probe sees an escape.
+	if out := rawFrameFromPod(t, c.podPID(t, plainPod), plainIP); out != "escaped" {
+		t.Errorf("a raw frame from the unannotated pod: %s", out)
+	}
 	if got := dialPod(plainIP, 8080); !strings.Contains(got, "hi from the pod") {
 		t.Errorf("inbound to the unannotated pod got %q", got)
 	}

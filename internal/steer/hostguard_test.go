@@ -1,0 +1,213 @@
+package steer
+
+import (
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+)
+
+// The guard's topology, all in namespaces of the test's own: a node
+// forwarding between a pod (10.77.0.2, fd77::2) and a remote host
+// (198.51.100.2, 2001:db8:77::2). The pod has no rules of its own, so
+// its plain sockets send the very frames a process with CAP_NET_RAW
+// writes around a sandboxed pod's rules.
+const (
+	nodeNS, podNS, remoteNS = "cfhg-node", "cfhg-pod", "cfhg-remote"
+)
+
+func guardTopology(t *testing.T, bridged bool) (hostIf, gatewayMAC string) {
+	t.Helper()
+	down := func() {
+		for _, n := range []string{nodeNS, podNS, remoteNS} {
+			exec.Command("ip", "netns", "del", n).Run()
+		}
+	}
+	down()
+	t.Cleanup(down)
+	podSide := "hg-pod" // the node's interface toward the pod
+	cmds := [][]string{
+		{"netns", "add", nodeNS}, {"netns", "add", podNS}, {"netns", "add", remoteNS},
+		{"-n", nodeNS, "link", "add", "hg-pod", "type", "veth", "peer", "name", "eth0", "netns", podNS},
+		{"-n", nodeNS, "link", "add", "hg-rem", "type", "veth", "peer", "name", "eth0", "netns", remoteNS},
+	}
+	if bridged {
+		podSide = "hg-br"
+		cmds = append(cmds, []string{"-n", nodeNS, "link", "add", "hg-br", "type", "bridge"},
+			[]string{"-n", nodeNS, "link", "set", "hg-pod", "master", "hg-br"},
+			[]string{"-n", nodeNS, "link", "set", "hg-br", "up"})
+	}
+	cmds = append(cmds, [][]string{
+		{"-n", nodeNS, "addr", "add", "10.77.0.1/24", "dev", podSide},
+		{"-n", nodeNS, "addr", "add", "fd77::1/64", "dev", podSide, "nodad"},
+		{"-n", nodeNS, "addr", "add", "198.51.100.1/24", "dev", "hg-rem"},
+		{"-n", nodeNS, "addr", "add", "2001:db8:77::1/64", "dev", "hg-rem", "nodad"},
+		{"-n", podNS, "addr", "add", "10.77.0.2/24", "dev", "eth0"},
+		{"-n", podNS, "addr", "add", "fd77::2/64", "dev", "eth0", "nodad"},
+		{"-n", remoteNS, "addr", "add", "198.51.100.2/24", "dev", "eth0"},
+		{"-n", remoteNS, "addr", "add", "2001:db8:77::2/64", "dev", "eth0", "nodad"},
+	}...)
+	for _, n := range []string{nodeNS, podNS, remoteNS} {
+		cmds = append(cmds, []string{"-n", n, "link", "set", "lo", "up"})
+	}
+	cmds = append(cmds, [][]string{
+		{"-n", nodeNS, "link", "set", "hg-pod", "up"}, {"-n", nodeNS, "link", "set", "hg-rem", "up"},
+		{"-n", podNS, "link", "set", "eth0", "up"}, {"-n", remoteNS, "link", "set", "eth0", "up"},
+		{"-n", podNS, "route", "add", "default", "via", "10.77.0.1"},
+		{"-n", podNS, "-6", "route", "add", "default", "via", "fd77::1"},
+		{"-n", remoteNS, "route", "add", "default", "via", "198.51.100.1"},
+		{"-n", remoteNS, "-6", "route", "add", "default", "via", "2001:db8:77::1"},
+	}...)
+	for _, args := range cmds {
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+	}
+	run(t, nodeNS, "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
+	// UDP echo servers: the remote host's and the node's on 7, the
+	// node's on 53 (a resolver in a kept range), the pod's on 9000.
+	serve(t, remoteNS, "7")
+	serve(t, nodeNS, "7")
+	serve(t, nodeNS, "53")
+	serve(t, podNS, "9000")
+	// Until the node's link-local address has passed DAD, it cannot
+	// resolve the pod's IPv6 address.
+	for i := 0; exec.Command("ip", "netns", "exec", podNS, "ping", "-c1", "-W1", "2001:db8:77::2").Run() != nil; i++ {
+		if i == 10 {
+			t.Fatal("the pod cannot reach the remote host over IPv6")
+		}
+	}
+	mac, err := exec.Command("ip", "netns", "exec", nodeNS, "cat", "/sys/class/net/"+podSide+"/address").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return "hg-pod", strings.TrimSpace(string(mac))
+}
+
+func run(t *testing.T, netns string, args ...string) {
+	t.Helper()
+	if out, err := exec.Command("ip", append([]string{"netns", "exec", netns}, args...)...).CombinedOutput(); err != nil {
+		t.Fatalf("%s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+}
+
+func serve(t *testing.T, netns, port string) {
+	t.Helper()
+	cmd := exec.Command("ip", "netns", "exec", netns, "socat", "UDP6-RECVFROM:"+port+",ipv6only=0,fork", "PIPE")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+}
+
+// echoed reports whether a UDP datagram from netns to addr came back.
+func echoed(netns, addr string, sourcePort string) bool {
+	to := "UDP:" + addr
+	if sourcePort != "" {
+		to += ",sourceport=" + sourcePort + ",reuseaddr"
+	}
+	for range 3 { // the first datagram may wait for neighbour discovery
+		out, _ := exec.Command("ip", "netns", "exec", netns, "sh", "-c", "echo ping | timeout 2 socat -T1 - "+to).Output()
+		if strings.Contains(string(out), "ping") {
+			return true
+		}
+	}
+	return false
+}
+
+// spoof writes, from the pod, a frame to the node from the remote host's
+// address: through the node back to the pod, it would make conntrack
+// take the pod's next datagram to the remote host for a reply.
+const spoof = `
+import socket, struct, sys
+def csum(b):
+    s = sum(struct.unpack('!10H', b)); s = (s >> 16) + (s & 0xffff); s += s >> 16
+    return ~s & 0xffff
+udp = struct.pack('!HHHH', 7, 5555, 9, 0) + b'x'
+ip = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0, socket.inet_aton('198.51.100.2'), socket.inet_aton('10.77.0.2'))
+ip = ip[:10] + struct.pack('!H', csum(ip)) + ip[12:]
+mine = bytes.fromhex(open('/sys/class/net/eth0/address').read().strip().replace(':', ''))
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind(('eth0', 0))
+s.send(bytes.fromhex(sys.argv[1].replace(':', '')) + mine + b'\x08\x00' + ip + udp)
+`
+
+func TestHostGuardStopsFramesAroundThePodsRules(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("needs root: namespaces, veths and nftables")
+	}
+	script := filepath.Join(t.TempDir(), "spoof.py")
+	os.WriteFile(script, []byte(spoof), 0o644)
+	for _, bridged := range []bool{false, true} {
+		name := "routed veth"
+		if bridged {
+			name = "bridge port"
+		}
+		t.Run(name, func(t *testing.T) {
+			hostIf, gatewayMAC := guardTopology(t, bridged)
+			escapes := func() []string {
+				var got []string
+				for _, c := range []struct{ what, netns, addr, port string }{
+					{"to the remote host", podNS, "198.51.100.2:7", ""},
+					{"to the remote host over IPv6", podNS, "[2001:db8:77::2]:7", ""},
+					{"to a resolver in a kept range", podNS, "10.77.0.1:53", ""},
+				} {
+					if echoed(c.netns, c.addr, c.port) {
+						got = append(got, c.what)
+					}
+				}
+				run(t, podNS, "python3", script, gatewayMAC)
+				time.Sleep(100 * time.Millisecond)
+				if echoed(podNS, "198.51.100.2:7", "5555") {
+					got = append(got, "to the remote host, after a frame from its address")
+				}
+				return got
+			}
+			// Unguarded, every one gets through: the probes can see an escape.
+			if got := escapes(); len(got) != 4 {
+				t.Fatalf("without the guard only these got through: %q", got)
+			}
+			target, err := ns.GetNS("/run/netns/" + nodeNS)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer target.Close()
+			err = target.Do(func(ns.NetNS) error {
+				return InstallHostGuard(HostGuard{
+					Table: HostGuardTable("0123456789abcdef"), HostIf: hostIf,
+					Pod:  []netip.Addr{netip.MustParseAddr("10.77.0.2"), netip.MustParseAddr("fd77::2")},
+					Keep: []netip.Prefix{netip.MustParsePrefix("10.77.0.0/24"), netip.MustParsePrefix("fd77::/64")},
+				})
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := escapes(); len(got) != 0 {
+				t.Errorf("guarded, the pod still got through %q", got)
+			}
+			defer func() {
+				if t.Failed() || testing.Verbose() {
+					out, _ := exec.Command("ip", "netns", "exec", nodeNS, "nft", "list", "ruleset").CombinedOutput()
+					t.Logf("the node's ruleset:\n%s", out)
+				}
+			}()
+			// What must still work: the kept ranges, and answering whoever
+			// reached the pod.
+			for _, c := range []struct{ what, netns, addr string }{
+				{"the pod to the node", podNS, "10.77.0.1:7"},
+				{"the pod to the node over IPv6", podNS, "[fd77::1]:7"},
+				{"the remote host to the pod", remoteNS, "10.77.0.2:9000"},
+				{"the remote host to the pod over IPv6", remoteNS, "[fd77::2]:9000"},
+			} {
+				if !echoed(c.netns, c.addr, "") {
+					t.Errorf("guarded, no answer from %s", c.what)
+				}
+			}
+		})
+	}
+}
