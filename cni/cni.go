@@ -198,6 +198,13 @@ func cmdCheck(args *skel.CmdArgs) error {
 	if err := tunns.CheckIn(args.Netns, "cf0"); err != nil {
 		return types.NewError(types.ErrInternal, "childflow: pod "+args.ContainerID+": "+err.Error(), "")
 	}
+	// A flushed ruleset (a restart of nftables.service) takes the guard too.
+	if _, _, err := tunns.HostPeerOf(args.Netns, args.IfName); err == nil {
+		table := steer.HostGuardTable(args.ContainerID)
+		if ok, err := steer.HasHostGuard(table); err != nil || !ok {
+			return types.NewError(types.ErrInternal, fmt.Sprintf("childflow: pod %s: the guard of its veth on the host (nftables table %s) is gone", args.ContainerID, table), "")
+		}
+	}
 	st, err := api.Client{Socket: conf.Socket}.Status(args.ContainerID)
 	if err != nil {
 		return types.NewError(types.ErrInternal, "childflow: pod "+args.ContainerID+": daemon: "+err.Error(), "")

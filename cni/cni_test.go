@@ -290,8 +290,15 @@ func TestClusterRangesStayOnTheMainInterface(t *testing.T) {
 				t.Fatal(err)
 			}
 			guard, _ := exec.Command("nft", "list", "table", "inet", "childflow-kept").CombinedOutput()
-			if !strings.Contains(string(guard), "drop") || (tc.svc == "eth0") != strings.Contains(string(guard), "10.96.0.0/12 accept") {
+			if !strings.Contains(string(guard), "drop") || (tc.svc == "eth0") != strings.Contains(string(guard), "ip daddr 10.96.0.0/12 accept") {
 				t.Errorf("host guard on the pod's veth:\n%s", guard)
+			}
+			if err := testutils.CmdCheckWithArgs(args, func() error { return cmdCheck(args) }); err != nil {
+				t.Errorf("CHECK: %v", err)
+			}
+			exec.Command("nft", "delete", "table", "inet", "childflow-kept").Run()
+			if err := testutils.CmdCheckWithArgs(args, func() error { return cmdCheck(args) }); err == nil || !strings.Contains(err.Error(), "childflow-kept") {
+				t.Errorf("CHECK without the host guard: %v", err)
 			}
 			for dst, want := range map[string]string{"10.96.0.10": tc.svc, "10.99.0.7": tc.neighbour, "203.0.113.10": tc.outside} {
 				if got := routeDev(t, pod, dst); got != want {

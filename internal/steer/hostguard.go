@@ -169,6 +169,20 @@ func RemoveHostGuard(table string) {
 	}
 }
 
+// HasHostGuard reports whether the guard table exists.
+func HasHostGuard(table string) (bool, error) {
+	c, err := nftables.New()
+	if err != nil {
+		return false, err
+	}
+	for _, f := range guardFamilies {
+		if t, err := c.ListTableOfFamily(table, f); err == nil && t != nil {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
 // HostGuards lists the guard tables on the host (for GC).
 func HostGuards() ([]string, error) {
 	c, err := nftables.New()
