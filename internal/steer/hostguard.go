@@ -1,10 +1,12 @@
 package steer
 
 import (
+	"encoding/binary"
 	"fmt"
 	"net/netip"
 	"strings"
 	"time"
+	"unsafe"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
@@ -54,6 +56,9 @@ func InstallHostGuard(g HostGuard) error {
 	link, err := netlink.LinkByName(g.HostIf)
 	if err != nil {
 		return fmt.Errorf("guarding %s on the host: %w", g.HostIf, err)
+	}
+	if what := aroundNetfilter(link); what != "" {
+		return fmt.Errorf("cannot guard the pod's veth %s on the host: %s on it (as Cilium's or Calico's eBPF data plane attaches) can send the pod's frames on before netfilter sees them", g.HostIf, what)
 	}
 	bridged := false
 	if m := link.Attrs().MasterIndex; m != 0 {
@@ -142,6 +147,63 @@ func InstallHostGuard(g HostGuard) error {
 		return fmt.Errorf("guarding %s on the host: %w", g.HostIf, err)
 	}
 	return nil
+}
+
+// aroundNetfilter names what, on the host end's receive path, can move
+// the pod's frames on before netfilter sees them: an XDP program, a tc
+// ingress filter that redirects or runs a program, a tcx program. A
+// redirect to an IFB device (the bandwidth plugin's shaping) hands the
+// frame back to the same path and is fine.
+func aroundNetfilter(link netlink.Link) string {
+	if x := link.Attrs().Xdp; x != nil && x.Attached {
+		return "an XDP program"
+	}
+	filters, err := netlink.FilterList(link, netlink.HANDLE_MIN_INGRESS)
+	if err != nil {
+		return "a tc ingress filter that could not be listed (" + err.Error() + ")"
+	}
+	for _, f := range filters {
+		var actions []netlink.Action
+		switch f := f.(type) {
+		case *netlink.U32:
+			actions = f.Actions
+		case *netlink.MatchAll:
+			actions = f.Actions
+		case *netlink.Flower:
+			actions = f.Actions
+		default: // a BPF program, or a filter not known here
+			return "a tc ingress filter (" + f.Type() + ")"
+		}
+		for _, a := range actions {
+			switch a := a.(type) {
+			case *netlink.BpfAction:
+				return "a tc ingress filter running a BPF program"
+			case *netlink.MirredAction:
+				if to, err := netlink.LinkByIndex(a.Ifindex); err != nil || to.Type() != "ifb" {
+					return "a tc ingress filter redirecting to another interface"
+				}
+			}
+		}
+	}
+	if tcxPrograms(link.Attrs().Index) > 0 {
+		return "a tcx program"
+	}
+	return ""
+}
+
+// tcxPrograms counts the programs attached to the interface's tcx
+// ingress hook (Linux 6.6; before it the query fails: none).
+func tcxPrograms(ifindex int) uint32 {
+	// union bpf_attr's query: target_ifindex, attach_type, query_flags,
+	// attach_flags, prog_ids, prog_cnt, ...
+	var attr [64]byte
+	binary.NativeEndian.PutUint32(attr[0:], uint32(ifindex))
+	binary.NativeEndian.PutUint32(attr[4:], unix.BPF_TCX_INGRESS)
+	_, _, errno := unix.Syscall(unix.SYS_BPF, unix.BPF_PROG_QUERY, uintptr(unsafe.Pointer(&attr[0])), uintptr(len(attr)))
+	if errno != 0 {
+		return 0
+	}
+	return binary.NativeEndian.Uint32(attr[24:])
 }
 
 func hookName(h *nftables.ChainHook) string {

@@ -211,3 +211,54 @@ func TestHostGuardStopsFramesAroundThePodsRules(t *testing.T) {
 		})
 	}
 }
+
+// A tc filter on the host end (Cilium's and Calico's eBPF data planes
+// attach programs there) runs before netfilter and can send the pod's
+// frames anywhere: such a veth cannot be guarded.
+func TestHostGuardRefusesAVethWhoseFramesSkipNetfilter(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("needs root: namespaces, veths, tc and nftables")
+	}
+	hostIf, mac := guardTopology(t, false)
+	guard := HostGuard{
+		Table: HostGuardTable("0123456789abcdef"), HostIf: hostIf,
+		Pod:  []netip.Addr{netip.MustParseAddr("10.77.0.2")},
+		Keep: []netip.Prefix{netip.MustParsePrefix("10.77.0.0/24")},
+	}
+	target, err := ns.GetNS("/run/netns/" + nodeNS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer target.Close()
+	install := func() error { return target.Do(func(ns.NetNS) error { return InstallHostGuard(guard) }) }
+	if err := install(); err != nil {
+		t.Fatal(err)
+	}
+	if echoed(podNS, "198.51.100.2:7", "") {
+		t.Fatal("guarded, the pod reached the remote host")
+	}
+	// A redirect from the pod's veth straight out of the node's other
+	// link, to a remote host that takes the pod's frames as its own
+	// (the frames keep the node's MAC address, which a BPF program
+	// would have rewritten).
+	run(t, remoteNS, "ip", "link", "set", "eth0", "address", mac)
+	run(t, nodeNS, "tc", "qdisc", "add", "dev", hostIf, "clsact")
+	run(t, nodeNS, "tc", "filter", "add", "dev", hostIf, "ingress", "protocol", "all", "u32", "match", "u32", "0", "0",
+		"action", "mirred", "egress", "redirect", "dev", "hg-rem")
+	if !echoed(podNS, "198.51.100.2:7", "") {
+		t.Fatal("the redirect did not take the pod's datagram around the guard: the test shows nothing")
+	}
+	run(t, nodeNS, "nft", "delete", "table", "inet", guard.Table)
+	if err := install(); err == nil || !strings.Contains(err.Error(), "tc ingress filter redirecting") {
+		t.Errorf("guarding a veth whose frames a tc filter redirects: %v", err)
+	}
+	// The bandwidth plugin's shaping redirects to an IFB device, which
+	// hands the frames back: that veth can be guarded.
+	run(t, nodeNS, "tc", "filter", "del", "dev", hostIf, "ingress")
+	run(t, nodeNS, "ip", "link", "add", "hg-ifb", "type", "ifb")
+	run(t, nodeNS, "tc", "filter", "add", "dev", hostIf, "ingress", "protocol", "all", "u32", "match", "u32", "0", "0",
+		"action", "mirred", "egress", "redirect", "dev", "hg-ifb")
+	if err := install(); err != nil {
+		t.Errorf("guarding a veth shaped through an IFB device: %v", err)
+	}
+}
