@@ -15,6 +15,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"github.com/containernetworking/cni/pkg/skel"
@@ -89,6 +90,11 @@ func (c *NetConf) node() attach.Node {
 	return attach.Node{Socket: c.Socket, StateDir: c.StateDir}
 }
 
+// guards are the node's host guards, locked in the daemon's state directory.
+func (c *NetConf) guards() steer.Guards {
+	return steer.Guards{Lock: filepath.Join(c.StateDir, "guards.lock")}
+}
+
 // podLabels are the pod's names from CNI_ARGS (K8S_POD_NAMESPACE, ...).
 func podLabels(cniArgs string) map[string]string {
 	out := map[string]string{}
@@ -135,7 +141,7 @@ func cmdAdd(args *skel.CmdArgs) error {
 		Keep: keep, Labels: podLabels(args.Args),
 	})
 	if err == nil && att.Shared {
-		err = guardHostSide(args, keep)
+		err = guardHostSide(conf, args, keep)
 		if err != nil {
 			node.Detach(args.ContainerID)
 		}
@@ -148,12 +154,12 @@ func cmdAdd(args *skel.CmdArgs) error {
 
 // guardHostSide filters the pod's veth on the host: the pod's own rules
 // cannot stop a process with CAP_NET_RAW from writing frames to it.
-func guardHostSide(args *skel.CmdArgs, keep []netip.Prefix) error {
+func guardHostSide(conf *NetConf, args *skel.CmdArgs, keep []netip.Prefix) error {
 	hostIf, pod, err := tunns.HostPeerOf(args.Netns, args.IfName)
 	if err != nil {
 		return err
 	}
-	return steer.InstallHostGuard(steer.HostGuard{Table: steer.HostGuardTable(args.ContainerID), HostIf: hostIf, Pod: pod, Keep: keep})
+	return conf.guards().Install(steer.HostGuard{ID: args.ContainerID, HostIf: hostIf, Pod: pod, Keep: keep})
 }
 
 // cmdDel detaches. It succeeds when the netns, the link or the daemon is
@@ -166,7 +172,9 @@ func cmdDel(args *skel.CmdArgs) error {
 	if api.CheckID(args.ContainerID) != nil {
 		return nil
 	}
-	steer.RemoveHostGuard(steer.HostGuardTable(args.ContainerID))
+	if err := conf.guards().Remove(args.ContainerID); err != nil {
+		return types.NewError(types.ErrInternal, "childflow: pod "+args.ContainerID+": "+err.Error(), "")
+	}
 	err = api.Client{Socket: conf.Socket}.Detach(args.ContainerID)
 	if errors.Is(err, api.ErrUnavailable) {
 		if args.Netns != "" {
@@ -200,9 +208,8 @@ func cmdCheck(args *skel.CmdArgs) error {
 	}
 	// A flushed ruleset (a restart of nftables.service) takes the guard too.
 	if _, _, err := tunns.HostPeerOf(args.Netns, args.IfName); err == nil {
-		table := steer.HostGuardTable(args.ContainerID)
-		if ok, err := steer.HasHostGuard(table); err != nil || !ok {
-			return types.NewError(types.ErrInternal, fmt.Sprintf("childflow: pod %s: the guard of its veth on the host (nftables table %s) is gone", args.ContainerID, table), "")
+		if ok, err := conf.guards().Has(args.ContainerID); err != nil || !ok {
+			return types.NewError(types.ErrInternal, fmt.Sprintf("childflow: pod %s: the guard of its veth on the host (in nftables table %s) is gone", args.ContainerID, steer.GuardTable), "")
 		}
 	}
 	st, err := api.Client{Socket: conf.Socket}.Status(args.ContainerID)
@@ -239,14 +246,10 @@ func cmdGC(args *skel.CmdArgs) error {
 			errs = append(errs, client.Detach(s.ID))
 		}
 	}
-	validTables := map[string]bool{}
-	for id := range valid {
-		validTables[steer.HostGuardTable(id)] = true
-	}
-	if tables, err := steer.HostGuards(); err == nil {
-		for _, t := range tables {
-			if !validTables[t] {
-				steer.RemoveHostGuard(t)
+	if keys, err := conf.guards().List(); err == nil {
+		for _, k := range keys {
+			if !slices.ContainsFunc(conf.ValidAttachments, func(a types.GCAttachment) bool { return steer.Matches(k, a.ContainerID) }) {
+				errs = append(errs, conf.guards().Remove(k))
 			}
 		}
 	}

@@ -289,15 +289,15 @@ func TestClusterRangesStayOnTheMainInterface(t *testing.T) {
 			if _, _, err := testutils.CmdAddWithArgs(args, func() error { return cmdAdd(args) }); err != nil {
 				t.Fatal(err)
 			}
-			guard, _ := exec.Command("nft", "list", "table", "inet", "childflow-kept").CombinedOutput()
+			guard, _ := exec.Command("nft", "list", "chain", "inet", "childflow-guard", "from-kept-address").CombinedOutput()
 			if !strings.Contains(string(guard), "drop") || (tc.svc == "eth0") != strings.Contains(string(guard), "ip daddr 10.96.0.0/12 accept") {
 				t.Errorf("host guard on the pod's veth:\n%s", guard)
 			}
 			if err := testutils.CmdCheckWithArgs(args, func() error { return cmdCheck(args) }); err != nil {
 				t.Errorf("CHECK: %v", err)
 			}
-			exec.Command("nft", "delete", "table", "inet", "childflow-kept").Run()
-			if err := testutils.CmdCheckWithArgs(args, func() error { return cmdCheck(args) }); err == nil || !strings.Contains(err.Error(), "childflow-kept") {
+			exec.Command("nft", "delete", "table", "inet", "childflow-guard").Run()
+			if err := testutils.CmdCheckWithArgs(args, func() error { return cmdCheck(args) }); err == nil || !strings.Contains(err.Error(), "childflow-guard") {
 				t.Errorf("CHECK without the host guard: %v", err)
 			}
 			for dst, want := range map[string]string{"10.96.0.10": tc.svc, "10.99.0.7": tc.neighbour, "203.0.113.10": tc.outside} {
@@ -308,7 +308,7 @@ func TestClusterRangesStayOnTheMainInterface(t *testing.T) {
 			if err := testutils.CmdDelWithArgs(args, func() error { return cmdDel(args) }); err != nil {
 				t.Fatal(err)
 			}
-			if out, err := exec.Command("nft", "list", "table", "inet", "childflow-kept").CombinedOutput(); err == nil {
+			if out, err := exec.Command("nft", "list", "table", "inet", "childflow-guard").CombinedOutput(); err == nil {
 				t.Errorf("host guard left after DEL:\n%s", out)
 			}
 			if got := routeDev(t, pod, "203.0.113.10"); got != "eth0" {

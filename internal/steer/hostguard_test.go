@@ -141,6 +141,7 @@ func TestHostGuardStopsFramesAroundThePodsRules(t *testing.T) {
 	if os.Getuid() != 0 {
 		t.Skip("needs root: namespaces, veths and nftables")
 	}
+	guards := Guards{Lock: filepath.Join(t.TempDir(), "lock")}
 	script := filepath.Join(t.TempDir(), "spoof.py")
 	os.WriteFile(script, []byte(spoof), 0o644)
 	for _, bridged := range []bool{false, true} {
@@ -178,8 +179,8 @@ func TestHostGuardStopsFramesAroundThePodsRules(t *testing.T) {
 			}
 			defer target.Close()
 			err = target.Do(func(ns.NetNS) error {
-				return InstallHostGuard(HostGuard{
-					Table: HostGuardTable("0123456789abcdef"), HostIf: hostIf,
+				return guards.Install(HostGuard{
+					ID: "0123456789abcdef", HostIf: hostIf,
 					Pod:  []netip.Addr{netip.MustParseAddr("10.77.0.2"), netip.MustParseAddr("fd77::2")},
 					Keep: []netip.Prefix{netip.MustParsePrefix("10.77.0.0/24"), netip.MustParsePrefix("fd77::/64")},
 				})
@@ -221,7 +222,7 @@ func TestHostGuardRefusesAVethWhoseFramesSkipNetfilter(t *testing.T) {
 	}
 	hostIf, mac := guardTopology(t, false)
 	guard := HostGuard{
-		Table: HostGuardTable("0123456789abcdef"), HostIf: hostIf,
+		ID: "0123456789abcdef", HostIf: hostIf,
 		Pod:  []netip.Addr{netip.MustParseAddr("10.77.0.2")},
 		Keep: []netip.Prefix{netip.MustParsePrefix("10.77.0.0/24")},
 	}
@@ -230,7 +231,8 @@ func TestHostGuardRefusesAVethWhoseFramesSkipNetfilter(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer target.Close()
-	install := func() error { return target.Do(func(ns.NetNS) error { return InstallHostGuard(guard) }) }
+	guards := Guards{Lock: filepath.Join(t.TempDir(), "lock")}
+	install := func() error { return target.Do(func(ns.NetNS) error { return guards.Install(guard) }) }
 	if err := install(); err != nil {
 		t.Fatal(err)
 	}
@@ -248,7 +250,9 @@ func TestHostGuardRefusesAVethWhoseFramesSkipNetfilter(t *testing.T) {
 	if !echoed(podNS, "198.51.100.2:7", "") {
 		t.Fatal("the redirect did not take the pod's datagram around the guard: the test shows nothing")
 	}
-	run(t, nodeNS, "nft", "delete", "table", "inet", guard.Table)
+	if err := target.Do(func(ns.NetNS) error { return guards.Remove(guard.ID) }); err != nil {
+		t.Fatal(err)
+	}
 	if err := install(); err == nil || !strings.Contains(err.Error(), "tc ingress filter redirecting") {
 		t.Errorf("guarding a veth whose frames a tc filter redirects: %v", err)
 	}
@@ -260,5 +264,72 @@ func TestHostGuardRefusesAVethWhoseFramesSkipNetfilter(t *testing.T) {
 		"action", "mirred", "egress", "redirect", "dev", "hg-ifb")
 	if err := install(); err != nil {
 		t.Errorf("guarding a veth shaped through an IFB device: %v", err)
+	}
+}
+
+// The pods' guards share a table per family, which the last one to go
+// removes; a pod added again replaces its own chains.
+func TestGuardsShareATablePerFamily(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("needs root: namespaces, veths and nftables")
+	}
+	exec.Command("ip", "netns", "del", nodeNS).Run()
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", nodeNS).Run() })
+	for _, args := range [][]string{
+		{"netns", "add", nodeNS},
+		{"-n", nodeNS, "link", "add", "hg-br", "type", "bridge"},
+		{"-n", nodeNS, "link", "add", "hg-a", "type", "veth", "peer", "name", "hg-a-pod"},
+		{"-n", nodeNS, "link", "add", "hg-b", "master", "hg-br", "type", "veth", "peer", "name", "hg-b-pod"},
+		{"-n", nodeNS, "link", "add", "hg-c", "master", "hg-br", "type", "veth", "peer", "name", "hg-c-pod"},
+	} {
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+	}
+	target, err := ns.GetNS("/run/netns/" + nodeNS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer target.Close()
+	guards := Guards{Lock: filepath.Join(t.TempDir(), "lock")}
+	in := func(f func() error) {
+		t.Helper()
+		if err := target.Do(func(ns.NetNS) error { return f() }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	tables := func() string {
+		out, _ := exec.Command("ip", "netns", "exec", nodeNS, "nft", "list", "tables").Output()
+		return strings.TrimSpace(string(out))
+	}
+	keys := func() (got []string) {
+		in(func() (err error) { got, err = guards.List(); return err })
+		return got
+	}
+	pod := func(id, hostIf string) HostGuard {
+		return HostGuard{ID: id, HostIf: hostIf, Pod: []netip.Addr{netip.MustParseAddr("10.77.0.2")}, Keep: []netip.Prefix{netip.MustParsePrefix("10.77.0.0/24")}}
+	}
+	in(func() error { return guards.Install(pod("aaaaaaaaaaaa-1", "hg-a")) })
+	in(func() error { return guards.Install(pod("bbbbbbbbbbbb-2", "hg-b")) })
+	in(func() error { return guards.Install(pod("cccccccccccc-3", "hg-c")) })
+	in(func() error { return guards.Install(pod("aaaaaaaaaaaa-1", "hg-a")) })
+	if got := tables(); got != "table inet childflow-guard\ntable bridge childflow-guard" {
+		t.Errorf("tables with three guards:\n%s", got)
+	}
+	if got := strings.Join(keys(), " "); got != "aaaaaaaaaaaa bbbbbbbbbbbb cccccccccccc" {
+		t.Errorf("guards: %s", got)
+	}
+	in(func() error { return guards.Remove("bbbbbbbbbbbb-2") })
+	if got := strings.Join(keys(), " "); got != "aaaaaaaaaaaa cccccccccccc" {
+		t.Errorf("guards after removing one: %s", got)
+	}
+	in(func() error { return guards.Remove("cccccccccccc-3") })
+	if got := tables(); got != "table inet childflow-guard" {
+		t.Errorf("tables after the last bridge port's guard went:\n%s", got)
+	}
+	in(func() error { return guards.Remove("aaaaaaaaaaaa-1") })
+	in(func() error { return guards.Remove("aaaaaaaaaaaa-1") })
+	if got := tables(); got != "" {
+		t.Errorf("tables after every guard went:\n%s", got)
 	}
 }
