@@ -289,7 +289,7 @@ func TestClusterRangesStayOnTheMainInterface(t *testing.T) {
 			if _, _, err := testutils.CmdAddWithArgs(args, func() error { return cmdAdd(args) }); err != nil {
 				t.Fatal(err)
 			}
-			guard, _ := exec.Command("nft", "list", "chain", "inet", "childflow-guard", "from-kept-address").CombinedOutput()
+			guard, _ := exec.Command("nft", "list", "chain", "inet", "childflow-guard", "addr-kept").CombinedOutput()
 			if !strings.Contains(string(guard), "drop") || (tc.svc == "eth0") != strings.Contains(string(guard), "ip daddr 10.96.0.0/12 accept") {
 				t.Errorf("host guard on the pod's veth:\n%s", guard)
 			}

@@ -116,6 +116,27 @@ func (gs Guards) Install(g HostGuard) error {
 			return fmt.Errorf("guarding %s on the host: removing the guard it had: %w", g.HostIf, err)
 		}
 	}
+	// A pod gone without DEL may still claim the interface's name, which a
+	// new veth can take again: the new pod's chains replace its in the
+	// maps, and its own removal must then leave them be.
+	name := nftexpr.IfNameBytes(g.HostIf)
+	if sets, err := c.GetSets(t); err == nil {
+		for _, set := range sets {
+			if !strings.HasPrefix(set.Name, "if-") {
+				continue
+			}
+			elems, _ := c.GetSetElements(set)
+			for _, e := range elems {
+				if string(e.Key) == string(name) {
+					c.SetDeleteElements(set, []nftables.SetElement{{Key: name}})
+					c.SetDeleteElements(fromPods, []nftables.SetElement{{Key: name}})
+					if bridged {
+						c.SetDeleteElements(toPods, []nftables.SetElement{{Key: name}})
+					}
+				}
+			}
+		}
+	}
 	if err := addGuard(c, t, fromPods, toPods, key, g, bridged); err != nil {
 		return err
 	}
@@ -198,7 +219,7 @@ func addGuard(c *nftables.Conn, t *nftables.Table, fromPods, toPods *nftables.Se
 		return err
 	}
 	from := c.AddChain(&nftables.Chain{Name: "from-" + key, Table: t})
-	fromAddr := c.AddChain(&nftables.Chain{Name: "from-" + key + "-address", Table: t})
+	fromAddr := c.AddChain(&nftables.Chain{Name: "addr-" + key, Table: t})
 
 	rule(from, nftexpr.NeighbourDiscovery(), []expr.Any{accept})
 	if bridged {
@@ -267,7 +288,7 @@ func removeChains(c *nftables.Conn, t *nftables.Table, key string) bool {
 			c.SetDeleteElements(set, []nftables.SetElement{{Key: ifs[0].Key}})
 		}
 	}
-	mine := []string{"from-" + key, "from-" + key + "-address", "to-" + key}
+	mine := []string{"from-" + key, "addr-" + key, "to-" + key}
 	for _, n := range mine {
 		if names[n] {
 			c.FlushChain(&nftables.Chain{Table: t, Name: n})
@@ -322,7 +343,7 @@ func guardKeys(c *nftables.Conn, f nftables.TableFamily) ([]string, error) {
 	}
 	var out []string
 	for _, ch := range chains {
-		if k, ok := strings.CutPrefix(ch.Name, "from-"); ok && ch.Table.Name == GuardTable && !strings.HasSuffix(k, "-address") {
+		if k, ok := strings.CutPrefix(ch.Name, "from-"); ok && ch.Table.Name == GuardTable {
 			out = append(out, k)
 		}
 	}

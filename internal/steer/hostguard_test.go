@@ -319,7 +319,14 @@ func TestGuardsShareATablePerFamily(t *testing.T) {
 	if got := strings.Join(keys(), " "); got != "aaaaaaaaaaaa bbbbbbbbbbbb cccccccccccc" {
 		t.Errorf("guards: %s", got)
 	}
+	// A pod gone without DEL, whose veth's name a new pod's veth takes:
+	// the new pod's chains guard it, also once the old pod's are removed.
+	in(func() error { return guards.Install(pod("dddddddddddd-4", "hg-b")) })
 	in(func() error { return guards.Remove("bbbbbbbbbbbb-2") })
+	if m, _ := exec.Command("ip", "netns", "exec", nodeNS, "nft", "list", "map", "bridge", GuardTable, "from-pods").Output(); !strings.Contains(string(m), `"hg-b" : jump from-dddddddddddd`) {
+		t.Errorf("the map after the old pod's removal:\n%s", m)
+	}
+	in(func() error { return guards.Remove("dddddddddddd-4") })
 	if got := strings.Join(keys(), " "); got != "aaaaaaaaaaaa cccccccccccc" {
 		t.Errorf("guards after removing one: %s", got)
 	}
