@@ -116,27 +116,7 @@ func (gs Guards) Install(g HostGuard) error {
 			return fmt.Errorf("guarding %s on the host: removing the guard it had: %w", g.HostIf, err)
 		}
 	}
-	// A pod gone without DEL may still claim the interface's name, which a
-	// new veth can take again: the new pod's chains replace its in the
-	// maps, and its own removal must then leave them be.
-	name := nftexpr.IfNameBytes(g.HostIf)
-	if sets, err := c.GetSets(t); err == nil {
-		for _, set := range sets {
-			if !strings.HasPrefix(set.Name, "if-") {
-				continue
-			}
-			elems, _ := c.GetSetElements(set)
-			for _, e := range elems {
-				if string(e.Key) == string(name) {
-					c.SetDeleteElements(set, []nftables.SetElement{{Key: name}})
-					c.SetDeleteElements(fromPods, []nftables.SetElement{{Key: name}})
-					if bridged {
-						c.SetDeleteElements(toPods, []nftables.SetElement{{Key: name}})
-					}
-				}
-			}
-		}
-	}
+	takeName(c, t, fromPods, toPods, g.HostIf)
 	if err := addGuard(c, t, fromPods, toPods, key, g, bridged); err != nil {
 		return err
 	}
@@ -144,6 +124,34 @@ func (gs Guards) Install(g HostGuard) error {
 		return fmt.Errorf("guarding %s on the host: %w", g.HostIf, err)
 	}
 	return nil
+}
+
+// takeName queues the release of an interface's name from a pod gone
+// without DEL that still claims it (a new veth can take the name again):
+// the new pod's chains replace its in the maps, and its own removal must
+// then leave them be.
+func takeName(c *nftables.Conn, t *nftables.Table, fromPods, toPods *nftables.Set, hostIf string) {
+	name := nftexpr.IfNameBytes(hostIf)
+	sets, err := c.GetSets(t)
+	if err != nil {
+		return
+	}
+	for _, set := range sets {
+		if !strings.HasPrefix(set.Name, "if-") {
+			continue
+		}
+		elems, _ := c.GetSetElements(set)
+		for _, e := range elems {
+			if string(e.Key) != string(name) {
+				continue
+			}
+			c.SetDeleteElements(set, []nftables.SetElement{{Key: name}})
+			c.SetDeleteElements(fromPods, []nftables.SetElement{{Key: name}})
+			if t.Family == nftables.TableFamilyBridge {
+				c.SetDeleteElements(toPods, []nftables.SetElement{{Key: name}})
+			}
+		}
+	}
 }
 
 // guardTable returns the family's table and its maps, made with their

@@ -113,42 +113,17 @@ func (c *cri) podPID(t *testing.T, pod string) int {
 	return st.Info.PID
 }
 
-// rawFrame, run in a pod's namespace, writes a UDP datagram from the pod's
-// address to 203.0.113.20's echo port straight onto eth0, addressed to
-// the bridge, and listens there for the echo.
-const rawFrame = `
-import socket, struct, sys, time
-pod, gwmac = sys.argv[1], bytes.fromhex(sys.argv[2].replace(':', ''))
-def csum(b):
-    s = sum(struct.unpack('!10H', b)); s = (s >> 16) + (s & 0xffff); s += s >> 16
-    return ~s & 0xffff
-udp = struct.pack('!HHHH', 40007, 7, 8 + 9, 0) + b'raw-frame'
-ip = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0, socket.inet_aton(pod), socket.inet_aton('203.0.113.20'))
-ip = ip[:10] + struct.pack('!H', csum(ip)) + ip[12:]
-s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
-s.bind(('eth0', 0))
-mine = s.getsockname()[4]
-s.send(gwmac + mine + b'\x08\x00' + ip + udp)
-s.settimeout(0.2)
-end = time.time() + 3
-while time.time() < end:
-    try:
-        f = s.recv(2048)
-    except socket.timeout:
-        continue
-    if f[26:30] == socket.inet_aton('203.0.113.20') and b'raw-frame' in f:
-        print('escaped'); sys.exit()
-print('contained')
-`
-
-// rawFrameFromPod runs rawFrame in the namespace of the pod's process pid.
+// rawFrameFromPod writes, in the namespace of the pod's process pid, a
+// UDP datagram from the pod's address to 203.0.113.20's echo port straight
+// onto eth0, addressed to the bridge, and says whether the echo came back.
 func rawFrameFromPod(t *testing.T, pid int, podIP string) string {
 	t.Helper()
 	mac, err := os.ReadFile("/sys/class/net/" + podBridge + "/address")
 	if err != nil {
 		t.Fatal(err)
 	}
-	out, err := exec.Command("nsenter", "--net=/proc/"+fmt.Sprint(pid)+"/ns/net", "python3", "-c", rawFrame, podIP, strings.TrimSpace(string(mac))).CombinedOutput()
+	out, err := exec.Command("nsenter", "--net=/proc/"+fmt.Sprint(pid)+"/ns/net", "python3", "../testdata/rawudp.py",
+		podIP, "40007", "203.0.113.20", "7", strings.TrimSpace(string(mac)), "3").CombinedOutput()
 	if err != nil {
 		t.Fatalf("raw frame: %v\n%s", err, out)
 	}
