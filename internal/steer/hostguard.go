@@ -24,9 +24,10 @@ import (
 // on its veth. Rules inside the pod cannot stop a process with CAP_NET_RAW
 // (a default capability) from writing frames to its end of the veth:
 // frames to anywhere, from any address. From the pod pass neighbour
-// discovery and ARP, and packets from the pod's own addresses, not to
-// port 53 (the pod's DNS goes to the engine, whatever resolver it names),
-// that answer someone who reached the pod or go to a kept range. Checking
+// discovery on the link and ARP, and packets from the pod's own
+// addresses, not to port 53 (the pod's DNS goes to the engine, whatever
+// resolver it names), that answer someone who reached the pod or go to a
+// kept range. Checking
 // the source also keeps the pod from making the host's conntrack believe
 // a remote host reached it first, with a packet "from" that host.
 type HostGuard struct {
@@ -229,7 +230,17 @@ func addGuard(c *nftables.Conn, t *nftables.Table, fromPods, toPods *nftables.Se
 	from := c.AddChain(&nftables.Chain{Name: "from-" + key, Table: t})
 	fromAddr := c.AddChain(&nftables.Chain{Name: "addr-" + key, Table: t})
 
-	rule(from, nftexpr.NeighbourDiscovery(), []expr.Any{accept})
+	// Neighbour discovery on the link only: routed on, a solicitation
+	// would carry what it likes to any address.
+	onLink := []netip.Prefix{netip.MustParsePrefix("fe80::/10"), netip.MustParsePrefix("ff02::/16")}
+	for _, k := range g.Keep {
+		if k.Addr().Is6() {
+			onLink = append(onLink, k)
+		}
+	}
+	for _, p := range onLink {
+		rule(from, ipFamily(true), nftexpr.AddrIn(p, false), nftexpr.NeighbourDiscovery(), []expr.Any{accept})
+	}
 	if bridged {
 		rule(from, nftexpr.EtherTypeIs(unix.ETH_P_ARP), []expr.Any{accept})
 	}

@@ -120,6 +120,22 @@ func echoed(netns, addr, sourcePort string) bool {
 	return false
 }
 
+// solicited reports whether a neighbour solicitation the pod sends to
+// the remote host's global address gets there.
+func solicited(t *testing.T) bool {
+	t.Helper()
+	listen := exec.Command("ip", "netns", "exec", remoteNS, "python3", "../../test/testdata/ndprobe.py", "listen", "2")
+	var out strings.Builder
+	listen.Stdout = &out
+	if err := listen.Start(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(300 * time.Millisecond)
+	run(t, podNS, "python3", "../../test/testdata/ndprobe.py", "send", "2001:db8:77::2")
+	listen.Wait()
+	return strings.Contains(out.String(), "got")
+}
+
 func TestHostGuardStopsFramesAroundThePodsRules(t *testing.T) {
 	if os.Getuid() != 0 {
 		t.Skip("needs root: namespaces, veths and nftables")
@@ -151,10 +167,13 @@ func TestHostGuardStopsFramesAroundThePodsRules(t *testing.T) {
 				if echoed(podNS, "198.51.100.2:7", "5555") {
 					got = append(got, "to the remote host, after a frame from its address")
 				}
+				if solicited(t) {
+					got = append(got, "a neighbour solicitation to the remote host")
+				}
 				return got
 			}
 			// Unguarded, every one gets through: the probes can see an escape.
-			if got := escapes(); len(got) != 4 {
+			if got := escapes(); len(got) != 5 {
 				t.Fatalf("without the guard only these got through: %q", got)
 			}
 			target, err := ns.GetNS("/run/netns/" + nodeNS)
