@@ -27,9 +27,9 @@ import (
 // discovery on the link and ARP, and packets from the pod's own
 // addresses, not to port 53 (the pod's DNS goes to the engine, whatever
 // resolver it names), that answer someone who reached the pod or go to a
-// kept range. Checking
-// the source also keeps the pod from making the host's conntrack believe
-// a remote host reached it first, with a packet "from" that host.
+// kept range. Checking the source also keeps the pod from making the
+// host's conntrack believe a remote host reached it first, with a packet
+// "from" that host.
 type HostGuard struct {
 	ID     string         // the sandbox's; its first 12 characters name its chains
 	HostIf string         // the host's end of the pod's veth
