@@ -68,7 +68,8 @@ func (e *Engine) handleTCP(r *netstack.TCPRequest) {
 		host.Close()
 		return
 	}
-	bytesUp, bytesDown := splice(e.ctx, sandbox, host, bufs.pool)
+	e.uploads.Add(1)
+	bytesUp, bytesDown := splice(e.ctx, sandbox, host, bufs.pool, func() { e.uploads.Add(-1) })
 	e.events.End(res, bytesUp, bytesDown, time.Since(start).Milliseconds())
 }
 
@@ -79,14 +80,15 @@ func (e *Engine) handleTCP(r *netstack.TCPRequest) {
 func (b *BufferBudget) Splice(ctx context.Context, sandbox, upstream net.Conn) (up, down int64) {
 	bufs := b.take()
 	defer b.give(bufs)
-	return splice(ctx, sandbox, upstream, bufs.pool)
+	return splice(ctx, sandbox, upstream, bufs.pool, func() {})
 }
 
 // splice copies both ways until both directions are done, passing on
-// half-closes, or until ctx ends. Back-pressure comes from the blocking
-// writes, so a peer that stops reading holds a copy in a write that only
-// closing the connections ends.
-func splice(ctx context.Context, sandbox, upstream net.Conn, buffers *sync.Pool) (up, down int64) {
+// half-closes, or until ctx ends; uploaded is called once the sandbox's
+// side is done. Back-pressure comes from the blocking writes, so a peer
+// that stops reading holds a copy in a write that only closing the
+// connections ends.
+func splice(ctx context.Context, sandbox, upstream net.Conn, buffers *sync.Pool, uploaded func()) (up, down int64) {
 	stop := context.AfterFunc(ctx, func() {
 		sandbox.Close()
 		upstream.Close()
@@ -96,6 +98,7 @@ func splice(ctx context.Context, sandbox, upstream net.Conn, buffers *sync.Pool)
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
+		defer uploaded()
 		up = copyHalf(upstream, sandbox, buffers)
 	}()
 	down = copyHalf(sandbox, upstream, buffers)

@@ -147,6 +147,9 @@ func New(fd int, cfg Config) (*Stack, error) {
 	return ns, nil
 }
 
+// Received counts the packets read from the sandbox so far.
+func (ns *Stack) Received() uint64 { return ns.link.received.Load() }
+
 func (ns *Stack) configure(cfg Config) error {
 	s := ns.s
 	// SACK recovers from losses on the TUN queue without a full window.

@@ -6,6 +6,7 @@ import (
 	"os"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -39,6 +40,7 @@ type tunLink struct {
 
 	mu         sync.Mutex
 	dispatcher stack.NetworkDispatcher
+	received   atomic.Uint64 // packets read from the TUN and delivered
 	stopped    bool
 	closed     bool
 	wg         sync.WaitGroup
@@ -243,6 +245,7 @@ func (l *tunLink) readLoop(d stack.NetworkDispatcher) {
 		pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: payload})
 		d.DeliverNetworkPacket(proto, pkt)
 		pkt.DecRef()
+		l.received.Add(1)
 	}
 }
 

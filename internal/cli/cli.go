@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/spf13/pflag"
 	"golang.org/x/sys/unix"
@@ -39,6 +40,11 @@ const (
 	exitUsage   = 2 // bad flags or values
 	exitLeak    = 3 // --fail-on-leak: something was blocked
 )
+
+// lingerMax bounds how long the engine relays, once the command has
+// exited, what the sandbox sent before: an upstream that stops reading
+// must not hold childflow's exit for longer.
+const lingerMax = 5 * time.Second
 
 // Run is the whole CLI; it returns the process exit code.
 func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
@@ -285,7 +291,7 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return exitFailure
 	}
 	var violations func() uint64
-	var stop func()
+	var stop func(linger bool)
 	if o.root {
 		err = rootNet.Attach(sb.Pid(), events)
 		if err == nil {
@@ -294,7 +300,7 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		if err != nil {
 			err = fmt.Errorf("--root: %w", err)
 		}
-		violations, stop = rootNet.Violations, func() { rootNet.Close() }
+		violations, stop = rootNet.Violations, func(bool) { rootNet.Close() }
 	} else {
 		// One sandbox's relay is a chain of hand-offs (TUN reader, TCP
 		// processor, handler, host socket) in which each goroutine wakes
@@ -315,7 +321,12 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		if err != nil {
 			err = fmt.Errorf("starting engine: %w", err)
 		}
-		violations, stop = eng.Violations, func() { eng.Close() }
+		violations, stop = eng.Violations, func(linger bool) {
+			if linger {
+				eng.Linger(lingerMax)
+			}
+			eng.Close()
+		}
 	}
 	if err != nil {
 		sb.Kill()
@@ -340,7 +351,8 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if sb.CommandHasTerminal() {
 		reclaimTerminal()
 	}
-	stop()
+	// A command killed by a signal (^C) is not waited for.
+	stop(code < 128)
 	captures.close(stderr)
 	if captures.dropped > 0 {
 		// In the flow log and the summary too, beside the capture.

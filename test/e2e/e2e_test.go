@@ -1125,3 +1125,42 @@ func copyFile(t *testing.T, src, dst string, mode os.FileMode) {
 		t.Fatal(err)
 	}
 }
+
+// A command that writes and exits at once (nc -q0, a log shipper) leaves
+// the tail of its data in the sandbox's buffers and the engine's: it must
+// still arrive. The server reads slowly (6.4 MB/s), so that the tail is
+// still on its way when the command has ended.
+func TestTheTailOfAnUploadArrives(t *testing.T) {
+	const size = 8 << 20
+	got := make(chan int64, 10)
+	port := tcpServer(t, "tcp4", "127.0.0.1:0", func(c net.Conn) {
+		buf := make([]byte, 64<<10)
+		var n int64
+		for {
+			time.Sleep(10 * time.Millisecond)
+			k, err := c.Read(buf)
+			n += int64(k)
+			if err != nil {
+				break
+			}
+		}
+		got <- n
+	})
+	users(t, func(t *testing.T, u as) {
+		for range 2 {
+			r := run(t, u, "--allow-cidr", "10.87.0.1/32", "--", "python3", "-c", fmt.Sprintf(
+				`import socket; s = socket.create_connection(("10.87.0.1", %d)); s.sendall(b"x" * %d); s.close()`, port, size))
+			if r.code != 0 {
+				t.Fatalf("childflow: %s", r)
+			}
+			select {
+			case n := <-got:
+				if n != size {
+					t.Errorf("the server got %d of the %d bytes sent", n, size)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("the server got nothing")
+			}
+		}
+	})
+}
