@@ -395,6 +395,11 @@ func TestIdentityEndpointsOnlyForTheHostsOwner(t *testing.T) {
 		t.Fatalf("the host's owner: %v", err)
 	}
 	c.Close()
+	// The server counts a connection once its Accept returns, which may
+	// be after the dial did.
+	for deadline := time.Now().Add(3 * time.Second); accepted.Load() == 0 && time.Now().Before(deadline); {
+		time.Sleep(time.Millisecond)
+	}
 	before := accepted.Load()
 	sb := newSandbox(t, &policy.Policy{AllowCIDRs: []netip.Prefix{netip.MustParsePrefix("169.254.0.0/16")}})
 	for _, dst := range []string{"169.254.169.254", "64:ff9b::a9fe:a9fe", "fd00:ec2::254"} {
@@ -410,6 +415,9 @@ func TestIdentityEndpointsOnlyForTheHostsOwner(t *testing.T) {
 		t.Errorf("EKS Pod Identity's agent, which wants a token: %v", err)
 	} else {
 		c.Close()
+	}
+	for deadline := time.Now().Add(3 * time.Second); accepted.Load()-before == 0 && time.Now().Before(deadline); {
+		time.Sleep(time.Millisecond)
 	}
 	if n := accepted.Load() - before; n != 1 {
 		t.Errorf("%d connections reached the server, want only the agent's", n)
