@@ -229,6 +229,11 @@ func (e *Engine) goServe(serve func(), stop func() error) {
 	go func() { defer e.wg.Done(); <-e.ctx.Done(); stop() }()
 }
 
+// LingerMax bounds how long Linger relays, once the command or container
+// has exited, what its sandbox sent before: an upstream that stops
+// reading must not hold the exit for longer.
+const LingerMax = 5 * time.Second
+
 // Linger waits, up to max, for what the sandbox sent before its command
 // ended to be on its way: each TCP flow's upload relayed up to the
 // sandbox's FIN (the host's kernel still delivers what an upstream socket

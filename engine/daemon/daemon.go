@@ -372,6 +372,12 @@ func (d *Daemon) detachIf(id string, only *sandbox) error {
 	d.mu.Unlock()
 	var a api.Attachment
 	if sb != nil {
+		if only == nil {
+			// Detached by its runtime, once the container has exited:
+			// what it sent before is relayed first. (The reaper's
+			// sandboxes have lost their namespace: nothing is coming.)
+			sb.eng.Linger(engine.LingerMax)
+		}
 		sb.stop()
 		a = sb.att
 	} else if rec, err := d.readRecord(id); err == nil {

@@ -15,7 +15,6 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
-	"time"
 
 	"github.com/spf13/pflag"
 	"golang.org/x/sys/unix"
@@ -40,11 +39,6 @@ const (
 	exitUsage   = 2 // bad flags or values
 	exitLeak    = 3 // --fail-on-leak: something was blocked
 )
-
-// lingerMax bounds how long the engine relays, once the command has
-// exited, what the sandbox sent before: an upstream that stops reading
-// must not hold childflow's exit for longer.
-const lingerMax = 5 * time.Second
 
 // Run is the whole CLI; it returns the process exit code.
 func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
@@ -323,7 +317,7 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		}
 		violations, stop = eng.Violations, func(linger bool) {
 			if linger {
-				eng.Linger(lingerMax)
+				eng.Linger(engine.LingerMax)
 			}
 			eng.Close()
 		}

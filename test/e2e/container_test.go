@@ -3,6 +3,7 @@
 package e2e
 
 import (
+	"bufio"
 	"bytes"
 	"encoding/json"
 	"fmt"
@@ -106,7 +107,7 @@ func rootfs(t *testing.T, dir string) {
 		t.Fatal(err)
 	}
 	os.WriteFile(filepath.Join(dir, "bin/busybox"), b, 0o755)
-	for _, a := range []string{"sh", "nc", "nslookup", "ping", "ip", "cat", "sleep", "echo", "printf", "tail", "grep"} {
+	for _, a := range []string{"sh", "nc", "nslookup", "ping", "ip", "cat", "sleep", "echo", "printf", "head", "tail", "grep"} {
 		os.Symlink("busybox", filepath.Join(dir, "bin", a))
 	}
 	os.WriteFile(filepath.Join(dir, "etc/resolv.conf"), []byte("nameserver 203.0.113.53\n"), 0o644)
@@ -585,5 +586,37 @@ func TestContainersDoNotGetTheNodesIdentity(t *testing.T) {
 		if !strings.Contains(string(log), `"reason_code":"metadata_endpoint"`) {
 			t.Errorf("%v: flow log lacks the metadata_endpoint violation:\n%s", ann, log)
 		}
+	}
+}
+
+// A container that uploads and exits at once leaves the tail of its data
+// in the engine when its runtime detaches it: the daemon relays it first.
+func TestContainersUploadTailArrives(t *testing.T) {
+	n := startNode(t)
+	server := exec.Command("ip", "netns", "exec", testnet+"-inet", "python3", "../testdata/slowreader.py", "203.0.113.10", "9101")
+	out, _ := server.StdoutPipe()
+	if err := server.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { server.Process.Kill(); server.Wait() })
+	lines := bufio.NewScanner(out)
+	if !lines.Scan() || lines.Text() != "listening" {
+		t.Fatalf("slow reader: %q", lines.Text())
+	}
+	const size = 8 << 20
+	r := oci(t, "runc", t.TempDir(), "run", "--bundle",
+		bundle(t, sandboxedAnn, n.hooks(), fmt.Sprintf("nc 203.0.113.10 9101 -e head -c %d /dev/zero", size)), "cf-upload")
+	if r.code != 0 {
+		t.Fatalf("container: %v", r)
+	}
+	got := make(chan string, 1)
+	go func() { lines.Scan(); got <- lines.Text() }()
+	select {
+	case n := <-got:
+		if n != fmt.Sprint(size) {
+			t.Errorf("the server got %s of the %d bytes sent", n, size)
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatal("the server got no end of the upload")
 	}
 }
