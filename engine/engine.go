@@ -103,10 +103,24 @@ const DefaultMaxFlows = 8192
 // flow holds one of its own, and a few sandboxes at their MaxFlows would
 // hold them all, and the node could no longer open a socket (its
 // resolver, its kubelet).
-type FlowBudget struct{ slots chan struct{} }
+type FlowBudget struct{ slots slots }
 
 // NewFlowBudget is a budget of n flows.
-func NewFlowBudget(n int) *FlowBudget { return &FlowBudget{slots: make(chan struct{}, n)} }
+func NewFlowBudget(n int) *FlowBudget { return &FlowBudget{slots: make(slots, n)} }
+
+// slots is a semaphore whose take never waits: a limit reached refuses.
+type slots chan struct{}
+
+func (s slots) take() bool {
+	select {
+	case s <- struct{}{}:
+		return true
+	default:
+		return false
+	}
+}
+
+func (s slots) give() { <-s }
 
 // Engine relays one sandbox.
 type Engine struct {
@@ -120,13 +134,12 @@ type Engine struct {
 	ctx     context.Context
 	cancel  context.CancelFunc
 	wg      sync.WaitGroup // the engine's goroutines and its flows
-	flows   chan struct{}  // semaphore of open flows
-	dnsSem  chan struct{}  // semaphore of queries waiting for upstream
-	echoSem chan struct{}  // semaphore of echo requests waiting for answers
+	flows   slots          // open flows
+	dnsSem  slots          // queries waiting for upstream
+	echoSem slots          // echo requests waiting for answers
 
 	events    flowlog.Emitter
-	admitted  atomic.Uint64 // flows ever decided
-	uploads   atomic.Int64  // TCP flows still relaying what the sandbox sends
+	uploads   atomic.Int64 // TCP flows still relaying what the sandbox sends
 	closeOnce sync.Once
 	closeMu   sync.RWMutex
 	closing   bool // no new flows: Close waits for those there are
@@ -168,7 +181,7 @@ func New(cfg Config) (*Engine, error) {
 		// A proxy named by host name may resolve to the loopback.
 		cfg.Proxy = cfg.Proxy.Via(upstream.Dialer(&net.Dialer{Control: refuseHostLoopback}).DialContext)
 	}
-	e := &Engine{cfg: cfg, flows: make(chan struct{}, cfg.MaxFlows), dnsSem: make(chan struct{}, cfg.MaxDNSInFlight), echoSem: make(chan struct{}, cfg.MaxEchoes)}
+	e := &Engine{cfg: cfg, flows: make(slots, cfg.MaxFlows), dnsSem: make(slots, cfg.MaxDNSInFlight), echoSem: make(slots, cfg.MaxEchoes)}
 	e.policy.Store(cfg.Policy) // and the host's addresses, from Start on
 	e.events.Sandbox, e.events.OnEvent = cfg.ID, cfg.OnEvent
 	e.owners = &procnet.Finder{InitPID: cfg.SandboxPID, Diag: cfg.SocketDiag}
@@ -243,7 +256,7 @@ const LingerMax = 5 * time.Second
 // 5 uploads of 50 MB arrived short. A sandbox that made no flow does not
 // wait at all.
 func (e *Engine) Linger(max time.Duration) {
-	if e.stack == nil || e.admitted.Load() == 0 {
+	if e.stack == nil || e.events.Flows() == 0 {
 		return
 	}
 	const quiet = 5 * time.Millisecond
@@ -296,7 +309,6 @@ func (e *Engine) admit(proto policy.Proto, src, dst netip.AddrPort, viaProxy boo
 		// is no port of the flow's.
 		logged = netip.AddrPortFrom(src.Addr(), 0)
 	}
-	e.admitted.Add(1)
 	ev := e.events.Flow(proto, logged, dst, names)
 	if e.cfg.SandboxPID != 0 && e.cfg.OnEvent != nil {
 		// Only when someone records events: this reads the sandbox's /proc.
@@ -330,14 +342,12 @@ func (e *Engine) acquire() bool {
 	if e.closing {
 		return false
 	}
-	select {
-	case e.flows <- struct{}{}:
-	default:
+	if !e.flows.take() {
 		e.events.FailureOnce("flows", fmt.Sprintf("the sandbox holds %d flows, the engine's limit: new ones are refused until some end", cap(e.flows)))
 		return false
 	}
 	if !e.takeNodeFlow() {
-		<-e.flows
+		e.flows.give()
 		return false
 	}
 	e.wg.Add(1)
@@ -345,7 +355,7 @@ func (e *Engine) acquire() bool {
 }
 
 func (e *Engine) release() {
-	<-e.flows
+	e.flows.give()
 	e.giveNodeFlow()
 	e.wg.Done()
 }
@@ -355,21 +365,16 @@ func (e *Engine) release() {
 // whose socket holds a port of the node's too.
 func (e *Engine) takeNodeFlow() bool {
 	b := e.cfg.Flows
-	if b == nil {
+	if b == nil || b.slots.take() {
 		return true
 	}
-	select {
-	case b.slots <- struct{}{}:
-		return true
-	default:
-		e.events.FailureOnce("node flows", fmt.Sprintf("the node's sandboxes hold %d flows together, the daemon's limit (--max-flows): new ones are refused until some end", cap(b.slots)))
-		return false
-	}
+	e.events.FailureOnce("node flows", fmt.Sprintf("the node's sandboxes hold %d flows together, the daemon's limit (--max-flows): new ones are refused until some end", cap(b.slots)))
+	return false
 }
 
 func (e *Engine) giveNodeFlow() {
 	if e.cfg.Flows != nil {
-		<-e.cfg.Flows.slots
+		e.cfg.Flows.slots.give()
 	}
 }
 

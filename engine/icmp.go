@@ -37,20 +37,18 @@ func (e *Engine) handleEcho(req netstack.EchoRequest, reply func()) {
 	// answers) holds a host socket and its payload: a ping flood is cut
 	// here, as a router rate-limits ICMP, rather than held (8 pings of
 	// 60,000 bytes every 2 ms grew childflow to 718 MB in 5 s).
-	select {
-	case e.echoSem <- struct{}{}:
-	default:
+	if !e.echoSem.take() {
 		e.events.FailureOnce("echoes", fmt.Sprintf("%d echo requests wait for their answers, the engine's limit: more are dropped", cap(e.echoSem)))
 		return
 	}
 	// Off the goroutine that delivers the sandbox's packets: a new flow
 	// looks for its process, and the echo waits for its answer.
 	if !e.acquire() {
-		<-e.echoSem
+		e.echoSem.give()
 		return
 	}
 	go func() {
-		defer func() { <-e.echoSem }()
+		defer e.echoSem.give()
 		defer e.release()
 		f := e.echoFlow(req)
 		if f == nil {

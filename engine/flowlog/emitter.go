@@ -24,6 +24,9 @@ type Emitter struct {
 // NextFlow returns a new flow id.
 func (e *Emitter) NextFlow() uint64 { return e.nextFlow.Add(1) }
 
+// Flows is the number of flow ids handed out so far.
+func (e *Emitter) Flows() uint64 { return e.nextFlow.Load() }
+
 // Violations is the number of policy violations so far.
 func (e *Emitter) Violations() uint64 { return e.violations.Load() }
 

@@ -91,10 +91,6 @@ type Writer struct {
 // over something that is not a regular file.
 func Create(path string) (*Writer, error) { return Open(path, Options{}) }
 
-// Append is Create for a log that goes on where an earlier run stopped
-// (a restarted daemon re-adopting a sandbox).
-func Append(path string) (*Writer, error) { return Open(path, Options{Append: true}) }
-
 // Options say how Open treats the file.
 type Options struct {
 	// Append goes on where the file ends rather than starting it anew.

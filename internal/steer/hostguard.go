@@ -83,7 +83,7 @@ func (gs Guards) Install(g HostGuard) error {
 	if what := aroundNetfilter(link); what != "" {
 		return fmt.Errorf("cannot guard the pod's veth %s on the host: it has %s, which can send the pod's frames on before netfilter sees them (eBPF data planes such as Cilium's attach them)", g.HostIf, what)
 	}
-	bridged := false
+	family := nftables.TableFamilyINet
 	if m := link.Attrs().MasterIndex; m != 0 {
 		master, err := netlink.LinkByIndex(m)
 		if err != nil {
@@ -92,7 +92,7 @@ func (gs Guards) Install(g HostGuard) error {
 		if master.Type() != "bridge" {
 			return fmt.Errorf("cannot guard the pod's veth %s on the host: it is a port of %s, a %s (childflow guards routed veths and Linux bridges' ports)", g.HostIf, master.Attrs().Name, master.Type())
 		}
-		bridged = true
+		family = nftables.TableFamilyBridge
 	}
 	unlock, err := gs.lock()
 	if err != nil {
@@ -102,10 +102,6 @@ func (gs Guards) Install(g HostGuard) error {
 	c, err := nftables.New()
 	if err != nil {
 		return err
-	}
-	family := nftables.TableFamilyINet
-	if bridged {
-		family = nftables.TableFamilyBridge
 	}
 	t, fromPods, toPods, err := guardTable(c, family)
 	if err != nil {
@@ -118,7 +114,7 @@ func (gs Guards) Install(g HostGuard) error {
 		}
 	}
 	takeName(c, t, fromPods, toPods, g.HostIf)
-	if err := addGuard(c, t, fromPods, toPods, key, g, bridged); err != nil {
+	if err := addGuard(c, t, fromPods, toPods, key, g); err != nil {
 		return err
 	}
 	if err := c.Flush(); err != nil {
@@ -189,29 +185,30 @@ func guardTable(c *nftables.Conn, family nftables.TableFamily) (t *nftables.Tabl
 	if family == nftables.TableFamilyBridge {
 		prio = nftables.ChainPriorityRef(-210)
 	}
+	base := func(name string, hook *nftables.ChainHook) *nftables.Chain {
+		return c.AddChain(&nftables.Chain{Name: name, Table: t, Type: nftables.ChainTypeFilter, Hooknum: hook, Priority: prio})
+	}
 	vmap := func(ch *nftables.Chain, key expr.MetaKey, m *nftables.Set) {
 		c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: []expr.Any{
 			&expr.Meta{Key: key, Register: 1},
 			&expr.Lookup{SourceRegister: 1, SetName: m.Name, SetID: m.ID, IsDestRegSet: true, DestRegister: 0},
 		}})
 	}
-	for _, hook := range []*nftables.ChainHook{nftables.ChainHookForward, nftables.ChainHookInput, nftables.ChainHookOutput} {
-		if hook == nftables.ChainHookOutput && family != nftables.TableFamilyBridge {
-			continue
-		}
-		ch := c.AddChain(&nftables.Chain{Name: hookName(hook), Table: t, Type: nftables.ChainTypeFilter, Hooknum: hook, Priority: prio})
-		if hook != nftables.ChainHookOutput {
-			vmap(ch, expr.MetaKeyIIFNAME, fromPods)
-		}
-		if family == nftables.TableFamilyBridge && hook != nftables.ChainHookInput {
-			vmap(ch, expr.MetaKeyOIFNAME, toPods)
-		}
+	// What the pod sends, forwarded or to the host; on a bridge, also
+	// what is sent to it, which the inbound sets remember.
+	forward, input := base("forward", nftables.ChainHookForward), base("input", nftables.ChainHookInput)
+	vmap(forward, expr.MetaKeyIIFNAME, fromPods)
+	vmap(input, expr.MetaKeyIIFNAME, fromPods)
+	if family == nftables.TableFamilyBridge {
+		vmap(forward, expr.MetaKeyOIFNAME, toPods)
+		vmap(base("output", nftables.ChainHookOutput), expr.MetaKeyOIFNAME, toPods)
 	}
 	return t, fromPods, toPods, c.Flush()
 }
 
 // addGuard adds the pod's chains and sets, and its interface to the maps.
-func addGuard(c *nftables.Conn, t *nftables.Table, fromPods, toPods *nftables.Set, key string, g HostGuard, bridged bool) error {
+func addGuard(c *nftables.Conn, t *nftables.Table, fromPods, toPods *nftables.Set, key string, g HostGuard) error {
+	bridged := t.Family == nftables.TableFamilyBridge
 	ipFamily := nftexpr.Family
 	if bridged {
 		ipFamily = nftexpr.EtherType
@@ -471,14 +468,4 @@ func tcxPrograms(ifindex int) uint32 {
 		return 0
 	}
 	return binary.NativeEndian.Uint32(attr[24:])
-}
-
-func hookName(h *nftables.ChainHook) string {
-	switch h {
-	case nftables.ChainHookForward:
-		return "forward"
-	case nftables.ChainHookInput:
-		return "input"
-	}
-	return "output"
 }
