@@ -165,6 +165,20 @@ func (c *Cache) Names(addr netip.Addr) []string {
 	return out
 }
 
+// Addrs returns the addresses some unexpired name resolved to.
+func (c *Cache) Addrs() []netip.Addr {
+	now := c.now()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var out []netip.Addr
+	for a, names := range c.m {
+		if !expired(names, now) {
+			out = append(out, a)
+		}
+	}
+	return out
+}
+
 // TTL is how long the longest-lived name of addr stays known.
 func (c *Cache) TTL(addr netip.Addr) time.Duration {
 	c.mu.Lock()

@@ -199,7 +199,8 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		if o.set("mtu") {
 			mtu = o.mtu
 		}
-		rootNet, err = rootful.Reserve(rootful.Config{MTU: mtu, Policy: pol, DNS: upstreams, Proxy: fwd, Iface: o.iface})
+		rootNet, err = rootful.Reserve(rootful.Config{MTU: mtu, Policy: pol, DNS: upstreams, Proxy: fwd, Iface: o.iface,
+			Warn: func(msg string) { fmt.Fprintf(stderr, "childflow: --root: %s\n", msg) }})
 		if err != nil {
 			var u *policy.UsageError
 			if errors.As(err, &u) {

@@ -51,27 +51,32 @@ func (sb *Sandbox) onAnswer(q *dns.Query) {
 		if strings.HasPrefix(a, "CNAME ") {
 			continue
 		}
-		addr, err := netip.ParseAddr(a)
-		if err != nil {
-			continue
-		}
-		d := sb.cfg.Policy.Decide(policy.Flow{Dst: netip.AddrPortFrom(addr, 0), Names: sb.cache.Names(addr)})
-		var set string
-		switch d.Reason {
-		case policy.ReasonDenyDomain, policy.ReasonDenyDomainExact:
-			set = setDomDeny
-		case policy.ReasonAllowDomain, policy.ReasonAllowDomExact:
-			set = setDomAllow
-		default:
-			continue // decided by the static rules
-		}
-		if err := sb.sets.add(set, addr, sb.cache.TTL(addr)); err != nil {
-			q.Err = err
-			if errors.Is(err, errSetFull) {
-				sb.events.FailureOnce("sets", err.Error()+"; addresses of names the domain rules decide are not added until some expire")
+		if addr, err := netip.ParseAddr(a); err == nil {
+			if err := sb.addToDomainSet(addr); err != nil {
+				q.Err = err
 			}
 		}
 	}
+}
+
+// addToDomainSet puts addr in the set of the domain rule that decides
+// it, for as long as the cache knows its names.
+func (sb *Sandbox) addToDomainSet(addr netip.Addr) error {
+	d := sb.cfg.Policy.Decide(policy.Flow{Dst: netip.AddrPortFrom(addr, 0), Names: sb.cache.Names(addr)})
+	var set string
+	switch d.Reason {
+	case policy.ReasonDenyDomain, policy.ReasonDenyDomainExact:
+		set = setDomDeny
+	case policy.ReasonAllowDomain, policy.ReasonAllowDomExact:
+		set = setDomAllow
+	default:
+		return nil // decided by the static rules
+	}
+	err := sb.sets.add(set, addr, sb.cache.TTL(addr))
+	if errors.Is(err, errSetFull) {
+		sb.events.FailureOnce("sets", err.Error()+"; addresses of names the domain rules decide are not added until some expire")
+	}
+	return err
 }
 
 // domainSetSize bounds each domain set, as dns.MaxAddrs bounds the names

@@ -26,6 +26,7 @@ type tableSpec struct {
 	plan   netplan.Plan
 	policy *policy.Policy
 	group  uint16 // NFLOG group of the flow events
+	mark   uint32 // the slot's mark: on every packet and connection from the sandbox
 	tproxy uint16 // local port of the transparent proxy, 0 for none
 	tpMark uint32 // packet mark that routes TPROXY'd packets locally
 	ifMark uint32 // packet mark that routes through --iface, 0 for none
@@ -79,7 +80,7 @@ const setElementsPerMessage = 512
 //	        (intervals); domain_deny, domain_allow (timeouts, fed by the resolver)
 //	  chain dns     nat prerouting:  DNS from the sandbox to any address -> the resolver
 //	  chain nat     nat postrouting: masquerade what the sandbox sends out
-//	  chain mangle  filter prerouting mangle: TPROXY, --iface marks
+//	  chain mangle  filter prerouting mangle: the slot's marks, TPROXY, --iface
 //	  chain forward filter forward:  replies in; new flows out -> policy; nothing new in
 //	  chain input   filter input:    replies, ND, DNS to the resolver, TPROXY; else policy
 //	  chain policy, host, after_cidr: policy.Decide's order, each verdict logged
@@ -166,36 +167,33 @@ func installTable(s tableSpec) error {
 	nat := c.AddChain(&nftables.Chain{Name: "nat", Table: n.t, Type: nftables.ChainTypeNAT, Hooknum: nftables.ChainHookPostrouting, Priority: nftables.ChainPriorityNATSource})
 	n.rule(nat, nftexpr.Cat(fromSandbox, nftexpr.IfName(expr.MetaKeyOIFNAME, s.hostIf, false), []expr.Any{&expr.Masq{}})...)
 
-	if s.tproxy != 0 || s.ifMark != 0 {
-		mangle := c.AddChain(&nftables.Chain{Name: "mangle", Table: n.t, Type: nftables.ChainTypeFilter, Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityMangle})
-		if s.tproxy != 0 {
-			// New TCP connections go to the proxy client; the policy is
-			// then decided there, for the proxied flow.
-			for _, is6 := range []bool{false, true} {
-				gw := s.plan.Gateway4
-				if is6 {
-					gw = s.plan.Gateway6
-				}
-				// DNS over TCP is the resolver's (the nat chain redirects it).
-				notDNS := []expr.Any{
-					&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
-					&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: binaryutil.BigEndian.PutUint16(53)},
-				}
-				n.rule(mangle, nftexpr.Cat(fromSandbox, nftexpr.Family(is6), nftexpr.L4(unix.IPPROTO_TCP), nftexpr.NotDaddr(gw), notDNS, []expr.Any{
-					&expr.Immediate{Register: 1, Data: binaryutil.BigEndian.PutUint16(s.tproxy)},
-					&expr.TProxy{Family: byte(nftexpr.NFProto(is6)), TableFamily: byte(nftables.TableFamilyINet), RegPort: 1},
-					&expr.Immediate{Register: 1, Data: binaryutil.NativeEndian.PutUint32(s.tpMark)},
-					&expr.Meta{Key: expr.MetaKeyMARK, Register: 1, SourceRegister: true},
-					accept,
-				})...)
+	// The slot's mark on every packet: the routing backstop refuses what
+	// comes without it (routing.go). On every new connection: only those
+	// pass as established, not one opened while the table was gone.
+	mangle := c.AddChain(&nftables.Chain{Name: "mangle", Table: n.t, Type: nftables.ChainTypeFilter, Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityMangle})
+	n.rule(mangle, nftexpr.Cat(fromSandbox, setMark(s.mark))...)
+	n.rule(mangle, nftexpr.Cat(fromSandbox, nftexpr.CtStateNew(), setCtMark(s.mark))...)
+	if s.tproxy != 0 {
+		// New TCP connections go to the proxy client; the policy is
+		// then decided there, for the proxied flow.
+		for _, is6 := range []bool{false, true} {
+			gw := s.plan.Gateway4
+			if is6 {
+				gw = s.plan.Gateway6
 			}
+			// DNS over TCP is the resolver's (the nat chain redirects it).
+			notDNS := []expr.Any{
+				&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
+				&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: binaryutil.BigEndian.PutUint16(53)},
+			}
+			n.rule(mangle, nftexpr.Cat(fromSandbox, nftexpr.Family(is6), nftexpr.L4(unix.IPPROTO_TCP), nftexpr.NotDaddr(gw), notDNS, []expr.Any{
+				&expr.Immediate{Register: 1, Data: binaryutil.BigEndian.PutUint16(s.tproxy)},
+				&expr.TProxy{Family: byte(nftexpr.NFProto(is6)), TableFamily: byte(nftables.TableFamilyINet), RegPort: 1},
+			}, setMark(s.tpMark), []expr.Any{accept})...)
 		}
-		if s.ifMark != 0 {
-			n.rule(mangle, nftexpr.Cat(fromSandbox, []expr.Any{
-				&expr.Immediate{Register: 1, Data: binaryutil.NativeEndian.PutUint32(s.ifMark)},
-				&expr.Meta{Key: expr.MetaKeyMARK, Register: 1, SourceRegister: true},
-			})...)
-		}
+	}
+	if s.ifMark != 0 {
+		n.rule(mangle, nftexpr.Cat(fromSandbox, setMark(s.ifMark))...)
 	}
 
 	// Before the host's own filters (priority filter - 10): a drop here
@@ -214,20 +212,21 @@ func installTable(s tableSpec) error {
 	n.rule(refuse, &expr.Reject{Type: unix.NFT_REJECT_ICMPX_UNREACH, Code: unix.NFT_REJECT_ICMPX_ADMIN_PROHIBITED})
 	refused := &expr.Verdict{Kind: expr.VerdictGoto, Chain: refuse.Name}
 
-	n.rule(forward, nftexpr.Cat(toSandbox, nftexpr.Established(), []expr.Any{accept})...)
+	known := nftexpr.Cat(nftexpr.Established(), nftexpr.CtMarkIs(s.mark))
+	n.rule(forward, nftexpr.Cat(toSandbox, known, []expr.Any{accept})...)
 	n.rule(forward, nftexpr.Cat(toSandbox, []expr.Any{drop})...) // nothing new reaches the sandbox
-	n.rule(forward, nftexpr.Cat(fromSandbox, nftexpr.Established(), []expr.Any{accept})...)
+	n.rule(forward, nftexpr.Cat(fromSandbox, known, []expr.Any{accept})...)
 	n.rule(forward, nftexpr.Cat(fromSandbox, []expr.Any{jumpPolicy})...)
 
 	// Nor from the host: the sandbox's answers to a flow the host opened
 	// would pass as established, and its policy never see them (an
 	// --offline sandbox served a host process's connection).
 	output := c.AddChain(&nftables.Chain{Name: "output", Table: n.t, Type: nftables.ChainTypeFilter, Hooknum: nftables.ChainHookOutput, Priority: prio})
-	n.rule(output, nftexpr.Cat(toSandbox, nftexpr.Established(), []expr.Any{accept})...)
+	n.rule(output, nftexpr.Cat(toSandbox, known, []expr.Any{accept})...)
 	n.rule(output, nftexpr.Cat(toSandbox, nftexpr.NeighbourDiscovery(), []expr.Any{accept})...)
 	n.rule(output, nftexpr.Cat(toSandbox, []expr.Any{drop})...)
 
-	n.rule(input, nftexpr.Cat(fromSandbox, nftexpr.Established(), []expr.Any{accept})...)
+	n.rule(input, nftexpr.Cat(fromSandbox, known, []expr.Any{accept})...)
 	n.rule(input, nftexpr.Cat(fromSandbox, nftexpr.NeighbourDiscovery(), []expr.Any{accept})...)
 	for _, gw := range []netip.Addr{s.plan.Gateway4, s.plan.Gateway6} {
 		for _, proto := range []byte{unix.IPPROTO_UDP, unix.IPPROTO_TCP} {
@@ -340,6 +339,22 @@ func installTable(s tableSpec) error {
 		}
 	}
 	return nil
+}
+
+// setMark sets the packet's mark to m.
+func setMark(m uint32) []expr.Any {
+	return []expr.Any{
+		&expr.Immediate{Register: 1, Data: binaryutil.NativeEndian.PutUint32(m)},
+		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1, SourceRegister: true},
+	}
+}
+
+// setCtMark sets the connection's mark to m.
+func setCtMark(m uint32) []expr.Any {
+	return []expr.Any{
+		&expr.Immediate{Register: 1, Data: binaryutil.NativeEndian.PutUint32(m)},
+		&expr.Ct{Key: expr.CtKeyMARK, Register: 1, SourceRegister: true},
+	}
 }
 
 // largeBuffers let the table's one transaction, which grows with the

@@ -48,6 +48,8 @@ type Config struct {
 	// Iface, if set, is the host interface direct traffic and the proxy
 	// connection leave by.
 	Iface string
+	// Warn, if set, tells the user of trouble while the sandbox runs.
+	Warn func(string)
 }
 
 // Sandbox is the host side of a running rootful sandbox.
@@ -139,11 +141,16 @@ func (sb *Sandbox) Attach(pid int, onEvent func(flowlog.Event)) (err error) {
 	if err = enableForwarding(cfg.StateDir); err != nil {
 		return err
 	}
+	// The backstop before the link: nothing from it is ever routed
+	// without the table's mark.
+	if err = addBackstop(slot, sb.HostIf); err != nil {
+		return err
+	}
 	if err = sb.createVeth(pid); err != nil {
 		return err
 	}
 	spec := tableSpec{name: sb.rec.Table, hostIf: sb.HostIf, plan: sb.Plan, policy: cfg.Policy,
-		group: slotLogGroup(slot), logAllowed: onEvent != nil}
+		group: slotLogGroup(slot), mark: slotMark(slot), logAllowed: onEvent != nil}
 	if sb.iface != nil {
 		spec.ifMark = ifaceMark(slot)
 		if err = addIfaceRouting(slot, sb.iface); err != nil {
@@ -166,6 +173,9 @@ func (sb *Sandbox) Attach(pid int, onEvent func(flowlog.Event)) (err error) {
 		return err
 	}
 	sb.sets = &domainSets{table: sb.rec.Table}
+	if err = sb.keepTable(spec); err != nil {
+		return err
+	}
 	sb.resolver = &dns.Resolver{Upstreams: cfg.DNS, Policy: cfg.Policy, Cache: &sb.cache, Events: &sb.events, OnAnswer: sb.onAnswer, Dialer: sb.dialer()}
 	if err = sb.serveDNS(); err != nil {
 		return err

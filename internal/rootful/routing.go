@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"strings"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -38,6 +39,61 @@ func ipRule(family int, mark uint32, table int) *netlink.Rule {
 }
 
 var families = []int{netlink.FAMILY_V4, netlink.FAMILY_V6}
+
+// The routing backstop. The table marks every packet from the sandbox
+// with the slot's mark, and three rules refuse to route anything from
+// the sandbox's link without it: marked packets skip the refusal to the
+// rules that follow (TPROXY, --iface, then the host's own), the rest are
+// refused. Routing rules outlive the ruleset: when the table goes (a
+// `flush ruleset`, nftables.service restarted), what the sandbox sends
+// is refused, not forwarded unfiltered and unmasqueraded while the table
+// is put back. The host's own addresses come first in routing (the local
+// table) and are not covered: see keepTable.
+const (
+	backstopSkip   = rulePriority - 2 // marked: on to rulePriority
+	backstopRefuse = rulePriority - 1
+)
+
+// slotMask covers the bits of the slot's mark that name the slot; the
+// low bits say what the mark asks for (TPROXY, --iface).
+const slotMask = 0xfffffff0
+
+// backstopRules are the slot's rules for one family: the skip, the
+// refusal, and the no-op the skip lands on (a goto needs a rule at its
+// target's priority).
+func backstopRules(family, slot int, hostIf string) []*netlink.Rule {
+	rule := func(prio int, action uint8) *netlink.Rule {
+		r := netlink.NewRule()
+		r.Family, r.Priority, r.IifName, r.Type = family, prio, hostIf, action
+		return r
+	}
+	skip := rule(backstopSkip, unix.FR_ACT_GOTO)
+	skip.Mark = slotMark(slot)
+	mask := uint32(slotMask)
+	skip.Mask = &mask
+	skip.Goto = rulePriority
+	return []*netlink.Rule{skip, rule(backstopRefuse, unix.FR_ACT_PROHIBIT), rule(rulePriority, unix.FR_ACT_NOP)}
+}
+
+// addBackstop adds the slot's backstop; hostIf need not exist yet.
+func addBackstop(slot int, hostIf string) error {
+	for _, fam := range families {
+		// The no-op first, the refusal last: never a moment where the
+		// link's marked packets are refused, or its others are not.
+		rules := backstopRules(fam, slot, hostIf)
+		for _, r := range []*netlink.Rule{rules[2], rules[0], rules[1]} {
+			if err := netlink.RuleAdd(r); err != nil && !errors.Is(err, unix.EEXIST) {
+				return fmt.Errorf("adding ip rule for %s: %w", hostIf, err)
+			}
+		}
+	}
+	return nil
+}
+
+func isBackstop(r netlink.Rule) bool {
+	return strings.HasPrefix(r.IifName, vethPrefix) && r.Table == 0 &&
+		(r.Priority == backstopSkip || r.Priority == backstopRefuse || r.Priority == rulePriority)
+}
 
 // addTProxyRouting routes packets marked by TPROXY to the local stack.
 func addTProxyRouting(slot int) error {
@@ -102,7 +158,8 @@ func addIfaceRouting(slot int, iface netlink.Link) error {
 
 func isDefault(n *net.IPNet) bool { ones, _ := n.Mask.Size(); return ones == 0 }
 
-// removeRouting deletes the slot's rules and flushes its tables.
+// removeRouting deletes the slot's TPROXY and --iface rules and flushes
+// their tables.
 func removeRouting(slot int) error {
 	var errs []error
 	for _, fam := range families {
@@ -124,8 +181,22 @@ func removeRouting(slot int) error {
 	return errors.Join(errs...)
 }
 
-// removeStrayRules removes ip rules of slots no live sandbox holds.
-func removeStrayRules(live map[int]bool) (int, error) {
+// removeBackstop deletes the slot's backstop, the refusal last.
+func removeBackstop(slot int, hostIf string) error {
+	var errs []error
+	for _, fam := range families {
+		for _, r := range backstopRules(fam, slot, hostIf) {
+			if err := netlink.RuleDel(r); err != nil && !errors.Is(err, unix.ENOENT) {
+				errs = append(errs, fmt.Errorf("deleting ip rule iif %s: %w", hostIf, err))
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// removeStrayRules removes ip rules of slots and links no live sandbox
+// holds.
+func removeStrayRules(liveSlots map[int]bool, liveIfs map[string]bool) (int, error) {
 	n := 0
 	for _, fam := range families {
 		rules, err := netlink.RuleList(fam)
@@ -133,8 +204,14 @@ func removeStrayRules(live map[int]bool) (int, error) {
 			return n, err
 		}
 		for _, r := range rules {
+			if isBackstop(r) {
+				if !liveIfs[r.IifName] && netlink.RuleDel(&r) == nil {
+					n++
+				}
+				continue
+			}
 			slot, ok := slotOfTable(r.Table)
-			if r.Priority != rulePriority || !ok || live[slot] {
+			if r.Priority != rulePriority || !ok || liveSlots[slot] {
 				continue
 			}
 			if removeRouting(slot) == nil {

@@ -121,16 +121,24 @@ func removeObjects(dir string, r Record) error {
 	if err := deleteTable(tableName(r.ID)); err != nil {
 		errs = append(errs, err)
 	}
+	linkGone := true
 	if link, err := netlink.LinkByName(hostIfName(r.ID)); err == nil {
 		// Deleting one end of the veth deletes both, with their
 		// addresses and routes.
 		if err := netlink.LinkDel(link); err != nil {
 			errs = append(errs, fmt.Errorf("deleting %s: %w", hostIfName(r.ID), err))
+			linkGone = false
 		}
 	}
 	if r.Slot > 0 {
 		if err := removeRouting(r.Slot); err != nil {
 			errs = append(errs, err)
+		}
+		// Only once nothing can arrive on the link.
+		if linkGone {
+			if err := removeBackstop(r.Slot, hostIfName(r.ID)); err != nil {
+				errs = append(errs, err)
+			}
 		}
 	}
 	if err := errors.Join(errs...); err != nil {
@@ -210,11 +218,12 @@ func cleanupLocked(dir string) (CleanupResult, error) {
 			}
 		}
 	}
-	liveSlots := map[int]bool{}
+	liveSlots, liveIfs := map[int]bool{}, map[string]bool{}
 	for _, r := range live {
 		liveSlots[r.Slot] = true
+		liveIfs[hostIfName(r.ID)] = true
 	}
-	if n, err := removeStrayRules(liveSlots); err == nil && n > 0 {
+	if n, err := removeStrayRules(liveSlots, liveIfs); err == nil && n > 0 {
 		res.Orphans = append(res.Orphans, fmt.Sprintf("%d ip rule(s)", n))
 	}
 	if len(live) == 0 {

@@ -4,6 +4,7 @@ package e2e
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"os"
 	"os/exec"
@@ -11,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -305,5 +307,111 @@ func TestJoiningAGroupIsNoViolation(t *testing.T) {
 				t.Fatalf("a policy violation for joining a group")
 			}
 		})
+	}
+}
+
+// TestRootFailsClosedWhenItsTableGoes: a `flush ruleset` (a restart of
+// nftables.service) deletes a --root sandbox's table while it runs. What
+// the sandbox sends beyond the host is refused until the table is back,
+// not forwarded unfiltered and unmasqueraded, and the table comes back
+// with the forwarding guard: its policy holds again, allowed traffic
+// flows. A sandbox that sends to a denied host all along, before, during
+// and after the flush, and while childflow is stopped and cannot put the
+// table back, gets nothing there.
+func TestRootFailsClosedWhenItsTableGoes(t *testing.T) {
+	requireRoot(t)
+	hostAndNetwork(t)
+	for _, args := range [][]string{{"addr", "add", "10.99.0.3/24", "dev", "cfbc-l"}, {"addr", "add", "fd99::3/64", "dev", "cfbc-l", "nodad"}} {
+		if out, err := exec.Command("ip", append([]string{"-n", lanNS}, args...)...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %v: %v\n%s", args, err, out)
+		}
+	}
+	lan4 := listen(t, lanNS, "9999", "UDP4-RECV:9999")
+	lan6 := listen(t, lanNS, "9997", "UDP6-RECV:9997")
+	host := listen(t, hostNS, "9999", "UDP4-RECV:9999")
+	dir := logDir(t)
+	log, back := filepath.Join(dir, "flows.jsonl"), filepath.Join(dir, "back")
+	send := func(what, to string) string { return "echo " + what + " | socat -u - " + to + "; " }
+	script := "while [ ! -e " + back + " ]; do " +
+		send("denied4", "UDP4-DATAGRAM:10.99.0.3:9999") + send("denied6", "UDP6-DATAGRAM:[fd99::3]:9997") + "done; " +
+		send("after-denied4", "UDP4-DATAGRAM:10.99.0.3:9999") + send("after-host", "UDP4-DATAGRAM:10.99.0.1:9999") +
+		send("allowed4", "UDP4-DATAGRAM:10.99.0.2:9999") + send("allowed6", "UDP6-DATAGRAM:[fd99::2]:9997") + "exit 5"
+	argv := inHost(root, "--root", "--flow-log", log, "--deny-cidr", "10.99.0.3/32", "--deny-cidr", "fd99::3/128", "--", "sh", "-c", script)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer cmd.Wait()
+	defer os.WriteFile(back, nil, 0o644)
+
+	tables := func() string {
+		out, _ := exec.Command("ip", "netns", "exec", hostNS, "nft", "list", "tables").Output()
+		return string(out)
+	}
+	whole := func() bool { s := tables(); return strings.Contains(s, "childflow-root-") && strings.Contains(s, "childflow-rootguard") }
+	waitFor := func(what string, ok func() bool) {
+		t.Helper()
+		for deadline := time.Now().Add(10 * time.Second); !ok(); time.Sleep(5 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: tables %q", what, tables())
+			}
+		}
+	}
+	waitFor("the sandbox's table never came", whole)
+	time.Sleep(300 * time.Millisecond) // the denied datagrams are on their way
+	// childflow stopped, the table stays gone: the routing backstop
+	// alone refuses the datagrams meanwhile.
+	cmd.Process.Signal(syscall.SIGSTOP)
+	if out, err := exec.Command("ip", "netns", "exec", hostNS, "nft", "flush", "ruleset").CombinedOutput(); err != nil {
+		cmd.Process.Signal(syscall.SIGCONT)
+		t.Fatalf("nft flush ruleset: %v\n%s", err, out)
+	}
+	time.Sleep(500 * time.Millisecond)
+	gone := tables()
+	cmd.Process.Signal(syscall.SIGCONT)
+	if gone != "" {
+		t.Errorf("tables while childflow was stopped: %q", gone)
+	}
+	if got := lan4.got() + lan6.got(); strings.Contains(got, "denied") {
+		t.Errorf("the denied host got %q while the table was gone", got)
+	}
+	waitFor("the tables were not put back", whole)
+	time.Sleep(300 * time.Millisecond)
+	os.WriteFile(back, nil, 0o644)
+	cmd.Wait()
+	if code := cmd.ProcessState.ExitCode(); code != 5 {
+		t.Fatalf("exit %d\n%s", code, stderr.String())
+	}
+	for deadline := time.Now().Add(5 * time.Second); !strings.Contains(lan4.got(), "allowed4") || !strings.Contains(lan6.got(), "allowed6"); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("allowed traffic did not flow once the table was back: %q, %q", lan4.got(), lan6.got())
+		}
+	}
+	time.Sleep(200 * time.Millisecond)
+	if got := lan4.got() + lan6.got(); strings.Contains(got, "denied") {
+		t.Errorf("the denied host got %q", got)
+	}
+	if got := host.got(); strings.Contains(got, "after-host") {
+		t.Errorf("the host got %q once the table was back", got)
+	}
+	if !strings.Contains(stderr.String(), "was deleted while the sandbox ran") {
+		t.Errorf("no warning on stderr:\n%s", stderr.String())
+	}
+	failed := false
+	for _, ev := range readFlowLog(t, log) {
+		if ev["event"] == "runtime_failure" && strings.Contains(fmt.Sprint(ev["error"]), "was deleted while the sandbox ran") {
+			failed = true
+		}
+	}
+	if !failed {
+		t.Error("no runtime_failure in the flow log")
+	}
+	out, _ := exec.Command("ip", "netns", "exec", hostNS, "sh", "-c", "ip rule; ip -6 rule; nft list tables").Output()
+	if strings.Contains(string(out), "cfr") || strings.Contains(string(out), "childflow") {
+		t.Errorf("left behind in the host:\n%s", out)
 	}
 }
