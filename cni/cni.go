@@ -92,7 +92,7 @@ func (c *NetConf) node() attach.Node {
 
 // guards are the node's host guards, locked in the daemon's state directory.
 func (c *NetConf) guards() steer.Guards {
-	return steer.Guards{Lock: filepath.Join(c.StateDir, "guards.lock")}
+	return steer.Guards{Dir: c.StateDir}
 }
 
 // podLabels are the pod's names from CNI_ARGS (K8S_POD_NAMESPACE, ...).

@@ -28,6 +28,7 @@ import (
 	"github.com/childflow/childflow/engine/flowlog"
 	"github.com/childflow/childflow/engine/proxy"
 	"github.com/childflow/childflow/internal/accept"
+	"github.com/childflow/childflow/internal/nftwatch"
 	"github.com/childflow/childflow/internal/tunns"
 	"github.com/childflow/childflow/policy"
 )
@@ -142,6 +143,11 @@ func Run(ctx context.Context, cfg Config, ready func()) error {
 	d.adoptAll()
 	d.buryTombstones()
 	d.pruneFlowLogs()
+	if watcher, err := nftwatch.New(); err != nil {
+		cfg.Logf("host guards will not be put back if deleted: %v", err)
+	} else {
+		go d.keepGuards(watcher)
+	}
 
 	os.Remove(cfg.Socket)
 	if err := os.MkdirAll(filepath.Dir(cfg.Socket), 0o700); err != nil {

@@ -1,13 +1,14 @@
 package rootful
 
 import (
-	"context"
 	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
 
 	"github.com/google/nftables"
+
+	"github.com/childflow/childflow/internal/nftwatch"
 )
 
 // keepTable puts the sandbox's table back whenever it goes while the
@@ -21,41 +22,13 @@ import (
 // each of its packets. The forwarding guard, shared by the rootful
 // sandboxes, is put back the same way.
 func (sb *Sandbox) keepTable(spec tableSpec) error {
-	c, err := nftables.New()
-	if err != nil {
-		return err
-	}
-	watch := func() (chan *nftables.MonitorEvent, *nftables.Monitor, error) {
-		mon := nftables.NewMonitor(nftables.WithMonitorObject(nftables.MonitorObjectTables))
-		events, err := c.AddMonitor(mon)
-		if err != nil {
-			return nil, nil, fmt.Errorf("watching the host's nftables tables: %w", err)
-		}
-		return events, mon, nil
-	}
-	events, mon, err := watch()
+	w, err := nftwatch.New()
 	if err != nil {
 		return err
 	}
 	sb.spawn(func() {
-		for {
-			stop := context.AfterFunc(sb.ctx, func() { mon.Close() })
-			for ev := range events {
-				// A receive error (events lost) ends the channel with an
-				// out-of-band event: look, then watch anew.
-				if ev.Type == nftables.MonitorEventTypeDelTable || ev.Type == nftables.MonitorEventTypeOOB {
-					sb.restoreTables(spec)
-				}
-			}
-			stop()
-			if sb.ctx.Err() != nil {
-				return
-			}
-			if events, mon, err = watch(); err != nil {
-				sb.warn(err.Error() + ": a deleted table is no longer put back; the routing backstop still refuses what the sandbox sends beyond the host")
-				return
-			}
-			sb.restoreTables(spec)
+		if err := w.Run(sb.ctx, func() { sb.restoreTables(spec) }); err != nil {
+			sb.warn(err.Error() + ": a deleted table is no longer put back; the routing backstop still refuses what the sandbox sends beyond the host")
 		}
 	})
 	return nil

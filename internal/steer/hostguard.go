@@ -2,6 +2,7 @@ package steer
 
 import (
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -42,11 +43,17 @@ type HostGuard struct {
 // chains of its own, which its interface's name selects through a
 // verdict map: a packet costs one lookup however many pods there are
 // (with a table per pod, 100 pods' tables halved the rate of small
-// packets through a bridge: 124 to 66 thousand a second). Lock is a file
-// that keeps concurrent plugin runs from creating or removing a table
-// under each other.
+// packets through a bridge: 124 to 66 thousand a second). Dir (the node
+// daemon's state directory) holds a lock file that keeps concurrent
+// plugin runs from creating or removing a table under each other, and
+// each guard's description, from which Restore puts back what a `flush
+// ruleset` took.
 type Guards struct {
-	Lock string
+	Dir string
+}
+
+func (gs Guards) specPath(key string) string {
+	return filepath.Join(gs.Dir, "guards", key+".json")
 }
 
 // GuardTable names the guards' tables.
@@ -76,29 +83,48 @@ func guardKey(id string) string {
 // VRF) or with something that moves frames before netfilter cannot be
 // guarded: an error.
 func (gs Guards) Install(g HostGuard) error {
-	link, err := netlink.LinkByName(g.HostIf)
+	family, err := guardFamily(g)
 	if err != nil {
-		return fmt.Errorf("guarding %s on the host: %w", g.HostIf, err)
-	}
-	if what := aroundNetfilter(link); what != "" {
-		return fmt.Errorf("cannot guard the pod's veth %s on the host: it has %s, which can send the pod's frames on before netfilter sees them (eBPF data planes such as Cilium's attach them)", g.HostIf, what)
-	}
-	family := nftables.TableFamilyINet
-	if m := link.Attrs().MasterIndex; m != 0 {
-		master, err := netlink.LinkByIndex(m)
-		if err != nil {
-			return fmt.Errorf("guarding %s on the host: its master: %w", g.HostIf, err)
-		}
-		if master.Type() != "bridge" {
-			return fmt.Errorf("cannot guard the pod's veth %s on the host: it is a port of %s, a %s (childflow guards routed veths and Linux bridges' ports)", g.HostIf, master.Attrs().Name, master.Type())
-		}
-		family = nftables.TableFamilyBridge
+		return err
 	}
 	unlock, err := gs.lock()
 	if err != nil {
 		return err
 	}
 	defer unlock()
+	if err := install(g, family); err != nil {
+		return err
+	}
+	return gs.record(g)
+}
+
+// guardFamily is the family of the table that can guard g's veth, or
+// why none can.
+func guardFamily(g HostGuard) (nftables.TableFamily, error) {
+	link, err := netlink.LinkByName(g.HostIf)
+	if err != nil {
+		return 0, fmt.Errorf("guarding %s on the host: %w", g.HostIf, err)
+	}
+	if what := aroundNetfilter(link); what != "" {
+		return 0, fmt.Errorf("cannot guard the pod's veth %s on the host: it has %s, which can send the pod's frames on before netfilter sees them (eBPF data planes such as Cilium's attach them)", g.HostIf, what)
+	}
+	family := nftables.TableFamilyINet
+	if m := link.Attrs().MasterIndex; m != 0 {
+		master, err := netlink.LinkByIndex(m)
+		if err != nil {
+			return 0, fmt.Errorf("guarding %s on the host: its master: %w", g.HostIf, err)
+		}
+		if master.Type() != "bridge" {
+			return 0, fmt.Errorf("cannot guard the pod's veth %s on the host: it is a port of %s, a %s (childflow guards routed veths and Linux bridges' ports)", g.HostIf, master.Attrs().Name, master.Type())
+		}
+		family = nftables.TableFamilyBridge
+	}
+	return family, nil
+}
+
+// install adds g's chains to the family's table; the caller holds the
+// lock.
+func install(g HostGuard, family nftables.TableFamily) error {
 	c, err := nftables.New()
 	if err != nil {
 		return err
@@ -335,7 +361,10 @@ func (gs Guards) Remove(id string) error {
 	if err != nil {
 		return err
 	}
-	var errs []error
+	errs := []error{os.Remove(gs.specPath(guardKey(id)))}
+	if errors.Is(errs[0], os.ErrNotExist) {
+		errs = nil
+	}
 	for _, f := range guardFamilies {
 		t := &nftables.Table{Family: f, Name: GuardTable}
 		if removeChains(c, t, guardKey(id)) {
@@ -397,12 +426,100 @@ func (gs Guards) List() ([]string, error) {
 // Matches reports whether a key from List is id's.
 func Matches(key, id string) bool { return key == guardKey(id) }
 
+// record keeps g's description for Restore; the caller holds the lock.
+func (gs Guards) record(g HostGuard) error {
+	path := gs.specPath(guardKey(g.ID))
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return fmt.Errorf("recording the guard of %s: %w", g.HostIf, err)
+	}
+	// A pod gone without DEL whose veth's name g's took (takeName) no
+	// longer guards anything: Restore must not give it the name back.
+	if others, err := filepath.Glob(filepath.Join(filepath.Dir(path), "*.json")); err == nil {
+		for _, p := range others {
+			var old HostGuard
+			if b, err := os.ReadFile(p); err == nil && json.Unmarshal(b, &old) == nil && old.HostIf == g.HostIf && p != path {
+				os.Remove(p)
+			}
+		}
+	}
+	b, _ := json.Marshal(g)
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		return fmt.Errorf("recording the guard of %s: %w", g.HostIf, err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return fmt.Errorf("recording the guard of %s: %w", g.HostIf, err)
+	}
+	return nil
+}
+
+// Restore puts back every recorded guard whose chains are gone (a
+// `flush ruleset` takes the tables) and says whose it put back. A
+// guard whose veth is gone goes (its pod went without DEL); one that
+// cannot be put back is an error naming it.
+func (gs Guards) Restore() (restored []string, err error) {
+	entries, err := os.ReadDir(filepath.Join(gs.Dir, "guards"))
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil, nil
+		}
+		return nil, err
+	}
+	unlock, err := gs.lock()
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	c, err := nftables.New()
+	if err != nil {
+		return nil, err
+	}
+	have := map[string]bool{}
+	for _, f := range guardFamilies {
+		keys, _ := guardKeys(c, f)
+		for _, k := range keys {
+			have[k] = true
+		}
+	}
+	var errs []error
+	for _, e := range entries {
+		key, ok := strings.CutSuffix(e.Name(), ".json")
+		if !ok || have[key] {
+			continue
+		}
+		var g HostGuard
+		b, err := os.ReadFile(gs.specPath(key))
+		if err == nil {
+			err = json.Unmarshal(b, &g)
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("the guard of pod %s: %w", key, err))
+			continue
+		}
+		if _, err := netlink.LinkByName(g.HostIf); errors.As(err, new(netlink.LinkNotFoundError)) {
+			os.Remove(gs.specPath(key))
+			continue
+		}
+		family, err := guardFamily(g)
+		if err == nil {
+			err = install(g, family)
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("putting back the guard of pod %s: %w", key, err))
+			continue
+		}
+		restored = append(restored, key)
+	}
+	return restored, errors.Join(errs...)
+}
+
 // lock takes the guards' lock file.
 func (gs Guards) lock() (func(), error) {
-	if err := os.MkdirAll(filepath.Dir(gs.Lock), 0o700); err != nil {
+	path := filepath.Join(gs.Dir, "guards.lock")
+	if err := os.MkdirAll(gs.Dir, 0o700); err != nil {
 		return nil, fmt.Errorf("host guards' lock: %w", err)
 	}
-	f, err := os.OpenFile(gs.Lock, os.O_RDWR|os.O_CREATE, 0o600)
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("host guards' lock: %w", err)
 	}

@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
 	"strings"
 	"testing"
 	"time"
@@ -140,7 +141,7 @@ func TestHostGuardStopsFramesAroundThePodsRules(t *testing.T) {
 	if os.Getuid() != 0 {
 		t.Skip("needs root: namespaces, veths and nftables")
 	}
-	guards := Guards{Lock: filepath.Join(t.TempDir(), "lock")}
+	guards := Guards{Dir: t.TempDir()}
 	for _, bridged := range []bool{false, true} {
 		name := "routed veth"
 		if bridged {
@@ -234,7 +235,7 @@ func TestHostGuardRefusesAVethWhoseFramesSkipNetfilter(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer target.Close()
-	guards := Guards{Lock: filepath.Join(t.TempDir(), "lock")}
+	guards := Guards{Dir: t.TempDir()}
 	install := func() error { return target.Do(func(ns.NetNS) error { return guards.Install(guard) }) }
 	if err := install(); err != nil {
 		t.Fatal(err)
@@ -294,7 +295,7 @@ func TestGuardsShareATablePerFamily(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer target.Close()
-	guards := Guards{Lock: filepath.Join(t.TempDir(), "lock")}
+	guards := Guards{Dir: t.TempDir()}
 	in := func(f func() error) {
 		t.Helper()
 		if err := target.Do(func(ns.NetNS) error { return f() }); err != nil {
@@ -341,5 +342,99 @@ func TestGuardsShareATablePerFamily(t *testing.T) {
 	in(func() error { return guards.Remove("aaaaaaaaaaaa-1") })
 	if got := tables(); got != "" {
 		t.Errorf("tables after every guard went:\n%s", got)
+	}
+}
+
+// TestGuardsComeBackAfterAFlush: a `flush ruleset` takes the guards'
+// tables; Restore puts back the guards of the pods whose veths remain
+// (also a veth a second pod took from one gone without DEL: the second
+// pod's), forgets those whose veths are gone, and does nothing when
+// nothing is missing.
+func TestGuardsComeBackAfterAFlush(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: namespaces, veths and nftables")
+	}
+	const nodeNS = "cfhg-flush"
+	exec.Command("ip", "netns", "del", nodeNS).Run()
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", nodeNS).Run() })
+	for _, args := range [][]string{
+		{"netns", "add", nodeNS},
+		{"-n", nodeNS, "link", "add", "hg-br", "type", "bridge"},
+		{"-n", nodeNS, "link", "add", "hg-a", "type", "veth", "peer", "name", "hg-a-pod"},
+		{"-n", nodeNS, "link", "add", "hg-b", "master", "hg-br", "type", "veth", "peer", "name", "hg-b-pod"},
+		{"-n", nodeNS, "link", "add", "hg-c", "master", "hg-br", "type", "veth", "peer", "name", "hg-c-pod"},
+	} {
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+	}
+	target, err := ns.GetNS("/run/netns/" + nodeNS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer target.Close()
+	guards := Guards{Dir: t.TempDir()}
+	in := func(f func() error) {
+		t.Helper()
+		if err := target.Do(func(ns.NetNS) error { return f() }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	nft := func(args ...string) string {
+		out, _ := exec.Command("ip", append([]string{"netns", "exec", nodeNS, "nft"}, args...)...).CombinedOutput()
+		return strings.TrimSpace(string(out))
+	}
+	restore := func() (got []string) {
+		in(func() (err error) { got, err = guards.Restore(); return err })
+		sort.Strings(got)
+		return got
+	}
+	pod := func(id, hostIf string) HostGuard {
+		return HostGuard{ID: id, HostIf: hostIf, Pod: []netip.Addr{netip.MustParseAddr("10.77.0.2")}, Keep: []netip.Prefix{netip.MustParsePrefix("10.77.0.0/24")}}
+	}
+	in(func() error { return guards.Install(pod("aaaaaaaaaaaa-1", "hg-a")) })
+	in(func() error { return guards.Install(pod("dddddddddddd-4", "hg-b")) })
+	in(func() error { return guards.Install(pod("bbbbbbbbbbbb-2", "hg-b")) }) // took hg-b from d
+	in(func() error { return guards.Install(pod("cccccccccccc-3", "hg-c")) })
+	if got := restore(); len(got) != 0 {
+		t.Errorf("restored %v with nothing missing", got)
+	}
+	before := nft("list", "ruleset")
+	if out, err := exec.Command("ip", "netns", "exec", nodeNS, "ip", "link", "del", "hg-c").CombinedOutput(); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	nft("flush", "ruleset")
+	if got := nft("list", "tables"); got != "" {
+		t.Fatalf("tables after the flush:\n%s", got)
+	}
+	if got := strings.Join(restore(), " "); got != "aaaaaaaaaaaa bbbbbbbbbbbb" {
+		t.Errorf("restored %q, want the two pods whose veths remain", got)
+	}
+	if m := nft("list", "map", "bridge", GuardTable, "from-pods"); !strings.Contains(m, `"hg-b" : jump from-bbbbbbbbbbbb`) || strings.Contains(m, "hg-c") {
+		t.Errorf("the bridge's map once restored:\n%s", m)
+	}
+	if m := nft("list", "map", "inet", GuardTable, "from-pods"); !strings.Contains(m, `"hg-a" : jump from-aaaaaaaaaaaa`) {
+		t.Errorf("the routed map once restored:\n%s", m)
+	}
+	for _, chain := range []string{"from-aaaaaaaaaaaa", "addr-aaaaaaaaaaaa"} {
+		if !strings.Contains(before, "chain "+chain) || nft("list", "chain", "inet", GuardTable, chain) == "" {
+			t.Errorf("chain %s not back", chain)
+		}
+	}
+	if _, err := os.Stat(guards.specPath("cccccccccccc")); !os.IsNotExist(err) {
+		t.Errorf("the record of the pod whose veth went: %v", err)
+	}
+	if got := restore(); len(got) != 0 {
+		t.Errorf("restored %v again", got)
+	}
+	in(func() error { return guards.Remove("aaaaaaaaaaaa-1") })
+	in(func() error { return guards.Remove("bbbbbbbbbbbb-2") })
+	in(func() error { return guards.Remove("cccccccccccc-3") })
+	in(func() error { return guards.Remove("dddddddddddd-4") })
+	if got := nft("list", "tables"); got != "" {
+		t.Errorf("tables after every guard went:\n%s", got)
+	}
+	if left, _ := os.ReadDir(filepath.Join(guards.Dir, "guards")); len(left) != 0 {
+		t.Errorf("records left: %v", left)
 	}
 }

@@ -352,7 +352,10 @@ func TestRootFailsClosedWhenItsTableGoes(t *testing.T) {
 		out, _ := exec.Command("ip", "netns", "exec", hostNS, "nft", "list", "tables").Output()
 		return string(out)
 	}
-	whole := func() bool { s := tables(); return strings.Contains(s, "childflow-root-") && strings.Contains(s, "childflow-rootguard") }
+	whole := func() bool {
+		s := tables()
+		return strings.Contains(s, "childflow-root-") && strings.Contains(s, "childflow-rootguard")
+	}
 	waitFor := func(what string, ok func() bool) {
 		t.Helper()
 		for deadline := time.Now().Add(10 * time.Second); !ok(); time.Sleep(5 * time.Millisecond) {

@@ -251,6 +251,20 @@ nslookup web.test 10.96.0.10 | grep -q 203.0.113.10 && echo dns-via-engine || ec
 	n.start(t)
 	wantLines(t, c.exec(t, ctr, probe), "reach 203.0.113.10", "blocked 203.0.113.20", "blocked 2001:db8::20")
 
+	// The guard's table deleted, as a flush ruleset does: the daemon puts
+	// it back, and the raw frame is contained again.
+	if out, err := exec.Command("nft", "delete", "table", "bridge", "childflow-guard").CombinedOutput(); err != nil {
+		t.Fatalf("deleting the guard's table: %v\n%s", err, out)
+	}
+	for deadline := time.Now().Add(5 * time.Second); exec.Command("nft", "list", "chain", "bridge", "childflow-guard", "from-"+pod[:12]).Run() != nil; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the daemon did not put the pod's guard back")
+		}
+	}
+	if out := rawFrameFromPod(t, c.podPID(t, pod), ip); out != "contained" {
+		t.Errorf("a raw frame from the pod once its guard was put back: %s", out)
+	}
+
 	// A bad annotation fails the pod; it never runs unsandboxed.
 	bad, _ := json.Marshal(map[string]any{
 		"metadata":      map[string]any{"name": "bad", "namespace": "team", "uid": "bad-uid"},
