@@ -296,6 +296,10 @@ func TestClusterRangesStayOnTheMainInterface(t *testing.T) {
 			if err := testutils.CmdCheckWithArgs(args, func() error { return cmdCheck(args) }); err != nil {
 				t.Errorf("CHECK: %v", err)
 			}
+			// Its record first, so that the daemon cannot put it back.
+			if err := os.Remove(filepath.Join(state, "guards", "kept.json")); err != nil {
+				t.Fatal(err)
+			}
 			exec.Command("nft", "delete", "table", "inet", "childflow-guard").Run()
 			if err := testutils.CmdCheckWithArgs(args, func() error { return cmdCheck(args) }); err == nil || !strings.Contains(err.Error(), "childflow-guard") {
 				t.Errorf("CHECK without the host guard: %v", err)

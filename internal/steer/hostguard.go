@@ -458,18 +458,19 @@ func (gs Guards) record(g HostGuard) error {
 // guard whose veth is gone goes (its pod went without DEL); one that
 // cannot be put back is an error naming it.
 func (gs Guards) Restore() (restored []string, err error) {
-	entries, err := os.ReadDir(filepath.Join(gs.Dir, "guards"))
-	if err != nil {
-		if errors.Is(err, os.ErrNotExist) {
-			return nil, nil
-		}
-		return nil, err
+	dir := filepath.Join(gs.Dir, "guards")
+	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
+		return nil, nil // no pod was ever guarded here
 	}
 	unlock, err := gs.lock()
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, err
+	}
 	c, err := nftables.New()
 	if err != nil {
 		return nil, err
