@@ -61,6 +61,3 @@ func (w *Watcher) Run(ctx context.Context, deleted func()) error {
 		deleted()
 	}
 }
-
-// Close ends a watcher that never ran.
-func (w *Watcher) Close() error { return w.mon.Close() }

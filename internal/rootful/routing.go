@@ -78,8 +78,8 @@ func backstopRules(family, slot int, hostIf string) []*netlink.Rule {
 // addBackstop adds the slot's backstop; hostIf need not exist yet.
 func addBackstop(slot int, hostIf string) error {
 	for _, fam := range families {
-		// The no-op first, the refusal last: never a moment where the
-		// link's marked packets are refused, or its others are not.
+		// The no-op first, for the skip to land on, the refusal last:
+		// a marked packet is never refused.
 		rules := backstopRules(fam, slot, hostIf)
 		for _, r := range []*netlink.Rule{rules[2], rules[0], rules[1]} {
 			if err := netlink.RuleAdd(r); err != nil && !errors.Is(err, unix.EEXIST) {

@@ -92,10 +92,16 @@ func (gs Guards) Install(g HostGuard) error {
 		return err
 	}
 	defer unlock()
-	if err := install(g, family); err != nil {
+	// The record first: a crash between the two leaves a guard that
+	// Restore can put back, or a record it drops with its veth.
+	if err := gs.record(g); err != nil {
 		return err
 	}
-	return gs.record(g)
+	if err := install(g, family); err != nil {
+		os.Remove(gs.specPath(guardKey(g.ID)))
+		return err
+	}
+	return nil
 }
 
 // guardFamily is the family of the table that can guard g's veth, or

@@ -433,3 +433,31 @@ func TestRootStress(t *testing.T) {
 	}
 	t.Fatalf("host state changed:\nbefore:\n%s\nafter:\n%s\ncleanup said:\n%s", before, after, r)
 }
+
+// TestRootCleanupRemovesStrayBackstops: the routing backstop of a link
+// no record names (a record removed by hand) goes with `childflow
+// cleanup`, and a rule of the same priorities that is not childflow's
+// stays.
+func TestRootCleanupRemovesStrayBackstops(t *testing.T) {
+	requireRoot(t)
+	rules := [][]string{
+		{"rule", "add", "pref", "3310", "iif", "cfrdeadbeef", "fwmark", "0xcf000010/0xfffffff0", "goto", "3312"},
+		{"rule", "add", "pref", "3311", "iif", "cfrdeadbeef", "prohibit"},
+		{"rule", "add", "pref", "3312", "iif", "cfrdeadbeef", "nop"},
+		{"-6", "rule", "add", "pref", "3311", "iif", "cfrdeadbeef", "prohibit"},
+		{"rule", "add", "pref", "3311", "iif", "other0", "prohibit"},
+	}
+	for _, args := range rules {
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %v: %v\n%s", args, err, out)
+		}
+	}
+	t.Cleanup(func() { exec.Command("ip", "rule", "del", "pref", "3311", "iif", "other0", "prohibit").Run() })
+	if r := run(t, root, "cleanup"); r.code != 0 || !strings.Contains(r.stdout+r.stderr, "4 ip rule") {
+		t.Errorf("cleanup: %s", r)
+	}
+	out, _ := exec.Command("sh", "-c", "ip rule; ip -6 rule").Output()
+	if strings.Contains(string(out), "cfrdeadbeef") || !strings.Contains(string(out), "other0") {
+		t.Errorf("rules after cleanup:\n%s", out)
+	}
+}
