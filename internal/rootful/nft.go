@@ -30,6 +30,7 @@ type tableSpec struct {
 	tproxy uint16 // local port of the transparent proxy, 0 for none
 	tpMark uint32 // packet mark that routes TPROXY'd packets locally
 	ifMark uint32 // packet mark that routes through --iface, 0 for none
+	iface  string // --iface
 	// logAllowed logs allowed flows too; without a flow log or summary
 	// only denials are (--fail-on-leak counts them), sparing each new
 	// connection a trip to userspace.
@@ -212,6 +213,12 @@ func installTable(s tableSpec) error {
 	n.rule(refuse, &expr.Reject{Type: unix.NFT_REJECT_ICMPX_UNREACH, Code: unix.NFT_REJECT_ICMPX_ADMIN_PROHIBITED})
 	refused := &expr.Verdict{Kind: expr.VerdictGoto, Chain: refuse.Name}
 
+	if s.ifMark != 0 {
+		// --iface promises no other interface: were its routing rule or
+		// routes removed (networkd removes rules and routes it did not
+		// make), the main table would send the packets elsewhere.
+		n.rule(forward, nftexpr.Cat(fromSandbox, nftexpr.IfName(expr.MetaKeyOIFNAME, s.iface, false), []expr.Any{drop})...)
+	}
 	known := nftexpr.Cat(nftexpr.Established(), nftexpr.CtMarkIs(s.mark))
 	n.rule(forward, nftexpr.Cat(toSandbox, known, []expr.Any{accept})...)
 	n.rule(forward, nftexpr.Cat(toSandbox, []expr.Any{drop})...) // nothing new reaches the sandbox

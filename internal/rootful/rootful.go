@@ -152,7 +152,7 @@ func (sb *Sandbox) Attach(pid int, onEvent func(flowlog.Event)) (err error) {
 	spec := tableSpec{name: sb.rec.Table, hostIf: sb.HostIf, plan: sb.Plan, policy: cfg.Policy,
 		group: slotLogGroup(slot), mark: slotMark(slot), logAllowed: onEvent != nil}
 	if sb.iface != nil {
-		spec.ifMark = ifaceMark(slot)
+		spec.ifMark, spec.iface = ifaceMark(slot), cfg.Iface
 		if err = addIfaceRouting(slot, sb.iface); err != nil {
 			return err
 		}

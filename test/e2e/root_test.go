@@ -321,6 +321,34 @@ ip netns exec %[1]s nft add rule inet count in iifname alt0 tcp dport 80 counter
 	if r.code != 0 || !strings.Contains(r.stdout, "alternate path") || counted() == 0 {
 		t.Fatalf("with --iface: %s (counted %d)", r, counted())
 	}
+	// Its routing rule removed while the sandbox runs (networkd removes
+	// rules it did not make): the packets do not leave by the host's
+	// other routes.
+	dir := t.TempDir()
+	os.Chmod(dir, 0o755)
+	gone := filepath.Join(dir, "gone")
+	done := make(chan result)
+	go func() {
+		done <- sh(t, root, append(rootArgs, "--iface", "cfe2e-alt"), "while [ ! -e "+gone+" ]; do sleep 0.05; done; curl -sS -m3 http://203.0.113.10/")
+	}()
+	var mark string
+	for deadline := time.Now().Add(10 * time.Second); mark == ""; time.Sleep(20 * time.Millisecond) {
+		out, _ := exec.Command("ip", "rule").Output()
+		if m := regexp.MustCompile(`fwmark (0xcf[0-9a-f]*2) lookup`).FindStringSubmatch(string(out)); m != nil {
+			mark = m[1]
+		} else if time.Now().After(deadline) {
+			t.Fatalf("no --iface rule:\n%s", out)
+		}
+	}
+	for _, fam := range []string{"-4", "-6"} {
+		if out, err := exec.Command("ip", fam, "rule", "del", "pref", "3312", "fwmark", mark).CombinedOutput(); err != nil {
+			t.Fatalf("deleting the --iface rule: %v\n%s", err, out)
+		}
+	}
+	os.WriteFile(gone, nil, 0o644)
+	if r := <-done; r.code == 0 || strings.Contains(r.stdout, "hello from the test internet") {
+		t.Errorf("with --iface, its rule gone: %s", r)
+	}
 	if r := sh(t, root, append(rootArgs, "--iface", "nosuchif0"), "true"); r.code != 2 || !strings.Contains(r.stderr, `--iface "nosuchif0"`) {
 		t.Fatal(r)
 	}
