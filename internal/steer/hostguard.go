@@ -432,23 +432,43 @@ func (gs Guards) List() ([]string, error) {
 // Matches reports whether a key from List is id's.
 func Matches(key, id string) bool { return key == guardKey(id) }
 
+// guardRecord is what Restore needs of a guard: the guard, and its
+// veth's index, so that a veth of the same name made since (the pod
+// went without DEL, another took the name) is not mistaken for it.
+type guardRecord struct {
+	HostGuard
+	Index int `json:"ifindex"`
+}
+
+func (gs Guards) readRecord(path string) (guardRecord, error) {
+	var r guardRecord
+	b, err := os.ReadFile(path)
+	if err == nil {
+		err = json.Unmarshal(b, &r)
+	}
+	return r, err
+}
+
 // record keeps g's description for Restore; the caller holds the lock.
 func (gs Guards) record(g HostGuard) error {
 	path := gs.specPath(guardKey(g.ID))
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+	link, err := netlink.LinkByName(g.HostIf)
+	if err == nil {
+		err = os.MkdirAll(filepath.Dir(path), 0o700)
+	}
+	if err != nil {
 		return fmt.Errorf("recording the guard of %s: %w", g.HostIf, err)
 	}
 	// A pod gone without DEL whose veth's name g's took (takeName) no
 	// longer guards anything: Restore must not give it the name back.
 	if others, err := filepath.Glob(filepath.Join(filepath.Dir(path), "*.json")); err == nil {
 		for _, p := range others {
-			var old HostGuard
-			if b, err := os.ReadFile(p); err == nil && json.Unmarshal(b, &old) == nil && old.HostIf == g.HostIf && p != path {
+			if old, err := gs.readRecord(p); err == nil && old.HostIf == g.HostIf && p != path {
 				os.Remove(p)
 			}
 		}
 	}
-	b, _ := json.Marshal(g)
+	b, _ := json.Marshal(guardRecord{HostGuard: g, Index: link.Attrs().Index})
 	tmp := path + ".tmp"
 	if err := os.WriteFile(tmp, b, 0o600); err != nil {
 		return fmt.Errorf("recording the guard of %s: %w", g.HostIf, err)
@@ -461,8 +481,9 @@ func (gs Guards) record(g HostGuard) error {
 
 // Restore puts back every recorded guard whose chains are gone (a
 // `flush ruleset` takes the tables) and says whose it put back. A
-// guard whose veth is gone goes (its pod went without DEL); one that
-// cannot be put back is an error naming it.
+// guard whose veth is gone goes (its pod went without DEL), also where
+// another veth has its name now; one that cannot be put back is an
+// error naming it.
 func (gs Guards) Restore() (restored []string, err error) {
 	dir := filepath.Join(gs.Dir, "guards")
 	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
@@ -494,17 +515,14 @@ func (gs Guards) Restore() (restored []string, err error) {
 		if !ok || have[key] {
 			continue
 		}
-		var g HostGuard
-		b, err := os.ReadFile(gs.specPath(key))
-		if err == nil {
-			err = json.Unmarshal(b, &g)
-		}
+		r, err := gs.readRecord(gs.specPath(key))
 		if err != nil {
 			errs = append(errs, fmt.Errorf("the guard of pod %s: %w", key, err))
 			continue
 		}
-		if _, err := netlink.LinkByName(g.HostIf); errors.As(err, new(netlink.LinkNotFoundError)) {
-			os.Remove(gs.specPath(key))
+		g := r.HostGuard
+		if link, err := netlink.LinkByName(g.HostIf); errors.As(err, new(netlink.LinkNotFoundError)) || err == nil && link.Attrs().Index != r.Index {
+			os.Remove(gs.specPath(key)) // the pod's veth is gone
 			continue
 		}
 		family, err := guardFamily(g)

@@ -348,8 +348,9 @@ func TestGuardsShareATablePerFamily(t *testing.T) {
 // TestGuardsComeBackAfterAFlush: a `flush ruleset` takes the guards'
 // tables; Restore puts back the guards of the pods whose veths remain
 // (also a veth a second pod took from one gone without DEL: the second
-// pod's), forgets those whose veths are gone, and does nothing when
-// nothing is missing.
+// pod's), forgets those whose veths are gone (also where an unguarded
+// pod's veth has the name now), and does nothing when nothing is
+// missing.
 func TestGuardsComeBackAfterAFlush(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: namespaces, veths and nftables")
@@ -400,8 +401,11 @@ func TestGuardsComeBackAfterAFlush(t *testing.T) {
 		t.Errorf("restored %v with nothing missing", got)
 	}
 	before := nft("list", "ruleset")
-	if out, err := exec.Command("ip", "netns", "exec", nodeNS, "ip", "link", "del", "hg-c").CombinedOutput(); err != nil {
-		t.Fatalf("%v\n%s", err, out)
+	// c's pod goes without DEL; an unguarded pod's veth takes the name.
+	for _, args := range [][]string{{"link", "del", "hg-c"}, {"link", "add", "hg-c", "master", "hg-br", "type", "veth", "peer", "name", "hg-c-new"}} {
+		if out, err := exec.Command("ip", append([]string{"-n", nodeNS}, args...)...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %v: %v\n%s", args, err, out)
+		}
 	}
 	nft("flush", "ruleset")
 	if got := nft("list", "tables"); got != "" {
