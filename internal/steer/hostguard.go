@@ -52,7 +52,7 @@ type Guards struct {
 	Dir string
 }
 
-func (gs Guards) specPath(key string) string {
+func (gs Guards) recordPath(key string) string {
 	return filepath.Join(gs.Dir, "guards", key+".json")
 }
 
@@ -98,7 +98,7 @@ func (gs Guards) Install(g HostGuard) error {
 		return err
 	}
 	if err := install(g, family); err != nil {
-		os.Remove(gs.specPath(guardKey(g.ID)))
+		os.Remove(gs.recordPath(guardKey(g.ID)))
 		return err
 	}
 	return nil
@@ -367,7 +367,7 @@ func (gs Guards) Remove(id string) error {
 	if err != nil {
 		return err
 	}
-	errs := []error{os.Remove(gs.specPath(guardKey(id)))}
+	errs := []error{os.Remove(gs.recordPath(guardKey(id)))}
 	if errors.Is(errs[0], os.ErrNotExist) {
 		errs = nil
 	}
@@ -440,7 +440,7 @@ type guardRecord struct {
 	Index int `json:"ifindex"`
 }
 
-func (gs Guards) readRecord(path string) (guardRecord, error) {
+func readRecord(path string) (guardRecord, error) {
 	var r guardRecord
 	b, err := os.ReadFile(path)
 	if err == nil {
@@ -451,7 +451,7 @@ func (gs Guards) readRecord(path string) (guardRecord, error) {
 
 // record keeps g's description for Restore; the caller holds the lock.
 func (gs Guards) record(g HostGuard) error {
-	path := gs.specPath(guardKey(g.ID))
+	path := gs.recordPath(guardKey(g.ID))
 	link, err := netlink.LinkByName(g.HostIf)
 	if err == nil {
 		err = os.MkdirAll(filepath.Dir(path), 0o700)
@@ -463,7 +463,7 @@ func (gs Guards) record(g HostGuard) error {
 	// longer guards anything: Restore must not give it the name back.
 	if others, err := filepath.Glob(filepath.Join(filepath.Dir(path), "*.json")); err == nil {
 		for _, p := range others {
-			if old, err := gs.readRecord(p); err == nil && old.HostIf == g.HostIf && p != path {
+			if old, err := readRecord(p); err == nil && old.HostIf == g.HostIf && p != path {
 				os.Remove(p)
 			}
 		}
@@ -515,14 +515,14 @@ func (gs Guards) Restore() (restored []string, err error) {
 		if !ok || have[key] {
 			continue
 		}
-		r, err := gs.readRecord(gs.specPath(key))
+		r, err := readRecord(gs.recordPath(key))
 		if err != nil {
 			errs = append(errs, fmt.Errorf("the guard of pod %s: %w", key, err))
 			continue
 		}
 		g := r.HostGuard
 		if link, err := netlink.LinkByName(g.HostIf); errors.As(err, new(netlink.LinkNotFoundError)) || err == nil && link.Attrs().Index != r.Index {
-			os.Remove(gs.specPath(key)) // the pod's veth is gone
+			os.Remove(gs.recordPath(key)) // the pod's veth is gone
 			continue
 		}
 		family, err := guardFamily(g)

@@ -425,7 +425,7 @@ func TestGuardsComeBackAfterAFlush(t *testing.T) {
 			t.Errorf("chain %s not back", chain)
 		}
 	}
-	if _, err := os.Stat(guards.specPath("cccccccccccc")); !os.IsNotExist(err) {
+	if _, err := os.Stat(guards.recordPath("cccccccccccc")); !os.IsNotExist(err) {
 		t.Errorf("the record of the pod whose veth went: %v", err)
 	}
 	if got := restore(); len(got) != 0 {
