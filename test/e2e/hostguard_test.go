@@ -418,3 +418,40 @@ func TestRootFailsClosedWhenItsTableGoes(t *testing.T) {
 		t.Errorf("left behind in the host:\n%s", out)
 	}
 }
+
+// TestRootWarnsOfAForwardDropPolicy: where the host's iptables FORWARD
+// drops what no rule accepts (Docker's and ufw's setting), a --root
+// sandbox reaches nothing beyond the host, whatever childflow's own
+// table accepts; childflow says so, and its advice lets the traffic out.
+func TestRootWarnsOfAForwardDropPolicy(t *testing.T) {
+	requireRoot(t)
+	hostAndNetwork(t)
+	ipt := func(args ...string) {
+		t.Helper()
+		if out, err := exec.Command("ip", append([]string{"netns", "exec", hostNS, "iptables"}, args...)...).CombinedOutput(); err != nil {
+			t.Fatalf("iptables %v: %v\n%s", args, err, out)
+		}
+	}
+	ipt("-P", "FORWARD", "DROP")
+	lan := listen(t, lanNS, "9999", "UDP4-RECV:9999")
+	send := func(what string) result {
+		return execute(t, inHost(root, "--root", "--", "sh", "-c", "echo "+what+" | socat -u - UDP4-DATAGRAM:10.99.0.2:9999; exit 5")...)
+	}
+	const warning = "the host's nftables chain ip filter FORWARD drops forwarded packets"
+	if r := send("dropped"); r.code != 5 || !strings.Contains(r.stderr, warning) {
+		t.Errorf("with FORWARD's policy drop: %s", r)
+	}
+	ipt("-I", "FORWARD", "-i", "cfr+", "-j", "ACCEPT")
+	ipt("-I", "FORWARD", "-o", "cfr+", "-j", "ACCEPT")
+	if r := send("accepted"); r.code != 5 || strings.Contains(r.stderr, warning) {
+		t.Errorf("with the advice taken: %s", r)
+	}
+	for deadline := time.Now().Add(5 * time.Second); !strings.Contains(lan.got(), "accepted"); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the network got %q", lan.got())
+		}
+	}
+	if got := lan.got(); got != "accepted\n" {
+		t.Errorf("the network got %q", got)
+	}
+}
