@@ -2,11 +2,14 @@ package rootful
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 
 	"github.com/google/nftables"
+	"github.com/mdlayher/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/childflow/childflow/internal/nftwatch"
 )
@@ -80,4 +83,46 @@ func (sb *Sandbox) warn(msg string) {
 	if sb.cfg.Warn != nil {
 		sb.cfg.Warn(msg)
 	}
+}
+
+// keepRouting puts the sandbox's ip rules and routes back whenever some
+// go: systemd-networkd removes rules and routes it did not configure
+// when it starts or reloads. Meanwhile nothing leaks (the table drops
+// --iface traffic leaving elsewhere, the kernel never forwards TPROXY'd
+// packets, and the table alone enforces the policy without the
+// backstop), but the sandbox has no network.
+func (sb *Sandbox) keepRouting(restore func() error) error {
+	c, err := netlink.Dial(unix.NETLINK_ROUTE, nil)
+	if err != nil {
+		return fmt.Errorf("watching the host's routing: %w", err)
+	}
+	for _, g := range []uint32{unix.RTNLGRP_IPV4_RULE, unix.RTNLGRP_IPV6_RULE, unix.RTNLGRP_IPV4_ROUTE, unix.RTNLGRP_IPV6_ROUTE} {
+		if err := c.JoinGroup(g); err != nil {
+			c.Close()
+			return fmt.Errorf("watching the host's routing: %w", err)
+		}
+	}
+	sb.closers = append(sb.closers, c)
+	sb.spawn(func() {
+		for {
+			msgs, err := c.Receive()
+			if sb.ctx.Err() != nil {
+				return
+			}
+			deleted := err != nil // events lost: look anyway
+			for _, m := range msgs {
+				deleted = deleted || m.Header.Type == unix.RTM_DELRULE || m.Header.Type == unix.RTM_DELROUTE
+			}
+			if err != nil && !errors.Is(err, unix.ENOBUFS) {
+				sb.warn(fmt.Sprintf("watching the host's routing: %v: ip rules or routes removed are no longer put back", err))
+				return
+			}
+			if deleted {
+				if err := restore(); err != nil {
+					sb.warn(fmt.Sprintf("putting the sandbox's ip rules and routes back: %v", err))
+				}
+			}
+		}
+	})
+	return nil
 }

@@ -221,3 +221,17 @@ func removeStrayRules(liveSlots map[int]bool, liveIfs map[string]bool) (int, err
 	}
 	return n, nil
 }
+
+// addRouting (re)adds every rule and route of the sandbox: the backstop,
+// and those of --iface and TPROXY. What exists already stays.
+func (sb *Sandbox) addRouting(spec tableSpec) error {
+	slot := sb.rec.Slot
+	err := addBackstop(slot, sb.HostIf)
+	if err == nil && spec.ifMark != 0 {
+		err = addIfaceRouting(slot, sb.iface)
+	}
+	if err == nil && spec.tpMark != 0 {
+		err = addTProxyRouting(slot)
+	}
+	return err
+}

@@ -3,6 +3,7 @@
 package e2e
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"math/rand"
@@ -13,6 +14,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -322,32 +324,61 @@ ip netns exec %[1]s nft add rule inet count in iifname alt0 tcp dport 80 counter
 		t.Fatalf("with --iface: %s (counted %d)", r, counted())
 	}
 	// Its routing rule removed while the sandbox runs (networkd removes
-	// rules it did not make): the packets do not leave by the host's
-	// other routes.
+	// rules it did not make), and childflow stopped so that it cannot put
+	// it back: the packets do not leave by the host's other routes. Let
+	// go, childflow puts the rule back, and they leave by --iface again.
 	dir := t.TempDir()
 	os.Chmod(dir, 0o755)
-	gone := filepath.Join(dir, "gone")
-	done := make(chan result)
-	go func() {
-		done <- sh(t, root, append(rootArgs, "--iface", "cfe2e-alt"), "while [ ! -e "+gone+" ]; do sleep 0.05; done; curl -sS -m3 http://203.0.113.10/")
-	}()
-	var mark string
-	for deadline := time.Now().Add(10 * time.Second); mark == ""; time.Sleep(20 * time.Millisecond) {
+	ready, gone, tried, back := filepath.Join(dir, "ready"), filepath.Join(dir, "gone"), filepath.Join(dir, "tried"), filepath.Join(dir, "back")
+	waitFile := func(f string) string { return "while [ ! -e " + f + " ]; do sleep 0.05; done; " }
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cmd := command(ctx, root, append(rootArgs, "--iface", "cfe2e-alt", "--", "sh", "-c", "touch "+ready+"; "+waitFile(gone)+
+		"curl -sS -m3 http://203.0.113.10/ >/dev/null 2>&1 && echo first-reached || echo first-failed; touch "+tried+"; "+
+		waitFile(back)+"curl -sS -m3 http://203.0.113.10/")...)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer cmd.Wait()
+	defer os.WriteFile(back, nil, 0o644)
+	defer os.WriteFile(gone, nil, 0o644)
+	defer cmd.Process.Signal(syscall.SIGCONT)
+	ifaceRule := func() string {
 		out, _ := exec.Command("ip", "rule").Output()
 		if m := regexp.MustCompile(`fwmark (0xcf[0-9a-f]*2) lookup`).FindStringSubmatch(string(out)); m != nil {
-			mark = m[1]
-		} else if time.Now().After(deadline) {
-			t.Fatalf("no --iface rule:\n%s", out)
+			return m[1]
+		}
+		return ""
+	}
+	waitFor := func(what string, ok func() bool) {
+		t.Helper()
+		for deadline := time.Now().Add(10 * time.Second); !ok(); time.Sleep(20 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s:\n%s", what, out.String())
+			}
 		}
 	}
+	waitFor("the sandbox did not start", func() bool { _, err := os.Stat(ready); return err == nil })
+	mark := ifaceRule()
+	if mark == "" {
+		t.Fatal("no --iface rule")
+	}
+	cmd.Process.Signal(syscall.SIGSTOP)
 	for _, fam := range []string{"-4", "-6"} {
 		if out, err := exec.Command("ip", fam, "rule", "del", "pref", "3312", "fwmark", mark).CombinedOutput(); err != nil {
 			t.Fatalf("deleting the --iface rule: %v\n%s", err, out)
 		}
 	}
 	os.WriteFile(gone, nil, 0o644)
-	if r := <-done; r.code == 0 || strings.Contains(r.stdout, "hello from the test internet") {
-		t.Errorf("with --iface, its rule gone: %s", r)
+	waitFor("the sandbox did not try", func() bool { _, err := os.Stat(tried); return err == nil })
+	cmd.Process.Signal(syscall.SIGCONT)
+	waitFor("the --iface rule was not put back", func() bool { return ifaceRule() == mark })
+	os.WriteFile(back, nil, 0o644)
+	cmd.Wait()
+	if got := out.String(); !strings.Contains(got, "first-failed") || !strings.Contains(got, "alternate path") || strings.Contains(got, "hello from the test internet") {
+		t.Errorf("with --iface, its rule gone, then back:\n%s", got)
 	}
 	if r := sh(t, root, append(rootArgs, "--iface", "nosuchif0"), "true"); r.code != 2 || !strings.Contains(r.stderr, `--iface "nosuchif0"`) {
 		t.Fatal(r)
