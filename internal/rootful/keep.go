@@ -91,7 +91,7 @@ func (sb *Sandbox) warn(msg string) {
 // --iface traffic leaving elsewhere, the kernel never forwards TPROXY'd
 // packets, and the table alone enforces the policy without the
 // backstop), but the sandbox has no network.
-func (sb *Sandbox) keepRouting(restore func() error) error {
+func (sb *Sandbox) keepRouting(spec tableSpec) error {
 	c, err := netlink.Dial(unix.NETLINK_ROUTE, nil)
 	if err != nil {
 		return fmt.Errorf("watching the host's routing: %w", err)
@@ -118,7 +118,7 @@ func (sb *Sandbox) keepRouting(restore func() error) error {
 				return
 			}
 			if deleted {
-				if err := restore(); err != nil {
+				if err := sb.addRouting(spec); err != nil {
 					sb.warn(fmt.Sprintf("putting the sandbox's ip rules and routes back: %v", err))
 				}
 			}

@@ -181,7 +181,7 @@ func (sb *Sandbox) Attach(pid int, onEvent func(flowlog.Event)) (err error) {
 	if err = sb.keepTable(spec); err != nil {
 		return err
 	}
-	if err = sb.keepRouting(func() error { return sb.addRouting(spec) }); err != nil {
+	if err = sb.keepRouting(spec); err != nil {
 		return err
 	}
 	sb.resolver = &dns.Resolver{Upstreams: cfg.DNS, Policy: cfg.Policy, Cache: &sb.cache, Events: &sb.events, OnAnswer: sb.onAnswer, Dialer: sb.dialer()}
