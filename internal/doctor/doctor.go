@@ -11,6 +11,8 @@ import (
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/childflow/childflow/internal/rootful"
 )
 
 // Status of one requirement.
@@ -47,11 +49,14 @@ type Host struct {
 	Egid    int
 	CapEff  uint64 // the effective capabilities
 	LookBin func(string) (string, error)
+	// ForwardDrops names the host's forward chains that drop what
+	// --root sandboxes send (rootful.ForwardDrops); nil: not looked at.
+	ForwardDrops func() []string
 }
 
 // Local is this machine.
 func Local() Host {
-	return Host{Proc: "/proc", DevTun: "/dev/net/tun", Resolv: "/etc/resolv.conf", Euid: os.Geteuid(), Egid: os.Getegid(), CapEff: effectiveCaps(), LookBin: exec.LookPath}
+	return Host{Proc: "/proc", DevTun: "/dev/net/tun", Resolv: "/etc/resolv.conf", Euid: os.Geteuid(), Egid: os.Getegid(), CapEff: effectiveCaps(), LookBin: exec.LookPath, ForwardDrops: rootful.ForwardDrops}
 }
 
 // Privileged reports whether this process builds a sandbox's namespaces
@@ -231,6 +236,12 @@ func (h Host) nftables() Check {
 	c := Check{Name: "nftables", Status: Available, Detail: "only the --root backend uses nftables"}
 	if !h.Privileged() {
 		c.Status, c.Detail, c.Fix = Limited, "--root needs root privileges (nftables over netlink)", "run --root through sudo"
+	} else if h.ForwardDrops != nil {
+		if drops := h.ForwardDrops(); len(drops) > 0 {
+			c.Status = Limited
+			c.Detail = fmt.Sprintf("chain %s drops forwarded packets no rule accepts (Docker and ufw set iptables' FORWARD so): --root sandboxes reach nothing beyond the host", strings.Join(drops, ", "))
+			c.Fix = "iptables -I FORWARD -i cfr+ -j ACCEPT; iptables -I FORWARD -o cfr+ -j ACCEPT (DOCKER-USER with Docker); childflow's own table still refuses what the policy denies"
+		}
 	}
 	return c
 }

@@ -9,13 +9,13 @@ import (
 	"github.com/google/nftables/expr"
 )
 
-// forwardDrops names the host's base chains at the forward hook whose
+// ForwardDrops names the host's base chains at the forward hook whose
 // policy drops what no rule accepts (Docker and ufw set iptables'
 // FORWARD so) in tables with no rule about childflow's links (cfr*).
 // An accept in childflow's table does not stop another table's drop:
 // there the sandbox reaches nothing beyond the host, and the user had
 // better hear why.
-func forwardDrops() []string {
+func ForwardDrops() []string {
 	c, err := nftables.New()
 	if err != nil {
 		return nil

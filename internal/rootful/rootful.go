@@ -173,7 +173,7 @@ func (sb *Sandbox) Attach(pid int, onEvent func(flowlog.Event)) (err error) {
 	if err = installTable(spec); err != nil {
 		return err
 	}
-	if drops := forwardDrops(); len(drops) > 0 && cfg.Warn != nil {
+	if drops := ForwardDrops(); len(drops) > 0 && cfg.Warn != nil {
 		cfg.Warn(fmt.Sprintf("warning: the host's nftables chain %s drops forwarded packets no rule accepts (Docker and ufw set iptables' FORWARD so): the sandbox reaches nothing beyond the host unless the host accepts them, e.g. iptables -I FORWARD -i %s+ -j ACCEPT; iptables -I FORWARD -o %s+ -j ACCEPT (DOCKER-USER with Docker)",
 			strings.Join(drops, ", "), vethPrefix, vethPrefix))
 	}

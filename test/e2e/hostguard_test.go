@@ -5,6 +5,7 @@ package e2e
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -422,7 +423,8 @@ func TestRootFailsClosedWhenItsTableGoes(t *testing.T) {
 // TestRootWarnsOfAForwardDropPolicy: where the host's iptables FORWARD
 // drops what no rule accepts (Docker's and ufw's setting), a --root
 // sandbox reaches nothing beyond the host, whatever childflow's own
-// table accepts; childflow says so, and its advice lets the traffic out.
+// table accepts; childflow says so, at start and in --doctor, and its
+// advice lets the traffic out.
 func TestRootWarnsOfAForwardDropPolicy(t *testing.T) {
 	requireRoot(t)
 	hostAndNetwork(t)
@@ -437,14 +439,37 @@ func TestRootWarnsOfAForwardDropPolicy(t *testing.T) {
 	send := func(what string) result {
 		return execute(t, inHost(root, "--root", "--", "sh", "-c", "echo "+what+" | socat -u - UDP4-DATAGRAM:10.99.0.2:9999; exit 5")...)
 	}
+	// --doctor says it too, as a limit of the nftables requirement.
+	nftCheck := func() string {
+		r := execute(t, inHost(root, "--doctor", "--doctor-format", "json")...)
+		var report struct {
+			Checks []struct{ Name, Status, Detail string }
+		}
+		if err := json.Unmarshal([]byte(r.stdout), &report); err != nil {
+			t.Fatalf("--doctor: %v\n%s", err, r)
+		}
+		for _, c := range report.Checks {
+			if c.Name == "nftables" {
+				return c.Status + ": " + c.Detail
+			}
+		}
+		t.Fatalf("--doctor has no nftables check:\n%s", r)
+		return ""
+	}
 	const warning = "the host's nftables chain ip filter FORWARD drops forwarded packets"
 	if r := send("dropped"); r.code != 5 || !strings.Contains(r.stderr, warning) {
 		t.Errorf("with FORWARD's policy drop: %s", r)
+	}
+	if got := nftCheck(); !strings.HasPrefix(got, "limited: chain ip filter FORWARD drops") {
+		t.Errorf("--doctor with FORWARD's policy drop: %s", got)
 	}
 	ipt("-I", "FORWARD", "-i", "cfr+", "-j", "ACCEPT")
 	ipt("-I", "FORWARD", "-o", "cfr+", "-j", "ACCEPT")
 	if r := send("accepted"); r.code != 5 || strings.Contains(r.stderr, warning) {
 		t.Errorf("with the advice taken: %s", r)
+	}
+	if got := nftCheck(); !strings.HasPrefix(got, "available") {
+		t.Errorf("--doctor with the advice taken: %s", got)
 	}
 	for deadline := time.Now().Add(5 * time.Second); !strings.Contains(lan.got(), "accepted"); time.Sleep(20 * time.Millisecond) {
 		if time.Now().After(deadline) {
