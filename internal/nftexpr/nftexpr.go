@@ -165,6 +165,22 @@ func MarkIs(m uint32) []expr.Any {
 	}
 }
 
+// SetMark sets the packet's mark to m.
+func SetMark(m uint32) []expr.Any {
+	return []expr.Any{
+		&expr.Immediate{Register: 1, Data: binaryutil.NativeEndian.PutUint32(m)},
+		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1, SourceRegister: true},
+	}
+}
+
+// SetCtMark sets the connection's mark to m.
+func SetCtMark(m uint32) []expr.Any {
+	return []expr.Any{
+		&expr.Immediate{Register: 1, Data: binaryutil.NativeEndian.PutUint32(m)},
+		&expr.Ct{Key: expr.CtKeyMARK, Register: 1, SourceRegister: true},
+	}
+}
+
 // CtMarkIs matches packets whose connection carries mark m.
 func CtMarkIs(m uint32) []expr.Any {
 	return []expr.Any{

@@ -15,7 +15,7 @@ import (
 type Watcher struct {
 	c      *nftables.Conn
 	mon    *nftables.Monitor
-	events chan *nftables.MonitorEvent
+	events chan *nftables.MonitorEvents
 }
 
 // New subscribes, so that no deletion after it returns goes unseen.
@@ -30,7 +30,7 @@ func New() (*Watcher, error) {
 
 func (w *Watcher) subscribe() error {
 	w.mon = nftables.NewMonitor(nftables.WithMonitorObject(nftables.MonitorObjectTables))
-	events, err := w.c.AddMonitor(w.mon)
+	events, err := w.c.AddGenerationalMonitor(w.mon)
 	if err != nil {
 		return fmt.Errorf("watching the host's nftables tables: %w", err)
 	}
@@ -45,10 +45,15 @@ func (w *Watcher) subscribe() error {
 func (w *Watcher) Run(ctx context.Context, deleted func()) error {
 	for {
 		stop := context.AfterFunc(ctx, func() { w.mon.Close() })
-		for ev := range w.events {
-			// A receive error ends the channel with an out-of-band event.
-			if ev.Type == nftables.MonitorEventTypeDelTable || ev.Type == nftables.MonitorEventTypeOOB {
-				deleted()
+		for batch := range w.events {
+			// One call per transaction, however many tables it deleted (a
+			// flush deletes them all). A receive error ends the channel
+			// with an out-of-band event.
+			for _, ev := range batch.Changes {
+				if ev.Type == nftables.MonitorEventTypeDelTable || ev.Type == nftables.MonitorEventTypeOOB {
+					deleted()
+					break
+				}
 			}
 		}
 		stop()

@@ -172,8 +172,8 @@ func installTable(s tableSpec) error {
 	// comes without it (routing.go). On every new connection: only those
 	// pass as established, not one opened while the table was gone.
 	mangle := c.AddChain(&nftables.Chain{Name: "mangle", Table: n.t, Type: nftables.ChainTypeFilter, Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityMangle})
-	n.rule(mangle, nftexpr.Cat(fromSandbox, setMark(s.mark))...)
-	n.rule(mangle, nftexpr.Cat(fromSandbox, nftexpr.CtStateNew(), setCtMark(s.mark))...)
+	n.rule(mangle, nftexpr.Cat(fromSandbox, nftexpr.SetMark(s.mark))...)
+	n.rule(mangle, nftexpr.Cat(fromSandbox, nftexpr.CtStateNew(), nftexpr.SetCtMark(s.mark))...)
 	if s.tproxy != 0 {
 		// New TCP connections go to the proxy client; the policy is
 		// then decided there, for the proxied flow.
@@ -190,11 +190,11 @@ func installTable(s tableSpec) error {
 			n.rule(mangle, nftexpr.Cat(fromSandbox, nftexpr.Family(is6), nftexpr.L4(unix.IPPROTO_TCP), nftexpr.NotDaddr(gw), notDNS, []expr.Any{
 				&expr.Immediate{Register: 1, Data: binaryutil.BigEndian.PutUint16(s.tproxy)},
 				&expr.TProxy{Family: byte(nftexpr.NFProto(is6)), TableFamily: byte(nftables.TableFamilyINet), RegPort: 1},
-			}, setMark(s.tpMark), []expr.Any{accept})...)
+			}, nftexpr.SetMark(s.tpMark), []expr.Any{accept})...)
 		}
 	}
 	if s.ifMark != 0 {
-		n.rule(mangle, nftexpr.Cat(fromSandbox, setMark(s.ifMark))...)
+		n.rule(mangle, nftexpr.Cat(fromSandbox, nftexpr.SetMark(s.ifMark))...)
 	}
 
 	// Before the host's own filters (priority filter - 10): a drop here
@@ -346,22 +346,6 @@ func installTable(s tableSpec) error {
 		}
 	}
 	return nil
-}
-
-// setMark sets the packet's mark to m.
-func setMark(m uint32) []expr.Any {
-	return []expr.Any{
-		&expr.Immediate{Register: 1, Data: binaryutil.NativeEndian.PutUint32(m)},
-		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1, SourceRegister: true},
-	}
-}
-
-// setCtMark sets the connection's mark to m.
-func setCtMark(m uint32) []expr.Any {
-	return []expr.Any{
-		&expr.Immediate{Register: 1, Data: binaryutil.NativeEndian.PutUint32(m)},
-		&expr.Ct{Key: expr.CtKeyMARK, Register: 1, SourceRegister: true},
-	}
 }
 
 // largeBuffers let the table's one transaction, which grows with the

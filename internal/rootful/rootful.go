@@ -173,9 +173,14 @@ func (sb *Sandbox) Attach(pid int, onEvent func(flowlog.Event)) (err error) {
 	if err = installTable(spec); err != nil {
 		return err
 	}
-	if drops := ForwardDrops(); len(drops) > 0 && cfg.Warn != nil {
-		cfg.Warn(fmt.Sprintf("warning: the host's nftables chain %s drops forwarded packets no rule accepts (Docker and ufw set iptables' FORWARD so): the sandbox reaches nothing beyond the host unless the host accepts them, e.g. iptables -I FORWARD -i %s+ -j ACCEPT; iptables -I FORWARD -o %s+ -j ACCEPT (DOCKER-USER with Docker)",
-			strings.Join(drops, ", "), vethPrefix, vethPrefix))
+	if cfg.Warn != nil {
+		// Only a warning: looked for beside the command, not before it.
+		sb.spawn(func() {
+			if drops := ForwardDrops(); len(drops) > 0 {
+				cfg.Warn(fmt.Sprintf("warning: the host's nftables chain %s drops forwarded packets no rule accepts (Docker and ufw set iptables' FORWARD so): the sandbox reaches nothing beyond the host unless the host accepts them, e.g. iptables -I FORWARD -i %s+ -j ACCEPT; iptables -I FORWARD -o %s+ -j ACCEPT (DOCKER-USER with Docker)",
+					strings.Join(drops, ", "), vethPrefix, vethPrefix))
+			}
+		})
 	}
 	sb.sets = &domainSets{table: sb.rec.Table}
 	if err = sb.keepTable(spec); err != nil {

@@ -18,7 +18,6 @@ import (
 	"sort"
 
 	"github.com/google/nftables"
-	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -245,26 +244,14 @@ func installTable(netns int, cfg Config) error {
 	// Postrouting, not output: there the interface is the one a packet
 	// really leaves by, after the DNS redirect below rerouted it.
 	egress := c.AddChain(&nftables.Chain{Name: "egress", Table: t, Type: nftables.ChainTypeFilter, Hooknum: nftables.ChainHookPostrouting, Priority: nftables.ChainPriorityFilter})
-	mark := binaryutil.NativeEndian.PutUint32(Mark)
-	zero := binaryutil.NativeEndian.PutUint32(0)
 	accept := &expr.Verdict{Kind: expr.VerdictAccept}
 
-	c.AddRule(&nftables.Rule{Table: t, Chain: inbound, Exprs: []expr.Any{
+	c.AddRule(&nftables.Rule{Table: t, Chain: inbound, Exprs: nftexpr.Cat([]expr.Any{
 		&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: nftexpr.IfNameBytes("lo")},
 		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: nftexpr.IfNameBytes(tunName)},
-		&expr.Ct{Key: expr.CtKeySTATE, Register: 1},
-		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: binaryutil.NativeEndian.PutUint32(expr.CtStateBitNEW), Xor: zero},
-		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: zero},
-		&expr.Immediate{Register: 1, Data: mark},
-		&expr.Ct{Key: expr.CtKeyMARK, Register: 1, SourceRegister: true},
-	}})
-	c.AddRule(&nftables.Rule{Table: t, Chain: reroute, Exprs: []expr.Any{
-		&expr.Ct{Key: expr.CtKeyMARK, Register: 1},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: mark},
-		&expr.Immediate{Register: 1, Data: mark},
-		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1, SourceRegister: true},
-	}})
+	}, nftexpr.CtStateNew(), nftexpr.SetCtMark(Mark))})
+	c.AddRule(&nftables.Rule{Table: t, Chain: reroute, Exprs: nftexpr.Cat(nftexpr.CtMarkIs(Mark), nftexpr.SetMark(Mark))})
 	for _, name := range []string{"lo", tunName} {
 		c.AddRule(&nftables.Rule{Table: t, Chain: egress, Exprs: []expr.Any{
 			&expr.Meta{Key: expr.MetaKeyOIFNAME, Register: 1},
@@ -272,11 +259,7 @@ func installTable(netns int, cfg Config) error {
 			accept,
 		}})
 	}
-	c.AddRule(&nftables.Rule{Table: t, Chain: egress, Exprs: []expr.Any{
-		&expr.Ct{Key: expr.CtKeyMARK, Register: 1},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: mark},
-		accept,
-	}})
+	c.AddRule(&nftables.Rule{Table: t, Chain: egress, Exprs: nftexpr.Cat(nftexpr.CtMarkIs(Mark), []expr.Any{accept})})
 	c.AddRule(&nftables.Rule{Table: t, Chain: egress, Exprs: nftexpr.Cat(nftexpr.NeighbourDiscovery(), []expr.Any{accept})})
 	for _, k := range keep {
 		c.AddRule(&nftables.Rule{Table: t, Chain: egress, Exprs: append(nftexpr.DaddrIn(k), accept)})
