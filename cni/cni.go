@@ -155,11 +155,14 @@ func cmdAdd(args *skel.CmdArgs) error {
 // guardHostSide filters the pod's veth on the host: the pod's own rules
 // cannot stop a process with CAP_NET_RAW from writing frames to it.
 func guardHostSide(conf *NetConf, args *skel.CmdArgs, keep []netip.Prefix) error {
-	hostIf, pod, err := tunns.HostPeerOf(args.Netns, args.IfName)
+	peer, err := tunns.HostPeerOf(args.Netns, args.IfName)
 	if err != nil {
 		return err
 	}
-	return conf.guards().Install(steer.HostGuard{ID: args.ContainerID, HostIf: hostIf, Pod: pod, Keep: keep})
+	return conf.guards().Install(steer.HostGuard{
+		ID: args.ContainerID, HostIf: peer.HostIf, Pod: peer.Addrs, Keep: keep,
+		MAC: peer.MAC, LinkLocal: peer.LinkLocal,
+	})
 }
 
 // cmdDel detaches. It succeeds when the netns, the link or the daemon is
@@ -207,7 +210,7 @@ func cmdCheck(args *skel.CmdArgs) error {
 		return types.NewError(types.ErrInternal, "childflow: pod "+args.ContainerID+": "+err.Error(), "")
 	}
 	// A flushed ruleset (a restart of nftables.service) takes the guard too.
-	if _, _, err := tunns.HostPeerOf(args.Netns, args.IfName); err == nil {
+	if _, err := tunns.HostPeerOf(args.Netns, args.IfName); err == nil {
 		if ok, err := conf.guards().Has(args.ContainerID); err != nil || !ok {
 			return types.NewError(types.ErrInternal, fmt.Sprintf("childflow: pod %s: the guard of its veth on the host (in nftables table %s) is gone", args.ContainerID, steer.GuardTable), "")
 		}

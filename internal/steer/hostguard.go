@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -36,6 +37,10 @@ type HostGuard struct {
 	HostIf string         // the host's end of the pod's veth
 	Pod    []netip.Addr   // the pod's addresses: the only sources it may send from
 	Keep   []netip.Prefix // destinations it may reach around the engine
+	// On a bridge port, what the pod may claim to its neighbours: its
+	// MAC address and, in neighbour discovery, its link-local addresses.
+	MAC       string       `json:",omitempty"`
+	LinkLocal []netip.Addr `json:",omitempty"`
 }
 
 // Guards are the host guards of one node, in two tables shared by all
@@ -135,7 +140,7 @@ func install(g HostGuard, family nftables.TableFamily) error {
 	if err != nil {
 		return err
 	}
-	t, fromPods, toPods, err := guardTable(c, family)
+	t, maps, err := guardTable(c, family)
 	if err != nil {
 		return fmt.Errorf("guarding %s on the host: %w", g.HostIf, err)
 	}
@@ -145,8 +150,8 @@ func install(g HostGuard, family nftables.TableFamily) error {
 			return fmt.Errorf("guarding %s on the host: removing the guard it had: %w", g.HostIf, err)
 		}
 	}
-	takeName(c, t, fromPods, toPods, g.HostIf)
-	if err := addGuard(c, t, fromPods, toPods, key, g); err != nil {
+	takeName(c, t, maps, g.HostIf)
+	if err := addGuard(c, t, maps, key, g); err != nil {
 		return err
 	}
 	if err := c.Flush(); err != nil {
@@ -159,7 +164,7 @@ func install(g HostGuard, family nftables.TableFamily) error {
 // without DEL that still claims it (a new veth can take the name again):
 // the new pod's chains replace its in the maps, and its own removal must
 // then leave them be.
-func takeName(c *nftables.Conn, t *nftables.Table, fromPods, toPods *nftables.Set, hostIf string) {
+func takeName(c *nftables.Conn, t *nftables.Table, maps []*nftables.Set, hostIf string) {
 	name := nftexpr.IfNameBytes(hostIf)
 	sets, err := c.GetSets(t)
 	if err != nil {
@@ -175,41 +180,51 @@ func takeName(c *nftables.Conn, t *nftables.Table, fromPods, toPods *nftables.Se
 				continue
 			}
 			c.SetDeleteElements(set, []nftables.SetElement{{Key: name}})
-			c.SetDeleteElements(fromPods, []nftables.SetElement{{Key: name}})
-			if t.Family == nftables.TableFamilyBridge {
-				c.SetDeleteElements(toPods, []nftables.SetElement{{Key: name}})
+			for _, m := range maps {
+				deleteKey(c, m, name)
 			}
 		}
 	}
 }
 
-// guardTable returns the family's table and its maps, made with their
-// base chains if it does not exist yet.
-func guardTable(c *nftables.Conn, family nftables.TableFamily) (t *nftables.Table, fromPods, toPods *nftables.Set, err error) {
-	t = &nftables.Table{Family: family, Name: GuardTable}
-	// Interface names are strings: host byte order, so that nft shows them.
-	fromPods = &nftables.Set{Table: t, Name: "from-pods", IsMap: true, KeyType: nftables.TypeIFName, KeyByteOrder: binaryutil.NativeEndian, DataType: nftables.TypeVerdict}
-	toPods = &nftables.Set{Table: t, Name: "to-pods", IsMap: true, KeyType: nftables.TypeIFName, KeyByteOrder: binaryutil.NativeEndian, DataType: nftables.TypeVerdict}
-	if existing, err := c.ListTableOfFamily(GuardTable, family); err == nil && existing != nil {
-		if fromPods, err = c.GetSetByName(t, fromPods.Name); err != nil {
-			return nil, nil, nil, err
-		}
-		if family == nftables.TableFamilyBridge {
-			if toPods, err = c.GetSetByName(t, toPods.Name); err != nil {
-				return nil, nil, nil, err
-			}
-		}
-		return t, fromPods, toPods, nil
-	}
-	c.AddTable(t)
-	maps := []*nftables.Set{fromPods}
+// The verdict maps, keyed by interface name, that lead to each pod's
+// chains: for what it sends and, on a bridge, for what is sent to it and
+// for what it claims on the link (before the bridge learns from it).
+const (
+	fromPods  = "from-pods"
+	toPods    = "to-pods"
+	podsLinks = "pods-links"
+)
+
+// guardMapNames are the maps of a family's table.
+func guardMapNames(family nftables.TableFamily) []string {
 	if family == nftables.TableFamilyBridge {
-		maps = append(maps, toPods)
+		return []string{fromPods, toPods, podsLinks}
 	}
-	for _, m := range maps {
-		if err := c.AddSet(m, nil); err != nil {
-			return nil, nil, nil, err
+	return []string{fromPods}
+}
+
+// deleteKey queues the deletion of a map's element, if it has it (the
+// deletion of a missing one would fail the whole batch).
+func deleteKey(c *nftables.Conn, m *nftables.Set, key []byte) {
+	elems, _ := c.GetSetElements(m)
+	for _, e := range elems {
+		if string(e.Key) == string(key) {
+			c.SetDeleteElements(m, []nftables.SetElement{{Key: key}})
+			return
 		}
+	}
+}
+
+// guardTable returns the family's table and its maps (guardMapNames'
+// order), adding what is missing of them and their base chains.
+func guardTable(c *nftables.Conn, family nftables.TableFamily) (*nftables.Table, []*nftables.Set, error) {
+	t := &nftables.Table{Family: family, Name: GuardTable}
+	exists := false
+	if existing, err := c.ListTableOfFamily(GuardTable, family); err == nil && existing != nil {
+		exists = true
+	} else {
+		c.AddTable(t)
 	}
 	// Before the host's own filters (inet's at 0, bridge's at -200): a
 	// drop here is final.
@@ -217,8 +232,12 @@ func guardTable(c *nftables.Conn, family nftables.TableFamily) (t *nftables.Tabl
 	if family == nftables.TableFamilyBridge {
 		prio = nftables.ChainPriorityRef(-210)
 	}
+	bases := map[string]*nftables.Chain{}
 	base := func(name string, hook *nftables.ChainHook) *nftables.Chain {
-		return c.AddChain(&nftables.Chain{Name: name, Table: t, Type: nftables.ChainTypeFilter, Hooknum: hook, Priority: prio})
+		if bases[name] == nil {
+			bases[name] = c.AddChain(&nftables.Chain{Name: name, Table: t, Type: nftables.ChainTypeFilter, Hooknum: hook, Priority: prio})
+		}
+		return bases[name]
 	}
 	vmap := func(ch *nftables.Chain, key expr.MetaKey, m *nftables.Set) {
 		c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: []expr.Any{
@@ -226,20 +245,37 @@ func guardTable(c *nftables.Conn, family nftables.TableFamily) (t *nftables.Tabl
 			&expr.Lookup{SourceRegister: 1, SetName: m.Name, SetID: m.ID, IsDestRegSet: true, DestRegister: 0},
 		}})
 	}
-	// What the pod sends, forwarded or to the host; on a bridge, also
-	// what is sent to it, which the inbound sets remember.
-	forward, input := base("forward", nftables.ChainHookForward), base("input", nftables.ChainHookInput)
-	vmap(forward, expr.MetaKeyIIFNAME, fromPods)
-	vmap(input, expr.MetaKeyIIFNAME, fromPods)
-	if family == nftables.TableFamilyBridge {
-		vmap(forward, expr.MetaKeyOIFNAME, toPods)
-		vmap(base("output", nftables.ChainHookOutput), expr.MetaKeyOIFNAME, toPods)
+	var maps []*nftables.Set
+	for _, name := range guardMapNames(family) {
+		if exists {
+			if m, err := c.GetSetByName(t, name); err == nil {
+				maps = append(maps, m)
+				continue
+			}
+		}
+		// Interface names are strings: host byte order, so that nft shows them.
+		m := &nftables.Set{Table: t, Name: name, IsMap: true, KeyType: nftables.TypeIFName, KeyByteOrder: binaryutil.NativeEndian, DataType: nftables.TypeVerdict}
+		if err := c.AddSet(m, nil); err != nil {
+			return nil, nil, err
+		}
+		maps = append(maps, m)
+		switch name {
+		case fromPods: // what the pod sends, forwarded or to the host
+			vmap(base("forward", nftables.ChainHookForward), expr.MetaKeyIIFNAME, m)
+			vmap(base("input", nftables.ChainHookInput), expr.MetaKeyIIFNAME, m)
+		case toPods: // what is sent to it, which the inbound sets remember
+			vmap(base("forward", nftables.ChainHookForward), expr.MetaKeyOIFNAME, m)
+			vmap(base("output", nftables.ChainHookOutput), expr.MetaKeyOIFNAME, m)
+		case podsLinks: // a table made before the link checks has none
+			vmap(base("prerouting", nftables.ChainHookPrerouting), expr.MetaKeyIIFNAME, m)
+		}
 	}
-	return t, fromPods, toPods, c.Flush()
+	return t, maps, c.Flush()
 }
 
-// addGuard adds the pod's chains and sets, and its interface to the maps.
-func addGuard(c *nftables.Conn, t *nftables.Table, fromPods, toPods *nftables.Set, key string, g HostGuard) error {
+// addGuard adds the pod's chains and sets, and its interface to the maps
+// (guardMapNames' order).
+func addGuard(c *nftables.Conn, t *nftables.Table, maps []*nftables.Set, key string, g HostGuard) error {
 	bridged := t.Family == nftables.TableFamilyBridge
 	ipFamily := nftexpr.Family
 	if bridged {
@@ -298,7 +334,10 @@ func addGuard(c *nftables.Conn, t *nftables.Table, fromPods, toPods *nftables.Se
 			rule(to, ipFamily(is6), []expr.Any{nftexpr.LoadAddr(is6, true), remember})
 			rule(fromAddr, ipFamily(is6), []expr.Any{nftexpr.LoadAddr(is6, false), &expr.Lookup{SourceRegister: 1, SetName: set.Name, SetID: set.ID}, accept})
 		}
-		if err := c.SetAddElements(toPods, []nftables.SetElement{{Key: nftexpr.IfNameBytes(g.HostIf), VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: to.Name}}}); err != nil {
+		if err := c.SetAddElements(maps[1], []nftables.SetElement{{Key: nftexpr.IfNameBytes(g.HostIf), VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: to.Name}}}); err != nil {
+			return err
+		}
+		if err := addLinkChain(c, t, maps[2], key, g); err != nil {
 			return err
 		}
 	} else {
@@ -308,7 +347,99 @@ func addGuard(c *nftables.Conn, t *nftables.Table, fromPods, toPods *nftables.Se
 		rule(fromAddr, ipFamily(k.Addr().Is6()), nftexpr.AddrIn(k, false), []expr.Any{accept})
 	}
 	rule(fromAddr, []expr.Any{drop})
-	return c.SetAddElements(fromPods, []nftables.SetElement{{Key: nftexpr.IfNameBytes(g.HostIf), VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: from.Name}}})
+	return c.SetAddElements(maps[0], []nftables.SetElement{{Key: nftexpr.IfNameBytes(g.HostIf), VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: from.Name}}})
+}
+
+// addLinkChain adds what keeps a pod on a bridge from posing as another
+// to its neighbours (other pods, the node): frames only from its own MAC
+// address (the bridge learns the sender of every frame it receives,
+// before any forward rule), ARP only for its own IPv4 addresses,
+// neighbour discovery only from and, in advertisements, for its own
+// IPv6 addresses, and no router advertisements or redirects. It runs
+// where the bridge receives the frame. A guard recorded without a MAC
+// address (before these checks) has none.
+func addLinkChain(c *nftables.Conn, t *nftables.Table, links *nftables.Set, key string, g HostGuard) error {
+	if g.MAC == "" {
+		return nil
+	}
+	mac, err := net.ParseMAC(g.MAC)
+	if err != nil || len(mac) != 6 {
+		return fmt.Errorf("guarding %s on the host: the pod's MAC address %q is not an Ethernet address", g.HostIf, g.MAC)
+	}
+	link := c.AddChain(&nftables.Chain{Name: "link-" + key, Table: t})
+	drop := []expr.Any{&expr.Verdict{Kind: expr.VerdictDrop}}
+	rule := func(e ...[]expr.Any) {
+		c.AddRule(&nftables.Rule{Table: t, Chain: link, Exprs: nftexpr.Cat(append(e, drop)...)})
+	}
+	load := func(base expr.PayloadBase, offset, n uint32) []expr.Any {
+		return []expr.Any{&expr.Payload{DestRegister: 1, Base: base, Offset: offset, Len: n}}
+	}
+	differs := func(b []byte) []expr.Any {
+		return []expr.Any{&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: b}}
+	}
+	is := func(b ...byte) []expr.Any {
+		return []expr.Any{&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: b}}
+	}
+	// notIn matches what register 1 holds when none of addrs is it.
+	notIn := func(is6 bool, addrs []netip.Addr) ([]expr.Any, error) {
+		set := &nftables.Set{Table: t, Anonymous: true, Constant: true, KeyType: nftables.TypeIPAddr}
+		if is6 {
+			set.KeyType = nftables.TypeIP6Addr
+		}
+		var elems []nftables.SetElement
+		for _, a := range addrs {
+			elems = append(elems, nftables.SetElement{Key: a.AsSlice()})
+		}
+		if err := c.AddSet(set, elems); err != nil {
+			return nil, err
+		}
+		return []expr.Any{&expr.Lookup{SourceRegister: 1, SetName: set.Name, SetID: set.ID, Invert: true}}, nil
+	}
+	v4, v6 := []netip.Addr{netip.IPv4Unspecified()}, append([]netip.Addr{}, g.LinkLocal...)
+	for _, a := range g.Pod {
+		if a.Is4() {
+			v4 = append(v4, a)
+		} else {
+			v6 = append(v6, a)
+		}
+	}
+	arp := nftexpr.EtherTypeIs(unix.ETH_P_ARP)
+	icmp6 := nftexpr.Cat(nftexpr.EtherType(true), nftexpr.L4(unix.IPPROTO_ICMPV6))
+	icmp6Type := load(expr.PayloadBaseTransportHeader, 0, 1)
+
+	rule(load(expr.PayloadBaseLLHeader, 6, 6), differs(mac))
+	// ARP for IPv4 over Ethernet only, from the pod's MAC address and
+	// one of its addresses (or none: a probe).
+	for _, f := range []struct {
+		offset uint32
+		want   []byte
+	}{{0, []byte{0, 1}}, {2, []byte{8, 0}}, {4, []byte{6}}, {5, []byte{4}}} {
+		rule(arp, load(expr.PayloadBaseNetworkHeader, f.offset, uint32(len(f.want))), differs(f.want))
+	}
+	rule(arp, load(expr.PayloadBaseNetworkHeader, 8, 6), differs(mac))
+	sender, err := notIn(false, v4)
+	if err != nil {
+		return err
+	}
+	rule(arp, load(expr.PayloadBaseNetworkHeader, 14, 4), sender)
+	rule(icmp6, icmp6Type, is(134)) // router advertisement
+	rule(icmp6, icmp6Type, is(137)) // redirect
+	// Neighbour discovery from the pod's addresses, or none (duplicate
+	// address detection), and advertising only them.
+	source, err := notIn(true, append(v6, netip.IPv6Unspecified()))
+	if err != nil {
+		return err
+	}
+	rule(icmp6, icmp6Type, []expr.Any{&expr.Range{Op: expr.CmpOpEq, Register: 1, FromData: []byte{133}, ToData: []byte{136}}},
+		[]expr.Any{nftexpr.LoadAddr(true, true)}, source)
+	advertised := []expr.Any{}
+	if len(v6) > 0 {
+		if advertised, err = notIn(true, v6); err != nil {
+			return err
+		}
+	}
+	rule(icmp6, icmp6Type, is(136), load(expr.PayloadBaseTransportHeader, 8, 16), advertised)
+	return c.SetAddElements(links, []nftables.SetElement{{Key: nftexpr.IfNameBytes(g.HostIf), VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: link.Name}}})
 }
 
 // removeChains queues the removal of the pod's map elements, chains and
@@ -331,12 +462,12 @@ func removeChains(c *nftables.Conn, t *nftables.Table, key string) bool {
 	if set, err := c.GetSetByName(t, "if-"+key); err == nil {
 		ifs, _ = c.GetSetElements(set)
 	}
-	for _, m := range []string{"from-pods", "to-pods"} {
+	for _, m := range guardMapNames(t.Family) {
 		if set, err := c.GetSetByName(t, m); err == nil && len(ifs) > 0 {
-			c.SetDeleteElements(set, []nftables.SetElement{{Key: ifs[0].Key}})
+			deleteKey(c, set, ifs[0].Key)
 		}
 	}
-	mine := []string{"from-" + key, "addr-" + key, "to-" + key}
+	mine := []string{"from-" + key, "addr-" + key, "to-" + key, "link-" + key}
 	for _, n := range mine {
 		if names[n] {
 			c.FlushChain(&nftables.Chain{Table: t, Name: n})

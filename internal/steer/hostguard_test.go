@@ -317,6 +317,19 @@ func TestGuardsShareATablePerFamily(t *testing.T) {
 	in(func() error { return guards.Install(pod("bbbbbbbbbbbb-2", "hg-b")) })
 	in(func() error { return guards.Install(pod("cccccccccccc-3", "hg-c")) })
 	in(func() error { return guards.Install(pod("aaaaaaaaaaaa-1", "hg-a")) })
+	// A table made before the pods' link chains has no map for them: the
+	// next pod's install adds it.
+	run(t, nodeNS, "nft", "delete", "chain", "bridge", GuardTable, "prerouting")
+	run(t, nodeNS, "nft", "delete", "map", "bridge", GuardTable, podsLinks)
+	withMAC := pod("cccccccccccc-3", "hg-c")
+	withMAC.MAC = "02:00:00:00:00:0c"
+	in(func() error { return guards.Install(withMAC) })
+	if m, _ := exec.Command("ip", "netns", "exec", nodeNS, "nft", "list", "chain", "bridge", GuardTable, "prerouting").Output(); !strings.Contains(string(m), "iifname vmap @"+podsLinks) {
+		t.Errorf("the prerouting chain after an install into a table without it:\n%s", m)
+	}
+	if m, _ := exec.Command("ip", "netns", "exec", nodeNS, "nft", "list", "map", "bridge", GuardTable, podsLinks).Output(); !strings.Contains(string(m), `"hg-c" : jump link-cccccccccccc`) {
+		t.Errorf("the link map after an install into a table without it:\n%s", m)
+	}
 	if got := tables(); got != "table inet childflow-guard\ntable bridge childflow-guard" {
 		t.Errorf("tables with three guards:\n%s", got)
 	}
@@ -440,5 +453,123 @@ func TestGuardsComeBackAfterAFlush(t *testing.T) {
 	}
 	if left, _ := os.ReadDir(filepath.Join(guards.Dir, "guards")); len(left) != 0 {
 		t.Errorf("records left: %v", left)
+	}
+}
+
+// TestHostGuardKeepsABridgedPodFromPosingAsAnother: on a bridge, a pod
+// with CAP_NET_RAW can make its neighbours send it what is meant for
+// others, without a packet of its own leaving the link: ARP and
+// neighbour advertisements naming another's address, router
+// advertisements, frames from another's MAC address (the bridge learns
+// it before any forward rule sees the frame). The victims here are an
+// unguarded pod beside it and the node.
+func TestHostGuardKeepsABridgedPodFromPosingAsAnother(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("needs root: namespaces, a bridge and nftables")
+	}
+	hostIf, _ := guardTopology(t, true)
+	const victimNS = "cfhg-pod2"
+	exec.Command("ip", "netns", "del", victimNS).Run()
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", victimNS).Run() })
+	for _, args := range [][]string{
+		{"netns", "add", victimNS},
+		{"-n", nodeNS, "link", "add", "hg-pod2", "master", "hg-br", "type", "veth", "peer", "name", "eth0", "netns", victimNS},
+		{"-n", nodeNS, "link", "set", "hg-pod2", "up"},
+		{"-n", victimNS, "addr", "add", "10.77.0.3/24", "dev", "eth0"},
+		{"-n", victimNS, "addr", "add", "fd77::3/64", "dev", "eth0", "nodad"},
+		{"-n", victimNS, "link", "set", "eth0", "up"},
+	} {
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+	}
+	output := func(netns string, args ...string) string {
+		out, _ := exec.Command("ip", append([]string{"netns", "exec", netns}, args...)...).Output()
+		return strings.TrimSpace(string(out))
+	}
+	podMAC, victimMAC := output(podNS, "cat", "/sys/class/net/eth0/address"), output(victimNS, "cat", "/sys/class/net/eth0/address")
+	var podLinkLocal netip.Addr
+	for i := 0; !podLinkLocal.IsValid(); i++ {
+		if i == 50 {
+			t.Fatal("the pod has no link-local address")
+		}
+		if f := strings.Fields(output(podNS, "ip", "-6", "-o", "addr", "show", "dev", "eth0", "scope", "link", "-tentative")); len(f) > 3 {
+			podLinkLocal = netip.MustParsePrefix(f[3]).Addr()
+		} else {
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+	neighbour := func(netns, addr string) string { return output(netns, "ip", "neigh", "show", addr) }
+	posed := func() []string {
+		// The victims know the true addresses first: ARP and neighbour
+		// advertisements update what a host knows.
+		output(victimNS, "ip", "neigh", "flush", "all")
+		output(victimNS, "ip", "-6", "route", "flush", "proto", "ra")
+		output(nodeNS, "ip", "neigh", "flush", "dev", "hg-br")
+		for _, c := range [][]string{{victimNS, "10.77.0.1"}, {victimNS, "fd77::1"}, {nodeNS, "10.77.0.3"}} {
+			output(c[0], "ping", "-c1", "-W1", c[1])
+		}
+		var got []string
+		run(t, podNS, "python3", "../../test/testdata/spoof.py", "arp", "10.77.0.1")
+		run(t, podNS, "python3", "../../test/testdata/spoof.py", "arp", "10.77.0.3")
+		run(t, podNS, "python3", "../../test/testdata/spoof.py", "na", "fd77::1")
+		run(t, podNS, "python3", "../../test/testdata/spoof.py", "ra")
+		run(t, podNS, "python3", "../../test/testdata/spoof.py", "frame", victimMAC)
+		time.Sleep(200 * time.Millisecond)
+		if strings.Contains(neighbour(victimNS, "10.77.0.1"), podMAC) {
+			got = append(got, "the neighbour's gateway, by ARP")
+		}
+		if strings.Contains(neighbour(nodeNS, "10.77.0.3"), podMAC) {
+			got = append(got, "the neighbour, to the node, by ARP")
+		}
+		if strings.Contains(neighbour(victimNS, "fd77::1"), podMAC) {
+			got = append(got, "the neighbour's IPv6 gateway, by a neighbour advertisement")
+		}
+		if strings.Contains(output(victimNS, "ip", "-6", "route", "show", "proto", "ra"), "default") {
+			got = append(got, "a default router, by a router advertisement")
+		}
+		if fdb := output(nodeNS, "bridge", "fdb", "show", "br", "hg-br"); strings.Contains(fdb, victimMAC+" dev "+hostIf+" ") {
+			got = append(got, "the neighbour's MAC address, to the bridge")
+		}
+		return got
+	}
+	if got := posed(); len(got) != 5 {
+		t.Fatalf("unguarded, the pod posed only as %q: the probes show nothing", got)
+	}
+	target, err := ns.GetNS("/run/netns/" + nodeNS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer target.Close()
+	guards := Guards{Dir: t.TempDir()}
+	err = target.Do(func(ns.NetNS) error {
+		return guards.Install(HostGuard{
+			ID: "0123456789abcdef", HostIf: hostIf, MAC: podMAC,
+			Pod:       []netip.Addr{netip.MustParseAddr("10.77.0.2"), netip.MustParseAddr("fd77::2")},
+			LinkLocal: []netip.Addr{podLinkLocal},
+			Keep:      []netip.Prefix{netip.MustParsePrefix("10.77.0.0/24"), netip.MustParsePrefix("fd77::/64")},
+		})
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := posed(); len(got) != 0 {
+		out, _ := exec.Command("ip", "netns", "exec", nodeNS, "nft", "list", "table", "bridge", GuardTable).CombinedOutput()
+		t.Errorf("guarded, the pod posed as %q\n%s", got, out)
+	}
+	// Its own addresses still resolve, both ways, and its neighbours reach it.
+	output(podNS, "ip", "neigh", "flush", "all")
+	output(nodeNS, "ip", "neigh", "flush", "dev", "hg-br")
+	for _, c := range []struct{ what, netns, addr string }{
+		{"the pod to the node", podNS, "10.77.0.1:7"},
+		{"the pod to the node over IPv6", podNS, "[fd77::1]:7"},
+		{"the remote host to the pod", remoteNS, "10.77.0.2:9000"},
+		{"the remote host to the pod over IPv6", remoteNS, "[fd77::2]:9000"},
+		{"the neighbour to the pod", victimNS, "10.77.0.2:9000"},
+		{"the neighbour to the pod over IPv6", victimNS, "[fd77::2]:9000"},
+	} {
+		if !echoed(c.netns, c.addr, "") {
+			t.Errorf("guarded, no answer from %s", c.what)
+		}
 	}
 }

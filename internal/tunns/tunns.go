@@ -155,14 +155,20 @@ func SharedIn(netnsPath, name string) (shared bool, err error) {
 	return shared, err
 }
 
-// HostPeerOf names the host end of the veth ifName in the namespace and
-// lists the addresses of ifName (global ones: link-local addresses serve
-// neighbour discovery only). It checks both ends point at each other
-// across exactly these two namespaces: an index alone could name an
-// unrelated host interface.
-func HostPeerOf(netnsPath, ifName string) (string, []netip.Addr, error) {
+// Peer is a pod's veth as its host guard sees it.
+type Peer struct {
+	HostIf    string       // the host's end
+	Addrs     []netip.Addr // the pod end's global addresses
+	LinkLocal []netip.Addr // its link-local ones, for neighbour discovery only
+	MAC       string       // its MAC address
+}
+
+// HostPeerOf describes the veth ifName in the namespace and names its
+// host end. It checks both ends point at each other across exactly these
+// two namespaces: an index alone could name an unrelated host interface.
+func HostPeerOf(netnsPath, ifName string) (Peer, error) {
 	var peer, index int
-	var addrs []netip.Addr
+	var p Peer
 	err := inNetns(netnsPath, func(ns.NetNS) error {
 		link, err := netlink.LinkByName(ifName)
 		if err != nil {
@@ -176,36 +182,43 @@ func HostPeerOf(netnsPath, ifName string) (string, []netip.Addr, error) {
 		if peer, err = netlink.VethPeerIndex(veth); err != nil {
 			return err
 		}
+		p.MAC = link.Attrs().HardwareAddr.String()
 		list, err := netlink.AddrList(link, netlink.FAMILY_ALL)
 		for _, a := range list {
-			if ip, ok := netip.AddrFromSlice(a.IP); ok && a.Scope == unix.RT_SCOPE_UNIVERSE {
-				addrs = append(addrs, ip.Unmap())
+			ip, ok := netip.AddrFromSlice(a.IP)
+			switch {
+			case !ok:
+			case a.Scope == unix.RT_SCOPE_UNIVERSE:
+				p.Addrs = append(p.Addrs, ip.Unmap())
+			case ip.Is6() && ip.IsLinkLocalUnicast():
+				p.LinkLocal = append(p.LinkLocal, ip)
 			}
 		}
 		return err
 	})
 	if err != nil {
-		return "", nil, err
+		return Peer{}, err
 	}
 	target, err := ns.GetNS(netnsPath)
 	if err != nil {
-		return "", nil, err
+		return Peer{}, err
 	}
 	defer target.Close()
 	nsid, err := netlink.GetNetNsIdByFd(int(target.Fd()))
 	if err != nil {
-		return "", nil, fmt.Errorf("finding the host's id of %s: %w", netnsPath, err)
+		return Peer{}, fmt.Errorf("finding the host's id of %s: %w", netnsPath, err)
 	}
 	link, err := netlink.LinkByIndex(peer)
 	if err != nil {
-		return "", nil, fmt.Errorf("the host end of %s is not in the host's namespace: %w", ifName, err)
+		return Peer{}, fmt.Errorf("the host end of %s is not in the host's namespace: %w", ifName, err)
 	}
 	hostVeth, ok := link.(*netlink.Veth)
 	if !ok || link.Attrs().NetNsID != nsid {
-		return "", nil, fmt.Errorf("the host end of %s is not in the host's namespace", ifName)
+		return Peer{}, fmt.Errorf("the host end of %s is not in the host's namespace", ifName)
 	}
 	if back, err := netlink.VethPeerIndex(hostVeth); err != nil || back != index {
-		return "", nil, fmt.Errorf("the host end of %s is not in the host's namespace", ifName)
+		return Peer{}, fmt.Errorf("the host end of %s is not in the host's namespace", ifName)
 	}
-	return link.Attrs().Name, addrs, nil
+	p.HostIf = link.Attrs().Name
+	return p, nil
 }

@@ -130,6 +130,25 @@ func rawFrameFromPod(t *testing.T, pid int, podIP string) string {
 	return strings.TrimSpace(string(out))
 }
 
+// claimByARP sends, from the namespace of the pod's process pid, a
+// gratuitous ARP saying addr is at the pod's MAC address, and reports
+// whether the node's entry for addr then names that MAC address.
+func claimByARP(t *testing.T, pid int, addr string) bool {
+	t.Helper()
+	netns := "--net=/proc/" + fmt.Sprint(pid) + "/ns/net"
+	link, err := exec.Command("nsenter", netns, "ip", "-o", "link", "show", "eth0").Output()
+	_, mac, _ := strings.Cut(string(link), "link/ether ")
+	if err != nil || len(mac) < 17 {
+		t.Fatalf("the pod's MAC address: %v %q", err, link)
+	}
+	if out, err := exec.Command("nsenter", netns, "python3", "../testdata/spoof.py", "arp", addr).CombinedOutput(); err != nil {
+		t.Fatalf("ARP claim: %v\n%s", err, out)
+	}
+	time.Sleep(100 * time.Millisecond)
+	entry, _ := exec.Command("ip", "neigh", "show", addr, "dev", podBridge).Output()
+	return strings.Contains(string(entry), mac[:17])
+}
+
 func (c *cri) crictl(t *testing.T, args ...string) result {
 	t.Helper()
 	return execute(t, append([]string{"crictl", "--runtime-endpoint", "unix://" + c.sock, "--image-endpoint", "unix://" + c.sock, "--timeout", "30s"}, args...)...)
@@ -245,6 +264,17 @@ nslookup web.test 10.96.0.10 | grep -q 203.0.113.10 && echo dns-via-engine || ec
 	if got := dialPod(plainIP, 8080); !strings.Contains(got, "hi from the pod") {
 		t.Errorf("inbound to the unannotated pod got %q", got)
 	}
+	// Nor can the sandboxed pod pose as its neighbour on the bridge (a
+	// gratuitous ARP naming the neighbour's address): the node keeps
+	// sending the neighbour's packets to the neighbour. The unannotated
+	// pod can, which shows the probe works.
+	if posed := claimByARP(t, c.podPID(t, pod), plainIP); posed {
+		t.Errorf("the sandboxed pod took the node's ARP entry for its neighbour %s", plainIP)
+	}
+	if posed := claimByARP(t, c.podPID(t, plainPod), ip); !posed {
+		t.Errorf("the unannotated pod's ARP claim to %s did not reach the node: the probe shows nothing", ip)
+	}
+	exec.Command("ip", "neigh", "del", ip, "dev", podBridge).Run()
 
 	// The daemon restarted while the pod runs keeps its policy.
 	n.kill(t)
