@@ -16,6 +16,7 @@ import (
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
+	mdnetlink "github.com/mdlayher/netlink"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
@@ -102,7 +103,7 @@ func (gs Guards) Install(g HostGuard) error {
 	if err := gs.record(g); err != nil {
 		return err
 	}
-	if err := install(g, family); err != nil {
+	if err := install(family, g); err != nil {
 		os.Remove(gs.recordPath(guardKey(g.ID)))
 		return err
 	}
@@ -133,31 +134,72 @@ func guardFamily(g HostGuard) (nftables.TableFamily, error) {
 	return family, nil
 }
 
-// install adds g's chains to the family's table; the caller holds the
+// install adds the guards' chains to the family's table in one
+// transaction (a Restore of a node's pods at once); the caller holds the
 // lock.
-func install(g HostGuard, family nftables.TableFamily) error {
-	c, err := nftables.New()
+func install(family nftables.TableFamily, guards ...HostGuard) error {
+	what := "the pods' veths"
+	if len(guards) == 1 {
+		what = guards[0].HostIf
+	}
+	c, err := nftables.New(nftables.WithSockOptions(largeBuffers))
 	if err != nil {
 		return err
 	}
 	t, maps, err := guardTable(c, family)
 	if err != nil {
-		return fmt.Errorf("guarding %s on the host: %w", g.HostIf, err)
+		return fmt.Errorf("guarding %s on the host: %w", what, err)
 	}
-	key := guardKey(g.ID)
-	if removeChains(c, t, key) { // a pod added again
+	chains := chainNames(c, family)
+	again := false
+	for _, g := range guards {
+		again = removeChains(c, t, chains, guardKey(g.ID)) || again // a pod added again
+	}
+	if again {
 		if err := c.Flush(); err != nil {
-			return fmt.Errorf("guarding %s on the host: removing the guard it had: %w", g.HostIf, err)
+			return fmt.Errorf("guarding %s on the host: removing the guard it had: %w", what, err)
 		}
 	}
-	takeName(c, t, maps, g.HostIf)
-	if err := addGuard(c, t, maps, key, g); err != nil {
-		return err
+	held := heldNames(c, maps[0])
+	for _, g := range guards {
+		if held[string(nftexpr.IfNameBytes(g.HostIf))] {
+			takeName(c, t, maps, g.HostIf)
+		}
+		if err := addGuard(c, t, maps, guardKey(g.ID), g); err != nil {
+			return err
+		}
 	}
 	if err := c.Flush(); err != nil {
-		return fmt.Errorf("guarding %s on the host: %w", g.HostIf, err)
+		return fmt.Errorf("guarding %s on the host: %w", what, err)
 	}
 	return nil
+}
+
+// largeBuffers lets a transaction of many pods' guards through: the
+// kernel acknowledges each of its messages, and the default buffers
+// (net.core.rmem_default, wmem_default) hold about five pods' worth. On
+// failure the defaults stay, and Restore's batches fall back to one pod
+// at a time.
+func largeBuffers(c *mdnetlink.Conn) error {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	raw.Control(func(fd uintptr) {
+		unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, 8<<20)
+		unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, 8<<20)
+	})
+	return nil
+}
+
+// heldNames are the interface names a map leads from.
+func heldNames(c *nftables.Conn, m *nftables.Set) map[string]bool {
+	held := map[string]bool{}
+	elems, _ := c.GetSetElements(m)
+	for _, e := range elems {
+		held[string(e.Key)] = true
+	}
+	return held
 }
 
 // takeName queues the release of an interface's name from a pod gone
@@ -442,19 +484,21 @@ func addLinkChain(c *nftables.Conn, t *nftables.Table, links *nftables.Set, key 
 	return c.SetAddElements(links, []nftables.SetElement{{Key: nftexpr.IfNameBytes(g.HostIf), VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: link.Name}}})
 }
 
-// removeChains queues the removal of the pod's map elements, chains and
-// sets from t, as far as they exist.
-func removeChains(c *nftables.Conn, t *nftables.Table, key string) bool {
-	chains, err := c.ListChainsOfTableFamily(t.Family)
-	if err != nil {
-		return false
-	}
+// chainNames lists the chains of the family's guard table.
+func chainNames(c *nftables.Conn, family nftables.TableFamily) map[string]bool {
 	names := map[string]bool{}
+	chains, _ := c.ListChainsOfTableFamily(family)
 	for _, ch := range chains {
 		if ch.Table.Name == GuardTable {
 			names[ch.Name] = true
 		}
 	}
+	return names
+}
+
+// removeChains queues the removal of the pod's map elements, chains and
+// sets from t, as far as they exist (names: chainNames).
+func removeChains(c *nftables.Conn, t *nftables.Table, names map[string]bool, key string) bool {
 	if !names["from-"+key] {
 		return false
 	}
@@ -504,7 +548,7 @@ func (gs Guards) Remove(id string) error {
 	}
 	for _, f := range guardFamilies {
 		t := &nftables.Table{Family: f, Name: GuardTable}
-		if removeChains(c, t, guardKey(id)) {
+		if removeChains(c, t, chainNames(c, f), guardKey(id)) {
 			errs = append(errs, c.Flush())
 		}
 		if keys, err := guardKeys(c, f); err == nil && len(keys) == 0 {
@@ -641,6 +685,7 @@ func (gs Guards) Restore() (restored []string, err error) {
 		}
 	}
 	var errs []error
+	missing := map[nftables.TableFamily][]HostGuard{}
 	for _, e := range entries {
 		key, ok := strings.CutSuffix(e.Name(), ".json")
 		if !ok || have[key] {
@@ -657,14 +702,35 @@ func (gs Guards) Restore() (restored []string, err error) {
 			continue
 		}
 		family, err := guardFamily(g)
-		if err == nil {
-			err = install(g, family)
-		}
 		if err != nil {
 			errs = append(errs, fmt.Errorf("putting back the guard of pod %s: %w", key, err))
 			continue
 		}
-		restored = append(restored, key)
+		missing[family] = append(missing[family], g)
+	}
+	// A family's guards a batch per transaction: one at a time, a node's
+	// hundredth pod waited ~2 s (and a transaction of a hundred is too
+	// long a netlink message). One at a time again if a batch fails, to
+	// name the guard that cannot be put back.
+	const batchSize = 64
+	for _, family := range guardFamilies {
+		for rest := missing[family]; len(rest) > 0; {
+			batch := rest[:min(len(rest), batchSize)]
+			rest = rest[len(batch):]
+			if len(batch) > 1 && install(family, batch...) == nil {
+				for _, g := range batch {
+					restored = append(restored, guardKey(g.ID))
+				}
+				continue
+			}
+			for _, g := range batch {
+				if err := install(family, g); err != nil {
+					errs = append(errs, fmt.Errorf("putting back the guard of pod %s: %w", guardKey(g.ID), err))
+					continue
+				}
+				restored = append(restored, guardKey(g.ID))
+			}
+		}
 	}
 	return restored, errors.Join(errs...)
 }
