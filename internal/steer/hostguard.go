@@ -32,7 +32,8 @@ import (
 // resolver it names), that answer someone who reached the pod or go to a
 // kept range. Checking the source also keeps the pod from making the
 // host's conntrack believe a remote host reached it first, with a packet
-// "from" that host.
+// "from" that host. On a bridge, its ARP, neighbour discovery and MAC
+// address are checked as well (addLinkChain).
 type HostGuard struct {
 	ID     string         // the sandbox's; its first 12 characters name its chains
 	HostIf string         // the host's end of the pod's veth
