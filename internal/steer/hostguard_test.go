@@ -1,16 +1,22 @@
 package steer
 
 import (
+	"encoding/binary"
+	"fmt"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"sort"
 	"strings"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 )
 
 // The guard's topology, all in namespaces of the test's own: a node
@@ -577,4 +583,101 @@ func TestHostGuardKeepsABridgedPodFromPosingAsAnother(t *testing.T) {
 			t.Errorf("guarded, no answer from %s", c.what)
 		}
 	}
+}
+
+// The eBPF data planes' hooks on the host end run before netfilter and
+// can send the pod's frames anywhere: a veth with an XDP or a tcx
+// program cannot be guarded (a program that passes every frame will do:
+// the guard cannot know what a program does).
+func TestHostGuardRefusesAVethWithAnXDPOrTcxProgram(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("needs root: namespaces, veths, BPF and nftables")
+	}
+	hostIf, _ := guardTopology(t, false)
+	guard := HostGuard{
+		ID: "0123456789abcdef", HostIf: hostIf,
+		Pod:  []netip.Addr{netip.MustParseAddr("10.77.0.2")},
+		Keep: []netip.Prefix{netip.MustParsePrefix("10.77.0.0/24")},
+	}
+	target, err := ns.GetNS("/run/netns/" + nodeNS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer target.Close()
+	in := func(f func() error) error { return target.Do(func(ns.NetNS) error { return f() }) }
+	guards := Guards{Dir: t.TempDir()}
+	install := func() error { return in(func() error { return guards.Install(guard) }) }
+	link, err := func() (l netlink.Link, err error) {
+		err = in(func() error { l, err = netlink.LinkByName(hostIf); return err })
+		return l, err
+	}()
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	xdp := loadBPF(t, unix.BPF_PROG_TYPE_XDP, 2) // XDP_PASS
+	if err := in(func() error { return netlink.LinkSetXdpFd(link, xdp) }); err != nil {
+		t.Fatalf("attaching an XDP program: %v", err)
+	}
+	if err := install(); err == nil || !strings.Contains(err.Error(), "an XDP program") {
+		t.Errorf("guarding a veth with an XDP program: %v", err)
+	}
+	if err := in(func() error { return netlink.LinkSetXdpFd(link, -1) }); err != nil {
+		t.Fatal(err)
+	}
+	if err := install(); err != nil {
+		t.Errorf("guarding the veth once its XDP program went: %v", err)
+	}
+	if err := in(func() error { return guards.Remove(guard.ID) }); err != nil {
+		t.Fatal(err)
+	}
+
+	tc := loadBPF(t, unix.BPF_PROG_TYPE_SCHED_CLS, 0) // TC_ACT_OK
+	var tcx int
+	err = in(func() error {
+		var attr [64]byte // union bpf_attr's link_create: prog_fd, target_ifindex, attach_type
+		binary.NativeEndian.PutUint32(attr[0:], uint32(tc))
+		binary.NativeEndian.PutUint32(attr[4:], uint32(link.Attrs().Index))
+		binary.NativeEndian.PutUint32(attr[8:], unix.BPF_TCX_INGRESS)
+		fd, _, errno := unix.Syscall(unix.SYS_BPF, unix.BPF_LINK_CREATE, uintptr(unsafe.Pointer(&attr[0])), uintptr(len(attr)))
+		if errno != 0 {
+			return fmt.Errorf("attaching a tcx program: %w", errno)
+		}
+		tcx = int(fd)
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := install(); err == nil || !strings.Contains(err.Error(), "a tcx program") {
+		t.Errorf("guarding a veth with a tcx program: %v", err)
+	}
+	unix.Close(tcx) // the link's last reference: the program is detached
+	if err := install(); err != nil {
+		t.Errorf("guarding the veth once its tcx program went: %v", err)
+	}
+}
+
+// loadBPF loads a program of the type that returns ret and does nothing
+// else.
+func loadBPF(t *testing.T, progType uint32, ret int32) int {
+	t.Helper()
+	// mov64 r0, ret; exit
+	insns := make([]byte, 16)
+	insns[0], insns[8] = 0xb7, 0x95
+	binary.NativeEndian.PutUint32(insns[4:], uint32(ret))
+	license := []byte("GPL\x00")
+	var attr [128]byte // union bpf_attr's prog_load: prog_type, insn_cnt, insns, license
+	binary.NativeEndian.PutUint32(attr[0:], progType)
+	binary.NativeEndian.PutUint32(attr[4:], uint32(len(insns)/8))
+	binary.NativeEndian.PutUint64(attr[8:], uint64(uintptr(unsafe.Pointer(&insns[0]))))
+	binary.NativeEndian.PutUint64(attr[16:], uint64(uintptr(unsafe.Pointer(&license[0]))))
+	fd, _, errno := unix.Syscall(unix.SYS_BPF, unix.BPF_PROG_LOAD, uintptr(unsafe.Pointer(&attr[0])), uintptr(len(attr)))
+	runtime.KeepAlive(insns)
+	runtime.KeepAlive(license)
+	if errno != 0 {
+		t.Fatalf("loading a BPF program of type %d: %v", progType, errno)
+	}
+	t.Cleanup(func() { unix.Close(int(fd)) })
+	return int(fd)
 }
