@@ -398,7 +398,8 @@ func addGuard(c *nftables.Conn, t *nftables.Table, maps []*nftables.Set, key str
 // address (the bridge learns the sender of every frame it receives,
 // before any forward rule), ARP only for its own IPv4 addresses,
 // neighbour discovery only from and, in advertisements, for its own
-// IPv6 addresses, and no router advertisements or redirects. It runs
+// IPv6 addresses, naming only its MAC address, and no router
+// advertisements or redirects. It runs
 // where the bridge receives the frame. A guard recorded without a MAC
 // address (before these checks) has none.
 func addLinkChain(c *nftables.Conn, t *nftables.Table, links *nftables.Set, key string, g HostGuard) error {
@@ -482,6 +483,16 @@ func addLinkChain(c *nftables.Conn, t *nftables.Table, links *nftables.Set, key 
 		}
 	}
 	rule(icmp6, icmp6Type, is(136), load(expr.PayloadBaseTransportHeader, 8, 16), advertised)
+	// Their link-layer address option names the pod's MAC address, as
+	// ARP's sender does, and comes first: Linux takes the first option
+	// of a type. One without options has none to load: no match.
+	specified := []expr.Any{nftexpr.LoadAddr(true, true), &expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: make([]byte, 16)}}
+	for _, m := range []struct {
+		typ, option byte // option 1: source, 2: target link-layer address
+		offset      uint32
+	}{{133, 1, 8}, {135, 1, 24}, {136, 2, 24}} {
+		rule(icmp6, icmp6Type, is(m.typ), specified, load(expr.PayloadBaseTransportHeader, m.offset, 8), differs(append([]byte{m.option, 1}, mac...)))
+	}
 	return c.SetAddElements(links, []nftables.SetElement{{Key: nftexpr.IfNameBytes(g.HostIf), VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: link.Name}}})
 }
 

