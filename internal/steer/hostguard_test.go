@@ -465,10 +465,11 @@ func TestGuardsComeBackAfterAFlush(t *testing.T) {
 // TestHostGuardKeepsABridgedPodFromPosingAsAnother: on a bridge, a pod
 // with CAP_NET_RAW can make its neighbours send it what is meant for
 // others, without a packet of its own leaving the link: ARP and
-// neighbour advertisements naming another's address, router
-// advertisements, frames from another's MAC address (the bridge learns
-// it before any forward rule sees the frame). The victims here are an
-// unguarded pod beside it and the node.
+// neighbour advertisements naming another's address, a solicitation
+// naming another's MAC address for its own, router advertisements,
+// frames from another's MAC address (the bridge learns it before any
+// forward rule sees the frame). The victims here are an unguarded pod
+// beside it and the node.
 func TestHostGuardKeepsABridgedPodFromPosingAsAnother(t *testing.T) {
 	if os.Getuid() != 0 {
 		t.Skip("needs root: namespaces, a bridge and nftables")
