@@ -158,7 +158,7 @@ func (w *Writer) write(p packet) {
 
 func (w *Writer) flush() {
 	if err := w.out.flush(); err != nil && w.err == nil {
-		w.err = err
+		w.err = fmt.Errorf("writing %s: %w", w.file.Name(), err)
 	}
 }
 

@@ -26,8 +26,10 @@ type captures struct {
 	upstream upstream.Func
 	closers  []func(io.Writer)
 	paths    []string // the files, hidden from the sandbox
-	// dropped counts the packets the closed files could not keep up with.
+	// dropped counts the packets the closed files could not keep up with;
+	// failed holds the errors of those that could not be written.
 	dropped uint64
+	failed  []error
 }
 
 func openCaptures(path, point string, root, privileged bool) (c *captures, err error) {
@@ -110,7 +112,9 @@ func (c *captures) startLink(ifname string) error {
 }
 
 func (c *captures) closeFile(w *capture.Writer, stderr io.Writer) {
-	closeReporting(w, "--capture", "packets", stderr)
+	if err := closeReporting(w, "--capture", "packets", stderr); err != nil {
+		c.failed = append(c.failed, err)
+	}
 	c.dropped += w.Dropped()
 }
 

@@ -349,9 +349,13 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	// A command killed by a signal (^C) is not waited for.
 	stop(code < 128)
 	captures.close(stderr)
+	// In the flow log and the summary too, beside the capture: a file
+	// that could not be written (a full disk) or packets it lacks.
+	failures := flowlog.Emitter{Sandbox: "exec", OnEvent: events}
+	for _, err := range captures.failed {
+		failures.Failure("--capture: " + err.Error())
+	}
 	if captures.dropped > 0 {
-		// In the flow log and the summary too, beside the capture.
-		failures := flowlog.Emitter{Sandbox: "exec", OnEvent: events}
 		failures.Failure(fmt.Sprintf("--capture: %d packets dropped: the writer could not keep up", captures.dropped))
 	}
 	if summary != nil {
@@ -390,13 +394,15 @@ func renderReport(path, format string, stdout, stderr io.Writer) int {
 func closeReporting(w interface {
 	Close() error
 	Dropped() uint64
-}, flag, what string, stderr io.Writer) {
-	if err := w.Close(); err != nil {
+}, flag, what string, stderr io.Writer) error {
+	err := w.Close()
+	if err != nil {
 		fmt.Fprintf(stderr, "childflow: %s: %v\n", flag, err)
 	}
 	if n := w.Dropped(); n > 0 {
 		fmt.Fprintf(stderr, "childflow: %s: %d %s dropped (the writer could not keep up)\n", flag, n, what)
 	}
+	return err
 }
 
 // sudoUser is the user who ran childflow through sudo: root builds the

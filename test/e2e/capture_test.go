@@ -240,3 +240,38 @@ ping -c2 -i0.2 -W2 203.0.113.10 >/dev/null; echo x | socat -t1 - UDP:203.0.113.1
 		t.Errorf("egress view as a normal user: %v", r)
 	}
 }
+
+// A capture file that cannot be written (a full disk) is a failure the
+// run reports: on stderr, naming the file, and as a runtime_failure in
+// the flow log (and so the summary). The command itself is not
+// stopped, and its exit status stays its own.
+func TestACaptureThatCannotBeWrittenIsAFailure(t *testing.T) {
+	users(t, func(t *testing.T, u as) {
+		dir := logDir(t)
+		full := filepath.Join(dir, "full")
+		os.Mkdir(full, 0o777)
+		if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=64k,mode=1777", "tmpfs", full).CombinedOutput(); err != nil {
+			t.Fatalf("mounting a small tmpfs: %v\n%s", err, out)
+		}
+		t.Cleanup(func() { exec.Command("umount", full).Run() })
+		pcap, flows := filepath.Join(full, "cap.pcapng"), filepath.Join(dir, "flows.jsonl")
+		r := sh(t, u, []string{"-c", pcap, "--flow-log", flows},
+			`head -c 1000000 /dev/zero | socat -t2 - TCP:203.0.113.10:7 | wc -c`)
+		if r.code != 0 || strings.TrimSpace(r.stdout) != "1000000" {
+			t.Fatalf("the command did not run to its end: %v", r)
+		}
+		want := "--capture: writing " + pcap + ": no space left on device"
+		if !strings.Contains(r.stderr, "childflow: "+want) {
+			t.Errorf("stderr does not say the capture failed:\n%s", r.stderr)
+		}
+		var failures []string
+		for _, e := range readFlowLog(t, flows) {
+			if e["event"] == "runtime_failure" {
+				failures = append(failures, e["error"].(string))
+			}
+		}
+		if len(failures) != 1 || failures[0] != want {
+			t.Errorf("runtime_failure events %q, want one %q", failures, want)
+		}
+	})
+}
