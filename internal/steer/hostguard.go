@@ -415,6 +415,11 @@ func addLinkChain(c *nftables.Conn, t *nftables.Table, links *nftables.Set, key 
 	rule := func(e ...[]expr.Any) {
 		c.AddRule(&nftables.Rule{Table: t, Chain: link, Exprs: nftexpr.Cat(append(e, drop)...)})
 	}
+	// What the rules below have nothing more to say about leaves at once:
+	// every frame of the pod's goes through this chain.
+	done := func(e ...[]expr.Any) {
+		c.AddRule(&nftables.Rule{Table: t, Chain: link, Exprs: nftexpr.Cat(append(e, []expr.Any{&expr.Verdict{Kind: expr.VerdictAccept}})...)})
+	}
 	load := func(base expr.PayloadBase, offset, n uint32) []expr.Any {
 		return []expr.Any{&expr.Payload{DestRegister: 1, Base: base, Offset: offset, Len: n}}
 	}
@@ -452,6 +457,7 @@ func addLinkChain(c *nftables.Conn, t *nftables.Table, links *nftables.Set, key 
 	icmp6Type := load(expr.PayloadBaseTransportHeader, 0, 1)
 
 	rule(load(expr.PayloadBaseLLHeader, 6, 6), differs(mac))
+	done(nftexpr.EtherType(false))
 	// ARP for IPv4 over Ethernet only, from the pod's MAC address and
 	// one of its addresses (or none: a probe).
 	for _, f := range []struct {
@@ -466,6 +472,11 @@ func addLinkChain(c *nftables.Conn, t *nftables.Table, links *nftables.Set, key 
 		return err
 	}
 	rule(arp, load(expr.PayloadBaseNetworkHeader, 14, 4), sender)
+	done(arp)
+	done(nftexpr.EtherType(true), []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{unix.IPPROTO_ICMPV6}},
+	})
 	rule(icmp6, icmp6Type, is(134)) // router advertisement
 	rule(icmp6, icmp6Type, is(137)) // redirect
 	// Neighbour discovery from the pod's addresses, or none (duplicate
