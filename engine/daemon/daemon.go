@@ -384,7 +384,9 @@ func (d *Daemon) detachIf(id string, only *sandbox) error {
 			// sandboxes have lost their namespace: nothing is coming.)
 			sb.eng.Linger(engine.LingerMax)
 		}
-		sb.stop()
+		if err := sb.stop(); err != nil {
+			d.cfg.Logf("sandbox %s: flow log: %v", id, err)
+		}
 		a = sb.att
 	} else if rec, err := d.readRecord(id); err == nil {
 		a = rec
@@ -419,18 +421,23 @@ func isOwnNetns(ino uint64) bool {
 	return err != nil || self == ino
 }
 
-func (sb *sandbox) stop() {
+// stop closes the sandbox's engine and flow log; the error is the flow
+// log's (a full disk cut it short).
+func (sb *sandbox) stop() error {
 	sb.eng.Close()
 	if sb.log != nil {
-		sb.log.Close()
+		return sb.log.Close()
 	}
+	return nil
 }
 
 func (d *Daemon) stopAll() {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	for id, sb := range d.sandboxes {
-		sb.stop()
+		if err := sb.stop(); err != nil {
+			d.cfg.Logf("sandbox %s: flow log: %v", id, err)
+		}
 		delete(d.sandboxes, id)
 	}
 }

@@ -85,6 +85,9 @@ type Writer struct {
 	f   io.Closer // nil for NewWriter
 	q   *queue.Queue[Event]
 	gap atomic.Uint64 // events dropped since the last mark was queued
+	// err is the first write error (a full disk), after which nothing
+	// more is written; the queue's goroutine sets it, Close reads it.
+	err error
 }
 
 // Create opens path for writing: mode 0600, never through a symlink, never
@@ -136,10 +139,15 @@ func newWriter(out io.Writer, r *rotating, size int64) *Writer {
 	file := &counter{w: bw, n: size} // what the current file holds
 	enc := json.NewEncoder(file)
 	w := &Writer{}
+	failed := func(err error) {
+		if err != nil && w.err == nil {
+			w.err = err
+		}
+	}
 	encode := func(ev Event) {
-		enc.Encode(ev)
+		failed(enc.Encode(ev))
 		if r != nil && file.n >= r.max {
-			bw.Flush()
+			failed(bw.Flush())
 			if r.rotate() == nil { // or on, to try again after the next line
 				bw.Reset(r.f)
 				file.n = 0
@@ -150,7 +158,7 @@ func newWriter(out io.Writer, r *rotating, size int64) *Writer {
 		if n := w.gap.Swap(0); n > 0 { // all queued before the gap is written
 			encode(gapMark(n))
 		}
-		bw.Flush()
+		failed(bw.Flush())
 	})
 	return w
 }
@@ -268,11 +276,15 @@ func (w *Writer) Log(ev Event) {
 // Dropped is how many events did not fit the queue.
 func (w *Writer) Dropped() uint64 { return w.q.Dropped() }
 
-// Close writes what is queued and closes the file.
+// Close writes what is queued and closes the file; its error is the
+// first write's that failed, if one did (the file's, which names it).
 func (w *Writer) Close() error {
 	w.q.Close()
-	if w.f == nil {
-		return nil
+	err := w.err
+	if w.f != nil {
+		if cerr := w.f.Close(); err == nil {
+			err = cerr
+		}
 	}
-	return w.f.Close()
+	return err
 }

@@ -129,3 +129,21 @@ func TestBoundedLogKeepsTheNewestWholeLines(t *testing.T) {
 		t.Errorf("the appended file was not rotated at its bound: %v", err)
 	}
 }
+
+// A log that cannot be written (a full disk: /dev/full says so to every
+// write) says so when it is closed, naming the file, rather than losing
+// its events quietly.
+func TestAFullDiskIsCloseError(t *testing.T) {
+	f, err := os.OpenFile("/dev/full", os.O_WRONLY, 0)
+	if err != nil {
+		t.Skip("no /dev/full:", err)
+	}
+	defer f.Close()
+	w := NewWriter(f)
+	for i := range 10 {
+		w.Log(Event{Event: ConnectAttempt, FlowID: uint64(i)})
+	}
+	if err := w.Close(); err == nil || !strings.Contains(err.Error(), "/dev/full") || !strings.Contains(err.Error(), "no space left on device") {
+		t.Errorf("Close after writes to /dev/full: %v", err)
+	}
+}

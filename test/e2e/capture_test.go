@@ -275,3 +275,25 @@ func TestACaptureThatCannotBeWrittenIsAFailure(t *testing.T) {
 		}
 	})
 }
+
+// A flow log that cannot be written (a full disk) is reported on stderr
+// at the end, naming the file; the command's exit status stays its own.
+func TestAFlowLogThatCannotBeWrittenIsReported(t *testing.T) {
+	users(t, func(t *testing.T, u as) {
+		full := filepath.Join(logDir(t), "full")
+		os.Mkdir(full, 0o777)
+		if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=8k,mode=1777", "tmpfs", full).CombinedOutput(); err != nil {
+			t.Fatalf("mounting a small tmpfs: %v\n%s", err, out)
+		}
+		t.Cleanup(func() { exec.Command("umount", full).Run() })
+		flows := filepath.Join(full, "flows.jsonl")
+		r := sh(t, u, []string{"--flow-log", flows},
+			`for i in $(seq 60); do echo x | socat -u - UDP:203.0.113.10:7; done; echo done`)
+		if r.code != 0 || strings.TrimSpace(r.stdout) != "done" {
+			t.Fatalf("the command did not run to its end: %v", r)
+		}
+		if want := "childflow: --flow-log: write " + flows + ": no space left on device"; !strings.Contains(r.stderr, want) {
+			t.Errorf("stderr does not say %q:\n%s", want, r.stderr)
+		}
+	})
+}
