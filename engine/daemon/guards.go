@@ -25,6 +25,9 @@ func (d *Daemon) keepGuards(w *nftwatch.Watcher) {
 		}
 	}
 	restore()
+	if old := guards.WithoutLinkChecks(); len(old) > 0 {
+		d.cfg.Logf("host guards of %d pod(s) on a bridge predate the checks of what a pod claims on the link (MAC, ARP, neighbour discovery): they get them when added again (%s)", len(old), strings.Join(old, ", "))
+	}
 	if err := w.Run(d.ctx, restore); err != nil {
 		d.cfg.Logf("host guards are no longer put back when deleted: %v", err)
 	}

@@ -758,6 +758,25 @@ func (gs Guards) Restore() (restored []string, err error) {
 	return restored, errors.Join(errs...)
 }
 
+// WithoutLinkChecks names the recorded pods on a bridge whose guards an
+// earlier childflow made, before the link checks (addLinkChain): their
+// records have no MAC address, and they get the checks only when added
+// again.
+func (gs Guards) WithoutLinkChecks() []string {
+	paths, _ := filepath.Glob(filepath.Join(gs.Dir, "guards", "*.json"))
+	var out []string
+	for _, p := range paths {
+		r, err := readRecord(p)
+		if err != nil || r.MAC != "" {
+			continue
+		}
+		if link, err := netlink.LinkByName(r.HostIf); err == nil && link.Attrs().Index == r.Index && link.Attrs().MasterIndex != 0 {
+			out = append(out, strings.TrimSuffix(filepath.Base(p), ".json"))
+		}
+	}
+	return out
+}
+
 // lock takes the guards' lock file.
 func (gs Guards) lock() (func(), error) {
 	path := filepath.Join(gs.Dir, "guards.lock")

@@ -336,6 +336,13 @@ func TestGuardsShareATablePerFamily(t *testing.T) {
 	if m, _ := exec.Command("ip", "netns", "exec", nodeNS, "nft", "list", "map", "bridge", GuardTable, podsLinks).Output(); !strings.Contains(string(m), `"hg-c" : jump link-cccccccccccc`) {
 		t.Errorf("the link map after an install into a table without it:\n%s", m)
 	}
+	// Of the three, the bridged pod recorded without a MAC address (as an
+	// earlier childflow recorded every pod) is the one without link checks.
+	var old []string
+	in(func() error { old = guards.WithoutLinkChecks(); return nil })
+	if strings.Join(old, " ") != "bbbbbbbbbbbb" {
+		t.Errorf("guards without link checks: %q", old)
+	}
 	if got := tables(); got != "table inet childflow-guard\ntable bridge childflow-guard" {
 		t.Errorf("tables with three guards:\n%s", got)
 	}
