@@ -134,9 +134,9 @@ func TestBoundedLogKeepsTheNewestWholeLines(t *testing.T) {
 // write) says so when it is closed, naming the file, rather than losing
 // its events quietly.
 func TestAFullDiskIsCloseError(t *testing.T) {
-	f, err := os.OpenFile("/dev/full", os.O_WRONLY, 0)
+	f, err := os.OpenFile("/dev/full", os.O_WRONLY, 0) // every Linux has it
 	if err != nil {
-		t.Skip("no /dev/full:", err)
+		t.Fatal(err)
 	}
 	defer f.Close()
 	w := NewWriter(f)
