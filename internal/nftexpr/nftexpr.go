@@ -1,6 +1,7 @@
 // Package nftexpr builds the nftables expressions childflow's tables are
 // made of (github.com/google/nftables/expr), shared by the rootful
-// backend and the steering of shared namespaces.
+// backend and the steering of shared namespaces, and sizes the netlink
+// sockets their transactions go through.
 package nftexpr
 
 import (
@@ -10,6 +11,7 @@ import (
 
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
+	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 )
 
@@ -224,4 +226,26 @@ func DNSTo(to netip.Addr, proto byte) []expr.Any {
 		&expr.Immediate{Register: 1, Data: to.AsSlice()},
 		&expr.NAT{Type: expr.NATTypeDestNAT, Family: NFProto(to.Is6()), RegAddrMin: 1},
 	})
+}
+
+// ForceBuffers sets a netlink socket's buffers (the options
+// SO_SNDBUFFORCE, SO_RCVBUFFORCE) past the sysctl maxima, as root may:
+// the kernel acknowledges every message of an nftables transaction, and
+// the default buffers hold a few hundred.
+func ForceBuffers(c *netlink.Conn, size int, opts ...int) error {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	if err := raw.Control(func(fd uintptr) {
+		for _, opt := range opts {
+			if serr == nil {
+				serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, opt, size)
+			}
+		}
+	}); err != nil {
+		return err
+	}
+	return serr
 }

@@ -353,31 +353,11 @@ func installTable(s tableSpec) error {
 // forms), be sent whole and its acknowledgements read: the default
 // buffers refused 700 ranges.
 func largeBuffers(c *netlink.Conn) error {
-	return forceBuffers(c, 64<<20, unix.SO_SNDBUFFORCE, unix.SO_RCVBUFFORCE)
+	return nftexpr.ForceBuffers(c, 64<<20, unix.SO_SNDBUFFORCE, unix.SO_RCVBUFFORCE)
 }
 
 func forceReadBuffer(c *netlink.Conn, size int) error {
-	return forceBuffers(c, size, unix.SO_RCVBUFFORCE)
-}
-
-// forceBuffers sets the socket's buffers past the sysctl maxima (the
-// rootful backend runs as root).
-func forceBuffers(c *netlink.Conn, size int, opts ...int) error {
-	raw, err := c.SyscallConn()
-	if err != nil {
-		return err
-	}
-	var serr error
-	if err := raw.Control(func(fd uintptr) {
-		for _, opt := range opts {
-			if serr == nil {
-				serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, opt, size)
-			}
-		}
-	}); err != nil {
-		return err
-	}
-	return serr
+	return nftexpr.ForceBuffers(c, size, unix.SO_RCVBUFFORCE)
 }
 
 // deleteTable removes a table; one already gone is not an error.

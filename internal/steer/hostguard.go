@@ -182,14 +182,7 @@ func install(family nftables.TableFamily, guards ...HostGuard) error {
 // failure the defaults stay, and Restore's batches fall back to one pod
 // at a time.
 func largeBuffers(c *mdnetlink.Conn) error {
-	raw, err := c.SyscallConn()
-	if err != nil {
-		return nil
-	}
-	raw.Control(func(fd uintptr) {
-		unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, 8<<20)
-		unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, 8<<20)
-	})
+	nftexpr.ForceBuffers(c, 8<<20, unix.SO_SNDBUFFORCE, unix.SO_RCVBUFFORCE)
 	return nil
 }
 
@@ -411,15 +404,13 @@ func addLinkChain(c *nftables.Conn, t *nftables.Table, links *nftables.Set, key 
 		return fmt.Errorf("guarding %s on the host: the pod's MAC address %q is not an Ethernet address", g.HostIf, g.MAC)
 	}
 	link := c.AddChain(&nftables.Chain{Name: "link-" + key, Table: t})
-	drop := []expr.Any{&expr.Verdict{Kind: expr.VerdictDrop}}
-	rule := func(e ...[]expr.Any) {
-		c.AddRule(&nftables.Rule{Table: t, Chain: link, Exprs: nftexpr.Cat(append(e, drop)...)})
+	add := func(v expr.VerdictKind, e ...[]expr.Any) {
+		c.AddRule(&nftables.Rule{Table: t, Chain: link, Exprs: nftexpr.Cat(append(e, []expr.Any{&expr.Verdict{Kind: v}})...)})
 	}
+	rule := func(e ...[]expr.Any) { add(expr.VerdictDrop, e...) }
 	// What the rules below have nothing more to say about leaves at once:
 	// every frame of the pod's goes through this chain.
-	done := func(e ...[]expr.Any) {
-		c.AddRule(&nftables.Rule{Table: t, Chain: link, Exprs: nftexpr.Cat(append(e, []expr.Any{&expr.Verdict{Kind: expr.VerdictAccept}})...)})
-	}
+	done := func(e ...[]expr.Any) { add(expr.VerdictAccept, e...) }
 	load := func(base expr.PayloadBase, offset, n uint32) []expr.Any {
 		return []expr.Any{&expr.Payload{DestRegister: 1, Base: base, Offset: offset, Len: n}}
 	}
