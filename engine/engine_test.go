@@ -209,7 +209,7 @@ func countingEchoServer(t *testing.T, network, addr string) (netip.AddrPort, *at
 	t.Helper()
 	ln, err := net.Listen(network, addr)
 	if err != nil {
-		t.Skipf("loopback %s unavailable: %v", addr, err)
+		t.Fatalf("loopback %s unavailable: %v", addr, err)
 	}
 	t.Cleanup(func() { ln.Close() })
 	var accepted atomic.Int32

@@ -45,7 +45,7 @@ func TestWriterRecordsEveryPacket(t *testing.T) {
 	t.Run("tmpfs", func(t *testing.T) {
 		dir, err := os.MkdirTemp("/dev/shm", "capture-test")
 		if err != nil {
-			t.Skipf("no tmpfs at /dev/shm: %v", err)
+			t.Fatalf("no tmpfs at /dev/shm: %v", err)
 		}
 		defer os.RemoveAll(dir)
 		testWriterRecordsEveryPacket(t, dir)
