@@ -19,7 +19,12 @@ import (
 // every rule and the flow log. Each one the host has bound when the
 // sandbox starts is covered in the sandbox, as the output files are;
 // those the command binds itself are in its own namespace and not
-// listed. One bound later by the host is not covered.
+// listed. One bound later by the host is not covered, nor one the host
+// binds again at a covered path: removing the socket's file detaches the
+// cover in every namespace (locked mounts too), so a restarted service's
+// new socket is reachable. Covering again from a watcher would leave a
+// race, and miss mount namespaces the command makes itself (unshare -Urm,
+// private by default), so the README says it as it is.
 
 // hostSocketPaths lists the paths of the unix sockets bound in the
 // calling process's network namespace (the host's: childflow's parent
