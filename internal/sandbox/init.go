@@ -51,7 +51,7 @@ func Init() {
 		exe, _ := os.Executable()
 		fail(fmt.Errorf("%s is version %s but childflow is %s: install both from one build", exe, version.Version, spec.Version))
 	}
-	tunFile, err := setup(spec)
+	tunFile, covers, err := setup(spec)
 	if err != nil {
 		fail(err)
 	}
@@ -72,7 +72,7 @@ func Init() {
 		os.Exit(125)
 	}
 	// While the engine starts, get everything but the fork done.
-	start := prepareCommand(spec)
+	start := prepareCommand(spec, covers)
 	// Wait for the engine. EOF means the parent died: leave.
 	if msg, _, err := fdpass.Recv(ctrlFD, 16, 0); err != nil || string(msg) != "go" {
 		os.Exit(125)
@@ -86,16 +86,16 @@ func fail(err error) {
 	os.Exit(125)
 }
 
-func setup(spec Spec) (*os.File, error) {
+func setup(spec Spec) (*os.File, []etcCover, error) {
 	// Nothing we mount may propagate back to the host.
 	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
-		return nil, fmt.Errorf("making mounts private: %w", err)
+		return nil, nil, fmt.Errorf("making mounts private: %w", err)
 	}
 	var f *os.File
 	if !spec.Veth {
 		var err error
 		if f, err = openTUN(spec.Plan); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 	}
 	// The command has no CAP_NET_RAW; unprivileged ICMP sockets let ping
@@ -104,20 +104,21 @@ func setup(spec Spec) (*os.File, error) {
 	gid := os.Getgid()
 	if err := os.WriteFile("/proc/sys/net/ipv4/ping_group_range", fmt.Appendf(nil, "%d %d", gid, gid), 0); err != nil {
 		f.Close()
-		return nil, fmt.Errorf("enabling ping sockets in the sandbox: %w", err)
+		return nil, nil, fmt.Errorf("enabling ping sockets in the sandbox: %w", err)
 	}
-	if err := overlayEtc(spec); err != nil {
+	covers, err := overlayEtc(spec)
+	if err != nil {
 		f.Close()
-		return nil, err
+		return nil, nil, err
 	}
 	// After overlayEtc, whose scratch tmpfs on /tmp would cover them.
 	if err := coverHostSockets(spec.HostSockets); err != nil {
 		f.Close()
-		return nil, err
+		return nil, nil, err
 	}
 	if err := hide(spec.Hidden); err != nil {
 		f.Close()
-		return nil, err
+		return nil, nil, err
 	}
 	// A fresh /proc shows only the sandbox's processes. Where /proc is
 	// partly masked (inside a container) the kernel refuses a user one;
@@ -128,10 +129,10 @@ func setup(spec Spec) (*os.File, error) {
 	if !spec.Rootless && len(spec.RunAs) == 0 {
 		if err := kernelFilesReadOnly(); err != nil {
 			f.Close()
-			return nil, err
+			return nil, nil, err
 		}
 	}
-	return f, nil
+	return f, covers, nil
 }
 
 // kernelFilesReadOnly makes the kernel's settings read-only for a command
@@ -179,26 +180,37 @@ func openTUN(plan netplan.Plan) (*os.File, error) {
 }
 
 // overlayEtc binds the sandbox's resolv.conf (and the --hosts-file) over
-// the host's. The generated file lives on a tmpfs that is mounted for a
-// moment on /tmp of the sandbox and detached again, so nothing is ever
-// written to the host's disk.
-func overlayEtc(spec Spec) error {
+// the host's, and returns the covers for keepCovering. The generated file
+// lives on a tmpfs that is mounted for a moment on /tmp of the sandbox
+// and detached again, so nothing is ever written to the host's disk.
+func overlayEtc(spec Spec) ([]etcCover, error) {
+	var covers []etcCover
+	keep := func(dst string) {
+		if c, ok := keepCover(dst); ok {
+			covers = append(covers, c)
+		}
+	}
 	// The hosts file first: it may itself live under /tmp.
 	if spec.HostsFile != "" {
 		if err := bindOver(spec.HostsFile, "/etc/hosts"); err != nil {
-			return err
+			return nil, err
 		}
+		keep("/etc/hosts")
 	}
 	const scratch = "/tmp"
 	if err := unix.Mount("childflow", scratch, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, "size=64k,mode=0755"); err != nil {
-		return fmt.Errorf("mounting scratch tmpfs on %s: %w", scratch, err)
+		return nil, fmt.Errorf("mounting scratch tmpfs on %s: %w", scratch, err)
 	}
 	defer unix.Unmount(scratch, unix.MNT_DETACH)
 	resolv := filepath.Join(scratch, "resolv.conf")
 	if err := os.WriteFile(resolv, []byte(spec.ResolvConf), 0o644); err != nil {
-		return fmt.Errorf("writing sandbox resolv.conf: %w", err)
+		return nil, fmt.Errorf("writing sandbox resolv.conf: %w", err)
 	}
-	return bindOver(resolv, "/etc/resolv.conf")
+	if err := bindOver(resolv, "/etc/resolv.conf"); err != nil {
+		return nil, err
+	}
+	keep("/etc/resolv.conf")
+	return covers, nil
 }
 
 // hide covers each of paths with /dev/null, read-only and nodev, so that
@@ -261,7 +273,7 @@ func bindOver(src, dst string) error {
 // to forward and finds the command; the start it returns forks the
 // command, forwards signals to it and returns its exit code once it
 // exits. Signals that arrive before the fork are forwarded right after.
-func prepareCommand(spec Spec) (start func() int) {
+func prepareCommand(spec Spec, covers []etcCover) (start func() int) {
 	// Never unlocked: this thread ends up without privileges, and the
 	// command is forked from it.
 	runtime.LockOSThread()
@@ -291,12 +303,12 @@ func prepareCommand(spec Spec) (start func() int) {
 			return 126
 		}
 	}
-	return func() int { return runCommand(spec, path, sigs) }
+	return func() int { return runCommand(spec, path, sigs, covers) }
 }
 
 // runCommand forks the command at path from this (locked, unprivileged)
 // thread, forwards sigs to it and returns its exit code once it exits.
-func runCommand(spec Spec, path string, sigs chan os.Signal) int {
+func runCommand(spec Spec, path string, sigs chan os.Signal, covers []etcCover) int {
 	attr := &syscall.SysProcAttr{}
 	if spec.Foreground {
 		// Own foreground process group: ^C and ^Z reach the command only,
@@ -321,6 +333,7 @@ func runCommand(spec Spec, path string, sigs chan os.Signal) int {
 		}
 	}()
 	go followResumes(pid, spec.Foreground)
+	go keepCovering(covers)
 	// As PID 1, init reaps every orphan; the command's status is ours.
 	// A stop of the command is childflow's to follow (Sandbox.followStops).
 	for {

@@ -976,6 +976,83 @@ func TestHostsFile(t *testing.T) {
 	})
 }
 
+// TestResolverSurvivesTheHostReplacingIt has the host replace, while the
+// command runs, the files childflow covers: resolv.conf as systemd-resolved
+// writes it (a new file renamed over the target of /etc/resolv.conf's
+// symlink), the symlink itself (resolvconf), and /etc/hosts under
+// --hosts-file. Each rename detaches the cover in every namespace; the
+// command must keep reading the sandbox's files and resolving through the
+// engine. It runs in a mount namespace of its own with an overlay on
+// /etc, so that the host's files are not touched.
+func TestResolverSurvivesTheHostReplacingIt(t *testing.T) {
+	requireRoot(t)
+	for _, backend := range backends {
+		t.Run(backend.name, func(t *testing.T) {
+			runAs := ""
+			if backend.u == rootless {
+				withTunOpen(t)
+				runAs = "setpriv --reuid 65534 --regid 65534 --clear-groups"
+			}
+			// Not under /tmp, where init mounts its scratch tmpfs for a
+			// moment, and readable by the rootless user.
+			dir, err := os.MkdirTemp("/var/tmp", "cfresolv")
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { os.RemoveAll(dir) })
+			os.Chmod(dir, 0o755)
+			script := `set -e
+d=$CFDIR
+mkdir $d/upper $d/work $d/stub
+mount -t overlay overlay -o lowerdir=/etc,upperdir=$d/upper,workdir=$d/work /etc
+echo 'nameserver 127.0.0.53' >$d/stub/stub-resolv.conf
+ln -sfn $d/stub/stub-resolv.conf /etc/resolv.conf
+echo '203.0.113.10 only-in-sandbox.test' >$d/hosts
+$CFRUNAS $CFBIN --dns 203.0.113.53 $CFFLAGS --hosts-file $d/hosts -- sh -c '
+for i in $(seq 40); do
+	echo "$i $(grep -c childflow /etc/resolv.conf) $(getent hosts web.test >/dev/null && echo dns) $(getent hosts only-in-sandbox.test >/dev/null && echo hosts)"
+	sleep 0.1
+done' >$d/out &
+sleep 1
+echo 'nameserver 127.0.0.53' >$d/stub/new && mv $d/stub/new $d/stub/stub-resolv.conf
+sleep 1
+echo 'nameserver 127.0.0.1' >$d/other.conf && ln -s $d/other.conf /etc/resolv.conf.new && mv -T /etc/resolv.conf.new /etc/resolv.conf
+sleep 1
+cp /etc/hosts /etc/hosts.new && mv /etc/hosts.new /etc/hosts
+wait $!
+`
+			cmd := exec.Command("unshare", "-m", "--propagation", "private", "sh", "-c", script)
+			cmd.Env = append(os.Environ(), "CFDIR="+dir, "CFBIN="+bin, "CFRUNAS="+runAs, "CFFLAGS="+strings.Join(backend.flags, " "))
+			if out, err := cmd.CombinedOutput(); err != nil {
+				t.Fatalf("%v\n%s", err, out)
+			}
+			b, err := os.ReadFile(filepath.Join(dir, "out"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+			if len(lines) != 40 {
+				t.Fatalf("the command wrote %d lines, not 40:\n%s", len(lines), b)
+			}
+			// A sample may fall between a rename and the cover's return.
+			hosts := 0
+			for _, l := range lines {
+				if f := strings.Fields(l); f[1] != "1" {
+					hosts++
+				}
+			}
+			if hosts > 3 {
+				t.Errorf("the command read the host's resolv.conf in %d samples of 40:\n%s", hosts, b)
+			}
+			for _, l := range lines[len(lines)-5:] {
+				if f := strings.Fields(l); len(f) != 4 || f[1] != "1" || f[2] != "dns" || f[3] != "hosts" {
+					t.Fatalf("at the end the command does not read the sandbox's files (want \"N 1 dns hosts\"):\n%s", b)
+				}
+			}
+		})
+	}
+}
+
 // hostState is what a run could leave behind on the host.
 func hostState(t *testing.T) string {
 	t.Helper()
