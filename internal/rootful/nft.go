@@ -26,7 +26,7 @@ type tableSpec struct {
 	plan   netplan.Plan
 	policy *policy.Policy
 	group  uint16 // NFLOG group of the flow events
-	mark   uint32 // the slot's mark: on every packet and connection from the sandbox
+	mark   uint32 // the slot's mark: on each packet the policy lets out, and each connection
 	tproxy uint16 // local port of the transparent proxy, 0 for none
 	tpMark uint32 // packet mark that routes TPROXY'd packets locally
 	ifMark uint32 // packet mark that routes through --iface, 0 for none
@@ -81,8 +81,9 @@ const setElementsPerMessage = 512
 //	        (intervals); domain_deny, domain_allow (timeouts, fed by the resolver)
 //	  chain dns     nat prerouting:  DNS from the sandbox to any address -> the resolver
 //	  chain nat     nat postrouting: masquerade what the sandbox sends out
-//	  chain mangle  filter prerouting mangle: the slot's marks, TPROXY, --iface
-//	  chain forward filter forward:  replies in; new flows out -> policy; nothing new in
+//	  chain mangle  filter prerouting mangle: the slot's conntrack mark, TPROXY
+//	  chain decide  filter prerouting dstnat+10: flows out -> policy, the routing mark if allowed
+//	  chain forward filter forward:  replies in; nothing new in
 //	  chain input   filter input:    replies, ND, DNS to the resolver, TPROXY; else policy
 //	  chain policy, host, after_cidr: policy.Decide's order, each verdict logged
 //	}
@@ -168,11 +169,9 @@ func installTable(s tableSpec) error {
 	nat := c.AddChain(&nftables.Chain{Name: "nat", Table: n.t, Type: nftables.ChainTypeNAT, Hooknum: nftables.ChainHookPostrouting, Priority: nftables.ChainPriorityNATSource})
 	n.rule(nat, nftexpr.Cat(fromSandbox, nftexpr.IfName(expr.MetaKeyOIFNAME, s.hostIf, false), []expr.Any{&expr.Masq{}})...)
 
-	// The slot's mark on every packet: the routing backstop refuses what
-	// comes without it (routing.go). On every new connection: only those
-	// pass as established, not one opened while the table was gone.
+	// The slot's mark on every new connection: only those pass as
+	// established, not one opened while the table was gone.
 	mangle := c.AddChain(&nftables.Chain{Name: "mangle", Table: n.t, Type: nftables.ChainTypeFilter, Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityMangle})
-	n.rule(mangle, nftexpr.Cat(fromSandbox, nftexpr.SetMark(s.mark))...)
 	n.rule(mangle, nftexpr.Cat(fromSandbox, nftexpr.CtStateNew(), nftexpr.SetCtMark(s.mark))...)
 	if s.tproxy != 0 {
 		// New TCP connections go to the proxy client; the policy is
@@ -193,15 +192,24 @@ func installTable(s tableSpec) error {
 			}, nftexpr.SetMark(s.tpMark), []expr.Any{accept})...)
 		}
 	}
-	if s.ifMark != 0 {
-		n.rule(mangle, nftexpr.Cat(fromSandbox, nftexpr.SetMark(s.ifMark))...)
-	}
 
 	// Before the host's own filters (priority filter - 10): a drop here
 	// is final whatever another table accepts.
 	prio := nftables.ChainPriorityRef(-10)
 	forward := c.AddChain(&nftables.Chain{Name: "forward", Table: n.t, Type: nftables.ChainTypeFilter, Hooknum: nftables.ChainHookForward, Priority: prio})
 	input := c.AddChain(&nftables.Chain{Name: "input", Table: n.t, Type: nftables.ChainTypeFilter, Hooknum: nftables.ChainHookInput, Priority: prio})
+	// What the sandbox sends beyond the host is decided before routing,
+	// after the DNS redirect, and gets the slot's mark, which the routing
+	// backstop wants (routing.go), only with an allowing verdict, in the
+	// same pass: a `flush ruleset` that lands between a packet's
+	// prerouting and forward hooks then lets through only what the
+	// policy allowed. A mark set apart from the verdict let a denied
+	// packet on past a forward filter that was gone (1 of 60 runs of
+	// TestRootFailsClosedWhenItsTableGoes). What routing delivers to the
+	// host itself is decided where it arrives (input), as before: the
+	// backstop cannot hold it (keepTable), and a packet routing would
+	// drop (a group the host has not joined) is no violation.
+	decide := c.AddChain(&nftables.Chain{Name: "decide", Table: n.t, Type: nftables.ChainTypeFilter, Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityRef(*nftables.ChainPriorityNATDest + 10)})
 	pol := c.AddChain(&nftables.Chain{Name: "policy", Table: n.t})
 	host := c.AddChain(&nftables.Chain{Name: "host", Table: n.t})
 	after := c.AddChain(&nftables.Chain{Name: "after_cidr", Table: n.t})
@@ -222,8 +230,6 @@ func installTable(s tableSpec) error {
 	known := nftexpr.Cat(nftexpr.Established(), nftexpr.CtMarkIs(s.mark))
 	n.rule(forward, nftexpr.Cat(toSandbox, known, []expr.Any{accept})...)
 	n.rule(forward, nftexpr.Cat(toSandbox, []expr.Any{drop})...) // nothing new reaches the sandbox
-	n.rule(forward, nftexpr.Cat(fromSandbox, known, []expr.Any{accept})...)
-	n.rule(forward, nftexpr.Cat(fromSandbox, []expr.Any{jumpPolicy})...)
 
 	// Nor from the host: the sandbox's answers to a flow the host opened
 	// would pass as established, and its policy never see them (an
@@ -245,6 +251,31 @@ func installTable(s tableSpec) error {
 	}
 	n.rule(input, nftexpr.Cat(fromSandbox, []expr.Any{jumpPolicy})...)
 
+	// The host's own addresses and those it hears (fib daddr type).
+	hostAddr := func(typ uint32) []expr.Any {
+		return []expr.Any{
+			&expr.Fib{Register: 1, FlagDADDR: true, ResultADDRTYPE: true},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(typ)},
+		}
+	}
+
+	// The mark routing wants: the slot's, or --iface's, which routes by
+	// that interface and is the slot's too to the backstop.
+	routeMark := s.mark
+	if s.ifMark != 0 {
+		routeMark = s.ifMark
+	}
+	pass := nftexpr.Cat(nftexpr.SetMark(routeMark), []expr.Any{accept})
+	if s.tproxy != 0 {
+		// Marked for the proxy client, which decides.
+		n.rule(decide, nftexpr.Cat(fromSandbox, nftexpr.MarkIs(s.tpMark), []expr.Any{accept})...)
+	}
+	n.rule(decide, nftexpr.Cat(fromSandbox, known, pass)...) // first: most packets, no lookup
+	for _, typ := range []uint32{unix.RTN_LOCAL, unix.RTN_BROADCAST, unix.RTN_MULTICAST, unix.RTN_ANYCAST} {
+		n.rule(decide, nftexpr.Cat(fromSandbox, hostAddr(typ), []expr.Any{accept})...) // for input
+	}
+	n.rule(decide, nftexpr.Cat(fromSandbox, []expr.Any{jumpPolicy})...)
+
 	// The policy, in policy.Decide's order. Every verdict is logged to
 	// the flow-event reader with its reason.
 	allow := func(reason string) []expr.Any {
@@ -253,9 +284,9 @@ func installTable(s tableSpec) error {
 			return nftexpr.Logged(s.group, logDeny+policy.ReasonProxyOnly, refused)
 		}
 		if !s.logAllowed {
-			return []expr.Any{accept}
+			return pass
 		}
-		return nftexpr.Logged(s.group, logAllow+reason, accept)
+		return nftexpr.Cat(nftexpr.SetMark(routeMark), nftexpr.Logged(s.group, logAllow+reason, accept))
 	}
 	deny := func(reason string) []expr.Any { return nftexpr.Logged(s.group, logDeny+reason, refused) }
 	inSet := func(name string, is6 bool) []expr.Any {
@@ -295,12 +326,6 @@ func installTable(s tableSpec) error {
 	// The host's own addresses, its networks' broadcast addresses, which
 	// it hears too, and the anycast addresses a forwarding host answers
 	// on (IPv6's subnet-router anycast, prefix::, on each of its links).
-	hostAddr := func(typ uint32) []expr.Any {
-		return []expr.Any{
-			&expr.Fib{Register: 1, FlagDADDR: true, ResultADDRTYPE: true},
-			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(typ)},
-		}
-	}
 	hostTypes := []uint32{unix.RTN_LOCAL, unix.RTN_BROADCAST, unix.RTN_ANYCAST}
 	// Before the allow-cidrs, as in policy.Decide: loopback, broadcast,
 	// multicast and the gateways only through an allow-cidr that names
