@@ -41,10 +41,10 @@ func ipRule(family int, mark uint32, table int) *netlink.Rule {
 var families = []int{netlink.FAMILY_V4, netlink.FAMILY_V6}
 
 // The routing backstop. The table marks each packet from the sandbox
-// that its policy lets out with the slot's mark, and three rules refuse to route anything from
-// the sandbox's link without it: marked packets skip the refusal to the
-// rules that follow (TPROXY, --iface, then the host's own), the rest are
-// refused. Routing rules outlive the ruleset: when the table goes (a
+// that its policy lets out with the slot's mark, and three rules refuse
+// to route anything from the sandbox's link without it: marked packets
+// skip the refusal to the rules that follow (TPROXY, --iface, then the
+// host's own), the rest are refused. Routing rules outlive the ruleset: when the table goes (a
 // `flush ruleset`, nftables.service restarted), what the sandbox sends
 // is refused, not forwarded unfiltered and unmasqueraded while the table
 // is put back. The host's own addresses come first in routing (the local

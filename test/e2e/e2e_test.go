@@ -982,8 +982,9 @@ func TestHostsFile(t *testing.T) {
 // symlink), the symlink itself (resolvconf), and /etc/hosts under
 // --hosts-file. Each rename detaches the cover in every namespace; the
 // command must keep reading the sandbox's files and resolving through the
-// engine. It runs in a mount namespace of its own with an overlay on
-// /etc, so that the host's files are not touched.
+// engine, and the cover put back stays read-only. It runs in a mount
+// namespace of its own with an overlay on /etc, so that the host's files
+// are not touched.
 func TestResolverSurvivesTheHostReplacingIt(t *testing.T) {
 	requireRoot(t)
 	for _, backend := range backends {
@@ -1012,7 +1013,8 @@ $CFRUNAS $CFBIN --dns 203.0.113.53 $CFFLAGS --hosts-file $d/hosts -- sh -c '
 for i in $(seq 40); do
 	echo "$i $(grep -c childflow /etc/resolv.conf) $(getent hosts web.test >/dev/null && echo dns) $(getent hosts only-in-sandbox.test >/dev/null && echo hosts)"
 	sleep 0.1
-done' >$d/out &
+done
+if echo x 2>/dev/null >>/etc/resolv.conf; then echo "resolv.conf is writable" >&2; fi' >$d/out &
 sleep 1
 echo 'nameserver 127.0.0.53' >$d/stub/new && mv $d/stub/new $d/stub/stub-resolv.conf
 sleep 1
@@ -1023,8 +1025,14 @@ wait $!
 `
 			cmd := exec.Command("unshare", "-m", "--propagation", "private", "sh", "-c", script)
 			cmd.Env = append(os.Environ(), "CFDIR="+dir, "CFBIN="+bin, "CFRUNAS="+runAs, "CFFLAGS="+strings.Join(backend.flags, " "))
-			if out, err := cmd.CombinedOutput(); err != nil {
+			out, err := cmd.CombinedOutput()
+			if err != nil {
 				t.Fatalf("%v\n%s", err, out)
+			}
+			// Put back as it was: read-only (the root backend's command is
+			// uid 0, the file's owner).
+			if strings.Contains(string(out), "writable") {
+				t.Errorf("%s", out)
 			}
 			b, err := os.ReadFile(filepath.Join(dir, "out"))
 			if err != nil {
