@@ -192,6 +192,10 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return usageError(stderr, policy.Usagef("invalid --iface %q: needs --root", o.iface))
 	}
 	rootless := !privileged
+	if err := host.Preflight(o.root); err != nil {
+		fmt.Fprintf(stderr, "childflow: %v\n", err)
+		return exitFailure
+	}
 	var plan netplan.Plan
 	var rootNet *rootful.Sandbox
 	if o.root {
@@ -212,10 +216,6 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		defer rootNet.Close()
 		plan = rootNet.Plan
 	} else {
-		if err := host.Preflight(); err != nil {
-			fmt.Fprintf(stderr, "childflow: %v\n", err)
-			return exitFailure
-		}
 		if plan, err = netplan.Choose(netplan.Routes(), o.mtu); err != nil {
 			fmt.Fprintf(stderr, "childflow: %v\n", err)
 			return exitFailure

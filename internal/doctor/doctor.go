@@ -95,9 +95,14 @@ func (h Host) Run() Report {
 }
 
 // Preflight runs only the checks that can block a sandbox (user
-// namespaces when rootless, /dev/net/tun): what exec needs at start-up.
-func (h Host) Preflight() error {
-	return Report{Checks: []Check{h.userns(), h.tun()}}.Blocking()
+// namespaces when rootless, /dev/net/tun, a resolv.conf to bind over):
+// what exec needs at start-up; rootful, whose veth needs no TUN, only
+// the last.
+func (h Host) Preflight(rootful bool) error {
+	if rootful {
+		return Report{Checks: []Check{h.resolvers()}}.Blocking()
+	}
+	return Report{Checks: []Check{h.userns(), h.tun(), h.resolvers()}}.Blocking()
 }
 
 // Blocking returns the first required check that is unavailable, as the
@@ -193,6 +198,20 @@ func ParseNameservers(resolvConf string) []string {
 
 func (h Host) resolvers() Check {
 	c := Check{Name: "resolvers", Status: Available}
+	// The sandbox's resolv.conf is bound over the host's: there must be
+	// a file to bind over (a stopped systemd-resolved leaves its symlink
+	// naming none), and childflow writes none on the host.
+	if st, err := os.Stat(h.Resolv); err != nil || !st.Mode().IsRegular() {
+		c.Required, c.Status = true, Unavailable
+		c.Detail = fmt.Sprintf("%s is missing: the sandbox's own resolv.conf is bound over it", h.Resolv)
+		if err == nil {
+			c.Detail = fmt.Sprintf("%s is not a file: the sandbox's own resolv.conf is bound over it", h.Resolv)
+		} else if target, err := os.Readlink(h.Resolv); err == nil {
+			c.Detail = fmt.Sprintf("%s names %s, which is missing: the sandbox's own resolv.conf is bound over it", h.Resolv, target)
+		}
+		c.Fix = "start the host's resolver (systemctl start systemd-resolved), or create " + h.Resolv + " (with -d/--dns its content is not used)"
+		return c
+	}
 	ns := Nameservers(h.Resolv)
 	if len(ns) == 0 {
 		c.Status, c.Detail, c.Fix = Limited, fmt.Sprintf("no nameserver in %s: names resolve only with --dns", h.Resolv), "pass -d/--dns ADDR"

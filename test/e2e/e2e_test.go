@@ -1061,6 +1061,56 @@ wait $!
 	}
 }
 
+// TestAMissingResolvConfIsNamed: where /etc/resolv.conf is missing or a
+// symlink naming nothing (a stopped systemd-resolved's), the sandbox's
+// own cannot be bound over it; childflow says so in one line, with the
+// fix, before it builds anything. In a mount namespace of the test's
+// own with an overlay on /etc.
+func TestAMissingResolvConfIsNamed(t *testing.T) {
+	requireRoot(t)
+	dir, err := os.MkdirTemp("/var/tmp", "cfresolv")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	before := hostState(t)
+	script := `set -e
+d=$CFDIR
+mkdir $d/upper $d/work
+mount -t overlay overlay -o lowerdir=/etc,upperdir=$d/upper,workdir=$d/work /etc
+ln -sfn /run/cf-stopped-resolver/stub-resolv.conf /etc/resolv.conf
+for flags in "" --root; do $CFBIN $flags -- true 2>&1 && exit 9 || echo "exit $?"; done
+rm /etc/resolv.conf
+$CFBIN -- true 2>&1 && exit 9 || echo "exit $?"
+`
+	cmd := exec.Command("unshare", "-m", "--propagation", "private", "sh", "-c", script)
+	cmd.Env = append(os.Environ(), "CFDIR="+dir, "CFBIN="+bin)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	want := []string{
+		"childflow: resolvers: /etc/resolv.conf names /run/cf-stopped-resolver/stub-resolv.conf, which is missing: the sandbox's own resolv.conf is bound over it (fix: start the host's resolver",
+		"exit 1",
+		"childflow: resolvers: /etc/resolv.conf names /run/cf-stopped-resolver/stub-resolv.conf, which is missing",
+		"exit 1",
+		"childflow: resolvers: /etc/resolv.conf is missing: the sandbox's own resolv.conf is bound over it",
+		"exit 1",
+	}
+	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+	if len(lines) != len(want) {
+		t.Fatalf("want %d lines, got:\n%s", len(want), out)
+	}
+	for i, w := range want {
+		if !strings.HasPrefix(lines[i], w) {
+			t.Errorf("line %d: %q, want %q...", i+1, lines[i], w)
+		}
+	}
+	if after := hostState(t); after != before {
+		t.Errorf("host state changed:\nbefore:\n%s\nafter:\n%s", before, after)
+	}
+}
+
 // hostState is what a run could leave behind on the host.
 func hostState(t *testing.T) string {
 	t.Helper()
