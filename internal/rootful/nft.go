@@ -251,7 +251,10 @@ func installTable(s tableSpec) error {
 	}
 	n.rule(input, nftexpr.Cat(fromSandbox, []expr.Any{jumpPolicy})...)
 
-	// The host's own addresses and those it hears (fib daddr type).
+	// The host's own addresses, its networks' broadcast addresses, which
+	// it hears too, and the anycast addresses a forwarding host answers
+	// on (IPv6's subnet-router anycast, prefix::, on each of its links).
+	hostTypes := []uint32{unix.RTN_LOCAL, unix.RTN_BROADCAST, unix.RTN_ANYCAST}
 	hostAddr := func(typ uint32) []expr.Any {
 		return []expr.Any{
 			&expr.Fib{Register: 1, FlagDADDR: true, ResultADDRTYPE: true},
@@ -265,14 +268,17 @@ func installTable(s tableSpec) error {
 	if s.ifMark != 0 {
 		routeMark = s.ifMark
 	}
-	pass := nftexpr.Cat(nftexpr.SetMark(routeMark), []expr.Any{accept})
+	routed := nftexpr.SetMark(routeMark)
+	pass := nftexpr.Cat(routed, []expr.Any{accept})
 	if s.tproxy != 0 {
 		// Marked for the proxy client, which decides.
 		n.rule(decide, nftexpr.Cat(fromSandbox, nftexpr.MarkIs(s.tpMark), []expr.Any{accept})...)
 	}
-	n.rule(decide, nftexpr.Cat(fromSandbox, known, pass)...) // first: most packets, no lookup
-	for _, typ := range []uint32{unix.RTN_LOCAL, unix.RTN_BROADCAST, unix.RTN_MULTICAST, unix.RTN_ANYCAST} {
-		n.rule(decide, nftexpr.Cat(fromSandbox, hostAddr(typ), []expr.Any{accept})...) // for input
+	// Established flows first: most packets, no lookup. Then what
+	// routing delivers to the host, for input.
+	n.rule(decide, nftexpr.Cat(fromSandbox, known, pass)...)
+	for _, typ := range append(hostTypes, unix.RTN_MULTICAST) {
+		n.rule(decide, nftexpr.Cat(fromSandbox, hostAddr(typ), []expr.Any{accept})...)
 	}
 	n.rule(decide, nftexpr.Cat(fromSandbox, []expr.Any{jumpPolicy})...)
 
@@ -286,7 +292,7 @@ func installTable(s tableSpec) error {
 		if !s.logAllowed {
 			return pass
 		}
-		return nftexpr.Cat(nftexpr.SetMark(routeMark), nftexpr.Logged(s.group, logAllow+reason, accept))
+		return nftexpr.Cat(routed, nftexpr.Logged(s.group, logAllow+reason, accept))
 	}
 	deny := func(reason string) []expr.Any { return nftexpr.Logged(s.group, logDeny+reason, refused) }
 	inSet := func(name string, is6 bool) []expr.Any {
@@ -323,10 +329,6 @@ func installTable(s tableSpec) error {
 	}
 	n.rule(pol, &expr.Verdict{Kind: expr.VerdictGoto, Chain: after.Name})
 
-	// The host's own addresses, its networks' broadcast addresses, which
-	// it hears too, and the anycast addresses a forwarding host answers
-	// on (IPv6's subnet-router anycast, prefix::, on each of its links).
-	hostTypes := []uint32{unix.RTN_LOCAL, unix.RTN_BROADCAST, unix.RTN_ANYCAST}
 	// Before the allow-cidrs, as in policy.Decide: loopback, broadcast,
 	// multicast and the gateways only through an allow-cidr that names
 	// them, not a wide range that merely contains them.

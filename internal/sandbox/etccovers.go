@@ -28,14 +28,11 @@ type etcCover struct {
 	dev, ino uint64
 }
 
-// keepCover returns dst's cover, just bound, as an etcCover; ok is false
-// where the kernel has no open_tree (before 5.2): the cover then goes
-// with the host's next replacement, as it did before.
-func keepCover(dst string) (c etcCover, ok bool) {
-	target, err := filepath.EvalSymlinks(dst)
-	if err != nil {
-		return c, false
-	}
+// keepCover returns dst's cover, just bound over target (dst or what
+// its symlink names), as an etcCover; ok is false where the kernel has
+// no open_tree (before 5.2): the cover then goes with the host's next
+// replacement, as it did before.
+func keepCover(dst, target string) (c etcCover, ok bool) {
 	var st unix.Stat_t
 	if unix.Stat(target, &st) != nil {
 		return c, false
@@ -49,7 +46,8 @@ func keepCover(dst string) (c etcCover, ok bool) {
 
 // keepCovering watches the directories of covers' files (and of the
 // files their symlinks name) and covers any file that replaced one. It
-// runs for init's lifetime, on a thread that kept init's privileges.
+// runs for init's lifetime, on a thread that kept init's privileges (not
+// the command's, which init locks and drops them on).
 func keepCovering(covers []etcCover) {
 	if len(covers) == 0 {
 		return

@@ -72,11 +72,12 @@ func Init() {
 		os.Exit(125)
 	}
 	// While the engine starts, get everything but the fork done.
-	start := prepareCommand(spec, covers)
+	start := prepareCommand(spec)
 	// Wait for the engine. EOF means the parent died: leave.
 	if msg, _, err := fdpass.Recv(ctrlFD, 16, 0); err != nil || string(msg) != "go" {
 		os.Exit(125)
 	}
+	go keepCovering(covers)
 	os.Exit(start())
 }
 
@@ -185,17 +186,21 @@ func openTUN(plan netplan.Plan) (*os.File, error) {
 // and detached again, so nothing is ever written to the host's disk.
 func overlayEtc(spec Spec) ([]etcCover, error) {
 	var covers []etcCover
-	keep := func(dst string) {
-		if c, ok := keepCover(dst); ok {
+	cover := func(src, dst string) error {
+		target, err := bindOver(src, dst)
+		if err != nil {
+			return err
+		}
+		if c, ok := keepCover(dst, target); ok {
 			covers = append(covers, c)
 		}
+		return nil
 	}
 	// The hosts file first: it may itself live under /tmp.
 	if spec.HostsFile != "" {
-		if err := bindOver(spec.HostsFile, "/etc/hosts"); err != nil {
+		if err := cover(spec.HostsFile, "/etc/hosts"); err != nil {
 			return nil, err
 		}
-		keep("/etc/hosts")
 	}
 	const scratch = "/tmp"
 	if err := unix.Mount("childflow", scratch, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, "size=64k,mode=0755"); err != nil {
@@ -206,10 +211,9 @@ func overlayEtc(spec Spec) ([]etcCover, error) {
 	if err := os.WriteFile(resolv, []byte(spec.ResolvConf), 0o644); err != nil {
 		return nil, fmt.Errorf("writing sandbox resolv.conf: %w", err)
 	}
-	if err := bindOver(resolv, "/etc/resolv.conf"); err != nil {
+	if err := cover(resolv, "/etc/resolv.conf"); err != nil {
 		return nil, err
 	}
-	keep("/etc/resolv.conf")
 	return covers, nil
 }
 
@@ -245,35 +249,37 @@ func hide(paths []string) error {
 				return fmt.Errorf("pinning %s: %w", d, err)
 			}
 		}
-		if err := bindOver("/dev/null", real); err != nil {
+		if _, err := bindOver("/dev/null", real); err != nil {
 			return err
 		}
 	}
 	return os.Chdir(cwd)
 }
 
-func bindOver(src, dst string) error {
+// bindOver binds src read-only over dst, or over the file dst's symlink
+// names, which it returns.
+func bindOver(src, dst string) (string, error) {
 	// resolv.conf is often a symlink (systemd-resolved): bind over its
 	// target, creating nothing.
 	target, err := filepath.EvalSymlinks(dst)
 	if err != nil {
-		return fmt.Errorf("resolving %s: %w", dst, err)
+		return "", fmt.Errorf("resolving %s: %w", dst, err)
 	}
 	if err := unix.Mount(src, target, "", unix.MS_BIND, ""); err != nil {
-		return fmt.Errorf("binding %s over %s: %w", src, target, err)
+		return "", fmt.Errorf("binding %s over %s: %w", src, target, err)
 	}
 	// Read-only, so the command cannot rewrite its resolver.
 	if err := unix.Mount("", target, "", unix.MS_BIND|unix.MS_REMOUNT|unix.MS_RDONLY|unix.MS_NOSUID|unix.MS_NODEV, ""); err != nil {
-		return fmt.Errorf("making %s read-only: %w", target, err)
+		return "", fmt.Errorf("making %s read-only: %w", target, err)
 	}
-	return nil
+	return target, nil
 }
 
 // prepareCommand drops this thread's privileges, registers the signals
 // to forward and finds the command; the start it returns forks the
 // command, forwards signals to it and returns its exit code once it
 // exits. Signals that arrive before the fork are forwarded right after.
-func prepareCommand(spec Spec, covers []etcCover) (start func() int) {
+func prepareCommand(spec Spec) (start func() int) {
 	// Never unlocked: this thread ends up without privileges, and the
 	// command is forked from it.
 	runtime.LockOSThread()
@@ -303,12 +309,12 @@ func prepareCommand(spec Spec, covers []etcCover) (start func() int) {
 			return 126
 		}
 	}
-	return func() int { return runCommand(spec, path, sigs, covers) }
+	return func() int { return runCommand(spec, path, sigs) }
 }
 
 // runCommand forks the command at path from this (locked, unprivileged)
 // thread, forwards sigs to it and returns its exit code once it exits.
-func runCommand(spec Spec, path string, sigs chan os.Signal, covers []etcCover) int {
+func runCommand(spec Spec, path string, sigs chan os.Signal) int {
 	attr := &syscall.SysProcAttr{}
 	if spec.Foreground {
 		// Own foreground process group: ^C and ^Z reach the command only,
@@ -333,7 +339,6 @@ func runCommand(spec Spec, path string, sigs chan os.Signal, covers []etcCover) 
 		}
 	}()
 	go followResumes(pid, spec.Foreground)
-	go keepCovering(covers)
 	// As PID 1, init reaps every orphan; the command's status is ours.
 	// A stop of the command is childflow's to follow (Sandbox.followStops).
 	for {
