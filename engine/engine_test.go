@@ -199,13 +199,13 @@ func (sb *sandbox) dialUDP(t *testing.T, dst netip.AddrPort) *gonet.UDPConn {
 }
 
 // echoServer listens on loopback and echoes until EOF, then half-closes.
-func echoServer(t *testing.T, network, addr string) netip.AddrPort {
+func echoServer(t testing.TB, network, addr string) netip.AddrPort {
 	ap, _ := countingEchoServer(t, network, addr)
 	return ap
 }
 
 // countingEchoServer also counts the connections it accepted.
-func countingEchoServer(t *testing.T, network, addr string) (netip.AddrPort, *atomic.Int32) {
+func countingEchoServer(t testing.TB, network, addr string) (netip.AddrPort, *atomic.Int32) {
 	t.Helper()
 	ln, err := net.Listen(network, addr)
 	if err != nil {
@@ -234,7 +234,7 @@ func countingEchoServer(t *testing.T, network, addr string) (netip.AddrPort, *at
 // udpEchoServer answers each datagram on loopback twice, with it and
 // with "again:" and it: request/response protocols with several answers
 // must work.
-func udpEchoServer(t *testing.T) netip.AddrPort {
+func udpEchoServer(t testing.TB) netip.AddrPort {
 	t.Helper()
 	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
 	if err != nil {
@@ -598,7 +598,7 @@ func TestCloseEndsStuckFlows(t *testing.T) {
 }
 
 // dnsUpstream runs a resolver on loopback with a few fixed names.
-func dnsUpstream(t *testing.T) (netip.AddrPort, *sync.Map) {
+func dnsUpstream(t testing.TB) (netip.AddrPort, *sync.Map) {
 	t.Helper()
 	var asked sync.Map
 	h := mdns.HandlerFunc(func(w mdns.ResponseWriter, r *mdns.Msg) {
