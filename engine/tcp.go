@@ -45,7 +45,8 @@ func (e *Engine) handleTCP(r *netstack.TCPRequest) {
 	var host net.Conn
 	var err error
 	if viaProxy {
-		res.Proxy, res.ProxyHost = e.cfg.Proxy.String(), e.cache.Hostname(r.Dst.Addr())
+		res.Proxy = e.cfg.Proxy.String()
+		res.ProxyHost = e.cfg.Proxy.NameFor(e.policy.Load(), ev.ReasonCode, e.cache.Hostname(r.Dst.Addr()))
 		host, err = e.cfg.Proxy.Dial(ctx, up, res.ProxyHost)
 	} else {
 		host, err = e.cfg.Dial(ctx, "tcp", up.String())

@@ -11,7 +11,10 @@
 #   203.0.113.53, 2001:db8::53   dnsmasq with the names below (and every
 #                                name under wild.test: 203.0.113.10)
 #   203.0.113.54, 2001:db8::54   unbound, forwarding to dnsmasq; it answers
-#                                unbound.test (203.0.113.10) itself
+#                                unbound.test (203.0.113.10) itself, and
+#                                rebind.test, which dnsmasq says is .20, .10:
+#                                a name that changed its address between two
+#                                resolvers' questions
 #   203.0.113.30, 2001:db8::30   proxies: squid :3128 (open) and :3129 (Basic auth
 #                                alice:s3cret), microsocks :1080 (open) and :1081
 #                                (alice:s3cret) (and open on [2001:db8::30]:1080), dante :1082 (open),
@@ -89,6 +92,7 @@ up() {
 		--host-record=denied.test,203.0.113.20,2001:db8::20 \
 		--host-record=shared.test,203.0.113.10 \
 		--host-record=loopback.test,127.0.0.1 \
+		--host-record=rebind.test,203.0.113.20,2001:db8::20 \
 		--address=/wild.test/203.0.113.10 \
 		--cname=alias.test,allowed.test \
 		--cname=tracker.test,denied.test \
@@ -210,6 +214,9 @@ server:
 	local-zone: "test." nodefault
 	local-zone: "unbound.test." static
 	local-data: "unbound.test. 60 IN A 203.0.113.10"
+	local-zone: "rebind.test." static
+	local-data: "rebind.test. 60 IN A 203.0.113.10"
+	local-data: "rebind.test. 60 IN AAAA 2001:db8::10"
 forward-zone:
 	name: "."
 	forward-addr: 203.0.113.53

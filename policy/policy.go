@@ -247,6 +247,26 @@ func (p *Policy) DecideName(name string) Decision {
 	return Decision{Allow: true, Reason: ReasonDefaultAllow, Control: controls[ReasonDefaultAllow]}
 }
 
+// NameHoldsAnywhere reports whether a forced proxy may be told name, the
+// name the sandbox resolved to a flow's address, for a flow allowed for
+// reason. A proxy told a name resolves it itself and may get another
+// address than the sandbox did (DNS rebinding, or a resolver of its
+// own): that must make no difference. So the name itself must be
+// allowed, it or the default policy (not an allow-cidr) must have
+// allowed the flow, and no rule may deny by address: deny-cidr,
+// block-private, block-metadata, and, for a proxy on this host (onHost),
+// the host's own addresses and loopback, which every sandbox is denied.
+// Otherwise the proxy is told the address the policy decided on.
+func (p *Policy) NameHoldsAnywhere(name, reason string, onHost bool) bool {
+	switch reason {
+	case ReasonAllowDomain, ReasonAllowDomExact, ReasonDefaultAllow:
+	default:
+		return false
+	}
+	return name != "" && p.DecideName(name).Allow && !onHost &&
+		len(p.DenyCIDRs) == 0 && !p.BlockPrivate && !p.BlockMetadata
+}
+
 // NormalizeName lower-cases a DNS name and strips the trailing dot.
 func NormalizeName(n string) string {
 	return strings.TrimSuffix(strings.ToLower(n), ".")

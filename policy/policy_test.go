@@ -215,3 +215,30 @@ func TestIdentityEndpoint(t *testing.T) {
 		}
 	}
 }
+
+func TestNameHoldsAnywhere(t *testing.T) {
+	cidr := []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8")}
+	for _, tc := range []struct {
+		why    string
+		p      Policy
+		name   string
+		reason string
+		onHost bool
+		want   bool
+	}{
+		{"the default allowed it", Policy{}, "web.test", ReasonDefaultAllow, false, true},
+		{"its domain allowed it", Policy{DefaultDeny: true, AllowDomains: []string{"web.test"}}, "a.web.test", ReasonAllowDomain, false, true},
+		{"exactly", Policy{DefaultDeny: true, AllowDomainsExact: []string{"web.test"}}, "web.test", ReasonAllowDomExact, false, true},
+		{"unknown name", Policy{}, "", ReasonDefaultAllow, false, false},
+		{"an allow-cidr allowed the address", Policy{AllowCIDRs: cidr}, "web.test", ReasonAllowCIDR, false, false},
+		{"another name allowed the address", Policy{DefaultDeny: true, AllowDomains: []string{"web.test"}}, "rebind.test", ReasonAllowDomain, false, false},
+		{"a deny-cidr", Policy{DenyCIDRs: cidr}, "web.test", ReasonDefaultAllow, false, false},
+		{"block-private", Policy{BlockPrivate: true}, "web.test", ReasonDefaultAllow, false, false},
+		{"block-metadata", Policy{BlockMetadata: true}, "web.test", ReasonDefaultAllow, false, false},
+		{"a proxy on this host", Policy{}, "web.test", ReasonDefaultAllow, true, false},
+	} {
+		if got := tc.p.NameHoldsAnywhere(tc.name, tc.reason, tc.onHost); got != tc.want {
+			t.Errorf("%s: NameHoldsAnywhere(%q, %s, %v) = %v, want %v", tc.why, tc.name, tc.reason, tc.onHost, got, tc.want)
+		}
+	}
+}

@@ -1,6 +1,7 @@
 // Package proxy carries the sandbox's TCP flows through a forced upstream
 // proxy: HTTP CONNECT over TCP or TLS, or SOCKS5, with credentials. The
-// proxy is told the hostname the sandbox resolved where it is known.
+// proxy is told the hostname the sandbox resolved where the policy would
+// have allowed whatever address the proxy resolves it to (NameFor).
 package proxy
 
 import (
@@ -23,6 +24,7 @@ import (
 
 	"github.com/childflow/childflow/engine/proxy/uri"
 	"github.com/childflow/childflow/engine/upstream"
+	"github.com/childflow/childflow/internal/netplan"
 	"github.com/childflow/childflow/policy"
 )
 
@@ -42,6 +44,7 @@ type Proxy struct {
 
 	selfOnce sync.Once
 	self     []netip.AddrPort // the proxy's own addresses, for IsSelf
+	onHost   bool             // the proxy runs on this host
 }
 
 // Parse validates the proxy settings (see uri.Parse) and returns the
@@ -71,33 +74,66 @@ func (p *Proxy) Via(dial func(ctx context.Context, network, addr string) (net.Co
 // IsSelf reports whether dst is the proxy itself. A sandbox's flow to it,
 // carried through it, makes the proxy its own client, which then goes
 // wherever the sandbox asks inside the tunnel (a SOCKS or CONNECT request
-// of its own), past a policy that saw only the proxy's address. A proxy
-// named by host name is resolved once, on the first call.
+// of its own), past a policy that saw only the proxy's address.
 func (p *Proxy) IsSelf(dst netip.AddrPort) bool {
-	p.selfOnce.Do(func() {
-		ap, err := netip.ParseAddrPort(p.Addr)
-		if err == nil {
-			p.self = []netip.AddrPort{netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())}
-			return
-		}
-		host, port, err := net.SplitHostPort(p.Addr)
-		n, perr := strconv.ParseUint(port, 10, 16)
-		if err != nil || perr != nil {
-			return
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		addrs, _ := net.DefaultResolver.LookupNetIP(ctx, "ip", host)
-		for _, a := range addrs {
-			p.self = append(p.self, netip.AddrPortFrom(a.Unmap(), uint16(n)))
-		}
-	})
+	self := p.addrs()
 	for _, a := range policy.Embedded(dst.Addr()) {
-		if slices.Contains(p.self, netip.AddrPortFrom(a.Unmap(), dst.Port())) {
+		if slices.Contains(self, netip.AddrPortFrom(a.Unmap(), dst.Port())) {
 			return true
 		}
 	}
 	return false
+}
+
+// addrs are the proxy's own addresses. A proxy named by host name is
+// resolved once, on the first call.
+func (p *Proxy) addrs() []netip.AddrPort {
+	p.selfOnce.Do(func() {
+		p.self = resolve(p.Addr)
+		// On this host, the proxy's connections come from the host:
+		// its loopback and addresses are reachable. Where that cannot
+		// be told, it is taken to be here.
+		local, err := netplan.LocalRoutes()
+		p.onHost = err != nil || len(p.self) == 0
+		for _, a := range p.self {
+			p.onHost = p.onHost || a.Addr().IsLoopback() ||
+				slices.ContainsFunc(local, func(r netip.Prefix) bool { return r.Contains(a.Addr()) })
+		}
+	})
+	return p.self
+}
+
+// resolve returns the addresses of hostport.
+func resolve(hostport string) []netip.AddrPort {
+	if ap, err := netip.ParseAddrPort(hostport); err == nil {
+		return []netip.AddrPort{netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())}
+	}
+	host, port, err := net.SplitHostPort(hostport)
+	n, perr := strconv.ParseUint(port, 10, 16)
+	if err != nil || perr != nil {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	addrs, _ := net.DefaultResolver.LookupNetIP(ctx, "ip", host)
+	var out []netip.AddrPort
+	for _, a := range addrs {
+		out = append(out, netip.AddrPortFrom(a.Unmap(), uint16(n)))
+	}
+	return out
+}
+
+// NameFor is what to tell the proxy of a flow to an address the sandbox
+// resolved from name (empty: unknown) and pol allowed for reason: the
+// name where any address the proxy may resolve it to would have been
+// allowed too (policy.NameHoldsAnywhere), else nothing, and the proxy is
+// given the address.
+func (p *Proxy) NameFor(pol *policy.Policy, reason, name string) string {
+	p.addrs()
+	if !pol.NameHoldsAnywhere(name, reason, p.onHost) {
+		return ""
+	}
+	return name
 }
 
 // String names the proxy without credentials.

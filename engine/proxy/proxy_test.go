@@ -17,6 +17,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/childflow/childflow/policy"
 )
 
 func TestParse(t *testing.T) {
@@ -160,3 +162,29 @@ func TestHTTPSProxyTrust(t *testing.T) {
 }
 
 func flagName(key string) string { return "--" + strings.ReplaceAll(key, "_", "-") }
+
+// A proxy on this host reaches the host's loopback and addresses, which
+// no sandbox may: it is never told a name, which it might resolve to
+// them. One elsewhere is, where the policy allows whatever the name
+// resolves to.
+func TestNameForAProxyHereOrElsewhere(t *testing.T) {
+	anywhere := &policy.Policy{}
+	for _, tc := range []struct {
+		addr string
+		want string
+	}{
+		{"127.0.0.1:3128", ""},
+		{"[::1]:3128", ""},
+		{"localhost:3128", ""},
+		{"203.0.113.30:3128", "web.test"},
+	} {
+		p := &Proxy{Scheme: "http", Addr: tc.addr}
+		if got := p.NameFor(anywhere, policy.ReasonDefaultAllow, "web.test"); got != tc.want {
+			t.Errorf("proxy %s: told %q, want %q", tc.addr, got, tc.want)
+		}
+	}
+	p := &Proxy{Scheme: "http", Addr: "203.0.113.30:3128"}
+	if got := p.NameFor(&policy.Policy{DenyCIDRs: []netip.Prefix{netip.MustParsePrefix("203.0.113.20/32")}}, policy.ReasonDefaultAllow, "web.test"); got != "" {
+		t.Errorf("under a deny-cidr: told %q, want the address", got)
+	}
+}

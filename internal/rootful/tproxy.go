@@ -56,7 +56,8 @@ func (sb *Sandbox) proxied(c net.Conn) {
 		resetOnClose(c)
 		return
 	}
-	res.Proxy, res.ProxyHost = sb.cfg.Proxy.String(), sb.cache.Hostname(dst.Addr())
+	res.Proxy = sb.cfg.Proxy.String()
+	res.ProxyHost = sb.cfg.Proxy.NameFor(sb.cfg.Policy, d.Reason, sb.cache.Hostname(dst.Addr()))
 	ctx, cancel := context.WithTimeout(sb.ctx, 30*time.Second)
 	up, err := sb.cfg.Proxy.Dial(ctx, dst, res.ProxyHost)
 	cancel()

@@ -4,6 +4,7 @@ package e2e
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -249,4 +250,65 @@ func TestProxyHTTPSAndTinyproxy(t *testing.T) {
 			return string(b)
 		}, "CONNECT web.test:25")
 	})
+}
+
+// TestTheProxyGoesWhereThePolicyDecided: a proxy told a name resolves it
+// itself, and may get another address than the sandbox did: the answer
+// changed since (DNS rebinding), or the proxy asks another resolver.
+// rebind.test is 203.0.113.10 at unbound, which the sandbox asks here,
+// and 203.0.113.20 at dnsmasq, which the proxies ask. Where the policy
+// decided on the address (a deny-cidr, an allow-cidr), the proxy must be
+// told the address: told the name, squid and dante went to the denied
+// .20. Where any address would do, it is still told the name.
+func TestTheProxyGoesWhereThePolicyDecided(t *testing.T) {
+	requireRoot(t)
+	proxies := []struct{ uri, log, went string }{
+		{squidOpen, "squid/access.log", "HIER_DIRECT/%s"},
+		{"socks5h://" + danteOpen, "dante.log", " %s.80\n"},
+	}
+	for _, backend := range backends {
+		t.Run(backend.name, func(t *testing.T) {
+			if backend.u == rootless {
+				withTunOpen(t)
+			}
+			dir := logDir(t)
+			for _, c := range []struct {
+				flags []string
+				name  bool // the proxy may be told the name
+			}{
+				{[]string{"--deny-cidr", "203.0.113.20/32"}, false},
+				{[]string{"--allow-cidr", "203.0.113.10/32"}, false},
+				{nil, true},
+				{[]string{"--default-policy", "deny", "--allow-domain", "rebind.test"}, true},
+			} {
+				for _, p := range proxies {
+					proxyLog := func(*testing.T) string {
+						b, _ := os.ReadFile(filepath.Join(proxyLogDir, p.log))
+						return string(b)
+					}
+					before := len(proxyLog(t))
+					since := func(t *testing.T) string { return proxyLog(t)[before:] }
+					flows := filepath.Join(dir, "flows.jsonl")
+					args := append([]string{"--dns", "203.0.113.54", "-p", p.uri, "--flow-log", flows}, c.flags...)
+					args = append(append(args, backend.flags...), "--", "curl", "-sS", "-4", "-m5", "http://rebind.test/")
+					r := run(t, backend.u, args...)
+					if r.code != 0 || !strings.Contains(r.stdout, "hello from the test internet") {
+						t.Fatalf("%s %v: %v", p.uri, c.flags, r)
+					}
+					want, wrong := "203.0.113.10", "203.0.113.20"
+					if c.name {
+						want, wrong = wrong, want
+					}
+					waitFor(t, since, fmt.Sprintf(p.went, want))
+					if strings.Contains(since(t), fmt.Sprintf(p.went, wrong)) {
+						t.Errorf("%s %v: the proxy went to %s:\n%s", p.uri, c.flags, wrong, since(t))
+					}
+					b, _ := os.ReadFile(flows)
+					if told := strings.Contains(string(b), `"proxy_host":"rebind.test"`); told != c.name {
+						t.Errorf("%s %v: proxy_host rebind.test in the flow log: %v, want %v", p.uri, c.flags, told, c.name)
+					}
+				}
+			}
+		})
+	}
 }
