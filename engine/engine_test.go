@@ -957,3 +957,103 @@ func TestSourcePortReusedAfterServerClose(t *testing.T) {
 		time.Sleep(10 * time.Millisecond) // our side's last ACK
 	}
 }
+
+// socks5Recorder is a SOCKS5 proxy on loopback that tells, for each
+// connection, the target it was asked for (a name or an address), and
+// then echoes.
+func socks5Recorder(t *testing.T) (netip.AddrPort, chan string) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	targets := make(chan string, 16)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				b := make([]byte, 262)
+				// Greeting: version, n methods, methods; we take "none".
+				if _, err := io.ReadFull(c, b[:2]); err != nil || b[0] != 5 {
+					return
+				}
+				io.ReadFull(c, b[:b[1]])
+				c.Write([]byte{5, 0})
+				// Request: version, connect, reserved, address type.
+				if _, err := io.ReadFull(c, b[:4]); err != nil {
+					return
+				}
+				var target string
+				switch b[3] {
+				case 1, 4:
+					a := make([]byte, 4+12*int(b[3]/4))
+					io.ReadFull(c, a)
+					ip, _ := netip.AddrFromSlice(a)
+					target = ip.String()
+				case 3:
+					io.ReadFull(c, b[:1])
+					n := int(b[0])
+					io.ReadFull(c, b[:n])
+					target = string(b[:n])
+				}
+				io.ReadFull(c, b[:2]) // port
+				targets <- target
+				c.Write([]byte{5, 0, 0, 1, 0, 0, 0, 0, 0, 0})
+				io.Copy(c, c)
+			}()
+		}
+	}()
+	return netip.MustParseAddrPort(ln.Addr().String()), targets
+}
+
+// A proxy told a name resolves it itself and may get another address
+// than the sandbox did. It is told the name only where any address would
+// have been allowed: not for a container's flow (the identity endpoints,
+// which no container reaches, would be among them), nor under a
+// deny-cidr.
+func TestAProxyIsToldANameOnlyWhereAnyAddressWouldDo(t *testing.T) {
+	up, _ := dnsUpstream(t)
+	srv, targets := socks5Recorder(t)
+	for _, tc := range []struct {
+		why       string
+		p         *policy.Policy
+		ownsHost  bool
+		wantNamed bool
+	}{
+		{"exec, the default policy", &policy.Policy{}, true, true},
+		{"exec, a deny-cidr", &policy.Policy{DenyCIDRs: []netip.Prefix{netip.MustParsePrefix("198.51.100.0/24")}}, true, false},
+		{"a container, the default policy", &policy.Policy{}, false, false},
+	} {
+		// The proxy's address is no address of this host's; its
+		// connections land on the recorder.
+		fwd, err := proxy.Parse(profile.FlagName, "socks5h://203.0.113.30:1080", "", "", false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fwd = fwd.Via(func(ctx context.Context, network, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, network, srv.String())
+		})
+		sb := newSandboxWith(t, tc.p, func(c *Config) { c.Proxy, c.CallerOwnsHost = fwd, tc.ownsHost }, up)
+		if r := sb.query(t, netip.AddrPortFrom(sb.plan.Gateway4, 53), "allowed.test.", mdns.TypeA, false); len(r.Answer) != 1 {
+			t.Fatalf("%s: answer %v", tc.why, r)
+		}
+		c, err := sb.dial(t, netip.MustParseAddrPort("192.0.2.1:80"))
+		if err != nil {
+			t.Fatalf("%s: %v", tc.why, err)
+		}
+		c.Close()
+		want := "192.0.2.1"
+		if tc.wantNamed {
+			want = "allowed.test"
+		}
+		if got := <-targets; got != want {
+			t.Errorf("%s: the proxy was asked for %q, want %q", tc.why, got, want)
+		}
+	}
+}

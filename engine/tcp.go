@@ -45,8 +45,16 @@ func (e *Engine) handleTCP(r *netstack.TCPRequest) {
 	var host net.Conn
 	var err error
 	if viaProxy {
+		pol := e.policy.Load()
+		if !e.cfg.CallerOwnsHost {
+			// A container's flows never reach the identity endpoints
+			// (admit): nor may a name the proxy resolves.
+			identity := *pol
+			identity.BlockMetadata = true
+			pol = &identity
+		}
 		res.Proxy = e.cfg.Proxy.String()
-		res.ProxyHost = e.cfg.Proxy.NameFor(e.policy.Load(), ev.ReasonCode, e.cache.Hostname(r.Dst.Addr()))
+		res.ProxyHost = e.cfg.Proxy.NameFor(pol, ev.ReasonCode, e.cache.Hostname(r.Dst.Addr()))
 		host, err = e.cfg.Proxy.Dial(ctx, up, res.ProxyHost)
 	} else {
 		host, err = e.cfg.Dial(ctx, "tcp", up.String())
