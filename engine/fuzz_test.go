@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"strings"
 	"testing"
 	"time"
 
@@ -29,10 +30,9 @@ import (
 //
 // The engine's traffic stays on this host's loopback: its Dial lands
 // every allowed flow on the test's own servers, its resolver asks the
-// test's, and no echo request leaves (echoes to allowed addresses are
-// turned to the gateway, which answers them itself).
-//
-//	go test -run '^$' -fuzz FuzzSandboxPackets -fuzztime 10m ./engine/
+// test's, and no echo request leaves (one the policy would let out is
+// sent to the gateway instead, which answers it itself). make fuzz runs
+// it in a network namespace of its own besides.
 func FuzzSandboxPackets(f *testing.F) {
 	h := newFuzzHarness(f)
 	for _, seed := range fuzzSeeds() {
@@ -97,7 +97,7 @@ func newFuzzHarness(f *testing.F) *fuzzHarness {
 		Dial: func(ctx context.Context, network, address string) (net.Conn, error) {
 			// Whatever port was asked for: only the test's servers.
 			to := tcpServer
-			if network[:3] == "udp" {
+			if strings.HasPrefix(network, "udp") {
 				to = udpServer
 			}
 			var d net.Dialer
