@@ -627,6 +627,11 @@ func dnsUpstream(t testing.TB) (netip.AddrPort, *sync.Map) {
 			for i := 1; i <= 60; i++ {
 				add(fmt.Sprintf("big.test. 60 IN A 192.0.2.%d", i))
 			}
+		default:
+			// A wildcard zone, as many have: any name under it resolves.
+			if strings.HasSuffix(strings.ToLower(q.Name), ".wild.test.") && q.Qtype == mdns.TypeA {
+				add(q.Name + " 60 IN A 192.0.2.1")
+			}
 		}
 		w.WriteMsg(m)
 	})
@@ -1054,6 +1059,46 @@ func TestAProxyIsToldANameOnlyWhereAnyAddressWouldDo(t *testing.T) {
 		}
 		if got := <-targets; got != want {
 			t.Errorf("%s: the proxy was asked for %q, want %q", tc.why, got, want)
+		}
+	}
+}
+
+// A DNS label may hold any byte, which the resolver writes escaped: a
+// name under an allowed wildcard zone whose escaped form is longer than
+// SOCKS5's length byte holds was cut short at the proxy, which took its
+// first 11 bytes, "denied.test", for the name. A name that is no plain
+// host name reaches the proxy as the address.
+func TestAProxyIsToldOnlyPlainNames(t *testing.T) {
+	up, _ := dnsUpstream(t)
+	srv, targets := socks5Recorder(t)
+	fwd, err := proxy.Parse(profile.FlagName, "socks5h://203.0.113.30:1080", "", "", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fwd = fwd.Via(func(ctx context.Context, network, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, network, srv.String())
+	})
+	p := &policy.Policy{DefaultDeny: true, AllowDomains: []string{"wild.test"}, DenyDomains: []string{"denied.test"}}
+	sb := newSandboxWith(t, p, func(c *Config) { c.Proxy, c.CallerOwnsHost = fwd, true }, up)
+	// 61 bytes 0x01 (written \001) and an "a": 12 + 245 + 10 = 267
+	// characters, 11 more than 256.
+	name := "denied.test." + strings.Repeat(`\001`, 61) + "a.wild.test."
+	for _, n := range []string{"plain.wild.test.", name} {
+		if r := sb.query(t, netip.AddrPortFrom(sb.plan.Gateway4, 53), n, mdns.TypeA, false); len(r.Answer) != 1 {
+			t.Fatalf("%s: answer %v", n, r)
+		}
+		c, err := sb.dial(t, netip.MustParseAddrPort("192.0.2.1:80"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Close()
+		want := "plain.wild.test"
+		if n == name {
+			want = "192.0.2.1"
+		}
+		if got := <-targets; got != want {
+			t.Errorf("after resolving %q the proxy was asked for %q, want %q", n, got, want)
 		}
 	}
 }

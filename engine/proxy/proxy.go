@@ -127,13 +127,31 @@ func resolve(hostport string) []netip.AddrPort {
 // resolved from name (empty: unknown) and pol allowed for reason: the
 // name where any address the proxy may resolve it to would have been
 // allowed too (policy.NameHoldsAnywhere), else nothing, and the proxy is
-// given the address.
+// given the address. So is it for a name that is no plain host name.
 func (p *Proxy) NameFor(pol *policy.Policy, reason, name string) string {
 	p.addrs()
-	if !pol.NameHoldsAnywhere(name, reason, p.onHost) {
+	if !plainHostname(name) || !pol.NameHoldsAnywhere(name, reason, p.onHost) {
 		return ""
 	}
 	return name
+}
+
+// plainHostname reports whether name is letters, digits, '-', '_' and
+// dots, at most 253 of them. A DNS label may hold any byte, which the
+// resolver writes escaped ("a\032b", "a\ b"): longer than SOCKS5's
+// length byte holds, such a name would be cut short there (the proxy
+// would take its first bytes for the name, the next two for the port),
+// and a space in it would end a CONNECT request's target.
+func plainHostname(name string) bool {
+	if name == "" || len(name) > 253 {
+		return false
+	}
+	for _, c := range []byte(name) {
+		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '-' || c == '_' || c == '.') {
+			return false
+		}
+	}
+	return true
 }
 
 // String names the proxy without credentials.
@@ -282,7 +300,7 @@ func (p *Proxy) socks5(c net.Conn, target netip.AddrPort, host string) (net.Conn
 	}
 	req := []byte{5, 1, 0}
 	switch {
-	case host != "":
+	case host != "" && len(host) <= 255:
 		req = append(req, 3, byte(len(host)))
 		req = append(req, host...)
 	case target.Addr().Is4():

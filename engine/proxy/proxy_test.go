@@ -184,6 +184,11 @@ func TestNameForAProxyHereOrElsewhere(t *testing.T) {
 		}
 	}
 	p := &Proxy{Scheme: "http", Addr: "203.0.113.30:3128"}
+	for _, name := range []string{`a\ b.test`, `a\001b.test`, strings.Repeat("a", 254)} {
+		if got := p.NameFor(anywhere, policy.ReasonDefaultAllow, name); got != "" {
+			t.Errorf("%q, no plain host name: told %q, want the address", name, got)
+		}
+	}
 	if got := p.NameFor(&policy.Policy{DenyCIDRs: []netip.Prefix{netip.MustParsePrefix("203.0.113.20/32")}}, policy.ReasonDefaultAllow, "web.test"); got != "" {
 		t.Errorf("under a deny-cidr: told %q, want the address", got)
 	}
