@@ -354,6 +354,14 @@ func TestGatewayStandsForHostLoopbackOnlyWhenAllowed(t *testing.T) {
 		t.Fatalf("allow-cidr on the gateway: %v", err)
 	}
 	c.Close()
+	// The server takes that connection in its own time: counted after
+	// the count below, it looked like one the proxy made (once, under
+	// the race detector).
+	for deadline := time.Now().Add(5 * time.Second); accepted.Load() < 1; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the host's loopback server never took the allowed connection")
+		}
+	}
 
 	// Without CallerOwnsHost (the node daemon's containers) no rule opens it,
 	// and the proxy's own connection does not go there either.
