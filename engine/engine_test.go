@@ -971,10 +971,11 @@ func TestSourcePortReusedAfterServerClose(t *testing.T) {
 	}
 }
 
-// socks5Recorder is a SOCKS5 proxy on loopback that tells, for each
-// connection, the target it was asked for (a name or an address), and
-// then echoes.
-func socks5Recorder(t *testing.T) (netip.AddrPort, chan string) {
+// recordingProxy is a socks5h proxy at an address that is not this
+// host's, whose connections land on a SOCKS5 server on loopback that
+// tells, for each, the target it was asked for (a name or an address),
+// and then echoes.
+func recordingProxy(t *testing.T) (*proxy.Proxy, chan string) {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -1021,7 +1022,14 @@ func socks5Recorder(t *testing.T) (netip.AddrPort, chan string) {
 			}()
 		}
 	}()
-	return netip.MustParseAddrPort(ln.Addr().String()), targets
+	fwd, err := proxy.Parse(profile.FlagName, "socks5h://203.0.113.30:1080", "", "", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fwd.Via(func(ctx context.Context, network, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, network, ln.Addr().String())
+	}), targets
 }
 
 // A proxy told a name resolves it itself and may get another address
@@ -1031,7 +1039,7 @@ func socks5Recorder(t *testing.T) (netip.AddrPort, chan string) {
 // deny-cidr.
 func TestAProxyIsToldANameOnlyWhereAnyAddressWouldDo(t *testing.T) {
 	up, _ := dnsUpstream(t)
-	srv, targets := socks5Recorder(t)
+	fwd, targets := recordingProxy(t)
 	for _, tc := range []struct {
 		why       string
 		p         *policy.Policy
@@ -1042,16 +1050,6 @@ func TestAProxyIsToldANameOnlyWhereAnyAddressWouldDo(t *testing.T) {
 		{"exec, a deny-cidr", &policy.Policy{DenyCIDRs: []netip.Prefix{netip.MustParsePrefix("198.51.100.0/24")}}, true, false},
 		{"a container, the default policy", &policy.Policy{}, false, false},
 	} {
-		// The proxy's address is no address of this host's; its
-		// connections land on the recorder.
-		fwd, err := proxy.Parse(profile.FlagName, "socks5h://203.0.113.30:1080", "", "", false)
-		if err != nil {
-			t.Fatal(err)
-		}
-		fwd = fwd.Via(func(ctx context.Context, network, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, network, srv.String())
-		})
 		sb := newSandboxWith(t, tc.p, func(c *Config) { c.Proxy, c.CallerOwnsHost = fwd, tc.ownsHost }, up)
 		if r := sb.query(t, netip.AddrPortFrom(sb.plan.Gateway4, 53), "allowed.test.", mdns.TypeA, false); len(r.Answer) != 1 {
 			t.Fatalf("%s: answer %v", tc.why, r)
@@ -1078,15 +1076,7 @@ func TestAProxyIsToldANameOnlyWhereAnyAddressWouldDo(t *testing.T) {
 // host name reaches the proxy as the address.
 func TestAProxyIsToldOnlyPlainNames(t *testing.T) {
 	up, _ := dnsUpstream(t)
-	srv, targets := socks5Recorder(t)
-	fwd, err := proxy.Parse(profile.FlagName, "socks5h://203.0.113.30:1080", "", "", false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	fwd = fwd.Via(func(ctx context.Context, network, _ string) (net.Conn, error) {
-		var d net.Dialer
-		return d.DialContext(ctx, network, srv.String())
-	})
+	fwd, targets := recordingProxy(t)
 	p := &policy.Policy{DefaultDeny: true, AllowDomains: []string{"wild.test"}, DenyDomains: []string{"denied.test"}}
 	sb := newSandboxWith(t, p, func(c *Config) { c.Proxy, c.CallerOwnsHost = fwd, true }, up)
 	// 61 bytes 0x01 (written \001) and an "a": 12 + 245 + 10 = 267

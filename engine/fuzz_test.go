@@ -151,6 +151,9 @@ func (h *fuzzHarness) read() {
 	}
 }
 
+// aliveID is the echo identifier of alive's pings.
+const aliveID = 0xf022
+
 // alive pings the gateway and asks it a name, and fails unless both
 // are answered.
 func (h *fuzzHarness) alive(t *testing.T) {
@@ -159,7 +162,7 @@ func (h *fuzzHarness) alive(t *testing.T) {
 	gw, src := h.plan.Gateway4, h.plan.Sandbox4
 	echo := make([]byte, 8)
 	echo[0] = 8
-	binary.BigEndian.PutUint16(echo[4:], 0xf022)
+	binary.BigEndian.PutUint16(echo[4:], aliveID)
 	binary.BigEndian.PutUint16(echo[6:], h.seq)
 	binary.BigEndian.PutUint16(echo[2:], ^checksum.Checksum(echo, 0))
 	h.send(ipv4Packet(src, gw, 1, echo))
@@ -187,7 +190,7 @@ func (h *fuzzHarness) alive(t *testing.T) {
 			}
 			l4 := b[int(b[0]&0xf)*4:]
 			switch {
-			case b[9] == 1 && l4[0] == 0 && binary.BigEndian.Uint16(l4[4:]) == 0xf022 && binary.BigEndian.Uint16(l4[6:]) == h.seq:
+			case b[9] == 1 && l4[0] == 0 && binary.BigEndian.Uint16(l4[4:]) == aliveID && binary.BigEndian.Uint16(l4[6:]) == h.seq:
 				pinged = true
 			case b[9] == 17 && binary.BigEndian.Uint16(l4[0:]) == 53 && binary.BigEndian.Uint16(l4[2:]) == 40000:
 				var m mdns.Msg
@@ -235,17 +238,24 @@ func (h *fuzzHarness) fuzzPacket(kind byte, body []byte) []byte {
 	if v6 {
 		return ipv6Packet(src, dst, proto, body, variant)
 	}
+	return ipv4Variant(src, dst, proto, body, variant)
+}
+
+// ipv4Variant puts the body behind an IPv4 header; variant 1 makes it a
+// fragment (offset and flags from the body), 2 gives it a total length
+// that lies, 3 options (their length from the body).
+func ipv4Variant(src, dst netip.Addr, proto uint8, body []byte, variant byte) []byte {
 	pkt := ipv4Packet(src, dst, proto, body)
 	switch variant {
-	case 1: // a fragment, its offset and flags from the body
+	case 1:
 		if len(body) >= 2 {
 			binary.BigEndian.PutUint16(pkt[6:], binary.BigEndian.Uint16(body))
 		}
-	case 2: // a total length that lies
+	case 2:
 		if len(body) >= 1 {
 			binary.BigEndian.PutUint16(pkt[2:], uint16(len(pkt))+uint16(int8(body[0])))
 		}
-	case 3: // options: the header longer than 20 bytes
+	case 3:
 		if len(body) >= 1 {
 			ihl := 5 + int(body[0]&0xf)%11
 			opts := make([]byte, (ihl-5)*4)

@@ -103,6 +103,12 @@ func (p *Proxy) addrs() []netip.AddrPort {
 	return p.self
 }
 
+// onThisHost reports whether the proxy runs on this host (see addrs).
+func (p *Proxy) onThisHost() bool {
+	p.addrs()
+	return p.onHost
+}
+
 // resolve returns the addresses of hostport.
 func resolve(hostport string) []netip.AddrPort {
 	if ap, err := netip.ParseAddrPort(hostport); err == nil {
@@ -129,8 +135,7 @@ func resolve(hostport string) []netip.AddrPort {
 // allowed too (policy.NameHoldsAnywhere), else nothing, and the proxy is
 // given the address. So is it for a name that is no plain host name.
 func (p *Proxy) NameFor(pol *policy.Policy, reason, name string) string {
-	p.addrs()
-	if !plainHostname(name) || !pol.NameHoldsAnywhere(name, reason, p.onHost) {
+	if !plainHostname(name) || !pol.NameHoldsAnywhere(name, reason, p.onThisHost()) {
 		return ""
 	}
 	return name

@@ -74,9 +74,15 @@ func (l *listener) Write(p []byte) (int, error) {
 	return l.out.Write(p)
 }
 
+// moment is a named point in a test's time.
+type moment struct {
+	name string
+	at   time.Time
+}
+
 // arrivals says when each datagram containing s came, relative to the
-// named moments.
-func (l *listener) arrivals(s string, moments map[string]time.Time) string {
+// moments.
+func (l *listener) arrivals(s string, moments []moment) string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	var b strings.Builder
@@ -85,8 +91,8 @@ func (l *listener) arrivals(s string, moments map[string]time.Time) string {
 			continue
 		}
 		fmt.Fprintf(&b, "%q came", w.data)
-		for name, at := range moments {
-			fmt.Fprintf(&b, " %v after %s,", w.at.Sub(at).Round(time.Millisecond), name)
+		for _, m := range moments {
+			fmt.Fprintf(&b, " %v after %s,", w.at.Sub(m.at).Round(time.Millisecond), m.name)
 		}
 		b.WriteString("\n")
 	}
@@ -396,7 +402,7 @@ func TestRootFailsClosedWhenItsTableGoes(t *testing.T) {
 	time.Sleep(300 * time.Millisecond) // the denied datagrams are on their way
 	// childflow stopped, the table stays gone: the routing backstop
 	// alone refuses the datagrams meanwhile.
-	moments := map[string]time.Time{"SIGSTOP": time.Now()}
+	moments := []moment{{"SIGSTOP", time.Now()}}
 	cmd.Process.Signal(syscall.SIGSTOP)
 	if out, err := exec.Command("ip", "netns", "exec", hostNS, "nft", "flush", "ruleset").CombinedOutput(); err != nil {
 		cmd.Process.Signal(syscall.SIGCONT)
@@ -404,7 +410,7 @@ func TestRootFailsClosedWhenItsTableGoes(t *testing.T) {
 	}
 	time.Sleep(500 * time.Millisecond)
 	gone := tables()
-	moments["SIGCONT"] = time.Now()
+	moments = append(moments, moment{"SIGCONT", time.Now()})
 	cmd.Process.Signal(syscall.SIGCONT)
 	if gone != "" {
 		t.Errorf("tables while childflow was stopped: %q", gone)
@@ -413,7 +419,7 @@ func TestRootFailsClosedWhenItsTableGoes(t *testing.T) {
 		t.Errorf("the denied host got %q while the table was gone", got)
 	}
 	waitFor("the tables were not put back", whole)
-	moments["the tables were back"] = time.Now()
+	moments = append(moments, moment{"the tables were back", time.Now()})
 	time.Sleep(300 * time.Millisecond)
 	os.WriteFile(back, nil, 0o644)
 	cmd.Wait()
