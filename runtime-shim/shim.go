@@ -8,6 +8,7 @@ package shim
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -51,11 +52,21 @@ func Run(args []string, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "childflow-runtime: --childflow-runtime %q: %v\n", opts.Runtime, err)
 		return 2
 	}
-	if cmd, bundle := command(rest); cmd == "create" || cmd == "run" {
-		if err := Prepare(filepath.Join(bundle, "config.json"), opts); err != nil {
-			fmt.Fprintf(stderr, "childflow-runtime: %v\n", err)
-			return 1
-		}
+	cmd, bundle, err := command(rest)
+	if err != nil {
+		fmt.Fprintf(stderr, "childflow-runtime: %v\n", err)
+		return 2
+	}
+	config := filepath.Join(bundle, "config.json")
+	switch cmd {
+	case "create", "run":
+		err = Prepare(config, opts)
+	case "restore":
+		err = refuseRestore(config, opts)
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "childflow-runtime: %v\n", err)
+		return 1
 	}
 	err = syscall.Exec(runtime, append([]string{runtime}, rest...), os.Environ())
 	fmt.Fprintf(stderr, "childflow-runtime: exec %s: %v\n", runtime, err)
@@ -111,45 +122,79 @@ func parseOptions(args []string) (Options, []string, error) {
 	return opts, rest, nil
 }
 
-// globalWithValue are runc's and crun's global flags that take a value
-// as the next argument.
-var globalWithValue = map[string]bool{"--root": true, "--log": true, "--log-format": true, "--criu": true, "--rootless": true, "--cgroup-manager": true}
+// runtimeCommands are runc's and crun's commands. The first argument that
+// is not a flag must be one: anything else is a global flag's value read
+// as the command, and a create behind it would start without the hook.
+var runtimeCommands = map[string]bool{
+	"checkpoint": true, "create": true, "delete": true, "events": true, "exec": true, "features": true,
+	"help": true, "h": true, "kill": true, "list": true, "mounts": true, "pause": true, "ps": true,
+	"restore": true, "resume": true, "run": true, "spec": true, "start": true, "state": true, "update": true,
+}
 
-// command finds the runtime subcommand and, for create and run, the
-// bundle directory (--bundle/-b, default the working directory).
-func command(args []string) (cmd, bundle string) {
+// globalWithValue are runc's and crun's global flags that take a value,
+// the next argument unless written --flag=value. runc reads -flag as
+// --flag (Go's flag package).
+var globalWithValue = map[string]bool{"root": true, "log": true, "log-format": true, "log-level": true, "criu": true, "rootless": true, "cgroup-manager": true}
+
+// command finds the runtime subcommand and, for create, run and restore,
+// the bundle directory (-b/--bundle, default the working directory).
+func command(args []string) (cmd, bundle string, err error) {
 	i := 0
-	for ; i < len(args); i++ {
-		a := args[i]
-		if !strings.HasPrefix(a, "-") {
-			break
-		}
-		if globalWithValue[a] {
+	for ; i < len(args) && strings.HasPrefix(args[i], "-"); i++ {
+		name, _, hasValue := strings.Cut(strings.TrimLeft(args[i], "-"), "=")
+		if globalWithValue[name] && !hasValue {
 			i++
 		}
 	}
 	if i >= len(args) {
-		return "", ""
+		return "", "", nil
 	}
 	cmd = args[i]
+	if !runtimeCommands[cmd] {
+		return "", "", fmt.Errorf("runtime arguments %q: %q is no runc or crun command (a global flag taking a value that childflow-runtime does not know?): a container would start without its sandbox", strings.Join(args, " "), cmd)
+	}
 	bundle = "."
 	for j := i + 1; j < len(args); j++ {
 		a := args[j]
+		if a == "--" {
+			break
+		}
+		name, value, hasValue := strings.Cut(strings.TrimLeft(a, "-"), "=")
 		switch {
-		case a == "--bundle" || a == "-b":
-			if j+1 < len(args) {
-				bundle = args[j+1]
+		case !strings.HasPrefix(a, "-"):
+		case name == "bundle" || name == "b":
+			if !hasValue && j+1 < len(args) {
+				j++
+				value = args[j]
 			}
-			j++
-		case strings.HasPrefix(a, "--bundle="):
-			bundle = strings.TrimPrefix(a, "--bundle=")
-		case strings.HasPrefix(a, "-b="):
-			bundle = strings.TrimPrefix(a, "-b=")
-		case a == "--":
-			j = len(args)
+			bundle = value
+		case strings.HasPrefix(a, "-b") && !strings.HasPrefix(a, "--"):
+			bundle = a[2:] // crun's -bDIR
 		}
 	}
-	return cmd, bundle
+	return cmd, bundle, nil
+}
+
+// refuseRestore stops a sandboxed container from coming back from a
+// checkpoint. CRIU puts its sockets back into whatever network namespace
+// the manager made, a path childflow's hook has never been run on (CRIU
+// does not work on the machines it is tested on): refused, rather than
+// hoped to be sandboxed.
+func refuseRestore(configPath string, opts Options) error {
+	b, err := os.ReadFile(configPath)
+	if err != nil {
+		return fmt.Errorf("reading bundle config: %w", err)
+	}
+	var spec struct {
+		Annotations map[string]string `json:"annotations"`
+	}
+	if err := json.Unmarshal(b, &spec); err != nil {
+		return fmt.Errorf("parsing %s: %w", configPath, err)
+	}
+	if opts.Policy != "" || annotations.Present(spec.Annotations) {
+		return errors.New("restoring a sandboxed container from a checkpoint is not supported: it would run outside its sandbox")
+	}
+	return nil
 }
 
 // Prepare adds the hook to config.json's createRuntime and poststop

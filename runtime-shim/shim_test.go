@@ -20,11 +20,43 @@ func TestCommand(t *testing.T) {
 		{[]string{"create", "id"}, "create", "."},
 		{[]string{"--root", "/r", "start", "id"}, "start", "."},
 		{[]string{"--version"}, "", ""},
+		// runc reads -flag as --flag; crun takes -bDIR and newer ones --log-level.
+		{[]string{"-root", "/r", "-log", "l", "create", "-bundle", "/e", "id"}, "create", "/e"},
+		{[]string{"--root=/r", "-log-format=json", "--debug", "run", "-bundle=/f", "id"}, "run", "/f"},
+		{[]string{"--log-level", "warning", "--cgroup-manager", "systemd", "create", "-b/g", "id"}, "create", "/g"},
+		{[]string{"--rootless", "true", "restore", "--image-path", "/i", "--bundle", "/h", "id"}, "restore", "/h"},
+		{[]string{"create", "--", "--bundle", "/i"}, "create", "."},
 	} {
-		cmd, bundle := command(tc.args)
-		if cmd != tc.cmd || bundle != tc.bundle {
-			t.Errorf("command(%q) = %q, %q; want %q, %q", tc.args, cmd, bundle, tc.cmd, tc.bundle)
+		cmd, bundle, err := command(tc.args)
+		if err != nil || cmd != tc.cmd || bundle != tc.bundle {
+			t.Errorf("command(%q) = %q, %q, %v; want %q, %q", tc.args, cmd, bundle, err, tc.cmd, tc.bundle)
 		}
+	}
+	// A global flag with a value it does not know would make the value
+	// the command, and a create behind it would pass unprepared.
+	for _, args := range [][]string{
+		{"--log-verbosity", "3", "create", "--bundle", "/b", "id"},
+		{"--ro", "/r", "create", "id"}, // crun's abbreviation of --root
+	} {
+		if cmd, _, err := command(args); err == nil || !strings.Contains(err.Error(), "no runc or crun command") {
+			t.Errorf("command(%q) = %q, %v; want an error", args, cmd, err)
+		}
+	}
+}
+
+func TestRestoreOfASandboxedContainerIsRefused(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "config.json")
+	os.WriteFile(path, []byte(`{"annotations":{"io.example/a":"b"}}`), 0o600)
+	if err := refuseRestore(path, Options{}); err != nil {
+		t.Errorf("a container without childflow annotations: %v", err)
+	}
+	if err := refuseRestore(path, Options{Policy: "default_policy: deny\n"}); err == nil {
+		t.Error("restored under the runtime's default policy")
+	}
+	os.WriteFile(path, []byte(`{"annotations":{"childflow.dev/default-policy":"deny"}}`), 0o600)
+	if err := refuseRestore(path, Options{}); err == nil || !strings.Contains(err.Error(), "checkpoint") {
+		t.Errorf("an annotated container: %v", err)
 	}
 }
 

@@ -212,6 +212,50 @@ func TestContainerPolicyUnderRuncAndCrun(t *testing.T) {
 	}
 }
 
+// The runtime wrapper reads the runtime's arguments as the runtime does:
+// runc takes -root and -bundle for --root and --bundle, crun -bDIR. Read
+// wrong, a create went to the runtime without the hook and the annotated
+// container ran with no sandbox. What it cannot read, and the restore of
+// a sandboxed container, it refuses before the runtime runs.
+func TestTheRuntimeWrapperReadsTheRuntimesArguments(t *testing.T) {
+	n := startNode(t)
+	wrapper := func(runtime string, args ...string) []string {
+		argv := append([]string{filepath.Join(filepath.Dir(bin), "childflow-runtime"), "--childflow-runtime", runtime,
+			"--childflow-socket", n.socket, "--childflow-state-dir", n.state}, args...)
+		if runtime == "crun" { // as in oci
+			argv = append([]string{"unshare", "-m", "--propagation", "private", "sh", "-c", `umount /sys/fs/cgroup/unified 2>/dev/null; exec "$@"`, "crun"}, argv...)
+		}
+		return argv
+	}
+	for runtime, args := range map[string]func(state, dir, id string) []string{
+		"runc": func(state, dir, id string) []string {
+			return []string{"-root", state, "-log-format=text", "run", "-bundle", dir, id}
+		},
+		"crun": func(state, dir, id string) []string { return []string{"--root=" + state, "run", "-b" + dir, id} },
+	} {
+		t.Run(runtime, func(t *testing.T) {
+			id := "cf-args-" + runtime
+			r := execute(t, wrapper(runtime, args(t.TempDir(), bundle(t, sandboxedAnn, nil, probe), id)...)...)
+			if r.code != 0 {
+				t.Fatalf("annotated container: %v", r)
+			}
+			wantLines(t, r.stdout, "reach 203.0.113.10", "blocked 203.0.113.20", "blocked 2001:db8::20", "has-cf0")
+		})
+	}
+	state, dir := t.TempDir(), bundle(t, sandboxedAnn, nil, "echo RAN")
+	r := execute(t, wrapper("runc", "--log-verbosity", "3", "run", "--bundle", dir, "cf-args-unknown")...)
+	if r.code != 2 || !strings.Contains(r.stderr, `"3" is no runc or crun command`) || strings.Contains(r.stdout, "RAN") {
+		t.Errorf("an unknown global flag before run: %v", r)
+	}
+	r = execute(t, wrapper("runc", "--root", state, "restore", "--image-path", t.TempDir(), "--bundle", dir, "cf-args-restore")...)
+	if r.code != 1 || !strings.Contains(r.stderr, "childflow-runtime: restoring a sandboxed container from a checkpoint is not supported") {
+		t.Errorf("restore of an annotated container: %v", r)
+	}
+	if entries, _ := os.ReadDir(state); len(entries) != 0 {
+		t.Errorf("the runtime ran: its state holds %d entries", len(entries))
+	}
+}
+
 // A container with CAP_NET_RAW pings through a raw socket, which the
 // sandbox's tables list by protocol, not by echo identifier: the flow is
 // still the ping's.
