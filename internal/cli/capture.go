@@ -10,6 +10,7 @@ import (
 
 	"github.com/childflow/childflow/engine/capture"
 	"github.com/childflow/childflow/engine/upstream"
+	"github.com/childflow/childflow/internal/asuser"
 	"github.com/childflow/childflow/policy"
 )
 
@@ -32,7 +33,7 @@ type captures struct {
 	failed  []error
 }
 
-func openCaptures(path, point string, root, privileged bool) (c *captures, err error) {
+func openCaptures(caller *asuser.User, path, point string, root, privileged bool) (c *captures, err error) {
 	c = &captures{}
 	if err := checkChoice("capture-point", point, "child", "egress", "wire-egress", "both"); err != nil {
 		return c, err
@@ -58,7 +59,11 @@ func openCaptures(path, point string, root, privileged bool) (c *captures, err e
 		if root {
 			view = capture.View{Name: "child", Backend: "root", Interface: "the host end of the sandbox's veth"}
 		}
-		w, err := capture.Create(childPath, view)
+		var w *capture.Writer
+		err := caller.Do(func() (err error) {
+			w, err = capture.Create(childPath, view)
+			return err
+		})
 		if err != nil {
 			return c, err
 		}
@@ -74,7 +79,11 @@ func openCaptures(path, point string, root, privileged bool) (c *captures, err e
 		if hostView == "wire-egress" {
 			iface = "any but loopback"
 		}
-		w, err := capture.Create(hostPath, capture.View{Name: hostView, Backend: "rootless", Interface: iface})
+		var w *capture.Writer
+		err := caller.Do(func() (err error) {
+			w, err = capture.Create(hostPath, capture.View{Name: hostView, Backend: "rootless", Interface: iface})
+			return err
+		})
 		if err != nil {
 			return c, err
 		}

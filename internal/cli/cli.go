@@ -8,11 +8,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"os/signal"
 	"path/filepath"
 	"runtime"
-	"strconv"
 	"strings"
 	"syscall"
 
@@ -23,6 +23,7 @@ import (
 	"github.com/childflow/childflow/engine/api"
 	"github.com/childflow/childflow/engine/flowlog"
 	"github.com/childflow/childflow/engine/proxy"
+	"github.com/childflow/childflow/internal/asuser"
 	"github.com/childflow/childflow/internal/doctor"
 	"github.com/childflow/childflow/internal/netplan"
 	"github.com/childflow/childflow/internal/report"
@@ -110,12 +111,18 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if o.doctor {
 		return doctorReport(o.doctorFormat, stdout, stderr)
 	}
+	// The files the user names are opened with their rights, under sudo.
+	caller := asuser.FromSudo()
 	if o.report != "" {
-		return renderReport(o.report, o.reportFormat, stdout, stderr)
+		return renderReport(caller, o.report, o.reportFormat, stdout, stderr)
 	}
 	command := fs.Args()
 	if o.profile != "" {
-		prof, err := profile.Load(o.profile)
+		var prof *profile.Profile
+		err := caller.Do(func() (err error) {
+			prof, err = profile.Load(o.profile)
+			return err
+		})
 		if err != nil {
 			return usageError(stderr, err)
 		}
@@ -150,8 +157,8 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		upstreams, _ = policy.ParseResolvers("nameserver", doctor.ParseNameservers(string(hostResolv)))
 	}
 	if o.hostsFile != "" {
-		if !readableRegular(o.hostsFile) {
-			return usageError(stderr, policy.Usagef("invalid --hosts-file %q: not a readable regular file", o.hostsFile))
+		if err := caller.Do(func() error { return readableRegular(o.hostsFile) }); err != nil {
+			return usageError(stderr, policy.Usagef("invalid --hosts-file %q: %v", o.hostsFile, err))
 		}
 		if o.hostsFile, err = filepath.Abs(o.hostsFile); err != nil {
 			return usageError(stderr, policy.Usagef("invalid --hosts-file %q: %v", o.hostsFile, err))
@@ -221,7 +228,7 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			return exitFailure
 		}
 	}
-	captures, err := openCaptures(o.capture, o.capturePoint, o.root, privileged)
+	captures, err := openCaptures(caller, o.capture, o.capturePoint, o.root, privileged)
 	if err != nil {
 		var u *policy.UsageError
 		if errors.As(err, &u) {
@@ -233,7 +240,11 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	defer captures.close(stderr)
 	var sinks []func(flowlog.Event)
 	if o.flowLog != "" {
-		w, err := flowlog.Create(o.flowLog)
+		var w *flowlog.Writer
+		err := caller.Do(func() (err error) {
+			w, err = flowlog.Create(o.flowLog)
+			return err
+		})
 		if err != nil {
 			fmt.Fprintf(stderr, "childflow: --flow-log: %v\n", err)
 			return exitFailure
@@ -277,7 +288,7 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		HostsFile:  o.hostsFile,
 		Hidden:     hidden(append([]string{o.flowLog}, captures.paths...)),
 		Rootless:   rootless,
-		RunAs:      sudoUser(),
+		RunAs:      caller.IDs(),
 		Foreground: sandbox.InForeground(),
 		Veth:       o.root,
 	})
@@ -368,11 +379,15 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	return code
 }
 
-func renderReport(path, format string, stdout, stderr io.Writer) int {
+func renderReport(caller *asuser.User, path, format string, stdout, stderr io.Writer) int {
 	if err := checkChoice("report-format", format, report.Formats...); err != nil {
 		return usageError(stderr, err)
 	}
-	f, err := os.Open(path)
+	var f *os.File
+	err := caller.Do(func() (err error) {
+		f, err = os.Open(path)
+		return err
+	})
 	if err != nil {
 		return usageError(stderr, policy.Usagef("invalid --report %q: %v", path, err))
 	}
@@ -405,20 +420,6 @@ func closeReporting(w interface {
 	return err
 }
 
-// sudoUser is the user who ran childflow through sudo: root builds the
-// sandbox, but the command runs as them, never as root.
-func sudoUser() []int {
-	if os.Geteuid() != 0 {
-		return nil
-	}
-	uid, err1 := strconv.Atoi(os.Getenv("SUDO_UID"))
-	gid, err2 := strconv.Atoi(os.Getenv("SUDO_GID"))
-	if err1 != nil || err2 != nil || uid == 0 {
-		return nil
-	}
-	return []int{uid, gid}
-}
-
 // hidden are the output files' paths, absolute, for the sandbox to cover
 // (init's working directory is childflow's, so a relative one that
 // cannot be made absolute still names the file).
@@ -449,15 +450,21 @@ func resolvConf(plan netplan.Plan, host []byte) string {
 	return b.String()
 }
 
-// readableRegular reports whether path is a regular file this user can open.
-func readableRegular(path string) bool {
+// readableRegular says whether path is a regular file this user can open.
+func readableRegular(path string) error {
 	f, err := os.Open(path)
 	if err != nil {
-		return false
+		var pe *fs.PathError
+		if errors.As(err, &pe) {
+			return pe.Err // the flag's message names the path
+		}
+		return err
 	}
 	defer f.Close()
-	st, err := f.Stat()
-	return err == nil && st.Mode().IsRegular()
+	if st, err := f.Stat(); err != nil || !st.Mode().IsRegular() {
+		return errors.New("not a regular file")
+	}
+	return nil
 }
 
 // reclaimTerminal makes childflow's process group the terminal's

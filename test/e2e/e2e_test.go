@@ -509,6 +509,66 @@ func TestSudoRunsTheCommandAsTheInvokingUser(t *testing.T) {
 	}
 }
 
+// Under sudo the files the user names are theirs: created as them, so
+// they read their own flow log and capture without sudo, and opened with
+// their rights, so a sudo rule that allows only childflow hands over no
+// other file: root's are neither replaced nor read.
+func TestSudoOpensTheUsersFilesAsTheUser(t *testing.T) {
+	requireRoot(t)
+	base, err := os.MkdirTemp("", "cf-sudo-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(base)
+	os.Chmod(base, 0o755)
+	mine, shared, secret := filepath.Join(base, "mine"), filepath.Join(base, "shared"), filepath.Join(base, "secret")
+	os.Mkdir(mine, 0o700)
+	os.Chown(mine, int(rootless), int(rootless))
+	os.Mkdir(shared, 0o777)
+	os.Chmod(shared, 0o777|os.ModeSticky) // as /tmp
+	roots := filepath.Join(shared, "root.jsonl")
+	os.WriteFile(roots, []byte("root's own\n"), 0o644)
+	os.WriteFile(secret, []byte("default_policy = \"deny\"\n"), 0o600)
+	sudo := func(args ...string) result {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		cmd := command(ctx, root, args...)
+		cmd.Env = append(os.Environ(), "SUDO_UID=65534", "SUDO_GID=65534")
+		var out, errb bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &out, &errb
+		cmd.Run()
+		return result{code: cmd.ProcessState.ExitCode(), stdout: out.String(), stderr: errb.String()}
+	}
+
+	r := sudo("--dns", "203.0.113.53", "--flow-log", filepath.Join(mine, "flows.jsonl"), "-c", filepath.Join(mine, "c.pcapng"), "--", "curl", "-sS", "-m5", "http://web.test/")
+	if r.code != 0 {
+		t.Fatalf("sandboxed curl: %s", r)
+	}
+	for _, name := range []string{"flows.jsonl", "c.pcapng"} {
+		st, err := os.Stat(filepath.Join(mine, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if sys := st.Sys().(*syscall.Stat_t); sys.Uid != uint32(rootless) || sys.Gid != uint32(rootless) || st.Mode().Perm() != 0o600 || st.Size() == 0 {
+			t.Errorf("%s: owner %d:%d, mode %v, %d bytes; want the user's, 0600, written", name, sys.Uid, sys.Gid, st.Mode(), st.Size())
+		}
+	}
+
+	r = sudo("--flow-log", roots, "--", "true")
+	if r.code == 0 || !strings.Contains(r.stderr, "--flow-log") || !strings.Contains(r.stderr, "permission denied") {
+		t.Errorf("a flow log over root's file: %s", r)
+	}
+	if b, _ := os.ReadFile(roots); string(b) != "root's own\n" {
+		t.Errorf("root's file now holds %q", b)
+	}
+	for _, args := range [][]string{{"--hosts-file", secret, "--", "true"}, {"--profile", secret, "--", "true"}, {"--report", secret}} {
+		if r := sudo(args...); r.code != 2 || !strings.Contains(r.stderr, args[0]) || !strings.Contains(r.stderr, "permission denied") {
+			t.Errorf("%s of root's file: %s", args[0], r)
+		}
+	}
+}
+
 func TestCannotUndoTheSandbox(t *testing.T) {
 	users(t, func(t *testing.T, u as) {
 		for _, attempt := range []string{
