@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync"
 	"text/tabwriter"
+	"unicode"
 )
 
 // Formats lists the renderings; summary accepts text and json.
@@ -147,13 +148,17 @@ func (r *Report) table(w io.Writer, md bool) error {
 // its markdown row show other columns' values (that row's name not
 // denied, say). Markdown's table, code and HTML characters are escaped,
 // and control characters, which no field should hold, are shown as \xNN
-// in text and markdown alike rather than sent to a terminal.
+// in text and markdown alike rather than sent to a terminal: C1's too
+// (U+009B is a terminal's CSI), and the bidirectional overrides, which
+// make a name read backwards.
 func cell(s string, md bool) string {
 	var b strings.Builder
 	for _, r := range s {
 		switch {
-		case r < 0x20 || r == 0x7f:
+		case r < 0x100 && unicode.IsControl(r):
 			fmt.Fprintf(&b, "\\x%02x", r)
+		case unicode.Is(unicode.Bidi_Control, r):
+			fmt.Fprintf(&b, "\\u%04x", r)
 		case md && strings.ContainsRune("\\|<>`", r):
 			b.WriteByte('\\')
 			b.WriteRune(r)
