@@ -116,3 +116,57 @@ func ParseResolvers(field string, values []string) ([]netip.AddrPort, error) {
 	}
 	return out, nil
 }
+
+// ParseRuleCIDRs parses allow and deny rules, which are read as
+// destinations are (Embedded): a rule naming an IPv6 form that carries
+// an IPv4 address (IPv4-compatible, NAT64, 6to4, Teredo) names that IPv4
+// address too. Denying the NAT64 address a DNS64 resolver gave then
+// denies the host by its IPv4 address as well (through a CLAT it is the
+// same host), and allowing it lets its NAT64 flows through, as allow
+// rules must hold for every form. A rule as wide as the tunnel itself
+// (64:ff9b::/96, 2002::/16) names the tunnel, not all of IPv4.
+func ParseRuleCIDRs(field string, values []string) ([]netip.Prefix, error) {
+	out, err := ParseCIDRs(field, values)
+	if err != nil {
+		return nil, err
+	}
+	for _, p := range out[:len(out):len(out)] {
+		if v4, ok := embeddedPrefix(p); ok {
+			out = append(out, v4)
+		}
+	}
+	return out, nil
+}
+
+// embeddedPrefix returns the IPv4 addresses p's addresses carry, where p
+// lies within one tunnelled range and fixes some of the IPv4 inside.
+func embeddedPrefix(p netip.Prefix) (netip.Prefix, bool) {
+	a := p.Addr()
+	if !a.Is6() {
+		return netip.Prefix{}, false
+	}
+	b := a.As16()
+	within := func(r netip.Prefix) bool { return r.Bits() <= p.Bits() && r.Contains(a) }
+	var v4 [4]byte
+	var bits int
+	switch {
+	case within(nat64), within(nat64Local):
+		v4, bits = [4]byte(b[12:16]), p.Bits()-96
+	case within(sixToFour):
+		v4, bits = [4]byte(b[2:6]), min(p.Bits()-16, 32)
+	case within(teredo):
+		v4, bits = [4]byte{^b[12], ^b[13], ^b[14], ^b[15]}, p.Bits()-96
+	case within(compatible):
+		v4, bits = [4]byte(b[12:16]), p.Bits()-96
+		// :: and ::1 are not IPv4-compatible addresses (Canonical).
+		if netip.PrefixFrom(netip.AddrFrom4(v4), max(bits, 0)).Overlaps(netip.MustParsePrefix("0.0.0.0/31")) {
+			return netip.Prefix{}, false
+		}
+	default:
+		return netip.Prefix{}, false
+	}
+	if bits <= 0 {
+		return netip.Prefix{}, false
+	}
+	return netip.PrefixFrom(netip.AddrFrom4(v4), bits).Masked(), true
+}

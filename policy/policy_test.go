@@ -242,3 +242,66 @@ func TestNameHoldsAnywhere(t *testing.T) {
 		}
 	}
 }
+
+// A rule in an IPv6 form that carries an IPv4 address is read as a
+// destination is: it names that IPv4 address too, unless it is as wide
+// as the tunnel.
+func TestRulesInTunnelledFormsNameTheIPv4Inside(t *testing.T) {
+	rules := func(field string, v ...string) []netip.Prefix {
+		t.Helper()
+		out, err := ParseRuleCIDRs(field, v)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return out
+	}
+	for _, tc := range []struct {
+		rule, derived string
+	}{
+		{"64:ff9b::cb00:7114/128", "203.0.113.20/32"},
+		{"64:ff9b::cb00:7100/120", "203.0.113.0/24"},
+		{"64:ff9b:1::cb00:7114/128", "203.0.113.20/32"},
+		{"::203.0.113.20", "203.0.113.20/32"},
+		{"2002:cb00:7114::/48", "203.0.113.20/32"},
+		{"2002:cb00:7114:1::/64", "203.0.113.20/32"},
+		{"2002:cb00::/32", "203.0.0.0/16"},
+		{"2001:0:4136:e378:8000:63bf:34ff:8beb/128", "203.0.116.20/32"}, // Teredo: the client, inverted
+		{"64:ff9b::/96", ""},
+		{"2002::/16", ""},
+		{"2001::/32", ""},
+		{"::1", ""},
+		{"::/128", ""},
+		{"2001:db8::20", ""},
+	} {
+		got := rules("--deny-cidr", tc.rule)
+		want := []netip.Prefix{mustPrefix(t, tc.rule)}
+		if tc.derived != "" {
+			want = append(want, netip.MustParsePrefix(tc.derived))
+		}
+		if !slices.Equal(got, want) {
+			t.Errorf("rule %s: %v, want %v", tc.rule, got, want)
+		}
+	}
+
+	deny := Policy{DenyCIDRs: rules("--deny-cidr", "64:ff9b::cb00:7114/128")}
+	for _, dst := range []string{"203.0.113.20:80", "[::ffff:203.0.113.20]:80", "[64:ff9b::cb00:7114]:80"} {
+		if d := deny.Decide(Flow{Proto: TCP, Dst: netip.MustParseAddrPort(dst)}); d.Allow {
+			t.Errorf("deny of the NAT64 form let %s through", dst)
+		}
+	}
+	allow := Policy{DefaultDeny: true, AllowCIDRs: rules("--allow-cidr", "64:ff9b::cb00:710a/128", "2002::/16")}
+	for dst, want := range map[string]bool{"[64:ff9b::cb00:710a]:80": true, "203.0.113.10:80": true, "203.0.113.20:80": false, "[2002:cb00:7114::1]:80": false} {
+		if d := allow.Decide(Flow{Proto: TCP, Dst: netip.MustParseAddrPort(dst)}); d.Allow != want {
+			t.Errorf("allow of a NAT64 address and of 2002::/16: %s allowed %v, want %v", dst, d.Allow, want)
+		}
+	}
+}
+
+func mustPrefix(t *testing.T, s string) netip.Prefix {
+	t.Helper()
+	p, err := ParseCIDR("x", s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}

@@ -21,6 +21,8 @@ func TestContainerSettingsKeepOffTheNode(t *testing.T) {
 		{"allow-cidrs", "224.0.0.251/32", true},
 		{"allow-cidrs", "ff02::fb/128", true},
 		{"allow-cidrs", "255.255.255.255/32", true},
+		{"allow-cidrs", "64:ff9b::7f00:1/128", true}, // NAT64 of 127.0.0.1, named so
+		{"allow-cidrs", "::127.0.0.1", true},
 		{"dns", "203.0.113.53, 2001:db8::53", false},
 		{"dns", "127.0.0.53", true},
 		{"dns", "[::1]:5353", true},

@@ -38,10 +38,10 @@ func (p *Profile) Policy(name Namer) (*policy.Policy, error) {
 	if out.DefaultDeny, err = policy.ParseDefault(name("default_policy"), Get(p.DefaultPolicy)); err != nil {
 		return nil, err
 	}
-	if out.AllowCIDRs, err = policy.ParseCIDRs(name("allow_cidrs"), Get(p.AllowCIDRs)); err != nil {
+	if out.AllowCIDRs, err = policy.ParseRuleCIDRs(name("allow_cidrs"), Get(p.AllowCIDRs)); err != nil {
 		return nil, err
 	}
-	if out.DenyCIDRs, err = policy.ParseCIDRs(name("deny_cidrs"), Get(p.DenyCIDRs)); err != nil {
+	if out.DenyCIDRs, err = policy.ParseRuleCIDRs(name("deny_cidrs"), Get(p.DenyCIDRs)); err != nil {
 		return nil, err
 	}
 	for _, d := range []struct {

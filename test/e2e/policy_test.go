@@ -71,6 +71,14 @@ no udp UDP:203.0.113.20:7
 no udp 'UDP6:[2001:db8::20]:7'
 no ping -c1 -W2 203.0.113.20
 no get http://denied.test/`},
+		{"a rule in a tunnelled IPv6 form names the IPv4 inside", []string{"--deny-cidr", "64:ff9b::cb00:7114/128", "--deny-cidr", "2002:cb00:711e::/48"}, `
+no get http://203.0.113.20/
+no udp UDP:203.0.113.20:7
+no nc -z -w3 203.0.113.30 3128
+ok get http://203.0.113.10/`},
+		{"an allow in NAT64 form opens the IPv4 inside, not the whole tunnel", []string{"--default-policy", "deny", "--allow-cidr", "64:ff9b::cb00:710a/128", "--allow-cidr", "64:ff9b::/96"}, `
+ok get http://203.0.113.10/
+no get http://203.0.113.20/`},
 		{"default deny with allow-domain", []string{"--default-policy", "deny", "--allow-domain", "allowed.test"}, `
 no get http://203.0.113.10/
 ok get http://allowed.test/
