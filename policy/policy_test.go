@@ -1,6 +1,7 @@
 package policy
 
 import (
+	"math/rand/v2"
 	"net/netip"
 	"slices"
 	"strings"
@@ -304,4 +305,41 @@ func mustPrefix(t *testing.T, s string) netip.Prefix {
 		t.Fatal(err)
 	}
 	return p
+}
+
+// Every address within a rule's prefix carries an IPv4 address within
+// the prefix derived from it (random prefixes in each tunnelled range).
+func TestDerivedPrefixHoldsWhatItsAddressesCarry(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	for _, base := range []netip.Prefix{nat64, nat64Local, sixToFour, teredo, compatible} {
+		for range 2000 {
+			var b [16]byte
+			for i := range b {
+				b[i] = byte(rng.Uint32())
+			}
+			bits := base.Bits() + rng.IntN(129-base.Bits())
+			// The base's bits, then random ones.
+			a := base.Addr().As16()
+			for i := base.Bits(); i < 128; i++ {
+				a[i/8] = a[i/8]&^(0x80>>(i%8)) | b[i/8]&(0x80>>(i%8))
+			}
+			p := netip.PrefixFrom(netip.AddrFrom16(a), bits).Masked()
+			v4, ok := embeddedPrefix(p)
+			if !ok {
+				continue
+			}
+			if v4.Bits() == 0 {
+				t.Fatalf("%v: derived %v, all of IPv4", p, v4)
+			}
+			// A random address within p.
+			in := p.Addr().As16()
+			for i := bits; i < 128; i++ {
+				in[i/8] = in[i/8]&^(0x80>>(i%8)) | byte(rng.Uint32())&(0x80>>(i%8))
+			}
+			addrs := Embedded(netip.AddrFrom16(in))
+			if carried := addrs[len(addrs)-1]; !carried.Is4() || !v4.Contains(carried) {
+				t.Fatalf("%v: derived %v, but %v carries %v", p, v4, netip.AddrFrom16(in), carried)
+			}
+		}
+	}
 }
