@@ -70,6 +70,16 @@ func (u *User) Do(fn func() error) error {
 	return <-done
 }
 
+// Call is Do for a function that returns what it opened.
+func Call[T any](u *User, fn func() (T, error)) (T, error) {
+	var v T
+	err := u.Do(func() (err error) {
+		v, err = fn()
+		return err
+	})
+	return v, err
+}
+
 func (u *User) become() error {
 	if err := unix.Setgroups(u.Groups); err != nil { // this thread's only
 		return fmt.Errorf("taking the groups of uid %d: %w", u.UID, err)

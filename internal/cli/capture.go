@@ -59,11 +59,7 @@ func openCaptures(caller *asuser.User, path, point string, root, privileged bool
 		if root {
 			view = capture.View{Name: "child", Backend: "root", Interface: "the host end of the sandbox's veth"}
 		}
-		var w *capture.Writer
-		err := caller.Do(func() (err error) {
-			w, err = capture.Create(childPath, view)
-			return err
-		})
+		w, err := asuser.Call(caller, func() (*capture.Writer, error) { return capture.Create(childPath, view) })
 		if err != nil {
 			return c, err
 		}
@@ -79,10 +75,8 @@ func openCaptures(caller *asuser.User, path, point string, root, privileged bool
 		if hostView == "wire-egress" {
 			iface = "any but loopback"
 		}
-		var w *capture.Writer
-		err := caller.Do(func() (err error) {
-			w, err = capture.Create(hostPath, capture.View{Name: hostView, Backend: "rootless", Interface: iface})
-			return err
+		w, err := asuser.Call(caller, func() (*capture.Writer, error) {
+			return capture.Create(hostPath, capture.View{Name: hostView, Backend: "rootless", Interface: iface})
 		})
 		if err != nil {
 			return c, err

@@ -118,11 +118,7 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	}
 	command := fs.Args()
 	if o.profile != "" {
-		var prof *profile.Profile
-		err := caller.Do(func() (err error) {
-			prof, err = profile.Load(o.profile)
-			return err
-		})
+		prof, err := asuser.Call(caller, func() (*profile.Profile, error) { return profile.Load(o.profile) })
 		if err != nil {
 			return usageError(stderr, err)
 		}
@@ -240,11 +236,7 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	defer captures.close(stderr)
 	var sinks []func(flowlog.Event)
 	if o.flowLog != "" {
-		var w *flowlog.Writer
-		err := caller.Do(func() (err error) {
-			w, err = flowlog.Create(o.flowLog)
-			return err
-		})
+		w, err := asuser.Call(caller, func() (*flowlog.Writer, error) { return flowlog.Create(o.flowLog) })
 		if err != nil {
 			fmt.Fprintf(stderr, "childflow: --flow-log: %v\n", err)
 			return exitFailure
@@ -383,11 +375,7 @@ func renderReport(caller *asuser.User, path, format string, stdout, stderr io.Wr
 	if err := checkChoice("report-format", format, report.Formats...); err != nil {
 		return usageError(stderr, err)
 	}
-	var f *os.File
-	err := caller.Do(func() (err error) {
-		f, err = os.Open(path)
-		return err
-	})
+	f, err := asuser.Call(caller, func() (*os.File, error) { return os.Open(path) })
 	if err != nil {
 		return usageError(stderr, policy.Usagef("invalid --report %q: %v", path, err))
 	}
