@@ -13,6 +13,10 @@ import (
 )
 
 func main() {
+	if err := sandbox.NotSetid(); err != nil {
+		fmt.Fprintln(os.Stderr, "childflow-init:", err)
+		os.Exit(2)
+	}
 	if !sandbox.IsInit() {
 		fmt.Fprintln(os.Stderr, "childflow-init: started by childflow exec only")
 		os.Exit(2)

@@ -3,6 +3,7 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"os"
 
 	"github.com/childflow/childflow/internal/cli"
@@ -10,6 +11,10 @@ import (
 )
 
 func main() {
+	if err := sandbox.NotSetid(); err != nil {
+		fmt.Fprintln(os.Stderr, "childflow:", err)
+		os.Exit(1)
+	}
 	if sandbox.IsInit() {
 		sandbox.Init()
 	}

@@ -11,6 +11,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -144,7 +146,7 @@ func Start(spec Spec) (sb *Sandbox, err error) {
 	// syscall.ForkExec rather than os/exec, whose first start in a
 	// process forks a probe process too (~0.25 ms of every run).
 	pid, err := syscall.ForkExec(initPath(), append([]string{"childflow-init"}, spec.Command...), &syscall.ProcAttr{
-		Env:   append(os.Environ(), initEnv+"="+string(specJSON)),
+		Env:   append(withoutInitSpec(os.Environ()), initEnv+"="+string(specJSON)),
 		Files: []uintptr{0, 1, 2, child.Fd()}, // the control socket is ctrlFD
 		Sys:   attr,
 	})
@@ -333,5 +335,26 @@ func ignoringEINTR(call func() error) error {
 	}
 }
 
-// IsInit reports whether this process is a sandbox init.
-func IsInit() bool { return os.Getenv(initEnv) != "" }
+// withoutInitSpec drops a spec already in the environment: init reads the
+// first one, and one the caller set would be obeyed instead of ours (no
+// run_as: the command as root, not as the sudo user).
+func withoutInitSpec(env []string) []string {
+	return slices.DeleteFunc(env, func(kv string) bool { return strings.HasPrefix(kv, initEnv+"=") })
+}
+
+// IsInit reports whether this process is a sandbox init: the first
+// process of a PID namespace, started with a spec. Run any other way (the
+// variable set in a root shell's environment), init's mounts would
+// change the host's.
+func IsInit() bool { return os.Getenv(initEnv) != "" && os.Getpid() == 1 }
+
+// NotSetid refuses a setuid or setgid start. Installed so, childflow
+// would do root's work on the caller's say (the environment, SUDO_UID)
+// and leave the command root's effective uid, which owns root's files;
+// sudo, which resets the environment, is the way.
+func NotSetid() error {
+	if uid, euid, gid, egid := os.Getuid(), os.Geteuid(), os.Getgid(), os.Getegid(); uid != euid || gid != egid {
+		return fmt.Errorf("refusing to run setuid or setgid (uid %d, euid %d, gid %d, egid %d): run it through sudo", uid, euid, gid, egid)
+	}
+	return nil
+}

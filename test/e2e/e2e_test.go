@@ -628,6 +628,50 @@ func TestInitBinary(t *testing.T) {
 	}
 }
 
+// Init runs only as the first process of the PID namespace childflow
+// makes for it. A spec in the caller's environment is obeyed neither by
+// childflow itself (its mounts would change the host's) nor by the init
+// childflow starts, which reads the first one (with no run_as it would
+// run the command as root rather than as the sudo user).
+func TestInitSpecFromTheEnvironmentIsIgnored(t *testing.T) {
+	requireRoot(t)
+	const spec = `_CHILDFLOW_SANDBOX_INIT={"plan":{},"rootless":false}`
+	r := execute(t, "env", spec, "SUDO_UID=65534", "SUDO_GID=65534", bin, "--", "id", "-u")
+	if r.code != 0 || r.stdout != "65534\n" {
+		t.Errorf("childflow with a spec in its environment: %s", r)
+	}
+	r = execute(t, "env", spec, filepath.Join(filepath.Dir(bin), "childflow-init"), "true")
+	if r.code != 2 || !strings.Contains(r.stderr, "started by childflow exec only") {
+		t.Errorf("childflow-init started by hand: %s", r)
+	}
+}
+
+// Installed setuid, childflow would run for any user with root's
+// effective uid, the command too: refused.
+func TestSetuidIsRefused(t *testing.T) {
+	requireRoot(t)
+	dir, err := os.MkdirTemp("", "cf-setuid-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	os.Chmod(dir, 0o755)
+	for name, want := range map[string]int{"childflow": 1, "childflow-init": 2} {
+		path := filepath.Join(dir, name)
+		copyFile(t, filepath.Join(filepath.Dir(bin), name), path, 0o755)
+		os.Chmod(path, 0o755|os.ModeSetuid)
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		cmd := exec.CommandContext(ctx, path, "--", "id")
+		cmd.Dir = "/"
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(rootless), Gid: uint32(rootless)}}
+		out, _ := cmd.CombinedOutput()
+		cancel()
+		if code := cmd.ProcessState.ExitCode(); code != want || !strings.Contains(string(out), "refusing to run setuid or setgid (uid 65534, euid 0") {
+			t.Errorf("%s setuid root, run by nobody: exit %d, want %d\n%s", name, code, want, out)
+		}
+	}
+}
+
 func TestSignalsAreForwarded(t *testing.T) {
 	users(t, func(t *testing.T, u as) {
 		for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP} {
