@@ -23,15 +23,20 @@ type User struct {
 }
 
 // FromSudo returns the user who ran childflow through sudo, or nil when
-// it was not (or root did).
-func FromSudo() *User {
-	if os.Geteuid() != 0 {
-		return nil
+// it was not (or root did). sudo sets SUDO_UID and SUDO_GID to valid ids;
+// other values are refused rather than read as no user, which would run
+// the command as root.
+func FromSudo() (*User, error) {
+	if os.Geteuid() != 0 || os.Getenv("SUDO_UID") == "" {
+		return nil, nil
 	}
-	uid, err1 := strconv.Atoi(os.Getenv("SUDO_UID"))
-	gid, err2 := strconv.Atoi(os.Getenv("SUDO_GID"))
-	if err1 != nil || err2 != nil || uid == 0 {
-		return nil
+	uid, err := id("SUDO_UID")
+	if err != nil {
+		return nil, err
+	}
+	gid, err := id("SUDO_GID")
+	if err != nil || uid == 0 {
+		return nil, err
 	}
 	u := &User{UID: uid, GID: gid, Groups: []int{gid}}
 	if pw, err := user.LookupId(strconv.Itoa(uid)); err == nil {
@@ -44,7 +49,18 @@ func FromSudo() *User {
 			}
 		}
 	}
-	return u
+	return u, nil
+}
+
+// id reads a user or group id from the environment: 0 to 2^32-2, as
+// 2^32-1 is the kernel's "unchanged".
+func id(name string) (int, error) {
+	v := os.Getenv(name)
+	n, err := strconv.ParseUint(v, 10, 32)
+	if err != nil || n == 1<<32-1 {
+		return 0, fmt.Errorf("invalid %s %q: not a user or group id", name, v)
+	}
+	return int(n), nil
 }
 
 // Do runs fn with u's filesystem identity: a new thread's file user and

@@ -3,6 +3,8 @@ package asuser
 import (
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -63,5 +65,38 @@ func TestNoUserRunsAsItIs(t *testing.T) {
 	ran := false
 	if err := u.Do(func() error { ran = true; return nil }); err != nil || !ran || u.IDs() != nil {
 		t.Fatalf("nil user: ran %v, err %v, ids %v", ran, err, u.IDs())
+	}
+}
+
+// sudo sets valid ids; any other value would have left the command root.
+func TestFromSudoRefusesIdsSudoNeverSets(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root")
+	}
+	for _, tc := range []struct {
+		uid, gid string
+		want     []int // nil: no user
+		err      string
+	}{
+		{"", "", nil, ""},
+		{"0", "0", nil, ""},
+		{"65534", "65534", []int{65534, 65534}, ""},
+		{"-1", "-1", nil, `invalid SUDO_UID "-1"`},
+		{"4294967295", "0", nil, `invalid SUDO_UID "4294967295"`},
+		{"abc", "1", nil, `invalid SUDO_UID "abc"`},
+		{"65534", "", nil, `invalid SUDO_GID ""`},
+	} {
+		t.Setenv("SUDO_UID", tc.uid)
+		t.Setenv("SUDO_GID", tc.gid)
+		u, err := FromSudo()
+		if tc.err != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.err) {
+				t.Errorf("SUDO_UID %q SUDO_GID %q: %v, want %s", tc.uid, tc.gid, err, tc.err)
+			}
+			continue
+		}
+		if err != nil || !slices.Equal(u.IDs(), tc.want) {
+			t.Errorf("SUDO_UID %q SUDO_GID %q: %v, %v; want %v", tc.uid, tc.gid, u.IDs(), err, tc.want)
+		}
 	}
 }

@@ -112,7 +112,10 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return doctorReport(o.doctorFormat, stdout, stderr)
 	}
 	// The files the user names are opened with their rights, under sudo.
-	caller := asuser.FromSudo()
+	caller, err := asuser.FromSudo()
+	if err != nil {
+		return usageError(stderr, err)
+	}
 	if o.report != "" {
 		return renderReport(caller, o.report, o.reportFormat, stdout, stderr)
 	}
