@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net"
 	"net/netip"
 	"os"
@@ -102,6 +103,22 @@ type sandbox struct {
 // sandbox.
 const idleGrace = 30 * time.Second
 
+// removeSocket removes what an earlier daemon left at path: a socket, never
+// another file the path happens to name (--socket /etc/passwd, a typo).
+func removeSocket(path string) error {
+	st, err := os.Lstat(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if st.Mode().Type() != fs.ModeSocket {
+		return fmt.Errorf("socket path %s exists and is not a socket", path)
+	}
+	return os.Remove(path)
+}
+
 // Run serves until ctx ends, calling ready once the socket accepts
 // calls. Stopping keeps every sandbox's record and TUN: the next daemon
 // re-adopts them.
@@ -149,7 +166,9 @@ func Run(ctx context.Context, cfg Config, ready func()) error {
 		go d.keepGuards(watcher)
 	}
 
-	os.Remove(cfg.Socket)
+	if err := removeSocket(cfg.Socket); err != nil {
+		return err
+	}
 	if err := os.MkdirAll(filepath.Dir(cfg.Socket), 0o700); err != nil {
 		return fmt.Errorf("creating socket directory: %w", err)
 	}
@@ -157,7 +176,7 @@ func Run(ctx context.Context, cfg Config, ready func()) error {
 	if err != nil {
 		return fmt.Errorf("listening on %s: %w", cfg.Socket, err)
 	}
-	defer os.Remove(cfg.Socket)
+	defer removeSocket(cfg.Socket)
 	// Root only: attaching a TUN is a root operation, and the list shows
 	// every sandbox's policy.
 	if err := os.Chmod(cfg.Socket, 0o600); err != nil {

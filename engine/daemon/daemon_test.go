@@ -201,3 +201,22 @@ func TestCleanup(t *testing.T) {
 		t.Error("cleanup ran under a live daemon")
 	}
 }
+
+// The daemon removes a socket an earlier one left, never another file at
+// the socket's path.
+func TestSocketPathThatIsNoSocketIsLeftAlone(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root")
+	}
+	dir := t.TempDir()
+	cfg := Config{Socket: filepath.Join(dir, "passwd"), StateDir: filepath.Join(dir, "state")}
+	os.WriteFile(cfg.Socket, []byte("root:x:0:0::/root:/bin/sh\n"), 0o644)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := Run(ctx, cfg, func() { t.Error("the daemon served") }); err == nil || !strings.Contains(err.Error(), "not a socket") {
+		t.Errorf("Run: %v, want an error saying the path is not a socket", err)
+	}
+	if b, _ := os.ReadFile(cfg.Socket); string(b) != "root:x:0:0::/root:/bin/sh\n" {
+		t.Errorf("the file at the socket's path now holds %q", b)
+	}
+}
