@@ -141,32 +141,21 @@ func ParseRuleCIDRs(field string, values []string) ([]netip.Prefix, error) {
 // embeddedPrefix returns the IPv4 addresses p's addresses carry, where p
 // lies within one tunnelled range and fixes some of the IPv4 inside.
 func embeddedPrefix(p netip.Prefix) (netip.Prefix, bool) {
-	a := p.Addr()
-	if !a.Is6() {
-		return netip.Prefix{}, false
-	}
-	b := a.As16()
-	within := func(r netip.Prefix) bool { return r.Bits() <= p.Bits() && r.Contains(a) }
-	var v4 [4]byte
-	var bits int
+	within := func(r netip.Prefix) bool { return r.Bits() <= p.Bits() && r.Contains(p.Addr()) }
+	start := 96 // where the IPv4 address begins in the IPv6 one
 	switch {
-	case within(nat64), within(nat64Local):
-		v4, bits = [4]byte(b[12:16]), p.Bits()-96
 	case within(sixToFour):
-		v4, bits = [4]byte(b[2:6]), min(p.Bits()-16, 32)
-	case within(teredo):
-		v4, bits = [4]byte{^b[12], ^b[13], ^b[14], ^b[15]}, p.Bits()-96
-	case within(compatible):
-		v4, bits = [4]byte(b[12:16]), p.Bits()-96
-		// :: and ::1 are not IPv4-compatible addresses (Canonical).
-		if netip.PrefixFrom(netip.AddrFrom4(v4), max(bits, 0)).Overlaps(netip.MustParsePrefix("0.0.0.0/31")) {
-			return netip.Prefix{}, false
-		}
+		start = 16
+	case within(nat64), within(nat64Local), within(teredo), within(compatible):
 	default:
 		return netip.Prefix{}, false
 	}
-	if bits <= 0 {
+	// The prefix's first address carries the IPv4 prefix's (Teredo's
+	// inverted host bits are masked off again); :: and ::1 carry none.
+	addrs := Embedded(p.Addr())
+	v4, bits := addrs[len(addrs)-1], min(p.Bits()-start, 32)
+	if !v4.Is4() || bits <= 0 {
 		return netip.Prefix{}, false
 	}
-	return netip.PrefixFrom(netip.AddrFrom4(v4), bits).Masked(), true
+	return netip.PrefixFrom(v4, bits).Masked(), true
 }

@@ -181,17 +181,11 @@ func command(args []string) (cmd, bundle string, err error) {
 // does not work on the machines it is tested on): refused, rather than
 // hoped to be sandboxed.
 func refuseRestore(configPath string, opts Options) error {
-	b, err := os.ReadFile(configPath)
+	_, ann, err := readConfig(configPath)
 	if err != nil {
-		return fmt.Errorf("reading bundle config: %w", err)
+		return err
 	}
-	var spec struct {
-		Annotations map[string]string `json:"annotations"`
-	}
-	if err := json.Unmarshal(b, &spec); err != nil {
-		return fmt.Errorf("parsing %s: %w", configPath, err)
-	}
-	if opts.Policy != "" || annotations.Present(spec.Annotations) {
+	if opts.Policy != "" || annotations.Present(stringMap(ann)) {
 		return errors.New("restoring a sandboxed container from a checkpoint is not supported: it would run outside its sandbox")
 	}
 	return nil
@@ -205,17 +199,9 @@ func Prepare(configPath string, opts Options) error {
 	if err != nil {
 		return fmt.Errorf("reading bundle config: %w", err)
 	}
-	b, err := os.ReadFile(configPath)
+	spec, ann, err := readConfig(configPath)
 	if err != nil {
-		return fmt.Errorf("reading bundle config: %w", err)
-	}
-	var spec map[string]any
-	if err := json.Unmarshal(b, &spec); err != nil {
-		return fmt.Errorf("parsing %s: %w", configPath, err)
-	}
-	ann, _ := spec["annotations"].(map[string]any)
-	if ann == nil {
-		ann = map[string]any{}
+		return err
 	}
 	if opts.Policy != "" && !annotations.Present(stringMap(ann)) {
 		ann[annotations.Policy] = opts.Policy
@@ -244,6 +230,23 @@ func Prepare(configPath string, opts Options) error {
 		return fmt.Errorf("writing bundle config: %w", err)
 	}
 	return nil
+}
+
+// readConfig reads a bundle's config.json, unknown fields kept, and its
+// annotations (an empty map where it has none).
+func readConfig(path string) (spec, ann map[string]any, err error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, nil, fmt.Errorf("reading bundle config: %w", err)
+	}
+	if err := json.Unmarshal(b, &spec); err != nil {
+		return nil, nil, fmt.Errorf("parsing %s: %w", path, err)
+	}
+	ann, _ = spec["annotations"].(map[string]any)
+	if ann == nil {
+		ann = map[string]any{}
+	}
+	return spec, ann, nil
 }
 
 func addHook(list any, opts Options, stage string) []any {

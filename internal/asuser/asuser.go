@@ -12,6 +12,7 @@ import (
 	"os/user"
 	"runtime"
 	"strconv"
+	"sync"
 
 	"golang.org/x/sys/unix"
 )
@@ -19,7 +20,9 @@ import (
 // User is whom files are opened for.
 type User struct {
 	UID, GID int
-	Groups   []int // supplementary, as their login has them
+	Groups   []int // supplementary, as their login has them; nil: looked up on first use
+
+	lookup sync.Once
 }
 
 // FromSudo returns the user who ran childflow through sudo, or nil when
@@ -38,18 +41,29 @@ func FromSudo() (*User, error) {
 	if err != nil || uid == 0 {
 		return nil, err
 	}
-	u := &User{UID: uid, GID: gid, Groups: []int{gid}}
-	if pw, err := user.LookupId(strconv.Itoa(uid)); err == nil {
-		if ids, err := pw.GroupIds(); err == nil {
-			u.Groups = u.Groups[:0]
-			for _, id := range ids {
-				if g, err := strconv.Atoi(id); err == nil {
-					u.Groups = append(u.Groups, g)
+	return &User{UID: uid, GID: gid}, nil
+}
+
+// groups are u's supplementary groups, read from the user database only
+// when a file is first opened: most runs name none.
+func (u *User) groups() []int {
+	u.lookup.Do(func() {
+		if u.Groups != nil {
+			return
+		}
+		u.Groups = []int{u.GID}
+		if pw, err := user.LookupId(strconv.Itoa(u.UID)); err == nil {
+			if ids, err := pw.GroupIds(); err == nil {
+				u.Groups = u.Groups[:0]
+				for _, id := range ids {
+					if g, err := strconv.Atoi(id); err == nil {
+						u.Groups = append(u.Groups, g)
+					}
 				}
 			}
 		}
-	}
-	return u, nil
+	})
+	return u.Groups
 }
 
 // id reads a user or group id from the environment: 0 to 2^32-2, as
@@ -97,7 +111,7 @@ func Call[T any](u *User, fn func() (T, error)) (T, error) {
 }
 
 func (u *User) become() error {
-	if err := unix.Setgroups(u.Groups); err != nil { // this thread's only
+	if err := unix.Setgroups(u.groups()); err != nil { // this thread's only
 		return fmt.Errorf("taking the groups of uid %d: %w", u.UID, err)
 	}
 	unix.Setfsgid(u.GID)
