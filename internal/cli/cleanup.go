@@ -1,7 +1,6 @@
 package cli
 
 import (
-	"errors"
 	"fmt"
 	"io"
 
@@ -18,14 +17,10 @@ import (
 // worse, an open one; the next daemon re-adopts them.
 func runCleanup(args []string, stdout, stderr io.Writer) int {
 	fs := pflag.NewFlagSet("cleanup", pflag.ContinueOnError)
-	fs.SetOutput(stderr)
 	stateDir := fs.String("state-dir", api.DefaultStateDir, "the daemon's state directory")
 	rootDir := fs.String("root-state-dir", rootful.DefaultStateDir, "the rootful sandboxes' state directory")
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, pflag.ErrHelp) {
-			return 0
-		}
-		return usageError(stderr, err)
+	if code, done := parseSubcommand(fs, args, 0, stderr); done {
+		return code
 	}
 	r, err := daemon.Cleanup(*stateDir)
 	if err != nil {

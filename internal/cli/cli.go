@@ -49,6 +49,8 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			return runExec(ctx, args[2:], stdout, stderr)
 		case "doctor":
 			return runDoctor(args[2:], stdout, stderr)
+		case "report":
+			return runReport(args[2:], stdout, stderr)
 		case "daemon":
 			return runDaemon(ctx, args[2:], stdout, stderr)
 		case "cleanup":
@@ -58,6 +60,9 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		case "sandboxes":
 			return runSandboxes(args[2:], stdout, stderr)
 		case "version", "--version":
+			if len(args) > 2 {
+				return usageError(stderr, policy.Usagef("childflow version takes no arguments, got %q", args[2:]))
+			}
 			fmt.Fprintf(stdout, "childflow %s\n", version.Version)
 			return 0
 		}
@@ -70,14 +75,51 @@ func usageError(stderr io.Writer, err error) int {
 	return exitUsage
 }
 
+// parseSubcommand parses a subcommand's flags and wants exactly nargs
+// arguments besides them: an extra word is more likely a typo or a
+// misplaced command than something to ignore. done says to return code
+// at once (0 for --help).
+func parseSubcommand(fs *pflag.FlagSet, args []string, nargs int, stderr io.Writer) (code int, done bool) {
+	fs.SetOutput(stderr)
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, pflag.ErrHelp) {
+			return 0, true
+		}
+		return usageError(stderr, err), true
+	}
+	switch {
+	case fs.NArg() == nargs:
+		return 0, false
+	case nargs == 0:
+		return usageError(stderr, policy.Usagef("childflow %s takes no arguments, got %q", fs.Name(), fs.Args())), true
+	default:
+		return usageError(stderr, policy.Usagef("childflow %s takes %d argument(s), got %q", fs.Name(), nargs, fs.Args())), true
+	}
+}
+
 func runDoctor(args []string, stdout, stderr io.Writer) int {
 	fs := pflag.NewFlagSet("doctor", pflag.ContinueOnError)
 	format := fs.String("doctor-format", "text", "text|json")
 	fs.StringVar(format, "format", "text", "text|json")
-	if err := fs.Parse(args); err != nil {
-		return usageError(stderr, err)
+	if code, done := parseSubcommand(fs, args, 0, stderr); done {
+		return code
 	}
 	return doctorReport(*format, stdout, stderr)
+}
+
+// runReport is `childflow report FILE`, the same as `--report FILE`.
+func runReport(args []string, stdout, stderr io.Writer) int {
+	fs := pflag.NewFlagSet("report", pflag.ContinueOnError)
+	format := fs.String("report-format", "text", "report format: "+strings.Join(report.Formats, "|"))
+	fs.StringVar(format, "format", "text", "the same as --report-format")
+	if code, done := parseSubcommand(fs, args, 1, stderr); done {
+		return code
+	}
+	caller, err := asuser.FromSudo()
+	if err != nil {
+		return usageError(stderr, err)
+	}
+	return renderReport(caller, "report", fs.Arg(0), *format, stdout, stderr)
 }
 
 func doctorReport(format string, stdout, stderr io.Writer) int {
@@ -117,7 +159,7 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return usageError(stderr, err)
 	}
 	if o.report != "" {
-		return renderReport(caller, o.report, o.reportFormat, stdout, stderr)
+		return renderReport(caller, "--report", o.report, o.reportFormat, stdout, stderr)
 	}
 	command := fs.Args()
 	if o.profile != "" {
@@ -374,22 +416,24 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	return code
 }
 
-func renderReport(caller *asuser.User, path, format string, stdout, stderr io.Writer) int {
+// renderReport renders the flow log at path; name says where path came
+// from (--report or report's argument) in errors.
+func renderReport(caller *asuser.User, name, path, format string, stdout, stderr io.Writer) int {
 	if err := checkChoice("report-format", format, report.Formats...); err != nil {
 		return usageError(stderr, err)
 	}
 	f, err := asuser.Call(caller, func() (*os.File, error) { return os.Open(path) })
 	if err != nil {
-		return usageError(stderr, policy.Usagef("invalid --report %q: %v", path, err))
+		return usageError(stderr, policy.Usagef("invalid %s %q: %v", name, path, err))
 	}
 	defer f.Close()
 	r, err := report.Read(f)
 	if err != nil {
-		fmt.Fprintf(stderr, "childflow: --report %s: %v\n", path, err)
+		fmt.Fprintf(stderr, "childflow: %s %s: %v\n", name, path, err)
 		return exitFailure
 	}
 	if err := r.Render(stdout, format); err != nil {
-		fmt.Fprintf(stderr, "childflow: --report: %v\n", err)
+		fmt.Fprintf(stderr, "childflow: %s: %v\n", name, err)
 		return exitFailure
 	}
 	return 0

@@ -1,7 +1,6 @@
 package cli
 
 import (
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -18,7 +17,6 @@ import (
 // container puts childflow-cni into the node's CNI chain.
 func runCNIInstall(args []string, stdout, stderr io.Writer) int {
 	fs := pflag.NewFlagSet("cni-install", pflag.ContinueOnError)
-	fs.SetOutput(stderr)
 	self, _ := os.Executable()
 	source := fs.String("source", filepath.Join(filepath.Dir(self), "childflow-cni"), "the plugin binary to install")
 	binDir := fs.String("bin-dir", "/opt/cni/bin", "the node's CNI binary directory")
@@ -27,11 +25,8 @@ func runCNIInstall(args []string, stdout, stderr io.Writer) int {
 	all := fs.Bool("all-through-engine", false, "send cluster traffic through the engine too")
 	socket := fs.String("socket", api.DefaultSocket, "the daemon's socket, as seen by the plugin on the node")
 	uninstall := fs.Bool("uninstall", false, "remove the plugin from every conflist and its binary")
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, pflag.ErrHelp) {
-			return 0
-		}
-		return usageError(stderr, err)
+	if code, done := parseSubcommand(fs, args, 0, stderr); done {
+		return code
 	}
 	if *uninstall {
 		if err := cni.Uninstall(*binDir, *confDir); err != nil {

@@ -3,7 +3,6 @@ package cli
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"log"
@@ -29,7 +28,6 @@ func runDaemon(ctx context.Context, args []string, stdout, stderr io.Writer) int
 	var readyFD int
 	var maxSize, retain string
 	fs := pflag.NewFlagSet("daemon", pflag.ContinueOnError)
-	fs.SetOutput(stderr)
 	fs.StringVar(&cfg.Socket, "socket", api.DefaultSocket, "unix socket of the API (root only)")
 	fs.StringVar(&cfg.StateDir, "state-dir", api.DefaultStateDir, "where attachments are recorded for re-adoption")
 	fs.StringVar(&cfg.FlowLogDir, "flow-log-dir", "/var/log/childflow", "one flow log per sandbox here; empty: none")
@@ -42,14 +40,8 @@ func runDaemon(ctx context.Context, args []string, stdout, stderr io.Writer) int
 	fs.IntVar(&cfg.MaxFlows, "max-flows", 0, "open flows of all sandboxes together, which share the node's ephemeral ports; 0: half of net.ipv4.ip_local_port_range")
 	fs.BoolVar(&cfg.ExitWhenIdle, "exit-when-idle", false, "exit once no sandbox is attached (per-container engine)")
 	fs.IntVar(&readyFD, "ready-fd", -1, "write a byte to this fd and close it once the socket is up")
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, pflag.ErrHelp) {
-			return 0
-		}
-		return usageError(stderr, err)
-	}
-	if fs.NArg() > 0 {
-		return usageError(stderr, policy.Usagef("childflow daemon takes no arguments, got %q", fs.Args()))
+	if code, done := parseSubcommand(fs, args, 0, stderr); done {
+		return code
 	}
 	var err error
 	if cfg.FlowLogMaxSize, err = parseSize("--flow-log-max-size", maxSize); err != nil {
@@ -121,14 +113,10 @@ func parseSize(flag, v string) (int64, error) {
 // runSandboxes is `childflow sandboxes`: what the node daemon relays.
 func runSandboxes(args []string, stdout, stderr io.Writer) int {
 	fs := pflag.NewFlagSet("sandboxes", pflag.ContinueOnError)
-	fs.SetOutput(stderr)
 	socket := fs.String("socket", api.DefaultSocket, "the daemon's socket")
 	format := fs.String("format", "text", "text|json")
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, pflag.ErrHelp) {
-			return 0
-		}
-		return usageError(stderr, err)
+	if code, done := parseSubcommand(fs, args, 0, stderr); done {
+		return code
 	}
 	if err := checkChoice("format", *format, "text", "json"); err != nil {
 		return usageError(stderr, err)

@@ -1,0 +1,47 @@
+package cli
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"strings"
+	"testing"
+)
+
+// TestSubcommandArguments: a word a subcommand does not take is a usage
+// error naming it, not silently dropped; report takes its flow log as
+// an argument and renders as --report does.
+func TestSubcommandArguments(t *testing.T) {
+	flows := "../../test/testdata/report/flows.jsonl"
+	want, err := os.ReadFile("../../test/testdata/report/report.text")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		args   []string
+		code   int
+		stderr string
+		stdout string
+	}{
+		{[]string{"cleanup", "--state-dir", t.TempDir(), "extra"}, 2, `childflow cleanup takes no arguments, got ["extra"]`, ""},
+		{[]string{"doctor", "json"}, 2, `childflow doctor takes no arguments, got ["json"]`, ""},
+		{[]string{"daemon", "start"}, 2, `childflow daemon takes no arguments, got ["start"]`, ""},
+		{[]string{"sandboxes", "all"}, 2, `childflow sandboxes takes no arguments, got ["all"]`, ""},
+		{[]string{"cni-install", "now"}, 2, `childflow cni-install takes no arguments, got ["now"]`, ""},
+		{[]string{"version", "--short"}, 2, `childflow version takes no arguments, got ["--short"]`, ""},
+		{[]string{"report"}, 2, `childflow report takes 1 argument(s), got []`, ""},
+		{[]string{"report", flows, flows}, 2, "childflow report takes 1 argument(s)", ""},
+		{[]string{"report", "--format", "pdf", flows}, 2, `invalid --report-format "pdf"`, ""},
+		{[]string{"report", "/nonexistent.jsonl"}, 2, `invalid report "/nonexistent.jsonl"`, ""},
+		{[]string{"report", flows}, 0, "", string(want)},
+		{[]string{"--report", flows}, 0, "", string(want)},
+		{[]string{"report", "--format", "json", flows}, 0, "", `"flows":`},
+	} {
+		var stdout, stderr bytes.Buffer
+		code := Run(context.Background(), append([]string{"childflow"}, c.args...), &stdout, &stderr)
+		if code != c.code || !strings.Contains(stderr.String(), c.stderr) || !strings.Contains(stdout.String(), c.stdout) {
+			t.Errorf("childflow %q: exit %d, stderr %q, stdout %.80q; want exit %d, stderr with %q, stdout with %.80q",
+				c.args, code, stderr.String(), stdout.String(), c.code, c.stderr, c.stdout)
+		}
+	}
+}
