@@ -7,6 +7,8 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+
+	"github.com/childflow/childflow/policy/annotations"
 )
 
 func TestCommand(t *testing.T) {
@@ -128,5 +130,15 @@ func TestPrepareIsIdempotentAndKeepsUnknownFields(t *testing.T) {
 	b, _ = os.ReadFile(path)
 	if strings.Contains(string(b), "childflow.dev/policy") {
 		t.Errorf("default policy overrode the container's own: %s", b)
+	}
+
+	// Opting out of the runtime's default is no way out: the container
+	// does not start (the hook refuses the two together).
+	os.WriteFile(path, []byte(`{"annotations":{"childflow.dev/enabled":"false"}}`), 0o600)
+	Prepare(path, opts)
+	b, _ = os.ReadFile(path)
+	json.Unmarshal(b, &spec)
+	if _, _, err := annotations.Parse(stringMap(spec["annotations"].(map[string]any))); err == nil {
+		t.Errorf("enabled: false beside the default policy parses: %s", b)
 	}
 }
