@@ -171,7 +171,7 @@ func New(cfg Config) (*Engine, error) {
 		// No keepalive probes upstream (four setsockopts per connection):
 		// like a socket the sandbox opened itself, which has none unless
 		// it asks, and that setting stays with the engine's stack.
-		control := refuseBroadcast
+		control := upstream.NoBroadcast
 		if !cfg.CallerOwnsHost {
 			control = refuseHostLoopback
 		}
@@ -185,7 +185,10 @@ func New(cfg Config) (*Engine, error) {
 	e.policy.Store(cfg.Policy) // and the host's addresses, from Start on
 	e.events.Sandbox, e.events.OnEvent = cfg.ID, cfg.OnEvent
 	e.owners = &procnet.Finder{InitPID: cfg.SandboxPID, Diag: cfg.SocketDiag}
-	e.resolver = &dns.Resolver{Upstreams: cfg.DNS, Policy: cfg.Policy, Cache: &e.cache, Events: &e.events, OnUpstream: cfg.OnUpstream}
+	// A resolver at a broadcast address would have the sandbox's queries
+	// sent to every host on a link, and take the first answer.
+	e.resolver = &dns.Resolver{Upstreams: cfg.DNS, Policy: cfg.Policy, Cache: &e.cache, Events: &e.events, OnUpstream: cfg.OnUpstream,
+		Dialer: &net.Dialer{Control: upstream.NoBroadcast}}
 	if cfg.Flows != nil {
 		e.resolver.Take = func() (func(), bool) { return e.giveNodeFlow, e.takeNodeFlow() }
 	}

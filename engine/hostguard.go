@@ -9,11 +9,11 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
-	"strings"
 	"syscall"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/childflow/childflow/engine/upstream"
 	"github.com/childflow/childflow/internal/netplan"
 	"github.com/childflow/childflow/policy"
 )
@@ -97,30 +97,21 @@ func withHostAddrs(p *policy.Policy, plan netplan.Plan) (*policy.Policy, error) 
 // errHostLoopback refuses a connection to the host's loopback.
 var errHostLoopback = errors.New("the host's loopback is not reachable from this sandbox")
 
+// errHostIdentity refuses a connection to a metadata service that would
+// take it for the host.
+var errHostIdentity = errors.New("the metadata service that answers with the host's identity is not reachable from this sandbox")
+
 // refuseHostLoopback, a dialer's Control, refuses the host's loopback
 // (the unspecified address is loopback too), after the address is
-// resolved, and broadcast.
+// resolved, the metadata services that answer with the host's identity
+// (a proxy's name may lead there), and broadcast.
 func refuseHostLoopback(network, address string, c syscall.RawConn) error {
-	if a, err := netip.ParseAddrPort(address); err != nil || policy.Canonical(a.Addr()).IsLoopback() {
+	a, err := netip.ParseAddrPort(address)
+	if err != nil || policy.Canonical(a.Addr()).IsLoopback() {
 		return errHostLoopback
 	}
-	return refuseBroadcast(network, address, c)
-}
-
-// refuseBroadcast, a dialer's or listener's Control, takes back the
-// SO_BROADCAST Go's net package gives every UDP and raw socket: a
-// broadcast reaches the host's own sockets as well as its network's, and
-// the kernel then refuses every broadcast address, those the policy was
-// not told of included. TCP sockets cannot broadcast.
-func refuseBroadcast(network, _ string, c syscall.RawConn) error {
-	if strings.HasPrefix(network, "tcp") {
-		return nil
+	if _, ok := policy.IdentityEndpoint(a.Addr()); ok {
+		return errHostIdentity
 	}
-	var err error
-	if cerr := c.Control(func(fd uintptr) {
-		err = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_BROADCAST, 0)
-	}); cerr != nil {
-		return cerr
-	}
-	return err
+	return upstream.NoBroadcast(network, address, c)
 }

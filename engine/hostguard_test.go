@@ -36,3 +36,22 @@ func TestHostChange(t *testing.T) {
 		}
 	}
 }
+
+// A container's proxy may be named by a host name, resolved at the dial:
+// the dial itself refuses what the name may lead to on the node.
+func TestContainerDialsRefuseTheNodesOwnServices(t *testing.T) {
+	for addr, want := range map[string]error{
+		"127.0.0.1:3128":          errHostLoopback,
+		"[::ffff:127.0.0.1]:3128": errHostLoopback,
+		"0.0.0.0:3128":            errHostLoopback,
+		"169.254.169.254:80":      errHostIdentity,
+		"[64:ff9b::a9fe:a9fe]:80": errHostIdentity,
+		"[fd00:ec2::254]:80":      errHostIdentity,
+		"168.63.129.16:80":        errHostIdentity,
+		"203.0.113.30:3128":       nil,
+	} {
+		if err := refuseHostLoopback("tcp", addr, nil); err != want {
+			t.Errorf("%s: %v, want %v", addr, err, want)
+		}
+	}
+}

@@ -313,7 +313,7 @@ func listenRaw(v6 bool, hops uint8) (net.PacketConn, error) {
 	if v6 {
 		network = "ip6:ipv6-icmp"
 	}
-	lc := net.ListenConfig{Control: refuseBroadcast}
+	lc := net.ListenConfig{Control: upstream.NoBroadcast}
 	conn, err := lc.ListenPacket(context.Background(), network, "")
 	if err != nil {
 		return nil, err

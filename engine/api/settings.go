@@ -1,6 +1,7 @@
 package api
 
 import (
+	"fmt"
 	"net/netip"
 	"strings"
 
@@ -46,8 +47,10 @@ func Resolve(p *profile.Profile, name profile.Namer) (r Resolved, err error) {
 // point the node's engine at the node itself. The node's loopback, where
 // services trust local callers, is no resolver, proxy or allow-cidr of a
 // container's, and neither are broadcast and multicast, which would leave
-// from the node's own interfaces. (The engine refuses the loopback again
-// where a name resolves to it.)
+// from the node's own interfaces to every host on its links, nor (as
+// resolver or proxy) the metadata services that answer with the node's
+// identity, which its flows never reach either. (The engine refuses the
+// loopback and broadcast again where a name resolves to them.)
 func ResolveContainer(p *profile.Profile, name profile.Namer) (Resolved, error) {
 	r, err := Resolve(p, name)
 	if err != nil {
@@ -59,14 +62,44 @@ func ResolveContainer(p *profile.Profile, name profile.Namer) (Resolved, error) 
 		}
 	}
 	for _, d := range r.DNS {
-		if policy.Canonical(d.Addr()).IsLoopback() {
-			return r, policy.Usagef("invalid %s %q: a container's resolver cannot be on the node's loopback", name("dns"), d)
+		if what := nodeOnly(d.Addr()); what != "" {
+			return r, policy.Usagef("invalid %s %q: a container's resolver cannot be %s", name("dns"), d, what)
 		}
 	}
-	if r.Proxy != nil && isLoopbackHost(r.Proxy.Host) {
-		return r, policy.Usagef("invalid %s %q: a container's proxy cannot be on the node's loopback", name("proxy"), r.Proxy.Addr)
+	if r.Proxy != nil {
+		what := ""
+		if a, err := netip.ParseAddr(strings.Trim(r.Proxy.Host, "[]")); err == nil {
+			what = nodeOnly(a)
+		} else if isLoopbackName(r.Proxy.Host) {
+			what = "on the node's loopback"
+		}
+		if what != "" {
+			return r, policy.Usagef("invalid %s %q: a container's proxy cannot be %s", name("proxy"), r.Proxy.Addr, what)
+		}
 	}
 	return r, nil
+}
+
+// nodeOnly says what a, in any of its forms, is that only the node may
+// talk to, or "".
+func nodeOnly(a netip.Addr) string {
+	forms := policy.Embedded(a)
+	for _, x := range forms {
+		if x.IsLoopback() || x.IsUnspecified() {
+			return "on the node's loopback"
+		}
+	}
+	for _, x := range forms {
+		for _, r := range policy.HostRanges {
+			if r.Contains(x) {
+				return "a broadcast or multicast address"
+			}
+		}
+	}
+	if m, ok := policy.IdentityEndpoint(a); ok {
+		return fmt.Sprintf("the metadata service at %s, which answers with the node's identity", m.Addr())
+	}
+	return ""
 }
 
 func overlapsAny(p netip.Prefix, ranges []netip.Prefix) bool {
@@ -78,12 +111,9 @@ func overlapsAny(p netip.Prefix, ranges []netip.Prefix) bool {
 	return false
 }
 
-// isLoopbackHost says whether a proxy's host is a loopback address or
-// the names every resolver gives the loopback (RFC 6761).
-func isLoopbackHost(host string) bool {
-	if a, err := netip.ParseAddr(strings.Trim(host, "[]")); err == nil {
-		return policy.Canonical(a).IsLoopback()
-	}
+// isLoopbackName says whether a proxy's host name is one every resolver
+// gives the loopback (RFC 6761).
+func isLoopbackName(host string) bool {
 	host = strings.ToLower(strings.TrimSuffix(host, "."))
 	return host == "localhost" || strings.HasSuffix(host, ".localhost")
 }

@@ -34,6 +34,20 @@ func TestContainerSettingsKeepOffTheNode(t *testing.T) {
 		{"proxy", "socks5://[::1]:1080", true},
 		{"proxy", "socks5h://LocalHost.:1080", true},
 		{"proxy", "http://api.localhost:8080", true},
+		// Broadcast, multicast and the identity services, in any form.
+		{"dns", "255.255.255.255", true},
+		{"dns", "224.0.0.251:5353", true},
+		{"dns", "[ff02::fb]:5353", true},
+		{"dns", "::ffff:224.0.0.251", true},
+		{"dns", "169.254.169.254", true},
+		{"dns", "[fd00:ec2::254]:53", true},
+		{"dns", "64:ff9b::a9fe:a9fe", true}, // NAT64 of 169.254.169.254
+		{"dns", "168.63.129.16", true},
+		{"dns", "169.254.169.253", false}, // AWS's VPC resolver: metadata, no identity
+		{"proxy", "http://169.254.169.254:80", true},
+		{"proxy", "socks5://[::ffff:169.254.169.254]:1080", true},
+		{"proxy", "http://255.255.255.255:3128", true},
+		{"proxy", "http://[ff02::1]:3128", true},
 	} {
 		ann := "childflow.dev/" + tc.key
 		p, name, err := annotations.Parse(map[string]string{ann: tc.value})

@@ -140,3 +140,21 @@ func addrOf(sa unix.Sockaddr) netip.AddrPort {
 	}
 	return netip.AddrPort{}
 }
+
+// NoBroadcast, a dialer's or listener's Control, takes back the
+// SO_BROADCAST Go's net package gives every UDP and raw socket: a
+// broadcast reaches the host's own sockets as well as its network's, and
+// the kernel then refuses every broadcast address, those the policy was
+// not told of included. TCP sockets cannot broadcast.
+func NoBroadcast(network, _ string, c syscall.RawConn) error {
+	if strings.HasPrefix(network, "tcp") {
+		return nil
+	}
+	var err error
+	if cerr := c.Control(func(fd uintptr) {
+		err = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_BROADCAST, 0)
+	}); cerr != nil {
+		return cerr
+	}
+	return err
+}

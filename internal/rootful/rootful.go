@@ -29,6 +29,7 @@ import (
 	"github.com/childflow/childflow/engine/dns"
 	"github.com/childflow/childflow/engine/flowlog"
 	"github.com/childflow/childflow/engine/proxy"
+	"github.com/childflow/childflow/engine/upstream"
 	"github.com/childflow/childflow/internal/accept"
 	"github.com/childflow/childflow/internal/netplan"
 	"github.com/childflow/childflow/policy"
@@ -296,12 +297,15 @@ func addrs(h *netlink.Handle, l netlink.Link, list []netip.Prefix) error {
 }
 
 // dialer is how childflow's own connections for the sandbox (upstream
-// DNS, the proxy) leave: by --iface when set.
+// DNS, the proxy) leave: by --iface when set, and never as a broadcast.
 func (sb *Sandbox) dialer() *net.Dialer {
-	d := &net.Dialer{}
+	d := &net.Dialer{Control: upstream.NoBroadcast}
 	if sb.cfg.Iface != "" {
 		iface := sb.cfg.Iface
-		d.Control = func(_, _ string, c syscall.RawConn) error {
+		d.Control = func(network, address string, c syscall.RawConn) error {
+			if err := upstream.NoBroadcast(network, address, c); err != nil {
+				return err
+			}
 			var serr error
 			c.Control(func(fd uintptr) { serr = unix.BindToDevice(int(fd), iface) })
 			return serr

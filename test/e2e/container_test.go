@@ -631,6 +631,18 @@ func TestContainersDoNotGetTheNodesIdentity(t *testing.T) {
 			t.Errorf("%v: flow log lacks the metadata_endpoint violation:\n%s", ann, log)
 		}
 	}
+	// Nor as the container's resolver or proxy, which the node would
+	// talk to for it.
+	for key, value := range map[string]string{
+		"childflow.dev/dns":   "169.254.169.254",
+		"childflow.dev/proxy": "http://[::ffff:169.254.169.254]:80",
+	} {
+		r := oci(t, "runc", t.TempDir(), "run", "--bundle", bundle(t, map[string]string{key: value}, n.hooks(), "echo started"), "cf-identity")
+		stderr := strings.ReplaceAll(r.stderr, `\"`, `"`)
+		if r.code == 0 || strings.Contains(r.stdout, "started") || !strings.Contains(stderr, "invalid annotation "+key) || !strings.Contains(stderr, "identity") {
+			t.Errorf("%s: %s: want a failed start naming the annotation and the identity service: %v", key, value, r)
+		}
+	}
 }
 
 // A container that uploads and exits at once leaves the tail of its data

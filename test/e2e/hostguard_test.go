@@ -157,6 +157,7 @@ func TestBroadcastReachesNeitherHostNorNetwork(t *testing.T) {
 					listen(t, ns, "9999", "UDP4-RECV:9999"),
 					listen(t, ns, "9998", "UDP4-RECV:9998,ip-add-membership=239.1.2.3:"+link),
 					listen(t, ns, "9997", "UDP6-RECV:9997,ipv6-join-group=[ff05::1:3]:"+link),
+					listen(t, ns, "9996", "UDP4-RECV:9996"),
 				}
 				if ns == hostNS {
 					host = ls
@@ -165,12 +166,15 @@ func TestBroadcastReachesNeitherHostNorNetwork(t *testing.T) {
 				}
 			}
 			log := filepath.Join(logDir(t), "flows.jsonl")
-			args := inHost(backend.u, append([]string{"--flow-log", log}, backend.flags...)...)
+			// A resolver at the network's broadcast address would have the
+			// sandbox's queries go to every host on it.
+			args := inHost(backend.u, append([]string{"--flow-log", log, "--dns", "10.99.0.255:9996"}, backend.flags...)...)
 			send := func(what, to string) string {
 				return "echo " + what + " | socat -u - " + to + ",broadcast; "
 			}
 			r := execute(t, append(args, "--", "sh", "-c",
-				send("limited", "UDP4-DATAGRAM:255.255.255.255:9999")+
+				"dig +time=2 +tries=1 resolver.broadcast.test; "+
+					send("limited", "UDP4-DATAGRAM:255.255.255.255:9999")+
 					send("directed", "UDP4-DATAGRAM:10.99.0.255:9999")+
 					send("host", "UDP4-DATAGRAM:10.99.0.1:9999")+
 					send("multicast4", "UDP4-DATAGRAM:239.1.2.3:9998")+
@@ -188,7 +192,7 @@ func TestBroadcastReachesNeitherHostNorNetwork(t *testing.T) {
 				}
 			}
 			time.Sleep(200 * time.Millisecond)
-			for i, want := range []string{"unicast4\n", "", "unicast6\n"} {
+			for i, want := range []string{"unicast4\n", "", "unicast6\n", ""} {
 				if got := lan[i].got(); got != want {
 					t.Errorf("the network's listener %d got %q, want %q", i, got, want)
 				}
