@@ -23,6 +23,25 @@ type Owner struct {
 	Comm string // the command name
 }
 
+// socketsOf maps the inode of every socket pids hold to its holder.
+func socketsOf(pids []int) map[uint64]int {
+	owners := map[uint64]int{}
+	for _, pid := range pids {
+		dir := fmt.Sprintf("/proc/%d/fd/", pid)
+		fds, _ := os.ReadDir(dir)
+		for _, fd := range fds {
+			l, err := os.Readlink(dir + fd.Name())
+			if inode, ok := strings.CutPrefix(l, "socket:["); err == nil && ok {
+				n, err := strconv.ParseUint(strings.TrimSuffix(inode, "]"), 10, 64)
+				if _, seen := owners[n]; err == nil && !seen {
+					owners[n] = pid // of several holders, the first: the eldest
+				}
+			}
+		}
+	}
+	return owners
+}
+
 // holds reports whether process pid has one of the file links
 // (socket:[inode]) open.
 func holds(pid int, links ...string) bool {

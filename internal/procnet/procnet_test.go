@@ -147,3 +147,65 @@ func holder(t *testing.T, sock *os.File) int {
 	t.Cleanup(func() { child.Process.Kill(); child.Wait() })
 	return child.Process.Pid
 }
+
+// TestBurstFromManyProcessesIsOneWalk: sockets of many processes, looked
+// up at once as a burst of connections is, are found by their holders
+// with one walk of the process tree between them, not one walk each.
+func TestBurstFromManyProcessesIsOneWalk(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	const n = 24
+	type held struct {
+		local, remote netip.AddrPort
+		pid           int
+	}
+	var sockets []held
+	for range n {
+		c, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		f, _ := c.(*net.TCPConn).File()
+		cmd := exec.Command("sleep", "30")
+		cmd.ExtraFiles = []*os.File{f} // the child holds the socket, as its fd 3
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+		sockets = append(sockets, held{netip.MustParseAddrPort(c.LocalAddr().String()), netip.MustParseAddrPort(c.RemoteAddr().String()), cmd.Process.Pid})
+		f.Close()
+		c.Close()
+	}
+	diag, err := OpenDiag()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer diag.Close()
+	f := &Finder{InitPID: os.Getpid(), Diag: diag}
+	done := make(chan string, n)
+	for _, s := range sockets {
+		go func() {
+			o, ok := f.Find("tcp", s.local, s.remote)
+			if !ok || o.Comm != "sleep" {
+				done <- "no owner found"
+				return
+			}
+			if o.PID != s.pid { // the test's PID namespace: the same pid
+				done <- "another owner"
+				return
+			}
+			done <- ""
+		}()
+	}
+	for range n {
+		if msg := <-done; msg != "" {
+			t.Error(msg)
+		}
+	}
+	if f.index.started > 2 {
+		t.Errorf("%d walks of the process tree for %d sockets, want at most 2", f.index.started, n)
+	}
+}
