@@ -52,10 +52,15 @@ func Present(ann map[string]string) bool {
 	return len(keys) > 0
 }
 
+// childflowKeys lists ann's keys meant for childflow: its prefix, and
+// what looks like a slip of it (Childflow.dev/, childflow.io/,
+// childflow/), which Parse then refuses by name rather than leave a
+// container unsandboxed over a typo.
 func childflowKeys(ann map[string]string) []string {
 	var out []string
 	for k := range ann {
-		if strings.HasPrefix(k, Prefix) {
+		l := strings.ToLower(k)
+		if strings.HasPrefix(l, "childflow.") || strings.HasPrefix(l, "childflow/") {
 			out = append(out, k)
 		}
 	}

@@ -17,6 +17,11 @@ func TestPresent(t *testing.T) {
 		{map[string]string{Enabled: "false"}, false},
 		{map[string]string{Enabled: "nope"}, true},
 		{map[string]string{Prefix + "default-policy": "deny"}, true},
+		// Slips of the prefix count, so that Parse refuses them.
+		{map[string]string{"Childflow.dev/default-policy": "deny"}, true},
+		{map[string]string{"childflow.io/default-policy": "deny"}, true},
+		{map[string]string{"childflow/enabled": "false"}, true},
+		{map[string]string{"example.com/childflow": "x", "childflowish": "x"}, false},
 	} {
 		if got := Present(tc.ann); got != tc.want {
 			t.Errorf("Present(%v) = %v, want %v", tc.ann, got, tc.want)
@@ -55,6 +60,9 @@ func TestErrorsNameTheAnnotation(t *testing.T) {
 		want string
 	}{
 		{map[string]string{Prefix + "default-polcy": "deny"}, "unknown annotation childflow.dev/default-polcy"},
+		{map[string]string{"Childflow.dev/default-policy": "deny"}, "unknown annotation Childflow.dev/default-policy"},
+		{map[string]string{"childflow.io/policy": "default_policy: deny"}, "unknown annotation childflow.io/policy"},
+		{map[string]string{"childflow.dev.enabled": "true"}, "unknown annotation childflow.dev.enabled"},
 		{map[string]string{Prefix + "flow-log": "/etc/passwd"}, "unknown annotation childflow.dev/flow-log"},
 		{map[string]string{Policy: "flow_log: /etc/shadow"}, `annotation childflow.dev/policy: key "flow_log" cannot be set`},
 		{map[string]string{Policy: "default_policy: [x"}, "childflow.dev/policy"},

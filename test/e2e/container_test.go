@@ -379,6 +379,9 @@ func TestBadAnnotationStopsTheContainer(t *testing.T) {
 		{"childflow.dev/allow-cidrs", "203.0.113.0/99", `invalid annotation childflow.dev/allow-cidrs "203.0.113.0/99"`},
 		{"childflow.dev/default-polcy", "deny", "unknown annotation childflow.dev/default-polcy"},
 		{"childflow.dev/policy", "flow_log: /etc/shadow", `key "flow_log" cannot be set by an annotation`},
+		// A slip of the prefix is no way to an unsandboxed container.
+		{"Childflow.dev/default-policy", "deny", "unknown annotation Childflow.dev/default-policy"},
+		{"childflow.io/default-policy", "deny", "unknown annotation childflow.io/default-policy"},
 	} {
 		state := t.TempDir()
 		r := oci(t, "runc", state, "run", "--bundle", bundle(t, map[string]string{tc.key: tc.value}, n.hooks(), "echo RAN"), "cf-bad")

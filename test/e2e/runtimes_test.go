@@ -231,5 +231,11 @@ func TestPodmanWithHooksDir(t *testing.T) {
 	wantLines(t, r.stdout, "reach 203.0.113.10", "blocked 203.0.113.20", "blocked 2001:db8::20", "has-cf0")
 	r = podman(nil, "ip -o link | grep -q cf0 && echo has-cf0 || echo no-cf0")
 	wantLines(t, r.stdout, "no-cf0")
+	// The hooks.d entries run the hook on a slip of the prefix too, and
+	// the hook refuses it: no container unsandboxed over a typo.
+	r = podman(map[string]string{"childflow.io/default-policy": "deny"}, "echo RAN")
+	if r.code == 0 || strings.Contains(r.stdout, "RAN") || !strings.Contains(strings.ReplaceAll(r.stderr, `\"`, `"`), "unknown annotation childflow.io/default-policy") {
+		t.Errorf("a mistyped annotation prefix: want a failed start naming it: %v", r)
+	}
 	eventually(t, "every sandbox to be detached", func() bool { return len(n.sandboxes(t)) == 0 && len(n.records(t)) == 0 })
 }
