@@ -63,8 +63,12 @@ type Config struct {
 	// Release it. outbound means sent by the sandbox. It must not block.
 	Capture func(outbound bool, packet buffer.Buffer)
 	// SandboxPID is the sandbox init's pid on the host, used to attribute
-	// flows to processes in the flow log. Zero: not attributed.
-	SandboxPID int
+	// flows to processes in the flow log: its descendants own the
+	// sandbox's sockets. SandboxNetns, the inode of the sandbox's network
+	// namespace, says to look among the processes in it instead (a
+	// container's execs, a pod's containers). Both zero: not attributed.
+	SandboxPID   int
+	SandboxNetns uint64
 	// SocketDiag, if set, is a NETLINK_SOCK_DIAG socket inside the
 	// sandbox: the attribution then looks each socket up by its 4-tuple
 	// instead of reading the sandbox's whole socket table.
@@ -184,7 +188,7 @@ func New(cfg Config) (*Engine, error) {
 	e := &Engine{cfg: cfg, flows: make(slots, cfg.MaxFlows), dnsSem: make(slots, cfg.MaxDNSInFlight), echoSem: make(slots, cfg.MaxEchoes)}
 	e.policy.Store(cfg.Policy) // and the host's addresses, from Start on
 	e.events.Sandbox, e.events.OnEvent = cfg.ID, cfg.OnEvent
-	e.owners = &procnet.Finder{InitPID: cfg.SandboxPID, Diag: cfg.SocketDiag}
+	e.owners = &procnet.Finder{InitPID: cfg.SandboxPID, Netns: cfg.SandboxNetns, Diag: cfg.SocketDiag}
 	// A resolver at a broadcast address would have the sandbox's queries
 	// sent to every host on a link, and take the first answer.
 	e.resolver = &dns.Resolver{Upstreams: cfg.DNS, Policy: cfg.Policy, Cache: &e.cache, Events: &e.events, OnUpstream: cfg.OnUpstream,
@@ -313,7 +317,7 @@ func (e *Engine) admit(proto policy.Proto, src, dst netip.AddrPort, viaProxy boo
 		logged = netip.AddrPortFrom(src.Addr(), 0)
 	}
 	ev := e.events.Flow(proto, logged, dst, names)
-	if e.cfg.SandboxPID != 0 && e.cfg.OnEvent != nil {
+	if (e.cfg.SandboxPID != 0 || e.cfg.SandboxNetns != 0) && e.cfg.OnEvent != nil {
 		// Only when someone records events: this reads the sandbox's /proc.
 		if o, ok := e.owners.Find(string(proto), src, dst); ok {
 			ev.PID, ev.Comm = o.PID, o.Comm

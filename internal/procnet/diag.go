@@ -18,6 +18,10 @@ type Finder struct {
 	// InitPID is the sandbox's init, a host pid: the owners are its
 	// descendants.
 	InitPID int
+	// Netns, if set, is the inode of the sandbox's network namespace: the
+	// owners are then the processes in it, wherever they were started (a
+	// runtime's exec, a pod's other containers), and InitPID may be 0.
+	Netns uint64
 	// Diag, if set, is a NETLINK_SOCK_DIAG socket made inside the
 	// sandbox's network namespace. It looks a socket up by its 4-tuple
 	// in the kernel's hash tables, where /proc/<pid>/net/tcp lists every
@@ -54,11 +58,11 @@ func (f *Finder) Find(proto string, local, remote netip.AddrPort) (Owner, bool) 
 	if f.Diag != nil && proto != "icmp" {
 		inode, ok = f.diagInode(proto, local, remote)
 	} else {
-		inode, ok = socketInode(f.InitPID, proto, local)
+		inode, ok = socketInode(f.netPID(), proto, local)
 	}
 	if !ok {
 		if proto == "icmp" {
-			return rawEchoOwner(f.InitPID, local)
+			return f.rawEchoOwner(local)
 		}
 		return Owner{}, false
 	}
@@ -98,7 +102,7 @@ func (f *Finder) walk(inode uint64, walks int) (int, bool) {
 	if f.index.done <= walks {
 		f.index.started++
 		f.mu.Unlock()
-		owners := socketsOf(descendants(f.InitPID))
+		owners := socketsOf(f.members())
 		f.mu.Lock()
 		f.index.owners = owners
 		f.index.done = f.index.started
@@ -106,6 +110,35 @@ func (f *Finder) walk(inode uint64, walks int) (int, bool) {
 	pid, ok := f.index.owners[inode]
 	f.mu.Unlock()
 	return pid, ok
+}
+
+// members lists the processes whose sockets may be the sandbox's.
+func (f *Finder) members() []int {
+	if f.Netns != 0 {
+		return inNetns(f.Netns)
+	}
+	return descendants(f.InitPID)
+}
+
+// netPID is a process in the sandbox's network namespace, whose
+// /proc/<pid>/net lists the sandbox's sockets: init, or else the last
+// owner found or any member, still in it.
+func (f *Finder) netPID() int {
+	if f.InitPID != 0 {
+		return f.InitPID
+	}
+	f.mu.Lock()
+	recent := slices.Clone(f.recent)
+	f.mu.Unlock()
+	for _, pid := range recent {
+		if netnsOf(pid) == f.Netns {
+			return pid
+		}
+	}
+	if m := inNetns(f.Netns); len(m) > 0 {
+		return m[0]
+	}
+	return 0
 }
 
 // remember puts pid first among the recent owners.

@@ -15,6 +15,8 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+
+	"golang.org/x/sys/unix"
 )
 
 // Owner is a process inside the sandbox.
@@ -64,14 +66,14 @@ func holds(pid int, links ...string) bool {
 // pid, busybox the pid in host byte order): the one process holding a
 // raw ICMP socket is the owner, or among several the one whose pid
 // matches the identifier.
-func rawEchoOwner(initPID int, local netip.AddrPort) (Owner, bool) {
+func (f *Finder) rawEchoOwner(local netip.AddrPort) (Owner, bool) {
 	table, proto := "raw", 1 // ICMP
 	if !local.Addr().Unmap().Is4() {
 		table, proto = "raw6", 58 // ICMPv6
 	}
 	var links []string
 	port := fmt.Sprintf(":%04X ", proto)
-	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/net/%s", initPID, table))
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/net/%s", f.netPID(), table))
 	for _, line := range strings.Split(string(b), "\n")[1:] {
 		if fields := strings.Fields(line); len(fields) >= 10 && strings.Contains(line, port) {
 			if ap, ok := ParseAddr(fields[1]); ok && ap.Port() == uint16(proto) {
@@ -83,7 +85,7 @@ func rawEchoOwner(initPID int, local netip.AddrPort) (Owner, bool) {
 		return Owner{}, false
 	}
 	var holders []Owner
-	for _, pid := range descendants(initPID) {
+	for _, pid := range f.members() {
 		if holds(pid, links...) {
 			holders = append(holders, owner(pid))
 		}
@@ -157,11 +159,14 @@ func ParseAddr(s string) (netip.AddrPort, bool) {
 	return netip.AddrPortFrom(a, uint16(p)), true
 }
 
+// maxMembers bounds the processes a walk looks into.
+const maxMembers = 4096
+
 // descendants lists initPID's descendants (host pids), children first.
 func descendants(initPID int) []int {
 	var out []int
 	queue := []int{initPID}
-	for len(queue) > 0 && len(out) < 4096 {
+	for len(queue) > 0 && len(out) < maxMembers {
 		pid := queue[0]
 		queue = queue[1:]
 		tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/children", pid))
@@ -176,6 +181,32 @@ func descendants(initPID int) []int {
 		}
 	}
 	return out
+}
+
+// inNetns lists the processes in the network namespace with inode ino
+// (at most as many as descendants lists).
+func inNetns(ino uint64) []int {
+	entries, _ := os.ReadDir("/proc")
+	var out []int
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err == nil && netnsOf(pid) == ino {
+			out = append(out, pid)
+			if len(out) == maxMembers {
+				break
+			}
+		}
+	}
+	return out
+}
+
+// netnsOf is the inode of pid's network namespace, 0 if unknown.
+func netnsOf(pid int) uint64 {
+	var st unix.Stat_t
+	if unix.Stat(fmt.Sprintf("/proc/%d/ns/net", pid), &st) != nil {
+		return 0
+	}
+	return st.Ino
 }
 
 func owner(pid int) Owner {

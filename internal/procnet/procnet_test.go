@@ -209,3 +209,29 @@ func TestBurstFromManyProcessesIsOneWalk(t *testing.T) {
 		t.Errorf("%d walks of the process tree for %d sockets, want at most 2", f.index.started, n)
 	}
 }
+
+// TestFindsByNetworkNamespace: with the namespace's inode, the owner is
+// any process in it (a runtime's exec, another container of a pod), not
+// only a descendant of the process the sandbox was started with.
+func TestFindsByNetworkNamespace(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	local := netip.MustParseAddrPort(ln.Addr().String())
+	// The "container's init": a process the test is no descendant of.
+	init := exec.Command("sleep", "30")
+	if err := init.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { init.Process.Kill(); init.Wait() }()
+	if o, ok := (&Finder{InitPID: init.Process.Pid}).Find("tcp", local, netip.AddrPort{}); ok {
+		t.Fatalf("found %+v among the descendants of a process with none", o)
+	}
+	f := &Finder{Netns: netnsOf(os.Getpid())}
+	o, ok := f.Find("tcp", local, netip.AddrPort{})
+	if !ok || o.PID != os.Getpid() {
+		t.Fatalf("owner of %s in the namespace: %+v %v, want pid %d", local, o, ok, os.Getpid())
+	}
+}

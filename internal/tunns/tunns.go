@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/childflow/childflow/internal/netplan"
+	"github.com/childflow/childflow/internal/procnet"
 	"github.com/childflow/childflow/internal/steer"
 	"github.com/childflow/childflow/internal/tun"
 )
@@ -90,6 +91,16 @@ func DeleteIn(netnsPath, name string) error {
 		return nil
 	}
 	return err
+}
+
+// SockDiagIn opens a NETLINK_SOCK_DIAG socket in the namespace, which
+// looks up that namespace's sockets (procnet.Finder.Diag).
+func SockDiagIn(netnsPath string) (f *os.File, err error) {
+	err = ns.WithNetNSPath(netnsPath, func(ns.NetNS) error {
+		f, err = procnet.OpenDiag()
+		return err
+	})
+	return f, err
 }
 
 // NetnsInode identifies a network namespace: paths are reused, inodes of

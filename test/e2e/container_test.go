@@ -292,6 +292,17 @@ func TestContainerRawSocketPingIsAttributed(t *testing.T) {
 	}
 }
 
+// attributed says whether log has a connect_attempt to dst owned by comm.
+func attributed(log, dst, comm string) bool {
+	for _, line := range strings.Split(log, "\n") {
+		if strings.Contains(line, `"event":"connect_attempt"`) && strings.Contains(line, `"dst":"`+dst+`"`) &&
+			strings.Contains(line, `"comm":"`+comm+`"`) && strings.Contains(line, `"pid":`) {
+			return true
+		}
+	}
+	return false
+}
+
 // A container that loops on denied connections does not fill the node's
 // disk: its flow log is rotated at --flow-log-max-size, and
 // --flow-log-max-files are kept, whole lines each, the newest events.
@@ -421,6 +432,10 @@ func TestDaemonRestartKeepsTheSandboxPolicy(t *testing.T) {
 		t.Fatalf("after the restart: %v\n%s", list, n.log)
 	}
 	check("after the restart")
+	// runc exec's processes are no descendants of the container's init.
+	if log, _ := os.ReadFile(filepath.Join(n.flows, id+".jsonl")); !attributed(string(log), "203.0.113.10:80", "nc") {
+		t.Errorf("the exec'd probes' connections are not attributed to nc:\n%.1500s", log)
+	}
 
 	oci(t, "runc", state, "kill", id, "KILL")
 	eventually(t, "the container to stop", func() bool {

@@ -258,6 +258,11 @@ nslookup web.test 10.96.0.10 | grep -q 203.0.113.10 && echo dns-via-engine || ec
 	if !strings.Contains(string(flows), `"pod_namespace":"team","pod_name":"sandboxed","pod_uid":"sandboxed-uid"`) {
 		t.Errorf("flow log lacks the pod's names:\n%.600s", flows)
 	}
+	// The probe ran through crictl exec: its processes are in the pod's
+	// namespace, not below any process the plugin knew of.
+	if !attributed(string(flows), "203.0.113.10:80", "nc") {
+		t.Errorf("the pod's connection to 203.0.113.10:80 is not attributed to nc:\n%.1500s", flows)
+	}
 
 	plainPod, plainCtr, plainIP := c.pod(t, "plain", nil, podServer)
 	wantLines(t, c.exec(t, plainCtr, "ip -o link | grep -q cf0 && echo has-cf0 || echo no-cf0"), "no-cf0")
