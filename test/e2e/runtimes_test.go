@@ -201,6 +201,14 @@ func TestPodmanWithHooksDir(t *testing.T) {
 	}
 	root := t.TempDir()
 	rootfs(t, root)
+	// conmon starts podman's cleanup of each container, which may still
+	// be at work in these directories when a run returns (a start the
+	// hook refused): the directories go once it is done.
+	t.Cleanup(func() {
+		eventually(t, "podman's cleanup processes to exit", func() bool {
+			return exec.Command("pgrep", "-f", dir).Run() != nil
+		})
+	})
 	// Everything podman keeps in this test's directory: its locks as
 	// files in its tmpdir, not the host's /dev/shm/libpod_lock, that
 	// tmpdir rather than /run/libpod, and runc's state rather than
