@@ -234,4 +234,27 @@ func TestFindsByNetworkNamespace(t *testing.T) {
 	if !ok || o.PID != os.Getpid() {
 		t.Fatalf("owner of %s in the namespace: %+v %v, want pid %d", local, o, ok, os.Getpid())
 	}
+
+	// A child of a process found there is found without reading all
+	// of /proc again.
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	file, _ := c.(*net.TCPConn).File()
+	child := exec.Command("sleep", "30")
+	child.ExtraFiles = []*os.File{file}
+	if err := child.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { child.Process.Kill(); child.Wait() }()
+	file.Close()
+	c.Close()
+	o, ok = f.Find("tcp", netip.MustParseAddrPort(c.LocalAddr().String()), netip.AddrPort{})
+	if !ok || o.PID != child.Process.Pid {
+		t.Fatalf("owner of the child's socket: %+v %v, want pid %d", o, ok, child.Process.Pid)
+	}
+	if f.fullScans != 1 {
+		t.Errorf("%d scans of all of /proc, want 1", f.fullScans)
+	}
 }
