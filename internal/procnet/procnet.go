@@ -1,6 +1,7 @@
 // Package procnet finds which process inside a sandbox owns a socket: a
-// sock_diag lookup, or else the sandbox's socket table (/proc/<init>/net/*),
-// gives the socket's inode, and the file descriptors of init's descendants
+// sock_diag lookup, or else the sandbox's socket table (/proc/<pid>/net/*),
+// gives the socket's inode, and the file descriptors of init's
+// descendants, or of every process in the sandbox's network namespace,
 // give its owner.
 package procnet
 

@@ -109,6 +109,11 @@ func (sb *Sandbox) flowDecided(k flowKey, prefix string) {
 	proto := protoOf(k.proto)
 	names := sb.cache.Names(k.dst.Addr())
 	ev := sb.events.Flow(proto, k.src, k.dst, names)
+	if sb.owners != nil && proto != policy.ICMP { // an echo's identifier is not parsed
+		if o, ok := sb.owners.Find(string(proto), k.src, k.dst); ok {
+			ev.PID, ev.Comm = o.PID, o.Comm
+		}
+	}
 	d := policy.Decision{Allow: allow, Reason: reason, Control: policy.ControlOf(reason)}
 	if !allow {
 		// The kernel's verdict stands; asking the policy again finds the

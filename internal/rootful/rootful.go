@@ -32,6 +32,8 @@ import (
 	"github.com/childflow/childflow/engine/upstream"
 	"github.com/childflow/childflow/internal/accept"
 	"github.com/childflow/childflow/internal/netplan"
+	"github.com/childflow/childflow/internal/procnet"
+	"github.com/childflow/childflow/internal/tunns"
 	"github.com/childflow/childflow/policy"
 )
 
@@ -72,6 +74,9 @@ type Sandbox struct {
 	cancel   context.CancelFunc
 	closers  []interface{ Close() error }
 	drain    *nflog // the flow-event reader, drained before it closes
+	// owners finds the process behind a logged flow, for the reader;
+	// nil when nobody records events.
+	owners *procnet.Finder
 	// The connections the sandbox has open to the host (proxied flows,
 	// DNS over TCP), held within the engine's limits.
 	conns   chan struct{}
@@ -193,6 +198,13 @@ func (sb *Sandbox) Attach(pid int, onEvent func(flowlog.Event)) (err error) {
 	sb.resolver = &dns.Resolver{Upstreams: cfg.DNS, Policy: cfg.Policy, Cache: &sb.cache, Events: &sb.events, OnAnswer: sb.onAnswer, Dialer: sb.dialer()}
 	if err = sb.serveDNS(); err != nil {
 		return err
+	}
+	if onEvent != nil {
+		// The sockets are looked up in the sandbox's namespace; without
+		// that, flows are logged with no process.
+		if diag, err := tunns.SockDiagIn(fmt.Sprintf("/proc/%d/ns/net", pid)); err == nil {
+			sb.owners = &procnet.Finder{InitPID: pid, Diag: diag}
+		}
 	}
 	return sb.watchFlows(slotLogGroup(slot))
 }
@@ -331,6 +343,9 @@ func (sb *Sandbox) Close() error {
 			sb.drain.drain()
 		}
 		sb.wg.Wait()
+		if sb.owners != nil {
+			sb.owners.Diag.Close()
+		}
 		unlock, err := lockDir(sb.cfg.StateDir)
 		if err != nil {
 			sb.closeErr = err
