@@ -47,6 +47,13 @@ func Run(_ context.Context, args []string, stdin io.Reader, stderr io.Writer) in
 		return fail(stderr, "", policy.Usagef("usage: childflow-hook [--socket PATH] createRuntime|prestart|poststop (container state on stdin)"))
 	}
 	stage := fs.Arg(0)
+	switch stage {
+	case "createRuntime", "prestart", "poststop", "createContainer", "startContainer", "poststart":
+	default:
+		// A slip in the hook's configuration shows on the first
+		// container, annotated or not.
+		return fail(stderr, "", policy.Usagef("unknown hook stage %q: want createRuntime, prestart or poststop", stage))
+	}
 	var state specs.State
 	if err := json.NewDecoder(io.LimitReader(stdin, 16<<20)).Decode(&state); err != nil {
 		return fail(stderr, "", fmt.Errorf("reading the container state on stdin: %w", err))
@@ -72,10 +79,8 @@ func Run(_ context.Context, args []string, stdin io.Reader, stderr io.Writer) in
 			return fail(stderr, state.ID, err)
 		}
 		return 0
-	case "createContainer", "startContainer", "poststart":
-		return 0
 	}
-	return fail(stderr, state.ID, policy.Usagef("unknown hook stage %q: want createRuntime, prestart or poststop", stage))
+	return 0 // createContainer, startContainer, poststart: nothing to do
 }
 
 func createRuntime(node attach.Node, state specs.State, ann map[string]string, bundle *bundleConfig, stderr io.Writer) int {

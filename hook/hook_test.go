@@ -20,6 +20,8 @@ func TestHook(t *testing.T) {
 		{"bad id", "createRuntime", `{"id":"../../etc","pid":1,"annotations":{"childflow.dev/offline":"true"}}`, 2, "invalid sandbox id"},
 		{"no state", "createRuntime", `garbage`, 1, "reading the container state"},
 		{"unknown stage", "prestop", `{"id":"c1","annotations":{"childflow.dev/offline":"true"}}`, 2, `unknown hook stage "prestop"`},
+		{"unknown stage, unannotated", "createruntime", `{"id":"c1","pid":1}`, 2, `unknown hook stage "createruntime"`},
+		{"a stage with nothing to do", "poststart", `{"id":"c1","annotations":{"childflow.dev/offline":"true"}}`, 0, ""},
 	} {
 		var stderr bytes.Buffer
 		code := Run(context.Background(), []string{"childflow-hook", "--socket", "/nonexistent.sock", tc.stage}, strings.NewReader(tc.state), &stderr)
