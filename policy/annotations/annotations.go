@@ -41,8 +41,9 @@ var Keys = []string{
 func Name(key string) string { return Prefix + strings.ReplaceAll(key, "_", "-") }
 
 // Present reports whether ann asks for a sandbox: any childflow.dev/
-// annotation but a lone childflow.dev/enabled: "false". A malformed
-// enabled value counts as present, so Parse rejects it.
+// annotation (or slip of the prefix) but a lone childflow.dev/enabled:
+// "false". A malformed enabled value or a slip counts as present, so
+// Parse rejects it.
 func Present(ann map[string]string) bool {
 	keys := childflowKeys(ann)
 	if len(keys) == 1 && keys[0] == Enabled {
