@@ -132,11 +132,11 @@ func (f *Finder) members() []int {
 // The caller holds walking.
 func (f *Finder) scan(inode uint64) map[uint64]int {
 	if f.Netns == 0 {
-		return socketsOf(descendants(f.InitPID))
+		return socketsOf(descendants(f.InitPID), walkBudget)
 	}
 	if len(f.known) > 0 {
 		near := f.nearKnown()
-		owners := socketsOf(near)
+		owners := socketsOf(near, walkBudget)
 		if _, ok := owners[inode]; ok {
 			f.known = near
 			return owners
@@ -144,7 +144,7 @@ func (f *Finder) scan(inode uint64) map[uint64]int {
 	}
 	f.fullScans++
 	f.known = inNetns(f.Netns)
-	return socketsOf(f.known)
+	return socketsOf(f.known, walkBudget)
 }
 
 // nearKnown lists the known processes still in the namespace and their

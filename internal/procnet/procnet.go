@@ -26,38 +26,76 @@ type Owner struct {
 	Comm string // the command name
 }
 
-// socketsOf maps the inode of every socket pids hold to its holder.
-func socketsOf(pids []int) map[uint64]int {
+// socketsOf maps the inode of every socket pids hold to its holder,
+// reading at most maxLinks descriptors of each process and budget in all
+// (walkBudget for a walk). Processes holding fewer descriptors are read
+// first (Linux 6.2 and later give the count as /proc/<pid>/fd's size), so
+// that one holding a great many cannot use the budget up before the rest.
+func socketsOf(pids []int, budget int) map[uint64]int {
+	type proc struct{ pid, fds int }
+	procs := make([]proc, len(pids))
+	for i, pid := range pids {
+		var st unix.Stat_t
+		unix.Stat(fmt.Sprintf("/proc/%d/fd", pid), &st)
+		procs[i] = proc{pid, int(st.Size)}
+	}
+	slices.SortStableFunc(procs, func(a, b proc) int { return a.fds - b.fds })
 	owners := map[uint64]int{}
-	for _, pid := range pids {
-		dir := fmt.Sprintf("/proc/%d/fd/", pid)
-		fds, _ := os.ReadDir(dir)
-		for _, fd := range fds {
-			l, err := os.Readlink(dir + fd.Name())
-			if inode, ok := strings.CutPrefix(l, "socket:["); err == nil && ok {
+	for _, p := range procs {
+		budget -= eachLink(p.pid, min(budget, maxLinks), func(l string) bool {
+			if inode, ok := strings.CutPrefix(l, "socket:["); ok {
 				n, err := strconv.ParseUint(strings.TrimSuffix(inode, "]"), 10, 64)
 				if _, seen := owners[n]; err == nil && !seen {
-					owners[n] = pid // of several holders, the first: the eldest
+					owners[n] = p.pid // of several holders, the first read
 				}
 			}
+			return true
+		})
+		if budget <= 0 {
+			break
 		}
 	}
 	return owners
 }
 
+// A sandbox can hold millions of descriptors (dup is cheap), and each one
+// read is a system call of the engine's, or of the node daemon's for a
+// container: a walk reads at most maxLinks of each process and
+// walkBudget in all. A socket past them is not attributed.
+const (
+	maxLinks   = 1 << 14
+	walkBudget = 1 << 18
+)
+
+// eachLink calls fn with what each of pid's first budget descriptors
+// links to, until fn returns false; it returns how many it read.
+func eachLink(pid, budget int, fn func(link string) bool) int {
+	dir := fmt.Sprintf("/proc/%d/fd/", pid)
+	d, err := os.Open(dir)
+	if err != nil {
+		return 0
+	}
+	defer d.Close()
+	names, _ := d.Readdirnames(budget)
+	read := 0
+	for _, name := range names {
+		read++
+		if l, err := os.Readlink(dir + name); err == nil && !fn(l) {
+			break
+		}
+	}
+	return read
+}
+
 // holds reports whether process pid has one of the file links
 // (socket:[inode]) open.
 func holds(pid int, links ...string) bool {
-	fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
-	if err != nil {
-		return false
-	}
-	for _, fd := range fds {
-		if l, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, fd.Name())); err == nil && slices.Contains(links, l) {
-			return true
-		}
-	}
-	return false
+	found := false
+	eachLink(pid, maxLinks, func(l string) bool {
+		found = slices.Contains(links, l)
+		return !found
+	})
+	return found
 }
 
 // rawEchoOwner finds who sent an echo request with identifier id from

@@ -1,6 +1,7 @@
 package procnet
 
 import (
+	"fmt"
 	"net"
 	"net/netip"
 	"os"
@@ -256,5 +257,69 @@ func TestFindsByNetworkNamespace(t *testing.T) {
 	}
 	if f.fullScans != 1 {
 		t.Errorf("%d scans of all of /proc, want 1", f.fullScans)
+	}
+}
+
+// TestWalksReadBoundedDescriptors: a process holding more descriptors
+// than a walk reads (dup is cheap; each read is a system call of the
+// engine's, or of the node daemon's for a container) costs the walk no
+// more reads than its budget, and a socket past them goes unattributed.
+func TestWalksReadBoundedDescriptors(t *testing.T) {
+	null, err := os.Open(os.DevNull)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer null.Close()
+	const budget = 512
+	for range budget {
+		fd, err := unix.Dup(int(null.Fd()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer unix.Close(fd)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0") // numbered past the dups
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	f, _ := ln.(*net.TCPListener).File()
+	defer f.Close()
+	var st unix.Stat_t
+	unix.Fstat(int(f.Fd()), &st)
+	if read := eachLink(os.Getpid(), budget, func(string) bool { return true }); read != budget {
+		t.Errorf("read %d descriptors, want %d", read, budget)
+	}
+	if pid, ok := socketsOf([]int{os.Getpid()}, budget)[st.Ino]; ok {
+		t.Errorf("found the listener (pid %d) past the budget", pid)
+	}
+	if pid := socketsOf([]int{os.Getpid()}, walkBudget)[st.Ino]; pid != os.Getpid() {
+		t.Errorf("listener's holder %d within the walk's budget, want %d", pid, os.Getpid())
+	}
+	// Another process's socket is read first, the hog's descriptors
+	// (this test's) after: a budget they would use up still finds it.
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	cf, _ := c.(*net.TCPConn).File()
+	child := exec.Command("sleep", "30")
+	child.ExtraFiles = []*os.File{cf}
+	if err := child.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { child.Process.Kill(); child.Wait() }()
+	cf.Close()
+	c.Close()
+	var cst unix.Stat_t
+	fds, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", child.Process.Pid))
+	for _, fd := range fds {
+		var x unix.Stat_t
+		if unix.Stat(fmt.Sprintf("/proc/%d/fd/%s", child.Process.Pid, fd.Name()), &x) == nil && x.Mode&unix.S_IFMT == unix.S_IFSOCK {
+			cst = x
+		}
+	}
+	if pid := socketsOf([]int{os.Getpid(), child.Process.Pid}, budget)[cst.Ino]; cst.Ino == 0 || pid != child.Process.Pid {
+		t.Errorf("the child's socket (inode %d): holder %d, want %d", cst.Ino, pid, child.Process.Pid)
 	}
 }
