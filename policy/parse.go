@@ -99,18 +99,22 @@ func ParseDefault(field, s string) (bool, error) {
 }
 
 // ParseResolvers parses DNS server addresses: IP or IP:port, IPv6 in
-// brackets when a port is given.
+// brackets when a port is given. A multicast or broadcast address is no
+// resolver: the answer would come from another address, and the query
+// would go to every host on a link.
 func ParseResolvers(field string, values []string) ([]netip.AddrPort, error) {
 	var out []netip.AddrPort
 	for _, v := range values {
 		v = strings.TrimSpace(v)
-		if a, err := netip.ParseAddr(v); err == nil {
-			out = append(out, netip.AddrPortFrom(a.Unmap(), 53))
-			continue
-		}
 		ap, err := netip.ParseAddrPort(v)
+		if a, aerr := netip.ParseAddr(v); aerr == nil {
+			ap, err = netip.AddrPortFrom(a, 53), nil
+		}
 		if err != nil || ap.Port() == 0 {
 			return nil, Usagef("invalid %s %q: not an IP address or IP:port", field, v)
+		}
+		if a := ap.Addr().Unmap(); a.IsMulticast() || a == netip.AddrFrom4([4]byte{255, 255, 255, 255}) {
+			return nil, Usagef("invalid %s %q: a multicast or broadcast address is no resolver", field, v)
 		}
 		out = append(out, netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()))
 	}

@@ -1,6 +1,7 @@
 package policy
 
 import (
+	"fmt"
 	"math/rand/v2"
 	"net/netip"
 	"slices"
@@ -183,6 +184,11 @@ func TestParseErrorsNameTheFieldAndValue(t *testing.T) {
 		{func() error { _, err := ParseDomain("--allow-domain", "exa mple.com"); return err }, `invalid --allow-domain "exa mple.com"`},
 		{func() error { _, err := ParseDomain("--deny-domain", "-bad.com"); return err }, `invalid --deny-domain "-bad.com"`},
 		{func() error { _, err := ParseDefault("--default-policy", "maybe"); return err }, `invalid --default-policy "maybe"`},
+		{func() error { _, err := ParseResolvers("--dns", []string{"203.0.113.53", "300.1.1.1"}); return err }, `invalid --dns "300.1.1.1"`},
+		{func() error { _, err := ParseResolvers("--dns", []string{"203.0.113.53:0"}); return err }, `invalid --dns "203.0.113.53:0"`},
+		{func() error { _, err := ParseResolvers("--dns", []string{"224.0.0.251:5353"}); return err }, `invalid --dns "224.0.0.251:5353": a multicast or broadcast address`},
+		{func() error { _, err := ParseResolvers("--dns", []string{"[ff02::fb]:5353"}); return err }, `invalid --dns "[ff02::fb]:5353"`},
+		{func() error { _, err := ParseResolvers("--dns", []string{"::ffff:255.255.255.255"}); return err }, `invalid --dns "::ffff:255.255.255.255"`},
 	} {
 		err := tc.fn()
 		if err == nil || !strings.Contains(err.Error(), tc.msg) {
@@ -197,6 +203,10 @@ func TestParseErrorsNameTheFieldAndValue(t *testing.T) {
 	}
 	if p, err := ParseCIDR("x", "2001:db8::1"); err != nil || p.String() != "2001:db8::1/128" {
 		t.Errorf("bare v6 = %v %v", p, err)
+	}
+	r, err := ParseResolvers("--dns", []string{"203.0.113.53", " [2001:db8::53]:5353 ", "::ffff:203.0.113.54", "fe80::1%eth0"})
+	if err != nil || fmt.Sprint(r) != "[203.0.113.53:53 [2001:db8::53]:5353 203.0.113.54:53 [fe80::1%eth0]:53]" {
+		t.Errorf("resolvers = %v %v", r, err)
 	}
 }
 

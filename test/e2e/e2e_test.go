@@ -1301,6 +1301,7 @@ func TestUsageErrors(t *testing.T) {
 		{[]string{"--allow-domain", "bad domain", "--", "true"}, `--allow-domain "bad domain"`},
 		{[]string{"--default-policy", "maybe", "--", "true"}, `--default-policy "maybe"`},
 		{[]string{"--dns", "not-an-ip", "--", "true"}, `--dns "not-an-ip"`},
+		{[]string{"--dns", "224.0.0.251:5353", "--", "true"}, `--dns "224.0.0.251:5353": a multicast or broadcast address`},
 		{[]string{"--hosts-file", "/nonexistent", "--", "true"}, `--hosts-file "/nonexistent"`},
 		{[]string{"--no-such-flag", "--", "true"}, "no-such-flag"},
 		{[]string{"--proxy-only", "--", "true"}, "--proxy-only needs --proxy"},
