@@ -108,7 +108,7 @@ func ParseResolvers(field string, values []string) ([]netip.AddrPort, error) {
 		v = strings.TrimSpace(v)
 		ap, err := netip.ParseAddrPort(v)
 		if a, aerr := netip.ParseAddr(v); aerr == nil {
-			ap, err = netip.AddrPortFrom(a, 53), nil
+			ap, err = netip.AddrPortFrom(a, 53), nil // no port given: DNS's
 		}
 		if err != nil || ap.Port() == 0 {
 			return nil, Usagef("invalid %s %q: not an IP address or IP:port", field, v)

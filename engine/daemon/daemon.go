@@ -338,25 +338,29 @@ func (d *Daemon) attach(a api.Attachment, link *os.File, adopted bool) (err erro
 			}
 		}()
 	}
-	// Flows are attributed to the processes in the namespace, found
-	// through a sock_diag socket of its own (the engine closes it);
-	// without one, to the descendants of the container's init, if known.
-	netns := a.NetnsInode
-	diag, derr := tunns.SockDiagIn(a.Netns)
-	if derr != nil {
-		d.cfg.Logf("%s: flows not attributed to processes: %v", a.ID, derr)
-		netns = 0
-	} else {
-		defer func() {
-			if err != nil {
-				diag.Close()
-			}
-		}()
-	}
-	eng, err := engine.New(engine.Config{
+	cfg := engine.Config{
 		ID: a.ID, Link: link, Plan: a.Plan, Policy: set.Policy, DNS: set.DNS, Proxy: proxy.FromURI(set.Proxy, set.ProxyInsecure),
-		SandboxPID: a.PID, SandboxNetns: netns, SocketDiag: diag, OnEvent: sb.record, Buffers: d.buffers, Flows: d.flows,
-	})
+		OnEvent: sb.record, Buffers: d.buffers, Flows: d.flows,
+	}
+	if sb.log != nil || sb.stdout != nil {
+		// Only a flow log names processes (metrics do not), and finding
+		// one is on each new flow's way: among the processes in the
+		// namespace, through a sock_diag socket of its own (the engine
+		// closes it); without one, among the container init's
+		// descendants, if known.
+		cfg.SandboxPID = a.PID
+		if diag, derr := tunns.SockDiagIn(a.Netns); derr != nil {
+			d.cfg.Logf("%s: flows not attributed to processes: %v", a.ID, derr)
+		} else {
+			cfg.SandboxNetns, cfg.SocketDiag = a.NetnsInode, diag
+			defer func() {
+				if err != nil {
+					diag.Close()
+				}
+			}()
+		}
+	}
+	eng, err := engine.New(cfg)
 	if err != nil {
 		return err
 	}
