@@ -28,6 +28,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
+	"gvisor.dev/gvisor/pkg/waiter"
 
 	"github.com/childflow/childflow/engine/flowlog"
 	"github.com/childflow/childflow/engine/proxy"
@@ -1099,4 +1100,118 @@ func TestAProxyIsToldOnlyPlainNames(t *testing.T) {
 			t.Errorf("after resolving %q the proxy was asked for %q, want %q", n, got, want)
 		}
 	}
+}
+
+// A reset travels as a reset both ways: a peer's abort taken for an end
+// would pass a truncated stream off as complete. What the server sent
+// before its reset still reaches the sandbox first, as from a kernel,
+// even where the sandbox reads only after the reset.
+func TestTCPResetsTravelAsResets(t *testing.T) {
+	t.Run("from upstream", func(t *testing.T) {
+		const size = 1 << 20
+		reset := make(chan error, 1)
+		srv := tcpServer(t, func(c *net.TCPConn) {
+			_, err := c.Write(make([]byte, size))
+			// All of it with the engine's kernel before the reset drops
+			// what the server still holds.
+			for deadline := time.Now().Add(10 * time.Second); err == nil && outq(c) > 0; time.Sleep(time.Millisecond) {
+				if time.Now().After(deadline) {
+					err = errors.New("the engine took nothing for 10 s")
+				}
+			}
+			c.SetLinger(0)
+			c.Close()
+			reset <- err
+		})
+		sb := newSandbox(t, allowAll)
+		// A small window keeps most of the data queued in the engine
+		// when the reset comes.
+		rcv := tcpip.TCPReceiveBufferSizeRangeOption{Min: 4 << 10, Default: 16 << 10, Max: 16 << 10}
+		sb.s.SetTransportProtocolOption(tcp.ProtocolNumber, &rcv)
+		c, err := sb.dial(t, remote(srv))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(time.Minute))
+		if err := <-reset; err != nil {
+			t.Fatal(err)
+		}
+		got, err := io.ReadAll(c)
+		if len(got) != size || err == nil || !strings.Contains(err.Error(), "reset") {
+			t.Fatalf("the sandbox read %d bytes, then %v; want all %d, then a reset", len(got), err, size)
+		}
+	})
+	t.Run("from the sandbox", func(t *testing.T) {
+		ended := make(chan error, 1)
+		srv := tcpServer(t, func(c *net.TCPConn) {
+			_, err := io.Copy(io.Discard, c)
+			ended <- err
+		})
+		sb := newSandbox(t, allowAll)
+		var wq waiter.Queue
+		ep, terr := sb.s.NewEndpoint(tcp.ProtocolNumber, ipv4.ProtocolNumber, &wq)
+		if terr != nil {
+			t.Fatal(terr)
+		}
+		entry, notified := waiter.NewChannelEntry(waiter.WritableEvents | waiter.EventErr | waiter.EventHUp)
+		wq.EventRegister(&entry)
+		ep.Connect(full(remote(srv)))
+		for tcp.EndpointState(ep.State()) != tcp.StateEstablished {
+			select {
+			case <-notified:
+			case <-time.After(10 * time.Second):
+				t.Fatalf("no connection in 10 s (%v)", tcp.EndpointState(ep.State()))
+			}
+		}
+		wq.EventUnregister(&entry)
+		c := gonet.NewTCPConn(&wq, ep)
+		if _, err := c.Write([]byte("partial upload")); err != nil {
+			t.Fatal(err)
+		}
+		ep.Abort()
+		c.Close()
+		select {
+		case err := <-ended:
+			if !errors.Is(err, syscall.ECONNRESET) {
+				t.Fatalf("the server's read ended with %v, want a reset", err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("the server's read did not end in 10 s")
+		}
+	})
+}
+
+// tcpServer runs serve for each connection to a loopback listener.
+func tcpServer(t *testing.T, serve func(*net.TCPConn)) netip.AddrPort {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				serve(c.(*net.TCPConn))
+			}()
+		}
+	}()
+	return netip.MustParseAddrPort(ln.Addr().String())
+}
+
+// outq is what c has sent and not had acknowledged, or not sent yet.
+func outq(c *net.TCPConn) int {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return -1
+	}
+	n := -1
+	raw.Control(func(fd uintptr) { n, _ = unix.IoctlGetInt(int(fd), unix.SIOCOUTQ) })
+	return n
 }

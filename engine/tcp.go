@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/childflow/childflow/engine/dns"
@@ -74,7 +75,9 @@ func (e *Engine) handleTCP(r *netstack.TCPRequest) {
 	sandbox, err := r.Accept(bufs.window)
 	e.events.Result(res, err)
 	if err != nil {
-		host.Close()
+		// The sandbox's side is gone before it was ours (a connection
+		// reset as soon as it was open): so is the upstream's.
+		reset(host)
 		return
 	}
 	e.uploads.Add(1)
@@ -119,8 +122,10 @@ func splice(ctx context.Context, sandbox, upstream net.Conn, buffers *sync.Pool,
 
 type closeWriter interface{ CloseWrite() error }
 
-// copyHalf copies src to dst. On EOF it half-closes dst; on an error it
-// closes both, which also ends the other direction.
+// copyHalf copies src to dst. On EOF it half-closes dst; on a reset it
+// resets dst, since an abort taken for an end would pass a truncated
+// stream off as complete; on another error it closes both, which also
+// ends the other direction.
 func copyHalf(dst, src net.Conn, buffers *sync.Pool) int64 {
 	bp := buffers.Get().(*[]byte)
 	defer buffers.Put(bp)
@@ -132,23 +137,54 @@ func copyHalf(dst, src net.Conn, buffers *sync.Pool) int64 {
 			nw, werr := dst.Write(buf[:nr])
 			n += int64(nw)
 			if werr != nil {
+				if isReset(werr) {
+					reset(src)
+				}
 				src.Close()
 				dst.Close()
 				return n
 			}
 		}
 		if rerr != nil {
-			if errors.Is(rerr, io.EOF) {
+			switch {
+			case errors.Is(rerr, io.EOF):
 				if cw, ok := dst.(closeWriter); ok {
 					cw.CloseWrite()
 				}
-			} else {
+			case isReset(rerr):
+				reset(dst)
+				fallthrough
+			default:
 				src.Close()
 				dst.Close()
 			}
 			return n
 		}
 	}
+}
+
+func isReset(err error) bool {
+	return errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
+}
+
+// reset closes c, with a RST where it can: on the sandbox's side, or on
+// a host socket under whatever wraps it (a proxy's TLS or buffer).
+func reset(c net.Conn) {
+	for under := c; under != nil; {
+		switch u := under.(type) {
+		case interface{ Reset() error }:
+			u.Reset()
+			under = nil
+		case *net.TCPConn:
+			u.SetLinger(0)
+			under = nil
+		case interface{ NetConn() net.Conn }:
+			under = u.NetConn()
+		default:
+			under = nil
+		}
+	}
+	c.Close()
 }
 
 func (e *Engine) serveDNSListener(ln net.Listener) {

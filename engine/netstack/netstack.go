@@ -5,9 +5,12 @@
 package netstack
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
+	"syscall"
+	"time"
 
 	"gvisor.dev/gvisor/pkg/buffer"
 	"gvisor.dev/gvisor/pkg/tcpip"
@@ -40,7 +43,7 @@ type TCPRequest struct {
 // Accept completes the handshake with the sandbox. window, if not 0,
 // fixes the connection's receive and send buffers at that size instead
 // of letting them grow with its traffic (up to MaxBuffer).
-func (r *TCPRequest) Accept(window int) (*gonet.TCPConn, error) {
+func (r *TCPRequest) Accept(window int) (*TCPConn, error) {
 	r.stack.syns.take(r.req.ID())
 	var wq waiter.Queue
 	ep, err := r.req.CreateEndpoint(&wq)
@@ -55,7 +58,60 @@ func (r *TCPRequest) Accept(window int) (*gonet.TCPConn, error) {
 		ep.SocketOptions().SetReceiveBufferSize(int64(window), true)
 		ep.SocketOptions().SetSendBufferSize(int64(window), true)
 	}
-	return gonet.NewTCPConn(&wq, ep), nil
+	return &TCPConn{TCPConn: gonet.NewTCPConn(&wq, ep), ep: ep, wq: &wq}, nil
+}
+
+// TCPConn is the sandbox's side of one TCP connection. A reset travels
+// as one: Read reports the sandbox's RST as syscall.ECONNRESET, and
+// Reset sends one, so that neither side takes the other's abort for the
+// end of the data.
+type TCPConn struct {
+	*gonet.TCPConn
+	ep tcpip.Endpoint
+	wq *waiter.Queue
+}
+
+// gonet reports the stack's errors as text only.
+var resetText = (&tcpip.ErrConnectionReset{}).String()
+
+func (c *TCPConn) Read(b []byte) (int, error) {
+	n, err := c.TCPConn.Read(b)
+	var op *net.OpError
+	if errors.As(err, &op) && op.Err != nil && op.Err.Error() == resetText {
+		op.Err = syscall.ECONNRESET
+	}
+	return n, err
+}
+
+// ResetDrainTimeout bounds how long Reset waits for the sandbox to take
+// what was written before it.
+const ResetDrainTimeout = 10 * time.Second
+
+// Reset ends the connection with a RST and closes it, once the sandbox
+// has acknowledged what was written (or after ResetDrainTimeout): a RST
+// drops what is still queued, and a peer that sent its last bytes and
+// then reset must not lose them on the way, where the sandbox would have
+// read them from its own kernel.
+func (c *TCPConn) Reset() error {
+	// gVisor tells no one when its send queue empties, but it wakes the
+	// writers when the queue falls below half the send buffer: a buffer
+	// of two bytes makes that "empty", and writable "at most one byte
+	// left" (setting it also turns the buffer's auto-tuning off).
+	c.ep.SocketOptions().SetSendBufferSize(2, true)
+	const events = waiter.WritableEvents | waiter.EventHUp | waiter.EventErr
+	entry, drained := waiter.NewChannelEntry(events)
+	c.wq.EventRegister(&entry)
+	if c.ep.Readiness(events) == 0 {
+		t := time.NewTimer(ResetDrainTimeout)
+		select {
+		case <-drained:
+		case <-t.C:
+		}
+		t.Stop()
+	}
+	c.wq.EventUnregister(&entry)
+	c.ep.Abort()
+	return c.Close()
 }
 
 // Reject answers the SYN with a RST.

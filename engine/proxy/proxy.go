@@ -228,6 +228,9 @@ type bufferedConn struct {
 
 func (b *bufferedConn) Read(p []byte) (int, error) { return b.r.Read(p) }
 
+// NetConn is the connection under the buffer (a reset is sent on it).
+func (b *bufferedConn) NetConn() net.Conn { return b.Conn }
+
 func (b *bufferedConn) CloseWrite() error {
 	if cw, ok := b.Conn.(interface{ CloseWrite() error }); ok {
 		return cw.CloseWrite()

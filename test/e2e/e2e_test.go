@@ -11,6 +11,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -1403,4 +1404,61 @@ func TestTheTailOfAnUploadArrives(t *testing.T) {
 			}
 		}
 	})
+}
+
+// A reset reaches the other side as a reset: a server's abort taken for
+// an end would pass a truncated download off as complete (curl: exit 0
+// instead of 56), a client's an aborted upload. What the server sent
+// before its reset arrives first, as it would from a kernel.
+func TestResetsReachTheOtherSide(t *testing.T) {
+	const size = 100000
+	download := tcpServer(t, "tcp4", "127.0.0.1:0", func(c net.Conn) {
+		c.Read(make([]byte, 4096))
+		fmt.Fprintf(c, "HTTP/1.0 200 OK\r\n\r\n%s", strings.Repeat("x", size))
+		tc := c.(*net.TCPConn)
+		// Not before the engine has it all: the server's own reset would
+		// drop what it still holds.
+		for deadline := time.Now().Add(10 * time.Second); sendQueue(tc) > 0 && time.Now().Before(deadline); {
+			time.Sleep(time.Millisecond)
+		}
+		tc.SetLinger(0)
+		tc.Close()
+	})
+	ended := make(chan error, 10)
+	upload := tcpServer(t, "tcp4", "127.0.0.1:0", func(c net.Conn) {
+		_, err := io.Copy(io.Discard, c)
+		ended <- err
+	})
+	users(t, func(t *testing.T, u as) {
+		r := run(t, u, "--allow-cidr", "10.87.0.1/32", "--", "curl", "-s", "-o", "/dev/null", "-w", "%{size_download}",
+			fmt.Sprintf("http://10.87.0.1:%d/", download))
+		if r.code != 56 || r.stdout != fmt.Sprint(size) {
+			t.Errorf("curl of a download its server reset: exit %d after %s bytes, want 56 after all %d (%s)", r.code, r.stdout, size, r)
+		}
+		r = run(t, u, "--allow-cidr", "10.87.0.1/32", "--", "python3", "-c", fmt.Sprintf(
+			`import socket, struct; s = socket.create_connection(("10.87.0.1", %d)); s.sendall(b"x" * 1000); `+
+				`s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)); s.close()`, upload))
+		if r.code != 0 {
+			t.Fatalf("childflow: %s", r)
+		}
+		select {
+		case err := <-ended:
+			if !errors.Is(err, syscall.ECONNRESET) {
+				t.Errorf("the server's read of an upload its client reset ended with %v, want a reset", err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("the server's read did not end")
+		}
+	})
+}
+
+// sendQueue is what c has not yet had acknowledged.
+func sendQueue(c *net.TCPConn) int {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return -1
+	}
+	n := -1
+	raw.Control(func(fd uintptr) { n, _ = unix.IoctlGetInt(int(fd), unix.SIOCOUTQ) })
+	return n
 }
