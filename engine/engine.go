@@ -39,6 +39,10 @@ type Config struct {
 	Policy *policy.Policy
 	// DNS are the upstream resolvers the engine's resolver forwards to.
 	DNS []netip.AddrPort
+	// Hosts are the names the sandbox's hosts file gives addresses
+	// (dns.ParseHosts): flows to them carry those names, for the domain
+	// rules and the flow log, as if the engine had answered them.
+	Hosts map[netip.Addr][]string
 
 	// Proxy, if set, carries every TCP flow; nothing falls back to a
 	// direct connection when it fails.
@@ -191,6 +195,7 @@ func New(cfg Config) (*Engine, error) {
 	e.owners = &procnet.Finder{InitPID: cfg.SandboxPID, Netns: cfg.SandboxNetns, Diag: cfg.SocketDiag}
 	// A resolver at a broadcast address would have the sandbox's queries
 	// sent to every host on a link, and take the first answer.
+	e.cache.Pin(cfg.Hosts)
 	e.resolver = &dns.Resolver{Upstreams: cfg.DNS, Policy: cfg.Policy, Cache: &e.cache, Events: &e.events, OnUpstream: cfg.OnUpstream,
 		Dialer: &net.Dialer{Control: upstream.NoBroadcast}}
 	if cfg.Flows != nil {

@@ -5,6 +5,7 @@ package dns
 
 import (
 	"net/netip"
+	"slices"
 	"sort"
 	"sync"
 	"time"
@@ -18,9 +19,10 @@ const MinTTL = 5 * time.Second
 type Cache struct {
 	mu     sync.Mutex
 	m      map[netip.Addr]map[string]time.Time
-	latest map[netip.Addr]string // the name last asked for that resolved to the address
-	swept  time.Time             // when expired addresses last went
-	Now    func() time.Time      // nil: time.Now
+	latest map[netip.Addr]string   // the name last asked for that resolved to the address
+	pinned map[netip.Addr][]string // the sandbox's hosts file: never expire
+	swept  time.Time               // when expired addresses last went
+	Now    func() time.Time        // nil: time.Now
 }
 
 // A sandbox asking for endless names (random labels under a wildcard
@@ -119,6 +121,24 @@ func (c *Cache) dropLocked(a netip.Addr) {
 	delete(c.latest, a)
 }
 
+// Forever is the TTL of a pinned name.
+const Forever = time.Duration(1<<63 - 1)
+
+// Pin remembers names for addr for the sandbox's life: what its hosts
+// file says, which it reads without asking the engine. Hostname never
+// returns them: a proxy told the name would resolve it, not read the
+// sandbox's hosts file.
+func (c *Cache) Pin(hosts map[netip.Addr][]string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.pinned == nil {
+		c.pinned = make(map[netip.Addr][]string)
+	}
+	for addr, names := range hosts {
+		c.pinned[addr.Unmap()] = append(c.pinned[addr.Unmap()], names...)
+	}
+}
+
 // RecordQuery notes that the sandbox asked for name and got addr: the name
 // a forced proxy is told.
 func (c *Cache) RecordQuery(addr netip.Addr, name string) {
@@ -150,19 +170,19 @@ func (c *Cache) Names(addr netip.Addr) []string {
 	now := c.now()
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	var out []string
+	out := slices.Clone(c.pinned[addr])
 	for n, exp := range c.m[addr] {
-		if now.Before(exp) {
-			out = append(out, n)
-		} else {
+		if !now.Before(exp) {
 			delete(c.m[addr], n)
+		} else if !slices.Contains(out, n) {
+			out = append(out, n)
 		}
 	}
 	if len(c.m[addr]) == 0 {
 		c.dropLocked(addr)
 	}
 	sort.Strings(out)
-	return out
+	return slices.Compact(out)
 }
 
 // Addrs returns the addresses some unexpired name resolved to.
@@ -172,9 +192,12 @@ func (c *Cache) Addrs() []netip.Addr {
 	defer c.mu.Unlock()
 	var out []netip.Addr
 	for a, names := range c.m {
-		if !expired(names, now) {
+		if _, pinned := c.pinned[a]; !pinned && !expired(names, now) {
 			out = append(out, a)
 		}
+	}
+	for a := range c.pinned {
+		out = append(out, a)
 	}
 	return out
 }
@@ -183,6 +206,9 @@ func (c *Cache) Addrs() []netip.Addr {
 func (c *Cache) TTL(addr netip.Addr) time.Duration {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if _, pinned := c.pinned[addr.Unmap()]; pinned {
+		return Forever
+	}
 	var ttl time.Duration
 	now := c.now()
 	for _, exp := range c.m[addr.Unmap()] {

@@ -21,6 +21,7 @@ import (
 
 	"github.com/childflow/childflow/engine"
 	"github.com/childflow/childflow/engine/api"
+	"github.com/childflow/childflow/engine/dns"
 	"github.com/childflow/childflow/engine/flowlog"
 	"github.com/childflow/childflow/engine/proxy"
 	"github.com/childflow/childflow/internal/asuser"
@@ -197,14 +198,26 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if len(upstreams) == 0 {
 		upstreams, _ = policy.ParseResolvers("nameserver", doctor.ParseNameservers(string(hostResolv)))
 	}
+	// The names the sandbox will read from its hosts file count as
+	// answers of the engine's: the domain rules apply to them.
+	var hostsData []byte
 	if o.hostsFile != "" {
-		if err := caller.Do(func() error { return readableRegular(o.hostsFile) }); err != nil {
+		hostsData, err = asuser.Call(caller, func() ([]byte, error) {
+			if err := readableRegular(o.hostsFile); err != nil {
+				return nil, err
+			}
+			return os.ReadFile(o.hostsFile)
+		})
+		if err != nil {
 			return usageError(stderr, policy.Usagef("invalid --hosts-file %q: %v", o.hostsFile, err))
 		}
 		if o.hostsFile, err = filepath.Abs(o.hostsFile); err != nil {
 			return usageError(stderr, policy.Usagef("invalid --hosts-file %q: %v", o.hostsFile, err))
 		}
+	} else {
+		hostsData, _ = os.ReadFile("/etc/hosts")
 	}
+	hosts := dns.ParseHosts(hostsData)
 
 	if o.mtu < 1280 || o.mtu > 65520 {
 		return usageError(stderr, policy.Usagef("invalid --mtu %d: must be between 1280 and 65520", o.mtu))
@@ -251,7 +264,7 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		if o.set("mtu") {
 			mtu = o.mtu
 		}
-		rootNet, err = rootful.Reserve(rootful.Config{MTU: mtu, Policy: pol, DNS: upstreams, Proxy: fwd, Iface: o.iface,
+		rootNet, err = rootful.Reserve(rootful.Config{MTU: mtu, Policy: pol, DNS: upstreams, Hosts: hosts, Proxy: fwd, Iface: o.iface,
 			Warn: func(msg string) { fmt.Fprintf(stderr, "childflow: --root: %s\n", msg) }})
 		if err != nil {
 			var u *policy.UsageError
@@ -356,7 +369,7 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			runtime.GOMAXPROCS(1)
 		}
 		var eng *engine.Engine
-		eng, err = engine.New(engine.Config{ID: "exec", Link: sb.TUN, Plan: plan, Policy: pol, CallerOwnsHost: true, DNS: upstreams, Proxy: fwd, OnEvent: events, Capture: captures.child, OnUpstream: captures.upstream, SandboxPID: sb.Pid(), SocketDiag: sb.SocketDiag})
+		eng, err = engine.New(engine.Config{ID: "exec", Link: sb.TUN, Plan: plan, Policy: pol, CallerOwnsHost: true, DNS: upstreams, Hosts: hosts, Proxy: fwd, OnEvent: events, Capture: captures.child, OnUpstream: captures.upstream, SandboxPID: sb.Pid(), SocketDiag: sb.SocketDiag})
 		if err == nil {
 			err = eng.Start(ctx)
 			defer eng.Close()

@@ -89,7 +89,7 @@ var errSetFull = errors.New("full")
 // domainSets updates the timeout sets of one table.
 type domainSets struct{ table string }
 
-// add puts addr in the set for ttl, replacing an element already there
+// add puts addr in the set for ttl (dns.Forever: for good), replacing an element already there
 // so that its timeout restarts.
 func (d *domainSets) add(name string, addr netip.Addr, ttl time.Duration) error {
 	addr = addr.Unmap()
@@ -97,7 +97,11 @@ func (d *domainSets) add(name string, addr netip.Addr, ttl time.Duration) error 
 	if addr.Is6() {
 		typ, suffix = nftables.TypeIP6Addr, "6"
 	}
-	ttl = max(ttl, dns.MinTTL).Truncate(time.Millisecond)
+	if ttl == dns.Forever {
+		ttl = 0 // no timeout
+	} else {
+		ttl = max(ttl, dns.MinTTL).Truncate(time.Millisecond)
+	}
 	c, err := nftables.New()
 	if err != nil {
 		return err

@@ -47,6 +47,8 @@ type Config struct {
 	MTU      int
 	Policy   *policy.Policy
 	DNS      []netip.AddrPort
+	// Hosts are the names the sandbox's hosts file gives (engine.Config).
+	Hosts map[netip.Addr][]string
 	// Proxy, if set, carries every TCP connection (TPROXY).
 	Proxy *proxy.Proxy
 	// Iface, if set, is the host interface direct traffic and the proxy
@@ -189,6 +191,12 @@ func (sb *Sandbox) Attach(pid int, onEvent func(flowlog.Event)) (err error) {
 		})
 	}
 	sb.sets = &domainSets{table: sb.rec.Table}
+	sb.cache.Pin(cfg.Hosts)
+	for addr := range cfg.Hosts {
+		if err = sb.addToDomainSet(addr); err != nil {
+			return fmt.Errorf("adding %s, from the hosts file, to the domain rules' sets: %w", addr, err)
+		}
+	}
 	if err = sb.keepTable(spec); err != nil {
 		return err
 	}

@@ -1061,24 +1061,42 @@ func TestOrphansAreKilled(t *testing.T) {
 	})
 }
 
+// TestHostsFile: the sandbox resolves from its own hosts file, and the
+// names it gives count for the domain rules as the engine's answers do
+// (an allowed name is reached under a default deny, a denied one is not).
 func TestHostsFile(t *testing.T) {
-	users(t, func(t *testing.T, u as) {
-		dir, err := os.MkdirTemp("", "cfhosts")
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { os.RemoveAll(dir) })
-		os.Chmod(dir, 0o755)
-		f := filepath.Join(dir, "hosts")
-		os.WriteFile(f, []byte("127.0.0.1 localhost\n203.0.113.10 only-in-sandbox.test\n"), 0o644)
-		r := sh(t, u, []string{"--hosts-file", f}, "getent hosts only-in-sandbox.test && curl -sS -m5 http://only-in-sandbox.test/")
-		if r.code != 0 || !strings.Contains(r.stdout, "hello from the test internet") {
-			t.Fatal(r)
-		}
-		if b, _ := os.ReadFile("/etc/hosts"); strings.Contains(string(b), "only-in-sandbox") {
-			t.Fatal("--hosts-file leaked onto the host's /etc/hosts")
-		}
-	})
+	requireRoot(t)
+	dir, err := os.MkdirTemp("", "cfhosts")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	os.Chmod(dir, 0o755)
+	f := filepath.Join(dir, "hosts")
+	os.WriteFile(f, []byte("127.0.0.1 localhost\n203.0.113.10 only-in-sandbox.test\n"), 0o644)
+	for _, backend := range backends {
+		t.Run(backend.name, func(t *testing.T) {
+			if backend.u == rootless {
+				withTunOpen(t)
+			}
+			curl := "getent hosts only-in-sandbox.test && curl -sS -m5 http://only-in-sandbox.test/"
+			r := sh(t, backend.u, append([]string{"--hosts-file", f}, backend.flags...), curl)
+			if r.code != 0 || !strings.Contains(r.stdout, "hello from the test internet") {
+				t.Fatal(r)
+			}
+			r = sh(t, backend.u, append([]string{"--hosts-file", f, "--default-policy", "deny", "--allow-domain", "only-in-sandbox.test"}, backend.flags...), curl)
+			if r.code != 0 || !strings.Contains(r.stdout, "hello from the test internet") {
+				t.Errorf("a name from the hosts file under --allow-domain: %s", r)
+			}
+			r = sh(t, backend.u, append([]string{"--hosts-file", f, "--deny-domain", "only-in-sandbox.test"}, backend.flags...), curl)
+			if r.code == 0 || strings.Contains(r.stdout, "hello from the test internet") {
+				t.Errorf("a name from the hosts file under --deny-domain was reached: %s", r)
+			}
+		})
+	}
+	if b, _ := os.ReadFile("/etc/hosts"); strings.Contains(string(b), "only-in-sandbox") {
+		t.Fatal("--hosts-file leaked onto the host's /etc/hosts")
+	}
 }
 
 // TestResolverSurvivesTheHostReplacingIt has the host replace, while the
