@@ -1142,6 +1142,57 @@ func TestTCPResetsTravelAsResets(t *testing.T) {
 			t.Fatalf("the sandbox read %d bytes, then %v; want all %d, then a reset", len(got), err, size)
 		}
 	})
+	// A server that answers an upload it refuses and resets while the
+	// sandbox still sends: the reset reaches the engine's writer first,
+	// and the answer must still arrive whole before it.
+	t.Run("from upstream while the sandbox sends", func(t *testing.T) {
+		const size = 256 << 10
+		reset := make(chan error, 1)
+		srv := tcpServer(t, func(c *net.TCPConn) {
+			_, err := io.ReadFull(c, make([]byte, 64<<10))
+			if err == nil {
+				_, err = c.Write(make([]byte, size))
+			}
+			for deadline := time.Now().Add(10 * time.Second); err == nil && outq(c) > 0; time.Sleep(time.Millisecond) {
+				if time.Now().After(deadline) {
+					err = errors.New("the engine took nothing for 10 s")
+				}
+			}
+			c.SetLinger(0)
+			c.Close()
+			reset <- err
+		})
+		sb := newSandbox(t, allowAll)
+		rcv := tcpip.TCPReceiveBufferSizeRangeOption{Min: 4 << 10, Default: 16 << 10, Max: 16 << 10}
+		sb.s.SetTransportProtocolOption(tcp.ProtocolNumber, &rcv)
+		c, err := sb.dial(t, remote(srv))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(time.Minute))
+		sent := make(chan error, 1)
+		go func() {
+			chunk := make([]byte, 64<<10)
+			for {
+				if _, err := c.Write(chunk); err != nil {
+					sent <- err
+					return
+				}
+			}
+		}()
+		if err := <-reset; err != nil {
+			t.Fatal(err)
+		}
+		got, err := io.ReadAll(c)
+		if err == nil {
+			// A kernel tells of a reset once: here the writer was told.
+			err = <-sent
+		}
+		if len(got) != size || err == nil || !strings.Contains(err.Error(), "reset") {
+			t.Fatalf("the sandbox read %d bytes, then %v; want all %d, then a reset", len(got), err, size)
+		}
+	})
 	t.Run("from the sandbox", func(t *testing.T) {
 		ended := make(chan error, 1)
 		srv := tcpServer(t, func(c *net.TCPConn) {

@@ -6,8 +6,11 @@ import (
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/childflow/childflow/engine/dns"
 	"github.com/childflow/childflow/engine/netstack"
@@ -96,37 +99,79 @@ func (b *BufferBudget) Splice(ctx context.Context, sandbox, upstream net.Conn) (
 }
 
 // splice copies both ways until both directions are done, passing on
-// half-closes, or until ctx ends; uploaded is called once the sandbox's
-// side is done. Back-pressure comes from the blocking writes, so a peer
-// that stops reading holds a copy in a write that only closing the
-// connections ends.
+// half-closes and resets, or until ctx ends; uploaded is called once the
+// sandbox's side is done. Back-pressure comes from the blocking writes,
+// so a peer that stops reading holds a copy in a write that only closing
+// the connections ends.
 func splice(ctx context.Context, sandbox, upstream net.Conn, buffers *sync.Pool, uploaded func()) (up, down int64) {
 	stop := context.AfterFunc(ctx, func() {
 		sandbox.Close()
 		upstream.Close()
 	})
 	defer stop()
+	s, u := &side{Conn: sandbox}, &side{Conn: upstream}
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
 		defer uploaded()
-		up = copyHalf(upstream, sandbox, buffers)
+		up = copyHalf(u, s, buffers)
 	}()
-	down = copyHalf(sandbox, upstream, buffers)
+	down = copyHalf(s, u, buffers)
 	wg.Wait()
 	sandbox.Close()
 	upstream.Close()
 	return up, down
 }
 
+// side is one connection of a splice.
+type side struct {
+	net.Conn
+	halfClosed atomic.Bool // our end of it is closed for writing
+}
+
+// wasReset says whether the end just read from s was a reset: a kernel
+// tells of a reset once, and the other direction's write may have been
+// told. A socket closed by a reset is closed while ours still sends; one
+// that merely ended waits for our end (CLOSE_WAIT). (The sandbox's side
+// reports its reset on every read.)
+func (s *side) wasReset() bool {
+	if s.halfClosed.Load() {
+		return false
+	}
+	c := s.Conn
+	for {
+		switch u := c.(type) {
+		case *net.TCPConn:
+			raw, err := u.SyscallConn()
+			if err != nil {
+				return false
+			}
+			var state uint8
+			raw.Control(func(fd uintptr) {
+				if info, err := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
+					state = info.State
+				}
+			})
+			return state == tcpClose
+		case interface{ NetConn() net.Conn }:
+			c = u.NetConn()
+		default:
+			return false
+		}
+	}
+}
+
+const tcpClose = 7 // TCP_CLOSE in include/net/tcp_states.h
+
 type closeWriter interface{ CloseWrite() error }
 
-// copyHalf copies src to dst. On EOF it half-closes dst; on a reset it
-// resets dst, since an abort taken for an end would pass a truncated
-// stream off as complete; on another error it closes both, which also
-// ends the other direction.
-func copyHalf(dst, src net.Conn, buffers *sync.Pool) int64 {
+// copyHalf copies src to dst. At src's end it half-closes dst; at its
+// reset it resets dst, since an abort taken for an end would pass a
+// truncated stream off as complete. A reset dst is left to its reader,
+// which passes it on after what it still has to relay. On another error
+// it closes both, which also ends the other direction.
+func copyHalf(dst, src *side, buffers *sync.Pool) int64 {
 	bp := buffers.Get().(*[]byte)
 	defer buffers.Put(bp)
 	buf := *bp
@@ -137,23 +182,23 @@ func copyHalf(dst, src net.Conn, buffers *sync.Pool) int64 {
 			nw, werr := dst.Write(buf[:nr])
 			n += int64(nw)
 			if werr != nil {
-				if isReset(werr) {
-					reset(src)
+				if !isReset(werr) {
+					src.Close()
+					dst.Close()
 				}
-				src.Close()
-				dst.Close()
 				return n
 			}
 		}
 		if rerr != nil {
 			switch {
+			case isReset(rerr) || errors.Is(rerr, io.EOF) && src.wasReset():
+				reset(dst.Conn)
+				src.Close()
 			case errors.Is(rerr, io.EOF):
-				if cw, ok := dst.(closeWriter); ok {
+				dst.halfClosed.Store(true)
+				if cw, ok := dst.Conn.(closeWriter); ok {
 					cw.CloseWrite()
 				}
-			case isReset(rerr):
-				reset(dst)
-				fallthrough
 			default:
 				src.Close()
 				dst.Close()

@@ -7,6 +7,7 @@ package netstack
 import (
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"syscall"
@@ -62,9 +63,9 @@ func (r *TCPRequest) Accept(window int) (*TCPConn, error) {
 }
 
 // TCPConn is the sandbox's side of one TCP connection. A reset travels
-// as one: Read reports the sandbox's RST as syscall.ECONNRESET, and
-// Reset sends one, so that neither side takes the other's abort for the
-// end of the data.
+// as one: Read and Write report the sandbox's RST as syscall.ECONNRESET,
+// and Reset sends one, so that neither side takes the other's abort for
+// the end of the data.
 type TCPConn struct {
 	*gonet.TCPConn
 	ep tcpip.Endpoint
@@ -76,11 +77,24 @@ var resetText = (&tcpip.ErrConnectionReset{}).String()
 
 func (c *TCPConn) Read(b []byte) (int, error) {
 	n, err := c.TCPConn.Read(b)
+	if err == io.EOF && tcp.EndpointState(c.ep.State()) == tcp.StateError {
+		// The reset was told to a Write, which took it.
+		return n, &net.OpError{Op: "read", Net: "tcp", Source: c.LocalAddr(), Addr: c.RemoteAddr(), Err: syscall.ECONNRESET}
+	}
+	return n, errno(err)
+}
+
+func (c *TCPConn) Write(b []byte) (int, error) {
+	n, err := c.TCPConn.Write(b)
+	return n, errno(err)
+}
+
+func errno(err error) error {
 	var op *net.OpError
 	if errors.As(err, &op) && op.Err != nil && op.Err.Error() == resetText {
 		op.Err = syscall.ECONNRESET
 	}
-	return n, err
+	return err
 }
 
 // ResetDrainTimeout bounds how long Reset waits for the sandbox to take
