@@ -20,6 +20,7 @@ import (
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"github.com/spf13/pflag"
+	"golang.org/x/sys/unix"
 
 	"github.com/childflow/childflow/engine/api"
 	"github.com/childflow/childflow/internal/attach"
@@ -112,6 +113,7 @@ func createRuntime(node attach.Node, state specs.State, ann map[string]string, b
 		PID:      state.Pid,
 		Settings: settings,
 		Source:   "oci-hook",
+		Hosts:    cfg.hosts(),
 	})
 	if err != nil {
 		return fail(stderr, state.ID, err)
@@ -143,6 +145,68 @@ type bundleConfig struct {
 	Process     struct {
 		Capabilities map[string][]string `json:"capabilities"`
 	} `json:"process"`
+	Root   specs.Root    `json:"root"`
+	Mounts []specs.Mount `json:"mounts"`
+}
+
+// maxHosts bounds the hosts file the hook reads and hands on.
+const maxHosts = 256 << 10
+
+// hosts is the container's /etc/hosts as its runtime set it up, for the
+// domain rules (engine.Config.Hosts): the file bind-mounted there
+// (docker, podman and nerdctl write one per container), else the
+// image's. The hook is root and the container's creator chose both
+// paths: it reads only a regular file (opened as a path first, so that
+// no device sees an open), a bounded part of it, and the image's file
+// within the rootfs. None, or an error: no names.
+func (c *bundleConfig) hosts() string {
+	path, err := c.pathOfHosts()
+	if err != nil {
+		return ""
+	}
+	defer path.Close()
+	if st, err := path.Stat(); err != nil || !st.Mode().IsRegular() {
+		return ""
+	}
+	f, err := os.Open(fmt.Sprintf("/proc/self/fd/%d", path.Fd()))
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	b, _ := io.ReadAll(io.LimitReader(f, maxHosts))
+	return string(b)
+}
+
+// pathOfHosts opens, O_PATH, what the container will find at /etc/hosts:
+// the last bind mount there, or the rootfs's file, its symlinks resolved
+// inside the rootfs.
+func (c *bundleConfig) pathOfHosts() (*os.File, error) {
+	abs := func(p string) string {
+		if filepath.IsAbs(p) {
+			return p
+		}
+		return filepath.Join(c.path, p)
+	}
+	for _, m := range slices.Backward(c.Mounts) {
+		if filepath.Clean(m.Destination) != "/etc/hosts" {
+			continue
+		}
+		if m.Type != "bind" && !slices.Contains(m.Options, "bind") && !slices.Contains(m.Options, "rbind") {
+			return nil, errors.New("not a file")
+		}
+		return os.OpenFile(abs(m.Source), unix.O_PATH|unix.O_CLOEXEC, 0)
+	}
+	root, err := os.OpenFile(abs(c.Root.Path), unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer root.Close()
+	fd, err := unix.Openat2(int(root.Fd()), "etc/hosts", &unix.OpenHow{
+		Flags: unix.O_PATH | unix.O_CLOEXEC, Resolve: unix.RESOLVE_IN_ROOT | unix.RESOLVE_NO_MAGICLINKS})
+	if err != nil {
+		return nil, err
+	}
+	return os.NewFile(uintptr(fd), "etc/hosts"), nil
 }
 
 func (c *bundleConfig) load() (*bundleConfig, error) {

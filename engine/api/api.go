@@ -68,6 +68,9 @@ type Attachment struct {
 	// Labels name the sandbox in its flow log and metrics
 	// (pod_namespace, pod_name, pod_uid).
 	Labels map[string]string `json:"labels,omitempty"`
+	// Hosts is the sandbox's hosts file (dns.ParseHosts): flows to the
+	// addresses it names carry those names.
+	Hosts string `json:"hosts,omitempty"`
 }
 
 // CheckID rejects ids that cannot name files under the state directory.

@@ -26,6 +26,7 @@ import (
 
 	"github.com/childflow/childflow/engine"
 	"github.com/childflow/childflow/engine/api"
+	"github.com/childflow/childflow/engine/dns"
 	"github.com/childflow/childflow/engine/flowlog"
 	"github.com/childflow/childflow/engine/proxy"
 	"github.com/childflow/childflow/internal/accept"
@@ -339,7 +340,7 @@ func (d *Daemon) attach(a api.Attachment, link *os.File, adopted bool) (err erro
 		}()
 	}
 	cfg := engine.Config{
-		ID: a.ID, Link: link, Plan: a.Plan, Policy: set.Policy, DNS: set.DNS, Proxy: proxy.FromURI(set.Proxy, set.ProxyInsecure),
+		ID: a.ID, Link: link, Plan: a.Plan, Policy: set.Policy, DNS: set.DNS, Hosts: dns.ParseHosts([]byte(a.Hosts)), Proxy: proxy.FromURI(set.Proxy, set.ProxyInsecure),
 		OnEvent: sb.record, Buffers: d.buffers, Flows: d.flows,
 	}
 	if sb.log != nil || sb.stdout != nil {

@@ -46,6 +46,8 @@ type Sandbox struct {
 	// Labels name the sandbox in flow logs and metrics (pod namespace,
 	// name and uid).
 	Labels map[string]string
+	// Hosts is the sandbox's hosts file, whose names count as answers.
+	Hosts string
 }
 
 // Attached describes a sandbox the daemon relays.
@@ -83,7 +85,7 @@ func (n Node) Attach(sb Sandbox) (_ Attached, err error) {
 			tunns.DeleteIn(sb.Netns, plan.Interface)
 		}
 	}()
-	a := &api.Attachment{ID: sb.ID, Netns: sb.Netns, NetnsInode: ino, PID: sb.PID, Plan: plan, Settings: sb.Settings, Source: sb.Source, Labels: sb.Labels}
+	a := &api.Attachment{ID: sb.ID, Netns: sb.Netns, NetnsInode: ino, PID: sb.PID, Plan: plan, Settings: sb.Settings, Source: sb.Source, Labels: sb.Labels, Hosts: sb.Hosts}
 	client := api.Client{Socket: n.Socket}
 	err = client.Attach(a, link)
 	if errors.Is(err, api.ErrUnavailable) && n.Childflow != "" {

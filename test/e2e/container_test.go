@@ -694,3 +694,35 @@ func TestContainersUploadTailArrives(t *testing.T) {
 		t.Fatal("the server got no end of the upload")
 	}
 }
+
+// A container's hosts file (the one its runtime mounts at /etc/hosts, as
+// docker's --add-host writes, else its image's) names addresses for the
+// domain rules, as the engine's answers do.
+func TestContainersHostsFileNamesCount(t *testing.T) {
+	n := startNode(t)
+	const get = `printf 'GET / HTTP/1.0\r\n\r\n' | nc -w 3 %s 80 | grep -q 'hello from the test internet' && echo reach %[1]s || echo blocked %[1]s`
+	// Allowed by name under a default deny, from a mounted file.
+	dir := bundle(t, map[string]string{"childflow.dev/default-policy": "deny", "childflow.dev/allow-domains": "pinned.test"},
+		n.hooks(), fmt.Sprintf(get, "web.pinned.test"))
+	hosts := filepath.Join(t.TempDir(), "hosts")
+	os.WriteFile(hosts, []byte("203.0.113.10 web.pinned.test\n"), 0o644)
+	var spec map[string]any
+	b, _ := os.ReadFile(filepath.Join(dir, "config.json"))
+	json.Unmarshal(b, &spec)
+	spec["mounts"] = append(spec["mounts"].([]any), map[string]any{"destination": "/etc/hosts", "type": "bind", "source": hosts, "options": []string{"rbind", "ro"}})
+	b, _ = json.Marshal(spec)
+	os.WriteFile(filepath.Join(dir, "config.json"), b, 0o644)
+	r := oci(t, "runc", t.TempDir(), "run", "--bundle", dir, "cf-hosts-mounted")
+	if r.code != 0 {
+		t.Fatalf("container: %v", r)
+	}
+	wantLines(t, r.stdout, "reach web.pinned.test")
+	// Denied by name under the default allow, from the image's file.
+	dir = bundle(t, map[string]string{"childflow.dev/deny-domains": "denied.test"}, n.hooks(), fmt.Sprintf(get, "web.denied.test"))
+	os.WriteFile(filepath.Join(dir, "rootfs/etc/hosts"), []byte("203.0.113.10 web.denied.test\n"), 0o644)
+	r = oci(t, "runc", t.TempDir(), "run", "--bundle", dir, "cf-hosts-image")
+	if r.code != 0 {
+		t.Fatalf("container: %v", r)
+	}
+	wantLines(t, r.stdout, "blocked web.denied.test")
+}
