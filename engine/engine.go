@@ -130,6 +130,18 @@ func (s slots) take() bool {
 
 func (s slots) give() { <-s }
 
+// takeWithin is take, waiting up to d for a slot.
+func (s slots) takeWithin(d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case s <- struct{}{}:
+		return true
+	case <-t.C:
+		return false
+	}
+}
+
 // Engine relays one sandbox.
 type Engine struct {
 	cfg      Config
@@ -143,6 +155,7 @@ type Engine struct {
 	cancel  context.CancelFunc
 	wg      sync.WaitGroup // the engine's goroutines and its flows
 	flows   slots          // open flows
+	idle    idleFlows      // those that end when idle
 	dnsSem  slots          // queries waiting for upstream
 	echoSem slots          // echo requests waiting for answers
 
@@ -199,7 +212,7 @@ func New(cfg Config) (*Engine, error) {
 	e.resolver = &dns.Resolver{Upstreams: cfg.DNS, Policy: cfg.Policy, Cache: &e.cache, Events: &e.events, OnUpstream: cfg.OnUpstream,
 		Dialer: &net.Dialer{Control: upstream.NoBroadcast}}
 	if cfg.Flows != nil {
-		e.resolver.Take = func() (func(), bool) { return e.giveNodeFlow, e.takeNodeFlow() }
+		e.resolver.Take = func() (func(), bool) { return e.giveNodeFlow, e.takeNodeFlow(false) }
 	}
 	return e, nil
 }
@@ -348,36 +361,69 @@ func (e *Engine) admit(proto policy.Proto, src, dst netip.AddrPort, viaProxy boo
 // flows or the engine is closing. Close waits for every slot's release,
 // so no flow logs an event after Close returns (the flow log and the
 // summary are closed then).
-func (e *Engine) acquire() bool {
+func (e *Engine) acquire(mayWait bool) bool {
+	e.closeMu.RLock()
+	closing := e.closing
+	e.closeMu.RUnlock()
+	if closing || !e.takeFlow(mayWait) {
+		return false
+	}
 	e.closeMu.RLock()
 	defer e.closeMu.RUnlock()
 	if e.closing {
-		return false
-	}
-	if !e.flows.take() {
-		e.events.FailureOnce("flows", fmt.Sprintf("the sandbox holds %d flows, the engine's limit: new ones are refused until some end", cap(e.flows)))
-		return false
-	}
-	if !e.takeNodeFlow() {
-		e.flows.give()
+		e.giveFlow()
 		return false
 	}
 	e.wg.Add(1)
 	return true
 }
 
-func (e *Engine) release() {
+// takeFlow reserves a flow of the sandbox's and of the node's. At either
+// limit the flow idle longest (UDP, DNS, ping) ends to make room, as
+// conntrack drops an unreplied entry when its table is full: without
+// that, a sandbox starting new UDP flows faster than they idle out
+// (statsd, a scan) would have every new flow refused, TCP too. mayWait
+// says the caller may wait for it to go: not the goroutine that delivers
+// the sandbox's packets.
+func (e *Engine) takeFlow(mayWait bool) bool {
+	if e.flows.take() {
+		if e.takeNodeFlow(false) {
+			return true
+		}
+		e.flows.give()
+	}
+	if !e.idle.endIdlest() {
+		e.events.FailureOnce("flows", fmt.Sprintf("the sandbox holds %d flows, the engine's limit, none idle: new ones are refused until some end", cap(e.flows)))
+		return false
+	}
+	e.events.FailureOnce("flows ended", fmt.Sprintf("the sandbox holds %d flows, the engine's limit: the flows idle longest end to make room for new ones", cap(e.flows)))
+	if !mayWait || !e.flows.takeWithin(time.Second) {
+		return false
+	}
+	if !e.takeNodeFlow(true) {
+		e.flows.give()
+		return false
+	}
+	return true
+}
+
+func (e *Engine) giveFlow() {
 	e.flows.give()
 	e.giveNodeFlow()
+}
+
+func (e *Engine) release() {
+	e.giveFlow()
 	e.wg.Done()
 }
 
 // takeNodeFlow reserves a slot of the node's flow budget, if the engine
 // has one: for a flow, or for a question to the upstream resolvers,
-// whose socket holds a port of the node's too.
-func (e *Engine) takeNodeFlow() bool {
+// whose socket holds a port of the node's too. wait: for up to a second
+// (a flow of ours is ending to make room).
+func (e *Engine) takeNodeFlow(wait bool) bool {
 	b := e.cfg.Flows
-	if b == nil || b.slots.take() {
+	if b == nil || b.slots.take() || wait && b.slots.takeWithin(time.Second) {
 		return true
 	}
 	e.events.FailureOnce("node flows", fmt.Sprintf("the node's sandboxes hold %d flows together, the daemon's limit (--max-flows): new ones are refused until some end", cap(b.slots)))

@@ -833,6 +833,55 @@ func TestFlowLimit(t *testing.T) {
 	}
 }
 
+// At the flow limit, the UDP flow idle longest ends to make room for a
+// new flow, TCP or UDP: a sandbox starting UDP flows faster than they
+// idle out would otherwise have every new flow refused.
+func TestTheFlowIdleLongestMakesRoom(t *testing.T) {
+	tcpSrv := echoServer(t, "tcp", "127.0.0.1:0")
+	udpSrv := udpEchoServer(t)
+	sb := newSandboxWith(t, allowAll, func(c *Config) { c.MaxFlows, c.UDPIdleTimeout = 3, time.Minute })
+	exchange := func(c net.Conn) error {
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := c.Write([]byte("ping")); err != nil {
+			return err
+		}
+		_, err := c.Read(make([]byte, 64))
+		return err
+	}
+	var flows []net.Conn
+	for range 3 {
+		c := sb.dialUDP(t, remote(udpSrv))
+		if err := exchange(c); err != nil {
+			t.Fatal(err)
+		}
+		flows = append(flows, c)
+	}
+	time.Sleep(minIdleToEnd + 100*time.Millisecond)
+	// The first two flows are busy again: the third is idle longest.
+	for _, c := range flows[:2] {
+		if err := exchange(c); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c, err := sb.dial(t, remote(tcpSrv))
+	if err != nil {
+		t.Fatalf("a TCP flow with the limit held by UDP flows idle for a second: %v", err)
+	}
+	defer c.Close()
+	if err := exchange(c); err != nil {
+		t.Fatal(err)
+	}
+	third := flows[2].LocalAddr().String()
+	if _, ok := sb.events.find(flowlog.FlowEnd, func(e flowlog.Event) bool { return e.Src == third }); !ok {
+		t.Error("the flow idle longest did not end")
+	}
+	for _, c := range flows[:2] {
+		if err := exchange(c); err != nil {
+			t.Errorf("a busy flow was ended: %v", err)
+		}
+	}
+}
+
 // Engines given one FlowBudget hold at most that many flows together,
 // questions to the upstream resolvers counted; a flow refused for it
 // leaves the engine's own slot free.

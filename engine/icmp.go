@@ -43,7 +43,7 @@ func (e *Engine) handleEcho(req netstack.EchoRequest, reply func()) {
 	}
 	// Off the goroutine that delivers the sandbox's packets: a new flow
 	// looks for its process, and the echo waits for its answer.
-	if !e.acquire() {
+	if !e.acquire(false) {
 		e.echoSem.give()
 		return
 	}
@@ -114,7 +114,7 @@ func (e *Engine) echoFlow(req netstack.EchoRequest) *echoFlow {
 		f.mu.Unlock()
 		return f
 	}
-	if !e.acquire() {
+	if !e.acquire(false) {
 		return nil
 	}
 	// The identifier as source port finds the sandbox's ping socket.

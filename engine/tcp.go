@@ -19,7 +19,7 @@ import (
 )
 
 func (e *Engine) handleTCP(r *netstack.TCPRequest) {
-	if !e.acquire() {
+	if !e.acquire(true) {
 		r.Reject()
 		return
 	}
@@ -239,7 +239,7 @@ func (e *Engine) serveDNSListener(ln net.Listener) {
 			return
 		}
 		// DNS-over-TCP connections count as flows, like any other.
-		if !e.acquire() {
+		if !e.acquire(false) {
 			c.Close()
 			continue
 		}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -18,7 +19,7 @@ import (
 
 func (e *Engine) handleUDP(f *netstack.UDPFlow) {
 	defer f.Conn.Close()
-	if !e.acquire() {
+	if !e.acquire(true) {
 		return
 	}
 	defer e.release()
@@ -98,11 +99,15 @@ func (e *Engine) passICMPErrors(f *netstack.UDPFlow, host net.Conn, up netip.Add
 }
 
 // idleTimer calls its function once nothing has moved (touch) for the
-// idle timeout, or when the engine closes.
+// idle timeout, or when the engine closes, or when the flow idle longest
+// must make room for a new one (idleFlows).
 type idleTimer struct {
 	timer    *time.Timer
 	idle     time.Duration
 	unhookFn func() bool
+	end      func()
+	last     atomic.Int64 // unix nanoseconds of the last touch
+	flows    *idleFlows
 }
 
 // newIdleCloser closes conns when idle.
@@ -114,21 +119,76 @@ func (e *Engine) newIdleCloser(conns ...net.Conn) *idleTimer {
 	})
 }
 
-// afterIdle calls fn when idle (fn may be called twice: idle, then the
-// engine closing).
+// afterIdle calls fn when idle (fn may be called more than once: idle,
+// then the engine closing).
 func (e *Engine) afterIdle(fn func()) *idleTimer {
-	return &idleTimer{
+	ic := &idleTimer{
 		idle:     e.cfg.UDPIdleTimeout,
 		timer:    time.AfterFunc(e.cfg.UDPIdleTimeout, fn),
 		unhookFn: context.AfterFunc(e.ctx, fn),
+		end:      fn,
+		flows:    &e.idle,
 	}
+	ic.last.Store(time.Now().UnixNano())
+	e.idle.add(ic)
+	return ic
 }
 
-func (ic *idleTimer) touch() { ic.timer.Reset(ic.idle) }
+func (ic *idleTimer) touch() {
+	ic.last.Store(time.Now().UnixNano())
+	ic.timer.Reset(ic.idle)
+}
 
 func (ic *idleTimer) stop() {
 	ic.timer.Stop()
 	ic.unhookFn()
+	ic.flows.remove(ic)
+}
+
+// idleFlows are the flows that end when idle.
+type idleFlows struct {
+	mu sync.Mutex
+	m  map[*idleTimer]struct{}
+}
+
+// minIdleToEnd keeps a flow in use from being ended for a new one.
+const minIdleToEnd = time.Second
+
+func (f *idleFlows) add(ic *idleTimer) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.m == nil {
+		f.m = make(map[*idleTimer]struct{})
+	}
+	f.m[ic] = struct{}{}
+}
+
+func (f *idleFlows) remove(ic *idleTimer) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	delete(f.m, ic)
+}
+
+// endIdlest ends the flow idle longest, if one has been idle for
+// minIdleToEnd, and says whether it did. The flow releases its slot
+// once its goroutines see the end.
+func (f *idleFlows) endIdlest() bool {
+	f.mu.Lock()
+	var idlest *idleTimer
+	for ic := range f.m {
+		if idlest == nil || ic.last.Load() < idlest.last.Load() {
+			idlest = ic
+		}
+	}
+	if idlest == nil || time.Since(time.Unix(0, idlest.last.Load())) < minIdleToEnd {
+		f.mu.Unlock()
+		return false
+	}
+	delete(f.m, idlest)
+	f.mu.Unlock()
+	// Not here: the caller may hold what ending takes (an echo's lock).
+	go idlest.end()
+	return true
 }
 
 // relayUDP carries datagrams both ways until the flow is idle. ICMP

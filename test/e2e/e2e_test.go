@@ -1480,3 +1480,44 @@ func sendQueue(c *net.TCPConn) int {
 	raw.Control(func(fd uintptr) { n, _ = unix.IoctlGetInt(int(fd), unix.SIOCOUTQ) })
 	return n
 }
+
+// A command that starts UDP flows faster than they idle out (a metrics
+// client opening a socket per datagram) fills the engine's 8192 flows
+// within a minute: the flows idle longest end to make room, and the
+// sandbox keeps reaching out, UDP and TCP, instead of being refused.
+func TestManyShortUDPFlowsDoNotCutTheSandboxOff(t *testing.T) {
+	pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pc.Close() })
+	go func() {
+		buf := make([]byte, 2048)
+		for {
+			n, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			pc.WriteTo(buf[:n], from)
+		}
+	}()
+	port := pc.LocalAddr().(*net.UDPAddr).Port
+	users(t, func(t *testing.T, u as) {
+		r := run(t, u, "--allow-cidr", "10.87.0.1/32", "--", "python3", "-c", fmt.Sprintf(`
+import socket
+for i in range(9000):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", 20000 + i))  # a flow each: random ports repeat
+    s.settimeout(5)
+    s.sendto(b"x", ("10.87.0.1", %d))
+    s.recv(16)
+    s.close()
+c = socket.create_connection(("203.0.113.10", 80), timeout=5)
+c.sendall(b"GET / HTTP/1.0\r\n\r\n")
+print(c.recv(4096).decode().split("\r\n")[0])
+`, port))
+		if r.code != 0 || !strings.Contains(r.stdout, "200") {
+			t.Fatalf("9000 short UDP flows, then a TCP one: %s", r)
+		}
+	})
+}
