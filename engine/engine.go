@@ -206,9 +206,9 @@ func New(cfg Config) (*Engine, error) {
 	e.policy.Store(cfg.Policy) // and the host's addresses, from Start on
 	e.events.Sandbox, e.events.OnEvent = cfg.ID, cfg.OnEvent
 	e.owners = &procnet.Finder{InitPID: cfg.SandboxPID, Netns: cfg.SandboxNetns, Diag: cfg.SocketDiag}
+	e.cache.Pin(cfg.Hosts)
 	// A resolver at a broadcast address would have the sandbox's queries
 	// sent to every host on a link, and take the first answer.
-	e.cache.Pin(cfg.Hosts)
 	e.resolver = &dns.Resolver{Upstreams: cfg.DNS, Policy: cfg.Policy, Cache: &e.cache, Events: &e.events, OnUpstream: cfg.OnUpstream,
 		Dialer: &net.Dialer{Control: upstream.NoBroadcast}}
 	if cfg.Flows != nil {
@@ -357,10 +357,10 @@ func (e *Engine) admit(proto policy.Proto, src, dst netip.AddrPort, viaProxy boo
 	return e.events.Attempt(ev, d), d.Allow
 }
 
-// acquire reserves a flow slot; false when the sandbox has too many
-// flows or the engine is closing. Close waits for every slot's release,
-// so no flow logs an event after Close returns (the flow log and the
-// summary are closed then).
+// acquire reserves a flow slot (takeFlow); false when the sandbox has
+// too many flows or the engine is closing. Close waits for every slot's
+// release, so no flow logs an event after Close returns (the flow log
+// and the summary are closed then).
 func (e *Engine) acquire(mayWait bool) bool {
 	e.closeMu.RLock()
 	closing := e.closing

@@ -840,18 +840,30 @@ func TestTheFlowIdleLongestMakesRoom(t *testing.T) {
 	tcpSrv := echoServer(t, "tcp", "127.0.0.1:0")
 	udpSrv := udpEchoServer(t)
 	sb := newSandboxWith(t, allowAll, func(c *Config) { c.MaxFlows, c.UDPIdleTimeout = 3, time.Minute })
-	exchange := func(c net.Conn) error {
+	// Each datagram gets two answers from the UDP server, both read so
+	// that none is left for the next exchange; the TCP echo one.
+	exchange := func(c net.Conn, answers ...string) error {
 		c.SetDeadline(time.Now().Add(5 * time.Second))
 		if _, err := c.Write([]byte("ping")); err != nil {
 			return err
 		}
-		_, err := c.Read(make([]byte, 64))
-		return err
+		for _, want := range answers {
+			b := make([]byte, 64)
+			n, err := c.Read(b)
+			if err != nil {
+				return err
+			}
+			if string(b[:n]) != want {
+				return fmt.Errorf("got %q, want %q", b[:n], want)
+			}
+		}
+		return nil
 	}
+	udp := func(c net.Conn) error { return exchange(c, "ping", "again:ping") }
 	var flows []net.Conn
 	for range 3 {
 		c := sb.dialUDP(t, remote(udpSrv))
-		if err := exchange(c); err != nil {
+		if err := udp(c); err != nil {
 			t.Fatal(err)
 		}
 		flows = append(flows, c)
@@ -859,7 +871,7 @@ func TestTheFlowIdleLongestMakesRoom(t *testing.T) {
 	time.Sleep(minIdleToEnd + 100*time.Millisecond)
 	// The first two flows are busy again: the third is idle longest.
 	for _, c := range flows[:2] {
-		if err := exchange(c); err != nil {
+		if err := udp(c); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -868,7 +880,7 @@ func TestTheFlowIdleLongestMakesRoom(t *testing.T) {
 		t.Fatalf("a TCP flow with the limit held by UDP flows idle for a second: %v", err)
 	}
 	defer c.Close()
-	if err := exchange(c); err != nil {
+	if err := exchange(c, "ping"); err != nil {
 		t.Fatal(err)
 	}
 	third := flows[2].LocalAddr().String()
@@ -876,7 +888,7 @@ func TestTheFlowIdleLongestMakesRoom(t *testing.T) {
 		t.Error("the flow idle longest did not end")
 	}
 	for _, c := range flows[:2] {
-		if err := exchange(c); err != nil {
+		if err := udp(c); err != nil {
 			t.Errorf("a busy flow was ended: %v", err)
 		}
 	}

@@ -202,18 +202,21 @@ func (e *Engine) relayUDP(f *netstack.UDPFlow, host net.Conn, onError func()) (u
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
+		// Touched before the datagram is passed on, so that a flow
+		// whose peer answered is never the idlest (idleFlows).
 		for f.Next(func(b []byte) {
+			ic.touch()
 			if _, err := host.Write(b); err == nil {
 				upBytes.Add(int64(len(b)))
 			}
 		}) == nil {
-			ic.touch()
 		}
 		host.Close()
 	}()
 	next := hostDatagrams(host)
 	for {
 		err := next(func(b []byte) {
+			ic.touch()
 			if _, err := f.Conn.Write(b); err == nil {
 				down += int64(len(b))
 			}
@@ -227,7 +230,6 @@ func (e *Engine) relayUDP(f *netstack.UDPFlow, host net.Conn, onError func()) (u
 			f.Conn.Close()
 			break
 		}
-		ic.touch()
 	}
 	<-done
 	return upBytes.Load(), down

@@ -185,7 +185,8 @@ func (c *Cache) Names(addr netip.Addr) []string {
 	return slices.Compact(out)
 }
 
-// Addrs returns the addresses some unexpired name resolved to.
+// Addrs returns the addresses some unexpired name resolved to, and those
+// pinned.
 func (c *Cache) Addrs() []netip.Addr {
 	now := c.now()
 	c.mu.Lock()
