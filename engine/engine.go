@@ -379,8 +379,9 @@ func (e *Engine) acquire(mayWait bool) bool {
 }
 
 // takeFlow reserves a flow of the sandbox's and of the node's. At either
-// limit the flow idle longest (UDP, DNS, ping) ends to make room, as
-// conntrack drops an unreplied entry when its table is full: without
+// limit a flow idle for a second (UDP, DNS, ping; the idlest of a
+// sample) ends to make room, as conntrack drops an unreplied entry when
+// its table is full: without
 // that, a sandbox starting new UDP flows faster than they idle out
 // (statsd, a scan) would have every new flow refused, TCP too. mayWait
 // says the caller may wait for it to go: not the goroutine that delivers
@@ -396,7 +397,7 @@ func (e *Engine) takeFlow(mayWait bool) bool {
 		e.events.FailureOnce("flows", fmt.Sprintf("the sandbox holds %d flows, the engine's limit, none idle: new ones are refused until some end", cap(e.flows)))
 		return false
 	}
-	e.events.FailureOnce("flows ended", fmt.Sprintf("the sandbox holds %d flows, the engine's limit: the flows idle longest end to make room for new ones", cap(e.flows)))
+	e.events.FailureOnce("flows ended", fmt.Sprintf("the sandbox holds %d flows, the engine's limit: idle flows end to make room for new ones", cap(e.flows)))
 	if !mayWait || !e.flows.takeWithin(time.Second) {
 		return false
 	}

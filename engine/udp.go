@@ -99,8 +99,8 @@ func (e *Engine) passICMPErrors(f *netstack.UDPFlow, host net.Conn, up netip.Add
 }
 
 // idleTimer calls its function once nothing has moved (touch) for the
-// idle timeout, or when the engine closes, or when the flow idle longest
-// must make room for a new one (idleFlows).
+// idle timeout, or when the engine closes, or when its flow, idle, must
+// make room for a new one (idleFlows).
 type idleTimer struct {
 	timer    *time.Timer
 	idle     time.Duration
@@ -169,15 +169,24 @@ func (f *idleFlows) remove(ic *idleTimer) {
 	delete(f.m, ic)
 }
 
-// endIdlest ends the flow idle longest, if one has been idle for
-// minIdleToEnd, and says whether it did. The flow releases its slot
-// once its goroutines see the end.
+// endIdleSample bounds the flows endIdlest looks at: a sandbox starting
+// flows at the limit would otherwise have each one scan them all.
+const endIdleSample = 64
+
+// endIdlest ends the flow idle longest among endIdleSample of them (a
+// map's order starts anywhere), if it has been idle for minIdleToEnd,
+// and says whether it did. The flow releases its slot once its
+// goroutines see the end.
 func (f *idleFlows) endIdlest() bool {
 	f.mu.Lock()
 	var idlest *idleTimer
+	seen := 0
 	for ic := range f.m {
 		if idlest == nil || ic.last.Load() < idlest.last.Load() {
 			idlest = ic
+		}
+		if seen++; seen == endIdleSample {
+			break
 		}
 	}
 	if idlest == nil || time.Since(time.Unix(0, idlest.last.Load())) < minIdleToEnd {
