@@ -101,6 +101,11 @@ func DenyCIDR(reason string, m netip.Prefix) Decision {
 	return Decision{Reason: reason, Control: controls[reason], MatchedCIDR: m}
 }
 
+// HasDomainRules says whether a rule decides by name.
+func (p *Policy) HasDomainRules() bool {
+	return len(p.AllowDomains)+len(p.AllowDomainsExact)+len(p.DenyDomains)+len(p.DenyDomainsExact) > 0
+}
+
 // Decide applies the rules in the documented order: offline > metadata >
 // private > deny-cidr > deny-domain-exact > deny-domain > (loopback,
 // broadcast, multicast and gateways, unless an allow-cidr names them) >

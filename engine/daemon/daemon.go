@@ -18,6 +18,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -340,7 +341,7 @@ func (d *Daemon) attach(a api.Attachment, link *os.File, adopted bool) (err erro
 		}()
 	}
 	cfg := engine.Config{
-		ID: a.ID, Link: link, Plan: a.Plan, Policy: set.Policy, DNS: set.DNS, Hosts: dns.ParseHosts([]byte(a.Hosts)), Proxy: proxy.FromURI(set.Proxy, set.ProxyInsecure),
+		ID: a.ID, Link: link, Plan: a.Plan, Policy: set.Policy, DNS: set.DNS, Hosts: dns.ParseHosts(strings.NewReader(a.Hosts)), Proxy: proxy.FromURI(set.Proxy, set.ProxyInsecure),
 		OnEvent: sb.record, Buffers: d.buffers, Flows: d.flows,
 	}
 	if sb.log != nil || sb.stdout != nil {

@@ -22,15 +22,22 @@ fe80::1%eth0 zoned.test
 203.0.113.10 again.test web
 not-an-address name.test
 203.0.113.12
-`)
+203.0.113.13   
+203.0.113.30	tab.test	alias.test
+203.0.113.31 	crlf.test` + "\r\n")
+	// A line longer than the reader's buffer is skipped, not its next.
+	b.WriteString("203.0.113.40 " + strings.Repeat("x", 70000) + "\n203.0.113.41 after-long.test\n")
 	for i := range MaxNamesPerAddr + 5 {
 		fmt.Fprintf(&b, "203.0.113.20 n%d.test\n", i)
 	}
-	got := ParseHosts([]byte(b.String()))
+	got := ParseHosts(strings.NewReader(b.String()))
 	want := map[string][]string{
 		"203.0.113.10": {"web.pinned.test", "web", "again.test"},
 		"203.0.113.11": {"mapped.test"},
 		"2001:db8::10": {"v6.test"},
+		"203.0.113.30": {"tab.test", "alias.test"},
+		"203.0.113.31": {"crlf.test"},
+		"203.0.113.41": {"after-long.test"},
 	}
 	for a, names := range want {
 		if !slices.Equal(got[netip.MustParseAddr(a)], names) {

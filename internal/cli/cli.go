@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"net/netip"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -199,14 +200,22 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		upstreams, _ = policy.ParseResolvers("nameserver", doctor.ParseNameservers(string(hostResolv)))
 	}
 	// The names the sandbox will read from its hosts file count as
-	// answers of the engine's: the domain rules apply to them.
-	var hostsData []byte
+	// answers of the engine's, for the domain rules and the flows'
+	// records; nothing else reads them (a blocklist installed as
+	// /etc/hosts costs milliseconds).
+	needNames := pol.HasDomainRules() || o.flowLog != "" || o.summary
+	var hosts map[netip.Addr][]string
 	if o.hostsFile != "" {
-		hostsData, err = asuser.Call(caller, func() ([]byte, error) {
-			if err := readableRegular(o.hostsFile); err != nil {
+		hosts, err = asuser.Call(caller, func() (map[netip.Addr][]string, error) {
+			if err := readableRegular(o.hostsFile); err != nil || !needNames {
 				return nil, err
 			}
-			return os.ReadFile(o.hostsFile)
+			f, err := os.Open(o.hostsFile)
+			if err != nil {
+				return nil, err
+			}
+			defer f.Close()
+			return dns.ParseHosts(f), nil
 		})
 		if err != nil {
 			return usageError(stderr, policy.Usagef("invalid --hosts-file %q: %v", o.hostsFile, err))
@@ -214,10 +223,12 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		if o.hostsFile, err = filepath.Abs(o.hostsFile); err != nil {
 			return usageError(stderr, policy.Usagef("invalid --hosts-file %q: %v", o.hostsFile, err))
 		}
-	} else {
-		hostsData, _ = os.ReadFile("/etc/hosts")
+	} else if needNames {
+		if f, err := os.Open("/etc/hosts"); err == nil {
+			hosts = dns.ParseHosts(f)
+			f.Close()
+		}
 	}
-	hosts := dns.ParseHosts(hostsData)
 
 	if o.mtu < 1280 || o.mtu > 65520 {
 		return usageError(stderr, policy.Usagef("invalid --mtu %d: must be between 1280 and 65520", o.mtu))
