@@ -292,8 +292,8 @@ func TestTCPRelayWithHalfClose(t *testing.T) {
 				t.Fatalf("echo returned %d bytes, want %d", len(got), len(payload))
 			}
 			end, ok := sb.events.find(flowlog.FlowEnd, func(e flowlog.Event) bool { return e.DstPort == srv.Port() })
-			if !ok || end.BytesUp != int64(len(payload)) || end.BytesDown != int64(len(payload)) {
-				t.Fatalf("flow_end %+v (found %v), want %d bytes each way", end, ok, len(payload))
+			if !ok || end.BytesUp != int64(len(payload)) || end.BytesDown != int64(len(payload)) || end.ResetBy != "" {
+				t.Fatalf("flow_end %+v (found %v), want %d bytes each way and no reset", end, ok, len(payload))
 			}
 		})
 	}
@@ -1168,6 +1168,21 @@ func TestAProxyIsToldOnlyPlainNames(t *testing.T) {
 // before its reset still reaches the sandbox first, as from a kernel,
 // even where the sandbox reads only after the reset.
 func TestTCPResetsTravelAsResets(t *testing.T) {
+	// The flow log's flow_end names the side whose reset ended the flow.
+	resetBy := func(t *testing.T, sb *sandbox, srv netip.AddrPort, want string) {
+		t.Helper()
+		for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+			if end, ok := sb.events.find(flowlog.FlowEnd, func(e flowlog.Event) bool { return e.DstPort == srv.Port() }); ok {
+				if end.ResetBy != want {
+					t.Errorf("flow_end reset_by %q, want %q", end.ResetBy, want)
+				}
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatal("no flow_end")
+			}
+		}
+	}
 	t.Run("from upstream", func(t *testing.T) {
 		const size = 1 << 20
 		reset := make(chan error, 1)
@@ -1202,6 +1217,7 @@ func TestTCPResetsTravelAsResets(t *testing.T) {
 		if len(got) != size || err == nil || !strings.Contains(err.Error(), "reset") {
 			t.Fatalf("the sandbox read %d bytes, then %v; want all %d, then a reset", len(got), err, size)
 		}
+		resetBy(t, sb, srv, flowlog.ResetByDestination)
 	})
 	// A server that answers an upload it refuses and resets while the
 	// sandbox still sends: the reset reaches the engine's writer first,
@@ -1253,45 +1269,63 @@ func TestTCPResetsTravelAsResets(t *testing.T) {
 		if len(got) != size || err == nil || !strings.Contains(err.Error(), "reset") {
 			t.Fatalf("the sandbox read %d bytes, then %v; want all %d, then a reset", len(got), err, size)
 		}
+		resetBy(t, sb, srv, flowlog.ResetByDestination)
 	})
-	t.Run("from the sandbox", func(t *testing.T) {
-		ended := make(chan error, 1)
-		srv := tcpServer(t, func(c *net.TCPConn) {
-			_, err := io.Copy(io.Discard, c)
-			ended <- err
-		})
-		sb := newSandbox(t, allowAll)
-		var wq waiter.Queue
-		ep, terr := sb.s.NewEndpoint(tcp.ProtocolNumber, ipv4.ProtocolNumber, &wq)
-		if terr != nil {
-			t.Fatal(terr)
-		}
-		entry, notified := waiter.NewChannelEntry(waiter.WritableEvents | waiter.EventErr | waiter.EventHUp)
-		wq.EventRegister(&entry)
-		ep.Connect(full(remote(srv)))
-		for tcp.EndpointState(ep.State()) != tcp.StateEstablished {
+	// A sandbox's reset reaches the server, whether the engine had the
+	// connection (it relayed a first answer) or the reset came as the
+	// handshake ended (the engine's accept fails: the upstream is reset).
+	for _, relayed := range []bool{true, false} {
+		t.Run(fmt.Sprintf("from the sandbox/relayed=%v", relayed), func(t *testing.T) {
+			ended := make(chan error, 1)
+			srv := tcpServer(t, func(c *net.TCPConn) {
+				if relayed {
+					c.Write([]byte("relayed"))
+				}
+				_, err := io.Copy(io.Discard, c)
+				ended <- err
+			})
+			sb := newSandbox(t, allowAll)
+			var wq waiter.Queue
+			ep, terr := sb.s.NewEndpoint(tcp.ProtocolNumber, ipv4.ProtocolNumber, &wq)
+			if terr != nil {
+				t.Fatal(terr)
+			}
+			entry, notified := waiter.NewChannelEntry(waiter.WritableEvents | waiter.EventErr | waiter.EventHUp)
+			wq.EventRegister(&entry)
+			ep.Connect(full(remote(srv)))
+			for tcp.EndpointState(ep.State()) != tcp.StateEstablished {
+				select {
+				case <-notified:
+				case <-time.After(10 * time.Second):
+					t.Fatalf("no connection in 10 s (%v)", tcp.EndpointState(ep.State()))
+				}
+			}
+			wq.EventUnregister(&entry)
+			c := gonet.NewTCPConn(&wq, ep)
+			c.SetDeadline(time.Now().Add(10 * time.Second))
+			if relayed {
+				if _, err := io.ReadFull(c, make([]byte, len("relayed"))); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if _, err := c.Write([]byte("partial upload")); err != nil {
+				t.Fatal(err)
+			}
+			ep.Abort()
+			c.Close()
 			select {
-			case <-notified:
+			case err := <-ended:
+				if !errors.Is(err, syscall.ECONNRESET) {
+					t.Fatalf("the server's read ended with %v, want a reset", err)
+				}
 			case <-time.After(10 * time.Second):
-				t.Fatalf("no connection in 10 s (%v)", tcp.EndpointState(ep.State()))
+				t.Fatal("the server's read did not end in 10 s")
 			}
-		}
-		wq.EventUnregister(&entry)
-		c := gonet.NewTCPConn(&wq, ep)
-		if _, err := c.Write([]byte("partial upload")); err != nil {
-			t.Fatal(err)
-		}
-		ep.Abort()
-		c.Close()
-		select {
-		case err := <-ended:
-			if !errors.Is(err, syscall.ECONNRESET) {
-				t.Fatalf("the server's read ended with %v, want a reset", err)
+			if relayed {
+				resetBy(t, sb, srv, flowlog.ResetBySandbox)
 			}
-		case <-time.After(10 * time.Second):
-			t.Fatal("the server's read did not end in 10 s")
-		}
-	})
+		})
+	}
 }
 
 // tcpServer runs serve for each connection to a loopback listener.

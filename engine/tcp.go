@@ -13,6 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/childflow/childflow/engine/dns"
+	"github.com/childflow/childflow/engine/flowlog"
 	"github.com/childflow/childflow/engine/netstack"
 	"github.com/childflow/childflow/engine/upstream"
 	"github.com/childflow/childflow/policy"
@@ -84,7 +85,8 @@ func (e *Engine) handleTCP(r *netstack.TCPRequest) {
 		return
 	}
 	e.uploads.Add(1)
-	bytesUp, bytesDown := splice(e.ctx, sandbox, host, bufs.pool, func() { e.uploads.Add(-1) })
+	bytesUp, bytesDown, resetBy := splice(e.ctx, sandbox, host, bufs.pool, func() { e.uploads.Add(-1) })
+	res.ResetBy = resetBy
 	e.events.End(res, bytesUp, bytesDown, time.Since(start).Milliseconds())
 }
 
@@ -92,7 +94,7 @@ func (e *Engine) handleTCP(r *netstack.TCPRequest) {
 // as the engine does its flows, with copy buffers from b. The kernel
 // holds their windows, but the tiers cost as much as the engine's: the
 // copy buffers' bound errs on the safe side.
-func (b *BufferBudget) Splice(ctx context.Context, sandbox, upstream net.Conn) (up, down int64) {
+func (b *BufferBudget) Splice(ctx context.Context, sandbox, upstream net.Conn) (up, down int64, resetBy string) {
 	bufs := b.take()
 	defer b.give(bufs)
 	return splice(ctx, sandbox, upstream, bufs.pool, func() {})
@@ -100,10 +102,11 @@ func (b *BufferBudget) Splice(ctx context.Context, sandbox, upstream net.Conn) (
 
 // splice copies both ways until both directions are done, passing on
 // half-closes and resets, or until ctx ends; uploaded is called once the
-// sandbox's side is done. Back-pressure comes from the blocking writes,
+// sandbox's side is done. resetBy names the side whose reset ended the
+// connection (flowlog.ResetBy*), if one did. Back-pressure comes from the blocking writes,
 // so a peer that stops reading holds a copy in a write that only closing
 // the connections ends.
-func splice(ctx context.Context, sandbox, upstream net.Conn, buffers *sync.Pool, uploaded func()) (up, down int64) {
+func splice(ctx context.Context, sandbox, upstream net.Conn, buffers *sync.Pool, uploaded func()) (up, down int64, resetBy string) {
 	stop := context.AfterFunc(ctx, func() {
 		sandbox.Close()
 		upstream.Close()
@@ -111,17 +114,24 @@ func splice(ctx context.Context, sandbox, upstream net.Conn, buffers *sync.Pool,
 	defer stop()
 	s, u := &side{Conn: sandbox}, &side{Conn: upstream}
 	var wg sync.WaitGroup
+	var sandboxReset, upstreamReset bool
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
 		defer uploaded()
-		up = copyHalf(u, s, buffers)
+		up, sandboxReset = copyHalf(u, s, buffers)
 	}()
-	down = copyHalf(s, u, buffers)
+	down, upstreamReset = copyHalf(s, u, buffers)
 	wg.Wait()
 	sandbox.Close()
 	upstream.Close()
-	return up, down
+	switch {
+	case upstreamReset:
+		resetBy = flowlog.ResetByDestination
+	case sandboxReset:
+		resetBy = flowlog.ResetBySandbox
+	}
+	return up, down, resetBy
 }
 
 // side is one connection of a splice.
@@ -166,12 +176,13 @@ const tcpClose = 7 // TCP_CLOSE in include/net/tcp_states.h
 
 type closeWriter interface{ CloseWrite() error }
 
-// copyHalf copies src to dst. At src's end it half-closes dst; at its
-// reset it resets dst, since an abort taken for an end would pass a
-// truncated stream off as complete. A reset dst is left to its reader,
-// which passes it on after what it still has to relay. On another error
-// it closes both, which also ends the other direction.
-func copyHalf(dst, src *side, buffers *sync.Pool) int64 {
+// copyHalf copies src to dst, and says whether src was reset. At src's
+// end it half-closes dst; at its reset it resets dst, since an abort
+// taken for an end would pass a truncated stream off as complete. A
+// reset dst is left to its reader, which passes it on after what it
+// still has to relay. On another error it closes both, which also ends
+// the other direction.
+func copyHalf(dst, src *side, buffers *sync.Pool) (int64, bool) {
 	bp := buffers.Get().(*[]byte)
 	defer buffers.Put(bp)
 	buf := *bp
@@ -186,7 +197,7 @@ func copyHalf(dst, src *side, buffers *sync.Pool) int64 {
 					src.Close()
 					dst.Close()
 				}
-				return n
+				return n, false
 			}
 		}
 		if rerr != nil {
@@ -194,6 +205,7 @@ func copyHalf(dst, src *side, buffers *sync.Pool) int64 {
 			case isReset(rerr) || errors.Is(rerr, io.EOF) && src.wasReset():
 				reset(dst.Conn)
 				src.Close()
+				return n, true
 			case errors.Is(rerr, io.EOF):
 				dst.halfClosed.Store(true)
 				if cw, ok := dst.Conn.(closeWriter); ok {
@@ -203,7 +215,7 @@ func copyHalf(dst, src *side, buffers *sync.Pool) int64 {
 				src.Close()
 				dst.Close()
 			}
-			return n
+			return n, false
 		}
 	}
 }

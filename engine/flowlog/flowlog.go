@@ -72,7 +72,16 @@ type Event struct {
 	BytesUp    int64  `json:"bytes_up,omitempty"`
 	BytesDown  int64  `json:"bytes_down,omitempty"`
 	DurationMs int64  `json:"duration_ms,omitempty"`
+	// ResetBy, at a TCP flow's end, is the side whose reset ended it
+	// (ResetBySandbox, ResetByDestination); empty for a close.
+	ResetBy string `json:"reset_by,omitempty"`
 }
+
+// The sides a reset comes from.
+const (
+	ResetBySandbox     = "sandbox"
+	ResetByDestination = "destination"
+)
 
 // Now is the timestamp for events, in milliseconds.
 func Now() int64 { return time.Now().UnixMilli() }

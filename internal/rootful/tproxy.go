@@ -67,7 +67,8 @@ func (sb *Sandbox) proxied(c net.Conn) {
 		return
 	}
 	start := time.Now()
-	bytesUp, bytesDown := sb.buffers.Splice(sb.ctx, c, up)
+	bytesUp, bytesDown, resetBy := sb.buffers.Splice(sb.ctx, c, up)
+	res.ResetBy = resetBy
 	sb.events.End(res, bytesUp, bytesDown, time.Since(start).Milliseconds())
 }
 

@@ -1448,12 +1448,19 @@ func TestResetsReachTheOtherSide(t *testing.T) {
 		ended <- err
 	})
 	users(t, func(t *testing.T, u as) {
-		r := run(t, u, "--allow-cidr", "10.87.0.1/32", "--", "curl", "-s", "-o", "/dev/null", "-w", "%{size_download}",
+		dir, _ := os.MkdirTemp("", "cfresets")
+		os.Chmod(dir, 0o777)
+		t.Cleanup(func() { os.RemoveAll(dir) })
+		log := filepath.Join(dir, "flows.jsonl")
+		r := run(t, u, "--allow-cidr", "10.87.0.1/32", "--flow-log", log, "--", "curl", "-s", "-o", "/dev/null", "-w", "%{size_download}",
 			fmt.Sprintf("http://10.87.0.1:%d/", download))
 		if r.code != 56 || r.stdout != fmt.Sprint(size) {
 			t.Errorf("curl of a download its server reset: exit %d after %s bytes, want 56 after all %d (%s)", r.code, r.stdout, size, r)
 		}
-		r = run(t, u, "--allow-cidr", "10.87.0.1/32", "--", "python3", "-c", fmt.Sprintf(
+		if b, _ := os.ReadFile(log); !strings.Contains(string(b), `"reset_by":"destination"`) {
+			t.Errorf("the flow log does not say the destination reset the flow:\n%s", b)
+		}
+		r = run(t, u, "--allow-cidr", "10.87.0.1/32", "--flow-log", log, "--", "python3", "-c", fmt.Sprintf(
 			`import socket, struct; s = socket.create_connection(("10.87.0.1", %d)); s.sendall(b"x" * 1000); `+
 				`s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)); s.close()`, upload))
 		if r.code != 0 {
