@@ -103,9 +103,9 @@ func (b *BufferBudget) Splice(ctx context.Context, sandbox, upstream net.Conn) (
 // splice copies both ways until both directions are done, passing on
 // half-closes and resets, or until ctx ends; uploaded is called once the
 // sandbox's side is done. resetBy names the side whose reset ended the
-// connection (flowlog.ResetBy*), if one did. Back-pressure comes from the blocking writes,
-// so a peer that stops reading holds a copy in a write that only closing
-// the connections ends.
+// connection (flowlog.ResetBy*), if one did. Back-pressure comes from
+// the blocking writes, so a peer that stops reading holds a copy in a
+// write that only closing the connections ends.
 func splice(ctx context.Context, sandbox, upstream net.Conn, buffers *sync.Pool, uploaded func()) (up, down int64, resetBy string) {
 	stop := context.AfterFunc(ctx, func() {
 		sandbox.Close()
