@@ -381,11 +381,10 @@ func (e *Engine) acquire(mayWait bool) bool {
 // takeFlow reserves a flow of the sandbox's and of the node's. At either
 // limit a flow idle for a second (UDP, DNS, ping; the idlest of a
 // sample) ends to make room, as conntrack drops an unreplied entry when
-// its table is full: without
-// that, a sandbox starting new UDP flows faster than they idle out
-// (statsd, a scan) would have every new flow refused, TCP too. mayWait
-// says the caller may wait for it to go: not the goroutine that delivers
-// the sandbox's packets.
+// its table is full: without that, a sandbox starting new UDP flows
+// faster than they idle out (statsd, a scan) would have every new flow
+// refused, TCP too. mayWait says the caller may wait for it to go: not
+// the goroutine that delivers the sandbox's packets.
 func (e *Engine) takeFlow(mayWait bool) bool {
 	if e.flows.take() {
 		if e.takeNodeFlow(false) {

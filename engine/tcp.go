@@ -146,28 +146,34 @@ type side struct {
 // that merely ended waits for our end (CLOSE_WAIT). (The sandbox's side
 // reports its reset on every read.)
 func (s *side) wasReset() bool {
-	if s.halfClosed.Load() {
+	tc := hostSocket(s.Conn)
+	if s.halfClosed.Load() || tc == nil {
 		return false
 	}
-	c := s.Conn
+	raw, err := tc.SyscallConn()
+	if err != nil {
+		return false
+	}
+	var state uint8
+	raw.Control(func(fd uintptr) {
+		if info, err := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
+			state = info.State
+		}
+	})
+	return state == tcpClose
+}
+
+// hostSocket is the host's TCP socket c is or wraps (a proxy's TLS or
+// buffer), nil if none.
+func hostSocket(c net.Conn) *net.TCPConn {
 	for {
 		switch u := c.(type) {
 		case *net.TCPConn:
-			raw, err := u.SyscallConn()
-			if err != nil {
-				return false
-			}
-			var state uint8
-			raw.Control(func(fd uintptr) {
-				if info, err := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
-					state = info.State
-				}
-			})
-			return state == tcpClose
+			return u
 		case interface{ NetConn() net.Conn }:
 			c = u.NetConn()
 		default:
-			return false
+			return nil
 		}
 	}
 }
@@ -225,21 +231,12 @@ func isReset(err error) bool {
 }
 
 // reset closes c, with a RST where it can: on the sandbox's side, or on
-// a host socket under whatever wraps it (a proxy's TLS or buffer).
+// the host socket it is or wraps.
 func reset(c net.Conn) {
-	for under := c; under != nil; {
-		switch u := under.(type) {
-		case interface{ Reset() error }:
-			u.Reset()
-			under = nil
-		case *net.TCPConn:
-			u.SetLinger(0)
-			under = nil
-		case interface{ NetConn() net.Conn }:
-			under = u.NetConn()
-		default:
-			under = nil
-		}
+	if r, ok := c.(interface{ Reset() error }); ok {
+		r.Reset()
+	} else if tc := hostSocket(c); tc != nil {
+		tc.SetLinger(0)
 	}
 	c.Close()
 }

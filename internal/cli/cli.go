@@ -207,14 +207,14 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	var hosts map[netip.Addr][]string
 	if o.hostsFile != "" {
 		hosts, err = asuser.Call(caller, func() (map[netip.Addr][]string, error) {
-			if err := readableRegular(o.hostsFile); err != nil || !needNames {
-				return nil, err
-			}
-			f, err := os.Open(o.hostsFile)
+			f, err := openRegular(o.hostsFile)
 			if err != nil {
 				return nil, err
 			}
 			defer f.Close()
+			if !needNames {
+				return nil, nil
+			}
 			return dns.ParseHosts(f), nil
 		})
 		if err != nil {
@@ -509,21 +509,21 @@ func resolvConf(plan netplan.Plan, host []byte) string {
 	return b.String()
 }
 
-// readableRegular says whether path is a regular file this user can open.
-func readableRegular(path string) error {
+// openRegular opens path if it is a regular file this user can open.
+func openRegular(path string) (*os.File, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		var pe *fs.PathError
 		if errors.As(err, &pe) {
-			return pe.Err // the flag's message names the path
+			return nil, pe.Err // the flag's message names the path
 		}
-		return err
+		return nil, err
 	}
-	defer f.Close()
 	if st, err := f.Stat(); err != nil || !st.Mode().IsRegular() {
-		return errors.New("not a regular file")
+		f.Close()
+		return nil, errors.New("not a regular file")
 	}
-	return nil
+	return f, nil
 }
 
 // reclaimTerminal makes childflow's process group the terminal's
