@@ -39,8 +39,10 @@ unit:
 race:
 	CGO_ENABLED=1 $(GO) test -race -count=1 ./...
 
+# The log keeps all; the terminal shows the tests, their results and their
+# messages (a message's further lines are indented).
 e2e: build
-	$(GO) test -count=1 -tags e2e -timeout 20m -v ./test/e2e/ 2>&1 | tee e2e.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic)|_test.go' ; test $${PIPESTATUS[0]} -eq 0
+	$(GO) test -count=1 -tags e2e -timeout 20m -v ./test/e2e/ 2>&1 | tee e2e.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic|        )|_test.go' ; test $${PIPESTATUS[0]} -eq 0
 
 # Fuzzing, by hand (the seeds and what it found run in unit): each
 # target for FUZZTIME, the engine's in a network namespace of its own,

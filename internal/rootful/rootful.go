@@ -178,6 +178,9 @@ func (sb *Sandbox) Attach(pid int, onEvent func(flowlog.Event)) (err error) {
 			return err
 		}
 	}
+	if err = forgetConnections(slot); err != nil {
+		return err
+	}
 	if err = installTable(spec); err != nil {
 		return err
 	}

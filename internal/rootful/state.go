@@ -139,6 +139,9 @@ func removeObjects(dir string, r Record) error {
 			if err := removeBackstop(r.Slot, hostIfName(r.ID)); err != nil {
 				errs = append(errs, err)
 			}
+			if err := forgetConnections(r.Slot); err != nil {
+				errs = append(errs, err)
+			}
 		}
 	}
 	if err := errors.Join(errs...); err != nil {

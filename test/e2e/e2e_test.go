@@ -87,8 +87,10 @@ type result struct {
 	code           int
 }
 
+// String is one line: `make e2e` passes on only the lines that name a
+// test file, and a failure should show what the command printed.
 func (r result) String() string {
-	return fmt.Sprintf("exit %d\nstdout:\n%s\nstderr:\n%s", r.code, r.stdout, r.stderr)
+	return fmt.Sprintf("exit %d, stdout %q, stderr %q", r.code, r.stdout, r.stderr)
 }
 
 // as says who runs childflow.

@@ -38,6 +38,28 @@ func TestRootPolicy(t *testing.T) {
 	}
 }
 
+// A sandbox that reuses the slot and the addresses of one before it
+// inherits none of its connections: conntrack's entries of the first,
+// which carry the slot's mark, passed for the second's as established,
+// past its policy (a UDP echo from the same port through a --deny-cidr
+// for the echo server).
+func TestRootSandboxInheritsNoConnections(t *testing.T) {
+	requireRoot(t)
+	const probe = `ip -4 -o addr show cf0 | awk '{ print $4 }'
+echo udp-probe | socat -t1 - UDP:203.0.113.10:7,sourceport=40007 | grep -q udp-probe && echo udp
+ping -c1 -W1 203.0.113.10 >/dev/null 2>&1 && echo icmp
+exit 0`
+	first := sh(t, root, rootArgs, probe)
+	lines := strings.Fields(first.stdout)
+	if first.code != 0 || len(lines) != 3 || lines[1] != "udp" || lines[2] != "icmp" {
+		t.Fatalf("the first sandbox: %v", first)
+	}
+	second := sh(t, root, append(rootArgs, "--deny-cidr", "203.0.113.10/32"), probe)
+	if second.code != 0 || strings.TrimSpace(second.stdout) != lines[0] {
+		t.Fatalf("the second sandbox, at %s as the first, reached the denied host: %v", lines[0], second)
+	}
+}
+
 func TestRootProcessSemantics(t *testing.T) {
 	requireRoot(t)
 	if r := sh(t, root, rootArgs, "exit 7"); r.code != 7 {

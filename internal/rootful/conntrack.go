@@ -1,0 +1,30 @@
+package rootful
+
+import (
+	"fmt"
+
+	"github.com/vishvananda/netlink/nl"
+	"golang.org/x/sys/unix"
+)
+
+// ctaMarkMask is CTA_MARK_MASK, which the nl package does not name.
+const ctaMarkMask = 21
+
+// forgetConnections deletes every conntrack entry carrying the slot's
+// mark. The table lets a packet whose connection has that mark pass as
+// established, without the policy: a connection a previous sandbox of
+// the slot left behind would pass for a new sandbox that reuses the slot
+// and the addresses, whatever its policy says (a UDP flow from the same
+// port got its echo through a --deny-cidr for the echo server). So they
+// go before the table is installed, and again when the sandbox is gone.
+func forgetConnections(slot int) error {
+	req := nl.NewNetlinkRequest(unix.NFNL_SUBSYS_CTNETLINK<<8|nl.IPCTNL_MSG_CT_DELETE, unix.NLM_F_ACK)
+	// Family AF_UNSPEC with version 0: both families, in one pass.
+	req.AddData(&nl.Nfgenmsg{NfgenFamily: unix.AF_UNSPEC, Version: nl.NFNETLINK_V0})
+	req.AddData(nl.NewRtAttr(nl.CTA_MARK, nl.BEUint32Attr(slotMark(slot))))
+	req.AddData(nl.NewRtAttr(ctaMarkMask, nl.BEUint32Attr(slotMask)))
+	if _, err := req.Execute(unix.NETLINK_NETFILTER, 0); err != nil {
+		return fmt.Errorf("deleting the conntrack entries of slot %d (mark %#x): %w", slot, slotMark(slot), err)
+	}
+	return nil
+}
