@@ -62,21 +62,68 @@ func (sb *Sandbox) onAnswer(q *dns.Query) {
 // addToDomainSet puts addr in the set of the domain rule that decides
 // it, for as long as the cache knows its names.
 func (sb *Sandbox) addToDomainSet(addr netip.Addr) error {
-	d := sb.cfg.Policy.Decide(policy.Flow{Dst: netip.AddrPortFrom(addr, 0), Names: sb.cache.Names(addr)})
-	var set string
-	switch d.Reason {
-	case policy.ReasonDenyDomain, policy.ReasonDenyDomainExact:
-		set = setDomDeny
-	case policy.ReasonAllowDomain, policy.ReasonAllowDomExact:
-		set = setDomAllow
-	default:
+	e, ok := sb.domainElement(addr)
+	if !ok {
 		return nil // decided by the static rules
 	}
-	err := sb.sets.add(set, addr, sb.cache.TTL(addr))
+	err := sb.sets.add(e)
 	if errors.Is(err, errSetFull) {
 		sb.events.FailureOnce("sets", err.Error()+"; addresses of names the domain rules decide are not added until some expire")
 	}
 	return err
+}
+
+// domainElement is an address a domain rule decides, in that rule's set
+// for as long as the names cache knows its names.
+type domainElement struct {
+	set  string // setDomDeny or setDomAllow
+	addr netip.Addr
+	ttl  time.Duration // dns.Forever: for good
+}
+
+// domainElement says which domain set addr belongs in, if any.
+func (sb *Sandbox) domainElement(addr netip.Addr) (domainElement, bool) {
+	d := sb.cfg.Policy.Decide(policy.Flow{Dst: netip.AddrPortFrom(addr, 0), Names: sb.cache.Names(addr)})
+	e := domainElement{addr: addr.Unmap(), ttl: sb.cache.TTL(addr)}
+	switch d.Reason {
+	case policy.ReasonDenyDomain, policy.ReasonDenyDomainExact:
+		e.set = setDomDeny
+	case policy.ReasonAllowDomain, policy.ReasonAllowDomExact:
+		e.set = setDomAllow
+	default:
+		return e, false
+	}
+	return e, true
+}
+
+// domainElements are those of every address the names cache holds, for
+// a table installed while the sandbox runs: its sets hold them from the
+// start, as a deny-domain set filled after its rules would let those
+// addresses through meanwhile.
+func (sb *Sandbox) domainElements() []domainElement {
+	var out []domainElement
+	for _, addr := range sb.cache.Addrs() {
+		if e, ok := sb.domainElement(addr); ok {
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+// setName is the set of e's family.
+func (e domainElement) setName() string {
+	if e.addr.Is4() {
+		return e.set + "4"
+	}
+	return e.set + "6"
+}
+
+func (e domainElement) element() nftables.SetElement {
+	ttl := time.Duration(0) // no timeout
+	if e.ttl != dns.Forever {
+		ttl = max(e.ttl, dns.MinTTL).Truncate(time.Millisecond)
+	}
+	return nftables.SetElement{Key: e.addr.AsSlice(), Timeout: ttl}
 }
 
 // domainSetSize bounds each domain set, as dns.MaxAddrs bounds the names
@@ -89,25 +136,19 @@ var errSetFull = errors.New("full")
 // domainSets updates the timeout sets of one table.
 type domainSets struct{ table string }
 
-// add puts addr in the set for ttl (dns.Forever: for good), replacing an element already there
-// so that its timeout restarts.
-func (d *domainSets) add(name string, addr netip.Addr, ttl time.Duration) error {
-	addr = addr.Unmap()
-	typ, suffix := nftables.TypeIPAddr, "4"
-	if addr.Is6() {
-		typ, suffix = nftables.TypeIP6Addr, "6"
-	}
-	if ttl == dns.Forever {
-		ttl = 0 // no timeout
-	} else {
-		ttl = max(ttl, dns.MinTTL).Truncate(time.Millisecond)
+// add puts e in its set, replacing an element already there so that
+// its timeout restarts.
+func (d *domainSets) add(e domainElement) error {
+	typ := nftables.TypeIPAddr
+	if e.addr.Is6() {
+		typ = nftables.TypeIP6Addr
 	}
 	c, err := nftables.New()
 	if err != nil {
 		return err
 	}
-	set := &nftables.Set{Table: &nftables.Table{Family: nftables.TableFamilyINet, Name: d.table}, Name: name + suffix, KeyType: typ, HasTimeout: true}
-	el := []nftables.SetElement{{Key: addr.AsSlice(), Timeout: ttl}}
+	set := &nftables.Set{Table: &nftables.Table{Family: nftables.TableFamilyINet, Name: d.table}, Name: e.setName(), KeyType: typ, HasTimeout: true}
+	el := []nftables.SetElement{e.element()}
 	// Add (a no-op if present), delete, add: one transaction, fresh timeout.
 	if err := c.SetAddElements(set, el); err != nil {
 		return err

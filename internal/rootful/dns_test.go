@@ -17,7 +17,7 @@ import (
 // one it holds (delete and add in one transaction).
 func TestDomainSetsAreBounded(t *testing.T) {
 	const table = "childflow-root-test"
-	if err := installTable(testTable(t, table, &policy.Policy{})); err != nil {
+	if err := installTable(testTable(t, table, &policy.Policy{}), nil); err != nil {
 		t.Fatal(err)
 	}
 	c, err := nftables.New()
@@ -47,14 +47,14 @@ func TestDomainSetsAreBounded(t *testing.T) {
 		t.Fatalf("%d elements, %v", len(got), err)
 	}
 	d := &domainSets{table: table}
-	err = d.add(setDomAllow, netip.MustParseAddr("192.0.2.1"), time.Minute)
+	err = d.add(domainElement{setDomAllow, netip.MustParseAddr("192.0.2.1"), time.Minute})
 	if !errors.Is(err, errSetFull) || !strings.Contains(err.Error(), setDomAllow+"4") {
 		t.Errorf("adding to a full set: %v, want an error saying %s4 is full", err, setDomAllow)
 	}
-	if err := d.add(setDomAllow, netip.MustParseAddr("10.0.0.7"), time.Minute); err != nil {
+	if err := d.add(domainElement{setDomAllow, netip.MustParseAddr("10.0.0.7"), time.Minute}); err != nil {
 		t.Errorf("renewing an address a full set holds: %v", err)
 	}
-	if err := d.add(setDomAllow, netip.MustParseAddr("2001:db8::1"), time.Minute); err != nil {
+	if err := d.add(domainElement{setDomAllow, netip.MustParseAddr("2001:db8::1"), time.Minute}); err != nil {
 		t.Errorf("the IPv6 set is not full: %v", err)
 	}
 }

@@ -41,14 +41,10 @@ func (sb *Sandbox) keepTable(spec tableSpec) error {
 // if either is gone.
 func (sb *Sandbox) restoreTables(spec tableSpec) {
 	if !tableExists(spec.name) {
-		if err := installTable(spec); err != nil {
+		// What the sandbox resolved still counts.
+		if err := installTable(spec, sb.domainElements()); err != nil {
 			sb.warn(fmt.Sprintf("nftables table %s was deleted while the sandbox ran, and putting it back failed: %v; the routing backstop refuses what the sandbox sends beyond the host", spec.name, err))
 		} else {
-			// Its domain sets came back empty: what the sandbox resolved
-			// still counts.
-			for _, addr := range sb.cache.Addrs() {
-				sb.addToDomainSet(addr)
-			}
 			sb.warn(fmt.Sprintf("nftables table %s was deleted while the sandbox ran (a flush ruleset?) and is back", spec.name))
 		}
 	}

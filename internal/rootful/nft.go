@@ -74,7 +74,7 @@ func (n nft) rule(ch *nftables.Chain, e ...expr.Any) {
 // 952 of its 3000 elements in the set).
 const setElementsPerMessage = 512
 
-// installTable creates the sandbox's whole table in one transaction:
+// installTable creates the sandbox's whole table:
 //
 //	table inet childflow-root-ID {
 //	  sets: metadata, private, deny_cidr, allow_cidr, tunnelled(_allowed)
@@ -87,7 +87,16 @@ const setElementsPerMessage = 512
 //	  chain input   filter input:    replies, ND, DNS to the resolver, TPROXY; else policy
 //	  chain policy, host, after_cidr: policy.Decide's order, each verdict logged
 //	}
-func installTable(s tableSpec) error {
+//
+// The sets, with their elements, come first, in a transaction of their
+// own; the chains, whose rules look them up, in a second. Created and
+// filled in the same transaction as the rules, an interval set was
+// sometimes empty for a packet the new rules already saw (a table put
+// back while the sandbox sent to a denied host: 3 of 60 runs let a
+// datagram through, by the default allow); a deny rule whose set is not
+// there yet would allow. domain is what the domain sets hold from the
+// start.
+func installTable(s tableSpec, domain []domainElement) (err error) {
 	c, err := nftables.New(nftables.WithSockOptions(largeBuffers))
 	if err != nil {
 		return err
@@ -150,6 +159,35 @@ func installTable(s tableSpec) error {
 			if err := addSet(name, is6, nil, true); err != nil {
 				return err
 			}
+		}
+	}
+	for _, e := range domain {
+		if err := c.SetAddElements(sets[e.setName()], []nftables.SetElement{e.element()}); err != nil {
+			return fmt.Errorf("set %s: %w", e.setName(), err)
+		}
+	}
+	if err := c.Flush(); err != nil {
+		return fmt.Errorf("creating nftables table %s: %w", s.name, err)
+	}
+	// Without its chains the table would pass for whole: it goes, and
+	// comes back whole when next put back.
+	defer func() {
+		if err != nil {
+			deleteTable(s.name)
+		}
+	}()
+	// A set missing elements would leave part of a deny rule out
+	// without an error: read each back.
+	for set, want := range filled {
+		if want == 0 {
+			continue
+		}
+		got, err := c.GetSetElements(set)
+		if err != nil {
+			return fmt.Errorf("reading nftables set %s: %w", set.Name, err)
+		}
+		if len(got) != want {
+			return fmt.Errorf("nftables set %s holds %d of its %d elements", set.Name, len(got), want)
 		}
 	}
 
@@ -356,21 +394,7 @@ func installTable(s tableSpec) error {
 		n.rule(after, allow(policy.ReasonDefaultAllow)...)
 	}
 	if err := c.Flush(); err != nil {
-		return fmt.Errorf("creating nftables table %s: %w", s.name, err)
-	}
-	// A set missing elements would leave part of a deny rule out
-	// without an error: read each back.
-	for set, want := range filled {
-		if want == 0 {
-			continue
-		}
-		got, err := c.GetSetElements(set)
-		if err != nil {
-			return fmt.Errorf("reading nftables set %s: %w", set.Name, err)
-		}
-		if len(got) != want {
-			return fmt.Errorf("nftables set %s holds %d of its %d elements", set.Name, len(got), want)
-		}
+		return fmt.Errorf("creating the chains of nftables table %s: %w", s.name, err)
 	}
 	return nil
 }

@@ -44,7 +44,7 @@ func TestTableHoldsLongCIDRLists(t *testing.T) {
 		deny = append(deny, netip.PrefixFrom(netip.AddrFrom16([16]byte{0x20, 0x00, byte(i >> 7), byte(i << 1)}), 32))
 	}
 	const table = "childflow-root-test"
-	if err := installTable(testTable(t, table, &policy.Policy{DenyCIDRs: deny})); err != nil {
+	if err := installTable(testTable(t, table, &policy.Policy{DenyCIDRs: deny}), nil); err != nil {
 		t.Fatal(err)
 	}
 	c, err := nftables.New()

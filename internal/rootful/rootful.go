@@ -181,7 +181,9 @@ func (sb *Sandbox) Attach(pid int, onEvent func(flowlog.Event)) (err error) {
 	if err = forgetConnections(slot); err != nil {
 		return err
 	}
-	if err = installTable(spec); err != nil {
+	sb.sets = &domainSets{table: sb.rec.Table}
+	sb.cache.Pin(cfg.Hosts)
+	if err = installTable(spec, sb.domainElements()); err != nil {
 		return err
 	}
 	if cfg.Warn != nil {
@@ -192,13 +194,6 @@ func (sb *Sandbox) Attach(pid int, onEvent func(flowlog.Event)) (err error) {
 					strings.Join(drops, ", "), vethPrefix, vethPrefix))
 			}
 		})
-	}
-	sb.sets = &domainSets{table: sb.rec.Table}
-	sb.cache.Pin(cfg.Hosts)
-	for addr := range cfg.Hosts {
-		if err = sb.addToDomainSet(addr); err != nil {
-			return fmt.Errorf("adding %s, from the hosts file, to the domain rules' sets: %w", addr, err)
-		}
 	}
 	if err = sb.keepTable(spec); err != nil {
 		return err
