@@ -191,21 +191,39 @@ func CtMarkIs(m uint32) []expr.Any {
 	}
 }
 
-// Established matches connections conntrack knows: established or related.
-func Established() []expr.Any {
-	bits := binaryutil.NativeEndian.PutUint32(expr.CtStateBitESTABLISHED | expr.CtStateBitRELATED)
+// CtMarkMasked matches packets whose connection's mark, masked, is m.
+func CtMarkMasked(m, mask uint32) []expr.Any {
 	return []expr.Any{
-		&expr.Ct{Key: expr.CtKeySTATE, Register: 1},
-		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: bits, Xor: make([]byte, 4)},
+		&expr.Ct{Key: expr.CtKeyMARK, Register: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: binaryutil.NativeEndian.PutUint32(mask), Xor: make([]byte, 4)},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(m)},
+	}
+}
+
+// CtExpected matches connections conntrack expected: a helper (ftp's,
+// sip's) announced them.
+func CtExpected() []expr.Any {
+	return []expr.Any{
+		&expr.Ct{Key: expr.CtKeySTATUS, Register: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: binaryutil.NativeEndian.PutUint32(1 << 0 /* IPS_EXPECTED */), Xor: make([]byte, 4)},
 		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: make([]byte, 4)},
 	}
 }
 
+// Established matches connections conntrack knows: established or related.
+func Established() []expr.Any {
+	return CtState(expr.CtStateBitESTABLISHED | expr.CtStateBitRELATED)
+}
+
 // CtStateNew matches a connection's first packet.
-func CtStateNew() []expr.Any {
+func CtStateNew() []expr.Any { return CtState(expr.CtStateBitNEW) }
+
+// CtState matches packets whose connection is in one of states
+// (expr.CtStateBit*).
+func CtState(states uint32) []expr.Any {
 	return []expr.Any{
 		&expr.Ct{Key: expr.CtKeySTATE, Register: 1},
-		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: binaryutil.NativeEndian.PutUint32(expr.CtStateBitNEW), Xor: make([]byte, 4)},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: binaryutil.NativeEndian.PutUint32(states), Xor: make([]byte, 4)},
 		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: make([]byte, 4)},
 	}
 }

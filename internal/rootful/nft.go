@@ -211,6 +211,15 @@ func installTable(s tableSpec, domain []domainElement) (err error) {
 	// established, not one opened while the table was gone.
 	mangle := c.AddChain(&nftables.Chain{Name: "mangle", Table: n.t, Type: nftables.ChainTypeFilter, Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityMangle})
 	n.rule(mangle, nftexpr.Cat(fromSandbox, nftexpr.CtStateNew(), nftexpr.SetCtMark(s.mark))...)
+	// A connection conntrack expects (a helper's, where the host assigns
+	// one: ftp's reads PASV and PORT) gets the mark of the one that
+	// announced it, and passed as the sandbox's own to whatever that
+	// named, past the policy (a PASV answer naming port 853 opened DNS
+	// over TLS), or reached the sandbox from outside. It starts
+	// undecided: the policy decides what the sandbox sends on it, and an
+	// allowed packet makes it the slot's; from outside it stays out.
+	n.rule(mangle, nftexpr.Cat(nftexpr.CtExpected(), nftexpr.CtState(expr.CtStateBitRELATED), nftexpr.CtMarkIs(s.mark),
+		nftexpr.SetCtMark(undecidedMark(s.mark)))...)
 	if s.tproxy != 0 {
 		// New TCP connections go to the proxy client; the policy is
 		// then decided there, for the proxied flow.
@@ -273,7 +282,8 @@ func installTable(s tableSpec, domain []domainElement) (err error) {
 	// would pass as established, and its policy never see them (an
 	// --offline sandbox served a host process's connection).
 	output := c.AddChain(&nftables.Chain{Name: "output", Table: n.t, Type: nftables.ChainTypeFilter, Hooknum: nftables.ChainHookOutput, Priority: prio})
-	n.rule(output, nftexpr.Cat(toSandbox, known, []expr.Any{accept})...)
+	// The refusal of an undecided connection too.
+	n.rule(output, nftexpr.Cat(toSandbox, nftexpr.Established(), nftexpr.CtMarkMasked(s.mark, slotMask), []expr.Any{accept})...)
 	n.rule(output, nftexpr.Cat(toSandbox, nftexpr.NeighbourDiscovery(), []expr.Any{accept})...)
 	n.rule(output, nftexpr.Cat(toSandbox, []expr.Any{drop})...)
 
@@ -308,6 +318,8 @@ func installTable(s tableSpec, domain []domainElement) (err error) {
 	}
 	routed := nftexpr.SetMark(routeMark)
 	pass := nftexpr.Cat(routed, []expr.Any{accept})
+	// What the policy allows is the slot's: an undecided connection too.
+	allowed := nftexpr.Cat(routed, nftexpr.SetCtMark(s.mark))
 	if s.tproxy != 0 {
 		// Marked for the proxy client, which decides.
 		n.rule(decide, nftexpr.Cat(fromSandbox, nftexpr.MarkIs(s.tpMark), []expr.Any{accept})...)
@@ -328,9 +340,9 @@ func installTable(s tableSpec, domain []domainElement) (err error) {
 			return nftexpr.Logged(s.group, logDeny+policy.ReasonProxyOnly, refused)
 		}
 		if !s.logAllowed {
-			return pass
+			return nftexpr.Cat(allowed, []expr.Any{accept})
 		}
-		return nftexpr.Cat(routed, nftexpr.Logged(s.group, logAllow+reason, accept))
+		return nftexpr.Cat(allowed, nftexpr.Logged(s.group, logAllow+reason, accept))
 	}
 	deny := func(reason string) []expr.Any { return nftexpr.Logged(s.group, logDeny+reason, refused) }
 	inSet := func(name string, is6 bool) []expr.Any {

@@ -3,6 +3,7 @@
 package e2e
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"fmt"
@@ -57,6 +58,76 @@ exit 0`
 	second := sh(t, root, append(rootArgs, "--deny-cidr", "203.0.113.10/32"), probe)
 	if second.code != 0 || strings.TrimSpace(second.stdout) != lines[0] {
 		t.Fatalf("the second sandbox, at %s as the first, reached the denied host: %v", lines[0], second)
+	}
+}
+
+// A connection a conntrack helper expects is the policy's to decide, not
+// passed as the sandbox's own: on a host that assigns ftp's helper to
+// what its sandboxes send, an FTP server's PASV answer naming port 853
+// of its address opened DNS over TLS there, which the policy refuses.
+// One to a port the policy allows still works.
+func TestRootHelpersOpenNothing(t *testing.T) {
+	requireRoot(t)
+	const table = "cfe2e-ftp-helper"
+	helper := exec.Command("nft", "-f", "-")
+	helper.Stdin = strings.NewReader(`table inet ` + table + ` {
+	ct helper ftp { type "ftp" protocol tcp; }
+	chain pre { type filter hook prerouting priority filter; iifname "cfr*" tcp dport 21 ct helper set "ftp"; }
+}`)
+	if out, err := helper.CombinedOutput(); err != nil {
+		t.Fatalf("assigning ftp's helper: %v: %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("nft", "delete", "table", "inet", table).Run() })
+	server := exec.Command("ip", "netns", "exec", testnet+"-inet", "python3", "../testdata/pasv.py", "203.0.113.10")
+	out, _ := server.StdoutPipe()
+	if err := server.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { server.Process.Kill(); server.Wait() })
+	if lines := bufio.NewScanner(out); !lines.Scan() || lines.Text() != "listening" {
+		t.Fatalf("ftp server: %q", lines.Text())
+	}
+	cmd := exec.Command(bin, append(append([]string{}, rootArgs...), "--", "python3", "-c", `
+import socket, sys
+c = socket.create_connection(("203.0.113.10", 21), timeout=5)
+f = c.makefile("rb")
+f.readline()
+c.sendall(b"PASV\r\n")
+f.readline()
+print("answered", flush=True)
+sys.stdin.readline()
+for port in 853, 2121:
+    try:
+        print(socket.create_connection(("203.0.113.10", port), timeout=3).recv(64).decode().strip())
+    except OSError as e:
+        print("refused:", e)
+    c.sendall(b"PASV\r\n")
+    f.readline()
+c.sendall(b"QUIT\r\n")
+`)...)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	stdin, _ := cmd.StdinPipe()
+	stdout, _ := cmd.StdoutPipe()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer cmd.Wait()
+	defer stdin.Close()
+	lines := bufio.NewScanner(stdout)
+	if !lines.Scan() || lines.Text() != "answered" {
+		t.Fatalf("the sandbox's ftp client: %q, stderr %q", lines.Text(), stderr.String())
+	}
+	if expected, _ := os.ReadFile("/proc/net/nf_conntrack_expect"); !regexp.MustCompile(`dport=853 .*ftp`).Match(expected) {
+		t.Fatalf("ftp's helper expects no connection to port 853 (the test proves nothing): %q", expected)
+	}
+	stdin.Write([]byte("go\n"))
+	if !lines.Scan() || !strings.HasPrefix(lines.Text(), "refused:") {
+		t.Fatalf("the connection the helper expected got past the policy: %q, stderr %q", lines.Text(), stderr.String())
+	}
+	// One the policy allows works: its answers are the sandbox's.
+	if !lines.Scan() || lines.Text() != "reached the allowed port" {
+		t.Fatalf("the allowed connection the helper expected: %q, stderr %q", lines.Text(), stderr.String())
 	}
 }
 
