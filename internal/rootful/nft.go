@@ -233,10 +233,16 @@ func installTable(s tableSpec, domain []domainElement) (err error) {
 				&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
 				&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: binaryutil.BigEndian.PutUint16(53)},
 			}
-			n.rule(mangle, nftexpr.Cat(fromSandbox, nftexpr.Family(is6), nftexpr.L4(unix.IPPROTO_TCP), nftexpr.NotDaddr(gw), notDNS, []expr.Any{
+			intercepted := nftexpr.Cat(fromSandbox, nftexpr.Family(is6), nftexpr.L4(unix.IPPROTO_TCP), nftexpr.NotDaddr(gw), notDNS)
+			n.rule(mangle, nftexpr.Cat(intercepted, []expr.Any{
 				&expr.Immediate{Register: 1, Data: binaryutil.BigEndian.PutUint16(s.tproxy)},
 				&expr.TProxy{Family: byte(nftexpr.NFProto(is6)), TableFamily: byte(nftables.TableFamilyINet), RegPort: 1},
 			}, nftexpr.SetMark(s.tpMark), []expr.Any{accept})...)
+			// Where TPROXY finds no socket (childflow's listener is
+			// gone: at the end of a run, or destroyed) it lets the
+			// packet go on, to the policy and, allowed, around the
+			// proxy to its destination: refused here.
+			n.rule(mangle, nftexpr.Cat(intercepted, []expr.Any{&expr.Reject{Type: unix.NFT_REJECT_TCP_RST}})...)
 		}
 	}
 

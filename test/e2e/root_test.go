@@ -13,11 +13,14 @@ import (
 	"path/filepath"
 	"regexp"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // rootArgs runs childflow's rootful backend.
@@ -220,6 +223,68 @@ if echo udp-probe | socat -t1 - UDP:203.0.113.10:7 | grep -q udp-probe; then ech
 	r = sh(t, root, append(rootArgs, "-p", "http://203.0.113.30:3999"), "curl -sS -m5 -o /dev/null http://203.0.113.10/")
 	if r.code == 0 {
 		t.Fatal("reached the web server without the proxy")
+	}
+}
+
+// Where TPROXY finds no socket for a connection the sandbox opens
+// (childflow's listener is gone: at the end of a run, or destroyed, as
+// here), the kernel lets the packet go on: to the policy and, allowed,
+// straight to its destination, around the proxy. It is refused.
+func TestRootProxyFailsClosedWithoutItsListener(t *testing.T) {
+	requireRoot(t)
+	dir := logDir(t)
+	ready, proceed := filepath.Join(dir, "ready"), filepath.Join(dir, "go")
+	cmd := exec.Command(bin, append(append([]string{}, rootArgs...), "--dns", "203.0.113.53", "-p", squidOpen, "--", "sh", "-c", `
+curl -sS -m5 -o /dev/null http://203.0.113.10/ || exit 11
+ip -4 route show default | awk '{ print $3 }' > `+ready+`.tmp && mv `+ready+`.tmp `+ready+`
+while [ ! -e `+proceed+` ]; do sleep 0.05; done
+curl -sS -m3 http://203.0.113.10/ || exit 0`)...)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer cmd.Wait()
+	defer os.WriteFile(proceed, nil, 0o644)
+	var gw []byte
+	for deadline := time.Now().Add(10 * time.Second); len(gw) == 0; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the sandbox never got through the proxy: stdout %q, stderr %q", stdout.String(), stderr.String())
+		}
+		gw, _ = os.ReadFile(ready)
+	}
+	// Stops childflow's listener for the proxy (on the gateway, not port
+	// 53): shut down for reading, a listening socket listens no more.
+	out, _ := exec.Command("ss", "-Htlnp", "src", strings.TrimSpace(string(gw))).Output()
+	stopped := 0
+	for _, m := range regexp.MustCompile(`:(\d+) .*pid=(\d+),fd=(\d+)`).FindAllStringSubmatch(string(out), -1) {
+		if m[1] == "53" {
+			continue
+		}
+		pid, _ := strconv.Atoi(m[2])
+		fd, _ := strconv.Atoi(m[3])
+		pidfd, err := unix.PidfdOpen(pid, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ln, err := unix.PidfdGetfd(pidfd, fd, 0)
+		unix.Close(pidfd)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := unix.Shutdown(ln, unix.SHUT_RD); err != nil {
+			t.Fatal(err)
+		}
+		unix.Close(ln)
+		stopped++
+	}
+	if stopped == 0 {
+		t.Fatalf("no listener of childflow's for the proxy on %s: %q", gw, out)
+	}
+	os.WriteFile(proceed, nil, 0o644)
+	cmd.Wait()
+	if code := cmd.ProcessState.ExitCode(); code != 0 || strings.Contains(stdout.String(), "hello from the test internet") {
+		t.Fatalf("exit %d, stdout %q, stderr %q", code, stdout.String(), stderr.String())
 	}
 }
 
