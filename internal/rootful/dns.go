@@ -118,6 +118,7 @@ func (e domainElement) setName() string {
 	return e.set + "6"
 }
 
+// element is e as its set holds it: a timeout of zero is none.
 func (e domainElement) element() nftables.SetElement {
 	ttl := time.Duration(0) // no timeout
 	if e.ttl != dns.Forever {

@@ -127,12 +127,8 @@ func installTable(s tableSpec, domain []domainElement) (err error) {
 		if err := c.AddSet(set, nil); err != nil {
 			return fmt.Errorf("set %s: %w", set.Name, err)
 		}
-		for rest := el; len(rest) > 0; {
-			batch := rest[:min(len(rest), setElementsPerMessage)]
-			if err := c.SetAddElements(set, batch); err != nil {
-				return fmt.Errorf("set %s: %w", set.Name, err)
-			}
-			rest = rest[len(batch):]
+		if err := addElements(c, set, el); err != nil {
+			return err
 		}
 		sets[name+suffix] = set
 		filled[set] = len(el)
@@ -161,9 +157,13 @@ func installTable(s tableSpec, domain []domainElement) (err error) {
 			}
 		}
 	}
+	bySet := map[string][]nftables.SetElement{}
 	for _, e := range domain {
-		if err := c.SetAddElements(sets[e.setName()], []nftables.SetElement{e.element()}); err != nil {
-			return fmt.Errorf("set %s: %w", e.setName(), err)
+		bySet[e.setName()] = append(bySet[e.setName()], e.element())
+	}
+	for name, el := range bySet {
+		if err := addElements(c, sets[name], el); err != nil {
+			return err
 		}
 	}
 	if err := c.Flush(); err != nil {
@@ -288,7 +288,8 @@ func installTable(s tableSpec, domain []domainElement) (err error) {
 	// would pass as established, and its policy never see them (an
 	// --offline sandbox served a host process's connection).
 	output := c.AddChain(&nftables.Chain{Name: "output", Table: n.t, Type: nftables.ChainTypeFilter, Hooknum: nftables.ChainHookOutput, Priority: prio})
-	// The refusal of an undecided connection too.
+	// What the host sends the sandbox on its connections: the refusal of
+	// an undecided one too (the mark's low bits).
 	n.rule(output, nftexpr.Cat(toSandbox, nftexpr.Established(), nftexpr.CtMarkMasked(s.mark, slotMask), []expr.Any{accept})...)
 	n.rule(output, nftexpr.Cat(toSandbox, nftexpr.NeighbourDiscovery(), []expr.Any{accept})...)
 	n.rule(output, nftexpr.Cat(toSandbox, []expr.Any{drop})...)
@@ -417,8 +418,20 @@ func installTable(s tableSpec, domain []domainElement) (err error) {
 	return nil
 }
 
-// largeBuffers let the table's one transaction, which grows with the
-// policy's CIDR lists (each IPv4 range also in its tunnelled IPv6
+// addElements adds el to set, a message's worth at a time.
+func addElements(c *nftables.Conn, set *nftables.Set, el []nftables.SetElement) error {
+	for rest := el; len(rest) > 0; {
+		batch := rest[:min(len(rest), setElementsPerMessage)]
+		if err := c.SetAddElements(set, batch); err != nil {
+			return fmt.Errorf("set %s: %w", set.Name, err)
+		}
+		rest = rest[len(batch):]
+	}
+	return nil
+}
+
+// largeBuffers let the table's transaction of sets, which grows with
+// the policy's CIDR lists (each IPv4 range also in its tunnelled IPv6
 // forms), be sent whole and its acknowledgements read: the default
 // buffers refused 700 ranges.
 func largeBuffers(c *netlink.Conn) error {

@@ -55,8 +55,13 @@ const (
 )
 
 // slotMask covers the bits of the slot's mark that name the slot; the
-// low bits say what the mark asks for (TPROXY, --iface).
+// low bits say what the mark asks for (TPROXY, --iface) or, on a
+// connection, that the policy has yet to decide it (undecidedMark).
 const slotMask = 0xfffffff0
+
+// undecidedMark is the conntrack mark of a connection conntrack expected
+// (installTable), given the slot's mark.
+func undecidedMark(mark uint32) uint32 { return mark | 4 }
 
 // backstopRules are the slot's rules for one family: the skip, the
 // refusal, and the no-op the skip lands on (a goto needs a rule at its

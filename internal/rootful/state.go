@@ -33,13 +33,12 @@ type Record struct {
 // Names derived from the id and the slot (the slot's marks and routing
 // tables are in routing.go), so that a record cut short by a crash still
 // names everything.
-func hostIfName(id string) string          { return "cfr" + id }
-func tableName(id string) string           { return TablePrefix + id }
-func slotMark(slot int) uint32             { return 0xcf000000 | uint32(slot)<<4 }
-func undecidedMark(slotMark uint32) uint32 { return slotMark | 4 } // a connection's, see installTable
-func slotRouteTable(slot int) int          { return 0xcf00 + slot }
-func slotLogGroup(slot int) uint16         { return uint16(0xcf00 + slot) }
-func recordPath(dir, id string) string     { return filepath.Join(dir, id+".json") }
+func hostIfName(id string) string      { return "cfr" + id }
+func tableName(id string) string       { return TablePrefix + id }
+func slotMark(slot int) uint32         { return 0xcf000000 | uint32(slot)<<4 }
+func slotRouteTable(slot int) int      { return 0xcf00 + slot }
+func slotLogGroup(slot int) uint16     { return uint16(0xcf00 + slot) }
+func recordPath(dir, id string) string { return filepath.Join(dir, id+".json") }
 
 // lockDir takes the state directory's lock: sandboxes choose subnets and
 // slots, and touch the shared forwarding state, one at a time.
