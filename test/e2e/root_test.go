@@ -586,6 +586,19 @@ func rootHostState(t *testing.T) string {
 			fmt.Fprintln(&b, "\nstate", e.Name())
 		}
 	}
+	// Conntrack's entries with a slot's mark (0xcf......): a sandbox's
+	// connections, which outlived it for up to 120 s (5 days established).
+	ct, err := os.ReadFile("/proc/net/nf_conntrack")
+	if err != nil {
+		t.Fatal(err)
+	}
+	marked := 0
+	for _, m := range regexp.MustCompile(`mark=(\d+)`).FindAllStringSubmatch(string(ct), -1) {
+		if v, _ := strconv.ParseUint(m[1], 10, 32); v>>24 == 0xcf {
+			marked++
+		}
+	}
+	fmt.Fprintf(&b, "\nconntrack entries of childflow's: %d", marked)
 	return b.String()
 }
 
