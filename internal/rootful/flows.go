@@ -24,9 +24,22 @@ func (sb *Sandbox) watchFlows(group uint16) error {
 	seen := map[flowKey]time.Time{} // the reader's alone
 	var pruned time.Time
 	var gaps gapMarks
+	var draining time.Time // when the sandbox's end began the drain
 	sb.spawn(func() {
 		for {
 			pkts, err := l.read()
+			if sb.ctx.Err() != nil {
+				// Verdicts a burst queued at the end are still read: the
+				// drain goes on while they come, for at most drainFor.
+				if draining.IsZero() {
+					draining = time.Now()
+				}
+				if err == nil && time.Since(draining) < drainFor {
+					l.drain()
+				} else if err == nil {
+					sb.events.FailureOnce("drain", fmt.Sprintf("verdicts were still being read %s after the sandbox ended: the flow log may not list the last flows", drainFor))
+				}
+			}
 			if errors.Is(err, unix.ENOBUFS) {
 				if msg, ok := gaps.overflow(time.Now()); ok {
 					sb.events.Failure(msg)
@@ -53,6 +66,10 @@ func (sb *Sandbox) watchFlows(group uint16) error {
 				pruned = now
 			}
 			for _, p := range pkts {
+				if strings.HasPrefix(p.prefix, logLimit) {
+					sb.events.FailureOnce("connections", fmt.Sprintf("the sandbox holds %d TCP connections beyond the host, the limit: new ones are refused until some end", maxConnections))
+					continue
+				}
 				k, ok := parsePacket(p.payload)
 				if !ok {
 					continue
@@ -109,7 +126,8 @@ func (sb *Sandbox) flowDecided(k flowKey, prefix string) {
 	proto := protoOf(k.proto)
 	names := sb.cache.Names(k.dst.Addr())
 	ev := sb.events.Flow(proto, k.src, k.dst, names)
-	if sb.owners != nil && proto != policy.ICMP { // an echo's identifier is not parsed
+	// Not once the sandbox is gone: its sockets are too.
+	if sb.owners != nil && proto != policy.ICMP && sb.ctx.Err() == nil { // an echo's identifier is not parsed
 		if o, ok := sb.owners.Find(string(proto), k.src, k.dst); ok {
 			ev.PID, ev.Comm = o.PID, o.Comm
 		}

@@ -112,8 +112,13 @@ func (l *nflog) read() ([]loggedPacket, error) {
 	return out, nil
 }
 
-// drain lets the reader take what is queued, then fail: its loop ends.
+// drain lets the reader take what comes in the next 100 ms, then fail:
+// its loop ends unless it drains again (watchFlows, up to drainFor).
 func (l *nflog) drain() { l.c.SetReadDeadline(time.Now().Add(100 * time.Millisecond)) }
+
+// drainFor bounds how long a sandbox's end waits for its verdicts to be
+// read (a burst of 8192 new flows at its end took ~2 s).
+const drainFor = 5 * time.Second
 
 // Close unbinds the group with the socket (an unbind message would wait
 // for the reader holding the connection).

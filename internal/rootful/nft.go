@@ -11,6 +11,7 @@ import (
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/childflow/childflow/engine"
 	"github.com/childflow/childflow/internal/netplan"
 	"github.com/childflow/childflow/internal/nftexpr"
 	"github.com/childflow/childflow/policy"
@@ -51,11 +52,18 @@ const (
 	setDomAllow   = "domain_allow"
 )
 
-// Log prefixes carry the verdict and reason to the flow-event reader.
+// Log prefixes carry the verdict and reason to the flow-event reader,
+// or say that the connection limit refused a connection.
 const (
 	logAllow = "cf a "
 	logDeny  = "cf d "
+	logLimit = "cf l"
 )
+
+// maxConnections bounds the TCP connections a sandbox holds beyond the
+// host, as the engine bounds its flows: conntrack's table is the host's,
+// and a sandbox holding connections open would fill it for everyone.
+const maxConnections = engine.DefaultMaxFlows
 
 // nft builds rules one expression list at a time.
 type nft struct {
@@ -337,6 +345,9 @@ func installTable(s tableSpec, domain []domainElement) (err error) {
 	for _, typ := range append(hostTypes, unix.RTN_MULTICAST) {
 		n.rule(decide, nftexpr.Cat(fromSandbox, hostAddr(typ), []expr.Any{accept})...)
 	}
+	// What conntrack counts as closed (TIME_WAIT, CLOSE) is not counted.
+	n.rule(decide, nftexpr.Cat(fromSandbox, nftexpr.L4(unix.IPPROTO_TCP), []expr.Any{&expr.Connlimit{Count: maxConnections, Flags: expr.NFT_CONNLIMIT_F_INV}},
+		nftexpr.Logged(s.group, logLimit, refused))...)
 	n.rule(decide, nftexpr.Cat(fromSandbox, []expr.Any{jumpPolicy})...)
 
 	// The policy, in policy.Decide's order. Every verdict is logged to

@@ -602,6 +602,40 @@ func rootHostState(t *testing.T) string {
 	return b.String()
 }
 
+// A sandbox holds at most 8192 TCP connections beyond the host, as the
+// engine holds 8192 flows: conntrack's table is the host's, and one that
+// held connections open to a server of its own filled it for everyone.
+// The 8193rd is refused, logged once, and once the sandbox closes them a
+// new one goes.
+func TestRootLimitsItsConnections(t *testing.T) {
+	requireRoot(t)
+	server := exec.Command("ip", "netns", "exec", testnet+"-inet", "prlimit", "--nofile=20000:20000", "python3", "../testdata/holder.py", "203.0.113.10", "9102")
+	out, _ := server.StdoutPipe()
+	if err := server.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { server.Process.Kill(); server.Wait() })
+	if lines := bufio.NewScanner(out); !lines.Scan() || lines.Text() != "listening" {
+		t.Fatalf("holder: %q", lines.Text())
+	}
+	log := filepath.Join(t.TempDir(), "flows.jsonl")
+	r := sh(t, root, append(rootArgs, "--flow-log", log), `ulimit -n 9000
+perl -MIO::Socket::INET -e 'for (1..8300) { push @c, (IO::Socket::INET->new(PeerAddr => "203.0.113.10:9102", Timeout => 5) or last) } print scalar(@c), "\n"'
+for i in 1 2 3 4 5 6 7 8 9 10; do curl -sS -m2 -o /dev/null http://203.0.113.10/ 2>/dev/null && echo again && exit 0; sleep 0.5; done`)
+	if r.code != 0 || strings.Fields(r.stdout)[0] != "8192" || !strings.Contains(r.stdout, "again") {
+		t.Fatalf("want 8192 connections held, then one more once they closed: %v", r)
+	}
+	failures := 0
+	for _, ev := range readFlowLog(t, log) {
+		if ev["event"] == "runtime_failure" && strings.Contains(fmt.Sprint(ev["error"]), "8192 TCP connections beyond the host") {
+			failures++
+		}
+	}
+	if failures != 1 {
+		t.Errorf("%d runtime_failure events for the limit, want 1", failures)
+	}
+}
+
 // TestRootStress starts 50 rootful sandboxes, ten at a time, kills half
 // of them with SIGKILL at random points of their life (setup included),
 // runs `childflow cleanup`, and expects the host exactly as before.
