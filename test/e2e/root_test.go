@@ -589,7 +589,7 @@ func rootHostState(t *testing.T) string {
 	// Conntrack's entries with a slot's mark (0xcf......): a sandbox's
 	// connections, which outlived it for up to 120 s (5 days established).
 	ct, err := os.ReadFile("/proc/net/nf_conntrack")
-	if err != nil {
+	if err != nil && !os.IsNotExist(err) { // not loaded: no entries
 		t.Fatal(err)
 	}
 	marked := 0
@@ -622,7 +622,7 @@ func TestRootLimitsItsConnections(t *testing.T) {
 	r := sh(t, root, append(rootArgs, "--flow-log", log), `ulimit -n 9000
 perl -MIO::Socket::INET -e 'for (1..8300) { push @c, (IO::Socket::INET->new(PeerAddr => "203.0.113.10:9102", Timeout => 5) or last) } print scalar(@c), "\n"'
 for i in 1 2 3 4 5 6 7 8 9 10; do curl -sS -m2 -o /dev/null http://203.0.113.10/ 2>/dev/null && echo again && exit 0; sleep 0.5; done`)
-	if r.code != 0 || strings.Fields(r.stdout)[0] != "8192" || !strings.Contains(r.stdout, "again") {
+	if held := strings.Fields(r.stdout); r.code != 0 || len(held) == 0 || held[0] != "8192" || !strings.Contains(r.stdout, "again") {
 		t.Fatalf("want 8192 connections held, then one more once they closed: %v", r)
 	}
 	failures := 0
