@@ -52,11 +52,14 @@ type Host struct {
 	// ForwardDrops names the host's forward chains that drop what
 	// --root sandboxes send (rootful.ForwardDrops); nil: not looked at.
 	ForwardDrops func() []string
+	// Conntrack says whether conntrack answers over netlink, which --root
+	// needs (rootful.ConntrackOverNetlink); nil: not looked at.
+	Conntrack func() error
 }
 
 // Local is this machine.
 func Local() Host {
-	return Host{Proc: "/proc", DevTun: "/dev/net/tun", Resolv: "/etc/resolv.conf", Euid: os.Geteuid(), Egid: os.Getegid(), CapEff: effectiveCaps(), LookBin: exec.LookPath, ForwardDrops: rootful.ForwardDrops}
+	return Host{Proc: "/proc", DevTun: "/dev/net/tun", Resolv: "/etc/resolv.conf", Euid: os.Geteuid(), Egid: os.Getegid(), CapEff: effectiveCaps(), LookBin: exec.LookPath, ForwardDrops: rootful.ForwardDrops, Conntrack: rootful.ConntrackOverNetlink}
 }
 
 // Privileged reports whether this process builds a sandbox's namespaces
@@ -255,7 +258,17 @@ func (h Host) nftables() Check {
 	c := Check{Name: "nftables", Status: Available, Detail: "only the --root backend uses nftables"}
 	if !h.Privileged() {
 		c.Status, c.Detail, c.Fix = Limited, "--root needs root privileges (nftables over netlink)", "run --root through sudo"
-	} else if h.ForwardDrops != nil {
+		return c
+	}
+	if h.Conntrack != nil {
+		if err := h.Conntrack(); err != nil {
+			c.Status = Limited
+			c.Detail = fmt.Sprintf("conntrack does not answer over netlink (%v): --root, which removes a finished sandbox's connections from it, fails at the start", err)
+			c.Fix = "modprobe nf_conntrack_netlink"
+			return c
+		}
+	}
+	if h.ForwardDrops != nil {
 		if drops := h.ForwardDrops(); len(drops) > 0 {
 			c.Status = Limited
 			c.Detail = fmt.Sprintf("chain %s drops forwarded packets no rule accepts (Docker and ufw set iptables' FORWARD so): --root sandboxes reach nothing beyond the host", strings.Join(drops, ", "))

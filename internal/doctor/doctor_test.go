@@ -5,6 +5,10 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/childflow/childflow/internal/rootful"
 )
 
 // The sandbox's resolv.conf is bound over the host's: without a file
@@ -36,6 +40,25 @@ func TestResolversNeedAResolvConfToBindOver(t *testing.T) {
 		err := h.Preflight(true)
 		if blocks := tc.status == Unavailable; blocks != (err != nil) || (err != nil && !strings.Contains(err.Error(), tc.detail)) {
 			t.Errorf("%s: Preflight(rootful): %v", tc.name, err)
+		}
+	}
+}
+
+// --root needs conntrack over netlink: where it does not answer, the
+// nftables check says so and how to load it; where it does, nothing.
+func TestRootNeedsConntrackOverNetlink(t *testing.T) {
+	root := Host{Euid: 0, CapEff: 1<<unix.CAP_SYS_ADMIN | 1<<unix.CAP_NET_ADMIN}
+	root.Conntrack = func() error { return unix.EOPNOTSUPP }
+	if c := root.nftables(); c.Status != Limited || !strings.Contains(c.Detail, "conntrack") || !strings.Contains(c.Fix, "nf_conntrack_netlink") {
+		t.Errorf("without it: %+v", c)
+	}
+	root.Conntrack = func() error { return nil }
+	if c := root.nftables(); c.Status != Available {
+		t.Errorf("with it: %+v", c)
+	}
+	if os.Geteuid() == 0 {
+		if err := rootful.ConntrackOverNetlink(); err != nil {
+			t.Errorf("this host's conntrack over netlink: %v", err)
 		}
 	}
 }

@@ -28,3 +28,17 @@ func forgetConnections(slot int) error {
 	}
 	return nil
 }
+
+// ipctnlMsgCtGetStats is IPCTNL_MSG_CT_GET_STATS, which the nl package
+// does not name.
+const ipctnlMsgCtGetStats = 5
+
+// ConntrackOverNetlink says whether conntrack answers over netlink
+// (nf_conntrack_netlink), as --root needs it to (forgetConnections):
+// asking for its statistics changes nothing.
+func ConntrackOverNetlink() error {
+	req := nl.NewNetlinkRequest(unix.NFNL_SUBSYS_CTNETLINK<<8|ipctnlMsgCtGetStats, unix.NLM_F_ACK)
+	req.AddData(&nl.Nfgenmsg{NfgenFamily: unix.AF_UNSPEC, Version: nl.NFNETLINK_V0})
+	_, err := req.Execute(unix.NETLINK_NETFILTER, 0)
+	return err
+}
