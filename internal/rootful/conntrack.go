@@ -18,9 +18,7 @@ const ctaMarkMask = 21
 // port got its echo through a --deny-cidr for the echo server). So they
 // go before the table is installed, and again when the sandbox is gone.
 func forgetConnections(slot int) error {
-	req := nl.NewNetlinkRequest(unix.NFNL_SUBSYS_CTNETLINK<<8|nl.IPCTNL_MSG_CT_DELETE, unix.NLM_F_ACK)
-	// Family AF_UNSPEC with version 0: both families, in one pass.
-	req.AddData(&nl.Nfgenmsg{NfgenFamily: unix.AF_UNSPEC, Version: nl.NFNETLINK_V0})
+	req := ctnetlink(nl.IPCTNL_MSG_CT_DELETE)
 	req.AddData(nl.NewRtAttr(nl.CTA_MARK, nl.BEUint32Attr(slotMark(slot))))
 	req.AddData(nl.NewRtAttr(ctaMarkMask, nl.BEUint32Attr(slotMask)))
 	if _, err := req.Execute(unix.NETLINK_NETFILTER, 0); err != nil {
@@ -37,8 +35,14 @@ const ipctnlMsgCtGetStats = 5
 // (nf_conntrack_netlink), as --root needs it to (forgetConnections):
 // asking for its statistics changes nothing.
 func ConntrackOverNetlink() error {
-	req := nl.NewNetlinkRequest(unix.NFNL_SUBSYS_CTNETLINK<<8|ipctnlMsgCtGetStats, unix.NLM_F_ACK)
-	req.AddData(&nl.Nfgenmsg{NfgenFamily: unix.AF_UNSPEC, Version: nl.NFNETLINK_V0})
-	_, err := req.Execute(unix.NETLINK_NETFILTER, 0)
+	_, err := ctnetlink(ipctnlMsgCtGetStats).Execute(unix.NETLINK_NETFILTER, 0)
 	return err
+}
+
+// ctnetlink is a request of conntrack's netlink subsystem for both
+// families (AF_UNSPEC with version 0), in one pass.
+func ctnetlink(msg int) *nl.NetlinkRequest {
+	req := nl.NewNetlinkRequest(unix.NFNL_SUBSYS_CTNETLINK<<8|msg, unix.NLM_F_ACK)
+	req.AddData(&nl.Nfgenmsg{NfgenFamily: unix.AF_UNSPEC, Version: nl.NFNETLINK_V0})
+	return req
 }
