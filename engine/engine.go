@@ -130,6 +130,10 @@ func (s slots) take() bool {
 
 func (s slots) give() { <-s }
 
+// roomWait is how long a new flow may wait for the one ended to make
+// room for it (takeFlow).
+const roomWait = time.Second
+
 // takeWithin is take, waiting up to d for a slot.
 func (s slots) takeWithin(d time.Duration) bool {
 	t := time.NewTimer(d)
@@ -397,7 +401,7 @@ func (e *Engine) takeFlow(mayWait bool) bool {
 		return false
 	}
 	e.events.FailureOnce("flows ended", fmt.Sprintf("the sandbox holds %d flows, the engine's limit: idle flows end to make room for new ones", cap(e.flows)))
-	if !mayWait || !e.flows.takeWithin(time.Second) {
+	if !mayWait || !e.flows.takeWithin(roomWait) {
 		return false
 	}
 	if !e.takeNodeFlow(true) {
@@ -423,7 +427,7 @@ func (e *Engine) release() {
 // (a flow of ours is ending to make room).
 func (e *Engine) takeNodeFlow(wait bool) bool {
 	b := e.cfg.Flows
-	if b == nil || b.slots.take() || wait && b.slots.takeWithin(time.Second) {
+	if b == nil || b.slots.take() || wait && b.slots.takeWithin(roomWait) {
 		return true
 	}
 	e.events.FailureOnce("node flows", fmt.Sprintf("the node's sandboxes hold %d flows together, the daemon's limit (--max-flows): new ones are refused until some end", cap(b.slots)))

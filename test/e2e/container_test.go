@@ -663,11 +663,12 @@ func TestContainersDoNotGetTheNodesIdentity(t *testing.T) {
 	}
 }
 
-// A container that uploads and exits at once leaves the tail of its data
-// in the engine when its runtime detaches it: the daemon relays it first.
-func TestContainersUploadTailArrives(t *testing.T) {
-	n := startNode(t)
-	server := exec.Command("ip", "netns", "exec", testnet+"-inet", "python3", "../testdata/slowreader.py", "203.0.113.10", "9101")
+// serveInTestnet runs a server of testdata's in the testnet's internet
+// namespace until the test ends, once it says "listening"; the rest of
+// what it prints is the test's to read.
+func serveInTestnet(t *testing.T, argv ...string) *bufio.Scanner {
+	t.Helper()
+	server := exec.Command("ip", append([]string{"netns", "exec", testnet + "-inet"}, argv...)...)
 	out, _ := server.StdoutPipe()
 	if err := server.Start(); err != nil {
 		t.Fatal(err)
@@ -675,8 +676,16 @@ func TestContainersUploadTailArrives(t *testing.T) {
 	t.Cleanup(func() { server.Process.Kill(); server.Wait() })
 	lines := bufio.NewScanner(out)
 	if !lines.Scan() || lines.Text() != "listening" {
-		t.Fatalf("slow reader: %q", lines.Text())
+		t.Fatalf("%v: %q", argv, lines.Text())
 	}
+	return lines
+}
+
+// A container that uploads and exits at once leaves the tail of its data
+// in the engine when its runtime detaches it: the daemon relays it first.
+func TestContainersUploadTailArrives(t *testing.T) {
+	n := startNode(t)
+	lines := serveInTestnet(t, "python3", "../testdata/slowreader.py", "203.0.113.10", "9101")
 	const size = 8 << 20
 	r := oci(t, "runc", t.TempDir(), "run", "--bundle",
 		bundle(t, sandboxedAnn, n.hooks(), fmt.Sprintf("nc 203.0.113.10 9101 -e head -c %d /dev/zero", size)), "cf-upload")

@@ -1068,13 +1068,7 @@ func TestOrphansAreKilled(t *testing.T) {
 // (an allowed name is reached under a default deny, a denied one is not).
 func TestHostsFile(t *testing.T) {
 	requireRoot(t)
-	dir, err := os.MkdirTemp("", "cfhosts")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	os.Chmod(dir, 0o755)
-	f := filepath.Join(dir, "hosts")
+	f := filepath.Join(logDir(t), "hosts")
 	os.WriteFile(f, []byte("127.0.0.1 localhost\n203.0.113.10 only-in-sandbox.test\n"), 0o644)
 	for _, backend := range backends {
 		t.Run(backend.name, func(t *testing.T) {
@@ -1450,10 +1444,7 @@ func TestResetsReachTheOtherSide(t *testing.T) {
 		ended <- err
 	})
 	users(t, func(t *testing.T, u as) {
-		dir, _ := os.MkdirTemp("", "cfresets")
-		os.Chmod(dir, 0o777)
-		t.Cleanup(func() { os.RemoveAll(dir) })
-		log := filepath.Join(dir, "flows.jsonl")
+		log := filepath.Join(logDir(t), "flows.jsonl")
 		r := run(t, u, "--allow-cidr", "10.87.0.1/32", "--flow-log", log, "--", "curl", "-s", "-o", "/dev/null", "-w", "%{size_download}",
 			fmt.Sprintf("http://10.87.0.1:%d/", download))
 		if r.code != 56 || r.stdout != fmt.Sprint(size) {

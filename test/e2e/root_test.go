@@ -81,15 +81,7 @@ func TestRootHelpersOpenNothing(t *testing.T) {
 		t.Fatalf("assigning ftp's helper: %v: %s", err, out)
 	}
 	t.Cleanup(func() { exec.Command("nft", "delete", "table", "inet", table).Run() })
-	server := exec.Command("ip", "netns", "exec", testnet+"-inet", "python3", "../testdata/pasv.py", "203.0.113.10")
-	out, _ := server.StdoutPipe()
-	if err := server.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { server.Process.Kill(); server.Wait() })
-	if lines := bufio.NewScanner(out); !lines.Scan() || lines.Text() != "listening" {
-		t.Fatalf("ftp server: %q", lines.Text())
-	}
+	serveInTestnet(t, "python3", "../testdata/pasv.py", "203.0.113.10")
 	cmd := exec.Command(bin, append(append([]string{}, rootArgs...), "--", "python3", "-c", `
 import socket, sys
 c = socket.create_connection(("203.0.113.10", 21), timeout=5)
@@ -609,15 +601,7 @@ func rootHostState(t *testing.T) string {
 // new one goes.
 func TestRootLimitsItsConnections(t *testing.T) {
 	requireRoot(t)
-	server := exec.Command("ip", "netns", "exec", testnet+"-inet", "prlimit", "--nofile=20000:20000", "python3", "../testdata/holder.py", "203.0.113.10", "9102")
-	out, _ := server.StdoutPipe()
-	if err := server.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { server.Process.Kill(); server.Wait() })
-	if lines := bufio.NewScanner(out); !lines.Scan() || lines.Text() != "listening" {
-		t.Fatalf("holder: %q", lines.Text())
-	}
+	serveInTestnet(t, "prlimit", "--nofile=20000:20000", "python3", "../testdata/holder.py", "203.0.113.10", "9102")
 	log := filepath.Join(t.TempDir(), "flows.jsonl")
 	r := sh(t, root, append(rootArgs, "--flow-log", log), `ulimit -n 9000
 perl -MIO::Socket::INET -e 'for (1..8300) { push @c, (IO::Socket::INET->new(PeerAddr => "203.0.113.10:9102", Timeout => 5) or last) } print scalar(@c), "\n"'
