@@ -33,6 +33,7 @@ ns="$name-inet"
 host_if="${name:0:8}-h"
 ns_if="${name:0:8}-n"
 state="/run/childflow-testnet/$name"
+hack=$(cd "$(dirname "$0")" && pwd)
 # squid names its shared memory (/dev/shm) after its service: ours, so
 # that down removes exactly what this squid left there when killed.
 squid_service="cftestnet${name//[^a-zA-Z0-9]/}"
@@ -77,11 +78,7 @@ up() {
 	head -c 10485760 /dev/zero >"$state/www/10m.bin"
 	start httpd busybox httpd -f -p 80 -h "$state/www"
 	start tcpecho socat TCP6-LISTEN:7,fork,reuseaddr,ipv6only=0 EXEC:cat
-	# One UDP echo per address: a wildcard UDP server would answer from
-	# whichever address the kernel picks, and a connected client drops that.
-	for a in 4:203.0.113.10 6:[2001:db8::10] 4:203.0.113.20 6:[2001:db8::20]; do
-		start "udpecho-${a//[^0-9a-f]/}" socat "UDP${a%%:*}-RECVFROM:7,fork,reuseaddr,bind=${a#*:}" EXEC:cat
-	done
+	start udpecho python3 "$hack/udpecho.py" 7 203.0.113.10 2001:db8::10 203.0.113.20 2001:db8::20
 	start banner socat TCP6-LISTEN:25,fork,reuseaddr,ipv6only=0 SYSTEM:'echo 220 banner.test ESMTP ready; cat'
 	start dnsmasq dnsmasq --no-daemon --conf-file=/dev/null --no-resolv --no-hosts --bind-interfaces \
 		--listen-address=203.0.113.53 --listen-address=2001:db8::53 --log-queries --log-facility=- \
