@@ -105,11 +105,20 @@ func run(t *testing.T, netns string, args ...string) {
 
 func serve(t *testing.T, netns, port string) {
 	t.Helper()
-	cmd := exec.Command("ip", "netns", "exec", netns, "socat", "UDP6-RECVFROM:"+port+",ipv6only=0,fork", "PIPE")
+	cmd := exec.Command("ip", "netns", "exec", netns, "python3", "../../hack/udpecho.py", port, "::")
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	// Until it listens, a datagram not echoed would prove nothing.
+	for range 100 {
+		out, _ := exec.Command("ip", "netns", "exec", netns, "ss", "-Hlun", "sport = :"+port).Output()
+		if len(out) > 0 {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatalf("no UDP echo listening on port %s in %s", port, netns)
 }
 
 // echoed reports whether a UDP datagram from netns to addr came back.
