@@ -67,7 +67,7 @@ func (sb *Sandbox) watchFlows(group uint16) error {
 			}
 			for _, p := range pkts {
 				if strings.HasPrefix(p.prefix, logLimit) {
-					sb.events.FailureOnce("connections", fmt.Sprintf("the sandbox holds %d TCP connections beyond the host, the limit: new ones are refused until some end", maxConnections))
+					sb.events.FailureOnce("flows", fmt.Sprintf("the sandbox holds %d flows beyond the host (TCP connections, UDP and other flows), the limit: new ones are refused until some end", maxFlows))
 					continue
 				}
 				k, ok := parsePacket(p.payload)

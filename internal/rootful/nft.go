@@ -53,17 +53,19 @@ const (
 )
 
 // Log prefixes carry the verdict and reason to the flow-event reader,
-// or say that the connection limit refused a connection.
+// or say that the flow limit refused a flow.
 const (
 	logAllow = "cf a "
 	logDeny  = "cf d "
 	logLimit = "cf l"
 )
 
-// maxConnections bounds the TCP connections a sandbox holds beyond the
-// host, as the engine bounds its flows: conntrack's table is the host's,
-// and a sandbox holding connections open would fill it for everyone.
-const maxConnections = engine.DefaultMaxFlows
+// maxFlows bounds the flows (TCP connections, UDP and other flows) a
+// sandbox holds beyond the host, as the engine bounds its own:
+// conntrack's table is the host's, and a sandbox holding flows open
+// would fill it for everyone (12000 UDP flows from one sandbox, each
+// answered once, stayed there 30 s).
+const maxFlows = engine.DefaultMaxFlows
 
 // nft builds rules one expression list at a time.
 type nft struct {
@@ -345,8 +347,9 @@ func installTable(s tableSpec, domain []domainElement) (err error) {
 	for _, typ := range append(hostTypes, unix.RTN_MULTICAST) {
 		n.rule(decide, nftexpr.Cat(fromSandbox, hostAddr(typ), []expr.Any{accept})...)
 	}
-	// What conntrack counts as closed (TIME_WAIT, CLOSE) is not counted.
-	n.rule(decide, nftexpr.Cat(fromSandbox, nftexpr.L4(unix.IPPROTO_TCP), []expr.Any{&expr.Connlimit{Count: maxConnections, Flags: expr.NFT_CONNLIMIT_F_INV}},
+	// What conntrack counts as closed (TCP's TIME_WAIT, CLOSE) is not
+	// counted, nor what the policy refuses (its entry is never confirmed).
+	n.rule(decide, nftexpr.Cat(fromSandbox, []expr.Any{&expr.Connlimit{Count: maxFlows, Flags: expr.NFT_CONNLIMIT_F_INV}},
 		nftexpr.Logged(s.group, logLimit, refused))...)
 	n.rule(decide, nftexpr.Cat(fromSandbox, []expr.Any{jumpPolicy})...)
 

@@ -594,11 +594,11 @@ func rootHostState(t *testing.T) string {
 	return b.String()
 }
 
-// A sandbox holds at most 8192 TCP connections beyond the host, as the
-// engine holds 8192 flows: conntrack's table is the host's, and one that
-// held connections open to a server of its own filled it for everyone.
-// The 8193rd is refused, logged once, and once the sandbox closes them a
-// new one goes.
+// A sandbox holds at most 8192 flows beyond the host, as the engine
+// holds 8192: conntrack's table is the host's, and one that held
+// connections open to a server of its own filled it for everyone. The
+// 8193rd TCP connection is refused, logged once, and once the sandbox
+// closes them a new one goes.
 func TestRootLimitsItsConnections(t *testing.T) {
 	requireRoot(t)
 	serveInTestnet(t, "prlimit", "--nofile=20000:20000", "python3", "../testdata/holder.py", "203.0.113.10", "9102")
@@ -611,12 +611,27 @@ for i in 1 2 3 4 5 6 7 8 9 10; do curl -sS -m2 -o /dev/null http://203.0.113.10/
 	}
 	failures := 0
 	for _, ev := range readFlowLog(t, log) {
-		if ev["event"] == "runtime_failure" && strings.Contains(fmt.Sprint(ev["error"]), "8192 TCP connections beyond the host") {
+		if ev["event"] == "runtime_failure" && strings.Contains(fmt.Sprint(ev["error"]), "8192 flows beyond the host") {
 			failures++
 		}
 	}
 	if failures != 1 {
 		t.Errorf("%d runtime_failure events for the limit, want 1", failures)
+	}
+}
+
+// UDP flows count too: each answered once, they stay in conntrack's table
+// 30 s after their last datagram (12000 from one sandbox, before).
+func TestRootLimitsItsUDPFlows(t *testing.T) {
+	requireRoot(t)
+	log := filepath.Join(t.TempDir(), "flows.jsonl")
+	script, _ := filepath.Abs("../testdata/udpflows.py")
+	r := sh(t, root, append(rootArgs, "--flow-log", log), "ulimit -n 9000; python3 "+script+" 203.0.113.10 7 8300")
+	if r.code != 0 || strings.TrimSpace(r.stdout) != "8192 0" {
+		t.Fatalf("want 8192 UDP flows echoed, then none of three more: %v", r)
+	}
+	if !hasEvent(readFlowLog(t, log), map[string]any{"event": "runtime_failure", "error": "the sandbox holds 8192 flows beyond the host (TCP connections, UDP and other flows), the limit: new ones are refused until some end"}) {
+		t.Error("no runtime_failure event for the limit")
 	}
 }
 
