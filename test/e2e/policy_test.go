@@ -501,7 +501,8 @@ func TestHostUnixSocketsAreCovered(t *testing.T) {
 			r := sh(t, backend.u, append([]string{"--offline"}, backend.flags...), fmt.Sprintf(`curl -sS -m5 --unix-socket %s http://web.test/ && exit 8
 echo sent | socat -u - UNIX-SENDTO:%s && exit 9
 own=$(mktemp -u /tmp/cfown.XXXXXX)
-socat UNIX-LISTEN:$own,mode=700 SYSTEM:'echo own' & sleep 0.3
+socat UNIX-LISTEN:$own,mode=700 SYSTEM:'echo own' &
+while [ ! -S $own ]; do sleep 0.05; done
 socat -u UNIX-CONNECT:$own - || exit 10
 exit 3`, relay, dgram))
 			if r.code != 3 || !strings.Contains(r.stdout, "own") {

@@ -368,8 +368,10 @@ func TestRootSandboxTakesNoCallsFromTheHost(t *testing.T) {
 	defer cancel()
 	addrFile := filepath.Join(t.TempDir(), "addr")
 	cmd := command(ctx, root, append(append([]string{"--offline"}, rootArgs...), "--", "sh", "-c",
-		`ip -4 -o addr show scope global | awk '{print $4}' | cut -d/ -f1 > `+addrFile+`
-socat -u UDP-RECV:8001 OPEN:/dev/stdout & socat TCP-LISTEN:8000,reuseaddr SYSTEM:'echo called; echo answered >&2' & sleep 4; kill %1 %2; exit 3`)...)
+		`socat -u UDP-RECV:8001 OPEN:/dev/stdout & socat TCP-LISTEN:8000,reuseaddr SYSTEM:'echo called; echo answered >&2' &
+until ss -Hln 'sport = :8000 or sport = :8001' | grep -c . | grep -qx 2; do sleep 0.02; done
+ip -4 -o addr show scope global | awk '{print $4}' | cut -d/ -f1 > `+addrFile+`
+sleep 4; kill %1 %2; exit 3`)...)
 	var out, errb strings.Builder
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	if err := cmd.Start(); err != nil {
@@ -380,10 +382,9 @@ socat -u UDP-RECV:8001 OPEN:/dev/stdout & socat TCP-LISTEN:8000,reuseaddr SYSTEM
 		b, _ := os.ReadFile(addrFile)
 		addr = strings.TrimSpace(string(b))
 		if time.Now().After(deadline) {
-			t.Fatal("the sandbox did not say its address")
+			t.Fatal("the sandbox did not say its address, its listeners up")
 		}
 	}
-	time.Sleep(300 * time.Millisecond) // the listeners are up
 	got, err := exec.Command("curl", "-sS", "-m2", "--http0.9", "http://"+addr+":8000/").CombinedOutput()
 	if err == nil || strings.Contains(string(got), "called") {
 		t.Errorf("the host's connection into the sandbox: %v, %q", err, got)
@@ -457,7 +458,14 @@ ip netns exec %[1]s nft add rule inet count in iifname alt0 tcp dport 80 counter
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { srv.Process.Kill(); srv.Wait() })
-	time.Sleep(300 * time.Millisecond)
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if out, _ := exec.Command("ip", "netns", "exec", ns, "ss", "-Hltn", "sport = :80").Output(); len(out) > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the alternate path's web server does not listen")
+		}
+	}
 	counted := func() int {
 		out, _ := exec.Command("ip", "netns", "exec", ns, "nft", "list", "table", "inet", "count").Output()
 		m := regexp.MustCompile(`packets (\d+)`).FindStringSubmatch(string(out))
