@@ -2,10 +2,10 @@
 """UDP echo server for the testnet: udpecho.py PORT ADDR...
 
 One socket per address, each answer sent from the address asked (a
-connected client drops any other); "::" is both families' wildcard. socat's UDP-RECVFROM with fork,
-used before, wedged for good under a burst of datagrams (its parent
-waits for a child's signal that can be lost) and the server answered
-no more for the rest of the run.
+connected client drops any other); "::" is both families' wildcard.
+socat's UDP-RECVFROM with fork, used before, wedged for good under a
+burst of datagrams (its parent waits for a child's signal that can be
+lost) and answered no more for the rest of the run.
 """
 import selectors
 import socket

@@ -629,12 +629,16 @@ for i in 1 2 3 4 5 6 7 8 9 10; do curl -sS -m2 -o /dev/null http://203.0.113.10/
 }
 
 // UDP flows count too: each answered once, they stay in conntrack's table
-// 30 s after their last datagram (12000 from one sandbox, before).
+// 30 s after their last datagram (12000 from one sandbox, before). What
+// the policy refused does not: 9000 datagrams to a denied host first.
 func TestRootLimitsItsUDPFlows(t *testing.T) {
 	requireRoot(t)
 	log := filepath.Join(t.TempDir(), "flows.jsonl")
 	script, _ := filepath.Abs("../testdata/udpflows.py")
-	r := sh(t, root, append(rootArgs, "--flow-log", log), "ulimit -n 9000; python3 "+script+" 203.0.113.10 7 8300")
+	r := sh(t, root, append(rootArgs, "--flow-log", log, "--deny-cidr", "203.0.113.20/32"), `ulimit -n 9000
+python3 -c 'import socket
+for _ in range(9000): socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", ("203.0.113.20", 7))'
+python3 `+script+` 203.0.113.10 7 8300`)
 	if r.code != 0 || strings.TrimSpace(r.stdout) != "8192 0" {
 		t.Fatalf("want 8192 UDP flows echoed, then none of three more: %v", r)
 	}
