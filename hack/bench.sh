@@ -6,12 +6,14 @@
 # its gateway, mapped to the host). No traffic leaves the machine.
 #
 # Env: BENCH_SECONDS (iperf3 duration, default 5), BENCH_CONNS (2000),
+#      BENCH_ROUNDS (rounds over every path, 3; the table gives medians),
 #      BENCH_RUNS (startup runs, 100), BENCH_OUT (default docs/benchmarks.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "bench: run as root (sudo make bench)" >&2; exit 1; }
 T=${BENCH_SECONDS:-5}
 N=${BENCH_CONNS:-2000}
+R=${BENCH_ROUNDS:-3}
 OUT=${BENCH_OUT:-docs/benchmarks.md}
 work=$(mktemp -d /tmp/cfbench.XXXXXX)
 chmod 755 "$work"
@@ -124,17 +126,42 @@ port() { case "$1" in childflowroot-*) echo "$3" ;; *) echo "$2" ;; esac; }
 throughput() { run_in "$1" sh -c 'iperf3 -c "$GW" -p '"$(port "$1" 5201 5202)"' -t '"$T"' -J' | gbps; }
 connrate() { run_in "$1" sh -c '"$0" client "$GW:'"$(port "$1" 5300 5301)"'" '"$N" "$CB"; }
 
-declare -A tput rate
+# Every path in turn, then again: a noisy minute on a shared machine weighs
+# on one round of several paths rather than on every run of one, and the
+# medians leave it out.
+declare -A tputs rates tput rate spread
+for round in $(seq "$R"); do
+	for env in $ENVS; do
+		case "$env" in
+		slirp4netns-*) start_slirp "${env#*-}" ;;
+		pasta-*) start_pasta "${env#*-}" ;;
+		esac
+		# A run that fails (a comparator refusing a connection, say) shows
+		# as failed, not as a rate of 0.
+		t=$(throughput "$env") || t=failed
+		c=$(connrate "$env") || c=failed
+		tputs[$env]+=" $t" rates[$env]+=" $c"
+		echo "round $round, $env: $t Gbit/s, $c conn/s" >&2
+	done
+done
+# median VALUES...: the median of those that are numbers, and how many
+# were not; "failed" if none was.
+median() {
+	local nums bad m
+	nums=$(printf '%s\n' "$@" | grep -E '^[0-9.]+$' | sort -g) || true
+	bad=$(printf '%s\n' "$@" | grep -cvE '^[0-9.]+$') || true
+	[ -n "$nums" ] || { echo failed; return; }
+	m=$(awk '{ v[NR] = $1 } END { print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }' <<<"$nums")
+	[ "$bad" = 0 ] || m="$m ($bad failed)"
+	echo "$m"
+}
+# range VALUES...: lowest-highest of those that are numbers.
+range() { printf '%s\n' "$@" | grep -E '^[0-9.]+$' | sort -g | sed -n '1p;$p' | paste -sd-; }
 for env in $ENVS; do
-	case "$env" in
-	slirp4netns-*) start_slirp "${env#*-}" ;;
-	pasta-*) start_pasta "${env#*-}" ;;
-	esac
-	# A run that fails (a comparator refusing a connection, say) shows
-	# as failed, not as a rate of 0.
-	tput[$env]=$(throughput "$env") || tput[$env]=failed
-	rate[$env]=$(connrate "$env") || rate[$env]=failed
-	echo "$env: ${tput[$env]} Gbit/s, ${rate[$env]} conn/s" >&2
+	# shellcheck disable=SC2086 # the lists split on purpose
+	tput[$env]=$(median ${tputs[$env]}) rate[$env]=$(median ${rates[$env]})
+	# shellcheck disable=SC2086
+	spread[$env]="$(range ${tputs[$env]}) Gbit/s, $(range ${rates[$env]}) conn/s"
 done
 
 # Startup overhead over a plain /bin/true (hyperfine, no shell).
@@ -151,17 +178,18 @@ over() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f ms", a - b }'; }
 	echo
 	echo "Measured by \`make bench\` (hack/bench.sh) on $(date -u +%Y-%m-%d), $(nproc) cores, kernel $(uname -r)."
 	echo "iperf3, one TCP stream for ${T}s, sandbox to host; connection rate: $N sequential"
-	echo "connect / 1-byte echo / close. Every server is on the host's loopback. Ratios are to native loopback."
+	echo "connect / 1-byte echo / close. Every server is on the host's loopback. Medians of $R rounds"
+	echo "over every path (the range in the last column); ratios are of the medians to native loopback."
 	echo
-	echo "| path | MTU | TCP throughput | ratio | conn/s | ratio |"
-	echo "|---|---|---|---|---|---|"
+	echo "| path | MTU | TCP throughput | ratio | conn/s | ratio | range |"
+	echo "|---|---|---|---|---|---|---|"
 	for env in $ENVS; do
 		name=${env%-*} mtu=${env##*-}
 		[ "$env" = native ] && name="native loopback" mtu=65536
 		[ "${env%-*}" = childflowsquid ] && name="childflow via squid CONNECT"
 		[ "${env%-*}" = childflowobserved ] && name="childflow + flow log + capture"
 		[ "${env%-*}" = childflowroot ] && name="childflow --root (veth, nftables)"
-		echo "| $name | $mtu | ${tput[$env]} Gbit/s | $(ratio "${tput[$env]}" "${tput[native]}") | ${rate[$env]} | $(ratio "${rate[$env]}" "${rate[native]}") |"
+		echo "| $name | $mtu | ${tput[$env]} Gbit/s | $(ratio "${tput[$env]}" "${tput[native]}") | ${rate[$env]} | $(ratio "${rate[$env]}" "${rate[native]}") | ${spread[$env]} |"
 	done
 	echo
 	echo "| startup | median | overhead over /bin/true |"
