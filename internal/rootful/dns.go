@@ -110,12 +110,9 @@ func (sb *Sandbox) domainElements() []domainElement {
 	return out
 }
 
-// setName is the set of e's family.
-func (e domainElement) setName() string {
-	if e.addr.Is4() {
-		return e.set + "4"
-	}
-	return e.set + "6"
+// family is the name and key type of the set that holds e.
+func (e domainElement) family() (string, nftables.SetDatatype) {
+	return familySet(e.set, e.addr.Is6())
 }
 
 // element is e as its set holds it: a timeout of zero is none.
@@ -140,15 +137,12 @@ type domainSets struct{ table string }
 // add puts e in its set, replacing an element already there so that
 // its timeout restarts.
 func (d *domainSets) add(e domainElement) error {
-	typ := nftables.TypeIPAddr
-	if e.addr.Is6() {
-		typ = nftables.TypeIP6Addr
-	}
+	name, typ := e.family()
 	c, err := nftables.New()
 	if err != nil {
 		return err
 	}
-	set := &nftables.Set{Table: &nftables.Table{Family: nftables.TableFamilyINet, Name: d.table}, Name: e.setName(), KeyType: typ, HasTimeout: true}
+	set := &nftables.Set{Table: &nftables.Table{Family: nftables.TableFamilyINet, Name: d.table}, Name: name, KeyType: typ, HasTimeout: true}
 	el := []nftables.SetElement{e.element()}
 	// Add (a no-op if present), delete, add: one transaction, fresh timeout.
 	if err := c.SetAddElements(set, el); err != nil {

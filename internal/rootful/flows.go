@@ -28,15 +28,15 @@ func (sb *Sandbox) watchFlows(group uint16) error {
 	sb.spawn(func() {
 		for {
 			pkts, err := l.read()
-			if sb.ctx.Err() != nil {
+			if sb.ctx.Err() != nil && err == nil {
 				// Verdicts a burst queued at the end are still read: the
 				// drain goes on while they come, for at most drainFor.
 				if draining.IsZero() {
 					draining = time.Now()
 				}
-				if err == nil && time.Since(draining) < drainFor {
+				if time.Since(draining) < drainFor {
 					l.drain()
-				} else if err == nil {
+				} else {
 					sb.events.FailureOnce("drain", fmt.Sprintf("verdicts were still being read %s after the sandbox ended: the flow log may not list the last flows", drainFor))
 				}
 			}

@@ -117,11 +117,8 @@ func installTable(s tableSpec, domain []domainElement) (err error) {
 	sets := map[string]*nftables.Set{}
 	filled := map[*nftables.Set]int{} // elements put in each set
 	addSet := func(name string, is6 bool, elems []netip.Prefix, timeout bool) error {
-		typ, suffix := nftables.TypeIPAddr, "4"
-		if is6 {
-			typ, suffix = nftables.TypeIP6Addr, "6"
-		}
-		set := &nftables.Set{Table: n.t, Name: name + suffix, KeyType: typ, Interval: !timeout, HasTimeout: timeout}
+		name, typ := familySet(name, is6)
+		set := &nftables.Set{Table: n.t, Name: name, KeyType: typ, Interval: !timeout, HasTimeout: timeout}
 		if timeout {
 			// Fed by what the sandbox resolves, for TTLs its resolver
 			// chooses: bounded as the engine's names cache is.
@@ -140,7 +137,7 @@ func installTable(s tableSpec, domain []domainElement) (err error) {
 		if err := addElements(c, set, el); err != nil {
 			return err
 		}
-		sets[name+suffix] = set
+		sets[name] = set
 		filled[set] = len(el)
 		return nil
 	}
@@ -169,7 +166,8 @@ func installTable(s tableSpec, domain []domainElement) (err error) {
 	}
 	bySet := map[string][]nftables.SetElement{}
 	for _, e := range domain {
-		bySet[e.setName()] = append(bySet[e.setName()], e.element())
+		name, _ := e.family()
+		bySet[name] = append(bySet[name], e.element())
 	}
 	for name, el := range bySet {
 		if err := addElements(c, sets[name], el); err != nil {
@@ -367,11 +365,8 @@ func installTable(s tableSpec, domain []domainElement) (err error) {
 	}
 	deny := func(reason string) []expr.Any { return nftexpr.Logged(s.group, logDeny+reason, refused) }
 	inSet := func(name string, is6 bool) []expr.Any {
-		suffix := "4"
-		if is6 {
-			suffix = "6"
-		}
-		set := sets[name+suffix]
+		name, _ = familySet(name, is6)
+		set := sets[name]
 		return nftexpr.Cat(nftexpr.Family(is6), []expr.Any{
 			nftexpr.LoadAddr(is6, false),
 			&expr.Lookup{SourceRegister: 1, SetName: set.Name, SetID: set.ID},
@@ -430,6 +425,15 @@ func installTable(s tableSpec, domain []domainElement) (err error) {
 		return fmt.Errorf("creating the chains of nftables table %s: %w", s.name, err)
 	}
 	return nil
+}
+
+// familySet is the name and key type of the half of a set that holds
+// one family's addresses.
+func familySet(name string, is6 bool) (string, nftables.SetDatatype) {
+	if is6 {
+		return name + "6", nftables.TypeIP6Addr
+	}
+	return name + "4", nftables.TypeIPAddr
 }
 
 // addElements adds el to set, a message's worth at a time.

@@ -20,6 +20,10 @@ func ifaceMark(slot int) uint32  { return slotMark(slot) | 2 }
 func tproxyTable(slot int) int   { return 0xcf0000 + 2*slot }
 func ifaceTable(slot int) int    { return 0xcf0000 + 2*slot + 1 }
 
+// undecidedMark is the conntrack mark of a connection conntrack expected
+// (installTable), given the slot's mark: the policy has yet to decide it.
+func undecidedMark(mark uint32) uint32 { return mark | 4 }
+
 func slotOfTable(table int) (int, bool) {
 	if table < 0xcf0000 || table > 0xcf0000+2*maxSlots+1 {
 		return 0, false
@@ -58,10 +62,6 @@ const (
 // low bits say what the mark asks for (TPROXY, --iface) or, on a
 // connection, that the policy has yet to decide it (undecidedMark).
 const slotMask = 0xfffffff0
-
-// undecidedMark is the conntrack mark of a connection conntrack expected
-// (installTable), given the slot's mark.
-func undecidedMark(mark uint32) uint32 { return mark | 4 }
 
 // backstopRules are the slot's rules for one family: the skip, the
 // refusal, and the no-op the skip lands on (a goto needs a rule at its

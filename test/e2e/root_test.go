@@ -458,14 +458,10 @@ ip netns exec %[1]s nft add rule inet count in iifname alt0 tcp dport 80 counter
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { srv.Process.Kill(); srv.Wait() })
-	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
-		if out, _ := exec.Command("ip", "netns", "exec", ns, "ss", "-Hltn", "sport = :80").Output(); len(out) > 0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the alternate path's web server does not listen")
-		}
-	}
+	eventually(t, "the alternate path's web server to listen", func() bool {
+		out, _ := exec.Command("ip", "netns", "exec", ns, "ss", "-Hltn", "sport = :80").Output()
+		return len(out) > 0
+	})
 	counted := func() int {
 		out, _ := exec.Command("ip", "netns", "exec", ns, "nft", "list", "table", "inet", "count").Output()
 		m := regexp.MustCompile(`packets (\d+)`).FindStringSubmatch(string(out))
