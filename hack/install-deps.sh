@@ -24,7 +24,14 @@ fi
 if ! command -v go >/dev/null && [ -x /usr/local/go/bin/go ]; then
 	echo "note: add /usr/local/go/bin to PATH" >&2
 fi
-command -v go >/dev/null || [ -x /usr/local/go/bin/go ] || { echo "install Go 1.22 or newer (apt-get install golang-go on recent releases)" >&2; exit 1; }
+command -v go >/dev/null || [ -x /usr/local/go/bin/go ] || { echo "install Go 1.26 (https://go.dev/dl), or Go 1.21 or newer that can fetch it" >&2; exit 1; }
+# go.mod asks for Go 1.26.8 (gVisor's minimum is 1.26.3). An older Go 1.21+
+# fetches that toolchain itself unless GOTOOLCHAIN=local forbids it; asked
+# once here, it says which before any build does.
+(cd "$(dirname "$0")/.." && env "PATH=$PATH:/usr/local/go/bin" go version >/dev/null) || {
+	echo "install Go 1.26 (https://go.dev/dl): go.mod asks for it" >&2
+	exit 1
+}
 # crictl (drives containerd's CRI in the Kubernetes tests) is no Debian
 # package: build it from the Go module proxy.
 if ! command -v crictl >/dev/null; then
