@@ -45,3 +45,40 @@ func TestSubcommandArguments(t *testing.T) {
 		}
 	}
 }
+
+// TestFlagsReplaceTheProfile: a flag given replaces the profile's value,
+// a list flag its whole list, and an empty one clears it (README).
+func TestFlagsReplaceTheProfile(t *testing.T) {
+	prof := t.TempDir() + "/p.toml"
+	if err := os.WriteFile(prof, []byte(`proxy = "http://127.0.0.1:3128"
+deny_cidrs = ["203.0.113.20/32", "203.0.113.21/32"]
+allow_domains = ["example.test"]
+flow_log = "/tmp/flows.jsonl"
+`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		flags []string
+		want  []string // lines of the effective profile
+	}{
+		{nil, []string{`proxy = 'http://127.0.0.1:3128'`, `deny_cidrs = ['203.0.113.20/32', '203.0.113.21/32']`, `flow_log = '/tmp/flows.jsonl'`}},
+		{[]string{"--deny-cidr", "203.0.113.22"}, []string{`deny_cidrs = ['203.0.113.22']`, `allow_domains = ['example.test']`}},
+		{[]string{"--deny-cidr", "", "--proxy", "", "--flow-log", ""}, []string{`deny_cidrs = []`, `proxy = ''`, `flow_log = ''`, `allow_domains = ['example.test']`}},
+	} {
+		var stdout, stderr bytes.Buffer
+		args := append([]string{"childflow", "--profile", prof}, c.flags...)
+		if code := Run(context.Background(), append(args, "--dump-profile"), &stdout, &stderr); code != 0 {
+			t.Fatalf("%q: exit %d: %s", c.flags, code, stderr.String())
+		}
+		lines := strings.Split(stdout.String(), "\n")
+		for _, w := range c.want {
+			found := false
+			for _, l := range lines {
+				found = found || strings.TrimSpace(l) == w
+			}
+			if !found {
+				t.Errorf("%q: no line %q in the effective profile:\n%s", c.flags, w, stdout.String())
+			}
+		}
+	}
+}
