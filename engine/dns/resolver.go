@@ -163,17 +163,25 @@ func (r *Resolver) forward(ctx context.Context, req *mdns.Msg, overTCP bool) (*m
 	if dialer.Timeout == 0 {
 		dialer.Timeout = timeout
 	}
+	// The upstream resolvers get an ID of ours, a new one per exchange.
+	// The sandbox chose the one it sent: with that, a spoofed answer
+	// would have only the source port to guess, and one that took would
+	// name any address as an allowed name's.
+	asked := req.Copy()
 	var lastErr error
 	for _, up := range r.Upstreams {
 		c := &mdns.Client{Net: network, Timeout: timeout, UDPSize: 4096, Dialer: dialer}
-		resp, err := r.exchange(ctx, c, req, up)
+		asked.Id = mdns.Id()
+		resp, err := r.exchange(ctx, c, asked, up)
 		if err == nil && resp.Truncated && network == "udp" {
 			// Answer over TCP ourselves so the sandbox gets a complete
 			// answer and every address in it is recorded.
 			c.Net = "tcp"
-			resp, err = r.exchange(ctx, c, req, up)
+			asked.Id = mdns.Id()
+			resp, err = r.exchange(ctx, c, asked, up)
 		}
 		if err == nil {
+			resp.Id = req.Id
 			return resp, up.String(), nil
 		}
 		lastErr = fmt.Errorf("querying %s: %w", up, err)

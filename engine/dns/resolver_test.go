@@ -114,3 +114,74 @@ func TestServeUDPBoundsTheQueriesWaiting(t *testing.T) {
 		t.Errorf("%d answers logged, want 4", answers)
 	}
 }
+
+// The upstream resolver never sees the ID the sandbox chose: each
+// exchange has one of the resolver's (UDP, and TCP after a truncated
+// answer), and the sandbox gets its answers under its own ID.
+func TestUpstreamExchangesHaveTheirOwnIDs(t *testing.T) {
+	var mu sync.Mutex
+	seen := map[string][]uint16{} // by network
+	answer := func(net string) mdns.HandlerFunc {
+		return func(w mdns.ResponseWriter, q *mdns.Msg) {
+			mu.Lock()
+			seen[net] = append(seen[net], q.Id)
+			mu.Unlock()
+			m := new(mdns.Msg)
+			m.SetReply(q)
+			if net == "udp" && q.Question[0].Name == "big.test." {
+				m.Truncated = true
+			} else {
+				m.Answer = append(m.Answer, &mdns.A{Hdr: mdns.RR_Header{Name: q.Question[0].Name, Rrtype: mdns.TypeA, Class: mdns.ClassINET, Ttl: 60}, A: net4(203, 0, 113, 10)})
+			}
+			w.WriteMsg(m)
+		}
+	}
+	pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp4", pc.LocalAddr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range []*mdns.Server{{PacketConn: pc, Handler: answer("udp")}, {Listener: ln, Handler: answer("tcp")}} {
+		go s.ActivateAndServe()
+		defer s.Shutdown()
+	}
+	r := &Resolver{
+		Upstreams: []netip.AddrPort{netip.MustParseAddrPort(pc.LocalAddr().String())},
+		Policy:    &policy.Policy{},
+		Cache:     &Cache{},
+	}
+	const sandboxID = 0x1234
+	for i := range 20 {
+		name := "q.test."
+		if i%2 == 1 {
+			name = "big.test."
+		}
+		m := new(mdns.Msg)
+		m.SetQuestion(name, mdns.TypeA)
+		m.Id = sandboxID
+		b, _ := m.Pack()
+		resp := new(mdns.Msg)
+		if err := resp.Unpack(r.Answer(context.Background(), b, false)); err != nil {
+			t.Fatal(err)
+		}
+		if resp.Id != sandboxID || len(resp.Answer) != 1 {
+			t.Fatalf("answer %d: ID %#x, %d records; want %#x and one", i, resp.Id, len(resp.Answer), sandboxID)
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	for _, net := range []string{"udp", "tcp"} {
+		ids := map[uint16]bool{}
+		for _, id := range seen[net] {
+			ids[id] = true
+		}
+		if want := map[string]int{"udp": 20, "tcp": 10}[net]; len(seen[net]) != want || ids[sandboxID] && len(ids) == 1 || len(ids) < want/2 {
+			t.Errorf("over %s the upstream saw IDs %v, want %d exchanges under IDs of the resolver's, not the sandbox's %#x", net, seen[net], want, sandboxID)
+		}
+	}
+}
+
+func net4(a, b, c, d byte) net.IP { return net.IPv4(a, b, c, d).To4() }
