@@ -1361,3 +1361,68 @@ func outq(c *net.TCPConn) int {
 	raw.Control(func(fd uintptr) { n, _ = unix.IoctlGetInt(int(fd), unix.SIOCOUTQ) })
 	return n
 }
+
+// TestLingerPassesOnTheLastDatagrams: datagrams the sandbox sent just
+// before its end are passed on before the engine closes, though the
+// flows' handlers are slow to dial (here 200 ms) and no flow has been
+// counted yet; a DNS query waiting for a resolver that never answers is
+// not waited for.
+func TestLingerPassesOnTheLastDatagrams(t *testing.T) {
+	pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	var got sync.Map
+	go func() {
+		buf := make([]byte, 100)
+		for {
+			n, _, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			got.Store(string(buf[:n]), true)
+		}
+	}()
+	silent, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer silent.Close()
+	sb := newSandboxWith(t, allowAll, func(c *Config) {
+		c.Dial = func(ctx context.Context, network, address string) (net.Conn, error) {
+			time.Sleep(200 * time.Millisecond)
+			return toLoopback(ctx, network, address)
+		}
+	}, netip.MustParseAddrPort(silent.LocalAddr().String()))
+	dst := remote(netip.MustParseAddrPort(pc.LocalAddr().String()))
+	want := []string{"a1", "a2", "a3", "b1"}
+	a, b := sb.dialUDP(t, dst), sb.dialUDP(t, dst)
+	for _, d := range want {
+		c := a
+		if d[0] == 'b' {
+			c = b
+		}
+		if _, err := c.Write([]byte(d)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	q := new(mdns.Msg)
+	q.SetQuestion("waits.test.", mdns.TypeA)
+	query, _ := q.Pack()
+	sb.dialUDP(t, netip.MustParseAddrPort("192.0.2.53:53")).Write(query)
+
+	start := time.Now()
+	sb.eng.Linger(LingerMax)
+	took := time.Since(start)
+	sb.eng.Close()
+	time.Sleep(100 * time.Millisecond) // the loopback's delivery
+	for _, d := range want {
+		if _, ok := got.Load(d); !ok {
+			t.Errorf("datagram %q was not passed on (lingered %v)", d, took)
+		}
+	}
+	if took > time.Second {
+		t.Errorf("lingered %v: waited for the DNS query's answer", took)
+	}
+}

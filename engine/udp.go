@@ -26,6 +26,7 @@ func (e *Engine) handleUDP(f *netstack.UDPFlow) {
 	if f.Dst.Port() == portDNS {
 		// DNS to any resolver is answered by ours, from the address the
 		// sandbox asked.
+		f.Unawaited()
 		e.serveDNSFlow(f)
 		return
 	}

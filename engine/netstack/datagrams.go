@@ -27,6 +27,14 @@ func (f *UDPFlow) Next(use func([]byte)) error {
 		res, err := f.ep.Read(&w, tcpip.ReadOptions{})
 		if _, wait := err.(*tcpip.ErrWouldBlock); wait {
 			datagrams.Put(bp)
+			// What came before is passed on. One that arrives from here
+			// on holds the flow again; one that came since the read is
+			// seen below.
+			f.release()
+			if f.ep.Readiness(waiter.ReadableEvents) != 0 {
+				f.hold(waiter.ReadableEvents)
+				continue
+			}
 			<-f.ready // a notification after the read is kept: none is lost
 			continue
 		}

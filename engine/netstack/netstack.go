@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -159,6 +160,45 @@ type UDPFlow struct {
 
 	ep    tcpip.Endpoint
 	ready chan struct{}
+	// holding: the flow has datagrams of the sandbox's that its handler
+	// has not passed on (counted in the stack's backlog); unawaited: its
+	// datagrams are not waited for at the end (Unawaited).
+	holding, closed, unawaited atomic.Bool
+	backlog                    *atomic.Int64
+}
+
+// hold marks the flow as holding a datagram: gVisor's notice of one that
+// arrived (or of the flow's end, which releases it).
+func (f *UDPFlow) hold(m waiter.EventMask) {
+	if m&waiter.EventHUp != 0 {
+		f.closed.Store(true)
+		f.release()
+		return
+	}
+	if f.closed.Load() || f.unawaited.Load() {
+		return
+	}
+	if !f.holding.Swap(true) {
+		f.backlog.Add(1)
+	}
+	// The flow's end may have been told in between: then nothing holds it.
+	if f.closed.Load() || f.unawaited.Load() {
+		f.release()
+	}
+}
+
+func (f *UDPFlow) release() {
+	if f.holding.Swap(false) {
+		f.backlog.Add(-1)
+	}
+}
+
+// Unawaited says the end of the sandbox need not wait for this flow's
+// datagrams to be passed on (DNS queries, whose answers no one would
+// read then).
+func (f *UDPFlow) Unawaited() {
+	f.unawaited.Store(true)
+	f.release()
 }
 
 // Handlers are the engine's decisions. TCP and UDP are called on their
@@ -190,6 +230,9 @@ type Stack struct {
 	link *sandboxLink
 	plan netplan.Plan
 	syns synTable
+	// udpBacklog counts the UDP flows holding datagrams of the sandbox's
+	// that their handlers have not passed on yet.
+	udpBacklog atomic.Int64
 }
 
 const nicID = 1
@@ -219,6 +262,13 @@ func New(fd int, cfg Config) (*Stack, error) {
 
 // Received counts the packets read from the sandbox so far.
 func (ns *Stack) Received() uint64 { return ns.link.received.Load() }
+
+// Settled reports whether everything the sandbox sent so far has been
+// taken in: no packet waits on the link or is being delivered, and no
+// UDP flow holds a datagram its handler has not passed on.
+func (ns *Stack) Settled() bool {
+	return ns.udpBacklog.Load() == 0 && ns.link.drained()
+}
 
 func (ns *Stack) configure(cfg Config) error {
 	s := ns.s
@@ -315,15 +365,21 @@ func (ns *Stack) configure(cfg Config) error {
 	if h := cfg.Handlers.UDP; h != nil {
 		fwd := udp.NewForwarder(s, func(r *udp.ForwarderRequest) bool {
 			id := r.ID()
+			f := &UDPFlow{Src: addrPort(id.RemoteAddress, id.RemotePort), Dst: addrPort(id.LocalAddress, id.LocalPort),
+				TTL: ns.link.lastTTL, backlog: &ns.udpBacklog}
 			var wq waiter.Queue
+			// Told of each datagram as it is queued, the first one
+			// included, before the link counts it as received.
+			holds := waiter.NewFunctionEntry(waiter.ReadableEvents|waiter.EventHUp, f.hold)
+			wq.EventRegister(&holds)
 			// The endpoint must exist before we return, or each further
 			// datagram of this flow would start another handler.
 			ep, err := r.CreateEndpoint(&wq)
 			if err != nil {
+				f.release()
 				return false
 			}
-			f := &UDPFlow{Src: addrPort(id.RemoteAddress, id.RemotePort), Dst: addrPort(id.LocalAddress, id.LocalPort),
-				Conn: gonet.NewUDPConn(&wq, ep), TTL: ns.link.lastTTL, ep: ep, ready: readyEntry(&wq)}
+			f.Conn, f.ep, f.ready = gonet.NewUDPConn(&wq, ep), ep, readyEntry(&wq)
 			go h(f)
 			return true
 		})

@@ -41,6 +41,7 @@ type tunLink struct {
 	mu         sync.Mutex
 	dispatcher stack.NetworkDispatcher
 	received   atomic.Uint64 // packets read from the TUN and delivered
+	delivering atomic.Bool   // a packet read is not yet delivered
 	stopped    bool
 	closed     bool
 	wg         sync.WaitGroup
@@ -192,6 +193,7 @@ func (l *tunLink) readLoop(d stack.NetworkDispatcher) {
 	views := make([]*buffer.View, len(readSizes))
 	iovecs := make([]unix.Iovec, 0, len(readSizes)+1)
 	for {
+		l.delivering.Store(false)
 		iovecs = iovecs[:0]
 		if l.vnet {
 			// The header says how the packet was segmented and its
@@ -205,6 +207,7 @@ func (l *tunLink) readLoop(d stack.NetworkDispatcher) {
 			iovecs = append(iovecs, rawfile.IovecFromBytes(views[i].AsSlice()))
 		}
 		n, errno := read(iovecs)
+		l.delivering.Store(n > 0)
 		if n == -1 {
 			return // stopped
 		}
@@ -247,6 +250,19 @@ func (l *tunLink) readLoop(d stack.NetworkDispatcher) {
 		pkt.DecRef()
 		l.received.Add(1)
 	}
+}
+
+// drained reports whether no packet waits on the TUN queue or is being
+// delivered. (A packet read just now, its delivery not yet marked, is
+// missed: Engine.Linger also waits for the count of packets received to
+// stay still.)
+func (l *tunLink) drained() bool {
+	if l.delivering.Load() {
+		return false
+	}
+	fds := []unix.PollFd{{Fd: int32(l.fd), Events: unix.POLLIN}}
+	n, err := unix.Poll(fds, 0)
+	return err == nil && (n == 0 || fds[0].Revents&unix.POLLIN == 0)
 }
 
 // reader returns the blocking read of one packet: n is -1 once the link
