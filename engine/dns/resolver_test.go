@@ -121,17 +121,17 @@ func TestServeUDPBoundsTheQueriesWaiting(t *testing.T) {
 func TestUpstreamExchangesHaveTheirOwnIDs(t *testing.T) {
 	var mu sync.Mutex
 	seen := map[string][]uint16{} // by network
-	answer := func(net string) mdns.HandlerFunc {
+	answer := func(network string) mdns.HandlerFunc {
 		return func(w mdns.ResponseWriter, q *mdns.Msg) {
 			mu.Lock()
-			seen[net] = append(seen[net], q.Id)
+			seen[network] = append(seen[network], q.Id)
 			mu.Unlock()
 			m := new(mdns.Msg)
 			m.SetReply(q)
-			if net == "udp" && q.Question[0].Name == "big.test." {
+			if network == "udp" && q.Question[0].Name == "big.test." {
 				m.Truncated = true
 			} else {
-				m.Answer = append(m.Answer, &mdns.A{Hdr: mdns.RR_Header{Name: q.Question[0].Name, Rrtype: mdns.TypeA, Class: mdns.ClassINET, Ttl: 60}, A: net4(203, 0, 113, 10)})
+				m.Answer = append(m.Answer, &mdns.A{Hdr: mdns.RR_Header{Name: q.Question[0].Name, Rrtype: mdns.TypeA, Class: mdns.ClassINET, Ttl: 60}, A: net.ParseIP("203.0.113.10")})
 			}
 			w.WriteMsg(m)
 		}
@@ -173,15 +173,13 @@ func TestUpstreamExchangesHaveTheirOwnIDs(t *testing.T) {
 	}
 	mu.Lock()
 	defer mu.Unlock()
-	for _, net := range []string{"udp", "tcp"} {
+	for network, want := range map[string]int{"udp": 20, "tcp": 10} {
 		ids := map[uint16]bool{}
-		for _, id := range seen[net] {
+		for _, id := range seen[network] {
 			ids[id] = true
 		}
-		if want := map[string]int{"udp": 20, "tcp": 10}[net]; len(seen[net]) != want || ids[sandboxID] && len(ids) == 1 || len(ids) < want/2 {
-			t.Errorf("over %s the upstream saw IDs %v, want %d exchanges under IDs of the resolver's, not the sandbox's %#x", net, seen[net], want, sandboxID)
+		if len(seen[network]) != want || ids[sandboxID] && len(ids) == 1 || len(ids) < want/2 {
+			t.Errorf("over %s the upstream saw IDs %v, want %d exchanges under IDs of the resolver's, not the sandbox's %#x", network, seen[network], want, sandboxID)
 		}
 	}
 }
-
-func net4(a, b, c, d byte) net.IP { return net.IPv4(a, b, c, d).To4() }

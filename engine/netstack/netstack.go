@@ -161,8 +161,8 @@ type UDPFlow struct {
 	ep    tcpip.Endpoint
 	ready chan struct{}
 	// holding: the flow has datagrams of the sandbox's that its handler
-	// has not passed on (counted in the stack's backlog); unawaited: its
-	// datagrams are not waited for at the end (Unawaited).
+	// has not passed on (counted in the stack's backlog); closed: gVisor
+	// told of its end; unawaited: see Unawaited.
 	holding, closed, unawaited atomic.Bool
 	backlog                    *atomic.Int64
 }
