@@ -67,7 +67,7 @@ func (sb *Sandbox) watchFlows(group uint16) error {
 			}
 			for _, p := range pkts {
 				if strings.HasPrefix(p.prefix, logLimit) {
-					sb.events.FailureOnce("flows", fmt.Sprintf("the sandbox holds %d flows beyond the host (TCP connections, UDP and other flows), the limit: new ones are refused until some end", maxFlows))
+					sb.limitFailure()
 					continue
 				}
 				k, ok := parsePacket(p.payload)
@@ -83,6 +83,12 @@ func (sb *Sandbox) watchFlows(group uint16) error {
 		}
 	})
 	return nil
+}
+
+// limitFailure logs, once, that the flow limit refused a flow: when its
+// verdict is read, or at the end from the limit rule's counter.
+func (sb *Sandbox) limitFailure() {
+	sb.events.FailureOnce("flows", fmt.Sprintf("the sandbox holds %d flows beyond the host (TCP connections, UDP and other flows), the limit: new ones are refused until some end", maxFlows))
 }
 
 // gapMarks marks where the kernel dropped verdicts the reader was too

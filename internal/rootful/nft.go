@@ -347,7 +347,8 @@ func installTable(s tableSpec, domain []domainElement) (err error) {
 	}
 	// What conntrack counts as closed (TCP's TIME_WAIT, CLOSE) is not
 	// counted, nor what the policy refuses (its entry is never confirmed).
-	n.rule(decide, nftexpr.Cat(fromSandbox, []expr.Any{&expr.Connlimit{Count: maxFlows, Flags: expr.NFT_CONNLIMIT_F_INV}},
+	// Counted too: its log message can be lost in a burst (limitReached).
+	n.rule(decide, nftexpr.Cat(fromSandbox, []expr.Any{&expr.Connlimit{Count: maxFlows, Flags: expr.NFT_CONNLIMIT_F_INV}, &expr.Counter{}},
 		nftexpr.Logged(s.group, logLimit, refused))...)
 	n.rule(decide, nftexpr.Cat(fromSandbox, []expr.Any{jumpPolicy})...)
 
@@ -458,6 +459,38 @@ func largeBuffers(c *netlink.Conn) error {
 
 func forceReadBuffer(c *netlink.Conn, size int) error {
 	return nftexpr.ForceBuffers(c, size, unix.SO_RCVBUFFORCE)
+}
+
+// limitReached reports whether table's flow limit refused a packet: its
+// rule's counter, read at the sandbox's end, says so where the log
+// message did not arrive (the kernel drops those a burst of verdicts
+// leaves no room for).
+func limitReached(table string) bool {
+	c, err := nftables.New()
+	if err != nil {
+		return false
+	}
+	t := &nftables.Table{Family: nftables.TableFamilyINet, Name: table}
+	rules, err := c.GetRules(t, &nftables.Chain{Name: "decide", Table: t})
+	if err != nil {
+		return false
+	}
+	for _, r := range rules {
+		var counted uint64
+		limit := false
+		for _, e := range r.Exprs {
+			switch e := e.(type) {
+			case *expr.Counter:
+				counted = e.Packets
+			case *expr.Log:
+				limit = limit || string(e.Data) == logLimit
+			}
+		}
+		if limit {
+			return counted > 0
+		}
+	}
+	return false
 }
 
 // deleteTable removes a table; one already gone is not an error.

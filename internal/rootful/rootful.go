@@ -349,6 +349,9 @@ func (sb *Sandbox) Close() error {
 			sb.drain.drain()
 		}
 		sb.wg.Wait()
+		if sb.drain != nil && limitReached(sb.rec.Table) {
+			sb.limitFailure()
+		}
 		if sb.owners != nil {
 			sb.owners.Diag.Close()
 		}
