@@ -161,28 +161,27 @@ type UDPFlow struct {
 	ep    tcpip.Endpoint
 	ready chan struct{}
 	// holding: the flow has datagrams of the sandbox's that its handler
-	// has not passed on (counted in the stack's backlog); closed: gVisor
-	// told of its end; unawaited: see Unawaited.
-	holding, closed, unawaited atomic.Bool
-	backlog                    *atomic.Int64
+	// has not passed on (counted in the stack's backlog); untracked: the
+	// backlog no longer follows it (it ended, or Unawaited).
+	holding, untracked atomic.Bool
+	backlog            *atomic.Int64
 }
 
 // hold marks the flow as holding a datagram: gVisor's notice of one that
 // arrived (or of the flow's end, which releases it).
 func (f *UDPFlow) hold(m waiter.EventMask) {
 	if m&waiter.EventHUp != 0 {
-		f.closed.Store(true)
-		f.release()
+		f.Unawaited() // ended: nothing more to wait for
 		return
 	}
-	if f.closed.Load() || f.unawaited.Load() {
+	if f.untracked.Load() {
 		return
 	}
 	if !f.holding.Swap(true) {
 		f.backlog.Add(1)
 	}
-	// The flow's end may have been told in between: then nothing holds it.
-	if f.closed.Load() || f.unawaited.Load() {
+	// Untracked in between: then nothing holds it.
+	if f.untracked.Load() {
 		f.release()
 	}
 }
@@ -197,7 +196,7 @@ func (f *UDPFlow) release() {
 // datagrams to be passed on (DNS queries, whose answers no one would
 // read then).
 func (f *UDPFlow) Unawaited() {
-	f.unawaited.Store(true)
+	f.untracked.Store(true)
 	f.release()
 }
 

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"os"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -71,12 +72,11 @@ flow_log = "/tmp/flows.jsonl"
 			t.Fatalf("%q: exit %d: %s", c.flags, code, stderr.String())
 		}
 		lines := strings.Split(stdout.String(), "\n")
+		for i := range lines {
+			lines[i] = strings.TrimSpace(lines[i])
+		}
 		for _, w := range c.want {
-			found := false
-			for _, l := range lines {
-				found = found || strings.TrimSpace(l) == w
-			}
-			if !found {
+			if !slices.Contains(lines, w) {
 				t.Errorf("%q: no line %q in the effective profile:\n%s", c.flags, w, stdout.String())
 			}
 		}

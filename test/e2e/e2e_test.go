@@ -206,6 +206,13 @@ func sh(t *testing.T, u as, flags []string, script string) result {
 	return run(t, u, append(args, "--", "sh", "-c", script)...)
 }
 
+// shWaitFor is the sandboxed command's side of a handshake with the test
+// through files: a shell snippet that waits until path exists.
+func shWaitFor(path string) string { return "while [ ! -e " + path + " ]; do sleep 0.05; done; " }
+
+// exists is the test's side: whether path exists yet.
+func exists(path string) bool { _, err := os.Stat(path); return err == nil }
+
 func users(t *testing.T, f func(t *testing.T, u as)) {
 	requireRoot(t)
 	for _, u := range []as{root, rootless} {

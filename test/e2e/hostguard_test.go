@@ -278,7 +278,7 @@ func TestAddressTheHostGainsIsGuarded(t *testing.T) {
 				lan := listen(t, lanNS, "9999", "UDP4-RECV:9999")
 				dir := logDir(t)
 				log, added := filepath.Join(dir, "flows.jsonl"), filepath.Join(dir, "added")
-				script := "while [ ! -e " + added + " ]; do sleep 0.05; done; " +
+				script := shWaitFor(added) +
 					"echo gained | socat -u - UDP4-DATAGRAM:" + gained + ":9999; echo network | socat -u - UDP4-DATAGRAM:10.99.0.2:9999; exit 4"
 				argv := inHost(backend.u, append(append([]string{"--flow-log", log}, backend.flags...), "--", "sh", "-c", script)...)
 				cmd := exec.Command(argv[0], argv[1:]...)

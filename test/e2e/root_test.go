@@ -456,8 +456,7 @@ ip netns exec %[1]s nft add rule inet count in iifname alt0 tcp dport 80 counter
 	// busybox httpd as the testnet's: socat's SYSTEM answered 2% of
 	// requests with nothing on a busy host (its shell gone before the
 	// request was written to it).
-	www := t.TempDir()
-	os.Chmod(www, 0o755)
+	www := logDir(t)
 	if err := os.WriteFile(filepath.Join(www, "index.html"), []byte("alternate path\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -491,15 +490,13 @@ ip netns exec %[1]s nft add rule inet count in iifname alt0 tcp dport 80 counter
 	// rules it did not make), and childflow stopped so that it cannot put
 	// it back: the packets do not leave by the host's other routes. Let
 	// go, childflow puts the rule back, and they leave by --iface again.
-	dir := t.TempDir()
-	os.Chmod(dir, 0o755)
+	dir := logDir(t)
 	ready, gone, tried, back := filepath.Join(dir, "ready"), filepath.Join(dir, "gone"), filepath.Join(dir, "tried"), filepath.Join(dir, "back")
-	waitFile := func(f string) string { return "while [ ! -e " + f + " ]; do sleep 0.05; done; " }
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	cmd := command(ctx, root, append(rootArgs, "--iface", "cfe2e-alt", "--", "sh", "-c", "touch "+ready+"; "+waitFile(gone)+
+	cmd := command(ctx, root, append(rootArgs, "--iface", "cfe2e-alt", "--", "sh", "-c", "touch "+ready+"; "+shWaitFor(gone)+
 		"curl -sS -m3 http://203.0.113.10/ >/dev/null 2>&1 && echo first-reached || echo first-failed; touch "+tried+"; "+
-		waitFile(back)+"curl -sS -m3 http://203.0.113.10/")...)
+		shWaitFor(back)+"curl -sS -m3 http://203.0.113.10/")...)
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Start(); err != nil {
@@ -524,7 +521,7 @@ ip netns exec %[1]s nft add rule inet count in iifname alt0 tcp dport 80 counter
 			}
 		}
 	}
-	waitFor("the sandbox did not start", func() bool { _, err := os.Stat(ready); return err == nil })
+	waitFor("the sandbox did not start", func() bool { return exists(ready) })
 	mark := ifaceRule()
 	if mark == "" {
 		t.Fatal("no --iface rule")
@@ -536,7 +533,7 @@ ip netns exec %[1]s nft add rule inet count in iifname alt0 tcp dport 80 counter
 		}
 	}
 	os.WriteFile(gone, nil, 0o644)
-	waitFor("the sandbox did not try", func() bool { _, err := os.Stat(tried); return err == nil })
+	waitFor("the sandbox did not try", func() bool { return exists(tried) })
 	cmd.Process.Signal(syscall.SIGCONT)
 	waitFor("the --iface rule was not put back", func() bool { return ifaceRule() == mark })
 	os.WriteFile(back, nil, 0o644)
@@ -640,19 +637,17 @@ for i in 1 2 3 4 5 6 7 8 9 10; do curl -sS -m2 -o /dev/null http://203.0.113.10/
 // rule's counter still tells of it.
 func TestRootLimitsItsUDPFlows(t *testing.T) {
 	requireRoot(t)
-	dir := t.TempDir()
-	os.Chmod(dir, 0o755)
+	dir := logDir(t)
 	file := func(name string) string { return filepath.Join(dir, name) }
-	waitFor := func(name string) string { return "while [ ! -e " + file(name) + " ]; do sleep 0.05; done; " }
 	log := file("flows.jsonl")
 	script, _ := filepath.Abs("../testdata/udpflows.py")
 	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
 	defer cancel()
 	cmd := command(ctx, root, append(append([]string{}, rootArgs...), "--flow-log", log, "--deny-cidr", "203.0.113.20/32", "--", "sh", "-c",
-		"ulimit -n 9000; touch "+file("ready")+"; "+waitFor("go")+`
+		"ulimit -n 9000; touch "+file("ready")+"; "+shWaitFor(file("go"))+`
 python3 -c 'import socket
 for _ in range(30000): socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", ("203.0.113.20", 7))'
-python3 `+script+" 203.0.113.10 7 8300 > "+file("out")+"; touch "+file("done")+"; "+waitFor("end"))...)
+python3 `+script+" 203.0.113.10 7 8300 > "+file("out")+"; touch "+file("done")+"; "+shWaitFor(file("end")))...)
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Start(); err != nil {
@@ -665,13 +660,10 @@ python3 `+script+" 203.0.113.10 7 8300 > "+file("out")+"; touch "+file("done")+"
 			t.Fatal(err)
 		}
 	}
-	exists := func(name string) func() bool {
-		return func() bool { _, err := os.Stat(file(name)); return err == nil }
-	}
-	eventually(t, "the sandbox to start", exists("ready"))
+	eventually(t, "the sandbox to start", func() bool { return exists(file("ready")) })
 	cmd.Process.Signal(syscall.SIGSTOP)
 	touch("go")
-	for deadline := time.Now().Add(90 * time.Second); !exists("done")(); time.Sleep(100 * time.Millisecond) {
+	for deadline := time.Now().Add(90 * time.Second); !exists(file("done")); time.Sleep(100 * time.Millisecond) {
 		if time.Now().After(deadline) {
 			touch("end")
 			t.Fatal("the sandbox's flows did not end within 90 s")
