@@ -201,7 +201,7 @@ func (sb *Sandbox) Pid() int { return sb.initProc.pid }
 
 // Run lets init start the command.
 func (sb *Sandbox) Run() error {
-	if err := fdpass.Send(int(sb.ctrl.Fd()), []byte("go")); err != nil {
+	if err := sb.send([]byte("go")); err != nil {
 		return fmt.Errorf("starting the command: %w", err)
 	}
 	sb.stopsDone = make(chan struct{})
@@ -225,7 +225,11 @@ const (
 func (sb *Sandbox) followStops() {
 	defer close(sb.stopsDone)
 	for {
-		msg, _, err := fdpass.Recv(int(sb.ctrl.Fd()), 32, 0)
+		var msg []byte
+		err := sb.onCtrl(func(fd int) (err error) {
+			msg, _, err = fdpass.Recv(fd, 32, 0)
+			return err
+		})
 		if err != nil {
 			return
 		}
@@ -253,9 +257,28 @@ func (sb *Sandbox) Signal(sig os.Signal) error {
 		if fg {
 			msg = contFgMsg
 		}
-		return fdpass.Send(int(sb.ctrl.Fd()), []byte(msg))
+		return sb.send([]byte(msg))
 	}
 	return sb.initProc.signal(s)
+}
+
+// onCtrl runs call on the control socket's descriptor, which the file's
+// reference keeps open meanwhile: a signal forwarded as Wait closes the
+// socket must not send to its number, another file's by then.
+func (sb *Sandbox) onCtrl(call func(fd int) error) error {
+	rc, err := sb.ctrl.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var callErr error
+	if err := rc.Control(func(fd uintptr) { callErr = call(int(fd)) }); err != nil {
+		return err
+	}
+	return callErr
+}
+
+func (sb *Sandbox) send(msg []byte) error {
+	return sb.onCtrl(func(fd int) error { return fdpass.Send(fd, msg) })
 }
 
 // CommandHasTerminal reports whether the command was last given the

@@ -1,0 +1,75 @@
+package sandbox
+
+import (
+	"os"
+	"sync"
+	"syscall"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+// TestSignalsRaceWaitSafely: childflow forwards signals until the
+// command's end, while Wait closes the control socket. A SIGCONT sent
+// to init over that socket must use it whole or not at all (run under
+// the race detector, as `make race` does).
+func TestSignalsRaceWaitSafely(t *testing.T) {
+	// Each round is a chance for the race detector, which does not see
+	// every unsynchronized pair.
+	for range 10 {
+		signalAsWaitCloses(t)
+	}
+}
+
+func signalAsWaitCloses(t *testing.T) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctrl, initEnd := os.NewFile(uintptr(fds[0]), "ctrl"), os.NewFile(uintptr(fds[1]), "init")
+	defer initEnd.Close()
+	received := make(chan int)
+	go func() { // init's end: counts the continue messages
+		n := 0
+		for buf := make([]byte, 16); ; n++ {
+			if _, err := initEnd.Read(buf); err != nil {
+				received <- n
+				return
+			}
+		}
+	}()
+	pid, err := syscall.ForkExec("/bin/sleep", []string{"sleep", "0.05"}, &syscall.ProcAttr{Files: []uintptr{0, 1, 2}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sb := &Sandbox{initProc: &process{pid: pid}, ctrl: ctrl}
+
+	var wg sync.WaitGroup
+	stop := make(chan struct{})
+	sent := 0
+	wg.Go(func() {
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			sb.resume.Store(true) // as after the command stopped
+			if sb.Signal(syscall.SIGCONT) == nil {
+				sent++
+			}
+		}
+	})
+	if code := sb.Wait(); code != 0 {
+		t.Errorf("Wait = %d, want 0", code)
+	}
+	close(stop)
+	wg.Wait()
+	if got := <-received; sent == 0 || got != sent {
+		t.Errorf("%d continues sent, %d received", sent, got)
+	}
+	sb.resume.Store(true)
+	if err := sb.Signal(syscall.SIGCONT); err == nil {
+		t.Error("a continue was sent after Wait closed the control socket")
+	}
+}
