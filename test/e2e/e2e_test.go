@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net"
 	"net/netip"
 	"os"
@@ -169,6 +170,53 @@ func leaveRunAsFound(t *testing.T, dirs ...string) {
 			removeEmptyTree(d)
 		}
 	})
+}
+
+// leaveCgroupsAsFound removes, after the test, the cgroups under each
+// named parent (in every hierarchy) that were not there before: podman
+// leaves each container's behind, empty, on this machine's v1
+// hierarchies (one more per run). Only empty ones go; call it before
+// starting the daemon, as leaveRunAsFound.
+func leaveCgroupsAsFound(t *testing.T, parents ...string) {
+	var dirs []string
+	hierarchies, _ := os.ReadDir("/sys/fs/cgroup")
+	for _, p := range parents {
+		if _, err := os.Stat("/sys/fs/cgroup/cgroup.controllers"); err == nil {
+			dirs = append(dirs, filepath.Join("/sys/fs/cgroup", p)) // v2 alone
+			continue
+		}
+		for _, h := range hierarchies {
+			if h.IsDir() { // not the links that name a pair of them
+				dirs = append(dirs, filepath.Join("/sys/fs/cgroup", h.Name(), p))
+			}
+		}
+	}
+	found := map[string]bool{}
+	for _, d := range dirs {
+		filepath.WalkDir(d, func(path string, e fs.DirEntry, err error) error {
+			if err == nil && e.IsDir() {
+				found[path] = true
+			}
+			return nil
+		})
+	}
+	t.Cleanup(func() {
+		for _, d := range dirs {
+			removeNewCgroups(d, found)
+		}
+	})
+}
+
+func removeNewCgroups(dir string, found map[string]bool) {
+	entries, _ := os.ReadDir(dir)
+	for _, e := range entries {
+		if e.IsDir() {
+			removeNewCgroups(filepath.Join(dir, e.Name()), found)
+		}
+	}
+	if !found[dir] {
+		os.Remove(dir) // refused, and kept, while it holds a process
+	}
 }
 
 func removeEmptyTree(dir string) {

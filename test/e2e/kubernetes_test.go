@@ -69,6 +69,7 @@ state = %q
 	_, cniCache := os.Stat("/var/lib/cni") // libcni caches results there
 	var log bytes.Buffer
 	leaveRunAsFound(t, "/run/containerd")
+	leaveCgroupsAsFound(t, "k8s.io") // the CRI's namespace
 	cmd := exec.Command("containerd", "--config", filepath.Join(c.dir, "config.toml"))
 	cmd.Stdout, cmd.Stderr = &log, &log
 	if err := cmd.Start(); err != nil {

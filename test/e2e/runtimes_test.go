@@ -46,6 +46,7 @@ func startDockerd(t *testing.T, n *node) *dockerd {
 		"--exec-root", filepath.Join(dir, "exec"), "-H", "unix://"+d.sock, "--pidfile", filepath.Join(dir, "docker.pid"))
 	d.cmd.Stdout, d.cmd.Stderr = d.log, d.log
 	leaveRunAsFound(t, "/run/docker", "/run/containerd")
+	leaveCgroupsAsFound(t, "docker")
 	if err := d.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -145,6 +146,7 @@ func TestContainerdThroughTheRuntimeWrapper(t *testing.T) {
 	os.WriteFile(filepath.Join(dir, "config.toml"), []byte(cfg), 0o644)
 	var log bytes.Buffer
 	leaveRunAsFound(t, "/run/containerd")
+	leaveCgroupsAsFound(t, "default") // ctr's namespace
 	containerd := exec.Command("containerd", "--config", filepath.Join(dir, "config.toml"))
 	// containerd hands its environment to the shim and the runtime.
 	containerd.Env = append(os.Environ(), "CHILDFLOW_SOCKET="+n.socket, "CHILDFLOW_STATE_DIR="+n.state)
@@ -201,6 +203,7 @@ func TestPodmanWithHooksDir(t *testing.T) {
 	}
 	root := t.TempDir()
 	rootfs(t, root)
+	leaveCgroupsAsFound(t, "libpod_parent") // once its cleanup is done
 	// conmon starts podman's cleanup of each container, which may still
 	// be at work in these directories when a run returns (a start the
 	// hook refused): the directories go once it is done.
