@@ -28,6 +28,21 @@ func tshark(t *testing.T, file, filter string, fields ...string) []string {
 	return strings.Split(s, "\n")
 }
 
+// A capture holds what the command sent and got, and nothing else: the
+// sandbox's kernel solicits no routers on cf0 (it did as the link came
+// up and every few seconds after).
+func TestASilentCommandLeavesAnEmptyCapture(t *testing.T) {
+	users(t, func(t *testing.T, u as) {
+		pcap := filepath.Join(logDir(t), "silent.pcapng")
+		if r := sh(t, u, []string{"-c", pcap}, "sleep 0.5"); r.code != 0 {
+			t.Fatal(r)
+		}
+		if p := tshark(t, pcap, "frame", "frame.protocols"); len(p) != 0 {
+			t.Fatalf("packets in the capture of a command that sent none: %q", p)
+		}
+	})
+}
+
 func TestCaptureChildView(t *testing.T) {
 	users(t, func(t *testing.T, u as) {
 		dir := logDir(t)
