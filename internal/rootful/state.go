@@ -36,7 +36,6 @@ type Record struct {
 func hostIfName(id string) string      { return "cfr" + id }
 func tableName(id string) string       { return TablePrefix + id }
 func slotMark(slot int) uint32         { return 0xcf000000 | uint32(slot)<<4 }
-func slotRouteTable(slot int) int      { return 0xcf00 + slot }
 func slotLogGroup(slot int) uint16     { return uint16(0xcf00 + slot) }
 func recordPath(dir, id string) string { return filepath.Join(dir, id+".json") }
 
