@@ -275,12 +275,14 @@ func (sb *Sandbox) createVeth(pid int) error {
 		return err
 	}
 	defer h.Close()
+	var cf0 netlink.Link
 	for _, name := range []string{"lo", p.Interface} {
 		l, err := h.LinkByName(name)
 		if err != nil {
 			return fmt.Errorf("finding %s in the sandbox: %w", name, err)
 		}
 		if name == p.Interface {
+			cf0 = l
 			if err := addrs(h, l, []netip.Prefix{
 				netip.PrefixFrom(p.Sandbox4, p.Prefix4.Bits()), netip.PrefixFrom(p.Sandbox6, p.Prefix6.Bits())}); err != nil {
 				return err
@@ -290,7 +292,6 @@ func (sb *Sandbox) createVeth(pid int) error {
 			return fmt.Errorf("setting %s up in the sandbox: %w", name, err)
 		}
 	}
-	cf0, _ := h.LinkByName(p.Interface)
 	for _, gw := range []netip.Addr{p.Gateway4, p.Gateway6} {
 		bits := gw.BitLen()
 		r := &netlink.Route{LinkIndex: cf0.Attrs().Index, Gw: gw.AsSlice(),
