@@ -167,7 +167,7 @@ func leaveRunAsFound(t *testing.T, dirs ...string) {
 	}
 	t.Cleanup(func() {
 		for _, d := range created {
-			removeEmptyTree(d)
+			removeEmptyTree(d, nil)
 		}
 	})
 }
@@ -175,58 +175,52 @@ func leaveRunAsFound(t *testing.T, dirs ...string) {
 // leaveCgroupsAsFound removes, after the test, the cgroups under each
 // named parent (in every hierarchy) that were not there before: podman
 // leaves each container's behind, empty, on this machine's v1
-// hierarchies (one more per run). Only empty ones go; call it before
+// hierarchies (two more a run). Only empty ones go; call it before
 // starting the daemon, as leaveRunAsFound.
 func leaveCgroupsAsFound(t *testing.T, parents ...string) {
-	var dirs []string
-	hierarchies, _ := os.ReadDir("/sys/fs/cgroup")
-	for _, p := range parents {
-		if _, err := os.Stat("/sys/fs/cgroup/cgroup.controllers"); err == nil {
-			dirs = append(dirs, filepath.Join("/sys/fs/cgroup", p)) // v2 alone
-			continue
-		}
+	roots := []string{"/sys/fs/cgroup"} // v2 alone
+	if _, err := os.Stat("/sys/fs/cgroup/cgroup.controllers"); err != nil {
+		roots = nil
+		hierarchies, _ := os.ReadDir("/sys/fs/cgroup")
 		for _, h := range hierarchies {
 			if h.IsDir() { // not the links that name a pair of them
-				dirs = append(dirs, filepath.Join("/sys/fs/cgroup", h.Name(), p))
+				roots = append(roots, filepath.Join("/sys/fs/cgroup", h.Name()))
 			}
 		}
 	}
+	var dirs []string
 	found := map[string]bool{}
-	for _, d := range dirs {
-		filepath.WalkDir(d, func(path string, e fs.DirEntry, err error) error {
-			if err == nil && e.IsDir() {
-				found[path] = true
-			}
-			return nil
-		})
+	for _, root := range roots {
+		for _, p := range parents {
+			d := filepath.Join(root, p)
+			dirs = append(dirs, d)
+			filepath.WalkDir(d, func(path string, e fs.DirEntry, err error) error {
+				if err == nil && e.IsDir() {
+					found[path] = true
+				}
+				return nil
+			})
+		}
 	}
 	t.Cleanup(func() {
 		for _, d := range dirs {
-			removeNewCgroups(d, found)
+			removeEmptyTree(d, found)
 		}
 	})
 }
 
-func removeNewCgroups(dir string, found map[string]bool) {
+// removeEmptyTree removes dir and the directories under it that are
+// empty and not kept.
+func removeEmptyTree(dir string, keep map[string]bool) {
 	entries, _ := os.ReadDir(dir)
 	for _, e := range entries {
 		if e.IsDir() {
-			removeNewCgroups(filepath.Join(dir, e.Name()), found)
+			removeEmptyTree(filepath.Join(dir, e.Name()), keep)
 		}
 	}
-	if !found[dir] {
-		os.Remove(dir) // refused, and kept, while it holds a process
+	if !keep[dir] {
+		os.Remove(dir) // refused, and kept, unless empty (a cgroup: without processes)
 	}
-}
-
-func removeEmptyTree(dir string) {
-	entries, _ := os.ReadDir(dir)
-	for _, e := range entries {
-		if e.IsDir() {
-			removeEmptyTree(filepath.Join(dir, e.Name()))
-		}
-	}
-	os.Remove(dir) // refused, and kept, unless empty
 }
 
 // execute runs argv, for a minute at most, and collects its result.
