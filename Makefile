@@ -3,11 +3,12 @@ GO      ?= go
 BIN     := bin
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X github.com/childflow/childflow/internal/version.Version=$(VERSION)
-# Static, cgo-free: init drops capabilities on every thread with
-# AllThreadsSyscall, which cgo builds do not support.
+# Static, cgo-free: nothing here needs cgo, and a static binary runs
+# wherever it is copied (make e2e-race alone builds with cgo, which the
+# race detector needs).
 export CGO_ENABLED = 0
 
-.PHONY: all build install manifests test unit race e2e fuzz bench lint clean
+.PHONY: all build install manifests test unit race e2e e2e-race fuzz bench lint clean
 
 all: build
 
@@ -43,6 +44,16 @@ race:
 # messages (a message's further lines are indented).
 e2e: build
 	$(GO) test -count=1 -tags e2e -timeout 20m -v ./test/e2e/ 2>&1 | tee e2e.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic|        )|_test.go' ; test $${PIPESTATUS[0]} -eq 0
+
+# By hand (~16 min here, not part of test): the end-to-end tests against
+# binaries built with the race detector. Its reports go to RACELOG, and
+# any fails the run (two memory-budget tests skip: the detector's shadow
+# memory multiplies childflow's). RUN='TestX|TestY' runs only those.
+RACELOG ?= /tmp/childflow-e2e-race
+e2e-race:
+	rm -rf $(RACELOG) && mkdir -p -m 1777 $(RACELOG)
+	CHILDFLOW_E2E_RACE=1 GORACE="exitcode=0 log_path=$(RACELOG)/race" $(GO) test -count=1 -tags e2e -timeout 40m $(if $(RUN),-run '$(RUN)') ./test/e2e/; \
+	status=$$?; if ls $(RACELOG)/race.* >/dev/null 2>&1; then cat $(RACELOG)/race.*; exit 1; fi; exit $$status
 
 # Fuzzing, by hand (the seeds and what it found run in unit): each
 # target for FUZZTIME, the engine's in a network namespace of its own,

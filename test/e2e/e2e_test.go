@@ -22,6 +22,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -34,6 +35,10 @@ import (
 const testnet = "cfe2e"
 
 var bin string // the childflow binary under test
+
+// raceBuild: the binaries are built with the race detector (make
+// e2e-race), which multiplies their memory.
+var raceBuild = os.Getenv("CHILDFLOW_E2E_RACE") != ""
 
 func TestMain(m *testing.M) {
 	if os.Geteuid() != 0 {
@@ -63,6 +68,10 @@ func TestMain(m *testing.M) {
 	for _, cmd := range []string{"childflow", "childflow-init", "childflow-hook", "childflow-runtime", "childflow-cni"} {
 		build := exec.Command("go", "build", "-o", filepath.Join(dir, cmd), "../../cmd/"+cmd)
 		build.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if raceBuild {
+			build.Args = slices.Insert(build.Args, 2, "-race")
+			build.Env = append(build.Env, "CGO_ENABLED=1")
+		}
 		if out, err := build.CombinedOutput(); err != nil {
 			fail("building %s: %v\n%s", cmd, err, out)
 		}
@@ -74,6 +83,14 @@ func TestMain(m *testing.M) {
 	exec.Command("../../hack/testnet.sh", "down", testnet).Run()
 	os.RemoveAll(dir)
 	os.Exit(code)
+}
+
+// skipUnderRace skips a test of childflow's memory use when the race
+// detector's shadow memory inflates it.
+func skipUnderRace(t *testing.T) {
+	if raceBuild {
+		t.Skip("a race-detector build: its shadow memory multiplies childflow's")
+	}
 }
 
 func requireRoot(t *testing.T) {
