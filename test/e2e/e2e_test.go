@@ -22,7 +22,6 @@ import (
 	"os/signal"
 	"path/filepath"
 	"regexp"
-	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -37,7 +36,7 @@ const testnet = "cfe2e"
 var bin string // the childflow binary under test
 
 // raceBuild: the binaries are built with the race detector (make
-// e2e-race), which multiplies their memory.
+// e2e-race).
 var raceBuild = os.Getenv("CHILDFLOW_E2E_RACE") != ""
 
 func TestMain(m *testing.M) {
@@ -66,12 +65,12 @@ func TestMain(m *testing.M) {
 	}
 	bin = filepath.Join(dir, "childflow")
 	for _, cmd := range []string{"childflow", "childflow-init", "childflow-hook", "childflow-runtime", "childflow-cni"} {
-		build := exec.Command("go", "build", "-o", filepath.Join(dir, cmd), "../../cmd/"+cmd)
-		build.Env = append(os.Environ(), "CGO_ENABLED=0")
+		args, cgo := []string{"build"}, "CGO_ENABLED=0"
 		if raceBuild {
-			build.Args = slices.Insert(build.Args, 2, "-race")
-			build.Env = append(build.Env, "CGO_ENABLED=1")
+			args, cgo = append(args, "-race"), "CGO_ENABLED=1" // the detector needs cgo
 		}
+		build := exec.Command("go", append(args, "-o", filepath.Join(dir, cmd), "../../cmd/"+cmd)...)
+		build.Env = append(os.Environ(), cgo)
 		if out, err := build.CombinedOutput(); err != nil {
 			fail("building %s: %v\n%s", cmd, err, out)
 		}
@@ -83,14 +82,6 @@ func TestMain(m *testing.M) {
 	exec.Command("../../hack/testnet.sh", "down", testnet).Run()
 	os.RemoveAll(dir)
 	os.Exit(code)
-}
-
-// skipUnderRace skips a test of childflow's memory use when the race
-// detector's shadow memory inflates it.
-func skipUnderRace(t *testing.T) {
-	if raceBuild {
-		t.Skip("a race-detector build: its shadow memory multiplies childflow's")
-	}
 }
 
 func requireRoot(t *testing.T) {

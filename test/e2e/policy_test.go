@@ -340,7 +340,6 @@ func TestStuckFlowsEndAtExit(t *testing.T) {
 // it held up to megabytes per flow (599 MiB for 400 such flows).
 func TestStuckFlowsStayWithinTheBufferBudget(t *testing.T) {
 	requireRoot(t)
-	skipUnderRace(t)
 	port := tcpServer(t, "tcp4", "127.0.0.1:0", func(c net.Conn) { // floods
 		chunk := make([]byte, 64<<10)
 		for {
@@ -388,7 +387,6 @@ func TestStuckFlowsStayWithinTheBufferBudget(t *testing.T) {
 // payload (eight pings every 2 ms: 718 MB after 5 s); now at most 256
 // wait, the rest are dropped with one runtime_failure.
 func TestPingFloodStaysBounded(t *testing.T) {
-	skipUnderRace(t)
 	users(t, func(t *testing.T, u as) {
 		log := filepath.Join(logDir(t), "flows.jsonl")
 		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
