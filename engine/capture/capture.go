@@ -94,11 +94,12 @@ func (w *Writer) Packet(outbound bool, data buffer.Buffer) {
 		data.Release()
 		return
 	}
+	first := w.bytes == 0
 	w.waiting = append(w.waiting, packet{ts: time.Now().UnixNano(), outbound: outbound, data: data})
 	w.bytes += n
-	ready := w.bytes >= maxBatch && w.bytes-n < maxBatch
+	full := w.bytes >= maxBatch && w.bytes-n < maxBatch
 	w.mu.Unlock()
-	if ready {
+	if first || full {
 		w.poke()
 	}
 }
@@ -118,13 +119,23 @@ func (w *Writer) PacketCopy(outbound bool, b []byte) {
 
 func (w *Writer) run() {
 	defer close(w.done)
-	t := time.NewTicker(tick)
-	defer t.Stop()
+	fill := time.NewTimer(tick)
+	fill.Stop()
 	var batch []packet
 	for {
-		select {
-		case <-w.wake:
-		case <-t.C:
+		// Asleep until a batch's first packet: an idle sandbox's capture
+		// costs no wake-ups.
+		<-w.wake
+		w.mu.Lock()
+		hurry := w.closed || w.bytes >= maxBatch
+		w.mu.Unlock()
+		if !hurry {
+			fill.Reset(tick)
+			select {
+			case <-w.wake: // full, or Close
+			case <-fill.C:
+			}
+			fill.Stop()
 		}
 		w.mu.Lock()
 		batch, w.waiting = w.waiting, batch[:0]

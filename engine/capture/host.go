@@ -3,11 +3,15 @@ package capture
 import (
 	"encoding/binary"
 	"fmt"
+	"maps"
 	"net"
 	"net/netip"
+	"os"
+	"slices"
 	"sync"
 	"time"
 
+	"golang.org/x/net/bpf"
 	"golang.org/x/sys/unix"
 
 	"github.com/childflow/childflow/policy"
@@ -21,17 +25,17 @@ import (
 // talking to the same remote end has another local port. It needs
 // CAP_NET_RAW.
 type HostTap struct {
-	fd       int
+	sock     *os.File // a packet socket, read through Go's poller
 	w        *Writer
 	wireOnly bool // skip loopback interfaces: the wire-egress view
 	link     bool // bound to one link, every packet on it is the sandbox's
-	done     chan struct{}
 	exited   chan struct{}
 
-	mu      sync.Mutex
-	open    map[flow]int       // sockets in use, counted
-	linger  map[flow]time.Time // closed recently: FIN and ACK still flow
-	loIndex map[int]bool
+	mu       sync.Mutex
+	open     map[flow]int       // sockets in use, counted
+	linger   map[flow]time.Time // closed recently: FIN and ACK still flow
+	filtered map[uint32]bool    // the remote ends the socket's filter passes (remoteKey)
+	loIndex  map[int]bool
 }
 
 // flow is one host socket as its packets show it.
@@ -47,29 +51,17 @@ const lingerFor = 3 * time.Second
 // StartHostTap opens a packet socket on every interface and writes the
 // matching packets to w. wireOnly leaves out loopback interfaces.
 func StartHostTap(w *Writer, wireOnly bool) (*HostTap, error) {
-	h, err := newTap(w, wireOnly)
-	if err == nil {
-		go h.run()
-	}
-	return h, err
-}
-
-func newTap(w *Writer, wireOnly bool) (*HostTap, error) {
-	fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, int(htons(unix.ETH_P_ALL)))
+	h, err := newTap(w, 0, remoteFilter(nil))
 	if err != nil {
-		return nil, fmt.Errorf("opening a packet socket for the egress capture: %w", err)
+		return nil, err
 	}
-	// Wake up now and then to notice Close.
-	tv := unix.Timeval{Usec: 200_000}
-	unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv)
-	unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, 4<<20)
-	h := &HostTap{fd: fd, w: w, wireOnly: wireOnly, done: make(chan struct{}), exited: make(chan struct{}),
-		open: map[flow]int{}, linger: map[flow]time.Time{}, loIndex: map[int]bool{}}
+	h.wireOnly = wireOnly
 	if ifs, err := net.Interfaces(); err == nil {
 		for _, i := range ifs {
 			h.loIndex[i.Index] = i.Flags&net.FlagLoopback != 0
 		}
 	}
+	go h.run()
 	return h, nil
 }
 
@@ -77,17 +69,36 @@ func newTap(w *Writer, wireOnly bool) (*HostTap, error) {
 // rootful sandbox's veth, which carries nothing but the sandbox's
 // traffic. Packets the host receives on it are the sandbox's outbound.
 func StartLinkTap(w *Writer, ifindex int) (*HostTap, error) {
-	h, err := newTap(w, false)
+	h, err := newTap(w, ifindex, nil)
 	if err != nil {
 		return nil, err
 	}
 	h.link = true
-	if err := unix.Bind(h.fd, &unix.SockaddrLinklayer{Protocol: htons(unix.ETH_P_ALL), Ifindex: ifindex}); err != nil {
-		unix.Close(h.fd)
-		return nil, fmt.Errorf("binding the capture to interface %d: %w", ifindex, err)
-	}
 	go h.run()
 	return h, nil
+}
+
+// newTap opens the packet socket on ifindex (0: every interface) with
+// filter on it, if any, before it takes its first packet.
+func newTap(w *Writer, ifindex int, filter []bpf.Instruction) (*HostTap, error) {
+	// Protocol 0 takes no packets until the bind below.
+	fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0)
+	if err != nil {
+		return nil, fmt.Errorf("opening a packet socket for the egress capture: %w", err)
+	}
+	unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, 4<<20)
+	if filter != nil {
+		err = attachFilter(fd, filter)
+	}
+	if err == nil {
+		err = unix.Bind(fd, &unix.SockaddrLinklayer{Protocol: htons(unix.ETH_P_ALL), Ifindex: ifindex})
+	}
+	if err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("setting up the capture's packet socket: %w", err)
+	}
+	return &HostTap{sock: os.NewFile(uintptr(fd), "packet socket"), w: w, exited: make(chan struct{}),
+		open: map[flow]int{}, linger: map[flow]time.Time{}, filtered: map[uint32]bool{}, loIndex: map[int]bool{}}, nil
 }
 
 func htons(v uint16) uint16 { return v<<8 | v>>8 }
@@ -102,12 +113,50 @@ func (h *HostTap) Upstream(proto policy.Proto, local, remote netip.AddrPort, ope
 	if open {
 		h.open[e]++
 		delete(h.linger, e)
+		if !h.link && (e.proto == unix.IPPROTO_TCP || e.proto == unix.IPPROTO_UDP) && !h.filtered[remoteKey(e.remote)] {
+			h.refilterLocked()
+		}
 		return
 	}
 	if h.open[e]--; h.open[e] <= 0 {
 		delete(h.open, e)
 		h.linger[e] = time.Now().Add(lingerFor)
 	}
+}
+
+// refilterLocked gives the socket a filter for the remote ends watched
+// now, before the new socket's first packet; those of sockets closed
+// since go with it. Should the kernel refuse it, the socket goes without
+// a filter: the capture is whole, only dearer.
+func (h *HostTap) refilterLocked() {
+	clear(h.filtered)
+	now := time.Now()
+	for e, until := range h.linger {
+		if now.After(until) {
+			delete(h.linger, e)
+		}
+	}
+	add := func(e flow) {
+		if e.proto == unix.IPPROTO_TCP || e.proto == unix.IPPROTO_UDP {
+			h.filtered[remoteKey(e.remote)] = true
+		}
+	}
+	for e := range h.open {
+		add(e)
+	}
+	for e := range h.linger {
+		add(e)
+	}
+	keys := slices.Sorted(maps.Keys(h.filtered))
+	raw, err := h.sock.SyscallConn()
+	if err != nil {
+		return
+	}
+	raw.Control(func(fd uintptr) {
+		if attachFilter(int(fd), remoteFilter(keys)) != nil {
+			unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_DETACH_FILTER, 0)
+		}
+	})
 }
 
 func protoNumber(p policy.Proto, remote netip.Addr) uint8 {
@@ -148,15 +197,22 @@ func (h *HostTap) watchedLocked(e flow) bool {
 
 func (h *HostTap) run() {
 	defer close(h.exited)
+	raw, err := h.sock.SyscallConn()
+	if err != nil {
+		return
+	}
 	buf := make([]byte, 65536)
 	for {
-		select {
-		case <-h.done:
-			return
-		default:
+		var n int
+		var from unix.Sockaddr
+		var recvErr error
+		if raw.Read(func(fd uintptr) bool {
+			n, from, recvErr = unix.Recvfrom(int(fd), buf, 0)
+			return recvErr != unix.EAGAIN
+		}) != nil {
+			return // closed
 		}
-		n, from, err := unix.Recvfrom(h.fd, buf, 0)
-		if err != nil || n == 0 {
+		if recvErr != nil || n == 0 {
 			continue
 		}
 		ll, ok := from.(*unix.SockaddrLinklayer)
@@ -261,7 +317,6 @@ func icmpKind(proto, typ uint8) int {
 
 // Close stops capturing; the Writer is the caller's to close after.
 func (h *HostTap) Close() {
-	close(h.done)
-	<-h.exited // within the socket's receive timeout
-	unix.Close(h.fd)
+	h.sock.Close() // ends run's read
+	<-h.exited
 }

@@ -3,11 +3,16 @@
 package e2e
 
 import (
+	"context"
+	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
+	"time"
 )
 
 // tshark reads a capture back: fields of the packets matching filter.
@@ -260,6 +265,92 @@ ping -c2 -i0.2 -W2 203.0.113.10 >/dev/null; echo x | socat -t1 - UDP:203.0.113.1
 // run reports: on stderr, naming the file, and as a runtime_failure in
 // the flow log (and so the summary). The command itself is not
 // stopped, and its exit status stays its own.
+// The egress views' packet socket sees the whole host: the host's own
+// traffic, here an iperf3 stream over loopback, must not crowd the
+// sandbox's packets out of the capture.
+func TestTheEgressCaptureKeepsUpWithABusyHost(t *testing.T) {
+	requireRoot(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	server := exec.CommandContext(ctx, "iperf3", "-s", "-B", "127.0.0.1", "-p", "5207")
+	if err := server.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cancel(); server.Wait() }()
+	eventually(t, "iperf3 to listen", func() bool {
+		c, err := net.Dial("tcp", "127.0.0.1:5207")
+		if err == nil {
+			c.Close()
+		}
+		return err == nil
+	})
+	client := exec.CommandContext(ctx, "iperf3", "-c", "127.0.0.1", "-p", "5207", "-t", "60")
+	if err := client.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cancel(); client.Wait() }()
+	time.Sleep(500 * time.Millisecond)
+
+	pcap := filepath.Join(logDir(t), "busy.pcapng")
+	if r := sh(t, root, []string{"-c", pcap, "-C", "egress"}, "for i in $(seq 20); do curl -sS -m5 -o /dev/null http://web.test/ || exit 1; done"); r.code != 0 {
+		t.Fatal(r)
+	}
+	// Each connection whole: its handshake, request, response and both FINs.
+	for _, c := range []struct {
+		what, filter string
+		want         int
+	}{
+		{"SYNs", "tcp.flags.syn == 1 && tcp.flags.ack == 0", 20},
+		{"SYN-ACKs", "tcp.flags.syn == 1 && tcp.flags.ack == 1", 20},
+		{"requests", "http.request", 20},
+		{"responses", "http.response.code == 200", 20},
+		{"FINs", "tcp.flags.fin == 1", 40},
+	} {
+		if got := tshark(t, pcap, c.filter, "tcp.stream"); len(got) != c.want {
+			t.Errorf("%d %s in the capture of 20 connections, want %d", len(got), c.what, c.want)
+		}
+	}
+}
+
+// A capture of an idle sandbox costs no wake-ups: its writer sleeps
+// until there is a packet, the egress views' socket waits in the poller.
+func TestAnIdleCaptureSleeps(t *testing.T) {
+	users(t, func(t *testing.T, u as) {
+		dir := logDir(t)
+		flags := []string{"-c", filepath.Join(dir, "idle.pcapng")}
+		if u == root {
+			flags = append(flags, "-C", "both")
+		}
+		ready := filepath.Join(dir, "ready")
+		cmd := command(context.Background(), u, append(append(flags, "--"), "sh", "-c", "touch "+ready+"; sleep 3")...)
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		defer cmd.Wait()
+		eventually(t, "the sandbox to start", func() bool { return exists(ready) })
+		// Counted over childflow's threads, once the start has settled.
+		switches := func() (n int) {
+			tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/status", cmd.Process.Pid))
+			for _, task := range tasks {
+				b, _ := os.ReadFile(task)
+				for _, line := range strings.Split(string(b), "\n") {
+					if v, ok := strings.CutPrefix(line, "voluntary_ctxt_switches:"); ok {
+						c, _ := strconv.Atoi(strings.TrimSpace(v))
+						n += c
+					}
+				}
+			}
+			return n
+		}
+		time.Sleep(300 * time.Millisecond)
+		before := switches()
+		time.Sleep(2 * time.Second)
+		if n := switches() - before; n > 10 {
+			t.Errorf("childflow's threads woke %d times in 2 s while the sandbox slept", n)
+		}
+	})
+}
+
 func TestACaptureThatCannotBeWrittenIsAFailure(t *testing.T) {
 	users(t, func(t *testing.T, u as) {
 		dir := logDir(t)
