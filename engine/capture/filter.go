@@ -17,10 +17,11 @@ import (
 // by remote end, the filter changes when the sandbox reaches a new one,
 // not with every connection.
 
-// maxFilterRemotes bounds the program (the kernel takes at most 4096
-// instructions, two per remote end); past it every TCP and UDP packet
-// reaches the tap, as without a filter.
-const maxFilterRemotes = 1500
+// maxFilterRemotes bounds the program (two comparisons per remote end)
+// and what a new end costs: the program is built and compiled by the
+// kernel again. Past it every TCP and UDP packet reaches the tap, as
+// without a filter, until the ends are counted again (recountEvery).
+const maxFilterRemotes = 256
 
 const (
 	keep = 1 << 18 // the whole packet

@@ -20,7 +20,7 @@ func TestRemoteFilter(t *testing.T) {
 	end := func(s string) uint32 { return remoteKey(netip.MustParseAddrPort(s)) }
 	web, echo, dns6 := []uint32{end(far + ":80")}, []uint32{end(far + ":7")}, []uint32{end("[2001:db8::10]:53")}
 	var many []uint32
-	for p := range 600 {
+	for p := range maxFilterRemotes { // more than one run of comparisons
 		many = append(many, end(fmt.Sprintf("%s:%d", far, 1000+p)))
 	}
 	slices.Sort(many)
@@ -61,9 +61,9 @@ func TestRemoteFilter(t *testing.T) {
 		{"another protocol", web, ipv4(132, host, far, ports(40000, 80)), false},
 		{"not IP", web, append([]byte{0x00, 0x01, 0x08, 0x00}, make([]byte, 40)...), false},
 		{"one of many", many, ipv4(17, host, far, ports(40000, 1000)), true},
-		{"another of many", many, ipv4(17, far, host, ports(1333, 40000)), true},
-		{"the last of many", many, ipv4(17, host, far, ports(40000, 1599)), true},
-		{"none of many", many, ipv4(17, host, far, ports(40000, 1600)), false},
+		{"another of many", many, ipv4(17, far, host, ports(1251, 40000)), true},
+		{"the last of many", many, ipv4(17, host, far, ports(40000, 1000+maxFilterRemotes-1)), true},
+		{"none of many", many, ipv4(17, host, far, ports(40000, 1000+maxFilterRemotes)), false},
 		{"past the bound every tcp and udp packet", tooMany, ipv4(6, host, far, ports(1, 2)), true},
 		{"past the bound no other protocol", tooMany, ipv4(132, host, far, ports(1, 2)), false},
 	} {
@@ -80,6 +80,15 @@ func TestRemoteFilter(t *testing.T) {
 		}
 		if n > 0 && n < len(tc.p) {
 			t.Errorf("%s: kept %d of %d bytes", tc.name, n, len(tc.p))
+		}
+	}
+	vm, err := bpf.NewVM(remoteFilter(many))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for p := range uint16(maxFilterRemotes) {
+		if n, err := vm.Run(ipv4(6, far, host, ports(1000+p, 40000))); n == 0 || err != nil {
+			t.Errorf("port %d of many: kept %d bytes, %v", 1000+p, n, err)
 		}
 	}
 }
@@ -168,5 +177,36 @@ func TestTheKernelTakesTheFilters(t *testing.T) {
 		if err := attachFilter(fd, remoteFilter(keys)); err != nil {
 			t.Errorf("%d remote ends: %v", n, err)
 		}
+	}
+}
+
+// Past maxFilterRemotes the filter passes every end and is not rebuilt
+// for each new one; it narrows again once the ends are counted anew.
+func TestTheFilterWidensAndNarrows(t *testing.T) {
+	h := &HostTap{open: map[flow]int{}, linger: map[flow]time.Time{}, filtered: map[uint32]bool{}}
+	end := func(i int) netip.AddrPort {
+		return netip.AddrPortFrom(netip.AddrFrom4([4]byte{198, 18, byte(i >> 8), byte(i)}), 443)
+	}
+	local := netip.MustParseAddrPort("0.0.0.0:40000")
+	for i := range maxFilterRemotes + 1 {
+		h.Upstream(policy.UDP, local, end(i), true)
+	}
+	if !h.wide || len(h.filtered) != maxFilterRemotes+1 {
+		t.Fatalf("%d ends open: wide %v, %d in the filter", maxFilterRemotes+1, h.wide, len(h.filtered))
+	}
+	for i := range maxFilterRemotes + 1 {
+		h.Upstream(policy.UDP, local, end(i), false)
+	}
+	h.Upstream(policy.UDP, local, end(maxFilterRemotes+1), true)
+	if !h.wide {
+		t.Fatal("narrowed before the ends were counted again")
+	}
+	for e := range h.linger {
+		h.linger[e] = time.Now().Add(-time.Second) // done lingering
+	}
+	h.recounted = time.Time{}
+	h.Upstream(policy.TCP, local, end(maxFilterRemotes+2), true)
+	if h.wide || len(h.filtered) != 2 {
+		t.Fatalf("after the closed ends lingered: wide %v, %d in the filter, want the 2 open", h.wide, len(h.filtered))
 	}
 }

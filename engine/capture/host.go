@@ -3,6 +3,7 @@ package capture
 import (
 	"encoding/binary"
 	"fmt"
+	"iter"
 	"maps"
 	"net"
 	"net/netip"
@@ -31,11 +32,13 @@ type HostTap struct {
 	link     bool // bound to one link, every packet on it is the sandbox's
 	exited   chan struct{}
 
-	mu       sync.Mutex
-	open     map[flow]int       // sockets in use, counted
-	linger   map[flow]time.Time // closed recently: FIN and ACK still flow
-	filtered map[uint32]bool    // the remote ends the socket's filter passes (remoteKey)
-	loIndex  map[int]bool
+	mu        sync.Mutex
+	open      map[flow]int       // sockets in use, counted
+	linger    map[flow]time.Time // closed recently: FIN and ACK still flow
+	filtered  map[uint32]bool    // the remote ends the socket's filter passes (remoteKey)
+	wide      bool               // too many ends: it passes every TCP and UDP packet
+	recounted time.Time
+	loIndex   map[int]bool
 }
 
 // flow is one host socket as its packets show it.
@@ -113,8 +116,8 @@ func (h *HostTap) Upstream(proto policy.Proto, local, remote netip.AddrPort, ope
 	if open {
 		h.open[e]++
 		delete(h.linger, e)
-		if !h.link && (e.proto == unix.IPPROTO_TCP || e.proto == unix.IPPROTO_UDP) && !h.filtered[remoteKey(e.remote)] {
-			h.refilterLocked()
+		if !h.link && (e.proto == unix.IPPROTO_TCP || e.proto == unix.IPPROTO_UDP) {
+			h.filterInLocked(e.remote)
 		}
 		return
 	}
@@ -124,39 +127,53 @@ func (h *HostTap) Upstream(proto policy.Proto, local, remote netip.AddrPort, ope
 	}
 }
 
-// refilterLocked gives the socket a filter for the remote ends watched
-// now, before the new socket's first packet; those of sockets closed
-// since go with it. Should the kernel refuse it, the socket goes without
-// a filter: the capture is whole, only dearer.
-func (h *HostTap) refilterLocked() {
+// recountEvery is how often the filter's ends are counted again, those
+// of sockets closed since taken out.
+const recountEvery = time.Second
+
+// filterInLocked has the socket's filter pass remote's packets before
+// the new socket's first one. Should the kernel refuse the filter, the
+// socket goes without: the capture is whole, only dearer.
+func (h *HostTap) filterInLocked(remote netip.AddrPort) {
+	if h.filtered[remoteKey(remote)] {
+		return
+	}
+	h.filtered[remoteKey(remote)] = true
+	if now := time.Now(); now.Sub(h.recounted) > recountEvery {
+		h.recountLocked(now)
+	}
+	wide := len(h.filtered) > maxFilterRemotes
+	if wide && h.wide {
+		return // it passes every end already
+	}
+	h.wide = wide
+	prog := remoteFilter(slices.Sorted(maps.Keys(h.filtered)))
+	if raw, err := h.sock.SyscallConn(); err == nil {
+		raw.Control(func(fd uintptr) {
+			if attachFilter(int(fd), prog) != nil {
+				unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_DETACH_FILTER, 0)
+			}
+		})
+	}
+}
+
+// recountLocked makes the filter's ends those of the sockets open or
+// lingering now.
+func (h *HostTap) recountLocked(now time.Time) {
+	h.recounted = now
 	clear(h.filtered)
-	now := time.Now()
 	for e, until := range h.linger {
 		if now.After(until) {
 			delete(h.linger, e)
 		}
 	}
-	add := func(e flow) {
-		if e.proto == unix.IPPROTO_TCP || e.proto == unix.IPPROTO_UDP {
-			h.filtered[remoteKey(e.remote)] = true
+	for _, flows := range []iter.Seq[flow]{maps.Keys(h.open), maps.Keys(h.linger)} {
+		for e := range flows {
+			if e.proto == unix.IPPROTO_TCP || e.proto == unix.IPPROTO_UDP {
+				h.filtered[remoteKey(e.remote)] = true
+			}
 		}
 	}
-	for e := range h.open {
-		add(e)
-	}
-	for e := range h.linger {
-		add(e)
-	}
-	keys := slices.Sorted(maps.Keys(h.filtered))
-	raw, err := h.sock.SyscallConn()
-	if err != nil {
-		return
-	}
-	raw.Control(func(fd uintptr) {
-		if attachFilter(int(fd), remoteFilter(keys)) != nil {
-			unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_DETACH_FILTER, 0)
-		}
-	})
 }
 
 func protoNumber(p policy.Proto, remote netip.Addr) uint8 {
