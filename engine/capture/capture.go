@@ -173,8 +173,13 @@ func (w *Writer) flush() {
 	}
 }
 
-// Dropped is how many packets did not fit the queue.
+// Dropped is how many packets did not fit the queue, or were Lost.
 func (w *Writer) Dropped() uint64 { return w.dropped.Load() }
+
+// Lost counts n packets lost before they reached the Writer (a full
+// packet socket's): the file says they are missing, as it does of those
+// dropped here.
+func (w *Writer) Lost(n uint64) { w.dropped.Add(n) }
 
 // Close writes what is queued and closes the file. Packets given after
 // Close are dropped.

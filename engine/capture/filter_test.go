@@ -210,3 +210,40 @@ func TestTheFilterWidensAndNarrows(t *testing.T) {
 		t.Fatalf("after the closed ends lingered: wide %v, %d in the filter, want the 2 open", h.wide, len(h.filtered))
 	}
 }
+
+// Packets the kernel drops from the tap's full queue are counted with
+// the Writer's own: the file's statistics block says they are missing.
+func TestTheTapCountsWhatItsQueueLost(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root for a packet socket")
+	}
+	w, err := Create(t.TempDir()+"/egress.pcapng", View{Name: "egress"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	tap, err := newTap(w, 0, remoteFilter(nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	server, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer server.Close()
+	c, err := net.DialUDP("udp4", nil, server.LocalAddr().(*net.UDPAddr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	tap.Upstream(policy.UDP, c.LocalAddr().(*net.UDPAddr).AddrPort(), c.RemoteAddr().(*net.UDPAddr).AddrPort(), true)
+	// Nothing reads the tap yet: its 4 MiB queue overflows.
+	for range 20000 {
+		c.Write(make([]byte, 1000))
+	}
+	go tap.run()
+	tap.Close()
+	if w.Dropped() == 0 {
+		t.Fatal("40000 packets through a queue nothing read, and none counted as dropped")
+	}
+}

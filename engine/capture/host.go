@@ -334,6 +334,15 @@ func icmpKind(proto, typ uint8) int {
 
 // Close stops capturing; the Writer is the caller's to close after.
 func (h *HostTap) Close() {
+	// The packets the kernel dropped from the socket's full queue are
+	// missing from the file too.
+	if raw, err := h.sock.SyscallConn(); err == nil {
+		raw.Control(func(fd uintptr) {
+			if st, err := unix.GetsockoptTpacketStats(int(fd), unix.SOL_PACKET, unix.PACKET_STATISTICS); err == nil {
+				h.w.Lost(uint64(st.Drops))
+			}
+		})
+	}
 	h.sock.Close() // ends run's read
 	<-h.exited
 }

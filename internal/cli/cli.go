@@ -428,7 +428,7 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		failures.Failure("--capture: " + err.Error())
 	}
 	if captures.dropped > 0 {
-		failures.Failure(fmt.Sprintf("--capture: %d packets dropped: the writer could not keep up", captures.dropped))
+		failures.Failure(fmt.Sprintf("--capture: %d packets dropped: the capture could not keep up", captures.dropped))
 	}
 	if summary != nil {
 		summary.Finish().Render(stderr, o.summaryFormat)
@@ -474,7 +474,7 @@ func closeReporting(w interface {
 		fmt.Fprintf(stderr, "childflow: %s: %v\n", flag, err)
 	}
 	if n := w.Dropped(); n > 0 {
-		fmt.Fprintf(stderr, "childflow: %s: %d %s dropped (the writer could not keep up)\n", flag, n, what)
+		fmt.Fprintf(stderr, "childflow: %s: %d %s dropped (they came faster than they could be written)\n", flag, n, what)
 	}
 	return err
 }
