@@ -167,7 +167,7 @@ func (r *Resolver) forward(ctx context.Context, req *mdns.Msg, overTCP bool) (*m
 	// The sandbox chose the one it sent: with that, a spoofed answer
 	// would have only the source port to guess, and one that took would
 	// name any address as an allowed name's.
-	asked := req.Copy()
+	asked := upstreamQuery(req)
 	var lastErr error
 	for _, up := range r.Upstreams {
 		c := &mdns.Client{Net: network, Timeout: timeout, UDPSize: 4096, Dialer: dialer}
@@ -181,12 +181,30 @@ func (r *Resolver) forward(ctx context.Context, req *mdns.Msg, overTCP bool) (*m
 			resp, err = r.exchange(ctx, c, asked, up)
 		}
 		if err == nil {
-			resp.Id = req.Id
+			resp.Id, resp.RecursionDesired = req.Id, req.RecursionDesired
 			return resp, up.String(), nil
 		}
 		lastErr = fmt.Errorf("querying %s: %w", up, err)
 	}
 	return nil, "", lastErr
+}
+
+// upstreamQuery is what the upstream resolvers are asked for the
+// sandbox's query req: its question and DNSSEC flags (DO, CD, AD) and
+// nothing else the policy does not read. Recursion is always desired: a
+// query without it (dig +norec) would tell the command which names the
+// resolver has cached for the host's other users. No EDNS0 option
+// (client subnet, cookie, padding, anything) and no record the sandbox
+// added go on.
+func upstreamQuery(req *mdns.Msg) *mdns.Msg {
+	q := new(mdns.Msg)
+	q.Question = []mdns.Question{req.Question[0]}
+	q.RecursionDesired = true
+	q.CheckingDisabled, q.AuthenticatedData = req.CheckingDisabled, req.AuthenticatedData
+	if opt := req.IsEdns0(); opt != nil {
+		q.SetEdns0(1232, opt.Do()) // the size that needs no fragments (DNS flag day 2020)
+	}
+	return q
 }
 
 func nodata(req *mdns.Msg) *mdns.Msg {

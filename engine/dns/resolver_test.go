@@ -183,3 +183,59 @@ func TestUpstreamExchangesHaveTheirOwnIDs(t *testing.T) {
 		}
 	}
 }
+
+// The upstream resolver is asked the question and the DNSSEC flags, with
+// recursion desired, and nothing else of the sandbox's message: no
+// EDNS0 option and no record of its own, which could carry data out
+// through the resolver's own upstreams, and no query without recursion,
+// which would read the resolver's cache.
+func TestUpstreamQueriesCarryOnlyTheQuestion(t *testing.T) {
+	got := make(chan *mdns.Msg, 1)
+	pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &mdns.Server{PacketConn: pc, Handler: mdns.HandlerFunc(func(w mdns.ResponseWriter, q *mdns.Msg) {
+		got <- q
+		m := new(mdns.Msg)
+		m.SetReply(q)
+		w.WriteMsg(m)
+	})}
+	go s.ActivateAndServe()
+	defer s.Shutdown()
+	r := &Resolver{Upstreams: []netip.AddrPort{netip.MustParseAddrPort(pc.LocalAddr().String())}, Policy: &policy.Policy{}, Cache: &Cache{}}
+
+	m := new(mdns.Msg)
+	m.SetQuestion("allowed.test.", mdns.TypeA)
+	m.RecursionDesired, m.CheckingDisabled = false, true
+	m.SetEdns0(4096, true)
+	opt := m.IsEdns0()
+	opt.Option = append(opt.Option,
+		&mdns.EDNS0_SUBNET{Code: mdns.EDNS0SUBNET, Family: 1, SourceNetmask: 24, Address: net.ParseIP("198.51.100.0").To4()},
+		&mdns.EDNS0_COOKIE{Code: mdns.EDNS0COOKIE, Cookie: "0102030405060708"},
+		&mdns.EDNS0_LOCAL{Code: 65001, Data: []byte("secret-4714")})
+	m.Extra = append(m.Extra, &mdns.TXT{Hdr: mdns.RR_Header{Name: "x.test.", Rrtype: mdns.TypeTXT, Class: mdns.ClassINET}, Txt: []string{"secret-4715"}})
+	m.Ns = append(m.Ns, &mdns.TXT{Hdr: mdns.RR_Header{Name: "y.test.", Rrtype: mdns.TypeTXT, Class: mdns.ClassINET}, Txt: []string{"secret-4716"}})
+	b, err := m.Pack()
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp := new(mdns.Msg)
+	if err := resp.Unpack(r.Answer(context.Background(), b, false)); err != nil {
+		t.Fatal(err)
+	}
+	if resp.Id != m.Id || resp.RecursionDesired || resp.Rcode != mdns.RcodeSuccess {
+		t.Errorf("the sandbox's answer: ID %#x, RD %v, %s; want %#x, its own RD (false), NOERROR", resp.Id, resp.RecursionDesired, mdns.RcodeToString[resp.Rcode], m.Id)
+	}
+	q := <-got
+	if len(q.Question) != 1 || q.Question[0] != m.Question[0] || !q.RecursionDesired || !q.CheckingDisabled {
+		t.Errorf("upstream question %v, RD %v, CD %v; want the sandbox's, RD and its CD", q.Question, q.RecursionDesired, q.CheckingDisabled)
+	}
+	o := q.IsEdns0()
+	if o == nil || !o.Do() || len(o.Option) != 0 {
+		t.Errorf("upstream EDNS0 %v; want DO and no option", o)
+	}
+	if len(q.Extra) != 1 || len(q.Ns) != 0 || len(q.Answer) != 0 {
+		t.Errorf("upstream records: answer %v, authority %v, additional %v; want only the OPT", q.Answer, q.Ns, q.Extra)
+	}
+}

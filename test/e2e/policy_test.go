@@ -774,6 +774,27 @@ func TestUnlistedNamesStayInside(t *testing.T) {
 	}
 }
 
+// A query without recursion would read what a caching resolver holds
+// for the host's other users: the engine asks with recursion all the
+// same. unbound, forwarding to dnsmasq, has never seen the name, so an
+// answer means it was resolved for the question, not read from a cache.
+func TestTheResolversCacheCannotBeRead(t *testing.T) {
+	requireRoot(t)
+	for i, backend := range backends {
+		t.Run(backend.name, func(t *testing.T) {
+			if backend.u == rootless {
+				withTunOpen(t)
+			}
+			name := fmt.Sprintf("norec-%d-%d.wild.test", time.Now().UnixNano(), i)
+			r := run(t, backend.u, append(append([]string{"--dns", "203.0.113.54"}, backend.flags...),
+				"--", "dig", "+norec", "+short", "+time=3", "+tries=1", name)...)
+			if r.code != 0 || r.stdout != "203.0.113.10\n" {
+				t.Errorf("dig +norec %s: %v; want the address, resolved", name, r)
+			}
+		})
+	}
+}
+
 // silentResolver is a UDP socket on the host's loopback that never
 // answers; it returns its address.
 func silentResolver(t *testing.T) string {
