@@ -87,7 +87,7 @@ func newTap(w *Writer, ifindex int, filter []bpf.Instruction) (*HostTap, error) 
 	// Protocol 0 takes no packets until the bind below.
 	fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0)
 	if err != nil {
-		return nil, fmt.Errorf("opening a packet socket for the egress capture: %w", err)
+		return nil, fmt.Errorf("opening the capture's packet socket: %w", err)
 	}
 	unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, 4<<20)
 	if filter != nil {
@@ -135,10 +135,11 @@ const recountEvery = time.Second
 // the new socket's first one. Should the kernel refuse the filter, the
 // socket goes without: the capture is whole, only dearer.
 func (h *HostTap) filterInLocked(remote netip.AddrPort) {
-	if h.filtered[remoteKey(remote)] {
+	k := remoteKey(remote)
+	if h.filtered[k] {
 		return
 	}
-	h.filtered[remoteKey(remote)] = true
+	h.filtered[k] = true
 	if now := time.Now(); now.Sub(h.recounted) > recountEvery {
 		h.recountLocked(now)
 	}
