@@ -44,9 +44,49 @@ const (
 	dstAddr
 )
 
+// loopback is what the filter does with packets on loopback interfaces
+// (their indexes): each shows twice there, sent and received, and the
+// wire-egress view wants neither.
+type loopback struct {
+	indexes []uint32
+	none    bool
+}
+
 // remoteFilter is the program for a packet socket of type SOCK_DGRAM,
 // whose packets start at the IP header. keys (remoteKey) must not repeat.
-func remoteFilter(keys []uint32) []bpf.Instruction {
+func remoteFilter(keys []uint32, lo loopback) []bpf.Instruction {
+	ip := ipFilter(keys)
+	return append(lo.prelude(len(ip)), ip...)
+}
+
+// prelude keeps one copy of each loopback packet, the received one, or
+// none; then goes on to the next rest instructions, the last two of
+// which return skip and keep.
+func (lo loopback) prelude(rest int) []bpf.Instruction {
+	k := len(lo.indexes)
+	if k == 0 {
+		return nil
+	}
+	var onLoopback []bpf.Instruction
+	if !lo.none {
+		onLoopback = []bpf.Instruction{
+			bpf.LoadExtension{Num: bpf.ExtType},
+			bpf.JumpIf{Cond: bpf.JumpEqual, Val: unix.PACKET_OUTGOING, SkipFalse: 1},
+		}
+	}
+	p := []bpf.Instruction{bpf.LoadExtension{Num: bpf.ExtInterfaceIndex}}
+	for i, index := range lo.indexes {
+		p = append(p, bpf.JumpIf{Cond: bpf.JumpEqual, Val: index, SkipTrue: uint8(k - i)})
+	}
+	p = append(p, bpf.Jump{Skip: uint32(len(onLoopback) + 1)}) // not a loopback interface
+	p = append(p, onLoopback...)
+	// To skip: the rest's next to last instruction.
+	return append(p, bpf.Jump{Skip: uint32(rest - 2)})
+}
+
+// ipFilter is the filter past the prelude: ICMP, and TCP and UDP to or
+// from one of keys.
+func ipFilter(keys []uint32) []bpf.Instruction {
 	// After the headers, A: the transport protocol, X: where its header starts.
 	ends := []bpf.Instruction{bpf.RetConstant{Val: keep}}
 	if len(keys) <= maxFilterRemotes {

@@ -38,6 +38,7 @@ type HostTap struct {
 	filtered  map[uint32]bool    // the remote ends the socket's filter passes (remoteKey)
 	wide      bool               // too many ends: it passes every TCP and UDP packet
 	recounted time.Time
+	lo        loopback // the filter's part for loopback interfaces
 	loIndex   map[int]bool
 }
 
@@ -54,16 +55,21 @@ const lingerFor = 3 * time.Second
 // StartHostTap opens a packet socket on every interface and writes the
 // matching packets to w. wireOnly leaves out loopback interfaces.
 func StartHostTap(w *Writer, wireOnly bool) (*HostTap, error) {
-	h, err := newTap(w, 0, remoteFilter(nil))
+	lo := loopback{none: wireOnly}
+	loIndex := map[int]bool{}
+	if ifs, err := net.Interfaces(); err == nil {
+		for _, i := range ifs {
+			loIndex[i.Index] = i.Flags&net.FlagLoopback != 0
+			if loIndex[i.Index] {
+				lo.indexes = append(lo.indexes, uint32(i.Index))
+			}
+		}
+	}
+	h, err := newTap(w, 0, remoteFilter(nil, lo))
 	if err != nil {
 		return nil, err
 	}
-	h.wireOnly = wireOnly
-	if ifs, err := net.Interfaces(); err == nil {
-		for _, i := range ifs {
-			h.loIndex[i.Index] = i.Flags&net.FlagLoopback != 0
-		}
-	}
+	h.wireOnly, h.lo, h.loIndex = wireOnly, lo, loIndex
 	go h.run()
 	return h, nil
 }
@@ -148,7 +154,7 @@ func (h *HostTap) filterInLocked(remote netip.AddrPort) {
 		return // it passes every end already
 	}
 	h.wide = wide
-	prog := remoteFilter(slices.Sorted(maps.Keys(h.filtered)))
+	prog := remoteFilter(slices.Sorted(maps.Keys(h.filtered)), h.lo)
 	if raw, err := h.sock.SyscallConn(); err == nil {
 		raw.Control(func(fd uintptr) {
 			if attachFilter(int(fd), prog) != nil {
