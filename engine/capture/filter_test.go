@@ -119,36 +119,15 @@ func TestHostTapTakesOnlyTheSandboxsPackets(t *testing.T) {
 			}
 			defer tap.Close()
 
-			dial := func() *net.UDPConn {
-				server, err := net.ListenPacket("udp4", "127.0.0.1:0")
-				if err != nil {
-					t.Fatal(err)
-				}
-				t.Cleanup(func() { server.Close() })
-				c, err := net.DialUDP("udp4", nil, server.LocalAddr().(*net.UDPAddr))
-				if err != nil {
-					t.Fatal(err)
-				}
-				t.Cleanup(func() { c.Close() })
-				return c
-			}
-			watched, other := dial(), dial()
+			watched, other := loopbackUDP(t), loopbackUDP(t)
 			local, remote := watched.LocalAddr().(*net.UDPAddr).AddrPort(), watched.RemoteAddr().(*net.UDPAddr).AddrPort()
 			tap.Upstream(policy.UDP, netip.AddrPortFrom(netip.IPv4Unspecified(), local.Port()), remote, true)
 			defer tap.Upstream(policy.UDP, netip.AddrPortFrom(netip.IPv4Unspecified(), local.Port()), remote, false)
 
 			taken := func() uint32 {
-				raw, err := tap.sock.SyscallConn()
+				st, err := tap.stats()
 				if err != nil {
 					t.Fatal(err)
-				}
-				var st *unix.TpacketStats
-				var stErr error
-				raw.Control(func(fd uintptr) {
-					st, stErr = unix.GetsockoptTpacketStats(int(fd), unix.SOL_PACKET, unix.PACKET_STATISTICS)
-				})
-				if stErr != nil {
-					t.Fatal(stErr)
 				}
 				return st.Packets // since the last call
 			}
@@ -237,16 +216,7 @@ func TestTheTapCountsWhatItsQueueLost(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	server, err := net.ListenPacket("udp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer server.Close()
-	c, err := net.DialUDP("udp4", nil, server.LocalAddr().(*net.UDPAddr))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := loopbackUDP(t)
 	tap.Upstream(policy.UDP, c.LocalAddr().(*net.UDPAddr).AddrPort(), c.RemoteAddr().(*net.UDPAddr).AddrPort(), true)
 	// Nothing reads the tap yet: its 4 MiB queue overflows.
 	for range 20000 {
@@ -257,4 +227,21 @@ func TestTheTapCountsWhatItsQueueLost(t *testing.T) {
 	if w.Dropped() == 0 {
 		t.Fatal("40000 packets through a queue nothing read, and none counted as dropped")
 	}
+}
+
+// loopbackUDP is a UDP socket connected to a server of its own on the
+// host's loopback.
+func loopbackUDP(t *testing.T) *net.UDPConn {
+	t.Helper()
+	server, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { server.Close() })
+	c, err := net.DialUDP("udp4", nil, server.LocalAddr().(*net.UDPAddr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
 }

@@ -3,7 +3,6 @@ package capture
 import (
 	"encoding/binary"
 	"fmt"
-	"iter"
 	"maps"
 	"net"
 	"net/netip"
@@ -26,11 +25,11 @@ import (
 // talking to the same remote end has another local port. It needs
 // CAP_NET_RAW.
 type HostTap struct {
-	sock     *os.File // a packet socket, read through Go's poller
-	w        *Writer
-	wireOnly bool // skip loopback interfaces: the wire-egress view
-	link     bool // bound to one link, every packet on it is the sandbox's
-	exited   chan struct{}
+	sock   *os.File // a packet socket, read through Go's poller
+	w      *Writer
+	lo     loopback // the loopback interfaces; none: the wire-egress view
+	link   bool     // bound to one link, every packet on it is the sandbox's
+	exited chan struct{}
 
 	mu        sync.Mutex
 	open      map[flow]int       // sockets in use, counted
@@ -38,8 +37,6 @@ type HostTap struct {
 	filtered  map[uint32]bool    // the remote ends the socket's filter passes (remoteKey)
 	wide      bool               // too many ends: it passes every TCP and UDP packet
 	recounted time.Time
-	lo        loopback // the filter's part for loopback interfaces
-	loIndex   map[int]bool
 }
 
 // flow is one host socket as its packets show it.
@@ -56,11 +53,9 @@ const lingerFor = 3 * time.Second
 // matching packets to w. wireOnly leaves out loopback interfaces.
 func StartHostTap(w *Writer, wireOnly bool) (*HostTap, error) {
 	lo := loopback{none: wireOnly}
-	loIndex := map[int]bool{}
 	if ifs, err := net.Interfaces(); err == nil {
 		for _, i := range ifs {
-			loIndex[i.Index] = i.Flags&net.FlagLoopback != 0
-			if loIndex[i.Index] {
+			if i.Flags&net.FlagLoopback != 0 {
 				lo.indexes = append(lo.indexes, uint32(i.Index))
 			}
 		}
@@ -69,7 +64,7 @@ func StartHostTap(w *Writer, wireOnly bool) (*HostTap, error) {
 	if err != nil {
 		return nil, err
 	}
-	h.wireOnly, h.lo, h.loIndex = wireOnly, lo, loIndex
+	h.lo = lo
 	go h.run()
 	return h, nil
 }
@@ -107,7 +102,7 @@ func newTap(w *Writer, ifindex int, filter []bpf.Instruction) (*HostTap, error) 
 		return nil, fmt.Errorf("setting up the capture's packet socket: %w", err)
 	}
 	return &HostTap{sock: os.NewFile(uintptr(fd), "packet socket"), w: w, exited: make(chan struct{}),
-		open: map[flow]int{}, linger: map[flow]time.Time{}, filtered: map[uint32]bool{}, loIndex: map[int]bool{}}, nil
+		open: map[flow]int{}, linger: map[flow]time.Time{}, filtered: map[uint32]bool{}}, nil
 }
 
 func htons(v uint16) uint16 { return v<<8 | v>>8 }
@@ -174,12 +169,16 @@ func (h *HostTap) recountLocked(now time.Time) {
 			delete(h.linger, e)
 		}
 	}
-	for _, flows := range []iter.Seq[flow]{maps.Keys(h.open), maps.Keys(h.linger)} {
-		for e := range flows {
-			if e.proto == unix.IPPROTO_TCP || e.proto == unix.IPPROTO_UDP {
-				h.filtered[remoteKey(e.remote)] = true
-			}
+	add := func(e flow) {
+		if e.proto == unix.IPPROTO_TCP || e.proto == unix.IPPROTO_UDP {
+			h.filtered[remoteKey(e.remote)] = true
 		}
+	}
+	for e := range h.open {
+		add(e)
+	}
+	for e := range h.linger {
+		add(e)
 	}
 }
 
@@ -244,11 +243,13 @@ func (h *HostTap) run() {
 			h.w.PacketCopy(ll.Pkttype != unix.PACKET_OUTGOING, buf[:n])
 			continue
 		}
-		if !ok || h.wireOnly && h.loIndex[ll.Ifindex] {
+		if !ok {
 			continue
 		}
-		// Loopback shows each packet twice (sent, then received): keep one.
-		if h.loIndex[ll.Ifindex] && ll.Pkttype == unix.PACKET_OUTGOING {
+		// What the filter does, for a socket the kernel left without one:
+		// loopback shows each packet twice (sent, then received), keep
+		// one, or none for wire-egress.
+		if slices.Contains(h.lo.indexes, uint32(ll.Ifindex)) && (h.lo.none || ll.Pkttype == unix.PACKET_OUTGOING) {
 			continue
 		}
 		proto, src, dst, ok := ends(buf[:n])
@@ -339,16 +340,27 @@ func icmpKind(proto, typ uint8) int {
 	return 0
 }
 
+// stats is the packet socket's count of the packets it took and dropped
+// since the last call.
+func (h *HostTap) stats() (st *unix.TpacketStats, err error) {
+	raw, err := h.sock.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	if cerr := raw.Control(func(fd uintptr) {
+		st, err = unix.GetsockoptTpacketStats(int(fd), unix.SOL_PACKET, unix.PACKET_STATISTICS)
+	}); cerr != nil {
+		return nil, cerr
+	}
+	return st, err
+}
+
 // Close stops capturing; the Writer is the caller's to close after.
 func (h *HostTap) Close() {
 	// The packets the kernel dropped from the socket's full queue are
 	// missing from the file too.
-	if raw, err := h.sock.SyscallConn(); err == nil {
-		raw.Control(func(fd uintptr) {
-			if st, err := unix.GetsockoptTpacketStats(int(fd), unix.SOL_PACKET, unix.PACKET_STATISTICS); err == nil {
-				h.w.Lost(uint64(st.Drops))
-			}
-		})
+	if st, err := h.stats(); err == nil {
+		h.w.Lost(uint64(st.Drops))
 	}
 	h.sock.Close() // ends run's read
 	<-h.exited

@@ -9,7 +9,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -332,13 +331,8 @@ func TestAnIdleCaptureSleeps(t *testing.T) {
 		switches := func() (n int) {
 			tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/status", cmd.Process.Pid))
 			for _, task := range tasks {
-				b, _ := os.ReadFile(task)
-				for _, line := range strings.Split(string(b), "\n") {
-					if v, ok := strings.CutPrefix(line, "voluntary_ctxt_switches:"); ok {
-						c, _ := strconv.Atoi(strings.TrimSpace(v))
-						n += c
-					}
-				}
+				c, _ := statusField(task, "voluntary_ctxt_switches") // a thread that ended counts 0
+				n += c
 			}
 			return n
 		}

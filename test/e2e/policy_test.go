@@ -877,18 +877,27 @@ func tcpServer(t *testing.T, network, addr string, handle func(net.Conn)) int {
 // statusKiB reads a field in kB of /proc/PID/status.
 func statusKiB(t *testing.T, pid int, field string) int {
 	t.Helper()
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	path := fmt.Sprintf("/proc/%d/status", pid)
+	n, ok := statusField(path, field)
+	if !ok {
+		t.Fatalf("no %s in %s", field, path)
+	}
+	return n
+}
+
+// statusField reads a number (a count, or kB) from a /proc status file.
+func statusField(path, field string) (int, bool) {
+	b, err := os.ReadFile(path)
 	if err != nil {
-		t.Fatal(err)
+		return 0, false
 	}
 	for _, line := range strings.Split(string(b), "\n") {
 		if v, ok := strings.CutPrefix(line, field+":"); ok {
-			n, _ := strconv.Atoi(strings.TrimSuffix(strings.TrimSpace(v), " kB"))
-			return n
+			n, err := strconv.Atoi(strings.TrimSuffix(strings.TrimSpace(v), " kB"))
+			return n, err == nil
 		}
 	}
-	t.Fatalf("no %s in /proc/%d/status", field, pid)
-	return 0
+	return 0, false
 }
 
 // readFlowLog reads a flow log's events, each line checked for the
