@@ -34,6 +34,7 @@ type Config struct {
 	ID string
 	// Link is the TUN queue (in tests: a datagram socket) carrying the
 	// sandbox's IP packets. The engine owns it and closes it on Close.
+	// Nil: Start prepares the stack and Attach gives it the link.
 	Link   *os.File
 	Plan   netplan.Plan
 	Policy *policy.Policy
@@ -175,9 +176,6 @@ type Engine struct {
 
 // New validates cfg. Nothing runs until Start.
 func New(cfg Config) (*Engine, error) {
-	if cfg.Link == nil {
-		return nil, errors.New("engine: no link")
-	}
 	if cfg.Policy == nil {
 		return nil, errors.New("engine: no policy")
 	}
@@ -229,6 +227,8 @@ func setDefault[T comparable](v *T, def T) {
 }
 
 // Start brings the stack up on the link and serves DNS on the gateway.
+// Without a link yet, it gets everything else ready for Attach: a
+// sandbox's namespaces and the engine are then built side by side.
 func (e *Engine) Start(ctx context.Context) error {
 	e.ctx, e.cancel = context.WithCancel(ctx)
 	if err := e.followHostAddrs(); err != nil {
@@ -236,13 +236,37 @@ func (e *Engine) Start(ctx context.Context) error {
 		return err
 	}
 	var err error
-	e.stack, err = netstack.New(int(e.cfg.Link.Fd()), netstack.Config{
+	e.stack, err = netstack.New(netstack.Config{
 		Plan:        e.cfg.Plan,
 		MaxHalfOpen: e.cfg.MaxHalfOpen,
 		Handlers:    netstack.Handlers{TCP: e.handleTCP, UDP: e.handleUDP, Echo: e.handleEcho, Tap: e.cfg.Capture},
 	})
 	if err != nil {
 		e.cancel()
+		return err
+	}
+	if e.cfg.Link == nil {
+		return nil
+	}
+	return e.attach()
+}
+
+// Attach gives an engine started without a link its link, and the
+// sandbox's sock_diag socket (Config.SocketDiag) where there is one.
+func (e *Engine) Attach(link, socketDiag *os.File) error {
+	if e.stack == nil || e.cfg.Link != nil {
+		link.Close()
+		socketDiag.Close()
+		return errors.New("engine: attach before start or twice")
+	}
+	e.cfg.Link, e.cfg.SocketDiag = link, socketDiag
+	e.owners.Diag = socketDiag
+	return e.attach()
+}
+
+func (e *Engine) attach() error {
+	if err := e.stack.Attach(int(e.cfg.Link.Fd())); err != nil {
+		e.Close()
 		return err
 	}
 	for _, gw := range []netip.Addr{e.cfg.Plan.Gateway4, e.cfg.Plan.Gateway6} {

@@ -109,7 +109,8 @@ func newSandboxWith(t *testing.T, p *policy.Policy, mod func(*Config), dnsUpstre
 		t.Fatal(err)
 	}
 	sb := &sandbox{plan: plan, events: &eventLog{}}
-	cfg := Config{ID: "test", Link: os.NewFile(uintptr(fds[0]), "engine"), Plan: plan, Policy: p,
+	link := os.NewFile(uintptr(fds[0]), "engine")
+	cfg := Config{ID: "test", Link: link, Plan: plan, Policy: p,
 		DNS: dnsUpstream, OnEvent: sb.events.add, UDPIdleTimeout: 2 * time.Second, DialTimeout: 2 * time.Second,
 		Dial: toLoopback}
 	if mod != nil {
@@ -121,6 +122,11 @@ func newSandboxWith(t *testing.T, p *policy.Policy, mod func(*Config), dnsUpstre
 	}
 	if err := eng.Start(context.Background()); err != nil {
 		t.Fatal(err)
+	}
+	if cfg.Link == nil { // mod left the link for later, as childflow exec does
+		if err := eng.Attach(link, nil); err != nil {
+			t.Fatal(err)
+		}
 	}
 	sb.eng = eng
 	t.Cleanup(func() { eng.Close() })
@@ -296,6 +302,66 @@ func TestTCPRelayWithHalfClose(t *testing.T) {
 				t.Fatalf("flow_end %+v (found %v), want %d bytes each way and no reset", end, ok, len(payload))
 			}
 		})
+	}
+}
+
+// childflow exec starts the engine while the sandbox's namespaces are
+// built, and attaches the TUN once it exists: the engine serves DNS and
+// relays from then on as one started on its link.
+func TestALinkAttachedAfterStart(t *testing.T) {
+	upstream, _ := dnsUpstream(t)
+	srv := echoServer(t, "tcp", "127.0.0.1:0")
+	sb := newSandboxWith(t, allowAll, func(c *Config) { c.Link = nil }, upstream)
+	c, err := sb.dial(t, remote(srv))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.WriteString(c, "ping"); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 4)
+	if _, err := io.ReadFull(c, got); err != nil || string(got) != "ping" {
+		t.Fatalf("echo %q, %v", got, err)
+	}
+	if m := sb.query(t, netip.AddrPortFrom(sb.plan.Gateway4, 53), "allowed.test.", mdns.TypeA, false); m.Rcode != mdns.RcodeSuccess || len(m.Answer) == 0 {
+		t.Fatalf("DNS on the gateway: %v", m)
+	}
+	if err := sb.eng.Attach(nil, nil); err == nil {
+		t.Fatal("a second Attach was taken")
+	}
+}
+
+// An engine that never gets its link (the sandbox failed to start)
+// closes, and its goroutines end.
+func TestAnEngineNeverAttachedCloses(t *testing.T) {
+	plan, err := netplan.Choose(nil, testMTU())
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := runtime.NumGoroutine()
+	eng, err := New(Config{ID: "test", Plan: plan, Policy: allowAll})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := eng.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	eng.Linger(time.Second) // nothing came in: returns at once
+	done := make(chan struct{})
+	go func() { eng.Close(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close hung")
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for runtime.NumGoroutine() > before && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n := runtime.NumGoroutine(); n > before {
+		t.Fatalf("%d goroutines left, %d before", n, before)
 	}
 }
 

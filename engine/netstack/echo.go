@@ -88,7 +88,7 @@ func (e *sandboxLink) maybeEcho(proto tcpip.NetworkProtocolNumber, pkt *stack.Pa
 		// the stack.
 		return false
 	}
-	if e.stack.plan.IsGateway(req.Dst) {
+	if e.stack.cfg.Plan.IsGateway(req.Dst) {
 		return false // the gateway answers its own pings
 	}
 	if e.handler != nil {

@@ -88,9 +88,9 @@ func (ns *Stack) SendICMPError(from netip.Addr, err ICMPError, quoted []byte) {
 // SendGatewayError is SendICMPError from the gateway: the first hop
 // answering for itself (time exceeded, refused, no way on).
 func (ns *Stack) SendGatewayError(err ICMPError, quoted []byte) {
-	from := ns.plan.Gateway4
+	from := ns.cfg.Plan.Gateway4
 	if quoted[0]>>4 == 6 {
-		from = ns.plan.Gateway6
+		from = ns.cfg.Plan.Gateway6
 	}
 	ns.SendICMPError(from, err, quoted)
 }

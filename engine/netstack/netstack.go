@@ -226,8 +226,8 @@ type Config struct {
 // Stack is a running sandbox stack.
 type Stack struct {
 	s    *stack.Stack
-	link *sandboxLink
-	plan netplan.Plan
+	cfg  Config
+	link *sandboxLink // from Attach on
 	syns synTable
 	// udpBacklog counts the UDP flows holding datagrams of the sandbox's
 	// that their handlers have not passed on yet.
@@ -236,37 +236,54 @@ type Stack struct {
 
 const nicID = 1
 
-// New starts a stack on the sandbox's TUN queue fd (in tests, a datagram
-// socket), which stays the caller's to close.
-func New(fd int, cfg Config) (*Stack, error) {
-	l, err := newTUNLink(fd, uint32(cfg.Plan.MTU))
-	if err != nil {
-		return nil, fmt.Errorf("creating link endpoint on fd %d: %w", fd, err)
-	}
+// New makes a stack for the sandbox; Attach gives it its link.
+func New(cfg Config) (*Stack, error) {
 	s := stack.New(stack.Options{
 		NetworkProtocols:   []stack.NetworkProtocolFactory{ipv4.NewProtocol, ipv6.NewProtocol},
 		TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocol, udp.NewProtocol, icmp.NewProtocol4, icmp.NewProtocol6},
 		// Packets between the engine's own endpoints never leave it.
 		HandleLocal: false,
 	})
-	ns := &Stack{s: s, plan: cfg.Plan}
-	ns.link = &sandboxLink{tunLink: l, stack: ns, handler: cfg.Handlers.Echo, tap: cfg.Handlers.Tap}
+	ns := &Stack{s: s, cfg: cfg}
 	if err := ns.configure(cfg); err != nil {
 		s.Close()
-		l.Close()
 		return nil, err
 	}
 	return ns, nil
 }
 
+// Attach starts the stack on the sandbox's TUN queue fd (in tests, a
+// datagram socket), which stays the caller's to close.
+func (ns *Stack) Attach(fd int) error {
+	if ns.link != nil {
+		return errors.New("netstack: attached twice")
+	}
+	l, err := newTUNLink(fd, uint32(ns.cfg.Plan.MTU))
+	if err != nil {
+		return fmt.Errorf("creating link endpoint on fd %d: %w", fd, err)
+	}
+	ns.link = &sandboxLink{tunLink: l, stack: ns, handler: ns.cfg.Handlers.Echo, tap: ns.cfg.Handlers.Tap}
+	if err := ns.addNIC(); err != nil {
+		l.Close()
+		ns.link = nil
+		return err
+	}
+	return nil
+}
+
 // Received counts the packets read from the sandbox so far.
-func (ns *Stack) Received() uint64 { return ns.link.received.Load() }
+func (ns *Stack) Received() uint64 {
+	if ns.link == nil {
+		return 0
+	}
+	return ns.link.received.Load()
+}
 
 // Settled reports whether everything the sandbox sent so far has been
 // taken in: no packet waits on the link or is being delivered, and no
 // UDP flow holds a datagram its handler has not passed on.
 func (ns *Stack) Settled() bool {
-	return ns.udpBacklog.Load() == 0 && ns.link.drained()
+	return ns.udpBacklog.Load() == 0 && (ns.link == nil || ns.link.drained())
 }
 
 func (ns *Stack) configure(cfg Config) error {
@@ -311,40 +328,6 @@ func (ns *Stack) configure(cfg Config) error {
 		return fmt.Errorf("setting the TIME_WAIT timeout: %s", err)
 	}
 
-	if err := s.CreateNIC(nicID, ns.link); err != nil {
-		return fmt.Errorf("creating NIC: %s", err)
-	}
-	// Promiscuous: accept packets for every destination, since the engine
-	// stands in for the whole internet. Spoofing: reply from those
-	// destinations' addresses.
-	if err := s.SetPromiscuousMode(nicID, true); err != nil {
-		return fmt.Errorf("setting promiscuous mode: %s", err)
-	}
-	if err := s.SetSpoofing(nicID, true); err != nil {
-		return fmt.Errorf("enabling spoofing: %s", err)
-	}
-	for _, gw := range []netip.Prefix{
-		netip.PrefixFrom(cfg.Plan.Gateway4, cfg.Plan.Prefix4.Bits()),
-		netip.PrefixFrom(cfg.Plan.Gateway6, cfg.Plan.Prefix6.Bits()),
-	} {
-		proto := ipv4.ProtocolNumber
-		if gw.Addr().Is6() {
-			proto = ipv6.ProtocolNumber
-		}
-		pa := tcpip.ProtocolAddress{
-			Protocol:          proto,
-			AddressWithPrefix: tcpip.AddrFromSlice(gw.Addr().AsSlice()).WithPrefix(),
-		}
-		pa.AddressWithPrefix.PrefixLen = gw.Bits()
-		if err := s.AddProtocolAddress(nicID, pa, stack.AddressProperties{}); err != nil {
-			return fmt.Errorf("adding gateway address %s: %s", gw, err)
-		}
-	}
-	s.SetRouteTable([]tcpip.Route{
-		{Destination: header.IPv4EmptySubnet, NIC: nicID},
-		{Destination: header.IPv6EmptySubnet, NIC: nicID},
-	})
-
 	maxHalfOpen := cfg.MaxHalfOpen
 	if maxHalfOpen == 0 {
 		maxHalfOpen = 512
@@ -387,6 +370,45 @@ func (ns *Stack) configure(cfg Config) error {
 	return nil
 }
 
+func (ns *Stack) addNIC() error {
+	s := ns.s
+	if err := s.CreateNIC(nicID, ns.link); err != nil {
+		return fmt.Errorf("creating NIC: %s", err)
+	}
+	// Promiscuous: accept packets for every destination, since the engine
+	// stands in for the whole internet. Spoofing: reply from those
+	// destinations' addresses.
+	if err := s.SetPromiscuousMode(nicID, true); err != nil {
+		return fmt.Errorf("setting promiscuous mode: %s", err)
+	}
+	if err := s.SetSpoofing(nicID, true); err != nil {
+		return fmt.Errorf("enabling spoofing: %s", err)
+	}
+	for _, gw := range []netip.Prefix{
+		netip.PrefixFrom(ns.cfg.Plan.Gateway4, ns.cfg.Plan.Prefix4.Bits()),
+		netip.PrefixFrom(ns.cfg.Plan.Gateway6, ns.cfg.Plan.Prefix6.Bits()),
+	} {
+		proto := ipv4.ProtocolNumber
+		if gw.Addr().Is6() {
+			proto = ipv6.ProtocolNumber
+		}
+		pa := tcpip.ProtocolAddress{
+			Protocol:          proto,
+			AddressWithPrefix: tcpip.AddrFromSlice(gw.Addr().AsSlice()).WithPrefix(),
+		}
+		pa.AddressWithPrefix.PrefixLen = gw.Bits()
+		if err := s.AddProtocolAddress(nicID, pa, stack.AddressProperties{}); err != nil {
+			return fmt.Errorf("adding gateway address %s: %s", gw, err)
+		}
+	}
+	s.SetRouteTable([]tcpip.Route{
+		{Destination: header.IPv4EmptySubnet, NIC: nicID},
+		{Destination: header.IPv6EmptySubnet, NIC: nicID},
+	})
+
+	return nil
+}
+
 // ListenTCP and ListenUDP serve the engine's own services (DNS) on the
 // gateway address.
 func (ns *Stack) ListenTCP(addr netip.AddrPort) (net.Listener, error) {
@@ -402,8 +424,10 @@ func (ns *Stack) ListenUDP(addr netip.AddrPort) (net.PacketConn, error) {
 // stops reading first: gVisor's Wait waits for the link's reader while
 // holding the stack's lock, which a packet being delivered then needs.
 func (ns *Stack) Close() {
-	ns.link.Attach(nil)
-	ns.link.Wait()
+	if ns.link != nil {
+		ns.link.Attach(nil)
+		ns.link.Wait()
+	}
 	ns.s.Close()
 	ns.s.Wait()
 }
