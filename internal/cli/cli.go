@@ -268,6 +268,29 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "childflow: %v\n", err)
 		return exitFailure
 	}
+	// Each signal registered is a round trip to the runtime's signal
+	// thread, and there are eight: done while init starts. Never
+	// unregistered: childflow exits when the command does.
+	sigs := make(chan os.Signal, 16)
+	signalsRegistered := make(chan struct{})
+	go func() {
+		signal.Notify(sigs, sandbox.ForwardedSignals()...)
+		close(signalsRegistered)
+	}()
+	// Init starts up while the rest is worked out; it builds nothing
+	// until Build, and is gone again if childflow stops before that.
+	sb, err := sandbox.Start(command, rootless)
+	if err != nil {
+		fmt.Fprintf(stderr, "childflow: %v\n", err)
+		return exitFailure
+	}
+	built := false
+	defer func() {
+		if !built {
+			sb.Kill()
+			sb.Wait()
+		}
+	}()
 	var plan netplan.Plan
 	var rootNet *rootful.Sandbox
 	if o.root {
@@ -333,27 +356,45 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		}
 	}
 
-	// Each signal registered is a round trip to the runtime's signal
-	// thread, and there are eight: done while init starts. Never
-	// unregistered: childflow exits when the command does.
-	sigs := make(chan os.Signal, 16)
-	signalsRegistered := make(chan struct{})
-	go func() {
-		signal.Notify(sigs, sandbox.ForwardedSignals()...)
-		close(signalsRegistered)
-	}()
-	sb, err := sandbox.Start(sandbox.Spec{
+	if err := sb.Build(sandbox.Spec{
 		Plan:       plan,
-		Command:    command,
 		ResolvConf: resolvConf(plan, hostResolv),
 		HostsFile:  o.hostsFile,
 		Hidden:     hidden(append([]string{o.flowLog}, captures.paths...)),
-		Rootless:   rootless,
 		RunAs:      caller.IDs(),
 		Foreground: sandbox.InForeground(),
 		Veth:       o.root,
-	})
-	if err != nil {
+	}); err != nil {
+		fmt.Fprintf(stderr, "childflow: %v\n", err)
+		return exitFailure
+	}
+	built = true
+	// The engine gets ready while init builds the namespaces.
+	var eng *engine.Engine
+	if !o.root {
+		// One sandbox's relay is a chain of hand-offs (TUN reader, TCP
+		// processor, handler, host socket) in which each goroutine wakes
+		// the next: on one processor the next runs on the same thread at
+		// once, on several it often waits for an idle thread to wake and
+		// steal it. Measured (docs/benchmarks.md): faster both in
+		// connections per second and in throughput. GOMAXPROCS, when
+		// set, still decides.
+		if os.Getenv("GOMAXPROCS") == "" {
+			runtime.GOMAXPROCS(1)
+		}
+		eng, err = engine.New(engine.Config{ID: "exec", Plan: plan, Policy: pol, CallerOwnsHost: true, DNS: upstreams, Hosts: hosts, Proxy: fwd, OnEvent: events, Capture: captures.child, OnUpstream: captures.upstream, SandboxPID: sb.Pid()})
+		if err == nil {
+			err = eng.Start(ctx)
+			defer eng.Close()
+		}
+		if err != nil {
+			sb.Kill()
+			sb.Wait()
+			fmt.Fprintf(stderr, "childflow: starting engine: %v\n", err)
+			return exitFailure
+		}
+	}
+	if err := sb.Ready(); err != nil {
 		fmt.Fprintf(stderr, "childflow: %v\n", err)
 		return exitFailure
 	}
@@ -367,25 +408,12 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		if err != nil {
 			err = fmt.Errorf("--root: %w", err)
 		}
-		violations, stop = rootNet.Violations, func(bool) { rootNet.Close() }
+		violations, stop = rootNet.Violations, func(bool) {
+			sb.Wait() // the sandbox is gone before its veth and tables
+			rootNet.Close()
+		}
 	} else {
-		// One sandbox's relay is a chain of hand-offs (TUN reader, TCP
-		// processor, handler, host socket) in which each goroutine wakes
-		// the next: on one processor the next runs on the same thread at
-		// once, on several it often waits for an idle thread to wake and
-		// steal it. Measured (docs/benchmarks.md): faster both in
-		// connections per second and in throughput. GOMAXPROCS, when
-		// set, still decides.
-		if os.Getenv("GOMAXPROCS") == "" {
-			runtime.GOMAXPROCS(1)
-		}
-		var eng *engine.Engine
-		eng, err = engine.New(engine.Config{ID: "exec", Link: sb.TUN, Plan: plan, Policy: pol, CallerOwnsHost: true, DNS: upstreams, Hosts: hosts, Proxy: fwd, OnEvent: events, Capture: captures.child, OnUpstream: captures.upstream, SandboxPID: sb.Pid(), SocketDiag: sb.SocketDiag})
-		if err == nil {
-			err = eng.Start(ctx)
-			defer eng.Close()
-		}
-		if err != nil {
+		if err = eng.Attach(sb.TUN, sb.SocketDiag); err != nil {
 			err = fmt.Errorf("starting engine: %w", err)
 		}
 		violations, stop = eng.Violations, func(linger bool) {
@@ -414,7 +442,8 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "childflow: %v\n", err)
 		return exitFailure
 	}
-	code := sb.Wait()
+	defer sb.Wait()
+	code := sb.Exited()
 	if sb.CommandHasTerminal() {
 		reclaimTerminal()
 	}

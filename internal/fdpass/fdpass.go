@@ -43,6 +43,36 @@ func Recv(sock int, maxMsg, maxFDs int) (msg []byte, files []*os.File, err error
 	return buf[:n], files, err
 }
 
+// RecvFile is Recv on a socket in Go's poller (made non-blocking): the
+// goroutine waiting for a message parks there and leaves its thread and
+// processor to the others, where a blocking read holds them until the
+// runtime notices.
+func RecvFile(sock *os.File, maxMsg, maxFDs int) (msg []byte, files []*os.File, err error) {
+	rc, err := sock.SyscallConn()
+	if err != nil {
+		return nil, nil, err
+	}
+	buf := make([]byte, maxMsg)
+	oob := make([]byte, Space(maxFDs))
+	var n, oobn int
+	var rerr error
+	err = rc.Read(func(fd uintptr) bool {
+		n, oobn, _, _, rerr = unix.Recvmsg(int(fd), buf, oob, unix.MSG_CMSG_CLOEXEC|unix.MSG_DONTWAIT)
+		return rerr != unix.EAGAIN && rerr != unix.EINTR
+	})
+	if err == nil {
+		err = rerr
+	}
+	if err != nil {
+		return nil, nil, fmt.Errorf("recvmsg: %w", err)
+	}
+	if n == 0 && oobn == 0 {
+		return nil, nil, fmt.Errorf("recvmsg: peer closed the socket")
+	}
+	files, err = Files(oob[:oobn])
+	return buf[:n], files, err
+}
+
 // Space is the control-message room for up to n fds.
 func Space(n int) int { return unix.CmsgSpace(n * 4) }
 

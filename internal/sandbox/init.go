@@ -36,20 +36,21 @@ func Init() {
 	if err := unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0); err != nil {
 		fail(fmt.Errorf("making init undumpable: %w", err))
 	}
-	var spec Spec
-	raw := os.Getenv(initEnv)
+	sigs := forwardedSignals()
+	parent := os.Getenv(initEnv)
 	os.Unsetenv(initEnv)
 	unix.CloseOnExec(ctrlFD)
-	if err := json.Unmarshal([]byte(raw), &spec); err != nil {
-		fail(fmt.Errorf("decoding sandbox spec: %w", err))
+	if parent != version.Version {
+		exe, _ := os.Executable()
+		fail(fmt.Errorf("%s is version %s but childflow is %s: install both from one build", exe, version.Version, parent))
+	}
+	spec, err := receiveSpec()
+	if err != nil {
+		fail(err)
 	}
 	spec.Command = os.Args[1:]
 	if spec.CallerFD3 > 0 {
 		unix.CloseOnExec(spec.CallerFD3) // the command gets it as fd 3 only
-	}
-	if spec.Version != version.Version {
-		exe, _ := os.Executable()
-		fail(fmt.Errorf("%s is version %s but childflow is %s: install both from one build", exe, version.Version, spec.Version))
 	}
 	tunFile, covers, err := setup(spec)
 	if err != nil {
@@ -72,13 +73,36 @@ func Init() {
 		os.Exit(125)
 	}
 	// While the engine starts, get everything but the fork done.
-	start := prepareCommand(spec)
+	start := prepareCommand(spec, sigs)
 	// Wait for the engine. EOF means the parent died: leave.
 	if msg, _, err := fdpass.Recv(ctrlFD, 16, 0); err != nil || string(msg) != "go" {
 		os.Exit(125)
 	}
 	go keepCovering(covers)
-	os.Exit(start())
+	code := start()
+	// Childflow ends its side while the kernel takes the sandbox down.
+	fdpass.Send(ctrlFD, fmt.Appendf(nil, exitedMsg, code))
+	os.Exit(code)
+}
+
+// receiveSpec reads the spec childflow sends in chunks (Sandbox.Build).
+func receiveSpec() (Spec, error) {
+	var spec Spec
+	var raw []byte
+	for {
+		msg, _, err := fdpass.Recv(ctrlFD, 1+specChunk, 0)
+		if err != nil || len(msg) == 0 {
+			os.Exit(125) // childflow is gone
+		}
+		raw = append(raw, msg[1:]...)
+		if msg[0] != 'm' {
+			break
+		}
+	}
+	if err := json.Unmarshal(raw, &spec); err != nil {
+		return spec, fmt.Errorf("decoding sandbox spec: %w", err)
+	}
+	return spec, nil
 }
 
 // fail sends err to the parent in place of the TUN and exits.
@@ -88,15 +112,43 @@ func fail(err error) {
 }
 
 func setup(spec Spec) (*os.File, []etcCover, error) {
-	// Nothing we mount may propagate back to the host.
-	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
-		return nil, nil, fmt.Errorf("making mounts private: %w", err)
+	// The network and the mounts do not depend on each other: built side
+	// by side, on two threads of this process and its namespaces (the
+	// mounts, shorter, on the one that takes a moment to start).
+	type mounts struct {
+		covers []etcCover
+		err    error
 	}
+	mounted := make(chan mounts, 1)
+	go func() {
+		covers, err := setupMounts(spec)
+		mounted <- mounts{covers, err}
+	}()
+	tun, err := setupNetwork(spec)
+	m := <-mounted
+	if err == nil {
+		err = m.err
+	}
+	if err != nil {
+		tun.Close()
+		return nil, nil, err
+	}
+	// Last: the network's settings are written under /proc/sys.
+	if !spec.Rootless && len(spec.RunAs) == 0 {
+		if err := kernelFilesReadOnly(); err != nil {
+			tun.Close()
+			return nil, nil, err
+		}
+	}
+	return tun, m.covers, nil
+}
+
+func setupNetwork(spec Spec) (*os.File, error) {
 	var f *os.File
 	if !spec.Veth {
 		var err error
 		if f, err = openTUN(spec.Plan); err != nil {
-			return nil, nil, err
+			return nil, err
 		}
 	}
 	// The command has no CAP_NET_RAW; unprivileged ICMP sockets let ping
@@ -105,21 +157,26 @@ func setup(spec Spec) (*os.File, []etcCover, error) {
 	gid := os.Getgid()
 	if err := os.WriteFile("/proc/sys/net/ipv4/ping_group_range", fmt.Appendf(nil, "%d %d", gid, gid), 0); err != nil {
 		f.Close()
-		return nil, nil, fmt.Errorf("enabling ping sockets in the sandbox: %w", err)
+		return nil, fmt.Errorf("enabling ping sockets in the sandbox: %w", err)
+	}
+	return f, nil
+}
+
+func setupMounts(spec Spec) ([]etcCover, error) {
+	// Nothing we mount may propagate back to the host.
+	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
+		return nil, fmt.Errorf("making mounts private: %w", err)
 	}
 	covers, err := overlayEtc(spec)
 	if err != nil {
-		f.Close()
-		return nil, nil, err
+		return nil, err
 	}
 	// After overlayEtc, whose scratch tmpfs on /tmp would cover them.
 	if err := coverHostSockets(spec.HostSockets); err != nil {
-		f.Close()
-		return nil, nil, err
+		return nil, err
 	}
 	if err := hide(spec.Hidden); err != nil {
-		f.Close()
-		return nil, nil, err
+		return nil, err
 	}
 	// A fresh /proc shows only the sandbox's processes. Where /proc is
 	// partly masked (inside a container) the kernel refuses a user one;
@@ -127,13 +184,7 @@ func setup(spec Spec) (*os.File, []etcCover, error) {
 	// there, but cannot trace them or open their memory, as they are in
 	// a user namespace above its own (TestHostProcGrantsNothing).
 	unix.Mount("proc", "/proc", "proc", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, "")
-	if !spec.Rootless && len(spec.RunAs) == 0 {
-		if err := kernelFilesReadOnly(); err != nil {
-			f.Close()
-			return nil, nil, err
-		}
-	}
-	return f, covers, nil
+	return covers, nil
 }
 
 // kernelFilesReadOnly makes the kernel's settings read-only for a command
@@ -275,11 +326,26 @@ func bindOver(src, dst string) (string, error) {
 	return target, nil
 }
 
-// prepareCommand drops this thread's privileges, registers the signals
-// to forward and finds the command; the start it returns forks the
-// command, forwards signals to it and returns its exit code once it
-// exits. Signals that arrive before the fork are forwarded right after.
-func prepareCommand(spec Spec) (start func() int) {
+// forwardedSignals registers the signals to forward to the command, in
+// the background: each is a round trip to the runtime's signal thread,
+// and the eight took as long as building the sandbox's network. The
+// channel it returns once they are registered holds those that arrive
+// until the command starts, forwarded right after.
+func forwardedSignals() <-chan chan os.Signal {
+	registered := make(chan chan os.Signal, 1)
+	go func() {
+		sigs := make(chan os.Signal, 16)
+		signal.Notify(sigs, ForwardedSignals()...)
+		registered <- sigs
+	}()
+	return registered
+}
+
+// prepareCommand drops this thread's privileges, waits for the signals
+// to forward to be registered and finds the command; the start it
+// returns forks the command, forwards signals to it and returns its exit
+// code once it exits.
+func prepareCommand(spec Spec, registered <-chan chan os.Signal) (start func() int) {
 	// Never unlocked: this thread ends up without privileges, and the
 	// command is forked from it.
 	runtime.LockOSThread()
@@ -297,8 +363,7 @@ func prepareCommand(spec Spec) (start func() int) {
 			}
 		}
 	}
-	sigs := make(chan os.Signal, 16)
-	signal.Notify(sigs, ForwardedSignals()...)
+	sigs := <-registered
 	path, err := exec.LookPath(spec.Command[0])
 	if err != nil {
 		return func() int {

@@ -8,6 +8,7 @@ package sandbox
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -25,27 +26,28 @@ import (
 )
 
 // initEnv marks the re-executed process as the sandbox's init; its value
-// is the JSON-encoded spec.
+// is childflow's version: a childflow-init from another build may not
+// read the spec the same way, so it refuses.
 const initEnv = "_CHILDFLOW_SANDBOX_INIT"
 
-// Spec is what init needs to build the sandbox.
+// Spec is what init needs to build the sandbox, sent to it over the
+// control socket once it runs (Build).
 type Spec struct {
 	Plan netplan.Plan `json:"plan"`
-	// Command is init's argv after its name, not part of the JSON: one
-	// environment string holds at most 128 KiB, a command line up to
-	// the whole of ARG_MAX.
+	// Command is init's argv after its name (Start's), not part of the
+	// JSON.
 	Command    []string `json:"-"`
 	ResolvConf string   `json:"resolv_conf"`
 	HostsFile  string   `json:"hosts_file,omitempty"`
 	// HostSockets are the paths of the host's unix sockets, for init
-	// to cover (hostsockets.go); Start fills it in.
+	// to cover (hostsockets.go); Build fills it in.
 	HostSockets []string `json:"host_sockets,omitempty"`
 	// Hidden are the files childflow writes about the sandbox (flow log,
 	// captures), absolute: covered in the sandbox, so that the command
 	// can neither read nor rewrite the record of what it does.
 	Hidden []string `json:"hidden,omitempty"`
 	// Rootless: init runs in a new user namespace mapping only the
-	// caller's uid and gid.
+	// caller's uid and gid (Start's).
 	Rootless bool `json:"rootless"`
 	// RunAs, when set (root started through sudo), is the user the
 	// command runs as: [uid, gid].
@@ -57,12 +59,9 @@ type Spec struct {
 	// Veth: no TUN; the rootful backend moves a veth end into the
 	// namespace and configures it from outside.
 	Veth bool `json:"veth,omitempty"`
-	// Version is the parent's: a childflow-init from another build may
-	// not read this spec the same way, so it refuses.
-	Version string `json:"version"`
 	// CallerFD3 is where init finds the fd 3 childflow was given, if
 	// any, to hand to the command as its fd 3 (init's own fd 3 is the
-	// control socket).
+	// control socket); Build fills it in.
 	CallerFD3 int `json:"caller_fd3,omitempty"`
 }
 
@@ -74,9 +73,16 @@ type Sandbox struct {
 	// turn (followStops); the next SIGCONT continues the command.
 	resume    atomic.Bool
 	stopsDone chan struct{}
+	// exited is closed once init has said the command exited, with
+	// code (followStops).
+	exited chan struct{}
+	code   int
 	// terminal: the command has the terminal's foreground, given by init
 	// at the start (Spec.Foreground) or on fg, lost when it stops or on bg.
-	terminal atomic.Bool
+	terminal  atomic.Bool
+	rootless  bool
+	callerFD3 int
+	veth      bool // Spec.Veth: init hands over no TUN
 	// TUN is the sandbox's cf0 queue, for the engine (nil with Spec.Veth).
 	TUN *os.File
 	// SocketDiag is a sock_diag socket inside the sandbox (nil if init
@@ -87,11 +93,20 @@ type Sandbox struct {
 // readyMsg is init's word that its namespaces are set up (Spec.Veth).
 const readyMsg = "ready"
 
-// Start spawns init and returns once the TUN exists; the command does not
-// run until Run is called.
-func Start(spec Spec) (sb *Sandbox, err error) {
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+// Start spawns init for command in new mount, network and PID namespaces
+// (and a user namespace, rootless). Init starts up while the caller works
+// out the rest of the spec and hands it over (Build); then init builds
+// the sandbox while the caller gets its side ready (the engine); Ready
+// waits for that. The command does not run until Run is called.
+func Start(command []string, rootless bool) (sb *Sandbox, err error) {
+	// Non-blocking on childflow's side, which waits in Go's poller.
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0)
 	if err != nil {
+		return nil, fmt.Errorf("creating control socket: %w", err)
+	}
+	if err := unix.SetNonblock(fds[1], false); err != nil {
+		unix.Close(fds[0])
+		unix.Close(fds[1])
 		return nil, fmt.Errorf("creating control socket: %w", err)
 	}
 	parent, child := os.NewFile(uintptr(fds[0]), "ctrl"), os.NewFile(uintptr(fds[1]), "ctrl-child")
@@ -101,10 +116,7 @@ func Start(spec Spec) (sb *Sandbox, err error) {
 			parent.Close()
 		}
 	}()
-	spec.Version = version.Version
-	if spec.HostSockets, err = hostSocketPaths(); err != nil {
-		return nil, err
-	}
+	sb = &Sandbox{ctrl: parent, rootless: rootless}
 	// The command sees the fds childflow was given, as under env or
 	// timeout (a shell's 3>file, make's jobserver): those from 4 up are
 	// not close-on-exec, unlike childflow's own, and pass through init
@@ -115,11 +127,7 @@ func Start(spec Spec) (sb *Sandbox, err error) {
 			return nil, fmt.Errorf("passing on fd 3: %w", err)
 		}
 		defer unix.Close(aside)
-		spec.CallerFD3 = aside
-	}
-	specJSON, err := json.Marshal(spec)
-	if err != nil {
-		return nil, err
+		sb.callerFD3 = aside
 	}
 	attr := &syscall.SysProcAttr{
 		Cloneflags: syscall.CLONE_NEWNS | syscall.CLONE_NEWNET | syscall.CLONE_NEWPID,
@@ -132,7 +140,7 @@ func Start(spec Spec) (sb *Sandbox, err error) {
 		// rather than from the kernel and from each forwarder too.
 		Setpgid: true,
 	}
-	if spec.Rootless {
+	if rootless {
 		uid, gid := os.Getuid(), os.Getgid()
 		attr.Cloneflags |= syscall.CLONE_NEWUSER
 		attr.UidMappings = []syscall.SysProcIDMap{{ContainerID: uid, HostID: uid, Size: 1}}
@@ -145,47 +153,111 @@ func Start(spec Spec) (sb *Sandbox, err error) {
 	}
 	// syscall.ForkExec rather than os/exec, whose first start in a
 	// process forks a probe process too (~0.25 ms of every run).
-	pid, err := syscall.ForkExec(initPath(), append([]string{"childflow-init"}, spec.Command...), &syscall.ProcAttr{
-		Env:   append(withoutInitSpec(os.Environ()), initEnv+"="+string(specJSON)),
+	pid, err := syscall.ForkExec(initPath(), append([]string{"childflow-init"}, command...), &syscall.ProcAttr{
+		Env:   append(withoutInitSpec(os.Environ()), initEnv+"="+version.Version),
 		Files: []uintptr{0, 1, 2, child.Fd()}, // the control socket is ctrlFD
 		Sys:   attr,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("starting sandbox init: %w", err)
 	}
-	proc := &process{pid: pid}
-	sb = &Sandbox{initProc: proc, ctrl: parent}
-	sb.terminal.Store(spec.Foreground)
+	sb.initProc = &process{pid: pid}
+	return sb, nil
+}
+
+// specChunk bounds one message of the spec: a host with many unix
+// sockets lists them all.
+const specChunk = 32 << 10
+
+// Build hands init the spec (Command and Rootless are Start's), and init
+// builds the sandbox. On an error init is gone.
+func (sb *Sandbox) Build(spec Spec) (err error) {
 	defer func() {
 		if err != nil {
-			proc.signal(syscall.SIGKILL)
-			proc.wait()
+			sb.Kill()
+			sb.Wait()
 		}
 	}()
-	msg, files, err := fdpass.Recv(int(parent.Fd()), 4096, 2)
-	if err != nil {
-		return nil, fmt.Errorf("sandbox init failed before handing over the tun: %w", err)
+	spec.Rootless, spec.CallerFD3, sb.veth = sb.rootless, sb.callerFD3, spec.Veth
+	sb.terminal.Store(spec.Foreground)
+	if spec.HostSockets, err = hostSocketPaths(); err != nil {
+		return err
 	}
-	if spec.Veth && string(msg) == readyMsg && len(files) == 0 {
-		return sb, nil
+	b, err := json.Marshal(spec)
+	if err != nil {
+		return err
+	}
+	for more := true; more; {
+		n := min(len(b), specChunk)
+		more = n < len(b)
+		flag := byte('e')
+		if more {
+			flag = 'm'
+		}
+		if err := sb.sendWaiting(append([]byte{flag}, b[:n]...)); err != nil {
+			// Init stopped before reading it: say why, where it did.
+			var why []byte
+			sb.onCtrl(func(fd int) error { why, _, _ = fdpass.Recv(fd, 4096, 0); return nil })
+			if len(why) > 0 {
+				return fmt.Errorf("%s", why)
+			}
+			return fmt.Errorf("handing sandbox init its spec: %w", err)
+		}
+		b = b[n:]
+	}
+	return nil
+}
+
+// sendWaiting sends msg, waiting in the poller while init's queue is
+// full (the spec's chunks, before init reads them).
+func (sb *Sandbox) sendWaiting(msg []byte) error {
+	rc, err := sb.ctrl.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	if err := rc.Write(func(fd uintptr) bool {
+		serr = fdpass.Send(int(fd), msg)
+		return !errors.Is(serr, unix.EAGAIN)
+	}); err != nil {
+		return err
+	}
+	return serr
+}
+
+// Ready waits for init to have built the namespaces and takes the TUN it
+// hands over. On an error init is gone.
+func (sb *Sandbox) Ready() (err error) {
+	defer func() {
+		if err != nil {
+			sb.Kill()
+			sb.Wait()
+		}
+	}()
+	msg, files, err := fdpass.RecvFile(sb.ctrl, 4096, 2)
+	if err != nil {
+		return fmt.Errorf("sandbox init failed before handing over the tun: %w", err)
+	}
+	if sb.veth && string(msg) == readyMsg && len(files) == 0 {
+		return nil
 	}
 	if len(files) == 0 || string(msg) != "tun" {
 		for _, f := range files {
 			f.Close()
 		}
 		// Init sends its error message instead of an fd.
-		return nil, fmt.Errorf("%s", msg)
+		return fmt.Errorf("%s", msg)
 	}
 	sb.TUN = files[0]
 	if len(files) > 1 {
 		sb.SocketDiag = files[1]
 	}
-	return sb, nil
+	return nil
 }
 
 // initPath is the small childflow-init installed beside this executable,
 // or, where there is none (a lone `go install`), this executable itself,
-// which runs the same init when it finds the spec in its environment.
+// which runs the same init when it finds the marker in its environment.
 func initPath() string {
 	if exe, err := os.Executable(); err == nil {
 		p := filepath.Join(filepath.Dir(exe), "childflow-init")
@@ -204,7 +276,7 @@ func (sb *Sandbox) Run() error {
 	if err := sb.send([]byte("go")); err != nil {
 		return fmt.Errorf("starting the command: %w", err)
 	}
-	sb.stopsDone = make(chan struct{})
+	sb.stopsDone, sb.exited = make(chan struct{}), make(chan struct{})
 	go sb.followStops()
 	return nil
 }
@@ -214,6 +286,7 @@ func (sb *Sandbox) Run() error {
 // it, in the terminal's foreground or not.
 const (
 	stoppedMsg = "stopped %d"
+	exitedMsg  = "exited %d"
 	contFgMsg  = "cont fg"
 	contBgMsg  = "cont bg"
 )
@@ -225,15 +298,16 @@ const (
 func (sb *Sandbox) followStops() {
 	defer close(sb.stopsDone)
 	for {
-		var msg []byte
-		err := sb.onCtrl(func(fd int) (err error) {
-			msg, _, err = fdpass.Recv(fd, 32, 0)
-			return err
-		})
+		msg, _, err := fdpass.RecvFile(sb.ctrl, 32, 0)
 		if err != nil {
 			return
 		}
-		var sig int
+		var sig, code int
+		if _, err := fmt.Sscanf(string(msg), exitedMsg, &code); err == nil {
+			sb.code = code
+			close(sb.exited)
+			continue
+		}
 		if _, err := fmt.Sscanf(string(msg), stoppedMsg, &sig); err == nil {
 			sb.terminal.Store(false) // the shell takes it back
 			sb.resume.Store(true)
@@ -296,8 +370,21 @@ func InForeground() bool {
 // Kill kills the whole sandbox.
 func (sb *Sandbox) Kill() { sb.initProc.signal(syscall.SIGKILL) }
 
-// Wait returns the command's exit code: its status, or 128+N when it was
-// killed by signal N.
+// Exited waits, after Run, for the command to exit and returns its exit
+// code. Init says so before it exits, so that childflow ends its side
+// (the engine) while init takes the sandbox down; Wait waits for that.
+func (sb *Sandbox) Exited() int {
+	select {
+	case <-sb.exited:
+		return sb.code
+	case <-sb.stopsDone: // init is gone without a word (killed)
+		return sb.Wait()
+	}
+}
+
+// Wait waits for init, and with it every process of the sandbox, to be
+// gone, and returns the command's exit code: its status, or 128+N when
+// it was killed by signal N.
 func (sb *Sandbox) Wait() int {
 	ws, err := sb.initProc.wait()
 	if sb.stopsDone != nil {
@@ -366,7 +453,7 @@ func withoutInitSpec(env []string) []string {
 }
 
 // IsInit reports whether this process is a sandbox init: the first
-// process of a PID namespace, started with a spec. Run any other way (the
+// process of a PID namespace, started with the marker. Run any other way (the
 // variable set in a root shell's environment), init's mounts would
 // change the host's.
 func IsInit() bool { return os.Getenv(initEnv) != "" && os.Getpid() == 1 }

@@ -689,10 +689,11 @@ func TestInitBinary(t *testing.T) {
 }
 
 // Init runs only as the first process of the PID namespace childflow
-// makes for it. A spec in the caller's environment is obeyed neither by
-// childflow itself (its mounts would change the host's) nor by the init
-// childflow starts, which reads the first one (with no run_as it would
-// run the command as root rather than as the sudo user).
+// makes for it. Init's marker in the caller's environment (once its
+// spec, here an old one) is obeyed neither by childflow itself (its
+// mounts would change the host's) nor by the init childflow starts,
+// which takes its spec from childflow alone (with no run_as it would run
+// the command as root rather than as the sudo user).
 func TestInitSpecFromTheEnvironmentIsIgnored(t *testing.T) {
 	requireRoot(t)
 	const spec = `_CHILDFLOW_SANDBOX_INIT={"plan":{},"rootless":false}`

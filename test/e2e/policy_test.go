@@ -516,6 +516,49 @@ exit 3`, relay, dgram))
 	}
 }
 
+// A host with many unix sockets (a busy desktop, a node running many
+// containers): init's spec lists every path to cover, beyond the 128 KiB
+// one environment string could hold (where childflow failed to start,
+// "argument list too long"), and the last is covered as the first.
+func TestManyHostUnixSocketsAreCovered(t *testing.T) {
+	requireRoot(t)
+	dir, err := os.MkdirTemp("", "cfms")
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(dir, 0o755)
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	var paths []string
+	for i := range 1800 { // 1800 paths of ~100 bytes
+		p := filepath.Join(dir, fmt.Sprintf("a-service-socket-named-as-long-as-many-are-%05d-%s.sock", i, strings.Repeat("x", 26)))
+		ln, err := net.Listen("unix", p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { ln.Close() })
+		os.Chmod(p, 0o777)
+		paths = append(paths, p)
+	}
+	first, last := paths[0], paths[len(paths)-1]
+	for _, backend := range backends {
+		t.Run(backend.name, func(t *testing.T) {
+			if backend.u == rootless {
+				withTunOpen(t)
+			}
+			r := sh(t, backend.u, backend.flags, fmt.Sprintf(`socat -u /dev/null UNIX-CONNECT:%s && exit 8
+socat -u /dev/null UNIX-CONNECT:%s && exit 9
+exit 3`, first, last))
+			if r.code != 3 {
+				t.Fatal(r)
+			}
+		})
+	}
+	// The same connection from the host works.
+	if out, err := exec.Command("socat", "-u", "/dev/null", "UNIX-CONNECT:"+last).CombinedOutput(); err != nil {
+		t.Fatalf("the host cannot reach its own socket: %v\n%s", err, out)
+	}
+}
+
 // TestInheritedHandlesStayOutside passes childflow, as a shell or a CI
 // runner may, handles opened outside the sandbox: a TCP and a UDP
 // socket, a directory holding a host socket (reached again through
