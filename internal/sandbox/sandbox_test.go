@@ -7,6 +7,8 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/childflow/childflow/internal/fdpass"
 )
 
 // TestSignalsRaceWaitSafely: childflow forwards signals until the
@@ -71,5 +73,28 @@ func signalAsWaitCloses(t *testing.T) {
 	sb.resume.Store(true)
 	if err := sb.Signal(syscall.SIGCONT); err == nil {
 		t.Error("a continue was sent after Wait closed the control socket")
+	}
+}
+
+// An init that fails (another build's, say) sends why and exits with
+// childflow's spec unread in its queue: the kernel then reports a reset
+// on childflow's next read, before the message. Childflow still reads why.
+func TestInitsLastWordOutlivesTheReset(t *testing.T) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sb := &Sandbox{ctrl: os.NewFile(uintptr(fds[0]), "ctrl")}
+	defer sb.ctrl.Close()
+	if err := fdpass.Send(fds[1], []byte("init is version other")); err != nil {
+		t.Fatal(err)
+	}
+	if err := sb.sendWaiting([]byte("e{}")); err != nil { // the spec, never read
+		t.Fatal(err)
+	}
+	unix.Close(fds[1])
+	msg, _, err := sb.recvFromInit(0)
+	if err != nil || string(msg) != "init is version other" {
+		t.Fatalf("got %q, %v", msg, err)
 	}
 }
