@@ -194,7 +194,7 @@ func (sb *Sandbox) Build(spec Spec) (err error) {
 		if more {
 			flag = 'm'
 		}
-		if err := sb.sendWaiting(append([]byte{flag}, b[:n]...)); err != nil {
+		if err := sb.send(append([]byte{flag}, b[:n]...)); err != nil {
 			// Init stopped before reading it: say why, where it did
 			// (what it sent stays readable once it is gone).
 			sb.Kill()
@@ -208,9 +208,11 @@ func (sb *Sandbox) Build(spec Spec) (err error) {
 	return nil
 }
 
-// sendWaiting sends msg, waiting in the poller while init's queue is
-// full (the spec's chunks, before init reads them).
-func (sb *Sandbox) sendWaiting(msg []byte) error {
+// send sends msg to init, waiting in the poller while init's queue is
+// full (the spec's chunks, before init reads them). The file's reference
+// keeps the descriptor open meanwhile: a signal forwarded as Wait closes
+// the socket must not send to its number, another file's by then.
+func (sb *Sandbox) send(msg []byte) error {
 	rc, err := sb.ctrl.SyscallConn()
 	if err != nil {
 		return err
@@ -346,25 +348,6 @@ func (sb *Sandbox) Signal(sig os.Signal) error {
 		return sb.send([]byte(msg))
 	}
 	return sb.initProc.signal(s)
-}
-
-// onCtrl runs call on the control socket's descriptor, which the file's
-// reference keeps open meanwhile: a signal forwarded as Wait closes the
-// socket must not send to its number, another file's by then.
-func (sb *Sandbox) onCtrl(call func(fd int) error) error {
-	rc, err := sb.ctrl.SyscallConn()
-	if err != nil {
-		return err
-	}
-	var callErr error
-	if err := rc.Control(func(fd uintptr) { callErr = call(int(fd)) }); err != nil {
-		return err
-	}
-	return callErr
-}
-
-func (sb *Sandbox) send(msg []byte) error {
-	return sb.onCtrl(func(fd int) error { return fdpass.Send(fd, msg) })
 }
 
 // CommandHasTerminal reports whether the command was last given the

@@ -89,7 +89,7 @@ func TestInitsLastWordOutlivesTheReset(t *testing.T) {
 	if err := fdpass.Send(fds[1], []byte("init is version other")); err != nil {
 		t.Fatal(err)
 	}
-	if err := sb.sendWaiting([]byte("e{}")); err != nil { // the spec, never read
+	if err := sb.send([]byte("e{}")); err != nil { // the spec, never read
 		t.Fatal(err)
 	}
 	unix.Close(fds[1])
