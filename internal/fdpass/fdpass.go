@@ -3,6 +3,7 @@
 package fdpass
 
 import (
+	"errors"
 	"fmt"
 	"os"
 
@@ -27,20 +28,14 @@ func Send(sock int, msg []byte, fds ...int) error {
 // Recv reads one message and the fds attached to it, again when a
 // signal interrupts the wait. Received fds are close-on-exec.
 func Recv(sock int, maxMsg, maxFDs int) (msg []byte, files []*os.File, err error) {
-	buf := make([]byte, maxMsg)
-	oob := make([]byte, Space(maxFDs))
-	n, oobn, _, _, err := unix.Recvmsg(sock, buf, oob, unix.MSG_CMSG_CLOEXEC)
-	for err == unix.EINTR {
-		n, oobn, _, _, err = unix.Recvmsg(sock, buf, oob, unix.MSG_CMSG_CLOEXEC)
-	}
-	if err != nil {
-		return nil, nil, fmt.Errorf("recvmsg: %w", err)
-	}
-	if n == 0 && oobn == 0 {
-		return nil, nil, fmt.Errorf("recvmsg: peer closed the socket")
-	}
-	files, err = Files(oob[:oobn])
-	return buf[:n], files, err
+	return recv(maxMsg, maxFDs, func(buf, oob []byte) (n, oobn int, err error) {
+		for {
+			n, oobn, _, _, err = unix.Recvmsg(sock, buf, oob, unix.MSG_CMSG_CLOEXEC)
+			if err != unix.EINTR {
+				return n, oobn, err
+			}
+		}
+	})
 }
 
 // RecvFile is Recv on a socket in Go's poller (made non-blocking): the
@@ -52,16 +47,26 @@ func RecvFile(sock *os.File, maxMsg, maxFDs int) (msg []byte, files []*os.File, 
 	if err != nil {
 		return nil, nil, err
 	}
+	return recv(maxMsg, maxFDs, func(buf, oob []byte) (n, oobn int, err error) {
+		if perr := rc.Read(func(fd uintptr) bool {
+			n, oobn, _, _, err = unix.Recvmsg(int(fd), buf, oob, unix.MSG_CMSG_CLOEXEC|unix.MSG_DONTWAIT)
+			return err != unix.EAGAIN && err != unix.EINTR
+		}); perr != nil {
+			return 0, 0, perr
+		}
+		return n, oobn, err
+	})
+}
+
+// recv reads one message with read. A peer that closed with messages of
+// ours unread makes the kernel report a reset once, before the messages
+// the peer sent until then (its last word): those are read past it.
+func recv(maxMsg, maxFDs int, read func(buf, oob []byte) (n, oobn int, err error)) ([]byte, []*os.File, error) {
 	buf := make([]byte, maxMsg)
 	oob := make([]byte, Space(maxFDs))
-	var n, oobn int
-	var rerr error
-	err = rc.Read(func(fd uintptr) bool {
-		n, oobn, _, _, rerr = unix.Recvmsg(int(fd), buf, oob, unix.MSG_CMSG_CLOEXEC|unix.MSG_DONTWAIT)
-		return rerr != unix.EAGAIN && rerr != unix.EINTR
-	})
-	if err == nil {
-		err = rerr
+	n, oobn, err := read(buf, oob)
+	if errors.Is(err, unix.ECONNRESET) {
+		n, oobn, err = read(buf, oob)
 	}
 	if err != nil {
 		return nil, nil, fmt.Errorf("recvmsg: %w", err)
@@ -69,7 +74,7 @@ func RecvFile(sock *os.File, maxMsg, maxFDs int) (msg []byte, files []*os.File, 
 	if n == 0 && oobn == 0 {
 		return nil, nil, fmt.Errorf("recvmsg: peer closed the socket")
 	}
-	files, err = Files(oob[:oobn])
+	files, err := Files(oob[:oobn])
 	return buf[:n], files, err
 }
 

@@ -198,7 +198,7 @@ func (sb *Sandbox) Build(spec Spec) (err error) {
 			// Init stopped before reading it: say why, where it did
 			// (what it sent stays readable once it is gone).
 			sb.Kill()
-			if why, _, rerr := sb.recvFromInit(0); rerr == nil && len(why) > 0 {
+			if why, _, rerr := fdpass.RecvFile(sb.ctrl, 4096, 0); rerr == nil && len(why) > 0 {
 				return fmt.Errorf("%s", why)
 			}
 			return fmt.Errorf("handing sandbox init its spec: %w", err)
@@ -236,7 +236,7 @@ func (sb *Sandbox) Ready() (err error) {
 			sb.Wait()
 		}
 	}()
-	msg, files, err := sb.recvFromInit(2)
+	msg, files, err := fdpass.RecvFile(sb.ctrl, 4096, 2)
 	if err != nil {
 		return fmt.Errorf("sandbox init failed before handing over the tun: %w", err)
 	}
@@ -255,18 +255,6 @@ func (sb *Sandbox) Ready() (err error) {
 		sb.SocketDiag = files[1]
 	}
 	return nil
-}
-
-// recvFromInit reads init's next message (up to maxFDs fds with it). An
-// init that exits with part of the spec unread resets the socket, and
-// the reset is reported once, before the message it sent before exiting
-// (why it failed), which the next read returns.
-func (sb *Sandbox) recvFromInit(maxFDs int) ([]byte, []*os.File, error) {
-	msg, files, err := fdpass.RecvFile(sb.ctrl, 4096, maxFDs)
-	if errors.Is(err, unix.ECONNRESET) {
-		msg, files, err = fdpass.RecvFile(sb.ctrl, 4096, maxFDs)
-	}
-	return msg, files, err
 }
 
 // initPath is the small childflow-init installed beside this executable,

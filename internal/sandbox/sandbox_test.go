@@ -93,7 +93,7 @@ func TestInitsLastWordOutlivesTheReset(t *testing.T) {
 		t.Fatal(err)
 	}
 	unix.Close(fds[1])
-	msg, _, err := sb.recvFromInit(0)
+	msg, _, err := fdpass.RecvFile(sb.ctrl, 4096, 0)
 	if err != nil || string(msg) != "init is version other" {
 		t.Fatalf("got %q, %v", msg, err)
 	}
