@@ -410,7 +410,9 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		}
 		violations, stop = rootNet.Violations, func(bool) {
 			sb.Wait() // the sandbox is gone before its veth and tables
-			rootNet.Close()
+			if err := rootNet.Close(); err != nil {
+				fmt.Fprintf(stderr, "childflow: --root: removing the sandbox's objects: %v (the next --root run or `childflow cleanup` removes what is left)\n", err)
+			}
 		}
 	} else {
 		if err = eng.Attach(sb.TUN, sb.SocketDiag); err != nil {

@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
 	"golang.org/x/sys/unix"
 
 	"github.com/childflow/childflow/internal/netplan"
@@ -121,13 +122,11 @@ func removeObjects(dir string, r Record) error {
 		errs = append(errs, err)
 	}
 	linkGone := true
-	if link, err := netlink.LinkByName(hostIfName(r.ID)); err == nil {
-		// Deleting one end of the veth deletes both, with their
-		// addresses and routes.
-		if err := netlink.LinkDel(link); err != nil {
-			errs = append(errs, fmt.Errorf("deleting %s: %w", hostIfName(r.ID), err))
-			linkGone = false
-		}
+	// Deleting one end of the veth deletes both, with their addresses
+	// and routes.
+	if err := deleteLink(hostIfName(r.ID)); err != nil {
+		errs = append(errs, fmt.Errorf("deleting %s: %w", hostIfName(r.ID), err))
+		linkGone = false
 	}
 	if r.Slot > 0 {
 		if err := removeRouting(r.Slot); err != nil {
@@ -147,6 +146,23 @@ func removeObjects(dir string, r Record) error {
 		return err
 	}
 	if err := os.Remove(recordPath(dir, r.ID)); err != nil && !os.IsNotExist(err) {
+		return err
+	}
+	return nil
+}
+
+// deleteLink deletes the named link, if there is one, in one request:
+// the kernel looks the name up. The veth also goes with the sandbox's
+// namespace, which the kernel takes down in the background once nothing
+// holds it (the flow-event reader's socket there is closed just before
+// the teardown): looked up first and then deleted, it could go in
+// between, and the teardown, taking "no such device" for a link still
+// there, kept the record and the backstop's rules.
+func deleteLink(name string) error {
+	req := nl.NewNetlinkRequest(unix.RTM_DELLINK, unix.NLM_F_ACK)
+	req.AddData(nl.NewIfInfomsg(unix.AF_UNSPEC))
+	req.AddData(nl.NewRtAttr(unix.IFLA_IFNAME, nl.ZeroTerminated(name)))
+	if _, err := req.Execute(unix.NETLINK_ROUTE, 0); err != nil && !errors.Is(err, unix.ENODEV) {
 		return err
 	}
 	return nil

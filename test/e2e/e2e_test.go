@@ -89,6 +89,12 @@ func requireRoot(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root")
 	}
+	t.Cleanup(func() {
+		if left := rootfulLeftovers(); left != "" {
+			t.Errorf("left on the host once the test's sandboxes were gone:\n%s", left)
+			exec.Command(bin, "cleanup").Run() // not on the next tests' account
+		}
+	})
 }
 
 type result struct {

@@ -549,6 +549,27 @@ ip netns exec %[1]s nft add rule inet count in iifname alt0 tcp dport 80 counter
 // rootHostState is what a rootful run could leave behind: nftables,
 // links, ip rules, routes, forwarding sysctls and its state directory
 // (but its lock file).
+// rootfulLeftovers lists what rootful sandboxes leave on the host when
+// none runs: every one removes its record, veth, table, ip rules and
+// the shared guard table before it exits, killed runs aside (their
+// tests run `childflow cleanup`).
+func rootfulLeftovers() string {
+	var b strings.Builder
+	records, _ := filepath.Glob("/run/childflow/root/*.json")
+	for _, r := range records {
+		fmt.Fprintln(&b, "record", r)
+	}
+	for _, argv := range [][]string{{"ip", "rule"}, {"ip", "-6", "rule"}, {"ip", "-o", "link", "show"}, {"nft", "list", "tables"}} {
+		out, _ := exec.Command(argv[0], argv[1:]...).Output()
+		for _, l := range strings.Split(string(out), "\n") {
+			if strings.Contains(l, "cfr") || strings.Contains(l, "0xcf0") || strings.Contains(l, "childflow-root") {
+				fmt.Fprintln(&b, strings.Join(argv, " ")+":", strings.TrimSpace(l))
+			}
+		}
+	}
+	return b.String()
+}
+
 func rootHostState(t *testing.T) string {
 	t.Helper()
 	var b strings.Builder
