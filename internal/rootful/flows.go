@@ -3,6 +3,7 @@ package rootful
 import (
 	"errors"
 	"fmt"
+	"os"
 	"strings"
 	"time"
 
@@ -28,15 +29,22 @@ func (sb *Sandbox) watchFlows(group uint16) error {
 	sb.spawn(func() {
 		for {
 			pkts, err := l.read()
-			if sb.ctx.Err() != nil && err == nil {
+			if sb.ctx.Err() != nil {
 				// Verdicts a burst queued at the end are still read: the
-				// drain goes on while they come, for at most drainFor.
+				// drain goes on while they come, for at most drainFor. A
+				// read past its deadline fails without looking, so a
+				// reader kept from running until then looks again.
 				if draining.IsZero() {
 					draining = time.Now()
 				}
-				if time.Since(draining) < drainFor {
+				more := err == nil || errors.Is(err, os.ErrDeadlineExceeded) && l.pending()
+				switch {
+				case more && time.Since(draining) < drainFor:
 					l.drain()
-				} else {
+					if err != nil {
+						continue
+					}
+				case more:
 					sb.events.FailureOnce("drain", fmt.Sprintf("verdicts were still being read %s after the sandbox ended: the flow log may not list the last flows", drainFor))
 				}
 			}

@@ -112,9 +112,27 @@ func (l *nflog) read() ([]loggedPacket, error) {
 	return out, nil
 }
 
-// drain lets the reader take what comes in the next 100 ms, then fail:
+// drain lets the reader take what comes in the next 20 ms, then fail:
 // its loop ends unless it drains again (watchFlows, up to drainFor).
-func (l *nflog) drain() { l.c.SetReadDeadline(time.Now().Add(100 * time.Millisecond)) }
+// The drain begins once the sandbox's last process is gone: a verdict is
+// queued as its packet passes the rule, one message per packet, and
+// only packets the kernel has yet to carry over the veth can come.
+func (l *nflog) drain() { l.c.SetReadDeadline(time.Now().Add(20 * time.Millisecond)) }
+
+// pending says whether a message waits to be read.
+func (l *nflog) pending() bool {
+	rc, err := l.c.SyscallConn()
+	if err != nil {
+		return false
+	}
+	ready := false
+	rc.Control(func(fd uintptr) {
+		p := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+		n, err := unix.Poll(p, 0)
+		ready = err == nil && n > 0 && p[0].Revents&unix.POLLIN != 0
+	})
+	return ready
+}
 
 // drainFor bounds how long a sandbox's end waits for its verdicts to be
 // read (after one that opened 8192 connections, the rest took 0.3 s).
