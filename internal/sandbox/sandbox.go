@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -153,7 +154,7 @@ func Start(command []string, rootless bool) (sb *Sandbox, err error) {
 	}
 	// syscall.ForkExec rather than os/exec, whose first start in a
 	// process forks a probe process too (~0.25 ms of every run).
-	pid, err := syscall.ForkExec(initPath(), append([]string{"childflow-init"}, command...), &syscall.ProcAttr{
+	sb.initProc, err = startProcess(initPath(), append([]string{"childflow-init"}, command...), &syscall.ProcAttr{
 		Env:   append(withoutInitSpec(os.Environ()), initEnv+"="+version.Version),
 		Files: []uintptr{0, 1, 2, child.Fd()}, // the control socket is ctrlFD
 		Sys:   attr,
@@ -161,7 +162,6 @@ func Start(command []string, rootless bool) (sb *Sandbox, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("starting sandbox init: %w", err)
 	}
-	sb.initProc = &process{pid: pid}
 	return sb, nil
 }
 
@@ -394,6 +394,34 @@ type process struct {
 	once   sync.Once
 	status syscall.WaitStatus
 	err    error
+	reaped chan struct{} // closed by wait
+}
+
+// startProcess starts a process whose parent-death signal (Pdeathsig)
+// comes only when childflow ends. The kernel sends it when the thread
+// that forked the process ends, and Go's runtime ends a thread whose
+// goroutine locked it and returned (asuser.Do's, which opens the
+// caller's files): init forked from a thread such a goroutine ran on
+// next was killed before it handed over the TUN. The thread that forks
+// stays locked to a goroutine of its own, which nothing else runs on,
+// until the process is reaped.
+func startProcess(path string, argv []string, attr *syscall.ProcAttr) (*process, error) {
+	p := &process{reaped: make(chan struct{})}
+	forked := make(chan error)
+	go func() {
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		var err error
+		p.pid, err = syscall.ForkExec(path, argv, attr)
+		forked <- err
+		if err == nil {
+			<-p.reaped
+		}
+	}()
+	if err := <-forked; err != nil {
+		return nil, err
+	}
+	return p, nil
 }
 
 func (p *process) signal(sig syscall.Signal) error {
@@ -416,6 +444,9 @@ func (p *process) wait() (syscall.WaitStatus, error) {
 			_, err := syscall.Wait4(p.pid, &p.status, 0, nil)
 			return err
 		})
+		if p.reaped != nil {
+			close(p.reaped)
+		}
 	})
 	return p.status, p.err
 }
