@@ -299,7 +299,7 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			mtu = o.mtu
 		}
 		rootNet, err = rootful.Reserve(rootful.Config{MTU: mtu, Policy: pol, DNS: upstreams, Hosts: hosts, Proxy: fwd, Iface: o.iface,
-			Warn: func(msg string) { fmt.Fprintf(stderr, "childflow: --root: %s\n", msg) }})
+			Warn: func(msg string) { fmt.Fprintf(stderr, "childflow: --root: %s\n", msg) }, CountViolations: o.failOnLeak})
 		if err != nil {
 			var u *policy.UsageError
 			if errors.As(err, &u) {

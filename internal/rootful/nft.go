@@ -3,6 +3,7 @@ package rootful
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 
 	"github.com/google/nftables"
@@ -181,7 +182,7 @@ func installTable(s tableSpec, domain []domainElement) (err error) {
 	// comes back whole when next put back.
 	defer func() {
 		if err != nil {
-			deleteTable(s.name)
+			deleteTables(s.name)
 		}
 	}()
 	// A set missing elements would leave part of a deny rule out
@@ -493,15 +494,30 @@ func limitReached(table string) bool {
 	return false
 }
 
-// deleteTable removes a table; one already gone is not an error.
-func deleteTable(name string) error {
+// deleteTables removes tables in one transaction; one already gone is
+// not an error. Only those there are asked for: a transaction that
+// deletes anything, or fails to, takes 8-24 ms here, the listing 0.2 ms.
+func deleteTables(names ...string) error {
 	c, err := nftables.New()
 	if err != nil {
 		return err
 	}
-	c.DelTable(&nftables.Table{Family: nftables.TableFamilyINet, Name: name})
+	there, err := c.ListTablesOfFamily(nftables.TableFamilyINet)
+	if err != nil {
+		return fmt.Errorf("deleting nftables tables %s: %w", strings.Join(names, ", "), err)
+	}
+	var gone []string
+	for _, t := range there {
+		if slices.Contains(names, t.Name) {
+			c.DelTable(t)
+			gone = append(gone, t.Name)
+		}
+	}
+	if len(gone) == 0 {
+		return nil
+	}
 	if err := c.Flush(); err != nil && !strings.Contains(err.Error(), "no such file") {
-		return fmt.Errorf("deleting nftables table %s: %w", name, err)
+		return fmt.Errorf("deleting nftables tables %s: %w", strings.Join(gone, ", "), err)
 	}
 	return nil
 }

@@ -56,6 +56,8 @@ type Config struct {
 	Iface string
 	// Warn, if set, tells the user of trouble while the sandbox runs.
 	Warn func(string)
+	// CountViolations: Violations is read at the end (--fail-on-leak).
+	CountViolations bool
 }
 
 // Sandbox is the host side of a running rootful sandbox.
@@ -212,6 +214,11 @@ func (sb *Sandbox) Attach(pid int, onEvent func(flowlog.Event)) (err error) {
 			sb.owners = &procnet.Finder{InitPID: pid, Diag: diag}
 		}
 	}
+	if onEvent == nil && !cfg.CountViolations {
+		// Nobody reads the verdicts: the kernel drops them, and the end
+		// does not wait for the last ones (20 ms).
+		return nil
+	}
 	return sb.watchFlows(slotLogGroup(slot))
 }
 
@@ -333,7 +340,8 @@ func (sb *Sandbox) dialer() *net.Dialer {
 	return d
 }
 
-// Violations counts the flows the policy denied (--fail-on-leak).
+// Violations counts the flows the policy denied (--fail-on-leak), given
+// Config.CountViolations or an onEvent.
 func (sb *Sandbox) Violations() uint64 { return sb.events.Violations() }
 
 // Close stops the sandbox's services and removes every object it
@@ -368,11 +376,15 @@ func (sb *Sandbox) Close() error {
 }
 
 func (sb *Sandbox) teardownLocked() error {
-	err := removeObjects(sb.cfg.StateDir, sb.rec)
-	sb.recFile.Close()
-	if live, _ := records(sb.cfg.StateDir); len(live) == 0 {
-		err = errors.Join(err, restoreForwarding(sb.cfg.StateDir))
+	var err error
+	if live, _ := records(sb.cfg.StateDir); len(live) == 1 && live[0].ID == sb.rec.ID {
+		// The last sandbox puts forwarding back first (its own is gone
+		// with its processes), and its table goes in the guard's
+		// transaction: one deletion less, 8-24 ms.
+		err = restoreForwarding(sb.cfg.StateDir, sb.rec.Table)
 	}
+	err = errors.Join(err, removeObjects(sb.cfg.StateDir, sb.rec))
+	sb.recFile.Close()
 	return err
 }
 

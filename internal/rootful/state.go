@@ -118,7 +118,7 @@ func records(dir string) (live, dead []Record) {
 // fine; the record goes last, so a failure leaves it for a later try.
 func removeObjects(dir string, r Record) error {
 	var errs []error
-	if err := deleteTable(tableName(r.ID)); err != nil {
+	if err := deleteTables(tableName(r.ID)); err != nil {
 		errs = append(errs, err)
 	}
 	linkGone := true
@@ -220,7 +220,7 @@ func cleanupLocked(dir string) (CleanupResult, error) {
 	if ts, err := tables(TablePrefix); err == nil {
 		for _, t := range ts {
 			if id := strings.TrimPrefix(t, TablePrefix); !known[id] {
-				if err := deleteTable(t); err == nil {
+				if err := deleteTables(t); err == nil {
 					res.Orphans = append(res.Orphans, "nftables table "+t)
 				}
 			}

@@ -158,19 +158,23 @@ func TestPolicy(t *testing.T) {
 	}
 }
 
+// Without a flow log or a summary too: under --root the verdicts are
+// read for --fail-on-leak alone.
 func TestFailOnLeak(t *testing.T) {
 	requireRoot(t)
-	deny := []string{"--fail-on-leak", "--deny-cidr", "203.0.113.20/32"}
-	for _, tc := range []struct {
-		script string
-		want   int
-	}{
-		{"curl -sS -m3 http://203.0.113.20/; exit 0", 3},
-		{"curl -sS -m3 http://203.0.113.10/ >/dev/null", 0},
-		{"curl -sS -m3 http://203.0.113.20/; exit 5", 5},
-	} {
-		if r := sh(t, root, deny, tc.script); r.code != tc.want {
-			t.Errorf("%q: exit %d, want %d\n%s", tc.script, r.code, tc.want, r)
+	for _, backend := range [][]string{nil, rootArgs} {
+		deny := append([]string{"--fail-on-leak", "--deny-cidr", "203.0.113.20/32"}, backend...)
+		for _, tc := range []struct {
+			script string
+			want   int
+		}{
+			{"curl -sS -m3 http://203.0.113.20/; exit 0", 3},
+			{"curl -sS -m3 http://203.0.113.10/ >/dev/null", 0},
+			{"curl -sS -m3 http://203.0.113.20/; exit 5", 5},
+		} {
+			if r := sh(t, root, deny, tc.script); r.code != tc.want {
+				t.Errorf("%v %q: exit %d, want %d\n%s", backend, tc.script, r.code, tc.want, r)
+			}
 		}
 	}
 }
