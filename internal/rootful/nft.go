@@ -506,18 +506,18 @@ func deleteTables(names ...string) error {
 	if err != nil {
 		return fmt.Errorf("deleting nftables tables %s: %w", strings.Join(names, ", "), err)
 	}
-	var gone []string
+	var present []string
 	for _, t := range there {
 		if slices.Contains(names, t.Name) {
 			c.DelTable(t)
-			gone = append(gone, t.Name)
+			present = append(present, t.Name)
 		}
 	}
-	if len(gone) == 0 {
+	if len(present) == 0 {
 		return nil
 	}
 	if err := c.Flush(); err != nil && !strings.Contains(err.Error(), "no such file") {
-		return fmt.Errorf("deleting nftables tables %s: %w", strings.Join(gone, ", "), err)
+		return fmt.Errorf("deleting nftables tables %s: %w", strings.Join(present, ", "), err)
 	}
 	return nil
 }

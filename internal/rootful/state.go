@@ -154,10 +154,10 @@ func removeObjects(dir string, r Record) error {
 // deleteLink deletes the named link, if there is one, in one request:
 // the kernel looks the name up. The veth also goes with the sandbox's
 // namespace, which the kernel takes down in the background once nothing
-// holds it (the flow-event reader's socket there is closed just before
-// the teardown): looked up first and then deleted, it could go in
-// between, and the teardown, taking "no such device" for a link still
-// there, kept the record and the backstop's rules.
+// holds it (with a flow log, childflow's sock_diag socket there is closed
+// just before the teardown): looked up first and then deleted, it could
+// go in between, and the teardown, taking "no such device" for a link
+// still there, kept the record and the backstop's rules.
 func deleteLink(name string) error {
 	req := nl.NewNetlinkRequest(unix.RTM_DELLINK, unix.NLM_F_ACK)
 	req.AddData(nl.NewIfInfomsg(unix.AF_UNSPEC))
