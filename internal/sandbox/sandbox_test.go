@@ -2,6 +2,7 @@ package sandbox
 
 import (
 	"os"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -96,5 +97,39 @@ func TestInitsLastWordOutlivesTheReset(t *testing.T) {
 	msg, _, err := fdpass.RecvFile(sb.ctrl, 4096, 0)
 	if err != nil || string(msg) != "init is version other" {
 		t.Fatalf("got %q, %v", msg, err)
+	}
+}
+
+// Init gone before it read its spec (another build's init, which says
+// why and exits): Build says why, or that the handover failed, and init
+// is killed and reaped.
+func TestBuildWithInitGoneSaysWhy(t *testing.T) {
+	for _, why := range []string{"init is version other", ""} {
+		fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if why != "" {
+			if err := fdpass.Send(fds[1], []byte(why)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		unix.Close(fds[1])
+		p, err := startProcess("/bin/sleep", []string{"sleep", "10"}, &syscall.ProcAttr{Files: []uintptr{0, 1, 2}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		sb := &Sandbox{ctrl: os.NewFile(uintptr(fds[0]), "ctrl"), initProc: p}
+		err = sb.Build(Spec{Command: []string{"true"}})
+		want := "handing sandbox init its spec"
+		if why != "" {
+			want = why
+		}
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("init gone saying %q: Build = %v, want %q", why, err, want)
+		}
+		if ws, werr := p.wait(); werr != nil || !ws.Signaled() || ws.Signal() != syscall.SIGKILL {
+			t.Errorf("init gone saying %q: it ended %v (%v), not killed", why, ws, werr)
+		}
 	}
 }
