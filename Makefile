@@ -55,7 +55,7 @@ e2e-race:
 	rm -rf $(RACELOG) && mkdir -p -m 1777 $(RACELOG)
 	CHILDFLOW_E2E_RACE=1 GORACE="exitcode=0 log_path=$(RACELOG)/race" $(GO) test -count=1 -tags e2e -timeout 40m $(if $(RUN),-run '$(RUN)') \
 		-skip 'TestStuckFlowsStayWithinTheBufferBudget|TestPingFloodStaysBounded' ./test/e2e/; \
-	status=$$?; if ls $(RACELOG)/race.* >/dev/null 2>&1; then cat $(RACELOG)/race.*; exit 1; fi; exit $$status
+	status=$$?; if ls $(RACELOG)/race.* >/dev/null 2>&1; then cat $(RACELOG)/race.*; exit 1; fi; rm -rf $(RACELOG); exit $$status
 
 # Fuzzing, by hand (the seeds and what it found run in unit): each
 # target for FUZZTIME, the engine's in a network namespace of its own,
