@@ -405,7 +405,6 @@ func (ns *Stack) addNIC() error {
 		{Destination: header.IPv4EmptySubnet, NIC: nicID},
 		{Destination: header.IPv6EmptySubnet, NIC: nicID},
 	})
-
 	return nil
 }
 

@@ -268,15 +268,8 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "childflow: %v\n", err)
 		return exitFailure
 	}
-	// Each signal registered is a round trip to the runtime's signal
-	// thread, and there are eight: done while init starts. Never
-	// unregistered: childflow exits when the command does.
-	sigs := make(chan os.Signal, 16)
-	signalsRegistered := make(chan struct{})
-	go func() {
-		signal.Notify(sigs, sandbox.ForwardedSignals()...)
-		close(signalsRegistered)
-	}()
+	// Done while init starts.
+	registered := sandbox.RegisterForwardedSignals()
 	// Init starts up while the rest is worked out; it builds nothing
 	// until Build, and is gone again if childflow stops before that.
 	sb, err := sandbox.Start(command, rootless)
@@ -432,7 +425,7 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return exitFailure
 	}
 
-	<-signalsRegistered
+	sigs := <-registered
 	go func() {
 		for s := range sigs {
 			sb.Signal(s)

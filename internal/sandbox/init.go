@@ -36,7 +36,7 @@ func Init() {
 	if err := unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0); err != nil {
 		fail(fmt.Errorf("making init undumpable: %w", err))
 	}
-	sigs := registerForwardedSignals()
+	sigs := RegisterForwardedSignals()
 	parent := os.Getenv(initEnv)
 	os.Unsetenv(initEnv)
 	unix.CloseOnExec(ctrlFD)
@@ -326,12 +326,13 @@ func bindOver(src, dst string) (string, error) {
 	return target, nil
 }
 
-// registerForwardedSignals registers ForwardedSignals in the background:
-// each is a round trip to the runtime's signal thread, and the eight took
-// as long as building the sandbox's network. The channel it returns gives,
-// once they are registered, the one they arrive on: those that come
-// before the command starts are forwarded right after.
-func registerForwardedSignals() <-chan chan os.Signal {
+// RegisterForwardedSignals registers ForwardedSignals in the background,
+// in childflow and in init: each is a round trip to the runtime's signal
+// thread, and the eight took as long as building the sandbox's network.
+// The channel it returns gives, once they are registered, the one they
+// arrive on (never unregistered: both exit with the command); those that
+// come before the command starts are forwarded right after.
+func RegisterForwardedSignals() <-chan chan os.Signal {
 	registered := make(chan chan os.Signal, 1)
 	go func() {
 		sigs := make(chan os.Signal, 16)

@@ -155,7 +155,7 @@ func Start(command []string, rootless bool) (sb *Sandbox, err error) {
 	// syscall.ForkExec rather than os/exec, whose first start in a
 	// process forks a probe process too (~0.25 ms of every run).
 	sb.initProc, err = startProcess(initPath(), append([]string{"childflow-init"}, command...), &syscall.ProcAttr{
-		Env:   append(withoutInitSpec(os.Environ()), initEnv+"="+version.Version),
+		Env:   append(withoutInitMarker(os.Environ()), initEnv+"="+version.Version),
 		Files: []uintptr{0, 1, 2, child.Fd()}, // the control socket is ctrlFD
 		Sys:   attr,
 	})
@@ -459,10 +459,10 @@ func ignoringEINTR(call func() error) error {
 	}
 }
 
-// withoutInitSpec drops a spec already in the environment: init reads the
-// first one, and one the caller set would be obeyed instead of ours (no
-// run_as: the command as root, not as the sudo user).
-func withoutInitSpec(env []string) []string {
+// withoutInitMarker drops a marker already in the environment: init reads
+// the first one, and one the caller set would be checked instead of ours.
+// (The spec itself comes over the control socket, never from there.)
+func withoutInitMarker(env []string) []string {
 	return slices.DeleteFunc(env, func(kv string) bool { return strings.HasPrefix(kv, initEnv+"=") })
 }
 
