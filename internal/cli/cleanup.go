@@ -19,7 +19,7 @@ func runCleanup(args []string, stdout, stderr io.Writer) int {
 	fs := pflag.NewFlagSet("cleanup", pflag.ContinueOnError)
 	stateDir := fs.String("state-dir", api.DefaultStateDir, "the daemon's state directory")
 	rootDir := fs.String("root-state-dir", rootful.DefaultStateDir, "the rootful sandboxes' state directory")
-	if code, done := parseSubcommand(fs, args, 0, stderr); done {
+	if code, done := parseSubcommand(fs, args, 0, stdout, stderr); done {
 		return code
 	}
 	r, err := daemon.Cleanup(*stateDir)

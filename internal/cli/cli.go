@@ -61,6 +61,8 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			return runCNIInstall(args[2:], stdout, stderr)
 		case "sandboxes":
 			return runSandboxes(args[2:], stdout, stderr)
+		case "help":
+			return runHelp(args[2:], stdout, stderr)
 		case "version", "--version":
 			if len(args) > 2 {
 				return usageError(stderr, policy.Usagef("childflow version takes no arguments, got %q", args[2:]))
@@ -72,17 +74,89 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	return runExec(ctx, args[1:], stdout, stderr)
 }
 
+// execUsage is childflow's own help: how to run a command, the other
+// commands, the options and the exit status.
+func execUsage(fs *pflag.FlagSet, stdout io.Writer) {
+	fmt.Fprintf(stdout, `Usage: childflow [exec] [OPTIONS] [--] COMMAND [ARG...]
+       childflow COMMAND [OPTIONS] [ARG...]
+
+Runs COMMAND in its own network namespace, whose only way out is
+childflow's relay: it decides what may leave, answers the sandbox's DNS,
+forces a proxy if asked, and records it all.
+
+Commands:
+`)
+	for _, c := range commands {
+		fmt.Fprintf(stdout, "  %-12s %s\n", c.name, c.about)
+	}
+	fmt.Fprintf(stdout, `
+Options:
+%s
+Exit status: COMMAND's (128+N when signal N killed it); 1 when childflow
+could not set the sandbox up, 2 for a usage error, 3 with --fail-on-leak
+when COMMAND exited 0 but a flow was blocked.
+`, fs.FlagUsages())
+}
+
 func usageError(stderr io.Writer, err error) int {
 	fmt.Fprintf(stderr, "childflow: %v\n", err)
 	return exitUsage
+}
+
+// commands are childflow's subcommands, as its help lists them.
+var commands = []struct{ name, args, about string }{
+	{"exec", "[OPTIONS] [--] COMMAND [ARG...]", "run COMMAND in a network sandbox (the default: \"exec\" may be left out)"},
+	{"doctor", "[--format text|json]", "check this host's requirements"},
+	{"report", "[--format text|markdown|json|html] FLOWLOG", "render a saved flow log"},
+	{"cleanup", "[OPTIONS]", "remove what crashed runs and daemons left on the host"},
+	{"daemon", "[OPTIONS]", "run the node engine that containers and pods attach to"},
+	{"sandboxes", "[--format text|json]", "list the daemon's sandboxes"},
+	{"cni-install", "[OPTIONS]", "install (or --uninstall) the CNI plugin on this node"},
+	{"version", "", "print childflow's version"},
+	{"help", "[COMMAND]", "print this help, or a command's"},
+}
+
+// setUsage makes --help print the command's synopsis and options on
+// stdout: help asked for is output, not an error.
+func setUsage(fs *pflag.FlagSet, stdout io.Writer) {
+	fs.Usage = func() {
+		synopsis(stdout, fs.Name())
+		fmt.Fprintf(stdout, "\nOptions:\n%s", fs.FlagUsages())
+	}
+}
+
+// synopsis prints how to call the named command and what it does.
+func synopsis(w io.Writer, name string) bool {
+	for _, c := range commands {
+		if c.name == name {
+			fmt.Fprintf(w, "Usage: %s\n\n%s%s.\n", strings.TrimSpace("childflow "+c.name+" "+c.args), strings.ToUpper(c.about[:1]), c.about[1:])
+			return true
+		}
+	}
+	return false
+}
+
+// runHelp is `childflow help [COMMAND]`.
+func runHelp(args []string, stdout, stderr io.Writer) int {
+	switch {
+	case len(args) == 0:
+		return Run(context.Background(), []string{"childflow", "--help"}, stdout, stderr)
+	case len(args) == 1 && (args[0] == "help" || args[0] == "version"): // no options
+		synopsis(stdout, args[0])
+		return 0
+	case len(args) == 1 && synopsis(io.Discard, args[0]):
+		return Run(context.Background(), []string{"childflow", args[0], "--help"}, stdout, stderr)
+	}
+	return usageError(stderr, policy.Usagef("childflow help takes one of childflow's commands, got %q", args))
 }
 
 // parseSubcommand parses a subcommand's flags and wants exactly nargs
 // arguments besides them: an extra word is more likely a typo or a
 // misplaced command than something to ignore. done says to return code
 // at once (0 for --help).
-func parseSubcommand(fs *pflag.FlagSet, args []string, nargs int, stderr io.Writer) (code int, done bool) {
+func parseSubcommand(fs *pflag.FlagSet, args []string, nargs int, stdout, stderr io.Writer) (code int, done bool) {
 	fs.SetOutput(stderr)
+	setUsage(fs, stdout)
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, pflag.ErrHelp) {
 			return 0, true
@@ -103,7 +177,7 @@ func runDoctor(args []string, stdout, stderr io.Writer) int {
 	fs := pflag.NewFlagSet("doctor", pflag.ContinueOnError)
 	format := fs.String("doctor-format", "text", "text|json")
 	fs.StringVar(format, "format", "text", "text|json")
-	if code, done := parseSubcommand(fs, args, 0, stderr); done {
+	if code, done := parseSubcommand(fs, args, 0, stdout, stderr); done {
 		return code
 	}
 	return doctorReport(*format, stdout, stderr)
@@ -114,7 +188,7 @@ func runReport(args []string, stdout, stderr io.Writer) int {
 	fs := pflag.NewFlagSet("report", pflag.ContinueOnError)
 	format := fs.String("report-format", "text", "report format: "+strings.Join(report.Formats, "|"))
 	fs.StringVar(format, "format", "text", "the same as --report-format")
-	if code, done := parseSubcommand(fs, args, 1, stderr); done {
+	if code, done := parseSubcommand(fs, args, 1, stdout, stderr); done {
 		return code
 	}
 	caller, err := asuser.FromSudo()
@@ -146,6 +220,7 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	var o execOptions
 	fs := newExecFlags(&o)
 	fs.SetOutput(stderr)
+	fs.Usage = func() { execUsage(fs, stdout) }
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, pflag.ErrHelp) {
 			return 0

@@ -47,6 +47,55 @@ func TestSubcommandArguments(t *testing.T) {
 	}
 }
 
+// TestHelp: --help, -h and `childflow help` print the command's synopsis
+// and options on stdout and exit 0; `childflow -- help` still runs a
+// command of that name.
+func TestHelp(t *testing.T) {
+	for _, c := range []struct {
+		args []string
+		want []string
+	}{
+		{[]string{"--help"}, []string{"Usage: childflow [exec] [OPTIONS] [--] COMMAND [ARG...]", "  cleanup ", "  --allow-cidr strings", "Exit status:"}},
+		{[]string{"-h"}, []string{"Usage: childflow [exec]"}},
+		{[]string{"help"}, []string{"Usage: childflow [exec]", "--fail-on-leak"}},
+		{[]string{"exec", "--help"}, []string{"Usage: childflow [exec]"}},
+		{[]string{"help", "exec"}, []string{"Usage: childflow [exec]"}},
+		{[]string{"report", "--help"}, []string{"Usage: childflow report [--format text|markdown|json|html] FLOWLOG\n", "Options:\n", "--report-format"}},
+		{[]string{"help", "report"}, []string{"Usage: childflow report ", "--report-format"}},
+		{[]string{"cleanup", "-h"}, []string{"Usage: childflow cleanup [OPTIONS]\n", "--root-state-dir"}},
+		{[]string{"help", "daemon"}, []string{"Usage: childflow daemon [OPTIONS]\n", "--flow-log-dir"}},
+		{[]string{"doctor", "--help"}, []string{"Usage: childflow doctor [--format text|json]\n", "--format"}},
+		{[]string{"sandboxes", "--help"}, []string{"Usage: childflow sandboxes", "--socket"}},
+		{[]string{"cni-install", "--help"}, []string{"Usage: childflow cni-install", "--uninstall"}},
+		{[]string{"help", "version"}, []string{"Usage: childflow version\n\nPrint childflow's version.\n"}},
+	} {
+		var stdout, stderr bytes.Buffer
+		code := Run(context.Background(), append([]string{"childflow"}, c.args...), &stdout, &stderr)
+		for _, w := range c.want {
+			if !strings.Contains(stdout.String(), w) {
+				t.Errorf("childflow %q: stdout has no %q:\n%s", c.args, w, stdout.String())
+			}
+		}
+		if code != 0 || stderr.Len() > 0 {
+			t.Errorf("childflow %q: exit %d, stderr %q; want 0 and nothing", c.args, code, stderr.String())
+		}
+	}
+	var stdout, stderr bytes.Buffer
+	if code := Run(context.Background(), []string{"childflow", "help", "nope"}, &stdout, &stderr); code != 2 ||
+		stderr.String() != "childflow: childflow help takes one of childflow's commands, got [\"nope\"]\n" {
+		t.Errorf("childflow help nope: exit %d, stderr %q", code, stderr.String())
+	}
+	// After "--" (or the first word that is no command) "help" is the
+	// command to run.
+	for _, args := range [][]string{{"--dump-profile", "--", "help"}, {"--dump-profile", "--summary", "help"}} {
+		stdout.Reset()
+		if code := Run(context.Background(), append([]string{"childflow"}, args...), &stdout, &stderr); code != 0 ||
+			!strings.Contains(stdout.String(), "command = ['help']\n") {
+			t.Errorf("childflow %q: exit %d, stdout %q", args, code, stdout.String())
+		}
+	}
+}
+
 // TestFlagsReplaceTheProfile: a flag given replaces the profile's value,
 // a list flag its whole list, and an empty one clears it (README).
 func TestFlagsReplaceTheProfile(t *testing.T) {

@@ -25,7 +25,7 @@ func runCNIInstall(args []string, stdout, stderr io.Writer) int {
 	all := fs.Bool("all-through-engine", false, "send cluster traffic through the engine too")
 	socket := fs.String("socket", api.DefaultSocket, "the daemon's socket, as seen by the plugin on the node")
 	uninstall := fs.Bool("uninstall", false, "remove the plugin from every conflist and its binary")
-	if code, done := parseSubcommand(fs, args, 0, stderr); done {
+	if code, done := parseSubcommand(fs, args, 0, stdout, stderr); done {
 		return code
 	}
 	if *uninstall {

@@ -40,7 +40,7 @@ func runDaemon(ctx context.Context, args []string, stdout, stderr io.Writer) int
 	fs.IntVar(&cfg.MaxFlows, "max-flows", 0, "open flows of all sandboxes together, which share the node's ephemeral ports; 0: half of net.ipv4.ip_local_port_range")
 	fs.BoolVar(&cfg.ExitWhenIdle, "exit-when-idle", false, "exit once no sandbox is attached (per-container engine)")
 	fs.IntVar(&readyFD, "ready-fd", -1, "write a byte to this fd and close it once the socket is up")
-	if code, done := parseSubcommand(fs, args, 0, stderr); done {
+	if code, done := parseSubcommand(fs, args, 0, stdout, stderr); done {
 		return code
 	}
 	var err error
@@ -115,7 +115,7 @@ func runSandboxes(args []string, stdout, stderr io.Writer) int {
 	fs := pflag.NewFlagSet("sandboxes", pflag.ContinueOnError)
 	socket := fs.String("socket", api.DefaultSocket, "the daemon's socket")
 	format := fs.String("format", "text", "text|json")
-	if code, done := parseSubcommand(fs, args, 0, stderr); done {
+	if code, done := parseSubcommand(fs, args, 0, stdout, stderr); done {
 		return code
 	}
 	if err := checkChoice("format", *format, "text", "json"); err != nil {
