@@ -38,6 +38,17 @@ func Run(_ context.Context, args []string, stdin io.Reader, stderr io.Writer) in
 	fs.StringVar(&node.Socket, "socket", envOr("CHILDFLOW_SOCKET", api.DefaultSocket), "the node daemon's socket")
 	fs.StringVar(&node.StateDir, "state-dir", envOr("CHILDFLOW_STATE_DIR", api.DefaultStateDir), "state directory of a daemon the hook starts")
 	fs.StringVar(&node.Childflow, "childflow", os.Getenv("CHILDFLOW_BIN"), "childflow binary for a per-container daemon when none runs (default: next to the hook, then $PATH)")
+	fs.Usage = func() {
+		fmt.Fprintf(stderr, `Usage: childflow-hook [OPTIONS] createRuntime|prestart|poststop
+
+An OCI hook (runc, crun, podman's and CRI-O's hooks.d): reads the
+container's state on stdin and, for a container with childflow.dev/*
+annotations, attaches its network namespace to childflow's node engine
+(createRuntime, prestart) or detaches it (poststop).
+
+Options:
+%s`, fs.FlagUsages())
+	}
 	if err := fs.Parse(args[1:]); err != nil {
 		if errors.Is(err, pflag.ErrHelp) {
 			return 0

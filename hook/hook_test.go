@@ -37,6 +37,16 @@ func TestHook(t *testing.T) {
 	}
 }
 
+// TestHookHelp: --help says how the hook is called and what it does.
+func TestHookHelp(t *testing.T) {
+	var stderr bytes.Buffer
+	code := Run(context.Background(), []string{"childflow-hook", "--help"}, strings.NewReader(""), &stderr)
+	if code != 0 || !strings.HasPrefix(stderr.String(), "Usage: childflow-hook [OPTIONS] createRuntime|prestart|poststop\n") ||
+		!strings.Contains(stderr.String(), "--socket string") {
+		t.Errorf("exit %d, output %q", code, stderr.String())
+	}
+}
+
 // The hosts file the hook hands on is what the container sees at
 // /etc/hosts, and nothing the hook, as root, could be pointed at instead.
 func TestContainerHostsFile(t *testing.T) {
