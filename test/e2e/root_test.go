@@ -775,6 +775,60 @@ func TestRootStress(t *testing.T) {
 	t.Fatalf("host state changed:\nbefore:\n%s\nafter:\n%s\ncleanup said:\n%s", before, after, r)
 }
 
+// TestRootTeardownFailureIsReported: a `--root` run whose end cannot
+// remove all it made (here its record, made immutable while it ran) says
+// what failed and how the rest goes, keeps the command's exit status,
+// and `childflow cleanup` then removes what is left.
+func TestRootTeardownFailureIsReported(t *testing.T) {
+	requireRoot(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cmd := command(ctx, root, "--root", "--", "sh", "-c", "head -c1 >/dev/null; exit 5")
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	var record string
+	for deadline := time.Now().Add(20 * time.Second); record == "" && time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		if found, _ := filepath.Glob("/run/childflow/root/[^.]*.json"); len(found) == 1 {
+			record = found[0]
+		}
+	}
+	if record == "" {
+		cmd.Process.Kill()
+		cmd.Wait()
+		t.Fatalf("no record of the sandbox appeared; stderr %q", stderr.String())
+	}
+	if out, err := exec.Command("chattr", "+i", record).CombinedOutput(); err != nil {
+		t.Fatalf("chattr +i %s: %v: %s", record, err, out)
+	}
+	t.Cleanup(func() { exec.Command("chattr", "-i", record).Run() })
+	stdin.Write([]byte("x"))
+	stdin.Close()
+	cmd.Wait()
+	want := "childflow: --root: removing the sandbox's objects: remove " + record + ": operation not permitted (the next --root run or `childflow cleanup` removes what is left)\n"
+	if code := cmd.ProcessState.ExitCode(); code != 5 || stderr.String() != want {
+		t.Errorf("exit %d, stderr %q; want 5 and %q", code, stderr.String(), want)
+	}
+	if left := rootfulLeftovers(); left != "record "+record+"\n" {
+		t.Errorf("left after the failed teardown, want the record alone:\n%s", left)
+	}
+	if out, err := exec.Command("chattr", "-i", record).CombinedOutput(); err != nil {
+		t.Fatalf("chattr -i %s: %v: %s", record, err, out)
+	}
+	if r := run(t, root, "cleanup"); r.code != 0 {
+		t.Errorf("cleanup: %s", r)
+	}
+	if _, err := os.Stat(record); !os.IsNotExist(err) {
+		t.Errorf("the record is still there after cleanup: %v", err)
+	}
+}
+
 // TestRootCleanupRemovesStrayBackstops: the routing backstop of a link
 // no record names (a record removed by hand) goes with `childflow
 // cleanup`, and a rule of the same priorities that is not childflow's
