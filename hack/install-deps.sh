@@ -7,7 +7,7 @@ SUDO=""
 pkgs=(
 	ca-certificates gcc libc6-dev iproute2 procps nftables iptables
 	curl dnsutils iputils-ping traceroute socat netcat-openbsd busybox-static dnsmasq-base python3
-	iperf3 slirp4netns passt hyperfine jq bc util-linux bsdutils bash perl-base
+	iperf3 slirp4netns passt hyperfine jq bc util-linux bsdutils bash perl-base e2fsprogs
 	squid microsocks dante-server tinyproxy stunnel4 openssl apache2-utils tshark unbound
 	runc crun containerd docker.io podman containernetworking-plugins
 	chromium fonts-dejavu-core
