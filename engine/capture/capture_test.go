@@ -137,7 +137,7 @@ func (w *Writer) queuedBytes() int64 {
 // TestWritesDoNotReadBack writes batches that end inside a page and puts
 // each on disk before the next: an uncached write's pages are gone by
 // then, and a write that began inside one would have the file system
-// read it back first.
+// read it back first, into reserved blocks as into new ones.
 func TestWritesDoNotReadBack(t *testing.T) {
 	runtime.LockOSThread() // the read is counted to the thread
 	defer runtime.UnlockOSThread()
@@ -152,6 +152,12 @@ func TestWritesDoNotReadBack(t *testing.T) {
 		t.Fatal(err)
 	}
 	b := blocks{fd: int(f.Fd()), end: int64(len(h)), lastPage: h}
+	// The file's blocks reserved, as the writer has them after its first
+	// write: allocating them may read the file system's bitmaps, once.
+	b.reserve()
+	if b.reserved != reserveAhead {
+		t.Fatalf("no blocks reserved (%d)", b.reserved)
+	}
 	var want [][]byte
 	var read int64 // by the writes; putting them on disk may read metadata
 	for i := range 20 {
@@ -213,6 +219,46 @@ func threadReadBytes(t *testing.T) int64 {
 	}
 	t.Fatalf("no read_bytes in /proc/thread-self/io")
 	return 0
+}
+
+// TestBlocksAreReservedAheadAndGivenBack: on a disk's file system the
+// writer allocates the file's blocks ahead of its end while it writes,
+// and the file holds no more than its size once closed.
+func TestBlocksAreReservedAheadAndGivenBack(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "c.pcapng")
+	w, err := Create(path, View{Name: "child", Backend: "rootless", Interface: "cf0"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pkt, _ := packetOf(1, 60000)
+	for range 40 {
+		w.Packet(false, pkt.Clone())
+	}
+	pkt.Release()
+	var st unix.Stat_t
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if err := unix.Stat(path, &st); err != nil {
+			t.Fatal(err)
+		}
+		if st.Size >= 40*60000 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d bytes written after 5 s", st.Size)
+		}
+	}
+	if st.Blocks*512 < reserveAhead {
+		t.Errorf("%d bytes allocated to a file of %d while written, want %d reserved ahead", st.Blocks*512, st.Size, reserveAhead)
+	}
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Stat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	if roundUp := (st.Size + pageSize - 1) / pageSize * pageSize; st.Blocks*512 > roundUp {
+		t.Errorf("%d bytes allocated to a closed file of %d", st.Blocks*512, st.Size)
+	}
 }
 
 // A capture that dropped packets (more than maxQueued waiting for the
