@@ -41,18 +41,20 @@ func packetOf(seed byte, sizes ...int) (buffer.Buffer, []byte) {
 // disk's file system, written uncached, and on tmpfs, which refuses
 // uncached writes.
 func TestWriterRecordsEveryPacket(t *testing.T) {
-	t.Run("disk", func(t *testing.T) { testWriterRecordsEveryPacket(t, t.TempDir()) })
+	t.Run("disk", func(t *testing.T) { testWriterRecordsEveryPacket(t, t.TempDir(), true) })
 	t.Run("tmpfs", func(t *testing.T) {
 		dir, err := os.MkdirTemp("/dev/shm", "capture-test")
 		if err != nil {
 			t.Fatalf("no tmpfs at /dev/shm: %v", err)
 		}
 		defer os.RemoveAll(dir)
-		testWriterRecordsEveryPacket(t, dir)
+		testWriterRecordsEveryPacket(t, dir, false)
 	})
 }
 
-func testWriterRecordsEveryPacket(t *testing.T, dir string) {
+// reserves says whether the writer is to allocate blocks ahead on dir's
+// file system, which tmpfs would hold in memory.
+func testWriterRecordsEveryPacket(t *testing.T, dir string, reserves bool) {
 	path := filepath.Join(dir, "c.pcapng")
 	w, err := Create(path, View{Name: "child", Backend: "rootless", Interface: "cf0"})
 	if err != nil {
@@ -78,6 +80,13 @@ func testWriterRecordsEveryPacket(t *testing.T, dir string) {
 	}
 	if w.Dropped() > 0 {
 		t.Fatalf("dropped %d packets", w.Dropped())
+	}
+	var written unix.Stat_t
+	if err := unix.Stat(path, &written); err != nil {
+		t.Fatal(err)
+	}
+	if ahead := written.Blocks*512 > written.Size+maxBatch; ahead != reserves {
+		t.Errorf("%d bytes allocated to %d written; want blocks reserved ahead: %v", written.Blocks*512, written.Size, reserves)
 	}
 	if err := w.Close(); err != nil {
 		t.Fatal(err)
