@@ -403,13 +403,19 @@ func (b *blocks) reserve() {
 	b.reserved += reserveAhead
 }
 
-// release gives back the blocks reserved beyond the file's end.
+// release gives back the blocks reserved beyond the file's end: cut to
+// the size it has (a failed write may have ended before b.end), which
+// changes none of its bytes.
 func (b *blocks) release() error {
-	if b.reserved <= b.end {
+	if b.reserved <= 0 {
 		return nil
 	}
 	b.reserved = 0
-	return unix.Ftruncate(b.fd, b.end)
+	var st unix.Stat_t
+	if err := unix.Fstat(b.fd, &st); err != nil {
+		return err
+	}
+	return unix.Ftruncate(b.fd, st.Size)
 }
 
 // flush writes the batch after the file's last page, whole blocks only
