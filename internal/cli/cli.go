@@ -80,9 +80,9 @@ func execUsage(fs *pflag.FlagSet, stdout io.Writer) {
 	fmt.Fprintf(stdout, `Usage: childflow [exec] [OPTIONS] [--] COMMAND [ARG...]
        childflow COMMAND [OPTIONS] [ARG...]
 
-Runs COMMAND in its own network namespace, whose only way out is
-childflow's relay: it decides what may leave, answers the sandbox's DNS,
-forces a proxy if asked, and records it all.
+Runs COMMAND in its own network namespace, whose only way out is through
+childflow: it decides what may leave, answers the sandbox's DNS, forces a
+proxy if asked, and records it all.
 
 Commands:
 `)
