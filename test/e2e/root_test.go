@@ -783,8 +783,12 @@ func TestRootTeardownFailureIsReported(t *testing.T) {
 	requireRoot(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	cmd := command(ctx, root, "--root", "--", "sh", "-c", "head -c1 >/dev/null; exit 5")
+	cmd := command(ctx, root, "--root", "--", "sh", "-c", "echo running; head -c1 >/dev/null; exit 5")
 	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -793,17 +797,15 @@ func TestRootTeardownFailureIsReported(t *testing.T) {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	var record string
-	for deadline := time.Now().Add(20 * time.Second); record == "" && time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
-		if found, _ := filepath.Glob("/run/childflow/root/[^.]*.json"); len(found) == 1 {
-			record = found[0]
-		}
-	}
-	if record == "" {
+	// The command runs: its record is written whole.
+	line, _ := bufio.NewReader(stdout).ReadString('\n')
+	found, _ := filepath.Glob("/run/childflow/root/[^.]*.json")
+	if line != "running\n" || len(found) != 1 {
 		cmd.Process.Kill()
 		cmd.Wait()
-		t.Fatalf("no record of the sandbox appeared; stderr %q", stderr.String())
+		t.Fatalf("command said %q, records %q; stderr %q", line, found, stderr.String())
 	}
+	record := found[0]
 	if out, err := exec.Command("chattr", "+i", record).CombinedOutput(); err != nil {
 		t.Fatalf("chattr +i %s: %v: %s", record, err, out)
 	}
