@@ -14,6 +14,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"syscall"
 
@@ -103,8 +104,10 @@ func usageError(stderr io.Writer, err error) int {
 	return exitUsage
 }
 
-// commands are childflow's subcommands, as its help lists them.
-var commands = []struct{ name, args, about string }{
+// command is one of childflow's subcommands, as its help lists it.
+type command struct{ name, args, about string }
+
+var commands = []command{
 	{"exec", "[OPTIONS] [--] COMMAND [ARG...]", "run COMMAND in a network sandbox (the default: \"exec\" may be left out)"},
 	{"doctor", "[--format text|json]", "check this host's requirements"},
 	{"report", "[--format text|markdown|json|html] FLOWLOG", "render a saved flow log"},
@@ -120,34 +123,40 @@ var commands = []struct{ name, args, about string }{
 // stdout: help asked for is output, not an error.
 func setUsage(fs *pflag.FlagSet, stdout io.Writer) {
 	fs.Usage = func() {
-		synopsis(stdout, fs.Name())
+		if c, ok := commandNamed(fs.Name()); ok {
+			c.synopsis(stdout)
+		}
 		fmt.Fprintf(stdout, "\nOptions:\n%s", fs.FlagUsages())
 	}
 }
 
-// synopsis prints how to call the named command and what it does.
-func synopsis(w io.Writer, name string) bool {
-	for _, c := range commands {
-		if c.name == name {
-			fmt.Fprintf(w, "Usage: %s\n\n%s%s.\n", strings.TrimSpace("childflow "+c.name+" "+c.args), strings.ToUpper(c.about[:1]), c.about[1:])
-			return true
-		}
+func commandNamed(name string) (command, bool) {
+	i := slices.IndexFunc(commands, func(c command) bool { return c.name == name })
+	if i < 0 {
+		return command{}, false
 	}
-	return false
+	return commands[i], true
+}
+
+// synopsis prints how to call the command and what it does.
+func (c command) synopsis(w io.Writer) {
+	fmt.Fprintf(w, "Usage: %s\n\n%s%s.\n", strings.TrimSpace("childflow "+c.name+" "+c.args), strings.ToUpper(c.about[:1]), c.about[1:])
 }
 
 // runHelp is `childflow help [COMMAND]`.
 func runHelp(args []string, stdout, stderr io.Writer) int {
-	switch {
-	case len(args) == 0:
+	if len(args) == 0 {
 		return Run(context.Background(), []string{"childflow", "--help"}, stdout, stderr)
-	case len(args) == 1 && (args[0] == "help" || args[0] == "version"): // no options
-		synopsis(stdout, args[0])
-		return 0
-	case len(args) == 1 && synopsis(io.Discard, args[0]):
-		return Run(context.Background(), []string{"childflow", args[0], "--help"}, stdout, stderr)
 	}
-	return usageError(stderr, policy.Usagef("childflow help takes one of childflow's commands, got %q", args))
+	c, ok := commandNamed(args[0])
+	switch {
+	case !ok || len(args) > 1:
+		return usageError(stderr, policy.Usagef("childflow help takes one of childflow's commands, got %q", args))
+	case c.name == "help" || c.name == "version": // no options
+		c.synopsis(stdout)
+		return 0
+	}
+	return Run(context.Background(), []string{"childflow", c.name, "--help"}, stdout, stderr)
 }
 
 // parseSubcommand parses a subcommand's flags and wants exactly nargs
