@@ -265,7 +265,12 @@ func TestBlocksAreReservedAheadAndGivenBack(t *testing.T) {
 	if err := unix.Stat(path, &st); err != nil {
 		t.Fatal(err)
 	}
-	if roundUp := (st.Size + pageSize - 1) / pageSize * pageSize; st.Blocks*512 > roundUp {
+	// st_blocks counts the file system's own blocks for the file too: an
+	// extent tree's, once the written and reserved stretches split the
+	// file into more extents than its inode holds. A few of those, never
+	// a stretch reserved ahead.
+	const metadata = 64 << 10
+	if roundUp := (st.Size + pageSize - 1) / pageSize * pageSize; st.Blocks*512 > roundUp+metadata {
 		t.Errorf("%d bytes allocated to a closed file of %d", st.Blocks*512, st.Size)
 	}
 }
