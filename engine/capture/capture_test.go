@@ -41,7 +41,7 @@ func packetOf(seed byte, sizes ...int) (buffer.Buffer, []byte) {
 // disk's file system, written uncached, and on tmpfs, which refuses
 // uncached writes.
 func TestWriterRecordsEveryPacket(t *testing.T) {
-	t.Run("disk", func(t *testing.T) { testWriterRecordsEveryPacket(t, t.TempDir(), true) })
+	t.Run("disk", func(t *testing.T) { testWriterRecordsEveryPacket(t, diskDir(t), true) })
 	t.Run("tmpfs", func(t *testing.T) {
 		dir, err := os.MkdirTemp("/dev/shm", "capture-test")
 		if err != nil {
@@ -50,6 +50,32 @@ func TestWriterRecordsEveryPacket(t *testing.T) {
 		defer os.RemoveAll(dir)
 		testWriterRecordsEveryPacket(t, dir, false)
 	})
+}
+
+// diskDir is a temporary directory on a disk's file system: t.TempDir(),
+// unless that is on tmpfs (as /tmp is on Debian 13), then one in
+// /var/tmp, which distributions keep on disk.
+func diskDir(t *testing.T) string {
+	if dir := t.TempDir(); !onTmpfs(t, dir) {
+		return dir
+	}
+	dir, err := os.MkdirTemp("/var/tmp", "capture-test")
+	if err != nil {
+		t.Fatalf("no directory on a disk's file system: %v", err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if onTmpfs(t, dir) {
+		t.Fatalf("no directory on a disk's file system: %s and %s are on tmpfs", os.TempDir(), dir)
+	}
+	return dir
+}
+
+func onTmpfs(t *testing.T, dir string) bool {
+	var fs unix.Statfs_t
+	if err := unix.Statfs(dir, &fs); err != nil {
+		t.Fatal(err)
+	}
+	return fs.Type == unix.TMPFS_MAGIC
 }
 
 // reserves says whether the writer is to allocate blocks ahead on dir's
@@ -150,7 +176,7 @@ func (w *Writer) queuedBytes() int64 {
 func TestWritesDoNotReadBack(t *testing.T) {
 	runtime.LockOSThread() // the read is counted to the thread
 	defer runtime.UnlockOSThread()
-	path := filepath.Join(t.TempDir(), "c.pcapng")
+	path := filepath.Join(diskDir(t), "c.pcapng")
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		t.Fatal(err)
@@ -234,7 +260,7 @@ func threadReadBytes(t *testing.T) int64 {
 // writer allocates the file's blocks ahead of its end while it writes,
 // and the file holds no more than its size once closed.
 func TestBlocksAreReservedAheadAndGivenBack(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "c.pcapng")
+	path := filepath.Join(diskDir(t), "c.pcapng")
 	w, err := Create(path, View{Name: "child", Backend: "rootless", Interface: "cf0"})
 	if err != nil {
 		t.Fatal(err)
