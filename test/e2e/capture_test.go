@@ -126,7 +126,7 @@ func TestTheRecordIsOutOfTheSandboxsReach(t *testing.T) {
 	for _, backend := range backends {
 		t.Run(backend.name, func(t *testing.T) {
 			if backend.u == rootless {
-				withTunOpen(t)
+				withRootlessAllowed(t)
 			}
 			base, err := os.MkdirTemp("", "cfrecord")
 			if err != nil {
@@ -254,7 +254,7 @@ ping -c2 -i0.2 -W2 203.0.113.10 >/dev/null; echo x | socat -t1 - UDP:203.0.113.1
 			}
 		}
 	}
-	withTunOpen(t)
+	withRootlessAllowed(t)
 	if r := sh(t, rootless, []string{"-c", filepath.Join(t.TempDir(), "x.pcapng"), "-C", "egress"}, "true"); r.code != 2 || !strings.Contains(r.stderr, "--capture-point egress") {
 		t.Errorf("egress view as a normal user: %v", r)
 	}

@@ -123,9 +123,11 @@ func (u as) String() string {
 	return "rootless"
 }
 
-// withTunOpen makes /dev/net/tun usable by nobody for the test, as most
-// distributions ship it (this machine has 0600).
-func withTunOpen(t *testing.T) {
+// withRootlessAllowed lets nobody build a rootless sandbox for the test,
+// as most distributions do: /dev/net/tun 0666 (this machine has 0600),
+// and unprivileged user namespaces without AppArmor's restriction (on by
+// default on Ubuntu 24.04, where a host would grant childflow a profile).
+func withRootlessAllowed(t *testing.T) {
 	t.Helper()
 	var st syscall.Stat_t
 	if err := syscall.Stat("/dev/net/tun", &st); err != nil {
@@ -136,6 +138,25 @@ func withTunOpen(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.Chmod("/dev/net/tun", old) })
+	setForTheTest(t, "/proc/sys/kernel/apparmor_restrict_unprivileged_userns", "0")
+	setForTheTest(t, "/proc/sys/kernel/unprivileged_userns_clone", "1") // older Debian kernels
+}
+
+// setForTheTest writes value to a kernel setting for the test, where the
+// kernel has the setting.
+func setForTheTest(t *testing.T, path, value string) {
+	t.Helper()
+	old, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) || strings.TrimSpace(string(old)) == value {
+		return
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(path, []byte(value), 0); err != nil {
+		t.Fatalf("setting %s for the test: %v", path, err)
+	}
+	t.Cleanup(func() { os.WriteFile(path, old, 0) })
 }
 
 func command(ctx context.Context, u as, args ...string) *exec.Cmd {
@@ -274,7 +295,7 @@ func users(t *testing.T, f func(t *testing.T, u as)) {
 	for _, u := range []as{root, rootless} {
 		t.Run(u.String(), func(t *testing.T) {
 			if u == rootless {
-				withTunOpen(t)
+				withRootlessAllowed(t)
 			}
 			f(t, u)
 		})
@@ -409,7 +430,7 @@ func pingGroupRange(t *testing.T, groups string) {
 // once.
 func TestNoICMPRelayIsARuntimeFailure(t *testing.T) {
 	requireRoot(t)
-	withTunOpen(t)
+	withRootlessAllowed(t)
 	pingGroupRange(t, "1 0")
 	log := filepath.Join(logDir(t), "flows.jsonl")
 	r := sh(t, rootless, []string{"--flow-log", log, "--summary"}, `ping -c2 -i0.2 -W1 203.0.113.10; ping -c1 -W1 203.0.113.20`)
@@ -1029,7 +1050,7 @@ func TestCommandCannotTypeIntoTheShell(t *testing.T) {
 	for _, backend := range backends {
 		t.Run(backend.name, func(t *testing.T) {
 			if backend.u == rootless {
-				withTunOpen(t)
+				withRootlessAllowed(t)
 			}
 			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 			defer cancel()
@@ -1137,7 +1158,7 @@ func TestHostsFile(t *testing.T) {
 	for _, backend := range backends {
 		t.Run(backend.name, func(t *testing.T) {
 			if backend.u == rootless {
-				withTunOpen(t)
+				withRootlessAllowed(t)
 			}
 			curl := "getent hosts only-in-sandbox.test && curl -sS -m5 http://only-in-sandbox.test/"
 			r := sh(t, backend.u, append([]string{"--hosts-file", f}, backend.flags...), curl)
@@ -1174,7 +1195,7 @@ func TestResolverSurvivesTheHostReplacingIt(t *testing.T) {
 		t.Run(backend.name, func(t *testing.T) {
 			runAs := ""
 			if backend.u == rootless {
-				withTunOpen(t)
+				withRootlessAllowed(t)
 				runAs = "setpriv --reuid 65534 --regid 65534 --clear-groups"
 			}
 			// Not under /tmp, where init mounts its scratch tmpfs for a
@@ -1326,7 +1347,7 @@ func hostState(t *testing.T) string {
 
 func TestNothingLeftBehindAfter100Runs(t *testing.T) {
 	requireRoot(t)
-	withTunOpen(t)
+	withRootlessAllowed(t)
 	before := hostState(t)
 	for i := 0; i < 100; i++ {
 		u := root

@@ -149,7 +149,7 @@ func TestBroadcastReachesNeitherHostNorNetwork(t *testing.T) {
 	for _, backend := range backends {
 		t.Run(backend.name, func(t *testing.T) {
 			if backend.u == rootless {
-				withTunOpen(t)
+				withRootlessAllowed(t)
 			}
 			var host, lan []*listener
 			for ns, link := range map[string]string{hostNS: "cfbc-h", lanNS: "cfbc-l"} {
@@ -223,7 +223,7 @@ func TestAnycastIsTheHosts(t *testing.T) {
 	for _, backend := range backends {
 		t.Run(backend.name, func(t *testing.T) {
 			if backend.u == rootless {
-				withTunOpen(t)
+				withRootlessAllowed(t)
 			}
 			host := listen(t, hostNS, "9996", "UDP6-RECV:9996")
 			lan := listen(t, lanNS, "9996", "UDP6-RECV:9996")
@@ -272,7 +272,7 @@ func TestAddressTheHostGainsIsGuarded(t *testing.T) {
 			}
 			t.Run(backend.name+"/"+kind, func(t *testing.T) {
 				if backend.u == rootless {
-					withTunOpen(t)
+					withRootlessAllowed(t)
 				}
 				host := listen(t, hostNS, "9999", "UDP4-RECV:9999")
 				lan := listen(t, lanNS, "9999", "UDP4-RECV:9999")
@@ -333,7 +333,7 @@ func TestJoiningAGroupIsNoViolation(t *testing.T) {
 	for _, backend := range backends {
 		t.Run(backend.name, func(t *testing.T) {
 			if backend.u == rootless {
-				withTunOpen(t)
+				withRootlessAllowed(t)
 			}
 			log := filepath.Join(logDir(t), "flows.jsonl")
 			r := sh(t, backend.u, append([]string{"--fail-on-leak", "--flow-log", log}, backend.flags...),

@@ -318,7 +318,7 @@ func TestStuckFlowsEndAtExit(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if tc.u == rootless {
-				withTunOpen(t)
+				withRootlessAllowed(t)
 			}
 			log := filepath.Join(logDir(t), "flows.jsonl")
 			start := time.Now()
@@ -500,7 +500,7 @@ func TestHostUnixSocketsAreCovered(t *testing.T) {
 	for _, backend := range backends {
 		t.Run(backend.name, func(t *testing.T) {
 			if backend.u == rootless {
-				withTunOpen(t)
+				withRootlessAllowed(t)
 			}
 			r := sh(t, backend.u, append([]string{"--offline"}, backend.flags...), fmt.Sprintf(`curl -sS -m5 --unix-socket %s http://web.test/ && exit 8
 echo sent | socat -u - UNIX-SENDTO:%s && exit 9
@@ -547,7 +547,7 @@ func TestManyHostUnixSocketsAreCovered(t *testing.T) {
 	for _, backend := range backends {
 		t.Run(backend.name, func(t *testing.T) {
 			if backend.u == rootless {
-				withTunOpen(t)
+				withRootlessAllowed(t)
 			}
 			r := sh(t, backend.u, backend.flags, fmt.Sprintf(`socat -u /dev/null UNIX-CONNECT:%s && exit 8
 socat -u /dev/null UNIX-CONNECT:%s && exit 9
@@ -612,7 +612,7 @@ func TestInheritedHandlesStayOutside(t *testing.T) {
 	for _, backend := range backends {
 		t.Run(backend.name, func(t *testing.T) {
 			if backend.u == rootless {
-				withTunOpen(t)
+				withRootlessAllowed(t)
 			}
 			udp, err := net.ListenPacket("udp4", "0.0.0.0:0")
 			if err != nil {
@@ -698,7 +698,7 @@ func TestInitCannotBeTraced(t *testing.T) {
 	for _, backend := range backends {
 		t.Run(backend.name, func(t *testing.T) {
 			if backend.u == rootless {
-				withTunOpen(t)
+				withRootlessAllowed(t)
 			}
 			r := run(t, backend.u, append(append([]string{"--offline"}, backend.flags...), "--", "sh", "-c",
 				`cat /proc/1/environ >/dev/null && echo read-environ; python3 -c '`+seizeScript+`' 1`)...)
@@ -720,7 +720,7 @@ func TestKernelSettingsAreReadOnly(t *testing.T) {
 	for _, backend := range backends {
 		t.Run(backend.name, func(t *testing.T) {
 			if backend.u == rootless {
-				withTunOpen(t)
+				withRootlessAllowed(t)
 			}
 			r := run(t, backend.u, append(append([]string{"--offline"}, backend.flags...), "--", "sh", "-c", `
 v=$(cat /proc/sys/kernel/core_pattern); (printf '%s\n' "$v" > /proc/sys/kernel/core_pattern) 2>/dev/null && echo wrote core_pattern
@@ -743,7 +743,7 @@ echo 0 > /proc/self/oom_score_adj && echo own-ok`)...)
 // own.
 func TestHostProcGrantsNothing(t *testing.T) {
 	requireRoot(t)
-	withTunOpen(t)
+	withRootlessAllowed(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	sleeper := exec.CommandContext(ctx, "sleep", "987654")
@@ -796,7 +796,7 @@ func TestUnlistedNamesStayInside(t *testing.T) {
 	for _, backend := range backends {
 		t.Run(backend.name, func(t *testing.T) {
 			if backend.u == rootless {
-				withTunOpen(t)
+				withRootlessAllowed(t)
 			}
 			mu.Lock()
 			asked = nil
@@ -830,7 +830,7 @@ func TestTheResolversCacheCannotBeRead(t *testing.T) {
 	for i, backend := range backends {
 		t.Run(backend.name, func(t *testing.T) {
 			if backend.u == rootless {
-				withTunOpen(t)
+				withRootlessAllowed(t)
 			}
 			name := fmt.Sprintf("norec-%d-%d.wild.test", time.Now().UnixNano(), i)
 			r := run(t, backend.u, append(append([]string{"--dns", "203.0.113.54"}, backend.flags...),
@@ -863,7 +863,7 @@ func TestQueriesInFlightAtExitAreLogged(t *testing.T) {
 	for _, backend := range backends {
 		t.Run(backend.name, func(t *testing.T) {
 			if backend.u == rootless {
-				withTunOpen(t)
+				withRootlessAllowed(t)
 			}
 			log := filepath.Join(logDir(t), "flows.jsonl")
 			start := time.Now()

@@ -151,7 +151,7 @@ func TestTheProxyIsNoDestination(t *testing.T) {
 	for _, backend := range backends {
 		t.Run(backend.name, func(t *testing.T) {
 			if backend.u == rootless {
-				withTunOpen(t)
+				withRootlessAllowed(t)
 			}
 			log := filepath.Join(logDir(t), "flows.jsonl")
 			r := sh(t, backend.u, append([]string{"-p", "socks5h://" + socksOpen, "--deny-domain", "denied.test", "--deny-cidr", "203.0.113.20/32", "--flow-log", log}, backend.flags...), `
@@ -269,7 +269,7 @@ func TestTheProxyGoesWhereThePolicyDecided(t *testing.T) {
 	for _, backend := range backends {
 		t.Run(backend.name, func(t *testing.T) {
 			if backend.u == rootless {
-				withTunOpen(t)
+				withRootlessAllowed(t)
 			}
 			dir := logDir(t)
 			for _, c := range []struct {
