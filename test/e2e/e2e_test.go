@@ -159,6 +159,18 @@ func setForTheTest(t *testing.T, path, value string) {
 	t.Cleanup(func() { os.WriteFile(path, old, 0) })
 }
 
+// shortTempDir is a temporary directory in /tmp, whatever TMPDIR says,
+// for paths that have a length limit.
+func shortTempDir(t *testing.T, prefix string) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("/tmp", prefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
+
 func command(ctx context.Context, u as, args ...string) *exec.Cmd {
 	cmd := exec.CommandContext(ctx, bin, args...)
 	cmd.Dir = "/"

@@ -191,7 +191,7 @@ func TestContainerdThroughTheRuntimeWrapper(t *testing.T) {
 
 func TestPodmanWithHooksDir(t *testing.T) {
 	n := startNode(t)
-	dir := t.TempDir()
+	dir := shortTempDir(t, "cfpod") // podman refuses a runroot of more than 50 bytes
 	hooksDir := filepath.Join(dir, "hooks.d")
 	os.MkdirAll(hooksDir, 0o755)
 	// The hooks.d entries shipped in deploy/, pointed at this test's
