@@ -488,19 +488,21 @@ traceroute -6 -n -q1 -w2 -m2 2001:db8::44
 traceroute -n -q1 -w2 -m4 203.0.113.10
 echo x | socat -t3 - UDP:203.0.113.10:9 || echo refused`
 		// The engine echoes through a raw socket with root, a ping socket
-		// rootless. -N1: traceroute -I sends its probes on one ping
-		// socket, and when hop 1's answer (the gateway's, within
-		// microseconds) lands between two sends, the kernel fails the
-		// second send with that error (EHOSTUNREACH): hop 2 shows "*"
-		// (1 run in 10 without it). One probe at a time, it reads each
-		// answer first.
+		// rootless. traceroute -I sends its probes on one ping socket of
+		// the sandbox's kernel, which fails a send with the last ICMP
+		// error it noted (EHOSTUNREACH), and that probe shows "*". -N1,
+		// one probe at a time, reads each answer (and so the error)
+		// first; but the kernel queues the error before noting it, and a
+		// read between the two leaves it noted (1-2 runs in 100 with both
+		// CPUs busy). -q2: the failed send clears it, so the hop's other
+		// probe goes, and each hop's line names whoever answered.
 		if u == rootless {
 			withPingSockets(t)
 		}
 		script += `
-traceroute -I -N1 -n -q1 -w2 -m2 203.0.113.44`
+traceroute -I -N1 -n -q2 -w2 -m2 203.0.113.44`
 		r := sh(t, u, nil, script)
-		hops := regexp.MustCompile(`(?m)^ ?([0-9]+)  (\S+) `).FindAllStringSubmatch(r.stdout, -1)
+		hops := regexp.MustCompile(`(?m)^ ?([0-9]+)  (?:\* )*(\S+) `).FindAllStringSubmatch(r.stdout, -1)
 		var got []string
 		for _, h := range hops {
 			got = append(got, h[1]+" "+h[2])
