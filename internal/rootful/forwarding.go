@@ -19,8 +19,8 @@ import (
 // the host's uplinks for the replies. Where the host does not forward
 // already, childflow turns it on (IPv4: ip_forward; IPv6: the per-link
 // force_forwarding, which, unlike conf.all.forwarding, leaves the
-// host's router advertisements handling alone), records the values it
-// changed, and adds a guard table so that the host still forwards nothing
+// host's router advertisements handling alone) and, where it filters by
+// reverse path, src_valid_mark, records the values it changed, and adds a guard table so that the host still forwards nothing
 // but sandbox traffic. The last rootful sandbox to leave restores them.
 
 const (
@@ -61,6 +61,21 @@ func hostInterfaces() []string {
 	return out
 }
 
+// reversePathFiltered says whether the host filters IPv4 by reverse path
+// on any link, or will on a new one (rp_filter, where all's and the
+// link's larger value holds).
+func reversePathFiltered() bool {
+	entries, _ := os.ReadDir("/proc/sys/net/ipv4/conf")
+	for _, e := range entries {
+		if n := e.Name(); n != "lo" && !strings.HasPrefix(n, vethPrefix) {
+			if v := readSysctl("/proc/sys/net/ipv4/conf/" + n + "/rp_filter"); v != "" && v != "0" {
+				return true
+			}
+		}
+	}
+	return false
+}
+
 // enableForwarding makes the host forward sandbox traffic; the caller
 // holds the directory lock. The state file is written before any value
 // changes.
@@ -86,6 +101,13 @@ func enableForwarding(dir string) error {
 				st.Sysctls[p] = readSysctl(p)
 			}
 		}
+	}
+	// Reverse-path filtering checks a reply to the sandbox with a lookup
+	// that the routing backstop refuses unless the reply is marked (the
+	// table marks it), and reads the mark only with src_valid_mark.
+	const srcValidMark = "/proc/sys/net/ipv4/conf/all/src_valid_mark"
+	if reversePathFiltered() && readSysctl(srcValidMark) == "0" {
+		change[srcValidMark] = "1"
 	}
 	if readSysctl("/proc/sys/net/ipv6/conf/all/forwarding") == "0" {
 		for _, ifc := range hostInterfaces() {

@@ -164,7 +164,7 @@ func (sb *Sandbox) Attach(pid int, onEvent func(flowlog.Event)) (err error) {
 		group: slotLogGroup(slot), mark: slotMark(slot), logAllowed: onEvent != nil}
 	if sb.iface != nil {
 		spec.ifMark, spec.iface = ifaceMark(slot), cfg.Iface
-		if err = addIfaceRouting(slot, sb.iface); err != nil {
+		if err = addIfaceRouting(slot, sb.iface, sb.HostIf); err != nil {
 			return err
 		}
 	}

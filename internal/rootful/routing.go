@@ -124,22 +124,31 @@ func addTProxyRouting(slot int) error {
 }
 
 // addIfaceRouting copies the routes of iface into the slot's table, so
-// that marked packets leave by it whatever the main table prefers.
-func addIfaceRouting(slot int, iface netlink.Link) error {
+// that marked packets leave by it whatever the main table prefers, and
+// those of the sandbox's link (hostIf): the way back, for the replies,
+// which carry the mark too, and for a reverse-path check of what the
+// sandbox sends, which looks up its source with the mark.
+func addIfaceRouting(slot int, iface netlink.Link, hostIf string) error {
+	back, err := netlink.LinkByName(hostIf)
+	if err != nil {
+		return err
+	}
 	for _, fam := range families {
-		routes, err := netlink.RouteListFiltered(fam, &netlink.Route{LinkIndex: iface.Attrs().Index, Table: unix.RT_TABLE_MAIN},
-			netlink.RT_FILTER_OIF|netlink.RT_FILTER_TABLE)
-		if err != nil {
-			return err
-		}
 		hasDefault := false
-		for _, r := range routes {
-			r.Table = ifaceTable(slot)
-			if r.Dst == nil || isDefault(r.Dst) {
-				hasDefault = true
+		for _, link := range []netlink.Link{iface, back} {
+			routes, err := netlink.RouteListFiltered(fam, &netlink.Route{LinkIndex: link.Attrs().Index, Table: unix.RT_TABLE_MAIN},
+				netlink.RT_FILTER_OIF|netlink.RT_FILTER_TABLE)
+			if err != nil {
+				return err
 			}
-			if err := netlink.RouteReplace(&r); err != nil {
-				return fmt.Errorf("copying route %v of %s: %w", r.Dst, iface.Attrs().Name, err)
+			for _, r := range routes {
+				r.Table = ifaceTable(slot)
+				if link == iface && (r.Dst == nil || isDefault(r.Dst)) {
+					hasDefault = true
+				}
+				if err := netlink.RouteReplace(&r); err != nil {
+					return fmt.Errorf("copying route %v of %s: %w", r.Dst, link.Attrs().Name, err)
+				}
 			}
 		}
 		if !hasDefault {
@@ -233,7 +242,7 @@ func (sb *Sandbox) addRouting(spec tableSpec) error {
 	slot := sb.rec.Slot
 	err := addBackstop(slot, sb.HostIf)
 	if err == nil && spec.ifMark != 0 {
-		err = addIfaceRouting(slot, sb.iface)
+		err = addIfaceRouting(slot, sb.iface, sb.HostIf)
 	}
 	if err == nil && spec.tpMark != 0 {
 		err = addTProxyRouting(slot)

@@ -42,6 +42,31 @@ func TestRootPolicy(t *testing.T) {
 	}
 }
 
+// Debian and Ubuntu filter by reverse path (rp_filter 2, loose, on every
+// link), some hosts strictly (1). The kernel checks a reply to the
+// sandbox with a lookup as from the sandbox's link, which the routing
+// backstop refused: every reply was dropped, and nothing the sandbox was
+// allowed to reach answered (curl timed out). The replies now carry the
+// slot's mark, which that lookup reads while src_valid_mark is on (set
+// back after the run).
+func TestRootRepliesPassReversePathFiltering(t *testing.T) {
+	requireRoot(t)
+	for _, mode := range []string{"2", "1"} {
+		t.Run("rp_filter="+mode, func(t *testing.T) {
+			setForTheTest(t, "/proc/sys/net/ipv4/conf/all/rp_filter", mode)
+			before := rootHostState(t)
+			r := sh(t, root, append(rootArgs, "--allow-cidr", "203.0.113.0/24"), `
+curl -sS -m3 -o /dev/null http://203.0.113.10/ && echo tcp
+echo probe | socat -t2 - UDP:203.0.113.10:7 | grep -q probe && echo udp
+ping -c1 -W2 203.0.113.10 >/dev/null && echo icmp`)
+			wantLines(t, r.stdout, "tcp", "udp", "icmp")
+			if after := rootHostState(t); after != before {
+				t.Fatalf("host state changed:\nbefore:\n%s\nafter:\n%s", before, after)
+			}
+		})
+	}
+}
+
 // A sandbox that reuses the slot and the addresses of one before it
 // inherits none of its connections: conntrack's entries of the first,
 // which carry the slot's mark, passed for the second's as established,
@@ -486,6 +511,17 @@ ip netns exec %[1]s nft add rule inet count in iifname alt0 tcp dport 80 counter
 	if r.code != 0 || !strings.Contains(r.stdout, "alternate path") || counted() == 0 {
 		t.Fatalf("with --iface: %s (counted %d)", r, counted())
 	}
+	// Where the host filters by reverse path, strictly: the check of what
+	// the sandbox sends and that of each reply look up by the mark, in
+	// --iface's table (TestRootRepliesPassReversePathFiltering).
+	t.Run("rp_filter=1", func(t *testing.T) {
+		setForTheTest(t, "/proc/sys/net/ipv4/conf/all/rp_filter", "1")
+		before := counted()
+		r := sh(t, root, append(rootArgs, "--iface", "cfe2e-alt"), "curl -sS -m4 http://203.0.113.10/")
+		if r.code != 0 || !strings.Contains(r.stdout, "alternate path") || counted() == before {
+			t.Fatalf("with --iface: %s (counted %d, %d before)", r, counted(), before)
+		}
+	})
 	// Its routing rule removed while the sandbox runs (networkd removes
 	// rules it did not make), and childflow stopped so that it cannot put
 	// it back: the packets do not leave by the host's other routes. Let
@@ -593,7 +629,8 @@ func rootHostState(t *testing.T) string {
 		}
 	}
 	var sysctls []string
-	for _, pat := range []string{"/proc/sys/net/ipv4/ip_forward", "/proc/sys/net/ipv4/conf/*/forwarding", "/proc/sys/net/ipv6/conf/*/forwarding", "/proc/sys/net/ipv6/conf/*/force_forwarding"} {
+	for _, pat := range []string{"/proc/sys/net/ipv4/ip_forward", "/proc/sys/net/ipv4/conf/*/forwarding", "/proc/sys/net/ipv6/conf/*/forwarding", "/proc/sys/net/ipv6/conf/*/force_forwarding",
+		"/proc/sys/net/ipv4/conf/*/src_valid_mark"} {
 		files, _ := filepath.Glob(pat)
 		for _, f := range files {
 			v, _ := os.ReadFile(f)
