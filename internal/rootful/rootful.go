@@ -176,7 +176,7 @@ func (sb *Sandbox) Attach(pid int, onEvent func(flowlog.Event)) (err error) {
 		if spec.tproxy, err = sb.startTProxy(); err != nil {
 			return err
 		}
-		if err = addTProxyRouting(slot); err != nil {
+		if err = addTProxyRouting(slot, sb.HostIf); err != nil {
 			return err
 		}
 	}

@@ -100,9 +100,15 @@ func isBackstop(r netlink.Rule) bool {
 		(r.Priority == backstopSkip || r.Priority == backstopRefuse || r.Priority == rulePriority)
 }
 
-// addTProxyRouting routes packets marked by TPROXY to the local stack.
-func addTProxyRouting(slot int) error {
+// addTProxyRouting routes packets marked by TPROXY to the local stack,
+// with the way back to the sandbox's link (hostIf) for a reverse-path
+// check of what it sends, which looks up its source with the mark.
+func addTProxyRouting(slot int, hostIf string) error {
 	lo, err := netlink.LinkByName("lo")
+	if err != nil {
+		return err
+	}
+	back, err := netlink.LinkByName(hostIf)
 	if err != nil {
 		return err
 	}
@@ -115,6 +121,9 @@ func addTProxyRouting(slot int) error {
 		r := &netlink.Route{LinkIndex: lo.Attrs().Index, Dst: dst, Table: tproxyTable(slot), Type: unix.RTN_LOCAL, Scope: netlink.SCOPE_HOST}
 		if err := netlink.RouteReplace(r); err != nil {
 			return fmt.Errorf("adding local route for TPROXY: %w", err)
+		}
+		if _, err := copyRoutes(fam, back, tproxyTable(slot)); err != nil {
+			return err
 		}
 		if err := netlink.RuleAdd(ipRule(fam, tproxyMark(slot), tproxyTable(slot))); err != nil && !errors.Is(err, unix.EEXIST) {
 			return fmt.Errorf("adding ip rule for TPROXY: %w", err)
@@ -134,22 +143,12 @@ func addIfaceRouting(slot int, iface netlink.Link, hostIf string) error {
 		return err
 	}
 	for _, fam := range families {
-		hasDefault := false
-		for _, link := range []netlink.Link{iface, back} {
-			routes, err := netlink.RouteListFiltered(fam, &netlink.Route{LinkIndex: link.Attrs().Index, Table: unix.RT_TABLE_MAIN},
-				netlink.RT_FILTER_OIF|netlink.RT_FILTER_TABLE)
-			if err != nil {
-				return err
-			}
-			for _, r := range routes {
-				r.Table = ifaceTable(slot)
-				if link == iface && (r.Dst == nil || isDefault(r.Dst)) {
-					hasDefault = true
-				}
-				if err := netlink.RouteReplace(&r); err != nil {
-					return fmt.Errorf("copying route %v of %s: %w", r.Dst, link.Attrs().Name, err)
-				}
-			}
+		hasDefault, err := copyRoutes(fam, iface, ifaceTable(slot))
+		if err != nil {
+			return err
+		}
+		if _, err := copyRoutes(fam, back, ifaceTable(slot)); err != nil {
+			return err
 		}
 		if !hasDefault {
 			// No default route on iface: everything not on one of its
@@ -168,6 +167,26 @@ func addIfaceRouting(slot int, iface netlink.Link, hostIf string) error {
 		}
 	}
 	return nil
+}
+
+// copyRoutes copies link's routes of family fam from the main table into
+// table, and says whether one was a default route.
+func copyRoutes(fam int, link netlink.Link, table int) (hasDefault bool, err error) {
+	routes, err := netlink.RouteListFiltered(fam, &netlink.Route{LinkIndex: link.Attrs().Index, Table: unix.RT_TABLE_MAIN},
+		netlink.RT_FILTER_OIF|netlink.RT_FILTER_TABLE)
+	if err != nil {
+		return false, err
+	}
+	for _, r := range routes {
+		r.Table = table
+		if r.Dst == nil || isDefault(r.Dst) {
+			hasDefault = true
+		}
+		if err := netlink.RouteReplace(&r); err != nil {
+			return false, fmt.Errorf("copying route %v of %s: %w", r.Dst, link.Attrs().Name, err)
+		}
+	}
+	return hasDefault, nil
 }
 
 func isDefault(n *net.IPNet) bool { ones, _ := n.Mask.Size(); return ones == 0 }
@@ -245,7 +264,7 @@ func (sb *Sandbox) addRouting(spec tableSpec) error {
 		err = addIfaceRouting(slot, sb.iface, sb.HostIf)
 	}
 	if err == nil && spec.tpMark != 0 {
-		err = addTProxyRouting(slot)
+		err = addTProxyRouting(slot, sb.HostIf)
 	}
 	return err
 }

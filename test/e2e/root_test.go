@@ -48,7 +48,7 @@ func TestRootPolicy(t *testing.T) {
 // backstop refused: every reply was dropped, and nothing the sandbox was
 // allowed to reach answered (curl timed out). The replies now carry the
 // slot's mark, which that lookup reads while src_valid_mark is on (set
-// back after the run).
+// back after the run), and TPROXY's table has the way back.
 func TestRootRepliesPassReversePathFiltering(t *testing.T) {
 	requireRoot(t)
 	for _, mode := range []string{"2", "1"} {
@@ -60,6 +60,10 @@ curl -sS -m3 -o /dev/null http://203.0.113.10/ && echo tcp
 echo probe | socat -t2 - UDP:203.0.113.10:7 | grep -q probe && echo udp
 ping -c1 -W2 203.0.113.10 >/dev/null && echo icmp`)
 			wantLines(t, r.stdout, "tcp", "udp", "icmp")
+			// Through the proxy: TPROXY hands the sandbox's connections to
+			// childflow, and the check of their source reads their mark.
+			r = sh(t, root, append(rootArgs, "-p", squidAuth, "-U", "alice", "-P", "s3cret"), `curl -sS -m3 -o /dev/null http://203.0.113.10/ && echo proxied`)
+			wantLines(t, r.stdout, "proxied")
 			if after := rootHostState(t); after != before {
 				t.Fatalf("host state changed:\nbefore:\n%s\nafter:\n%s", before, after)
 			}
