@@ -20,8 +20,9 @@ import (
 // already, childflow turns it on (IPv4: ip_forward; IPv6: the per-link
 // force_forwarding, which, unlike conf.all.forwarding, leaves the
 // host's router advertisements handling alone) and, where it filters by
-// reverse path, src_valid_mark, records the values it changed, and adds a guard table so that the host still forwards nothing
-// but sandbox traffic. The last rootful sandbox to leave restores them.
+// reverse path, src_valid_mark; records the values it changed, and adds
+// a guard table so that the host still forwards nothing but sandbox
+// traffic. The last rootful sandbox to leave restores them.
 
 const (
 	forwardingFile = ".forwarding.json" // hidden: not a sandbox record

@@ -220,13 +220,14 @@ func installTable(s tableSpec, domain []domainElement) (err error) {
 	// established, not one opened while the table was gone.
 	mangle := c.AddChain(&nftables.Chain{Name: "mangle", Table: n.t, Type: nftables.ChainTypeFilter, Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityMangle})
 	n.rule(mangle, nftexpr.Cat(fromSandbox, nftexpr.CtStateNew(), nftexpr.SetCtMark(s.mark))...)
-	// The replies on them carry the mark through routing. A host that
+	// The replies on them carry a mark through routing. A host that
 	// filters by reverse path (rp_filter; 2 on Debian and Ubuntu) checks
 	// a reply's source with a lookup as from the sandbox's link, which
 	// the routing backstop refuses unless it is marked: with the mark,
 	// which that lookup reads with src_valid_mark (see forwarding.go),
-	// the reply passes.
-	// (--iface's mark: its table has the way back.)
+	// the reply passes. --iface's mark under --iface: its table has the
+	// way back to the sandbox, and the check then expects the reply on
+	// that interface.
 	replyMark := s.mark
 	if s.ifMark != 0 {
 		replyMark = s.ifMark
