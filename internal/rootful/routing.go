@@ -266,5 +266,17 @@ func (sb *Sandbox) addRouting(spec tableSpec) error {
 	if err == nil && spec.tpMark != 0 {
 		err = addTProxyRouting(slot, sb.HostIf)
 	}
+	if err != nil && sb.linkGone() {
+		// The sandbox's link goes with its network namespace as the
+		// command ends, before Close stops the watch, and its routes
+		// with it: nothing is left to route.
+		return nil
+	}
 	return err
+}
+
+func (sb *Sandbox) linkGone() bool {
+	_, err := netlink.LinkByName(sb.HostIf)
+	var notFound netlink.LinkNotFoundError
+	return errors.As(err, &notFound)
 }
