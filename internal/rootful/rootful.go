@@ -255,6 +255,10 @@ func (sb *Sandbox) createVeth(pid int) error {
 	if err != nil {
 		return err
 	}
+	// A host with IPv6 turned off (default.disable_ipv6) would refuse the
+	// link's address and the sandbox its start: IPv6 on this link only,
+	// first, as turning it on sets the link's IPv6 settings afresh.
+	writeSysctl("/proc/sys/net/ipv6/conf/"+sb.HostIf+"/disable_ipv6", "0")
 	// Forwarding for what arrives from the sandbox: per link, gone with it.
 	writeSysctl("/proc/sys/net/ipv4/conf/"+sb.HostIf+"/forwarding", "1")
 	writeSysctl("/proc/sys/net/ipv6/conf/"+sb.HostIf+"/force_forwarding", "1")

@@ -79,6 +79,22 @@ ping -c1 -W2 203.0.113.10 >/dev/null && echo icmp`)
 	}
 }
 
+// A host that turned IPv6 off for new links (net.ipv6.conf.default.
+// disable_ipv6, as some hardening guides say) refused the sandbox's veth
+// its IPv6 address, and --root did not start ("permission denied").
+// IPv6 is on for that link only.
+func TestRootStartsWhereTheHostTurnedIPv6Off(t *testing.T) {
+	requireRoot(t)
+	setForTheTest(t, "/proc/sys/net/ipv6/conf/default/disable_ipv6", "1")
+	r := sh(t, root, append(rootArgs, "--allow-cidr", "203.0.113.0/24", "--allow-cidr", "2001:db8::/32"), `
+curl -sS -m3 -o /dev/null http://203.0.113.10/ && echo v4
+curl -sS -m3 -o /dev/null 'http://[2001:db8::10]/' && echo v6`)
+	if r.code != 0 {
+		t.Fatal(r)
+	}
+	wantLines(t, r.stdout, "v4", "v6")
+}
+
 // A sandbox that reuses the slot and the addresses of one before it
 // inherits none of its connections: conntrack's entries of the first,
 // which carry the slot's mark, passed for the second's as established,
