@@ -39,6 +39,16 @@ type tableSpec struct {
 	logAllowed bool
 }
 
+// routeMark is the mark routing wants on the sandbox's flows: the
+// slot's, or --iface's, which routes by that interface and is the slot's
+// too to the backstop.
+func (s tableSpec) routeMark() uint32 {
+	if s.ifMark != 0 {
+		return s.ifMark
+	}
+	return s.mark
+}
+
 // Set names; the 4 and 6 variants hold each family.
 const (
 	setMetadata   = "metadata"
@@ -220,20 +230,15 @@ func installTable(s tableSpec, domain []domainElement) (err error) {
 	// established, not one opened while the table was gone.
 	mangle := c.AddChain(&nftables.Chain{Name: "mangle", Table: n.t, Type: nftables.ChainTypeFilter, Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityMangle})
 	n.rule(mangle, nftexpr.Cat(fromSandbox, nftexpr.CtStateNew(), nftexpr.SetCtMark(s.mark))...)
-	// The replies on them carry a mark through routing. A host that
+	// The replies on them carry the routing mark too. A host that
 	// filters by reverse path (rp_filter; 2 on Debian and Ubuntu) checks
 	// a reply's source with a lookup as from the sandbox's link, which
 	// the routing backstop refuses unless it is marked: with the mark,
 	// which that lookup reads with src_valid_mark (see forwarding.go),
-	// the reply passes. --iface's mark under --iface: its table has the
-	// way back to the sandbox, and the check then expects the reply on
-	// that interface.
-	replyMark := s.mark
-	if s.ifMark != 0 {
-		replyMark = s.ifMark
-	}
+	// the reply passes. Under --iface, its table has the way back to the
+	// sandbox, and the check then expects the reply on that interface.
 	n.rule(mangle, nftexpr.Cat(nftexpr.IfName(expr.MetaKeyIIFNAME, s.hostIf, false), nftexpr.Established(),
-		nftexpr.CtMarkIs(s.mark), nftexpr.SetMark(replyMark))...)
+		nftexpr.CtMarkIs(s.mark), nftexpr.SetMark(s.routeMark()))...)
 	// A connection conntrack expects (a helper's, where the host assigns
 	// one: ftp's reads PASV and PORT) gets the mark of the one that
 	// announced it, and passed as the sandbox's own to whatever that
@@ -340,13 +345,7 @@ func installTable(s tableSpec, domain []domainElement) (err error) {
 		}
 	}
 
-	// The mark routing wants: the slot's, or --iface's, which routes by
-	// that interface and is the slot's too to the backstop.
-	routeMark := s.mark
-	if s.ifMark != 0 {
-		routeMark = s.ifMark
-	}
-	routed := nftexpr.SetMark(routeMark)
+	routed := nftexpr.SetMark(s.routeMark())
 	pass := nftexpr.Cat(routed, []expr.Any{accept})
 	// What the policy allows is the slot's: an undecided connection too.
 	allowed := nftexpr.Cat(routed, nftexpr.SetCtMark(s.mark))
