@@ -11,6 +11,7 @@ pkgs=(
 	squid microsocks dante-server tinyproxy stunnel4 openssl apache2-utils tshark unbound
 	runc crun containerd docker.io podman containernetworking-plugins
 	chromium fonts-dejavu-core
+	qemu-system-x86 kmod
 )
 missing=()
 for p in "${pkgs[@]}"; do
@@ -32,6 +33,9 @@ command -v go >/dev/null || [ -x /usr/local/go/bin/go ] || { echo "install Go 1.
 	echo "install Go 1.26 (https://go.dev/dl): go.mod asks for it" >&2
 	exit 1
 }
+# The distribution's packaged kernel, which tests boot under QEMU for
+# what this machine's kernel cannot show (hack/kernel-vm.sh).
+$SUDO "$(dirname "$0")/kernel-vm.sh" fetch
 # crictl (drives containerd's CRI in the Kubernetes tests) is no Debian
 # package: build it from the Go module proxy.
 if ! command -v crictl >/dev/null; then
