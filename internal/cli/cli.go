@@ -608,7 +608,10 @@ func hidden(paths []string) []string {
 // domains and options.
 func resolvConf(plan netplan.Plan, host []byte) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "# written by childflow: the engine on the gateway answers DNS\nnameserver %s\nnameserver %s\n", plan.Gateway4, plan.Gateway6)
+	b.WriteString("# written by childflow: the engine on the gateway answers DNS\n")
+	for _, gw := range plan.Gateways() {
+		fmt.Fprintf(&b, "nameserver %s\n", gw)
+	}
 	for _, line := range strings.Split(string(host), "\n") {
 		if f := strings.Fields(line); len(f) > 0 && (f[0] == "search" || f[0] == "domain" || f[0] == "options") {
 			b.WriteString(line + "\n")

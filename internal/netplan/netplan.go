@@ -8,6 +8,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/netip"
+	"os"
+	"syscall"
 )
 
 // Plan is the addressing of one sandbox.
@@ -20,6 +22,60 @@ type Plan struct {
 	Prefix6   netip.Prefix `json:"prefix6"`
 	Gateway6  netip.Addr   `json:"gateway6"`
 	Sandbox6  netip.Addr   `json:"sandbox6"`
+	// NoIPv6 keeps the IPv6 addresses out of the kernel, which refuses
+	// them all where it was booted without IPv6 (ipv6.disable=1). The
+	// engine's own stack keeps them: nothing reaches them.
+	NoIPv6 bool `json:"no_ipv6,omitempty"`
+}
+
+// KernelHasIPv6 says whether the kernel runs IPv6: booted with
+// ipv6.disable=1 it has no /proc/sys/net/ipv6, and refuses every IPv6
+// address, route, rule and socket.
+func KernelHasIPv6() bool {
+	_, err := os.Stat("/proc/sys/net/ipv6")
+	return err == nil
+}
+
+// Families are the address families the kernel runs (syscall.AF_INET,
+// and AF_INET6 where it has IPv6), for its routes and rules.
+func Families() []int {
+	if !KernelHasIPv6() {
+		return []int{syscall.AF_INET}
+	}
+	return []int{syscall.AF_INET, syscall.AF_INET6}
+}
+
+// Gateways are the engine's addresses the kernel knows, one per family.
+func (p Plan) Gateways() []netip.Addr {
+	if p.NoIPv6 {
+		return []netip.Addr{p.Gateway4}
+	}
+	return []netip.Addr{p.Gateway4, p.Gateway6}
+}
+
+// GatewayPrefixes are the gateways with their subnets' lengths.
+func (p Plan) GatewayPrefixes() []netip.Prefix {
+	return p.withBits(p.Gateways())
+}
+
+// SandboxPrefixes are the sandbox's addresses with their subnets' lengths.
+func (p Plan) SandboxPrefixes() []netip.Prefix {
+	if p.NoIPv6 {
+		return p.withBits([]netip.Addr{p.Sandbox4})
+	}
+	return p.withBits([]netip.Addr{p.Sandbox4, p.Sandbox6})
+}
+
+func (p Plan) withBits(addrs []netip.Addr) []netip.Prefix {
+	out := make([]netip.Prefix, len(addrs))
+	for i, a := range addrs {
+		bits := p.Prefix4.Bits()
+		if a.Is6() {
+			bits = p.Prefix6.Bits()
+		}
+		out[i] = netip.PrefixFrom(a, bits)
+	}
+	return out
 }
 
 // DefaultMTU is large so that one TUN read carries as much as a GSO super
@@ -36,7 +92,7 @@ func Choose(hostRoutes []netip.Prefix, mtu int) (Plan, error) {
 	if mtu == 0 {
 		mtu = DefaultMTU
 	}
-	p := Plan{Interface: "cf0", MTU: mtu}
+	p := Plan{Interface: "cf0", MTU: mtu, NoIPv6: !KernelHasIPv6()}
 	var ok bool
 	if p.Prefix4, ok = pick(candidates4, hostRoutes); !ok {
 		return p, fmt.Errorf("no free IPv4 subnet for the sandbox: all of %v collide with host routes", candidates4)
@@ -109,7 +165,7 @@ var Pools = func() []netip.Prefix {
 // ChooseRoot returns the addressing of a rootful sandbox: the host end of
 // its veth is the gateway.
 func ChooseRoot(hostRoutes []netip.Prefix, mtu int) (Plan, error) {
-	p := Plan{Interface: "cf0", MTU: mtu}
+	p := Plan{Interface: "cf0", MTU: mtu, NoIPv6: !KernelHasIPv6()}
 	var ok bool
 	if p.Prefix4, ok = pickIn(rootPools4, 30, hostRoutes); !ok {
 		return p, fmt.Errorf("no free IPv4 /30 for the sandbox in %v", rootPools4)

@@ -1,6 +1,7 @@
 package netplan
 
 import (
+	"fmt"
 	"net/netip"
 	"testing"
 )
@@ -55,5 +56,24 @@ func TestChooseRootSkipsTakenSubnets(t *testing.T) {
 	p, err = ChooseRoot([]netip.Prefix{netip.MustParsePrefix("10.0.0.0/8")}, 1500)
 	if err != nil || p.Prefix4.String() != "172.30.0.0/30" {
 		t.Fatalf("next pool: %v %v", p.Prefix4, err)
+	}
+}
+
+// A kernel without IPv6 gets none of the plan's IPv6 addresses.
+func TestWithoutIPv6TheKernelGetsIPv4Only(t *testing.T) {
+	p, err := Choose(nil, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := fmt.Sprint(p.Gateways(), p.GatewayPrefixes(), p.SandboxPrefixes()); got != "[10.87.0.1 fd00:cf::1] [10.87.0.1/24 fd00:cf::1/64] [10.87.0.2/24 fd00:cf::2/64]" {
+		t.Errorf("with IPv6: %s", got)
+	}
+	p.NoIPv6 = true
+	if got := fmt.Sprint(p.Gateways(), p.GatewayPrefixes(), p.SandboxPrefixes()); got != "[10.87.0.1] [10.87.0.1/24] [10.87.0.2/24]" {
+		t.Errorf("without IPv6: %s", got)
+	}
+	q, err := Decode(p.Encode())
+	if err != nil || !q.NoIPv6 {
+		t.Errorf("decoded %+v, %v: NoIPv6 lost", q, err)
 	}
 }

@@ -18,7 +18,7 @@ import (
 // serveDNS answers DNS over UDP and TCP on both gateway addresses; the
 // table redirects the sandbox's DNS to any address here.
 func (sb *Sandbox) serveDNS() error {
-	for _, gw := range []netip.Addr{sb.Plan.Gateway4, sb.Plan.Gateway6} {
+	for _, gw := range sb.Plan.Gateways() {
 		addr := netip.AddrPortFrom(gw, 53).String()
 		pc, err := net.ListenPacket("udp", addr)
 		if err != nil {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"github.com/google/nftables"
@@ -19,7 +20,8 @@ import (
 // the host's uplinks for the replies. Where the host does not forward
 // already, childflow turns it on (IPv4: ip_forward; IPv6: the per-link
 // force_forwarding, which, unlike conf.all.forwarding, leaves the
-// host's router advertisements handling alone) and, where it filters by
+// host's router advertisements handling alone; before Linux 6.17, which
+// has none, all.forwarding and accept_ra 2) and, where it filters by
 // reverse path, src_valid_mark; records the values it changed, and adds
 // a guard table so that the host still forwards nothing but sandbox
 // traffic. The last rootful sandbox to leave restores them.
@@ -89,18 +91,20 @@ func enableForwarding(dir string) error {
 	if st.Sysctls == nil {
 		st.Sysctls = map[string]string{}
 	}
-	change := map[string]string{}
-	const ipForward = "/proc/sys/net/ipv4/ip_forward"
+	var change []sysctl // in order
+	// remember records a value that a global switch overwrites, so that
+	// turning it off again restores exactly.
+	remember := func(p string) {
+		if _, ok := st.Sysctls[p]; !ok {
+			st.Sysctls[p] = readSysctl(p)
+		}
+	}
 	if readSysctl(ipForward) == "0" {
-		change[ipForward] = "1"
+		change = append(change, sysctl{ipForward, "1"})
 		st.Guard4 = true
-		// Turning ip_forward on sets every link's forwarding: remember
-		// each, so turning it off again restores exactly.
-		for _, ifc := range hostInterfaces() {
-			p := "/proc/sys/net/ipv4/conf/" + ifc + "/forwarding"
-			if _, ok := st.Sysctls[p]; !ok {
-				st.Sysctls[p] = readSysctl(p)
-			}
+		// Turning ip_forward on sets every link's forwarding.
+		for _, ifc := range append(hostInterfaces(), "default") {
+			remember("/proc/sys/net/ipv4/conf/" + ifc + "/forwarding")
 		}
 	}
 	// Reverse-path filtering checks a reply to the sandbox with a lookup
@@ -108,24 +112,40 @@ func enableForwarding(dir string) error {
 	// table marks it), and reads the mark only with src_valid_mark.
 	const srcValidMark = "/proc/sys/net/ipv4/conf/all/src_valid_mark"
 	if reversePathFiltered() && readSysctl(srcValidMark) == "0" {
-		change[srcValidMark] = "1"
+		change = append(change, sysctl{srcValidMark, "1"})
 	}
-	if readSysctl("/proc/sys/net/ipv6/conf/all/forwarding") == "0" {
-		for _, ifc := range hostInterfaces() {
-			p := "/proc/sys/net/ipv6/conf/" + ifc + "/force_forwarding"
-			if v := readSysctl(p); v == "0" {
-				change[p] = "1"
-				st.Guard6 = true
+	if readSysctl(ipv6Forward) == "0" {
+		if readSysctl("/proc/sys/net/ipv6/conf/all/force_forwarding") != "" {
+			for _, ifc := range hostInterfaces() {
+				p := "/proc/sys/net/ipv6/conf/" + ifc + "/force_forwarding"
+				if readSysctl(p) == "0" {
+					change = append(change, sysctl{p, "1"})
+					st.Guard6 = true
+				}
 			}
+		} else {
+			// Before Linux 6.17 (no force_forwarding) IPv6 is forwarded
+			// only with all.forwarding, which makes every link a router:
+			// one that takes its address and default route from router
+			// advertisements (accept_ra 1) would stop taking them, and
+			// lose its default route when the last one expires. With
+			// accept_ra 2 it goes on taking them, as Docker's and LXD's
+			// documentation ask of a host that routes IPv6 for them.
+			for _, ifc := range append(hostInterfaces(), "default") {
+				if p := "/proc/sys/net/ipv6/conf/" + ifc + "/accept_ra"; readSysctl(p) == "1" {
+					change = append(change, sysctl{p, "2"})
+				}
+				remember("/proc/sys/net/ipv6/conf/" + ifc + "/forwarding")
+			}
+			change = append(change, sysctl{ipv6Forward, "1"})
+			st.Guard6 = true
 		}
 	}
 	if len(change) == 0 {
 		return nil
 	}
-	for p := range change {
-		if _, ok := st.Sysctls[p]; !ok {
-			st.Sysctls[p] = readSysctl(p)
-		}
+	for _, c := range change {
+		remember(c.path)
 	}
 	b, _ := json.Marshal(st)
 	if err := os.WriteFile(path, b, 0o600); err != nil {
@@ -134,13 +154,21 @@ func enableForwarding(dir string) error {
 	if err := installGuard(st.Guard4, st.Guard6); err != nil {
 		return err
 	}
-	for p, v := range change {
-		if err := writeSysctl(p, v); err != nil {
+	for _, c := range change {
+		if err := writeSysctl(c.path, c.value); err != nil {
 			return err
 		}
 	}
 	return nil
 }
+
+type sysctl struct{ path, value string }
+
+// The global forwarding switches: writing one sets every link's value.
+const (
+	ipForward   = "/proc/sys/net/ipv4/ip_forward"
+	ipv6Forward = "/proc/sys/net/ipv6/conf/all/forwarding"
+)
 
 // restoreForwarding puts back what enableForwarding changed; the caller
 // holds the lock and knows no rootful sandbox runs. The tables named in
@@ -154,16 +182,18 @@ func restoreForwarding(dir string, with ...string) error {
 	var st forwardingState
 	json.Unmarshal(b, &st)
 	var errs []error
-	// ip_forward first: writing it resets every link's value, which the
-	// per-link originals then correct.
-	const ipForward = "/proc/sys/net/ipv4/ip_forward"
-	if v, ok := st.Sysctls[ipForward]; ok {
-		if err := writeSysctl(ipForward, v); err != nil {
-			errs = append(errs, err)
+	// The global switches first: writing one resets every link's value,
+	// which the per-link originals then correct.
+	global := []string{ipForward, ipv6Forward}
+	for _, p := range global {
+		if v, ok := st.Sysctls[p]; ok {
+			if err := writeSysctl(p, v); err != nil {
+				errs = append(errs, err)
+			}
 		}
 	}
 	for p, v := range st.Sysctls {
-		if p == ipForward {
+		if slices.Contains(global, p) {
 			continue
 		}
 		if _, err := os.Stat(p); err != nil {

@@ -218,7 +218,7 @@ func installTable(s tableSpec, domain []domainElement) (err error) {
 	// DNS to anywhere is answered by childflow's resolver: no other
 	// resolver is reachable, so domain rules see every answer.
 	dns := c.AddChain(&nftables.Chain{Name: "dns", Table: n.t, Type: nftables.ChainTypeNAT, Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityNATDest})
-	for _, gw := range []netip.Addr{s.plan.Gateway4, s.plan.Gateway6} {
+	for _, gw := range s.plan.Gateways() {
 		for _, proto := range []byte{unix.IPPROTO_UDP, unix.IPPROTO_TCP} {
 			n.rule(dns, nftexpr.Cat(fromSandbox, nftexpr.DNSTo(gw, proto))...)
 		}
@@ -324,7 +324,7 @@ func installTable(s tableSpec, domain []domainElement) (err error) {
 
 	n.rule(input, nftexpr.Cat(fromSandbox, known, []expr.Any{accept})...)
 	n.rule(input, nftexpr.Cat(fromSandbox, nftexpr.NeighbourDiscovery(), []expr.Any{accept})...)
-	for _, gw := range []netip.Addr{s.plan.Gateway4, s.plan.Gateway6} {
+	for _, gw := range s.plan.Gateways() {
 		for _, proto := range []byte{unix.IPPROTO_UDP, unix.IPPROTO_TCP} {
 			n.rule(input, nftexpr.Cat(fromSandbox, nftexpr.Daddr(gw), nftexpr.L4(proto), nftexpr.Dport(53), []expr.Any{accept})...)
 		}

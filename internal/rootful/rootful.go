@@ -268,8 +268,7 @@ func (sb *Sandbox) createVeth(pid int) error {
 		return err
 	}
 	defer h0.Close()
-	if err := addrs(h0, host, []netip.Prefix{
-		netip.PrefixFrom(p.Gateway4, p.Prefix4.Bits()), netip.PrefixFrom(p.Gateway6, p.Prefix6.Bits())}); err != nil {
+	if err := addrs(h0, host, p.GatewayPrefixes()); err != nil {
 		return err
 	}
 	if err := netlink.LinkSetUp(host); err != nil {
@@ -294,8 +293,7 @@ func (sb *Sandbox) createVeth(pid int) error {
 		}
 		if name == p.Interface {
 			cf0 = l
-			if err := addrs(h, l, []netip.Prefix{
-				netip.PrefixFrom(p.Sandbox4, p.Prefix4.Bits()), netip.PrefixFrom(p.Sandbox6, p.Prefix6.Bits())}); err != nil {
+			if err := addrs(h, l, p.SandboxPrefixes()); err != nil {
 				return err
 			}
 		}
@@ -303,7 +301,7 @@ func (sb *Sandbox) createVeth(pid int) error {
 			return fmt.Errorf("setting %s up in the sandbox: %w", name, err)
 		}
 	}
-	for _, gw := range []netip.Addr{p.Gateway4, p.Gateway6} {
+	for _, gw := range p.Gateways() {
 		bits := gw.BitLen()
 		r := &netlink.Route{LinkIndex: cf0.Attrs().Index, Gw: gw.AsSlice(),
 			Dst: &net.IPNet{IP: make(net.IP, bits/8), Mask: net.CIDRMask(0, bits)}}

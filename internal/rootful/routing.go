@@ -8,6 +8,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/childflow/childflow/internal/netplan"
 )
 
 // Policy routing of one slot: TPROXY'd packets are delivered locally
@@ -41,8 +43,6 @@ func ipRule(family int, mark uint32, table int) *netlink.Rule {
 	r.Priority = rulePriority
 	return r
 }
-
-var families = []int{netlink.FAMILY_V4, netlink.FAMILY_V6}
 
 // The routing backstop. The table marks each packet from the sandbox
 // that its policy lets out with the slot's mark, and three rules refuse
@@ -82,7 +82,7 @@ func backstopRules(family, slot int, hostIf string) []*netlink.Rule {
 
 // addBackstop adds the slot's backstop; hostIf need not exist yet.
 func addBackstop(slot int, hostIf string) error {
-	for _, fam := range families {
+	for _, fam := range netplan.Families() {
 		// The no-op first, for the skip to land on, the refusal last:
 		// a marked packet is never refused.
 		rules := backstopRules(fam, slot, hostIf)
@@ -112,7 +112,7 @@ func addTProxyRouting(slot int, hostIf string) error {
 	if err != nil {
 		return err
 	}
-	for _, fam := range families {
+	for _, fam := range netplan.Families() {
 		bits := 32
 		if fam == netlink.FAMILY_V6 {
 			bits = 128
@@ -142,7 +142,7 @@ func addIfaceRouting(slot int, iface netlink.Link, hostIf string) error {
 	if err != nil {
 		return err
 	}
-	for _, fam := range families {
+	for _, fam := range netplan.Families() {
 		hasDefault, err := copyRoutes(fam, iface, ifaceTable(slot))
 		if err != nil {
 			return err
@@ -195,7 +195,7 @@ func isDefault(n *net.IPNet) bool { ones, _ := n.Mask.Size(); return ones == 0 }
 // their tables.
 func removeRouting(slot int) error {
 	var errs []error
-	for _, fam := range families {
+	for _, fam := range netplan.Families() {
 		for _, rt := range []struct {
 			mark  uint32
 			table int
@@ -217,7 +217,7 @@ func removeRouting(slot int) error {
 // removeBackstop deletes the slot's backstop, the refusal last.
 func removeBackstop(slot int, hostIf string) error {
 	var errs []error
-	for _, fam := range families {
+	for _, fam := range netplan.Families() {
 		for _, r := range backstopRules(fam, slot, hostIf) {
 			if err := netlink.RuleDel(r); err != nil && !errors.Is(err, unix.ENOENT) {
 				errs = append(errs, fmt.Errorf("deleting ip rule iif %s: %w", hostIf, err))
@@ -231,7 +231,7 @@ func removeBackstop(slot int, hostIf string) error {
 // holds.
 func removeStrayRules(liveSlots map[int]bool, liveIfs map[string]bool) (int, error) {
 	n := 0
-	for _, fam := range families {
+	for _, fam := range netplan.Families() {
 		rules, err := netlink.RuleList(fam)
 		if err != nil {
 			return n, err

@@ -27,7 +27,7 @@ func (sb *Sandbox) startTProxy() (uint16, error) {
 		return serr
 	}}
 	var port uint16
-	for _, gw := range []netip.Addr{sb.Plan.Gateway4, sb.Plan.Gateway6} {
+	for _, gw := range sb.Plan.Gateways() {
 		ln, err := lc.Listen(context.Background(), "tcp", netip.AddrPortFrom(gw, port).String())
 		if err != nil {
 			return 0, fmt.Errorf("listening for intercepted connections: %w", err)

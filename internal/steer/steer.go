@@ -22,6 +22,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/childflow/childflow/internal/netplan"
 	"github.com/childflow/childflow/internal/nftexpr"
 )
 
@@ -187,7 +188,7 @@ func Remove(netns int) error {
 			netlink.RouteDel(&r)
 		}
 	}
-	for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+	for _, family := range netplan.Families() {
 		for netlink.RuleDel(rule(family)) == nil {
 		}
 	}
@@ -210,7 +211,7 @@ func rule(family int) *netlink.Rule {
 }
 
 func addRules() error {
-	for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+	for _, family := range netplan.Families() {
 		if err := netlink.RuleAdd(rule(family)); err != nil && !errors.Is(err, unix.EEXIST) {
 			return fmt.Errorf("adding ip rule fwmark %#x lookup %d: %w", Mark, RouteTable, err)
 		}

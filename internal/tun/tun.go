@@ -5,7 +5,6 @@ package tun
 import (
 	"fmt"
 	"net"
-	"net/netip"
 	"os"
 	"unsafe"
 
@@ -82,12 +81,8 @@ func Configure(p netplan.Plan) error {
 		return err
 	}
 	noRouterSolicitations(p.Interface)
-	addrs := []struct {
-		a   netip.Addr
-		len int
-	}{{p.Sandbox4, p.Prefix4.Bits()}, {p.Sandbox6, p.Prefix6.Bits()}}
-	for _, a := range addrs {
-		ipn := &net.IPNet{IP: a.a.AsSlice(), Mask: net.CIDRMask(a.len, a.a.BitLen())}
+	for _, a := range p.SandboxPrefixes() {
+		ipn := &net.IPNet{IP: a.Addr().AsSlice(), Mask: net.CIDRMask(a.Bits(), a.Addr().BitLen())}
 		// nodad: the engine never answers DAD probes; waiting would only delay.
 		if err := h.AddrAdd(link, &netlink.Addr{IPNet: ipn, Flags: unix.IFA_F_NODAD}); err != nil {
 			return fmt.Errorf("adding address %s to %s: %w", ipn, p.Interface, err)
@@ -96,7 +91,7 @@ func Configure(p netplan.Plan) error {
 	if err := h.LinkSetUp(link); err != nil {
 		return fmt.Errorf("setting %s up: %w", p.Interface, err)
 	}
-	for _, gw := range []netip.Addr{p.Gateway4, p.Gateway6} {
+	for _, gw := range p.Gateways() {
 		bits := gw.BitLen()
 		r := &netlink.Route{
 			LinkIndex: link.Attrs().Index,

@@ -41,7 +41,7 @@ func CreateIn(netnsPath string, plan netplan.Plan, keep []netip.Prefix) (f *os.F
 			return err
 		}
 		if err = tun.SetPersist(f, true); err == nil && shared {
-			err = steer.Install(int(netns.Fd()), steer.Config{TUN: plan.Interface, Keep: keep, DNS: []netip.Addr{plan.Gateway4, plan.Gateway6}})
+			err = steer.Install(int(netns.Fd()), steer.Config{TUN: plan.Interface, Keep: keep, DNS: plan.Gateways()})
 		}
 		if err == nil {
 			err = tun.Configure(plan)
@@ -135,7 +135,7 @@ func CheckIn(netnsPath, name string) error {
 		if link.Attrs().Flags&net.FlagUp == 0 {
 			return fmt.Errorf("%s is down in %s", name, netnsPath)
 		}
-		for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+		for _, family := range netplan.Families() {
 			routes, err := netlink.RouteList(link, family)
 			if err != nil {
 				return err

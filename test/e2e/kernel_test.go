@@ -1,0 +1,127 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// Kernels unlike this machine's: the distribution's packaged kernel
+// (Debian 12's 6.1, Ubuntu's 6.8), booted by hack/kernel-vm.sh under
+// QEMU with this host's files as its root. Each test's script prints
+// key=value lines, which the test then checks.
+
+// onPackagedKernel boots the packaged kernel with the kernel arguments
+// and runs the script there as root, from this directory, with $CF the
+// childflow under test and $HACK the repository's hack directory.
+func onPackagedKernel(t *testing.T, kernelArgs, script string) map[string]string {
+	t.Helper()
+	requireRoot(t)
+	hack, err := filepath.Abs("../../hack")
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "script.sh")
+	script = fmt.Sprintf("CF=%s\nHACK=%s\n%s", bin, hack, script)
+	if err := os.WriteFile(path, []byte(script), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	cmd := exec.Command(filepath.Join(hack, "kernel-vm.sh"), "-a", kernelArgs, "run", path)
+	out, err := cmd.CombinedOutput()
+	t.Logf("on the packaged kernel (%s, %.0f s):\n%s", kernelArgs, time.Since(start).Seconds(), out)
+	if err != nil {
+		t.Fatalf("kernel-vm.sh: %v", err)
+	}
+	kv := map[string]string{}
+	for _, line := range strings.Split(string(out), "\n") {
+		if k, v, ok := strings.Cut(line, "="); ok && !strings.ContainsAny(k, " \t") {
+			kv[k] = v
+		}
+	}
+	return kv
+}
+
+// want checks the script's values.
+func want(t *testing.T, kv map[string]string, pairs ...string) {
+	t.Helper()
+	for i := 0; i < len(pairs); i += 2 {
+		if got := kv[pairs[i]]; got != pairs[i+1] {
+			t.Errorf("%s = %q, want %q", pairs[i], got, pairs[i+1])
+		}
+	}
+}
+
+// Before Linux 6.17 the kernel forwards IPv6 only with conf.all.forwarding
+// (force_forwarding is 6.17's): `--root` turned on the latter alone, found
+// it missing, and the sandbox's IPv6 went nowhere (curl timed out).
+func TestRootForwardsIPv6OnKernelsBefore617(t *testing.T) {
+	kv := onPackagedKernel(t, "", `
+echo kernel=$(uname -r)
+[ -e /proc/sys/net/ipv6/conf/all/force_forwarding ] && echo force_forwarding=present || echo force_forwarding=absent
+$HACK/testnet.sh up vm >/tmp/testnet.log 2>&1 || { cat /tmp/testnet.log; exit 1; }
+settings() { echo "$1=$(sysctl -n net.ipv6.conf.all.forwarding) $(sysctl -n net.ipv6.conf.vm-h.accept_ra) $(sysctl -n net.ipv6.conf.default.accept_ra) $(sysctl -n net.ipv4.ip_forward)"; }
+settings before
+for a in 203.0.113.10 '[2001:db8::10]'; do
+	f=$(echo "$a" | tr -d '[]')
+	echo "root_$f=$($CF --root -- curl -sS -m 10 -o /dev/null -w '%{http_code}' "http://$a/")"
+	echo "rootless_$f=$(su nobody -s /bin/sh -c "$CF -- curl -sS -m 10 -o /dev/null -w '%{http_code}' 'http://$a/'")"
+done
+rm -f /tmp/running
+$CF --root -- sh -c 'touch /tmp/running; sleep 30' &
+while [ ! -e /tmp/running ]; do sleep 0.1; done
+settings during
+kill $!; wait
+settings after
+echo left=$(ls -A /run/childflow/root | tr '\n' ' ')$(ip -o link | grep -c cfr)
+`)
+	if kv["force_forwarding"] != "absent" {
+		t.Fatalf("the packaged kernel (%s) has force_forwarding: this test wants one before Linux 6.17", kv["kernel"])
+	}
+	want(t, kv,
+		"root_203.0.113.10", "200", "root_2001:db8::10", "200",
+		"rootless_203.0.113.10", "200", "rootless_2001:db8::10", "200",
+		// all.forwarding and ip_forward on, and accept_ra 2 where it was 1,
+		// for the run only.
+		"before", "0 1 1 0", "during", "1 2 2 1", "after", "0 1 1 0",
+		"left", ".lock 0")
+}
+
+// A kernel booted with ipv6.disable=1 refuses every IPv6 address, route
+// and rule: childflow failed to start, rootless ("adding address
+// fd00:cf::2/64 to cf0: operation not supported") and with --root
+// ("adding ip rule ...: address family not supported by protocol").
+func TestAKernelWithoutIPv6(t *testing.T) {
+	kv := onPackagedKernel(t, "ipv6.disable=1", `
+[ -e /proc/sys/net/ipv6 ] && echo ipv6=present || echo ipv6=absent
+# The testnet's servers want IPv6: a web server and a resolver of its own.
+ip netns add inet
+ip link add vm-h type veth peer name eth0 netns inet
+ip addr add 203.0.113.1/26 dev vm-h; ip link set vm-h up
+ip -n inet addr add 203.0.113.10/26 dev eth0; ip -n inet addr add 203.0.113.53/26 dev eth0
+ip -n inet link set eth0 up; ip -n inet link set lo up; ip -n inet route add default via 203.0.113.1
+mkdir -p /tmp/www; echo hello >/tmp/www/index.html
+ip netns exec inet busybox httpd -p 80 -h /tmp/www
+ip netns exec inet dnsmasq --no-resolv --no-hosts --listen-address=203.0.113.53 --bind-interfaces \
+	--host-record=web.test,203.0.113.10 --pid-file=/run/dnsmasq.pid
+script='echo nameservers=$(grep -c ^nameserver /etc/resolv.conf)
+echo web=$(curl -sS -m 10 http://web.test/)
+curl -6 -sS -m 5 http://web.test/ 2>/dev/null; echo ipv6_curl=$?'
+su nobody -s /bin/sh -c "$CF -d 203.0.113.53 -- sh -c '$script'" | sed 's/^/rootless_/'
+$CF --root -d 203.0.113.53 -- sh -c "$script" | sed 's/^/root_/'
+echo rules=$(ip rule | wc -l)
+echo left=$(ls -A /run/childflow/root | tr '\n' ' ')$(ip -o link | grep -c cfr)
+`)
+	want(t, kv, "ipv6", "absent",
+		// One nameserver, the IPv4 gateway; no IPv6 to try, nor to leak
+		// through: no name is resolved for it (curl's 6).
+		"rootless_nameservers", "1", "rootless_web", "hello", "rootless_ipv6_curl", "6",
+		"root_nameservers", "1", "root_web", "hello", "root_ipv6_curl", "6",
+		"rules", "3", "left", ".lock 0")
+}
