@@ -52,8 +52,10 @@ func writeSysctl(path, v string) error {
 	return nil
 }
 
-func hostInterfaces() []string {
-	entries, _ := os.ReadDir("/proc/sys/net/ipv6/conf")
+// hostInterfaces are the host's links in /proc/sys/net/<family>/conf
+// (ipv4 or ipv6), childflow's and loopback left out.
+func hostInterfaces(family string) []string {
+	entries, _ := os.ReadDir("/proc/sys/net/" + family + "/conf")
 	var out []string
 	for _, e := range entries {
 		n := e.Name()
@@ -103,7 +105,7 @@ func enableForwarding(dir string) error {
 		change = append(change, sysctl{ipForward, "1"})
 		st.Guard4 = true
 		// Turning ip_forward on sets every link's forwarding.
-		for _, ifc := range append(hostInterfaces(), "default") {
+		for _, ifc := range append(hostInterfaces("ipv4"), "default") {
 			remember("/proc/sys/net/ipv4/conf/" + ifc + "/forwarding")
 		}
 	}
@@ -116,7 +118,7 @@ func enableForwarding(dir string) error {
 	}
 	if readSysctl(ipv6Forward) == "0" {
 		if readSysctl("/proc/sys/net/ipv6/conf/all/force_forwarding") != "" {
-			for _, ifc := range hostInterfaces() {
+			for _, ifc := range hostInterfaces("ipv6") {
 				p := "/proc/sys/net/ipv6/conf/" + ifc + "/force_forwarding"
 				if readSysctl(p) == "0" {
 					change = append(change, sysctl{p, "1"})
@@ -131,7 +133,7 @@ func enableForwarding(dir string) error {
 			// lose its default route when the last one expires. With
 			// accept_ra 2 it goes on taking them, as Docker's and LXD's
 			// documentation ask of a host that routes IPv6 for them.
-			for _, ifc := range append(hostInterfaces(), "default") {
+			for _, ifc := range append(hostInterfaces("ipv6"), "default") {
 				if p := "/proc/sys/net/ipv6/conf/" + ifc + "/accept_ra"; readSysctl(p) == "1" {
 					change = append(change, sysctl{p, "2"})
 				}

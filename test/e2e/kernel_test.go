@@ -110,11 +110,16 @@ mkdir -p /tmp/www; echo hello >/tmp/www/index.html
 ip netns exec inet busybox httpd -p 80 -h /tmp/www
 ip netns exec inet dnsmasq --no-resolv --no-hosts --listen-address=203.0.113.53 --bind-interfaces \
 	--host-record=web.test,203.0.113.10 --pid-file=/run/dnsmasq.pid
+# A link that forwards where the host does not: --root turns ip_forward on,
+# which sets every link's value, and off again, which clears them.
+sysctl -qw net.ipv4.conf.vm-h.forwarding=1
 script='echo nameservers=$(grep -c ^nameserver /etc/resolv.conf)
 echo web=$(curl -sS -m 10 http://web.test/)
 curl -6 -sS -m 5 http://web.test/ 2>/dev/null; echo ipv6_curl=$?'
 su nobody -s /bin/sh -c "$CF -d 203.0.113.53 -- sh -c '$script'" | sed 's/^/rootless_/'
 $CF --root -d 203.0.113.53 -- sh -c "$script" | sed 's/^/root_/'
+echo ip_forward=$(sysctl -n net.ipv4.ip_forward)
+echo vm_h_forwarding=$(sysctl -n net.ipv4.conf.vm-h.forwarding)
 echo rules=$(ip rule | wc -l)
 echo left=$(ls -A /run/childflow/root | tr '\n' ' ')$(ip -o link | grep -c cfr)
 `)
@@ -123,5 +128,7 @@ echo left=$(ls -A /run/childflow/root | tr '\n' ' ')$(ip -o link | grep -c cfr)
 		// through: no name is resolved for it (curl's 6).
 		"rootless_nameservers", "1", "rootless_web", "hello", "rootless_ipv6_curl", "6",
 		"root_nameservers", "1", "root_web", "hello", "root_ipv6_curl", "6",
+		// Put back as found.
+		"ip_forward", "0", "vm_h_forwarding", "1",
 		"rules", "3", "left", ".lock 0")
 }
