@@ -5,10 +5,12 @@
 package nftexpr
 
 import (
+	"fmt"
 	"net"
 	"net/netip"
 	"strings"
 
+	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
 	"github.com/mdlayher/netlink"
@@ -267,3 +269,28 @@ func ForceBuffers(c *netlink.Conn, size int, opts ...int) error {
 	}
 	return serr
 }
+
+// Flush sends c's transaction. The library returns one error per
+// message the kernel refused, joined line by line, and a transaction
+// refused at one message refuses every one after it (a table deleted
+// meanwhile: one error per rule, 77 lines): the first says why, the
+// others are counted, so that the error stays one line.
+func Flush(c *nftables.Conn) error {
+	err := c.Flush()
+	if err == nil {
+		return nil
+	}
+	first, rest, many := strings.Cut(err.Error(), "\n")
+	if !many {
+		return err
+	}
+	return &batchError{err, fmt.Sprintf("%s (and %d more errors)", first, strings.Count(rest, "\n")+1)}
+}
+
+type batchError struct {
+	err error
+	msg string
+}
+
+func (e *batchError) Error() string { return e.msg }
+func (e *batchError) Unwrap() error { return e.err }

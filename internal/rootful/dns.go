@@ -12,6 +12,7 @@ import (
 	"github.com/google/nftables"
 
 	"github.com/childflow/childflow/engine/dns"
+	"github.com/childflow/childflow/internal/nftexpr"
 	"github.com/childflow/childflow/policy"
 )
 
@@ -154,7 +155,7 @@ func (d *domainSets) add(e domainElement) error {
 	if err := c.SetAddElements(set, el); err != nil {
 		return err
 	}
-	if err := c.Flush(); errors.Is(err, syscall.ENFILE) {
+	if err := nftexpr.Flush(c); errors.Is(err, syscall.ENFILE) {
 		return fmt.Errorf("nftables set %s is %w: it holds %d addresses, its limit", set.Name, errSetFull, domainSetSize)
 	} else if err != nil {
 		return err

@@ -242,7 +242,7 @@ func installGuard(v4, v6 bool) error {
 				nftexpr.IfName(expr.MetaKeyOIFNAME, vethPrefix+"*", false), []expr.Any{&expr.Verdict{Kind: expr.VerdictDrop}})...)
 		}
 	}
-	if err := c.Flush(); err != nil {
+	if err := nftexpr.Flush(c); err != nil {
 		return fmt.Errorf("creating nftables table %s: %w", guardTable, err)
 	}
 	return nil

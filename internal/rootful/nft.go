@@ -185,7 +185,7 @@ func installTable(s tableSpec, domain []domainElement) (err error) {
 			return err
 		}
 	}
-	if err := c.Flush(); err != nil {
+	if err := nftexpr.Flush(c); err != nil {
 		return fmt.Errorf("creating nftables table %s: %w", s.name, err)
 	}
 	// Without its chains the table would pass for whole: it goes, and
@@ -436,7 +436,7 @@ func installTable(s tableSpec, domain []domainElement) (err error) {
 	} else {
 		n.rule(after, allow(policy.ReasonDefaultAllow)...)
 	}
-	if err := c.Flush(); err != nil {
+	if err := nftexpr.Flush(c); err != nil {
 		return fmt.Errorf("creating the chains of nftables table %s: %w", s.name, err)
 	}
 	return nil
@@ -529,7 +529,7 @@ func deleteTables(names ...string) error {
 	if len(present) == 0 {
 		return nil
 	}
-	if err := c.Flush(); err != nil && !strings.Contains(err.Error(), "no such file") {
+	if err := nftexpr.Flush(c); err != nil && !strings.Contains(err.Error(), "no such file") {
 		return fmt.Errorf("deleting nftables tables %s: %w", strings.Join(present, ", "), err)
 	}
 	return nil

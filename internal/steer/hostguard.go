@@ -157,7 +157,7 @@ func install(family nftables.TableFamily, guards ...HostGuard) error {
 		again = removeChains(c, t, chains, guardKey(g.ID)) || again // a pod added again
 	}
 	if again {
-		if err := c.Flush(); err != nil {
+		if err := nftexpr.Flush(c); err != nil {
 			return fmt.Errorf("guarding %s on the host: removing the guard it had: %w", what, err)
 		}
 	}
@@ -170,7 +170,7 @@ func install(family nftables.TableFamily, guards ...HostGuard) error {
 			return err
 		}
 	}
-	if err := c.Flush(); err != nil {
+	if err := nftexpr.Flush(c); err != nil {
 		return fmt.Errorf("guarding %s on the host: %w", what, err)
 	}
 	return nil
@@ -306,7 +306,7 @@ func guardTable(c *nftables.Conn, family nftables.TableFamily) (*nftables.Table,
 			vmap(base("prerouting", nftables.ChainHookPrerouting), expr.MetaKeyIIFNAME, m)
 		}
 	}
-	return t, maps, c.Flush()
+	return t, maps, nftexpr.Flush(c)
 }
 
 // addGuard adds the pod's chains and sets, and its interface to the maps
@@ -563,12 +563,12 @@ func (gs Guards) Remove(id string) error {
 	for _, f := range guardFamilies {
 		t := &nftables.Table{Family: f, Name: GuardTable}
 		if removeChains(c, t, chainNames(c, f), guardKey(id)) {
-			errs = append(errs, c.Flush())
+			errs = append(errs, nftexpr.Flush(c))
 		}
 		if keys, err := guardKeys(c, f); err == nil && len(keys) == 0 {
 			if tt, err := c.ListTableOfFamily(GuardTable, f); err == nil && tt != nil {
 				c.DelTable(t)
-				errs = append(errs, c.Flush())
+				errs = append(errs, nftexpr.Flush(c))
 			}
 		}
 	}

@@ -194,7 +194,7 @@ func Remove(netns int) error {
 	}
 	if c, err := nftables.New(nftables.WithNetNSFd(netns)); err == nil {
 		c.DelTable(&nftables.Table{Family: nftables.TableFamilyINet, Name: nftTable})
-		c.Flush() // ENOENT when there was none
+		nftexpr.Flush(c) // ENOENT when there was none
 	}
 	return errors.Join(errs...)
 }
@@ -274,5 +274,5 @@ func installTable(netns int, cfg Config) error {
 			}
 		}
 	}
-	return c.Flush()
+	return nftexpr.Flush(c)
 }

@@ -373,12 +373,12 @@ func TestRootFailsClosedWhenItsTableGoes(t *testing.T) {
 	lan6 := listen(t, lanNS, "9997", "UDP6-RECV:9997")
 	host := listen(t, hostNS, "9999", "UDP4-RECV:9999")
 	dir := logDir(t)
-	log, back, hosts := filepath.Join(dir, "flows.jsonl"), filepath.Join(dir, "back"), filepath.Join(dir, "hosts")
+	log, back, hosts, started := filepath.Join(dir, "flows.jsonl"), filepath.Join(dir, "back"), filepath.Join(dir, "hosts"), filepath.Join(dir, "started")
 	// A name denied by a domain rule, whose addresses are in the table's
 	// domain set: it must hold them from the moment the table is back.
 	os.WriteFile(hosts, []byte("10.99.0.4 denied.lan\nfd99::4 denied.lan\n"), 0o644)
 	send := func(what, to string) string { return "echo " + what + " | socat -u - " + to + "; " }
-	script := "while [ ! -e " + back + " ]; do " +
+	script := "touch " + started + "; while [ ! -e " + back + " ]; do " +
 		send("denied4", "UDP4-DATAGRAM:10.99.0.3:9999") + send("denied6", "UDP6-DATAGRAM:[fd99::3]:9997") +
 		send("denied-name4", "UDP4-DATAGRAM:denied.lan:9999") + send("denied-name6", "UDP6-DATAGRAM:denied.lan:9997") + "done; " +
 		send("after-denied4", "UDP4-DATAGRAM:10.99.0.3:9999") + send("after-host", "UDP4-DATAGRAM:10.99.0.1:9999") +
@@ -412,6 +412,9 @@ func TestRootFailsClosedWhenItsTableGoes(t *testing.T) {
 			}
 		}
 	}
+	// The command starts once the table is whole: its name shows first
+	// (a flush between the table's two transactions fails the start).
+	waitFor("the sandbox never started", func() bool { return exists(started) })
 	waitFor("the sandbox's table never came", whole)
 	time.Sleep(300 * time.Millisecond) // the denied datagrams are on their way
 	// childflow stopped, the table stays gone: the routing backstop
@@ -488,9 +491,9 @@ func TestRootDecidesBeforeRouting(t *testing.T) {
 	lan4 := listen(t, lanNS, "9999", "UDP4-RECV:9999")
 	lan6 := listen(t, lanNS, "9997", "UDP6-RECV:9997")
 	dir := logDir(t)
-	emptied := filepath.Join(dir, "emptied")
+	emptied, started := filepath.Join(dir, "emptied"), filepath.Join(dir, "started")
 	send := func(what, to string) string { return "echo " + what + " | socat -u - " + to + "; " }
-	script := "while [ ! -e " + emptied + " ]; do sleep 0.02; done; " +
+	script := "touch " + started + "; while [ ! -e " + emptied + " ]; do sleep 0.02; done; " +
 		send("denied4", "UDP4-DATAGRAM:10.99.0.3:9999") + send("denied6", "UDP6-DATAGRAM:[fd99::3]:9997") +
 		send("allowed4", "UDP4-DATAGRAM:10.99.0.2:9999") + send("allowed6", "UDP6-DATAGRAM:[fd99::2]:9997") + "exit 5"
 	argv := inHost(root, "--root", "--deny-cidr", "10.99.0.3/32", "--deny-cidr", "fd99::3/128", "--", "sh", "-c", script)
@@ -504,6 +507,13 @@ func TestRootDecidesBeforeRouting(t *testing.T) {
 	}
 	defer cmd.Wait()
 	defer os.WriteFile(emptied, nil, 0o644)
+	// The command starts once the table is whole (its name shows before
+	// its chains).
+	for deadline := time.Now().Add(10 * time.Second); !exists(started); time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the sandbox never started")
+		}
+	}
 	var table string
 	for deadline := time.Now().Add(10 * time.Second); table == ""; time.Sleep(5 * time.Millisecond) {
 		out, _ := exec.Command("ip", "netns", "exec", hostNS, "nft", "list", "tables").Output()
