@@ -80,6 +80,7 @@ run() {
 		mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 out /newroot/vm
 		mount --bind /lower$base/lib/modules /newroot/usr/lib/modules
 		mount -t tmpfs -o mode=755 tmpfs /newroot/run
+		mount -t tmpfs -o mode=1777 tmpfs /newroot/var/tmp # an overlay's upper layer may not be on one
 		umount /proc /sys; mount --move /dev /newroot/dev
 		mount -t proc proc /newroot/proc; mount -t sysfs sys /newroot/sys
 		exec switch_root /newroot /bin/sh /vm/init
@@ -92,6 +93,7 @@ run() {
 		mkdir -p /dev/pts /dev/shm; mount -t devpts devpts /dev/pts; mount -t tmpfs tmpfs /dev/shm
 		echo /usr/sbin/modprobe >/proc/sys/kernel/modprobe
 		modprobe tun; chmod 666 /dev/net/tun
+		ulimit -Hn 524288 # systemd's hard limit for services and sessions
 		ip link set lo up
 		hostname kernel-vm
 		export PATH=/usr/local/go/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root

@@ -98,7 +98,13 @@ echo left=$(ls -A /run/childflow/root | tr '\n' ' ')$(ip -o link | grep -c cfr)
 // fd00:cf::2/64 to cf0: operation not supported") and with --root
 // ("adding ip rule ...: address family not supported by protocol").
 func TestAKernelWithoutIPv6(t *testing.T) {
-	kv := onPackagedKernel(t, "ipv6.disable=1", `
+	// A container too, under runc, its hook starting an engine of its own.
+	n := &node{dir: shortTempDir(t, "cfvm")}
+	n.socket, n.state = filepath.Join(n.dir, "engine.sock"), filepath.Join(n.dir, "state")
+	ann := map[string]string{"childflow.dev/default-policy": "deny", "childflow.dev/allow-domains": "web.test", "childflow.dev/dns": "203.0.113.53"}
+	container := bundle(t, ann, n.hooks(), `printf 'GET / HTTP/1.0\r\n\r\n' | nc -w 3 web.test 80 | grep -q hello && echo reach-web
+echo "$(ip -o addr show cf0 | grep -c inet6) IPv6 addresses"`)
+	kv := onPackagedKernel(t, "ipv6.disable=1", "BUNDLE="+container+`
 [ -e /proc/sys/net/ipv6 ] && echo ipv6=present || echo ipv6=absent
 # The testnet's servers want IPv6: a web server and a resolver of its own.
 ip netns add inet
@@ -118,6 +124,9 @@ echo web=$(curl -sS -m 10 http://web.test/)
 curl -6 -sS -m 5 http://web.test/ 2>/dev/null; echo ipv6_curl=$?'
 su nobody -s /bin/sh -c "$CF -d 203.0.113.53 -- sh -c '$script'" | sed 's/^/rootless_/'
 $CF --root -d 203.0.113.53 -- sh -c "$script" | sed 's/^/root_/'
+runc --root /run/runc-vm run --bundle $BUNDLE cf-vm >/tmp/container.out 2>&1
+echo container_exit=$?
+echo container=$(tr '\n' ' ' </tmp/container.out)
 echo ip_forward=$(sysctl -n net.ipv4.ip_forward)
 echo vm_h_forwarding=$(sysctl -n net.ipv4.conf.vm-h.forwarding)
 echo rules=$(ip rule | wc -l)
@@ -128,6 +137,7 @@ echo left=$(ls -A /run/childflow/root | tr '\n' ' ')$(ip -o link | grep -c cfr)
 		// through: no name is resolved for it (curl's 6).
 		"rootless_nameservers", "1", "rootless_web", "hello", "rootless_ipv6_curl", "6",
 		"root_nameservers", "1", "root_web", "hello", "root_ipv6_curl", "6",
+		"container_exit", "0", "container", "reach-web 0 IPv6 addresses",
 		// Put back as found.
 		"ip_forward", "0", "vm_h_forwarding", "1",
 		"rules", "3", "left", ".lock 0")
