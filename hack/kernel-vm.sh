@@ -91,6 +91,7 @@ run() {
 	cat >"$work/out/init" <<-EOF
 		mount -t cgroup2 cgroup2 /sys/fs/cgroup
 		mkdir -p /dev/pts /dev/shm; mount -t devpts devpts /dev/pts; mount -t tmpfs tmpfs /dev/shm
+		ln -s /proc/self/fd /dev/fd; ln -s fd/0 /dev/stdin; ln -s fd/1 /dev/stdout; ln -s fd/2 /dev/stderr
 		echo /usr/sbin/modprobe >/proc/sys/kernel/modprobe
 		modprobe tun; chmod 666 /dev/net/tun
 		ulimit -Hn 524288 # systemd's hard limit for services and sessions

@@ -359,8 +359,12 @@ func TestRootLimitsTheConnectionsToTheHost(t *testing.T) {
 	log := filepath.Join(t.TempDir(), "flows.jsonl")
 	r := sh(t, root, append(rootArgs, "--flow-log", log), `ulimit -n 9000
 gw=$(awk '/^nameserver/ { print $2; exit }' /etc/resolv.conf)
-perl -MIO::Socket::INET -e 'for (1..8300) { push @c, (IO::Socket::INET->new("$ARGV[0]:53") or die "connect $_: $!") }
-alarm 10; defined(sysread($c[-1], my $b, 1)) and die "the last connection was not reset\n"; print STDERR "reset: $!\n"' "$gw" || exit 99
+perl -MIO::Socket::INET -e 'for my $i (1..8300) {
+	# One over the limit may be reset before connect returns, where the
+	# process wakes up late (a busy or slow machine).
+	my $c = IO::Socket::INET->new("$ARGV[0]:53") or $i > 8192 && $!{ECONNRESET} ? next : die "connect $i: $!";
+	push @c, $c; $last = $i }
+exit if $last < 8300; alarm 10; defined(sysread($c[-1], my $b, 1)) and die "the last connection was not reset\n"; print STDERR "reset: $!\n"' "$gw" || exit 99
 dig +short +tcp +time=3 +tries=2 @"$gw" web.test A`)
 	if r.code != 0 || strings.TrimSpace(r.stdout) != "203.0.113.10" {
 		t.Fatal(r)
