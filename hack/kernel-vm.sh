@@ -5,7 +5,8 @@
 # tests use it for what this machine's kernel cannot show: kernels before
 # a feature childflow uses, and kernel parameters (ipv6.disable=1).
 #
-#   hack/kernel-vm.sh fetch                 download and unpack the kernel
+#   hack/kernel-vm.sh fetch [PACKAGE]       download and unpack the kernel
+#                                           (the distribution's, or PACKAGE's)
 #   hack/kernel-vm.sh [-a ARGS] run SCRIPT  boot it with kernel ARGS, run
 #                                           SCRIPT (a path on this host) as
 #                                           root; its output and exit status
@@ -16,18 +17,20 @@ set -euo pipefail
 cache=${CHILDFLOW_VM_CACHE:-/var/cache/childflow-vm}
 
 fetch() {
-	local meta img ver pkgs tmp
-	meta=linux-image-amd64
-	apt-cache show "$meta" >/dev/null 2>&1 || meta=linux-image-generic # Ubuntu
-	img=$(apt-cache depends "$meta" | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
-	[ -n "$img" ] || { echo "kernel-vm: no kernel package behind $meta" >&2; exit 1; }
+	local meta img=${1:-} ver pkgs tmp
+	if [ -z "$img" ]; then
+		meta=linux-image-amd64
+		apt-cache show "$meta" >/dev/null 2>&1 || meta=linux-image-generic # Ubuntu
+		img=$(apt-cache depends "$meta" | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+		[ -n "$img" ] || { echo "kernel-vm: no kernel package behind $meta" >&2; exit 1; }
+	fi
 	ver=${img#linux-image-}
 	[ -e "$cache/$ver/ready" ] && { ln -sfn "$ver" "$cache/current"; return; }
 	pkgs=("$img")
 	apt-cache show "linux-modules-$ver" >/dev/null 2>&1 && pkgs+=("linux-modules-$ver") # Ubuntu's modules
 	tmp=$(mktemp -d)
 	trap 'rm -rf "$tmp"' RETURN
-	chmod 755 "$tmp" # apt's downloads run as _apt
+	chmod 777 "$tmp" # apt downloads as _apt
 	(cd "$tmp" && apt-get download -qq "${pkgs[@]}" >/dev/null)
 	rm -rf "${cache:?}/$ver"
 	mkdir -p "$cache/$ver"
@@ -128,7 +131,7 @@ while getopts a: opt; do
 done
 shift $((OPTIND - 1))
 case ${1:-} in
-fetch) fetch ;;
+fetch) fetch "${2:-}" ;;
 run) [ $# = 2 ] || { echo "usage: $0 [-a KERNEL-ARGS] run SCRIPT" >&2; exit 2; }; run "$2" ;;
-*) echo "usage: $0 fetch | [-a KERNEL-ARGS] run SCRIPT" >&2; exit 2 ;;
+*) echo "usage: $0 fetch [PACKAGE] | [-a KERNEL-ARGS] run SCRIPT" >&2; exit 2 ;;
 esac
