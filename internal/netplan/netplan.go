@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"sync"
 	"syscall"
 )
 
@@ -31,10 +32,11 @@ type Plan struct {
 // KernelHasIPv6 says whether the kernel runs IPv6: booted with
 // ipv6.disable=1 it has no /proc/sys/net/ipv6, and refuses every IPv6
 // address, route, rule and socket.
-func KernelHasIPv6() bool {
+// It cannot change while the kernel runs: asked once.
+var KernelHasIPv6 = sync.OnceValue(func() bool {
 	_, err := os.Stat("/proc/sys/net/ipv6")
 	return err == nil
-}
+})
 
 // Families are the address families the kernel runs (syscall.AF_INET,
 // and AF_INET6 where it has IPv6), for its routes and rules.
@@ -46,12 +48,7 @@ func Families() []int {
 }
 
 // Gateways are the engine's addresses the kernel knows, one per family.
-func (p Plan) Gateways() []netip.Addr {
-	if p.NoIPv6 {
-		return []netip.Addr{p.Gateway4}
-	}
-	return []netip.Addr{p.Gateway4, p.Gateway6}
-}
+func (p Plan) Gateways() []netip.Addr { return p.inKernel(p.Gateway4, p.Gateway6) }
 
 // GatewayPrefixes are the gateways with their subnets' lengths.
 func (p Plan) GatewayPrefixes() []netip.Prefix {
@@ -60,10 +57,15 @@ func (p Plan) GatewayPrefixes() []netip.Prefix {
 
 // SandboxPrefixes are the sandbox's addresses with their subnets' lengths.
 func (p Plan) SandboxPrefixes() []netip.Prefix {
+	return p.withBits(p.inKernel(p.Sandbox4, p.Sandbox6))
+}
+
+// inKernel is the pair's half the kernel gets: both, or v4 alone.
+func (p Plan) inKernel(v4, v6 netip.Addr) []netip.Addr {
 	if p.NoIPv6 {
-		return p.withBits([]netip.Addr{p.Sandbox4})
+		return []netip.Addr{v4}
 	}
-	return p.withBits([]netip.Addr{p.Sandbox4, p.Sandbox6})
+	return []netip.Addr{v4, v6}
 }
 
 func (p Plan) withBits(addrs []netip.Addr) []netip.Prefix {

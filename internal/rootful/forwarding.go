@@ -70,12 +70,9 @@ func hostInterfaces(family string) []string {
 // on any link, or will on a new one (rp_filter, where all's and the
 // link's larger value holds).
 func reversePathFiltered() bool {
-	entries, _ := os.ReadDir("/proc/sys/net/ipv4/conf")
-	for _, e := range entries {
-		if n := e.Name(); n != "lo" && !strings.HasPrefix(n, vethPrefix) {
-			if v := readSysctl("/proc/sys/net/ipv4/conf/" + n + "/rp_filter"); v != "" && v != "0" {
-				return true
-			}
+	for _, n := range append(hostInterfaces("ipv4"), "all", "default") {
+		if v := readSysctl("/proc/sys/net/ipv4/conf/" + n + "/rp_filter"); v != "" && v != "0" {
+			return true
 		}
 	}
 	return false

@@ -1,6 +1,7 @@
 package rootful
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -529,7 +530,7 @@ func deleteTables(names ...string) error {
 	if len(present) == 0 {
 		return nil
 	}
-	if err := nftexpr.Flush(c); err != nil && !strings.Contains(err.Error(), "no such file") {
+	if err := nftexpr.Flush(c); err != nil && !errors.Is(err, unix.ENOENT) {
 		return fmt.Errorf("deleting nftables tables %s: %w", strings.Join(present, ", "), err)
 	}
 	return nil

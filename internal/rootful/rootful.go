@@ -33,6 +33,7 @@ import (
 	"github.com/childflow/childflow/internal/accept"
 	"github.com/childflow/childflow/internal/netplan"
 	"github.com/childflow/childflow/internal/procnet"
+	"github.com/childflow/childflow/internal/tun"
 	"github.com/childflow/childflow/internal/tunns"
 	"github.com/childflow/childflow/policy"
 )
@@ -268,7 +269,7 @@ func (sb *Sandbox) createVeth(pid int) error {
 		return err
 	}
 	defer h0.Close()
-	if err := addrs(h0, host, p.GatewayPrefixes()); err != nil {
+	if err := tun.AddAddresses(h0, host, p.GatewayPrefixes()); err != nil {
 		return err
 	}
 	if err := netlink.LinkSetUp(host); err != nil {
@@ -293,7 +294,7 @@ func (sb *Sandbox) createVeth(pid int) error {
 		}
 		if name == p.Interface {
 			cf0 = l
-			if err := addrs(h, l, p.SandboxPrefixes()); err != nil {
+			if err := tun.AddAddresses(h, l, p.SandboxPrefixes()); err != nil {
 				return err
 			}
 		}
@@ -301,25 +302,8 @@ func (sb *Sandbox) createVeth(pid int) error {
 			return fmt.Errorf("setting %s up in the sandbox: %w", name, err)
 		}
 	}
-	for _, gw := range p.Gateways() {
-		bits := gw.BitLen()
-		r := &netlink.Route{LinkIndex: cf0.Attrs().Index, Gw: gw.AsSlice(),
-			Dst: &net.IPNet{IP: make(net.IP, bits/8), Mask: net.CIDRMask(0, bits)}}
-		if err := h.RouteAdd(r); err != nil {
-			return fmt.Errorf("adding default route via %s in the sandbox: %w", gw, err)
-		}
-	}
-	return nil
-}
-
-// addrs adds addresses without duplicate address detection: the other
-// end is ours, and a tentative address could not be bound yet.
-func addrs(h *netlink.Handle, l netlink.Link, list []netip.Prefix) error {
-	for _, a := range list {
-		ipn := &net.IPNet{IP: a.Addr().AsSlice(), Mask: net.CIDRMask(a.Bits(), a.Addr().BitLen())}
-		if err := h.AddrAdd(l, &netlink.Addr{IPNet: ipn, Flags: unix.IFA_F_NODAD}); err != nil {
-			return fmt.Errorf("adding %s to %s: %w", ipn, l.Attrs().Name, err)
-		}
+	if err := tun.AddDefaultRoutes(h, cf0, p.Gateways()); err != nil {
+		return fmt.Errorf("in the sandbox: %w", err)
 	}
 	return nil
 }

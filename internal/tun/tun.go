@@ -5,6 +5,7 @@ package tun
 import (
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"unsafe"
 
@@ -81,17 +82,32 @@ func Configure(p netplan.Plan) error {
 		return err
 	}
 	noRouterSolicitations(p.Interface)
-	for _, a := range p.SandboxPrefixes() {
-		ipn := &net.IPNet{IP: a.Addr().AsSlice(), Mask: net.CIDRMask(a.Bits(), a.Addr().BitLen())}
-		// nodad: the engine never answers DAD probes; waiting would only delay.
-		if err := h.AddrAdd(link, &netlink.Addr{IPNet: ipn, Flags: unix.IFA_F_NODAD}); err != nil {
-			return fmt.Errorf("adding address %s to %s: %w", ipn, p.Interface, err)
-		}
+	if err := AddAddresses(h, link, p.SandboxPrefixes()); err != nil {
+		return err
 	}
 	if err := h.LinkSetUp(link); err != nil {
 		return fmt.Errorf("setting %s up: %w", p.Interface, err)
 	}
-	for _, gw := range p.Gateways() {
+	return AddDefaultRoutes(h, link, p.Gateways())
+}
+
+// AddAddresses adds addresses to link without duplicate address
+// detection: the other end is childflow's, which never answers a probe,
+// and a tentative address could not be bound yet.
+func AddAddresses(h *netlink.Handle, link netlink.Link, list []netip.Prefix) error {
+	for _, a := range list {
+		ipn := &net.IPNet{IP: a.Addr().AsSlice(), Mask: net.CIDRMask(a.Bits(), a.Addr().BitLen())}
+		if err := h.AddrAdd(link, &netlink.Addr{IPNet: ipn, Flags: unix.IFA_F_NODAD}); err != nil {
+			return fmt.Errorf("adding address %s to %s: %w", ipn, link.Attrs().Name, err)
+		}
+	}
+	return nil
+}
+
+// AddDefaultRoutes routes everything out of link via the gateways, one
+// per family.
+func AddDefaultRoutes(h *netlink.Handle, link netlink.Link, gateways []netip.Addr) error {
+	for _, gw := range gateways {
 		bits := gw.BitLen()
 		r := &netlink.Route{
 			LinkIndex: link.Attrs().Index,
