@@ -34,6 +34,9 @@ host_if="${name:0:8}-h"
 ns_if="${name:0:8}-n"
 state="/run/childflow-testnet/$name"
 hack=$(cd "$(dirname "$0")" && pwd)
+# A kernel booted with ipv6.disable=1 has no IPv6 at all: the test hosts
+# then answer on their IPv4 addresses only.
+have_ipv6() { [ -d /proc/sys/net/ipv6 ]; }
 # squid names its shared memory (/dev/shm) after its service: ours, so
 # that down removes exactly what this squid left there when killed.
 squid_service="cftestnet${name//[^a-zA-Z0-9]/}"
@@ -61,27 +64,35 @@ up() {
 	# A /26, not the whole /24: this environment's package registry lives at
 	# 203.0.113.80 and must stay reachable while the testnet is up.
 	ip addr add 203.0.113.1/26 dev "$host_if"
-	ip -6 addr add 2001:db8::1/64 dev "$host_if" nodad
+	! have_ipv6 || ip -6 addr add 2001:db8::1/64 dev "$host_if" nodad
 	ip link set "$host_if" up
 	ip netns exec "$ns" ip link set lo up
 	for a in 10 20 30 53 54; do
 		ip netns exec "$ns" ip addr add "203.0.113.$a/26" dev "$ns_if"
-		ip netns exec "$ns" ip -6 addr add "2001:db8::$a/64" dev "$ns_if" nodad
+		! have_ipv6 || ip netns exec "$ns" ip -6 addr add "2001:db8::$a/64" dev "$ns_if" nodad
 	done
 	ip netns exec "$ns" ip link set "$ns_if" up
 	ip netns exec "$ns" ip route add default via 203.0.113.1
-	ip netns exec "$ns" ip -6 route add default via 2001:db8::1
+	! have_ipv6 || ip netns exec "$ns" ip -6 route add default via 2001:db8::1
+	local tcp_listen=TCP6-LISTEN v6only=,ipv6only=0 udp_addrs="203.0.113.10 2001:db8::10 203.0.113.20 2001:db8::20"
+	local dns_listen="--listen-address=203.0.113.53 --listen-address=2001:db8::53"
+	if ! have_ipv6; then
+		tcp_listen=TCP4-LISTEN v6only= udp_addrs="203.0.113.10 203.0.113.20"
+		dns_listen="--listen-address=203.0.113.53"
+	fi
 	# Unprivileged ping sockets inside the test host are not needed: the
 	# kernel answers echo requests itself.
 
 	echo "hello from the test internet" >"$state/www/index.html"
 	head -c 10485760 /dev/zero >"$state/www/10m.bin"
 	start httpd busybox httpd -f -p 80 -h "$state/www"
-	start tcpecho socat TCP6-LISTEN:7,fork,reuseaddr,ipv6only=0 EXEC:cat
-	start udpecho python3 "$hack/udpecho.py" 7 203.0.113.10 2001:db8::10 203.0.113.20 2001:db8::20
-	start banner socat TCP6-LISTEN:25,fork,reuseaddr,ipv6only=0 SYSTEM:'echo 220 banner.test ESMTP ready; cat'
+	start tcpecho socat "$tcp_listen:7,fork,reuseaddr$v6only" EXEC:cat
+	# shellcheck disable=SC2086
+	start udpecho python3 "$hack/udpecho.py" 7 $udp_addrs
+	start banner socat "$tcp_listen:25,fork,reuseaddr$v6only" SYSTEM:'echo 220 banner.test ESMTP ready; cat'
+	# shellcheck disable=SC2086
 	start dnsmasq dnsmasq --no-daemon --conf-file=/dev/null --no-resolv --no-hosts --bind-interfaces \
-		--listen-address=203.0.113.53 --listen-address=2001:db8::53 --log-queries --log-facility=- \
+		$dns_listen --log-queries --log-facility=- \
 		--host-record=web.test,203.0.113.10,2001:db8::10 \
 		--host-record=allowed.test,203.0.113.10,2001:db8::10 \
 		--host-record=sub.allowed.test,203.0.113.10 \
@@ -101,7 +112,7 @@ up() {
 		if ip netns exec "$ns" ss -Hltn 'sport = :80' | grep -q . &&
 			ip netns exec "$ns" ss -Hltn 'sport = :7' | grep -q . &&
 			ip netns exec "$ns" ss -Hltn 'sport = :25' | grep -q . &&
-			[ "$(ip netns exec "$ns" ss -Hlun 'sport = :7' | wc -l)" = 4 ] &&
+			[ "$(ip netns exec "$ns" ss -Hlun 'sport = :7' | wc -l)" = "$(echo $udp_addrs | wc -w)" ] &&
 			ip netns exec "$ns" ss -Hlun 'src 203.0.113.53 and sport = :53' | grep -q . &&
 			ip netns exec "$ns" ss -Hlun 'src 203.0.113.54 and sport = :53' | grep -q . &&
 			ip netns exec "$ns" ss -Hltn 'sport = :1082' | grep -q . &&
@@ -172,7 +183,7 @@ CONF
 	start stunnel stunnel "$state/tls/stunnel.conf"
 	start microsocks microsocks -i 203.0.113.30 -p 1080
 	start microsocks-auth microsocks -i 203.0.113.30 -p 1081 -u alice -P s3cret
-	start microsocks6 microsocks -i 2001:db8::30 -p 1080
+	! have_ipv6 || start microsocks6 microsocks -i 2001:db8::30 -p 1080
 	mkdir -p "$state/dante"
 	cat >"$state/dante/danted.conf" <<CONF
 logoutput: stderr
@@ -192,10 +203,13 @@ CONF
 # answering unbound.test itself (so a test can tell who answered).
 start_unbound() {
 	mkdir -p "$state/unbound"
+	local v6=("interface: 2001:db8::54" "do-ip6: yes")
+	have_ipv6 || v6=("" "do-ip6: no")
 	cat >"$state/unbound/unbound.conf" <<CONF
 server:
 	interface: 203.0.113.54
-	interface: 2001:db8::54
+	${v6[0]}
+	${v6[1]}
 	access-control: 0.0.0.0/0 allow
 	access-control: ::/0 allow
 	do-daemonize: no
