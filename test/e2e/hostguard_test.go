@@ -605,3 +605,99 @@ func TestRootWarnsOfAForwardDropPolicy(t *testing.T) {
 		t.Errorf("the network got %q", got)
 	}
 }
+
+// While a --root sandbox runs, the host forwards (ip_forward; before
+// Linux 6.17 IPv6's all.forwarding too, whose kernel test checks the
+// same): the sandbox's packets only. A neighbour on the host's network
+// that routes through the host to another network the host has gets
+// nowhere, though it does through a host that forwards by itself.
+func TestRootForwardsNothingElse(t *testing.T) {
+	requireRoot(t)
+	hostAndNetwork(t)
+	const farNS = "cfbc-far"
+	exec.Command("ip", "netns", "del", farNS).Run()
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", farNS).Run() })
+	for _, args := range [][]string{
+		{"netns", "add", farNS},
+		{"link", "add", "cfbc-x", "netns", hostNS, "type", "veth", "peer", "name", "cfbc-f", "netns", farNS},
+		{"-n", hostNS, "addr", "add", "10.98.0.1/24", "dev", "cfbc-x"},
+		{"-n", farNS, "addr", "add", "10.98.0.2/24", "dev", "cfbc-f"},
+		{"-n", hostNS, "addr", "add", "fd98::1/64", "dev", "cfbc-x", "nodad"},
+		{"-n", farNS, "addr", "add", "fd98::2/64", "dev", "cfbc-f", "nodad"},
+		{"-n", hostNS, "link", "set", "cfbc-x", "up"},
+		{"-n", farNS, "link", "set", "lo", "up"}, {"-n", farNS, "link", "set", "cfbc-f", "up"},
+		{"-n", farNS, "route", "add", "default", "via", "10.98.0.1"},
+		{"-n", farNS, "-6", "route", "add", "default", "via", "fd98::1"},
+		{"-n", lanNS, "route", "add", "10.98.0.0/24", "via", "10.99.0.1"},
+		{"-n", lanNS, "-6", "route", "add", "fd98::/64", "via", "fd99::1"},
+	} {
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+	}
+	far4 := listen(t, farNS, "9995", "UDP4-RECV:9995")
+	far6 := listen(t, farNS, "9994", "UDP6-RECV:9994")
+	send := func(what string) string {
+		return "echo " + what + "4 | socat -u - UDP4-DATAGRAM:10.98.0.2:9995; echo " + what + "6 | socat -u - UDP6-DATAGRAM:[fd98::2]:9994"
+	}
+	fromLAN := func(what string) {
+		t.Helper()
+		if out, err := exec.Command("ip", "netns", "exec", lanNS, "sh", "-c", send(what)).CombinedOutput(); err != nil {
+			t.Fatalf("sending from the network: %v\n%s", err, out)
+		}
+	}
+	arrived := func(what string) {
+		t.Helper()
+		for deadline := time.Now().Add(5 * time.Second); !strings.Contains(far4.got(), what+"4") || !strings.Contains(far6.got(), what+"6"); time.Sleep(20 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s did not arrive: %q, %q", what, far4.got(), far6.got())
+			}
+		}
+	}
+	forwarding := func(v string) {
+		t.Helper()
+		if out, err := exec.Command("ip", "netns", "exec", hostNS, "sysctl", "-qw", "net.ipv4.ip_forward="+v, "net.ipv6.conf.all.forwarding="+v).CombinedOutput(); err != nil {
+			t.Fatalf("sysctl: %v\n%s", err, out)
+		}
+	}
+	// The path works: a host that forwards carries the neighbour's packets.
+	forwarding("1")
+	fromLAN("open")
+	arrived("open")
+	forwarding("0")
+
+	dir := logDir(t)
+	started, sent, done := filepath.Join(dir, "started"), filepath.Join(dir, "sent"), filepath.Join(dir, "done")
+	argv := inHost(root, "--root", "--", "sh", "-c", "touch "+started+"; "+shWaitFor(sent)+send("sandbox")+"; "+shWaitFor(done))
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer cmd.Wait()
+	defer os.WriteFile(done, nil, 0o644)
+	for deadline := time.Now().Add(10 * time.Second); !exists(started); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the sandbox never started:\n%s", stderr.String())
+		}
+	}
+	out, _ := exec.Command("ip", "netns", "exec", hostNS, "sysctl", "-n", "net.ipv4.ip_forward").Output()
+	if strings.TrimSpace(string(out)) != "1" {
+		t.Fatalf("ip_forward %q while the sandbox runs, want 1", out)
+	}
+	fromLAN("guarded")
+	// The sandbox's packets, sent after the neighbour's, cross.
+	os.WriteFile(sent, nil, 0o644)
+	arrived("sandbox")
+	time.Sleep(200 * time.Millisecond)
+	if got := far4.got() + far6.got(); strings.Contains(got, "guarded") {
+		t.Errorf("the host forwarded its neighbour's packets while the sandbox ran: %q", got)
+	}
+	os.WriteFile(done, nil, 0o644)
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("%v\n%s", err, stderr.String())
+	}
+}
