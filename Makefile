@@ -57,7 +57,7 @@ e2e-race:
 		-skip 'TestStuckFlowsStayWithinTheBufferBudget|TestPingFloodStaysBounded' ./test/e2e/; \
 	status=$$?; if ls $(RACELOG)/race.* >/dev/null 2>&1; then cat $(RACELOG)/race.*; exit 1; fi; rm -rf $(RACELOG); exit $$status
 
-# By hand (~35 min under emulation, not part of test): the end-to-end
+# By hand (~25 min under emulation, not part of test): the end-to-end
 # tests on the distribution's packaged kernel (hack/kernel-vm.sh), booted
 # with KERNEL_ARGS (ipv6.disable=1, say); RUN='TestX|TestY' runs only
 # those, CHILDFLOW_VM_CACHE picks another fetched kernel. The first --root

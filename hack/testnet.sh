@@ -74,10 +74,10 @@ up() {
 	ip netns exec "$ns" ip link set "$ns_if" up
 	ip netns exec "$ns" ip route add default via 203.0.113.1
 	! have_ipv6 || ip netns exec "$ns" ip -6 route add default via 2001:db8::1
-	local tcp_listen=TCP6-LISTEN v6only=,ipv6only=0 udp_addrs="203.0.113.10 2001:db8::10 203.0.113.20 2001:db8::20"
+	local tcp_listen=TCP6-LISTEN dual_stack=,ipv6only=0 udp_addrs="203.0.113.10 2001:db8::10 203.0.113.20 2001:db8::20"
 	local dns_listen="--listen-address=203.0.113.53 --listen-address=2001:db8::53"
 	if ! have_ipv6; then
-		tcp_listen=TCP4-LISTEN v6only= udp_addrs="203.0.113.10 203.0.113.20"
+		tcp_listen=TCP4-LISTEN dual_stack= udp_addrs="203.0.113.10 203.0.113.20"
 		dns_listen="--listen-address=203.0.113.53"
 	fi
 	# Unprivileged ping sockets inside the test host are not needed: the
@@ -86,11 +86,11 @@ up() {
 	echo "hello from the test internet" >"$state/www/index.html"
 	head -c 10485760 /dev/zero >"$state/www/10m.bin"
 	start httpd busybox httpd -f -p 80 -h "$state/www"
-	start tcpecho socat "$tcp_listen:7,fork,reuseaddr$v6only" EXEC:cat
-	# shellcheck disable=SC2086
+	start tcpecho socat "$tcp_listen:7,fork,reuseaddr$dual_stack" EXEC:cat
+	# shellcheck disable=SC2086 # the lists split on purpose
 	start udpecho python3 "$hack/udpecho.py" 7 $udp_addrs
-	start banner socat "$tcp_listen:25,fork,reuseaddr$v6only" SYSTEM:'echo 220 banner.test ESMTP ready; cat'
-	# shellcheck disable=SC2086
+	start banner socat "$tcp_listen:25,fork,reuseaddr$dual_stack" SYSTEM:'echo 220 banner.test ESMTP ready; cat'
+	# shellcheck disable=SC2086 # the lists split on purpose
 	start dnsmasq dnsmasq --no-daemon --conf-file=/dev/null --no-resolv --no-hosts --bind-interfaces \
 		$dns_listen --log-queries --log-facility=- \
 		--host-record=web.test,203.0.113.10,2001:db8::10 \

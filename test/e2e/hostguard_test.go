@@ -606,11 +606,12 @@ func TestRootWarnsOfAForwardDropPolicy(t *testing.T) {
 	}
 }
 
-// While a --root sandbox runs, the host forwards (ip_forward; before
-// Linux 6.17 IPv6's all.forwarding too, whose kernel test checks the
-// same): the sandbox's packets only. A neighbour on the host's network
-// that routes through the host to another network the host has gets
-// nowhere, though it does through a host that forwards by itself.
+// While a --root sandbox runs, the host forwards (ip_forward, and IPv6's
+// force_forwarding on every link, or all.forwarding before Linux 6.17):
+// the sandbox's packets only, the guard table dropping the rest. A
+// neighbour on the host's network that routes through the host to
+// another network the host has gets nowhere, though it does through a
+// host that forwards by itself.
 func TestRootForwardsNothingElse(t *testing.T) {
 	requireRoot(t)
 	hostAndNetwork(t)
