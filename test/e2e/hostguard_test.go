@@ -35,7 +35,7 @@ func hostAndNetwork(t *testing.T) {
 	}
 	down()
 	t.Cleanup(down)
-	for _, args := range [][]string{
+	ipAll(t, [][]string{
 		{"netns", "add", hostNS}, {"netns", "add", lanNS},
 		{"link", "add", "cfbc-h", "netns", hostNS, "type", "veth", "peer", "name", "cfbc-l", "netns", lanNS},
 		{"-n", hostNS, "addr", "add", "10.99.0.1/24", "brd", "10.99.0.255", "dev", "cfbc-h"},
@@ -46,7 +46,13 @@ func hostAndNetwork(t *testing.T) {
 		{"-n", lanNS, "link", "set", "lo", "up"}, {"-n", lanNS, "link", "set", "cfbc-l", "up"},
 		{"-n", hostNS, "route", "add", "default", "via", "10.99.0.2"},
 		{"-n", hostNS, "-6", "route", "add", "default", "via", "fd99::2"},
-	} {
+	})
+}
+
+// ipAll runs ip with each of the argument lists, in order.
+func ipAll(t *testing.T, commands [][]string) {
+	t.Helper()
+	for _, args := range commands {
 		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
 			t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
 		}
@@ -363,12 +369,8 @@ func TestJoiningAGroupIsNoViolation(t *testing.T) {
 func TestRootFailsClosedWhenItsTableGoes(t *testing.T) {
 	requireRoot(t)
 	hostAndNetwork(t)
-	for _, args := range [][]string{{"addr", "add", "10.99.0.3/24", "dev", "cfbc-l"}, {"addr", "add", "fd99::3/64", "dev", "cfbc-l", "nodad"},
-		{"addr", "add", "10.99.0.4/24", "dev", "cfbc-l"}, {"addr", "add", "fd99::4/64", "dev", "cfbc-l", "nodad"}} {
-		if out, err := exec.Command("ip", append([]string{"-n", lanNS}, args...)...).CombinedOutput(); err != nil {
-			t.Fatalf("ip %v: %v\n%s", args, err, out)
-		}
-	}
+	ipAll(t, [][]string{{"-n", lanNS, "addr", "add", "10.99.0.3/24", "dev", "cfbc-l"}, {"-n", lanNS, "addr", "add", "fd99::3/64", "dev", "cfbc-l", "nodad"},
+		{"-n", lanNS, "addr", "add", "10.99.0.4/24", "dev", "cfbc-l"}, {"-n", lanNS, "addr", "add", "fd99::4/64", "dev", "cfbc-l", "nodad"}})
 	lan4 := listen(t, lanNS, "9999", "UDP4-RECV:9999")
 	lan6 := listen(t, lanNS, "9997", "UDP6-RECV:9997")
 	host := listen(t, hostNS, "9999", "UDP4-RECV:9999")
@@ -483,11 +485,7 @@ func TestRootFailsClosedWhenItsTableGoes(t *testing.T) {
 func TestRootDecidesBeforeRouting(t *testing.T) {
 	requireRoot(t)
 	hostAndNetwork(t)
-	for _, args := range [][]string{{"addr", "add", "10.99.0.3/24", "dev", "cfbc-l"}, {"addr", "add", "fd99::3/64", "dev", "cfbc-l", "nodad"}} {
-		if out, err := exec.Command("ip", append([]string{"-n", lanNS}, args...)...).CombinedOutput(); err != nil {
-			t.Fatalf("ip %v: %v\n%s", args, err, out)
-		}
-	}
+	ipAll(t, [][]string{{"-n", lanNS, "addr", "add", "10.99.0.3/24", "dev", "cfbc-l"}, {"-n", lanNS, "addr", "add", "fd99::3/64", "dev", "cfbc-l", "nodad"}})
 	lan4 := listen(t, lanNS, "9999", "UDP4-RECV:9999")
 	lan6 := listen(t, lanNS, "9997", "UDP6-RECV:9997")
 	dir := logDir(t)
@@ -618,7 +616,7 @@ func TestRootForwardsNothingElse(t *testing.T) {
 	const farNS = "cfbc-far"
 	exec.Command("ip", "netns", "del", farNS).Run()
 	t.Cleanup(func() { exec.Command("ip", "netns", "del", farNS).Run() })
-	for _, args := range [][]string{
+	ipAll(t, [][]string{
 		{"netns", "add", farNS},
 		{"link", "add", "cfbc-x", "netns", hostNS, "type", "veth", "peer", "name", "cfbc-f", "netns", farNS},
 		{"-n", hostNS, "addr", "add", "10.98.0.1/24", "dev", "cfbc-x"},
@@ -631,11 +629,7 @@ func TestRootForwardsNothingElse(t *testing.T) {
 		{"-n", farNS, "-6", "route", "add", "default", "via", "fd98::1"},
 		{"-n", lanNS, "route", "add", "10.98.0.0/24", "via", "10.99.0.1"},
 		{"-n", lanNS, "-6", "route", "add", "fd98::/64", "via", "fd99::1"},
-	} {
-		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
-			t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
-		}
-	}
+	})
 	far4 := listen(t, farNS, "9995", "UDP4-RECV:9995")
 	far6 := listen(t, farNS, "9994", "UDP6-RECV:9994")
 	send := func(what string) string {
@@ -649,11 +643,8 @@ func TestRootForwardsNothingElse(t *testing.T) {
 	}
 	arrived := func(what string) {
 		t.Helper()
-		for deadline := time.Now().Add(5 * time.Second); !strings.Contains(far4.got(), what+"4") || !strings.Contains(far6.got(), what+"6"); time.Sleep(20 * time.Millisecond) {
-			if time.Now().After(deadline) {
-				t.Fatalf("%s did not arrive: %q, %q", what, far4.got(), far6.got())
-			}
-		}
+		waitFor(t, func(*testing.T) string { return far4.got() }, what+"4")
+		waitFor(t, func(*testing.T) string { return far6.got() }, what+"6")
 	}
 	forwarding := func(v string) {
 		t.Helper()

@@ -906,18 +906,13 @@ func TestRootTeardownFailureIsReported(t *testing.T) {
 // stays.
 func TestRootCleanupRemovesStrayBackstops(t *testing.T) {
 	requireRoot(t)
-	rules := [][]string{
+	ipAll(t, [][]string{
 		{"rule", "add", "pref", "3310", "iif", "cfrdeadbeef", "fwmark", "0xcf000010/0xfffffff0", "goto", "3312"},
 		{"rule", "add", "pref", "3311", "iif", "cfrdeadbeef", "prohibit"},
 		{"rule", "add", "pref", "3312", "iif", "cfrdeadbeef", "nop"},
 		{"-6", "rule", "add", "pref", "3311", "iif", "cfrdeadbeef", "prohibit"},
 		{"rule", "add", "pref", "3311", "iif", "other0", "prohibit"},
-	}
-	for _, args := range rules {
-		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
-			t.Fatalf("ip %v: %v\n%s", args, err, out)
-		}
-	}
+	})
 	t.Cleanup(func() { exec.Command("ip", "rule", "del", "pref", "3311", "iif", "other0", "prohibit").Run() })
 	if r := run(t, root, "cleanup"); r.code != 0 || !strings.Contains(r.stdout+r.stderr, "4 ip rule") {
 		t.Errorf("cleanup: %s", r)
