@@ -50,11 +50,6 @@ func hostAndNetwork(t *testing.T) {
 	})
 }
 
-// hasIPv6: the kernel has IPv6 (it was not booted with ipv6.disable=1,
-// as `make e2e-vm KERNEL_ARGS=ipv6.disable=1` boots one). The host's
-// guards are tested on such a kernel too, each test's IPv6 half left out.
-var hasIPv6 = exists("/proc/sys/net/ipv6")
-
 // ipAll runs ip with each of the argument lists, in order: those of
 // ipv6 where the kernel has IPv6.
 func ipAll(t *testing.T, commands, ipv6 [][]string) {
