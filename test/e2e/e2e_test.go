@@ -186,9 +186,15 @@ func command(ctx context.Context, u as, args ...string) *exec.Cmd {
 	return cmd
 }
 
+// run runs childflow with args as u, killed if it takes over a minute.
 func run(t *testing.T, u as, args ...string) result {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	return runWithin(t, time.Minute, u, args...)
+}
+
+func runWithin(t *testing.T, limit time.Duration, u as, args ...string) result {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), limit)
 	defer cancel()
 	cmd := command(ctx, u, args...)
 	var out, errb bytes.Buffer
