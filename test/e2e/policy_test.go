@@ -159,7 +159,8 @@ func TestPolicy(t *testing.T) {
 }
 
 // shell is the case's script with its assertions' functions: on a
-// kernel without IPv6, without the lines that need it.
+// kernel without IPv6, without the lines that need it (a curl -6, an
+// IPv6 address in brackets, a UDP6 socket).
 func (c policyCase) shell() string {
 	script := c.script
 	if !hasIPv6 {
