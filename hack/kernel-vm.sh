@@ -93,6 +93,12 @@ run() {
 	# /dev/net/tun as udev makes it), then the script.
 	cat >"$work/out/init" <<-EOF
 		mount -t cgroup2 cgroup2 /sys/fs/cgroup
+		# QEMU's multi-threaded emulation can run a stale translation of
+		# kernel text that another vCPU is patching (a static key), and the
+		# kernel then oopses on an int3 it no longer expects: 6.12 did, in
+		# the page allocator, when containers' cgroups switched cpusets on
+		# and off. A cpuset held from boot keeps that key on.
+		echo +cpuset >/sys/fs/cgroup/cgroup.subtree_control; mkdir /sys/fs/cgroup/kernel-vm
 		mkdir -p /dev/pts /dev/shm; mount -t devpts devpts /dev/pts; mount -t tmpfs tmpfs /dev/shm
 		ln -s /proc/self/fd /dev/fd; ln -s fd/0 /dev/stdin; ln -s fd/1 /dev/stdout; ln -s fd/2 /dev/stderr
 		echo /usr/sbin/modprobe >/proc/sys/kernel/modprobe
@@ -116,7 +122,7 @@ run() {
 	cat "$work/out/log" 2>/dev/null || true
 	if [ ! -s "$work/out/status" ]; then
 		echo "kernel-vm: the script did not finish; the console's end:" >&2
-		tail -n 40 "$work/console" | tr -d '\r' >&2
+		tail -n 100 "$work/console" | tr -d '\r' >&2
 		exit 1
 	fi
 	exit "$(cat "$work/out/status")"
