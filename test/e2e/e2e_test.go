@@ -317,6 +317,15 @@ func exists(path string) bool { _, err := os.Stat(path); return err == nil }
 // halves there, and leave out what IPv6 alone can do.
 var hasIPv6 = exists("/proc/sys/net/ipv6")
 
+// requireIPv6 fails a test that is IPv6's alone on a kernel without it,
+// whose run leaves it out by name (make e2e-vm with ipv6.disable=1).
+func requireIPv6(t *testing.T) {
+	t.Helper()
+	if !hasIPv6 {
+		t.Fatal("the test is IPv6's alone, and this kernel has no IPv6: leave it out with -test.skip")
+	}
+}
+
 // ipv6Only is v where the kernel has IPv6, else nothing.
 func ipv6Only[T any](v T) T {
 	if hasIPv6 {

@@ -237,9 +237,7 @@ func TestBroadcastReachesNeitherHostNorNetwork(t *testing.T) {
 // services there either.
 func TestAnycastIsTheHosts(t *testing.T) {
 	requireRoot(t)
-	if !hasIPv6 {
-		t.Skip("subnet-router anycast is IPv6's, and this kernel has no IPv6")
-	}
+	requireIPv6(t)
 	hostAndNetwork(t)
 	if out, err := exec.Command("ip", "netns", "exec", hostNS, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1").CombinedOutput(); err != nil {
 		t.Fatalf("forwarding in %s: %v\n%s", hostNS, err, out)
@@ -652,11 +650,7 @@ func TestRootForwardsNothingElse(t *testing.T) {
 	far4 := listen(t, farNS, "9995", "UDP4-RECV:9995")
 	far6 := listen6(t, farNS, "9994", "UDP6-RECV:9994")
 	send := func(what string) string {
-		s := "echo " + what + "4 | socat -u - UDP4-DATAGRAM:10.98.0.2:9995"
-		if hasIPv6 {
-			s += "; echo " + what + "6 | socat -u - UDP6-DATAGRAM:[fd98::2]:9994"
-		}
-		return s
+		return "echo " + what + "4 | socat -u - UDP4-DATAGRAM:10.98.0.2:9995" + ipv6Only("; echo "+what+"6 | socat -u - UDP6-DATAGRAM:[fd98::2]:9994")
 	}
 	fromLAN := func(what string) {
 		t.Helper()
@@ -673,11 +667,8 @@ func TestRootForwardsNothingElse(t *testing.T) {
 	}
 	forwarding := func(v string) {
 		t.Helper()
-		sysctls := []string{"net.ipv4.ip_forward=" + v}
-		if hasIPv6 {
-			sysctls = append(sysctls, "net.ipv6.conf.all.forwarding="+v)
-		}
-		if out, err := exec.Command("ip", append([]string{"netns", "exec", hostNS, "sysctl", "-qw"}, sysctls...)...).CombinedOutput(); err != nil {
+		sysctl := append([]string{"netns", "exec", hostNS, "sysctl", "-qw", "net.ipv4.ip_forward=" + v}, ipv6Only([]string{"net.ipv6.conf.all.forwarding=" + v})...)
+		if out, err := exec.Command("ip", sysctl...).CombinedOutput(); err != nil {
 			t.Fatalf("sysctl: %v\n%s", err, out)
 		}
 	}

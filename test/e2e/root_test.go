@@ -85,9 +85,7 @@ ping -c1 -W2 203.0.113.10 >/dev/null && echo icmp`)
 // IPv6 is on for that link only.
 func TestRootStartsWhereTheHostTurnedIPv6Off(t *testing.T) {
 	requireRoot(t)
-	if !hasIPv6 {
-		t.Skip("this kernel has no IPv6 to turn off")
-	}
+	requireIPv6(t)
 	setForTheTest(t, "/proc/sys/net/ipv6/conf/default/disable_ipv6", "1")
 	r := sh(t, root, append(rootArgs, "--allow-cidr", "203.0.113.0/24", "--allow-cidr", "2001:db8::/32"), `
 curl -sS -m3 -o /dev/null http://203.0.113.10/ && echo v4
@@ -469,10 +467,10 @@ func TestRootLongDenyLists(t *testing.T) {
 		{"ipv6", "[2001:db8::10]", func(i int) string { return fmt.Sprintf("2000:%x::/32", 2*i) }},
 		{"ipv4", "203.0.113.10", func(i int) string { return fmt.Sprintf("100.%d.%d.0/24", i/128, i%128*2) }},
 	} {
+		if tc.name == "ipv6" && !hasIPv6 {
+			continue // the IPv4 half alone, as elsewhere
+		}
 		t.Run(tc.name, func(t *testing.T) {
-			if tc.name == "ipv6" && !hasIPv6 {
-				t.Skip("this kernel has no IPv6")
-			}
 			args := append([]string{}, rootArgs...)
 			for i := range map[string]int{"ipv6": 1500, "ipv4": 3000}[tc.name] {
 				args = append(args, "--deny-cidr", tc.deny(i))
