@@ -2,7 +2,9 @@
 // container's network namespace behind the node daemon. createRuntime
 // (or prestart, for older runtimes) attaches; poststop detaches.
 // Containers without childflow.dev/ annotations are left alone. With
-// one, any failure fails the container start: never an open network.
+// one, any failure fails the container start: never an open network. A
+// container whose namespace is sandboxed already (a pod's, another
+// container's) joins that sandbox if it asks for the same settings.
 package hook
 
 import (
@@ -112,24 +114,74 @@ func createRuntime(node attach.Node, state specs.State, ann map[string]string, b
 	}
 	netns := "/proc/" + strconv.Itoa(state.Pid) + "/ns/net"
 	cfg, err := bundle.load()
-	if err == nil {
-		err = checkBypassCaps(netns, cfg.Process.Capabilities)
-	}
 	if err != nil {
 		return fail(stderr, state.ID, err)
 	}
-	_, err = node.Attach(attach.Sandbox{
+	bypass, joining, err := bypassRisk(netns, cfg.Process.Capabilities, ann)
+	if err != nil {
+		return fail(stderr, state.ID, err)
+	}
+	if bypass != "" && !joining {
+		return fail(stderr, state.ID, bypassError(bypass))
+	}
+	att, err := node.Attach(attach.Sandbox{
 		ID:       state.ID,
 		Netns:    netns,
 		PID:      state.Pid,
 		Settings: settings,
-		Source:   "oci-hook",
+		Source:   api.SourceHook,
 		Hosts:    cfg.hosts(),
 	})
+	if err == nil && bypass != "" && att.Source != api.SourceCNI {
+		// Joined a sandbox whose namespace the CNI plugin did not guard
+		// from the node (a join records nothing to undo), or attached
+		// one because the sandbox there went meanwhile.
+		err = bypassError(bypass)
+		if !att.Joined {
+			node.Detach(state.ID)
+		}
+	}
 	if err != nil {
 		return fail(stderr, state.ID, err)
 	}
 	return 0
+}
+
+// bypassRisk names a capability of the container that could send around
+// the sandbox (see bypassCap) through another interface of the namespace,
+// "" if it keeps none or there is none; joining says the namespace has
+// cf0 already: the container joins the sandbox of the pod or container
+// whose network it shares. Before anything is set up, and from the
+// interfaces rather than the routes, which a sandbox's steering moved.
+func bypassRisk(netns string, caps map[string][]string, ann map[string]string) (bypass string, joining bool, err error) {
+	bypass = bypassCap(caps)
+	if bypass == "" {
+		return "", false, nil // most containers keep none: no look inside
+	}
+	links, err := tunns.LinksIn(netns)
+	if err != nil {
+		return "", false, err
+	}
+	joining = slices.Contains(links, "cf0")
+	if joining && len(links) == 1 || !joining && len(links) == 0 {
+		return "", joining, nil // alone on cf0: nothing to get around
+	}
+	if !joining && podSandbox(ann) {
+		// A pod's sandbox container runs the node's pause image and
+		// nothing else (it cannot be exec'd into); the pod's containers,
+		// which share its network, are checked as they join it.
+		return "", false, nil
+	}
+	return bypass, joining, nil
+}
+
+// podSandbox says the container is a Kubernetes pod's sandbox ("pause")
+// container, as containerd's CRI and CRI-O mark it. The CRI sets these
+// itself; pods' own annotations reach the runtime only through the
+// handler's pod_annotations list (childflow.dev/* in
+// deploy/containerd/config.toml).
+func podSandbox(ann map[string]string) bool {
+	return ann["io.kubernetes.cri.container-type"] == "sandbox" || ann["io.kubernetes.cri-o.ContainerType"] == "sandbox"
 }
 
 func fail(stderr io.Writer, id string, err error) int {
@@ -147,7 +199,7 @@ func fail(stderr io.Writer, id string, err error) int {
 
 // bundleConfig is the part of the bundle's config.json the hook reads,
 // loaded once: annotations for runtimes whose state does not carry them,
-// capabilities for checkBypassCaps.
+// capabilities for bypassCap.
 type bundleConfig struct {
 	path        string
 	loaded      bool
@@ -257,22 +309,23 @@ func envOr(key, def string) string {
 // the other interface, and NET_ADMIN can change the rules.
 var bypassCaps = []string{"CAP_NET_RAW", "CAP_NET_ADMIN"}
 
-// checkBypassCaps fails a container that shares its namespace with
-// another interface (docker's bridge) and keeps a capability that gets
-// around the sharing. Alone on cf0 there is nothing to get around.
-func checkBypassCaps(netns string, caps map[string][]string) error {
+// bypassCap names a capability of the container that gets around the
+// sharing of a namespace with another interface (docker's bridge), ""
+// if it keeps none. Alone on cf0 there is nothing to get around.
+func bypassCap(caps map[string][]string) string {
 	for _, set := range []string{"bounding", "effective", "permitted", "ambient"} {
 		for _, c := range caps[set] {
-			if !slices.Contains(bypassCaps, c) {
-				continue
+			if slices.Contains(bypassCaps, c) {
+				return c
 			}
-			// Only now look into the namespace: most containers keep none.
-			if shared, err := tunns.SharedIn(netns, "cf0"); err != nil || !shared {
-				return err
-			}
-			return fmt.Errorf("the container has %s and another network interface besides cf0: %s could send around the sandbox; drop it (docker run --cap-drop %s) or give the container no other network (--network none)",
-				c, c, strings.TrimPrefix(c, "CAP_"))
 		}
 	}
-	return nil
+	return ""
+}
+
+// bypassError refuses a container with capability c in a namespace with
+// another interface.
+func bypassError(c string) error {
+	return fmt.Errorf("the container has %s and another network interface besides cf0: %s could send around the sandbox; drop it (docker run --cap-drop %s, a pod's securityContext) or give the container no other network (--network none)",
+		c, c, strings.TrimPrefix(c, "CAP_"))
 }

@@ -39,6 +39,9 @@ const (
 	OpDetach = "detach"
 	OpList   = "list"
 	OpStatus = "status"
+	// OpJoin admits a container into the sandbox that already holds its
+	// network namespace, if it asks for the same settings.
+	OpJoin = "join"
 )
 
 // Request is one call.
@@ -62,7 +65,7 @@ type Attachment struct {
 	PID  int          `json:"pid,omitempty"`
 	Plan netplan.Plan `json:"plan"`
 	// Settings is the sandbox's policy, resolvers and proxy in profile
-	// form; Source says who produced it ("oci-hook", "cni").
+	// form; Source says who produced it (SourceHook, SourceCNI).
 	Settings *profile.Profile `json:"settings"`
 	Source   string           `json:"source,omitempty"`
 	// Labels name the sandbox in its flow log and metrics
@@ -72,6 +75,13 @@ type Attachment struct {
 	// addresses it names carry those names.
 	Hosts string `json:"hosts,omitempty"`
 }
+
+// Sources of attachments. The CNI plugin also guards a pod's interface
+// from the node, so that its capabilities cannot send around the sandbox.
+const (
+	SourceHook = "oci-hook"
+	SourceCNI  = "cni"
+)
 
 // CheckID rejects ids that cannot name files under the state directory.
 // (No regexp: compiling one costs the hook a millisecond at start.)
@@ -137,6 +147,21 @@ func (c Client) Attach(a *Attachment, tun *os.File) error {
 func (c Client) Detach(id string) error {
 	_, err := c.call(Request{Op: OpDetach, ID: id}, nil)
 	return err
+}
+
+// Join asks to admit a container (a.ID, its namespace's inode and its
+// settings) into the sandbox that holds that namespace, and returns that
+// sandbox's status. It fails if no sandbox holds it or if the sandbox's
+// settings differ.
+func (c Client) Join(a *Attachment) (Status, error) {
+	r, err := c.call(Request{Op: OpJoin, ID: a.ID, Attach: a}, nil)
+	if err == nil && len(r.Sandboxes) != 1 {
+		err = fmt.Errorf("joining sandbox: the daemon answered with %d sandboxes", len(r.Sandboxes))
+	}
+	if err != nil {
+		return Status{}, err
+	}
+	return r.Sandboxes[0], nil
 }
 
 // List returns every attached sandbox.

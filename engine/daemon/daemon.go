@@ -7,6 +7,7 @@
 package daemon
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -34,6 +35,7 @@ import (
 	"github.com/childflow/childflow/internal/nftwatch"
 	"github.com/childflow/childflow/internal/tunns"
 	"github.com/childflow/childflow/policy"
+	"github.com/childflow/childflow/policy/profile"
 )
 
 // Config of a daemon.
@@ -266,6 +268,14 @@ func (d *Daemon) serve(c *net.UnixConn) {
 			if err := d.detach(req.ID); err != nil {
 				resp = failure(err)
 			}
+		case api.OpJoin:
+			if req.Attach == nil {
+				resp = failure(policy.Usagef("join needs an attachment"))
+			} else if st, err := d.join(*req.Attach); err != nil {
+				resp = failure(err)
+			} else {
+				resp.Sandboxes = []api.Status{st}
+			}
 		case api.OpList, api.OpStatus:
 			resp.Sandboxes = d.list(req.ID)
 			if req.Op == api.OpStatus && len(resp.Sandboxes) == 0 {
@@ -400,6 +410,43 @@ func (sb *sandbox) record(ev flowlog.Event) {
 
 // detach stops a sandbox and removes its TUN and record. Unknown ids
 // succeed: poststop and CNI DEL may come more than once.
+// join admits a container into the sandbox that holds its network
+// namespace (the pod's other containers, a container run in another's
+// network): it shares that sandbox and its policy, so it must ask for the
+// same. Nothing is recorded for it: the sandbox stays its holder's, whose
+// detach ends it, and the container's own detach finds nothing.
+func (d *Daemon) join(a api.Attachment) (api.Status, error) {
+	if err := api.CheckID(a.ID); err != nil {
+		return api.Status{}, err
+	}
+	d.mu.Lock()
+	var holder *sandbox
+	for _, sb := range d.sandboxes {
+		if sb.att.NetnsInode == a.NetnsInode {
+			holder = sb
+			break
+		}
+	}
+	d.mu.Unlock()
+	if holder == nil {
+		return api.Status{}, fmt.Errorf("%s has childflow's interface, but no sandbox of this daemon holds it", a.Netns)
+	}
+	if !sameSettings(holder.att.Settings, a.Settings) {
+		return api.Status{}, policy.Usagef("its network namespace is sandbox %s's, which has another policy: containers that share a network namespace share its sandbox, and must ask for the same childflow.dev/ settings or none", holder.att.ID)
+	}
+	st := d.list(holder.att.ID)
+	if len(st) != 1 {
+		return api.Status{}, fmt.Errorf("sandbox %s was detached meanwhile", holder.att.ID)
+	}
+	return st[0], nil
+}
+
+func sameSettings(a, b *profile.Profile) bool {
+	x, errA := json.Marshal(a)
+	y, errB := json.Marshal(b)
+	return errA == nil && errB == nil && bytes.Equal(x, y)
+}
+
 func (d *Daemon) detach(id string) error { return d.detachIf(id, nil) }
 
 // detachIf detaches id if it is still only (nil: whatever it is now).

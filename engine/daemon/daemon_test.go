@@ -112,6 +112,30 @@ func TestAttachRestartReadoptDetach(t *testing.T) {
 	if len(list) != 1 || !list[0].Adopted {
 		t.Fatalf("after restart: %+v", list)
 	}
+	// Another container in the namespace joins the sandbox with the same
+	// settings (those of the record, here), not with others, and its
+	// detach leaves the sandbox alone.
+	same := *a
+	same.ID, same.Settings = "t4", &profile.Profile{DefaultPolicy: &deny}
+	if st, err := client.Join(&same); err != nil || st.ID != "t1" {
+		t.Fatalf("join with the same settings: %+v, %v", st, err)
+	}
+	other := same
+	other.Settings = &profile.Profile{}
+	if _, err := client.Join(&other); err == nil || !strings.Contains(err.Error(), "another policy") {
+		t.Errorf("join with other settings: %v", err)
+	}
+	nowhere := same
+	nowhere.NetnsInode = self
+	if _, err := client.Join(&nowhere); err == nil || !strings.Contains(err.Error(), "no sandbox") {
+		t.Errorf("join where no sandbox is: %v", err)
+	}
+	if err := client.Detach("t4"); err != nil {
+		t.Fatal(err)
+	}
+	if list, _ = client.List(); len(list) != 1 || list[0].ID != "t1" {
+		t.Fatalf("after the joined container's detach: %+v", list)
+	}
 	resp, err := http.Get("http://127.0.0.1:19187/metrics")
 	if err != nil {
 		t.Fatal(err)

@@ -55,6 +55,10 @@ type Attached struct {
 	Plan netplan.Plan
 	// Shared: the namespace has another interface besides the TUN.
 	Shared bool
+	// Joined: the namespace was sandboxed already, by Source ("cni",
+	// "oci-hook"), with the same settings; the container shares it.
+	Joined bool
+	Source string
 }
 
 // Attach creates the TUN in sb's namespace and returns once the daemon
@@ -76,6 +80,9 @@ func (n Node) Attach(sb Sandbox) (_ Attached, err error) {
 		return Attached{}, err
 	}
 	link, shared, err := tunns.CreateIn(sb.Netns, plan, sb.Keep)
+	if errors.Is(err, tunns.ErrExists) {
+		return n.join(sb, ino)
+	}
 	if err != nil {
 		return Attached{}, fmt.Errorf("creating %s in %s: %w", plan.Interface, sb.Netns, err)
 	}
@@ -97,6 +104,19 @@ func (n Node) Attach(sb Sandbox) (_ Attached, err error) {
 		return Attached{}, fmt.Errorf("attaching to the childflow daemon: %w", err)
 	}
 	return Attached{Plan: plan, Shared: shared}, nil
+}
+
+// join admits sb into the sandbox that already holds its namespace.
+func (n Node) join(sb Sandbox, ino uint64) (Attached, error) {
+	a := &api.Attachment{ID: sb.ID, Netns: sb.Netns, NetnsInode: ino, Settings: sb.Settings, Source: sb.Source}
+	st, err := api.Client{Socket: n.Socket}.Join(a)
+	if errors.Is(err, api.ErrUnavailable) {
+		err = fmt.Errorf("%s has childflow's interface, but no childflow daemon answers on %s", sb.Netns, n.Socket)
+	}
+	if err != nil {
+		return Attached{}, fmt.Errorf("joining the sandbox of its network namespace: %w", err)
+	}
+	return Attached{Plan: st.Plan, Joined: true, Source: st.Source}, nil
 }
 
 // Detach asks the daemon to stop relaying id and remove its TUN. A

@@ -21,6 +21,10 @@ import (
 	"github.com/childflow/childflow/internal/tun"
 )
 
+// ErrExists says the namespace has the sandbox's TUN already: another
+// container or the CNI plugin sandboxed it.
+var ErrExists = errors.New("already exists")
+
 // CreateIn creates the sandbox's TUN inside the network namespace at
 // netnsPath, configured by plan and persistent, so that a restarted
 // daemon can open it again. In a namespace that has another interface,
@@ -30,7 +34,7 @@ import (
 func CreateIn(netnsPath string, plan netplan.Plan, keep []netip.Prefix) (f *os.File, shared bool, err error) {
 	err = inNetns(netnsPath, func(netns ns.NetNS) error {
 		if _, err := netlink.LinkByName(plan.Interface); err == nil {
-			return fmt.Errorf("%s already exists in %s", plan.Interface, netnsPath)
+			return fmt.Errorf("%s %w in %s", plan.Interface, ErrExists, netnsPath)
 		}
 		var err error
 		shared, err = steer.Needed(plan.Interface)
@@ -156,14 +160,21 @@ func CheckIn(netnsPath, name string) error {
 
 func isZeroMask(m net.IPMask) bool { ones, _ := m.Size(); return ones == 0 }
 
-// SharedIn reports whether the namespace routes through an interface
-// other than lo and name: the sandbox would share it (see package steer).
-func SharedIn(netnsPath, name string) (shared bool, err error) {
+// LinksIn names the namespace's interfaces but lo.
+func LinksIn(netnsPath string) (names []string, err error) {
 	err = inNetns(netnsPath, func(ns.NetNS) error {
-		shared, err = steer.Needed(name)
-		return err
+		links, err := netlink.LinkList()
+		if err != nil {
+			return fmt.Errorf("listing links: %w", err)
+		}
+		for _, l := range links {
+			if n := l.Attrs().Name; n != "lo" {
+				names = append(names, n)
+			}
+		}
+		return nil
 	})
-	return shared, err
+	return names, err
 }
 
 // Peer is a pod's veth as its host guard sees it.

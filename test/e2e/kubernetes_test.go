@@ -28,7 +28,12 @@ const (
 	podBridge = "cfcri0"
 )
 
-func startCRI(t *testing.T, n *node) *cri {
+// startCRI starts containerd's CRI with childflow-cni chained, or with
+// the node's other plugins alone (withoutPlugin). Either way it offers the
+// "childflow" runtime handler (deploy/containerd/config.toml, the chart's
+// RuntimeClass): runc through childflow-runtime, the pod's childflow.dev/
+// annotations passed to every container.
+func startCRI(t *testing.T, n *node, withoutPlugin ...bool) *cri {
 	t.Helper()
 	c := &cri{dir: t.TempDir(), n: n}
 	c.sock = filepath.Join(c.dir, "containerd.sock")
@@ -39,17 +44,17 @@ func startCRI(t *testing.T, n *node) *cri {
 		os.Symlink("/usr/lib/cni/"+p, filepath.Join(bin, p))
 	}
 	os.Symlink(filepath.Join(filepath.Dir(binPath()), "childflow-cni"), filepath.Join(bin, "childflow-cni"))
-	conflist, _ := json.Marshal(map[string]any{
-		"cniVersion": "1.0.0", "name": "cftest",
-		"plugins": []any{
-			map[string]any{"type": "bridge", "bridge": podBridge, "isGateway": true, "ipMasq": false,
-				"ipam": map[string]any{"type": "host-local", "ranges": [][]map[string]string{{{"subnet": podSubnet}}},
-					"routes": []map[string]string{{"dst": "0.0.0.0/0"}}, "dataDir": filepath.Join(c.dir, "ipam")}},
-			map[string]any{"type": "portmap", "capabilities": map[string]bool{"portMappings": true}},
-			map[string]any{"type": "childflow-cni", "capabilities": map[string]bool{"io.kubernetes.cri.pod-annotations": true},
-				"socket": n.socket, "stateDir": n.state, "clusterCIDRs": []string{"10.244.0.0/16", "10.96.0.0/12"}},
-		},
-	})
+	plugins := []any{
+		map[string]any{"type": "bridge", "bridge": podBridge, "isGateway": true, "ipMasq": false,
+			"ipam": map[string]any{"type": "host-local", "ranges": [][]map[string]string{{{"subnet": podSubnet}}},
+				"routes": []map[string]string{{"dst": "0.0.0.0/0"}}, "dataDir": filepath.Join(c.dir, "ipam")}},
+		map[string]any{"type": "portmap", "capabilities": map[string]bool{"portMappings": true}},
+	}
+	if len(withoutPlugin) == 0 || !withoutPlugin[0] {
+		plugins = append(plugins, map[string]any{"type": "childflow-cni", "capabilities": map[string]bool{"io.kubernetes.cri.pod-annotations": true},
+			"socket": n.socket, "stateDir": n.state, "clusterCIDRs": []string{"10.244.0.0/16", "10.96.0.0/12"}})
+	}
+	conflist, _ := json.Marshal(map[string]any{"cniVersion": "1.0.0", "name": "cftest", "plugins": plugins})
 	os.WriteFile(filepath.Join(netd, "10-cftest.conflist"), conflist, 0o644)
 	cfg := fmt.Sprintf(`version = 2
 root = %q
@@ -61,16 +66,27 @@ state = %q
   restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "native"
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+    runtime_type = "io.containerd.runc.v2"
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.childflow]
+    runtime_type = "io.containerd.runc.v2"
+    pod_annotations = ["childflow.dev/*"]
+    container_annotations = ["childflow.dev/*"]
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.childflow.options]
+      BinaryName = %q
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = %q
     conf_dir = %q
-`, filepath.Join(c.dir, "root"), filepath.Join(c.dir, "state"), c.sock, criImage, bin, netd)
+`, filepath.Join(c.dir, "root"), filepath.Join(c.dir, "state"), c.sock, criImage,
+		filepath.Join(filepath.Dir(binPath()), "childflow-runtime"), bin, netd)
 	os.WriteFile(filepath.Join(c.dir, "config.toml"), []byte(cfg), 0o644)
 	_, cniCache := os.Stat("/var/lib/cni") // libcni caches results there
 	var log bytes.Buffer
 	leaveRunAsFound(t, "/run/containerd")
 	leaveCgroupsAsFound(t, "k8s.io") // the CRI's namespace
 	cmd := exec.Command("containerd", "--config", filepath.Join(c.dir, "config.toml"))
+	// containerd hands its environment to the shim and the runtime.
+	cmd.Env = append(os.Environ(), "CHILDFLOW_SOCKET="+n.socket, "CHILDFLOW_STATE_DIR="+n.state)
 	cmd.Stdout, cmd.Stderr = &log, &log
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -163,34 +179,55 @@ func (c *cri) crictl(t *testing.T, args ...string) result {
 // it returns the pod and container ids and the pod's IP.
 func (c *cri) pod(t *testing.T, name string, ann map[string]string, script string) (pod, ctr, ip string) {
 	t.Helper()
+	pod, ctrs, ip := c.podOf(t, name, "", ann, map[string]any{}, script)
+	return pod, ctrs[0], ip
+}
+
+// podOf runs a pod sandbox with ann under the runtime handler (""
+// for containerd's default) and a container running each script, with
+// linux as the containers' CRI "linux" settings.
+func (c *cri) podOf(t *testing.T, name, handler string, ann map[string]string, linux map[string]any, scripts ...string) (pod string, ctrs []string, ip string) {
+	t.Helper()
 	podCfg, _ := json.Marshal(map[string]any{
 		"metadata":      map[string]any{"name": name, "namespace": "team", "uid": name + "-uid", "attempt": 0},
 		"annotations":   ann,
 		"log_directory": filepath.Join(c.dir, "logs", name),
 		"linux":         map[string]any{},
 	})
-	ctrCfg, _ := json.Marshal(map[string]any{
-		"metadata": map[string]any{"name": "main"},
-		"image":    map[string]any{"image": criImage},
-		"command":  []string{"/bin/sh", "-c", script},
-		"log_path": "main.log",
-		"linux":    map[string]any{},
-	})
-	podFile, ctrFile := filepath.Join(c.dir, name+"-pod.json"), filepath.Join(c.dir, name+"-ctr.json")
+	podFile := filepath.Join(c.dir, name+"-pod.json")
 	os.WriteFile(podFile, podCfg, 0o644)
-	os.WriteFile(ctrFile, ctrCfg, 0o644)
-	r := c.crictl(t, "runp", podFile)
+	runp := []string{"runp", podFile}
+	if handler != "" {
+		runp = []string{"runp", "--runtime", handler, podFile}
+	}
+	r := c.crictl(t, runp...)
 	if r.code != 0 {
 		t.Fatalf("crictl runp %s: %v", name, r)
 	}
 	pod = strings.TrimSpace(r.stdout)
-	r = c.crictl(t, "create", pod, ctrFile, podFile)
-	if r.code != 0 {
-		t.Fatalf("crictl create: %v", r)
-	}
-	ctr = strings.TrimSpace(r.stdout)
-	if r := c.crictl(t, "start", ctr); r.code != 0 {
-		t.Fatalf("crictl start: %v", r)
+	for i, script := range scripts {
+		ctrName := "main"
+		if i > 0 {
+			ctrName = fmt.Sprintf("sidecar%d", i)
+		}
+		ctrCfg, _ := json.Marshal(map[string]any{
+			"metadata": map[string]any{"name": ctrName},
+			"image":    map[string]any{"image": criImage},
+			"command":  []string{"/bin/sh", "-c", script},
+			"log_path": ctrName + ".log",
+			"linux":    linux,
+		})
+		ctrFile := filepath.Join(c.dir, name+"-"+ctrName+".json")
+		os.WriteFile(ctrFile, ctrCfg, 0o644)
+		r = c.crictl(t, "create", pod, ctrFile, podFile)
+		if r.code != 0 {
+			t.Fatalf("crictl create %s: %v", ctrName, r)
+		}
+		ctr := strings.TrimSpace(r.stdout)
+		if r := c.crictl(t, "start", ctr); r.code != 0 {
+			t.Fatalf("crictl start %s: %v", ctrName, r)
+		}
+		ctrs = append(ctrs, ctr)
 	}
 	var st struct {
 		Status struct {
@@ -198,7 +235,7 @@ func (c *cri) pod(t *testing.T, name string, ann map[string]string, script strin
 		} `json:"status"`
 	}
 	json.Unmarshal([]byte(c.crictl(t, "inspectp", pod).stdout), &st)
-	return pod, ctr, st.Status.Network.IP
+	return pod, ctrs, st.Status.Network.IP
 }
 
 func (c *cri) exec(t *testing.T, ctr, script string) string {
@@ -323,5 +360,75 @@ nslookup web.test 10.96.0.10 | grep -q 203.0.113.10 && echo dns-via-engine || ec
 	eventually(t, "every pod to be detached", func() bool { return len(n.sandboxes(t)) == 0 && len(n.records(t)) == 0 })
 	if after := hostNetfilter(t); after != before {
 		t.Errorf("the host's nftables or ip rules changed:\nbefore:\n%s\nafter:\n%s", before, after)
+	}
+}
+
+// TestKubernetesRuntimeClassPods runs pods under the "childflow" runtime
+// handler, the chart's RuntimeClass, where containerd passes the pod's
+// annotations to every container of the pod, each of which runs the hook:
+// the first (the pod's sandbox) attaches the pod's namespace, the others
+// join it. With the node's own plugins alone, where the pod's containers
+// must drop NET_RAW and NET_ADMIN (the pod's eth0 is not guarded from the
+// node), and with childflow-cni chained too, which has attached and
+// guarded the namespace before any container starts.
+func TestKubernetesRuntimeClassPods(t *testing.T) {
+	dropped := map[string]any{"security_context": map[string]any{
+		"capabilities": map[string]any{"drop_capabilities": []string{"NET_RAW", "NET_ADMIN"}}}}
+	for _, tc := range []struct {
+		name          string
+		withoutPlugin bool
+		source        string
+		linux         map[string]any // the containers' capabilities
+	}{
+		{"the runtime class alone", true, "oci-hook", dropped},
+		{"with childflow-cni", false, "cni", map[string]any{}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			n := startNode(t)
+			c := startCRI(t, n, tc.withoutPlugin)
+			pod, ctrs, _ := c.podOf(t, "classed", "childflow", sandboxedAnn, tc.linux, "sleep 1000000", "sleep 1000000")
+			for _, ctr := range ctrs {
+				wantLines(t, c.exec(t, ctr, probe), "reach 203.0.113.10", "blocked 203.0.113.20", "blocked 2001:db8::20", "has-cf0")
+			}
+			list := n.sandboxes(t)
+			if len(list) != 1 || list[0]["id"] != pod || list[0]["source"] != tc.source {
+				t.Errorf("daemon sandboxes, want the pod's alone from %s: %v", tc.source, list)
+			}
+			join := func(name string, ann map[string]string, linux map[string]any) result {
+				file := filepath.Join(c.dir, name+".json")
+				b, _ := json.Marshal(map[string]any{
+					"metadata": map[string]any{"name": name}, "image": map[string]any{"image": criImage},
+					"command": []string{"sleep", "1000000"}, "log_path": name + ".log", "linux": linux, "annotations": ann,
+				})
+				os.WriteFile(file, b, 0o644)
+				r := c.crictl(t, "create", pod, file, filepath.Join(c.dir, "classed-pod.json"))
+				if r.code == 0 {
+					r = c.crictl(t, "start", strings.TrimSpace(r.stdout))
+				}
+				return r
+			}
+			// A container whose own annotations ask for another policy
+			// cannot share the pod's namespace.
+			if r := join("other", map[string]string{"childflow.dev/allow-cidrs": "203.0.113.0/24"}, tc.linux); r.code == 0 || !strings.Contains(r.stderr, "another policy") {
+				t.Errorf("a container asking for another policy in the pod: %v", r)
+			}
+			// Nor one keeping NET_RAW, unless the plugin guards the pod.
+			r := join("raw", nil, map[string]any{})
+			if tc.withoutPlugin && (r.code == 0 || !strings.Contains(r.stderr, "CAP_NET_RAW")) {
+				t.Errorf("a container keeping NET_RAW in an unguarded pod: %v", r)
+			}
+			if !tc.withoutPlugin && r.code != 0 {
+				t.Errorf("a container keeping NET_RAW in a guarded pod: %v", r)
+			}
+			// The pod's other containers leave first; the sandbox stays
+			// the pod's.
+			for _, ctr := range ctrs[1:] {
+				c.crictl(t, "stop", ctr)
+			}
+			wantLines(t, c.exec(t, ctrs[0], probe), "reach 203.0.113.10", "blocked 203.0.113.20")
+			c.crictl(t, "stopp", pod)
+			c.crictl(t, "rmp", pod)
+			eventually(t, "the pod to be detached", func() bool { return len(n.sandboxes(t)) == 0 && len(n.records(t)) == 0 })
+		})
 	}
 }

@@ -125,6 +125,21 @@ nc -w 2 172.17.0.1 22 </dev/null && echo reach-bridge-host || echo blocked-bridg
 	if l := n.sandboxes(t); len(l) != 1 {
 		t.Errorf("sandboxes while one container runs: %v", l)
 	}
+	// A container run in its network (--network container:, compose's
+	// network_mode: service:) gets the runtime's policy too: it joins
+	// the sandbox there, and does not keep NET_RAW beside eth0 either.
+	r = d.run(t, "run", "--rm", "--runtime", "childflow", "--cap-drop", "NET_RAW", "--network", "container:"+id, "bb:latest", "sh", "-c", probe)
+	if r.code != 0 {
+		t.Errorf("a container in the sandboxed container's network: %v", r)
+	}
+	wantLines(t, r.stdout, "reach 203.0.113.10", "blocked 203.0.113.20", "blocked 2001:db8::20", "has-cf0")
+	r = d.run(t, "run", "--rm", "--runtime", "childflow", "--network", "container:"+id, "bb:latest", "echo", "RAN")
+	if r.code == 0 || strings.Contains(r.stdout, "RAN") || !strings.Contains(r.stderr, "CAP_NET_RAW") {
+		t.Errorf("a container with NET_RAW in the sandboxed container's network: %v", r)
+	}
+	if l := n.sandboxes(t); len(l) != 1 {
+		t.Errorf("sandboxes once containers joined the first: %v", l)
+	}
 	d.run(t, "rm", "-f", id)
 
 	// Only the hook, no policy, no annotation: the container is untouched.
