@@ -4,7 +4,9 @@
 // Containers without childflow.dev/ annotations are left alone. With
 // one, any failure fails the container start: never an open network. A
 // container whose namespace is sandboxed already (a pod's, another
-// container's) joins that sandbox if it asks for the same settings.
+// container's) joins that sandbox if it asks for the same settings. A
+// container that keeps CAP_NET_RAW or CAP_NET_ADMIN beside a veth has the
+// veth guarded from the host, as childflow-cni guards a pod's.
 package hook
 
 import (
@@ -26,6 +28,7 @@ import (
 
 	"github.com/childflow/childflow/engine/api"
 	"github.com/childflow/childflow/internal/attach"
+	"github.com/childflow/childflow/internal/steer"
 	"github.com/childflow/childflow/internal/tunns"
 	"github.com/childflow/childflow/policy"
 	"github.com/childflow/childflow/policy/annotations"
@@ -89,7 +92,11 @@ Options:
 	case "createRuntime", "prestart":
 		return createRuntime(node, state, ann, bundle, stderr)
 	case "poststop":
-		if err := node.Detach(state.ID); err != nil {
+		err := node.Detach(state.ID)
+		if guards := (steer.Guards{Dir: node.StateDir}); guards.Recorded(state.ID) {
+			err = errors.Join(err, guards.Remove(state.ID))
+		}
+		if err != nil {
 			return fail(stderr, state.ID, err)
 		}
 		return 0
@@ -117,12 +124,20 @@ func createRuntime(node attach.Node, state specs.State, ann map[string]string, b
 	if err != nil {
 		return fail(stderr, state.ID, err)
 	}
-	bypass, joining, err := bypassRisk(netns, cfg.Process.Capabilities, ann)
+	bypass, joining, links, err := bypassRisk(netns, cfg.Process.Capabilities)
 	if err != nil {
 		return fail(stderr, state.ID, err)
 	}
+	guards := steer.Guards{Dir: node.StateDir}
+	var guard *steer.HostGuard
 	if bypass != "" && !joining {
-		return fail(stderr, state.ID, bypassError(bypass))
+		// As the CNI plugin guards a pod's veth: from the host, where
+		// nothing in the namespace reaches.
+		g, gerr := hostGuard(netns, state.ID, links)
+		if gerr != nil {
+			return fail(stderr, state.ID, fmt.Errorf("%w, and its interface cannot be guarded from the host: %v", bypassError(bypass), gerr))
+		}
+		guard = &g
 	}
 	att, err := node.Attach(attach.Sandbox{
 		ID:       state.ID,
@@ -132,14 +147,22 @@ func createRuntime(node attach.Node, state specs.State, ann map[string]string, b
 		Source:   api.SourceHook,
 		Hosts:    cfg.hosts(),
 	})
-	if err == nil && bypass != "" && att.Source != api.SourceCNI {
-		// Joined a sandbox whose namespace the CNI plugin did not guard
-		// from the node (a join records nothing to undo), or attached
-		// one because the sandbox there went meanwhile.
-		err = bypassError(bypass)
-		if !att.Joined {
+	switch {
+	case err != nil:
+	case bypass != "" && !att.Joined:
+		if guard == nil {
+			// The sandbox that was there went meanwhile.
+			err = bypassError(bypass)
+		} else {
+			err = guards.Install(*guard)
+		}
+		if err != nil {
 			node.Detach(state.ID)
 		}
+	case bypass != "" && att.Source != api.SourceCNI && !guards.Recorded(att.Holder):
+		// Joined a sandbox nothing guards from the host (a join records
+		// nothing to undo).
+		err = bypassError(bypass)
 	}
 	if err != nil {
 		return fail(stderr, state.ID, err)
@@ -147,41 +170,41 @@ func createRuntime(node attach.Node, state specs.State, ann map[string]string, b
 	return 0
 }
 
+// hostGuard describes the guard of the namespace's one interface besides
+// cf0 (links), a veth whose other end is the host's.
+func hostGuard(netns, id string, links []string) (steer.HostGuard, error) {
+	others := slices.DeleteFunc(slices.Clone(links), func(l string) bool { return l == "cf0" })
+	if len(others) != 1 {
+		return steer.HostGuard{}, fmt.Errorf("it has %d (%s)", len(others), strings.Join(others, ", "))
+	}
+	peer, err := tunns.HostPeerOf(netns, others[0])
+	if err != nil {
+		return steer.HostGuard{}, err
+	}
+	return steer.HostGuard{ID: id, HostIf: peer.HostIf, Pod: peer.Addrs, MAC: peer.MAC, LinkLocal: peer.LinkLocal}, nil
+}
+
 // bypassRisk names a capability of the container that could send around
 // the sandbox (see bypassCap) through another interface of the namespace,
 // "" if it keeps none or there is none; joining says the namespace has
 // cf0 already: the container joins the sandbox of the pod or container
-// whose network it shares. Before anything is set up, and from the
-// interfaces rather than the routes, which a sandbox's steering moved.
-func bypassRisk(netns string, caps map[string][]string, ann map[string]string) (bypass string, joining bool, err error) {
+// whose network it shares. links are the namespace's interfaces, read
+// before anything is set up, rather than its routes, which a sandbox's
+// steering moved.
+func bypassRisk(netns string, caps map[string][]string) (bypass string, joining bool, links []string, err error) {
 	bypass = bypassCap(caps)
 	if bypass == "" {
-		return "", false, nil // most containers keep none: no look inside
+		return "", false, nil, nil // most containers keep none: no look inside
 	}
-	links, err := tunns.LinksIn(netns)
+	links, err = tunns.LinksIn(netns)
 	if err != nil {
-		return "", false, err
+		return "", false, nil, err
 	}
 	joining = slices.Contains(links, "cf0")
 	if joining && len(links) == 1 || !joining && len(links) == 0 {
-		return "", joining, nil // alone on cf0: nothing to get around
+		return "", joining, links, nil // alone on cf0: nothing to get around
 	}
-	if !joining && podSandbox(ann) {
-		// A pod's sandbox container runs the node's pause image and
-		// nothing else (it cannot be exec'd into); the pod's containers,
-		// which share its network, are checked as they join it.
-		return "", false, nil
-	}
-	return bypass, joining, nil
-}
-
-// podSandbox says the container is a Kubernetes pod's sandbox ("pause")
-// container, as containerd's CRI and CRI-O mark it. The CRI sets these
-// itself; pods' own annotations reach the runtime only through the
-// handler's pod_annotations list (childflow.dev/* in
-// deploy/containerd/config.toml).
-func podSandbox(ann map[string]string) bool {
-	return ann["io.kubernetes.cri.container-type"] == "sandbox" || ann["io.kubernetes.cri-o.ContainerType"] == "sandbox"
+	return bypass, joining, links, nil
 }
 
 func fail(stderr io.Writer, id string, err error) int {

@@ -56,9 +56,11 @@ type Attached struct {
 	// Shared: the namespace has another interface besides the TUN.
 	Shared bool
 	// Joined: the namespace was sandboxed already, by Source ("cni",
-	// "oci-hook"), with the same settings; the container shares it.
+	// "oci-hook") for Holder, with the same settings; the container
+	// shares it.
 	Joined bool
 	Source string
+	Holder string
 }
 
 // Attach creates the TUN in sb's namespace and returns once the daemon
@@ -116,7 +118,7 @@ func (n Node) join(sb Sandbox, ino uint64) (Attached, error) {
 	if err != nil {
 		return Attached{}, fmt.Errorf("joining the sandbox of its network namespace: %w", err)
 	}
-	return Attached{Plan: st.Plan, Joined: true, Source: st.Source}, nil
+	return Attached{Plan: st.Plan, Joined: true, Source: st.Source, Holder: st.ID}, nil
 }
 
 // Detach asks the daemon to stop relaying id and remove its TUN. A

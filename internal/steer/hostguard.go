@@ -590,6 +590,13 @@ func guardKeys(c *nftables.Conn, f nftables.TableFamily) ([]string, error) {
 	return out, nil
 }
 
+// Recorded reports whether Dir holds a record of the pod's guard: it was
+// installed, and not removed since.
+func (gs Guards) Recorded(id string) bool {
+	_, err := os.Stat(gs.recordPath(guardKey(id)))
+	return err == nil
+}
+
 // Has reports whether the pod's guard exists.
 func (gs Guards) Has(id string) (bool, error) {
 	keys, err := gs.List()

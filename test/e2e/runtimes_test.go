@@ -84,16 +84,35 @@ func TestDockerThroughTheRuntimeWrapper(t *testing.T) {
 	before := hostNetfilter(t)
 	d := startDockerd(t, n)
 
-	// Docker's default capabilities include NET_RAW: with eth0 next to
-	// cf0, raw packet sockets could send around the sandbox. Refused.
-	r := d.run(t, "run", "--rm", "--runtime", "childflow", "bb:latest", "echo", "RAN")
-	if r.code == 0 || strings.Contains(r.stdout, "RAN") || !strings.Contains(r.stderr, "CAP_NET_RAW") {
-		t.Fatalf("a bridged container with NET_RAW: %v", r)
+	// Docker's default capabilities include NET_RAW: beside eth0, a raw
+	// packet socket could send around the sandbox. The hook guards the
+	// container's end of docker's bridge from the host, as childflow-cni
+	// guards a pod's: the container runs, and its raw frames go nowhere.
+	// Without childflow's policy the same frame gets its echo: the probe
+	// sees an escape.
+	background := func(runtime string, args ...string) (id string, pid int, ip string) {
+		t.Helper()
+		r := d.run(t, append([]string{"run", "-d", "--runtime", runtime}, args...)...)
+		if r.code != 0 {
+			t.Fatalf("%v\ndockerd:\n%s", r, d.log)
+		}
+		id = strings.TrimSpace(r.stdout)
+		fmt.Sscan(d.run(t, "inspect", "-f", "{{.State.Pid}}", id).stdout, &pid)
+		return id, pid, strings.TrimSpace(d.run(t, "inspect", "-f", "{{.NetworkSettings.IPAddress}}", id).stdout)
 	}
+	guarded, pid, guardedIP := background("childflow", "bb:latest", "sleep", "1000000")
+	if out := rawFrameVia(t, "docker0", pid, guardedIP); out != "contained" {
+		t.Errorf("a raw frame from a sandboxed container keeping NET_RAW: %s", out)
+	}
+	plain, pid, plainIP := background("childflow-plain", "bb:latest", "sleep", "1000000")
+	if out := rawFrameVia(t, "docker0", pid, plainIP); out != "escaped" {
+		t.Errorf("a raw frame from an unsandboxed container: %s", out)
+	}
+	d.run(t, "rm", "-f", plain)
 
 	// Docker's bridge gives the container eth0: new connections must go
 	// through cf0 and the policy, the host behind the bridge included.
-	r = d.run(t, "run", "--rm", "--runtime", "childflow", "--cap-drop", "NET_RAW", "bb:latest", "sh", "-c", probe+`
+	r := d.run(t, "run", "--rm", "--runtime", "childflow", "--cap-drop", "NET_RAW", "bb:latest", "sh", "-c", probe+`
 nc -w 2 172.17.0.1 22 </dev/null && echo reach-bridge-host || echo blocked-bridge-host`)
 	if r.code != 0 {
 		t.Fatalf("%v\ndockerd:\n%s", r, d.log)
@@ -122,12 +141,14 @@ nc -w 2 172.17.0.1 22 </dev/null && echo reach-bridge-host || echo blocked-bridg
 	if !strings.Contains(got, "hi from inside") {
 		t.Errorf("inbound connection to %s:8080 through docker's bridge got %q", ip, got)
 	}
-	if l := n.sandboxes(t); len(l) != 1 {
-		t.Errorf("sandboxes while one container runs: %v", l)
+	if l := n.sandboxes(t); len(l) != 2 {
+		t.Errorf("sandboxes while two containers run: %v", l)
 	}
 	// A container run in its network (--network container:, compose's
 	// network_mode: service:) gets the runtime's policy too: it joins
-	// the sandbox there, and does not keep NET_RAW beside eth0 either.
+	// the sandbox there. Keeping NET_RAW, it may join a guarded one (the
+	// first container's), not this one, which dropped NET_RAW and so was
+	// not guarded.
 	r = d.run(t, "run", "--rm", "--runtime", "childflow", "--cap-drop", "NET_RAW", "--network", "container:"+id, "bb:latest", "sh", "-c", probe)
 	if r.code != 0 {
 		t.Errorf("a container in the sandboxed container's network: %v", r)
@@ -135,12 +156,17 @@ nc -w 2 172.17.0.1 22 </dev/null && echo reach-bridge-host || echo blocked-bridg
 	wantLines(t, r.stdout, "reach 203.0.113.10", "blocked 203.0.113.20", "blocked 2001:db8::20", "has-cf0")
 	r = d.run(t, "run", "--rm", "--runtime", "childflow", "--network", "container:"+id, "bb:latest", "echo", "RAN")
 	if r.code == 0 || strings.Contains(r.stdout, "RAN") || !strings.Contains(r.stderr, "CAP_NET_RAW") {
-		t.Errorf("a container with NET_RAW in the sandboxed container's network: %v", r)
+		t.Errorf("a container with NET_RAW in an unguarded sandbox's network: %v", r)
 	}
-	if l := n.sandboxes(t); len(l) != 1 {
-		t.Errorf("sandboxes once containers joined the first: %v", l)
+	r = d.run(t, "run", "--rm", "--runtime", "childflow", "--network", "container:"+guarded, "bb:latest", "sh", "-c", probe)
+	if r.code != 0 {
+		t.Errorf("a container with NET_RAW in a guarded sandbox's network: %v", r)
 	}
-	d.run(t, "rm", "-f", id)
+	wantLines(t, r.stdout, "reach 203.0.113.10", "blocked 203.0.113.20", "has-cf0")
+	if l := n.sandboxes(t); len(l) != 2 {
+		t.Errorf("sandboxes once containers joined them: %v", l)
+	}
+	d.run(t, "rm", "-f", id, guarded)
 
 	// Only the hook, no policy, no annotation: the container is untouched.
 	r = d.run(t, "run", "--rm", "--runtime", "childflow-plain", "bb:latest", "sh", "-c", "ip -o link | grep -q cf0 && echo has-cf0 || echo no-cf0")
