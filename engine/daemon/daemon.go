@@ -33,7 +33,6 @@ import (
 	"github.com/childflow/childflow/engine/proxy"
 	"github.com/childflow/childflow/internal/accept"
 	"github.com/childflow/childflow/internal/nftwatch"
-	"github.com/childflow/childflow/internal/steer"
 	"github.com/childflow/childflow/internal/tunns"
 	"github.com/childflow/childflow/policy"
 	"github.com/childflow/childflow/policy/profile"
@@ -561,13 +560,7 @@ func (d *Daemon) reapLoop() {
 		for _, sb := range gone {
 			d.cfg.Logf("sandbox %s: its network namespace is gone", sb.att.ID)
 			d.detachIf(sb.att.ID, sb)
-			// And its veth: a guard the hook installed and no poststop
-			// removed guards nothing now.
-			if guards := (steer.Guards{Dir: d.cfg.StateDir}); guards.Recorded(sb.att.ID) {
-				if err := guards.Remove(sb.att.ID); err != nil {
-					d.cfg.Logf("sandbox %s: removing its host guard: %v", sb.att.ID, err)
-				}
-			}
+			d.forgetGuard(sb.att.ID)
 		}
 	}
 }

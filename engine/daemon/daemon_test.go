@@ -4,6 +4,7 @@ import (
 	"context"
 	"io"
 	"net/http"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -16,6 +17,7 @@ import (
 
 	"github.com/childflow/childflow/engine/api"
 	"github.com/childflow/childflow/internal/netplan"
+	"github.com/childflow/childflow/internal/steer"
 	"github.com/childflow/childflow/internal/tunns"
 	"github.com/childflow/childflow/policy/profile"
 )
@@ -242,5 +244,53 @@ func TestSocketPathThatIsNoSocketIsLeftAlone(t *testing.T) {
 	}
 	if b, _ := os.ReadFile(cfg.Socket); string(b) != "root:x:0:0::/root:/bin/sh\n" {
 		t.Errorf("the file at the socket's path now holds %q", b)
+	}
+}
+
+// The host guard the hook installed for a sandbox whose namespace went
+// without a poststop (and the daemon with it) goes with its record; a
+// live sandbox's stays. In a namespace of the test's own, as the node.
+func TestCleanupRemovesTheGuardsOfGoneSandboxes(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root")
+	}
+	node, err := testutils.NewNS()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer testutils.UnmountNS(node)
+	defer node.Close()
+	state := filepath.Join(t.TempDir(), "state")
+	os.MkdirAll(filepath.Join(state, "sandboxes"), 0o700)
+	d := &Daemon{cfg: Config{StateDir: state}}
+	ino, _ := tunns.NetnsInode(node.Path())
+	d.writeRecord(api.Attachment{ID: "live", Netns: node.Path(), NetnsInode: ino})
+	d.writeRecord(api.Attachment{ID: "dead", Netns: "/proc/999999999/ns/net", NetnsInode: 1})
+	guards := steer.Guards{Dir: state}
+	err = node.Do(func(ns.NetNS) error {
+		for i, id := range []string{"live", "dead"} {
+			veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "cf-" + id}, PeerName: "cf-" + id + "-pod"}
+			if err := netlink.LinkAdd(veth); err != nil {
+				return err
+			}
+			pod := netip.AddrFrom4([4]byte{10, 1, 2, byte(i + 2)})
+			if err := guards.Install(steer.HostGuard{ID: id, HostIf: veth.Name, Pod: []netip.Addr{pod}}); err != nil {
+				return err
+			}
+		}
+		r, err := Cleanup(state)
+		if err != nil || len(r.Removed) != 1 || r.Removed[0] != "dead" {
+			t.Errorf("cleanup %+v, %v", r, err)
+		}
+		for id, want := range map[string]bool{"live": true, "dead": false} {
+			has, err := guards.Has(id)
+			if err != nil || has != want || guards.Recorded(id) != want {
+				t.Errorf("guard of %s: in nftables %v, recorded %v, want %v (%v)", id, has, guards.Recorded(id), want, err)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	"github.com/childflow/childflow/engine/api"
+	"github.com/childflow/childflow/internal/steer"
 	"github.com/childflow/childflow/internal/tunns"
 )
 
@@ -73,13 +74,31 @@ func (d *Daemon) adoptAll() {
 		if err != nil {
 			d.cfg.Logf("dropping sandbox %s: %v", id, err)
 			os.Remove(d.recordPath(id))
+			if gone(a) {
+				d.forgetGuard(id)
+			}
+		}
+	}
+}
+
+// gone says a's network namespace is gone (or was never readable).
+func gone(a api.Attachment) bool {
+	ino, err := tunns.NetnsInode(a.Netns)
+	return err != nil || ino != a.NetnsInode
+}
+
+// forgetGuard removes the host guard of a sandbox whose namespace is gone,
+// and its veth with it: one the hook installed and no poststop removed.
+func (d *Daemon) forgetGuard(id string) {
+	if guards := (steer.Guards{Dir: d.cfg.StateDir}); guards.Recorded(id) {
+		if err := guards.Remove(id); err != nil {
+			d.cfg.Logf("sandbox %s: removing its host guard: %v", id, err)
 		}
 	}
 }
 
 func (d *Daemon) adopt(a api.Attachment) error {
-	ino, err := tunns.NetnsInode(a.Netns)
-	if err != nil || ino != a.NetnsInode {
+	if gone(a) {
 		return fmt.Errorf("its network namespace %s is gone", a.Netns)
 	}
 	link, err := tunns.ReopenIn(a.Netns, a.Plan.Interface)
@@ -130,11 +149,12 @@ func Cleanup(stateDir string) (CleanupReport, error) {
 			continue
 		}
 		a, err := d.readRecord(id)
-		if ino, ierr := tunns.NetnsInode(a.Netns); err == nil && ierr == nil && ino == a.NetnsInode {
+		if err == nil && !gone(a) {
 			r.Live = append(r.Live, id)
 			continue
 		}
 		os.Remove(d.recordPath(id))
+		d.forgetGuard(id)
 		r.Removed = append(r.Removed, id)
 	}
 	tombs := filepath.Join(stateDir, api.TombstoneDir)
