@@ -124,7 +124,13 @@ func createRuntime(node attach.Node, state specs.State, ann map[string]string, b
 	if err != nil {
 		return fail(stderr, state.ID, err)
 	}
-	bypass, joining, links, err := bypassRisk(netns, cfg.Process.Capabilities)
+	err = attach.OwnNetns(netns)
+	var bypass string
+	var joining bool
+	var links []string
+	if err == nil {
+		bypass, joining, links, err = bypassRisk(netns, cfg.Process.Capabilities)
+	}
 	if err != nil {
 		return fail(stderr, state.ID, err)
 	}
@@ -175,7 +181,7 @@ func createRuntime(node attach.Node, state specs.State, ann map[string]string, b
 func hostGuard(netns, id string, links []string) (steer.HostGuard, error) {
 	others := slices.DeleteFunc(slices.Clone(links), func(l string) bool { return l == "cf0" })
 	if len(others) != 1 {
-		return steer.HostGuard{}, fmt.Errorf("it has %d (%s)", len(others), strings.Join(others, ", "))
+		return steer.HostGuard{}, fmt.Errorf("it has %d interfaces besides cf0 (%s)", len(others), strings.Join(others, ", "))
 	}
 	peer, err := tunns.HostPeerOf(netns, others[0])
 	if err != nil {

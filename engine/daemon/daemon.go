@@ -408,8 +408,6 @@ func (sb *sandbox) record(ev flowlog.Event) {
 	}
 }
 
-// detach stops a sandbox and removes its TUN and record. Unknown ids
-// succeed: poststop and CNI DEL may come more than once.
 // join admits a container into the sandbox that holds its network
 // namespace (the pod's other containers, a container run in another's
 // network): it shares that sandbox and its policy, so it must ask for the
@@ -447,6 +445,8 @@ func sameSettings(a, b *profile.Profile) bool {
 	return errA == nil && errB == nil && bytes.Equal(x, y)
 }
 
+// detach stops a sandbox and removes its TUN and record. Unknown ids
+// succeed: poststop and CNI DEL may come more than once.
 func (d *Daemon) detach(id string) error { return d.detachIf(id, nil) }
 
 // detachIf detaches id if it is still only (nil: whatever it is now).

@@ -66,12 +66,9 @@ type Attached struct {
 // Attach creates the TUN in sb's namespace and returns once the daemon
 // relays it. On error nothing of it is left in the namespace.
 func (n Node) Attach(sb Sandbox) (_ Attached, err error) {
-	ino, err := tunns.NetnsInode(sb.Netns)
+	ino, err := ownNetns(sb.Netns)
 	if err != nil {
 		return Attached{}, err
-	}
-	if self, err := tunns.NetnsInode("/proc/self/ns/net"); err == nil && self == ino {
-		return Attached{}, fmt.Errorf("the sandbox shares the host's network namespace; childflow needs one of its own")
 	}
 	routes, err := routesIn(sb.Netns)
 	if err != nil {
@@ -106,6 +103,24 @@ func (n Node) Attach(sb Sandbox) (_ Attached, err error) {
 		return Attached{}, fmt.Errorf("attaching to the childflow daemon: %w", err)
 	}
 	return Attached{Plan: plan, Shared: shared}, nil
+}
+
+// OwnNetns fails for a namespace that is the caller's (the host's), or
+// that cannot be read.
+func OwnNetns(netns string) error {
+	_, err := ownNetns(netns)
+	return err
+}
+
+func ownNetns(netns string) (uint64, error) {
+	ino, err := tunns.NetnsInode(netns)
+	if err != nil {
+		return 0, err
+	}
+	if self, err := tunns.NetnsInode("/proc/self/ns/net"); err == nil && self == ino {
+		return 0, fmt.Errorf("the sandbox shares the host's network namespace; childflow needs one of its own")
+	}
+	return ino, nil
 }
 
 // join admits sb into the sandbox that already holds its namespace.

@@ -13,6 +13,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // dockerd is a docker daemon of the test's own (data root, socket, no
@@ -54,6 +56,12 @@ func startDockerd(t *testing.T, n *node) *dockerd {
 		d.cmd.Process.Signal(os.Interrupt)
 		d.cmd.Wait()
 		exec.Command("ip", "link", "del", "docker0").Run()
+		// dockerd leaves its mount of the host's namespace (for
+		// --network host) in its exec root when it exits.
+		mounts, _ := filepath.Glob(filepath.Join(dir, "exec", "netns", "*"))
+		for _, m := range mounts {
+			unix.Unmount(m, unix.MNT_DETACH)
+		}
 	})
 	eventually(t, "dockerd to answer", func() bool { return d.run(t, "version").code == 0 })
 	root := t.TempDir()
@@ -167,6 +175,12 @@ nc -w 2 172.17.0.1 22 </dev/null && echo reach-bridge-host || echo blocked-bridg
 		t.Errorf("sandboxes once containers joined them: %v", l)
 	}
 	d.run(t, "rm", "-f", id, guarded)
+
+	// The host's network is no sandbox's.
+	r = d.run(t, "run", "--rm", "--runtime", "childflow", "--network", "host", "bb:latest", "echo", "RAN")
+	if r.code == 0 || strings.Contains(r.stdout, "RAN") || !strings.Contains(r.stderr, "shares the host's network namespace") {
+		t.Errorf("a container in the host's network: %v", r)
+	}
 
 	// Only the hook, no policy, no annotation: the container is untouched.
 	r = d.run(t, "run", "--rm", "--runtime", "childflow-plain", "bb:latest", "sh", "-c", "ip -o link | grep -q cf0 && echo has-cf0 || echo no-cf0")
