@@ -33,7 +33,7 @@ const (
 // "childflow" runtime handler (deploy/containerd/config.toml, the chart's
 // RuntimeClass): runc through childflow-runtime, the pod's childflow.dev/
 // annotations passed to every container.
-func startCRI(t *testing.T, n *node, withoutPlugin ...bool) *cri {
+func startCRI(t *testing.T, n *node, withoutPlugin bool) *cri {
 	t.Helper()
 	c := &cri{dir: t.TempDir(), n: n}
 	c.sock = filepath.Join(c.dir, "containerd.sock")
@@ -50,7 +50,7 @@ func startCRI(t *testing.T, n *node, withoutPlugin ...bool) *cri {
 				"routes": []map[string]string{{"dst": "0.0.0.0/0"}}, "dataDir": filepath.Join(c.dir, "ipam")}},
 		map[string]any{"type": "portmap", "capabilities": map[string]bool{"portMappings": true}},
 	}
-	if len(withoutPlugin) == 0 || !withoutPlugin[0] {
+	if !withoutPlugin {
 		plugins = append(plugins, map[string]any{"type": "childflow-cni", "capabilities": map[string]bool{"io.kubernetes.cri.pod-annotations": true},
 			"socket": n.socket, "stateDir": n.state, "clusterCIDRs": []string{"10.244.0.0/16", "10.96.0.0/12"}})
 	}
@@ -185,14 +185,13 @@ func (c *cri) crictl(t *testing.T, args ...string) result {
 // it returns the pod and container ids and the pod's IP.
 func (c *cri) pod(t *testing.T, name string, ann map[string]string, script string) (pod, ctr, ip string) {
 	t.Helper()
-	pod, ctrs, ip := c.podOf(t, name, "", ann, map[string]any{}, script)
+	pod, ctrs, ip := c.podOf(t, name, "", ann, script)
 	return pod, ctrs[0], ip
 }
 
 // podOf runs a pod sandbox with ann under the runtime handler (""
-// for containerd's default) and a container running each script, with
-// linux as the containers' CRI "linux" settings.
-func (c *cri) podOf(t *testing.T, name, handler string, ann map[string]string, linux map[string]any, scripts ...string) (pod string, ctrs []string, ip string) {
+// for containerd's default) and a container running each script.
+func (c *cri) podOf(t *testing.T, name, handler string, ann map[string]string, scripts ...string) (pod string, ctrs []string, ip string) {
 	t.Helper()
 	podCfg, _ := json.Marshal(map[string]any{
 		"metadata":      map[string]any{"name": name, "namespace": "team", "uid": name + "-uid", "attempt": 0},
@@ -221,7 +220,7 @@ func (c *cri) podOf(t *testing.T, name, handler string, ann map[string]string, l
 			"image":    map[string]any{"image": criImage},
 			"command":  []string{"/bin/sh", "-c", script},
 			"log_path": ctrName + ".log",
-			"linux":    linux,
+			"linux":    map[string]any{},
 		})
 		ctrFile := filepath.Join(c.dir, name+"-"+ctrName+".json")
 		os.WriteFile(ctrFile, ctrCfg, 0o644)
@@ -273,7 +272,7 @@ const podServer = `while true; do echo "hi from the pod" | nc -l -p 8080; done`
 func TestKubernetesPodsThroughContainerdCRI(t *testing.T) {
 	n := startNode(t)
 	before := hostNetfilter(t)
-	c := startCRI(t, n)
+	c := startCRI(t, n, false)
 
 	pod, ctr, ip := c.pod(t, "sandboxed", map[string]string{
 		"childflow.dev/default-policy": "deny",
@@ -389,7 +388,7 @@ func TestKubernetesRuntimeClassPods(t *testing.T) {
 			n := startNode(t)
 			before := hostNetfilter(t)
 			c := startCRI(t, n, tc.withoutPlugin)
-			pod, ctrs, ip := c.podOf(t, "classed", "childflow", sandboxedAnn, map[string]any{}, "sleep 1000000", podServer)
+			pod, ctrs, ip := c.podOf(t, "classed", "childflow", sandboxedAnn, "sleep 1000000", podServer)
 			for _, ctr := range ctrs {
 				wantLines(t, c.exec(t, ctr, probe), "reach 203.0.113.10", "blocked 203.0.113.20", "blocked 2001:db8::20", "has-cf0")
 			}

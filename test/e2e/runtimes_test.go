@@ -128,12 +128,7 @@ nc -w 2 172.17.0.1 22 </dev/null && echo reach-bridge-host || echo blocked-bridg
 	wantLines(t, r.stdout, "reach 203.0.113.10", "blocked 203.0.113.20", "blocked 2001:db8::20", "has-cf0", "blocked-bridge-host")
 
 	// Inbound through the bridge still works: replies leave by eth0.
-	r = d.run(t, "run", "-d", "--runtime", "childflow", "--cap-drop", "NET_RAW", "bb:latest", "sh", "-c", `while true; do echo "hi from inside" | nc -l -p 8080; done`)
-	if r.code != 0 {
-		t.Fatal(r)
-	}
-	id := strings.TrimSpace(r.stdout)
-	ip := strings.TrimSpace(d.run(t, "inspect", "-f", "{{.NetworkSettings.IPAddress}}", id).stdout)
+	id, _, ip := background("childflow", "--cap-drop", "NET_RAW", "bb:latest", "sh", "-c", `while true; do echo "hi from inside" | nc -l -p 8080; done`)
 	var got string
 	for i := 0; i < 20 && !strings.Contains(got, "hi from inside"); i++ {
 		if c, err := net.DialTimeout("tcp", ip+":8080", 2*time.Second); err == nil {
