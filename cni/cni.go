@@ -36,7 +36,7 @@ import (
 const errPluginNotAvailable = 50
 
 // Source marks the daemon's sandboxes that this plugin attached.
-const Source = api.SourceCNI
+const Source = "cni"
 
 // NetConf is the plugin's configuration in the conflist.
 type NetConf struct {
@@ -155,14 +155,11 @@ func cmdAdd(args *skel.CmdArgs) error {
 // guardHostSide filters the pod's veth on the host: the pod's own rules
 // cannot stop a process with CAP_NET_RAW from writing frames to it.
 func guardHostSide(conf *NetConf, args *skel.CmdArgs, keep []netip.Prefix) error {
-	peer, err := tunns.HostPeerOf(args.Netns, args.IfName)
+	g, err := tunns.HostGuardOf(args.Netns, args.IfName, args.ContainerID, keep)
 	if err != nil {
 		return err
 	}
-	return conf.guards().Install(steer.HostGuard{
-		ID: args.ContainerID, HostIf: peer.HostIf, Pod: peer.Addrs, Keep: keep,
-		MAC: peer.MAC, LinkLocal: peer.LinkLocal,
-	})
+	return conf.guards().Install(g)
 }
 
 // cmdDel detaches. It succeeds when the netns, the link or the daemon is

@@ -124,48 +124,57 @@ func createRuntime(node attach.Node, state specs.State, ann map[string]string, b
 	if err != nil {
 		return fail(stderr, state.ID, err)
 	}
-	err = attach.OwnNetns(netns)
-	var bypass string
-	var joining bool
-	var links []string
-	if err == nil {
-		bypass, joining, links, err = bypassRisk(netns, cfg.Process.Capabilities)
-	}
-	if err != nil {
+	if err := attach.OwnNetns(netns); err != nil {
 		return fail(stderr, state.ID, err)
 	}
-	guards := steer.Guards{Dir: node.StateDir}
-	var guard *steer.HostGuard
+	bypass := bypassCap(cfg.Process.Capabilities)
+	var links []string
+	if bypass != "" { // most containers keep none: no look inside
+		// Its interfaces, not its routes, which a sandbox's steering
+		// moved; before anything is set up.
+		if links, err = tunns.LinksIn(netns); err != nil {
+			return fail(stderr, state.ID, err)
+		}
+	}
+	joining := slices.Contains(links, "cf0") // the pod's, or another container's
+	others := slices.DeleteFunc(links, func(l string) bool { return l == "cf0" })
+	if len(others) == 0 {
+		bypass = "" // alone on cf0: nothing to get around
+	}
+	var guard steer.HostGuard
 	if bypass != "" && !joining {
 		// As the CNI plugin guards a pod's veth: from the host, where
 		// nothing in the namespace reaches.
-		g, gerr := hostGuard(netns, state.ID, links)
-		if gerr != nil {
-			return fail(stderr, state.ID, fmt.Errorf("%w, and its interface cannot be guarded from the host: %v", bypassError(bypass), gerr))
+		if len(others) != 1 {
+			err = fmt.Errorf("it has %d interfaces besides cf0 (%s)", len(others), strings.Join(others, ", "))
+		} else {
+			guard, err = tunns.HostGuardOf(netns, others[0], state.ID, nil)
 		}
-		guard = &g
+		if err != nil {
+			return fail(stderr, state.ID, fmt.Errorf("%w, and its interface cannot be guarded from the host: %v", bypassError(bypass), err))
+		}
 	}
 	att, err := node.Attach(attach.Sandbox{
 		ID:       state.ID,
 		Netns:    netns,
 		PID:      state.Pid,
 		Settings: settings,
-		Source:   api.SourceHook,
+		Source:   "oci-hook",
 		Hosts:    cfg.hosts(),
 	})
 	switch {
 	case err != nil:
 	case bypass != "" && !att.Joined:
-		if guard == nil {
+		if joining {
 			// The sandbox that was there went meanwhile.
 			err = bypassError(bypass)
 		} else {
-			err = guards.Install(*guard)
+			err = steer.Guards{Dir: node.StateDir}.Install(guard)
 		}
 		if err != nil {
 			node.Detach(state.ID)
 		}
-	case bypass != "" && att.Source != api.SourceCNI && !guards.Recorded(att.Holder):
+	case bypass != "" && !att.Guarded:
 		// Joined a sandbox nothing guards from the host (a join records
 		// nothing to undo).
 		err = bypassError(bypass)
@@ -174,43 +183,6 @@ func createRuntime(node attach.Node, state specs.State, ann map[string]string, b
 		return fail(stderr, state.ID, err)
 	}
 	return 0
-}
-
-// hostGuard describes the guard of the namespace's one interface besides
-// cf0 (links), a veth whose other end is the host's.
-func hostGuard(netns, id string, links []string) (steer.HostGuard, error) {
-	others := slices.DeleteFunc(slices.Clone(links), func(l string) bool { return l == "cf0" })
-	if len(others) != 1 {
-		return steer.HostGuard{}, fmt.Errorf("it has %d interfaces besides cf0 (%s)", len(others), strings.Join(others, ", "))
-	}
-	peer, err := tunns.HostPeerOf(netns, others[0])
-	if err != nil {
-		return steer.HostGuard{}, err
-	}
-	return steer.HostGuard{ID: id, HostIf: peer.HostIf, Pod: peer.Addrs, MAC: peer.MAC, LinkLocal: peer.LinkLocal}, nil
-}
-
-// bypassRisk names a capability of the container that could send around
-// the sandbox (see bypassCap) through another interface of the namespace,
-// "" if it keeps none or there is none; joining says the namespace has
-// cf0 already: the container joins the sandbox of the pod or container
-// whose network it shares. links are the namespace's interfaces, read
-// before anything is set up, rather than its routes, which a sandbox's
-// steering moved.
-func bypassRisk(netns string, caps map[string][]string) (bypass string, joining bool, links []string, err error) {
-	bypass = bypassCap(caps)
-	if bypass == "" {
-		return "", false, nil, nil // most containers keep none: no look inside
-	}
-	links, err = tunns.LinksIn(netns)
-	if err != nil {
-		return "", false, nil, err
-	}
-	joining = slices.Contains(links, "cf0")
-	if joining && len(links) == 1 || !joining && len(links) == 0 {
-		return "", joining, links, nil // alone on cf0: nothing to get around
-	}
-	return bypass, joining, links, nil
 }
 
 func fail(stderr io.Writer, id string, err error) int {

@@ -65,7 +65,7 @@ type Attachment struct {
 	PID  int          `json:"pid,omitempty"`
 	Plan netplan.Plan `json:"plan"`
 	// Settings is the sandbox's policy, resolvers and proxy in profile
-	// form; Source says who produced it (SourceHook, SourceCNI).
+	// form; Source says who produced it ("oci-hook", "cni").
 	Settings *profile.Profile `json:"settings"`
 	Source   string           `json:"source,omitempty"`
 	// Labels name the sandbox in its flow log and metrics
@@ -75,13 +75,6 @@ type Attachment struct {
 	// addresses it names carry those names.
 	Hosts string `json:"hosts,omitempty"`
 }
-
-// Sources of attachments. The CNI plugin also guards a pod's interface
-// from the node, so that its capabilities cannot send around the sandbox.
-const (
-	SourceHook = "oci-hook"
-	SourceCNI  = "cni"
-)
 
 // CheckID rejects ids that cannot name files under the state directory.
 // (No regexp: compiling one costs the hook a millisecond at start.)
@@ -100,21 +93,25 @@ func CheckID(id string) error {
 
 // Status describes one attached sandbox.
 type Status struct {
-	ID         string            `json:"id"`
-	Netns      string            `json:"netns"`
-	NetnsInode uint64            `json:"netns_inode"`
-	PID        int               `json:"pid,omitempty"`
-	Plan       netplan.Plan      `json:"plan"`
-	Source     string            `json:"source,omitempty"`
-	Labels     map[string]string `json:"labels,omitempty"`
-	Since      time.Time         `json:"since"`
-	Adopted    bool              `json:"adopted,omitempty"` // re-adopted after a daemon restart
-	FlowLog    string            `json:"flow_log,omitempty"`
-	Flows      uint64            `json:"flows"`
-	Allowed    uint64            `json:"allowed"`
-	Denied     uint64            `json:"denied"`
-	BytesUp    uint64            `json:"bytes_up"`
-	BytesDown  uint64            `json:"bytes_down"`
+	ID         string       `json:"id"`
+	Netns      string       `json:"netns"`
+	NetnsInode uint64       `json:"netns_inode"`
+	PID        int          `json:"pid,omitempty"`
+	Plan       netplan.Plan `json:"plan"`
+	Source     string       `json:"source,omitempty"`
+	// Guarded: its other interface is guarded from the host (a host
+	// guard under the daemon's state directory, the CNI plugin's or
+	// the hook's), so its capabilities cannot send around it.
+	Guarded   bool              `json:"guarded,omitempty"`
+	Labels    map[string]string `json:"labels,omitempty"`
+	Since     time.Time         `json:"since"`
+	Adopted   bool              `json:"adopted,omitempty"` // re-adopted after a daemon restart
+	FlowLog   string            `json:"flow_log,omitempty"`
+	Flows     uint64            `json:"flows"`
+	Allowed   uint64            `json:"allowed"`
+	Denied    uint64            `json:"denied"`
+	BytesUp   uint64            `json:"bytes_up"`
+	BytesDown uint64            `json:"bytes_down"`
 }
 
 // Response answers a Request. Usage is set when the request itself was

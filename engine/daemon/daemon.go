@@ -33,6 +33,7 @@ import (
 	"github.com/childflow/childflow/engine/proxy"
 	"github.com/childflow/childflow/internal/accept"
 	"github.com/childflow/childflow/internal/nftwatch"
+	"github.com/childflow/childflow/internal/steer"
 	"github.com/childflow/childflow/internal/tunns"
 	"github.com/childflow/childflow/policy"
 	"github.com/childflow/childflow/policy/profile"
@@ -575,7 +576,6 @@ func (d *Daemon) exitIfIdle() {
 // list returns the status of one sandbox (id) or all (id empty).
 func (d *Daemon) list(id string) []api.Status {
 	d.mu.Lock()
-	defer d.mu.Unlock()
 	out := []api.Status{}
 	for _, sb := range d.sandboxes {
 		if id != "" && sb.att.ID != id {
@@ -588,6 +588,11 @@ func (d *Daemon) list(id string) []api.Status {
 			BytesUp: sb.up.Load(), BytesDown: sb.down.Load(),
 		})
 	}
+	d.mu.Unlock()
 	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	guards := steer.Guards{Dir: d.cfg.StateDir}
+	for i := range out {
+		out[i].Guarded = guards.Recorded(out[i].ID) // a file's stat: not under the lock
+	}
 	return out
 }

@@ -55,12 +55,11 @@ type Attached struct {
 	Plan netplan.Plan
 	// Shared: the namespace has another interface besides the TUN.
 	Shared bool
-	// Joined: the namespace was sandboxed already, by Source ("cni",
-	// "oci-hook") for Holder, with the same settings; the container
-	// shares it.
-	Joined bool
-	Source string
-	Holder string
+	// Joined: the namespace was sandboxed already, with the same
+	// settings; the container shares that sandbox, which Guarded says
+	// is guarded from the host.
+	Joined  bool
+	Guarded bool
 }
 
 // Attach creates the TUN in sb's namespace and returns once the daemon
@@ -125,7 +124,7 @@ func ownNetns(netns string) (uint64, error) {
 
 // join admits sb into the sandbox that already holds its namespace.
 func (n Node) join(sb Sandbox, ino uint64) (Attached, error) {
-	a := &api.Attachment{ID: sb.ID, Netns: sb.Netns, NetnsInode: ino, Settings: sb.Settings, Source: sb.Source}
+	a := &api.Attachment{ID: sb.ID, Netns: sb.Netns, NetnsInode: ino, Settings: sb.Settings}
 	st, err := api.Client{Socket: n.Socket}.Join(a)
 	if errors.Is(err, api.ErrUnavailable) {
 		err = fmt.Errorf("%s has childflow's interface, but no childflow daemon answers on %s", sb.Netns, n.Socket)
@@ -133,7 +132,7 @@ func (n Node) join(sb Sandbox, ino uint64) (Attached, error) {
 	if err != nil {
 		return Attached{}, fmt.Errorf("joining the sandbox of its network namespace: %w", err)
 	}
-	return Attached{Plan: st.Plan, Joined: true, Source: st.Source, Holder: st.ID}, nil
+	return Attached{Plan: st.Plan, Joined: true, Guarded: st.Guarded}, nil
 }
 
 // Detach asks the daemon to stop relaying id and remove its TUN. A

@@ -177,6 +177,17 @@ func LinksIn(netnsPath string) (names []string, err error) {
 	return names, err
 }
 
+// HostGuardOf describes the host guard of the veth ifName in the
+// namespace (see steer.HostGuard), for sandbox id, with keep its kept
+// destinations.
+func HostGuardOf(netnsPath, ifName, id string, keep []netip.Prefix) (steer.HostGuard, error) {
+	peer, err := HostPeerOf(netnsPath, ifName)
+	if err != nil {
+		return steer.HostGuard{}, err
+	}
+	return steer.HostGuard{ID: id, HostIf: peer.HostIf, Pod: peer.Addrs, Keep: keep, MAC: peer.MAC, LinkLocal: peer.LinkLocal}, nil
+}
+
 // Peer is a pod's veth as its host guard sees it.
 type Peer struct {
 	HostIf    string       // the host's end

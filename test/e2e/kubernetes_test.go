@@ -130,15 +130,10 @@ func (c *cri) podPID(t *testing.T, pod string) int {
 	return st.Info.PID
 }
 
-// rawFrameFromPod writes, in the namespace of the pod's process pid, a
-// UDP datagram from the pod's address to 203.0.113.20's echo port straight
-// onto eth0, addressed to the bridge, and says whether the echo came back.
-func rawFrameFromPod(t *testing.T, pid int, podIP string) string {
-	t.Helper()
-	return rawFrameVia(t, podBridge, pid, podIP)
-}
-
-// rawFrameVia is rawFrameFromPod for a namespace on the host's bridge.
+// rawFrameVia writes, in the namespace of the pod's (or container's)
+// process pid, a UDP datagram from its address to 203.0.113.20's echo
+// port straight onto eth0, addressed to the host's bridge, and says
+// whether the echo came back.
 func rawFrameVia(t *testing.T, bridge string, pid int, podIP string) string {
 	t.Helper()
 	mac, err := os.ReadFile("/sys/class/net/" + bridge + "/address")
@@ -290,7 +285,7 @@ nslookup web.test 10.96.0.10 | grep -q 203.0.113.10 && echo dns-via-engine || ec
 	// NET_RAW in the pod (a default capability) writes frames around the
 	// pod's own rules, to the bridge for the node to route: the node's
 	// guard on the pod's port stops them.
-	if out := rawFrameFromPod(t, c.podPID(t, pod), ip); out != "contained" {
+	if out := rawFrameVia(t, podBridge, c.podPID(t, pod), ip); out != "contained" {
 		t.Errorf("a raw frame from the pod to 203.0.113.20: %s", out)
 	}
 	list := n.sandboxes(t)
@@ -310,7 +305,7 @@ nslookup web.test 10.96.0.10 | grep -q 203.0.113.10 && echo dns-via-engine || ec
 	plainPod, plainCtr, plainIP := c.pod(t, "plain", nil, podServer)
 	wantLines(t, c.exec(t, plainCtr, "ip -o link | grep -q cf0 && echo has-cf0 || echo no-cf0"), "no-cf0")
 	// Unguarded, the same frame gets its echo: the probe sees an escape.
-	if out := rawFrameFromPod(t, c.podPID(t, plainPod), plainIP); out != "escaped" {
+	if out := rawFrameVia(t, podBridge, c.podPID(t, plainPod), plainIP); out != "escaped" {
 		t.Errorf("a raw frame from the unannotated pod: %s", out)
 	}
 	if got := dialPod(plainIP, 8080); !strings.Contains(got, "hi from the pod") {
@@ -343,7 +338,7 @@ nslookup web.test 10.96.0.10 | grep -q 203.0.113.10 && echo dns-via-engine || ec
 			t.Fatal("the daemon did not put the pod's guard back")
 		}
 	}
-	if out := rawFrameFromPod(t, c.podPID(t, pod), ip); out != "contained" {
+	if out := rawFrameVia(t, podBridge, c.podPID(t, pod), ip); out != "contained" {
 		t.Errorf("a raw frame from the pod once its guard was put back: %s", out)
 	}
 
@@ -401,7 +396,7 @@ func TestKubernetesRuntimeClassPods(t *testing.T) {
 			}
 			// The pod's containers keep NET_RAW (containerd's default):
 			// the guard on the node stops their raw frames.
-			if out := rawFrameFromPod(t, c.podPID(t, pod), ip); out != "contained" {
+			if out := rawFrameVia(t, podBridge, c.podPID(t, pod), ip); out != "contained" {
 				t.Errorf("a raw frame from the pod to 203.0.113.20: %s", out)
 			}
 			// A container whose own annotations ask for another policy
