@@ -5,8 +5,9 @@
 // one, any failure fails the container start: never an open network. A
 // container whose namespace is sandboxed already (a pod's, another
 // container's) joins that sandbox if it asks for the same settings. A
-// container that keeps CAP_NET_RAW or CAP_NET_ADMIN beside a veth has the
-// veth guarded from the host, as childflow-cni guards a pod's.
+// veth beside cf0 is guarded from the host, as childflow-cni guards a
+// pod's; a container that keeps CAP_NET_RAW or CAP_NET_ADMIN beside an
+// interface that cannot be guarded is refused.
 package hook
 
 import (
@@ -127,22 +128,25 @@ func createRuntime(node attach.Node, state specs.State, ann map[string]string, b
 	if err := attach.OwnNetns(netns); err != nil {
 		return fail(stderr, state.ID, err)
 	}
-	bypass := bypassCap(cfg.Process.Capabilities)
-	var links []string
-	if bypass != "" { // most containers keep none: no look inside
-		// Its interfaces, not its routes, which a sandbox's steering
-		// moved; before anything is set up.
-		if links, err = tunns.LinksIn(netns); err != nil {
-			return fail(stderr, state.ID, err)
-		}
+	// Its interfaces, not its routes, which a sandbox's steering moved;
+	// before anything is set up.
+	links, err := tunns.LinksIn(netns)
+	if err != nil {
+		return fail(stderr, state.ID, err)
 	}
 	joining := slices.Contains(links, "cf0") // the pod's, or another container's
 	others := slices.DeleteFunc(links, func(l string) bool { return l == "cf0" })
+	bypass := bypassCap(cfg.Process.Capabilities)
 	if len(others) == 0 {
 		bypass = "" // alone on cf0: nothing to get around
 	}
+	// The guard is the namespace's, whatever this container keeps: a
+	// container run later in its network without the hook (docker's
+	// default runtime, a sidecar without annotations) shares the veth
+	// and may keep NET_RAW or NET_ADMIN.
 	var guard steer.HostGuard
-	if bypass != "" && !joining {
+	guardable := false
+	if !joining && len(others) > 0 {
 		// As the CNI plugin guards a pod's veth: from the host, where
 		// nothing in the namespace reaches.
 		if len(others) != 1 {
@@ -150,9 +154,10 @@ func createRuntime(node attach.Node, state specs.State, ann map[string]string, b
 		} else {
 			guard, err = tunns.HostGuardOf(netns, others[0], state.ID, nil)
 		}
-		if err != nil {
+		if err != nil && bypass != "" {
 			return fail(stderr, state.ID, fmt.Errorf("%w, and its interface cannot be guarded from the host: %v", bypassError(bypass), err))
 		}
+		guardable = err == nil
 	}
 	att, err := node.Attach(attach.Sandbox{
 		ID:       state.ID,
@@ -164,20 +169,21 @@ func createRuntime(node attach.Node, state specs.State, ann map[string]string, b
 	})
 	switch {
 	case err != nil:
-	case bypass != "" && !att.Joined:
-		if joining {
-			// The sandbox that was there went meanwhile.
+	case att.Joined:
+		if bypass != "" && !att.Guarded {
+			// Joined a sandbox nothing guards from the host (a join
+			// records nothing to undo).
 			err = bypassError(bypass)
-		} else {
-			err = steer.Guards{Dir: node.StateDir}.Install(guard)
 		}
-		if err != nil {
+	case joining && bypass != "":
+		// The sandbox that was there went meanwhile; nothing was
+		// looked at to guard.
+		err = bypassError(bypass)
+		node.Detach(state.ID)
+	case guardable:
+		if err = (steer.Guards{Dir: node.StateDir}).Install(guard); err != nil {
 			node.Detach(state.ID)
 		}
-	case bypass != "" && !att.Guarded:
-		// Joined a sandbox nothing guards from the host (a join records
-		// nothing to undo).
-		err = bypassError(bypass)
 	}
 	if err != nil {
 		return fail(stderr, state.ID, err)

@@ -262,16 +262,7 @@ func TestTheRuntimeWrapperReadsTheRuntimesArguments(t *testing.T) {
 func TestContainerRawSocketPingIsAttributed(t *testing.T) {
 	n := startNode(t)
 	dir := bundle(t, sandboxedAnn, n.hooks(), "ping -c2 -W2 203.0.113.10 && ping -c1 -W1 203.0.113.20; true")
-	path := filepath.Join(dir, "config.json")
-	var spec map[string]any
-	b, _ := os.ReadFile(path)
-	json.Unmarshal(b, &spec)
-	caps := spec["process"].(map[string]any)["capabilities"].(map[string]any)
-	for _, set := range []string{"bounding", "effective", "permitted"} {
-		caps[set] = append(caps[set].([]any), "CAP_NET_RAW")
-	}
-	b, _ = json.Marshal(spec)
-	os.WriteFile(path, b, 0o644)
+	editSpec(t, dir, withNetRaw)
 
 	id := "cf-raw-ping"
 	r := oci(t, "runc", t.TempDir(), "run", "--bundle", dir, id)
@@ -289,6 +280,110 @@ func TestContainerRawSocketPingIsAttributed(t *testing.T) {
 		if !found {
 			t.Errorf("no connect_attempt to %s owned by ping:\n%s", dst, log)
 		}
+	}
+}
+
+// editSpec changes the config.json of the bundle in dir.
+func editSpec(t *testing.T, dir string, edits ...func(spec map[string]any)) {
+	t.Helper()
+	path := filepath.Join(dir, "config.json")
+	var spec map[string]any
+	b, _ := os.ReadFile(path)
+	if err := json.Unmarshal(b, &spec); err != nil {
+		t.Fatal(err)
+	}
+	for _, edit := range edits {
+		edit(spec)
+	}
+	b, _ = json.Marshal(spec)
+	os.WriteFile(path, b, 0o644)
+}
+
+// withNetRaw gives the container CAP_NET_RAW (runc spec's set lacks it).
+func withNetRaw(spec map[string]any) {
+	caps := spec["process"].(map[string]any)["capabilities"].(map[string]any)
+	for _, set := range []string{"bounding", "effective", "permitted"} {
+		caps[set] = append(caps[set].([]any), "CAP_NET_RAW")
+	}
+}
+
+// inNetns runs the container in the named network namespace.
+func inNetns(name string) func(spec map[string]any) {
+	return func(spec map[string]any) {
+		for _, ns := range spec["linux"].(map[string]any)["namespaces"].([]any) {
+			if ns := ns.(map[string]any); ns["type"] == "network" {
+				ns["path"] = "/var/run/netns/" + name
+			}
+		}
+	}
+}
+
+// A namespace with two interfaces besides cf0 cannot be guarded from the
+// host: a container keeping CAP_NET_RAW there is refused, the first to
+// attach it and any that would join it, while containers without it run
+// sandboxed.
+func TestContainersWhereTheNamespaceCannotBeGuarded(t *testing.T) {
+	n := startNode(t)
+	netns := fmt.Sprintf("cfng%d", os.Getpid())
+	t.Cleanup(func() {
+		exec.Command("ip", "netns", "del", netns).Run()
+		exec.Command("ip", "link", "del", netns+"a").Run()
+		exec.Command("ip", "link", "del", netns+"b").Run()
+	})
+	for _, cmd := range [][]string{
+		{"ip", "netns", "add", netns},
+		{"ip", "link", "add", netns + "a", "type", "veth", "peer", "name", "eth0", "netns", netns},
+		{"ip", "link", "add", netns + "b", "type", "veth", "peer", "name", "eth1", "netns", netns},
+	} {
+		if out, err := exec.Command(cmd[0], cmd[1:]...).CombinedOutput(); err != nil {
+			t.Fatalf("%v: %v\n%s", cmd, err, out)
+		}
+	}
+	state := t.TempDir()
+
+	dir := bundle(t, sandboxedAnn, n.hooks(), "echo RAN")
+	editSpec(t, dir, withNetRaw, inNetns(netns))
+	r := oci(t, "runc", state, "run", "--bundle", dir, "cf-unguarded-raw")
+	if r.code == 0 || strings.Contains(r.stdout, "RAN") || !strings.Contains(r.stderr, "has CAP_NET_RAW") ||
+		!strings.Contains(r.stderr, "cannot be guarded from the host: it has 2 interfaces besides cf0 (eth0, eth1)") {
+		t.Errorf("a container keeping NET_RAW beside two interfaces: %v", r)
+	}
+
+	// The holder runs until the test puts a file in its rootfs.
+	holderDir := bundle(t, sandboxedAnn, n.hooks(), "while [ ! -e /tmp/done ]; do sleep 0.1; done")
+	editSpec(t, holderDir, inNetns(netns))
+	holder := exec.Command("runc", "--root", state, "run", "--bundle", holderDir, "cf-unguarded")
+	var holderOut bytes.Buffer
+	holder.Stdout, holder.Stderr = &holderOut, &holderOut
+	if err := holder.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		os.WriteFile(filepath.Join(holderDir, "rootfs/tmp/done"), nil, 0o644)
+		stop := time.AfterFunc(20*time.Second, func() { exec.Command("runc", "--root", state, "kill", "cf-unguarded", "KILL").Run() })
+		defer stop.Stop()
+		if err := holder.Wait(); err != nil {
+			t.Errorf("the holder: %v\n%s", err, holderOut.String())
+		}
+		eventually(t, "every sandbox to be detached", func() bool { return len(n.sandboxes(t)) == 0 && len(n.records(t)) == 0 })
+	}()
+	eventually(t, "the holder's sandbox", func() bool { return len(n.sandboxes(t)) == 1 })
+
+	dir = bundle(t, sandboxedAnn, n.hooks(), "echo RAN")
+	editSpec(t, dir, withNetRaw, inNetns(netns))
+	r = oci(t, "runc", state, "run", "--bundle", dir, "cf-unguarded-join-raw")
+	if r.code == 0 || strings.Contains(r.stdout, "RAN") || !strings.Contains(r.stderr, "has CAP_NET_RAW and another network interface") {
+		t.Errorf("a container keeping NET_RAW joining an unguarded sandbox: %v", r)
+	}
+	dir = bundle(t, sandboxedAnn, n.hooks(), probe)
+	editSpec(t, dir, inNetns(netns))
+	r = oci(t, "runc", state, "run", "--bundle", dir, "cf-unguarded-join")
+	if r.code != 0 {
+		t.Errorf("a container without NET_RAW joining an unguarded sandbox: %v", r)
+	}
+	wantLines(t, r.stdout, "reach 203.0.113.10", "blocked 203.0.113.20", ipv6Only("blocked 2001:db8::20"), "has-cf0")
+	if l := n.sandboxes(t); len(l) != 1 || l[0]["guarded"] == true {
+		t.Errorf("sandboxes: %v", l)
 	}
 }
 
