@@ -160,7 +160,10 @@ func CheckIn(netnsPath, name string) error {
 
 func isZeroMask(m net.IPMask) bool { ones, _ := m.Size(); return ones == 0 }
 
-// LinksIn names the namespace's interfaces but lo.
+// LinksIn names the namespace's interfaces that could carry its packets
+// off it: all but lo and the tunnels whose outer packets the namespace
+// routes itself, out by one of the others (tunl0, sit0, gre0: a loaded
+// ipip, sit or gre module puts one in every namespace).
 func LinksIn(netnsPath string) (names []string, err error) {
 	err = inNetns(netnsPath, func(ns.NetNS) error {
 		links, err := netlink.LinkList()
@@ -168,13 +171,24 @@ func LinksIn(netnsPath string) (names []string, err error) {
 			return fmt.Errorf("listing links: %w", err)
 		}
 		for _, l := range links {
-			if n := l.Attrs().Name; n != "lo" {
+			if n := l.Attrs().Name; n != "lo" && !tunnelRoutedHere(l) {
 				names = append(names, n)
 			}
 		}
 		return nil
 	})
 	return names, err
+}
+
+// tunnelRoutedHere says whether l is a tunnel whose underlay is its own
+// namespace. One created in another namespace and moved in (the kernel
+// then reports its link namespace) sends from there.
+func tunnelRoutedHere(l netlink.Link) bool {
+	switch l.Type() {
+	case "ipip", "sit", "ip6tnl", "gre", "gretap", "ip6gre", "ip6gretap", "erspan", "ip6erspan", "vti", "vti6", "vxlan", "geneve":
+		return l.Attrs().NetNsID < 0
+	}
+	return false
 }
 
 // HostGuardOf describes the host guard of the veth ifName in the

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -318,72 +319,122 @@ func inNetns(name string) func(spec map[string]any) {
 	}
 }
 
-// A namespace with two interfaces besides cf0 cannot be guarded from the
-// host: a container keeping CAP_NET_RAW there is refused, the first to
-// attach it and any that would join it, while containers without it run
-// sandboxed.
+// A veth beside cf0 is guarded from the host, and a container keeping
+// CAP_NET_RAW may attach or join the namespace; a tunnel whose outer
+// packets the namespace routes itself (a loaded ipip module's tunl0 in
+// every namespace; vxlan here, the kernel the tests run on having none of
+// those) is no other interface. A namespace with two interfaces besides
+// cf0 cannot be guarded so: a container keeping NET_RAW there is refused,
+// the first to attach it and any that would join it, while containers
+// without it run sandboxed.
 func TestContainersWhereTheNamespaceCannotBeGuarded(t *testing.T) {
 	n := startNode(t)
-	netns := fmt.Sprintf("cfng%d", os.Getpid())
-	t.Cleanup(func() {
-		exec.Command("ip", "netns", "del", netns).Run()
-		exec.Command("ip", "link", "del", netns+"a").Run()
-		exec.Command("ip", "link", "del", netns+"b").Run()
-	})
-	for _, cmd := range [][]string{
-		{"ip", "netns", "add", netns},
-		{"ip", "link", "add", netns + "a", "type", "veth", "peer", "name", "eth0", "netns", netns},
-		{"ip", "link", "add", netns + "b", "type", "veth", "peer", "name", "eth1", "netns", netns},
-	} {
-		if out, err := exec.Command(cmd[0], cmd[1:]...).CombinedOutput(); err != nil {
-			t.Fatalf("%v: %v\n%s", cmd, err, out)
-		}
-	}
 	state := t.TempDir()
+	netns := func(name string, cmds ...[]string) string {
+		t.Helper()
+		name = fmt.Sprintf("%s%d", name, os.Getpid())
+		t.Cleanup(func() {
+			exec.Command("ip", "netns", "del", name).Run()
+			exec.Command("ip", "link", "del", name+"a").Run()
+			exec.Command("ip", "link", "del", name+"x").Run()
+		})
+		cmds = append([][]string{{"ip", "netns", "add", name},
+			{"ip", "link", "add", name + "a", "type", "veth", "peer", "name", "eth0", "netns", name}}, cmds...)
+		for _, cmd := range cmds {
+			cmd = strings.Fields(strings.ReplaceAll(strings.Join(cmd, " "), "NAME", name))
+			if out, err := exec.Command(cmd[0], cmd[1:]...).CombinedOutput(); err != nil {
+				t.Fatalf("%v: %v\n%s", cmd, err, out)
+			}
+		}
+		return name
+	}
+	container := func(id, netns string, netRaw bool, script string) result {
+		t.Helper()
+		dir := bundle(t, sandboxedAnn, n.hooks(), script)
+		editSpec(t, dir, inNetns(netns))
+		if netRaw {
+			editSpec(t, dir, withNetRaw)
+		}
+		return oci(t, "runc", state, "run", "--bundle", dir, id)
+	}
+	// holder runs a container in netns until the test ends.
+	holder := func(id, netns string, netRaw bool) {
+		t.Helper()
+		dir := bundle(t, sandboxedAnn, n.hooks(), "while [ ! -e /tmp/done ]; do sleep 0.1; done")
+		editSpec(t, dir, inNetns(netns))
+		if netRaw {
+			editSpec(t, dir, withNetRaw)
+		}
+		cmd := exec.Command("runc", "--root", state, "run", "--bundle", dir, id)
+		var out bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &out, &out
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		exited := make(chan error, 1)
+		go func() { exited <- cmd.Wait() }()
+		t.Cleanup(func() {
+			os.WriteFile(filepath.Join(dir, "rootfs/tmp/done"), nil, 0o644)
+			stop := time.AfterFunc(20*time.Second, func() { exec.Command("runc", "--root", state, "kill", id, "KILL").Run() })
+			defer stop.Stop()
+			if err := <-exited; err != nil {
+				t.Errorf("container %s: %v\n%s", id, err, out.String())
+			}
+			eventually(t, "container "+id+"'s sandbox to be detached", func() bool { return !slices.Contains(n.records(t), id+".json") })
+		})
+		eventually(t, "container "+id+"'s sandbox", func() bool {
+			for _, sb := range n.sandboxes(t) {
+				if sb["id"] == id {
+					return true
+				}
+			}
+			select {
+			case err := <-exited:
+				exited <- err // for the cleanup
+				t.Fatalf("container %s exited: %v\n%s", id, err, out.String())
+			default:
+			}
+			return false
+		})
+	}
+	guarded := func(id string) any {
+		for _, sb := range n.sandboxes(t) {
+			if sb["id"] == id {
+				return sb["guarded"]
+			}
+		}
+		return "no sandbox"
+	}
 
-	dir := bundle(t, sandboxedAnn, n.hooks(), "echo RAN")
-	editSpec(t, dir, withNetRaw, inNetns(netns))
-	r := oci(t, "runc", state, "run", "--bundle", dir, "cf-unguarded-raw")
+	tunnel := netns("cfgt", []string{"ip", "-n", "NAME", "link", "add", "vx0", "type", "vxlan", "id", "7", "dstport", "4789", "remote", "192.0.2.7"})
+	holder("cf-guarded", tunnel, true)
+	if g := guarded("cf-guarded"); g != true {
+		t.Errorf("a container keeping NET_RAW beside eth0 and a tunnel routed in its namespace: guarded %v", g)
+	}
+	if r := container("cf-guarded-join", tunnel, true, "echo RAN"); r.code != 0 || !strings.Contains(r.stdout, "RAN") {
+		t.Errorf("a container keeping NET_RAW joining a guarded sandbox: %v", r)
+	}
+
+	// A vxlan made on the host and moved in sends from the host.
+	two := netns("cfng", []string{"ip", "link", "add", "NAMEx", "type", "vxlan", "id", "8", "dstport", "4789", "remote", "192.0.2.8"},
+		[]string{"ip", "link", "set", "NAMEx", "netns", "NAME"})
+	r := container("cf-unguarded-raw", two, true, "echo RAN")
 	if r.code == 0 || strings.Contains(r.stdout, "RAN") || !strings.Contains(r.stderr, "has CAP_NET_RAW") ||
-		!strings.Contains(r.stderr, "cannot be guarded from the host: it has 2 interfaces besides cf0 (eth0, eth1)") {
+		!strings.Contains(r.stderr, "cannot be guarded from the host: it has 2 interfaces besides cf0") || !strings.Contains(r.stderr, two+"x") {
 		t.Errorf("a container keeping NET_RAW beside two interfaces: %v", r)
 	}
-
-	// The holder runs until the test puts a file in its rootfs.
-	holderDir := bundle(t, sandboxedAnn, n.hooks(), "while [ ! -e /tmp/done ]; do sleep 0.1; done")
-	editSpec(t, holderDir, inNetns(netns))
-	holder := exec.Command("runc", "--root", state, "run", "--bundle", holderDir, "cf-unguarded")
-	var holderOut bytes.Buffer
-	holder.Stdout, holder.Stderr = &holderOut, &holderOut
-	if err := holder.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		os.WriteFile(filepath.Join(holderDir, "rootfs/tmp/done"), nil, 0o644)
-		stop := time.AfterFunc(20*time.Second, func() { exec.Command("runc", "--root", state, "kill", "cf-unguarded", "KILL").Run() })
-		defer stop.Stop()
-		if err := holder.Wait(); err != nil {
-			t.Errorf("the holder: %v\n%s", err, holderOut.String())
-		}
-		eventually(t, "every sandbox to be detached", func() bool { return len(n.sandboxes(t)) == 0 && len(n.records(t)) == 0 })
-	}()
-	eventually(t, "the holder's sandbox", func() bool { return len(n.sandboxes(t)) == 1 })
-
-	dir = bundle(t, sandboxedAnn, n.hooks(), "echo RAN")
-	editSpec(t, dir, withNetRaw, inNetns(netns))
-	r = oci(t, "runc", state, "run", "--bundle", dir, "cf-unguarded-join-raw")
+	holder("cf-unguarded", two, false)
+	r = container("cf-unguarded-join-raw", two, true, "echo RAN")
 	if r.code == 0 || strings.Contains(r.stdout, "RAN") || !strings.Contains(r.stderr, "has CAP_NET_RAW and another network interface") {
 		t.Errorf("a container keeping NET_RAW joining an unguarded sandbox: %v", r)
 	}
-	dir = bundle(t, sandboxedAnn, n.hooks(), probe)
-	editSpec(t, dir, inNetns(netns))
-	r = oci(t, "runc", state, "run", "--bundle", dir, "cf-unguarded-join")
+	r = container("cf-unguarded-join", two, false, probe)
 	if r.code != 0 {
 		t.Errorf("a container without NET_RAW joining an unguarded sandbox: %v", r)
 	}
 	wantLines(t, r.stdout, "reach 203.0.113.10", "blocked 203.0.113.20", ipv6Only("blocked 2001:db8::20"), "has-cf0")
-	if l := n.sandboxes(t); len(l) != 1 || l[0]["guarded"] == true {
-		t.Errorf("sandboxes: %v", l)
+	if g := guarded("cf-unguarded"); g != nil {
+		t.Errorf("the sandbox beside two interfaces: guarded %v", g)
 	}
 }
 
