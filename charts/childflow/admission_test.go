@@ -9,6 +9,7 @@ import (
 	admissionv1 "k8s.io/api/admissionregistration/v1"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	nodev1 "k8s.io/api/node/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -24,14 +25,15 @@ import (
 	"k8s.io/klog/v2"
 )
 
-// TestAdmissionPolicyRefusesPodsCNINeverSandboxes runs the chart's
-// ValidatingAdmissionPolicy and binding, as rendered, through the API
-// server's own admission plugin (its CEL environment, matching and
-// binding), with pods created and updated as a cluster would see them.
-func TestAdmissionPolicyRefusesPodsCNINeverSandboxes(t *testing.T) {
+// admitter runs the chart's ValidatingAdmissionPolicy and binding, as
+// rendered with set, through the API server's own admission plugin (its
+// CEL environment, matching and binding), and returns what creates (old
+// nil) and updates pods as a cluster would see them.
+func admitter(t *testing.T, set ...string) func(old, new *corev1.Pod) error {
+	t.Helper()
 	klog.SetOutput(io.Discard) // the informers' chatter
 	klog.LogToStderr(false)
-	docs := render(t)
+	docs := render(t, set...)
 	var policy admissionv1.ValidatingAdmissionPolicy
 	var binding admissionv1.ValidatingAdmissionPolicyBinding
 	strict(t, docs["ValidatingAdmissionPolicy"], &policy)
@@ -52,7 +54,7 @@ func TestAdmissionPolicyRefusesPodsCNINeverSandboxes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer cancel()
+	t.Cleanup(cancel)
 	if err := api.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -61,22 +63,55 @@ func TestAdmissionPolicyRefusesPodsCNINeverSandboxes(t *testing.T) {
 	if err := api.UpdateAndWait(&policy, &binding); err != nil {
 		t.Fatal(err)
 	}
+	return func(old, new *corev1.Pod) error {
+		op, prev := admission.Create, runtime.Object(nil)
+		if old != nil {
+			op, prev = admission.Update, old
+		}
+		// As the API server has it (the test context's Dispatch swaps
+		// the pod's name and namespace).
+		attrs := admission.NewAttributesRecord(new, prev, v1.WithKind("Pod"), new.Namespace, new.Name,
+			v1.WithResource("pods"), "", op, nil, false, nil)
+		return api.Plugin.Dispatch(api, attrs, admission.NewObjectInterfacesFromScheme(scheme.Scheme))
+	}
+}
 
+// pod is a pod in the default namespace with ann as key, value pairs
+// beside an annotation of the team's.
+func pod(hostNetwork bool, ann ...string) *corev1.Pod {
+	p := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "agent", Namespace: "default", Annotations: map[string]string{"team": "ml"}},
+		Spec:       corev1.PodSpec{HostNetwork: hostNetwork, Containers: []corev1.Container{{Name: "agent", Image: "agent:1"}}},
+	}
+	for i := 0; i+1 < len(ann); i += 2 {
+		p.Annotations[ann[i]] = ann[i+1]
+	}
+	return p
+}
+
+// refusedAs checks err against want, what a refusal says ("": admitted).
+func refusedAs(t *testing.T, err error, want string) {
+	t.Helper()
+	switch {
+	case want == "" && err != nil:
+		t.Errorf("refused: %v", err)
+	case want != "" && err == nil:
+		t.Error("admitted")
+	case want != "" && !strings.Contains(err.Error(), want):
+		t.Errorf("refused for another reason: %v", err)
+	}
+}
+
+// TestAdmissionPolicyRefusesPodsCNINeverSandboxes: pods in the node's
+// network, and changes to a pod's childflow annotations.
+func TestAdmissionPolicyRefusesPodsCNINeverSandboxes(t *testing.T) {
+	docs := render(t)
+	admit := admitter(t)
 	var ds appsv1.DaemonSet
 	strict(t, docs["DaemonSet"], &ds)
 	daemon := &corev1.Pod{ObjectMeta: ds.Spec.Template.ObjectMeta, Spec: ds.Spec.Template.Spec}
 	daemon.Name, daemon.Namespace = "childflow-x7k2p", "kube-system"
 
-	pod := func(hostNetwork bool, ann ...string) *corev1.Pod {
-		p := &corev1.Pod{
-			ObjectMeta: metav1.ObjectMeta{Name: "agent", Namespace: "default", Annotations: map[string]string{"team": "ml"}},
-			Spec:       corev1.PodSpec{HostNetwork: hostNetwork, Containers: []corev1.Container{{Name: "agent", Image: "agent:1"}}},
-		}
-		for i := 0; i+1 < len(ann); i += 2 {
-			p.Annotations[ann[i]] = ann[i+1]
-		}
-		return p
-	}
 	bare := func(hostNetwork bool) *corev1.Pod { p := pod(hostNetwork); p.Annotations = nil; return p }
 	const hostNetwork, changed = "cannot use hostNetwork", "cannot change once it is created"
 	for _, tc := range []struct {
@@ -105,29 +140,52 @@ func TestAdmissionPolicyRefusesPodsCNINeverSandboxes(t *testing.T) {
 			pod(false, "childflow.dev/default-policy", "deny", "team", "infra"), ""},
 		{"an unannotated pod changed", pod(false), pod(false, "team", "infra"), ""},
 	} {
-		t.Run(tc.name, func(t *testing.T) {
-			op, old := admission.Create, runtime.Object(nil)
-			if tc.old != nil {
-				op, old = admission.Update, tc.old
-			}
-			// As the API server has it (the test context's Dispatch
-			// swaps the pod's name and namespace).
-			attrs := admission.NewAttributesRecord(tc.new, old, v1.WithKind("Pod"), tc.new.Namespace, tc.new.Name,
-				v1.WithResource("pods"), "", op, nil, false, nil)
-			err := api.Plugin.Dispatch(api, attrs, admission.NewObjectInterfacesFromScheme(scheme.Scheme))
-			switch {
-			case tc.refused == "" && err != nil:
-				t.Errorf("refused: %v", err)
-			case tc.refused != "" && err == nil:
-				t.Error("admitted")
-			case tc.refused != "" && !strings.Contains(err.Error(), tc.refused):
-				t.Errorf("refused for another reason: %v", err)
-			}
-		})
+		t.Run(tc.name, func(t *testing.T) { refusedAs(t, admit(tc.old, tc.new), tc.refused) })
 	}
 
 	if _, ok := render(t, "admissionPolicy.enabled=false")["ValidatingAdmissionPolicy"]; ok {
 		t.Error("admissionPolicy.enabled=false rendered the policy")
+	}
+}
+
+// TestAdmissionPolicyCanRequireTheRuntimeClass: with
+// admissionPolicy.requireRuntimeClass, an annotated pod is created under
+// childflow's RuntimeClass or not at all; pods made before keep their
+// updates.
+func TestAdmissionPolicyCanRequireTheRuntimeClass(t *testing.T) {
+	admit := admitter(t, "admissionPolicy.requireRuntimeClass=true", "runtimeClass.name=sandboxed")
+	under := func(class string, p *corev1.Pod) *corev1.Pod {
+		if class != "" {
+			p.Spec.RuntimeClassName = &class
+		}
+		return p
+	}
+	const required = "must set runtimeClassName: sandboxed"
+	for _, tc := range []struct {
+		name     string
+		old, new *corev1.Pod
+		refused  string
+	}{
+		{"annotated under the RuntimeClass", nil, under("sandboxed", pod(false, "childflow.dev/default-policy", "deny")), ""},
+		{"annotated without a RuntimeClass", nil, pod(false, "childflow.dev/default-policy", "deny"), required},
+		{"annotated under another RuntimeClass", nil, under("gvisor", pod(false, "childflow.dev/offline", "true")), required},
+		{"a slip of the prefix without it", nil, pod(false, "childflow.io/offline", "true"), required},
+		{"explicitly not sandboxed", nil, pod(false, "childflow.dev/enabled", "false"), ""},
+		{"unannotated", nil, pod(false), ""},
+		{"annotated and hostNetwork under it", nil, under("sandboxed", pod(true, "childflow.dev/offline", "true")), "cannot use hostNetwork"},
+		{"an annotated pod from before updated", pod(false, "childflow.dev/offline", "true"),
+			pod(false, "childflow.dev/offline", "true", "team", "infra"), ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) { refusedAs(t, admit(tc.old, tc.new), tc.refused) })
+	}
+
+	var rc nodev1.RuntimeClass
+	strict(t, render(t, "runtimeClass.enabled=true", "runtimeClass.nodeSelector.childflow\\.dev/handler=true")["RuntimeClass"], &rc)
+	if rc.Scheduling == nil || rc.Scheduling.NodeSelector["childflow.dev/handler"] != "true" {
+		t.Errorf("the RuntimeClass's scheduling: %+v", rc.Scheduling)
+	}
+	if _, ok := render(t, "runtimeClass.enabled=true")["RuntimeClass"]; !ok {
+		t.Error("runtimeClass.enabled=true rendered no RuntimeClass")
 	}
 }
 

@@ -425,6 +425,13 @@ func TestKubernetesRuntimeClassPods(t *testing.T) {
 			if after := hostNetfilter(t); after != before {
 				t.Errorf("the host's nftables or ip rules changed:\nbefore:\n%s\nafter:\n%s", before, after)
 			}
+			// What the chart's admissionPolicy.requireRuntimeClass
+			// relies on: a node whose containerd lacks the handler
+			// refuses the pod rather than run it under another runtime.
+			r = c.crictl(t, "runp", "--runtime", "childflow-elsewhere", filepath.Join(c.dir, "classed-pod.json"))
+			if r.code == 0 || !strings.Contains(strings.ReplaceAll(r.stderr, `\"`, `"`), `no runtime for "childflow-elsewhere" is configured`) {
+				t.Errorf("a pod under a runtime handler the node lacks: %v", r)
+			}
 		})
 	}
 }
