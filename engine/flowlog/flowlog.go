@@ -6,8 +6,10 @@ package flowlog
 import (
 	"bufio"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"sync/atomic"
 	"syscall"
@@ -230,7 +232,41 @@ func gapMark(n uint64) Event {
 // CreateFile is the safe open shared by every output file.
 func CreateFile(path string) (*os.File, error) { return openFile(path, true) }
 
+// ErrNotAFile marks an output path that names something other than a
+// regular file: the caller's mistake, said before anything is opened.
+var ErrNotAFile = errors.New("not a regular file")
+
+// CheckPath says what is wrong with path as an output file, before
+// anything is created. The open itself (O_NOFOLLOW, the stat after it)
+// still refuses what appears there meanwhile.
+func CheckPath(path string) error {
+	if path == "-" {
+		return fmt.Errorf("- is standard output, %w: childflow writes its outputs to files (standard output is the command's)", ErrNotAFile)
+	}
+	st, err := os.Lstat(path)
+	if err != nil || st.Mode().IsRegular() {
+		return nil
+	}
+	what, why := "something else", ""
+	switch m := st.Mode(); {
+	case m&fs.ModeSymlink != 0:
+		what, why = "a symbolic link", ": childflow never writes through one (name the file itself)"
+	case m.IsDir():
+		what = "a directory"
+	case m&fs.ModeNamedPipe != 0:
+		what = "a named pipe"
+	case m&fs.ModeDevice != 0:
+		what = "a device"
+	case m&fs.ModeSocket != 0:
+		what = "a socket"
+	}
+	return fmt.Errorf("%s is %s, %w%s", path, what, ErrNotAFile, why)
+}
+
 func openFile(path string, truncate bool) (*os.File, error) {
+	if err := CheckPath(path); err != nil {
+		return nil, err
+	}
 	flags := os.O_WRONLY | os.O_CREATE | syscall.O_NOFOLLOW | syscall.O_NONBLOCK
 	if !truncate {
 		flags |= os.O_APPEND
@@ -250,7 +286,7 @@ func openFile(path string, truncate bool) (*os.File, error) {
 	st, err := f.Stat()
 	if err != nil || !st.Mode().IsRegular() {
 		f.Close()
-		return nil, fmt.Errorf("creating %s: not a regular file", path)
+		return nil, fmt.Errorf("creating %s: %w", path, ErrNotAFile)
 	}
 	if truncate {
 		if err := f.Truncate(0); err != nil {

@@ -33,6 +33,18 @@ type captures struct {
 	failed  []error
 }
 
+// capturePaths are the files -c path writes at -C point.
+func capturePaths(path, point string) []string {
+	switch {
+	case path == "":
+		return nil
+	case point == "both":
+		stem := strings.TrimSuffix(strings.TrimSuffix(path, filepath.Ext(path)), ".pcap")
+		return []string{stem + ".child.pcapng", stem + ".egress.pcapng"}
+	}
+	return []string{path}
+}
+
 func openCaptures(caller *asuser.User, path, point string, root, privileged bool) (c *captures, err error) {
 	c = &captures{}
 	if err := checkChoice("capture-point", point, "child", "egress", "wire-egress", "both"); err != nil {
@@ -51,8 +63,8 @@ func openCaptures(caller *asuser.User, path, point string, root, privileged bool
 	}
 	childPath, hostPath, hostView := path, path, point
 	if point == "both" {
-		stem := strings.TrimSuffix(strings.TrimSuffix(path, filepath.Ext(path)), ".pcap")
-		childPath, hostPath, hostView = stem+".child.pcapng", stem+".egress.pcapng", "egress"
+		paths := capturePaths(path, point)
+		childPath, hostPath, hostView = paths[0], paths[1], "egress"
 	}
 	if point == "child" || point == "both" {
 		view := capture.View{Name: "child", Backend: "rootless", Interface: "cf0"}

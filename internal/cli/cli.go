@@ -104,6 +104,16 @@ func usageError(stderr io.Writer, err error) int {
 	return exitUsage
 }
 
+// outputError reports an output file that could not be created: a path
+// that names no regular file is the caller's mistake (exit 2).
+func outputError(stderr io.Writer, flag string, err error) int {
+	fmt.Fprintf(stderr, "childflow: %s: %v\n", flag, err)
+	if errors.Is(err, flowlog.ErrNotAFile) {
+		return exitUsage
+	}
+	return exitFailure
+}
+
 // command is one of childflow's subcommands, as its help lists it.
 type command struct{ name, args, about string }
 
@@ -368,6 +378,21 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			sb.Wait()
 		}
 	}()
+	// Every output path is looked at before any file is created: a
+	// mistake in one leaves the others as they were.
+	for _, out := range []struct {
+		flag  string
+		paths []string
+	}{{"--capture", capturePaths(o.capture, o.capturePoint)}, {"--flow-log", []string{o.flowLog}}} {
+		for _, p := range out.paths {
+			if p == "" {
+				continue
+			}
+			if err := flowlog.CheckPath(p); err != nil {
+				return outputError(stderr, out.flag, err)
+			}
+		}
+	}
 	var plan netplan.Plan
 	var rootNet *rootful.Sandbox
 	if o.root {
@@ -399,16 +424,14 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		if errors.As(err, &u) {
 			return usageError(stderr, err)
 		}
-		fmt.Fprintf(stderr, "childflow: --capture: %v\n", err)
-		return exitFailure
+		return outputError(stderr, "--capture", err)
 	}
 	defer captures.close(stderr)
 	var sinks []func(flowlog.Event)
 	if o.flowLog != "" {
 		w, err := asuser.Call(caller, func() (*flowlog.Writer, error) { return flowlog.Create(o.flowLog) })
 		if err != nil {
-			fmt.Fprintf(stderr, "childflow: --flow-log: %v\n", err)
-			return exitFailure
+			return outputError(stderr, "--flow-log", err)
 		}
 		defer closeReporting(w, "--flow-log", "events", stderr)
 		sinks = append(sinks, w.Log)

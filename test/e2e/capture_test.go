@@ -12,6 +12,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // tshark reads a capture back: fields of the packets matching filter.
@@ -97,21 +99,53 @@ true`)
 	})
 }
 
-func TestOutputFilesRefuseSymlinks(t *testing.T) {
+// An output path that names no regular file is a usage error naming the
+// flag, the path and what it is, found before any file is created: a
+// symbolic link is never written through, and a mistake in one output
+// leaves the others as they were.
+func TestOutputFilesAreRegularFiles(t *testing.T) {
 	requireRoot(t)
 	dir := logDir(t)
 	target := filepath.Join(dir, "victim")
 	os.WriteFile(target, []byte("keep me"), 0o644)
-	for _, flag := range []string{"-c", "--flow-log"} {
-		link := filepath.Join(dir, "link"+flag)
-		os.Symlink(target, link)
-		r := sh(t, root, []string{flag, link}, "true")
-		if r.code == 0 {
-			t.Errorf("%s through a symlink was accepted", flag)
+	link := filepath.Join(dir, "link")
+	os.Symlink(target, link)
+	fifo := filepath.Join(dir, "fifo")
+	if err := unix.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	earlier := filepath.Join(dir, "earlier.pcapng")
+	os.WriteFile(earlier, []byte("an earlier capture"), 0o600)
+	for _, c := range []struct {
+		flags []string
+		want  string
+	}{
+		{[]string{"-c", link}, "childflow: --capture: " + link + " is a symbolic link, not a regular file: childflow never writes through one"},
+		{[]string{"--flow-log", link}, "childflow: --flow-log: " + link + " is a symbolic link"},
+		{[]string{"--flow-log", dir}, "childflow: --flow-log: " + dir + " is a directory, not a regular file"},
+		{[]string{"--flow-log", fifo}, "childflow: --flow-log: " + fifo + " is a named pipe, not a regular file"},
+		{[]string{"-c", "/dev/null"}, "childflow: --capture: /dev/null is a device, not a regular file"},
+		{[]string{"--flow-log", "-"}, "childflow: --flow-log: - is standard output, not a regular file"},
+		{[]string{"-c", earlier, "--flow-log", dir}, "childflow: --flow-log: " + dir + " is a directory"},
+		{[]string{"--flow-log", earlier, "-c", filepath.Join(dir, "link.pcapng"), "-C", "both"}, ""},
+	} {
+		if c.want == "" { // -C both writes link.child.pcapng: a link there
+			os.Symlink(target, filepath.Join(dir, "link.child.pcapng"))
+			c.want = "childflow: --capture: " + filepath.Join(dir, "link.child.pcapng") + " is a symbolic link"
 		}
-		if b, _ := os.ReadFile(target); string(b) != "keep me" {
-			t.Fatalf("%s wrote through a symlink", flag)
+		r := sh(t, root, c.flags, "echo RAN")
+		if r.code != 2 || r.stdout != "" || !strings.HasPrefix(r.stderr, c.want) || strings.Count(r.stderr, "\n") != 1 {
+			t.Errorf("childflow %v: %v; want exit 2 and %q", c.flags, r, c.want)
 		}
+	}
+	if b, _ := os.ReadFile(target); string(b) != "keep me" {
+		t.Errorf("written through a symlink: %q", b)
+	}
+	if b, _ := os.ReadFile(earlier); string(b) != "an earlier capture" {
+		t.Errorf("an output file changed by a run refused for another: %q", b)
+	}
+	if entries, _ := os.ReadDir(dir); len(entries) != 5 {
+		t.Errorf("files made by refused runs: %v", entries)
 	}
 }
 
