@@ -170,6 +170,47 @@ nc -w 2 172.17.0.1 22 </dev/null && echo reach-bridge-host || echo blocked-bridg
 	}
 	d.run(t, "rm", "-f", id, guarded)
 
+	// On a network of its own (compose's), docker's resolver in the
+	// container (127.0.0.11) names the other containers, and asks the
+	// container's --dns from inside its namespace for the rest: that
+	// query meets the sandbox's DNS redirect, so the engine decides it
+	// (docker 20.10; one that asked from the host's namespace would go
+	// around the policy, and the dnsmasq log would show it).
+	d.run(t, "network", "create", "proj")
+	defer d.run(t, "network", "rm", "proj")
+	db, _, _ := background("childflow-plain", "--network", "proj", "--name", "db", "bb:latest", "sleep", "1000000")
+	dbIP := strings.TrimSpace(d.run(t, "inspect", "-f", "{{.NetworkSettings.Networks.proj.IPAddress}}", db).stdout)
+	// ask looks db up and asks docker's resolver for name; it returns
+	// what nslookup said and whether dnsmasq was asked for name from
+	// the container's address.
+	ask := func(runtime, name string) (string, bool) {
+		t.Helper()
+		r := d.run(t, "run", "--rm", "--runtime", runtime, "--network", "proj", "--dns", "203.0.113.53", "bb:latest",
+			"sh", "-c", "nslookup db; nslookup "+name+" 127.0.0.11; echo ip=$(hostname -i)")
+		_, ip, _ := strings.Cut(r.stdout, "ip=")
+		if net.ParseIP(strings.TrimSpace(ip)) == nil {
+			t.Fatalf("a container on a user-defined network: %v", r)
+		}
+		dnsmasq, _ := os.ReadFile(filepath.Join(proxyLogDir, "dnsmasq.log"))
+		return r.stdout, strings.Contains(string(dnsmasq), name+" from "+strings.TrimSpace(ip))
+	}
+	if out, asked := ask("childflow-plain", "control.wild.test"); !asked || !strings.Contains(out, "Address: 203.0.113.10") {
+		t.Errorf("an unsandboxed container's name through docker's resolver: dnsmasq asked %v\n%s", asked, out)
+	}
+	out, asked := ask("childflow", "exfil.wild.test")
+	if !strings.Contains(out, "Address: "+dbIP+"\n") || strings.Contains(out, "203.0.113.10") || asked {
+		t.Errorf("names in a sandboxed container on a user-defined network (db at %s): dnsmasq asked %v\n%s", dbIP, asked, out)
+	}
+	logs, _ := filepath.Glob(filepath.Join(n.flows, "*.jsonl"))
+	var denied bool
+	for _, l := range logs {
+		denied = denied || hasEvent(readFlowLog(t, l), map[string]any{"event": "policy_violation", "qname": "exfil.wild.test"})
+	}
+	if !denied {
+		t.Errorf("no policy_violation for the name asked through docker's resolver")
+	}
+	d.run(t, "rm", "-f", db)
+
 	// The host's network is no sandbox's.
 	r = d.run(t, "run", "--rm", "--runtime", "childflow", "--network", "host", "bb:latest", "echo", "RAN")
 	if r.code == 0 || strings.Contains(r.stdout, "RAN") || !strings.Contains(r.stderr, "shares the host's network namespace") {
