@@ -93,7 +93,11 @@ type Daemon struct {
 const nodeBufferBudget = 256 << 20
 
 type sandbox struct {
-	att     api.Attachment
+	att api.Attachment
+	// netns is held open: a namespace can outlive the process whose
+	// /proc path att names (a pod's pinned one, a named one), and its TUN
+	// and steering are removed through this when the sandbox goes.
+	netns   *os.File
 	eng     *engine.Engine
 	log     *flowlog.Writer
 	logPath string
@@ -338,7 +342,16 @@ func (d *Daemon) attach(a api.Attachment, link *os.File, adopted bool) (err erro
 			}
 		}()
 	}
-	sb := &sandbox{att: a, since: time.Now(), adopted: adopted, stdout: d.stdout}
+	netns, err := tunns.OpenNetns(a.Netns, a.NetnsInode)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err != nil {
+			netns.Close()
+		}
+	}()
+	sb := &sandbox{att: a, netns: netns, since: time.Now(), adopted: adopted, stdout: d.stdout}
 	if d.cfg.FlowLogDir != "" {
 		sb.logPath = filepath.Join(d.cfg.FlowLogDir, a.ID+".jsonl")
 		o := flowlog.Options{Append: adopted, MaxSize: d.cfg.FlowLogMaxSize, Keep: d.cfg.FlowLogKeep}
@@ -465,6 +478,7 @@ func (d *Daemon) detachIf(id string, only *sandbox) error {
 	left := len(d.sandboxes)
 	d.mu.Unlock()
 	var a api.Attachment
+	var netns *os.File
 	if sb != nil {
 		if only == nil {
 			// Detached by its runtime, once the container has exited:
@@ -475,14 +489,19 @@ func (d *Daemon) detachIf(id string, only *sandbox) error {
 		if err := sb.stop(); err != nil {
 			d.cfg.Logf("sandbox %s: flow log: %v", id, err)
 		}
-		a = sb.att
+		a, netns = sb.att, sb.netns
+		defer netns.Close()
 	} else if rec, err := d.readRecord(id); err == nil {
 		a = rec
 	} else {
 		return nil
 	}
-	if err := removeLink(a); err != nil {
+	kept, err := removeLink(a, netns)
+	if err != nil {
 		return fmt.Errorf("removing %s of sandbox %s: %w", a.Plan.Interface, id, err)
+	}
+	if kept {
+		d.cfg.Logf("sandbox %s: processes are left in its network namespace: its %s and steering stay, and nothing they send leaves", id, a.Plan.Interface)
 	}
 	os.Remove(d.recordPath(id))
 	d.cfg.Logf("detached %s", id)
@@ -493,13 +512,24 @@ func (d *Daemon) detachIf(id string, only *sandbox) error {
 	return nil
 }
 
-// removeLink deletes the sandbox's TUN if its namespace is still the
-// recorded one.
-func removeLink(a api.Attachment) error {
-	if ino, err := tunns.NetnsInode(a.Netns); err != nil || ino != a.NetnsInode || isOwnNetns(ino) {
-		return nil // the namespace is gone, and the TUN with it
+// removeLink deletes the sandbox's TUN and steering if its namespace is
+// still the recorded one (reached through netns where held) and no
+// process is left in it. Processes left (containers that joined the
+// sandbox) keep both: the steering would hand them the namespace's other
+// interfaces back, and the TUN, which nothing reads now, keeps their
+// traffic in. kept says so.
+func removeLink(a api.Attachment, netns *os.File) (kept bool, err error) {
+	path := a.Netns
+	if netns != nil {
+		path = fmt.Sprintf("/proc/self/fd/%d", netns.Fd())
 	}
-	return tunns.DeleteIn(a.Netns, a.Plan.Interface)
+	if ino, err := tunns.NetnsInode(path); err != nil || ino != a.NetnsInode || isOwnNetns(ino) {
+		return false, nil // the namespace is gone, and the TUN with it
+	}
+	if tunns.Occupied(a.NetnsInode) {
+		return true, nil
+	}
+	return false, tunns.DeleteIn(path, a.Plan.Interface)
 }
 
 // isOwnNetns guards the host: the daemon never configures or cleans up
@@ -526,6 +556,7 @@ func (d *Daemon) stopAll() {
 		if err := sb.stop(); err != nil {
 			d.cfg.Logf("sandbox %s: flow log: %v", id, err)
 		}
+		sb.netns.Close()
 		delete(d.sandboxes, id)
 	}
 }

@@ -438,6 +438,65 @@ func TestContainersWhereTheNamespaceCannotBeGuarded(t *testing.T) {
 	}
 }
 
+// A namespace can outlive the container that sandboxed it (a named one,
+// a pod's pinned one). Once no process is left in it, it is left as it
+// was found, so the next container sandboxes it again; while processes
+// are left (containers that joined), the steering stays, and nothing
+// they send leaves by the namespace's own interface.
+func TestANamespaceThatOutlivesItsContainer(t *testing.T) {
+	n := startNode(t)
+	name := fmt.Sprintf("cfol%d", os.Getpid())
+	t.Cleanup(func() {
+		exec.Command("ip", "netns", "del", name).Run()
+		exec.Command("ip", "link", "del", name+"a").Run()
+	})
+	for _, cmd := range []string{
+		"ip netns add " + name,
+		"ip link add " + name + "a type veth peer name eth0 netns " + name,
+		"ip addr add 198.51.100.1/30 dev " + name + "a", "ip link set " + name + "a up",
+		"ip -n " + name + " addr add 198.51.100.2/30 dev eth0", "ip -n " + name + " link set eth0 up", "ip -n " + name + " link set lo up",
+		"ip -n " + name + " route add default via 198.51.100.1",
+	} {
+		if out, err := exec.Command("sh", "-c", cmd).CombinedOutput(); err != nil {
+			t.Fatalf("%s: %v\n%s", cmd, err, out)
+		}
+	}
+	inside := func() string {
+		out, _ := exec.Command("sh", "-c", "ip -n "+name+" -o link; ip -n "+name+" route; ip -n "+name+" rule; ip netns exec "+name+" nft list tables").CombinedOutput()
+		return string(out)
+	}
+	found := inside()
+	state := t.TempDir()
+	container := func(id string) {
+		t.Helper()
+		dir := bundle(t, sandboxedAnn, n.hooks(), probe)
+		editSpec(t, dir, inNetns(name))
+		r := oci(t, "runc", state, "run", "--bundle", dir, id)
+		if r.code != 0 {
+			t.Fatalf("container %s: %v", id, r)
+		}
+		wantLines(t, r.stdout, "reach 203.0.113.10", "blocked 203.0.113.20", ipv6Only("blocked 2001:db8::20"), "has-cf0")
+		eventually(t, "container "+id+"'s sandbox to be detached", func() bool { return len(n.records(t)) == 0 })
+	}
+	container("cf-outlived")
+	if now := inside(); now != found {
+		t.Errorf("the namespace after its container:\n%s\nas found:\n%s", now, found)
+	}
+	container("cf-outlived-again")
+
+	// A process left in the namespace keeps the sandbox's steering.
+	left := exec.Command("ip", "netns", "exec", name, "sleep", "600")
+	if err := left.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { left.Process.Kill(); left.Wait() }()
+	container("cf-outlived-left")
+	now := inside()
+	if !strings.Contains(now, "cf0") || !strings.Contains(now, "table inet childflow") || strings.Contains(now, "default via 198.51.100.1") {
+		t.Errorf("the namespace after its container, a process left in it:\n%s", now)
+	}
+}
+
 // attributed says whether log has a connect_attempt to dst owned by comm.
 func attributed(log, dst, comm string) bool {
 	for _, line := range strings.Split(log, "\n") {
