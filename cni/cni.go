@@ -246,9 +246,16 @@ func cmdGC(args *skel.CmdArgs) error {
 			errs = append(errs, client.Detach(s.ID))
 		}
 	}
+	// The node's guards are not all this plugin's: the OCI hook guards
+	// its containers' veths too, and those stay while their sandboxes do
+	// (the daemon removes a gone sandbox's guard).
+	held := func(key string) bool {
+		return slices.ContainsFunc(conf.ValidAttachments, func(a types.GCAttachment) bool { return steer.Matches(key, a.ContainerID) }) ||
+			slices.ContainsFunc(list, func(s api.Status) bool { return s.Source != Source && steer.Matches(key, s.ID) })
+	}
 	if keys, err := conf.guards().List(); err == nil {
 		for _, k := range keys {
-			if !slices.ContainsFunc(conf.ValidAttachments, func(a types.GCAttachment) bool { return steer.Matches(k, a.ContainerID) }) {
+			if !held(k) {
 				errs = append(errs, conf.guards().Remove(k))
 			}
 		}

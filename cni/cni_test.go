@@ -20,6 +20,10 @@ import (
 
 	"github.com/childflow/childflow/engine/api"
 	"github.com/childflow/childflow/engine/daemon"
+	"github.com/childflow/childflow/internal/attach"
+	"github.com/childflow/childflow/internal/steer"
+	"github.com/childflow/childflow/internal/tunns"
+	"github.com/childflow/childflow/policy/annotations"
 )
 
 // node runs an in-process daemon for one test.
@@ -188,13 +192,40 @@ func TestGCAndStatus(t *testing.T) {
 		}
 		keepID = "keep"
 	}
+	// A container the OCI hook sandboxed and guarded on this node is no
+	// CNI attachment: GC leaves it, and its guard.
+	hooked := podNetns(t)
+	settings, _, _ := annotations.Parse(annotated)
+	if _, err := (attach.Node{Socket: socket, StateDir: state}).Attach(attach.Sandbox{ID: "hooked", Netns: hooked.Path(), Settings: settings, Source: "oci-hook"}); err != nil {
+		t.Fatal(err)
+	}
+	guard, err := tunns.HostGuardOf(hooked.Path(), "eth0", "hooked", nil)
+	guards := steer.Guards{Dir: state}
+	if err == nil {
+		err = guards.Install(guard)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer guards.Remove("hooked")
 	gc := &skel.CmdArgs{StdinData: conf("1.1.0", socket, state, nil, `, "cni.dev/valid-attachments": [{"containerID": "`+keepID+`", "ifname": "eth0"}]`)}
 	if err := cmdGC(gc); err != nil {
 		t.Fatal(err)
 	}
 	list, _ := api.Client{Socket: socket}.List()
-	if len(list) != 1 || list[0].ID != "keep" {
+	if len(list) != 2 || list[0].ID != "hooked" || list[1].ID != "keep" {
 		t.Fatalf("after GC: %+v", list)
+	}
+	if ok, err := guards.Has("hooked"); !ok || err != nil {
+		t.Errorf("GC removed the guard of a container the hook sandboxed: %v", err)
+	}
+	// Once that sandbox is gone, its guard is no one's.
+	api.Client{Socket: socket}.Detach("hooked")
+	if err := cmdGC(gc); err != nil {
+		t.Fatal(err)
+	}
+	if ok, _ := guards.Has("hooked"); ok {
+		t.Error("GC left the guard of a sandbox that is gone")
 	}
 	if err := cmdStatus(gc); err != nil {
 		t.Errorf("STATUS with a daemon: %v", err)
