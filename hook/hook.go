@@ -5,9 +5,9 @@
 // one, any failure fails the container start: never an open network. A
 // container whose namespace is sandboxed already (a pod's, another
 // container's) joins that sandbox if it asks for the same settings. A
-// veth beside cf0 is guarded from the host, as childflow-cni guards a
-// pod's; a container that keeps CAP_NET_RAW or CAP_NET_ADMIN beside an
-// interface that cannot be guarded is refused.
+// container's veths beside cf0 are guarded from the host, as childflow-cni
+// guards a pod's; a container that keeps CAP_NET_RAW or CAP_NET_ADMIN
+// beside an interface that cannot be guarded is refused.
 package hook
 
 import (
@@ -144,20 +144,24 @@ func createRuntime(node attach.Node, state specs.State, ann map[string]string, b
 	// container run later in its network without the hook (docker's
 	// default runtime, a sidecar without annotations) shares the veth
 	// and may keep NET_RAW or NET_ADMIN.
-	var guard steer.HostGuard
-	guardable := false
-	if !joining && len(others) > 0 {
+	var guards []steer.HostGuard
+	if !joining {
 		// As the CNI plugin guards a pod's veth: from the host, where
-		// nothing in the namespace reaches.
-		if len(others) != 1 {
-			err = fmt.Errorf("it has %d interfaces besides cf0 (%s)", len(others), strings.Join(others, ", "))
-		} else {
-			guard, err = tunns.HostGuardOf(netns, others[0], state.ID, nil)
+		// nothing in the namespace reaches. Every one, or none.
+		for i, link := range others {
+			g, gerr := tunns.HostGuardOf(netns, link, state.ID, nil)
+			if gerr != nil {
+				if bypass != "" {
+					return fail(stderr, state.ID, fmt.Errorf("%w; %v", bypassError(bypass), gerr))
+				}
+				guards = nil
+				break
+			}
+			if i > 0 {
+				g.Port = link
+			}
+			guards = append(guards, g)
 		}
-		if err != nil && bypass != "" {
-			return fail(stderr, state.ID, fmt.Errorf("%w, and its interface cannot be guarded from the host: %v", bypassError(bypass), err))
-		}
-		guardable = err == nil
 	}
 	att, err := node.Attach(attach.Sandbox{
 		ID:       state.ID,
@@ -180,9 +184,14 @@ func createRuntime(node attach.Node, state specs.State, ann map[string]string, b
 		// looked at to guard.
 		err = bypassError(bypass)
 		node.Detach(state.ID)
-	case guardable:
-		if err = (steer.Guards{Dir: node.StateDir}).Install(guard); err != nil {
-			node.Detach(state.ID)
+	case len(guards) > 0:
+		installed := steer.Guards{Dir: node.StateDir}
+		for _, g := range guards {
+			if err = installed.Install(g); err != nil {
+				installed.Remove(state.ID)
+				node.Detach(state.ID)
+				break
+			}
 		}
 	}
 	if err != nil {

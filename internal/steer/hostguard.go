@@ -35,7 +35,10 @@ import (
 // "from" that host. On a bridge, its ARP, neighbour discovery and MAC
 // address are checked as well (addLinkChain).
 type HostGuard struct {
-	ID     string         // the sandbox's; its first 12 characters name its chains
+	ID string // the sandbox's; its first 12 characters name its chains
+	// Port is the container's interface where its sandbox has more than
+	// one guarded (docker's several networks): "" for the first.
+	Port   string         `json:",omitempty"`
 	HostIf string         // the host's end of the pod's veth
 	Pod    []netip.Addr   // the pod's addresses: the only sources it may send from
 	Keep   []netip.Prefix // destinations it may reach around the engine
@@ -80,6 +83,15 @@ func guardKey(id string) string {
 	return id
 }
 
+// key names g's chains, sets and record: its sandbox's key, with the
+// container's interface after a "+" (no id has one) for a second one.
+func (g HostGuard) key() string {
+	if g.Port == "" {
+		return guardKey(g.ID)
+	}
+	return guardKey(g.ID) + "+" + g.Port
+}
+
 // Install adds g's chains. A routed veth is filtered where the host
 // forwards or receives (inet, with conntrack's view of who reached whom).
 // A bridge's port is not: there the host sees the packets come from the
@@ -105,7 +117,7 @@ func (gs Guards) Install(g HostGuard) error {
 		return err
 	}
 	if err := install(family, g); err != nil {
-		os.Remove(gs.recordPath(guardKey(g.ID)))
+		os.Remove(gs.recordPath(g.key()))
 		return err
 	}
 	return nil
@@ -154,7 +166,7 @@ func install(family nftables.TableFamily, guards ...HostGuard) error {
 	chains := chainNames(c, family)
 	again := false
 	for _, g := range guards {
-		again = removeChains(c, t, chains, guardKey(g.ID)) || again // a pod added again
+		again = removeChains(c, t, chains, g.key()) || again // a pod added again
 	}
 	if again {
 		if err := nftexpr.Flush(c); err != nil {
@@ -166,7 +178,7 @@ func install(family nftables.TableFamily, guards ...HostGuard) error {
 		if held[string(nftexpr.IfNameBytes(g.HostIf))] {
 			takeName(c, t, maps, g.HostIf)
 		}
-		if err := addGuard(c, t, maps, guardKey(g.ID), g); err != nil {
+		if err := addGuard(c, t, maps, g.key(), g); err != nil {
 			return err
 		}
 	}
@@ -544,7 +556,7 @@ func removeChains(c *nftables.Conn, t *nftables.Table, names map[string]bool, ke
 	return true
 }
 
-// Remove deletes the pod's guard, and a table no pod is left in; a
+// Remove deletes the pod's guards, and a table no pod is left in; a
 // missing guard is fine.
 func (gs Guards) Remove(id string) error {
 	unlock, err := gs.lock()
@@ -556,13 +568,23 @@ func (gs Guards) Remove(id string) error {
 	if err != nil {
 		return err
 	}
-	errs := []error{os.Remove(gs.recordPath(guardKey(id)))}
-	if errors.Is(errs[0], os.ErrNotExist) {
-		errs = nil
+	var errs []error
+	records, _ := filepath.Glob(gs.recordPath(guardKey(id) + "*"))
+	for _, p := range records {
+		if key, _ := strings.CutSuffix(filepath.Base(p), ".json"); Matches(key, id) {
+			errs = append(errs, os.Remove(p))
+		}
 	}
 	for _, f := range guardFamilies {
 		t := &nftables.Table{Family: f, Name: GuardTable}
-		if removeChains(c, t, chainNames(c, f), guardKey(id)) {
+		keys, _ := guardKeys(c, f)
+		names, removed := chainNames(c, f), false
+		for _, k := range keys {
+			if Matches(k, id) {
+				removed = removeChains(c, t, names, k) || removed
+			}
+		}
+		if removed {
 			errs = append(errs, nftexpr.Flush(c))
 		}
 		if keys, err := guardKeys(c, f); err == nil && len(keys) == 0 {
@@ -625,8 +647,11 @@ func (gs Guards) List() ([]string, error) {
 	return out, nil
 }
 
-// Matches reports whether a key from List is id's.
-func Matches(key, id string) bool { return key == guardKey(id) }
+// Matches reports whether a key from List is one of id's guards.
+func Matches(key, id string) bool {
+	k := guardKey(id)
+	return key == k || strings.HasPrefix(key, k+"+")
+}
 
 // guardRecord is what Restore needs of a guard: the guard, and its
 // veth's index, so that a veth of the same name made since (the pod
@@ -647,7 +672,7 @@ func readRecord(path string) (guardRecord, error) {
 
 // record keeps g's description for Restore; the caller holds the lock.
 func (gs Guards) record(g HostGuard) error {
-	path := gs.recordPath(guardKey(g.ID))
+	path := gs.recordPath(g.key())
 	link, err := netlink.LinkByName(g.HostIf)
 	if err == nil {
 		err = os.MkdirAll(filepath.Dir(path), 0o700)
@@ -740,16 +765,16 @@ func (gs Guards) Restore() (restored []string, err error) {
 			rest = rest[len(batch):]
 			if len(batch) > 1 && install(family, batch...) == nil {
 				for _, g := range batch {
-					restored = append(restored, guardKey(g.ID))
+					restored = append(restored, g.key())
 				}
 				continue
 			}
 			for _, g := range batch {
 				if err := install(family, g); err != nil {
-					errs = append(errs, fmt.Errorf("putting back the guard of pod %s: %w", guardKey(g.ID), err))
+					errs = append(errs, fmt.Errorf("putting back the guard of pod %s: %w", g.key(), err))
 					continue
 				}
-				restored = append(restored, guardKey(g.ID))
+				restored = append(restored, g.key())
 			}
 		}
 	}

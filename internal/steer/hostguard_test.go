@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"sort"
 	"strings"
 	"testing"
@@ -300,6 +301,7 @@ func TestGuardsShareATablePerFamily(t *testing.T) {
 		{"-n", nodeNS, "link", "add", "hg-a", "type", "veth", "peer", "name", "hg-a-pod"},
 		{"-n", nodeNS, "link", "add", "hg-b", "master", "hg-br", "type", "veth", "peer", "name", "hg-b-pod"},
 		{"-n", nodeNS, "link", "add", "hg-c", "master", "hg-br", "type", "veth", "peer", "name", "hg-c-pod"},
+		{"-n", nodeNS, "link", "add", "hg-e", "type", "veth", "peer", "name", "hg-e-pod"},
 	} {
 		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
 			t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
@@ -373,10 +375,24 @@ func TestGuardsShareATablePerFamily(t *testing.T) {
 	if got := tables(); got != "table inet childflow-guard" {
 		t.Errorf("tables after the last bridge port's guard went:\n%s", got)
 	}
+	// A container on two networks has a guard per veth, all removed
+	// with it.
+	second := pod("aaaaaaaaaaaa-1", "hg-e")
+	second.Port = "eth1"
+	in(func() error { return guards.Install(second) })
+	if got := keys(); !slices.Contains(got, "aaaaaaaaaaaa+eth1") || !slices.Contains(got, "aaaaaaaaaaaa") || len(got) != 2 {
+		t.Errorf("guards of a container's two veths: %s", got)
+	}
+	if !Matches("aaaaaaaaaaaa+eth1", "aaaaaaaaaaaa-1") || Matches("aaaaaaaaaaaa+eth1", "aaaaaaaaaaab-1") {
+		t.Error("Matches of a second veth's key")
+	}
 	in(func() error { return guards.Remove("aaaaaaaaaaaa-1") })
 	in(func() error { return guards.Remove("aaaaaaaaaaaa-1") })
 	if got := tables(); got != "" {
 		t.Errorf("tables after every guard went:\n%s", got)
+	}
+	if records, _ := filepath.Glob(filepath.Join(guards.Dir, "guards", "*.json")); len(records) != 0 {
+		t.Errorf("records after every guard went: %s", records)
 	}
 }
 
@@ -399,6 +415,7 @@ func TestGuardsComeBackAfterAFlush(t *testing.T) {
 		{"-n", nodeNS, "link", "add", "hg-a", "type", "veth", "peer", "name", "hg-a-pod"},
 		{"-n", nodeNS, "link", "add", "hg-b", "master", "hg-br", "type", "veth", "peer", "name", "hg-b-pod"},
 		{"-n", nodeNS, "link", "add", "hg-c", "master", "hg-br", "type", "veth", "peer", "name", "hg-c-pod"},
+		{"-n", nodeNS, "link", "add", "hg-e", "type", "veth", "peer", "name", "hg-e-pod"},
 	} {
 		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
 			t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)

@@ -136,12 +136,20 @@ func (c *cri) podPID(t *testing.T, pod string) int {
 // whether the echo came back.
 func rawFrameVia(t *testing.T, bridge string, pid int, podIP string) string {
 	t.Helper()
+	return rawFrameOn(t, "eth0", bridge, pid, podIP)
+}
+
+// rawFrameOn is rawFrameVia on the namespace's interface link.
+func rawFrameOn(t *testing.T, link, bridge string, pid int, podIP string) string {
+	t.Helper()
 	mac, err := os.ReadFile("/sys/class/net/" + bridge + "/address")
 	if err != nil {
 		t.Fatal(err)
 	}
-	out, err := exec.Command("nsenter", "--net=/proc/"+fmt.Sprint(pid)+"/ns/net", "python3", "../testdata/rawudp.py",
-		podIP, "40007", "203.0.113.20", "7", strings.TrimSpace(string(mac)), "3").CombinedOutput()
+	cmd := exec.Command("nsenter", "--net=/proc/"+fmt.Sprint(pid)+"/ns/net", "python3", "../testdata/rawudp.py",
+		podIP, "40007", "203.0.113.20", "7", strings.TrimSpace(string(mac)), "3")
+	cmd.Env = append(os.Environ(), "IFACE="+link)
+	out, err := cmd.CombinedOutput()
 	if err != nil {
 		t.Fatalf("raw frame: %v\n%s", err, out)
 	}

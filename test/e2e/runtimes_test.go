@@ -211,6 +211,27 @@ nc -w 2 172.17.0.1 22 </dev/null && echo reach-bridge-host || echo blocked-bridg
 	}
 	d.run(t, "rm", "-f", db)
 
+	// On two networks, each of its veths is guarded (a plain container's
+	// frame on the second escapes: the probe works there).
+	d.run(t, "network", "create", "proj2")
+	defer d.run(t, "network", "rm", "proj2")
+	bridge2 := "br-" + strings.TrimSpace(d.run(t, "network", "inspect", "-f", "{{.Id}}", "proj2").stdout)[:12]
+	for _, runtime := range []string{"childflow", "childflow-plain"} {
+		id := strings.TrimSpace(d.run(t, "create", "--runtime", runtime, "--network", "proj", "bb:latest", "sleep", "1000000").stdout)
+		d.run(t, "network", "connect", "proj2", id)
+		if r := d.run(t, "start", id); r.code != 0 {
+			t.Fatalf("a container on two networks under %s: %v", runtime, r)
+		}
+		var pid int
+		fmt.Sscan(d.run(t, "inspect", "-f", "{{.State.Pid}}", id).stdout, &pid)
+		ip2 := strings.TrimSpace(d.run(t, "inspect", "-f", "{{.NetworkSettings.Networks.proj2.IPAddress}}", id).stdout)
+		want := map[string]string{"childflow": "contained", "childflow-plain": "escaped"}[runtime]
+		if out := rawFrameOn(t, "eth1", bridge2, pid, ip2); out != want {
+			t.Errorf("a raw frame on the second network of a container under %s: %s, want %s", runtime, out, want)
+		}
+		d.run(t, "rm", "-f", id)
+	}
+
 	// The host's network is no sandbox's.
 	r = d.run(t, "run", "--rm", "--runtime", "childflow", "--network", "host", "bb:latest", "echo", "RAN")
 	if r.code == 0 || strings.Contains(r.stdout, "RAN") || !strings.Contains(r.stderr, "shares the host's network namespace") {
