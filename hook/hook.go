@@ -140,14 +140,13 @@ func createRuntime(node attach.Node, state specs.State, ann map[string]string, b
 	if len(others) == 0 {
 		bypass = "" // alone on cf0: nothing to get around
 	}
-	// The guard is the namespace's, whatever this container keeps: a
-	// container run later in its network without the hook (docker's
-	// default runtime, a sidecar without annotations) shares the veth
-	// and may keep NET_RAW or NET_ADMIN.
+	// Each veth is guarded from the host, where nothing in the namespace
+	// reaches, as the CNI plugin guards a pod's: every one or none, and
+	// whatever this container keeps, since a container run later in its
+	// network without the hook (docker's default runtime, a sidecar
+	// without annotations) may keep NET_RAW or NET_ADMIN.
 	var guards []steer.HostGuard
 	if !joining {
-		// As the CNI plugin guards a pod's veth: from the host, where
-		// nothing in the namespace reaches. Every one, or none.
 		for i, link := range others {
 			g, gerr := tunns.HostGuardOf(netns, link, state.ID, nil)
 			if gerr != nil {
@@ -185,10 +184,10 @@ func createRuntime(node attach.Node, state specs.State, ann map[string]string, b
 		err = bypassError(bypass)
 		node.Detach(state.ID)
 	case len(guards) > 0:
-		installed := steer.Guards{Dir: node.StateDir}
+		hostGuards := steer.Guards{Dir: node.StateDir}
 		for _, g := range guards {
-			if err = installed.Install(g); err != nil {
-				installed.Remove(state.ID)
+			if err = hostGuards.Install(g); err != nil {
+				hostGuards.Remove(state.ID)
 				node.Detach(state.ID)
 				break
 			}

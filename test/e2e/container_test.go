@@ -319,6 +319,28 @@ func inNetns(name string) func(spec map[string]any) {
 	}
 }
 
+// namedNetns makes a network namespace for the test, named prefix and
+// the test's pid, with eth0 a veth whose other end (NAMEa) is the host's,
+// then runs cmds (NAME standing for its name) and returns its name. Its
+// links NAMEa, NAMEb and NAMEx go with it.
+func namedNetns(t *testing.T, prefix string, cmds ...string) string {
+	t.Helper()
+	name := fmt.Sprintf("%s%d", prefix, os.Getpid())
+	t.Cleanup(func() {
+		exec.Command("ip", "netns", "del", name).Run()
+		for _, end := range []string{"a", "b", "x"} {
+			exec.Command("ip", "link", "del", name+end).Run()
+		}
+	})
+	for _, cmd := range append([]string{"ip netns add NAME", "ip link add NAMEa type veth peer name eth0 netns NAME"}, cmds...) {
+		cmd = strings.ReplaceAll(cmd, "NAME", name)
+		if out, err := exec.Command("sh", "-c", cmd).CombinedOutput(); err != nil {
+			t.Fatalf("%s: %v\n%s", cmd, err, out)
+		}
+	}
+	return name
+}
+
 // The veths beside cf0 are guarded from the host, each of them, and a
 // container keeping CAP_NET_RAW may attach or join the namespace; a
 // tunnel whose outer packets the namespace routes itself (a loaded ipip
@@ -328,28 +350,9 @@ func inNetns(name string) func(spec map[string]any) {
 // moved in) is not guarded: a container keeping NET_RAW there is
 // refused, the first to attach it and any that would join it, while
 // containers without it run sandboxed.
-func TestContainersWhereTheNamespaceCannotBeGuarded(t *testing.T) {
+func TestContainersBesideOtherInterfaces(t *testing.T) {
 	n := startNode(t)
 	state := t.TempDir()
-	netns := func(name string, cmds ...[]string) string {
-		t.Helper()
-		name = fmt.Sprintf("%s%d", name, os.Getpid())
-		t.Cleanup(func() {
-			exec.Command("ip", "netns", "del", name).Run()
-			for _, end := range []string{"a", "b", "x"} {
-				exec.Command("ip", "link", "del", name+end).Run()
-			}
-		})
-		cmds = append([][]string{{"ip", "netns", "add", name},
-			{"ip", "link", "add", name + "a", "type", "veth", "peer", "name", "eth0", "netns", name}}, cmds...)
-		for _, cmd := range cmds {
-			cmd = strings.Fields(strings.ReplaceAll(strings.Join(cmd, " "), "NAME", name))
-			if out, err := exec.Command(cmd[0], cmd[1:]...).CombinedOutput(); err != nil {
-				t.Fatalf("%v: %v\n%s", cmd, err, out)
-			}
-		}
-		return name
-	}
 	container := func(id, netns string, netRaw bool, script string) result {
 		t.Helper()
 		dir := bundle(t, sandboxedAnn, n.hooks(), script)
@@ -408,8 +411,8 @@ func TestContainersWhereTheNamespaceCannotBeGuarded(t *testing.T) {
 		return "no sandbox"
 	}
 
-	tunnel := netns("cfgt", []string{"ip", "link", "add", "NAMEb", "type", "veth", "peer", "name", "eth1", "netns", "NAME"},
-		[]string{"ip", "-n", "NAME", "link", "add", "vx0", "type", "vxlan", "id", "7", "dstport", "4789", "remote", "192.0.2.7"})
+	tunnel := namedNetns(t, "cfgt", "ip link add NAMEb type veth peer name eth1 netns NAME",
+		"ip -n NAME link add vx0 type vxlan id 7 dstport 4789 remote 192.0.2.7")
 	holder("cf-guarded", tunnel, true)
 	if g := guarded("cf-guarded"); g != true {
 		t.Errorf("a container keeping NET_RAW beside two veths and a tunnel routed in its namespace: guarded %v", g)
@@ -423,8 +426,7 @@ func TestContainersWhereTheNamespaceCannotBeGuarded(t *testing.T) {
 	}
 
 	// A vxlan made on the host and moved in sends from the host.
-	two := netns("cfng", []string{"ip", "link", "add", "NAMEx", "type", "vxlan", "id", "8", "dstport", "4789", "remote", "192.0.2.8"},
-		[]string{"ip", "link", "set", "NAMEx", "netns", "NAME"})
+	two := namedNetns(t, "cfng", "ip link add NAMEx type vxlan id 8 dstport 4789 remote 192.0.2.8", "ip link set NAMEx netns NAME")
 	r := container("cf-unguarded-raw", two, true, "echo RAN")
 	if r.code == 0 || strings.Contains(r.stdout, "RAN") || !strings.Contains(r.stderr, "has CAP_NET_RAW") ||
 		!strings.Contains(r.stderr, two+"x is a vxlan, not a veth: childflow cannot guard it from the host") {
@@ -452,22 +454,9 @@ func TestContainersWhereTheNamespaceCannotBeGuarded(t *testing.T) {
 // they send leaves by the namespace's own interface.
 func TestANamespaceThatOutlivesItsContainer(t *testing.T) {
 	n := startNode(t)
-	name := fmt.Sprintf("cfol%d", os.Getpid())
-	t.Cleanup(func() {
-		exec.Command("ip", "netns", "del", name).Run()
-		exec.Command("ip", "link", "del", name+"a").Run()
-	})
-	for _, cmd := range []string{
-		"ip netns add " + name,
-		"ip link add " + name + "a type veth peer name eth0 netns " + name,
-		"ip addr add 198.51.100.1/30 dev " + name + "a", "ip link set " + name + "a up",
-		"ip -n " + name + " addr add 198.51.100.2/30 dev eth0", "ip -n " + name + " link set eth0 up", "ip -n " + name + " link set lo up",
-		"ip -n " + name + " route add default via 198.51.100.1",
-	} {
-		if out, err := exec.Command("sh", "-c", cmd).CombinedOutput(); err != nil {
-			t.Fatalf("%s: %v\n%s", cmd, err, out)
-		}
-	}
+	name := namedNetns(t, "cfol", "ip addr add 198.51.100.1/30 dev NAMEa", "ip link set NAMEa up",
+		"ip -n NAME addr add 198.51.100.2/30 dev eth0", "ip -n NAME link set eth0 up", "ip -n NAME link set lo up",
+		"ip -n NAME route add default via 198.51.100.1")
 	inside := func() string {
 		out, _ := exec.Command("sh", "-c", "ip -n "+name+" -o link; ip -n "+name+" route; ip -n "+name+" rule; ip netns exec "+name+" nft list tables").CombinedOutput()
 		return string(out)

@@ -78,6 +78,19 @@ func (d *dockerd) run(t *testing.T, args ...string) result {
 	return execute(t, append([]string{"docker", "-H", "unix://" + d.sock}, args...)...)
 }
 
+// background runs a container detached under runtime and returns its
+// id, its pid and its address on docker's default bridge.
+func (d *dockerd) background(t *testing.T, runtime string, args ...string) (id string, pid int, ip string) {
+	t.Helper()
+	r := d.run(t, append([]string{"run", "-d", "--runtime", runtime}, args...)...)
+	if r.code != 0 {
+		t.Fatalf("%v\ndockerd:\n%s", r, d.log)
+	}
+	id = strings.TrimSpace(r.stdout)
+	fmt.Sscan(d.run(t, "inspect", "-f", "{{.State.Pid}}", id).stdout, &pid)
+	return id, pid, strings.TrimSpace(d.run(t, "inspect", "-f", "{{.NetworkSettings.IPAddress}}", id).stdout)
+}
+
 // hostNetfilter is what a sandbox must never change on the host.
 func hostNetfilter(t *testing.T) string {
 	t.Helper()
@@ -98,21 +111,11 @@ func TestDockerThroughTheRuntimeWrapper(t *testing.T) {
 	// guards a pod's: the container runs, and its raw frames go nowhere.
 	// Without childflow's policy the same frame gets its echo: the probe
 	// sees an escape.
-	background := func(runtime string, args ...string) (id string, pid int, ip string) {
-		t.Helper()
-		r := d.run(t, append([]string{"run", "-d", "--runtime", runtime}, args...)...)
-		if r.code != 0 {
-			t.Fatalf("%v\ndockerd:\n%s", r, d.log)
-		}
-		id = strings.TrimSpace(r.stdout)
-		fmt.Sscan(d.run(t, "inspect", "-f", "{{.State.Pid}}", id).stdout, &pid)
-		return id, pid, strings.TrimSpace(d.run(t, "inspect", "-f", "{{.NetworkSettings.IPAddress}}", id).stdout)
-	}
-	guarded, pid, guardedIP := background("childflow", "bb:latest", "sleep", "1000000")
+	guarded, pid, guardedIP := d.background(t, "childflow", "bb:latest", "sleep", "1000000")
 	if out := rawFrameVia(t, "docker0", pid, guardedIP); out != "contained" {
 		t.Errorf("a raw frame from a sandboxed container keeping NET_RAW: %s", out)
 	}
-	plain, pid, plainIP := background("childflow-plain", "bb:latest", "sleep", "1000000")
+	plain, pid, plainIP := d.background(t, "childflow-plain", "bb:latest", "sleep", "1000000")
 	if out := rawFrameVia(t, "docker0", pid, plainIP); out != "escaped" {
 		t.Errorf("a raw frame from an unsandboxed container: %s", out)
 	}
@@ -128,7 +131,7 @@ nc -w 2 172.17.0.1 22 </dev/null && echo reach-bridge-host || echo blocked-bridg
 	wantLines(t, r.stdout, "reach 203.0.113.10", "blocked 203.0.113.20", "blocked 2001:db8::20", "has-cf0", "blocked-bridge-host")
 
 	// Inbound through the bridge still works: replies leave by eth0.
-	id, pid, ip := background("childflow", "--cap-drop", "NET_RAW", "bb:latest", "sh", "-c", `while true; do echo "hi from inside" | nc -l -p 8080; done`)
+	id, pid, ip := d.background(t, "childflow", "--cap-drop", "NET_RAW", "bb:latest", "sh", "-c", `while true; do echo "hi from inside" | nc -l -p 8080; done`)
 	var got string
 	for i := 0; i < 20 && !strings.Contains(got, "hi from inside"); i++ {
 		if c, err := net.DialTimeout("tcp", ip+":8080", 2*time.Second); err == nil {
@@ -170,15 +173,35 @@ nc -w 2 172.17.0.1 22 </dev/null && echo reach-bridge-host || echo blocked-bridg
 	}
 	d.run(t, "rm", "-f", id, guarded)
 
-	// On a network of its own (compose's), docker's resolver in the
-	// container (127.0.0.11) names the other containers, and asks the
-	// container's --dns from inside its namespace for the rest: that
-	// query meets the sandbox's DNS redirect, so the engine decides it
-	// (docker 20.10; one that asked from the host's namespace would go
-	// around the policy, and the dnsmasq log would show it).
+	// The host's network is no sandbox's.
+	r = d.run(t, "run", "--rm", "--runtime", "childflow", "--network", "host", "bb:latest", "echo", "RAN")
+	if r.code == 0 || strings.Contains(r.stdout, "RAN") || !strings.Contains(r.stderr, "shares the host's network namespace") {
+		t.Errorf("a container in the host's network: %v", r)
+	}
+
+	// Only the hook, no policy, no annotation: the container is untouched.
+	r = d.run(t, "run", "--rm", "--runtime", "childflow-plain", "bb:latest", "sh", "-c", "ip -o link | grep -q cf0 && echo has-cf0 || echo no-cf0")
+	wantLines(t, r.stdout, "no-cf0")
+
+	eventually(t, "every sandbox to be detached", func() bool { return len(n.sandboxes(t)) == 0 && len(n.records(t)) == 0 })
+	if after := hostNetfilter(t); after != before {
+		t.Errorf("the host's nftables or ip rules changed:\nbefore:\n%s\nafter:\n%s", before, after)
+	}
+}
+
+// Compose puts containers on networks of their own. There docker's
+// resolver in the container (127.0.0.11) names the other containers, and
+// asks the container's --dns from inside its namespace for the rest: that
+// query meets the sandbox's DNS redirect, so the engine decides it
+// (docker 20.10; one that asked from the host's namespace would go around
+// the policy, and the dnsmasq log would show it). On two networks, each
+// of a container's veths is guarded.
+func TestDockerNetworksOfTheirOwn(t *testing.T) {
+	n := startNode(t)
+	before := hostNetfilter(t)
+	d := startDockerd(t, n)
 	d.run(t, "network", "create", "proj")
-	defer d.run(t, "network", "rm", "proj")
-	db, _, _ := background("childflow-plain", "--network", "proj", "--name", "db", "bb:latest", "sleep", "1000000")
+	db, _, _ := d.background(t, "childflow-plain", "--network", "proj", "--name", "db", "bb:latest", "sleep", "1000000")
 	dbIP := strings.TrimSpace(d.run(t, "inspect", "-f", "{{.NetworkSettings.Networks.proj.IPAddress}}", db).stdout)
 	// ask looks db up and asks docker's resolver for name; it returns
 	// what nslookup said and whether dnsmasq was asked for name from
@@ -211,10 +234,9 @@ nc -w 2 172.17.0.1 22 </dev/null && echo reach-bridge-host || echo blocked-bridg
 	}
 	d.run(t, "rm", "-f", db)
 
-	// On two networks, each of its veths is guarded (a plain container's
-	// frame on the second escapes: the probe works there).
+	// A plain container's frame on the second network escapes: the
+	// probe works there.
 	d.run(t, "network", "create", "proj2")
-	defer d.run(t, "network", "rm", "proj2")
 	bridge2 := "br-" + strings.TrimSpace(d.run(t, "network", "inspect", "-f", "{{.Id}}", "proj2").stdout)[:12]
 	for _, runtime := range []string{"childflow", "childflow-plain"} {
 		id := strings.TrimSpace(d.run(t, "create", "--runtime", runtime, "--network", "proj", "bb:latest", "sleep", "1000000").stdout)
@@ -232,16 +254,7 @@ nc -w 2 172.17.0.1 22 </dev/null && echo reach-bridge-host || echo blocked-bridg
 		d.run(t, "rm", "-f", id)
 	}
 
-	// The host's network is no sandbox's.
-	r = d.run(t, "run", "--rm", "--runtime", "childflow", "--network", "host", "bb:latest", "echo", "RAN")
-	if r.code == 0 || strings.Contains(r.stdout, "RAN") || !strings.Contains(r.stderr, "shares the host's network namespace") {
-		t.Errorf("a container in the host's network: %v", r)
-	}
-
-	// Only the hook, no policy, no annotation: the container is untouched.
-	r = d.run(t, "run", "--rm", "--runtime", "childflow-plain", "bb:latest", "sh", "-c", "ip -o link | grep -q cf0 && echo has-cf0 || echo no-cf0")
-	wantLines(t, r.stdout, "no-cf0")
-
+	d.run(t, "network", "rm", "proj", "proj2")
 	eventually(t, "every sandbox to be detached", func() bool { return len(n.sandboxes(t)) == 0 && len(n.records(t)) == 0 })
 	if after := hostNetfilter(t); after != before {
 		t.Errorf("the host's nftables or ip rules changed:\nbefore:\n%s\nafter:\n%s", before, after)
