@@ -294,3 +294,34 @@ func TestCleanupRemovesTheGuardsOfGoneSandboxes(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestSameSettingsReadsRuleListsAsSets: a container joins a sandbox
+// whose policy lists the same rules in another order, or one twice; the
+// order of resolvers is a setting of its own.
+func TestSameSettingsReadsRuleListsAsSets(t *testing.T) {
+	list := func(items ...string) *profile.StringList { l := profile.StringList(items); return &l }
+	deny := "deny"
+	for _, c := range []struct {
+		name string
+		a, b profile.Profile
+		same bool
+	}{
+		{"rules in another order", profile.Profile{DefaultPolicy: &deny, AllowCIDRs: list("203.0.113.10/32", "2001:db8::/32"), AllowDomains: list("b.test", "a.test")},
+			profile.Profile{DefaultPolicy: &deny, AllowCIDRs: list("2001:db8::/32", "203.0.113.10/32"), AllowDomains: list("a.test", "b.test")}, true},
+		{"a rule twice", profile.Profile{DenyDomainsExact: list("a.test", "a.test")}, profile.Profile{DenyDomainsExact: list("a.test")}, true},
+		{"other rules", profile.Profile{AllowCIDRs: list("203.0.113.10/32")}, profile.Profile{AllowCIDRs: list("203.0.113.20/32")}, false},
+		{"a rule more", profile.Profile{AllowDomains: list("a.test")}, profile.Profile{AllowDomains: list("a.test", "b.test")}, false},
+		{"resolvers in another order", profile.Profile{DNS: list("203.0.113.53", "203.0.113.54")}, profile.Profile{DNS: list("203.0.113.54", "203.0.113.53")}, false},
+		{"another default", profile.Profile{DefaultPolicy: &deny}, profile.Profile{}, false},
+	} {
+		if got := sameSettings(&c.a, &c.b); got != c.same {
+			t.Errorf("%s: same %v, want %v", c.name, got, c.same)
+		}
+	}
+	rules := list("b.test", "a.test")
+	p := profile.Profile{AllowDomains: rules}
+	sameSettings(&p, &p)
+	if (*rules)[0] != "b.test" {
+		t.Error("comparing sorted the settings themselves")
+	}
+}
