@@ -179,13 +179,13 @@ func TestGCAndStatus(t *testing.T) {
 	}
 	socket, state := node(t)
 	var keepID string
+	var namespaces []ns.NetNS
 	for _, id := range []string{"keep", "stale"} {
 		netns, err := testutils.NewNS()
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer testutils.UnmountNS(netns)
-		defer netns.Close()
+		namespaces = append(namespaces, netns)
 		args := &skel.CmdArgs{ContainerID: id, Netns: netns.Path(), IfName: "eth0", StdinData: conf("1.1.0", socket, state, annotated, "")}
 		if _, _, err := testutils.CmdAddWithArgs(args, func() error { return cmdAdd(args) }); err != nil {
 			t.Fatal(err)
@@ -233,6 +233,15 @@ func TestGCAndStatus(t *testing.T) {
 	down := &skel.CmdArgs{StdinData: conf("1.1.0", "/nonexistent.sock", state, nil, "")}
 	if err := cmdStatus(down); err == nil || !strings.Contains(err.Error(), "not reachable") {
 		t.Errorf("STATUS without a daemon: %v", err)
+	}
+	// The runtime removes a pod's pinned namespace, also one whose DEL
+	// never came ("keep" is still attached): the daemon's hold on it
+	// must not keep the bind mount busy.
+	for _, netns := range namespaces {
+		netns.Close() // the test's own hold
+		if err := testutils.UnmountNS(netns); err != nil {
+			t.Errorf("removing a pod's namespace: %v", err)
+		}
 	}
 }
 

@@ -118,9 +118,14 @@ func NetnsInode(path string) (uint64, error) {
 }
 
 // OpenNetns opens the network namespace at path, which must be the one
-// whose inode is ino.
-func OpenNetns(path string, ino uint64) (*os.File, error) {
-	f, err := os.Open(path)
+// whose inode is ino. It is opened from inside, not through path: a
+// descriptor opened through a bind mount of it (a pod's pinned
+// namespace) keeps its runtime from unmounting that.
+func OpenNetns(path string, ino uint64) (f *os.File, err error) {
+	err = inNetns(path, func(ns.NetNS) error {
+		f, err = os.Open("/proc/thread-self/ns/net")
+		return err
+	})
 	if err != nil {
 		return nil, fmt.Errorf("opening netns %s: %w", path, err)
 	}
