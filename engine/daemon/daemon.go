@@ -34,6 +34,7 @@ import (
 	"github.com/childflow/childflow/engine/proxy"
 	"github.com/childflow/childflow/internal/accept"
 	"github.com/childflow/childflow/internal/nftwatch"
+	"github.com/childflow/childflow/internal/procnet"
 	"github.com/childflow/childflow/internal/steer"
 	"github.com/childflow/childflow/internal/tunns"
 	"github.com/childflow/childflow/policy"
@@ -546,7 +547,7 @@ func removeLink(a api.Attachment, netns *os.File) (kept bool, err error) {
 	if ino, err := tunns.NetnsInode(path); err != nil || ino != a.NetnsInode || isOwnNetns(ino) {
 		return false, nil // the namespace is gone, and the TUN with it
 	}
-	if tunns.Occupied(a.NetnsInode) {
+	if procnet.Occupied(a.NetnsInode) {
 		return true, nil
 	}
 	return false, tunns.DeleteIn(path, a.Plan.Interface)
@@ -602,14 +603,14 @@ func (d *Daemon) reapLoop() {
 		case <-t.C:
 		}
 		d.mu.Lock()
-		var gone []*sandbox
+		var lost []*sandbox
 		for _, sb := range d.sandboxes {
-			if ino, err := tunns.NetnsInode(sb.att.Netns); err != nil || ino != sb.att.NetnsInode {
-				gone = append(gone, sb)
+			if gone(sb.att) {
+				lost = append(lost, sb)
 			}
 		}
 		d.mu.Unlock()
-		for _, sb := range gone {
+		for _, sb := range lost {
 			d.cfg.Logf("sandbox %s: its network namespace is gone", sb.att.ID)
 			d.detachIf(sb.att.ID, sb)
 			d.forgetGuard(sb.att.ID)

@@ -119,7 +119,7 @@ func (f *Finder) walk(inode uint64, walks int) (int, bool) {
 // members lists the processes whose sockets may be the sandbox's.
 func (f *Finder) members() []int {
 	if f.Netns != 0 {
-		return inNetns(f.Netns)
+		return inNetns(f.Netns, maxMembers)
 	}
 	return descendants(f.InitPID)
 }
@@ -143,7 +143,7 @@ func (f *Finder) scan(inode uint64) map[uint64]int {
 		}
 	}
 	f.fullScans++
-	f.known = inNetns(f.Netns)
+	f.known = inNetns(f.Netns, maxMembers)
 	return socketsOf(f.known, walkBudget)
 }
 
@@ -184,7 +184,7 @@ func (f *Finder) netPID() int {
 			return pid
 		}
 	}
-	if m := inNetns(f.Netns); len(m) > 0 {
+	if m := inNetns(f.Netns, maxMembers); len(m) > 0 {
 		return m[0]
 	}
 	return 0

@@ -222,21 +222,36 @@ func descendants(initPID int) []int {
 	return out
 }
 
-// inNetns lists the processes in the network namespace with inode ino
-// (at most as many as descendants lists).
-func inNetns(ino uint64) []int {
+// inNetns lists the processes in the network namespace with inode ino,
+// at most limit.
+func inNetns(ino uint64, limit int) []int {
 	entries, _ := os.ReadDir("/proc")
 	var out []int
 	for _, e := range entries {
 		pid, err := strconv.Atoi(e.Name())
 		if err == nil && netnsOf(pid) == ino {
 			out = append(out, pid)
-			if len(out) == maxMembers {
+			if len(out) == limit {
 				break
 			}
 		}
 	}
 	return out
+}
+
+// initPIDNamespace is the inode of the host's PID namespace (the
+// kernel's PROC_PID_INIT_INO).
+const initPIDNamespace = 0xEFFFFFFC
+
+// Occupied says whether a process is in the network namespace whose
+// inode is ino. Where the caller sees only some processes (a PID
+// namespace of its own), it cannot tell: yes.
+func Occupied(ino uint64) bool {
+	var st unix.Stat_t
+	if unix.Stat("/proc/self/ns/pid", &st) != nil || st.Ino != initPIDNamespace {
+		return true
+	}
+	return len(inNetns(ino, 1)) > 0
 }
 
 // netnsOf is the inode of pid's network namespace, 0 if unknown.

@@ -137,33 +137,6 @@ func OpenNetns(path string, ino uint64) (f *os.File, err error) {
 	return f, nil
 }
 
-// initPIDNamespace is the inode of the host's PID namespace (the
-// kernel's PROC_PID_INIT_INO).
-const initPIDNamespace = 0xEFFFFFFC
-
-// Occupied says whether a process is in the network namespace whose
-// inode is ino. Where the caller sees only some processes (a PID
-// namespace of its own), it cannot tell: yes.
-func Occupied(ino uint64) bool {
-	var st unix.Stat_t
-	if unix.Stat("/proc/self/ns/pid", &st) != nil || st.Ino != initPIDNamespace {
-		return true
-	}
-	entries, err := os.ReadDir("/proc")
-	if err != nil {
-		return true
-	}
-	for _, e := range entries {
-		if c := e.Name()[0]; c < '0' || c > '9' {
-			continue
-		}
-		if unix.Stat("/proc/"+e.Name()+"/ns/net", &st) == nil && st.Ino == ino {
-			return true
-		}
-	}
-	return false
-}
-
 // inNetns runs fn on a thread in the namespace at path and hands it that
 // namespace (ns.WithNetNSPath hands over the caller's instead).
 func inNetns(path string, fn func(target ns.NetNS) error) error {

@@ -11,7 +11,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -81,6 +80,13 @@ func (n *node) sandboxes(t *testing.T) []map[string]any {
 		t.Fatalf("sandboxes output %q: %v", r.stdout, err)
 	}
 	return list
+}
+
+// waitDetached waits for every sandbox of n to be detached and its
+// record gone.
+func (n *node) waitDetached(t *testing.T) {
+	t.Helper()
+	eventually(t, "every sandbox to be detached", func() bool { return len(n.sandboxes(t)) == 0 && len(n.records(t)) == 0 })
 }
 
 func (n *node) records(t *testing.T) []string {
@@ -308,6 +314,18 @@ func withNetRaw(spec map[string]any) {
 	}
 }
 
+// bundleIn writes a bundle of a sandboxed container running script in
+// the named network namespace, with CAP_NET_RAW if netRaw.
+func bundleIn(t *testing.T, n *node, netns string, netRaw bool, script string) string {
+	t.Helper()
+	dir := bundle(t, sandboxedAnn, n.hooks(), script)
+	editSpec(t, dir, inNetns(netns))
+	if netRaw {
+		editSpec(t, dir, withNetRaw)
+	}
+	return dir
+}
+
 // inNetns runs the container in the named network namespace.
 func inNetns(name string) func(spec map[string]any) {
 	return func(spec map[string]any) {
@@ -355,52 +373,12 @@ func TestContainersBesideOtherInterfaces(t *testing.T) {
 	state := t.TempDir()
 	container := func(id, netns string, netRaw bool, script string) result {
 		t.Helper()
-		dir := bundle(t, sandboxedAnn, n.hooks(), script)
-		editSpec(t, dir, inNetns(netns))
-		if netRaw {
-			editSpec(t, dir, withNetRaw)
-		}
-		return oci(t, "runc", state, "run", "--bundle", dir, id)
+		return oci(t, "runc", state, "run", "--bundle", bundleIn(t, n, netns, netRaw, script), id)
 	}
 	// holder runs a container in netns until the test ends.
 	holder := func(id, netns string, netRaw bool) {
 		t.Helper()
-		dir := bundle(t, sandboxedAnn, n.hooks(), "while [ ! -e /tmp/done ]; do sleep 0.1; done")
-		editSpec(t, dir, inNetns(netns))
-		if netRaw {
-			editSpec(t, dir, withNetRaw)
-		}
-		cmd := exec.Command("runc", "--root", state, "run", "--bundle", dir, id)
-		var out bytes.Buffer
-		cmd.Stdout, cmd.Stderr = &out, &out
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		exited := make(chan error, 1)
-		go func() { exited <- cmd.Wait() }()
-		t.Cleanup(func() {
-			os.WriteFile(filepath.Join(dir, "rootfs/tmp/done"), nil, 0o644)
-			stop := time.AfterFunc(20*time.Second, func() { exec.Command("runc", "--root", state, "kill", id, "KILL").Run() })
-			defer stop.Stop()
-			if err := <-exited; err != nil {
-				t.Errorf("container %s: %v\n%s", id, err, out.String())
-			}
-			eventually(t, "container "+id+"'s sandbox to be detached", func() bool { return !slices.Contains(n.records(t), id+".json") })
-		})
-		eventually(t, "container "+id+"'s sandbox", func() bool {
-			for _, sb := range n.sandboxes(t) {
-				if sb["id"] == id {
-					return true
-				}
-			}
-			select {
-			case err := <-exited:
-				exited <- err // for the cleanup
-				t.Fatalf("container %s exited: %v\n%s", id, err, out.String())
-			default:
-			}
-			return false
-		})
+		startDetached(t, state, bundleIn(t, n, netns, netRaw, "sleep 600"), id)
 	}
 	guarded := func(id string) any {
 		for _, sb := range n.sandboxes(t) {
@@ -465,9 +443,7 @@ func TestANamespaceThatOutlivesItsContainer(t *testing.T) {
 	state := t.TempDir()
 	container := func(id string) {
 		t.Helper()
-		dir := bundle(t, sandboxedAnn, n.hooks(), probe)
-		editSpec(t, dir, inNetns(name))
-		r := oci(t, "runc", state, "run", "--bundle", dir, id)
+		r := oci(t, "runc", state, "run", "--bundle", bundleIn(t, n, name, false, probe), id)
 		if r.code != 0 {
 			t.Fatalf("container %s: %v", id, r)
 		}

@@ -68,17 +68,18 @@ state = %q
     snapshotter = "native"
   [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
     runtime_type = "io.containerd.runc.v2"
-  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.childflow]
-    runtime_type = "io.containerd.runc.v2"
-    pod_annotations = ["childflow.dev/*"]
-    container_annotations = ["childflow.dev/*"]
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.childflow.options]
-      BinaryName = %q
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = %q
     conf_dir = %q
-`, filepath.Join(c.dir, "root"), filepath.Join(c.dir, "state"), c.sock, criImage,
-		filepath.Join(filepath.Dir(binPath()), "childflow-runtime"), bin, netd)
+`, filepath.Join(c.dir, "root"), filepath.Join(c.dir, "state"), c.sock, criImage, bin, netd)
+	// The handler as deploy/containerd/config.toml ships it, pointed at
+	// this test's childflow-runtime.
+	shipped, err := os.ReadFile("../../deploy/containerd/config.toml")
+	const installed = `BinaryName = "/usr/local/bin/childflow-runtime"`
+	if err != nil || !strings.Contains(string(shipped), installed) {
+		t.Fatalf("deploy/containerd/config.toml: %v, want its %s", err, installed)
+	}
+	cfg += strings.ReplaceAll(string(shipped), installed, fmt.Sprintf("BinaryName = %q", filepath.Join(filepath.Dir(binPath()), "childflow-runtime")))
 	os.WriteFile(filepath.Join(c.dir, "config.toml"), []byte(cfg), 0o644)
 	_, cniCache := os.Stat("/var/lib/cni") // libcni caches results there
 	var log bytes.Buffer
@@ -365,10 +366,8 @@ nslookup web.test 10.96.0.10 | grep -q 203.0.113.10 && echo dns-via-engine || ec
 		c.crictl(t, "stopp", id)
 		c.crictl(t, "rmp", id)
 	}
-	eventually(t, "every pod to be detached", func() bool { return len(n.sandboxes(t)) == 0 && len(n.records(t)) == 0 })
-	if after := hostNetfilter(t); after != before {
-		t.Errorf("the host's nftables or ip rules changed:\nbefore:\n%s\nafter:\n%s", before, after)
-	}
+	n.waitDetached(t)
+	netfilterAsFound(t, before)
 }
 
 // TestKubernetesRuntimeClassPods runs pods under the "childflow" runtime
@@ -429,10 +428,8 @@ func TestKubernetesRuntimeClassPods(t *testing.T) {
 			wantLines(t, c.exec(t, ctrs[0], probe), "reach 203.0.113.10", "blocked 203.0.113.20")
 			c.crictl(t, "stopp", pod)
 			c.crictl(t, "rmp", pod)
-			eventually(t, "the pod to be detached", func() bool { return len(n.sandboxes(t)) == 0 && len(n.records(t)) == 0 })
-			if after := hostNetfilter(t); after != before {
-				t.Errorf("the host's nftables or ip rules changed:\nbefore:\n%s\nafter:\n%s", before, after)
-			}
+			n.waitDetached(t)
+			netfilterAsFound(t, before)
 			// What the chart's admissionPolicy.requireRuntimeClass
 			// relies on: a node whose containerd lacks the handler
 			// refuses the pod rather than run it under another runtime.

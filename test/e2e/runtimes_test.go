@@ -100,6 +100,15 @@ func hostNetfilter(t *testing.T) string {
 	return string(nft) + string(rules) + string(rules6)
 }
 
+// netfilterAsFound checks the host's nftables and ip rules against
+// before (hostNetfilter at the test's start).
+func netfilterAsFound(t *testing.T, before string) {
+	t.Helper()
+	if after := hostNetfilter(t); after != before {
+		t.Errorf("the host's nftables or ip rules changed:\nbefore:\n%s\nafter:\n%s", before, after)
+	}
+}
+
 func TestDockerThroughTheRuntimeWrapper(t *testing.T) {
 	n := startNode(t)
 	before := hostNetfilter(t)
@@ -183,10 +192,8 @@ nc -w 2 172.17.0.1 22 </dev/null && echo reach-bridge-host || echo blocked-bridg
 	r = d.run(t, "run", "--rm", "--runtime", "childflow-plain", "bb:latest", "sh", "-c", "ip -o link | grep -q cf0 && echo has-cf0 || echo no-cf0")
 	wantLines(t, r.stdout, "no-cf0")
 
-	eventually(t, "every sandbox to be detached", func() bool { return len(n.sandboxes(t)) == 0 && len(n.records(t)) == 0 })
-	if after := hostNetfilter(t); after != before {
-		t.Errorf("the host's nftables or ip rules changed:\nbefore:\n%s\nafter:\n%s", before, after)
-	}
+	n.waitDetached(t)
+	netfilterAsFound(t, before)
 }
 
 // Compose puts containers on networks of their own. There docker's
@@ -255,10 +262,8 @@ func TestDockerNetworksOfTheirOwn(t *testing.T) {
 	}
 
 	d.run(t, "network", "rm", "proj", "proj2")
-	eventually(t, "every sandbox to be detached", func() bool { return len(n.sandboxes(t)) == 0 && len(n.records(t)) == 0 })
-	if after := hostNetfilter(t); after != before {
-		t.Errorf("the host's nftables or ip rules changed:\nbefore:\n%s\nafter:\n%s", before, after)
-	}
+	n.waitDetached(t)
+	netfilterAsFound(t, before)
 }
 
 func TestContainerdThroughTheRuntimeWrapper(t *testing.T) {
@@ -310,7 +315,7 @@ func TestContainerdThroughTheRuntimeWrapper(t *testing.T) {
 	if r.code == 0 || strings.Contains(r.stdout, "RAN") || !strings.Contains(r.stderr, "childflow.dev/block-private") {
 		t.Errorf("bad annotation under containerd: %v", r)
 	}
-	eventually(t, "every sandbox to be detached", func() bool { return len(n.sandboxes(t)) == 0 && len(n.records(t)) == 0 })
+	n.waitDetached(t)
 }
 
 func TestPodmanWithHooksDir(t *testing.T) {
@@ -382,5 +387,5 @@ func TestPodmanWithHooksDir(t *testing.T) {
 	if r.code == 0 || strings.Contains(r.stdout, "RAN") || !strings.Contains(strings.ReplaceAll(r.stderr, `\"`, `"`), "unknown annotation childflow.io/default-policy") {
 		t.Errorf("a mistyped annotation prefix: want a failed start naming it: %v", r)
 	}
-	eventually(t, "every sandbox to be detached", func() bool { return len(n.sandboxes(t)) == 0 && len(n.records(t)) == 0 })
+	n.waitDetached(t)
 }
