@@ -18,7 +18,6 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -455,29 +454,12 @@ func (d *Daemon) join(a api.Attachment) (api.Status, error) {
 	return st[0], nil
 }
 
-// sameSettings compares two containers' settings as policies: the rule
-// lists are sets, whatever their order; the resolvers' order counts.
+// sameSettings compares two containers' settings as the policies they
+// make (profile.Canonical).
 func sameSettings(a, b *profile.Profile) bool {
-	x, errA := json.Marshal(withRuleSets(a))
-	y, errB := json.Marshal(withRuleSets(b))
+	x, errA := json.Marshal(a.Canonical())
+	y, errB := json.Marshal(b.Canonical())
 	return errA == nil && errB == nil && bytes.Equal(x, y)
-}
-
-// withRuleSets is p with its rule lists sorted and without repeats.
-func withRuleSets(p *profile.Profile) *profile.Profile {
-	if p == nil {
-		return nil
-	}
-	c := *p
-	for _, list := range []**profile.StringList{&c.AllowCIDRs, &c.DenyCIDRs, &c.AllowDomains, &c.AllowDomainsExact, &c.DenyDomains, &c.DenyDomainsExact} {
-		if *list != nil {
-			set := slices.Clone(**list)
-			slices.Sort(set)
-			set = slices.Compact(set)
-			*list = &set
-		}
-	}
-	return &c
 }
 
 // detach stops a sandbox and removes its TUN and record. Unknown ids

@@ -298,9 +298,9 @@ func TestCleanupRemovesTheGuardsOfGoneSandboxes(t *testing.T) {
 // TestSameSettingsReadsRuleListsAsSets: a container joins a sandbox
 // whose policy lists the same rules in another order, or one twice; the
 // order of resolvers is a setting of its own.
-func TestSameSettingsReadsRuleListsAsSets(t *testing.T) {
+func TestSameSettingsComparesPolicies(t *testing.T) {
 	list := func(items ...string) *profile.StringList { l := profile.StringList(items); return &l }
-	deny := "deny"
+	deny, allow, off := "deny", "allow", false
 	for _, c := range []struct {
 		name string
 		a, b profile.Profile
@@ -313,6 +313,12 @@ func TestSameSettingsReadsRuleListsAsSets(t *testing.T) {
 		{"a rule more", profile.Profile{AllowDomains: list("a.test")}, profile.Profile{AllowDomains: list("a.test", "b.test")}, false},
 		{"resolvers in another order", profile.Profile{DNS: list("203.0.113.53", "203.0.113.54")}, profile.Profile{DNS: list("203.0.113.54", "203.0.113.53")}, false},
 		{"another default", profile.Profile{DefaultPolicy: &deny}, profile.Profile{}, false},
+		{"rules in other forms", profile.Profile{DefaultPolicy: &deny, AllowCIDRs: list("203.0.113.10", "2001:DB8::1/32", "::ffff:203.0.113.0/120"), DenyDomains: list("A.Test.")},
+			profile.Profile{DefaultPolicy: new("Deny"), AllowCIDRs: list("203.0.113.10/32", "2001:db8::/32", "203.0.113.0/24"), DenyDomains: list("a.test")}, true},
+		{"a resolver without its port", profile.Profile{DNS: list("203.0.113.53", "[2001:db8::53]:53")}, profile.Profile{DNS: list("203.0.113.53:53", "2001:db8::53")}, true},
+		{"the default written out", profile.Profile{DefaultPolicy: &allow, Offline: &off, AllowCIDRs: list()}, profile.Profile{}, true},
+		{"another port", profile.Profile{DNS: list("203.0.113.53")}, profile.Profile{DNS: list("203.0.113.53:5353")}, false},
+		{"another prefix length", profile.Profile{AllowCIDRs: list("203.0.113.10")}, profile.Profile{AllowCIDRs: list("203.0.113.0/24")}, false},
 	} {
 		if got := sameSettings(&c.a, &c.b); got != c.same {
 			t.Errorf("%s: same %v, want %v", c.name, got, c.same)

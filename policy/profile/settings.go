@@ -2,6 +2,7 @@ package profile
 
 import (
 	"net/netip"
+	"slices"
 	"strings"
 
 	"github.com/childflow/childflow/policy"
@@ -68,4 +69,68 @@ func (p *Profile) Resolvers(name Namer) ([]netip.AddrPort, error) {
 		return nil, nil
 	}
 	return policy.ParseResolvers(name("dns"), *p.DNS)
+}
+
+// Canonical is p as a policy reads it, for comparing two profiles: a rule
+// written in another form (203.0.113.10 and 203.0.113.10/32, a domain in
+// capitals or with its final dot) is the same rule, the rule lists are
+// sets, a resolver without its port is on port 53 (the resolvers' order
+// counts), and an unset switch is off. A value that does not parse is
+// kept as written: it cannot equal a valid one. p is left as it is.
+func (p *Profile) Canonical() *Profile {
+	if p == nil {
+		return nil
+	}
+	c := *p
+	set := func(list **StringList, form func(string) (string, error)) {
+		if *list == nil {
+			return
+		}
+		var out StringList
+		for _, s := range **list {
+			if f, err := form(s); err == nil {
+				s = f
+			}
+			out = append(out, s)
+		}
+		slices.Sort(out)
+		if out = slices.Compact(out); len(out) == 0 {
+			*list = nil // no rules
+			return
+		}
+		*list = &out
+	}
+	cidr := func(s string) (string, error) {
+		p, err := policy.ParseCIDR("", s)
+		return p.String(), err
+	}
+	domain := func(s string) (string, error) { return policy.ParseDomain("", s) }
+	set(&c.AllowCIDRs, cidr)
+	set(&c.DenyCIDRs, cidr)
+	for _, l := range []**StringList{&c.AllowDomains, &c.AllowDomainsExact, &c.DenyDomains, &c.DenyDomainsExact} {
+		set(l, domain)
+	}
+	if c.DNS != nil {
+		dns := slices.Clone(*c.DNS)
+		for i, s := range dns {
+			if r, err := policy.ParseResolvers("", []string{s}); err == nil {
+				dns[i] = r[0].String()
+			}
+		}
+		c.DNS = &dns
+	}
+	if c.DefaultPolicy != nil {
+		if deny, err := policy.ParseDefault("", *c.DefaultPolicy); err == nil {
+			c.DefaultPolicy = nil
+			if deny {
+				c.DefaultPolicy = new("deny")
+			}
+		}
+	}
+	for _, b := range []**bool{&c.ProxyInsecure, &c.Summary, &c.Offline, &c.BlockPrivate, &c.BlockMetadata, &c.ProxyOnly, &c.FailOnLeak} {
+		if *b != nil && !**b {
+			*b = nil
+		}
+	}
+	return &c
 }
