@@ -30,8 +30,12 @@ manifests:
 	helm template childflow charts/childflow --namespace kube-system > deploy/kubernetes/childflow.yaml
 
 # The whole suite: unit tests, then the end-to-end tests (root: in CI they
-# run; as a normal user they skip).
-test: unit race e2e
+# run; as a normal user they skip), then what the whole run left on the
+# host (the e2e tests check childflow's own state after each test).
+test:
+	mkdir -p $(BIN) && hack/leftovers.sh record $(BIN)/host-state
+	$(MAKE) unit race e2e
+	hack/leftovers.sh check $(BIN)/host-state
 
 unit:
 	$(GO) test -count=1 ./...

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# What a test run leaves on the host: `record FILE` before it, `check FILE`
+# after, which lists what appeared meanwhile and fails if anything did.
+# The e2e tests check childflow's own state after each test; this covers
+# the whole run (unit tests too) and what the tests' tools leave: network
+# namespaces, links, rules, routes, nftables tables, mounts, sysctls the
+# tests set, files in /run and /tmp, and processes of the programs the
+# tests start.
+set -euo pipefail
+
+# Each line names its kind: check compares the lines as sets.
+as() { sed "s|^|$1: |"; }
+
+state() {
+	ls -1 /run/netns 2>/dev/null | as netns || true
+	if command -v ip >/dev/null; then
+		ip -o link show | awk '{print $2}' | as link
+		{ ip rule; ip -6 rule 2>/dev/null || true; } | as rule
+		# Routes and addresses the kernel's own timers renew carry their lifetimes.
+		{ ip route show table all; ip -6 route show table all 2>/dev/null | grep -v 'fe80::'; } | sed 's/ expires [0-9a-z]*//' | as route
+		ip -o addr show | grep -v 'fe80::' | awk '{print $2, $4}' | as address
+	fi
+	{ nft list tables 2>/dev/null || true; } | as nftables
+	awk '{print $5}' /proc/self/mountinfo | as mount
+	for f in /proc/sys/net/ipv4/ip_forward /proc/sys/net/ipv6/conf/{all,default}/forwarding \
+		/proc/sys/net/ipv4/conf/all/src_valid_mark /proc/sys/kernel/apparmor_restrict_unprivileged_userns \
+		/proc/sys/kernel/unprivileged_userns_clone /proc/sys/net/ipv4/ping_group_range; do
+		if [ -e "$f" ]; then echo "$f $(tr '\t' ' ' <"$f")"; fi
+	done | as setting
+	{ stat -c '/dev/net/tun %a' /dev/net/tun 2>/dev/null || true; } | as setting
+	# childflow's lock files stay by design: removing a lock someone waits
+	# on would let two holders in.
+	{ find /run/childflow /var/run/childflow 2>/dev/null || true; } |
+		grep -vxE '/(var/)?run/childflow(/root)?|/(var/)?run/childflow/(root/\.lock|daemon\.lock)' | as file || true
+	ls -1 /tmp | grep -vE '^(bash_|go-build|hsperfdata_)' | sed 's|^|/tmp/|' | as file || true
+	ps -eo pid=,comm= | grep -E ' (childflow|e2e\.test|dnsmasq|unbound|squid|tinyproxy|microsocks|danted|sockd|containerd|dockerd|docker-proxy|runc|crun|conmon|podman|pasta|slirp4netns|iperf3|python3|tshark|dumpcap|chrom|qemu-system|socat|nc$|sleep|curl|dig$|ping$|pause|catatonit|helm)' |
+		as process || true
+}
+
+case "${1:-}" in
+record)
+	state >"$2"
+	;;
+check)
+	left=$(comm -13 <(sort "$2") <(state | sort) | sed 's/^/  /')
+	rm -f "$2"
+	if [ -n "$left" ]; then
+		echo "left on the host by the tests:"
+		echo "$left"
+		exit 1
+	fi
+	echo "nothing left on the host by the tests"
+	;;
+*)
+	echo "usage: $0 record|check FILE" >&2
+	exit 2
+	;;
+esac
