@@ -33,7 +33,9 @@ state() {
 	{ find /run/childflow /var/run/childflow 2>/dev/null || true; } |
 		grep -vxE '/(var/)?run/childflow(/root)?|/(var/)?run/childflow/(root/\.lock|daemon\.lock)' | as file || true
 	ls -1 /tmp | grep -vE '^(bash_|go-build|hsperfdata_)' | sed 's|^|/tmp/|' | as file || true
-	ps -eo pid=,comm= | grep -E ' (childflow|e2e\.test|dnsmasq|unbound|squid|tinyproxy|microsocks|danted|sockd|containerd|dockerd|docker-proxy|runc|crun|conmon|podman|pasta|slirp4netns|iperf3|python3|tshark|dumpcap|chrom|qemu-system|socat|nc$|sleep|curl|dig$|ping$|pause|catatonit|helm)' |
+	# Not zombies: what has exited is left for its parent, which may be
+	# an init that reaps late.
+	ps -eo pid=,stat=,comm= | awk '$2 !~ /^Z/ {print $1, $3}' | grep -E ' (childflow|e2e\.test|dnsmasq|unbound|squid|tinyproxy|microsocks|danted|sockd|containerd|dockerd|docker-proxy|runc|crun|conmon|podman|pasta|slirp4netns|iperf3|python3|tshark|dumpcap|chrom|qemu-system|socat|nc$|sleep|curl|dig$|ping$|pause|catatonit|helm)' |
 		as process || true
 }
 
@@ -42,7 +44,12 @@ record)
 	state >"$2"
 	;;
 check)
-	left=$(comm -13 <(sort "$2") <(state | sort) | sed 's/^/  /')
+	# What the last test killed may take a moment to go.
+	for try in 1 2 3 4 5; do
+		left=$(comm -13 <(sort "$2") <(state | sort) | sed 's/^/  /')
+		if [ -z "$left" ]; then break; fi
+		sleep 1
+	done
 	rm -f "$2"
 	if [ -n "$left" ]; then
 		echo "left on the host by the tests:"
