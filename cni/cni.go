@@ -36,7 +36,7 @@ import (
 const errPluginNotAvailable = 50
 
 // Source marks the daemon's sandboxes that this plugin attached.
-const Source = "cni"
+const Source = api.SourceCNI
 
 // NetConf is the plugin's configuration in the conflist.
 type NetConf struct {

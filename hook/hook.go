@@ -93,11 +93,7 @@ Options:
 	case "createRuntime", "prestart":
 		return createRuntime(node, state, ann, bundle, stderr)
 	case "poststop":
-		err := node.Detach(state.ID)
-		if guards := (steer.Guards{Dir: node.StateDir}); guards.Recorded(state.ID) {
-			err = errors.Join(err, guards.Remove(state.ID))
-		}
-		if err != nil {
+		if err := node.Detach(state.ID); err != nil {
 			return fail(stderr, state.ID, err)
 		}
 		return 0
@@ -167,7 +163,7 @@ func createRuntime(node attach.Node, state specs.State, ann map[string]string, b
 		Netns:    netns,
 		PID:      state.Pid,
 		Settings: settings,
-		Source:   "oci-hook",
+		Source:   api.SourceHook,
 		Hosts:    cfg.hosts(),
 	})
 	switch {

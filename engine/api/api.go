@@ -65,7 +65,7 @@ type Attachment struct {
 	PID  int          `json:"pid,omitempty"`
 	Plan netplan.Plan `json:"plan"`
 	// Settings is the sandbox's policy, resolvers and proxy in profile
-	// form; Source says who produced it ("oci-hook", "cni").
+	// form; Source says who produced it (SourceHook, SourceCNI).
 	Settings *profile.Profile `json:"settings"`
 	Source   string           `json:"source,omitempty"`
 	// Labels name the sandbox in its flow log and metrics
@@ -75,6 +75,13 @@ type Attachment struct {
 	// addresses it names carry those names.
 	Hosts string `json:"hosts,omitempty"`
 }
+
+// Who attached a sandbox: the OCI hook (a container, through any
+// runtime) or childflow-cni (a pod, whose namespace the runtime owns).
+const (
+	SourceHook = "oci-hook"
+	SourceCNI  = "cni"
+)
 
 // CheckID rejects ids that cannot name files under the state directory.
 // (No regexp: compiling one costs the hook a millisecond at start.)
@@ -102,16 +109,19 @@ type Status struct {
 	// Guarded: its other interface is guarded from the host (a host
 	// guard under the daemon's state directory, the CNI plugin's or
 	// the hook's), so its capabilities cannot send around it.
-	Guarded   bool              `json:"guarded,omitempty"`
-	Labels    map[string]string `json:"labels,omitempty"`
-	Since     time.Time         `json:"since"`
-	Adopted   bool              `json:"adopted,omitempty"` // re-adopted after a daemon restart
-	FlowLog   string            `json:"flow_log,omitempty"`
-	Flows     uint64            `json:"flows"`
-	Allowed   uint64            `json:"allowed"`
-	Denied    uint64            `json:"denied"`
-	BytesUp   uint64            `json:"bytes_up"`
-	BytesDown uint64            `json:"bytes_down"`
+	Guarded bool              `json:"guarded,omitempty"`
+	Labels  map[string]string `json:"labels,omitempty"`
+	Since   time.Time         `json:"since"`
+	Adopted bool              `json:"adopted,omitempty"` // re-adopted after a daemon restart
+	// Lingering: its container is gone, and it serves the processes
+	// left in its namespace until they go (Daemon.linger).
+	Lingering bool   `json:"lingering,omitempty"`
+	FlowLog   string `json:"flow_log,omitempty"`
+	Flows     uint64 `json:"flows"`
+	Allowed   uint64 `json:"allowed"`
+	Denied    uint64 `json:"denied"`
+	BytesUp   uint64 `json:"bytes_up"`
+	BytesDown uint64 `json:"bytes_down"`
 }
 
 // Response answers a Request. Usage is set when the request itself was

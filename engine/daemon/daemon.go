@@ -105,6 +105,9 @@ type sandbox struct {
 	stdout  *flowlog.Writer // shared by all sandboxes; nil: off
 	since   time.Time
 	adopted bool
+	// lingering: its container is gone, and processes are left in its
+	// namespace (linger). Under Daemon.mu, as att is.
+	lingering bool
 
 	flows, allowed, denied, up, down atomic.Uint64
 }
@@ -462,15 +465,29 @@ func sameSettings(a, b *profile.Profile) bool {
 	return errA == nil && errB == nil && bytes.Equal(x, y)
 }
 
-// detach stops a sandbox and removes its TUN and record. Unknown ids
-// succeed: poststop and CNI DEL may come more than once.
-func (d *Daemon) detach(id string) error { return d.detachIf(id, nil) }
+// detach stops a sandbox and removes its TUN, record and host guards.
+// Unknown ids succeed: poststop and CNI DEL may come more than once. A
+// container's sandbox whose namespace still holds processes lingers
+// instead (linger).
+func (d *Daemon) detach(id string) error {
+	if err := api.CheckID(id); err != nil {
+		return err
+	}
+	d.mu.Lock()
+	sb := d.sandboxes[id]
+	d.mu.Unlock()
+	if sb != nil && d.linger(sb) {
+		return nil
+	}
+	return d.detachIf(id, nil)
+}
 
 // detachIf detaches id if it is still only (nil: whatever it is now).
 func (d *Daemon) detachIf(id string, only *sandbox) error {
 	if err := api.CheckID(id); err != nil {
 		return err
 	}
+	defer d.forgetGuard(id)
 	d.mu.Lock()
 	sb := d.sandboxes[id]
 	if only != nil && sb != only {
@@ -479,20 +496,25 @@ func (d *Daemon) detachIf(id string, only *sandbox) error {
 	}
 	delete(d.sandboxes, id)
 	left := len(d.sandboxes)
-	d.mu.Unlock()
 	var a api.Attachment
+	var lingering bool
+	if sb != nil {
+		a, lingering = sb.att, sb.lingering
+	}
+	d.mu.Unlock()
 	var netns *os.File
 	if sb != nil {
-		if only == nil {
+		if only == nil && !lingering {
 			// Detached by its runtime, once the container has exited:
 			// what it sent before is relayed first. (The reaper's
-			// sandboxes have lost their namespace: nothing is coming.)
+			// sandboxes have lost their namespace or its last process:
+			// nothing is coming.)
 			sb.eng.Linger(engine.LingerMax)
 		}
 		if err := sb.stop(); err != nil {
 			d.cfg.Logf("sandbox %s: flow log: %v", id, err)
 		}
-		a, netns = sb.att, sb.netns
+		netns = sb.netns
 		defer netns.Close()
 	} else if rec, err := d.readRecord(id); err == nil {
 		a = rec
@@ -513,6 +535,49 @@ func (d *Daemon) detachIf(id string, only *sandbox) error {
 		d.cancel()
 	}
 	return nil
+}
+
+// linger keeps a container's sandbox whose container is gone while
+// processes are left in its namespace (containers that joined it, a
+// podman pod's infra container, a process that entered it): they keep
+// its policy, TUN, steering and host guards, which would otherwise leave
+// them a TUN nothing reads and, once the guards went, a way around the
+// sandbox through the namespace's veth. It ends when they are gone
+// (reapLoop). Its record is moved to one of them, so that a restarted
+// daemon finds the namespace. A pod's sandbox (childflow-cni) ends at
+// CNI DEL: its namespace is the runtime's. linger says whether sb
+// lingers.
+func (d *Daemon) linger(sb *sandbox) bool {
+	if sb.att.Source == api.SourceCNI {
+		return false
+	}
+	// A daemon that cannot see the namespace's processes (a PID
+	// namespace of its own) cannot tell when they are gone: it ends the
+	// sandbox, and removeLink keeps the TUN and steering.
+	pid, _ := procnet.AProcessIn(sb.att.NetnsInode)
+	if pid == 0 {
+		return false
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.sandboxes[sb.att.ID] != sb {
+		return true // ended meanwhile
+	}
+	if !sb.lingering {
+		d.cfg.Logf("sandbox %s: its container is gone, and processes are left in its network namespace: it serves them until they are gone", sb.att.ID)
+	}
+	sb.lingering = true
+	if pid != sb.att.PID {
+		a := sb.att
+		a.Netns, a.PID = fmt.Sprintf("/proc/%d/ns/net", pid), pid
+		if err := d.writeRecord(a); err != nil {
+			d.cfg.Logf("sandbox %s: %v", a.ID, err)
+		} else {
+			// Field by field: the engine reads the others unlocked.
+			sb.att.Netns, sb.att.PID = a.Netns, a.PID
+		}
+	}
+	return true
 }
 
 // removeLink deletes the sandbox's TUN and steering if its namespace is
@@ -587,15 +652,17 @@ func (d *Daemon) reapLoop() {
 		d.mu.Lock()
 		var lost []*sandbox
 		for _, sb := range d.sandboxes {
-			if gone(sb.att) {
+			if sb.lingering || gone(sb.att) {
 				lost = append(lost, sb)
 			}
 		}
 		d.mu.Unlock()
 		for _, sb := range lost {
-			d.cfg.Logf("sandbox %s: its network namespace is gone", sb.att.ID)
+			if d.linger(sb) {
+				continue // processes are left: see again next time
+			}
+			d.cfg.Logf("sandbox %s: its network namespace is gone, or no process is left in it", sb.att.ID)
 			d.detachIf(sb.att.ID, sb)
-			d.forgetGuard(sb.att.ID)
 		}
 	}
 }
@@ -617,7 +684,7 @@ func (d *Daemon) list(id string) []api.Status {
 		}
 		out = append(out, api.Status{
 			ID: sb.att.ID, Netns: sb.att.Netns, NetnsInode: sb.att.NetnsInode, Labels: sb.att.Labels, PID: sb.att.PID, Plan: sb.att.Plan, Source: sb.att.Source,
-			Since: sb.since, Adopted: sb.adopted, FlowLog: sb.logPath,
+			Since: sb.since, Adopted: sb.adopted, Lingering: sb.lingering, FlowLog: sb.logPath,
 			Flows: sb.flows.Load(), Allowed: sb.allowed.Load(), Denied: sb.denied.Load(),
 			BytesUp: sb.up.Load(), BytesDown: sb.down.Load(),
 		})

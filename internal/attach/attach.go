@@ -20,6 +20,7 @@ import (
 
 	"github.com/childflow/childflow/engine/api"
 	"github.com/childflow/childflow/internal/netplan"
+	"github.com/childflow/childflow/internal/steer"
 	"github.com/childflow/childflow/internal/tunns"
 	"github.com/childflow/childflow/policy/profile"
 )
@@ -135,12 +136,17 @@ func (n Node) join(sb Sandbox, ino uint64) (Attached, error) {
 	return Attached{Plan: st.Plan, Joined: true, Guarded: st.Guarded}, nil
 }
 
-// Detach asks the daemon to stop relaying id and remove its TUN. A
-// daemon that is not running has nothing to stop: its next start drops
-// records of namespaces that are gone.
+// Detach asks the daemon to end sandbox id: to stop relaying it and
+// remove its TUN and host guards, or, while processes are left in its
+// namespace, to keep serving them until they are gone. A daemon that is
+// not running has nothing to stop (its next start drops records of
+// namespaces that are gone): the guards are removed here.
 func (n Node) Detach(id string) error {
 	err := api.Client{Socket: n.Socket}.Detach(id)
 	if errors.Is(err, api.ErrUnavailable) {
+		if guards := (steer.Guards{Dir: n.StateDir}); guards.Recorded(id) {
+			return guards.Remove(id)
+		}
 		return nil
 	}
 	return err

@@ -135,7 +135,11 @@ func runSandboxes(args []string, stdout, stderr io.Writer) int {
 	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "ID\tSOURCE\tPID\tFLOWS\tDENIED\tUP\tDOWN\tSINCE")
 	for _, s := range list {
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%d\t%d\t%d\t%s\n", s.ID, s.Source, s.PID, s.Flows, s.Denied, s.BytesUp, s.BytesDown, s.Since.Format("2006-01-02T15:04:05"))
+		source := s.Source
+		if s.Lingering {
+			source += " (lingering)"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%d\t%d\t%d\t%s\n", s.ID, source, s.PID, s.Flows, s.Denied, s.BytesUp, s.BytesDown, s.Since.Format("2006-01-02T15:04:05"))
 	}
 	tw.Flush()
 	return 0

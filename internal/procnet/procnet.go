@@ -247,11 +247,22 @@ const initPIDNamespace = 0xEFFFFFFC
 // inode is ino. Where the caller sees only some processes (a PID
 // namespace of its own), it cannot tell: yes.
 func Occupied(ino uint64) bool {
+	_, occupied := AProcessIn(ino)
+	return occupied
+}
+
+// AProcessIn is a process in the network namespace whose inode is ino,
+// and whether there is one; pid is 0 where the caller cannot tell (a PID
+// namespace of its own), which counts as occupied.
+func AProcessIn(ino uint64) (pid int, occupied bool) {
 	var st unix.Stat_t
 	if unix.Stat("/proc/self/ns/pid", &st) != nil || st.Ino != initPIDNamespace {
-		return true
+		return 0, true
 	}
-	return len(inNetns(ino, 1)) > 0
+	if pids := inNetns(ino, 1); len(pids) > 0 {
+		return pids[0], true
+	}
+	return 0, false
 }
 
 // netnsOf is the inode of pid's network namespace, 0 if unknown.

@@ -428,8 +428,8 @@ func TestContainersBesideOtherInterfaces(t *testing.T) {
 // A namespace can outlive the container that sandboxed it (a named one,
 // a pod's pinned one). Once no process is left in it, it is left as it
 // was found, so the next container sandboxes it again; while processes
-// are left (containers that joined), the steering stays, and nothing
-// they send leaves by the namespace's own interface.
+// are left (containers that joined), the sandbox serves them, guarded,
+// and takes containers that join it.
 func TestANamespaceThatOutlivesItsContainer(t *testing.T) {
 	n := startNode(t)
 	name := namedNetns(t, "cfol", "ip addr add 198.51.100.1/30 dev NAMEa", "ip link set NAMEa up",
@@ -456,16 +456,55 @@ func TestANamespaceThatOutlivesItsContainer(t *testing.T) {
 	}
 	container("cf-outlived-again")
 
-	// A process left in the namespace keeps the sandbox's steering.
+	// A process left in the namespace (a container that joined, a pod's
+	// infra container) keeps the sandbox, its policy and its guard from
+	// the host, until it is gone: its raw frames stay in.
+	setForTheTest(t, "/proc/sys/net/ipv4/ip_forward", "1")
 	left := exec.Command("ip", "netns", "exec", name, "sleep", "600")
 	if err := left.Start(); err != nil {
 		t.Fatal(err)
 	}
 	defer func() { left.Process.Kill(); left.Wait() }()
-	container("cf-outlived-left")
-	now := inside()
-	if !strings.Contains(now, "cf0") || !strings.Contains(now, "table inet childflow") || strings.Contains(now, "default via 198.51.100.1") {
-		t.Errorf("the namespace after its container, a process left in it:\n%s", now)
+	rawFrame := func() string { return rawFrameOn(t, "eth0", name+"a", left.Process.Pid, "198.51.100.2") }
+	if out := rawFrame(); out != "escaped" {
+		t.Fatalf("a raw frame from the namespace without a sandbox: %s, want escaped (the probe works)", out)
+	}
+	r := oci(t, "runc", state, "run", "--bundle", bundleIn(t, n, name, false, probe), "cf-left")
+	if r.code != 0 {
+		t.Fatalf("container cf-left: %v", r)
+	}
+	eventually(t, "the sandbox to linger", func() bool {
+		sbs := n.sandboxes(t)
+		return len(sbs) == 1 && sbs[0]["id"] == "cf-left" && sbs[0]["lingering"] == true
+	})
+	if rec, _ := os.ReadFile(filepath.Join(n.state, "sandboxes", "cf-left.json")); !strings.Contains(string(rec), fmt.Sprintf(`"netns":"/proc/%d/ns/net"`, left.Process.Pid)) {
+		t.Errorf("the lingering sandbox's record does not name the process left: %s", rec)
+	}
+	if out := rawFrame(); out != "contained" {
+		t.Errorf("a raw frame from the namespace once its container was gone, a process left in it: %s", out)
+	}
+	out, _ := exec.Command("ip", "netns", "exec", name, "sh", "-c", probe).CombinedOutput()
+	wantLines(t, string(out), "reach 203.0.113.10", "blocked 203.0.113.20", ipv6Only("blocked 2001:db8::20"), "has-cf0")
+	// A daemon restarted meanwhile finds the namespace through that process.
+	n.kill(t)
+	n.start(t)
+	if sbs := n.sandboxes(t); len(sbs) != 1 || sbs[0]["id"] != "cf-left" || sbs[0]["adopted"] != true {
+		t.Fatalf("the restarted daemon's sandboxes: %v", sbs)
+	}
+	r = oci(t, "runc", state, "run", "--bundle", bundleIn(t, n, name, false, probe), "cf-left-join")
+	if r.code != 0 {
+		t.Fatalf("a container joining the lingering sandbox: %v", r)
+	}
+	wantLines(t, r.stdout, "reach 203.0.113.10", "blocked 203.0.113.20", ipv6Only("blocked 2001:db8::20"), "has-cf0")
+
+	left.Process.Kill()
+	left.Wait()
+	eventually(t, "the lingering sandbox to end with its last process", func() bool { return len(n.records(t)) == 0 })
+	if now := inside(); now != found {
+		t.Errorf("the namespace once its last process was gone:\n%s\nas found:\n%s", now, found)
+	}
+	if out, _ := exec.Command("nft", "list", "ruleset").CombinedOutput(); strings.Contains(string(out), "cf-left") {
+		t.Errorf("the guard stayed after the sandbox ended:\n%s", out)
 	}
 }
 

@@ -180,7 +180,27 @@ nc -w 2 172.17.0.1 22 </dev/null && echo reach-bridge-host || echo blocked-bridg
 	if l := n.sandboxes(t); len(l) != 2 {
 		t.Errorf("sandboxes once containers joined them: %v", l)
 	}
-	d.run(t, "rm", "-f", id, guarded)
+	// A container left in its network once it stopped keeps the
+	// sandbox, which lingers until that one stops too.
+	r = d.run(t, "run", "-d", "--network", "container:"+id, "bb:latest", "sleep", "1000000")
+	if r.code != 0 {
+		t.Fatalf("a container left in the sandboxed container's network: %v", r)
+	}
+	left := strings.TrimSpace(r.stdout)
+	if r = d.run(t, "stop", "-t", "1", id); r.code != 0 {
+		t.Fatalf("stopping the sandboxed container: %v", r)
+	}
+	eventually(t, "the sandbox to linger", func() bool {
+		for _, sb := range n.sandboxes(t) {
+			if sb["id"] == id {
+				return sb["lingering"] == true
+			}
+		}
+		return false
+	})
+	r = d.run(t, "exec", left, "sh", "-c", probe) // docker took eth0: cf0 is all it has
+	wantLines(t, r.stdout, "reach 203.0.113.10", "blocked 203.0.113.20", "blocked 2001:db8::20", "has-cf0")
+	d.run(t, "rm", "-f", left, id, guarded)
 
 	// The host's network is no sandbox's.
 	r = d.run(t, "run", "--rm", "--runtime", "childflow", "--network", "host", "bb:latest", "echo", "RAN")
