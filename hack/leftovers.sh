@@ -33,24 +33,47 @@ state() {
 	{ find /run/childflow /var/run/childflow 2>/dev/null || true; } |
 		grep -vxE '/(var/)?run/childflow(/root)?|/(var/)?run/childflow/(root/\.lock|daemon\.lock)' | as file || true
 	ls -1 /tmp | grep -vE '^(bash_|go-build|hsperfdata_)' | sed 's|^|/tmp/|' | as file || true
-	# Not zombies: what has exited is left for its parent, which may be
-	# an init that reaps late.
-	ps -eo pid=,stat=,comm= | awk '$2 !~ /^Z/ {print $1, $3}' | grep -E ' (childflow|e2e\.test|dnsmasq|unbound|squid|tinyproxy|microsocks|danted|sockd|containerd|dockerd|docker-proxy|runc|crun|conmon|podman|pasta|slirp4netns|iperf3|python3|tshark|dumpcap|chrom|qemu-system|socat|nc$|sleep|curl|dig$|ping$|pause|catatonit|helm)' |
-		as process || true
+}
+
+# ps's columns: pid, parent, state, start (five words), name.
+processes() { ps -eo pid=,ppid=,stat=,lstart=,comm=; }
+
+# new_processes lists the processes of the tools the tests start that
+# were not running at the record (FILE.procs: pid and start of each), and
+# descend from none that was: what runs beside the tests (the shell that
+# started them, a terminal's commands) is not theirs. Not zombies: what
+# has exited is left for its parent, which may be an init that reaps late.
+new_processes() {
+	processes | awk -v before="$1" '
+	BEGIN { while ((getline l < before) > 0) old[l] = 1 }
+	{
+		key[$1] = $1 "@" $4 $5 $6 $7 $8; parent[$1] = $2; state[$1] = $3
+		name[$1] = $9; for (i = 10; i <= NF; i++) name[$1] = name[$1] " " $i
+	}
+	END {
+		for (p in key) {
+			if (state[p] ~ /^Z/ || old[key[p]]) continue
+			for (q = parent[p]; q > 1 && (q in key) && !old[key[q]]; q = parent[q]) {}
+			if (q > 1 && (q in key)) continue # a child of what ran before
+			if (name[p] ~ /^(childflow|e2e\.test|dnsmasq|unbound|squid|tinyproxy|microsocks|danted|sockd|containerd|dockerd|docker-proxy|runc|crun|conmon|podman|pasta|slirp4netns|iperf3|python3|tshark|dumpcap|chrom|qemu-system|socat|nc$|sleep|curl|dig$|ping$|pause|catatonit|helm)/)
+				print "process: " p " " name[p]
+		}
+	}'
 }
 
 case "${1:-}" in
 record)
 	state >"$2"
+	processes | awk '{print $1 "@" $4 $5 $6 $7 $8}' >"$2.procs"
 	;;
 check)
 	# What the last test killed may take a moment to go.
 	for try in 1 2 3 4 5; do
-		left=$(comm -13 <(sort "$2") <(state | sort) | sed 's/^/  /')
+		left=$({ comm -13 <(sort "$2") <(state | sort); new_processes "$2.procs"; } | sed 's/^/  /')
 		if [ -z "$left" ]; then break; fi
 		sleep 1
 	done
-	rm -f "$2"
+	rm -f "$2" "$2.procs"
 	if [ -n "$left" ]; then
 		echo "left on the host by the tests:"
 		echo "$left"
