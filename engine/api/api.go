@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"path/filepath"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -31,7 +32,28 @@ const (
 	// TombstoneDir (under the state directory) holds the ids of sandboxes
 	// detached while the daemon was down; it detaches them at start.
 	TombstoneDir = "detached"
+	// RecordDir (under the state directory) holds a record of each
+	// attached sandbox (RecordPath), for a restarted daemon.
+	RecordDir = "sandboxes"
 )
+
+// RecordPath is where the daemon on stateDir records sandbox id.
+func RecordPath(stateDir, id string) string {
+	return filepath.Join(stateDir, RecordDir, id+".json")
+}
+
+// ReadRecord reads the record of sandbox id under stateDir.
+func ReadRecord(stateDir, id string) (Attachment, error) {
+	var a Attachment
+	b, err := os.ReadFile(RecordPath(stateDir, id))
+	if err != nil {
+		return a, err
+	}
+	if err := json.Unmarshal(b, &a); err != nil {
+		return a, fmt.Errorf("reading record of sandbox %s: %w", id, err)
+	}
+	return a, nil
+}
 
 // Operations.
 const (

@@ -568,8 +568,7 @@ func (d *Daemon) linger(sb *sandbox) bool {
 	}
 	sb.lingering = true
 	if pid != sb.att.PID {
-		a := sb.att
-		a.Netns, a.PID = fmt.Sprintf("/proc/%d/ns/net", pid), pid
+		a := movedTo(sb.att, pid)
 		if err := d.writeRecord(a); err != nil {
 			d.cfg.Logf("sandbox %s: %v", a.ID, err)
 		} else {

@@ -9,13 +9,14 @@ import (
 	"strings"
 
 	"github.com/childflow/childflow/engine/api"
+	"github.com/childflow/childflow/internal/procnet"
 	"github.com/childflow/childflow/internal/steer"
 	"github.com/childflow/childflow/internal/tunns"
 )
 
-func (d *Daemon) recordDir() string { return filepath.Join(d.cfg.StateDir, "sandboxes") }
+func (d *Daemon) recordDir() string { return filepath.Join(d.cfg.StateDir, api.RecordDir) }
 
-func (d *Daemon) recordPath(id string) string { return filepath.Join(d.recordDir(), id+".json") }
+func (d *Daemon) recordPath(id string) string { return api.RecordPath(d.cfg.StateDir, id) }
 
 // writeRecord stores a atomically (it holds proxy credentials: 0600).
 func (d *Daemon) writeRecord(a api.Attachment) error {
@@ -42,15 +43,7 @@ func (d *Daemon) writeRecord(a api.Attachment) error {
 }
 
 func (d *Daemon) readRecord(id string) (api.Attachment, error) {
-	var a api.Attachment
-	b, err := os.ReadFile(d.recordPath(id))
-	if err != nil {
-		return a, err
-	}
-	if err := json.Unmarshal(b, &a); err != nil {
-		return a, fmt.Errorf("reading record of sandbox %s: %w", id, err)
-	}
-	return a, nil
+	return api.ReadRecord(d.cfg.StateDir, id)
 }
 
 // adoptAll starts an engine for every recorded sandbox whose namespace
@@ -74,7 +67,7 @@ func (d *Daemon) adoptAll() {
 		if err != nil {
 			d.cfg.Logf("dropping sandbox %s: %v", id, err)
 			os.Remove(d.recordPath(id))
-			if gone(a) {
+			if _, ok := alive(a); !ok {
 				d.forgetGuard(id)
 			}
 		}
@@ -85,6 +78,31 @@ func (d *Daemon) adoptAll() {
 func gone(a api.Attachment) bool {
 	ino, err := tunns.NetnsInode(a.Netns)
 	return err != nil || ino != a.NetnsInode
+}
+
+// alive is a, named by a path that reaches its namespace, if the
+// namespace lives: a container's sandbox whose container is gone lives
+// on in the processes left there (Daemon.linger), which may have been
+// left while no daemon ran.
+func alive(a api.Attachment) (api.Attachment, bool) {
+	if !gone(a) {
+		return a, true
+	}
+	if a.Source == api.SourceCNI || a.NetnsInode == 0 {
+		return a, false // a pod's path is the runtime's; no inode, no namespace
+	}
+	pid, _ := procnet.AProcessIn(a.NetnsInode)
+	if pid == 0 {
+		return a, false
+	}
+	a = movedTo(a, pid)
+	return a, !gone(a)
+}
+
+// movedTo is a named through process pid in its namespace.
+func movedTo(a api.Attachment, pid int) api.Attachment {
+	a.Netns, a.PID = fmt.Sprintf("/proc/%d/ns/net", pid), pid
+	return a
 }
 
 // forgetGuard removes the host guard of a sandbox whose namespace is gone,
@@ -98,8 +116,15 @@ func (d *Daemon) forgetGuard(id string) {
 }
 
 func (d *Daemon) adopt(a api.Attachment) error {
-	if gone(a) {
+	live, ok := alive(a)
+	if !ok {
 		return fmt.Errorf("its network namespace %s is gone", a.Netns)
+	}
+	if live.Netns != a.Netns {
+		if err := d.writeRecord(live); err != nil {
+			return err
+		}
+		a = live
 	}
 	link, err := tunns.ReopenIn(a.Netns, a.Plan.Interface)
 	if err != nil {
@@ -148,10 +173,11 @@ func Cleanup(stateDir string) (CleanupReport, error) {
 			os.Remove(filepath.Join(d.recordDir(), e.Name()))
 			continue
 		}
-		a, err := d.readRecord(id)
-		if err == nil && !gone(a) {
-			r.Live = append(r.Live, id)
-			continue
+		if a, err := d.readRecord(id); err == nil {
+			if _, ok := alive(a); ok {
+				r.Live = append(r.Live, id)
+				continue
+			}
 		}
 		os.Remove(d.recordPath(id))
 		d.forgetGuard(id)

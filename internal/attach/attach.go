@@ -20,6 +20,7 @@ import (
 
 	"github.com/childflow/childflow/engine/api"
 	"github.com/childflow/childflow/internal/netplan"
+	"github.com/childflow/childflow/internal/procnet"
 	"github.com/childflow/childflow/internal/steer"
 	"github.com/childflow/childflow/internal/tunns"
 	"github.com/childflow/childflow/policy/profile"
@@ -140,16 +141,20 @@ func (n Node) join(sb Sandbox, ino uint64) (Attached, error) {
 // remove its TUN and host guards, or, while processes are left in its
 // namespace, to keep serving them until they are gone. A daemon that is
 // not running has nothing to stop (its next start drops records of
-// namespaces that are gone): the guards are removed here.
+// namespaces that are gone, and adopts those processes are left in): the
+// guards are removed here, unless processes are left for it.
 func (n Node) Detach(id string) error {
 	err := api.Client{Socket: n.Socket}.Detach(id)
-	if errors.Is(err, api.ErrUnavailable) {
-		if guards := (steer.Guards{Dir: n.StateDir}); guards.Recorded(id) {
-			return guards.Remove(id)
-		}
+	if !errors.Is(err, api.ErrUnavailable) {
+		return err
+	}
+	if a, err := api.ReadRecord(n.StateDir, id); err == nil && a.Source != api.SourceCNI && procnet.Occupied(a.NetnsInode) {
 		return nil
 	}
-	return err
+	if guards := (steer.Guards{Dir: n.StateDir}); guards.Recorded(id) {
+		return guards.Remove(id)
+	}
+	return nil
 }
 
 // startDaemon runs `childflow daemon --exit-when-idle` detached from the

@@ -255,6 +255,9 @@ func Occupied(ino uint64) bool {
 // and whether there is one; pid is 0 where the caller cannot tell (a PID
 // namespace of its own), which counts as occupied.
 func AProcessIn(ino uint64) (pid int, occupied bool) {
+	if ino == 0 {
+		return 0, false // netnsOf's unknown
+	}
 	var st unix.Stat_t
 	if unix.Stat("/proc/self/ns/pid", &st) != nil || st.Ino != initPIDNamespace {
 		return 0, true

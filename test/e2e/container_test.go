@@ -503,9 +503,42 @@ func TestANamespaceThatOutlivesItsContainer(t *testing.T) {
 	if now := inside(); now != found {
 		t.Errorf("the namespace once its last process was gone:\n%s\nas found:\n%s", now, found)
 	}
-	if out, _ := exec.Command("nft", "list", "ruleset").CombinedOutput(); strings.Contains(string(out), "cf-left") {
-		t.Errorf("the guard stayed after the sandbox ended:\n%s", out)
+	noGuard := func(id string) {
+		t.Helper()
+		if out, _ := exec.Command("nft", "list", "ruleset").CombinedOutput(); strings.Contains(string(out), id) {
+			t.Errorf("the guard of %s stayed after the sandbox ended:\n%s", id, out)
+		}
 	}
+	noGuard("cf-left")
+
+	// The same when the container stops while no daemon runs: the hook
+	// leaves the guard to the processes left, and the daemon, back,
+	// adopts the sandbox through one of them.
+	left = exec.Command("ip", "netns", "exec", name, "sleep", "600")
+	if err := left.Start(); err != nil {
+		t.Fatal(err)
+	}
+	startDetached(t, state, bundleIn(t, n, name, false, "sleep 600"), "cf-down")
+	n.kill(t)
+	if r := oci(t, "runc", state, "delete", "--force", "cf-down"); r.code != 0 {
+		t.Fatalf("deleting the container while no daemon runs: %v", r)
+	}
+	if out := rawFrame(); out != "contained" {
+		t.Errorf("a raw frame from the namespace once its container was gone while no daemon ran: %s", out)
+	}
+	n.start(t)
+	if sbs := n.sandboxes(t); len(sbs) != 1 || sbs[0]["id"] != "cf-down" || sbs[0]["adopted"] != true {
+		t.Fatalf("the restarted daemon's sandboxes: %v", sbs)
+	}
+	out, _ = exec.Command("ip", "netns", "exec", name, "sh", "-c", probe).CombinedOutput()
+	wantLines(t, string(out), "reach 203.0.113.10", "blocked 203.0.113.20", ipv6Only("blocked 2001:db8::20"), "has-cf0")
+	left.Process.Kill()
+	left.Wait()
+	eventually(t, "the adopted sandbox to end with its last process", func() bool { return len(n.records(t)) == 0 })
+	if now := inside(); now != found {
+		t.Errorf("the namespace once its last process was gone:\n%s\nas found:\n%s", now, found)
+	}
+	noGuard("cf-down")
 }
 
 // attributed says whether log has a connect_attempt to dst owned by comm.
