@@ -105,8 +105,8 @@ func movedTo(a api.Attachment, pid int) api.Attachment {
 	return a
 }
 
-// forgetGuard removes the host guard of a sandbox whose namespace is gone,
-// and its veth with it: one the hook installed and no poststop removed.
+// forgetGuard removes the host guards of sandbox id, which has ended (the
+// hook's; childflow-cni removes a pod's at CNI DEL).
 func (d *Daemon) forgetGuard(id string) {
 	if guards := (steer.Guards{Dir: d.cfg.StateDir}); guards.Recorded(id) {
 		if err := guards.Remove(id); err != nil {

@@ -101,8 +101,8 @@ func (p *Profile) Canonical() *Profile {
 		*list = &out
 	}
 	cidr := func(s string) (string, error) {
-		p, err := policy.ParseCIDR("", s)
-		return p.String(), err
+		prefix, err := policy.ParseCIDR("", s)
+		return prefix.String(), err
 	}
 	domain := func(s string) (string, error) { return policy.ParseDomain("", s) }
 	set(&c.AllowCIDRs, cidr)

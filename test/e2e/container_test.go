@@ -460,12 +460,46 @@ func TestANamespaceThatOutlivesItsContainer(t *testing.T) {
 	// infra container) keeps the sandbox, its policy and its guard from
 	// the host, until it is gone: its raw frames stay in.
 	setForTheTest(t, "/proc/sys/net/ipv4/ip_forward", "1")
-	left := exec.Command("ip", "netns", "exec", name, "sleep", "600")
-	if err := left.Start(); err != nil {
-		t.Fatal(err)
+	var left *exec.Cmd
+	leave := func() {
+		t.Helper()
+		left = exec.Command("ip", "netns", "exec", name, "sleep", "600")
+		if err := left.Start(); err != nil {
+			t.Fatal(err)
+		}
 	}
-	defer func() { left.Process.Kill(); left.Wait() }()
+	defer func() {
+		if left != nil && left.Process != nil {
+			left.Process.Kill()
+			left.Wait()
+		}
+	}()
 	rawFrame := func() string { return rawFrameOn(t, "eth0", name+"a", left.Process.Pid, "198.51.100.2") }
+	sandboxedLeft := func() {
+		t.Helper()
+		out, _ := exec.Command("ip", "netns", "exec", name, "sh", "-c", probe).CombinedOutput()
+		wantLines(t, string(out), "reach 203.0.113.10", "blocked 203.0.113.20", ipv6Only("blocked 2001:db8::20"), "has-cf0")
+	}
+	adoptedAlone := func(id string) {
+		t.Helper()
+		if sbs := n.sandboxes(t); len(sbs) != 1 || sbs[0]["id"] != id || sbs[0]["adopted"] != true {
+			t.Fatalf("the restarted daemon's sandboxes: %v, want %s adopted", sbs, id)
+		}
+	}
+	endsWithTheProcessLeft := func(id string) {
+		t.Helper()
+		left.Process.Kill()
+		left.Wait()
+		eventually(t, "sandbox "+id+" to end with the last process in its namespace", func() bool { return len(n.records(t)) == 0 })
+		if now := inside(); now != found {
+			t.Errorf("the namespace once its last process was gone:\n%s\nas found:\n%s", now, found)
+		}
+		if out, _ := exec.Command("nft", "list", "ruleset").CombinedOutput(); strings.Contains(string(out), id) {
+			t.Errorf("the guard of %s stayed after its sandbox ended:\n%s", id, out)
+		}
+	}
+
+	leave()
 	if out := rawFrame(); out != "escaped" {
 		t.Fatalf("a raw frame from the namespace without a sandbox: %s, want escaped (the probe works)", out)
 	}
@@ -483,41 +517,22 @@ func TestANamespaceThatOutlivesItsContainer(t *testing.T) {
 	if out := rawFrame(); out != "contained" {
 		t.Errorf("a raw frame from the namespace once its container was gone, a process left in it: %s", out)
 	}
-	out, _ := exec.Command("ip", "netns", "exec", name, "sh", "-c", probe).CombinedOutput()
-	wantLines(t, string(out), "reach 203.0.113.10", "blocked 203.0.113.20", ipv6Only("blocked 2001:db8::20"), "has-cf0")
+	sandboxedLeft()
 	// A daemon restarted meanwhile finds the namespace through that process.
 	n.kill(t)
 	n.start(t)
-	if sbs := n.sandboxes(t); len(sbs) != 1 || sbs[0]["id"] != "cf-left" || sbs[0]["adopted"] != true {
-		t.Fatalf("the restarted daemon's sandboxes: %v", sbs)
-	}
+	adoptedAlone("cf-left")
 	r = oci(t, "runc", state, "run", "--bundle", bundleIn(t, n, name, false, probe), "cf-left-join")
 	if r.code != 0 {
 		t.Fatalf("a container joining the lingering sandbox: %v", r)
 	}
 	wantLines(t, r.stdout, "reach 203.0.113.10", "blocked 203.0.113.20", ipv6Only("blocked 2001:db8::20"), "has-cf0")
-
-	left.Process.Kill()
-	left.Wait()
-	eventually(t, "the lingering sandbox to end with its last process", func() bool { return len(n.records(t)) == 0 })
-	if now := inside(); now != found {
-		t.Errorf("the namespace once its last process was gone:\n%s\nas found:\n%s", now, found)
-	}
-	noGuard := func(id string) {
-		t.Helper()
-		if out, _ := exec.Command("nft", "list", "ruleset").CombinedOutput(); strings.Contains(string(out), id) {
-			t.Errorf("the guard of %s stayed after the sandbox ended:\n%s", id, out)
-		}
-	}
-	noGuard("cf-left")
+	endsWithTheProcessLeft("cf-left")
 
 	// The same when the container stops while no daemon runs: the hook
 	// leaves the guard to the processes left, and the daemon, back,
 	// adopts the sandbox through one of them.
-	left = exec.Command("ip", "netns", "exec", name, "sleep", "600")
-	if err := left.Start(); err != nil {
-		t.Fatal(err)
-	}
+	leave()
 	startDetached(t, state, bundleIn(t, n, name, false, "sleep 600"), "cf-down")
 	n.kill(t)
 	if r := oci(t, "runc", state, "delete", "--force", "cf-down"); r.code != 0 {
@@ -527,18 +542,9 @@ func TestANamespaceThatOutlivesItsContainer(t *testing.T) {
 		t.Errorf("a raw frame from the namespace once its container was gone while no daemon ran: %s", out)
 	}
 	n.start(t)
-	if sbs := n.sandboxes(t); len(sbs) != 1 || sbs[0]["id"] != "cf-down" || sbs[0]["adopted"] != true {
-		t.Fatalf("the restarted daemon's sandboxes: %v", sbs)
-	}
-	out, _ = exec.Command("ip", "netns", "exec", name, "sh", "-c", probe).CombinedOutput()
-	wantLines(t, string(out), "reach 203.0.113.10", "blocked 203.0.113.20", ipv6Only("blocked 2001:db8::20"), "has-cf0")
-	left.Process.Kill()
-	left.Wait()
-	eventually(t, "the adopted sandbox to end with its last process", func() bool { return len(n.records(t)) == 0 })
-	if now := inside(); now != found {
-		t.Errorf("the namespace once its last process was gone:\n%s\nas found:\n%s", now, found)
-	}
-	noGuard("cf-down")
+	adoptedAlone("cf-down")
+	sandboxedLeft()
+	endsWithTheProcessLeft("cf-down")
 }
 
 // attributed says whether log has a connect_attempt to dst owned by comm.
