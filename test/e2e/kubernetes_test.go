@@ -87,7 +87,7 @@ state = %q
 	leaveCgroupsAsFound(t, "k8s.io") // the CRI's namespace
 	cmd := exec.Command("containerd", "--config", filepath.Join(c.dir, "config.toml"))
 	// containerd hands its environment to the shim and the runtime.
-	cmd.Env = append(os.Environ(), "CHILDFLOW_SOCKET="+n.socket, "CHILDFLOW_STATE_DIR="+n.state)
+	cmd.Env = append(os.Environ(), "CHILDFLOW_SOCKET="+n.socket, "CHILDFLOW_STATE_DIR="+n.state, "TMPDIR="+c.dir)
 	cmd.Stdout, cmd.Stderr = &log, &log
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)

@@ -47,6 +47,10 @@ func startDockerd(t *testing.T, n *node) *dockerd {
 	d.cmd = exec.Command("dockerd", "--config-file", filepath.Join(dir, "daemon.json"), "--data-root", filepath.Join(dir, "data"),
 		"--exec-root", filepath.Join(dir, "exec"), "-H", "unix://"+d.sock, "--pidfile", filepath.Join(dir, "docker.pid"))
 	d.cmd.Stdout, d.cmd.Stderr = d.log, d.log
+	// What dockerd and its containerd leave in TMPDIR goes with the test
+	// (containerd's stack dump, at dockerd's SIGUSR1 when its health
+	// check fails under load).
+	d.cmd.Env = append(os.Environ(), "TMPDIR="+dir)
 	leaveRunAsFound(t, "/run/docker", "/run/containerd")
 	leaveCgroupsAsFound(t, "docker")
 	if err := d.cmd.Start(); err != nil {
@@ -298,7 +302,7 @@ func TestContainerdThroughTheRuntimeWrapper(t *testing.T) {
 	leaveCgroupsAsFound(t, "default") // ctr's namespace
 	containerd := exec.Command("containerd", "--config", filepath.Join(dir, "config.toml"))
 	// containerd hands its environment to the shim and the runtime.
-	containerd.Env = append(os.Environ(), "CHILDFLOW_SOCKET="+n.socket, "CHILDFLOW_STATE_DIR="+n.state)
+	containerd.Env = append(os.Environ(), "CHILDFLOW_SOCKET="+n.socket, "CHILDFLOW_STATE_DIR="+n.state, "TMPDIR="+dir)
 	containerd.Stdout, containerd.Stderr = &log, &log
 	if err := containerd.Start(); err != nil {
 		t.Fatal(err)
@@ -378,34 +382,75 @@ func TestPodmanWithHooksDir(t *testing.T) {
 	// runc delete without the flag, which makes /run/runc.)
 	leaveRunAsFound(t, "/run/runc")
 	conf := filepath.Join(dir, "containers.conf")
-	if err := os.WriteFile(conf, []byte("[engine]\nlock_type = \"file\"\n"), 0o644); err != nil {
+	// Explicit ulimits: root here cannot raise them to podman's defaults.
+	if err := os.WriteFile(conf, []byte("[containers]\ndefault_ulimits = [\"nofile=1024:1024\", \"nproc=1024:1024\"]\n[engine]\nlock_type = \"file\"\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	podman := func(ann map[string]string, script string) result {
-		// runc: crun trips over this machine's hybrid cgroups. Explicit
-		// ulimits: root here cannot raise them to podman's defaults.
-		args := []string{"CONTAINERS_CONF=" + conf, "podman",
+	podman := func(args ...string) result {
+		// runc: crun trips over this machine's hybrid cgroups.
+		return execute(t, append([]string{"env", "CONTAINERS_CONF=" + conf, "podman",
 			"--root", filepath.Join(dir, "root"), "--runroot", filepath.Join(dir, "runroot"), "--tmpdir", filepath.Join(dir, "tmp"),
 			"--runtime-flag", "root=" + filepath.Join(dir, "runc"), "--storage-driver", "vfs",
-			"--hooks-dir", hooksDir, "--cgroup-manager", "cgroupfs", "--events-backend", "file", "--runtime", "runc",
-			"run", "--rm", "--network", "none", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"}
+			"--hooks-dir", hooksDir, "--cgroup-manager", "cgroupfs", "--events-backend", "file", "--runtime", "runc"}, args...)...)
+	}
+	// run runs script in a container of the rootfs, with no network or
+	// in the pod named.
+	run := func(ann map[string]string, script string, pod ...string) result {
+		args := []string{"run", "--rm", "--network", "none"}
+		if len(pod) > 0 {
+			args = []string{"run", "--rm", "--pod", pod[0]}
+		}
 		for k, v := range ann {
 			args = append(args, "--annotation", k+"="+v)
 		}
-		return execute(t, append(append([]string{"env"}, args...), "--rootfs", root, "/bin/sh", "-c", script)...)
+		return podman(append(args, "--rootfs", root, "/bin/sh", "-c", script)...)
 	}
-	r := podman(sandboxedAnn, probe)
+	r := run(sandboxedAnn, probe)
 	if r.code != 0 {
 		t.Fatal(r)
 	}
 	wantLines(t, r.stdout, "reach 203.0.113.10", "blocked 203.0.113.20", "blocked 2001:db8::20", "has-cf0")
-	r = podman(nil, "ip -o link | grep -q cf0 && echo has-cf0 || echo no-cf0")
+	r = run(nil, "ip -o link | grep -q cf0 && echo has-cf0 || echo no-cf0")
 	wantLines(t, r.stdout, "no-cf0")
 	// The hooks.d entries run the hook on a slip of the prefix too, and
 	// the hook refuses it: no container unsandboxed over a typo.
-	r = podman(map[string]string{"childflow.io/default-policy": "deny"}, "echo RAN")
+	r = run(map[string]string{"childflow.io/default-policy": "deny"}, "echo RAN")
 	if r.code == 0 || strings.Contains(r.stdout, "RAN") || !strings.Contains(strings.ReplaceAll(r.stderr, `\"`, `"`), "unknown annotation childflow.io/default-policy") {
 		t.Errorf("a mistyped annotation prefix: want a failed start naming it: %v", r)
+	}
+	n.waitDetached(t)
+
+	// A pod's containers share its infra container's namespace, which
+	// outlives each of them: the first sandboxes it, the sandbox lingers
+	// for the infra container once that one exited, the next joins it,
+	// and it ends with the pod. (The infra image is the rootfs, imported:
+	// podman's own needs catatonit or a registry.)
+	image := filepath.Join(dir, "infra.tar")
+	if out, err := exec.Command("tar", "-C", root, "-cf", image, ".").CombinedOutput(); err != nil {
+		t.Fatalf("tar: %v\n%s", err, out)
+	}
+	for _, args := range [][]string{
+		{"import", "--change", `ENTRYPOINT ["/bin/sleep", "1000000"]`, image, "localhost/cf-infra"},
+		{"pod", "create", "--name", "cfpod", "--network", "none", "--infra-image", "localhost/cf-infra"},
+		{"pod", "start", "cfpod"},
+	} {
+		if r := podman(args...); r.code != 0 {
+			t.Fatalf("podman %v: %v", args, r)
+		}
+	}
+	t.Cleanup(func() { podman("pod", "rm", "-f", "-t", "0", "cfpod") })
+	for _, which := range []string{"first", "next"} {
+		r = run(sandboxedAnn, probe, "cfpod")
+		if r.code != 0 {
+			t.Fatalf("the pod's %s container: %v", which, r)
+		}
+		wantLines(t, r.stdout, "reach 203.0.113.10", "blocked 203.0.113.20", "blocked 2001:db8::20", "has-cf0")
+	}
+	if sbs := n.sandboxes(t); len(sbs) != 1 || sbs[0]["lingering"] != true {
+		t.Errorf("the pod's sandbox once its containers exited: %v, want one, lingering", sbs)
+	}
+	if r := podman("pod", "rm", "-f", "-t", "0", "cfpod"); r.code != 0 {
+		t.Fatalf("removing the pod: %v", r)
 	}
 	n.waitDetached(t)
 }
