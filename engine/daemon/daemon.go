@@ -476,8 +476,10 @@ func (d *Daemon) detach(id string) error {
 	d.mu.Lock()
 	sb := d.sandboxes[id]
 	d.mu.Unlock()
-	if sb != nil && d.linger(sb) {
-		return nil
+	if sb != nil && sb.att.Source != api.SourceCNI {
+		if pid, _ := procnet.AProcessIn(sb.att.NetnsInode); d.linger(sb, pid) {
+			return nil
+		}
 	}
 	return d.detachIf(id, nil)
 }
@@ -545,17 +547,14 @@ func (d *Daemon) detachIf(id string, only *sandbox) error {
 // sandbox through the namespace's veth. It ends when they are gone
 // (reapLoop). Its record is moved to one of them, so that a restarted
 // daemon finds the namespace. A pod's sandbox (childflow-cni) ends at
-// CNI DEL: its namespace is the runtime's. linger says whether sb
-// lingers.
-func (d *Daemon) linger(sb *sandbox) bool {
-	if sb.att.Source == api.SourceCNI {
-		return false
-	}
+// CNI DEL: its namespace is the runtime's. pid is a process left in the
+// namespace, 0 if none; linger says whether sb lingers.
+func (d *Daemon) linger(sb *sandbox, pid int) bool {
 	// A daemon that cannot see the namespace's processes (a PID
-	// namespace of its own) cannot tell when they are gone: it ends the
-	// sandbox, and removeLink keeps the TUN and steering.
-	pid, _ := procnet.AProcessIn(sb.att.NetnsInode)
-	if pid == 0 {
+	// namespace of its own) finds none, and cannot tell when they are
+	// gone: it ends the sandbox, and removeLink keeps the TUN and
+	// steering.
+	if pid == 0 || sb.att.Source == api.SourceCNI {
 		return false
 	}
 	d.mu.Lock()
@@ -656,8 +655,12 @@ func (d *Daemon) reapLoop() {
 			}
 		}
 		d.mu.Unlock()
+		if len(lost) == 0 {
+			continue
+		}
+		residents := procnet.AProcessInEach() // one walk of /proc for them all
 		for _, sb := range lost {
-			if d.linger(sb) {
+			if d.linger(sb, residents[sb.att.NetnsInode]) {
 				continue // processes are left: see again next time
 			}
 			d.cfg.Logf("sandbox %s: its network namespace is gone, or no process is left in it", sb.att.ID)

@@ -258,14 +258,40 @@ func AProcessIn(ino uint64) (pid int, occupied bool) {
 	if ino == 0 {
 		return 0, false // netnsOf's unknown
 	}
-	var st unix.Stat_t
-	if unix.Stat("/proc/self/ns/pid", &st) != nil || st.Ino != initPIDNamespace {
+	if !seesEveryProcess() {
 		return 0, true
 	}
 	if pids := inNetns(ino, 1); len(pids) > 0 {
 		return pids[0], true
 	}
 	return 0, false
+}
+
+// AProcessInEach is a process in each network namespace that has one, by
+// the namespace's inode: AProcessIn for many namespaces in one walk of
+// /proc. Nil where the caller cannot see every process.
+func AProcessInEach() map[uint64]int {
+	if !seesEveryProcess() {
+		return nil
+	}
+	entries, _ := os.ReadDir("/proc")
+	out := map[uint64]int{}
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if ino := netnsOf(pid); ino != 0 && out[ino] == 0 {
+			out[ino] = pid
+		}
+	}
+	return out
+}
+
+// seesEveryProcess: the caller is in the host's PID namespace.
+func seesEveryProcess() bool {
+	var st unix.Stat_t
+	return unix.Stat("/proc/self/ns/pid", &st) == nil && st.Ino == initPIDNamespace
 }
 
 // netnsOf is the inode of pid's network namespace, 0 if unknown.

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -321,5 +322,34 @@ func TestWalksReadBoundedDescriptors(t *testing.T) {
 	}
 	if pid := socketsOf([]int{os.Getpid(), child.Process.Pid}, budget)[cst.Ino]; cst.Ino == 0 || pid != child.Process.Pid {
 		t.Errorf("the child's socket (inode %d): holder %d, want %d", cst.Ino, pid, child.Process.Pid)
+	}
+}
+
+// A process alone in a namespace of its own is found by the namespace's
+// inode, one namespace at a time or all at once, and not once it exited.
+func TestAProcessInANamespace(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: makes a network namespace")
+	}
+	p := exec.Command("unshare", "--net", "sleep", "30")
+	if err := p.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { p.Process.Kill(); p.Wait() }()
+	var ino uint64
+	for i := 0; i < 100 && (ino == 0 || ino == netnsOf(os.Getpid())); i++ {
+		time.Sleep(10 * time.Millisecond) // until unshare has run
+		ino = netnsOf(p.Process.Pid)
+	}
+	if pid, ok := AProcessIn(ino); pid != p.Process.Pid || !ok {
+		t.Errorf("AProcessIn: %d %v, want %d", pid, ok, p.Process.Pid)
+	}
+	if each := AProcessInEach(); each[ino] != p.Process.Pid || each[netnsOf(os.Getpid())] == 0 {
+		t.Errorf("AProcessInEach: %d in the new namespace, %d in this one; want %d and one", each[ino], each[netnsOf(os.Getpid())], p.Process.Pid)
+	}
+	p.Process.Kill()
+	p.Wait()
+	if pid, ok := AProcessIn(ino); ok || Occupied(ino) || AProcessInEach()[ino] != 0 {
+		t.Errorf("once the process exited: AProcessIn %d %v", pid, ok)
 	}
 }

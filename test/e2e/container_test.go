@@ -467,6 +467,10 @@ func TestANamespaceThatOutlivesItsContainer(t *testing.T) {
 		if err := left.Start(); err != nil {
 			t.Fatal(err)
 		}
+		eventually(t, "the process left to enter the namespace", func() bool {
+			var st syscall.Stat_t
+			return syscall.Stat(fmt.Sprintf("/proc/%d/ns/net", left.Process.Pid), &st) == nil && st.Ino == netnsInode(t, "/var/run/netns/"+name)
+		})
 	}
 	defer func() {
 		if left != nil && left.Process != nil {

@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -143,6 +144,9 @@ func rawFrameVia(t *testing.T, bridge string, pid int, podIP string) string {
 // rawFrameOn is rawFrameVia on the namespace's interface link.
 func rawFrameOn(t *testing.T, link, bridge string, pid int, podIP string) string {
 	t.Helper()
+	if netnsInode(t, fmt.Sprintf("/proc/%d/ns/net", pid)) == netnsInode(t, "/proc/self/ns/net") {
+		t.Fatalf("process %d is in the host's network namespace: no raw frame from there", pid)
+	}
 	mac, err := os.ReadFile("/sys/class/net/" + bridge + "/address")
 	if err != nil {
 		t.Fatal(err)
@@ -155,6 +159,16 @@ func rawFrameOn(t *testing.T, link, bridge string, pid int, podIP string) string
 		t.Fatalf("raw frame: %v\n%s", err, out)
 	}
 	return strings.TrimSpace(string(out))
+}
+
+// netnsInode is the inode of the network namespace at path.
+func netnsInode(t *testing.T, path string) uint64 {
+	t.Helper()
+	var st syscall.Stat_t
+	if err := syscall.Stat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Ino
 }
 
 // claimByARP sends, from the namespace of the pod's process pid,
