@@ -170,6 +170,9 @@ func Run(ctx context.Context, cfg Config, ready func()) error {
 		d.stdout = flowlog.NewWriter(cfg.Stdout)
 		defer d.stdout.Close()
 	}
+	if !procnet.SeesEveryProcess() {
+		cfg.Logf("warning: this daemon is not in the host's PID namespace: it cannot reach the OCI hook's containers (named by host pids), nor tell whether processes are left in a sandbox's namespace; run it in the host's")
+	}
 	d.adoptAll()
 	d.buryTombstones()
 	d.pruneFlowLogs()
@@ -489,7 +492,6 @@ func (d *Daemon) detachIf(id string, only *sandbox) error {
 	if err := api.CheckID(id); err != nil {
 		return err
 	}
-	defer d.forgetGuard(id)
 	d.mu.Lock()
 	sb := d.sandboxes[id]
 	if only != nil && sb != only {
@@ -521,16 +523,26 @@ func (d *Daemon) detachIf(id string, only *sandbox) error {
 	} else if rec, err := d.readRecord(id); err == nil {
 		a = rec
 	} else {
+		d.forgetGuard(id) // detached before, or never attached (a joined container)
 		return nil
 	}
 	kept, err := removeLink(a, netns)
 	if err != nil {
 		return fmt.Errorf("removing %s of sandbox %s: %w", a.Plan.Interface, id, err)
 	}
-	if kept {
+	switch {
+	case kept && a.Source != api.SourceCNI:
+		// A process that entered since linger looked: fail closed. The
+		// record stays for the next daemon, or childflow cleanup, which
+		// adopt or drop it by what is left then.
+		d.cfg.Logf("sandbox %s: processes are left in its network namespace: its %s, steering, host guards and record stay, and nothing they send leaves", id, a.Plan.Interface)
+	case kept:
 		d.cfg.Logf("sandbox %s: processes are left in its network namespace: its %s and steering stay, and nothing they send leaves", id, a.Plan.Interface)
+		os.Remove(d.recordPath(id))
+	default:
+		d.forgetGuard(id)
+		os.Remove(d.recordPath(id))
 	}
-	os.Remove(d.recordPath(id))
 	d.cfg.Logf("detached %s", id)
 	d.pruneFlowLogs()
 	if left == 0 && d.cfg.ExitWhenIdle {

@@ -258,7 +258,7 @@ func AProcessIn(ino uint64) (pid int, occupied bool) {
 	if ino == 0 {
 		return 0, false // netnsOf's unknown
 	}
-	if !seesEveryProcess() {
+	if !SeesEveryProcess() {
 		return 0, true
 	}
 	if pids := inNetns(ino, 1); len(pids) > 0 {
@@ -271,7 +271,7 @@ func AProcessIn(ino uint64) (pid int, occupied bool) {
 // the namespace's inode: AProcessIn for many namespaces in one walk of
 // /proc. Nil where the caller cannot see every process.
 func AProcessInEach() map[uint64]int {
-	if !seesEveryProcess() {
+	if !SeesEveryProcess() {
 		return nil
 	}
 	entries, _ := os.ReadDir("/proc")
@@ -288,8 +288,8 @@ func AProcessInEach() map[uint64]int {
 	return out
 }
 
-// seesEveryProcess: the caller is in the host's PID namespace.
-func seesEveryProcess() bool {
+// SeesEveryProcess says whether the caller is in the host's PID namespace.
+func SeesEveryProcess() bool {
 	var st unix.Stat_t
 	return unix.Stat("/proc/self/ns/pid", &st) == nil && st.Ino == initPIDNamespace
 }

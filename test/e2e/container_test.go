@@ -23,6 +23,7 @@ import (
 type node struct {
 	dir, socket, state, flows string
 	args                      []string // the daemon's further flags
+	ownPIDs                   bool     // the daemon in a PID namespace of its own
 	daemon                    *exec.Cmd
 	log                       *bytes.Buffer
 }
@@ -42,6 +43,9 @@ func (n *node) start(t *testing.T) {
 	n.log = &bytes.Buffer{}
 	n.daemon = exec.Command(bin, append([]string{"daemon", "--socket", n.socket, "--state-dir", n.state, "--flow-log-dir", n.flows, "--dns", "203.0.113.53"}, n.args...)...)
 	n.daemon.Stdout, n.daemon.Stderr = n.log, n.log
+	if n.ownPIDs {
+		n.daemon.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWPID}
+	}
 	if err := n.daemon.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -549,6 +553,16 @@ func TestANamespaceThatOutlivesItsContainer(t *testing.T) {
 	adoptedAlone("cf-down")
 	sandboxedLeft()
 	endsWithTheProcessLeft("cf-down")
+
+	// A daemon in a PID namespace of its own can neither reach the
+	// containers' namespaces by their host pids nor tell whether a
+	// process is left in one: it says so.
+	n.stop()
+	n.ownPIDs = true
+	n.start(t)
+	eventually(t, "a daemon in a PID namespace of its own to say so", func() bool {
+		return strings.Contains(n.log.String(), "not in the host's PID namespace")
+	})
 }
 
 // attributed says whether log has a connect_attempt to dst owned by comm.
