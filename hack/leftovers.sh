@@ -4,8 +4,8 @@
 # The e2e tests check childflow's own state after each test; this covers
 # the whole run (unit tests too) and what the tests' tools leave: network
 # namespaces, links, rules, routes, nftables tables, mounts, sysctls the
-# tests set, files in /run and /tmp, and processes of the programs the
-# tests start.
+# tests set, files in /run/childflow, /tmp and /dev/shm, and processes of
+# the programs the tests start.
 set -euo pipefail
 
 # Each line names its kind: check compares the lines as sets.
@@ -18,7 +18,8 @@ state() {
 		{ ip rule; ip -6 rule 2>/dev/null || true; } | as rule
 		# Routes and addresses the kernel's own timers renew carry their lifetimes.
 		{ ip route show table all; ip -6 route show table all 2>/dev/null | grep -v 'fe80::'; } | sed 's/ expires [0-9a-z]*//' | as route
-		ip -o addr show | grep -v 'fe80::' | awk '{print $2, $4}' | as address
+		# Not what autoconfiguration or DHCP gives and takes back by itself.
+		ip -o addr show | grep -v -e 'fe80::' -e ' dynamic' | awk '{print $2, $4}' | as address
 	fi
 	{ nft list tables 2>/dev/null || true; } | as nftables
 	awk '{print $5}' /proc/self/mountinfo | as mount
@@ -32,7 +33,8 @@ state() {
 	# on would let two holders in.
 	{ find /run/childflow /var/run/childflow 2>/dev/null || true; } |
 		grep -vxE '/(var/)?run/childflow(/root)?|/(var/)?run/childflow/(root/\.lock|daemon\.lock)' | as file || true
-	ls -1 /tmp | grep -vE '^(bash_|go-build|hsperfdata_)' | sed 's|^|/tmp/|' | as file || true
+	ls -1A /tmp | grep -vE '^(bash_|go-build|hsperfdata_)' | sed 's|^|/tmp/|' | as file || true
+	ls -1A /dev/shm | sed 's|^|/dev/shm/|' | as file || true
 }
 
 # ps's columns: pid, parent, state, start (five words), name.

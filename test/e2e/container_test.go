@@ -519,6 +519,9 @@ func TestANamespaceThatOutlivesItsContainer(t *testing.T) {
 		sbs := n.sandboxes(t)
 		return len(sbs) == 1 && sbs[0]["id"] == "cf-left" && sbs[0]["lingering"] == true
 	})
+	if r := run(t, root, "sandboxes", "--socket", n.socket); !strings.Contains(r.stdout, "oci-hook (lingering)") {
+		t.Errorf("childflow sandboxes does not show the sandbox lingering: %v", r)
+	}
 	if rec, _ := os.ReadFile(filepath.Join(n.state, "sandboxes", "cf-left.json")); !strings.Contains(string(rec), fmt.Sprintf(`"netns":"/proc/%d/ns/net"`, left.Process.Pid)) {
 		t.Errorf("the lingering sandbox's record does not name the process left: %s", rec)
 	}
