@@ -225,18 +225,25 @@ func descendants(initPID int) []int {
 // inNetns lists the processes in the network namespace with inode ino,
 // at most limit.
 func inNetns(ino uint64, limit int) []int {
-	entries, _ := os.ReadDir("/proc")
 	var out []int
-	for _, e := range entries {
-		pid, err := strconv.Atoi(e.Name())
-		if err == nil && netnsOf(pid) == ino {
+	eachProcessNetns(func(pid int, in uint64) bool {
+		if in == ino {
 			out = append(out, pid)
-			if len(out) == limit {
-				break
-			}
+		}
+		return len(out) < limit
+	})
+	return out
+}
+
+// eachProcessNetns calls fn with each process and the inode of its
+// network namespace (0 if unknown), while fn returns true.
+func eachProcessNetns(fn func(pid int, ino uint64) bool) {
+	entries, _ := os.ReadDir("/proc")
+	for _, e := range entries {
+		if pid, err := strconv.Atoi(e.Name()); err == nil && !fn(pid, netnsOf(pid)) {
+			return
 		}
 	}
-	return out
 }
 
 // initPIDNamespace is the inode of the host's PID namespace (the
@@ -274,17 +281,13 @@ func AProcessInEach() map[uint64]int {
 	if !SeesEveryProcess() {
 		return nil
 	}
-	entries, _ := os.ReadDir("/proc")
 	out := map[uint64]int{}
-	for _, e := range entries {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		if ino := netnsOf(pid); ino != 0 && out[ino] == 0 {
+	eachProcessNetns(func(pid int, ino uint64) bool {
+		if ino != 0 && out[ino] == 0 {
 			out[ino] = pid
 		}
-	}
+		return true
+	})
 	return out
 }
 

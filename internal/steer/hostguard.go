@@ -577,10 +577,9 @@ func (gs Guards) Remove(id string) error {
 	}
 	for _, f := range guardFamilies {
 		t := &nftables.Table{Family: f, Name: GuardTable}
-		keys, _ := guardKeys(c, f)
 		names, removed := chainNames(c, f), false
-		for _, k := range keys {
-			if Matches(k, id) {
+		for name := range names {
+			if k, ok := strings.CutPrefix(name, "from-"); ok && Matches(k, id) {
 				removed = removeChains(c, t, names, k) || removed
 			}
 		}

@@ -86,6 +86,17 @@ func (n *node) sandboxes(t *testing.T) []map[string]any {
 	return list
 }
 
+// sandbox is sandbox id's entry in n.sandboxes, nil if it has none.
+func (n *node) sandbox(t *testing.T, id string) map[string]any {
+	t.Helper()
+	for _, sb := range n.sandboxes(t) {
+		if sb["id"] == id {
+			return sb
+		}
+	}
+	return nil
+}
+
 // waitDetached waits for every sandbox of n to be detached and its
 // record gone.
 func (n *node) waitDetached(t *testing.T) {
@@ -385,10 +396,8 @@ func TestContainersBesideOtherInterfaces(t *testing.T) {
 		startDetached(t, state, bundleIn(t, n, netns, netRaw, "sleep 600"), id)
 	}
 	guarded := func(id string) any {
-		for _, sb := range n.sandboxes(t) {
-			if sb["id"] == id {
-				return sb["guarded"]
-			}
+		if sb := n.sandbox(t, id); sb != nil {
+			return sb["guarded"]
 		}
 		return "no sandbox"
 	}
@@ -472,8 +481,7 @@ func TestANamespaceThatOutlivesItsContainer(t *testing.T) {
 			t.Fatal(err)
 		}
 		eventually(t, "the process left to enter the namespace", func() bool {
-			var st syscall.Stat_t
-			return syscall.Stat(fmt.Sprintf("/proc/%d/ns/net", left.Process.Pid), &st) == nil && st.Ino == netnsInode(t, "/var/run/netns/"+name)
+			return netnsInode(t, fmt.Sprintf("/proc/%d/ns/net", left.Process.Pid)) == netnsInode(t, "/var/run/netns/"+name)
 		})
 	}
 	defer func() {

@@ -194,14 +194,7 @@ nc -w 2 172.17.0.1 22 </dev/null && echo reach-bridge-host || echo blocked-bridg
 	if r = d.run(t, "stop", "-t", "1", id); r.code != 0 {
 		t.Fatalf("stopping the sandboxed container: %v", r)
 	}
-	eventually(t, "the sandbox to linger", func() bool {
-		for _, sb := range n.sandboxes(t) {
-			if sb["id"] == id {
-				return sb["lingering"] == true
-			}
-		}
-		return false
-	})
+	eventually(t, "the sandbox to linger", func() bool { return n.sandbox(t, id)["lingering"] == true })
 	r = d.run(t, "exec", left, "sh", "-c", probe) // docker took eth0: cf0 is all it has
 	wantLines(t, r.stdout, "reach 203.0.113.10", "blocked 203.0.113.20", "blocked 2001:db8::20", "has-cf0")
 	d.run(t, "rm", "-f", left, id, guarded)
