@@ -108,6 +108,9 @@ type sandbox struct {
 	// lingering: its container is gone, and processes are left in its
 	// namespace (linger). Under Daemon.mu, as att is.
 	lingering bool
+	// links guards interfaces added to a container's namespace; nil for
+	// a pod's.
+	links *linkWatch
 
 	flows, allowed, denied, up, down atomic.Uint64
 }
@@ -173,6 +176,7 @@ func Run(ctx context.Context, cfg Config, ready func()) error {
 	if !procnet.SeesEveryProcess() {
 		cfg.Logf("warning: this daemon is not in the host's PID namespace: it cannot reach the OCI hook's containers (named by host pids), nor tell whether processes are left in a sandbox's namespace; run it in the host's")
 	}
+	d.releaseHolds()
 	d.adoptAll()
 	d.buryTombstones()
 	d.pruneFlowLogs()
@@ -392,6 +396,16 @@ func (d *Daemon) attach(a api.Attachment, link *os.File, adopted bool) (err erro
 				}
 			}()
 		}
+	}
+	if a.Source == api.SourceHook {
+		if sb.links, err = d.watchLinks(sb); err != nil {
+			return err
+		}
+		defer func() {
+			if err != nil {
+				sb.links.stop()
+			}
+		}()
 	}
 	eng, err := engine.New(cfg)
 	if err != nil {
@@ -620,6 +634,9 @@ func isOwnNetns(ino uint64) bool {
 // stop closes the sandbox's engine and flow log; the error is the flow
 // log's (a full disk cut it short).
 func (sb *sandbox) stop() error {
+	if sb.links != nil {
+		sb.links.stop()
+	}
 	sb.eng.Close()
 	if sb.log != nil {
 		return sb.log.Close()

@@ -108,7 +108,7 @@ func movedTo(a api.Attachment, pid int) api.Attachment {
 // forgetGuard removes the host guards of sandbox id, which has ended (the
 // hook's; childflow-cni removes a pod's at CNI DEL).
 func (d *Daemon) forgetGuard(id string) {
-	if guards := (steer.Guards{Dir: d.cfg.StateDir}); guards.Recorded(id) {
+	if guards := (steer.Guards{Dir: d.cfg.StateDir}); guards.RecordedAny(id) {
 		if err := guards.Remove(id); err != nil {
 			d.cfg.Logf("sandbox %s: removing its host guard: %v", id, err)
 		}

@@ -151,7 +151,7 @@ func (n Node) Detach(id string) error {
 	if a, err := api.ReadRecord(n.StateDir, id); err == nil && a.Source != api.SourceCNI && procnet.Occupied(a.NetnsInode) {
 		return nil
 	}
-	if guards := (steer.Guards{Dir: n.StateDir}); guards.Recorded(id) {
+	if guards := (steer.Guards{Dir: n.StateDir}); guards.RecordedAny(id) {
 		return guards.Remove(id)
 	}
 	return nil

@@ -719,3 +719,76 @@ func loadBPF(t *testing.T, progType uint32, ret int32) int {
 	t.Cleanup(func() { unix.Close(int(fd)) })
 	return int(fd)
 }
+
+// An interface held sends nothing past the host until a guard takes its
+// name (in the same transaction) or it is released; RemovePort removes
+// one guard of a sandbox.
+func TestAHeldInterfaceSendsNothingUntilItsGuardTakesIt(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("needs root: namespaces, veths and nftables")
+	}
+	for _, bridged := range []bool{false, true} {
+		name := "routed veth"
+		if bridged {
+			name = "bridge port"
+		}
+		t.Run(name, func(t *testing.T) {
+			hostIf, _ := guardTopology(t, bridged)
+			run(t, nodeNS, "ip", "link", "add", "hg-other", "type", "veth", "peer", "name", "hg-other-pod")
+			if bridged {
+				run(t, nodeNS, "ip", "link", "set", "hg-other", "master", "hg-br")
+			}
+			target, err := ns.GetNS("/run/netns/" + nodeNS)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer target.Close()
+			guards := Guards{Dir: t.TempDir()}
+			in := func(f func() error) error { return target.Do(func(ns.NetNS) error { return f() }) }
+			must := func(what string, f func() error) {
+				t.Helper()
+				if err := in(f); err != nil {
+					t.Fatalf("%s: %v", what, err)
+				}
+			}
+			held := func() bool {
+				var h map[string]bool
+				must("Held", func() (err error) { h, err = guards.Held(); return err })
+				return h[hostIf]
+			}
+			out := func() bool { return echoed(podNS, "198.51.100.2:7", "") }
+			answers := func() bool { return echoed(remoteNS, "10.77.0.2:9000", "") }
+
+			if err := in(func() error { return guards.Hold(hostIf) }); err == nil {
+				t.Errorf("held %s where no guard table is", hostIf)
+			}
+			const pod, other = "0123456789abcdef", "fedcba9876543210"
+			must("guarding another pod", func() error { return guards.Install(HostGuard{ID: other, HostIf: "hg-other"}) })
+			if !out() {
+				t.Fatal("unheld, the pod cannot reach the remote host: the probe proves nothing")
+			}
+			must("Hold", func() error { return guards.Hold(hostIf) })
+			if out() || answers() || !held() {
+				t.Errorf("held: the pod reached the remote host %v, answered it %v; listed as held %v", out(), answers(), held())
+			}
+			must("Release", func() error { return guards.Release(hostIf) })
+			if !out() || held() {
+				t.Errorf("released: the pod reached the remote host %v; listed as held %v", out(), held())
+			}
+			must("Hold", func() error { return guards.Hold(hostIf) })
+			must("guarding the held pod", func() error {
+				return guards.Install(HostGuard{ID: pod, HostIf: hostIf, Pod: []netip.Addr{netip.MustParseAddr("10.77.0.2")}})
+			})
+			if out() || !answers() || held() {
+				t.Errorf("guarded: the pod reached the remote host %v, answered it %v; listed as held %v", out(), answers(), held())
+			}
+			must("RemovePort", func() error { return guards.RemovePort(pod, "") })
+			var keys []string
+			must("List", func() (err error) { keys, err = guards.List(); return err })
+			if !out() || !slices.Equal(keys, []string{other[:12]}) {
+				t.Errorf("its guard removed: the pod reached the remote host %v; guards left %q, want the other pod's", out(), keys)
+			}
+			must("Remove", func() error { return guards.Remove(other) })
+		})
+	}
+}

@@ -105,6 +105,32 @@ func Install(netns int, cfg Config) (err error) {
 	if err := installTable(netns, cfg); err != nil {
 		return fmt.Errorf("nftables: %w", err)
 	}
+	return moveRoutes(routes, keep)
+}
+
+// Extend steers interfaces added to a namespace since Install (or since
+// the TUN was set up alone in it): their routes move as Install moves
+// the first ones', and a namespace that had only the TUN gets the rules
+// and the table. On error the routes not yet moved stay in the main
+// table, where the table drops what would leave by them.
+func Extend(netns int, cfg Config) error {
+	c, err := nftables.New(nftables.WithNetNSFd(netns))
+	if err != nil {
+		return err
+	}
+	if t, err := c.ListTableOfFamily(nftTable, nftables.TableFamilyINet); err != nil || t == nil {
+		return Install(netns, cfg)
+	}
+	routes, err := movable(cfg.TUN)
+	if err != nil {
+		return err
+	}
+	return moveRoutes(routes, cfg.Keep)
+}
+
+// moveRoutes moves routes from the main table to RouteTable; a kept
+// range is routed on through the default gateway it had.
+func moveRoutes(routes []netlink.Route, keep []netip.Prefix) error {
 	linkRoutesFirst(routes)
 	var defaults []netlink.Route
 	for _, r := range routes {

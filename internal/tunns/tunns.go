@@ -222,6 +222,17 @@ func HostGuardOf(netnsPath, ifName, id string, keep []netip.Prefix) (steer.HostG
 	return steer.HostGuard{ID: id, HostIf: peer.HostIf, Pod: peer.Addrs, Keep: keep, MAC: peer.MAC, LinkLocal: peer.LinkLocal}, nil
 }
 
+// ErrNotHostPeer says a veth's other end is not in the host's namespace.
+var ErrNotHostPeer = errors.New("not in the host's namespace")
+
+// SteerAddedIn steers the interfaces added to the namespace since its
+// TUN was set up by plan (steer.Extend).
+func SteerAddedIn(netnsPath string, plan netplan.Plan, keep []netip.Prefix) error {
+	return inNetns(netnsPath, func(netns ns.NetNS) error {
+		return steer.Extend(int(netns.Fd()), steer.Config{TUN: plan.Interface, Keep: keep, DNS: plan.Gateways()})
+	})
+}
+
 // Peer is a pod's veth as its host guard sees it.
 type Peer struct {
 	HostIf    string       // the host's end
@@ -277,14 +288,14 @@ func HostPeerOf(netnsPath, ifName string) (Peer, error) {
 	}
 	link, err := netlink.LinkByIndex(peer)
 	if err != nil {
-		return Peer{}, fmt.Errorf("the host end of %s is not in the host's namespace: %w", ifName, err)
+		return Peer{}, fmt.Errorf("the host end of %s is %w: %w", ifName, ErrNotHostPeer, err)
 	}
 	hostVeth, ok := link.(*netlink.Veth)
 	if !ok || link.Attrs().NetNsID != nsid {
-		return Peer{}, fmt.Errorf("the host end of %s is not in the host's namespace", ifName)
+		return Peer{}, fmt.Errorf("the host end of %s is %w", ifName, ErrNotHostPeer)
 	}
 	if back, err := netlink.VethPeerIndex(hostVeth); err != nil || back != index {
-		return Peer{}, fmt.Errorf("the host end of %s is not in the host's namespace", ifName)
+		return Peer{}, fmt.Errorf("the host end of %s is %w", ifName, ErrNotHostPeer)
 	}
 	p.HostIf = link.Attrs().Name
 	return p, nil

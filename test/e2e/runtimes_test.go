@@ -278,6 +278,55 @@ func TestDockerNetworksOfTheirOwn(t *testing.T) {
 		d.run(t, "rm", "-f", id)
 	}
 
+	// A network connected to a sandboxed container while it runs gives
+	// it a veth no createRuntime hook saw: the daemon guards it and
+	// steers its routes.
+	id, pid, _ := d.background(t, "childflow", "--network", "proj", "bb:latest", "sleep", "1000000")
+	d.run(t, "network", "connect", "proj2", id)
+	ip2 := strings.TrimSpace(d.run(t, "inspect", "-f", "{{.NetworkSettings.Networks.proj2.IPAddress}}", id).stdout)
+	gw2 := strings.TrimSpace(d.run(t, "network", "inspect", "-f", "{{(index .IPAM.Config 0).Gateway}}", "proj2").stdout)
+	chain := "from-" + id[:12] + "+eth1"
+	guarded := func() bool {
+		out, _ := exec.Command("nft", "list", "ruleset").Output()
+		return strings.Contains(string(out), chain)
+	}
+	eventually(t, "the guard of the connected network's veth", guarded)
+	if out := rawFrameOn(t, "eth1", bridge2, pid, ip2); out != "contained" {
+		t.Errorf("a raw frame on a network connected to a running sandboxed container: %s", out)
+	}
+	// Its guard names its address there: it still answers who reaches it.
+	if r := d.run(t, "run", "--rm", "--runtime", "childflow-plain", "--network", "proj2", "bb:latest", "ping", "-c", "1", "-W", "5", ip2); r.code != 0 {
+		t.Errorf("a container on the connected network pinging the sandboxed one: %v", r)
+	}
+	// What it opens to that network goes through the engine and its policy.
+	d.run(t, "exec", id, "sh", "-c", "nc -w 2 "+gw2+" 80 </dev/null")
+	if !hasEvent(readFlowLog(t, filepath.Join(n.flows, id+".jsonl")), map[string]any{"event": "connect_attempt", "dst": gw2 + ":80"}) {
+		t.Errorf("a connection to the connected network (%s) is not in the sandbox's flow log", gw2)
+	}
+	// An interface moved in that cannot be guarded (a macvlan on the
+	// host's) is deleted; one made inside with both ends there stays.
+	netns := "--net=/proc/" + fmt.Sprint(pid) + "/ns/net"
+	for _, args := range [][]string{
+		{"ip", "link", "add", "cf-lower", "type", "veth", "peer", "name", "cf-lower1"},
+		{"ip", "link", "add", "cf-mv", "link", "cf-lower", "type", "macvlan"},
+		{"ip", "link", "set", "cf-mv", "netns", fmt.Sprint(pid)},
+		{"nsenter", netns, "ip", "link", "add", "cf-in0", "type", "veth", "peer", "name", "cf-in1"},
+	} {
+		if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
+			t.Fatalf("%v: %v\n%s", args, err, out)
+		}
+	}
+	t.Cleanup(func() { exec.Command("ip", "link", "del", "cf-lower").Run() })
+	inNetns := func(link string) bool { return exec.Command("nsenter", netns, "ip", "link", "show", link).Run() == nil }
+	eventually(t, "the macvlan moved in to be deleted", func() bool { return !inNetns("cf-mv") })
+	if !inNetns("cf-in0") {
+		t.Errorf("a veth made inside the sandbox's namespace was deleted")
+	}
+	// Disconnected, its guard goes.
+	d.run(t, "network", "disconnect", "proj2", id)
+	eventually(t, "the guard of the disconnected network's veth to go", func() bool { return !guarded() })
+	d.run(t, "rm", "-f", id)
+
 	d.run(t, "network", "rm", "proj", "proj2")
 	n.waitDetached(t)
 	netfilterAsFound(t, before)
