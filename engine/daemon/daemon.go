@@ -176,7 +176,6 @@ func Run(ctx context.Context, cfg Config, ready func()) error {
 	if !procnet.SeesEveryProcess() {
 		cfg.Logf("warning: this daemon is not in the host's PID namespace: it cannot reach the OCI hook's containers (named by host pids), nor tell whether processes are left in a sandbox's namespace; run it in the host's")
 	}
-	d.releaseHolds()
 	d.adoptAll()
 	d.buryTombstones()
 	d.pruneFlowLogs()

@@ -29,10 +29,11 @@ import (
 type linkWatch struct {
 	d     *Daemon
 	sb    *sandbox
-	path  string // the sandbox's namespace, through the daemon's descriptor
-	h     *netlink.Handle
-	nsid  int          // the host's id of the namespace, -1 until known
-	known map[int]bool // interfaces there at the start, or left alone
+	path  string          // the sandbox's namespace, through the daemon's descriptor
+	h     *netlink.Handle // in the namespace
+	host  *netlink.Handle // in the host's
+	nsid  int             // the host's id of the namespace, -1 until known
+	known map[int]bool    // interfaces there at the start, or left alone
 	added map[int]*addedLink
 	done  chan struct{}
 	wg    sync.WaitGroup
@@ -40,21 +41,24 @@ type linkWatch struct {
 
 // addedLink is an interface added since the watch started.
 type addedLink struct {
-	held    string    // the host's end, while steer.Guards.Hold holds it
-	port    string    // the port (HostGuard.Port) of its guard, once guarded
-	guarded time.Time // when that guard was installed
-	failed  time.Time // when guarding it first failed, if it did
+	held    netlink.Link // its host's end, while held down
+	port    string       // the port (HostGuard.Port) of its guard, once guarded
+	guarded time.Time    // when that guard was installed
+	failed  time.Time    // when guarding it first failed, if it did
 }
 
-// An added veth is held at first sight, as its runtime moves it in and
-// before it brings it up, if the watch wins that race (it took 0.1-0.5
-// ms here; docker took 0.5-4): nothing it sends passes the host. Once it
+// An added veth on a bridge is held at first sight, as its runtime moves
+// it in and before it brings it up: its host's end, which the runtime
+// brought up before, is set down, and a veth whose peer is down delivers
+// nothing (a hold in the guard tables, a transaction that looks at them
+// first, lost that race now and then: docs/containers.md). Once the veth
 // is up it is guarded as a hook guards one, with the addresses its
-// runtime gave it before bringing it up (docker, CNI plugins); the guard
-// takes its name from the hold in the same transaction. Addresses added
-// later are not taken, as a process with CAP_NET_ADMIN may add any: the
-// guard drops what is sent from them. For steerFor after the guard, the
-// routes its runtime adds next are steered as well.
+// runtime gave it before bringing it up (docker, CNI plugins), and its
+// host's end is up again. A routed veth is not held (down, its host's
+// routes to it would go), only guarded. Addresses added later are not
+// taken, as a process with CAP_NET_ADMIN may add any: the guard drops
+// what is sent from them. For steerFor after the guard, the routes its
+// runtime adds next are steered as well.
 const steerFor = 2 * time.Second
 
 // guardRetry paces another look at an added interface that could not be
@@ -73,7 +77,12 @@ func (d *Daemon) watchLinks(sb *sandbox) (*linkWatch, error) {
 	if err != nil {
 		return nil, fmt.Errorf("watching the interfaces of sandbox %s: %w", sb.att.ID, err)
 	}
-	w := &linkWatch{d: d, sb: sb, path: fmt.Sprintf("/proc/self/fd/%d", sb.netns.Fd()), h: h,
+	host, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+	if err != nil {
+		h.Close()
+		return nil, fmt.Errorf("watching the interfaces of sandbox %s: %w", sb.att.ID, err)
+	}
+	w := &linkWatch{d: d, sb: sb, path: fmt.Sprintf("/proc/self/fd/%d", sb.netns.Fd()), h: h, host: host,
 		nsid: -1, known: map[int]bool{}, added: map[int]*addedLink{}, done: make(chan struct{})}
 	links := make(chan netlink.LinkUpdate, 64)
 	addrs := make(chan netlink.AddrUpdate, 64)
@@ -95,17 +104,19 @@ func (d *Daemon) watchLinks(sb *sandbox) (*linkWatch, error) {
 	if err != nil {
 		close(w.done)
 		h.Close()
+		host.Close()
 		return nil, fmt.Errorf("watching the interfaces of sandbox %s: %w", sb.att.ID, err)
 	}
-	// An interface an earlier daemon held is still to be guarded (the
-	// daemon stopped in between): one added while none ran is not seen.
-	held, err := steer.Guards{Dir: d.cfg.StateDir}.Held()
-	if err != nil {
-		d.cfg.Logf("sandbox %s: listing held interfaces: %v", sb.att.ID, err)
+	// An adopted sandbox's veths are the hook's where it guarded them;
+	// where it guarded any, those no guard names were added since (while
+	// no daemon ran) and are still to be guarded.
+	var guarded map[string]bool
+	if sb.adopted {
+		guarded = steer.Guards{Dir: d.cfg.StateDir}.HostIfs(sb.att.ID)
 	}
 	for _, l := range list {
-		if hostIf, ok := w.hostEnd(l); ok && held[hostIf] {
-			w.added[l.Attrs().Index] = &addedLink{held: hostIf}
+		if peer := w.hostEnd(l); peer != nil && len(guarded) > 0 && !guarded[peer.Attrs().Name] {
+			w.added[l.Attrs().Index] = &addedLink{}
 		} else {
 			w.known[l.Attrs().Index] = true
 		}
@@ -119,11 +130,12 @@ func (w *linkWatch) stop() {
 	close(w.done)
 	w.wg.Wait()
 	w.h.Close()
+	w.host.Close()
 }
 
 func (w *linkWatch) run(links chan netlink.LinkUpdate, addrs chan netlink.AddrUpdate) {
 	defer w.wg.Done()
-	retry := time.NewTimer(0) // held interfaces are looked at first
+	retry := time.NewTimer(0) // added ones are looked at first
 	if len(w.added) == 0 {
 		<-retry.C
 	}
@@ -229,7 +241,8 @@ func (w *linkWatch) look() (again bool) {
 			}
 			continue
 		}
-		a.held, a.failed = "", time.Time{} // the guard took the hold's name
+		w.release(a, g.HostIf)
+		a.failed = time.Time{}
 		a.port, a.guarded = g.Port, time.Now()
 		logf("sandbox %s: interface %s was added to its namespace: guarded on the host (%s)", id, name, g.HostIf)
 		steerThem, again = true, true
@@ -237,11 +250,6 @@ func (w *linkWatch) look() (again bool) {
 	for index, a := range w.added {
 		if !present[index] {
 			delete(w.added, index)
-			if a.held != "" {
-				if err := guards.Release(a.held); err != nil {
-					logf("sandbox %s: releasing the hold of %s: %v", id, a.held, err)
-				}
-			}
 			if a.port != "" {
 				w.unguard(a.port)
 			}
@@ -262,62 +270,66 @@ func (w *linkWatch) look() (again bool) {
 }
 
 // hold starts tracking l, an interface added to the namespace whose
-// other end or lower device is elsewhere, and holds its host's end if
-// that is where its other end is (steer.Guards.Hold).
+// other end or lower device is elsewhere, and holds it down if it is a
+// veth whose host's end is a bridge's port.
 func (w *linkWatch) hold(l netlink.Link) *addedLink {
 	a := &addedLink{}
 	w.added[l.Attrs().Index] = a
-	hostIf, ok := w.hostEnd(l)
-	if !ok {
+	peer := w.hostEnd(l)
+	if peer == nil || peer.Attrs().MasterIndex == 0 {
 		return a
 	}
-	if err := (steer.Guards{Dir: w.d.cfg.StateDir}).Hold(hostIf); err != nil {
-		w.d.cfg.Logf("sandbox %s: interface %s was added to its namespace, and holding it failed: %v", w.sb.att.ID, l.Attrs().Name, err)
+	if master, err := w.host.LinkByIndex(peer.Attrs().MasterIndex); err != nil || master.Type() != "bridge" {
 		return a
 	}
-	a.held = hostIf
+	if err := w.host.LinkSetDown(peer); err != nil {
+		w.d.cfg.Logf("sandbox %s: interface %s was added to its namespace, and setting its host's end %s down failed: %v", w.sb.att.ID, l.Attrs().Name, peer.Attrs().Name, err)
+		return a
+	}
+	a.held = peer
 	return a
 }
 
-// hostEnd names the host's end of the veth l, if that is where its
-// other end is: the index it names there must be a veth that names l
-// back, from this namespace (an index alone could name anything).
-func (w *linkWatch) hostEnd(l netlink.Link) (string, bool) {
-	peer, err := netlink.LinkByIndex(l.Attrs().ParentIndex)
+// release brings an added veth's host's end hostIf up, once guarded: its
+// runtime had brought it up (held, or left down by a daemon that held
+// it and stopped).
+func (w *linkWatch) release(a *addedLink, hostIf string) {
+	peer := a.held
+	a.held = nil
+	if peer == nil {
+		var err error
+		if peer, err = w.host.LinkByName(hostIf); err != nil || peer.Attrs().Flags&net.FlagUp != 0 {
+			return
+		}
+	}
+	if err := w.host.LinkSetUp(peer); err != nil {
+		w.d.cfg.Logf("sandbox %s: setting the host's end %s of an added interface up again: %v", w.sb.att.ID, hostIf, err)
+	}
+}
+
+// hostEnd is the host's end of the veth l, if that is where its other
+// end is: the index it names there must be a veth that names l back,
+// from this namespace (an index alone could name anything); else nil.
+func (w *linkWatch) hostEnd(l netlink.Link) netlink.Link {
+	if _, ok := l.(*netlink.Veth); !ok || l.Attrs().NetNsID < 0 {
+		return nil
+	}
+	peer, err := w.host.LinkByIndex(l.Attrs().ParentIndex)
 	if err != nil {
-		return "", false
+		return nil
 	}
 	if _, ok := peer.(*netlink.Veth); !ok || peer.Attrs().ParentIndex != l.Attrs().Index {
-		return "", false
+		return nil
 	}
 	if w.nsid < 0 { // the host's id of the namespace, once it has one
-		if w.nsid, err = netlink.GetNetNsIdByFd(int(w.sb.netns.Fd())); err != nil {
+		if w.nsid, err = w.host.GetNetNsIdByFd(int(w.sb.netns.Fd())); err != nil {
 			w.nsid = -1
 		}
 	}
 	if w.nsid < 0 || peer.Attrs().NetNsID != w.nsid {
-		return "", false
+		return nil
 	}
-	return peer.Attrs().Name, true
-}
-
-// releaseHolds ends the holds an earlier daemon left on interfaces that
-// are gone (their name could be taken again); those of live ones stay,
-// for the watch of their sandbox to guard.
-func (d *Daemon) releaseHolds() {
-	guards := steer.Guards{Dir: d.cfg.StateDir}
-	held, err := guards.Held()
-	if err != nil {
-		d.cfg.Logf("host guards: listing held interfaces: %v", err)
-	}
-	for hostIf := range held {
-		if _, err := netlink.LinkByName(hostIf); err == nil {
-			continue
-		}
-		if err := guards.Release(hostIf); err != nil {
-			d.cfg.Logf("host guards: releasing the hold of %s: %v", hostIf, err)
-		}
-	}
+	return peer
 }
 
 // unguard removes the guard of one of the sandbox's ports.

@@ -9,7 +9,6 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
 	"time"
 	"unsafe"
@@ -563,114 +562,6 @@ func (gs Guards) Remove(id string) error {
 	return gs.remove(func(key string) bool { return Matches(key, id) })
 }
 
-// holdSet names the interfaces Hold holds, as a pod's "if-" set names
-// its own: takeName releases them to the guard that replaces the hold.
-const holdSet = "if-holds"
-
-// Hold drops everything the host's interface hostIf sends, from now
-// until a guard takes its name (Install) or Release: for an interface
-// that appeared in a sandbox's namespace, which must send nothing before
-// its guard is made. It is one short transaction on the guard tables
-// there are, so it lands before a runtime that moved the interface in
-// brings it up, as a whole guard (made after looking at the interface,
-// its addresses and the tables) would not; nothing else is looked up.
-// Without a table to hold it in (no guard on the host), an error.
-func (gs Guards) Hold(hostIf string) error {
-	c, err := nftables.New()
-	if err != nil {
-		return err
-	}
-	tables, err := c.ListTables()
-	if err != nil {
-		return err
-	}
-	name := nftexpr.IfNameBytes(hostIf)
-	held := false
-	for _, t := range tables {
-		if t.Name != GuardTable || !slices.Contains(guardFamilies, t.Family) {
-			continue
-		}
-		holds := &nftables.Set{Table: t, Name: holdSet, KeyType: nftables.TypeIFName, KeyByteOrder: binaryutil.NativeEndian}
-		from := &nftables.Set{Table: t, Name: fromPods, IsMap: true, KeyType: nftables.TypeIFName, KeyByteOrder: binaryutil.NativeEndian, DataType: nftables.TypeVerdict}
-		if err := c.AddSet(holds, []nftables.SetElement{{Key: name}}); err != nil {
-			return err
-		}
-		if err := c.SetAddElements(from, []nftables.SetElement{{Key: name, VerdictData: &expr.Verdict{Kind: expr.VerdictDrop}}}); err != nil {
-			return err
-		}
-		held = true
-	}
-	if !held {
-		return fmt.Errorf("holding %s on the host: no %s table", hostIf, GuardTable)
-	}
-	if err := nftexpr.Flush(c); err != nil {
-		return fmt.Errorf("holding %s on the host: %w", hostIf, err)
-	}
-	return nil
-}
-
-// Held names the interfaces Hold holds.
-func (gs Guards) Held() (map[string]bool, error) {
-	c, err := nftables.New()
-	if err != nil {
-		return nil, err
-	}
-	held := map[string]bool{}
-	for _, f := range guardFamilies {
-		holds, err := c.GetSetByName(&nftables.Table{Family: f, Name: GuardTable}, holdSet)
-		if err != nil {
-			continue // no table, or no hold yet
-		}
-		elems, err := c.GetSetElements(holds)
-		if err != nil {
-			return nil, err
-		}
-		for _, e := range elems {
-			held[unix.ByteSliceToString(e.Key)] = true
-		}
-	}
-	return held, nil
-}
-
-// Release ends Hold's hold of hostIf, if it still holds it (no guard took
-// its name).
-func (gs Guards) Release(hostIf string) error {
-	unlock, err := gs.lock()
-	if err != nil {
-		return err
-	}
-	defer unlock()
-	c, err := nftables.New()
-	if err != nil {
-		return err
-	}
-	queued := false
-	for _, f := range guardFamilies {
-		t := &nftables.Table{Family: f, Name: GuardTable}
-		holds, err := c.GetSetByName(t, holdSet)
-		if err != nil {
-			continue
-		}
-		elems, _ := c.GetSetElements(holds)
-		for _, e := range elems {
-			if unix.ByteSliceToString(e.Key) != hostIf {
-				continue
-			}
-			c.SetDeleteElements(holds, []nftables.SetElement{{Key: e.Key}})
-			for _, m := range guardMapNames(f) {
-				if set, err := c.GetSetByName(t, m); err == nil {
-					deleteKey(c, set, e.Key)
-				}
-			}
-			queued = true
-		}
-	}
-	if !queued {
-		return nil
-	}
-	return nftexpr.Flush(c)
-}
-
 // RemovePort deletes the guard of sandbox id's interface port (HostGuard.Port).
 func (gs Guards) RemovePort(id, port string) error {
 	key := HostGuard{ID: id, Port: port}.key()
@@ -749,6 +640,20 @@ func (gs Guards) RecordedAny(id string) bool {
 		}
 	}
 	return false
+}
+
+// HostIfs names the host's interfaces sandbox id's recorded guards guard.
+func (gs Guards) HostIfs(id string) map[string]bool {
+	out := map[string]bool{}
+	records, _ := filepath.Glob(gs.recordPath(guardKey(id) + "*"))
+	for _, p := range records {
+		if key, _ := strings.CutSuffix(filepath.Base(p), ".json"); Matches(key, id) {
+			if r, err := readRecord(p); err == nil {
+				out[r.HostIf] = true
+			}
+		}
+	}
+	return out
 }
 
 // Has reports whether the pod's guard exists.

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -282,7 +283,32 @@ func TestDockerNetworksOfTheirOwn(t *testing.T) {
 	// it a veth no createRuntime hook saw: the daemon guards it and
 	// steers its routes.
 	id, pid, _ := d.background(t, "childflow", "--network", "proj", "bb:latest", "sleep", "1000000")
+	// What a process inside writes onto it the moment it appears, before
+	// its guard, must not get out either.
+	subnet2 := strings.TrimSpace(d.run(t, "network", "inspect", "-f", "{{(index .IPAM.Config 0).Subnet}}", "proj2").stdout)
+	bridgeMAC, _ := os.ReadFile("/sys/class/net/" + bridge2 + "/address")
+	inet := testnet + "-inet"
+	counted := func() string {
+		out, _ := exec.Command("ip", "netns", "exec", inet, "nft", "list", "table", "inet", "cf-flood").Output()
+		_, n, _ := strings.Cut(string(out), "counter packets ")
+		return strings.Fields(n + " ?")[0]
+	}
+	if out, err := exec.Command("ip", "netns", "exec", inet, "nft", "add table inet cf-flood; add chain inet cf-flood c { type filter hook prerouting priority -300; }; add rule inet cf-flood c udp sport 40008 udp dport 7 counter").CombinedOutput(); err != nil {
+		t.Fatalf("counting the flood: %v\n%s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("ip", "netns", "exec", inet, "nft", "delete", "table", "inet", "cf-flood").Run() })
+	flood := exec.Command("nsenter", "--net=/proc/"+fmt.Sprint(pid)+"/ns/net", "python3", "../testdata/rawflood.py",
+		"eth1", netip.MustParsePrefix(subnet2).Addr().Next().Next().String(), "203.0.113.20", "7", strings.TrimSpace(string(bridgeMAC)), "0.5")
+	var flooded strings.Builder
+	flood.Stdout, flood.Stderr = &flooded, &flooded
+	if err := flood.Start(); err != nil {
+		t.Fatal(err)
+	}
 	d.run(t, "network", "connect", "proj2", id)
+	flood.Wait()
+	if !strings.HasPrefix(flooded.String(), "sent=") || strings.HasPrefix(flooded.String(), "sent=0\n") || counted() != "0" {
+		t.Errorf("raw frames written onto a network's interface as it was connected to a sandboxed container: %s arrived of %s", counted(), flooded.String())
+	}
 	ip2 := strings.TrimSpace(d.run(t, "inspect", "-f", "{{.NetworkSettings.Networks.proj2.IPAddress}}", id).stdout)
 	gw2 := strings.TrimSpace(d.run(t, "network", "inspect", "-f", "{{(index .IPAM.Config 0).Gateway}}", "proj2").stdout)
 	chain := "from-" + id[:12] + "+eth1"
@@ -325,6 +351,18 @@ func TestDockerNetworksOfTheirOwn(t *testing.T) {
 	// Disconnected, its guard goes.
 	d.run(t, "network", "disconnect", "proj2", id)
 	eventually(t, "the guard of the disconnected network's veth to go", func() bool { return !guarded() })
+	// Connected while no daemon runs, the next one guards it.
+	n.kill(t)
+	d.run(t, "network", "connect", "proj2", id)
+	n.start(t)
+	ip2 = strings.TrimSpace(d.run(t, "inspect", "-f", "{{.NetworkSettings.Networks.proj2.IPAddress}}", id).stdout)
+	addrs, _ := exec.Command("nsenter", netns, "ip", "-o", "addr", "show", "to", ip2).Output()
+	link := strings.TrimSuffix(strings.Fields(string(addrs) + " _ _")[1], ":") // docker names it eth2 now
+	chain = "from-" + id[:12] + "+" + link
+	eventually(t, "the restarted daemon to guard the veth connected while none ran", guarded)
+	if out := rawFrameOn(t, link, bridge2, pid, ip2); out != "contained" {
+		t.Errorf("a raw frame on a network connected while no daemon ran: %s", out)
+	}
 	d.run(t, "rm", "-f", id)
 
 	d.run(t, "network", "rm", "proj", "proj2")
