@@ -632,24 +632,25 @@ func (gs Guards) Recorded(id string) bool {
 
 // RecordedAny reports whether Dir holds a record of any of sandbox id's
 // guards (Recorded: of its first interface's).
-func (gs Guards) RecordedAny(id string) bool {
-	records, _ := filepath.Glob(gs.recordPath(guardKey(id) + "*"))
-	for _, p := range records {
-		if key, _ := strings.CutSuffix(filepath.Base(p), ".json"); Matches(key, id) {
-			return true
-		}
-	}
-	return false
-}
+func (gs Guards) RecordedAny(id string) bool { return len(gs.recordsOf(id)) > 0 }
 
 // HostIfs names the host's interfaces sandbox id's recorded guards guard.
 func (gs Guards) HostIfs(id string) map[string]bool {
 	out := map[string]bool{}
-	records, _ := filepath.Glob(gs.recordPath(guardKey(id) + "*"))
-	for _, p := range records {
+	for _, r := range gs.recordsOf(id) {
+		out[r.HostIf] = true
+	}
+	return out
+}
+
+// recordsOf reads sandbox id's guard records.
+func (gs Guards) recordsOf(id string) []guardRecord {
+	var out []guardRecord
+	paths, _ := filepath.Glob(gs.recordPath(guardKey(id) + "*"))
+	for _, p := range paths {
 		if key, _ := strings.CutSuffix(filepath.Base(p), ".json"); Matches(key, id) {
 			if r, err := readRecord(p); err == nil {
-				out[r.HostIf] = true
+				out = append(out, r)
 			}
 		}
 	}

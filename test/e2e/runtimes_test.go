@@ -348,6 +348,39 @@ func TestDockerNetworksOfTheirOwn(t *testing.T) {
 	if !inNetns("cf-in0") {
 		t.Errorf("a veth made inside the sandbox's namespace was deleted")
 	}
+	// A CNI plugin adding one (podman network connect, a Multus network)
+	// brings the veth up before its host end joins the bridge and before
+	// it has an address: its guard must still be the bridge's, naming
+	// that address.
+	cniData := t.TempDir()
+	cni := func(command string) (string, error) {
+		cmd := exec.Command("/usr/lib/cni/bridge")
+		cmd.Env = append(os.Environ(), "CNI_COMMAND="+command, "CNI_CONTAINERID="+id, "CNI_NETNS=/proc/"+fmt.Sprint(pid)+"/ns/net", "CNI_IFNAME=net1", "CNI_PATH=/usr/lib/cni")
+		cmd.Stdin = strings.NewReader(`{"cniVersion": "0.4.0", "name": "cf-extra", "type": "bridge", "bridge": "cf-extra0",
+			"ipam": {"type": "host-local", "subnet": "10.99.0.0/24", "dataDir": "` + cniData + `"}}`)
+		out, err := cmd.CombinedOutput()
+		return string(out), err
+	}
+	t.Cleanup(func() { cni("DEL"); exec.Command("ip", "link", "del", "cf-extra0").Run() })
+	if out, err := cni("ADD"); err != nil {
+		t.Fatalf("CNI ADD of a second network: %v\n%s", err, out)
+	}
+	exec.Command("ip", "addr", "add", "10.99.0.1/24", "dev", "cf-extra0").Run()
+	bridgeGuarded := func() bool {
+		out, _ := exec.Command("nft", "list", "table", "bridge", "childflow-guard").Output()
+		return strings.Contains(string(out), "from-"+id[:12]+"+net1")
+	}
+	eventually(t, "the bridge guard of the veth a CNI plugin added", bridgeGuarded)
+	if out := rawFrameOn(t, "net1", "cf-extra0", pid, "10.99.0.2"); out != "contained" {
+		t.Errorf("a raw frame on an interface a CNI plugin added: %s", out)
+	}
+	if err := exec.Command("ping", "-c", "1", "-W", "5", "10.99.0.2").Run(); err != nil {
+		t.Errorf("the host pinging the sandboxed container on an interface a CNI plugin added: %v", err)
+	}
+	if out, err := cni("DEL"); err != nil {
+		t.Errorf("CNI DEL: %v\n%s", err, out)
+	}
+
 	// Disconnected, its guard goes.
 	d.run(t, "network", "disconnect", "proj2", id)
 	eventually(t, "the guard of the disconnected network's veth to go", func() bool { return !guarded() })
