@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"time"
@@ -96,6 +97,9 @@ type Attachment struct {
 	// Hosts is the sandbox's hosts file (dns.ParseHosts): flows to the
 	// addresses it names carry those names.
 	Hosts string `json:"hosts,omitempty"`
+	// Keep are the destinations that stay on the namespace's other
+	// interfaces (a pod's clusterCIDRs): so they do on one added later.
+	Keep []netip.Prefix `json:"keep,omitempty"`
 }
 
 // Who attached a sandbox: the OCI hook (a container, through any

@@ -108,8 +108,7 @@ type sandbox struct {
 	// lingering: its container is gone, and processes are left in its
 	// namespace (linger). Under Daemon.mu, as att is.
 	lingering bool
-	// links guards interfaces added to a container's namespace; nil for
-	// a pod's.
+	// links guards interfaces added to its namespace since.
 	links *linkWatch
 
 	flows, allowed, denied, up, down atomic.Uint64
@@ -396,16 +395,14 @@ func (d *Daemon) attach(a api.Attachment, link *os.File, adopted bool) (err erro
 			}()
 		}
 	}
-	if a.Source == api.SourceHook {
-		if sb.links, err = d.watchLinks(sb); err != nil {
-			return err
-		}
-		defer func() {
-			if err != nil {
-				sb.links.stop()
-			}
-		}()
+	if sb.links, err = d.watchLinks(sb); err != nil {
+		return err
 	}
+	defer func() {
+		if err != nil {
+			sb.links.stop()
+		}
+	}()
 	eng, err := engine.New(cfg)
 	if err != nil {
 		return err
@@ -633,9 +630,7 @@ func isOwnNetns(ino uint64) bool {
 // stop closes the sandbox's engine and flow log; the error is the flow
 // log's (a full disk cut it short).
 func (sb *sandbox) stop() error {
-	if sb.links != nil {
-		sb.links.stop()
-	}
+	sb.links.stop()
 	sb.eng.Close()
 	if sb.log != nil {
 		return sb.log.Close()

@@ -15,17 +15,18 @@ import (
 	"github.com/childflow/childflow/internal/tunns"
 )
 
-// An interface added to a container's namespace while it runs (`docker
-// network connect`, `podman network connect`) was seen by no
-// createRuntime hook: a process with CAP_NET_RAW could write frames out
-// of it around the sandbox, unguarded from the host. So the daemon
-// watches each container sandbox's namespace and treats such an
-// interface as the hook treats the first ones: a veth whose other end
-// is the host's is guarded from the host and its routes steered; one
-// whose other end or lower device is elsewhere and that cannot be
-// guarded (a macvlan, a tunnel moved in) is deleted, fail closed. What
-// is made inside the namespace (a veth to a namespace of its own, a
-// bridge) carries nothing off it but through cf0 or a guarded veth.
+// An interface added to a sandbox's namespace after it was attached
+// (`docker network connect`, `podman network connect`, Multus's additional
+// networks for a pod) was seen by no createRuntime hook or CNI ADD: a
+// process with CAP_NET_RAW could write frames out of it around the
+// sandbox, unguarded from the host. So the daemon watches each sandbox's
+// namespace and treats such an interface as the hook and the plugin treat
+// the first ones: a veth whose other end is the host's is guarded from
+// the host and its routes steered; one whose other end or lower device is
+// elsewhere and that cannot be guarded (a macvlan, a tunnel moved in) is
+// deleted, fail closed. What is made inside the namespace (a veth to a
+// namespace of its own, a bridge) carries nothing off it but through cf0
+// or a guarded veth.
 type linkWatch struct {
 	d     *Daemon
 	sb    *sandbox
@@ -220,7 +221,7 @@ func (w *linkWatch) look() (again bool) {
 		if !up {
 			continue // sends nothing yet
 		}
-		g, err := tunns.HostGuardOf(w.path, name, id, nil)
+		g, err := tunns.HostGuardOf(w.path, name, id, w.sb.att.Keep)
 		if errors.Is(err, tunns.ErrNotHostPeer) {
 			delete(w.added, index)
 			w.known[index] = true // to another namespace, not the host's
@@ -261,7 +262,7 @@ func (w *linkWatch) look() (again bool) {
 		}
 	}
 	if steerThem {
-		if err := tunns.SteerAddedIn(w.path, w.sb.att.Plan, nil); err != nil {
+		if err := tunns.SteerAddedIn(w.path, w.sb.att.Plan, w.sb.att.Keep); err != nil {
 			logf("sandbox %s: steering its added interfaces: %v", id, err)
 			again = true
 		}

@@ -92,7 +92,7 @@ func (n Node) Attach(sb Sandbox) (_ Attached, err error) {
 			tunns.DeleteIn(sb.Netns, plan.Interface)
 		}
 	}()
-	a := &api.Attachment{ID: sb.ID, Netns: sb.Netns, NetnsInode: ino, PID: sb.PID, Plan: plan, Settings: sb.Settings, Source: sb.Source, Labels: sb.Labels, Hosts: sb.Hosts}
+	a := &api.Attachment{ID: sb.ID, Netns: sb.Netns, NetnsInode: ino, PID: sb.PID, Plan: plan, Settings: sb.Settings, Source: sb.Source, Labels: sb.Labels, Hosts: sb.Hosts, Keep: sb.Keep}
 	client := api.Client{Socket: n.Socket}
 	err = client.Attach(a, link)
 	if errors.Is(err, api.ErrUnavailable) && n.Childflow != "" {

@@ -352,20 +352,7 @@ func TestDockerNetworksOfTheirOwn(t *testing.T) {
 	// brings the veth up before its host end joins the bridge and before
 	// it has an address: its guard must still be the bridge's, naming
 	// that address.
-	cniData := t.TempDir()
-	cni := func(command string) (string, error) {
-		cmd := exec.Command("/usr/lib/cni/bridge")
-		cmd.Env = append(os.Environ(), "CNI_COMMAND="+command, "CNI_CONTAINERID="+id, "CNI_NETNS=/proc/"+fmt.Sprint(pid)+"/ns/net", "CNI_IFNAME=net1", "CNI_PATH=/usr/lib/cni")
-		cmd.Stdin = strings.NewReader(`{"cniVersion": "0.4.0", "name": "cf-extra", "type": "bridge", "bridge": "cf-extra0",
-			"ipam": {"type": "host-local", "subnet": "10.99.0.0/24", "dataDir": "` + cniData + `"}}`)
-		out, err := cmd.CombinedOutput()
-		return string(out), err
-	}
-	t.Cleanup(func() { cni("DEL"); exec.Command("ip", "link", "del", "cf-extra0").Run() })
-	if out, err := cni("ADD"); err != nil {
-		t.Fatalf("CNI ADD of a second network: %v\n%s", err, out)
-	}
-	exec.Command("ip", "addr", "add", "10.99.0.1/24", "dev", "cf-extra0").Run()
+	del := cniBridge(t, id, pid, "net1")
 	bridgeGuarded := func() bool {
 		out, _ := exec.Command("nft", "list", "table", "bridge", "childflow-guard").Output()
 		return strings.Contains(string(out), "from-"+id[:12]+"+net1")
@@ -377,8 +364,8 @@ func TestDockerNetworksOfTheirOwn(t *testing.T) {
 	if err := exec.Command("ping", "-c", "1", "-W", "5", "10.99.0.2").Run(); err != nil {
 		t.Errorf("the host pinging the sandboxed container on an interface a CNI plugin added: %v", err)
 	}
-	if out, err := cni("DEL"); err != nil {
-		t.Errorf("CNI DEL: %v\n%s", err, out)
+	if err := del(); err != nil {
+		t.Error(err)
 	}
 
 	// Disconnected, its guard goes.
@@ -453,6 +440,32 @@ func TestContainerdThroughTheRuntimeWrapper(t *testing.T) {
 		t.Errorf("bad annotation under containerd: %v", r)
 	}
 	n.waitDetached(t)
+}
+
+// cniBridge runs the CNI bridge plugin by hand against process pid's
+// network namespace, as podman network connect (its CNI backend) and
+// Multus do: it adds ifName, a veth on the host's bridge cf-extra0, with
+// the address 10.99.0.2/24 (the host's 10.99.0.1). It returns the
+// plugin's DEL.
+func cniBridge(t *testing.T, id string, pid int, ifName string) (del func() error) {
+	t.Helper()
+	data := t.TempDir()
+	cni := func(command string) error {
+		cmd := exec.Command("/usr/lib/cni/bridge")
+		cmd.Env = append(os.Environ(), "CNI_COMMAND="+command, "CNI_CONTAINERID="+id, "CNI_NETNS=/proc/"+fmt.Sprint(pid)+"/ns/net", "CNI_IFNAME="+ifName, "CNI_PATH=/usr/lib/cni")
+		cmd.Stdin = strings.NewReader(`{"cniVersion": "0.4.0", "name": "cf-extra", "type": "bridge", "bridge": "cf-extra0",
+			"ipam": {"type": "host-local", "subnet": "10.99.0.0/24", "dataDir": "` + data + `"}}`)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			return fmt.Errorf("CNI %s of %s: %v\n%s", command, ifName, err, out)
+		}
+		return nil
+	}
+	t.Cleanup(func() { cni("DEL"); exec.Command("ip", "link", "del", "cf-extra0").Run() })
+	if err := cni("ADD"); err != nil {
+		t.Fatal(err)
+	}
+	exec.Command("ip", "addr", "add", "10.99.0.1/24", "dev", "cf-extra0").Run()
+	return func() error { return cni("DEL") }
 }
 
 // startPodman sets podman up for a test, with the hooks.d entries shipped
