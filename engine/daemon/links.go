@@ -42,10 +42,13 @@ type linkWatch struct {
 
 // addedLink is an interface added since the watch started.
 type addedLink struct {
-	held    netlink.Link // its host's end, while held down
-	port    string       // the port (HostGuard.Port) of its guard, once guarded
-	guarded time.Time    // when that guard was installed
-	failed  time.Time    // when guarding it first failed, if it did
+	held netlink.Link // its host's end, while held down
+	// inherited: found by an adopting daemon, added while none ran; a
+	// daemon that stopped may have held its host's end down.
+	inherited bool
+	port      string    // the port (HostGuard.Port) of its guard, once guarded
+	guarded   time.Time // when that guard was installed
+	failed    time.Time // when guarding it first failed, if it did
 }
 
 // An added veth on a bridge is held at first sight, as its runtime moves
@@ -71,7 +74,7 @@ const (
 )
 
 // watchLinks starts sb's watch. The namespace's interfaces at this point
-// are the hook's to guard (it does once the sandbox is attached).
+// are the hook's or the plugin's to guard (they do once it is attached).
 func (d *Daemon) watchLinks(sb *sandbox) (*linkWatch, error) {
 	fd := netns.NsHandle(int(sb.netns.Fd()))
 	h, err := netlink.NewHandleAt(fd, unix.NETLINK_ROUTE)
@@ -117,7 +120,7 @@ func (d *Daemon) watchLinks(sb *sandbox) (*linkWatch, error) {
 	}
 	for _, l := range list {
 		if peer := w.hostEnd(l); peer != nil && len(guarded) > 0 && !guarded[peer.Attrs().Name] {
-			w.added[l.Attrs().Index] = &addedLink{}
+			w.added[l.Attrs().Index] = &addedLink{inherited: true}
 		} else {
 			w.known[l.Attrs().Index] = true
 		}
@@ -291,13 +294,16 @@ func (w *linkWatch) hold(l netlink.Link) *addedLink {
 	return a
 }
 
-// release brings an added veth's host's end hostIf up, once guarded: its
-// runtime had brought it up (held, or left down by a daemon that held
-// it and stopped).
+// release brings an added veth's host's end hostIf up once it is
+// guarded, where it was held down (by this daemon, or maybe by one that
+// stopped): its runtime had brought it up.
 func (w *linkWatch) release(a *addedLink, hostIf string) {
 	peer := a.held
 	a.held = nil
 	if peer == nil {
+		if !a.inherited {
+			return
+		}
 		var err error
 		if peer, err = w.host.LinkByName(hostIf); err != nil || peer.Attrs().Flags&net.FlagUp != 0 {
 			return

@@ -279,9 +279,25 @@ func TestDockerNetworksOfTheirOwn(t *testing.T) {
 		d.run(t, "rm", "-f", id)
 	}
 
-	// A network connected to a sandboxed container while it runs gives
-	// it a veth no createRuntime hook saw: the daemon guards it and
-	// steers its routes.
+	d.run(t, "network", "rm", "proj", "proj2")
+	n.waitDetached(t)
+	netfilterAsFound(t, before)
+}
+
+// TestInterfacesAddedToARunningContainer connects a network to a running
+// sandboxed container, as docker network connect, podman network connect
+// (a CNI plugin) or an admin does: what no hook saw gets guarded (or, if
+// it cannot be, deleted) by the node daemon, and steered.
+func TestInterfacesAddedToARunningContainer(t *testing.T) {
+	n := startNode(t)
+	before := hostNetfilter(t)
+	d := startDockerd(t, n)
+	d.run(t, "network", "create", "proj")
+	d.run(t, "network", "create", "proj2")
+	bridge2 := "br-" + strings.TrimSpace(d.run(t, "network", "inspect", "-f", "{{.Id}}", "proj2").stdout)[:12]
+
+	// docker network connect gives the container a veth no createRuntime
+	// hook saw: the daemon guards it and steers its routes.
 	id, pid, _ := d.background(t, "childflow", "--network", "proj", "bb:latest", "sleep", "1000000")
 	// What a process inside writes onto it the moment it appears, before
 	// its guard, must not get out either.
