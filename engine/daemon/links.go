@@ -89,7 +89,6 @@ func (d *Daemon) watchLinks(sb *sandbox) (*linkWatch, error) {
 	w := &linkWatch{d: d, sb: sb, path: fmt.Sprintf("/proc/self/fd/%d", sb.netns.Fd()), h: h, host: host,
 		nsid: -1, known: map[int]bool{}, added: map[int]*addedLink{}, done: make(chan struct{})}
 	links := make(chan netlink.LinkUpdate, 64)
-	addrs := make(chan netlink.AddrUpdate, 64)
 	lost := func(err error) {
 		select {
 		case <-w.done: // stopped: the subscriptions' sockets were closed
@@ -97,10 +96,9 @@ func (d *Daemon) watchLinks(sb *sandbox) (*linkWatch, error) {
 			d.cfg.Logf("sandbox %s: watching its interfaces: %v", sb.att.ID, err)
 		}
 	}
+	// Links only: an added veth is guarded once it is up, and routes its
+	// runtime adds after are looked for on a timer (steerFor).
 	err = netlink.LinkSubscribeWithOptions(links, w.done, netlink.LinkSubscribeOptions{Namespace: &fd, ErrorCallback: lost})
-	if err == nil {
-		err = netlink.AddrSubscribeWithOptions(addrs, w.done, netlink.AddrSubscribeOptions{Namespace: &fd, ErrorCallback: lost})
-	}
 	var list []netlink.Link
 	if err == nil {
 		list, err = h.LinkList()
@@ -126,7 +124,7 @@ func (d *Daemon) watchLinks(sb *sandbox) (*linkWatch, error) {
 		}
 	}
 	w.wg.Add(1)
-	go w.run(links, addrs)
+	go w.run(links)
 	return w, nil
 }
 
@@ -137,7 +135,7 @@ func (w *linkWatch) stop() {
 	w.host.Close()
 }
 
-func (w *linkWatch) run(links chan netlink.LinkUpdate, addrs chan netlink.AddrUpdate) {
+func (w *linkWatch) run(links chan netlink.LinkUpdate) {
 	defer w.wg.Done()
 	retry := time.NewTimer(0) // added ones are looked at first
 	if len(w.added) == 0 {
@@ -159,14 +157,9 @@ func (w *linkWatch) run(links chan netlink.LinkUpdate, addrs chan netlink.AddrUp
 					w.hold(u.Link)
 				}
 			}
-		case _, ok := <-addrs:
-			if !ok {
-				addrs = nil
-			}
 		case <-retry.C:
 		}
 		drain(links)
-		drain(addrs)
 		if w.look() {
 			retry.Reset(guardRetry)
 		}
@@ -174,7 +167,7 @@ func (w *linkWatch) run(links chan netlink.LinkUpdate, addrs chan netlink.AddrUp
 }
 
 // drain takes what else is queued on c: one look serves a burst.
-func drain[T any](c chan T) {
+func drain(c chan netlink.LinkUpdate) {
 	for c != nil {
 		select {
 		case _, ok := <-c:
