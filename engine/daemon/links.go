@@ -308,25 +308,20 @@ func (w *linkWatch) release(a *addedLink, hostIf string) {
 }
 
 // hostEnd is the host's end of the veth l, if that is where its other
-// end is: the index it names there must be a veth that names l back,
-// from this namespace (an index alone could name anything); else nil.
+// end is (tunns.HostEnd); else nil.
 func (w *linkWatch) hostEnd(l netlink.Link) netlink.Link {
 	if _, ok := l.(*netlink.Veth); !ok || l.Attrs().NetNsID < 0 {
 		return nil
 	}
-	peer, err := w.host.LinkByIndex(l.Attrs().ParentIndex)
-	if err != nil {
-		return nil
-	}
-	if _, ok := peer.(*netlink.Veth); !ok || peer.Attrs().ParentIndex != l.Attrs().Index {
-		return nil
-	}
 	if w.nsid < 0 { // the host's id of the namespace, once it has one
-		if w.nsid, err = w.host.GetNetNsIdByFd(int(w.sb.netns.Fd())); err != nil {
-			w.nsid = -1
+		nsid, err := w.host.GetNetNsIdByFd(int(w.sb.netns.Fd()))
+		if err != nil {
+			return nil
 		}
+		w.nsid = nsid
 	}
-	if w.nsid < 0 || peer.Attrs().NetNsID != w.nsid {
+	peer, err := tunns.HostEnd(w.host, l.Attrs().Index, l.Attrs().ParentIndex, w.nsid)
+	if err != nil {
 		return nil
 	}
 	return peer

@@ -559,18 +559,18 @@ func removeChains(c *nftables.Conn, t *nftables.Table, names map[string]bool, ke
 // Remove deletes the pod's guards, and a table no pod is left in; a
 // missing guard is fine.
 func (gs Guards) Remove(id string) error {
-	return gs.remove(func(key string) bool { return Matches(key, id) })
+	return gs.remove(id, func(key string) bool { return Matches(key, id) })
 }
 
 // RemovePort deletes the guard of sandbox id's interface port (HostGuard.Port).
 func (gs Guards) RemovePort(id, port string) error {
 	key := HostGuard{ID: id, Port: port}.key()
-	return gs.remove(func(k string) bool { return k == key })
+	return gs.remove(id, func(k string) bool { return k == key })
 }
 
-// remove deletes the guards whose keys match, and a table no pod is
-// left in.
-func (gs Guards) remove(match func(key string) bool) error {
+// remove deletes those of sandbox id's guards whose keys match, and a
+// table no pod is left in.
+func (gs Guards) remove(id string, match func(key string) bool) error {
 	unlock, err := gs.lock()
 	if err != nil {
 		return err
@@ -581,7 +581,7 @@ func (gs Guards) remove(match func(key string) bool) error {
 		return err
 	}
 	var errs []error
-	records, _ := filepath.Glob(filepath.Join(gs.Dir, "guards", "*.json"))
+	records, _ := filepath.Glob(gs.recordPath(guardKey(id) + "*"))
 	for _, p := range records {
 		if key, _ := strings.CutSuffix(filepath.Base(p), ".json"); match(key) {
 			errs = append(errs, os.Remove(p))

@@ -233,6 +233,22 @@ func SteerAddedIn(netnsPath string, plan netplan.Plan, keep []netip.Prefix) erro
 	})
 }
 
+// HostEnd is the host's end of a veth whose index in its namespace, whose
+// peer's index (IFLA_LINK) and whose namespace's id on the host are
+// given: the host's interface at peer must be a veth that names index
+// back, from that namespace (an index alone could name anything). h is a
+// handle in the host's namespace.
+func HostEnd(h *netlink.Handle, index, peer, nsid int) (netlink.Link, error) {
+	link, err := h.LinkByIndex(peer)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrNotHostPeer, err)
+	}
+	if _, ok := link.(*netlink.Veth); !ok || nsid < 0 || link.Attrs().NetNsID != nsid || link.Attrs().ParentIndex != index {
+		return nil, ErrNotHostPeer
+	}
+	return link, nil
+}
+
 // Peer is a pod's veth as its host guard sees it.
 type Peer struct {
 	HostIf    string       // the host's end
@@ -286,16 +302,9 @@ func HostPeerOf(netnsPath, ifName string) (Peer, error) {
 	if err != nil {
 		return Peer{}, fmt.Errorf("finding the host's id of %s: %w", netnsPath, err)
 	}
-	link, err := netlink.LinkByIndex(peer)
+	link, err := HostEnd(&netlink.Handle{}, index, peer, nsid)
 	if err != nil {
-		return Peer{}, fmt.Errorf("the host end of %s is %w: %w", ifName, ErrNotHostPeer, err)
-	}
-	hostVeth, ok := link.(*netlink.Veth)
-	if !ok || link.Attrs().NetNsID != nsid {
-		return Peer{}, fmt.Errorf("the host end of %s is %w", ifName, ErrNotHostPeer)
-	}
-	if back, err := netlink.VethPeerIndex(hostVeth); err != nil || back != index {
-		return Peer{}, fmt.Errorf("the host end of %s is %w", ifName, ErrNotHostPeer)
+		return Peer{}, fmt.Errorf("the host end of %s is %w", ifName, err)
 	}
 	p.HostIf = link.Attrs().Name
 	return p, nil

@@ -370,29 +370,14 @@ nslookup web.test 10.96.0.10 | grep -q 203.0.113.10 && echo dns-via-engine || ec
 	// moved in, which nothing on the node could guard, is deleted.
 	podPID := c.podPID(t, pod)
 	del := cniBridge(t, pod, podPID, "net1")
-	eventually(t, "the guard of the pod's additional network", func() bool {
-		out, _ := exec.Command("nft", "list", "table", "bridge", "childflow-guard").Output()
-		return strings.Contains(string(out), "from-"+pod[:12]+"+net1")
-	})
+	eventually(t, "the guard of the pod's additional network", func() bool { return hasGuard("bridge", pod, "net1") })
 	if out := rawFrameOn(t, "net1", "cf-extra0", podPID, "10.99.0.2"); out != "contained" {
 		t.Errorf("a raw frame on the pod's additional network: %s", out)
 	}
 	if err := exec.Command("ping", "-c", "1", "-W", "5", "10.99.0.2").Run(); err != nil {
 		t.Errorf("the node pinging the pod on its additional network: %v", err)
 	}
-	for _, args := range [][]string{
-		{"link", "add", "cf-lower", "type", "veth", "peer", "name", "cf-lower1"},
-		{"link", "add", "cf-mv", "link", "cf-lower", "type", "macvlan"},
-		{"link", "set", "cf-mv", "netns", fmt.Sprint(podPID)},
-	} {
-		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
-			t.Fatalf("ip %v: %v\n%s", args, err, out)
-		}
-	}
-	t.Cleanup(func() { exec.Command("ip", "link", "del", "cf-lower").Run() })
-	eventually(t, "the macvlan moved into the pod to be deleted", func() bool {
-		return exec.Command("nsenter", "--net=/proc/"+fmt.Sprint(podPID)+"/ns/net", "ip", "link", "show", "cf-mv").Run() != nil
-	})
+	macvlanDeleted(t, podPID)
 	if err := del(); err != nil {
 		t.Error(err)
 	}

@@ -327,11 +327,8 @@ func TestInterfacesAddedToARunningContainer(t *testing.T) {
 	}
 	ip2 := strings.TrimSpace(d.run(t, "inspect", "-f", "{{.NetworkSettings.Networks.proj2.IPAddress}}", id).stdout)
 	gw2 := strings.TrimSpace(d.run(t, "network", "inspect", "-f", "{{(index .IPAM.Config 0).Gateway}}", "proj2").stdout)
-	chain := "from-" + id[:12] + "+eth1"
-	guarded := func() bool {
-		out, _ := exec.Command("nft", "list", "ruleset").Output()
-		return strings.Contains(string(out), chain)
-	}
+	port := "eth1"
+	guarded := func() bool { return hasGuard("", id, port) }
 	eventually(t, "the guard of the connected network's veth", guarded)
 	if out := rawFrameOn(t, "eth1", bridge2, pid, ip2); out != "contained" {
 		t.Errorf("a raw frame on a network connected to a running sandboxed container: %s", out)
@@ -348,20 +345,11 @@ func TestInterfacesAddedToARunningContainer(t *testing.T) {
 	// An interface moved in that cannot be guarded (a macvlan on the
 	// host's) is deleted; one made inside with both ends there stays.
 	netns := "--net=/proc/" + fmt.Sprint(pid) + "/ns/net"
-	for _, args := range [][]string{
-		{"ip", "link", "add", "cf-lower", "type", "veth", "peer", "name", "cf-lower1"},
-		{"ip", "link", "add", "cf-mv", "link", "cf-lower", "type", "macvlan"},
-		{"ip", "link", "set", "cf-mv", "netns", fmt.Sprint(pid)},
-		{"nsenter", netns, "ip", "link", "add", "cf-in0", "type", "veth", "peer", "name", "cf-in1"},
-	} {
-		if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
-			t.Fatalf("%v: %v\n%s", args, err, out)
-		}
+	if out, err := exec.Command("nsenter", netns, "ip", "link", "add", "cf-in0", "type", "veth", "peer", "name", "cf-in1").CombinedOutput(); err != nil {
+		t.Fatalf("a veth pair inside: %v\n%s", err, out)
 	}
-	t.Cleanup(func() { exec.Command("ip", "link", "del", "cf-lower").Run() })
-	inNetns := func(link string) bool { return exec.Command("nsenter", netns, "ip", "link", "show", link).Run() == nil }
-	eventually(t, "the macvlan moved in to be deleted", func() bool { return !inNetns("cf-mv") })
-	if !inNetns("cf-in0") {
+	macvlanDeleted(t, pid)
+	if exec.Command("nsenter", netns, "ip", "link", "show", "cf-in0").Run() != nil {
 		t.Errorf("a veth made inside the sandbox's namespace was deleted")
 	}
 	// A CNI plugin adding one (podman network connect, a Multus network)
@@ -369,11 +357,7 @@ func TestInterfacesAddedToARunningContainer(t *testing.T) {
 	// it has an address: its guard must still be the bridge's, naming
 	// that address.
 	del := cniBridge(t, id, pid, "net1")
-	bridgeGuarded := func() bool {
-		out, _ := exec.Command("nft", "list", "table", "bridge", "childflow-guard").Output()
-		return strings.Contains(string(out), "from-"+id[:12]+"+net1")
-	}
-	eventually(t, "the bridge guard of the veth a CNI plugin added", bridgeGuarded)
+	eventually(t, "the bridge guard of the veth a CNI plugin added", func() bool { return hasGuard("bridge", id, "net1") })
 	if out := rawFrameOn(t, "net1", "cf-extra0", pid, "10.99.0.2"); out != "contained" {
 		t.Errorf("a raw frame on an interface a CNI plugin added: %s", out)
 	}
@@ -394,7 +378,7 @@ func TestInterfacesAddedToARunningContainer(t *testing.T) {
 	ip2 = strings.TrimSpace(d.run(t, "inspect", "-f", "{{.NetworkSettings.Networks.proj2.IPAddress}}", id).stdout)
 	addrs, _ := exec.Command("nsenter", netns, "ip", "-o", "addr", "show", "to", ip2).Output()
 	link := strings.TrimSuffix(strings.Fields(string(addrs) + " _ _")[1], ":") // docker names it eth2 now
-	chain = "from-" + id[:12] + "+" + link
+	port = link
 	eventually(t, "the restarted daemon to guard the veth connected while none ran", guarded)
 	if out := rawFrameOn(t, link, bridge2, pid, ip2); out != "contained" {
 		t.Errorf("a raw frame on a network connected while no daemon ran: %s", out)
@@ -482,6 +466,37 @@ func cniBridge(t *testing.T, id string, pid int, ifName string) (del func() erro
 	}
 	exec.Command("ip", "addr", "add", "10.99.0.1/24", "dev", "cf-extra0").Run()
 	return func() error { return cni("DEL") }
+}
+
+// hasGuard says whether the host's guard table of family (any, if "")
+// holds the chain of sandbox id's interface port.
+func hasGuard(family, id, port string) bool {
+	list := []string{"list", "ruleset"}
+	if family != "" {
+		list = []string{"list", "table", family, "childflow-guard"}
+	}
+	out, _ := exec.Command("nft", list...).Output()
+	return strings.Contains(string(out), "chain from-"+id[:12]+"+"+port+" {")
+}
+
+// macvlanDeleted moves a macvlan, on a veth of the host's made for it,
+// into process pid's network namespace, and waits for the node daemon to
+// delete it: nothing on the host could guard it.
+func macvlanDeleted(t *testing.T, pid int) {
+	t.Helper()
+	for _, args := range [][]string{
+		{"link", "add", "cf-lower", "type", "veth", "peer", "name", "cf-lower1"},
+		{"link", "add", "cf-mv", "link", "cf-lower", "type", "macvlan"},
+		{"link", "set", "cf-mv", "netns", fmt.Sprint(pid)},
+	} {
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %v: %v\n%s", args, err, out)
+		}
+	}
+	t.Cleanup(func() { exec.Command("ip", "link", "del", "cf-lower").Run() })
+	eventually(t, "the macvlan moved in to be deleted", func() bool {
+		return exec.Command("nsenter", "--net=/proc/"+fmt.Sprint(pid)+"/ns/net", "ip", "link", "show", "cf-mv").Run() != nil
+	})
 }
 
 // startPodman sets podman up for a test, with the hooks.d entries shipped
