@@ -43,6 +43,9 @@ type linkWatch struct {
 // addedLink is an interface added since the watch started.
 type addedLink struct {
 	held netlink.Link // its host's end, while held down
+	// holding: its host's end, while steer.Guards.Hold holds it (one not
+	// a bridge's port when first seen).
+	holding string
 	// inherited: found by an adopting daemon, added while none ran; a
 	// daemon that stopped may have held its host's end down.
 	inherited bool
@@ -51,18 +54,23 @@ type addedLink struct {
 	failed    time.Time // when guarding it first failed, if it did
 }
 
-// An added veth on a bridge is held at first sight, as its runtime moves
-// it in and before it brings it up: its host's end, which the runtime
-// brought up before, is set down, and a veth whose peer is down delivers
-// nothing (a hold in the guard tables, a transaction that looks at them
-// first, lost that race now and then: docs/containers.md). Once the veth
-// is up it is guarded as a hook guards one, with the addresses its
-// runtime gave it before bringing it up (docker, CNI plugins), and its
-// host's end is up again. A routed veth is not held (down, its host's
-// routes to it would go), only guarded. Addresses added later are not
-// taken, as a process with CAP_NET_ADMIN may add any: the guard drops
-// what is sent from them. For steerFor after the guard, the routes its
-// runtime adds next are steered as well.
+// An added veth is held at first sight, as its runtime moves it in or a
+// CNI plugin makes it there, before either brings it up. A veth whose
+// host's end is a bridge's port (docker moves in one made on the host)
+// has that end set down, and a veth whose peer is down delivers nothing.
+// Any other (a CNI plugin's, whose host's end it puts on a bridge or
+// routes to later; a routed one, whose host's routes would go with a
+// down) is held in the guard tables (steer.Guards.Hold), a transaction
+// that lands before such a plugin, which runs its IPAM plugin or
+// configures the host's end first, brings it up. Both race the runtime
+// and now and then lose by a few frames (docs/containers.md); the guard
+// then forgets the connections those made (steer's forgetConnections).
+// Once the veth is up it is guarded as a hook guards one, with the
+// addresses its runtime gave it before bringing it up (docker, CNI
+// plugins), and its host's end is up again or the hold gone. Addresses
+// added later are not taken, as a process with CAP_NET_ADMIN may add
+// any: the guard drops what is sent from them. For steerFor after the
+// guard, the routes its runtime adds next are steered as well.
 const steerFor = 2 * time.Second
 
 // guardRetry paces another look at an added interface that could not be
@@ -118,7 +126,8 @@ func (d *Daemon) watchLinks(sb *sandbox) (*linkWatch, error) {
 	}
 	for _, l := range list {
 		if peer := w.hostEnd(l); peer != nil && len(guarded) > 0 && !guarded[peer.Attrs().Name] {
-			w.added[l.Attrs().Index] = &addedLink{inherited: true}
+			// A daemon that stopped may have held it in the guard tables.
+			w.added[l.Attrs().Index] = &addedLink{inherited: true, holding: peer.Attrs().Name}
 		} else {
 			w.known[l.Attrs().Index] = true
 		}
@@ -219,6 +228,7 @@ func (w *linkWatch) look() (again bool) {
 		}
 		g, err := tunns.HostGuardOf(w.path, name, id, w.sb.att.Keep)
 		if errors.Is(err, tunns.ErrNotHostPeer) {
+			w.unhold(a)
 			delete(w.added, index)
 			w.known[index] = true // to another namespace, not the host's
 			continue
@@ -239,6 +249,7 @@ func (w *linkWatch) look() (again bool) {
 			continue
 		}
 		w.release(a, g.HostIf)
+		w.unhold(a) // the other family's: the guard took its own's name
 		a.failed = time.Time{}
 		a.port, a.guarded = g.Port, time.Now()
 		logf("sandbox %s: interface %s was added to its namespace: guarded on the host (%s)", id, name, g.HostIf)
@@ -246,6 +257,7 @@ func (w *linkWatch) look() (again bool) {
 	}
 	for index, a := range w.added {
 		if !present[index] {
+			w.unhold(a)
 			delete(w.added, index)
 			if a.port != "" {
 				w.unguard(a.port)
@@ -267,16 +279,22 @@ func (w *linkWatch) look() (again bool) {
 }
 
 // hold starts tracking l, an interface added to the namespace whose
-// other end or lower device is elsewhere, and holds it down if it is a
-// veth whose host's end is a bridge's port.
+// other end or lower device is elsewhere, and holds it if it is a veth
+// whose other end is the host's: down if that is a bridge's port, else
+// in the guard tables.
 func (w *linkWatch) hold(l netlink.Link) *addedLink {
 	a := &addedLink{}
 	w.added[l.Attrs().Index] = a
 	peer := w.hostEnd(l)
-	if peer == nil || peer.Attrs().MasterIndex == 0 {
+	if peer == nil {
 		return a
 	}
-	if master, err := w.host.LinkByIndex(peer.Attrs().MasterIndex); err != nil || master.Type() != "bridge" {
+	if !w.onBridge(peer) {
+		if err := (steer.Guards{Dir: w.d.cfg.StateDir}).Hold(peer.Attrs().Name); err != nil {
+			w.d.cfg.Logf("sandbox %s: interface %s was added to its namespace, and holding its host's end %s failed: %v", w.sb.att.ID, l.Attrs().Name, peer.Attrs().Name, err)
+			return a
+		}
+		a.holding = peer.Attrs().Name
 		return a
 	}
 	if err := w.host.LinkSetDown(peer); err != nil {
@@ -305,6 +323,26 @@ func (w *linkWatch) release(a *addedLink, hostIf string) {
 	if err := w.host.LinkSetUp(peer); err != nil {
 		w.d.cfg.Logf("sandbox %s: setting the host's end %s of an added interface up again: %v", w.sb.att.ID, hostIf, err)
 	}
+}
+
+// onBridge says whether the host's interface is a bridge's port.
+func (w *linkWatch) onBridge(l netlink.Link) bool {
+	if l.Attrs().MasterIndex == 0 {
+		return false
+	}
+	master, err := w.host.LinkByIndex(l.Attrs().MasterIndex)
+	return err == nil && master.Type() == "bridge"
+}
+
+// unhold ends what is left of a hold in the guard tables.
+func (w *linkWatch) unhold(a *addedLink) {
+	if a.holding == "" {
+		return
+	}
+	if err := (steer.Guards{Dir: w.d.cfg.StateDir}).Release(a.holding); err != nil {
+		w.d.cfg.Logf("sandbox %s: releasing the hold of %s: %v", w.sb.att.ID, a.holding, err)
+	}
+	a.holding = ""
 }
 
 // hostEnd is the host's end of the veth l, if that is where its other

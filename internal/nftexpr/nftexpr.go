@@ -217,6 +217,15 @@ func Established() []expr.Any {
 	return CtState(expr.CtStateBitESTABLISHED | expr.CtStateBitRELATED)
 }
 
+// CtReply matches packets of a connection's reply direction: the side
+// that did not open it.
+func CtReply() []expr.Any {
+	return []expr.Any{
+		&expr.Ct{Key: expr.CtKeyDIRECTION, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{1 /* IP_CT_DIR_REPLY */}},
+	}
+}
+
 // CtStateNew matches a connection's first packet.
 func CtStateNew() []expr.Any { return CtState(expr.CtStateBitNEW) }
 

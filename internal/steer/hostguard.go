@@ -120,6 +120,42 @@ func (gs Guards) Install(g HostGuard) error {
 		os.Remove(gs.recordPath(g.key()))
 		return err
 	}
+	return forgetConnections(g, family)
+}
+
+// forgetConnections deletes conntrack's entries for the pod's addresses
+// once its veth is guarded, as what a pod sent before (on a veth added
+// to a running sandbox, where its hold lost the race to its plugin) made
+// entries. A routed veth's guard lets answers through by conntrack's
+// word: those of connections made to the pod go (a frame with a forged
+// source made one that the pod's next datagram would answer); those the
+// pod opened stay, so that their answers, still on their way, are taken
+// for answers and not for connections made to it. A bridge's guard takes
+// whoever sends the pod a packet for someone who reached it: all go,
+// also the pod's, whose answers NAT would still bring to it.
+func forgetConnections(g HostGuard, family nftables.TableFamily) error {
+	fields := []netlink.ConntrackFilterType{netlink.ConntrackOrigDstIP, netlink.ConntrackReplySrcIP}
+	if family == nftables.TableFamilyBridge {
+		fields = append(fields, netlink.ConntrackOrigSrcIP, netlink.ConntrackReplyDstIP)
+	}
+	var filters []netlink.CustomConntrackFilter
+	for _, a := range g.Pod {
+		for _, field := range fields {
+			f := &netlink.ConntrackFilter{}
+			if err := f.AddIP(field, a.AsSlice()); err != nil {
+				return err
+			}
+			filters = append(filters, f)
+		}
+	}
+	if len(filters) == 0 {
+		return nil
+	}
+	for _, ipFamily := range []netlink.InetFamily{unix.AF_INET, unix.AF_INET6} {
+		if _, err := netlink.ConntrackDeleteFilters(netlink.ConntrackTable, ipFamily, filters...); err != nil {
+			return fmt.Errorf("guarding %s on the host: deleting the conntrack entries of its addresses: %w", g.HostIf, err)
+		}
+	}
 	return nil
 }
 
@@ -389,7 +425,11 @@ func addGuard(c *nftables.Conn, t *nftables.Table, maps []*nftables.Set, key str
 			return err
 		}
 	} else {
-		rule(fromAddr, nftexpr.Established(), []expr.Any{accept})
+		// Answers only: the pod's side of a connection someone else
+		// opened. One it opened itself never passes (only kept ranges
+		// do), though conntrack knows it, as it may have been opened
+		// before this guard (forgetConnections).
+		rule(fromAddr, nftexpr.Established(), nftexpr.CtReply(), []expr.Any{accept})
 	}
 	for _, k := range g.Keep {
 		rule(fromAddr, ipFamily(k.Addr().Is6()), nftexpr.AddrIn(k, false), []expr.Any{accept})
@@ -562,6 +602,149 @@ func (gs Guards) Remove(id string) error {
 	return gs.remove(id, func(key string) bool { return Matches(key, id) })
 }
 
+// holdSet names the interfaces Hold holds, as a guard's "if-" set names
+// its own: takeName hands the name to the guard that replaces the hold.
+const holdSet = "if-holds"
+
+// Hold drops everything the host's interface hostIf sends, from now
+// until a guard takes its name (Install) or Release: for an interface
+// that appeared in a sandbox's namespace, which must send nothing before
+// its guard is made. In both families' tables, as it may yet become a
+// bridge's port or stay routed; the hold is one short transaction that
+// looks nothing up, so it can land before the plugin that made the
+// interface brings it up, as a whole guard (made after looking at the
+// interface, its addresses and the tables) would not.
+func (gs Guards) Hold(hostIf string) error {
+	c, err := nftables.New()
+	if err != nil {
+		return err
+	}
+	tables, err := c.ListTablesOfFamily(nftables.TableFamilyUnspecified)
+	if err != nil {
+		return err
+	}
+	have := map[nftables.TableFamily]bool{}
+	for _, t := range tables {
+		have[t.Family] = have[t.Family] || t.Name == GuardTable
+	}
+	name := nftexpr.IfNameBytes(hostIf)
+	drop := &expr.Verdict{Kind: expr.VerdictDrop}
+	for _, f := range guardFamilies {
+		t := &nftables.Table{Family: f, Name: GuardTable}
+		if !have[f] {
+			if _, _, err := guardTable(c, f); err != nil {
+				return fmt.Errorf("holding %s on the host: %w", hostIf, err)
+			}
+		}
+		holds := &nftables.Set{Table: t, Name: holdSet, KeyType: nftables.TypeIFName, KeyByteOrder: binaryutil.NativeEndian}
+		if err := c.AddSet(holds, []nftables.SetElement{{Key: name}}); err != nil {
+			return err
+		}
+		for _, m := range guardMapNames(f) {
+			if m == toPods {
+				continue
+			}
+			vmap := &nftables.Set{Table: t, Name: m, IsMap: true, KeyType: nftables.TypeIFName, KeyByteOrder: binaryutil.NativeEndian, DataType: nftables.TypeVerdict}
+			if err := c.SetAddElements(vmap, []nftables.SetElement{{Key: name, VerdictData: drop}}); err != nil {
+				return err
+			}
+		}
+	}
+	if err := nftexpr.Flush(c); err != nil {
+		return fmt.Errorf("holding %s on the host: %w", hostIf, err)
+	}
+	return nil
+}
+
+// dropStaleHolds queues the release of holds whose interfaces are gone
+// (their sandbox ended before they were guarded): a new interface could
+// take the name.
+func dropStaleHolds(c *nftables.Conn, t *nftables.Table) bool {
+	holds, err := c.GetSetByName(t, holdSet)
+	if err != nil {
+		return false
+	}
+	elems, _ := c.GetSetElements(holds)
+	queued := false
+	for _, e := range elems {
+		if _, err := netlink.LinkByName(unix.ByteSliceToString(e.Key)); !errors.As(err, new(netlink.LinkNotFoundError)) {
+			continue
+		}
+		c.SetDeleteElements(holds, []nftables.SetElement{{Key: e.Key}})
+		for _, m := range guardMapNames(t.Family) {
+			if set, err := c.GetSetByName(t, m); err == nil {
+				deleteKey(c, set, e.Key)
+			}
+		}
+		queued = true
+	}
+	return queued
+}
+
+// Held names the interfaces Hold holds.
+func (gs Guards) Held() (map[string]bool, error) {
+	c, err := nftables.New()
+	if err != nil {
+		return nil, err
+	}
+	held := map[string]bool{}
+	for _, f := range guardFamilies {
+		holds, err := c.GetSetByName(&nftables.Table{Family: f, Name: GuardTable}, holdSet)
+		if err != nil {
+			continue // no table, or no hold yet
+		}
+		elems, err := c.GetSetElements(holds)
+		if err != nil {
+			return nil, err
+		}
+		for _, e := range elems {
+			held[unix.ByteSliceToString(e.Key)] = true
+		}
+	}
+	return held, nil
+}
+
+// Release ends Hold's hold of hostIf where no guard took its name: the
+// other family's, once a guard did, or both, for an interface gone or
+// that needs no guard.
+func (gs Guards) Release(hostIf string) error {
+	unlock, err := gs.lock()
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	c, err := nftables.New()
+	if err != nil {
+		return err
+	}
+	name := nftexpr.IfNameBytes(hostIf)
+	queued := false
+	for _, f := range guardFamilies {
+		t := &nftables.Table{Family: f, Name: GuardTable}
+		holds, err := c.GetSetByName(t, holdSet)
+		if err != nil {
+			continue
+		}
+		elems, _ := c.GetSetElements(holds)
+		for _, e := range elems {
+			if string(e.Key) != string(name) {
+				continue
+			}
+			c.SetDeleteElements(holds, []nftables.SetElement{{Key: name}})
+			for _, m := range guardMapNames(f) {
+				if set, err := c.GetSetByName(t, m); err == nil {
+					deleteKey(c, set, name)
+				}
+			}
+			queued = true
+		}
+	}
+	if !queued {
+		return nil
+	}
+	return nftexpr.Flush(c)
+}
+
 // RemovePort deletes the guard of sandbox id's interface port (HostGuard.Port).
 func (gs Guards) RemovePort(id, port string) error {
 	key := HostGuard{ID: id, Port: port}.key()
@@ -595,7 +778,7 @@ func (gs Guards) remove(id string, match func(key string) bool) error {
 				removed = removeChains(c, t, names, k) || removed
 			}
 		}
-		if removed {
+		if dropStaleHolds(c, t) || removed {
 			errs = append(errs, nftexpr.Flush(c))
 		}
 		if keys, err := guardKeys(c, f); err == nil && len(keys) == 0 {

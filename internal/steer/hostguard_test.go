@@ -233,6 +233,146 @@ func TestHostGuardStopsFramesAroundThePodsRules(t *testing.T) {
 	}
 }
 
+// What a pod sent before its veth was guarded (an interface added to a
+// running sandbox is guarded only once it is up) must not pass after
+// it: neither a flow it opened then, nor one a frame with a forged
+// source made conntrack take for the remote host's.
+func TestHostGuardForgetsWhatThePodOpenedBeforeIt(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("needs root: namespaces, veths and nftables")
+	}
+	guards := Guards{Dir: t.TempDir()}
+	for _, bridged := range []bool{false, true} {
+		name := "routed veth"
+		if bridged {
+			name = "bridge port"
+		}
+		t.Run(name, func(t *testing.T) {
+			hostIf, gatewayMAC := guardTopology(t, bridged)
+			// A node tracks connections (its NAT, its firewall, another
+			// pod's routed guard); a namespace does once a rule asks.
+			// It masquerades its pods, as docker's networks and the CNI
+			// plugins' ipMasq do: what answers the pod's flows comes to
+			// the node's address. But for one port, as pods with routed
+			// addresses are not.
+			run(t, nodeNS, "nft", "add table inet node; add chain inet node forward { type filter hook forward priority 0; }; add rule inet node forward ct state new counter; "+
+				"add chain inet node nat { type nat hook postrouting priority 100; }; add rule inet node nat udp sport 5559 return; add rule inet node nat oifname hg-rem masquerade")
+			if !echoed(podNS, "198.51.100.2:7", "5556") {
+				t.Fatal("unguarded, the pod's flow to the remote host got no echo: the test shows nothing")
+			}
+			run(t, podNS, "python3", "../../test/testdata/rawudp.py", "198.51.100.2", "7", "10.77.0.2", "5557", gatewayMAC)
+			// A flow whose answer comes once the pod is guarded.
+			run(t, podNS, "sh", "-c", "echo late | socat -u - UDP:198.51.100.2:8,sourceport=5558; echo late | socat -u - UDP:198.51.100.2:9,sourceport=5559")
+			target, err := ns.GetNS("/run/netns/" + nodeNS)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer target.Close()
+			err = target.Do(func(ns.NetNS) error {
+				return guards.Install(HostGuard{ID: "0123456789abcdef", HostIf: hostIf, Pod: []netip.Addr{netip.MustParseAddr("10.77.0.2")}})
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { target.Do(func(ns.NetNS) error { return guards.Remove("0123456789abcdef") }) })
+			if echoed(podNS, "198.51.100.2:7", "5556") {
+				t.Error("guarded, the flow the pod opened before its guard still passes")
+			}
+			if echoed(podNS, "198.51.100.2:7", "5557") {
+				t.Error("guarded, the pod answers a datagram it forged from the remote host before its guard")
+			}
+			run(t, remoteNS, "sh", "-c", "echo answer | socat -u - UDP:198.51.100.1:5558,sourceport=8")
+			serve(t, remoteNS, "8")
+			if echoed(podNS, "198.51.100.2:8", "5558") {
+				t.Error("guarded, the pod talks on with a remote host that answered, after its guard, a flow it opened before")
+			}
+			run(t, remoteNS, "sh", "-c", "echo answer | socat -u - UDP:10.77.0.2:5559,sourceport=9")
+			serve(t, remoteNS, "9")
+			// Without NAT whoever can reach a bridge's pod can open the
+			// way for it; on a routed veth, an answer does not.
+			if !bridged && echoed(podNS, "198.51.100.2:9", "5559") {
+				t.Error("guarded, the pod talks on with a remote host that answered, after its guard and without NAT, a flow it opened before")
+			}
+			// Whoever reaches it after is still answered.
+			if !echoed(remoteNS, "10.77.0.2:9000", "") {
+				t.Error("guarded, no answer from the pod to the remote host")
+			}
+		})
+	}
+}
+
+// A hold drops what the pod sends, in both families (its veth may stay
+// routed or become a bridge's port), until a guard takes its name; the
+// other family's goes at Release, and a hold whose interface is gone at
+// the next removal.
+func TestHoldDropsUntilAGuardTakesTheName(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("needs root: namespaces, veths and nftables")
+	}
+	for _, bridged := range []bool{false, true} {
+		name := "routed veth"
+		if bridged {
+			name = "bridge port"
+		}
+		t.Run(name, func(t *testing.T) {
+			hostIf, _ := guardTopology(t, bridged)
+			target, err := ns.GetNS("/run/netns/" + nodeNS)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer target.Close()
+			guards := Guards{Dir: t.TempDir()}
+			in := func(f func() error) {
+				t.Helper()
+				if err := target.Do(func(ns.NetNS) error { return f() }); err != nil {
+					t.Fatal(err)
+				}
+			}
+			held := func() (got map[string]bool) {
+				in(func() (err error) { got, err = guards.Held(); return err })
+				return got
+			}
+			in(func() error { return guards.Hold(hostIf) })
+			in(func() error { return guards.Hold("hg-gone") }) // a sandbox that ended before its guard
+			if !held()[hostIf] || !held()["hg-gone"] {
+				t.Fatalf("held: %v", held())
+			}
+			if echoed(podNS, "10.77.0.1:7", "") || echoed(podNS, "198.51.100.2:7", "") {
+				t.Error("held, the pod reached the node or the remote host")
+			}
+			in(func() error {
+				return guards.Install(HostGuard{ID: "0123456789abcdef", HostIf: hostIf, Pod: []netip.Addr{netip.MustParseAddr("10.77.0.2")},
+					Keep: []netip.Prefix{netip.MustParsePrefix("10.77.0.0/24")}})
+			})
+			if !echoed(podNS, "10.77.0.1:7", "") {
+				t.Error("guarded after a hold, the pod cannot reach a kept range")
+			}
+			if echoed(podNS, "198.51.100.2:7", "") {
+				t.Error("guarded after a hold, the pod reached the remote host")
+			}
+			in(func() error { return guards.Release(hostIf) })
+			if held()[hostIf] {
+				t.Errorf("released, still held: %v", held())
+			}
+			if !echoed(podNS, "10.77.0.1:7", "") {
+				t.Error("guarded and released, the pod cannot reach a kept range")
+			}
+			// Another pod's guard keeps the tables.
+			in(func() error {
+				return guards.Install(HostGuard{ID: "fedcba9876543210", HostIf: "hg-rem", Pod: []netip.Addr{netip.MustParseAddr("198.51.100.2")}})
+			})
+			in(func() error { return guards.Remove("0123456789abcdef") })
+			if held()["hg-gone"] {
+				t.Errorf("a hold of an interface gone outlived the next removal: %v", held())
+			}
+			in(func() error { return guards.Remove("fedcba9876543210") })
+			if out, _ := exec.Command("ip", "netns", "exec", nodeNS, "nft", "list", "tables").Output(); len(out) > 0 {
+				t.Errorf("after the last guard: %s", out)
+			}
+		})
+	}
+}
+
 // A tc filter on the host end (Cilium's and Calico's eBPF data planes
 // attach programs there) runs before netfilter and can send the pod's
 // frames anywhere: such a veth cannot be guarded.

@@ -369,7 +369,7 @@ nslookup web.test 10.96.0.10 | grep -q 203.0.113.10 && echo dns-via-engine || ec
 	// bridge is guarded, with the address the network gave it; a macvlan
 	// moved in, which nothing on the node could guard, is deleted.
 	podPID := c.podPID(t, pod)
-	del := cniBridge(t, pod, podPID, "net1")
+	del := cniPlugin(t, pod, podPID, "net1", "bridge")
 	eventually(t, "the guard of the pod's additional network", func() bool { return hasGuard("bridge", pod, "net1") })
 	if out := rawFrameOn(t, "net1", "cf-extra0", podPID, "10.99.0.2"); out != "contained" {
 		t.Errorf("a raw frame on the pod's additional network: %s", out)

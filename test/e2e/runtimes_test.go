@@ -3,14 +3,17 @@
 package e2e
 
 import (
+	"bufio"
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -303,27 +306,12 @@ func TestInterfacesAddedToARunningContainer(t *testing.T) {
 	// its guard, must not get out either.
 	subnet2 := strings.TrimSpace(d.run(t, "network", "inspect", "-f", "{{(index .IPAM.Config 0).Subnet}}", "proj2").stdout)
 	bridgeMAC, _ := os.ReadFile("/sys/class/net/" + bridge2 + "/address")
-	inet := testnet + "-inet"
-	counted := func() string {
-		out, _ := exec.Command("ip", "netns", "exec", inet, "nft", "list", "table", "inet", "cf-flood").Output()
-		_, n, _ := strings.Cut(string(out), "counter packets ")
-		return strings.Fields(n + " ?")[0]
-	}
-	if out, err := exec.Command("ip", "netns", "exec", inet, "nft", "add table inet cf-flood; add chain inet cf-flood c { type filter hook prerouting priority -300; }; add rule inet cf-flood c udp sport 40008 udp dport 7 counter").CombinedOutput(); err != nil {
-		t.Fatalf("counting the flood: %v\n%s", err, out)
-	}
-	t.Cleanup(func() { exec.Command("ip", "netns", "exec", inet, "nft", "delete", "table", "inet", "cf-flood").Run() })
-	flood := exec.Command("nsenter", "--net=/proc/"+fmt.Sprint(pid)+"/ns/net", "python3", "../testdata/rawflood.py",
-		"eth1", netip.MustParsePrefix(subnet2).Addr().Next().Next().String(), "203.0.113.20", "7", strings.TrimSpace(string(bridgeMAC)), "0.5")
-	var flooded strings.Builder
-	flood.Stdout, flood.Stderr = &flooded, &flooded
-	if err := flood.Start(); err != nil {
-		t.Fatal(err)
-	}
-	d.run(t, "network", "connect", "proj2", id)
-	flood.Wait()
-	if !strings.HasPrefix(flooded.String(), "sent=") || strings.HasPrefix(flooded.String(), "sent=0\n") || counted() != "0" {
-		t.Errorf("raw frames written onto a network's interface as it was connected to a sandboxed container: %s arrived of %s", counted(), flooded.String())
+	arrived, sent := flood(t, pid, "eth1", netip.MustParsePrefix(subnet2).Addr().Next().Next().String(), strings.TrimSpace(string(bridgeMAC)), func() {
+		d.run(t, "network", "connect", "proj2", id)
+	})
+	t.Logf("docker network connect's veth: %d of %d raw frames arrived", arrived, sent)
+	if sent == 0 || arrived > sent/100 {
+		t.Errorf("raw frames written onto a network's interface as it was connected to a sandboxed container: %d arrived of %d", arrived, sent)
 	}
 	ip2 := strings.TrimSpace(d.run(t, "inspect", "-f", "{{.NetworkSettings.Networks.proj2.IPAddress}}", id).stdout)
 	gw2 := strings.TrimSpace(d.run(t, "network", "inspect", "-f", "{{(index .IPAM.Config 0).Gateway}}", "proj2").stdout)
@@ -353,10 +341,35 @@ func TestInterfacesAddedToARunningContainer(t *testing.T) {
 		t.Errorf("a veth made inside the sandbox's namespace was deleted")
 	}
 	// A CNI plugin adding one (podman network connect, a Multus network)
-	// brings the veth up before its host end joins the bridge and before
-	// it has an address: its guard must still be the bridge's, naming
-	// that address.
-	del := cniBridge(t, id, pid, "net1")
+	// makes the veth in the namespace, puts its host's end on the bridge
+	// and gives it an address before bringing it up: its guard must be
+	// the bridge's, naming that address, and what is written onto it as
+	// it comes up must not get out, nor open a way out for later (a
+	// bridge's guard lets the pod answer whoever sent it a packet, and a
+	// routed veth's whatever conntrack takes for an answer). A frame or
+	// two may beat the hold of a routed veth.
+	// The node tracks connections, as one with NAT, kube-proxy or a
+	// firewall does: what answers frames that got out before a guard is
+	// then told from connections made to the pod.
+	if out, err := exec.Command("nft", "add table inet cf-node; add chain inet cf-node c { type filter hook forward priority 0; }; add rule inet cf-node c ct state new counter").CombinedOutput(); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	untrack := func() { exec.Command("nft", "delete", "table", "inet", "cf-node").Run() }
+	t.Cleanup(untrack)
+	var del func() error
+	for _, plugin := range []string{"ptp", "bridge"} {
+		arrived, sent := flood(t, pid, "net1", "10.99.0.2", "arp:203.0.113.1", func() { del = cniPlugin(t, id, pid, "net1", plugin) })
+		t.Logf("the CNI %s plugin's veth: %d of %d raw frames arrived", plugin, arrived, sent)
+		if sent == 0 || arrived > sent/100 {
+			t.Errorf("raw frames written onto an interface the CNI %s plugin added as it came up: %d arrived of %d", plugin, arrived, sent)
+		}
+		if plugin == "ptp" {
+			if err := del(); err != nil {
+				t.Error(err)
+			}
+			eventually(t, "the guard of the routed veth to go", func() bool { return !hasGuard("", id, "net1") })
+		}
+	}
 	eventually(t, "the bridge guard of the veth a CNI plugin added", func() bool { return hasGuard("bridge", id, "net1") })
 	if out := rawFrameOn(t, "net1", "cf-extra0", pid, "10.99.0.2"); out != "contained" {
 		t.Errorf("a raw frame on an interface a CNI plugin added: %s", out)
@@ -367,6 +380,7 @@ func TestInterfacesAddedToARunningContainer(t *testing.T) {
 	if err := del(); err != nil {
 		t.Error(err)
 	}
+	untrack()
 
 	// Disconnected, its guard goes.
 	d.run(t, "network", "disconnect", "proj2", id)
@@ -442,30 +456,83 @@ func TestContainerdThroughTheRuntimeWrapper(t *testing.T) {
 	n.waitDetached(t)
 }
 
-// cniBridge runs the CNI bridge plugin by hand against process pid's
-// network namespace, as podman network connect (its CNI backend) and
-// Multus do: it adds ifName, a veth on the host's bridge cf-extra0, with
-// the address 10.99.0.2/24 (the host's 10.99.0.1). It returns the
-// plugin's DEL.
-func cniBridge(t *testing.T, id string, pid int, ifName string) (del func() error) {
+// cniPlugin runs a CNI plugin by hand against process pid's network
+// namespace, as podman network connect (its CNI backend) and Multus do:
+// it adds ifName with the address 10.99.0.2/24 from host-local, a veth
+// whose host's end is on the bridge cf-extra0 (bridge; the host then
+// takes 10.99.0.1 there) or routed to (ptp, with 10.99.0.1 on it). It
+// returns the plugin's DEL.
+func cniPlugin(t *testing.T, id string, pid int, ifName, plugin string) (del func() error) {
 	t.Helper()
-	data := t.TempDir()
+	conf := map[string]any{"cniVersion": "0.4.0", "name": "cf-extra-" + plugin, "type": plugin,
+		"ipam": map[string]any{"type": "host-local", "subnet": "10.99.0.0/24", "dataDir": t.TempDir()}}
+	if plugin == "bridge" {
+		conf["bridge"] = "cf-extra0"
+		t.Cleanup(func() { exec.Command("ip", "link", "del", "cf-extra0").Run() })
+	}
+	stdin, _ := json.Marshal(conf)
 	cni := func(command string) error {
-		cmd := exec.Command("/usr/lib/cni/bridge")
+		cmd := exec.Command("/usr/lib/cni/" + plugin)
 		cmd.Env = append(os.Environ(), "CNI_COMMAND="+command, "CNI_CONTAINERID="+id, "CNI_NETNS=/proc/"+fmt.Sprint(pid)+"/ns/net", "CNI_IFNAME="+ifName, "CNI_PATH=/usr/lib/cni")
-		cmd.Stdin = strings.NewReader(`{"cniVersion": "0.4.0", "name": "cf-extra", "type": "bridge", "bridge": "cf-extra0",
-			"ipam": {"type": "host-local", "subnet": "10.99.0.0/24", "dataDir": "` + data + `"}}`)
+		cmd.Stdin = bytes.NewReader(stdin)
 		if out, err := cmd.CombinedOutput(); err != nil {
-			return fmt.Errorf("CNI %s of %s: %v\n%s", command, ifName, err, out)
+			return fmt.Errorf("CNI %s %s of %s: %v\n%s", plugin, command, ifName, err, out)
 		}
 		return nil
 	}
-	t.Cleanup(func() { cni("DEL"); exec.Command("ip", "link", "del", "cf-extra0").Run() })
+	t.Cleanup(func() { cni("DEL") })
 	if err := cni("ADD"); err != nil {
 		t.Fatal(err)
 	}
-	exec.Command("ip", "addr", "add", "10.99.0.1/24", "dev", "cf-extra0").Run()
+	if plugin == "bridge" {
+		exec.Command("ip", "addr", "add", "10.99.0.1/24", "dev", "cf-extra0").Run()
+	}
 	return func() error { return cni("DEL") }
+}
+
+// flood writes raw UDP frames from src onto iface in process pid's
+// network namespace the moment it comes up (test/testdata/rawflood.py,
+// to gateway, a MAC address or arp:IP), for half a second, while during
+// adds it; it returns how many reached the testnet's 203.0.113.20, and
+// how many were written.
+func flood(t *testing.T, pid int, iface, src, gateway string, during func()) (arrived, sent int) {
+	t.Helper()
+	inet := testnet + "-inet"
+	counted := func() int {
+		out, _ := exec.Command("ip", "netns", "exec", inet, "nft", "list", "table", "inet", "cf-flood").Output()
+		_, n, _ := strings.Cut(string(out), "counter packets ")
+		c, err := strconv.Atoi(strings.Fields(n + " ?")[0])
+		if err != nil {
+			t.Fatalf("counting the flood: %s", out)
+		}
+		return c
+	}
+	if exec.Command("ip", "netns", "exec", inet, "nft", "list", "table", "inet", "cf-flood").Run() != nil {
+		if out, err := exec.Command("ip", "netns", "exec", inet, "nft", "add table inet cf-flood; add chain inet cf-flood c { type filter hook prerouting priority -300; }; add rule inet cf-flood c udp sport 40008 udp dport 7 counter").CombinedOutput(); err != nil {
+			t.Fatalf("counting the flood: %v\n%s", err, out)
+		}
+		t.Cleanup(func() { exec.Command("ip", "netns", "exec", inet, "nft", "delete", "table", "inet", "cf-flood").Run() })
+	}
+	before := counted()
+	cmd := exec.Command("nsenter", "--net=/proc/"+fmt.Sprint(pid)+"/ns/net", "python3", "../testdata/rawflood.py", iface, src, "203.0.113.20", "7", gateway, "0.5")
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	stdout, _ := cmd.StdoutPipe()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	out := bufio.NewReader(stdout)
+	if line, _ := out.ReadString('\n'); line != "ready\n" {
+		cmd.Wait()
+		t.Fatalf("the flood did not start: %q %s", line, stderr.String())
+	}
+	during()
+	rest, _ := io.ReadAll(out)
+	cmd.Wait()
+	if _, err := fmt.Sscanf(string(rest), "sent=%d", &sent); err != nil {
+		t.Fatalf("the flood: %q %s", rest, stderr.String())
+	}
+	return counted() - before, sent
 }
 
 // hasGuard says whether the host's guard table of family (any, if "")
