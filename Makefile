@@ -72,7 +72,7 @@ e2e-race:
 # on the VM's cgroup v2 without systemd, podman 4.3.1 with cgroupfs cannot
 # start a pod's infra container.
 KERNEL_ARGS ?=
-VM_SKIP := TestRootForwardsIPv6OnKernelsBefore617|TestAKernelWithoutIPv6|TestPodmanPodsShareASandbox$(if $(findstring ipv6.disable=1,$(KERNEL_ARGS)),|TestAnycastIsTheHosts|TestRootStartsWhereTheHostTurnedIPv6Off)
+VM_SKIP := TestRootForwardsIPv6OnKernelsBefore617|TestAKernelWithoutIPv6|TestADeviceMovedIntoASandboxIsKeptDown|TestPodmanPodsShareASandbox$(if $(findstring ipv6.disable=1,$(KERNEL_ARGS)),|TestAnycastIsTheHosts|TestRootStartsWhereTheHostTurnedIPv6Off)
 e2e-vm: build
 	$(GO) test -c -tags e2e -o $(BIN)/e2e.test ./test/e2e/
 	script=$$(mktemp) && trap 'rm -f $$script' EXIT && \

@@ -212,6 +212,10 @@ func (w *linkWatch) look() (again bool) {
 			}
 			continue
 		}
+		if _, device := l.(*netlink.Device); device && !w.known[index] {
+			w.keepDown(l)
+			continue
+		}
 		if w.known[index] || l.Attrs().NetNsID < 0 {
 			continue // the hook's, or made here with its other end (if any) here too
 		}
@@ -371,6 +375,24 @@ func (w *linkWatch) unguard(port string) {
 	if err := guards.RemovePort(w.sb.att.ID, port); err != nil {
 		w.d.cfg.Logf("sandbox %s: removing the host guard of its interface %s: %v", w.sb.att.ID, port, err)
 	}
+}
+
+// keepDown sets down an added interface of no kind: a device's (a NIC
+// or a VF of the node's that the host-device plugin, or an admin, moved
+// in), as nothing made in a namespace lacks one, and one that nothing on
+// the host can guard nor delete. Down it carries nothing; a process with
+// CAP_NET_ADMIN may bring it up, and is set down again. Moving it out
+// instead would fail its plugin's DEL, and a pod's deletion with it.
+func (w *linkWatch) keepDown(l netlink.Link) {
+	if l.Attrs().Flags&net.FlagUp == 0 {
+		return
+	}
+	id, name := w.sb.att.ID, l.Attrs().Name
+	if err := w.h.LinkSetDown(l); err != nil {
+		w.d.cfg.Logf("sandbox %s: device %s was moved into its namespace and brought up, and setting it down failed: %v", id, name, err)
+		return
+	}
+	w.d.cfg.Logf("sandbox %s: device %s was moved into its namespace and brought up: set down, as nothing on the host can guard it", id, name)
 }
 
 // remove deletes an added interface that cannot be guarded.

@@ -142,3 +142,38 @@ echo left=$(ls -A /run/childflow/root | tr '\n' ' ')$(ip -o link | grep -c cfr)
 		"ip_forward", "0", "vm_h_forwarding", "1",
 		"rules", "3", "left", ".lock 0")
 }
+
+// A device of the node's moved into a sandbox's namespace (the
+// host-device plugin moves a NIC or a VF into a pod for Multus) has no
+// kind, as an interface made in a namespace always has, and nothing on
+// the host can guard it: a process with CAP_NET_RAW would write frames
+// onto the node's network from it. The daemon keeps it down. Only a VM
+// has a NIC to spare (QEMU's, which reaches nothing).
+func TestADeviceMovedIntoASandboxIsKeptDown(t *testing.T) {
+	n := &node{dir: shortTempDir(t, "cfvm")}
+	n.socket, n.state = filepath.Join(n.dir, "engine.sock"), filepath.Join(n.dir, "state")
+	container := bundle(t, sandboxedAnn, n.hooks(), "sleep 120")
+	kv := onPackagedKernel(t, "", "BUNDLE="+container+" SOCK="+n.socket+" STATE="+n.state+`
+modprobe virtio_net
+nic=$(ls /sys/class/net | grep -vx lo | head -1)
+echo nic=$nic
+$CF daemon --socket $SOCK --state-dir $STATE --flow-log-dir /tmp/flows --dns 203.0.113.53 >/tmp/daemon.log 2>&1 &
+while [ ! -S $SOCK ]; do sleep 0.1; done
+runc --root /run/runc-vm run --detach --bundle $BUNDLE cf-nic >/tmp/runc.out 2>&1 || { cat /tmp/runc.out; exit 1; }
+pid=$(runc --root /run/runc-vm state cf-nic | sed -n 's/.*"pid": *\([0-9]*\).*/\1/p')
+ip link set $nic netns $pid
+nsenter -t $pid -n ip link set $nic up
+up() { nsenter -t $pid -n ip -o link show $nic | grep -qE '<([^>]*,)?UP[,>]' && echo up || echo down; }
+for i in $(seq 50); do [ "$(up)" = down ] && break; sleep 0.1; done
+echo after_up=$(up)
+nsenter -t $pid -n ip link set $nic up
+sleep 0.5
+echo after_second_up=$(up)
+echo logged=$(grep -c "device $nic was moved into its namespace and brought up: set down" /tmp/daemon.log)
+runc --root /run/runc-vm kill cf-nic KILL; sleep 0.5; runc --root /run/runc-vm delete --force cf-nic
+`)
+	if kv["nic"] == "" {
+		t.Fatal("the VM has no NIC")
+	}
+	want(t, kv, "after_up", "down", "after_second_up", "down", "logged", "2")
+}
