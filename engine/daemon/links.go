@@ -24,9 +24,10 @@ import (
 // the first ones: a veth whose other end is the host's is guarded from
 // the host and its routes steered; one whose other end or lower device is
 // elsewhere and that cannot be guarded (a macvlan, a tunnel moved in) is
-// deleted, fail closed. What is made inside the namespace (a veth to a
-// namespace of its own, a bridge) carries nothing off it but through cf0
-// or a guarded veth.
+// deleted, fail closed, and a device of the node's (a NIC moved in) kept
+// down. What is made inside the namespace (a veth to a namespace of its
+// own, a bridge) carries nothing off it but through cf0 or a guarded
+// veth.
 type linkWatch struct {
 	d     *Daemon
 	sb    *sandbox

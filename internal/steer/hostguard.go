@@ -610,10 +610,12 @@ const holdSet = "if-holds"
 // until a guard takes its name (Install) or Release: for an interface
 // that appeared in a sandbox's namespace, which must send nothing before
 // its guard is made. In both families' tables, as it may yet become a
-// bridge's port or stay routed; the hold is one short transaction that
-// looks nothing up, so it can land before the plugin that made the
-// interface brings it up, as a whole guard (made after looking at the
-// interface, its addresses and the tables) would not.
+// bridge's port or stay routed; the hold is one short transaction,
+// without the lock, that looks up only which tables there are, so it
+// can land before the plugin that made the interface brings it up, as a
+// whole guard (made after looking at the interface, its addresses and
+// the tables) would not. A name a guard has already is not taken: the
+// transaction fails.
 func (gs Guards) Hold(hostIf string) error {
 	c, err := nftables.New()
 	if err != nil {
@@ -656,18 +658,16 @@ func (gs Guards) Hold(hostIf string) error {
 	return nil
 }
 
-// dropStaleHolds queues the release of holds whose interfaces are gone
-// (their sandbox ended before they were guarded): a new interface could
-// take the name.
-func dropStaleHolds(c *nftables.Conn, t *nftables.Table) bool {
+// releaseHolds queues the release of t's holds of the interfaces
+// named that match.
+func releaseHolds(c *nftables.Conn, t *nftables.Table, match func(hostIf string) bool) (queued bool) {
 	holds, err := c.GetSetByName(t, holdSet)
 	if err != nil {
-		return false
+		return false // no table, or no hold yet
 	}
 	elems, _ := c.GetSetElements(holds)
-	queued := false
 	for _, e := range elems {
-		if _, err := netlink.LinkByName(unix.ByteSliceToString(e.Key)); !errors.As(err, new(netlink.LinkNotFoundError)) {
+		if !match(unix.ByteSliceToString(e.Key)) {
 			continue
 		}
 		c.SetDeleteElements(holds, []nftables.SetElement{{Key: e.Key}})
@@ -679,6 +679,12 @@ func dropStaleHolds(c *nftables.Conn, t *nftables.Table) bool {
 		queued = true
 	}
 	return queued
+}
+
+// gone says whether the host has no interface of that name.
+func gone(hostIf string) bool {
+	_, err := netlink.LinkByName(hostIf)
+	return errors.As(err, new(netlink.LinkNotFoundError))
 }
 
 // Held names the interfaces Hold holds.
@@ -717,27 +723,10 @@ func (gs Guards) Release(hostIf string) error {
 	if err != nil {
 		return err
 	}
-	name := nftexpr.IfNameBytes(hostIf)
 	queued := false
 	for _, f := range guardFamilies {
 		t := &nftables.Table{Family: f, Name: GuardTable}
-		holds, err := c.GetSetByName(t, holdSet)
-		if err != nil {
-			continue
-		}
-		elems, _ := c.GetSetElements(holds)
-		for _, e := range elems {
-			if string(e.Key) != string(name) {
-				continue
-			}
-			c.SetDeleteElements(holds, []nftables.SetElement{{Key: name}})
-			for _, m := range guardMapNames(f) {
-				if set, err := c.GetSetByName(t, m); err == nil {
-					deleteKey(c, set, name)
-				}
-			}
-			queued = true
-		}
+		queued = releaseHolds(c, t, func(name string) bool { return name == hostIf }) || queued
 	}
 	if !queued {
 		return nil
@@ -778,7 +767,9 @@ func (gs Guards) remove(id string, match func(key string) bool) error {
 				removed = removeChains(c, t, names, k) || removed
 			}
 		}
-		if dropStaleHolds(c, t) || removed {
+		// And the holds of interfaces whose sandbox ended before they
+		// were guarded: a new interface could take the name.
+		if releaseHolds(c, t, gone) || removed {
 			errs = append(errs, nftexpr.Flush(c))
 		}
 		if keys, err := guardKeys(c, f); err == nil && len(keys) == 0 {
