@@ -65,7 +65,7 @@ type addedLink struct {
 // that lands before such a plugin, which runs its IPAM plugin or
 // configures the host's end first, brings it up. Both race the runtime
 // and now and then lose by a few frames (docs/containers.md); the guard
-// then forgets the connections those made (steer's forgetConnections).
+// then forgets the connections those made (Guards.ForgetConnections).
 // Once the veth is up it is guarded as a hook guards one, with the
 // addresses its runtime gave it before bringing it up (docker, CNI
 // plugins), and its host's end is up again or the hold gone. Addresses
@@ -252,6 +252,9 @@ func (w *linkWatch) look() (again bool) {
 				again = true
 			}
 			continue
+		}
+		if err := guards.ForgetConnections(g); err != nil {
+			logf("sandbox %s: interface %s was added to its namespace and guarded, but what it sent before may pass for answers: %v", id, name, err)
 		}
 		w.release(a, g.HostIf)
 		w.unhold(a) // the other family's: the guard took its own's name

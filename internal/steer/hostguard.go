@@ -120,20 +120,25 @@ func (gs Guards) Install(g HostGuard) error {
 		os.Remove(gs.recordPath(g.key()))
 		return err
 	}
-	return forgetConnections(g, family)
+	return nil
 }
 
-// forgetConnections deletes conntrack's entries for the pod's addresses
-// once its veth is guarded, as what a pod sent before (on a veth added
-// to a running sandbox, where its hold lost the race to its plugin) made
-// entries. A routed veth's guard lets answers through by conntrack's
+// ForgetConnections deletes conntrack's entries for the addresses of a
+// pod whose veth carried frames before its guard (one added to a running
+// sandbox, where its hold lost the race to its plugin), once that is
+// installed. A routed veth's guard lets answers through by conntrack's
 // word: those of connections made to the pod go (a frame with a forged
 // source made one that the pod's next datagram would answer); those the
 // pod opened stay, so that their answers, still on their way, are taken
 // for answers and not for connections made to it. A bridge's guard takes
 // whoever sends the pod a packet for someone who reached it: all go,
-// also the pod's, whose answers NAT would still bring to it.
-func forgetConnections(g HostGuard, family nftables.TableFamily) error {
+// also the pod's, whose answers NAT would still bring to it. Not for a
+// veth guarded before its pod ran: it reads the node's whole table.
+func (gs Guards) ForgetConnections(g HostGuard) error {
+	family, err := guardFamily(g)
+	if err != nil {
+		return err
+	}
 	fields := []netlink.ConntrackFilterType{netlink.ConntrackOrigDstIP, netlink.ConntrackReplySrcIP}
 	if family == nftables.TableFamilyBridge {
 		fields = append(fields, netlink.ConntrackOrigSrcIP, netlink.ConntrackReplyDstIP)
@@ -428,7 +433,7 @@ func addGuard(c *nftables.Conn, t *nftables.Table, maps []*nftables.Set, key str
 		// Answers only: the pod's side of a connection someone else
 		// opened. One it opened itself never passes (only kept ranges
 		// do), though conntrack knows it, as it may have been opened
-		// before this guard (forgetConnections).
+		// before this guard (ForgetConnections).
 		rule(fromAddr, nftexpr.Established(), nftexpr.CtReply(), []expr.Any{accept})
 	}
 	for _, k := range g.Keep {

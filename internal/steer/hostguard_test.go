@@ -269,7 +269,11 @@ func TestHostGuardForgetsWhatThePodOpenedBeforeIt(t *testing.T) {
 			}
 			defer target.Close()
 			err = target.Do(func(ns.NetNS) error {
-				return guards.Install(HostGuard{ID: "0123456789abcdef", HostIf: hostIf, Pod: []netip.Addr{netip.MustParseAddr("10.77.0.2")}})
+				g := HostGuard{ID: "0123456789abcdef", HostIf: hostIf, Pod: []netip.Addr{netip.MustParseAddr("10.77.0.2")}}
+				if err := guards.Install(g); err != nil {
+					return err
+				}
+				return guards.ForgetConnections(g)
 			})
 			if err != nil {
 				t.Fatal(err)
