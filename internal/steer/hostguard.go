@@ -692,29 +692,6 @@ func gone(hostIf string) bool {
 	return errors.As(err, new(netlink.LinkNotFoundError))
 }
 
-// Held names the interfaces Hold holds.
-func (gs Guards) Held() (map[string]bool, error) {
-	c, err := nftables.New()
-	if err != nil {
-		return nil, err
-	}
-	held := map[string]bool{}
-	for _, f := range guardFamilies {
-		holds, err := c.GetSetByName(&nftables.Table{Family: f, Name: GuardTable}, holdSet)
-		if err != nil {
-			continue // no table, or no hold yet
-		}
-		elems, err := c.GetSetElements(holds)
-		if err != nil {
-			return nil, err
-		}
-		for _, e := range elems {
-			held[unix.ByteSliceToString(e.Key)] = true
-		}
-	}
-	return held, nil
-}
-
 // Release ends Hold's hold of hostIf where no guard took its name: the
 // other family's, once a guard did, or both, for an interface gone or
 // that needs no guard.

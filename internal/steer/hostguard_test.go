@@ -16,6 +16,7 @@ import (
 	"unsafe"
 
 	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/google/nftables"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
@@ -332,14 +333,14 @@ func TestHoldDropsUntilAGuardTakesTheName(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			held := func() (got map[string]bool) {
-				in(func() (err error) { got, err = guards.Held(); return err })
+			holds := func() (got map[string]bool) {
+				in(func() (err error) { got, err = held(); return err })
 				return got
 			}
 			in(func() error { return guards.Hold(hostIf) })
 			in(func() error { return guards.Hold("hg-gone") }) // a sandbox that ended before its guard
-			if !held()[hostIf] || !held()["hg-gone"] {
-				t.Fatalf("held: %v", held())
+			if !holds()[hostIf] || !holds()["hg-gone"] {
+				t.Fatalf("held: %v", holds())
 			}
 			if echoed(podNS, "10.77.0.1:7", "") || echoed(podNS, "198.51.100.2:7", "") {
 				t.Error("held, the pod reached the node or the remote host")
@@ -355,8 +356,8 @@ func TestHoldDropsUntilAGuardTakesTheName(t *testing.T) {
 				t.Error("guarded after a hold, the pod reached the remote host")
 			}
 			in(func() error { return guards.Release(hostIf) })
-			if held()[hostIf] {
-				t.Errorf("released, still held: %v", held())
+			if holds()[hostIf] {
+				t.Errorf("released, still held: %v", holds())
 			}
 			if !echoed(podNS, "10.77.0.1:7", "") {
 				t.Error("guarded and released, the pod cannot reach a kept range")
@@ -366,8 +367,8 @@ func TestHoldDropsUntilAGuardTakesTheName(t *testing.T) {
 				return guards.Install(HostGuard{ID: "fedcba9876543210", HostIf: "hg-rem", Pod: []netip.Addr{netip.MustParseAddr("198.51.100.2")}})
 			})
 			in(func() error { return guards.Remove("0123456789abcdef") })
-			if held()["hg-gone"] {
-				t.Errorf("a hold of an interface gone outlived the next removal: %v", held())
+			if holds()["hg-gone"] {
+				t.Errorf("a hold of an interface gone outlived the next removal: %v", holds())
 			}
 			in(func() error { return guards.Remove("fedcba9876543210") })
 			if out, _ := exec.Command("ip", "netns", "exec", nodeNS, "nft", "list", "tables").Output(); len(out) > 0 {
@@ -862,4 +863,27 @@ func loadBPF(t *testing.T, progType uint32, ret int32) int {
 	}
 	t.Cleanup(func() { unix.Close(int(fd)) })
 	return int(fd)
+}
+
+// held names the interfaces Hold holds.
+func held() (map[string]bool, error) {
+	c, err := nftables.New()
+	if err != nil {
+		return nil, err
+	}
+	held := map[string]bool{}
+	for _, f := range guardFamilies {
+		holds, err := c.GetSetByName(&nftables.Table{Family: f, Name: GuardTable}, holdSet)
+		if err != nil {
+			continue // no table, or no hold yet
+		}
+		elems, err := c.GetSetElements(holds)
+		if err != nil {
+			return nil, err
+		}
+		for _, e := range elems {
+			held[unix.ByteSliceToString(e.Key)] = true
+		}
+	}
+	return held, nil
 }
