@@ -257,7 +257,7 @@ func (w *linkWatch) look() (again bool) {
 			logf("sandbox %s: interface %s was added to its namespace and guarded, but what it sent before may pass for answers: %v", id, name, err)
 		}
 		w.release(a, g.HostIf)
-		w.unhold(a) // the other family's: the guard took its own's name
+		a.holding = "" // the guard took the name from both families' holds
 		a.failed = time.Time{}
 		a.port, a.guarded = g.Port, time.Now()
 		logf("sandbox %s: interface %s was added to its namespace: guarded on the host (%s)", id, name, g.HostIf)

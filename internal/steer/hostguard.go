@@ -120,9 +120,16 @@ func (gs Guards) Install(g HostGuard) error {
 		os.Remove(gs.recordPath(g.key()))
 		return err
 	}
+	// The guard took its own family's hold of the name (takeName); the
+	// other family's goes too.
 	c, err := nftables.New()
 	if err != nil {
 		return err
+	}
+	if releaseName(c, g.HostIf) {
+		if err := nftexpr.Flush(c); err != nil {
+			return err
+		}
 	}
 	return ensureTables(c)
 }
@@ -630,23 +637,13 @@ func (gs Guards) Hold(hostIf string) error {
 	if err != nil {
 		return err
 	}
-	tables, err := c.ListTablesOfFamily(nftables.TableFamilyUnspecified)
-	if err != nil {
-		return err
-	}
-	have := map[nftables.TableFamily]bool{}
-	for _, t := range tables {
-		have[t.Family] = have[t.Family] || t.Name == GuardTable
+	if err := ensureTables(c); err != nil {
+		return fmt.Errorf("holding %s on the host: %w", hostIf, err)
 	}
 	name := nftexpr.IfNameBytes(hostIf)
 	drop := &expr.Verdict{Kind: expr.VerdictDrop}
 	for _, f := range guardFamilies {
 		t := &nftables.Table{Family: f, Name: GuardTable}
-		if !have[f] {
-			if _, _, err := guardTable(c, f); err != nil {
-				return fmt.Errorf("holding %s on the host: %w", hostIf, err)
-			}
-		}
 		holds := &nftables.Set{Table: t, Name: holdSet, KeyType: nftables.TypeIFName, KeyByteOrder: binaryutil.NativeEndian}
 		if err := c.AddSet(holds, []nftables.SetElement{{Key: name}}); err != nil {
 			return err
@@ -696,9 +693,18 @@ func gone(hostIf string) bool {
 	return errors.As(err, new(netlink.LinkNotFoundError))
 }
 
-// Release ends Hold's hold of hostIf where no guard took its name: the
-// other family's, once a guard did, or both, for an interface gone or
-// that needs no guard.
+// releaseName queues the release of hostIf's holds in both families'
+// tables.
+func releaseName(c *nftables.Conn, hostIf string) (queued bool) {
+	for _, f := range guardFamilies {
+		t := &nftables.Table{Family: f, Name: GuardTable}
+		queued = releaseHolds(c, t, func(name string) bool { return name == hostIf }) || queued
+	}
+	return queued
+}
+
+// Release ends Hold's hold of hostIf, for an interface that went, or
+// that needs no guard, before a guard took its name.
 func (gs Guards) Release(hostIf string) error {
 	unlock, err := gs.lock()
 	if err != nil {
@@ -709,12 +715,7 @@ func (gs Guards) Release(hostIf string) error {
 	if err != nil {
 		return err
 	}
-	queued := false
-	for _, f := range guardFamilies {
-		t := &nftables.Table{Family: f, Name: GuardTable}
-		queued = releaseHolds(c, t, func(name string) bool { return name == hostIf }) || queued
-	}
-	if !queued {
+	if !releaseName(c, hostIf) {
 		return nil
 	}
 	return nftexpr.Flush(c)
@@ -769,11 +770,15 @@ func (gs Guards) remove(id string, match func(key string) bool) error {
 		left += len(keys)
 	}
 	if left == 0 {
+		queued := false
 		for _, f := range guardFamilies {
 			if tt, err := c.ListTableOfFamily(GuardTable, f); err == nil && tt != nil {
-				c.DelTable(&nftables.Table{Family: f, Name: GuardTable})
-				errs = append(errs, nftexpr.Flush(c))
+				c.DelTable(tt)
+				queued = true
 			}
+		}
+		if queued { // one transaction: each that deletes costs 8-24 ms here
+			errs = append(errs, nftexpr.Flush(c))
 		}
 	}
 	return errors.Join(errs...)
@@ -784,8 +789,16 @@ func (gs Guards) remove(id string, match func(key string) bool) error {
 // become a bridge's port, then finds both (one that had to make a table
 // first took 2.7-3.2 ms, against 0.4-1.0, and lost more of its race).
 func ensureTables(c *nftables.Conn) error {
+	tables, err := c.ListTablesOfFamily(nftables.TableFamilyUnspecified)
+	if err != nil {
+		return err
+	}
+	have := map[nftables.TableFamily]bool{}
+	for _, t := range tables {
+		have[t.Family] = have[t.Family] || t.Name == GuardTable
+	}
 	for _, f := range guardFamilies {
-		if t, err := c.ListTableOfFamily(GuardTable, f); err == nil && t != nil {
+		if have[f] {
 			continue
 		}
 		if _, _, err := guardTable(c, f); err != nil {
