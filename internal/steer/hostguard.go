@@ -216,17 +216,13 @@ func install(family nftables.TableFamily, guards ...HostGuard) error {
 		return fmt.Errorf("guarding %s on the host: %w", what, err)
 	}
 	chains := chainNames(c, family)
-	again := false
-	for _, g := range guards {
-		again = removeChains(c, t, chains, g.key()) || again // a pod added again
-	}
-	if again {
-		if err := nftexpr.Flush(c); err != nil {
-			return fmt.Errorf("guarding %s on the host: removing the guard it had: %w", what, err)
-		}
-	}
 	held := heldNames(c, maps[0])
 	for _, g := range guards {
+		// A pod added again: its old chains go in the transaction that
+		// adds its new ones, so that its veth is never unguarded between.
+		if old, ok := removeChains(c, t, chains, g.key()); ok {
+			delete(held, string(old))
+		}
 		if held[string(nftexpr.IfNameBytes(g.HostIf))] {
 			takeName(c, t, maps, g.HostIf)
 		}
@@ -579,18 +575,22 @@ func chainNames(c *nftables.Conn, family nftables.TableFamily) map[string]bool {
 }
 
 // removeChains queues the removal of the pod's map elements, chains and
-// sets from t, as far as they exist (names: chainNames).
-func removeChains(c *nftables.Conn, t *nftables.Table, names map[string]bool, key string) bool {
+// sets from t, as far as they exist (names: chainNames), and says from
+// which interface name (the maps' key) they led.
+func removeChains(c *nftables.Conn, t *nftables.Table, names map[string]bool, key string) (name []byte, ok bool) {
 	if !names["from-"+key] {
-		return false
+		return nil, false
 	}
 	var ifs []nftables.SetElement
 	if set, err := c.GetSetByName(t, "if-"+key); err == nil {
 		ifs, _ = c.GetSetElements(set)
 	}
-	for _, m := range guardMapNames(t.Family) {
-		if set, err := c.GetSetByName(t, m); err == nil && len(ifs) > 0 {
-			deleteKey(c, set, ifs[0].Key)
+	if len(ifs) > 0 {
+		name = ifs[0].Key
+		for _, m := range guardMapNames(t.Family) {
+			if set, err := c.GetSetByName(t, m); err == nil {
+				deleteKey(c, set, ifs[0].Key)
+			}
 		}
 	}
 	mine := []string{"from-" + key, "addr-" + key, "to-" + key, "link-" + key}
@@ -609,7 +609,7 @@ func removeChains(c *nftables.Conn, t *nftables.Table, names map[string]bool, ke
 			c.DelSet(set)
 		}
 	}
-	return true
+	return name, true
 }
 
 // Remove deletes the pod's guards, and the tables once no pod is left; a
@@ -751,7 +751,8 @@ func (gs Guards) remove(id string, match func(key string) bool) error {
 		names, removed := chainNames(c, f), false
 		for name := range names {
 			if k, ok := strings.CutPrefix(name, "from-"); ok && match(k) {
-				removed = removeChains(c, t, names, k) || removed
+				_, ok := removeChains(c, t, names, k)
+				removed = removed || ok
 			}
 		}
 		// And the holds of interfaces whose sandbox ended before they

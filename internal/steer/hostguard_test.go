@@ -542,6 +542,89 @@ func TestGuardsShareATablePerFamily(t *testing.T) {
 	}
 }
 
+// A pod added again (a runtime's second ADD for a container, a hook run
+// twice) has its guard replaced in one transaction: a transaction that
+// took the old chains and one that added the new would leave its veth
+// unguarded between them.
+func TestAGuardAddedAgainIsNeverOff(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("needs root: namespaces, veths and nftables")
+	}
+	exec.Command("ip", "netns", "del", nodeNS).Run()
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", nodeNS).Run() })
+	for _, args := range [][]string{
+		{"netns", "add", nodeNS},
+		{"-n", nodeNS, "link", "add", "hg-br", "type", "bridge"},
+		{"-n", nodeNS, "link", "add", "hg-a", "type", "veth", "peer", "name", "hg-a-pod"},
+		{"-n", nodeNS, "link", "add", "hg-b", "master", "hg-br", "type", "veth", "peer", "name", "hg-b-pod"},
+	} {
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+	}
+	target, err := ns.GetNS("/run/netns/" + nodeNS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer target.Close()
+	guards := Guards{Dir: t.TempDir()}
+	install := func(g HostGuard) {
+		t.Helper()
+		if err := target.Do(func(ns.NetNS) error { return guards.Install(g) }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, c := range []struct{ what, id, hostIf, family string }{
+		{"routed veth", "aaaaaaaaaaaa-1", "hg-a", "inet"},
+		{"bridge port", "bbbbbbbbbbbb-2", "hg-b", "bridge"},
+	} {
+		g := HostGuard{ID: c.id, HostIf: c.hostIf, MAC: "02:00:00:00:00:0b", Pod: []netip.Addr{netip.MustParseAddr("10.77.0.2")}}
+		install(g)
+		conn, err := nftables.New(nftables.WithNetNSFd(int(target.Fd())))
+		if err != nil {
+			t.Fatal(err)
+		}
+		// Every object: the library filters out NEWGEN, and so every
+		// batch, for chains alone.
+		mon := nftables.NewMonitor()
+		events, err := conn.AddGenerationalMonitor(mon)
+		if err != nil {
+			t.Fatal(err)
+		}
+		g.Pod = []netip.Addr{netip.MustParseAddr("10.77.0.3")}
+		install(g)
+		chain := "from-" + g.key()
+		for seen, timeout := false, time.After(5*time.Second); !seen; {
+			select {
+			case batch := <-events:
+				var deleted, added bool
+				for _, ev := range batch.Changes {
+					if ch, _ := ev.Data.(*nftables.Chain); ch != nil && ch.Name == chain {
+						deleted = deleted || ev.Type == nftables.MonitorEventTypeDelChain
+						added = added || ev.Type == nftables.MonitorEventTypeNewChain
+					}
+				}
+				if deleted != added {
+					t.Errorf("%s: one transaction deleted %s (%v) and another added it (%v): the veth was unguarded between them", c.what, chain, deleted, added)
+				}
+				seen = deleted || added
+			case <-timeout:
+				t.Fatalf("%s: no transaction replaced %s", c.what, chain)
+			}
+		}
+		mon.Close()
+		// The new guard is the one in place, and the veth leads to it.
+		out, _ := exec.Command("ip", "netns", "exec", nodeNS, "nft", "list", "chain", c.family, GuardTable, chain).Output()
+		if !strings.Contains(string(out), "10.77.0.3") || strings.Contains(string(out), "10.77.0.2") {
+			t.Errorf("%s: the guard added again:\n%s", c.what, out)
+		}
+		out, _ = exec.Command("ip", "netns", "exec", nodeNS, "nft", "list", "map", c.family, GuardTable, fromPods).Output()
+		if !strings.Contains(string(out), fmt.Sprintf("%q : jump %s", c.hostIf, chain)) {
+			t.Errorf("%s: the map after the guard was added again:\n%s", c.what, out)
+		}
+	}
+}
+
 // TestGuardsComeBackAfterAFlush: a `flush ruleset` takes the guards'
 // tables; Restore puts back the guards of the pods whose veths remain
 // (also a veth a second pod took from one gone without DEL: the second
