@@ -29,7 +29,11 @@ func New() (*Watcher, error) {
 }
 
 func (w *Watcher) subscribe() error {
-	w.mon = nftables.NewMonitor(nftables.WithMonitorObject(nftables.MonitorObjectTables))
+	// Every object, though only tables count: the kernel sends them all
+	// anyway, and the library (v0.3.0) passes them all only because the
+	// tables' flags have its bit 0; a stricter filter would drop the
+	// NEWGEN message that ends each batch, and with it every batch.
+	w.mon = nftables.NewMonitor(nftables.WithMonitorObject(nftables.MonitorObjectAny))
 	events, err := w.c.AddGenerationalMonitor(w.mon)
 	if err != nil {
 		return fmt.Errorf("watching the host's nftables tables: %w", err)
