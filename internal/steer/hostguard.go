@@ -98,7 +98,9 @@ func (g HostGuard) key() string {
 // bridge, so the frames are filtered by port in a bridge table, which
 // sees conntrack only with a module not every kernel has
 // (nf_conntrack_bridge), and remembers instead for an hour every address
-// that sent the pod a packet. A veth on any other master (Open vSwitch, a
+// that sent the pod a packet other than an answer (answers: TCP but a
+// SYN, echo replies, ICMP errors; a UDP datagram cannot be told from
+// one). A veth on any other master (Open vSwitch, a
 // VRF) or with something that moves frames before netfilter cannot be
 // guarded: an error.
 func (gs Guards) Install(g HostGuard) error {
@@ -142,8 +144,8 @@ func (gs Guards) Install(g HostGuard) error {
 // source made one that the pod's next datagram would answer); those the
 // pod opened stay, so that their answers, still on their way, are taken
 // for answers and not for connections made to it. A bridge's guard takes
-// whoever sends the pod a packet for someone who reached it: all go,
-// also the pod's, whose answers NAT would still bring to it. Not for a
+// whoever sends the pod a UDP datagram for someone who reached it: all
+// go, also the pod's, whose answers NAT would still bring to it. Not for a
 // veth guarded before its pod ran: it reads the node's whole table.
 func (gs Guards) ForgetConnections(g HostGuard) error {
 	family, err := guardFamily(g)
@@ -418,6 +420,7 @@ func addGuard(c *nftables.Conn, t *nftables.Table, maps []*nftables.Set, key str
 	}
 	if bridged {
 		to := c.AddChain(&nftables.Chain{Name: "to-" + key, Table: t})
+		inbound := map[bool]*nftables.Set{}
 		for _, is6 := range []bool{false, true} {
 			set := &nftables.Set{Table: t, Name: "inbound4-" + key, KeyType: nftables.TypeIPAddr, HasTimeout: true, Dynamic: true, Timeout: inboundTimeout, Size: 65536}
 			if is6 {
@@ -426,10 +429,30 @@ func addGuard(c *nftables.Conn, t *nftables.Table, maps []*nftables.Set, key str
 			if err := c.AddSet(set, nil); err != nil {
 				return err
 			}
-			remember := &expr.Dynset{SrcRegKey: 1, SetName: set.Name, SetID: set.ID, Operation: unix.NFT_DYNSET_OP_UPDATE, Timeout: inboundTimeout}
-			rule(to, ipFamily(is6), []expr.Any{nftexpr.LoadAddr(is6, true), remember})
+			inbound[is6] = set
 			rule(fromAddr, ipFamily(is6), []expr.Any{nftexpr.LoadAddr(is6, false), &expr.Lookup{SourceRegister: 1, SetName: set.Name, SetID: set.ID}, accept})
 		}
+		// remember the sender of what is sent to the pod, or, if known,
+		// keep it known.
+		remember := func(known bool) {
+			for is6, set := range inbound {
+				e := []expr.Any{nftexpr.LoadAddr(is6, true)}
+				if known {
+					e = append(e, &expr.Lookup{SourceRegister: 1, SetName: set.Name, SetID: set.ID})
+				}
+				rule(to, ipFamily(is6), append(e, &expr.Dynset{SrcRegKey: 1, SetName: set.Name, SetID: set.ID, Operation: unix.NFT_DYNSET_OP_UPDATE, Timeout: inboundTimeout}))
+			}
+		}
+		// Whoever the pod answers already stays known while they talk; an
+		// answer makes no one new known: a late answer to what the pod
+		// sent unguarded (an interface added to a running sandbox before
+		// its guard, the window of a `flush ruleset`) would open the way
+		// to whoever sent it, a server the pod's policy denies.
+		remember(true)
+		for _, a := range answers() {
+			rule(to, a, []expr.Any{&expr.Verdict{Kind: expr.VerdictReturn}})
+		}
+		remember(false)
 		if err := c.SetAddElements(maps[1], []nftables.SetElement{{Key: nftexpr.IfNameBytes(g.HostIf), VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: to.Name}}}); err != nil {
 			return err
 		}
@@ -448,6 +471,31 @@ func addGuard(c *nftables.Conn, t *nftables.Table, maps []*nftables.Set, key str
 	}
 	rule(fromAddr, []expr.Any{drop})
 	return c.SetAddElements(maps[0], []nftables.SetElement{{Key: nftexpr.IfNameBytes(g.HostIf), VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: from.Name}}})
+}
+
+// answers match what only answers something the pod sent: a TCP segment
+// other than a connection's first (a SYN without ACK), an echo reply, an
+// ICMP error. Stateless, as a bridge table sees no conntrack here.
+func answers() [][]expr.Any {
+	icmpType := func(proto, from, to byte) []expr.Any {
+		return nftexpr.Cat(nftexpr.L4(proto), []expr.Any{
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 1},
+			&expr.Range{Op: expr.CmpOpEq, Register: 1, FromData: []byte{from}, ToData: []byte{to}},
+		})
+	}
+	return [][]expr.Any{
+		nftexpr.Cat(nftexpr.L4(unix.IPPROTO_TCP), []expr.Any{
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 13, Len: 1}, // flags
+			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 1, Mask: []byte{0x12}, Xor: []byte{0}},
+			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{0x02}}, // SYN alone
+		}),
+		icmpType(unix.IPPROTO_ICMP, 0, 0),       // echo reply
+		icmpType(unix.IPPROTO_ICMP, 3, 5),       // unreachable, source quench, redirect
+		icmpType(unix.IPPROTO_ICMP, 11, 12),     // time exceeded, parameter problem
+		icmpType(unix.IPPROTO_ICMP, 14, 14),     // timestamp reply
+		icmpType(unix.IPPROTO_ICMPV6, 1, 4),     // errors
+		icmpType(unix.IPPROTO_ICMPV6, 129, 129), // echo reply
+	}
 }
 
 // addLinkChain adds what keeps a pod on a bridge from posing as another

@@ -306,6 +306,79 @@ func TestHostGuardForgetsWhatThePodOpenedBeforeIt(t *testing.T) {
 	}
 }
 
+// A late answer to what a pod sent before its guard (an interface added
+// to a running sandbox, the window after a `flush ruleset`) must not open
+// the way to whoever answered: any server, one the pod's policy denies
+// too, answers a SYN. Without NAT, as pods with routed addresses are.
+func TestALateAnswerOpensNoWayOut(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("needs root: namespaces, veths and nftables")
+	}
+	guards := Guards{Dir: t.TempDir()}
+	for _, bridged := range []bool{false, true} {
+		name := "routed veth"
+		if bridged {
+			name = "bridge port"
+		}
+		t.Run(name, func(t *testing.T) {
+			hostIf, _ := guardTopology(t, bridged)
+			// The remote host's answer waits until the pod is guarded.
+			run(t, remoteNS, "nft", "add table inet late; add chain inet late out { type filter hook output priority 0; }; add rule inet late out tcp sport 7777 drop")
+			start := func(netns string, args ...string) *exec.Cmd {
+				cmd := exec.Command("ip", append([]string{"netns", "exec", netns}, args...)...)
+				var out strings.Builder
+				cmd.Stdout = &out
+				if err := cmd.Start(); err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+				return cmd
+			}
+			until := func(what, netns string, ss ...string) {
+				for range 100 {
+					if out, _ := exec.Command("ip", append([]string{"netns", "exec", netns, "ss", "-Htn"}, ss...)...).Output(); len(out) > 0 {
+						return
+					}
+					time.Sleep(20 * time.Millisecond)
+				}
+				t.Fatalf("%s: not seen", what)
+			}
+			listen := start(remoteNS, "timeout", "8", "socat", "-u", "TCP-LISTEN:7777,reuseaddr", "-")
+			until("the remote host listening", remoteNS, "-l", "sport = :7777")
+			start(podNS, "sh", "-c", "echo late | timeout 8 socat -u - TCP:198.51.100.2:7777,sourceport=5560")
+			until("the pod's SYN at the remote host", remoteNS, "state", "syn-recv")
+			target, err := ns.GetNS("/run/netns/" + nodeNS)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer target.Close()
+			err = target.Do(func(ns.NetNS) error {
+				g := HostGuard{ID: "0123456789abcdef", HostIf: hostIf, Pod: []netip.Addr{netip.MustParseAddr("10.77.0.2")}}
+				if err := guards.Install(g); err != nil {
+					return err
+				}
+				return guards.ForgetConnections(g)
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { target.Do(func(ns.NetNS) error { return guards.Remove("0123456789abcdef") }) })
+			// The remote host sends its SYN-ACK again a second after the first.
+			run(t, remoteNS, "nft", "delete table inet late")
+			listen.Wait()
+			if strings.Contains(listen.Stdout.(*strings.Builder).String(), "late") {
+				t.Error("guarded, the pod talks with a remote host that answered, after its guard, a SYN it sent before")
+			}
+			// Whoever reaches it after is still answered, over TCP too.
+			start(podNS, "timeout", "5", "socat", "-u", "SYSTEM:echo answer", "TCP-LISTEN:9001,reuseaddr")
+			until("the pod listening", podNS, "-l", "sport = :9001")
+			if out, _ := exec.Command("ip", "netns", "exec", remoteNS, "timeout", "3", "socat", "-u", "TCP:10.77.0.2:9001", "-").Output(); !strings.Contains(string(out), "answer") {
+				t.Error("guarded, a remote host that connects to the pod gets no answer")
+			}
+		})
+	}
+}
+
 // A hold drops what the pod sends, in both families (its veth may stay
 // routed or become a bridge's port), until a guard takes its name; the
 // other family's goes at Release, and a hold whose interface is gone at

@@ -346,7 +346,7 @@ func TestInterfacesAddedToARunningContainer(t *testing.T) {
 	// and gives it an address before bringing it up: its guard must be
 	// the bridge's, naming that address, and what is written onto it as
 	// it comes up must not get out, nor open a way out for later (a
-	// bridge's guard lets the pod answer whoever sent it a packet, and a
+	// bridge's guard lets the pod answer whoever sent it a datagram, and a
 	// routed veth's whatever conntrack takes for an answer). A few frames
 	// may beat a hold (docs/containers.md): at most 1 in 100 here. The
 	// node tracks connections, as one with NAT, kube-proxy or a firewall
