@@ -432,10 +432,11 @@ func addGuard(c *nftables.Conn, t *nftables.Table, maps []*nftables.Set, key str
 			inbound[is6] = set
 			rule(fromAddr, ipFamily(is6), []expr.Any{nftexpr.LoadAddr(is6, false), &expr.Lookup{SourceRegister: 1, SetName: set.Name, SetID: set.ID}, accept})
 		}
-		// remember the sender of what is sent to the pod, or, if known,
-		// keep it known.
+		// remember makes the sender of what is sent to the pod known, or
+		// keeps it known if it is.
 		remember := func(known bool) {
-			for is6, set := range inbound {
+			for _, is6 := range []bool{false, true} {
+				set := inbound[is6]
 				e := []expr.Any{nftexpr.LoadAddr(is6, true)}
 				if known {
 					e = append(e, &expr.Lookup{SourceRegister: 1, SetName: set.Name, SetID: set.ID})

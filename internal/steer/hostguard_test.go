@@ -98,6 +98,38 @@ func guardTopology(t *testing.T, bridged bool) (hostIf, gatewayMAC string) {
 	return "hg-pod", strings.TrimSpace(string(mac))
 }
 
+// vethNode makes a node namespace, name, with a bridge, hg-br, and veths
+// whose other ends stay there too: hg-a and hg-e routed, hg-b and hg-c
+// the bridge's ports. in runs f in it.
+func vethNode(t *testing.T, name string) (in func(f func() error)) {
+	t.Helper()
+	exec.Command("ip", "netns", "del", name).Run()
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
+	for _, args := range [][]string{
+		{"netns", "add", name},
+		{"-n", name, "link", "add", "hg-br", "type", "bridge"},
+		{"-n", name, "link", "add", "hg-a", "type", "veth", "peer", "name", "hg-a-pod"},
+		{"-n", name, "link", "add", "hg-b", "master", "hg-br", "type", "veth", "peer", "name", "hg-b-pod"},
+		{"-n", name, "link", "add", "hg-c", "master", "hg-br", "type", "veth", "peer", "name", "hg-c-pod"},
+		{"-n", name, "link", "add", "hg-e", "type", "veth", "peer", "name", "hg-e-pod"},
+	} {
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+	}
+	target, err := ns.GetNS("/run/netns/" + name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { target.Close() })
+	return func(f func() error) {
+		t.Helper()
+		if err := target.Do(func(ns.NetNS) error { return f() }); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
 func run(t *testing.T, netns string, args ...string) {
 	t.Helper()
 	if out, err := exec.Command("ip", append([]string{"netns", "exec", netns}, args...)...).CombinedOutput(); err != nil {
@@ -324,15 +356,15 @@ func TestALateAnswerOpensNoWayOut(t *testing.T) {
 			hostIf, _ := guardTopology(t, bridged)
 			// The remote host's answer waits until the pod is guarded.
 			run(t, remoteNS, "nft", "add table inet late; add chain inet late out { type filter hook output priority 0; }; add rule inet late out tcp sport 7777 drop")
-			start := func(netns string, args ...string) *exec.Cmd {
+			start := func(netns string, args ...string) (*exec.Cmd, *strings.Builder) {
 				cmd := exec.Command("ip", append([]string{"netns", "exec", netns}, args...)...)
-				var out strings.Builder
-				cmd.Stdout = &out
+				out := &strings.Builder{}
+				cmd.Stdout = out
 				if err := cmd.Start(); err != nil {
 					t.Fatal(err)
 				}
 				t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-				return cmd
+				return cmd, out
 			}
 			until := func(what, netns string, ss ...string) {
 				for range 100 {
@@ -343,7 +375,7 @@ func TestALateAnswerOpensNoWayOut(t *testing.T) {
 				}
 				t.Fatalf("%s: not seen", what)
 			}
-			listen := start(remoteNS, "timeout", "8", "socat", "-u", "TCP-LISTEN:7777,reuseaddr", "-")
+			listen, heard := start(remoteNS, "timeout", "8", "socat", "-u", "TCP-LISTEN:7777,reuseaddr", "-")
 			until("the remote host listening", remoteNS, "-l", "sport = :7777")
 			start(podNS, "sh", "-c", "echo late | timeout 8 socat -u - TCP:198.51.100.2:7777,sourceport=5560")
 			until("the pod's SYN at the remote host", remoteNS, "state", "syn-recv")
@@ -366,7 +398,7 @@ func TestALateAnswerOpensNoWayOut(t *testing.T) {
 			// The remote host sends its SYN-ACK again a second after the first.
 			run(t, remoteNS, "nft", "delete table inet late")
 			listen.Wait()
-			if strings.Contains(listen.Stdout.(*strings.Builder).String(), "late") {
+			if strings.Contains(heard.String(), "late") {
 				t.Error("guarded, the pod talks with a remote host that answered, after its guard, a SYN it sent before")
 			}
 			// Whoever reaches it after is still answered, over TCP too.
@@ -511,32 +543,8 @@ func TestGuardsShareATablePerFamily(t *testing.T) {
 	if os.Getuid() != 0 {
 		t.Skip("needs root: namespaces, veths and nftables")
 	}
-	exec.Command("ip", "netns", "del", nodeNS).Run()
-	t.Cleanup(func() { exec.Command("ip", "netns", "del", nodeNS).Run() })
-	for _, args := range [][]string{
-		{"netns", "add", nodeNS},
-		{"-n", nodeNS, "link", "add", "hg-br", "type", "bridge"},
-		{"-n", nodeNS, "link", "add", "hg-a", "type", "veth", "peer", "name", "hg-a-pod"},
-		{"-n", nodeNS, "link", "add", "hg-b", "master", "hg-br", "type", "veth", "peer", "name", "hg-b-pod"},
-		{"-n", nodeNS, "link", "add", "hg-c", "master", "hg-br", "type", "veth", "peer", "name", "hg-c-pod"},
-		{"-n", nodeNS, "link", "add", "hg-e", "type", "veth", "peer", "name", "hg-e-pod"},
-	} {
-		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
-			t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
-		}
-	}
-	target, err := ns.GetNS("/run/netns/" + nodeNS)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer target.Close()
+	in := vethNode(t, nodeNS)
 	guards := Guards{Dir: t.TempDir()}
-	in := func(f func() error) {
-		t.Helper()
-		if err := target.Do(func(ns.NetNS) error { return f() }); err != nil {
-			t.Fatal(err)
-		}
-	}
 	tables := func() string {
 		out, _ := exec.Command("ip", "netns", "exec", nodeNS, "nft", "list", "tables").Output()
 		return strings.TrimSpace(string(out))
@@ -623,49 +631,21 @@ func TestAGuardAddedAgainIsNeverOff(t *testing.T) {
 	if os.Getuid() != 0 {
 		t.Skip("needs root: namespaces, veths and nftables")
 	}
-	exec.Command("ip", "netns", "del", nodeNS).Run()
-	t.Cleanup(func() { exec.Command("ip", "netns", "del", nodeNS).Run() })
-	for _, args := range [][]string{
-		{"netns", "add", nodeNS},
-		{"-n", nodeNS, "link", "add", "hg-br", "type", "bridge"},
-		{"-n", nodeNS, "link", "add", "hg-a", "type", "veth", "peer", "name", "hg-a-pod"},
-		{"-n", nodeNS, "link", "add", "hg-b", "master", "hg-br", "type", "veth", "peer", "name", "hg-b-pod"},
-	} {
-		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
-			t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
-		}
-	}
-	target, err := ns.GetNS("/run/netns/" + nodeNS)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer target.Close()
+	in := vethNode(t, nodeNS)
 	guards := Guards{Dir: t.TempDir()}
-	install := func(g HostGuard) {
-		t.Helper()
-		if err := target.Do(func(ns.NetNS) error { return guards.Install(g) }); err != nil {
-			t.Fatal(err)
-		}
-	}
 	for _, c := range []struct{ what, id, hostIf, family string }{
 		{"routed veth", "aaaaaaaaaaaa-1", "hg-a", "inet"},
 		{"bridge port", "bbbbbbbbbbbb-2", "hg-b", "bridge"},
 	} {
 		g := HostGuard{ID: c.id, HostIf: c.hostIf, MAC: "02:00:00:00:00:0b", Pod: []netip.Addr{netip.MustParseAddr("10.77.0.2")}}
-		install(g)
-		conn, err := nftables.New(nftables.WithNetNSFd(int(target.Fd())))
-		if err != nil {
-			t.Fatal(err)
-		}
+		in(func() error { return guards.Install(g) })
 		// Every object: the library filters out NEWGEN, and so every
-		// batch, for chains alone.
+		// batch, for chains alone (internal/nftwatch).
 		mon := nftables.NewMonitor()
-		events, err := conn.AddGenerationalMonitor(mon)
-		if err != nil {
-			t.Fatal(err)
-		}
+		var events chan *nftables.MonitorEvents
+		in(func() (err error) { events, err = (&nftables.Conn{}).AddGenerationalMonitor(mon); return err })
 		g.Pod = []netip.Addr{netip.MustParseAddr("10.77.0.3")}
-		install(g)
+		in(func() error { return guards.Install(g) })
 		chain := "from-" + g.key()
 		for seen, timeout := false, time.After(5*time.Second); !seen; {
 			select {
@@ -709,32 +689,8 @@ func TestGuardsComeBackAfterAFlush(t *testing.T) {
 		t.Skip("needs root: namespaces, veths and nftables")
 	}
 	const nodeNS = "cfhg-flush"
-	exec.Command("ip", "netns", "del", nodeNS).Run()
-	t.Cleanup(func() { exec.Command("ip", "netns", "del", nodeNS).Run() })
-	for _, args := range [][]string{
-		{"netns", "add", nodeNS},
-		{"-n", nodeNS, "link", "add", "hg-br", "type", "bridge"},
-		{"-n", nodeNS, "link", "add", "hg-a", "type", "veth", "peer", "name", "hg-a-pod"},
-		{"-n", nodeNS, "link", "add", "hg-b", "master", "hg-br", "type", "veth", "peer", "name", "hg-b-pod"},
-		{"-n", nodeNS, "link", "add", "hg-c", "master", "hg-br", "type", "veth", "peer", "name", "hg-c-pod"},
-		{"-n", nodeNS, "link", "add", "hg-e", "type", "veth", "peer", "name", "hg-e-pod"},
-	} {
-		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
-			t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
-		}
-	}
-	target, err := ns.GetNS("/run/netns/" + nodeNS)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer target.Close()
+	in := vethNode(t, nodeNS)
 	guards := Guards{Dir: t.TempDir()}
-	in := func(f func() error) {
-		t.Helper()
-		if err := target.Do(func(ns.NetNS) error { return f() }); err != nil {
-			t.Fatal(err)
-		}
-	}
 	nft := func(args ...string) string {
 		out, _ := exec.Command("ip", append([]string{"netns", "exec", nodeNS, "nft"}, args...)...).CombinedOutput()
 		return strings.TrimSpace(string(out))
