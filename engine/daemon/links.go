@@ -65,7 +65,8 @@ type addedLink struct {
 // that lands before such a plugin, which runs its IPAM plugin or
 // configures the host's end first, brings it up. Both race the runtime
 // and now and then lose by a few frames (docs/containers.md); the guard
-// then forgets the connections those made (Guards.ForgetConnections).
+// then forgets the connections those made (Guards.ForgetConnections)
+// and, on a bridge, learns no one from their answers (InstallLate).
 // Once the veth is up it is guarded as a hook guards one, with the
 // addresses its runtime gave it before bringing it up (docker, CNI
 // plugins), and its host's end is up again or the hold gone. Addresses
@@ -240,7 +241,7 @@ func (w *linkWatch) look() (again bool) {
 		}
 		if err == nil {
 			g.Port = name
-			err = guards.Install(g)
+			err = guards.InstallLate(g)
 		}
 		if err != nil {
 			if a.failed.IsZero() {

@@ -104,6 +104,18 @@ func (g HostGuard) key() string {
 // VRF) or with something that moves frames before netfilter cannot be
 // guarded: an error.
 func (gs Guards) Install(g HostGuard) error {
+	return gs.install(g, false)
+}
+
+// InstallLate installs g for a veth that may have carried frames before
+// (one added to a running sandbox, whose hold races its runtime): on a
+// bridge its guard learns no one new for answerGrace, in which answers
+// to those frames come (ForgetConnections deals with conntrack's).
+func (gs Guards) InstallLate(g HostGuard) error {
+	return gs.install(g, true)
+}
+
+func (gs Guards) install(g HostGuard, late bool) error {
 	family, err := guardFamily(g)
 	if err != nil {
 		return err
@@ -118,7 +130,7 @@ func (gs Guards) Install(g HostGuard) error {
 	if err := gs.record(g); err != nil {
 		return err
 	}
-	if err := install(family, g); err != nil {
+	if err := install(family, late, g); err != nil {
 		os.Remove(gs.recordPath(g.key()))
 		return err
 	}
@@ -202,9 +214,9 @@ func guardFamily(g HostGuard) (nftables.TableFamily, error) {
 }
 
 // install adds the guards' chains to the family's table in one
-// transaction (a Restore of a node's pods at once); the caller holds the
-// lock.
-func install(family nftables.TableFamily, guards ...HostGuard) error {
+// transaction (a Restore of a node's pods at once), as InstallLate's if
+// late; the caller holds the lock.
+func install(family nftables.TableFamily, late bool, guards ...HostGuard) error {
 	what := "the pods' veths"
 	if len(guards) == 1 {
 		what = guards[0].HostIf
@@ -231,11 +243,27 @@ func install(family nftables.TableFamily, guards ...HostGuard) error {
 		if err := addGuard(c, t, maps, g.key(), g); err != nil {
 			return err
 		}
+		if late && family == nftables.TableFamilyBridge {
+			if err := c.SetAddElements(youngSet(t), []nftables.SetElement{{Key: nftexpr.IfNameBytes(g.HostIf), Timeout: answerGrace}}); err != nil {
+				return err
+			}
+		}
 	}
 	if err := nftexpr.Flush(c); err != nil {
 		return fmt.Errorf("guarding %s on the host: %w", what, err)
 	}
 	return nil
+}
+
+// answerGrace is how long a bridge's guard installed late (InstallLate,
+// or put back after a `flush ruleset`) learns no one new: a UDP answer
+// to what its pod sent unguarded cannot be told from a datagram that
+// reaches it first, but comes within a round trip.
+const answerGrace = 2 * time.Second
+
+// youngSet names the bridge ports whose guards learn no one yet.
+func youngSet(t *nftables.Table) *nftables.Set {
+	return &nftables.Set{Table: t, Name: "young", KeyType: nftables.TypeIFName, KeyByteOrder: binaryutil.NativeEndian, HasTimeout: true}
 }
 
 // largeBuffers lets a transaction of many pods' guards through: the
@@ -453,6 +481,15 @@ func addGuard(c *nftables.Conn, t *nftables.Table, maps []*nftables.Set, key str
 		for _, a := range answers() {
 			rule(to, a, []expr.Any{&expr.Verdict{Kind: expr.VerdictReturn}})
 		}
+		young := youngSet(t)
+		if err := c.AddSet(young, nil); err != nil { // with the table's first bridged guard; after, a no-op
+			return err
+		}
+		rule(to, []expr.Any{
+			&expr.Meta{Key: expr.MetaKeyOIFNAME, Register: 1},
+			&expr.Lookup{SourceRegister: 1, SetName: young.Name, SetID: young.ID},
+			&expr.Verdict{Kind: expr.VerdictReturn},
+		})
 		remember(false)
 		if err := c.SetAddElements(maps[1], []nftables.SetElement{{Key: nftexpr.IfNameBytes(g.HostIf), VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: to.Name}}}); err != nil {
 			return err
@@ -1051,14 +1088,14 @@ func (gs Guards) Restore() (restored []string, err error) {
 		for rest := missing[family]; len(rest) > 0; {
 			batch := rest[:min(len(rest), batchSize)]
 			rest = rest[len(batch):]
-			if len(batch) > 1 && install(family, batch...) == nil {
+			if len(batch) > 1 && install(family, true, batch...) == nil {
 				for _, g := range batch {
 					restored = append(restored, g.key())
 				}
 				continue
 			}
 			for _, g := range batch {
-				if err := install(family, g); err != nil {
+				if err := install(family, true, g); err != nil {
 					errs = append(errs, fmt.Errorf("putting back the guard of pod %s: %w", g.key(), err))
 					continue
 				}

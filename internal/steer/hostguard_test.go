@@ -341,7 +341,8 @@ func TestHostGuardForgetsWhatThePodOpenedBeforeIt(t *testing.T) {
 // A late answer to what a pod sent before its guard (an interface added
 // to a running sandbox, the window after a `flush ruleset`) must not open
 // the way to whoever answered: any server, one the pod's policy denies
-// too, answers a SYN. Without NAT, as pods with routed addresses are.
+// too, answers a SYN or a query. Without NAT, as pods with routed
+// addresses are.
 func TestALateAnswerOpensNoWayOut(t *testing.T) {
 	if os.Getuid() != 0 {
 		t.Skip("needs root: namespaces, veths and nftables")
@@ -375,10 +376,12 @@ func TestALateAnswerOpensNoWayOut(t *testing.T) {
 				}
 				t.Fatalf("%s: not seen", what)
 			}
-			listen, heard := start(remoteNS, "timeout", "8", "socat", "-u", "TCP-LISTEN:7777,reuseaddr", "-")
+			// The remote host sends its SYN-ACK again 1, 3, 7 and 15 s after the pod's SYN.
+			listen, heard := start(remoteNS, "timeout", "20", "socat", "-u", "TCP-LISTEN:7777,reuseaddr", "-")
 			until("the remote host listening", remoteNS, "-l", "sport = :7777")
-			start(podNS, "sh", "-c", "echo late | timeout 8 socat -u - TCP:198.51.100.2:7777,sourceport=5560")
+			start(podNS, "sh", "-c", "echo late | timeout 20 socat -u - TCP:198.51.100.2:7777,sourceport=5560")
 			until("the pod's SYN at the remote host", remoteNS, "state", "syn-recv")
+			run(t, podNS, "sh", "-c", "echo late | socat -u - UDP:198.51.100.2:8,sourceport=5561")
 			target, err := ns.GetNS("/run/netns/" + nodeNS)
 			if err != nil {
 				t.Fatal(err)
@@ -386,7 +389,7 @@ func TestALateAnswerOpensNoWayOut(t *testing.T) {
 			defer target.Close()
 			err = target.Do(func(ns.NetNS) error {
 				g := HostGuard{ID: "0123456789abcdef", HostIf: hostIf, Pod: []netip.Addr{netip.MustParseAddr("10.77.0.2")}}
-				if err := guards.Install(g); err != nil {
+				if err := guards.InstallLate(g); err != nil {
 					return err
 				}
 				return guards.ForgetConnections(g)
@@ -394,8 +397,19 @@ func TestALateAnswerOpensNoWayOut(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
+			guarded := time.Now()
 			t.Cleanup(func() { target.Do(func(ns.NetNS) error { return guards.Remove("0123456789abcdef") }) })
-			// The remote host sends its SYN-ACK again a second after the first.
+			// A UDP answer cannot be told from a datagram that reaches the
+			// pod first, but comes before a late guard learns anyone. (A
+			// routed veth's guard asks conntrack, which here tracked nothing
+			// before the guard: TestHostGuardForgetsWhatThePodOpenedBeforeIt.)
+			run(t, remoteNS, "sh", "-c", "echo answer | socat -u - UDP:10.77.0.2:5561,sourceport=8")
+			serve(t, remoteNS, "8")
+			if bridged && echoed(podNS, "198.51.100.2:8", "5561") {
+				t.Error("guarded, the pod talks with a remote host that answered, after its guard, a datagram it sent before")
+			}
+			// A TCP answer is told as one, also once the guard learns again.
+			time.Sleep(time.Until(guarded.Add(answerGrace)))
 			run(t, remoteNS, "nft", "delete table inet late")
 			listen.Wait()
 			if strings.Contains(heard.String(), "late") {
