@@ -239,6 +239,11 @@ func (w *linkWatch) look() (again bool) {
 			w.known[index] = true // to another namespace, not the host's
 			continue
 		}
+		if err == nil && a.held == nil && a.holding == "" && !a.inherited && a.failed.IsZero() {
+			// Its host's end was not found at first sight: it carried
+			// frames unheld until now (CI saw a flood pass once).
+			logf("sandbox %s: interface %s was added to its namespace and came up before it was held (its host's end %s was not found at first sight)", id, name, g.HostIf)
+		}
 		if err == nil {
 			g.Port = name
 			err = guards.InstallLate(g)

@@ -312,7 +312,7 @@ func TestInterfacesAddedToARunningContainer(t *testing.T) {
 	})
 	t.Logf("docker network connect's veth: %d of %d raw frames arrived", arrived, sent)
 	if sent == 0 || arrived > sent/100 {
-		t.Errorf("raw frames written onto a network's interface as it was connected to a sandboxed container: %d arrived of %d", arrived, sent)
+		t.Errorf("raw frames written onto a network's interface as it was connected to a sandboxed container: %d arrived of %d\ndaemon log:\n%s", arrived, sent, n.log)
 	}
 	ip2 := strings.TrimSpace(d.run(t, "inspect", "-f", "{{.NetworkSettings.Networks.proj2.IPAddress}}", id).stdout)
 	gw2 := strings.TrimSpace(d.run(t, "network", "inspect", "-f", "{{(index .IPAM.Config 0).Gateway}}", "proj2").stdout)
