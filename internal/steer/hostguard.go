@@ -371,6 +371,12 @@ func guardTable(c *nftables.Conn, family nftables.TableFamily) (*nftables.Table,
 			&expr.Lookup{SourceRegister: 1, SetName: m.Name, SetID: m.ID, IsDestRegSet: true, DestRegister: 0},
 		}})
 	}
+	if family == nftables.TableFamilyBridge {
+		// A no-op where the table has it; a table made before it has not.
+		if err := c.AddSet(youngSet(t), nil); err != nil {
+			return nil, nil, err
+		}
+	}
 	var maps []*nftables.Set
 	for _, name := range guardMapNames(family) {
 		if exists {
@@ -481,13 +487,9 @@ func addGuard(c *nftables.Conn, t *nftables.Table, maps []*nftables.Set, key str
 		for _, a := range answers() {
 			rule(to, a, []expr.Any{&expr.Verdict{Kind: expr.VerdictReturn}})
 		}
-		young := youngSet(t)
-		if err := c.AddSet(young, nil); err != nil { // with the table's first bridged guard; after, a no-op
-			return err
-		}
 		rule(to, []expr.Any{
 			&expr.Meta{Key: expr.MetaKeyOIFNAME, Register: 1},
-			&expr.Lookup{SourceRegister: 1, SetName: young.Name, SetID: young.ID},
+			&expr.Lookup{SourceRegister: 1, SetName: youngSet(t).Name},
 			&expr.Verdict{Kind: expr.VerdictReturn},
 		})
 		remember(false)

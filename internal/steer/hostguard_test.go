@@ -145,14 +145,19 @@ func serve(t *testing.T, netns, port string) {
 	}
 	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
 	// Until it listens, a datagram not echoed would prove nothing.
+	until(t, "a UDP echo listening on port "+port+" in "+netns, netns, "-lun", "sport = :"+port)
+}
+
+// until waits for ss, run in netns with args, to list a socket.
+func until(t *testing.T, what, netns string, args ...string) {
+	t.Helper()
 	for range 100 {
-		out, _ := exec.Command("ip", "netns", "exec", netns, "ss", "-Hlun", "sport = :"+port).Output()
-		if len(out) > 0 {
+		if out, _ := exec.Command("ip", append([]string{"netns", "exec", netns, "ss", "-H"}, args...)...).Output(); len(out) > 0 {
 			return
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	t.Fatalf("no UDP echo listening on port %s in %s", port, netns)
+	t.Fatalf("%s: not seen", what)
 }
 
 // echoed reports whether a UDP datagram from netns to addr came back.
@@ -367,20 +372,11 @@ func TestALateAnswerOpensNoWayOut(t *testing.T) {
 				t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
 				return cmd, out
 			}
-			until := func(what, netns string, ss ...string) {
-				for range 100 {
-					if out, _ := exec.Command("ip", append([]string{"netns", "exec", netns, "ss", "-Htn"}, ss...)...).Output(); len(out) > 0 {
-						return
-					}
-					time.Sleep(20 * time.Millisecond)
-				}
-				t.Fatalf("%s: not seen", what)
-			}
 			// The remote host sends its SYN-ACK again 1, 3, 7 and 15 s after the pod's SYN.
 			listen, heard := start(remoteNS, "timeout", "20", "socat", "-u", "TCP-LISTEN:7777,reuseaddr", "-")
-			until("the remote host listening", remoteNS, "-l", "sport = :7777")
+			until(t, "the remote host listening", remoteNS, "-ltn", "sport = :7777")
 			start(podNS, "sh", "-c", "echo late | timeout 20 socat -u - TCP:198.51.100.2:7777,sourceport=5560")
-			until("the pod's SYN at the remote host", remoteNS, "state", "syn-recv")
+			until(t, "the pod's SYN at the remote host", remoteNS, "-tn", "state", "syn-recv")
 			run(t, podNS, "sh", "-c", "echo late | socat -u - UDP:198.51.100.2:8,sourceport=5561")
 			target, err := ns.GetNS("/run/netns/" + nodeNS)
 			if err != nil {
@@ -417,7 +413,7 @@ func TestALateAnswerOpensNoWayOut(t *testing.T) {
 			}
 			// Whoever reaches it after is still answered, over TCP too.
 			start(podNS, "timeout", "5", "socat", "-u", "SYSTEM:echo answer", "TCP-LISTEN:9001,reuseaddr")
-			until("the pod listening", podNS, "-l", "sport = :9001")
+			until(t, "the pod listening", podNS, "-ltn", "sport = :9001")
 			if out, _ := exec.Command("ip", "netns", "exec", remoteNS, "timeout", "3", "socat", "-u", "TCP:10.77.0.2:9001", "-").Output(); !strings.Contains(string(out), "answer") {
 				t.Error("guarded, a remote host that connects to the pod gets no answer")
 			}
