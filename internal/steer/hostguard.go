@@ -478,6 +478,27 @@ func addGuard(c *nftables.Conn, t *nftables.Table, maps []*nftables.Set, key str
 				rule(to, ipFamily(is6), append(e, &expr.Dynset{SrcRegKey: 1, SetName: set.Name, SetID: set.ID, Operation: unix.NFT_DYNSET_OP_UPDATE, Timeout: inboundTimeout}))
 			}
 		}
+		// Only what is sent to the pod's own addresses: a bridge floods
+		// to every port what it sends to a MAC address it has not learned
+		// (a neighbour whose entry outlived the bridge's), to broadcast
+		// and to multicast, and whoever sent that reached someone else.
+		for _, is6 := range []bool{false, true} {
+			var mine []netip.Addr
+			for _, a := range g.Pod {
+				if a.Is6() == is6 {
+					mine = append(mine, a)
+				}
+			}
+			toOthers := ipFamily(is6)
+			if len(mine) > 0 {
+				lookup, err := notIn(c, t, is6, mine)
+				if err != nil {
+					return err
+				}
+				toOthers = nftexpr.Cat(toOthers, []expr.Any{nftexpr.LoadAddr(is6, false)}, lookup)
+			}
+			rule(to, toOthers, []expr.Any{&expr.Verdict{Kind: expr.VerdictReturn}})
+		}
 		// Whoever the pod answers already stays known while they talk; an
 		// answer makes no one new known: a late answer to what the pod
 		// sent unguarded (an interface added to a running sandbox before
@@ -572,21 +593,6 @@ func addLinkChain(c *nftables.Conn, t *nftables.Table, links *nftables.Set, key 
 	is := func(b ...byte) []expr.Any {
 		return []expr.Any{&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: b}}
 	}
-	// notIn matches what register 1 holds when none of addrs is it.
-	notIn := func(is6 bool, addrs []netip.Addr) ([]expr.Any, error) {
-		set := &nftables.Set{Table: t, Anonymous: true, Constant: true, KeyType: nftables.TypeIPAddr}
-		if is6 {
-			set.KeyType = nftables.TypeIP6Addr
-		}
-		var elems []nftables.SetElement
-		for _, a := range addrs {
-			elems = append(elems, nftables.SetElement{Key: a.AsSlice()})
-		}
-		if err := c.AddSet(set, elems); err != nil {
-			return nil, err
-		}
-		return []expr.Any{&expr.Lookup{SourceRegister: 1, SetName: set.Name, SetID: set.ID, Invert: true}}, nil
-	}
 	v4, v6 := []netip.Addr{netip.IPv4Unspecified()}, append([]netip.Addr{}, g.LinkLocal...)
 	for _, a := range g.Pod {
 		if a.Is4() {
@@ -610,7 +616,7 @@ func addLinkChain(c *nftables.Conn, t *nftables.Table, links *nftables.Set, key 
 		rule(arp, load(expr.PayloadBaseNetworkHeader, f.offset, uint32(len(f.want))), differs(f.want))
 	}
 	rule(arp, load(expr.PayloadBaseNetworkHeader, 8, 6), differs(mac))
-	sender, err := notIn(false, v4)
+	sender, err := notIn(c, t, false, v4)
 	if err != nil {
 		return err
 	}
@@ -624,7 +630,7 @@ func addLinkChain(c *nftables.Conn, t *nftables.Table, links *nftables.Set, key 
 	rule(icmp6, icmp6Type, is(137)) // redirect
 	// Neighbour discovery from the pod's addresses, or none (duplicate
 	// address detection), and advertising only them.
-	source, err := notIn(true, append(v6, netip.IPv6Unspecified()))
+	source, err := notIn(c, t, true, append(v6, netip.IPv6Unspecified()))
 	if err != nil {
 		return err
 	}
@@ -632,7 +638,7 @@ func addLinkChain(c *nftables.Conn, t *nftables.Table, links *nftables.Set, key 
 		[]expr.Any{nftexpr.LoadAddr(true, true)}, source)
 	advertised := []expr.Any{}
 	if len(v6) > 0 {
-		if advertised, err = notIn(true, v6); err != nil {
+		if advertised, err = notIn(c, t, true, v6); err != nil {
 			return err
 		}
 	}
@@ -648,6 +654,23 @@ func addLinkChain(c *nftables.Conn, t *nftables.Table, links *nftables.Set, key 
 		rule(icmp6, icmp6Type, is(m.typ), specified, load(expr.PayloadBaseTransportHeader, m.offset, 8), differs(append([]byte{m.option, 1}, mac...)))
 	}
 	return c.SetAddElements(links, []nftables.SetElement{{Key: nftexpr.IfNameBytes(g.HostIf), VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: link.Name}}})
+}
+
+// notIn matches what register 1 holds when none of addrs (one family's,
+// at least one) is it.
+func notIn(c *nftables.Conn, t *nftables.Table, is6 bool, addrs []netip.Addr) ([]expr.Any, error) {
+	set := &nftables.Set{Table: t, Anonymous: true, Constant: true, KeyType: nftables.TypeIPAddr}
+	if is6 {
+		set.KeyType = nftables.TypeIP6Addr
+	}
+	var elems []nftables.SetElement
+	for _, a := range addrs {
+		elems = append(elems, nftables.SetElement{Key: a.AsSlice()})
+	}
+	if err := c.AddSet(set, elems); err != nil {
+		return nil, err
+	}
+	return []expr.Any{&expr.Lookup{SourceRegister: 1, SetName: set.Name, SetID: set.ID, Invert: true}}, nil
 }
 
 // chainNames lists the chains of the family's guard table.

@@ -421,6 +421,60 @@ func TestALateAnswerOpensNoWayOut(t *testing.T) {
 	}
 }
 
+// What a bridge floods to every port (a frame to a MAC address it has not
+// learned, as the node sends one to a neighbour whose entry outlived the
+// bridge's, or to broadcast or multicast) reaches a bridged pod's port
+// though it was sent to another: its sender reached someone else, not
+// the pod, and must not become one the pod may talk with.
+func TestOnlyWhatIsSentToThePodMakesItsSenderKnown(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("needs root: namespaces, a bridge and nftables")
+	}
+	hostIf, _ := guardTopology(t, true)
+	target, err := ns.GetNS("/run/netns/" + nodeNS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer target.Close()
+	guards := Guards{Dir: t.TempDir()}
+	pod := []netip.Addr{netip.MustParseAddr("10.77.0.2"), netip.MustParseAddr("fd77::2")}
+	if err := target.Do(func(ns.NetNS) error {
+		return guards.Install(HostGuard{ID: "0123456789abcdef", HostIf: hostIf, Pod: pod})
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { target.Do(func(ns.NetNS) error { return guards.Remove("0123456789abcdef") }) })
+	// The node's neighbours 10.77.0.3 and fd77::3 have a MAC address the
+	// bridge has never seen: what it routes to them is flooded.
+	for _, a := range []string{"10.77.0.3", "fd77::3"} {
+		run(t, nodeNS, "ip", "neigh", "replace", a, "lladdr", "02:00:00:00:77:03", "dev", "hg-br", "nud", "permanent")
+	}
+	// A counter at the pod shows the flood arrives at its port.
+	run(t, podNS, "nft", "add table netdev flood; add chain netdev flood in { type filter hook ingress device eth0 priority 0; }; add rule netdev flood in udp dport 9999 counter")
+	flooded := func() string {
+		out, _ := exec.Command("ip", "netns", "exec", podNS, "nft", "list", "chain", "netdev", "flood", "in").Output()
+		return string(out)
+	}
+	for _, v := range []struct{ remote, other, mine string }{
+		{"198.51.100.2:7", "10.77.0.3:9999", "10.77.0.2:9000"},
+		{"[2001:db8:77::2]:7", "[fd77::3]:9999", "[fd77::2]:9000"},
+	} {
+		run(t, remoteNS, "sh", "-c", "echo flood | socat -u - UDP:"+v.other)
+		if strings.Contains(flooded(), "packets 0 ") {
+			t.Fatalf("the datagram to %s did not reach the pod's port: %s", v.other, flooded())
+		}
+		run(t, podNS, "nft", "reset counters table netdev flood")
+		if echoed(podNS, v.remote, "") {
+			t.Errorf("the pod talks with a remote host that sent a datagram to another address (%s) on its bridge", v.other)
+		}
+		// A datagram sent to the pod makes its sender known.
+		run(t, remoteNS, "sh", "-c", "echo hello | socat -u - UDP:"+v.mine)
+		if !echoed(podNS, v.remote, "") {
+			t.Errorf("the pod cannot answer a remote host that sent it a datagram (%s)", v.mine)
+		}
+	}
+}
+
 // A hold drops what the pod sends, in both families (its veth may stay
 // routed or become a bridge's port), until a guard takes its name; the
 // other family's goes at Release, and a hold whose interface is gone at
