@@ -98,11 +98,11 @@ func (g HostGuard) key() string {
 // bridge, so the frames are filtered by port in a bridge table, which
 // sees conntrack only with a module not every kernel has
 // (nf_conntrack_bridge), and remembers instead for an hour every address
-// that sent the pod a packet other than an answer (answers: TCP but a
-// SYN, echo replies, ICMP errors; a UDP datagram cannot be told from
-// one). A veth on any other master (Open vSwitch, a
-// VRF) or with something that moves frames before netfilter cannot be
-// guarded: an error.
+// that sent one of the pod's addresses a packet other than an answer
+// (answers: TCP but a SYN, echo replies, ICMP errors, fragments but the
+// first; a UDP datagram cannot be told from one). A veth on any other
+// master (Open vSwitch, a VRF) or with something that moves frames
+// before netfilter cannot be guarded: an error.
 func (gs Guards) Install(g HostGuard) error {
 	return gs.install(g, false)
 }
@@ -505,7 +505,7 @@ func addGuard(c *nftables.Conn, t *nftables.Table, maps []*nftables.Set, key str
 		// its guard, the window of a `flush ruleset`) would open the way
 		// to whoever sent it, a server the pod's policy denies.
 		remember(true)
-		for _, a := range answers() {
+		for _, a := range answers(ipFamily) {
 			rule(to, a, []expr.Any{&expr.Verdict{Kind: expr.VerdictReturn}})
 		}
 		rule(to, []expr.Any{
@@ -536,8 +536,10 @@ func addGuard(c *nftables.Conn, t *nftables.Table, maps []*nftables.Set, key str
 
 // answers match what only answers something the pod sent: a TCP segment
 // other than a connection's first (a SYN without ACK), an echo reply, an
-// ICMP error. Stateless, as a bridge table sees no conntrack here.
-func answers() [][]expr.Any {
+// ICMP error. Stateless, as a bridge table sees no conntrack here. A
+// fragment but the first carries no header to tell: it counts as one, as
+// what reaches the pod first in fragments is known by its first.
+func answers(ipFamily func(is6 bool) []expr.Any) [][]expr.Any {
 	icmpType := func(proto, from, to byte) []expr.Any {
 		return nftexpr.Cat(nftexpr.L4(proto), []expr.Any{
 			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 1},
@@ -556,6 +558,16 @@ func answers() [][]expr.Any {
 		icmpType(unix.IPPROTO_ICMP, 14, 14),     // timestamp reply
 		icmpType(unix.IPPROTO_ICMPV6, 1, 4),     // errors
 		icmpType(unix.IPPROTO_ICMPV6, 129, 129), // echo reply
+		nftexpr.Cat(ipFamily(false), []expr.Any{
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 6, Len: 2},
+			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 2, Mask: []byte{0x1f, 0xff}, Xor: []byte{0, 0}},
+			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{0, 0}}, // a fragment's offset
+		}),
+		nftexpr.Cat(ipFamily(true), []expr.Any{
+			&expr.Exthdr{Op: expr.ExthdrOpIpv6, Type: unix.IPPROTO_FRAGMENT, Offset: 2, Len: 2, DestRegister: 1},
+			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 2, Mask: []byte{0xff, 0xf8}, Xor: []byte{0, 0}},
+			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{0, 0}},
+		}),
 	}
 }
 

@@ -475,6 +475,63 @@ func TestOnlyWhatIsSentToThePodMakesItsSenderKnown(t *testing.T) {
 	}
 }
 
+// An answer too large for the link comes in fragments, and only the first
+// carries the header that tells it for an answer: the others must not
+// make its sender known either.
+func TestFragmentsOfAnAnswerMakeNoOneKnown(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("needs root: namespaces, a bridge and nftables")
+	}
+	hostIf, _ := guardTopology(t, true)
+	target, err := ns.GetNS("/run/netns/" + nodeNS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer target.Close()
+	guards := Guards{Dir: t.TempDir()}
+	pod := []netip.Addr{netip.MustParseAddr("10.77.0.2"), netip.MustParseAddr("fd77::2")}
+	if err := target.Do(func(ns.NetNS) error {
+		return guards.Install(HostGuard{ID: "0123456789abcdef", HostIf: hostIf, Pod: pod})
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { target.Do(func(ns.NetNS) error { return guards.Remove("0123456789abcdef") }) })
+	run(t, podNS, "nft", "add table netdev frags; add chain netdev frags in { type filter hook ingress device eth0 priority 0; }; add rule netdev frags in ip frag-off & 0x1fff != 0 counter; add rule netdev frags in frag frag-off != 0 counter")
+	fragments := func() string {
+		out, _ := exec.Command("ip", "netns", "exec", podNS, "nft", "list", "chain", "netdev", "frags", "in").Output()
+		return string(out)
+	}
+	// The remote host's echo reply of 4000 bytes to a ping the pod sent
+	// before its guard (as if it had), in fragments.
+	const reply = `import socket, sys
+dst = sys.argv[1]
+six = ':' in dst
+s = socket.socket(socket.AF_INET6 if six else socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMPV6 if six else socket.IPPROTO_ICMP)
+m = bytearray([129 if six else 0, 0, 0, 0, 0x12, 0x34, 0, 1]) + b'x' * 4000
+if not six:
+    c = sum((m[i] << 8) + m[i + 1] for i in range(0, len(m), 2))
+    while c >> 16:
+        c = (c & 0xffff) + (c >> 16)
+    m[2:4] = (~c & 0xffff).to_bytes(2, 'big')
+s.sendto(bytes(m), (dst, 0))
+`
+	for _, v := range []struct{ pod, remote string }{{"10.77.0.2", "198.51.100.2:7"}, {"fd77::2", "[2001:db8:77::2]:7"}} {
+		run(t, podNS, "nft", "reset counters table netdev frags")
+		run(t, remoteNS, "python3", "-c", reply, v.pod)
+		if !strings.Contains(fragments(), "packets 2 ") {
+			t.Fatalf("the answer to %s did not come in fragments: %s", v.pod, fragments())
+		}
+		if echoed(podNS, v.remote, "") {
+			t.Errorf("the pod talks with a remote host whose answer came to %s in fragments", v.pod)
+		}
+		// A datagram in fragments is known by its first.
+		run(t, remoteNS, "python3", "-c", "import socket, sys; a = socket.getaddrinfo(sys.argv[1], 9000, type=socket.SOCK_DGRAM)[0]; socket.socket(a[0], socket.SOCK_DGRAM).sendto(b'x' * 4000, a[4])", v.pod)
+		if !echoed(podNS, v.remote, "") {
+			t.Errorf("the pod cannot answer a remote host that sent %s a datagram in fragments", v.pod)
+		}
+	}
+}
+
 // A hold drops what the pod sends, in both families (its veth may stay
 // routed or become a bridge's port), until a guard takes its name; the
 // other family's goes at Release, and a hold whose interface is gone at
