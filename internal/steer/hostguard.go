@@ -231,12 +231,19 @@ func install(family nftables.TableFamily, late bool, guards ...HostGuard) error 
 	}
 	chains := chainNames(c, family)
 	held := heldNames(c, maps[0])
+	// A pod added again may have had a veth of the other kind.
+	other := &nftables.Table{Family: nftables.TableFamilyBridge, Name: GuardTable}
+	if family == nftables.TableFamilyBridge {
+		other.Family = nftables.TableFamilyINet
+	}
+	otherChains := chainNames(c, other.Family)
 	for _, g := range guards {
 		// A pod added again: its old chains go in the transaction that
 		// adds its new ones, so that its veth is never unguarded between.
 		if old, ok := removeChains(c, t, chains, g.key()); ok {
 			delete(held, string(old))
 		}
+		removeChains(c, other, otherChains, g.key())
 		if held[string(nftexpr.IfNameBytes(g.HostIf))] {
 			takeName(c, t, maps, g.HostIf)
 		}

@@ -797,6 +797,23 @@ func TestAGuardAddedAgainIsNeverOff(t *testing.T) {
 			t.Errorf("%s: the map after the guard was added again:\n%s", c.what, out)
 		}
 	}
+	// Added again on a veth of the other kind (its plugin changed): its
+	// old chains go from the other family's table.
+	g := HostGuard{ID: "aaaaaaaaaaaa-1", HostIf: "hg-c", MAC: "02:00:00:00:00:0c", Pod: []netip.Addr{netip.MustParseAddr("10.77.0.4")}}
+	in(func() error { return guards.Install(g) })
+	out, _ := exec.Command("ip", "netns", "exec", nodeNS, "nft", "list", "table", "inet", GuardTable).Output()
+	if strings.Contains(string(out), g.key()) || strings.Contains(string(out), `"hg-a"`) {
+		t.Errorf("a routed veth's guard added again as a bridge port's is left in the inet table:\n%s", out)
+	}
+	if !hasChain(t, nodeNS, "bridge", "from-"+g.key()) {
+		t.Error("a routed veth's guard added again as a bridge port's is not in the bridge table")
+	}
+}
+
+// hasChain says whether the family's guard table in netns has chain.
+func hasChain(t *testing.T, netns, family, chain string) bool {
+	t.Helper()
+	return exec.Command("ip", "netns", "exec", netns, "nft", "list", "chain", family, GuardTable, chain).Run() == nil
 }
 
 // TestGuardsComeBackAfterAFlush: a `flush ruleset` takes the guards'
