@@ -2,10 +2,20 @@ package daemon
 
 import (
 	"strings"
+	"sync/atomic"
+	"time"
 
 	"github.com/childflow/childflow/internal/nftwatch"
 	"github.com/childflow/childflow/internal/steer"
 )
+
+// snapshotEvery paces the snapshots of what the bridge ports' guards
+// know, which a guard put back is given: a host heard from first in the
+// last snapshotEvery before a flush is forgotten (the pod's side of its
+// connections is cut until it sends the pod something but an answer).
+// A snapshot of 100 bridged pods' guards knowing 5000 hosts took 37 ms
+// of CPU here (a netlink dump per set).
+const snapshotEvery = 10 * time.Second
 
 // keepGuards puts back the host guards childflow-cni installed for the
 // node's pods whenever they go: a `flush ruleset` (a restart of
@@ -15,8 +25,23 @@ import (
 // reports that.
 func (d *Daemon) keepGuards(w *nftwatch.Watcher) {
 	guards := steer.Guards{Dir: d.cfg.StateDir}
+	var snapshot atomic.Pointer[steer.Snapshot]
+	go func() {
+		tick := time.NewTicker(snapshotEvery)
+		defer tick.Stop()
+		for {
+			if s := guards.Snapshot(); s != nil { // nil: the tables are gone
+				snapshot.Store(s)
+			}
+			select {
+			case <-d.ctx.Done():
+				return
+			case <-tick.C:
+			}
+		}
+	}()
 	restore := func() {
-		restored, err := guards.Restore()
+		restored, err := guards.Restore(snapshot.Load())
 		if len(restored) > 0 {
 			d.cfg.Logf("host guards of %d pod(s) were deleted (a flush ruleset?): put back (%s)", len(restored), strings.Join(restored, ", "))
 		}

@@ -1,6 +1,7 @@
 package steer
 
 import (
+	"cmp"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
@@ -9,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 	"unsafe"
@@ -46,6 +48,9 @@ type HostGuard struct {
 	// MAC address and, in neighbour discovery, its link-local addresses.
 	MAC       string       `json:",omitempty"`
 	LinkLocal []netip.Addr `json:",omitempty"`
+	// known: on a bridge port, the hosts its guard starts knowing
+	// (Restore's, from a Snapshot).
+	known []knownHost
 }
 
 // Guards are the host guards of one node, in two tables shared by all
@@ -467,7 +472,13 @@ func addGuard(c *nftables.Conn, t *nftables.Table, maps []*nftables.Set, key str
 			if is6 {
 				set.Name, set.KeyType = "inbound6-"+key, nftables.TypeIP6Addr
 			}
-			if err := c.AddSet(set, nil); err != nil {
+			var known []nftables.SetElement
+			for _, h := range g.known {
+				if h.addr.Is6() == is6 {
+					known = append(known, nftables.SetElement{Key: h.addr.AsSlice(), Timeout: h.left})
+				}
+			}
+			if err := c.AddSet(set, known); err != nil {
 				return err
 			}
 			inbound[is6] = set
@@ -1073,8 +1084,9 @@ func (gs Guards) record(g HostGuard) error {
 // `flush ruleset` takes the tables) and says whose it put back. A
 // guard whose veth is gone goes (its pod went without DEL), also where
 // another veth has its name now; one that cannot be put back is an
-// error naming it.
-func (gs Guards) Restore() (restored []string, err error) {
+// error naming it. A bridge port's guard put back knows whom it knew in
+// snapshot (nil: no one), for as long as it would have.
+func (gs Guards) Restore(snapshot *Snapshot) (restored []string, err error) {
 	dir := filepath.Join(gs.Dir, "guards")
 	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
 		return nil, nil // no pod was ever guarded here
@@ -1123,6 +1135,11 @@ func (gs Guards) Restore() (restored []string, err error) {
 		}
 		missing[family] = append(missing[family], g)
 	}
+	// What a bridge port's guard knew went with the flush.
+	bridged := missing[nftables.TableFamilyBridge]
+	for i := range bridged {
+		bridged[i].known = snapshot.of(bridged[i].key())
+	}
 	// A family's guards a batch per transaction: one at a time, a node's
 	// hundredth pod waited ~2 s (and a transaction of a hundred is too
 	// long a netlink message). One at a time again if a batch fails, to
@@ -1139,7 +1156,12 @@ func (gs Guards) Restore() (restored []string, err error) {
 				continue
 			}
 			for _, g := range batch {
-				if err := install(family, true, g); err != nil {
+				err := install(family, true, g)
+				if err != nil && g.known != nil {
+					g.known = nil // the guard first, knowing no one
+					err = install(family, true, g)
+				}
+				if err != nil {
 					errs = append(errs, fmt.Errorf("putting back the guard of pod %s: %w", g.key(), err))
 					continue
 				}
@@ -1152,6 +1174,73 @@ func (gs Guards) Restore() (restored []string, err error) {
 	}
 	return restored, errors.Join(errs...)
 }
+
+// A Snapshot is what the guards of bridge ports know of who reached their
+// pods (Guards.Snapshot), for Restore to give back after a `flush ruleset`
+// took it: what those hosts send the pods then is answers, which make no
+// one known, so the pods' sides of connections they made would stay cut.
+// Taken from the guards' own sets rather than from conntrack, which may
+// hold a connection a pod forged with itself through the node in the
+// flush's window.
+type Snapshot struct {
+	taken time.Time
+	known map[string][]knownHost // by guard
+}
+
+type knownHost struct {
+	addr netip.Addr
+	left time.Duration // until the guard would forget it
+}
+
+// Snapshot reads what the bridge ports' guards know now; nil where there
+// are none (the table is gone).
+func (gs Guards) Snapshot() *Snapshot {
+	c, err := nftables.New(nftables.AsLasting()) // a socket for every set's elements
+	if err != nil {
+		return nil
+	}
+	defer c.CloseLasting()
+	sets, err := c.GetSets(&nftables.Table{Family: nftables.TableFamilyBridge, Name: GuardTable})
+	if err != nil {
+		return nil
+	}
+	s := &Snapshot{taken: time.Now(), known: map[string][]knownHost{}}
+	for _, set := range sets {
+		key, ok := strings.CutPrefix(set.Name, "inbound4-")
+		if !ok {
+			if key, ok = strings.CutPrefix(set.Name, "inbound6-"); !ok {
+				continue
+			}
+		}
+		elems, _ := c.GetSetElements(set)
+		for _, e := range elems {
+			if a, ok := netip.AddrFromSlice(e.Key); ok && e.Expires > 0 {
+				s.known[key] = append(s.known[key], knownHost{a.Unmap(), e.Expires})
+			}
+		}
+	}
+	return s
+}
+
+// of is what guard key knew, as far as it would know it still: at most
+// maxKnown hosts, those heard from last, as a guard put back is one
+// netlink message of a transaction.
+func (s *Snapshot) of(key string) []knownHost {
+	if s == nil {
+		return nil
+	}
+	since := time.Since(s.taken)
+	var known []knownHost
+	for _, h := range s.known[key] {
+		if h.left > since {
+			known = append(known, knownHost{h.addr, h.left - since})
+		}
+	}
+	slices.SortFunc(known, func(a, b knownHost) int { return cmp.Compare(b.left, a.left) })
+	return known[:min(len(known), maxKnown)]
+}
+
+const maxKnown = 4096
 
 // WithoutLinkChecks names the recorded pods on a bridge whose guards an
 // earlier childflow made, before the link checks (addLinkChain): their

@@ -532,6 +532,122 @@ s.sendto(bytes(m), (dst, 0))
 	}
 }
 
+// A `flush ruleset` takes what a bridged pod's guard knew of who reached
+// it, and the guard would come back knowing no one and learn from no
+// answer: the pod's side of a TCP connection made to it would stay cut.
+// Restore gives it back what it knew, from a Snapshot taken before, and
+// only that: a connection the pod opened in the flush's window, unguarded,
+// stays cut.
+func TestABridgedPodsConnectionsOutliveAFlush(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("needs root: namespaces, a bridge and nftables")
+	}
+	hostIf, _ := guardTopology(t, true)
+	target, err := ns.GetNS("/run/netns/" + nodeNS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer target.Close()
+	in := func(f func() error) {
+		t.Helper()
+		if err := target.Do(func(ns.NetNS) error { return f() }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	guards := Guards{Dir: t.TempDir()}
+	g := HostGuard{ID: "0123456789abcdef", HostIf: hostIf, Pod: []netip.Addr{netip.MustParseAddr("10.77.0.2"), netip.MustParseAddr("fd77::2")}}
+	in(func() error { return guards.Install(g) })
+	t.Cleanup(func() { target.Do(func(ns.NetNS) error { return guards.Remove(g.ID) }) })
+	// start runs script in netns; its output so far is read back from a
+	// file, as the command goes on writing it.
+	start := func(netns, script string) (output func() string) {
+		path := filepath.Join(t.TempDir(), "out")
+		f, err := os.Create(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		cmd := exec.Command("ip", "netns", "exec", netns, "sh", "-c", script)
+		cmd.Stdout = f
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+		return func() string {
+			out, _ := os.ReadFile(path)
+			return string(out)
+		}
+	}
+	// The remote host's second addresses, which the pod will reach.
+	run(t, remoteNS, "ip", "addr", "add", "198.51.100.3/24", "dev", "eth0")
+	run(t, remoteNS, "ip", "addr", "add", "2001:db8:77::3/64", "dev", "eth0", "nodad")
+	// Connections the remote host makes to the pod, which answers 4 s
+	// after, once the guard is back.
+	start(podNS, "timeout 20 socat TCP6-LISTEN:9001,reuseaddr,fork SYSTEM:'read x; sleep 4; echo late-$x'")
+	until(t, "the pod listening", podNS, "-ltn", "sport = :9001")
+	heard := start(remoteNS, "timeout 20 socat -u TCP6-LISTEN:9002,reuseaddr,fork -")
+	until(t, "the remote host listening", remoteNS, "-ltn", "sport = :9002")
+	answered := map[string]func() string{}
+	for pod, from := range map[string]string{"10.77.0.2": "198.51.100.2", "[fd77::2]": "[2001:db8:77::2]"} {
+		answered[pod] = start(remoteNS, "(echo hi; sleep 10) | timeout 12 socat - TCP:"+pod+":9001,bind="+from)
+	}
+	for i := 0; ; i++ {
+		out, _ := exec.Command("ip", "netns", "exec", podNS, "ss", "-Htn", "state", "established", "sport = :9001").Output()
+		if strings.Count(string(out), "\n") == 2 {
+			break
+		}
+		if i == 100 {
+			t.Fatalf("the connections to the pod: %s", out)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	var snapshot *Snapshot
+	in(func() error { snapshot = guards.Snapshot(); return nil })
+	run(t, nodeNS, "nft", "flush ruleset")
+	// What the pod opens meanwhile gets out, unguarded, and is answered.
+	for _, remote := range []string{"198.51.100.3", "[2001:db8:77::3]"} {
+		start(podNS, "(echo early; sleep 4; echo late) | timeout 12 socat -u - TCP:"+remote+":9002")
+	}
+	for i := 0; strings.Count(heard(), "early") < 2; i++ {
+		if i == 100 {
+			t.Fatalf("the pod's connections in the flush's window: %q", heard())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	in(func() error { _, err := guards.Restore(snapshot); return err })
+	time.Sleep(6 * time.Second)
+	for pod, out := range answered {
+		if !strings.Contains(out(), "late-hi") {
+			t.Errorf("the pod's side of a connection made to it (%s) before a flush is cut after its guard came back: %q", pod, out())
+		}
+	}
+	if strings.Contains(heard(), "late") {
+		t.Errorf("after its guard came back, the pod goes on talking over a connection it opened unguarded: %q", heard())
+	}
+}
+
+// A snapshot gives back only what a guard would still know, and at most
+// maxKnown hosts, those heard from last.
+func TestASnapshotKnowsWhatTheGuardWouldStill(t *testing.T) {
+	a, b := netip.MustParseAddr("198.51.100.2"), netip.MustParseAddr("2001:db8::2")
+	s := &Snapshot{taken: time.Now().Add(-10 * time.Minute), known: map[string][]knownHost{"k": {{a, 5 * time.Minute}, {b, 20 * time.Minute}}}}
+	got := s.of("k")
+	if len(got) != 1 || got[0].addr != b || got[0].left > 10*time.Minute || got[0].left < 9*time.Minute {
+		t.Errorf("known 10 minutes after the snapshot: %v", got)
+	}
+	var many []knownHost
+	for i := range maxKnown + 10 {
+		many = append(many, knownHost{netip.AddrFrom4([4]byte{10, 0, byte(i >> 8), byte(i)}), time.Duration(i+1) * time.Second})
+	}
+	s = &Snapshot{taken: time.Now(), known: map[string][]knownHost{"k": many}}
+	if got := s.of("k"); len(got) != maxKnown || got[0].addr != many[len(many)-1].addr {
+		t.Errorf("a snapshot of %d hosts gives back %d, first %v", len(many), len(got), got[0])
+	}
+	if (*Snapshot)(nil).of("k") != nil || s.of("other") != nil {
+		t.Error("no snapshot, or none of the guard, gives back someone")
+	}
+}
+
 // A hold drops what the pod sends, in both families (its veth may stay
 // routed or become a bridge's port), until a guard takes its name; the
 // other family's goes at Release, and a hold whose interface is gone at
@@ -834,7 +950,7 @@ func TestGuardsComeBackAfterAFlush(t *testing.T) {
 		return strings.TrimSpace(string(out))
 	}
 	restore := func() (got []string) {
-		in(func() (err error) { got, err = guards.Restore(); return err })
+		in(func() (err error) { got, err = guards.Restore(nil); return err })
 		sort.Strings(got)
 		return got
 	}

@@ -361,6 +361,13 @@ nslookup web.test 10.96.0.10 | grep -q 203.0.113.10 && echo dns-via-engine || ec
 			t.Fatal("the daemon did not put the pod's guard back")
 		}
 	}
+	// Knowing whom it knew (the daemon's snapshot at its start): the node,
+	// whose connections to the pod above made it known.
+	addrs, _ := exec.Command("ip", "-4", "-o", "addr", "show", "dev", podBridge).Output()
+	nodeIP, _, _ := strings.Cut(strings.Fields(string(addrs) + " _ _ _ _")[3], "/")
+	if known, _ := exec.Command("nft", "list", "set", "bridge", "childflow-guard", "inbound4-"+pod[:12]).Output(); !strings.Contains(string(known), nodeIP+" ") {
+		t.Errorf("the pod's guard put back forgot the node (%s), which had reached the pod:\n%s", nodeIP, known)
+	}
 	if out := rawFrameVia(t, podBridge, c.podPID(t, pod), ip); out != "contained" {
 		t.Errorf("a raw frame from the pod once its guard was put back: %s", out)
 	}
