@@ -501,12 +501,7 @@ func addGuard(c *nftables.Conn, t *nftables.Table, maps []*nftables.Set, key str
 		// (a neighbour whose entry outlived the bridge's), to broadcast
 		// and to multicast, and whoever sent that reached someone else.
 		for _, is6 := range []bool{false, true} {
-			var mine []netip.Addr
-			for _, a := range g.Pod {
-				if a.Is6() == is6 {
-					mine = append(mine, a)
-				}
-			}
+			mine := ofFamily(g.Pod, is6)
 			toOthers := ipFamily(is6)
 			if len(mine) > 0 {
 				lookup, err := notIn(c, t, is6, mine)
@@ -623,14 +618,8 @@ func addLinkChain(c *nftables.Conn, t *nftables.Table, links *nftables.Set, key 
 	is := func(b ...byte) []expr.Any {
 		return []expr.Any{&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: b}}
 	}
-	v4, v6 := []netip.Addr{netip.IPv4Unspecified()}, append([]netip.Addr{}, g.LinkLocal...)
-	for _, a := range g.Pod {
-		if a.Is4() {
-			v4 = append(v4, a)
-		} else {
-			v6 = append(v6, a)
-		}
-	}
+	v4 := append([]netip.Addr{netip.IPv4Unspecified()}, ofFamily(g.Pod, false)...)
+	v6 := append(slices.Clone(g.LinkLocal), ofFamily(g.Pod, true)...)
 	arp := nftexpr.EtherTypeIs(unix.ETH_P_ARP)
 	icmp6 := nftexpr.Cat(nftexpr.EtherType(true), nftexpr.L4(unix.IPPROTO_ICMPV6))
 	icmp6Type := load(expr.PayloadBaseTransportHeader, 0, 1)
@@ -684,6 +673,17 @@ func addLinkChain(c *nftables.Conn, t *nftables.Table, links *nftables.Set, key 
 		rule(icmp6, icmp6Type, is(m.typ), specified, load(expr.PayloadBaseTransportHeader, m.offset, 8), differs(append([]byte{m.option, 1}, mac...)))
 	}
 	return c.SetAddElements(links, []nftables.SetElement{{Key: nftexpr.IfNameBytes(g.HostIf), VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: link.Name}}})
+}
+
+// ofFamily is those of addrs that are IPv6 addresses if is6, else IPv4.
+func ofFamily(addrs []netip.Addr, is6 bool) []netip.Addr {
+	var of []netip.Addr
+	for _, a := range addrs {
+		if a.Is6() == is6 {
+			of = append(of, a)
+		}
+	}
+	return of
 }
 
 // notIn matches what register 1 holds when none of addrs (one family's,
