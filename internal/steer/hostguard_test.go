@@ -117,11 +117,25 @@ func vethNode(t *testing.T, name string) (in func(f func() error)) {
 			t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
 		}
 	}
+	return inNetns(t, openNetns(t, name))
+}
+
+// nodeNetns opens the node's namespace until the test's cleanups are
+// done (theirs, registered after, run before it is closed).
+func nodeNetns(t *testing.T) ns.NetNS { return openNetns(t, nodeNS) }
+
+func openNetns(t *testing.T, name string) ns.NetNS {
+	t.Helper()
 	target, err := ns.GetNS("/run/netns/" + name)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { target.Close() })
+	return target
+}
+
+// inNetns runs f in target, failing the test on its error.
+func inNetns(t *testing.T, target ns.NetNS) (in func(f func() error)) {
 	return func(f func() error) {
 		t.Helper()
 		if err := target.Do(func(ns.NetNS) error { return f() }); err != nil {
@@ -231,12 +245,8 @@ func TestHostGuardStopsFramesAroundThePodsRules(t *testing.T) {
 			if got := escapes(); len(got) != 5 {
 				t.Fatalf("without the guard only these got through: %q", got)
 			}
-			target, err := ns.GetNS("/run/netns/" + nodeNS)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer target.Close()
-			err = target.Do(func(ns.NetNS) error {
+			target := nodeNetns(t)
+			err := target.Do(func(ns.NetNS) error {
 				return guards.Install(HostGuard{
 					ID: "0123456789abcdef", HostIf: hostIf,
 					Pod:  []netip.Addr{netip.MustParseAddr("10.77.0.2"), netip.MustParseAddr("fd77::2")},
@@ -301,12 +311,8 @@ func TestHostGuardForgetsWhatThePodOpenedBeforeIt(t *testing.T) {
 			run(t, podNS, "python3", "../../test/testdata/rawudp.py", "198.51.100.2", "7", "10.77.0.2", "5557", gatewayMAC)
 			// A flow whose answer comes once the pod is guarded.
 			run(t, podNS, "sh", "-c", "echo late | socat -u - UDP:198.51.100.2:8,sourceport=5558; echo late | socat -u - UDP:198.51.100.2:9,sourceport=5559")
-			target, err := ns.GetNS("/run/netns/" + nodeNS)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer target.Close()
-			err = target.Do(func(ns.NetNS) error {
+			target := nodeNetns(t)
+			err := target.Do(func(ns.NetNS) error {
 				g := HostGuard{ID: "0123456789abcdef", HostIf: hostIf, Pod: []netip.Addr{netip.MustParseAddr("10.77.0.2")}}
 				if err := guards.Install(g); err != nil {
 					return err
@@ -378,12 +384,8 @@ func TestALateAnswerOpensNoWayOut(t *testing.T) {
 			start(podNS, "sh", "-c", "echo late | timeout 20 socat -u - TCP:198.51.100.2:7777,sourceport=5560")
 			until(t, "the pod's SYN at the remote host", remoteNS, "-tn", "state", "syn-recv")
 			run(t, podNS, "sh", "-c", "echo late | socat -u - UDP:198.51.100.2:8,sourceport=5561")
-			target, err := ns.GetNS("/run/netns/" + nodeNS)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer target.Close()
-			err = target.Do(func(ns.NetNS) error {
+			target := nodeNetns(t)
+			err := target.Do(func(ns.NetNS) error {
 				g := HostGuard{ID: "0123456789abcdef", HostIf: hostIf, Pod: []netip.Addr{netip.MustParseAddr("10.77.0.2")}}
 				if err := guards.InstallLate(g); err != nil {
 					return err
@@ -431,11 +433,7 @@ func TestOnlyWhatIsSentToThePodMakesItsSenderKnown(t *testing.T) {
 		t.Skip("needs root: namespaces, a bridge and nftables")
 	}
 	hostIf, _ := guardTopology(t, true)
-	target, err := ns.GetNS("/run/netns/" + nodeNS)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer target.Close()
+	target := nodeNetns(t)
 	guards := Guards{Dir: t.TempDir()}
 	pod := []netip.Addr{netip.MustParseAddr("10.77.0.2"), netip.MustParseAddr("fd77::2")}
 	if err := target.Do(func(ns.NetNS) error {
@@ -483,11 +481,7 @@ func TestFragmentsOfAnAnswerMakeNoOneKnown(t *testing.T) {
 		t.Skip("needs root: namespaces, a bridge and nftables")
 	}
 	hostIf, _ := guardTopology(t, true)
-	target, err := ns.GetNS("/run/netns/" + nodeNS)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer target.Close()
+	target := nodeNetns(t)
 	guards := Guards{Dir: t.TempDir()}
 	pod := []netip.Addr{netip.MustParseAddr("10.77.0.2"), netip.MustParseAddr("fd77::2")}
 	if err := target.Do(func(ns.NetNS) error {
@@ -543,17 +537,8 @@ func TestABridgedPodsConnectionsOutliveAFlush(t *testing.T) {
 		t.Skip("needs root: namespaces, a bridge and nftables")
 	}
 	hostIf, _ := guardTopology(t, true)
-	target, err := ns.GetNS("/run/netns/" + nodeNS)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer target.Close()
-	in := func(f func() error) {
-		t.Helper()
-		if err := target.Do(func(ns.NetNS) error { return f() }); err != nil {
-			t.Fatal(err)
-		}
-	}
+	target := nodeNetns(t)
+	in := inNetns(t, target)
 	guards := Guards{Dir: t.TempDir()}
 	g := HostGuard{ID: "0123456789abcdef", HostIf: hostIf, Pod: []netip.Addr{netip.MustParseAddr("10.77.0.2"), netip.MustParseAddr("fd77::2")}}
 	in(func() error { return guards.Install(g) })
@@ -663,18 +648,9 @@ func TestHoldDropsUntilAGuardTakesTheName(t *testing.T) {
 		}
 		t.Run(name, func(t *testing.T) {
 			hostIf, _ := guardTopology(t, bridged)
-			target, err := ns.GetNS("/run/netns/" + nodeNS)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer target.Close()
+			target := nodeNetns(t)
 			guards := Guards{Dir: t.TempDir()}
-			in := func(f func() error) {
-				t.Helper()
-				if err := target.Do(func(ns.NetNS) error { return f() }); err != nil {
-					t.Fatal(err)
-				}
-			}
+			in := inNetns(t, target)
 			holds := func() (got map[string]bool) {
 				in(func() (err error) { got, err = held(); return err })
 				return got
@@ -733,11 +709,7 @@ func TestHostGuardRefusesAVethWhoseFramesSkipNetfilter(t *testing.T) {
 		Pod:  []netip.Addr{netip.MustParseAddr("10.77.0.2")},
 		Keep: []netip.Prefix{netip.MustParsePrefix("10.77.0.0/24")},
 	}
-	target, err := ns.GetNS("/run/netns/" + nodeNS)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer target.Close()
+	target := nodeNetns(t)
 	guards := Guards{Dir: t.TempDir()}
 	install := func() error { return target.Do(func(ns.NetNS) error { return guards.Install(guard) }) }
 	if err := install(); err != nil {
@@ -1097,13 +1069,9 @@ func TestHostGuardKeepsABridgedPodFromPosingAsAnother(t *testing.T) {
 	if got := posed(); len(got) != 6 {
 		t.Fatalf("unguarded, the pod posed only as %q: the probes show nothing", got)
 	}
-	target, err := ns.GetNS("/run/netns/" + nodeNS)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer target.Close()
+	target := nodeNetns(t)
 	guards := Guards{Dir: t.TempDir()}
-	err = target.Do(func(ns.NetNS) error {
+	err := target.Do(func(ns.NetNS) error {
 		return guards.Install(HostGuard{
 			ID: "0123456789abcdef", HostIf: hostIf, MAC: podMAC,
 			Pod:       []netip.Addr{netip.MustParseAddr("10.77.0.2"), netip.MustParseAddr("fd77::2")},
@@ -1149,11 +1117,7 @@ func TestHostGuardRefusesAVethWithAnXDPOrTcxProgram(t *testing.T) {
 		Pod:  []netip.Addr{netip.MustParseAddr("10.77.0.2")},
 		Keep: []netip.Prefix{netip.MustParsePrefix("10.77.0.0/24")},
 	}
-	target, err := ns.GetNS("/run/netns/" + nodeNS)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer target.Close()
+	target := nodeNetns(t)
 	in := func(f func() error) error { return target.Do(func(ns.NetNS) error { return f() }) }
 	guards := Guards{Dir: t.TempDir()}
 	install := func() error { return in(func() error { return guards.Install(guard) }) }
