@@ -103,11 +103,12 @@ func (g HostGuard) key() string {
 // bridge, so the frames are filtered by port in a bridge table, which
 // sees conntrack only with a module not every kernel has
 // (nf_conntrack_bridge), and remembers instead for an hour every address
-// that sent one of the pod's addresses a packet other than an answer
-// (answers: TCP but a SYN, echo replies, ICMP errors, fragments but the
-// first; a UDP datagram cannot be told from one). A veth on any other
-// master (Open vSwitch, a VRF) or with something that moves frames
-// before netfilter cannot be guarded: an error.
+// that sent one of the pod's addresses a packet (or a neighbour
+// solicitation for one) other than an answer (answers: TCP but a SYN,
+// echo replies, ICMP errors, fragments but the first; a UDP datagram
+// cannot be told from one). A veth on any other master (Open vSwitch, a
+// VRF) or with something that moves frames before netfilter cannot be
+// guarded: an error.
 func (gs Guards) Install(g HostGuard) error {
 	return gs.install(g, false)
 }
@@ -500,8 +501,18 @@ func addGuard(c *nftables.Conn, t *nftables.Table, maps []*nftables.Set, key str
 		// to every port what it sends to a MAC address it has not learned
 		// (a neighbour whose entry outlived the bridge's), to broadcast
 		// and to multicast, and whoever sent that reached someone else.
+		// And to their solicited-node addresses: a neighbour solicitation
+		// for the pod, from the node's global address too, whose
+		// advertisement the pod sends back there.
 		for _, is6 := range []bool{false, true} {
 			mine := ofFamily(g.Pod, is6)
+			if is6 {
+				for _, a := range ofFamily(g.Pod, true) {
+					if m := solicitedNode(a); !slices.Contains(mine, m) {
+						mine = append(mine, m)
+					}
+				}
+			}
 			toOthers := ipFamily(is6)
 			if len(mine) > 0 {
 				lookup, err := notIn(c, t, is6, mine)
@@ -673,6 +684,13 @@ func addLinkChain(c *nftables.Conn, t *nftables.Table, links *nftables.Set, key 
 		rule(icmp6, icmp6Type, is(m.typ), specified, load(expr.PayloadBaseTransportHeader, m.offset, 8), differs(append([]byte{m.option, 1}, mac...)))
 	}
 	return c.SetAddElements(links, []nftables.SetElement{{Key: nftexpr.IfNameBytes(g.HostIf), VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: link.Name}}})
+}
+
+// solicitedNode is the solicited-node multicast address of the IPv6
+// address a (RFC 4291), where neighbour solicitations for it go.
+func solicitedNode(a netip.Addr) netip.Addr {
+	b := a.As16()
+	return netip.AddrFrom16([16]byte{0xff, 0x02, 10: 0, 11: 0x01, 12: 0xff, 13: b[13], 14: b[14], 15: b[15]})
 }
 
 // ofFamily is those of addrs that are IPv6 addresses if is6, else IPv4.

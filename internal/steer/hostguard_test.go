@@ -471,6 +471,14 @@ func TestOnlyWhatIsSentToThePodMakesItsSenderKnown(t *testing.T) {
 			t.Errorf("the pod cannot answer a remote host that sent it a datagram (%s)", v.mine)
 		}
 	}
+	// A neighbour solicitation for the pod goes to its solicited-node
+	// address: the node's, from its global address, must be answered.
+	for _, netns := range []string{nodeNS, podNS} {
+		run(t, netns, "ip", "-6", "neigh", "flush", "all")
+	}
+	if out, err := exec.Command("ip", "netns", "exec", nodeNS, "ping", "-6", "-c", "1", "-W", "3", "-I", "fd77::1", "fd77::2").CombinedOutput(); err != nil {
+		t.Errorf("the node cannot reach the pod from its global address: %v\n%s", err, out)
+	}
 }
 
 // An answer too large for the link comes in fragments, and only the first
@@ -1217,4 +1225,10 @@ func held() (map[string]bool, error) {
 		}
 	}
 	return held, nil
+}
+
+func TestSolicitedNode(t *testing.T) {
+	if got := solicitedNode(netip.MustParseAddr("2001:db8::12:3456:789a")); got != netip.MustParseAddr("ff02::1:ff56:789a") {
+		t.Errorf("solicited-node address of 2001:db8::12:3456:789a: %v", got)
+	}
 }
