@@ -469,9 +469,9 @@ func addGuard(c *nftables.Conn, t *nftables.Table, maps []*nftables.Set, key str
 		to := c.AddChain(&nftables.Chain{Name: "to-" + key, Table: t})
 		inbound := map[bool]*nftables.Set{}
 		for _, is6 := range []bool{false, true} {
-			set := &nftables.Set{Table: t, Name: "inbound4-" + key, KeyType: nftables.TypeIPAddr, HasTimeout: true, Dynamic: true, Timeout: inboundTimeout, Size: 65536}
+			set := &nftables.Set{Table: t, Name: inboundSet(key, is6), KeyType: nftables.TypeIPAddr, HasTimeout: true, Dynamic: true, Timeout: inboundTimeout, Size: 65536}
 			if is6 {
-				set.Name, set.KeyType = "inbound6-"+key, nftables.TypeIP6Addr
+				set.KeyType = nftables.TypeIP6Addr
 			}
 			var known []nftables.SetElement
 			for _, h := range g.known {
@@ -506,11 +506,9 @@ func addGuard(c *nftables.Conn, t *nftables.Table, maps []*nftables.Set, key str
 		// advertisement the pod sends back there.
 		for _, is6 := range []bool{false, true} {
 			mine := ofFamily(g.Pod, is6)
-			if is6 {
-				for _, a := range ofFamily(g.Pod, true) {
-					if m := solicitedNode(a); !slices.Contains(mine, m) {
-						mine = append(mine, m)
-					}
+			for _, a := range mine { // the addresses alone: range reads mine once
+				if m := solicitedNode(a); is6 && !slices.Contains(mine, m) {
+					mine = append(mine, m)
 				}
 			}
 			toOthers := ipFamily(is6)
@@ -686,6 +684,15 @@ func addLinkChain(c *nftables.Conn, t *nftables.Table, links *nftables.Set, key 
 	return c.SetAddElements(links, []nftables.SetElement{{Key: nftexpr.IfNameBytes(g.HostIf), VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: link.Name}}})
 }
 
+// inboundSet names guard key's set of the hosts that reached its pod
+// over IPv6 if is6, else IPv4.
+func inboundSet(key string, is6 bool) string {
+	if is6 {
+		return "inbound6-" + key
+	}
+	return "inbound4-" + key
+}
+
 // solicitedNode is the solicited-node multicast address of the IPv6
 // address a (RFC 4291), where neighbour solicitations for it go.
 func solicitedNode(a netip.Addr) netip.Addr {
@@ -763,7 +770,7 @@ func removeChains(c *nftables.Conn, t *nftables.Table, names map[string]bool, ke
 			c.DelChain(&nftables.Chain{Table: t, Name: n})
 		}
 	}
-	for _, n := range []string{"inbound4-" + key, "inbound6-" + key, "if-" + key} {
+	for _, n := range []string{inboundSet(key, false), inboundSet(key, true), "if-" + key} {
 		if set, err := c.GetSetByName(t, n); err == nil {
 			c.DelSet(set)
 		}
@@ -1224,9 +1231,9 @@ func (gs Guards) Snapshot() *Snapshot {
 	}
 	s := &Snapshot{taken: time.Now(), known: map[string][]knownHost{}}
 	for _, set := range sets {
-		key, ok := strings.CutPrefix(set.Name, "inbound4-")
+		key, ok := strings.CutPrefix(set.Name, inboundSet("", false))
 		if !ok {
-			if key, ok = strings.CutPrefix(set.Name, "inbound6-"); !ok {
+			if key, ok = strings.CutPrefix(set.Name, inboundSet("", true)); !ok {
 				continue
 			}
 		}

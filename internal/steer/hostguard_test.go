@@ -448,11 +448,7 @@ func TestOnlyWhatIsSentToThePodMakesItsSenderKnown(t *testing.T) {
 		run(t, nodeNS, "ip", "neigh", "replace", a, "lladdr", "02:00:00:00:77:03", "dev", "hg-br", "nud", "permanent")
 	}
 	// A counter at the pod shows the flood arrives at its port.
-	run(t, podNS, "nft", "add table netdev flood; add chain netdev flood in { type filter hook ingress device eth0 priority 0; }; add rule netdev flood in udp dport 9999 counter")
-	flooded := func() string {
-		out, _ := exec.Command("ip", "netns", "exec", podNS, "nft", "list", "chain", "netdev", "flood", "in").Output()
-		return string(out)
-	}
+	flooded := podCounter(t, "flood", "udp dport 9999 counter")
 	for _, v := range []struct{ remote, other, mine string }{
 		{"198.51.100.2:7", "10.77.0.3:9999", "10.77.0.2:9000"},
 		{"[2001:db8:77::2]:7", "[fd77::3]:9999", "[fd77::2]:9000"},
@@ -481,6 +477,21 @@ func TestOnlyWhatIsSentToThePodMakesItsSenderKnown(t *testing.T) {
 	}
 }
 
+// podCounter counts, with rules, what arrives at the pod's eth0, in a
+// netdev table of its own, name; listed reads the rules and counters.
+func podCounter(t *testing.T, name string, rules ...string) (listed func() string) {
+	t.Helper()
+	batch := "add table netdev " + name + "; add chain netdev " + name + " in { type filter hook ingress device eth0 priority 0; }"
+	for _, r := range rules {
+		batch += "; add rule netdev " + name + " in " + r
+	}
+	run(t, podNS, "nft", batch)
+	return func() string {
+		out, _ := exec.Command("ip", "netns", "exec", podNS, "nft", "list", "chain", "netdev", name, "in").Output()
+		return string(out)
+	}
+}
+
 // An answer too large for the link comes in fragments, and only the first
 // carries the header that tells it for an answer: the others must not
 // make its sender known either.
@@ -498,11 +509,7 @@ func TestFragmentsOfAnAnswerMakeNoOneKnown(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { target.Do(func(ns.NetNS) error { return guards.Remove("0123456789abcdef") }) })
-	run(t, podNS, "nft", "add table netdev frags; add chain netdev frags in { type filter hook ingress device eth0 priority 0; }; add rule netdev frags in ip frag-off & 0x1fff != 0 counter; add rule netdev frags in frag frag-off != 0 counter")
-	fragments := func() string {
-		out, _ := exec.Command("ip", "netns", "exec", podNS, "nft", "list", "chain", "netdev", "frags", "in").Output()
-		return string(out)
-	}
+	fragments := podCounter(t, "frags", "ip frag-off & 0x1fff != 0 counter", "frag frag-off != 0 counter")
 	// The remote host's echo reply of 4000 bytes to a ping the pod sent
 	// before its guard (as if it had), in fragments.
 	const reply = `import socket, sys
