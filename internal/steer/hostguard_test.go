@@ -162,6 +162,19 @@ func serve(t *testing.T, netns, port string) {
 	until(t, "a UDP echo listening on port "+port+" in "+netns, netns, "-lun", "sport = :"+port)
 }
 
+// background runs args in netns until the test ends, its output in out.
+func background(t *testing.T, netns string, args ...string) (cmd *exec.Cmd, out *strings.Builder) {
+	t.Helper()
+	cmd = exec.Command("ip", append([]string{"netns", "exec", netns}, args...)...)
+	out = &strings.Builder{}
+	cmd.Stdout = out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	return cmd, out
+}
+
 // until waits for ss, run in netns with args, to list a socket.
 func until(t *testing.T, what, netns string, args ...string) {
 	t.Helper()
@@ -368,20 +381,10 @@ func TestALateAnswerOpensNoWayOut(t *testing.T) {
 			hostIf, _ := guardTopology(t, bridged)
 			// The remote host's answer waits until the pod is guarded.
 			run(t, remoteNS, "nft", "add table inet late; add chain inet late out { type filter hook output priority 0; }; add rule inet late out tcp sport 7777 drop")
-			start := func(netns string, args ...string) (*exec.Cmd, *strings.Builder) {
-				cmd := exec.Command("ip", append([]string{"netns", "exec", netns}, args...)...)
-				out := &strings.Builder{}
-				cmd.Stdout = out
-				if err := cmd.Start(); err != nil {
-					t.Fatal(err)
-				}
-				t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-				return cmd, out
-			}
 			// The remote host sends its SYN-ACK again 1, 3, 7 and 15 s after the pod's SYN.
-			listen, heard := start(remoteNS, "timeout", "20", "socat", "-u", "TCP-LISTEN:7777,reuseaddr", "-")
+			listen, heard := background(t, remoteNS, "timeout", "20", "socat", "-u", "TCP-LISTEN:7777,reuseaddr", "-")
 			until(t, "the remote host listening", remoteNS, "-ltn", "sport = :7777")
-			start(podNS, "sh", "-c", "echo late | timeout 20 socat -u - TCP:198.51.100.2:7777,sourceport=5560")
+			background(t, podNS, "sh", "-c", "echo late | timeout 20 socat -u - TCP:198.51.100.2:7777,sourceport=5560")
 			until(t, "the pod's SYN at the remote host", remoteNS, "-tn", "state", "syn-recv")
 			run(t, podNS, "sh", "-c", "echo late | socat -u - UDP:198.51.100.2:8,sourceport=5561")
 			target := nodeNetns(t)
@@ -414,7 +417,7 @@ func TestALateAnswerOpensNoWayOut(t *testing.T) {
 				t.Error("guarded, the pod talks with a remote host that answered, after its guard, a SYN it sent before")
 			}
 			// Whoever reaches it after is still answered, over TCP too.
-			start(podNS, "timeout", "5", "socat", "-u", "SYSTEM:echo answer", "TCP-LISTEN:9001,reuseaddr")
+			background(t, podNS, "timeout", "5", "socat", "-u", "SYSTEM:echo answer", "TCP-LISTEN:9001,reuseaddr")
 			until(t, "the pod listening", podNS, "-ltn", "sport = :9001")
 			if out, _ := exec.Command("ip", "netns", "exec", remoteNS, "timeout", "3", "socat", "-u", "TCP:10.77.0.2:9001", "-").Output(); !strings.Contains(string(out), "answer") {
 				t.Error("guarded, a remote host that connects to the pod gets no answer")
@@ -448,16 +451,15 @@ func TestOnlyWhatIsSentToThePodMakesItsSenderKnown(t *testing.T) {
 		run(t, nodeNS, "ip", "neigh", "replace", a, "lladdr", "02:00:00:00:77:03", "dev", "hg-br", "nud", "permanent")
 	}
 	// A counter at the pod shows the flood arrives at its port.
-	flooded := podCounter(t, "flood", "udp dport 9999 counter")
 	for _, v := range []struct{ remote, other, mine string }{
 		{"198.51.100.2:7", "10.77.0.3:9999", "10.77.0.2:9000"},
 		{"[2001:db8:77::2]:7", "[fd77::3]:9999", "[fd77::2]:9000"},
 	} {
+		flooded := counted(t, podNS, "netdev", "flood", "udp dport 9999 counter")
 		run(t, remoteNS, "sh", "-c", "echo flood | socat -u - UDP:"+v.other)
 		if strings.Contains(flooded(), "packets 0 ") {
 			t.Fatalf("the datagram to %s did not reach the pod's port: %s", v.other, flooded())
 		}
-		run(t, podNS, "nft", "reset counters table netdev flood")
 		if echoed(podNS, v.remote, "") {
 			t.Errorf("the pod talks with a remote host that sent a datagram to another address (%s) on its bridge", v.other)
 		}
@@ -477,17 +479,24 @@ func TestOnlyWhatIsSentToThePodMakesItsSenderKnown(t *testing.T) {
 	}
 }
 
-// podCounter counts, with rules, what arrives at the pod's eth0, in a
-// netdev table of its own, name; listed reads the rules and counters.
-func podCounter(t *testing.T, name string, rules ...string) (listed func() string) {
+// counted counts, with rules, what arrives in netns, in a table of its
+// own, name: at eth0's ingress for family netdev, at input for inet.
+// listed reads the rules and counters. Called again, it counts from
+// nought (nft 1.0.6's `reset counters` leaves a rule's counter be).
+func counted(t *testing.T, netns, family, name string, rules ...string) (listed func() string) {
 	t.Helper()
-	batch := "add table netdev " + name + "; add chain netdev " + name + " in { type filter hook ingress device eth0 priority 0; }"
-	for _, r := range rules {
-		batch += "; add rule netdev " + name + " in " + r
+	hook := "type filter hook input priority 0;"
+	if family == "netdev" {
+		hook = "type filter hook ingress device eth0 priority 0;"
 	}
-	run(t, podNS, "nft", batch)
+	table := family + " " + name
+	batch := "add table " + table + "; delete table " + table + "; add table " + table + "; add chain " + table + " in { " + hook + " }"
+	for _, r := range rules {
+		batch += "; add rule " + table + " in " + r
+	}
+	run(t, netns, "nft", batch)
 	return func() string {
-		out, _ := exec.Command("ip", "netns", "exec", podNS, "nft", "list", "chain", "netdev", name, "in").Output()
+		out, _ := exec.Command("ip", "netns", "exec", netns, "nft", "list", "chain", family, name, "in").Output()
 		return string(out)
 	}
 }
@@ -509,7 +518,6 @@ func TestFragmentsOfAnAnswerMakeNoOneKnown(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { target.Do(func(ns.NetNS) error { return guards.Remove("0123456789abcdef") }) })
-	fragments := podCounter(t, "frags", "ip frag-off & 0x1fff != 0 counter", "frag frag-off != 0 counter")
 	// The remote host's echo reply of 4000 bytes to a ping the pod sent
 	// before its guard (as if it had), in fragments.
 	const reply = `import socket, sys
@@ -525,7 +533,7 @@ if not six:
 s.sendto(bytes(m), (dst, 0))
 `
 	for _, v := range []struct{ pod, remote string }{{"10.77.0.2", "198.51.100.2:7"}, {"fd77::2", "[2001:db8:77::2]:7"}} {
-		run(t, podNS, "nft", "reset counters table netdev frags")
+		fragments := counted(t, podNS, "netdev", "frags", "ip frag-off & 0x1fff != 0 counter", "frag frag-off != 0 counter")
 		run(t, remoteNS, "python3", "-c", reply, v.pod)
 		if !strings.Contains(fragments(), "packets 2 ") {
 			t.Fatalf("the answer to %s did not come in fragments: %s", v.pod, fragments())
