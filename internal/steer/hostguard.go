@@ -465,6 +465,9 @@ func addGuard(c *nftables.Conn, t *nftables.Table, maps []*nftables.Set, key str
 	for _, proto := range []byte{unix.IPPROTO_UDP, unix.IPPROTO_TCP} {
 		rule(fromAddr, nftexpr.L4(proto), nftexpr.Dport(53), []expr.Any{drop})
 	}
+	for _, k := range g.Keep {
+		rule(fromAddr, ipFamily(k.Addr().Is6()), nftexpr.AddrIn(k, false), []expr.Any{accept})
+	}
 	if bridged {
 		to := c.AddChain(&nftables.Chain{Name: "to-" + key, Table: t})
 		inbound := map[bool]*nftables.Set{}
@@ -483,8 +486,8 @@ func addGuard(c *nftables.Conn, t *nftables.Table, maps []*nftables.Set, key str
 				return err
 			}
 			inbound[is6] = set
-			rule(fromAddr, ipFamily(is6), []expr.Any{nftexpr.LoadAddr(is6, false), &expr.Lookup{SourceRegister: 1, SetName: set.Name, SetID: set.ID}, accept})
 		}
+		addKnownChain(c, t, fromAddr, inbound, key)
 		// remember makes the sender of what is sent to the pod known, or
 		// keeps it known if it is.
 		remember := func(known bool) {
@@ -549,11 +552,43 @@ func addGuard(c *nftables.Conn, t *nftables.Table, maps []*nftables.Set, key str
 		// before this guard (ForgetConnections).
 		rule(fromAddr, nftexpr.Established(), nftexpr.CtReply(), []expr.Any{accept})
 	}
-	for _, k := range g.Keep {
-		rule(fromAddr, ipFamily(k.Addr().Is6()), nftexpr.AddrIn(k, false), []expr.Any{accept})
-	}
 	rule(fromAddr, []expr.Any{drop})
 	return c.SetAddElements(maps[0], []nftables.SetElement{{Key: nftexpr.IfNameBytes(g.HostIf), VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: from.Name}}})
+}
+
+// addKnownChain sends what a bridged pod sends to a host that reached it
+// (its inbound sets) to a chain that passes answers alone. The sets
+// remember addresses, not connections: without it the pod could open a
+// connection of its own to any service of that host's, the node's own
+// after a probe from it (kubelet's, docker-proxy's), or ping it. A
+// connection opens with a SYN, which no answer is, and a TCP header too
+// short to tell (a first fragment of 8 bytes) is none. UDP and other
+// protocols cannot be told from answers here: they pass.
+func addKnownChain(c *nftables.Conn, t *nftables.Table, fromAddr *nftables.Chain, inbound map[bool]*nftables.Set, key string) {
+	known := c.AddChain(&nftables.Chain{Name: "known-" + key, Table: t})
+	rule := func(ch *nftables.Chain, e ...[]expr.Any) {
+		c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: nftexpr.Cat(e...)})
+	}
+	accept := []expr.Any{&expr.Verdict{Kind: expr.VerdictAccept}}
+	for _, is6 := range []bool{false, true} {
+		set := inbound[is6]
+		rule(fromAddr, nftexpr.EtherType(is6), []expr.Any{nftexpr.LoadAddr(is6, false),
+			&expr.Lookup{SourceRegister: 1, SetName: set.Name, SetID: set.ID},
+			&expr.Verdict{Kind: expr.VerdictGoto, Chain: known.Name}})
+	}
+	for _, a := range answers(nftexpr.EtherType) {
+		rule(known, a, accept)
+	}
+	// Neighbour discovery to the host's own address (a unicast probe of
+	// it): the link chain has already dropped what would mislead.
+	rule(known, nftexpr.NeighbourDiscovery(), accept)
+	rule(known, []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{unix.IPPROTO_ICMP}},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{unix.IPPROTO_ICMPV6}},
+	}, accept)
+	rule(known, []expr.Any{&expr.Verdict{Kind: expr.VerdictDrop}})
 }
 
 // answers match what only answers something the pod sent: a TCP segment
@@ -759,7 +794,7 @@ func removeChains(c *nftables.Conn, t *nftables.Table, names map[string]bool, ke
 			}
 		}
 	}
-	mine := []string{"from-" + key, "addr-" + key, "to-" + key, "link-" + key}
+	mine := []string{"from-" + key, "addr-" + key, "known-" + key, "to-" + key, "link-" + key}
 	for _, n := range mine {
 		if names[n] {
 			c.FlushChain(&nftables.Chain{Table: t, Name: n})

@@ -479,6 +479,81 @@ func TestOnlyWhatIsSentToThePodMakesItsSenderKnown(t *testing.T) {
 	}
 }
 
+// A bridged pod's guard remembers who reached the pod by address, not by
+// connection: a host that did (the node, with a probe) must get answers
+// from the pod, not connections it opens to the host's other services,
+// nor pings, nor a SYN hidden past a first fragment too short to tell.
+func TestAHostThatReachedABridgedPodIsOnlyAnswered(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("needs root: namespaces, a bridge and nftables")
+	}
+	hostIf, _ := guardTopology(t, true)
+	for netns, port := range map[string]string{remoteNS: "7777", nodeNS: "7778", podNS: "9001"} {
+		background(t, netns, "socat", "TCP6-LISTEN:"+port+",reuseaddr,fork", "SYSTEM:echo hello")
+		until(t, "a TCP listener on "+port, netns, "-ltn", "sport = :"+port)
+	}
+	connects := func(netns, addr string) bool {
+		out, _ := exec.Command("ip", "netns", "exec", netns, "timeout", "3", "socat", "-u", "TCP:"+addr+",connect-timeout=2", "-").Output()
+		return strings.Contains(string(out), "hello")
+	}
+	opens := func() []string {
+		var got []string
+		for _, a := range []string{"198.51.100.2:7777", "[2001:db8:77::2]:7777", "10.77.0.1:7778", "[fd77::1]:7778"} {
+			if connects(podNS, a) {
+				got = append(got, "a connection to "+a)
+			}
+		}
+		for _, a := range []string{"198.51.100.2", "2001:db8:77::2", "10.77.0.1", "fd77::1"} {
+			if exec.Command("ip", "netns", "exec", podNS, "ping", "-c1", "-W1", a).Run() == nil {
+				got = append(got, "a ping to "+a)
+			}
+		}
+		// What arrives at the remote host's port 7779, reassembled.
+		syns := counted(t, remoteNS, "inet", "syn", "tcp dport 7779 tcp flags & (syn | ack) == syn counter")
+		run(t, podNS, "python3", "../../test/testdata/fragsyn.py", "10.77.0.2", "198.51.100.2", "7779")
+		time.Sleep(100 * time.Millisecond)
+		if !strings.Contains(syns(), "packets 0 ") {
+			got = append(got, "a SYN in fragments")
+		}
+		return got
+	}
+	// Unguarded, every one gets through: the probes can see an escape.
+	if got := opens(); len(got) != 9 {
+		t.Fatalf("without the guard only these got through: %q", got)
+	}
+	target := nodeNetns(t)
+	guards := Guards{Dir: t.TempDir()}
+	pod := []netip.Addr{netip.MustParseAddr("10.77.0.2"), netip.MustParseAddr("fd77::2")}
+	if err := target.Do(func(ns.NetNS) error {
+		return guards.Install(HostGuard{ID: "0123456789abcdef", HostIf: hostIf, Pod: pod})
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { target.Do(func(ns.NetNS) error { return guards.Remove("0123456789abcdef") }) })
+	// The remote host and the node reach the pod, and it answers them.
+	for _, v := range []struct{ netns, pod, remote string }{
+		{remoteNS, "10.77.0.2:9000", "198.51.100.2:7"}, {remoteNS, "[fd77::2]:9000", "[2001:db8:77::2]:7"},
+		{nodeNS, "10.77.0.2:9000", "10.77.0.1:7"}, {nodeNS, "[fd77::2]:9000", "[fd77::1]:7"},
+	} {
+		if !echoed(v.netns, v.pod, "") {
+			t.Fatalf("guarded, the pod does not answer %s's datagram to %s", v.netns, v.pod)
+		}
+		if !echoed(podNS, v.remote, "") {
+			t.Errorf("guarded, the pod cannot send a datagram to %s, which reached it", v.remote)
+		}
+	}
+	for _, v := range []struct{ netns, pod string }{
+		{remoteNS, "10.77.0.2:9001"}, {remoteNS, "[fd77::2]:9001"}, {nodeNS, "10.77.0.2:9001"}, {nodeNS, "[fd77::2]:9001"},
+	} {
+		if !connects(v.netns, v.pod) {
+			t.Errorf("guarded, the pod does not answer a connection from %s to %s", v.netns, v.pod)
+		}
+	}
+	if got := opens(); len(got) != 0 {
+		t.Errorf("guarded, the pod still opened %q", got)
+	}
+}
+
 // counted counts, with rules, what arrives in netns, in a table of its
 // own, name: at eth0's ingress for family netdev, at input for inet.
 // listed reads the rules and counters. Called again, it counts from
