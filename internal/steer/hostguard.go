@@ -106,7 +106,8 @@ func (g HostGuard) key() string {
 // that sent one of the pod's addresses a packet (or a neighbour
 // solicitation for one) other than an answer (answers: TCP but a SYN,
 // echo replies, ICMP errors, fragments but the first; a UDP datagram
-// cannot be told from one). A veth on any other master (Open vSwitch, a
+// cannot be told from one), to which the pod may send answers alone. A
+// veth on any other master (Open vSwitch, a
 // VRF) or with something that moves frames before netfilter cannot be
 // guarded: an error.
 func (gs Guards) Install(g HostGuard) error {
@@ -465,6 +466,8 @@ func addGuard(c *nftables.Conn, t *nftables.Table, maps []*nftables.Set, key str
 	for _, proto := range []byte{unix.IPPROTO_UDP, unix.IPPROTO_TCP} {
 		rule(fromAddr, nftexpr.L4(proto), nftexpr.Dport(53), []expr.Any{drop})
 	}
+	// Kept ranges take whatever the pod sends, before the hosts it may
+	// only answer.
 	for _, k := range g.Keep {
 		rule(fromAddr, ipFamily(k.Addr().Is6()), nftexpr.AddrIn(k, false), []expr.Any{accept})
 	}
@@ -487,7 +490,7 @@ func addGuard(c *nftables.Conn, t *nftables.Table, maps []*nftables.Set, key str
 			}
 			inbound[is6] = set
 		}
-		addKnownChain(c, t, fromAddr, inbound, key)
+		addKnownChain(c, t, rule, fromAddr, inbound, key)
 		// remember makes the sender of what is sent to the pod known, or
 		// keeps it known if it is.
 		remember := func(known bool) {
@@ -564,11 +567,8 @@ func addGuard(c *nftables.Conn, t *nftables.Table, maps []*nftables.Set, key str
 // connection opens with a SYN, which no answer is, and a TCP header too
 // short to tell (a first fragment of 8 bytes) is none. UDP and other
 // protocols cannot be told from answers here: they pass.
-func addKnownChain(c *nftables.Conn, t *nftables.Table, fromAddr *nftables.Chain, inbound map[bool]*nftables.Set, key string) {
+func addKnownChain(c *nftables.Conn, t *nftables.Table, rule func(*nftables.Chain, ...[]expr.Any), fromAddr *nftables.Chain, inbound map[bool]*nftables.Set, key string) {
 	known := c.AddChain(&nftables.Chain{Name: "known-" + key, Table: t})
-	rule := func(ch *nftables.Chain, e ...[]expr.Any) {
-		c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: nftexpr.Cat(e...)})
-	}
 	accept := []expr.Any{&expr.Verdict{Kind: expr.VerdictAccept}}
 	for _, is6 := range []bool{false, true} {
 		set := inbound[is6]
@@ -576,18 +576,19 @@ func addKnownChain(c *nftables.Conn, t *nftables.Table, fromAddr *nftables.Chain
 			&expr.Lookup{SourceRegister: 1, SetName: set.Name, SetID: set.ID},
 			&expr.Verdict{Kind: expr.VerdictGoto, Chain: known.Name}})
 	}
-	for _, a := range answers(nftexpr.EtherType) {
-		rule(known, a, accept)
-	}
-	// Neighbour discovery to the host's own address (a unicast probe of
-	// it): the link chain has already dropped what would mislead.
-	rule(known, nftexpr.NeighbourDiscovery(), accept)
+	// UDP and the rest first, then TCP: what most packets are.
 	rule(known, []expr.Any{
 		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
 		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{unix.IPPROTO_ICMP}},
 		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{unix.IPPROTO_ICMPV6}},
 	}, accept)
+	for _, a := range answers(nftexpr.EtherType) {
+		rule(known, a, accept)
+	}
+	// Neighbour discovery to the host's own address (a unicast probe of
+	// it): the link chain has already dropped what would mislead.
+	rule(known, nftexpr.NeighbourDiscovery(), accept)
 	rule(known, []expr.Any{&expr.Verdict{Kind: expr.VerdictDrop}})
 }
 
