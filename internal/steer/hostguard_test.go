@@ -163,11 +163,14 @@ func serve(t *testing.T, netns, port string) {
 }
 
 // background runs args in netns until the test ends, its output in out.
+// A child it leaves (a killed `timeout`'s) may hold its output open: the
+// test's end waits a second for that, not for ever.
 func background(t *testing.T, netns string, args ...string) (cmd *exec.Cmd, out *strings.Builder) {
 	t.Helper()
 	cmd = exec.Command("ip", append([]string{"netns", "exec", netns}, args...)...)
 	out = &strings.Builder{}
 	cmd.Stdout = out
+	cmd.WaitDelay = time.Second
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
