@@ -107,9 +107,8 @@ func (g HostGuard) key() string {
 // solicitation for one) other than an answer (answers: TCP but a SYN,
 // echo replies, ICMP errors, fragments but the first; a UDP datagram
 // cannot be told from one), to which the pod may send answers alone. A
-// veth on any other master (Open vSwitch, a
-// VRF) or with something that moves frames before netfilter cannot be
-// guarded: an error.
+// veth on any other master (Open vSwitch, a VRF) or with something that
+// moves frames before netfilter cannot be guarded: an error.
 func (gs Guards) Install(g HostGuard) error {
 	return gs.install(g, false)
 }
@@ -512,9 +511,11 @@ func addGuard(c *nftables.Conn, t *nftables.Table, maps []*nftables.Set, key str
 		// advertisement the pod sends back there.
 		for _, is6 := range []bool{false, true} {
 			mine := ofFamily(g.Pod, is6)
-			for _, a := range mine { // the addresses alone: range reads mine once
-				if m := solicitedNode(a); is6 && !slices.Contains(mine, m) {
-					mine = append(mine, m)
+			if is6 {
+				for _, a := range mine { // the addresses alone: range reads mine once
+					if m := solicitedNode(a); !slices.Contains(mine, m) {
+						mine = append(mine, m)
+					}
 				}
 			}
 			toOthers := ipFamily(is6)

@@ -439,15 +439,7 @@ func TestOnlyWhatIsSentToThePodMakesItsSenderKnown(t *testing.T) {
 		t.Skip("needs root: namespaces, a bridge and nftables")
 	}
 	hostIf, _ := guardTopology(t, true)
-	target := nodeNetns(t)
-	guards := Guards{Dir: t.TempDir()}
-	pod := []netip.Addr{netip.MustParseAddr("10.77.0.2"), netip.MustParseAddr("fd77::2")}
-	if err := target.Do(func(ns.NetNS) error {
-		return guards.Install(HostGuard{ID: "0123456789abcdef", HostIf: hostIf, Pod: pod})
-	}); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { target.Do(func(ns.NetNS) error { return guards.Remove("0123456789abcdef") }) })
+	guardPod(t, hostIf)
 	// The node's neighbours 10.77.0.3 and fd77::3 have a MAC address the
 	// bridge has never seen: what it routes to them is flooded.
 	for _, a := range []string{"10.77.0.3", "fd77::3"} {
@@ -524,15 +516,7 @@ func TestAHostThatReachedABridgedPodIsOnlyAnswered(t *testing.T) {
 	if got := opens(); len(got) != 9 {
 		t.Fatalf("without the guard only these got through: %q", got)
 	}
-	target := nodeNetns(t)
-	guards := Guards{Dir: t.TempDir()}
-	pod := []netip.Addr{netip.MustParseAddr("10.77.0.2"), netip.MustParseAddr("fd77::2")}
-	if err := target.Do(func(ns.NetNS) error {
-		return guards.Install(HostGuard{ID: "0123456789abcdef", HostIf: hostIf, Pod: pod})
-	}); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { target.Do(func(ns.NetNS) error { return guards.Remove("0123456789abcdef") }) })
+	guardPod(t, hostIf)
 	// The remote host and the node reach the pod, and it answers them.
 	for _, v := range []struct{ netns, pod, remote string }{
 		{remoteNS, "10.77.0.2:9000", "198.51.100.2:7"}, {remoteNS, "[fd77::2]:9000", "[2001:db8:77::2]:7"},
@@ -555,6 +539,17 @@ func TestAHostThatReachedABridgedPodIsOnlyAnswered(t *testing.T) {
 	if got := opens(); len(got) != 0 {
 		t.Errorf("guarded, the pod still opened %q", got)
 	}
+}
+
+// guardPod guards the topology's pod, both its addresses and no kept
+// range, on hostIf until the test ends.
+func guardPod(t *testing.T, hostIf string) {
+	t.Helper()
+	target := nodeNetns(t)
+	guards := Guards{Dir: t.TempDir()}
+	pod := []netip.Addr{netip.MustParseAddr("10.77.0.2"), netip.MustParseAddr("fd77::2")}
+	inNetns(t, target)(func() error { return guards.Install(HostGuard{ID: "0123456789abcdef", HostIf: hostIf, Pod: pod}) })
+	t.Cleanup(func() { target.Do(func(ns.NetNS) error { return guards.Remove("0123456789abcdef") }) })
 }
 
 // counted counts, with rules, what arrives in netns, in a table of its
@@ -587,15 +582,7 @@ func TestFragmentsOfAnAnswerMakeNoOneKnown(t *testing.T) {
 		t.Skip("needs root: namespaces, a bridge and nftables")
 	}
 	hostIf, _ := guardTopology(t, true)
-	target := nodeNetns(t)
-	guards := Guards{Dir: t.TempDir()}
-	pod := []netip.Addr{netip.MustParseAddr("10.77.0.2"), netip.MustParseAddr("fd77::2")}
-	if err := target.Do(func(ns.NetNS) error {
-		return guards.Install(HostGuard{ID: "0123456789abcdef", HostIf: hostIf, Pod: pod})
-	}); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { target.Do(func(ns.NetNS) error { return guards.Remove("0123456789abcdef") }) })
+	guardPod(t, hostIf)
 	// The remote host's echo reply of 4000 bytes to a ping the pod sent
 	// before its guard (as if it had), in fragments.
 	const reply = `import socket, sys
