@@ -106,7 +106,8 @@ func (g HostGuard) key() string {
 // that sent one of the pod's addresses a packet (or a neighbour
 // solicitation for one) other than an answer (answers: TCP but a SYN,
 // echo replies, ICMP errors, fragments but the first; a UDP datagram
-// cannot be told from one), to which the pod may send answers alone. A
+// cannot be told from one), to which the pod may send answers alone
+// (UDP and the rest by the inet table's conntrack: unsureMark). A
 // veth on any other master (Open vSwitch, a VRF) or with something that
 // moves frames before netfilter cannot be guarded: an error.
 func (gs Guards) Install(g HostGuard) error {
@@ -230,6 +231,13 @@ func install(family nftables.TableFamily, late bool, guards ...HostGuard) error 
 	c, err := nftables.New(nftables.WithSockOptions(largeBuffers))
 	if err != nil {
 		return err
+	}
+	if family == nftables.TableFamilyBridge {
+		// What a bridge's guard marks unsure, the inet table decides: it
+		// comes first, with its chain for that (one made before has none).
+		if _, _, err := guardTable(c, nftables.TableFamilyINet); err != nil {
+			return fmt.Errorf("guarding %s on the host: %w", what, err)
+		}
 	}
 	t, maps, err := guardTable(c, family)
 	if err != nil {
@@ -415,7 +423,60 @@ func guardTable(c *nftables.Conn, family nftables.TableFamily) (*nftables.Table,
 			vmap(base("prerouting", nftables.ChainHookPrerouting), expr.MetaKeyIIFNAME, m)
 		}
 	}
+	if family == nftables.TableFamilyINet && !chainNames(c, family)[unsureChain] {
+		addUnsureChain(c, t, base("forward", nftables.ChainHookForward), base("input", nftables.ChainHookInput))
+	}
 	return t, maps, nftexpr.Flush(c)
+}
+
+// unsureMark is the bit of a packet's mark by which a bridge port's
+// guard hands the host's conntrack what it cannot tell for an answer
+// (a UDP datagram to a host that reached the pod): without it, the pod
+// could send one to any UDP service of that host's, the node's own after
+// a probe from it. A bit kube-proxy (0x4000, 0x8000) and Calico
+// (0xffff0000, which it clears) leave be; the packet comes from a veth,
+// which cleared its mark.
+const unsureMark = 0x2000
+
+const unsureChain = "unsure"
+
+// addUnsureChain makes the inet table pass what a bridge's guard marked
+// unsure only as an answer, where the host forwards it or takes it in
+// (also a frame bridged on with br_netfilter, which passes it through
+// forward). Only from a bridge, so that another's use of the bit drops
+// nothing.
+func addUnsureChain(c *nftables.Conn, t *nftables.Table, bases ...*nftables.Chain) {
+	unsure := c.AddChain(&nftables.Chain{Name: unsureChain, Table: t})
+	mark := []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: binaryutil.NativeEndian.PutUint32(unsureMark), Xor: make([]byte, 4)},
+	}
+	ret := []expr.Any{&expr.Verdict{Kind: expr.VerdictReturn}}
+	rule := func(e ...[]expr.Any) { c.AddRule(&nftables.Rule{Table: t, Chain: unsure, Exprs: nftexpr.Cat(e...)}) }
+	rule(mark, []expr.Any{&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: make([]byte, 4)}}, ret)
+	rule([]expr.Any{
+		&expr.Meta{Key: metaKeyIIFKIND, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: nftexpr.IfNameBytes("bridge")},
+	}, ret)
+	// The bit goes with the answer: it means nothing further on.
+	rule(nftexpr.Established(), nftexpr.CtReply(), setMark(^uint32(unsureMark), 0), ret)
+	rule([]expr.Any{&expr.Verdict{Kind: expr.VerdictDrop}})
+	for _, b := range bases {
+		c.AddRule(&nftables.Rule{Table: t, Chain: b, Exprs: []expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: unsure.Name}}})
+	}
+}
+
+// metaKeyIIFKIND loads the kind of the input interface ("bridge",
+// "veth"): NFT_META_IIFKIND, which the nftables package does not name.
+const metaKeyIIFKIND = expr.MetaKey(26)
+
+// setMark sets the packet's mark to (mark & mask) ^ xor.
+func setMark(mask, xor uint32) []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: binaryutil.NativeEndian.PutUint32(mask), Xor: binaryutil.NativeEndian.PutUint32(xor)},
+		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1, SourceRegister: true},
+	}
 }
 
 // addGuard adds the pod's chains and sets, and its interface to the maps
@@ -567,7 +628,8 @@ func addGuard(c *nftables.Conn, t *nftables.Table, maps []*nftables.Set, key str
 // after a probe from it (kubelet's, docker-proxy's), or ping it. A
 // connection opens with a SYN, which no answer is, and a TCP header too
 // short to tell (a first fragment of 8 bytes) is none. UDP and other
-// protocols cannot be told from answers here: they pass.
+// protocols cannot be told from answers here: they pass marked, for the
+// host's conntrack to tell (unsureMark).
 func addKnownChain(c *nftables.Conn, t *nftables.Table, rule func(*nftables.Chain, ...[]expr.Any), fromAddr *nftables.Chain, inbound map[bool]*nftables.Set, key string) {
 	known := c.AddChain(&nftables.Chain{Name: "known-" + key, Table: t})
 	accept := []expr.Any{&expr.Verdict{Kind: expr.VerdictAccept}}
@@ -577,13 +639,14 @@ func addKnownChain(c *nftables.Conn, t *nftables.Table, rule func(*nftables.Chai
 			&expr.Lookup{SourceRegister: 1, SetName: set.Name, SetID: set.ID},
 			&expr.Verdict{Kind: expr.VerdictGoto, Chain: known.Name}})
 	}
-	// UDP and the rest first, then TCP: what most packets are.
+	// UDP and the rest first, then TCP: what most packets are. Those the
+	// host's conntrack decides (unsureMark).
 	rule(known, []expr.Any{
 		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
 		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{unix.IPPROTO_ICMP}},
 		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{unix.IPPROTO_ICMPV6}},
-	}, accept)
+	}, setMark(^uint32(unsureMark), unsureMark), accept)
 	for _, a := range answers(nftexpr.EtherType) {
 		rule(known, a, accept)
 	}
@@ -1231,7 +1294,8 @@ func (gs Guards) Restore(snapshot *Snapshot) (restored []string, err error) {
 			}
 		}
 	}
-	if len(restored) > 0 {
+	// Also where only the inet table went: the bridges' guards need it.
+	if len(restored) > 0 || len(have) > 0 {
 		errs = append(errs, ensureTables(c))
 	}
 	return restored, errors.Join(errs...)
