@@ -1124,15 +1124,23 @@ func (gs Guards) recordsOf(id string) []guardRecord {
 	return out
 }
 
-// Has reports whether the pod's guard exists.
+// Has reports whether the pod's guard exists, whole: a bridge port's
+// with the inet table's chain that decides what it marks unsure.
 func (gs Guards) Has(id string) (bool, error) {
-	keys, err := gs.List()
-	for _, k := range keys {
-		if k == guardKey(id) {
-			return true, nil
+	c, err := nftables.New()
+	if err != nil {
+		return false, err
+	}
+	for _, f := range guardFamilies {
+		keys, err := guardKeys(c, f)
+		if err != nil && !errors.Is(err, unix.ENOENT) {
+			return false, err
+		}
+		if slices.Contains(keys, guardKey(id)) {
+			return f == nftables.TableFamilyINet || chainNames(c, nftables.TableFamilyINet)[unsureChain], nil
 		}
 	}
-	return false, err
+	return false, nil
 }
 
 // List names the guarded pods by the first 12 characters of their ids.
