@@ -177,6 +177,25 @@ func SetMark(m uint32) []expr.Any {
 	}
 }
 
+// MarkMasked matches packets whose mark, masked, is m.
+func MarkMasked(m, mask uint32) []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: binaryutil.NativeEndian.PutUint32(mask), Xor: make([]byte, 4)},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(m)},
+	}
+}
+
+// SetMarkBits sets the packet's mark to (mark & mask) ^ xor, leaving
+// the bits of others be: mask ^b and xor b set b, xor 0 clears it.
+func SetMarkBits(mask, xor uint32) []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: binaryutil.NativeEndian.PutUint32(mask), Xor: binaryutil.NativeEndian.PutUint32(xor)},
+		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1, SourceRegister: true},
+	}
+}
+
 // SetCtMark sets the connection's mark to m.
 func SetCtMark(m uint32) []expr.Any {
 	return []expr.Any{

@@ -447,19 +447,15 @@ const unsureChain = "unsure"
 // nothing.
 func addUnsureChain(c *nftables.Conn, t *nftables.Table, bases ...*nftables.Chain) {
 	unsure := c.AddChain(&nftables.Chain{Name: unsureChain, Table: t})
-	mark := []expr.Any{
-		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
-		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: binaryutil.NativeEndian.PutUint32(unsureMark), Xor: make([]byte, 4)},
-	}
 	ret := []expr.Any{&expr.Verdict{Kind: expr.VerdictReturn}}
 	rule := func(e ...[]expr.Any) { c.AddRule(&nftables.Rule{Table: t, Chain: unsure, Exprs: nftexpr.Cat(e...)}) }
-	rule(mark, []expr.Any{&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: make([]byte, 4)}}, ret)
+	rule(nftexpr.MarkMasked(0, unsureMark), ret)
 	rule([]expr.Any{
 		&expr.Meta{Key: metaKeyIIFKIND, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: nftexpr.IfNameBytes("bridge")},
 	}, ret)
 	// The bit goes with the answer: it means nothing further on.
-	rule(nftexpr.Established(), nftexpr.CtReply(), setMark(^uint32(unsureMark), 0), ret)
+	rule(nftexpr.Established(), nftexpr.CtReply(), nftexpr.SetMarkBits(^uint32(unsureMark), 0), ret)
 	rule([]expr.Any{&expr.Verdict{Kind: expr.VerdictDrop}})
 	for _, b := range bases {
 		c.AddRule(&nftables.Rule{Table: t, Chain: b, Exprs: []expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: unsure.Name}}})
@@ -469,15 +465,6 @@ func addUnsureChain(c *nftables.Conn, t *nftables.Table, bases ...*nftables.Chai
 // metaKeyIIFKIND loads the kind of the input interface ("bridge",
 // "veth"): NFT_META_IIFKIND, which the nftables package does not name.
 const metaKeyIIFKIND = expr.MetaKey(26)
-
-// setMark sets the packet's mark to (mark & mask) ^ xor.
-func setMark(mask, xor uint32) []expr.Any {
-	return []expr.Any{
-		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
-		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: binaryutil.NativeEndian.PutUint32(mask), Xor: binaryutil.NativeEndian.PutUint32(xor)},
-		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1, SourceRegister: true},
-	}
-}
 
 // addGuard adds the pod's chains and sets, and its interface to the maps
 // (guardMapNames' order).
@@ -646,7 +633,7 @@ func addKnownChain(c *nftables.Conn, t *nftables.Table, rule func(*nftables.Chai
 		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
 		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{unix.IPPROTO_ICMP}},
 		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{unix.IPPROTO_ICMPV6}},
-	}, setMark(^uint32(unsureMark), unsureMark), accept)
+	}, nftexpr.SetMarkBits(^uint32(unsureMark), unsureMark), accept)
 	for _, a := range answers(nftexpr.EtherType) {
 		rule(known, a, accept)
 	}

@@ -486,7 +486,7 @@ func TestAHostThatReachedABridgedPodIsOnlyAnswered(t *testing.T) {
 	if os.Getuid() != 0 {
 		t.Skip("needs root: namespaces, a bridge and nftables")
 	}
-	if _, err := os.Stat("/proc/sys/net/bridge"); err != nil {
+	if !hasBrNetfilter() {
 		t.Log("no br_netfilter here: tested without it alone")
 		reachedOnlyAnswered(t, "")
 		return
@@ -494,6 +494,14 @@ func TestAHostThatReachedABridgedPodIsOnlyAnswered(t *testing.T) {
 	for _, on := range []string{"1", "0"} {
 		t.Run("bridge-nf-call-iptables="+on, func(t *testing.T) { reachedOnlyAnswered(t, on) })
 	}
+}
+
+// hasBrNetfilter reports whether br_netfilter is loaded (or built in):
+// its sysctls, per namespace, then say whether a bridge's frames pass
+// the IP hooks.
+func hasBrNetfilter() bool {
+	_, err := os.Stat("/proc/sys/net/bridge")
+	return err == nil
 }
 
 // reachedOnlyAnswered is TestAHostThatReachedABridgedPodIsOnlyAnswered,
@@ -1265,7 +1273,7 @@ func TestWithBrNetfilterABridgedPodOnlyAnswersItsNeighbour(t *testing.T) {
 	if os.Getuid() != 0 {
 		t.Skip("needs root: namespaces, a bridge and nftables")
 	}
-	if _, err := os.Stat("/proc/sys/net/bridge"); err != nil {
+	if !hasBrNetfilter() {
 		t.Skip("br_netfilter is not loaded: loading it would change every bridge's filtering on this host")
 	}
 	hostIf, _ := guardTopology(t, true)
