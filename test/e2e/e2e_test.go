@@ -1643,7 +1643,9 @@ func TestManyShortUDPFlowsDoNotCutTheSandboxOff(t *testing.T) {
 	}()
 	port := pc.LocalAddr().(*net.UDPAddr).Port
 	users(t, func(t *testing.T, u as) {
-		r := run(t, u, "--allow-cidr", "10.87.0.1/32", "--", "python3", "-c", fmt.Sprintf(`
+		// Under an emulated CPU (make e2e-vm) the flows take about run's
+		// minute.
+		r := runWithin(t, 5*time.Minute, u, "--allow-cidr", "10.87.0.1/32", "--", "python3", "-c", fmt.Sprintf(`
 import socket
 for i in range(9000):
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
