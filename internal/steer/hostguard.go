@@ -423,7 +423,7 @@ func guardTable(c *nftables.Conn, family nftables.TableFamily) (*nftables.Table,
 			vmap(base("prerouting", nftables.ChainHookPrerouting), expr.MetaKeyIIFNAME, m)
 		}
 	}
-	if family == nftables.TableFamilyINet && !chainNames(c, family)[unsureChain] {
+	if family == nftables.TableFamilyINet && (!exists || !hasUnsureChain(c)) {
 		addUnsureChain(c, t, base("forward", nftables.ChainHookForward), base("input", nftables.ChainHookInput))
 	}
 	return t, maps, nftexpr.Flush(c)
@@ -440,6 +440,12 @@ const unsureMark = 0x2000
 
 const unsureChain = "unsure"
 
+// hasUnsureChain says whether the inet table has its unsure chain.
+func hasUnsureChain(c *nftables.Conn) bool {
+	_, err := c.ListChain(&nftables.Table{Family: nftables.TableFamilyINet, Name: GuardTable}, unsureChain)
+	return err == nil
+}
+
 // addUnsureChain makes the inet table pass what a bridge's guard marked
 // unsure only as an answer, where the host forwards it or takes it in
 // (also a frame bridged on with br_netfilter, which passes it through
@@ -450,10 +456,7 @@ func addUnsureChain(c *nftables.Conn, t *nftables.Table, bases ...*nftables.Chai
 	ret := []expr.Any{&expr.Verdict{Kind: expr.VerdictReturn}}
 	rule := func(e ...[]expr.Any) { c.AddRule(&nftables.Rule{Table: t, Chain: unsure, Exprs: nftexpr.Cat(e...)}) }
 	rule(nftexpr.MarkMasked(0, unsureMark), ret)
-	rule([]expr.Any{
-		&expr.Meta{Key: metaKeyIIFKIND, Register: 1},
-		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: nftexpr.IfNameBytes("bridge")},
-	}, ret)
+	rule(nftexpr.IfName(metaKeyIIFKIND, "bridge", false), ret) // a kind compares as a name
 	// The bit goes with the answer: it means nothing further on.
 	rule(nftexpr.Established(), nftexpr.CtReply(), nftexpr.SetMarkBits(^uint32(unsureMark), 0), ret)
 	rule([]expr.Any{&expr.Verdict{Kind: expr.VerdictDrop}})
@@ -1119,12 +1122,12 @@ func (gs Guards) Has(id string) (bool, error) {
 		return false, err
 	}
 	for _, f := range guardFamilies {
-		keys, err := guardKeys(c, f)
-		if err != nil && !errors.Is(err, unix.ENOENT) {
+		keys, err := listedKeys(c, f)
+		if err != nil {
 			return false, err
 		}
 		if slices.Contains(keys, guardKey(id)) {
-			return f == nftables.TableFamilyINet || chainNames(c, nftables.TableFamilyINet)[unsureChain], nil
+			return f == nftables.TableFamilyINet || hasUnsureChain(c), nil
 		}
 	}
 	return false, nil
@@ -1138,13 +1141,22 @@ func (gs Guards) List() ([]string, error) {
 	}
 	var out []string
 	for _, f := range guardFamilies {
-		keys, err := guardKeys(c, f)
-		if err != nil && !errors.Is(err, unix.ENOENT) {
+		keys, err := listedKeys(c, f)
+		if err != nil {
 			return nil, err
 		}
 		out = append(out, keys...)
 	}
 	return out, nil
+}
+
+// listedKeys is guardKeys, none where nftables has nothing to list.
+func listedKeys(c *nftables.Conn, f nftables.TableFamily) ([]string, error) {
+	keys, err := guardKeys(c, f)
+	if errors.Is(err, unix.ENOENT) {
+		return nil, nil
+	}
+	return keys, err
 }
 
 // Matches reports whether a key from List is one of id's guards.

@@ -486,31 +486,35 @@ func TestAHostThatReachedABridgedPodIsOnlyAnswered(t *testing.T) {
 	if os.Getuid() != 0 {
 		t.Skip("needs root: namespaces, a bridge and nftables")
 	}
-	if !hasBrNetfilter() {
-		t.Log("no br_netfilter here: tested without it alone")
-		reachedOnlyAnswered(t, "")
-		return
-	}
+	loadBrNetfilter(t)
 	for _, on := range []string{"1", "0"} {
 		t.Run("bridge-nf-call-iptables="+on, func(t *testing.T) { reachedOnlyAnswered(t, on) })
 	}
 }
 
-// hasBrNetfilter reports whether br_netfilter is loaded (or built in):
-// its sysctls, per namespace, then say whether a bridge's frames pass
-// the IP hooks.
-func hasBrNetfilter() bool {
-	_, err := os.Stat("/proc/sys/net/bridge")
-	return err == nil
+// loadBrNetfilter makes sure br_netfilter is there, whose sysctls, per
+// namespace, say whether a bridge's frames pass the IP hooks. One the
+// test loads has the host's own turned off at once, so that the host's
+// bridges filter as they did, and is unloaded at the test's end.
+func loadBrNetfilter(t *testing.T) {
+	t.Helper()
+	if _, err := os.Stat("/proc/sys/net/bridge"); err == nil {
+		return // built in, or loaded by the host
+	}
+	if out, err := exec.Command("modprobe", "br_netfilter").CombinedOutput(); err != nil {
+		t.Fatalf("loading br_netfilter: %v\n%s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("modprobe", "-r", "br_netfilter").Run() })
+	if out, err := exec.Command("sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=0", "net.bridge.bridge-nf-call-ip6tables=0", "net.bridge.bridge-nf-call-arptables=0").CombinedOutput(); err != nil {
+		t.Fatalf("turning br_netfilter off for the host: %v\n%s", err, out)
+	}
 }
 
 // reachedOnlyAnswered is TestAHostThatReachedABridgedPodIsOnlyAnswered,
-// with br_netfilter on the node as brNetfilter says ("1", "0"; "": none).
+// with br_netfilter on the node as brNetfilter says ("1", "0").
 func reachedOnlyAnswered(t *testing.T, brNetfilter string) {
 	hostIf, _ := guardTopology(t, true)
-	if brNetfilter != "" {
-		run(t, nodeNS, "sysctl", "-qw", "net.bridge.bridge-nf-call-iptables="+brNetfilter, "net.bridge.bridge-nf-call-ip6tables="+brNetfilter)
-	}
+	run(t, nodeNS, "sysctl", "-qw", "net.bridge.bridge-nf-call-iptables="+brNetfilter, "net.bridge.bridge-nf-call-ip6tables="+brNetfilter)
 	for netns, port := range map[string]string{remoteNS: "7777", nodeNS: "7778", podNS: "9001"} {
 		background(t, netns, "socat", "TCP6-LISTEN:"+port+",reuseaddr,fork", "SYSTEM:echo hello")
 		until(t, "a TCP listener on "+port, netns, "-ltn", "sport = :"+port)
@@ -1273,9 +1277,7 @@ func TestWithBrNetfilterABridgedPodOnlyAnswersItsNeighbour(t *testing.T) {
 	if os.Getuid() != 0 {
 		t.Skip("needs root: namespaces, a bridge and nftables")
 	}
-	if !hasBrNetfilter() {
-		t.Skip("br_netfilter is not loaded: loading it would change every bridge's filtering on this host")
-	}
+	loadBrNetfilter(t)
 	hostIf, _ := guardTopology(t, true)
 	neighbour := neighbourPod(t)
 	run(t, nodeNS, "sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1", "net.bridge.bridge-nf-call-ip6tables=1")
