@@ -27,6 +27,7 @@ type captures struct {
 	upstream upstream.Func
 	closers  []func(io.Writer)
 	paths    []string // the files, hidden from the sandbox
+	flag     string   // what named them, for errors
 	// dropped counts the packets the closed files could not keep up with;
 	// failed holds the errors of those that could not be written.
 	dropped uint64
@@ -45,11 +46,10 @@ func capturePaths(path, point string) []string {
 	return []string{path}
 }
 
-func openCaptures(caller *asuser.User, path, point string, root, privileged bool) (c *captures, err error) {
-	c = &captures{}
-	if err := checkChoice("capture-point", point, "child", "egress", "wire-egress", "both"); err != nil {
-		return c, err
-	}
+// openCaptures creates the files for a point already checked; name says
+// what set a flag, for errors (execOptions.name).
+func openCaptures(caller *asuser.User, name func(flag string) string, path, point string, root, privileged bool) (c *captures, err error) {
+	c = &captures{flag: name("capture")}
 	if path == "" {
 		return c, nil
 	}
@@ -59,7 +59,7 @@ func openCaptures(caller *asuser.User, path, point string, root, privileged bool
 		}
 	}()
 	if point != "child" && !privileged {
-		return c, policy.Usagef("--capture-point %s captures on the host's interfaces and needs root (run with sudo, or use child)", point)
+		return c, policy.Usagef("%s %s captures on the host's interfaces and needs root (run with sudo, or use child)", name("capture-point"), point)
 	}
 	childPath, hostPath, hostView := path, path, point
 	if point == "both" {
@@ -127,7 +127,7 @@ func (c *captures) startLink(ifname string) error {
 }
 
 func (c *captures) closeFile(w *capture.Writer, stderr io.Writer) {
-	if err := closeReporting(w, "--capture", "packets", stderr); err != nil {
+	if err := closeReporting(w, c.flag, "packets", stderr); err != nil {
 		c.failed = append(c.failed, err)
 	}
 	c.dropped += w.Dropped()

@@ -199,7 +199,16 @@ func runDoctor(args []string, stdout, stderr io.Writer) int {
 	if code, done := parseSubcommand(fs, args, 0, stdout, stderr); done {
 		return code
 	}
-	return doctorReport(*format, stdout, stderr)
+	return doctorReport(given(fs, "doctor-format", "format"), *format, stdout, stderr)
+}
+
+// given is the flag of a value two flags set, as the user wrote it: the
+// second if given, else the first.
+func given(fs *pflag.FlagSet, flag, alias string) string {
+	if fs.Changed(alias) {
+		return "--" + alias
+	}
+	return "--" + flag
 }
 
 // runReport is `childflow report FILE`, the same as `--report FILE`.
@@ -214,11 +223,11 @@ func runReport(args []string, stdout, stderr io.Writer) int {
 	if err != nil {
 		return usageError(stderr, err)
 	}
-	return renderReport(caller, "report", fs.Arg(0), *format, stdout, stderr)
+	return renderReport(caller, "report", fs.Arg(0), given(fs, "report-format", "format"), *format, stdout, stderr)
 }
 
-func doctorReport(format string, stdout, stderr io.Writer) int {
-	if err := checkChoice("doctor-format", format, "text", "json"); err != nil {
+func doctorReport(formatFlag, format string, stdout, stderr io.Writer) int {
+	if err := checkChoice(formatFlag, format, "text", "json"); err != nil {
 		return usageError(stderr, err)
 	}
 	r := doctor.Local().Run()
@@ -247,7 +256,7 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return usageError(stderr, err)
 	}
 	if o.doctor {
-		return doctorReport(o.doctorFormat, stdout, stderr)
+		return doctorReport("--doctor-format", o.doctorFormat, stdout, stderr)
 	}
 	// The files the user names are opened with their rights, under sudo.
 	caller, err := asuser.FromSudo()
@@ -255,7 +264,7 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return usageError(stderr, err)
 	}
 	if o.report != "" {
-		return renderReport(caller, "--report", o.report, o.reportFormat, stdout, stderr)
+		return renderReport(caller, "--report", o.report, "--report-format", o.reportFormat, stdout, stderr)
 	}
 	command := fs.Args()
 	if o.profile != "" {
@@ -283,7 +292,7 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if len(command) == 0 {
 		return usageError(stderr, errors.New("no command given: childflow [exec] [OPTIONS] [--] COMMAND..."))
 	}
-	settings, err := api.Resolve(o.effective(nil), profile.FlagName)
+	settings, err := api.Resolve(o.effective(nil), o.keyName)
 	if err != nil {
 		return usageError(stderr, err)
 	}
@@ -312,10 +321,10 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			return dns.ParseHosts(f), nil
 		})
 		if err != nil {
-			return usageError(stderr, policy.Usagef("invalid --hosts-file %q: %v", o.hostsFile, err))
+			return usageError(stderr, policy.Usagef("invalid %s %q: %v", o.name("hosts-file"), o.hostsFile, err))
 		}
 		if o.hostsFile, err = filepath.Abs(o.hostsFile); err != nil {
-			return usageError(stderr, policy.Usagef("invalid --hosts-file %q: %v", o.hostsFile, err))
+			return usageError(stderr, policy.Usagef("invalid %s %q: %v", o.name("hosts-file"), o.hostsFile, err))
 		}
 	} else if needNames {
 		if f, err := os.Open("/etc/hosts"); err == nil {
@@ -327,7 +336,10 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if o.mtu < 1280 || o.mtu > 65520 {
 		return usageError(stderr, policy.Usagef("invalid --mtu %d: must be between 1280 and 65520", o.mtu))
 	}
-	if err := checkChoice("summary-format", o.summaryFormat, "text", "json"); err != nil {
+	if err := checkChoice(o.name("summary-format"), o.summaryFormat, "text", "json"); err != nil {
+		return usageError(stderr, err)
+	}
+	if err := checkChoice(o.name("capture-point"), o.capturePoint, "child", "egress", "wire-egress", "both"); err != nil {
 		return usageError(stderr, err)
 	}
 	withheld, err := sandbox.WithholdInheritedFDs()
@@ -349,13 +361,13 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	privileged := host.Privileged()
 	if o.root {
 		if !privileged {
-			return usageError(stderr, policy.Usagef("--root needs root with CAP_SYS_ADMIN and CAP_NET_ADMIN: run childflow --root through sudo (the command still runs as you)"))
+			return usageError(stderr, policy.Usagef("%s needs root with CAP_SYS_ADMIN and CAP_NET_ADMIN: run childflow --root through sudo (the command still runs as you)", o.name("root")))
 		}
 		if o.capture != "" && o.capturePoint != "child" {
-			return usageError(stderr, policy.Usagef("invalid --capture-point %q with --root: only child is supported (the host end of the sandbox's veth)", o.capturePoint))
+			return usageError(stderr, policy.Usagef("invalid %s %q with %s: only child is supported (the host end of the sandbox's veth)", o.name("capture-point"), o.capturePoint, o.name("root")))
 		}
 	} else if o.iface != "" {
-		return usageError(stderr, policy.Usagef("invalid --iface %q: needs --root", o.iface))
+		return usageError(stderr, policy.Usagef("invalid %s %q: needs --root", o.name("iface"), o.iface))
 	}
 	rootless := !privileged
 	if err := host.Preflight(o.root); err != nil {
@@ -383,7 +395,7 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	for _, out := range []struct {
 		flag  string
 		paths []string
-	}{{"--capture", capturePaths(o.capture, o.capturePoint)}, {"--flow-log", []string{o.flowLog}}} {
+	}{{o.name("capture"), capturePaths(o.capture, o.capturePoint)}, {o.name("flow-log"), []string{o.flowLog}}} {
 		for _, p := range out.paths {
 			if p == "" {
 				continue
@@ -400,7 +412,7 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		if o.set("mtu") {
 			mtu = o.mtu
 		}
-		rootNet, err = rootful.Reserve(rootful.Config{MTU: mtu, Policy: pol, DNS: upstreams, Hosts: hosts, Proxy: fwd, Iface: o.iface,
+		rootNet, err = rootful.Reserve(rootful.Config{MTU: mtu, Policy: pol, DNS: upstreams, Hosts: hosts, Proxy: fwd, Iface: o.iface, IfaceName: o.name("iface"),
 			Warn: func(msg string) { fmt.Fprintf(stderr, "childflow: --root: %s\n", msg) }, CountViolations: o.failOnLeak})
 		if err != nil {
 			var u *policy.UsageError
@@ -418,22 +430,22 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			return exitFailure
 		}
 	}
-	captures, err := openCaptures(caller, o.capture, o.capturePoint, o.root, privileged)
+	captures, err := openCaptures(caller, o.name, o.capture, o.capturePoint, o.root, privileged)
 	if err != nil {
 		var u *policy.UsageError
 		if errors.As(err, &u) {
 			return usageError(stderr, err)
 		}
-		return outputError(stderr, "--capture", err)
+		return outputError(stderr, o.name("capture"), err)
 	}
 	defer captures.close(stderr)
 	var sinks []func(flowlog.Event)
 	if o.flowLog != "" {
 		w, err := asuser.Call(caller, func() (*flowlog.Writer, error) { return flowlog.Create(o.flowLog) })
 		if err != nil {
-			return outputError(stderr, "--flow-log", err)
+			return outputError(stderr, o.name("flow-log"), err)
 		}
-		defer closeReporting(w, "--flow-log", "events", stderr)
+		defer closeReporting(w, o.name("flow-log"), "events", stderr)
 		sinks = append(sinks, w.Log)
 	}
 	var summary *report.Report
@@ -571,10 +583,11 @@ func runExec(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	return code
 }
 
-// renderReport renders the flow log at path; name says where path came
-// from (--report or report's argument) in errors.
-func renderReport(caller *asuser.User, name, path, format string, stdout, stderr io.Writer) int {
-	if err := checkChoice("report-format", format, report.Formats...); err != nil {
+// renderReport renders the flow log at path; name and formatFlag say
+// where path and format came from (--report or report's argument,
+// --report-format or --format) in errors.
+func renderReport(caller *asuser.User, name, path, formatFlag, format string, stdout, stderr io.Writer) int {
+	if err := checkChoice(formatFlag, format, report.Formats...); err != nil {
 		return usageError(stderr, err)
 	}
 	f, err := asuser.Call(caller, func() (*os.File, error) { return os.Open(path) })

@@ -7,6 +7,8 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/childflow/childflow/policy/profile"
 )
 
 // TestSubcommandArguments: a word a subcommand does not take is a usage
@@ -26,13 +28,17 @@ func TestSubcommandArguments(t *testing.T) {
 	}{
 		{[]string{"cleanup", "--state-dir", t.TempDir(), "extra"}, 2, `childflow cleanup takes no arguments, got ["extra"]`, ""},
 		{[]string{"doctor", "json"}, 2, `childflow doctor takes no arguments, got ["json"]`, ""},
+		{[]string{"doctor", "--format", "yaml"}, 2, `invalid --format "yaml"`, ""},
+		{[]string{"doctor", "--doctor-format", "yaml"}, 2, `invalid --doctor-format "yaml"`, ""},
+		{[]string{"sandboxes", "--format", "yaml"}, 2, `invalid --format "yaml"`, ""},
 		{[]string{"daemon", "start"}, 2, `childflow daemon takes no arguments, got ["start"]`, ""},
 		{[]string{"sandboxes", "all"}, 2, `childflow sandboxes takes no arguments, got ["all"]`, ""},
 		{[]string{"cni-install", "now"}, 2, `childflow cni-install takes no arguments, got ["now"]`, ""},
 		{[]string{"version", "--short"}, 2, `childflow version takes no arguments, got ["--short"]`, ""},
 		{[]string{"report"}, 2, `childflow report takes 1 argument(s), got []`, ""},
 		{[]string{"report", flows, flows}, 2, "childflow report takes 1 argument(s)", ""},
-		{[]string{"report", "--format", "pdf", flows}, 2, `invalid --report-format "pdf"`, ""},
+		{[]string{"report", "--format", "pdf", flows}, 2, `invalid --format "pdf"`, ""},
+		{[]string{"report", "--report-format", "pdf", flows}, 2, `invalid --report-format "pdf"`, ""},
 		{[]string{"report", "/nonexistent.jsonl"}, 2, `invalid report "/nonexistent.jsonl"`, ""},
 		{[]string{"report", flows}, 0, "", string(want)},
 		{[]string{"--report", flows}, 0, "", string(want)},
@@ -128,6 +134,65 @@ flow_log = "/tmp/flows.jsonl"
 			if !slices.Contains(lines, w) {
 				t.Errorf("%q: no line %q in the effective profile:\n%s", c.flags, w, stdout.String())
 			}
+		}
+	}
+}
+
+// TestProfileMistakesNameTheKey: a bad value the profile gave is named by
+// its key, not by a flag the user never typed; the same value given as a
+// flag is named by the flag. Each is one line and exit 2, before anything
+// is set up.
+func TestProfileMistakesNameTheKey(t *testing.T) {
+	dir := t.TempDir()
+	for _, c := range []struct {
+		profile string
+		flags   []string
+		want    string
+	}{
+		{`deny_domains = ["bad..name"]`, nil, `invalid profile key deny_domains "bad..name": not a domain name`},
+		{`allow_cidrs = ["203.0.113.0/33"]`, nil, `invalid profile key allow_cidrs "203.0.113.0/33"`},
+		{`dns = ["resolver"]`, nil, `invalid profile key dns "resolver"`},
+		{`default_policy = "maybe"`, nil, `invalid profile key default_policy "maybe"`},
+		{`proxy = "gopher://127.0.0.1:70"`, nil, `invalid profile key proxy "gopher://127.0.0.1:70"`},
+		{`proxy_only = true`, nil, `profile key proxy_only needs --proxy`},
+		{`proxy_user = "u"`, nil, `profile key proxy_user, --proxy-password and --proxy-insecure need --proxy`},
+		{`hosts_file = "/nonexistent"`, nil, `invalid profile key hosts_file "/nonexistent"`},
+		{`summary_format = "xml"`, nil, `invalid profile key summary_format "xml"`},
+		{`capture_point = "wire"`, nil, `invalid profile key capture_point "wire"`},
+		{`flow_log = "` + dir + `"`, nil, `profile key flow_log: ` + dir + ` is a directory`},
+		{`capture = "` + dir + `"`, nil, `profile key capture: ` + dir + ` is a directory`},
+		{`iface = "eth0"`, nil, `invalid profile key iface "eth0": needs --root`},
+		{`extends = "missing.toml"`, nil, `p.toml: invalid extends "` + dir + `/missing.toml"`},
+		// The flag wins over the profile, and is named.
+		{`deny_domains = ["example.test"]`, []string{"--deny-domain", "bad..name"}, `invalid --deny-domain "bad..name"`},
+		{`summary_format = "json"`, []string{"--summary-format", "xml"}, `invalid --summary-format "xml"`},
+	} {
+		prof := dir + "/p.toml"
+		if err := os.WriteFile(prof, []byte(c.profile+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		var stdout, stderr bytes.Buffer
+		args := append(append([]string{"childflow", "--profile", prof}, c.flags...), "--", "true")
+		code := Run(context.Background(), args, &stdout, &stderr)
+		if code != 2 || !strings.Contains(stderr.String(), c.want) || strings.Count(stderr.String(), "\n") != 1 {
+			t.Errorf("profile %s, flags %q: exit %d, stderr %q; want exit 2 and one line with %q", c.profile, c.flags, code, stderr.String(), c.want)
+		}
+	}
+}
+
+// TestProfileKeyIsFlagNamesInverse: every flag a profile can set maps to
+// its key and back.
+func TestProfileKeyIsFlagNamesInverse(t *testing.T) {
+	var o execOptions
+	p := &profile.Profile{}
+	fields := profile.Fields(p)
+	for _, b := range o.bindings(p) {
+		key := profileKey(b.flag)
+		if _, ok := fields[key]; !ok {
+			t.Errorf("flag --%s: profile key %q does not exist", b.flag, key)
+		}
+		if back := profile.FlagName(key); back != "--"+b.flag {
+			t.Errorf("flag --%s: key %q names %s", b.flag, key, back)
 		}
 	}
 }

@@ -118,7 +118,7 @@ func runSandboxes(args []string, stdout, stderr io.Writer) int {
 	if code, done := parseSubcommand(fs, args, 0, stdout, stderr); done {
 		return code
 	}
-	if err := checkChoice("format", *format, "text", "json"); err != nil {
+	if err := checkChoice("--format", *format, "text", "json"); err != nil {
 		return usageError(stderr, err)
 	}
 	list, err := api.Client{Socket: *socket}.List()

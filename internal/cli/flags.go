@@ -64,11 +64,13 @@ func newExecFlags(o *execOptions) *pflag.FlagSet {
 	return fs
 }
 
-func checkChoice(flag, value string, choices ...string) error {
+// checkChoice says value is one of choices; name is what set it
+// (execOptions.name).
+func checkChoice(name, value string, choices ...string) error {
 	for _, c := range choices {
 		if value == c {
 			return nil
 		}
 	}
-	return policy.Usagef("invalid --%s %q: must be one of %s", flag, value, strings.Join(choices, ", "))
+	return policy.Usagef("invalid %s %q: must be one of %s", name, value, strings.Join(choices, ", "))
 }

@@ -1,6 +1,8 @@
 package cli
 
 import (
+	"strings"
+
 	"github.com/childflow/childflow/policy"
 	"github.com/childflow/childflow/policy/profile"
 )
@@ -113,4 +115,30 @@ func (o *execOptions) effective(command []string) *profile.Profile {
 		p.Command = &c
 	}
 	return p
+}
+
+// name is what the user wrote to set flag, for errors: the flag, or the
+// profile key when the value came from the profile, so that a profile's
+// mistake is not named after a flag the user never typed.
+func (o *execOptions) name(flag string) string {
+	switch {
+	case !o.fromProfile[flag]:
+		return "--" + flag
+	case flag == "root":
+		return `profile key backend "root"`
+	}
+	return "profile key " + profileKey(flag)
+}
+
+// keyName is name for a profile key (a profile.Namer).
+func (o *execOptions) keyName(key string) string {
+	return o.name(strings.TrimPrefix(profile.FlagName(key), "--"))
+}
+
+// profileKey is the profile key flag sets (allow-cidr: allow_cidrs), the
+// inverse of profile.FlagName.
+func profileKey(flag string) string {
+	k := strings.ReplaceAll(flag, "-", "_")
+	k = strings.Replace(k, "cidr", "cidrs", 1)
+	return strings.Replace(k, "domain", "domains", 1)
 }

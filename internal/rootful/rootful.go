@@ -9,6 +9,7 @@
 package rootful
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -53,8 +54,9 @@ type Config struct {
 	// Proxy, if set, carries every TCP connection (TPROXY).
 	Proxy *proxy.Proxy
 	// Iface, if set, is the host interface direct traffic and the proxy
-	// connection leave by.
-	Iface string
+	// connection leave by; IfaceName names what set it in errors
+	// (default --iface).
+	Iface, IfaceName string
 	// Warn, if set, tells the user of trouble while the sandbox runs.
 	Warn func(string)
 	// CountViolations: Violations is read at the end (--fail-on-leak).
@@ -105,7 +107,8 @@ func Reserve(cfg Config) (sb *Sandbox, err error) {
 	var iface netlink.Link
 	if cfg.Iface != "" {
 		if iface, err = netlink.LinkByName(cfg.Iface); err != nil {
-			return nil, policy.Usagef("invalid --iface %q: no such interface", cfg.Iface)
+			name := cmp.Or(cfg.IfaceName, "--iface")
+			return nil, policy.Usagef("invalid %s %q: no such interface", name, cfg.Iface)
 		}
 	}
 	unlock, err := lockDir(cfg.StateDir)

@@ -159,11 +159,14 @@ func load(path string, chain []string) (*Profile, error) {
 			return nil, policy.Usagef("profile extends cycle: %s", strings.Join(append(chain[i:], abs), " -> "))
 		}
 	}
-	chain = append(chain, abs)
 	data, err := os.ReadFile(abs)
 	if err != nil {
+		if len(chain) > 0 {
+			return nil, policy.Usagef("profile %s: invalid extends %q: %v", chain[len(chain)-1], path, err)
+		}
 		return nil, policy.Usagef("invalid --profile %q: %v", path, err)
 	}
+	chain = append(chain, abs)
 	p, err := Parse(abs, data, "")
 	if err != nil {
 		return nil, err
