@@ -78,6 +78,11 @@ const GuardTable = "childflow-guard"
 // a bridge may hear from it.
 const inboundTimeout = time.Hour
 
+// udpAnswerTimeout is how long a pod on a bridge may answer a UDP
+// datagram, from the port it came to, to the port it came from: as long
+// as conntrack keeps a UDP stream.
+const udpAnswerTimeout = 2 * time.Minute
+
 // guardFamilies are the families of the guards' tables.
 var guardFamilies = []nftables.TableFamily{nftables.TableFamilyINet, nftables.TableFamilyBridge}
 
@@ -107,7 +112,8 @@ func (g HostGuard) key() string {
 // solicitation for one) other than an answer (answers: TCP but a SYN,
 // echo replies, ICMP errors, fragments but the first; a UDP datagram
 // cannot be told from one), to which the pod may send answers alone
-// (UDP and the rest by the inet table's conntrack: unsureMark). A
+// (UDP to the ports of a datagram it was sent, the rest by the inet
+// table's conntrack: unsureMark). A
 // veth on any other master (Open vSwitch, a VRF) or with something that
 // moves frames before netfilter cannot be guarded: an error.
 func (gs Guards) Install(g HostGuard) error {
@@ -431,11 +437,11 @@ func guardTable(c *nftables.Conn, family nftables.TableFamily) (*nftables.Table,
 
 // unsureMark is the bit of a packet's mark by which a bridge port's
 // guard hands the host's conntrack what it cannot tell for an answer
-// (a UDP datagram to a host that reached the pod): without it, the pod
-// could send one to any UDP service of that host's, the node's own after
-// a probe from it. A bit kube-proxy (0x4000, 0x8000) and Calico
-// (0xffff0000, which it clears) leave be; the packet comes from a veth,
-// which cleared its mark.
+// (a packet of a protocol but TCP, UDP and ICMP to a host that reached
+// the pod): without it, the pod could send one to any such service of
+// that host's, the node's own after a probe from it. A bit kube-proxy
+// (0x4000, 0x8000) and Calico (0xffff0000, which it clears) leave be; the
+// packet comes from a veth, which cleared its mark.
 const unsureMark = 0x2000
 
 const unsureChain = "unsure"
@@ -540,7 +546,19 @@ func addGuard(c *nftables.Conn, t *nftables.Table, maps []*nftables.Set, key str
 			}
 			inbound[is6] = set
 		}
-		addKnownChain(c, t, rule, fromAddr, inbound, key)
+		udp := map[bool]*nftables.Set{}
+		for _, is6 := range []bool{false, true} {
+			set := &nftables.Set{Table: t, Name: udpAnswerSet(key, is6), HasTimeout: true, Dynamic: true, Timeout: udpAnswerTimeout, Size: 65536, Concatenation: true,
+				KeyType: nftables.MustConcatSetType(nftables.TypeIPAddr, nftables.TypeInetService, nftables.TypeInetService)}
+			if is6 {
+				set.KeyType = nftables.MustConcatSetType(nftables.TypeIP6Addr, nftables.TypeInetService, nftables.TypeInetService)
+			}
+			if err := c.AddSet(set, nil); err != nil {
+				return err
+			}
+			udp[is6] = set
+		}
+		addKnownChain(c, t, rule, fromAddr, inbound, udp, key)
 		// remember makes the sender of what is sent to the pod known, or
 		// keeps it known if it is.
 		remember := func(known bool) {
@@ -578,6 +596,14 @@ func addGuard(c *nftables.Conn, t *nftables.Table, maps []*nftables.Set, key str
 				toOthers = nftexpr.Cat(toOthers, []expr.Any{nftexpr.LoadAddr(is6, false)}, lookup)
 			}
 			rule(to, toOthers, []expr.Any{&expr.Verdict{Kind: expr.VerdictReturn}})
+		}
+		// Every UDP datagram to the pod may be answered, from the port it
+		// came to, to the one it came from (known hosts only: the known
+		// chain).
+		for _, is6 := range []bool{false, true} {
+			rule(to, ipFamily(is6), nftexpr.L4(unix.IPPROTO_UDP), udpTuple(is6, true), []expr.Any{
+				&expr.Dynset{SrcRegKey: regTuple, SetName: udp[is6].Name, SetID: udp[is6].ID, Operation: unix.NFT_DYNSET_OP_UPDATE, Timeout: udpAnswerTimeout},
+			})
 		}
 		// Whoever the pod answers already stays known while they talk; an
 		// answer makes no one new known: a late answer to what the pod
@@ -617,10 +643,13 @@ func addGuard(c *nftables.Conn, t *nftables.Table, maps []*nftables.Set, key str
 // connection of its own to any service of that host's, the node's own
 // after a probe from it (kubelet's, docker-proxy's), or ping it. A
 // connection opens with a SYN, which no answer is, and a TCP header too
-// short to tell (a first fragment of 8 bytes) is none. UDP and other
-// protocols cannot be told from answers here: they pass marked, for the
-// host's conntrack to tell (unsureMark).
-func addKnownChain(c *nftables.Conn, t *nftables.Table, rule func(*nftables.Chain, ...[]expr.Any), fromAddr *nftables.Chain, inbound map[bool]*nftables.Set, key string) {
+// short to tell (a first fragment of 8 bytes) is none. A UDP datagram
+// answers one the pod was sent (its udp sets), whether the host's
+// conntrack sees it or not (between two pods on a bridge without
+// br_netfilter nothing but this table does). Other protocols cannot be
+// told from answers here: they pass marked, for the host's conntrack to
+// tell (unsureMark).
+func addKnownChain(c *nftables.Conn, t *nftables.Table, rule func(*nftables.Chain, ...[]expr.Any), fromAddr *nftables.Chain, inbound, udp map[bool]*nftables.Set, key string) {
 	known := c.AddChain(&nftables.Chain{Name: "known-" + key, Table: t})
 	accept := []expr.Any{&expr.Verdict{Kind: expr.VerdictAccept}}
 	for _, is6 := range []bool{false, true} {
@@ -629,11 +658,20 @@ func addKnownChain(c *nftables.Conn, t *nftables.Table, rule func(*nftables.Chai
 			&expr.Lookup{SourceRegister: 1, SetName: set.Name, SetID: set.ID},
 			&expr.Verdict{Kind: expr.VerdictGoto, Chain: known.Name}})
 	}
-	// UDP and the rest first, then TCP: what most packets are. Those the
-	// host's conntrack decides (unsureMark).
+	// UDP and the rest first, then TCP: what most packets are.
+	for _, is6 := range []bool{false, true} {
+		rule(known, nftexpr.EtherType(is6), nftexpr.L4(unix.IPPROTO_UDP), udpTuple(is6, false), []expr.Any{
+			&expr.Lookup{SourceRegister: regTuple, SetName: udp[is6].Name, SetID: udp[is6].ID}}, accept)
+	}
+	// A fragment but the first has no ports to load: it passes as an
+	// answer (below), as its first could not.
+	rule(known, nftexpr.L4(unix.IPPROTO_UDP), []expr.Any{
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 2},
+		&expr.Verdict{Kind: expr.VerdictDrop}})
 	rule(known, []expr.Any{
 		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{unix.IPPROTO_UDP}},
 		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{unix.IPPROTO_ICMP}},
 		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{unix.IPPROTO_ICMPV6}},
 	}, nftexpr.SetMarkBits(^uint32(unsureMark), unsureMark), accept)
@@ -774,6 +812,37 @@ func addLinkChain(c *nftables.Conn, t *nftables.Table, links *nftables.Set, key 
 	return c.SetAddElements(links, []nftables.SetElement{{Key: nftexpr.IfNameBytes(g.HostIf), VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: link.Name}}})
 }
 
+// udpAnswerSet names guard key's set of the UDP datagrams its pod may
+// answer (udpTuple) over IPv6 if is6, else IPv4.
+func udpAnswerSet(key string, is6 bool) string {
+	if is6 {
+		return "udp6-" + key
+	}
+	return "udp4-" + key
+}
+
+// regTuple is the first of the 32-bit registers udpTuple loads
+// (NFT_REG32_00): a concatenation takes one or more of them a field.
+const regTuple = 8
+
+// udpTuple loads what a UDP datagram to the pod (to) or from it answers
+// by: the other end's address, its port and the pod's port. A fragment
+// but the first has no ports: the rule ends there.
+func udpTuple(is6, to bool) []expr.Any {
+	addr := nftexpr.LoadAddr(is6, to)
+	addr.DestRegister = regTuple
+	next := regTuple + nftexpr.AddrLen(is6)/4
+	theirs, ours := uint32(0), uint32(2) // source and destination port of what is sent to the pod
+	if !to {
+		theirs, ours = ours, theirs
+	}
+	return []expr.Any{
+		addr,
+		&expr.Payload{DestRegister: next, Base: expr.PayloadBaseTransportHeader, Offset: theirs, Len: 2},
+		&expr.Payload{DestRegister: next + 1, Base: expr.PayloadBaseTransportHeader, Offset: ours, Len: 2},
+	}
+}
+
 // inboundSet names guard key's set of the hosts that reached its pod
 // over IPv6 if is6, else IPv4.
 func inboundSet(key string, is6 bool) string {
@@ -860,7 +929,7 @@ func removeChains(c *nftables.Conn, t *nftables.Table, names map[string]bool, ke
 			c.DelChain(&nftables.Chain{Table: t, Name: n})
 		}
 	}
-	for _, n := range []string{inboundSet(key, false), inboundSet(key, true), "if-" + key} {
+	for _, n := range []string{inboundSet(key, false), inboundSet(key, true), udpAnswerSet(key, false), udpAnswerSet(key, true), "if-" + key} {
 		if set, err := c.GetSetByName(t, n); err == nil {
 			c.DelSet(set)
 		}

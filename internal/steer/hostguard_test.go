@@ -1269,18 +1269,25 @@ func neighbourPod(t *testing.T) string {
 	return netns
 }
 
-// With br_netfilter, what the bridge forwards from port to port passes
-// the host's forward hook, and conntrack: a bridged pod then sends a
-// neighbour pod that reached it answers alone, UDP too. (Without it the
-// neighbour gets the pod's datagrams: docs/kubernetes.md.)
-func TestWithBrNetfilterABridgedPodOnlyAnswersItsNeighbour(t *testing.T) {
+// A bridged pod sends a neighbour pod that reached it answers alone, UDP
+// too: with br_netfilter, what the bridge forwards from port to port
+// also passes the host's forward hook and conntrack; without it nothing
+// but the bridge table sees it, which keeps the UDP datagrams the pod was
+// sent for that.
+func TestABridgedPodOnlyAnswersItsNeighbour(t *testing.T) {
 	if os.Getuid() != 0 {
 		t.Skip("needs root: namespaces, a bridge and nftables")
 	}
 	loadBrNetfilter(t)
+	for _, brNetfilter := range []string{"1", "0"} {
+		t.Run("bridge-nf-call-iptables="+brNetfilter, func(t *testing.T) { onlyAnswersItsNeighbour(t, brNetfilter) })
+	}
+}
+
+func onlyAnswersItsNeighbour(t *testing.T, brNetfilter string) {
 	hostIf, _ := guardTopology(t, true)
 	neighbour := neighbourPod(t)
-	run(t, nodeNS, "sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1", "net.bridge.bridge-nf-call-ip6tables=1")
+	run(t, nodeNS, "sysctl", "-qw", "net.bridge.bridge-nf-call-iptables="+brNetfilter, "net.bridge.bridge-nf-call-ip6tables="+brNetfilter)
 	serve(t, neighbour, "7")
 	peers := []string{"10.77.0.3:7", "[fd77::3]:7"}
 	for _, a := range peers {
@@ -1297,7 +1304,15 @@ func TestWithBrNetfilterABridgedPodOnlyAnswersItsNeighbour(t *testing.T) {
 			t.Fatalf("guarded, the pod's guard does not know its neighbour %s, which reached it", v.addr)
 		}
 	}
-	for _, a := range peers {
+	// From a port of its own the neighbour hears the pod's answer; the
+	// pod's datagram to that port from another of its ports is no answer.
+	for _, pod := range []string{"10.77.0.2:9000", "[fd77::2]:9000"} {
+		if !echoed(neighbour, pod, "40001") {
+			t.Fatalf("guarded, the pod does not answer its neighbour's datagram from port 40001 to %s", pod)
+		}
+	}
+	serve(t, neighbour, "40001")
+	for _, a := range append(peers, "10.77.0.3:40001", "[fd77::3]:40001") {
 		if echoed(podNS, a, "") {
 			t.Errorf("guarded, the pod sent its neighbour %s a datagram of its own", a)
 		}
