@@ -113,9 +113,9 @@ func (g HostGuard) key() string {
 // echo replies, ICMP errors, fragments but the first; a UDP datagram
 // cannot be told from one), to which the pod may send answers alone
 // (UDP to the ports of a datagram it was sent, the rest by the inet
-// table's conntrack: unsureMark). A
-// veth on any other master (Open vSwitch, a VRF) or with something that
-// moves frames before netfilter cannot be guarded: an error.
+// table's conntrack: unsureMark). A veth on any other master (Open
+// vSwitch, a VRF) or with something that moves frames before netfilter
+// cannot be guarded: an error.
 func (gs Guards) Install(g HostGuard) error {
 	return gs.install(g, false)
 }
@@ -546,17 +546,9 @@ func addGuard(c *nftables.Conn, t *nftables.Table, maps []*nftables.Set, key str
 			}
 			inbound[is6] = set
 		}
-		udp := map[bool]*nftables.Set{}
-		for _, is6 := range []bool{false, true} {
-			set := &nftables.Set{Table: t, Name: udpAnswerSet(key, is6), HasTimeout: true, Dynamic: true, Timeout: udpAnswerTimeout, Size: 65536, Concatenation: true,
-				KeyType: nftables.MustConcatSetType(nftables.TypeIPAddr, nftables.TypeInetService, nftables.TypeInetService)}
-			if is6 {
-				set.KeyType = nftables.MustConcatSetType(nftables.TypeIP6Addr, nftables.TypeInetService, nftables.TypeInetService)
-			}
-			if err := c.AddSet(set, nil); err != nil {
-				return err
-			}
-			udp[is6] = set
+		udp, err := addUDPAnswerSets(c, t, key)
+		if err != nil {
+			return err
 		}
 		addKnownChain(c, t, rule, fromAddr, inbound, udp, key)
 		// remember makes the sender of what is sent to the pod known, or
@@ -812,8 +804,27 @@ func addLinkChain(c *nftables.Conn, t *nftables.Table, links *nftables.Set, key 
 	return c.SetAddElements(links, []nftables.SetElement{{Key: nftexpr.IfNameBytes(g.HostIf), VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: link.Name}}})
 }
 
+// addUDPAnswerSets adds guard key's sets of the UDP datagrams its pod may
+// answer (udpTuple), by IPv6 or not.
+func addUDPAnswerSets(c *nftables.Conn, t *nftables.Table, key string) (map[bool]*nftables.Set, error) {
+	sets := map[bool]*nftables.Set{}
+	for _, is6 := range []bool{false, true} {
+		addr := nftables.TypeIPAddr
+		if is6 {
+			addr = nftables.TypeIP6Addr
+		}
+		set := &nftables.Set{Table: t, Name: udpAnswerSet(key, is6), HasTimeout: true, Dynamic: true, Timeout: udpAnswerTimeout, Size: 65536,
+			Concatenation: true, KeyType: nftables.MustConcatSetType(addr, nftables.TypeInetService, nftables.TypeInetService)}
+		if err := c.AddSet(set, nil); err != nil {
+			return nil, err
+		}
+		sets[is6] = set
+	}
+	return sets, nil
+}
+
 // udpAnswerSet names guard key's set of the UDP datagrams its pod may
-// answer (udpTuple) over IPv6 if is6, else IPv4.
+// answer over IPv6 if is6, else IPv4.
 func udpAnswerSet(key string, is6 bool) string {
 	if is6 {
 		return "udp6-" + key
