@@ -3,8 +3,10 @@ package flowlog
 import (
 	"bufio"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -145,5 +147,16 @@ func TestAFullDiskIsCloseError(t *testing.T) {
 	}
 	if err := w.Close(); err == nil || !strings.Contains(err.Error(), "/dev/full") || !strings.Contains(err.Error(), "no space left on device") {
 		t.Errorf("Close after writes to /dev/full: %v", err)
+	}
+}
+
+// TestAFileThatCannotBeMadeIsNamedOnce: the error names the path once,
+// with what failed, and still says why (a missing directory is
+// fs.ErrNotExist to its callers).
+func TestAFileThatCannotBeMadeIsNamedOnce(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "missing", "flows.jsonl")
+	_, err := Create(path)
+	if err == nil || strings.Count(err.Error(), path) != 1 || !strings.HasPrefix(err.Error(), "creating "+path+": ") || !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("creating a file in a missing directory: %v; want %q once, after \"creating\", and fs.ErrNotExist", err, path)
 	}
 }
