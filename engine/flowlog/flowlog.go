@@ -281,7 +281,7 @@ func openFile(path string, truncate bool) (*os.File, error) {
 	}
 	f, err := os.OpenFile(path, flags, 0o600)
 	if err != nil {
-		return nil, fmt.Errorf("creating %s: %w", path, bare(err))
+		return nil, fmt.Errorf("creating %s: %w", path, PathReason(err))
 	}
 	st, err := f.Stat()
 	if err != nil || !st.Mode().IsRegular() {
@@ -291,19 +291,19 @@ func openFile(path string, truncate bool) (*os.File, error) {
 	if truncate {
 		if err := f.Truncate(0); err != nil {
 			f.Close()
-			return nil, fmt.Errorf("truncating %s: %w", path, bare(err))
+			return nil, fmt.Errorf("truncating %s: %w", path, PathReason(err))
 		}
 	}
 	if err := f.Chmod(0o600); err != nil {
 		f.Close()
-		return nil, fmt.Errorf("making %s private (mode 0600): %w", path, bare(err))
+		return nil, fmt.Errorf("making %s private (mode 0600): %w", path, PathReason(err))
 	}
 	return f, nil
 }
 
-// bare is err without the call and path an *fs.PathError adds, for a
-// message that names the path itself.
-func bare(err error) error {
+// PathReason is err without the call and path an *fs.PathError adds,
+// for a message that names the path itself.
+func PathReason(err error) error {
 	var pe *fs.PathError
 	if errors.As(err, &pe) {
 		return pe.Err

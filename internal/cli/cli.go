@@ -8,7 +8,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"io/fs"
 	"net/netip"
 	"os"
 	"os/signal"
@@ -660,11 +659,7 @@ func resolvConf(plan netplan.Plan, host []byte) string {
 func openRegular(path string) (*os.File, error) {
 	f, err := os.Open(path)
 	if err != nil {
-		var pe *fs.PathError
-		if errors.As(err, &pe) {
-			return nil, pe.Err // the flag's message names the path
-		}
-		return nil, err
+		return nil, flowlog.PathReason(err) // the flag's message names the path
 	}
 	if st, err := f.Stat(); err != nil || !st.Mode().IsRegular() {
 		f.Close()

@@ -832,9 +832,9 @@ func udpAnswerSet(key string, is6 bool) string {
 	return "udp4-" + key
 }
 
-// regTuple is the first of the 32-bit registers udpTuple loads
-// (NFT_REG32_00): a concatenation takes one or more of them a field.
-const regTuple = 8
+// regTuple is the first of the 32-bit registers udpTuple loads: a
+// concatenation takes one or more of them a field.
+const regTuple = unix.NFT_REG32_00
 
 // udpTuple loads what a UDP datagram to the pod (to) or from it answers
 // by: the other end's address, its port and the pod's port. A fragment

@@ -486,10 +486,22 @@ func TestAHostThatReachedABridgedPodIsOnlyAnswered(t *testing.T) {
 	if os.Getuid() != 0 {
 		t.Skip("needs root: namespaces, a bridge and nftables")
 	}
+	withAndWithoutBrNetfilter(t, reachedOnlyAnswered)
+}
+
+// withAndWithoutBrNetfilter runs f with br_netfilter on ("1") and off
+// ("0") in its node, which f sets (nodeBrNetfilter) once it made it.
+func withAndWithoutBrNetfilter(t *testing.T, f func(t *testing.T, on string)) {
 	loadBrNetfilter(t)
 	for _, on := range []string{"1", "0"} {
-		t.Run("bridge-nf-call-iptables="+on, func(t *testing.T) { reachedOnlyAnswered(t, on) })
+		t.Run("bridge-nf-call-iptables="+on, func(t *testing.T) { f(t, on) })
 	}
+}
+
+// nodeBrNetfilter turns br_netfilter on ("1") or off ("0") in the node.
+func nodeBrNetfilter(t *testing.T, on string) {
+	t.Helper()
+	run(t, nodeNS, "sysctl", "-qw", "net.bridge.bridge-nf-call-iptables="+on, "net.bridge.bridge-nf-call-ip6tables="+on)
 }
 
 // loadBrNetfilter makes sure br_netfilter is there, whose sysctls, per
@@ -514,7 +526,7 @@ func loadBrNetfilter(t *testing.T) {
 // with br_netfilter on the node as brNetfilter says ("1", "0").
 func reachedOnlyAnswered(t *testing.T, brNetfilter string) {
 	hostIf, _ := guardTopology(t, true)
-	run(t, nodeNS, "sysctl", "-qw", "net.bridge.bridge-nf-call-iptables="+brNetfilter, "net.bridge.bridge-nf-call-ip6tables="+brNetfilter)
+	nodeBrNetfilter(t, brNetfilter)
 	for netns, port := range map[string]string{remoteNS: "7777", nodeNS: "7778", podNS: "9001"} {
 		background(t, netns, "socat", "TCP6-LISTEN:"+port+",reuseaddr,fork", "SYSTEM:echo hello")
 		until(t, "a TCP listener on "+port, netns, "-ltn", "sport = :"+port)
@@ -1278,16 +1290,13 @@ func TestABridgedPodOnlyAnswersItsNeighbour(t *testing.T) {
 	if os.Getuid() != 0 {
 		t.Skip("needs root: namespaces, a bridge and nftables")
 	}
-	loadBrNetfilter(t)
-	for _, brNetfilter := range []string{"1", "0"} {
-		t.Run("bridge-nf-call-iptables="+brNetfilter, func(t *testing.T) { onlyAnswersItsNeighbour(t, brNetfilter) })
-	}
+	withAndWithoutBrNetfilter(t, onlyAnswersItsNeighbour)
 }
 
 func onlyAnswersItsNeighbour(t *testing.T, brNetfilter string) {
 	hostIf, _ := guardTopology(t, true)
 	neighbour := neighbourPod(t)
-	run(t, nodeNS, "sysctl", "-qw", "net.bridge.bridge-nf-call-iptables="+brNetfilter, "net.bridge.bridge-nf-call-ip6tables="+brNetfilter)
+	nodeBrNetfilter(t, brNetfilter)
 	serve(t, neighbour, "7")
 	peers := []string{"10.77.0.3:7", "[fd77::3]:7"}
 	for _, a := range peers {
