@@ -64,9 +64,10 @@ e2e-race:
 # By hand (~20 min under emulation, not part of test): the end-to-end
 # tests on the distribution's packaged kernel (hack/kernel-vm.sh), booted
 # with KERNEL_ARGS (ipv6.disable=1, say); RUN='TestX|TestY' runs only
-# those, CHILDFLOW_VM_CACHE picks another fetched kernel. The first --root
-# run of a boot loads netfilter's modules (~14 s): done before the tests,
-# one of which waits 10 s for a sandbox. The kernel tests boot VMs of
+# those, CHILDFLOW_VM_CACHE picks another fetched kernel, CHILDFLOW_VM_CPUS
+# gives the VM more than one vCPU. The first --root run of a boot loads
+# netfilter's modules (~14 s): done before the tests, one of which waits
+# 10 s for a sandbox. The kernel tests boot VMs of
 # their own; without IPv6 in the kernel the tests run their IPv4 halves,
 # and those that are IPv6's alone are left out here. So is the podman pod's:
 # on the VM's cgroup v2 without systemd, podman 4.3.1 with cgroupfs cannot
