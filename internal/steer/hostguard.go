@@ -83,6 +83,12 @@ const inboundTimeout = time.Hour
 // as conntrack keeps a UDP stream.
 const udpAnswerTimeout = 2 * time.Minute
 
+// protoAnswerTimeout is how long a pod on a bridge may answer a packet
+// of a protocol but TCP, UDP and ICMP with one of that protocol: as long
+// as conntrack keeps a stream of a protocol it knows no more of
+// (nf_conntrack_generic_timeout).
+const protoAnswerTimeout = 10 * time.Minute
+
 // guardFamilies are the families of the guards' tables.
 var guardFamilies = []nftables.TableFamily{nftables.TableFamilyINet, nftables.TableFamilyBridge}
 
@@ -112,8 +118,9 @@ func (g HostGuard) key() string {
 // solicitation for one) other than an answer (answers: TCP but a SYN,
 // echo replies, ICMP errors, fragments but the first; a UDP datagram
 // cannot be told from one), to which the pod may send answers alone
-// (UDP to the ports of a datagram it was sent, the rest by the inet
-// table's conntrack: unsureMark). A veth on any other master (Open
+// (UDP to the ports of a datagram it was sent, another protocol to who
+// sent it that protocol, checked again by the inet table's conntrack
+// where it sees the packet: unsureMark). A veth on any other master (Open
 // vSwitch, a VRF) or with something that moves frames before netfilter
 // cannot be guarded: an error.
 func (gs Guards) Install(g HostGuard) error {
@@ -437,9 +444,9 @@ func guardTable(c *nftables.Conn, family nftables.TableFamily) (*nftables.Table,
 
 // unsureMark is the bit of a packet's mark by which a bridge port's
 // guard hands the host's conntrack what it cannot tell for an answer
-// (a packet of a protocol but TCP, UDP and ICMP to a host that reached
-// the pod): without it, the pod could send one to any such service of
-// that host's, the node's own after a probe from it. A bit kube-proxy
+// (a packet of a protocol but TCP, UDP and ICMP to a host that sent the
+// pod one): without it, the pod could send one to any such service of
+// that host's (any SCTP port), the node's own. A bit kube-proxy
 // (0x4000, 0x8000) and Calico (0xffff0000, which it clears) leave be; the
 // packet comes from a veth, which cleared its mark.
 const unsureMark = 0x2000
@@ -546,11 +553,11 @@ func addGuard(c *nftables.Conn, t *nftables.Table, maps []*nftables.Set, key str
 			}
 			inbound[is6] = set
 		}
-		udp, err := addUDPAnswerSets(c, t, key)
+		answered, err := addAnswerSets(c, t, key)
 		if err != nil {
 			return err
 		}
-		addKnownChain(c, t, rule, fromAddr, inbound, udp, key)
+		addKnownChain(c, t, rule, fromAddr, inbound, answered, key)
 		// remember makes the sender of what is sent to the pod known, or
 		// keeps it known if it is.
 		remember := func(known bool) {
@@ -590,11 +597,15 @@ func addGuard(c *nftables.Conn, t *nftables.Table, maps []*nftables.Set, key str
 			rule(to, toOthers, []expr.Any{&expr.Verdict{Kind: expr.VerdictReturn}})
 		}
 		// Every UDP datagram to the pod may be answered, from the port it
-		// came to, to the one it came from (known hosts only: the known
-		// chain).
+		// came to, to the one it came from, and a packet of another
+		// protocol but TCP and ICMP by that protocol (known hosts only:
+		// the known chain).
 		for _, is6 := range []bool{false, true} {
 			rule(to, ipFamily(is6), nftexpr.L4(unix.IPPROTO_UDP), udpTuple(is6, true), []expr.Any{
-				&expr.Dynset{SrcRegKey: regTuple, SetName: udp[is6].Name, SetID: udp[is6].ID, Operation: unix.NFT_DYNSET_OP_UPDATE, Timeout: udpAnswerTimeout},
+				&expr.Dynset{SrcRegKey: regTuple, SetName: answered.udp[is6].Name, SetID: answered.udp[is6].ID, Operation: unix.NFT_DYNSET_OP_UPDATE, Timeout: udpAnswerTimeout},
+			})
+			rule(to, ipFamily(is6), otherProtocol(), protoPair(is6, true), []expr.Any{
+				&expr.Dynset{SrcRegKey: regTuple, SetName: answered.proto[is6].Name, SetID: answered.proto[is6].ID, Operation: unix.NFT_DYNSET_OP_UPDATE, Timeout: protoAnswerTimeout},
 			})
 		}
 		// Whoever the pod answers already stays known while they talk; an
@@ -638,10 +649,12 @@ func addGuard(c *nftables.Conn, t *nftables.Table, maps []*nftables.Set, key str
 // short to tell (a first fragment of 8 bytes) is none. A UDP datagram
 // answers one the pod was sent (its udp sets), whether the host's
 // conntrack sees it or not (between two pods on a bridge without
-// br_netfilter nothing but this table does). Other protocols cannot be
-// told from answers here: they pass marked, for the host's conntrack to
-// tell (unsureMark).
-func addKnownChain(c *nftables.Conn, t *nftables.Table, rule func(*nftables.Chain, ...[]expr.Any), fromAddr *nftables.Chain, inbound, udp map[bool]*nftables.Set, key string) {
+// br_netfilter nothing but this table does). A packet of another
+// protocol passes only to a host that sent the pod that protocol (its
+// proto sets), marked for the host's conntrack to tell the rest, where it
+// sees the packet (unsureMark): this table knows no ports of SCTP's or
+// DCCP's, and no more of the others.
+func addKnownChain(c *nftables.Conn, t *nftables.Table, rule func(*nftables.Chain, ...[]expr.Any), fromAddr *nftables.Chain, inbound map[bool]*nftables.Set, answered answerSets, key string) {
 	known := c.AddChain(&nftables.Chain{Name: "known-" + key, Table: t})
 	accept := []expr.Any{&expr.Verdict{Kind: expr.VerdictAccept}}
 	for _, is6 := range []bool{false, true} {
@@ -653,20 +666,17 @@ func addKnownChain(c *nftables.Conn, t *nftables.Table, rule func(*nftables.Chai
 	// UDP and the rest first, then TCP: what most packets are.
 	for _, is6 := range []bool{false, true} {
 		rule(known, nftexpr.EtherType(is6), nftexpr.L4(unix.IPPROTO_UDP), udpTuple(is6, false), []expr.Any{
-			&expr.Lookup{SourceRegister: regTuple, SetName: udp[is6].Name, SetID: udp[is6].ID}}, accept)
+			&expr.Lookup{SourceRegister: regTuple, SetName: answered.udp[is6].Name, SetID: answered.udp[is6].ID}}, accept)
+		rule(known, nftexpr.EtherType(is6), otherProtocol(), protoPair(is6, false), []expr.Any{
+			&expr.Lookup{SourceRegister: regTuple, SetName: answered.proto[is6].Name, SetID: answered.proto[is6].ID}},
+			nftexpr.SetMarkBits(^uint32(unsureMark), unsureMark), accept)
 	}
 	// A fragment but the first has no ports to load: it passes as an
 	// answer (below), as its first could not.
 	rule(known, nftexpr.L4(unix.IPPROTO_UDP), []expr.Any{
 		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 2},
 		&expr.Verdict{Kind: expr.VerdictDrop}})
-	rule(known, []expr.Any{
-		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
-		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
-		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{unix.IPPROTO_UDP}},
-		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{unix.IPPROTO_ICMP}},
-		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{unix.IPPROTO_ICMPV6}},
-	}, nftexpr.SetMarkBits(^uint32(unsureMark), unsureMark), accept)
+	rule(known, otherProtocol(), []expr.Any{&expr.Verdict{Kind: expr.VerdictDrop}})
 	for _, a := range answers(nftexpr.EtherType) {
 		rule(known, a, accept)
 	}
@@ -804,21 +814,31 @@ func addLinkChain(c *nftables.Conn, t *nftables.Table, links *nftables.Set, key 
 	return c.SetAddElements(links, []nftables.SetElement{{Key: nftexpr.IfNameBytes(g.HostIf), VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: link.Name}}})
 }
 
-// addUDPAnswerSets adds guard key's sets of the UDP datagrams its pod may
-// answer (udpTuple), by IPv6 or not.
-func addUDPAnswerSets(c *nftables.Conn, t *nftables.Table, key string) (map[bool]*nftables.Set, error) {
-	sets := map[bool]*nftables.Set{}
+// answerSets are a bridged pod's sets of what it may answer, by IPv6 or
+// not: UDP datagrams (udpTuple), and the hosts that sent it another
+// protocol but TCP and ICMP, with the protocol (protoPair).
+type answerSets struct {
+	udp, proto map[bool]*nftables.Set
+}
+
+// addAnswerSets adds guard key's answer sets.
+func addAnswerSets(c *nftables.Conn, t *nftables.Table, key string) (answerSets, error) {
+	sets := answerSets{udp: map[bool]*nftables.Set{}, proto: map[bool]*nftables.Set{}}
 	for _, is6 := range []bool{false, true} {
 		addr := nftables.TypeIPAddr
 		if is6 {
 			addr = nftables.TypeIP6Addr
 		}
-		set := &nftables.Set{Table: t, Name: udpAnswerSet(key, is6), HasTimeout: true, Dynamic: true, Timeout: udpAnswerTimeout, Size: 65536,
+		udp := &nftables.Set{Table: t, Name: udpAnswerSet(key, is6), HasTimeout: true, Dynamic: true, Timeout: udpAnswerTimeout, Size: 65536,
 			Concatenation: true, KeyType: nftables.MustConcatSetType(addr, nftables.TypeInetService, nftables.TypeInetService)}
-		if err := c.AddSet(set, nil); err != nil {
-			return nil, err
+		proto := &nftables.Set{Table: t, Name: protoAnswerSet(key, is6), HasTimeout: true, Dynamic: true, Timeout: protoAnswerTimeout, Size: 65536,
+			Concatenation: true, KeyType: nftables.MustConcatSetType(addr, nftables.TypeInetProto)}
+		for _, set := range []*nftables.Set{udp, proto} {
+			if err := c.AddSet(set, nil); err != nil {
+				return answerSets{}, err
+			}
 		}
-		sets[is6] = set
+		sets.udp[is6], sets.proto[is6] = udp, proto
 	}
 	return sets, nil
 }
@@ -832,9 +852,39 @@ func udpAnswerSet(key string, is6 bool) string {
 	return "udp4-" + key
 }
 
-// regTuple is the first of the 32-bit registers udpTuple loads: a
-// concatenation takes one or more of them a field.
+// protoAnswerSet names guard key's set of the hosts its pod may answer
+// in a protocol but TCP, UDP and ICMP over IPv6 if is6, else IPv4.
+func protoAnswerSet(key string, is6 bool) string {
+	if is6 {
+		return "proto6-" + key
+	}
+	return "proto4-" + key
+}
+
+// regTuple is the first of the 32-bit registers udpTuple and protoPair
+// load: a concatenation takes one or more of them a field.
 const regTuple = unix.NFT_REG32_00
+
+// otherProtocol matches a packet of a protocol but TCP, UDP, ICMP and
+// ICMPv6: one whose answers this table cannot tell by its header.
+func otherProtocol() []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{unix.IPPROTO_UDP}},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{unix.IPPROTO_ICMP}},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{unix.IPPROTO_ICMPV6}},
+	}
+}
+
+// protoPair loads what a packet to the pod (to) or from it answers by,
+// in a protocol but TCP, UDP and ICMP: the other end's address and the
+// protocol.
+func protoPair(is6, to bool) []expr.Any {
+	addr := nftexpr.LoadAddr(is6, to)
+	addr.DestRegister = regTuple
+	return []expr.Any{addr, &expr.Meta{Key: expr.MetaKeyL4PROTO, Register: regTuple + nftexpr.AddrLen(is6)/4}}
+}
 
 // udpTuple loads what a UDP datagram to the pod (to) or from it answers
 // by: the other end's address, its port and the pod's port. A fragment
@@ -940,7 +990,7 @@ func removeChains(c *nftables.Conn, t *nftables.Table, names map[string]bool, ke
 			c.DelChain(&nftables.Chain{Table: t, Name: n})
 		}
 	}
-	for _, n := range []string{inboundSet(key, false), inboundSet(key, true), udpAnswerSet(key, false), udpAnswerSet(key, true), "if-" + key} {
+	for _, n := range []string{inboundSet(key, false), inboundSet(key, true), udpAnswerSet(key, false), udpAnswerSet(key, true), protoAnswerSet(key, false), protoAnswerSet(key, true), "if-" + key} {
 		if set, err := c.GetSetByName(t, n); err == nil {
 			c.DelSet(set)
 		}

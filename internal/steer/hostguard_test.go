@@ -1,9 +1,11 @@
 package steer
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -548,11 +550,20 @@ func reachedOnlyAnswered(t *testing.T, brNetfilter string) {
 				got = append(got, "a ping to "+a)
 			}
 		}
-		// A datagram of the pod's own, not an answer: the host's
-		// conntrack tells (unsureMark).
+		// A datagram of the pod's own, not an answer: the guard's udp
+		// sets tell.
 		for _, a := range peers {
 			if echoed(podNS, a, "") {
 				got = append(got, "a datagram to "+a)
+			}
+		}
+		// A packet of another protocol, which neither host sent the pod:
+		// its proto sets tell, and the host's conntrack (unsureMark).
+		for netns, addrs := range map[string][]string{remoteNS: {"198.51.100.2", "2001:db8:77::2"}, nodeNS: {"10.77.0.1", "fd77::1"}} {
+			for _, a := range addrs {
+				if protoReaches(t, podNS, netns, a) {
+					got = append(got, fmt.Sprintf("a packet of protocol %d to %s", experimentalProto, a))
+				}
 			}
 		}
 		// What arrives at the remote host's port 7779, reassembled.
@@ -565,17 +576,18 @@ func reachedOnlyAnswered(t *testing.T, brNetfilter string) {
 		return got
 	}
 	// Unguarded, every one gets through: the probes can see an escape.
-	if got := opens(); len(got) != 13 {
+	if got := opens(); len(got) != 17 {
 		t.Fatalf("without the guard only these got through: %q", got)
 	}
 	guardPod(t, hostIf)
 	// The remote host and the node reach the pod, and it answers them.
-	for _, v := range []struct{ netns, pod, remote string }{
-		{remoteNS, "10.77.0.2:9000", "198.51.100.2"}, {remoteNS, "[fd77::2]:9000", "2001:db8:77::2"},
-		{nodeNS, "10.77.0.2:9000", "10.77.0.1"}, {nodeNS, "[fd77::2]:9000", "fd77::1"},
-	} {
-		if !echoed(v.netns, v.pod, "") {
-			t.Fatalf("guarded, the pod does not answer %s's datagram to %s", v.netns, v.pod)
+	reaching := []struct{ netns, pod, remote string }{
+		{remoteNS, "10.77.0.2", "198.51.100.2"}, {remoteNS, "fd77::2", "2001:db8:77::2"},
+		{nodeNS, "10.77.0.2", "10.77.0.1"}, {nodeNS, "fd77::2", "fd77::1"},
+	}
+	for _, v := range reaching {
+		if to := net.JoinHostPort(v.pod, "9000"); !echoed(v.netns, to, "") {
+			t.Fatalf("guarded, the pod does not answer %s's datagram to %s", v.netns, to)
 		}
 		if !knows(t, v.remote) {
 			t.Fatalf("guarded, the pod's guard does not know %s, which reached it", v.remote)
@@ -590,6 +602,15 @@ func reachedOnlyAnswered(t *testing.T, brNetfilter string) {
 	}
 	if got := opens(); len(got) != 0 {
 		t.Errorf("guarded, the pod still opened %q", got)
+	}
+	// Sent a packet of another protocol, the pod answers in it.
+	for _, v := range reaching {
+		if !protoReaches(t, v.netns, podNS, v.pod) {
+			t.Fatalf("guarded, %s's packet of protocol %d did not reach the pod at %s", v.netns, experimentalProto, v.pod)
+		}
+		if !protoReaches(t, podNS, v.netns, v.remote) {
+			t.Errorf("guarded, the pod does not answer %s in the protocol (%d) it was sent", v.remote, experimentalProto)
+		}
 	}
 }
 
@@ -1281,11 +1302,50 @@ func neighbourPod(t *testing.T) string {
 	return netns
 }
 
+// experimentalProto is an IP protocol number for experiments (RFC 3692):
+// no kernel handles it, only raw sockets see it, as they would SCTP, GRE
+// or ESP.
+const experimentalProto = 253
+
+// protoReaches reports whether a packet of experimentalProto sent from
+// netns from to addr arrives in netns to.
+func protoReaches(t *testing.T, from, to, addr string) bool {
+	t.Helper()
+	network, wildcard := fmt.Sprintf("ip4:%d", experimentalProto), "0.0.0.0"
+	if strings.Contains(addr, ":") {
+		network, wildcard = fmt.Sprintf("ip6:%d", experimentalProto), "::"
+	}
+	listen := func(netns string) (conn net.PacketConn) {
+		inNetns(t, openNetns(t, netns))(func() (err error) { conn, err = net.ListenPacket(network, wildcard); return err })
+		t.Cleanup(func() { conn.Close() })
+		return conn
+	}
+	receiver, sender := listen(to), listen(from)
+	msg := fmt.Appendf(nil, "from %s to %s at %d", from, addr, time.Now().UnixNano())
+	buf := make([]byte, 2048)
+	for range 3 { // the first packet may wait for neighbour discovery
+		if _, err := sender.WriteTo(msg, &net.IPAddr{IP: net.ParseIP(addr)}); err != nil {
+			t.Fatalf("sending %s to %s: %v", network, addr, err)
+		}
+		receiver.SetReadDeadline(time.Now().Add(time.Second))
+		for {
+			n, _, err := receiver.ReadFrom(buf)
+			if err != nil {
+				break
+			}
+			if bytes.Contains(buf[:n], msg) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
 // A bridged pod sends a neighbour pod that reached it answers alone, UDP
-// too: with br_netfilter, what the bridge forwards from port to port
-// also passes the host's forward hook and conntrack; without it nothing
-// but the bridge table sees it, which keeps the UDP datagrams the pod was
-// sent for that.
+// and other protocols too: with br_netfilter, what the bridge forwards
+// from port to port also passes the host's forward hook and conntrack;
+// without it nothing but the bridge table sees it, which keeps the UDP
+// datagrams the pod was sent for that, and who sent it what protocol.
 func TestABridgedPodOnlyAnswersItsNeighbour(t *testing.T) {
 	if os.Getuid() != 0 {
 		t.Skip("needs root: namespaces, a bridge and nftables")
@@ -1302,6 +1362,12 @@ func onlyAnswersItsNeighbour(t *testing.T, brNetfilter string) {
 	for _, a := range peers {
 		if !echoed(podNS, a, "") {
 			t.Fatalf("unguarded, the pod's datagram to its neighbour %s got no echo: the test shows nothing", a)
+		}
+	}
+	neighbourAddrs := []string{"10.77.0.3", "fd77::3"}
+	for _, a := range neighbourAddrs {
+		if !protoReaches(t, podNS, neighbour, a) {
+			t.Fatalf("unguarded, the pod's packet of protocol %d to its neighbour %s did not arrive: the test shows nothing", experimentalProto, a)
 		}
 	}
 	guardPod(t, hostIf)
@@ -1324,6 +1390,19 @@ func onlyAnswersItsNeighbour(t *testing.T, brNetfilter string) {
 	for _, a := range append(peers, "10.77.0.3:40001", "[fd77::3]:40001") {
 		if echoed(podNS, a, "") {
 			t.Errorf("guarded, the pod sent its neighbour %s a datagram of its own", a)
+		}
+	}
+	// Another protocol, which only raw sockets speak (SCTP, GRE, ESP):
+	// the pod answers in it only a host that sent it one.
+	for i, a := range neighbourAddrs {
+		if protoReaches(t, podNS, neighbour, a) {
+			t.Errorf("guarded, the pod sent its neighbour %s a packet of protocol %d, which it was never sent", a, experimentalProto)
+		}
+		if pod := []string{"10.77.0.2", "fd77::2"}[i]; !protoReaches(t, neighbour, podNS, pod) {
+			t.Errorf("guarded, the neighbour's packet of protocol %d did not reach the pod at %s", experimentalProto, pod)
+		}
+		if !protoReaches(t, podNS, neighbour, a) {
+			t.Errorf("guarded, the pod does not answer its neighbour %s in the protocol (%d) it was sent", a, experimentalProto)
 		}
 	}
 }
