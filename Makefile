@@ -67,11 +67,11 @@ e2e-race:
 # those, CHILDFLOW_VM_CACHE picks another fetched kernel, CHILDFLOW_VM_CPUS
 # gives the VM more than one vCPU. The first --root run of a boot loads
 # netfilter's modules (~14 s): done before the tests, one of which waits
-# 10 s for a sandbox. The kernel tests boot VMs of
-# their own; without IPv6 in the kernel the tests run their IPv4 halves,
-# and those that are IPv6's alone are left out here. So is the podman pod's:
-# on the VM's cgroup v2 without systemd, podman 4.3.1 with cgroupfs cannot
-# start a pod's infra container.
+# 10 s for a sandbox. The kernel tests boot VMs of their own; without IPv6
+# in the kernel the tests run their IPv4 halves, and those that are IPv6's
+# alone are left out here. So is the podman pod's: on the VM's cgroup v2
+# without systemd, podman 4.3.1 with cgroupfs cannot start a pod's infra
+# container.
 KERNEL_ARGS ?=
 VM_SKIP := TestRootForwardsIPv6OnKernelsBefore617|TestAKernelWithoutIPv6|TestADeviceMovedIntoASandboxIsKeptDown|TestPodmanPodsShareASandbox$(if $(findstring ipv6.disable=1,$(KERNEL_ARGS)),|TestAnycastIsTheHosts|TestRootStartsWhereTheHostTurnedIPv6Off)
 e2e-vm: build

@@ -1317,10 +1317,11 @@ func protoReaches(t *testing.T, from, to, addr string) bool {
 	}
 	listen := func(netns string) (conn net.PacketConn) {
 		inNetns(t, openNetns(t, netns))(func() (err error) { conn, err = net.ListenPacket(network, wildcard); return err })
-		t.Cleanup(func() { conn.Close() })
 		return conn
 	}
 	receiver, sender := listen(to), listen(from)
+	defer receiver.Close()
+	defer sender.Close()
 	msg := fmt.Appendf(nil, "from %s to %s at %d", from, addr, time.Now().UnixNano())
 	buf := make([]byte, 2048)
 	for range 3 { // the first packet may wait for neighbour discovery
@@ -1364,10 +1365,10 @@ func onlyAnswersItsNeighbour(t *testing.T, brNetfilter string) {
 			t.Fatalf("unguarded, the pod's datagram to its neighbour %s got no echo: the test shows nothing", a)
 		}
 	}
-	neighbourAddrs := []string{"10.77.0.3", "fd77::3"}
-	for _, a := range neighbourAddrs {
-		if !protoReaches(t, podNS, neighbour, a) {
-			t.Fatalf("unguarded, the pod's packet of protocol %d to its neighbour %s did not arrive: the test shows nothing", experimentalProto, a)
+	addrs := []struct{ pod, neighbour string }{{"10.77.0.2", "10.77.0.3"}, {"fd77::2", "fd77::3"}}
+	for _, a := range addrs {
+		if !protoReaches(t, podNS, neighbour, a.neighbour) {
+			t.Fatalf("unguarded, the pod's packet of protocol %d to its neighbour %s did not arrive: the test shows nothing", experimentalProto, a.neighbour)
 		}
 	}
 	guardPod(t, hostIf)
@@ -1394,15 +1395,15 @@ func onlyAnswersItsNeighbour(t *testing.T, brNetfilter string) {
 	}
 	// Another protocol, which only raw sockets speak (SCTP, GRE, ESP):
 	// the pod answers in it only a host that sent it one.
-	for i, a := range neighbourAddrs {
-		if protoReaches(t, podNS, neighbour, a) {
-			t.Errorf("guarded, the pod sent its neighbour %s a packet of protocol %d, which it was never sent", a, experimentalProto)
+	for _, a := range addrs {
+		if protoReaches(t, podNS, neighbour, a.neighbour) {
+			t.Errorf("guarded, the pod sent its neighbour %s a packet of protocol %d, which it was never sent", a.neighbour, experimentalProto)
 		}
-		if pod := []string{"10.77.0.2", "fd77::2"}[i]; !protoReaches(t, neighbour, podNS, pod) {
-			t.Errorf("guarded, the neighbour's packet of protocol %d did not reach the pod at %s", experimentalProto, pod)
+		if !protoReaches(t, neighbour, podNS, a.pod) {
+			t.Errorf("guarded, the neighbour's packet of protocol %d did not reach the pod at %s", experimentalProto, a.pod)
 		}
-		if !protoReaches(t, podNS, neighbour, a) {
-			t.Errorf("guarded, the pod does not answer its neighbour %s in the protocol (%d) it was sent", a, experimentalProto)
+		if !protoReaches(t, podNS, neighbour, a.neighbour) {
+			t.Errorf("guarded, the pod does not answer its neighbour %s in the protocol (%d) it was sent", a.neighbour, experimentalProto)
 		}
 	}
 }
