@@ -139,36 +139,46 @@ flow_log = "/tmp/flows.jsonl"
 }
 
 // TestProfileMistakesNameTheKey: a bad value the profile gave is named by
-// its key, not by a flag the user never typed; the same value given as a
-// flag is named by the flag. Each is one line and exit 2, before anything
-// is set up.
+// its key, and by the file of its extends chain that gave it, not by a
+// flag the user never typed; the same value given as a flag is named by
+// the flag. Each is one line and exit 2, before anything is set up.
 func TestProfileMistakesNameTheKey(t *testing.T) {
 	dir := t.TempDir()
+	base := dir + "/base.toml"
 	for _, c := range []struct {
-		profile string
-		flags   []string
-		want    string
+		profile, base string
+		flags         []string
+		want          string
 	}{
-		{`deny_domains = ["bad..name"]`, nil, `invalid profile key deny_domains "bad..name": not a domain name`},
-		{`allow_cidrs = ["203.0.113.0/33"]`, nil, `invalid profile key allow_cidrs "203.0.113.0/33"`},
-		{`dns = ["resolver"]`, nil, `invalid profile key dns "resolver"`},
-		{`default_policy = "maybe"`, nil, `invalid profile key default_policy "maybe"`},
-		{`proxy = "gopher://127.0.0.1:70"`, nil, `invalid profile key proxy "gopher://127.0.0.1:70"`},
-		{`proxy_only = true`, nil, `profile key proxy_only needs --proxy`},
-		{`proxy_user = "u"`, nil, `profile key proxy_user, --proxy-password and --proxy-insecure need --proxy`},
-		{`hosts_file = "/nonexistent"`, nil, `invalid profile key hosts_file "/nonexistent"`},
-		{`summary_format = "xml"`, nil, `invalid profile key summary_format "xml"`},
-		{`capture_point = "wire"`, nil, `invalid profile key capture_point "wire"`},
-		{`flow_log = "` + dir + `"`, nil, `profile key flow_log: ` + dir + ` is a directory`},
-		{`capture = "` + dir + `"`, nil, `profile key capture: ` + dir + ` is a directory`},
-		{`iface = "eth0"`, nil, `invalid profile key iface "eth0": needs --root`},
-		{`extends = "missing.toml"`, nil, `p.toml: invalid extends "` + dir + `/missing.toml"`},
+		{`deny_domains = ["bad..name"]`, "", nil, `invalid profile key deny_domains "bad..name": not a domain name`},
+		// What a profile it extends gave is named with that profile.
+		{`extends = "base.toml"`, `deny_domains = ["bad..name"]`, nil, `invalid profile ` + base + ` key deny_domains "bad..name": not a domain name`},
+		{`extends = "base.toml"`, `backend = "rooty"`, nil, `invalid profile ` + base + ` key backend "rooty"`},
+		{`extends = "base.toml"`, `iface = "eth0"`, nil, `invalid profile ` + base + ` key iface "eth0": needs --root`},
+		{"extends = \"base.toml\"\nproxy_only = true", `proxy = "gopher://127.0.0.1:70"`, nil, `invalid profile ` + base + ` key proxy "gopher://127.0.0.1:70"`},
+		{"extends = \"base.toml\"\ndeny_domains = [\"bad..name\"]", `deny_domains = ["example.test"]`, nil, `invalid profile key deny_domains "bad..name"`},
+		{`allow_cidrs = ["203.0.113.0/33"]`, "", nil, `invalid profile key allow_cidrs "203.0.113.0/33"`},
+		{`dns = ["resolver"]`, "", nil, `invalid profile key dns "resolver"`},
+		{`default_policy = "maybe"`, "", nil, `invalid profile key default_policy "maybe"`},
+		{`proxy = "gopher://127.0.0.1:70"`, "", nil, `invalid profile key proxy "gopher://127.0.0.1:70"`},
+		{`proxy_only = true`, "", nil, `profile key proxy_only needs --proxy`},
+		{`proxy_user = "u"`, "", nil, `profile key proxy_user, --proxy-password and --proxy-insecure need --proxy`},
+		{`hosts_file = "/nonexistent"`, "", nil, `invalid profile key hosts_file "/nonexistent"`},
+		{`summary_format = "xml"`, "", nil, `invalid profile key summary_format "xml"`},
+		{`capture_point = "wire"`, "", nil, `invalid profile key capture_point "wire"`},
+		{`flow_log = "` + dir + `"`, "", nil, `profile key flow_log: ` + dir + ` is a directory`},
+		{`capture = "` + dir + `"`, "", nil, `profile key capture: ` + dir + ` is a directory`},
+		{`iface = "eth0"`, "", nil, `invalid profile key iface "eth0": needs --root`},
+		{`extends = "missing.toml"`, "", nil, `p.toml: invalid extends "` + dir + `/missing.toml"`},
 		// The flag wins over the profile, and is named.
-		{`deny_domains = ["example.test"]`, []string{"--deny-domain", "bad..name"}, `invalid --deny-domain "bad..name"`},
-		{`summary_format = "json"`, []string{"--summary-format", "xml"}, `invalid --summary-format "xml"`},
+		{`deny_domains = ["example.test"]`, "", []string{"--deny-domain", "bad..name"}, `invalid --deny-domain "bad..name"`},
+		{`summary_format = "json"`, "", []string{"--summary-format", "xml"}, `invalid --summary-format "xml"`},
 	} {
 		prof := dir + "/p.toml"
 		if err := os.WriteFile(prof, []byte(c.profile+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(base, []byte(c.base+"\n"), 0o600); err != nil {
 			t.Fatal(err)
 		}
 		var stdout, stderr bytes.Buffer

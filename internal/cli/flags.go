@@ -6,6 +6,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/childflow/childflow/policy"
+	"github.com/childflow/childflow/policy/profile"
 )
 
 // execOptions are upstream childflow 0.8.1's flags.
@@ -21,6 +22,7 @@ type execOptions struct {
 	// set reports whether the command line or the profile gave a flag.
 	set         func(name string) bool
 	fromProfile map[string]bool
+	loaded      *profile.Profile // the profile that gave them, for errors
 }
 
 func newExecFlags(o *execOptions) *pflag.FlagSet {

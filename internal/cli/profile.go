@@ -56,6 +56,7 @@ func (o *execOptions) bindings(p *profile.Profile) []binding {
 // applyProfile fills every option the command line did not set from p
 // (profile < flags) and returns the profile's command.
 func (o *execOptions) applyProfile(p *profile.Profile) ([]string, error) {
+	o.loaded = p
 	for _, b := range o.bindings(p) {
 		if o.set(b.flag) {
 			continue
@@ -79,7 +80,7 @@ func (o *execOptions) applyProfile(p *profile.Profile) ([]string, error) {
 			o.fromProfile["root"] = true
 		case "rootless", "":
 		default:
-			return nil, policy.Usagef("invalid profile key backend %q: must be rootless or root", *p.Backend)
+			return nil, policy.Usagef("invalid %s %q: must be rootless or root", keyOf(p, "backend"), *p.Backend)
 		}
 	}
 	if p.Command != nil {
@@ -125,9 +126,18 @@ func (o *execOptions) name(flag string) string {
 	case !o.fromProfile[flag]:
 		return "--" + flag
 	case flag == "root":
-		return `profile key backend "root"`
+		return keyOf(o.loaded, "backend") + ` "root"`
 	}
-	return "profile key " + profileKey(flag)
+	return keyOf(o.loaded, profileKey(flag))
+}
+
+// keyOf names key of the profile p for errors, with the file of its
+// extends chain that set it where that is another.
+func keyOf(p *profile.Profile, key string) string {
+	if from := p.ExtendedFrom(key); from != "" {
+		return "profile " + from + " key " + key
+	}
+	return "profile key " + key
 }
 
 // keyName is name for a profile key (a profile.Namer).

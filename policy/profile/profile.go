@@ -7,6 +7,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -48,6 +49,11 @@ type Profile struct {
 	FailOnLeak        *bool       `json:"fail_on_leak,omitempty" toml:"fail_on_leak,omitempty"`
 	Iface             *string     `json:"iface,omitempty" toml:"iface,omitempty"`
 	Command           *StringList `json:"command,omitempty" toml:"command,omitempty"`
+
+	// Load's: the file read, and the file each key came from, so that a
+	// mistake is named where it was made along an extends chain.
+	file string
+	from map[string]string
 }
 
 // StringList accepts a single string or a list of strings.
@@ -137,6 +143,9 @@ func Fields(p *Profile) map[string]reflect.Value {
 	out := map[string]reflect.Value{}
 	v := reflect.ValueOf(p).Elem()
 	for i := 0; i < v.NumField(); i++ {
+		if !v.Type().Field(i).IsExported() {
+			continue
+		}
 		out[strings.Split(v.Type().Field(i).Tag.Get("json"), ",")[0]] = v.Field(i)
 	}
 	return out
@@ -172,6 +181,12 @@ func load(path string, chain []string) (*Profile, error) {
 		return nil, err
 	}
 	p.resolvePaths(filepath.Dir(abs))
+	p.file, p.from = abs, map[string]string{}
+	for k, f := range Fields(p) {
+		if !f.IsNil() {
+			p.from[k] = abs
+		}
+	}
 	if p.Extends == nil {
 		return p, nil
 	}
@@ -193,14 +208,27 @@ func (p *Profile) resolvePaths(dir string) {
 // Merge returns base overridden by every field set in over.
 func Merge(base, over *Profile) *Profile {
 	out := *base
-	bv, ov := reflect.ValueOf(&out).Elem(), reflect.ValueOf(over).Elem()
-	for i := 0; i < ov.NumField(); i++ {
-		if !ov.Field(i).IsNil() {
-			bv.Field(i).Set(ov.Field(i))
+	out.file, out.from = over.file, maps.Clone(base.from)
+	outFields := Fields(&out)
+	for k, f := range Fields(over) {
+		if !f.IsNil() {
+			outFields[k].Set(f)
+			if out.from != nil {
+				out.from[k] = over.from[k]
+			}
 		}
 	}
 	out.Extends = nil
 	return &out
+}
+
+// ExtendedFrom is the file of the extends chain that set key in a profile
+// Load read, or "" where the profile itself set it.
+func (p *Profile) ExtendedFrom(key string) string {
+	if from := p.from[key]; from != p.file {
+		return from
+	}
+	return ""
 }
 
 // Redacted is the value that stands for secrets in dumps.

@@ -70,6 +70,17 @@ func TestExtendsChainRelativePathsAndOverride(t *testing.T) {
 	if *p.HostsFile != filepath.Join(dir, "base", "hosts") || *p.FlowLog != "/abs/flows.jsonl" {
 		t.Errorf("paths %s %s: must resolve against the file that sets them", *p.HostsFile, *p.FlowLog)
 	}
+	// Each key is traced to the file that set it, for errors.
+	for key, want := range map[string]string{
+		"default_policy": filepath.Join(dir, "base", "base.toml"),
+		"block_private":  filepath.Join(dir, "mid", "mid.toml"),
+		"allow_domains":  "", // the leaf's own
+		"proxy":          "", // set by none
+	} {
+		if got := p.ExtendedFrom(key); got != want {
+			t.Errorf("ExtendedFrom(%q) = %q, want %q", key, got, want)
+		}
+	}
 }
 
 func TestExtendsCycleIsRejectedWithTheChain(t *testing.T) {
