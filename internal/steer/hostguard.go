@@ -48,9 +48,11 @@ type HostGuard struct {
 	// MAC address and, in neighbour discovery, its link-local addresses.
 	MAC       string       `json:",omitempty"`
 	LinkLocal []netip.Addr `json:",omitempty"`
-	// known: on a bridge port, the hosts its guard starts knowing
-	// (Restore's, from a Snapshot).
-	known []knownHost
+	// known: on a bridge port, the hosts its guard starts knowing, and
+	// answers, what its answer sets start with, by set (Restore's, from a
+	// Snapshot).
+	known   []knownHost
+	answers map[string][]nftables.SetElement
 }
 
 // Guards are the host guards of one node, in two tables shared by all
@@ -553,7 +555,7 @@ func addGuard(c *nftables.Conn, t *nftables.Table, maps []*nftables.Set, key str
 			}
 			inbound[is6] = set
 		}
-		answered, err := addAnswerSets(c, t, key)
+		answered, err := addAnswerSets(c, t, key, g.answers)
 		if err != nil {
 			return err
 		}
@@ -821,8 +823,9 @@ type answerSets struct {
 	udp, proto map[bool]*nftables.Set
 }
 
-// addAnswerSets adds guard key's answer sets.
-func addAnswerSets(c *nftables.Conn, t *nftables.Table, key string) (answerSets, error) {
+// addAnswerSets adds guard key's answer sets, with the elements given by
+// set.
+func addAnswerSets(c *nftables.Conn, t *nftables.Table, key string, elements map[string][]nftables.SetElement) (answerSets, error) {
 	sets := answerSets{udp: map[bool]*nftables.Set{}, proto: map[bool]*nftables.Set{}}
 	for _, is6 := range []bool{false, true} {
 		addr := nftables.TypeIPAddr
@@ -834,7 +837,7 @@ func addAnswerSets(c *nftables.Conn, t *nftables.Table, key string) (answerSets,
 		proto := &nftables.Set{Table: t, Name: protoAnswerSet(key, is6), HasTimeout: true, Dynamic: true, Timeout: protoAnswerTimeout, Size: 65536,
 			Concatenation: true, KeyType: nftables.MustConcatSetType(addr, nftables.TypeInetProto)}
 		for _, set := range []*nftables.Set{udp, proto} {
-			if err := c.AddSet(set, nil); err != nil {
+			if err := c.AddSet(set, elements[set.Name]); err != nil {
 				return answerSets{}, err
 			}
 		}
@@ -1401,6 +1404,7 @@ func (gs Guards) Restore(snapshot *Snapshot) (restored []string, err error) {
 	bridged := missing[nftables.TableFamilyBridge]
 	for i := range bridged {
 		bridged[i].known = snapshot.of(bridged[i].key())
+		bridged[i].answers = snapshot.answersOf(bridged[i].key())
 	}
 	// A family's guards a batch per transaction: one at a time, a node's
 	// hundredth pod waited ~2 s (and a transaction of a hundred is too
@@ -1419,8 +1423,8 @@ func (gs Guards) Restore(snapshot *Snapshot) (restored []string, err error) {
 			}
 			for _, g := range batch {
 				err := install(family, true, g)
-				if err != nil && g.known != nil {
-					g.known = nil // the guard first, knowing no one
+				if err != nil && (g.known != nil || g.answers != nil) {
+					g.known, g.answers = nil, nil // the guard first, knowing no one
 					err = install(family, true, g)
 				}
 				if err != nil {
@@ -1444,10 +1448,18 @@ func (gs Guards) Restore(snapshot *Snapshot) (restored []string, err error) {
 // one known, so the pods' sides of connections they made would stay cut.
 // Taken from the guards' own sets rather than from conntrack, which may
 // hold a connection a pod forged with itself through the node in the
-// flush's window.
+// flush's window. So are the answer sets, without which the pods'
+// answers to datagrams sent before would be dropped.
 type Snapshot struct {
-	taken time.Time
-	known map[string][]knownHost // by guard
+	taken   time.Time
+	known   map[string][]knownHost // by guard
+	answers map[string][]setEntry  // by answer set
+}
+
+// setEntry is an element of a set with a timeout, and the time it has left.
+type setEntry struct {
+	key  []byte
+	left time.Duration
 }
 
 type knownHost struct {
@@ -1467,8 +1479,17 @@ func (gs Guards) Snapshot() *Snapshot {
 	if err != nil {
 		return nil
 	}
-	s := &Snapshot{taken: time.Now(), known: map[string][]knownHost{}}
+	s := &Snapshot{taken: time.Now(), known: map[string][]knownHost{}, answers: map[string][]setEntry{}}
 	for _, set := range sets {
+		if isAnswerSet(set.Name) {
+			elems, _ := c.GetSetElements(set)
+			for _, e := range elems {
+				if e.Expires > 0 {
+					s.answers[set.Name] = append(s.answers[set.Name], setEntry{e.Key, e.Expires})
+				}
+			}
+			continue
+		}
 		key, ok := strings.CutPrefix(set.Name, inboundSet("", false))
 		if !ok {
 			if key, ok = strings.CutPrefix(set.Name, inboundSet("", true)); !ok {
@@ -1504,6 +1525,44 @@ func (s *Snapshot) of(key string) []knownHost {
 }
 
 const maxKnown = 4096
+
+// answersOf is what guard key's answer sets held, by set, as far as they
+// would hold it still: at most maxAnswers elements a set, the last
+// refreshed, so that the message stays within a transaction's.
+func (s *Snapshot) answersOf(key string) map[string][]nftables.SetElement {
+	if s == nil {
+		return nil
+	}
+	since := time.Since(s.taken)
+	out := map[string][]nftables.SetElement{}
+	for _, is6 := range []bool{false, true} {
+		for _, name := range []string{udpAnswerSet(key, is6), protoAnswerSet(key, is6)} {
+			var live []setEntry
+			for _, e := range s.answers[name] {
+				if e.left > since {
+					live = append(live, setEntry{e.key, e.left - since})
+				}
+			}
+			slices.SortFunc(live, func(a, b setEntry) int { return cmp.Compare(b.left, a.left) })
+			for _, e := range live[:min(len(live), maxAnswers)] {
+				out[name] = append(out[name], nftables.SetElement{Key: e.key, Timeout: e.left})
+			}
+		}
+	}
+	return out
+}
+
+const maxAnswers = 1024
+
+// isAnswerSet says whether name is a guard's answer set.
+func isAnswerSet(name string) bool {
+	for _, is6 := range []bool{false, true} {
+		if strings.HasPrefix(name, udpAnswerSet("", is6)) || strings.HasPrefix(name, protoAnswerSet("", is6)) {
+			return true
+		}
+	}
+	return false
+}
 
 // WithoutLinkChecks names the recorded pods on a bridge whose guards an
 // earlier childflow made, before the link checks (addLinkChain): their

@@ -700,7 +700,8 @@ s.sendto(bytes(m), (dst, 0))
 
 // A `flush ruleset` takes what a bridged pod's guard knew of who reached
 // it, and the guard would come back knowing no one and learn from no
-// answer: the pod's side of a TCP connection made to it would stay cut.
+// answer: the pod's side of a TCP connection made to it would stay cut,
+// and its answers to datagrams it was sent, which its answer sets hold.
 // Restore gives it back what it knew, from a Snapshot taken before, and
 // only that: a connection the pod opened in the flush's window, unguarded,
 // stays cut.
@@ -744,13 +745,22 @@ func TestABridgedPodsConnectionsOutliveAFlush(t *testing.T) {
 	until(t, "the pod listening", podNS, "-ltn", "sport = :9001")
 	heard := start(remoteNS, "timeout 20 socat -u TCP6-LISTEN:9002,reuseaddr,fork -")
 	until(t, "the remote host listening", remoteNS, "-ltn", "sport = :9002")
+	// And datagrams, which it answers 4 s after too, a port a family (a
+	// UDP listener takes one peer).
+	udpPorts := map[string]string{"10.77.0.2": "9003", "[fd77::2]": "9004"}
+	for _, port := range udpPorts {
+		start(podNS, "timeout 20 socat UDP6-LISTEN:"+port+",reuseaddr SYSTEM:'read x; sleep 4; echo late-$x'")
+		until(t, "the pod listening", podNS, "-lun", "sport = :"+port)
+	}
 	answered := map[string]func() string{}
 	for pod, from := range map[string]string{"10.77.0.2": "198.51.100.2", "[fd77::2]": "[2001:db8:77::2]"} {
 		answered[pod] = start(remoteNS, "(echo hi; sleep 10) | timeout 12 socat - TCP:"+pod+":9001,bind="+from)
+		answered[pod+" UDP"] = start(remoteNS, "(echo hi; sleep 10) | timeout 12 socat - UDP:"+pod+":"+udpPorts[pod]+",bind="+from)
 	}
 	for i := 0; ; i++ {
-		out, _ := exec.Command("ip", "netns", "exec", podNS, "ss", "-Htn", "state", "established", "sport = :9001").Output()
-		if strings.Count(string(out), "\n") == 2 {
+		// The UDP listeners connect to their peer at its first datagram.
+		out, _ := exec.Command("ip", "netns", "exec", podNS, "ss", "-Htun", "state", "established", "( sport = :9001 or sport = :9003 or sport = :9004 )").Output()
+		if strings.Count(string(out), "\n") == 4 {
 			break
 		}
 		if i == 100 {
@@ -775,7 +785,7 @@ func TestABridgedPodsConnectionsOutliveAFlush(t *testing.T) {
 	time.Sleep(6 * time.Second)
 	for pod, out := range answered {
 		if !strings.Contains(out(), "late-hi") {
-			t.Errorf("the pod's side of a connection made to it (%s) before a flush is cut after its guard came back: %q", pod, out())
+			t.Errorf("the pod's side of a connection or a datagram exchange made to it (%s) before a flush is cut after its guard came back: %q", pod, out())
 		}
 	}
 	if strings.Contains(heard(), "late") {
@@ -802,6 +812,28 @@ func TestASnapshotKnowsWhatTheGuardWouldStill(t *testing.T) {
 	}
 	if (*Snapshot)(nil).of("k") != nil || s.of("other") != nil {
 		t.Error("no snapshot, or none of the guard, gives back someone")
+	}
+}
+
+// A snapshot gives back only the answers a guard would still let pass,
+// and at most maxAnswers a set, those refreshed last.
+func TestASnapshotGivesBackTheAnswersStillDue(t *testing.T) {
+	udp4 := udpAnswerSet("k", false)
+	s := &Snapshot{taken: time.Now().Add(-time.Minute), answers: map[string][]setEntry{udp4: {{[]byte{1}, 30 * time.Second}, {[]byte{2}, 90 * time.Second}}}}
+	got := s.answersOf("k")[udp4]
+	if len(got) != 1 || got[0].Key[0] != 2 || got[0].Timeout > 30*time.Second || got[0].Timeout < 29*time.Second {
+		t.Errorf("answers a minute after the snapshot: %+v", got)
+	}
+	var many []setEntry
+	for i := range maxAnswers + 10 {
+		many = append(many, setEntry{[]byte{byte(i >> 8), byte(i)}, time.Duration(i+1) * time.Second})
+	}
+	s = &Snapshot{taken: time.Now(), answers: map[string][]setEntry{protoAnswerSet("k", true): many}}
+	if got := s.answersOf("k")[protoAnswerSet("k", true)]; len(got) != maxAnswers || string(got[0].Key) != string(many[len(many)-1].key) {
+		t.Errorf("a snapshot of %d answers gives back %d", len(many), len(got))
+	}
+	if (*Snapshot)(nil).answersOf("k") != nil || len(s.answersOf("other")) != 0 {
+		t.Error("no snapshot, or none of the guard, gives back answers")
 	}
 }
 
