@@ -1513,15 +1513,21 @@ func (s *Snapshot) of(key string) []knownHost {
 	if s == nil {
 		return nil
 	}
-	since := time.Since(s.taken)
-	var known []knownHost
-	for _, h := range s.known[key] {
-		if h.left > since {
-			known = append(known, knownHost{h.addr, h.left - since})
+	return stillDue(s.known[key], time.Since(s.taken), maxKnown, func(h *knownHost) *time.Duration { return &h.left })
+}
+
+// stillDue is what of entries has time left since after the snapshot,
+// that taken off, most left first: at most max.
+func stillDue[E any](entries []E, since time.Duration, max int, left func(*E) *time.Duration) []E {
+	var due []E
+	for _, e := range entries {
+		if l := left(&e); *l > since {
+			*l -= since
+			due = append(due, e)
 		}
 	}
-	slices.SortFunc(known, func(a, b knownHost) int { return cmp.Compare(b.left, a.left) })
-	return known[:min(len(known), maxKnown)]
+	slices.SortFunc(due, func(a, b E) int { return cmp.Compare(*left(&b), *left(&a)) })
+	return due[:min(len(due), max)]
 }
 
 const maxKnown = 4096
@@ -1537,14 +1543,7 @@ func (s *Snapshot) answersOf(key string) map[string][]nftables.SetElement {
 	out := map[string][]nftables.SetElement{}
 	for _, is6 := range []bool{false, true} {
 		for _, name := range []string{udpAnswerSet(key, is6), protoAnswerSet(key, is6)} {
-			var live []setEntry
-			for _, e := range s.answers[name] {
-				if e.left > since {
-					live = append(live, setEntry{e.key, e.left - since})
-				}
-			}
-			slices.SortFunc(live, func(a, b setEntry) int { return cmp.Compare(b.left, a.left) })
-			for _, e := range live[:min(len(live), maxAnswers)] {
+			for _, e := range stillDue(s.answers[name], since, maxAnswers, func(e *setEntry) *time.Duration { return &e.left }) {
 				out[name] = append(out[name], nftables.SetElement{Key: e.key, Timeout: e.left})
 			}
 		}

@@ -1348,7 +1348,10 @@ func protoReaches(t *testing.T, from, to, addr string) bool {
 		network, wildcard = fmt.Sprintf("ip6:%d", experimentalProto), "::"
 	}
 	listen := func(netns string) (conn net.PacketConn) {
-		inNetns(t, openNetns(t, netns))(func() (err error) { conn, err = net.ListenPacket(network, wildcard); return err })
+		// The namespace is needed only while the socket is made.
+		if err := ns.WithNetNSPath("/run/netns/"+netns, func(ns.NetNS) (err error) { conn, err = net.ListenPacket(network, wildcard); return err }); err != nil {
+			t.Fatal(err)
+		}
 		return conn
 	}
 	receiver, sender := listen(to), listen(from)
