@@ -701,7 +701,8 @@ s.sendto(bytes(m), (dst, 0))
 // A `flush ruleset` takes what a bridged pod's guard knew of who reached
 // it, and the guard would come back knowing no one and learn from no
 // answer: the pod's side of a TCP connection made to it would stay cut,
-// and its answers to datagrams it was sent, which its answer sets hold.
+// and its answers to datagrams and other protocols' packets it was sent,
+// which its answer sets hold.
 // Restore gives it back what it knew, from a Snapshot taken before, and
 // only that: a connection the pod opened in the flush's window, unguarded,
 // stays cut.
@@ -734,6 +735,15 @@ func TestABridgedPodsConnectionsOutliveAFlush(t *testing.T) {
 		return func() string {
 			out, _ := os.ReadFile(path)
 			return string(out)
+		}
+	}
+	// A packet of another protocol the remote host sends the pod, which
+	// answers once its guard is back. Sent before the remote host has
+	// second addresses: from those the pod will answer.
+	remotes := []string{"198.51.100.2", "2001:db8:77::2"}
+	for i, pod := range []string{"10.77.0.2", "fd77::2"} {
+		if !protoReaches(t, remoteNS, podNS, pod) {
+			t.Fatalf("%s's packet of protocol %d to the pod did not arrive: the test shows nothing", remotes[i], experimentalProto)
 		}
 	}
 	// The remote host's second addresses, which the pod will reach.
@@ -790,6 +800,11 @@ func TestABridgedPodsConnectionsOutliveAFlush(t *testing.T) {
 	}
 	if strings.Contains(heard(), "late") {
 		t.Errorf("after its guard came back, the pod goes on talking over a connection it opened unguarded: %q", heard())
+	}
+	for _, remote := range remotes {
+		if !protoReaches(t, podNS, remoteNS, remote) {
+			t.Errorf("the pod's answer of protocol %d to %s, which sent it one before a flush, is dropped after its guard came back", experimentalProto, remote)
+		}
 	}
 }
 
