@@ -3,6 +3,7 @@ package rootful
 import (
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"strings"
 	"time"
@@ -14,7 +15,8 @@ import (
 
 // watchFlows turns the table's logged verdicts into connect_attempt and
 // policy_violation events. A flow whose first packets are retried before
-// an answer (UDP, a SYN resent) is logged once.
+// an answer (UDP, a SYN resent), or whose packets are all refused (a
+// denied ping's echoes), is logged once, until 5 s pass without one.
 func (sb *Sandbox) watchFlows(group uint16) error {
 	l, err := openNFLOG(group)
 	if err != nil {
@@ -82,11 +84,11 @@ func (sb *Sandbox) watchFlows(group uint16) error {
 				if !ok {
 					continue
 				}
-				if _, dup := seen[k]; dup {
-					continue
+				_, dup := seen[k]
+				seen[k] = now // a denied flow's packets keep coming: one flow while they do
+				if !dup {
+					sb.flowDecided(k, p.prefix)
 				}
-				seen[k] = now
-				sb.flowDecided(k, p.prefix)
 			}
 		}
 	})
@@ -139,9 +141,13 @@ func (sb *Sandbox) flowDecided(k flowKey, prefix string) {
 	reason := strings.TrimSpace(prefix[min(len(prefix), len(logAllow)):])
 	proto := protoOf(k.proto)
 	names := sb.cache.Names(k.dst.Addr())
-	ev := sb.events.Flow(proto, k.src, k.dst, names)
+	logged := k.src
+	if proto == policy.ICMP {
+		logged = netip.AddrPortFrom(k.src.Addr(), 0) // an echo's identifier is no port
+	}
+	ev := sb.events.Flow(proto, logged, k.dst, names)
 	// Not once the sandbox is gone: its sockets are too.
-	if sb.owners != nil && proto != policy.ICMP && sb.ctx.Err() == nil { // an echo's identifier is not parsed
+	if sb.owners != nil && sb.ctx.Err() == nil {
 		if o, ok := sb.owners.Find(string(proto), k.src, k.dst); ok {
 			ev.PID, ev.Comm = o.PID, o.Comm
 		}

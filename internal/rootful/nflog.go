@@ -148,8 +148,10 @@ type flowKey struct {
 	src, dst netip.AddrPort
 }
 
-// parsePacket reads the 5-tuple of an IPv4 or IPv6 packet (ICMP: ports
-// zero; no extension headers are followed).
+// parsePacket reads the 5-tuple of an IPv4 or IPv6 packet (no extension
+// headers are followed). An echo request's source port is its
+// identifier, as the rootless engine has it: one ping is one flow, and
+// the identifier finds its socket; other ICMP has ports zero.
 func parsePacket(b []byte) (flowKey, bool) {
 	var k flowKey
 	if len(b) < 1 {
@@ -181,8 +183,11 @@ func parsePacket(b []byte) (flowKey, bool) {
 		return k, false
 	}
 	var sp, dp uint16
-	if (k.proto == unix.IPPROTO_TCP || k.proto == unix.IPPROTO_UDP) && len(l4) >= 4 {
+	switch {
+	case (k.proto == unix.IPPROTO_TCP || k.proto == unix.IPPROTO_UDP) && len(l4) >= 4:
 		sp, dp = binary.BigEndian.Uint16(l4), binary.BigEndian.Uint16(l4[2:])
+	case len(l4) >= 6 && (k.proto == unix.IPPROTO_ICMP && l4[0] == 8 || k.proto == unix.IPPROTO_ICMPV6 && l4[0] == 128):
+		sp = binary.BigEndian.Uint16(l4[4:])
 	}
 	k.src, k.dst = netip.AddrPortFrom(src, sp), netip.AddrPortFrom(dst, dp)
 	return k, true

@@ -2,6 +2,7 @@ package rootful
 
 import (
 	"errors"
+	"net/netip"
 	"os"
 	"testing"
 	"time"
@@ -39,6 +40,36 @@ func TestPendingSeesWhatALateReadMisses(t *testing.T) {
 	for l.pending() {
 		if _, err := c.Receive(); err != nil {
 			t.Fatal(err)
+		}
+	}
+}
+
+// An echo request is known by its identifier, which finds the ping's
+// socket and tells one ping from another; other ICMP has no ports.
+func TestAnEchoRequestIsKnownByItsIdentifier(t *testing.T) {
+	v4 := func(l4 ...byte) []byte {
+		return append([]byte{0x45, 0, 0, byte(20 + len(l4)), 0, 0, 0, 0, 64, unix.IPPROTO_ICMP, 0, 0, 10, 88, 0, 2, 203, 0, 113, 10}, l4...)
+	}
+	v6 := func(l4 ...byte) []byte {
+		b := append([]byte{0x60, 0, 0, 0, 0, byte(len(l4)), unix.IPPROTO_ICMPV6, 64}, netip.MustParseAddr("fd88::2").AsSlice()...)
+		return append(append(b, netip.MustParseAddr("2001:db8::10").AsSlice()...), l4...)
+	}
+	for _, c := range []struct {
+		name   string
+		packet []byte
+		src    string
+	}{
+		{"echo request", v4(8, 0, 0, 0, 0x12, 0x34, 0, 1), "10.88.0.2:4660"},
+		{"echo reply", v4(0, 0, 0, 0, 0x12, 0x34, 0, 1), "10.88.0.2:0"},
+		{"unreachable", v4(3, 3, 0, 0, 0, 0, 0, 0), "10.88.0.2:0"},
+		{"short", v4(8, 0, 0, 0, 0x12), "10.88.0.2:0"},
+		{"ICMPv6 echo request", v6(128, 0, 0, 0, 0xab, 0xcd, 0, 1), "[fd88::2]:43981"},
+		{"ICMPv6 echo reply", v6(129, 0, 0, 0, 0xab, 0xcd, 0, 1), "[fd88::2]:0"},
+		{"ICMPv6 neighbour solicitation", v6(135, 0, 0, 0, 0, 0, 0, 0), "[fd88::2]:0"},
+	} {
+		k, ok := parsePacket(c.packet)
+		if !ok || k.src.String() != c.src || k.dst.Port() != 0 {
+			t.Errorf("%s: %v %v, want from %s", c.name, k, ok, c.src)
 		}
 	}
 }

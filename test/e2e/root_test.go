@@ -205,8 +205,10 @@ func TestRootFlowLogCaptureAndLeak(t *testing.T) {
 curl -sS -m4 -o /dev/null http://web.test/
 curl -sS -m4 -o /dev/null http://203.0.113.20/ && exit 9
 echo udp-probe | socat -t1 - UDP:203.0.113.10:7
+ping -c2 -i0.5 -W1 203.0.113.10 >/dev/null || exit 8
+ping -c7 -W1 203.0.113.20 >/dev/null && exit 9
 exit 0`)
-	if r.code != 3 || !strings.Contains(r.stderr, "--fail-on-leak: 1 flow(s) were blocked") {
+	if r.code != 3 || !strings.Contains(r.stderr, "--fail-on-leak: 2 flow(s) were blocked") {
 		t.Fatal(r)
 	}
 	events := readFlowLog(t, log)
@@ -233,6 +235,23 @@ exit 0`)
 	}
 	if ev := find("policy_violation", "203.0.113.20:80"); ev["reason_code"] != "deny_cidr" || ev["control"] != "deny_cidrs" || ev["matched_cidr"] != "203.0.113.20/32" {
 		t.Fatalf("violation %v", ev)
+	}
+	// A ping is one flow, found by its echo identifier, as in the
+	// rootless engine, allowed or not: a denied one too, however long
+	// its echoes are refused.
+	for event, dst := range map[string]string{"connect_attempt": "203.0.113.10:0", "policy_violation": "203.0.113.20:0"} {
+		if ev := find(event, dst); ev["proto"] != "icmp" || ev["comm"] != "ping" || ev["pid"] == nil || !strings.HasSuffix(fmt.Sprint(ev["src"]), ":0") {
+			t.Errorf("%s of a ping: %v", event, ev)
+		}
+	}
+	violations := 0
+	for _, ev := range events {
+		if ev["event"] == "policy_violation" && ev["dst"] == "203.0.113.20:0" {
+			violations++
+		}
+	}
+	if violations != 1 {
+		t.Errorf("a ping refused for 6 s is %d policy violations, want one", violations)
 	}
 	if !strings.Contains(r.stderr, `"policy_violation"`) {
 		t.Fatalf("summary: %s", r.stderr)
