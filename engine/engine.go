@@ -362,13 +362,7 @@ func (e *Engine) Violations() uint64 { return e.events.Violations() }
 // or QUIC (port 853) is always denied: no resolver but the engine's.
 func (e *Engine) admit(proto policy.Proto, src, dst netip.AddrPort, viaProxy bool) (flowlog.Event, bool) {
 	names := e.cache.Names(dst.Addr())
-	logged := src
-	if proto == policy.ICMP {
-		// src's port is the echo identifier: it finds the process, but
-		// is no port of the flow's.
-		logged = netip.AddrPortFrom(src.Addr(), 0)
-	}
-	ev := e.events.Flow(proto, logged, dst, names)
+	ev := e.events.Flow(proto, src, dst, names)
 	if (e.cfg.SandboxPID != 0 || e.cfg.SandboxNetns != 0) && e.cfg.OnEvent != nil {
 		// Only when someone records events: this reads the sandbox's /proc.
 		if o, ok := e.owners.Find(string(proto), src, dst); ok {

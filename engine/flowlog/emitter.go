@@ -104,6 +104,11 @@ func (e *Emitter) FailureOnce(kind, msg string) {
 
 // Flow starts an event about one flow with a new id.
 func (e *Emitter) Flow(proto policy.Proto, src, dst netip.AddrPort, names []string) Event {
+	if proto == policy.ICMP {
+		// src's port is the echo identifier: it finds the process, but is
+		// no port of the flow's.
+		src = netip.AddrPortFrom(src.Addr(), 0)
+	}
 	return Event{FlowID: e.NextFlow(), Proto: string(proto), Src: src.String(), Dst: dst.String(),
 		DstIP: dst.Addr().String(), DstPort: dst.Port(), Names: names}
 }

@@ -7,11 +7,14 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/childflow/childflow/policy"
 )
 
 // A writer that falls behind drops events rather than block, and marks
@@ -158,5 +161,18 @@ func TestAFileThatCannotBeMadeIsNamedOnce(t *testing.T) {
 	_, err := Create(path)
 	if err == nil || strings.Count(err.Error(), path) != 1 || !strings.HasPrefix(err.Error(), "creating "+path+": ") || !errors.Is(err, fs.ErrNotExist) {
 		t.Errorf("creating a file in a missing directory: %v; want %q once, after \"creating\", and fs.ErrNotExist", err, path)
+	}
+}
+
+// An ICMP flow's source is logged without the echo identifier the
+// engines find its process by: it is no port of the flow's.
+func TestAnICMPFlowHasNoPorts(t *testing.T) {
+	var e Emitter
+	src, dst := netip.MustParseAddrPort("10.87.0.2:4660"), netip.MustParseAddrPort("203.0.113.10:0")
+	if ev := e.Flow(policy.ICMP, src, dst, nil); ev.Src != "10.87.0.2:0" || ev.Dst != "203.0.113.10:0" || ev.FlowID != 1 {
+		t.Errorf("ICMP: %+v", ev)
+	}
+	if ev := e.Flow(policy.UDP, src, netip.MustParseAddrPort("203.0.113.10:53"), nil); ev.Src != "10.87.0.2:4660" || ev.DstPort != 53 || ev.FlowID != 2 {
+		t.Errorf("UDP: %+v", ev)
 	}
 }

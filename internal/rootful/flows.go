@@ -3,7 +3,6 @@ package rootful
 import (
 	"errors"
 	"fmt"
-	"net/netip"
 	"os"
 	"strings"
 	"time"
@@ -141,11 +140,7 @@ func (sb *Sandbox) flowDecided(k flowKey, prefix string) {
 	reason := strings.TrimSpace(prefix[min(len(prefix), len(logAllow)):])
 	proto := protoOf(k.proto)
 	names := sb.cache.Names(k.dst.Addr())
-	logged := k.src
-	if proto == policy.ICMP {
-		logged = netip.AddrPortFrom(k.src.Addr(), 0) // an echo's identifier is no port
-	}
-	ev := sb.events.Flow(proto, logged, k.dst, names)
+	ev := sb.events.Flow(proto, k.src, k.dst, names)
 	// Not once the sandbox is gone: its sockets are too.
 	if sb.owners != nil && sb.ctx.Err() == nil {
 		if o, ok := sb.owners.Find(string(proto), k.src, k.dst); ok {
