@@ -61,9 +61,15 @@ func startDockerd(t *testing.T, n *node) *dockerd {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
+		// A test that failed midway leaves its networks, whose bridges
+		// dockerd keeps on the host when it exits.
+		networks, _ := exec.Command("docker", "-H", "unix://"+d.sock, "network", "ls", "-q", "--filter", "type=custom").Output()
 		d.cmd.Process.Signal(os.Interrupt)
 		d.cmd.Wait()
 		exec.Command("ip", "link", "del", "docker0").Run()
+		for _, id := range strings.Fields(string(networks)) {
+			exec.Command("ip", "link", "del", "br-"+id).Run()
+		}
 		// dockerd leaves its mount of the host's namespace (for
 		// --network host) in its exec root when it exits.
 		mounts, _ := filepath.Glob(filepath.Join(dir, "exec", "netns", "*"))
