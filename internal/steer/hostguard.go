@@ -864,6 +864,11 @@ func protoAnswerSet(key string, is6 bool) string {
 	return "proto4-" + key
 }
 
+// answerSetNames names guard key's four answer sets.
+func answerSetNames(key string) []string {
+	return []string{udpAnswerSet(key, false), udpAnswerSet(key, true), protoAnswerSet(key, false), protoAnswerSet(key, true)}
+}
+
 // regTuple is the first of the 32-bit registers udpTuple and protoPair
 // load: a concatenation takes one or more of them a field.
 const regTuple = unix.NFT_REG32_00
@@ -993,7 +998,7 @@ func removeChains(c *nftables.Conn, t *nftables.Table, names map[string]bool, ke
 			c.DelChain(&nftables.Chain{Table: t, Name: n})
 		}
 	}
-	for _, n := range []string{inboundSet(key, false), inboundSet(key, true), udpAnswerSet(key, false), udpAnswerSet(key, true), protoAnswerSet(key, false), protoAnswerSet(key, true), "if-" + key} {
+	for _, n := range append(answerSetNames(key), inboundSet(key, false), inboundSet(key, true), "if-"+key) {
 		if set, err := c.GetSetByName(t, n); err == nil {
 			c.DelSet(set)
 		}
@@ -1541,11 +1546,9 @@ func (s *Snapshot) answersOf(key string) map[string][]nftables.SetElement {
 	}
 	since := time.Since(s.taken)
 	out := map[string][]nftables.SetElement{}
-	for _, is6 := range []bool{false, true} {
-		for _, name := range []string{udpAnswerSet(key, is6), protoAnswerSet(key, is6)} {
-			for _, e := range stillDue(s.answers[name], since, maxAnswers, func(e *setEntry) *time.Duration { return &e.left }) {
-				out[name] = append(out[name], nftables.SetElement{Key: e.key, Timeout: e.left})
-			}
+	for _, name := range answerSetNames(key) {
+		for _, e := range stillDue(s.answers[name], since, maxAnswers, func(e *setEntry) *time.Duration { return &e.left }) {
+			out[name] = append(out[name], nftables.SetElement{Key: e.key, Timeout: e.left})
 		}
 	}
 	return out
@@ -1555,12 +1558,7 @@ const maxAnswers = 1024
 
 // isAnswerSet says whether name is a guard's answer set.
 func isAnswerSet(name string) bool {
-	for _, is6 := range []bool{false, true} {
-		if strings.HasPrefix(name, udpAnswerSet("", is6)) || strings.HasPrefix(name, protoAnswerSet("", is6)) {
-			return true
-		}
-	}
-	return false
+	return slices.ContainsFunc(answerSetNames(""), func(prefix string) bool { return strings.HasPrefix(name, prefix) })
 }
 
 // WithoutLinkChecks names the recorded pods on a bridge whose guards an

@@ -63,11 +63,11 @@ func startDockerd(t *testing.T, n *node) *dockerd {
 	t.Cleanup(func() {
 		// A test that failed midway leaves its networks, whose bridges
 		// dockerd keeps on the host when it exits.
-		networks, _ := exec.Command("docker", "-H", "unix://"+d.sock, "network", "ls", "-q", "--filter", "type=custom").Output()
+		networks := d.run(t, "network", "ls", "-q", "--filter", "type=custom").stdout
 		d.cmd.Process.Signal(os.Interrupt)
 		d.cmd.Wait()
 		exec.Command("ip", "link", "del", "docker0").Run()
-		for _, id := range strings.Fields(string(networks)) {
+		for _, id := range strings.Fields(networks) {
 			exec.Command("ip", "link", "del", "br-"+id).Run()
 		}
 		// dockerd leaves its mount of the host's namespace (for
